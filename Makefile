@@ -1,0 +1,25 @@
+# Two entry points (see README): `make quickstart` and `make test`. Both create .venv on first use.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+
+.PHONY: install quickstart test test-all bench
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --constraint constraints.txt --editable ".[test]"
+	touch $@
+
+install: $(VENV)/.installed
+
+quickstart: $(VENV)/.installed
+	$(PY) -m ddpm_core.demo --out outputs/demo
+
+test: $(VENV)/.installed
+	$(PY) -m pytest
+
+test-all: $(VENV)/.installed
+	$(PY) -m pytest -m "slow or not slow"
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/unet_throughput.py --out benchmarks/results/unet_throughput_cpu.json

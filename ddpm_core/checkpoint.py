@@ -1,0 +1,90 @@
+"""Checkpoints on any fsspec URI, committed atomically through :mod:`ddpm_core.storage`.
+
+Two kinds, as in EDM: the *training state* (model, EMA, optimizer, step, images seen, RNG states, config) to
+resume training, and the *inference snapshot* (EMA weights + U-Net and diffusion configs) to sample. Opening
+either runs no code from the file: the training state loads with ``torch.load(weights_only=True)``, the snapshot
+is safetensors + JSON.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from ddpm_core.diffusion import DiffusionConfig, Variance
+from ddpm_core.storage import commit, read_committed
+from ddpm_core.unet import UNet, UNetConfig
+
+TRAINING_STATE = "training_state.pt"
+WEIGHTS = "model.safetensors"
+CONFIG = "config.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, corrupt, or for a different model."""
+
+
+def save_training_state(uri: str, state: dict[str, Any], storage_options: dict[str, Any] | None = None) -> None:
+    """Commit a training state: a dict of tensors, state dicts and JSON-able values (``torch.save`` format)."""
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    commit(uri, {TRAINING_STATE: buffer.getvalue()}, {"kind": "training_state", "step": state.get("step")}, storage_options)
+
+
+def load_training_state(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Load a committed training state with ``weights_only=True`` (no pickled code runs)."""
+    try:
+        files, _ = read_committed(uri, [TRAINING_STATE], storage_options)
+        return torch.load(io.BytesIO(files[TRAINING_STATE]), map_location="cpu", weights_only=True)
+    except FileNotFoundError as error:
+        raise CheckpointError(f"cannot load training state: {error}") from error
+    except Exception as error:  # torch.load's UnpicklingError / RuntimeError on foreign or damaged content
+        raise CheckpointError(f"{uri}/{TRAINING_STATE} is not a loadable training state: {error}") from error
+
+
+@dataclass
+class Snapshot:
+    """An inference snapshot: everything needed to rebuild the network and the diffusion and to sample."""
+
+    unet: UNetConfig
+    diffusion: DiffusionConfig
+    state_dict: dict[str, torch.Tensor]
+    metadata: dict[str, Any]
+
+    def build_model(self) -> UNet:
+        """The U-Net with the snapshot's weights, in eval mode. Raises :class:`CheckpointError` on a mismatch."""
+        model = UNet(self.unet, learn_variance=self.diffusion.variance is Variance.LEARNED_RANGE)
+        try:
+            model.load_state_dict(self.state_dict)
+        except RuntimeError as error:
+            raise CheckpointError(f"snapshot weights do not fit its U-Net config: {error}") from error
+        return model.eval()
+
+
+def save_snapshot(uri: str, model: torch.nn.Module, unet: UNetConfig, diffusion: DiffusionConfig,
+                  metadata: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None) -> None:
+    """Commit an inference snapshot: ``model.safetensors`` (weights) and ``config.json`` (configs + metadata)."""
+    weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
+    config = {"unet": unet.to_dict(), "diffusion": diffusion.to_dict(), "metadata": metadata or {}}
+    commit(uri, {WEIGHTS: save_safetensors(weights), CONFIG: json.dumps(config, indent=2).encode()},
+           {"kind": "snapshot"}, storage_options)
+
+
+def load_snapshot(uri: str, storage_options: dict[str, Any] | None = None) -> Snapshot:
+    """Load a committed inference snapshot (safetensors + JSON only)."""
+    try:
+        files, _ = read_committed(uri, [WEIGHTS, CONFIG], storage_options)
+    except FileNotFoundError as error:
+        raise CheckpointError(f"cannot load snapshot: {error}") from error
+    try:
+        config = json.loads(files[CONFIG])
+        return Snapshot(UNetConfig.from_dict(config["unet"]), DiffusionConfig.from_dict(config["diffusion"]),
+                        load_safetensors(files[WEIGHTS]), config.get("metadata", {}))
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{uri}: snapshot config or weights are invalid: {error}") from error

@@ -1,0 +1,286 @@
+"""Image data sets from fsspec URIs, as uint8 ``[N, H, W, C]`` arrays with optional labels and a content fingerprint.
+
+Formats:
+  ``builtin:digits``                         scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes)
+  a folder of PNG/JPEG files (recursive)     labels from first-level class sub-folders when every image has one
+  CIFAR-10 "python version"                  ``cifar-10-python.tar.gz`` or its extracted ``cifar-10-batches-py``
+  ``.npy`` / ``.npz``                        uint8 NHWC or NCHW (``.npz``: ``images``/``x`` + optional ``labels``/``y``)
+
+Every problem (missing path, empty folder, corrupt image, mixed sizes, wrong dtype or shape, unreadable object)
+raises :class:`DataError` naming the URI or file and what was expected, before any training starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import posixpath
+import tarfile
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, UnidentifiedImageError
+
+from ddpm_core.storage import filesystem
+
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
+CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
+CIFAR_TEST_BATCH = "test_batch"
+
+
+class DataError(ValueError):
+    """A data set that cannot be used, with the URI/file and the expectation in the message."""
+
+
+@dataclass
+class ImageDataset:
+    images: np.ndarray  # [N, H, W, C] uint8
+    labels: np.ndarray | None  # [N] int64
+    fingerprint: str  # SHA-256 of shape, pixels and labels
+    source: str
+    class_names: list[str] | None = None
+
+    @property
+    def num_classes(self) -> int | None:
+        return None if self.labels is None else int(self.labels.max()) + 1
+
+
+def fingerprint(images: np.ndarray, labels: np.ndarray | None) -> str:
+    """Content hash of a data set: identical pixels and labels give the same fingerprint wherever they are stored."""
+    digest = hashlib.sha256(repr((images.shape, str(images.dtype))).encode())
+    digest.update(np.ascontiguousarray(images).tobytes())
+    if labels is not None:
+        digest.update(np.ascontiguousarray(labels.astype(np.int64)).tobytes())
+    return digest.hexdigest()
+
+
+def load_dataset(uri: str, split: str = "train", storage_options: dict[str, Any] | None = None) -> ImageDataset:
+    """Read and validate a data set (see the module docstring for the formats). ``split`` applies to CIFAR-10."""
+    if uri == "builtin:digits":
+        images, labels, names = _read_digits()
+    elif uri.startswith("builtin:"):
+        raise DataError(f"data URI {uri!r}: unknown built-in data set; the built-in one is 'builtin:digits'")
+    else:
+        images, labels, names = _read_uri(uri, split, storage_options)
+    _validate(images, labels, uri)
+    return ImageDataset(images, labels, fingerprint(images, labels), uri, names)
+
+
+def _validate(images: np.ndarray, labels: np.ndarray | None, uri: str) -> None:
+    if images.dtype != np.uint8:
+        raise DataError(f"{uri}: images must be uint8 (0..255), got {images.dtype}")
+    if images.ndim != 4 or images.shape[-1] not in (1, 3):
+        raise DataError(f"{uri}: images must be [N, H, W, C] with C in (1, 3), got shape {images.shape}")
+    if images.shape[0] == 0:
+        raise DataError(f"{uri}: the data set has no images")
+    if labels is not None:
+        if labels.shape != (images.shape[0],):
+            raise DataError(f"{uri}: labels must have shape [{images.shape[0]}] to match the images, got {labels.shape}")
+        if labels.min() < 0:
+            raise DataError(f"{uri}: labels must be non-negative class indices, got min {labels.min()}")
+
+
+def _read_digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
+    from sklearn.datasets import load_digits
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # [1797, 8, 8, 1], 0..16 -> 0..255
+    return images, digits.target.astype(np.int64), [str(i) for i in range(10)]
+
+
+def _read_uri(uri: str, split: str, storage_options: dict[str, Any] | None):
+    try:
+        fs, path = filesystem(uri, storage_options)
+        if not fs.exists(path):
+            raise DataError(f"data URI {uri!r} does not exist")
+        is_directory = fs.isdir(path)
+    except DataError:
+        raise
+    except Exception as error:  # credentials, endpoint, permissions: say which URI
+        raise DataError(f"data URI {uri!r} cannot be read: {type(error).__name__}: {error}") from error
+    if is_directory:
+        if any(fs.exists(f"{path}/{name}") for name in (*CIFAR_TRAIN_BATCHES, CIFAR_TEST_BATCH)):
+            return _read_cifar_folder(fs, path, uri, split)
+        return _read_image_folder(fs, path, uri)
+    name = path.lower()
+    if name.endswith((".tar.gz", ".tgz")):
+        return _read_cifar_tar(_cat(fs, path, uri), uri, split)
+    if name.endswith(".npy"):
+        return _read_npy(_cat(fs, path, uri), uri), None, None
+    if name.endswith(".npz"):
+        return _read_npz(_cat(fs, path, uri), uri)
+    if name.endswith(IMAGE_EXTENSIONS):
+        return _decode_images({path: _cat(fs, path, uri)}, uri)[None], None, None
+    raise DataError(f"data URI {uri!r}: unsupported format; expected a folder of PNG/JPEG, a CIFAR-10 python "
+                    f"tar.gz or folder, a .npy/.npz file, or builtin:digits")
+
+
+def _cat(fs, path: str, uri: str) -> bytes:
+    try:
+        return fs.cat_file(path)
+    except Exception as error:
+        raise DataError(f"cannot read {uri!r} ({path}): {type(error).__name__}: {error}") from error
+
+
+def _read_image_folder(fs, root: str, uri: str):
+    try:
+        paths = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_EXTENSIONS))
+    except Exception as error:
+        raise DataError(f"cannot list {uri!r}: {type(error).__name__}: {error}") from error
+    if not paths:
+        raise DataError(f"data folder {uri!r} contains no PNG/JPEG images (searched recursively for {IMAGE_EXTENSIONS})")
+    try:
+        contents = fs.cat(paths, on_error="raise")
+    except Exception as error:
+        raise DataError(f"cannot read the images under {uri!r}: {type(error).__name__}: {error}") from error
+    images = _decode_images({path: contents[path] for path in paths}, uri)
+    relative = [posixpath.relpath(path, root) for path in paths]
+    if all("/" in rel for rel in relative):  # every image inside a class folder
+        classes = [rel.split("/", 1)[0] for rel in relative]
+        names = sorted(set(classes))
+        return images, np.array([names.index(c) for c in classes], dtype=np.int64), names
+    return images, None, None
+
+
+def _decode_images(contents: dict[str, bytes], uri: str) -> np.ndarray:
+    """Decode images to ``[N, H, W, C]`` uint8; grayscale stays 1 channel, everything else becomes RGB."""
+    decoded, first_shape, first_path = [], None, None
+    for path, data in contents.items():
+        try:
+            with Image.open(io.BytesIO(data)) as image:
+                image.load()
+                array = np.asarray(image.convert("L" if image.mode in ("1", "L", "I;16", "I") else "RGB"))
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
+            raise DataError(f"corrupt or unreadable image {path} (in {uri!r}): {error}") from error
+        array = array[..., None] if array.ndim == 2 else array
+        if first_shape is None:
+            first_shape, first_path = array.shape, path
+        elif array.shape != first_shape:
+            raise DataError(f"mixed image sizes in {uri!r}: {first_path} is {_describe(first_shape)} but {path} is "
+                            f"{_describe(array.shape)}; every image must have the same size and channels")
+        decoded.append(array)
+    return np.stack(decoded)
+
+
+def _describe(shape: tuple[int, ...]) -> str:
+    return f"{shape[1]}x{shape[0]} with {shape[2]} channel(s)"
+
+
+def _to_nhwc(array: np.ndarray, uri: str) -> np.ndarray:
+    if array.dtype != np.uint8:
+        raise DataError(f"{uri}: images must be uint8 (0..255), got {array.dtype}")
+    if array.ndim == 3:
+        return array[..., None]  # [N, H, W] grayscale
+    if array.ndim == 4 and array.shape[-1] in (1, 3):
+        return array
+    if array.ndim == 4 and array.shape[1] in (1, 3):
+        return np.ascontiguousarray(array.transpose(0, 2, 3, 1))  # NCHW -> NHWC
+    raise DataError(f"{uri}: images must be [N, H, W], [N, H, W, C] or [N, C, H, W] with C in (1, 3), got shape {array.shape}")
+
+
+def _load_numpy(data: bytes, uri: str):
+    try:
+        return np.load(io.BytesIO(data), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as error:
+        raise DataError(f"{uri}: not a readable .npy/.npz file (pickled objects are refused): {error}") from error
+
+
+def _read_npy(data: bytes, uri: str) -> np.ndarray:
+    return _to_nhwc(_load_numpy(data, uri), uri)
+
+
+def _read_npz(data: bytes, uri: str):
+    archive = _load_numpy(data, uri)
+    image_key = next((k for k in ("images", "x", "arr_0") if k in archive.files), None)
+    if image_key is None:
+        raise DataError(f"{uri}: .npz must hold the images under 'images' (or 'x'/'arr_0'), found {archive.files}")
+    label_key = next((k for k in ("labels", "y") if k in archive.files), None)
+    labels = None
+    if label_key is not None:
+        labels = archive[label_key]
+        if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
+            raise DataError(f"{uri}: '{label_key}' must be a 1-D integer array, got {labels.dtype} {labels.shape}")
+        labels = labels.astype(np.int64)
+    return _to_nhwc(archive[image_key], uri), labels, None
+
+
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickles the CIFAR-10 batch dicts while refusing every global but numpy's array reconstruction."""
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR-10 batch")
+        return super().find_class(module, name)
+
+
+def _cifar_batch(data: bytes, name: str, uri: str) -> tuple[np.ndarray, np.ndarray]:
+    try:
+        batch = _CifarUnpickler(io.BytesIO(data), encoding="bytes").load()
+        pixels = np.asarray(batch[b"data"], dtype=np.uint8)
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except Exception as error:
+        raise DataError(f"{uri}: CIFAR-10 batch {name} is corrupt or not a CIFAR-10 python batch: {error}") from error
+    if pixels.ndim != 2 or pixels.shape[1] != 3072:
+        raise DataError(f"{uri}: CIFAR-10 batch {name} must hold [N, 3072] pixels, got {pixels.shape}")
+    return pixels.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels
+
+
+def _cifar_names(split: str, uri: str) -> tuple[str, ...]:
+    if split not in ("train", "test"):
+        raise DataError(f"{uri}: CIFAR-10 split must be 'train' or 'test', got {split!r}")
+    return CIFAR_TRAIN_BATCHES if split == "train" else (CIFAR_TEST_BATCH,)
+
+
+def _stack_cifar(batches: list[tuple[np.ndarray, np.ndarray]]):
+    names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+    return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]), names
+
+
+def _read_cifar_folder(fs, root: str, uri: str, split: str):
+    batches = []
+    for name in _cifar_names(split, uri):
+        if not fs.exists(f"{root}/{name}"):
+            raise DataError(f"{uri}: CIFAR-10 folder is missing {name}")
+        batches.append(_cifar_batch(_cat(fs, f"{root}/{name}", uri), name, uri))
+    return _stack_cifar(batches)
+
+
+def _read_cifar_tar(data: bytes, uri: str, split: str):
+    wanted = _cifar_names(split, uri)
+    found: dict[str, bytes] = {}
+    try:
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as archive:
+            for member in archive.getmembers():
+                base = posixpath.basename(member.name)
+                if member.isfile() and base in wanted:
+                    found[base] = archive.extractfile(member).read()
+    except (tarfile.TarError, EOFError, OSError) as error:
+        raise DataError(f"{uri}: not a readable tar.gz archive: {error}") from error
+    missing = [name for name in wanted if name not in found]
+    if missing:
+        raise DataError(f"{uri}: archive is not CIFAR-10 python version: missing {missing}")
+    return _stack_cifar([_cifar_batch(found[name], name, uri) for name in wanted])
+
+
+def to_model_range(images: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """uint8 ``[N, H, W, C]`` -> float32 ``[N, C, H, W]`` in [-1, 1] (Ho et al. 2020, Sec. 3.3)."""
+    tensor = torch.as_tensor(images)
+    return tensor.permute(0, 3, 1, 2).float().div(127.5).sub(1.0).contiguous()
+
+
+def to_uint8(samples: torch.Tensor) -> np.ndarray:
+    """float ``[N, C, H, W]`` in [-1, 1] -> uint8 ``[N, H, W, C]`` (rounded, clipped)."""
+    pixels = ((samples.detach().float().cpu().clamp(-1, 1) + 1.0) * 127.5).round().to(torch.uint8)
+    return pixels.permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def random_horizontal_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Flip each image of ``[N, C, H, W]`` left-right with probability 1/2."""
+    flip = torch.rand(x.shape[0], generator=generator) < 0.5
+    return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)

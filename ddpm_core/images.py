@@ -1,0 +1,37 @@
+"""Sample grids as PNG."""
+
+from __future__ import annotations
+
+import io
+import math
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from ddpm_core.storage import filesystem, write_bytes
+
+
+def grid(images: np.ndarray, columns: int | None = None, padding: int = 1, min_cell: int = 32) -> Image.Image:
+    """Tile uint8 ``[N, H, W, C]`` images into one picture; small images are enlarged (nearest) to ``min_cell`` px."""
+    count, height, width, channels = images.shape
+    columns = columns or math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    scale = max(1, math.ceil(min_cell / max(height, width)))
+    cell_h, cell_w = height * scale + padding, width * scale + padding
+    canvas = np.full((rows * cell_h + padding, columns * cell_w + padding, channels), 255, dtype=np.uint8)
+    for index, image in enumerate(images):
+        row, column = divmod(index, columns)
+        big = image.repeat(scale, axis=0).repeat(scale, axis=1)
+        top, left = padding + row * cell_h, padding + column * cell_w
+        canvas[top:top + height * scale, left:left + width * scale] = big
+    return Image.fromarray(canvas[..., 0] if channels == 1 else canvas)
+
+
+def save_grid(images: np.ndarray, uri: str, columns: int | None = None,
+              storage_options: dict[str, Any] | None = None) -> None:
+    """Write :func:`grid` of ``images`` as a PNG to any fsspec URI."""
+    buffer = io.BytesIO()
+    grid(images, columns).save(buffer, format="PNG")
+    fs, path = filesystem(uri, storage_options)
+    write_bytes(fs, path, buffer.getvalue())

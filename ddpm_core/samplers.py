@@ -1,0 +1,214 @@
+"""Samplers: ancestral DDPM sampling (Ho et al. 2020, Algorithm 2) and DDIM (Song et al. 2021, Eq. 12).
+
+Both run on a (possibly respaced) :class:`GaussianDiffusion`, take the network as an argument and own no weights.
+Randomness comes from a :class:`NoiseSource`; the default, :class:`PerIndexNoise`, gives every sample index its
+own generator seeded by ``(seed, index)``, so image ``i`` is the same whatever the batch size or worker count.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import Any, Callable, NamedTuple, Protocol, Sequence
+
+import numpy as np
+import torch
+
+from ddpm_core.diffusion import GaussianDiffusion, Model
+
+
+class Method(str, enum.Enum):
+    ANCESTRAL = "ancestral"
+    DDIM = "ddim"
+
+
+class Spacing(str, enum.Enum):
+    """Which timesteps a sampler with fewer steps than T visits."""
+
+    LINSPACE = "linspace"  # evenly from T-1 down to 0, both ends included (improved-diffusion)
+    LEADING = "leading"  # 0, T//n, 2T//n, ... (the DDIM code's and diffusers' default; never visits T-1)
+    TRAILING = "trailing"  # T-1, T-1-T//n, ... (Lin et al. 2024, Table 2)
+
+
+@dataclass(frozen=True)
+class SamplerConfig:
+    """How to draw samples."""
+
+    method: Method = Method.ANCESTRAL
+    num_steps: int | None = None  # None: every one of the T steps
+    eta: float = 0.0  # DDIM stochasticity: 0 deterministic, 1 the ancestral variance beta~ (Song et al. 2021, Eq. 16)
+    spacing: Spacing = Spacing.LINSPACE
+    clip_denoised: bool = True  # clamp the predicted x_0 to [-1, 1] at every step
+
+    def __post_init__(self) -> None:
+        for name, kind in (("method", Method), ("spacing", Spacing)):
+            value = getattr(self, name)
+            try:
+                object.__setattr__(self, name, kind(value))
+            except ValueError:
+                allowed = ", ".join(member.value for member in kind)
+                raise ValueError(f"sampler.{name}: {value!r} is not one of {allowed}") from None
+        if self.num_steps is not None and self.num_steps < 1:
+            raise ValueError(f"sampler.num_steps must be >= 1, got {self.num_steps}")
+        if not 0.0 <= self.eta <= 1.0:
+            raise ValueError(f"sampler.eta must lie in [0, 1], got {self.eta}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"method": self.method.value, "num_steps": self.num_steps, "eta": self.eta,
+                "spacing": self.spacing.value, "clip_denoised": self.clip_denoised}
+
+
+def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: Spacing = Spacing.LINSPACE) -> list[int]:
+    """The increasing list of ``num_steps`` timestep indices that a shortened sampler visits."""
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"num_steps must lie in [1, {num_timesteps}], got {num_steps}")
+    spacing = Spacing(spacing)
+    if spacing is Spacing.LINSPACE:
+        steps = np.linspace(0, num_timesteps - 1, num_steps).round().astype(int)
+    elif spacing is Spacing.LEADING:
+        steps = np.arange(num_steps) * (num_timesteps // num_steps)
+    else:
+        steps = np.round(np.arange(num_timesteps, 0, -num_timesteps / num_steps)).astype(int)[::-1] - 1
+    steps = sorted(set(int(step) for step in steps))
+    if len(steps) != num_steps:
+        raise ValueError(f"{spacing.value} spacing of {num_timesteps} steps into {num_steps} gives duplicate steps")
+    return steps
+
+
+class NoiseSource(Protocol):
+    """Draws standard normal noise ``[B, *shape]`` for a batch, once for x_T and once per stochastic step."""
+
+    def __call__(self, shape: Sequence[int]) -> torch.Tensor: ...
+
+
+class PerIndexNoise:
+    """One CPU generator per sample index, seeded by ``numpy.random.SeedSequence([seed, index])``: the noise of
+    sample ``i`` depends on ``(seed, i)`` alone, not on batch composition, device or worker count."""
+
+    def __init__(self, seed: int, indices: Sequence[int], device: torch.device | str = "cpu") -> None:
+        self.device = torch.device(device)
+        self.generators = []
+        for index in indices:
+            state = np.random.SeedSequence([int(seed), int(index)]).generate_state(1, dtype=np.uint64)[0]
+            self.generators.append(torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF))
+
+    def __call__(self, shape: Sequence[int]) -> torch.Tensor:
+        noise = torch.stack([torch.randn(tuple(shape), generator=generator) for generator in self.generators])
+        return noise.to(self.device)
+
+
+class GeneratorNoise:
+    """All noise from one generator: fast for large Monte Carlo batches, but image i depends on the batch."""
+
+    def __init__(self, batch_size: int, generator: torch.Generator | None = None,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+        self.batch_size, self.generator, self.device, self.dtype = batch_size, generator, torch.device(device), dtype
+
+    def __call__(self, shape: Sequence[int]) -> torch.Tensor:
+        return torch.randn((self.batch_size, *shape), generator=self.generator, dtype=self.dtype).to(self.device)
+
+
+class StepOutput(NamedTuple):
+    x_prev: torch.Tensor  # [B, C, H, W] the sample at the previous (less noisy) step
+    pred_x0: torch.Tensor  # [B, C, H, W] the network's estimate of x_0 at this step
+
+
+def ancestral_step(diffusion: GaussianDiffusion, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+                   noise: torch.Tensor | None, clip_denoised: bool) -> StepOutput:
+    """One step of Algorithm 2 (Ho et al. 2020): ``x_{t-1} = mu_theta(x_t, t) + sigma_t z``, no noise at t = 0."""
+    moments = diffusion.p_mean_variance(output, x_t, t, clip_denoised)
+    if noise is None:
+        return StepOutput(moments.mean, moments.pred_x0)
+    nonzero = (t != 0).to(x_t.dtype).reshape(-1, *([1] * (x_t.ndim - 1)))
+    return StepOutput(moments.mean + nonzero * torch.exp(0.5 * moments.log_variance) * noise, moments.pred_x0)
+
+
+def ddim_sigma(diffusion: GaussianDiffusion, t: torch.Tensor, eta: float, like: torch.Tensor) -> torch.Tensor:
+    """``sigma_t(eta) = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)`` (Song et al. 2021, Eq. 16)."""
+    abar = diffusion._gather(diffusion.alphas_cumprod, t, like)
+    abar_prev = diffusion._gather(diffusion.alphas_cumprod_prev, t, like)
+    return eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
+
+
+def ddim_step(diffusion: GaussianDiffusion, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
+              noise: torch.Tensor | None, eta: float, clip_denoised: bool) -> StepOutput:
+    """One DDIM step (Song et al. 2021, Eq. 12):
+    ``x_{t-1} = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z``."""
+    moments = diffusion.p_mean_variance(output, x_t, t, clip_denoised)
+    abar_prev = diffusion._gather(diffusion.alphas_cumprod_prev, t, x_t)
+    sigma = ddim_sigma(diffusion, t, eta, x_t)
+    x_prev = abar_prev.sqrt() * moments.pred_x0 + torch.sqrt(1 - abar_prev - sigma**2) * moments.pred_eps
+    if noise is not None:
+        x_prev = x_prev + sigma * noise
+    return StepOutput(x_prev, moments.pred_x0)
+
+
+@dataclass
+class SampleResult:
+    samples: torch.Tensor  # [B, C, H, W] in the model's range ([-1, 1] for images)
+    timesteps: list[int]  # original-schedule timesteps visited, from noisiest to cleanest
+    pred_x0: torch.Tensor | None  # [S, B, C, H, W] x_0 predictions at the recorded steps (progressive decoding)
+    recorded_steps: list[int]  # the original timesteps at which pred_x0 was recorded
+
+
+ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
+
+
+@torch.no_grad()
+def sample(
+    model: Model,
+    diffusion: GaussianDiffusion,
+    shape: Sequence[int],
+    noise: NoiseSource,
+    config: SamplerConfig = SamplerConfig(),
+    model_kwargs: dict[str, Any] | None = None,
+    progress: ProgressCallback | None = None,
+    record_x0_every: int | None = None,
+    dtype: torch.dtype = torch.float32,
+) -> SampleResult:
+    """Draw a batch from p_theta: x_T ~ N(0, I) from ``noise``, then ancestral or DDIM steps down to t = 0.
+
+    ``shape`` is one sample's ``(C, H, W)``; the batch size is the noise source's. ``record_x0_every=k`` keeps the
+    predicted x_0 every k steps and at the last step (Ho et al. 2020, Sec. 4.3, progressive decoding).
+    """
+    config = SamplerConfig(**config.to_dict())
+    steps = config.num_steps or diffusion.num_timesteps
+    spaced = diffusion if steps == diffusion.num_timesteps else diffusion.respaced(
+        spaced_timesteps(diffusion.num_timesteps, steps, config.spacing))
+    x = noise(shape).to(dtype)
+    device = x.device
+    recorded, recorded_steps = [], []
+    for done, index in enumerate(reversed(range(spaced.num_timesteps))):
+        t = torch.full((x.shape[0],), index, dtype=torch.long, device=device)
+        output = model(x, spaced.model_timesteps(t), **(model_kwargs or {})).to(dtype)
+        if config.method is Method.ANCESTRAL:
+            step_noise = noise(shape).to(dtype) if index > 0 else None
+            x, pred_x0 = ancestral_step(spaced, output, x, t, step_noise, config.clip_denoised)
+        else:
+            step_noise = noise(shape).to(dtype) if index > 0 and config.eta > 0 else None
+            x, pred_x0 = ddim_step(spaced, output, x, t, step_noise, config.eta, config.clip_denoised)
+        if record_x0_every and (done % record_x0_every == 0 or index == 0):
+            recorded.append(pred_x0.cpu())
+            recorded_steps.append(int(spaced.timestep_map[index]))
+        if progress is not None:
+            progress(done + 1, spaced.num_timesteps)
+    return SampleResult(
+        samples=x,
+        timesteps=[int(step) for step in reversed(spaced.timestep_map.tolist())],
+        pred_x0=torch.stack(recorded) if recorded else None,
+        recorded_steps=recorded_steps,
+    )
+
+
+def classifier_free_guidance(model: Model, scale: float, null_class: int, channels: int) -> Model:
+    """Wrap a class-conditional model for classifier-free guidance (Ho & Salimans 2022, Eq. 6):
+    ``pred = pred(null) + scale * (pred(y) - pred(null))`` on the first ``channels`` output channels (the mean
+    parameterisation); learned-variance channels are taken from the conditional pass."""
+
+    def guided(x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
+        both = model(torch.cat([x, x]), torch.cat([t, t]), class_labels=torch.cat([class_labels, torch.full_like(class_labels, null_class)]))
+        conditional, unconditional = both.chunk(2)
+        mixed = unconditional[:, :channels] + scale * (conditional[:, :channels] - unconditional[:, :channels])
+        return torch.cat([mixed, conditional[:, channels:]], dim=1)
+
+    return guided

@@ -1,0 +1,90 @@
+"""Committed writes to any fsspec URI: payload files first, a manifest with their SHA-256 last.
+
+Object stores have no atomic rename, so a directory counts as complete only when its ``manifest.json`` exists and
+every file it lists has the recorded size and checksum. On local disks each file is additionally written under a
+temporary name and renamed, so no file ever appears half-written under its final name.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import uuid
+from typing import Any
+
+import fsspec
+from fsspec.implementations.local import LocalFileSystem
+
+MANIFEST = "manifest.json"
+
+
+class IncompleteError(FileNotFoundError):
+    """A directory has no manifest, or its files do not match it: it was never committed or is corrupt."""
+
+
+def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
+    """The fsspec filesystem and path of a URI (``file://``, ``s3://``, ``memory://``, or a plain local path)."""
+    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    return fs, path.rstrip("/")
+
+
+def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write one file so that it is never visible half-written under ``path``."""
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(fs._parent(path), exist_ok=True)
+        temporary = f"{path}.tmp-{uuid.uuid4().hex}"
+        fs.pipe_file(temporary, data)
+        fs.mv(temporary, path)
+    else:
+        fs.pipe_file(path, data)  # one PUT: an object store shows the whole object or none
+
+
+def commit(uri: str, files: dict[str, bytes], metadata: dict[str, Any] | None = None,
+           storage_options: dict[str, Any] | None = None) -> None:
+    """Write ``files`` under the directory ``uri``, then its manifest. An existing manifest is removed first, so a
+    reader never pairs an old manifest with new files."""
+    fs, root = filesystem(uri, storage_options)
+    if fs.exists(f"{root}/{MANIFEST}"):
+        fs.rm_file(f"{root}/{MANIFEST}")
+    for name, data in files.items():
+        write_bytes(fs, f"{root}/{name}", data)
+    manifest = {
+        "files": {name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)} for name, data in files.items()},
+        "committed_at": time.time(),
+        "metadata": metadata or {},
+    }
+    write_bytes(fs, f"{root}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode())
+
+
+def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    fs, root = filesystem(uri, storage_options)
+    try:
+        return json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
+    except FileNotFoundError:
+        raise IncompleteError(f"{uri}: no {MANIFEST}; the write was never committed (or the path is wrong)") from None
+
+
+def is_committed(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
+    fs, root = filesystem(uri, storage_options)
+    return fs.exists(f"{root}/{MANIFEST}")
+
+
+def read_committed(uri: str, names: list[str] | None = None,
+                   storage_options: dict[str, Any] | None = None) -> tuple[dict[str, bytes], dict[str, Any]]:
+    """Read the files of a committed directory, verifying size and SHA-256 of each; returns (files, metadata)."""
+    manifest = read_manifest(uri, storage_options)
+    fs, root = filesystem(uri, storage_options)
+    files = {}
+    for name in names or list(manifest["files"]):
+        if name not in manifest["files"]:
+            raise IncompleteError(f"{uri}: {name} is not listed in its {MANIFEST}")
+        try:
+            data = fs.cat_file(f"{root}/{name}")
+        except FileNotFoundError:
+            raise IncompleteError(f"{uri}/{name}: listed in the manifest but missing") from None
+        expected = manifest["files"][name]
+        if len(data) != expected["size"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
+            raise IncompleteError(f"{uri}/{name}: size or SHA-256 does not match the manifest (corrupt or overwritten)")
+        files[name] = data
+    return files, manifest["metadata"]

@@ -1,0 +1,104 @@
+"""One optimisation step of DDPM training (Ho et al. 2020, Algorithm 1), shared by the demo and the Ray trainer."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from ddpm_core.diffusion import GaussianDiffusion
+from ddpm_core.ema import EMA
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    """Optimisation hyperparameters (defaults: the paper's CIFAR-10 run, Appendix B)."""
+
+    lr: float = 2e-4  # Adam learning rate after warm-up
+    warmup_images: int = 640_000  # linear lr warm-up length in images (5,000 steps x batch 128)
+    grad_clip: float = 1.0  # max global gradient norm (<= 0 disables clipping)
+    weight_decay: float = 0.0  # AdamW decoupled weight decay
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False
+    class_dropout: float = 0.1  # probability of replacing a label by the null class (classifier-free guidance)
+
+    def __post_init__(self) -> None:
+        checks = {"lr": self.lr > 0, "warmup_images": self.warmup_images >= 0, "weight_decay": self.weight_decay >= 0,
+                  "ema_decay": 0 <= self.ema_decay < 1, "class_dropout": 0 <= self.class_dropout < 1}
+        for name, ok in checks.items():
+            if not ok:
+                raise ValueError(f"optim.{name} is out of range: {getattr(self, name)!r}")
+
+
+def learning_rate(images_seen: int, config: OptimConfig) -> float:
+    """Linear warm-up from 0 to ``config.lr`` over ``warmup_images`` images, then constant."""
+    if config.warmup_images <= 0:
+        return config.lr
+    return config.lr * min(1.0, images_seen / config.warmup_images)
+
+
+def make_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:
+    fused = all(p.device.type == "cuda" for p in model.parameters())
+    return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
+
+
+def drop_labels(labels: torch.Tensor, null_class: int, probability: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Replace each label by the null class with ``probability`` (Ho & Salimans 2022, Algorithm 1)."""
+    drop = torch.rand(labels.shape[0], generator=generator) < probability
+    return torch.where(drop.to(labels.device), torch.full_like(labels, null_class), labels)
+
+
+def quartile_sums(t: torch.Tensor, values: torch.Tensor, num_timesteps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sums and counts ``[4]`` of per-example ``values`` by timestep quartile (improved-diffusion's ``loss_q0..q3``)."""
+    quartile = (4 * t // num_timesteps).clamp(max=3)
+    sums = torch.zeros(4, dtype=torch.float64, device=values.device).index_add_(0, quartile, values.detach().double())
+    counts = torch.zeros(4, dtype=torch.float64, device=values.device).index_add_(0, quartile, torch.ones_like(values, dtype=torch.float64))
+    return sums, counts
+
+
+@dataclass
+class StepResult:
+    """Device tensors (no host synchronisation): read them only at logging intervals."""
+
+    loss: torch.Tensor  # [] mean loss
+    grad_norm: torch.Tensor  # [] global gradient norm before clipping
+    quartile_loss_sum: torch.Tensor  # [4]
+    quartile_count: torch.Tensor  # [4]
+
+
+def train_step(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    optimizer: torch.optim.Optimizer,
+    x0: torch.Tensor,
+    config: OptimConfig,
+    images_seen: int,
+    ema: EMA | None = None,
+    model_kwargs: dict[str, Any] | None = None,
+    generator: torch.Generator | None = None,
+    autocast_dtype: torch.dtype | None = None,
+) -> StepResult:
+    """Algorithm 1: t ~ U{0..T-1}, eps ~ N(0, I), a gradient step on the configured loss, then the EMA update.
+
+    ``x0`` is ``[B, C, H, W]`` in [-1, 1]. ``images_seen`` (before this step) sets the warm-up learning rate.
+    """
+    model.train()
+    batch = x0.shape[0]
+    t = torch.randint(0, diffusion.num_timesteps, (batch,), generator=generator).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    for group in optimizer.param_groups:
+        group["lr"] = learning_rate(images_seen, config)
+    with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        terms = diffusion.training_losses(model, x0, t, noise, model_kwargs)
+    loss = terms["loss"].mean()
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    optimizer.step()
+    if ema is not None:
+        ema.update(model)
+    sums, counts = quartile_sums(t, terms["loss"], diffusion.num_timesteps)
+    return StepResult(loss.detach(), grad_norm.detach(), sums, counts)

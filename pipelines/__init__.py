@@ -1,0 +1,1 @@
+"""The Ray workflow DAG (prepare -> tune -> train -> sample -> evaluate -> register) built on ddpm_core."""

@@ -1,0 +1,137 @@
+"""Checkpoints: round trips through memory:// and S3 (moto server), commit semantics, and safe loading."""
+
+import io
+import os
+import pickle
+import uuid
+
+import fsspec
+import pytest
+import torch
+
+from ddpm_core.checkpoint import (CheckpointError, load_snapshot, load_training_state, save_snapshot,
+                                  save_training_state)
+from ddpm_core.diffusion import DiffusionConfig, Variance
+from ddpm_core.ema import EMA
+from ddpm_core.storage import IncompleteError, commit, is_committed, read_committed
+from ddpm_core.training import OptimConfig, make_optimizer, train_step
+from ddpm_core.diffusion import GaussianDiffusion
+from ddpm_core.unet import UNet, unet_preset
+
+
+def trained_state(steps=2):
+    torch.manual_seed(0)
+    config = unet_preset("digits")
+    model = UNet(config)
+    diffusion_config = DiffusionConfig(num_timesteps=100)
+    diffusion = GaussianDiffusion.from_config(diffusion_config)
+    optim = OptimConfig(warmup_images=0)
+    optimizer, ema = make_optimizer(model, optim), EMA(model, 0.9)
+    for _ in range(steps):
+        train_step(model, diffusion, optimizer, torch.randn(4, 1, 8, 8), optim, 0, ema)
+    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+             "step": steps, "images_seen": 4 * steps, "rng": torch.get_rng_state(),
+             "config": {"unet": config.to_dict(), "diffusion": diffusion_config.to_dict()}}
+    return model, ema, optimizer, state, config, diffusion_config
+
+
+def assert_state_equal(a, b):
+    if isinstance(a, torch.Tensor):
+        assert torch.equal(a, b)
+    elif isinstance(a, dict):
+        assert a.keys() == b.keys()
+        for key in a:
+            assert_state_equal(a[key], b[key])
+    elif isinstance(a, (list, tuple)):
+        assert len(a) == len(b)
+        for x, y in zip(a, b):
+            assert_state_equal(x, y)
+    else:
+        assert a == b
+
+
+@pytest.fixture(params=["memory", "s3"])
+def root(request):
+    if request.param == "memory":
+        return f"memory://ckpt-{uuid.uuid4().hex}", None
+    bucket, options = request.getfixturevalue("s3_bucket")
+    return f"s3://{bucket}/runs/r1", options
+
+
+def test_training_state_round_trip(root):
+    uri, options = root
+    model, ema, optimizer, state, *_ = trained_state()
+    save_training_state(f"{uri}/step-2", state, options)
+    loaded = load_training_state(f"{uri}/step-2", options)
+    assert_state_equal(state, loaded)
+    # Loaded state resumes: same model, EMA and optimizer after load_state_dict.
+    fresh_model, fresh_ema = UNet(unet_preset("digits")), EMA(UNet(unet_preset("digits")), 0.5)
+    fresh_model.load_state_dict(loaded["model"])
+    fresh_ema.load_state_dict(loaded["ema"])
+    fresh_optimizer = make_optimizer(fresh_model, OptimConfig())
+    fresh_optimizer.load_state_dict(loaded["optimizer"])
+    assert fresh_ema.num_updates == 2 and fresh_ema.decay == 0.9
+    assert_state_equal(fresh_optimizer.state_dict(), optimizer.state_dict())
+
+
+def test_snapshot_round_trip_rebuilds_the_same_network(root):
+    uri, options = root
+    model, ema, _, _, config, diffusion_config = trained_state()
+    save_snapshot(f"{uri}/snapshot", ema.model, config, diffusion_config, {"images_seen": 8}, options)
+    snapshot = load_snapshot(f"{uri}/snapshot", options)
+    assert snapshot.unet == config and snapshot.diffusion == diffusion_config
+    assert snapshot.metadata == {"images_seen": 8}
+    rebuilt = snapshot.build_model()
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([3, 70])
+    with torch.no_grad():
+        torch.testing.assert_close(rebuilt(x, t), ema.model(x, t), rtol=0, atol=0)
+
+
+def test_uncommitted_or_corrupt_checkpoints_are_refused():
+    uri = f"memory://ckpt-{uuid.uuid4().hex}"
+    fs = fsspec.filesystem("memory")
+    # Payload written, manifest never written (a crash before commit): not a checkpoint.
+    fs.pipe_file(f"{uri}/partial/training_state.pt", b"half")
+    assert not is_committed(f"{uri}/partial")
+    with pytest.raises(CheckpointError, match="never committed"):
+        load_training_state(f"{uri}/partial")
+    # Committed, then a file is damaged: the checksum catches it.
+    commit(f"{uri}/good", {"a.bin": b"0123456789"})
+    fs.pipe_file(f"{uri}/good/a.bin", b"0123456780")
+    with pytest.raises(IncompleteError, match="SHA-256"):
+        read_committed(f"{uri}/good")
+    # Re-committing over an old directory removes the old manifest before writing new files.
+    commit(f"{uri}/good", {"a.bin": b"new"})
+    assert read_committed(f"{uri}/good")[0] == {"a.bin": b"new"}
+
+
+def test_local_commit_leaves_no_temporary_files(tmp_path):
+    commit(str(tmp_path / "ckpt"), {"a.bin": b"x" * 1000, "b.json": b"{}"})
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["a.bin", "b.json", "manifest.json"]
+
+
+class _Exploit:
+    def __reduce__(self):
+        return (os.system, ("touch /tmp/ddpm-pwned-marker",))
+
+
+def test_opening_a_checkpoint_runs_no_code_from_it():
+    marker = "/tmp/ddpm-pwned-marker"
+    if os.path.exists(marker):
+        os.remove(marker)
+    uri = f"memory://ckpt-{uuid.uuid4().hex}/evil"
+    buffer = io.BytesIO()
+    torch.save({"step": 1, "payload": _Exploit()}, buffer, pickle_module=pickle)
+    commit(uri, {"training_state.pt": buffer.getvalue()})  # a correctly committed, malicious file
+    with pytest.raises(CheckpointError, match="not a loadable training state"):
+        load_training_state(uri)
+    assert not os.path.exists(marker)
+
+
+def test_snapshot_from_an_incompatible_config_is_refused():
+    _, ema, _, _, config, diffusion_config = trained_state(steps=1)
+    uri = f"memory://ckpt-{uuid.uuid4().hex}/snap"
+    # Weights of a fixed-variance model declared as learned-range: the output layer does not fit.
+    save_snapshot(uri, ema.model, config, DiffusionConfig(num_timesteps=100, variance=Variance.LEARNED_RANGE, loss="hybrid"))
+    with pytest.raises(CheckpointError, match="do not fit"):
+        load_snapshot(uri).build_model()

@@ -1,0 +1,196 @@
+"""Data readers: every format from fixtures made here, every bad input with its clear error."""
+
+import io
+import os
+import pickle
+import tarfile
+
+import fsspec
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from ddpm_core.data import DataError, load_dataset, random_horizontal_flip, to_model_range, to_uint8
+
+
+def random_images(n, size=8, channels=3, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (n, size, size, channels), dtype=np.uint8)
+
+
+def write_png(path, array):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(path)
+
+
+def test_builtin_digits():
+    data = load_dataset("builtin:digits")
+    assert data.images.shape == (1797, 8, 8, 1) and data.images.dtype == np.uint8
+    assert data.images.max() == 255 and data.images.min() == 0
+    assert data.labels.shape == (1797,) and set(data.labels.tolist()) == set(range(10))
+    assert data.num_classes == 10
+    assert load_dataset("builtin:digits").fingerprint == data.fingerprint
+
+
+def test_png_folder_with_class_subfolders_gives_labels(tmp_path):
+    images = random_images(6)
+    for i, image in enumerate(images):
+        write_png(str(tmp_path / ("cat" if i % 2 else "dog") / f"nested{i % 3}" / f"{i}.png"), image)
+    data = load_dataset(str(tmp_path))
+    assert data.images.shape == (6, 8, 8, 3)
+    assert data.class_names == ["cat", "dog"]
+    # Sorted paths: cat/nested0/3, cat/nested1/1, cat/nested2/5, dog/nested0/0, dog/nested1/4, dog/nested2/2
+    assert data.labels.tolist() == [0, 0, 0, 1, 1, 1]
+    np.testing.assert_array_equal(data.images[0], images[3])
+
+
+def test_flat_folder_of_png_and_jpeg_has_no_labels(tmp_path):
+    images = random_images(3, channels=1)
+    write_png(str(tmp_path / "a.png"), images[0])
+    write_png(str(tmp_path / "b.png"), images[1])
+    Image.fromarray(images[2][..., 0]).save(tmp_path / "c.jpg", quality=100)
+    data = load_dataset(f"file://{tmp_path}")
+    assert data.images.shape == (3, 8, 8, 1) and data.labels is None
+    np.testing.assert_array_equal(data.images[:2], images[:2])  # PNG is lossless
+
+
+def fake_cifar_batch(n, seed):
+    rng = np.random.default_rng(seed)
+    return {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": rng.integers(0, 10, n).tolist(),
+            b"batch_label": b"fake"}
+
+
+def write_cifar(folder):
+    folder.mkdir(parents=True)
+    batches = {}
+    for i, name in enumerate([f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"]):
+        batches[name] = fake_cifar_batch(4, i)
+        (folder / name).write_bytes(pickle.dumps(batches[name]))
+    return batches
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_cifar10_python_version(tmp_path, packed):
+    batches = write_cifar(tmp_path / "cifar-10-batches-py")
+    uri = str(tmp_path / "cifar-10-batches-py")
+    if packed:
+        uri = str(tmp_path / "cifar-10-python.tar.gz")
+        with tarfile.open(uri, "w:gz") as archive:
+            archive.add(tmp_path / "cifar-10-batches-py", arcname="cifar-10-batches-py")
+    train, test = load_dataset(uri), load_dataset(uri, split="test")
+    assert train.images.shape == (20, 32, 32, 3) and test.images.shape == (4, 32, 32, 3)
+    first = batches["data_batch_1"]
+    # Row layout: 1024 red, then 1024 green, then 1024 blue values, each row-major.
+    assert train.images[0, 0, 1, 0] == first[b"data"][0, 1]
+    assert train.images[0, 2, 3, 1] == first[b"data"][0, 1024 + 2 * 32 + 3]
+    assert train.labels[:4].tolist() == first[b"labels"]
+    assert train.class_names[0] == "airplane"
+    with pytest.raises(DataError, match="split must be"):
+        load_dataset(uri, split="validation")
+
+
+def test_cifar_batch_with_foreign_pickle_is_refused(tmp_path):
+    write_cifar(tmp_path / "cifar")
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, ("touch /tmp/ddpm-cifar-pwned",))
+
+    (tmp_path / "cifar" / "data_batch_3").write_bytes(pickle.dumps({b"data": Evil()}))
+    with pytest.raises(DataError, match="data_batch_3 is corrupt"):
+        load_dataset(str(tmp_path / "cifar"))
+    assert not os.path.exists("/tmp/ddpm-cifar-pwned")
+
+
+def test_npy_nhwc_nchw_and_npz_with_labels(tmp_path):
+    images = random_images(5, channels=3)
+    np.save(tmp_path / "nhwc.npy", images)
+    np.save(tmp_path / "nchw.npy", images.transpose(0, 3, 1, 2))
+    np.savez(tmp_path / "set.npz", images=images, labels=np.arange(5))
+    a, b, c = (load_dataset(str(tmp_path / name)) for name in ("nhwc.npy", "nchw.npy", "set.npz"))
+    np.testing.assert_array_equal(a.images, images)
+    np.testing.assert_array_equal(b.images, images)
+    assert a.fingerprint == b.fingerprint  # the same content, whatever the layout
+    assert c.labels.tolist() == [0, 1, 2, 3, 4] and c.fingerprint != a.fingerprint
+
+
+def test_png_folder_on_s3(s3_bucket):
+    bucket, options = s3_bucket
+    fs = fsspec.filesystem("s3", **options)
+    images = random_images(4)
+    for i, image in enumerate(images):
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        fs.pipe_file(f"{bucket}/data/{i}.png", buffer.getvalue())
+    data = load_dataset(f"s3://{bucket}/data", storage_options=options)
+    np.testing.assert_array_equal(data.images, images)
+
+
+def test_unreadable_s3_uri_names_the_uri(s3_endpoint):
+    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_endpoint}}
+    with pytest.raises(DataError, match="s3://no-such-bucket/data"):
+        load_dataset("s3://no-such-bucket/data", storage_options=options)
+    dead = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+            "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}}
+    with pytest.raises(DataError, match="cannot be read"):
+        load_dataset("s3://bucket/data", storage_options=dead)
+
+
+def bad_inputs(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "corrupt").mkdir()
+    write_png(str(tmp_path / "corrupt" / "good.png"), random_images(1)[0])
+    (tmp_path / "corrupt" / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nnot really")
+    (tmp_path / "mixed").mkdir()
+    write_png(str(tmp_path / "mixed" / "a.png"), random_images(1, size=8)[0])
+    write_png(str(tmp_path / "mixed" / "b.png"), random_images(1, size=16)[0])
+    np.save(tmp_path / "float.npy", np.zeros((2, 8, 8, 3), dtype=np.float32))
+    np.save(tmp_path / "shape.npy", np.zeros((2, 8, 8, 7), dtype=np.uint8))
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    np.savez(tmp_path / "nokey.npz", pixels=np.zeros((2, 8, 8, 3), dtype=np.uint8))
+    np.savez(tmp_path / "badlabels.npz", images=np.zeros((2, 8, 8, 3), dtype=np.uint8), labels=np.zeros(3, dtype=np.int64))
+    np.save(tmp_path / "none.npy", np.zeros((0, 8, 8, 3), dtype=np.uint8))
+    (tmp_path / "data.csv").write_text("a,b\n")
+    with tarfile.open(tmp_path / "notcifar.tar.gz", "w:gz") as archive:
+        archive.add(tmp_path / "data.csv", arcname="data.csv")
+    (tmp_path / "garbage.tar.gz").write_bytes(b"not a tar")
+
+
+@pytest.mark.parametrize("name, message", [
+    ("missing", "does not exist"),
+    ("empty", "contains no PNG/JPEG"),
+    ("corrupt", "corrupt or unreadable image .*broken.png"),
+    ("mixed", "mixed image sizes .*a.png is 8x8.*b.png is 16x16"),
+    ("float.npy", "must be uint8 .* got float32"),
+    ("shape.npy", "got shape \\(2, 8, 8, 7\\)"),
+    ("objects.npy", "pickled objects are refused"),
+    ("nokey.npz", "under 'images'"),
+    ("badlabels.npz", "labels must have shape \\[2\\]"),
+    ("none.npy", "has no images"),
+    ("data.csv", "unsupported format"),
+    ("notcifar.tar.gz", "missing \\['data_batch_1'"),
+    ("garbage.tar.gz", "not a readable tar.gz"),
+])
+def test_bad_input_gives_one_clear_error_naming_the_problem(tmp_path, name, message):
+    bad_inputs(tmp_path)
+    with pytest.raises(DataError, match=message) as error:
+        load_dataset(str(tmp_path / name))
+    assert name.split(".")[0] in str(error.value) or "broken.png" in str(error.value)
+
+
+def test_unknown_builtin_is_rejected():
+    with pytest.raises(DataError, match="builtin:digits"):
+        load_dataset("builtin:mnist")
+
+
+def test_model_range_transforms():
+    images = random_images(4, channels=3)
+    x = to_model_range(images)
+    assert x.shape == (4, 3, 8, 8) and x.min() >= -1 and x.max() <= 1
+    np.testing.assert_array_equal(to_uint8(x), images)  # exact round trip of 8-bit values
+    flipped = random_horizontal_flip(x, torch.Generator().manual_seed(0))
+    for original, result in zip(x, flipped):
+        assert torch.equal(result, original) or torch.equal(result, original.flip(-1))
+    many = random_horizontal_flip(x.repeat(50, 1, 1, 1), torch.Generator().manual_seed(1))
+    fraction = (many != x.repeat(50, 1, 1, 1)).flatten(1).any(1).float().mean().item()
+    assert 0.35 < fraction < 0.65
