@@ -13,7 +13,7 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 install: $(VENV)/.installed
 
 quickstart: $(VENV)/.installed
-	$(PY) -m ddpm_core.demo --out outputs/demo
+	$(PY) -m pipelines run --config configs/digits.yaml
 
 test: $(VENV)/.installed
 	$(PY) -m pytest

@@ -1,0 +1,306 @@
+"""One typed pipeline config: a YAML file plus ``section.key=value`` overrides, validated once at the edge.
+
+Unknown keys and bad values fail before Ray starts, naming the key and what is allowed. The resolved config is
+saved in the run root and logged to MLflow (secrets never live here: credentials come from the environment).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import os
+import re
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ddpm_core.diffusion import DiffusionConfig
+from ddpm_core.samplers import SamplerConfig
+from ddpm_core.training import OptimConfig
+from ddpm_core.unet import PRESETS, UNetConfig, unet_preset
+
+
+class ConfigError(ValueError):
+    """A config problem, with the dotted key and the expectation in the message."""
+
+
+@dataclass(frozen=True)
+class DataSection:
+    uri: str = "builtin:digits"  # any ddpm_core.data URI (file://, s3://, builtin:digits)
+    split: str = "train"  # CIFAR-10 split
+    holdout_fraction: float = 0.1  # share of images kept out of training (FID floor, held-out NLL)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    preset: str = "digits"  # a ddpm_core.unet preset
+    overrides: dict[str, Any] = field(default_factory=dict)  # UNetConfig fields replacing the preset's
+
+    def unet(self) -> UNetConfig:
+        return unet_preset(self.preset, **self.overrides)
+
+
+@dataclass(frozen=True)
+class TrainSection:
+    num_workers: int = 2  # Ray Train data-parallel workers
+    use_gpu: bool | None = None  # None: use GPUs when the cluster has them
+    cpus_per_worker: float = 1.0
+    batch_size: int = 128  # global batch, split across workers
+    total_images: int = 100_000  # training length in images (EDM's kimg)
+    checkpoint_every_images: int = 25_000
+    log_every_images: int = 5_000
+    grid_every_images: int = 50_000  # sample grid to MLflow (0: only at the end)
+    max_failures: int = 2  # worker-group restarts from the last checkpoint
+    horizontal_flip: bool = False
+    seed: int = 0
+    lr: float = 1e-3
+    warmup_images: int = 10_000
+    grad_clip: float = 1.0
+    weight_decay: float = 0.0
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+
+    def optim(self) -> OptimConfig:
+        return OptimConfig(lr=self.lr, warmup_images=self.warmup_images, grad_clip=self.grad_clip,
+                           weight_decay=self.weight_decay, ema_decay=self.ema_decay, ema_warmup=self.ema_warmup)
+
+
+@dataclass(frozen=True)
+class SampleSection:
+    num_samples: int = 1_000
+    batch_size: int = 250  # images per shard (one task)
+    num_workers: int = 2  # sampling actors (one per GPU on a GPU cluster)
+    method: str = "ddim"
+    num_steps: int | None = 100
+    eta: float = 0.0
+    spacing: str = "linspace"
+    clip_denoised: bool = True
+    seed: int = 1
+
+    def sampler(self) -> SamplerConfig:
+        return SamplerConfig(method=self.method, num_steps=self.num_steps, eta=self.eta, spacing=self.spacing,
+                             clip_denoised=self.clip_denoised)
+
+
+@dataclass(frozen=True)
+class EvaluateSection:
+    extractor: str = "classifier"  # "classifier": a CNN trained on the data's labels (small data sets)
+    classifier_epochs: int = 15
+    grid_size: int = 100  # images in the sample grid artifact
+    untrained_baseline: bool = True  # also score an untrained network under the same protocol
+
+
+@dataclass(frozen=True)
+class RegisterSection:
+    enabled: bool = True
+    model_name: str = "ddpm-digits"
+
+
+@dataclass(frozen=True)
+class StorageSection:
+    root: str = "runs"  # fsspec URI or local path; a relative path is under the working directory
+    endpoint_url: str | None = None  # S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS default)
+    region: str | None = None
+
+    def options(self) -> dict[str, Any]:
+        """fsspec storage options (credentials come from the standard AWS environment variables)."""
+        if not self.root.startswith("s3://"):
+            return {}
+        client: dict[str, Any] = {}
+        endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            client["endpoint_url"] = endpoint
+        if self.region:
+            client["region_name"] = self.region
+        # Fail fast on an unreachable endpoint; retry throttling and transient errors with backoff.
+        retries = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 5, "mode": "standard"}}
+        return {"client_kwargs": client, "config_kwargs": retries}
+
+    def resolved_root(self) -> str:
+        if "://" in self.root:
+            return self.root.rstrip("/")
+        return str(Path(self.root).expanduser().resolve())
+
+
+@dataclass(frozen=True)
+class MlflowSection:
+    tracking_uri: str | None = None  # None: MLFLOW_TRACKING_URI, else sqlite:///<cwd>/mlflow.db
+    experiment: str = "ddpm-pipeline"
+
+    def resolved_tracking_uri(self) -> str:
+        uri = self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        return uri or f"sqlite:///{Path('mlflow.db').resolve()}"
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    run_id: str = "quickstart"
+    data: DataSection = field(default_factory=DataSection)
+    model: ModelSection = field(default_factory=ModelSection)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainSection = field(default_factory=TrainSection)
+    sample: SampleSection = field(default_factory=SampleSection)
+    evaluate: EvaluateSection = field(default_factory=EvaluateSection)
+    register: RegisterSection = field(default_factory=RegisterSection)
+    storage: StorageSection = field(default_factory=StorageSection)
+    mlflow: MlflowSection = field(default_factory=MlflowSection)
+
+    def to_dict(self) -> dict[str, Any]:
+        return _plain(dataclasses.asdict(self))
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value.value if isinstance(value, enum.Enum) else value
+
+
+RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+def _check_type(value: Any, annotation: Any, key: str) -> Any:
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        options = typing.get_args(annotation)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for option in options:
+            if option is type(None):
+                continue
+            try:
+                return _check_type(value, option, key)
+            except ConfigError as error:
+                errors.append(str(error))
+        raise ConfigError(errors[0] if errors else f"{key}: bad value {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping, got {value!r}")
+        return dict(value)
+    if origin is tuple or annotation is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return tuple(value)
+    if annotation is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key}: expected true or false, got {value!r}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key}: expected an integer, got {value!r}")
+        return value
+    if annotation is float:
+        if isinstance(value, str):  # YAML 1.1 reads "2e-4" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        return float(value)
+    if annotation is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key}: expected a string, got {value!r}")
+        return value
+    return value  # enums and other types: checked by the dataclass itself
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix or 'config'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        key = f"{prefix}.{unknown[0]}" if prefix else unknown[0]
+        raise ConfigError(f"unknown config key {key!r}; allowed keys{' under ' + prefix if prefix else ''}: {', '.join(sorted(names))}")
+    values = {}
+    for name, value in data.items():
+        key = f"{prefix}.{name}" if prefix else name
+        annotation = hints[name]
+        if dataclasses.is_dataclass(annotation):
+            values[name] = _build(annotation, value, key)
+        else:
+            values[name] = _check_type(value, annotation, key)
+    try:
+        return cls(**values)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as error:
+        message = str(error)
+        raise ConfigError(message if message.startswith(prefix) or not prefix else f"{prefix}: {message}") from None
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
+    node[parts[-1]] = value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
+    """Read a YAML config (or the embedded default when ``path`` is None), apply ``key=value`` overrides
+    (values parsed as YAML), and validate everything."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {str(path)!r} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
+    for override in overrides:
+        key, sep, raw = override.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {override!r} must look like section.key=value")
+        _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
+    config = _build(PipelineConfig, data, "")
+    _validate(config)
+    return config
+
+
+def _validate(config: PipelineConfig) -> None:
+    if not RUN_ID.match(config.run_id):
+        raise ConfigError(f"run_id {config.run_id!r} must be 1-128 letters, digits, '.', '_' or '-' (no path separators)")
+    if config.model.preset not in PRESETS:
+        raise ConfigError(f"model.preset {config.model.preset!r} is not one of {', '.join(sorted(PRESETS))}")
+    for build, library_prefix, key_prefix in ((config.model.unet, "unet.", "model.overrides."),
+                                              (config.train.optim, "optim.", "train."),
+                                              (config.sample.sampler, "sampler.", "sample.")):
+        try:
+            build()
+        except ValueError as error:
+            raise ConfigError(str(error).replace(library_prefix, key_prefix)) from None
+    train, sample = config.train, config.sample
+    positive = {"train.num_workers": train.num_workers, "train.batch_size": train.batch_size,
+                "train.total_images": train.total_images, "train.checkpoint_every_images": train.checkpoint_every_images,
+                "train.log_every_images": train.log_every_images, "sample.num_samples": sample.num_samples,
+                "sample.batch_size": sample.batch_size, "sample.num_workers": sample.num_workers,
+                "train.cpus_per_worker": train.cpus_per_worker}
+    for key, value in positive.items():
+        if value <= 0:
+            raise ConfigError(f"{key} must be > 0, got {value}")
+    if train.batch_size % train.num_workers:
+        raise ConfigError(f"train.batch_size {train.batch_size} must be a multiple of train.num_workers {train.num_workers}")
+    if train.max_failures < 0 or train.grid_every_images < 0:
+        raise ConfigError("train.max_failures and train.grid_every_images must be >= 0")
+    if not 0.0 <= config.data.holdout_fraction < 0.5:
+        raise ConfigError(f"data.holdout_fraction must lie in [0, 0.5), got {config.data.holdout_fraction}")
+    if config.evaluate.extractor != "classifier":
+        raise ConfigError(f"evaluate.extractor {config.evaluate.extractor!r} is not one of: classifier")
+    if sample.num_steps is not None and sample.num_steps > config.diffusion.num_timesteps:
+        raise ConfigError(f"sample.num_steps {sample.num_steps} exceeds diffusion.num_timesteps {config.diffusion.num_timesteps}")
+
+
+def save_resolved(config: PipelineConfig) -> str:
+    return yaml.safe_dump(config.to_dict(), sort_keys=False)

@@ -1,0 +1,138 @@
+"""The stage graph, declared once, and the runner that walks it on the job's driver.
+
+A stage is skipped when its committed manifest has the fingerprint the stage would have now: a hash of the config
+sections it reads and of its upstream stages' manifests. A changed config or a re-executed upstream stage
+therefore re-runs it and everything downstream; ``from_stage`` forces that from a chosen stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+import traceback
+import uuid
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from pipelines.config import PipelineConfig, save_resolved
+from pipelines.runs import RunStore, now
+from pipelines.stages import evaluate, prepare, register, sample, train
+from pipelines.stages.context import StageContext
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    run: Callable[[StageContext], dict[str, Any]]
+    upstream: tuple[str, ...]
+    config_sections: tuple[str, ...]  # the config it reads: part of its fingerprint
+    enabled: Callable[[PipelineConfig], bool] = lambda config: True
+    description: str = ""
+    needs_ray: bool = True  # stages that do not are run before Ray is started, so bad input fails early
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage("prepare", prepare.run, (), ("data", "model", "evaluate"), description="validate data, shards, extractor, reference stats",
+          needs_ray=False),
+    Stage("train", train.run, ("prepare",), ("model", "diffusion", "train"), description="Ray Train DDP, checkpoints, EMA snapshot"),
+    Stage("sample", sample.run, ("train",), ("sample",), description="Ray actors, per-index seeds, committed shards"),
+    Stage("evaluate", evaluate.run, ("prepare", "train", "sample"), ("evaluate",), description="parallel features, FID + protocol"),
+    Stage("register", register.run, ("train", "evaluate"), ("register",), lambda config: config.register.enabled,
+          "MLflow model version, challenger/champion aliases", needs_ray=False),
+)
+STAGE_NAMES = tuple(stage.name for stage in STAGES)
+
+
+class PreflightError(RuntimeError):
+    """Storage or tracking that cannot be used, found before any stage runs."""
+
+
+def preflight(store: RunStore) -> None:
+    """Write the resolved config to the run root: proves the storage is reachable, authorised and writable."""
+    try:
+        store.save_config()
+    except Exception as error:  # botocore / OS errors: name the setting to fix
+        raise PreflightError(
+            f"storage.root {store.storage_root!r} is not writable ({type(error).__name__}: {error}). Check storage.root, "
+            "storage.endpoint_url and the AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY environment variables.") from error
+
+
+def fingerprint(stage: Stage, config: PipelineConfig, manifests: dict[str, dict[str, Any]]) -> str:
+    data = config.to_dict()
+    payload = {"stage": stage.name, "config": {section: data[section] for section in stage.config_sections},
+               "upstream": {name: manifests[name]["execution_id"] for name in stage.upstream}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def describe() -> str:
+    lines = ["Stages (in order):"]
+    for stage in STAGES:
+        after = f" <- {', '.join(stage.upstream)}" if stage.upstream else ""
+        lines.append(f"  {stage.name:<9}{after:<32} {stage.description}")
+    lines += ["", "```mermaid", "flowchart LR"]
+    for stage in STAGES:
+        lines += [f"  {upstream} --> {stage.name}" for upstream in stage.upstream]
+    lines.append("```")
+    return "\n".join(lines)
+
+
+def run_pipeline(config: PipelineConfig, from_stage: str | None = None, log: Callable[[str], None] = print) -> dict[str, dict[str, Any]]:
+    """Run every enabled stage in order, skipping finished ones; returns the stage manifests."""
+    from pipelines.ray_env import connect
+    from pipelines.tracking import Tracker, git_commit
+
+    if from_stage is not None and from_stage not in STAGE_NAMES:
+        raise ValueError(f"--from {from_stage!r} is not a stage; stages: {', '.join(STAGE_NAMES)}")
+    store = RunStore(config)
+    preflight(store)
+    try:
+        tracker = Tracker(config)
+    except Exception as error:
+        raise PreflightError(f"MLflow at {config.mlflow.resolved_tracking_uri()!r} cannot be used ({type(error).__name__}: "
+                             f"{error}). Check mlflow.tracking_uri and MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.") from error
+    parent_id: str | None = None
+    manifests: dict[str, dict[str, Any]] = {}
+    forced = False
+    for stage in STAGES:
+        if not stage.enabled(config):
+            continue
+        forced = forced or stage.name == from_stage
+        expected = fingerprint(stage, config, manifests)
+        existing = store.read_manifest(stage.name)
+        if existing and existing.get("status") == "complete" and existing.get("fingerprint") == expected and not forced:
+            log(f"[{stage.name}] up to date (finished {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(existing['finished_at']))}), skipped")
+            manifests[stage.name] = existing
+            continue
+        if parent_id is None:
+            parent_id = tracker.parent_run({"ddpm.git_commit": git_commit(), "ddpm.data_uri": config.data.uri})
+            tracker.client.log_text(parent_id, save_resolved(config), "config.yaml")
+        if stage.needs_ray:
+            connect()
+        stage_run_id = tracker.stage_run(parent_id, stage.name)
+        store.remove_manifest(stage.name)  # a crash from here on leaves no stale "complete" manifest
+        log(f"[{stage.name}] running (MLflow run {stage_run_id})")
+        started = now()
+        context = StageContext(config, store, {name: manifests[name] for name in stage.upstream}, stage_run_id, expected,
+                               tracker.tracking_uri, lambda message, name=stage.name: log(f"[{name}] {message}"))
+        try:
+            outputs = stage.run(context)
+        except BaseException:
+            tracker.finish(stage_run_id, ok=False)
+            tracker.finish(parent_id, ok=False)
+            log(f"[{stage.name}] failed:\n{traceback.format_exc()}")
+            raise
+        tracker.finish(stage_run_id, ok=True)
+        manifest = {"stage": stage.name, "status": "complete", "fingerprint": expected, "execution_id": uuid.uuid4().hex,
+                    "started_at": started, "finished_at": now(), "mlflow_run_id": stage_run_id, "outputs": outputs}
+        store.write_manifest(stage.name, manifest)
+        manifests[stage.name] = manifest
+        if stage.name == "prepare":
+            tracker.client.set_tag(parent_id, "ddpm.data_fingerprint", outputs["fingerprint"])
+    if parent_id is not None:
+        summary = manifests.get("evaluate", {}).get("outputs", {})
+        for key in ("fid", "fid_untrained", "fid_holdout_vs_train"):
+            if summary.get(key) is not None:
+                tracker.client.log_metric(parent_id, key, summary[key])
+        tracker.finish(parent_id, ok=True)
+    return manifests

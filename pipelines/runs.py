@@ -1,0 +1,63 @@
+"""Run layout on storage: ``{root}/{run_id}/{stage}/`` with a ``stage.json`` manifest written last."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from ddpm_core.storage import filesystem, write_bytes
+from pipelines.config import PipelineConfig, save_resolved
+
+STAGE_MANIFEST = "stage.json"
+
+
+@dataclass
+class RunStore:
+    """Where one pipeline run keeps its outputs."""
+
+    config: PipelineConfig
+
+    @property
+    def storage_root(self) -> str:
+        return self.config.storage.resolved_root()
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return self.config.storage.options()
+
+    @property
+    def root(self) -> str:
+        return f"{self.storage_root}/{self.config.run_id}"
+
+    def stage_uri(self, stage: str) -> str:
+        return f"{self.root}/{stage}"
+
+    def cache_uri(self, kind: str, key: str) -> str:
+        """Shared across runs: e.g. feature extractors and reference statistics keyed by data fingerprint."""
+        return f"{self.storage_root}/_cache/{kind}/{key}"
+
+    def read_manifest(self, stage: str) -> dict[str, Any] | None:
+        fs, path = filesystem(f"{self.stage_uri(stage)}/{STAGE_MANIFEST}", self.options)
+        try:
+            return json.loads(fs.cat_file(path))
+        except FileNotFoundError:
+            return None
+
+    def write_manifest(self, stage: str, manifest: dict[str, Any]) -> None:
+        fs, path = filesystem(f"{self.stage_uri(stage)}/{STAGE_MANIFEST}", self.options)
+        write_bytes(fs, path, json.dumps(manifest, indent=2, sort_keys=True).encode())
+
+    def remove_manifest(self, stage: str) -> None:
+        fs, path = filesystem(f"{self.stage_uri(stage)}/{STAGE_MANIFEST}", self.options)
+        if fs.exists(path):
+            fs.rm_file(path)
+
+    def save_config(self) -> None:
+        fs, path = filesystem(f"{self.root}/config.yaml", self.options)
+        write_bytes(fs, path, save_resolved(self.config).encode())
+
+
+def now() -> float:
+    return round(time.time(), 3)

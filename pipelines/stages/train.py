@@ -1,0 +1,172 @@
+"""train: data-parallel DDPM training with Ray Train (DDP over NCCL with bf16 autocast on GPUs, gloo and fp32 on
+CPUs). Progress is counted in images; checkpoints of the full training state are reported to Ray Train every
+``train.checkpoint_every_images``, and a re-run (or a worker-group restart) resumes from the latest one."""
+
+from __future__ import annotations
+
+import math
+import tempfile
+import time
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipelines.stages.context import StageContext
+
+GRID_IMAGES = 64
+
+
+def _generator(seed: int, rank: int, images_seen: int) -> torch.Generator:
+    """Per-rank RNG derived from (seed, rank, images seen): a resumed run draws what an uninterrupted one would."""
+    state = np.random.SeedSequence([seed, rank, images_seen]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def train_loop(loop: dict[str, Any]) -> None:
+    """Runs on every Ray Train worker."""
+    import ray.train
+    import ray.train.torch
+    import torch.distributed as dist
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from ddpm_core.checkpoint import load_training_state, save_snapshot, save_training_state
+    from ddpm_core.data import random_horizontal_flip, to_model_range, to_uint8
+    from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion, Variance
+    from ddpm_core.ema import EMA
+    from ddpm_core.images import grid
+    from ddpm_core.samplers import PerIndexNoise, SamplerConfig, sample
+    from ddpm_core.training import OptimConfig, learning_rate, make_optimizer, train_step
+    from ddpm_core.unet import UNet, UNetConfig
+    from pipelines.stages.prepare import read_shards
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    unet_config, diffusion_config = UNetConfig.from_dict(loop["unet"]), DiffusionConfig.from_dict(loop["diffusion"])
+    optim, train = OptimConfig(**loop["optim"]), loop["train"]
+    diffusion = GaussianDiffusion.from_config(diffusion_config)
+    autocast = torch.bfloat16 if device.type == "cuda" else None
+
+    images, _ = read_shards(loop["shards_uri"], loop["storage_options"])
+    data = to_model_range(images[rank::world])  # this worker's shard, [N_r, C, H, W]
+
+    torch.manual_seed(train["seed"])  # identical initial weights on every rank
+    model = UNet(unet_config, learn_variance=diffusion_config.variance is Variance.LEARNED_RANGE)
+    if rank == 0 and ray.train.get_checkpoint() is None:
+        save_snapshot(loop["initial_snapshot_uri"], model, unet_config, diffusion_config, {"images_seen": 0}, loop["storage_options"])
+    wrapped = ray.train.torch.prepare_model(model)
+    model = wrapped.module if hasattr(wrapped, "module") else wrapped
+    ema = EMA(model, optim.ema_decay, optim.ema_warmup)
+    optimizer = make_optimizer(model, optim)
+
+    images_seen, step = 0, 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_training_state(directory)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        images_seen, step = int(state["images_seen"]), int(state["step"])
+    generator = _generator(train["seed"], rank, images_seen)
+    client = MlflowClient(loop["tracking_uri"]) if rank == 0 else None
+
+    def next_multiple(every: int) -> int:
+        return (images_seen // every + 1) * every if every > 0 else math.inf
+
+    next_log, next_checkpoint = next_multiple(train["log_every_images"]), next_multiple(train["checkpoint_every_images"])
+    next_grid = next_multiple(train["grid_every_images"])
+    per_worker = train["batch_size"] // world
+    totals = torch.zeros(11, dtype=torch.float64)  # loss sum, steps, grad-norm sum, quartile sums [4], counts [4]
+    window_start, window_images = time.time(), 0
+    total_images = train["total_images"]
+    while images_seen < total_images:
+        batch = data[torch.randint(0, len(data), (per_worker,), generator=generator)]
+        if train["horizontal_flip"]:
+            batch = random_horizontal_flip(batch, generator)
+        result = train_step(wrapped, diffusion, optimizer, batch.to(device), optim, images_seen, ema,
+                            generator=generator, autocast_dtype=autocast)
+        images_seen, step, window_images = images_seen + train["batch_size"], step + 1, window_images + train["batch_size"]
+        totals += torch.cat([result.loss.double().cpu().reshape(1), torch.ones(1, dtype=torch.float64),
+                             result.grad_norm.double().cpu().reshape(1), result.quartile_loss_sum.cpu(), result.quartile_count.cpu()])
+        done = images_seen >= total_images
+        if images_seen >= next_log or done:
+            if world > 1 and dist.is_initialized():
+                dist.all_reduce(totals)
+            loss = totals[0].item() / totals[1].item()
+            if not math.isfinite(loss):
+                raise FloatingPointError(
+                    f"non-finite training loss at {images_seen} images (step {step}); the last good checkpoint is kept. "
+                    f"Lower train.lr (now {optim.lr}), keep train.grad_clip > 0 (now {optim.grad_clip}), or lengthen train.warmup_images.")
+            if client is not None:
+                now, elapsed = int(time.time() * 1000), time.time() - window_start
+                values = {"loss": loss, "grad_norm": totals[2].item() / totals[1].item(),
+                          "lr": learning_rate(images_seen, optim), "images_per_second": window_images / max(elapsed, 1e-9),
+                          "ema_decay": ema.current_decay()}
+                for q in range(4):
+                    if totals[7 + q] > 0:
+                        values[f"loss_q{q}"] = totals[3 + q].item() / totals[7 + q].item()
+                client.log_batch(loop["mlflow_run_id"], metrics=[Metric(k, float(v), now, images_seen) for k, v in values.items()])
+                print(f"train: {images_seen}/{total_images} images, loss {loss:.4f}, {values['images_per_second']:.0f} img/s", flush=True)
+            totals.zero_()
+            window_start, window_images = time.time(), 0
+            next_log = next_multiple(train["log_every_images"])
+        if images_seen >= next_grid or done:
+            if client is not None:
+                shape = (unet_config.in_channels, unet_config.image_size, unet_config.image_size)
+                samples = sample(ema.model, diffusion, shape, PerIndexNoise(train["seed"], range(GRID_IMAGES), device),
+                                 SamplerConfig(method="ddim", num_steps=min(50, diffusion.num_timesteps))).samples
+                client.log_image(loop["mlflow_run_id"], grid(to_uint8(samples), columns=8), key="samples", step=images_seen)
+            next_grid = next_multiple(train["grid_every_images"])
+        if images_seen >= next_checkpoint or done:
+            with tempfile.TemporaryDirectory() as directory:
+                saved = None
+                if rank == 0:
+                    save_training_state(directory, {
+                        "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                        "step": step, "images_seen": images_seen, "config": {"unet": loop["unet"], "diffusion": loop["diffusion"]}})
+                    saved = ray.train.Checkpoint.from_directory(directory)
+                ray.train.report({"images_seen": images_seen, "step": step}, checkpoint=saved)
+            next_checkpoint = next_multiple(train["checkpoint_every_images"])
+    if rank == 0:
+        save_snapshot(loop["snapshot_uri"], ema.model, unet_config, diffusion_config, {"images_seen": images_seen, "step": step},
+                      loop["storage_options"])
+
+
+def run(context: StageContext) -> dict[str, Any]:
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.ray_env import has_gpus, runtime_env, train_storage
+
+    config, store = context.config, context.store
+    work_uri = context.work_uri("train")
+    use_gpu = has_gpus() if config.train.use_gpu is None else config.train.use_gpu
+    loop = {
+        "unet": config.model.unet().to_dict(), "diffusion": config.diffusion.to_dict(), "optim": config.train.optim().__dict__,
+        "train": {k: getattr(config.train, k) for k in ("seed", "batch_size", "total_images", "log_every_images",
+                                                         "checkpoint_every_images", "grid_every_images", "horizontal_flip")},
+        "shards_uri": context.output_of("prepare", "shards_uri"), "storage_options": store.options,
+        "snapshot_uri": f"{work_uri}/snapshot", "initial_snapshot_uri": f"{work_uri}/initial_snapshot",
+        "tracking_uri": context.tracking_uri, "mlflow_run_id": context.mlflow_run_id,
+    }
+    storage_path, storage_filesystem = train_storage(f"{work_uri}/ray", store.options)
+    resources = {"CPU": config.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    trainer = TorchTrainer(
+        train_loop, train_loop_config=loop,
+        scaling_config=ScalingConfig(num_workers=config.train.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        run_config=RunConfig(name="trainer", storage_path=storage_path, storage_filesystem=storage_filesystem,
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=config.train.max_failures),
+                             worker_runtime_env=runtime_env()),
+    )
+    context.log(f"train: {config.train.num_workers} worker(s), {'GPU (NCCL, bf16)' if use_gpu else 'CPU (gloo, fp32)'}, "
+                f"{config.train.total_images} images, batch {config.train.batch_size}")
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    return {"snapshot_uri": loop["snapshot_uri"], "initial_snapshot_uri": loop["initial_snapshot_uri"],
+            "images_seen": int(result.metrics["images_seen"]), "use_gpu": bool(use_gpu),
+            "checkpoint_path": result.checkpoint.path if result.checkpoint else None}

@@ -1,0 +1,85 @@
+"""End to end on real components: a moto S3 server, an MLflow tracking server (SQLite + artifacts on S3), a Ray
+head started with ``ray start --head`` (token authentication on), and the pipeline submitted with
+``ray job submit``. Everything started here is stopped at the end, pass or fail."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import fsspec
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+from tests.services import BIN, mlflow_server, ray_head
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["run_id=e2e", "train.total_images=2048", "train.checkpoint_every_images=1024", "train.log_every_images=512",
+        "train.grid_every_images=1024", "sample.num_samples=200", "sample.batch_size=100", "sample.num_steps=10",
+        "evaluate.classifier_epochs=2", "evaluate.untrained_baseline=false", "register.model_name=ddpm-e2e",
+        "mlflow.experiment=e2e"]
+
+
+def submit(address: str, env: dict[str, str], overrides: list[str], log: Path) -> subprocess.CompletedProcess:
+    runtime_env = {"excludes": [".venv", ".git", "runs", "outputs", "*.db"]}
+    command = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
+               "--runtime-env-json", json.dumps(runtime_env), "--", "python", "-m", "pipelines", "run",
+               "--config", "configs/digits.yaml", *overrides]
+    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
+    log.write_text(result.stdout + result.stderr)
+    return result
+
+
+def test_pipeline_via_ray_job_submit_with_mlflow_server_and_s3(tmp_path, s3_bucket, s3_endpoint):
+    bucket, options = s3_bucket
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": s3_endpoint, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
+    env.pop("RAY_ADDRESS", None)
+    with mlflow_server(tmp_path, f"s3://{bucket}/mlflow", env) as tracking_uri, ray_head(tmp_path, env) as (address, ray_env):
+        overrides = [*TINY, f"storage.root=s3://{bucket}/runs", f"storage.endpoint_url={s3_endpoint}", f"mlflow.tracking_uri={tracking_uri}"]
+        first = submit(address, ray_env, overrides, tmp_path / "job1.log")
+        assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-3000:]
+        assert "FID (classifier-" in first.stdout
+
+        client = MlflowClient(tracking_uri)
+        experiment = client.get_experiment_by_name("e2e")
+        runs = client.search_runs([experiment.experiment_id])
+        by_stage = {run.data.tags["ddpm.stage"]: run for run in runs}
+        assert sorted(by_stage) == ["evaluate", "pipeline", "prepare", "register", "sample", "train"]
+        parent = by_stage["pipeline"]
+        assert all(run.data.tags.get("mlflow.parentRunId") == parent.info.run_id for name, run in by_stage.items() if name != "pipeline")
+        assert parent.info.status == "FINISHED" and parent.data.tags["ddpm.data_fingerprint"]
+        evaluation = by_stage["evaluate"].data
+        assert np.isfinite(evaluation.metrics["fid"])
+        assert evaluation.params["protocol.num_samples"] == "200" and evaluation.params["protocol.sampler.num_steps"] == "10"
+        assert evaluation.params["protocol.extractor_id"].startswith("classifier-")
+        train_metrics = by_stage["train"].data.metrics
+        assert {"loss", "loss_q0", "loss_q3", "grad_norm", "lr", "images_per_second"} <= set(train_metrics)
+        assert [m.step for m in client.get_metric_history(by_stage["train"].info.run_id, "loss")][-1] == 2048
+
+        s3 = fsspec.filesystem("s3", **options)
+        s3.invalidate_cache()
+        mlflow_objects = s3.find(f"{bucket}/mlflow")
+        assert any(path.endswith("/samples.png") for path in mlflow_objects)  # the evaluate grid, via the server
+        assert any("/images/" in path or "samples" in path for path in mlflow_objects)  # training-progress grids
+        assert s3.glob(f"{bucket}/runs/e2e/train/*/ray/trainer/checkpoint_*/training_state.pt")
+        assert s3.glob(f"{bucket}/runs/e2e/sample/*/shards/shard-00001/manifest.json")
+        assert s3.glob(f"{bucket}/runs/e2e/train/*/snapshot/model.safetensors")
+
+        champion = client.get_model_version_by_alias("ddpm-e2e", "champion")
+        assert client.get_model_version_by_alias("ddpm-e2e", "challenger").version == champion.version
+        mlflow.set_tracking_uri(tracking_uri)
+        model = mlflow.pyfunc.load_model("models:/ddpm-e2e@champion")
+        images = model.predict(pd.DataFrame({"index": range(4)}), params={"seed": 3, "num_steps": 5})
+        assert images.shape == (4, 8, 8, 1) and images.dtype == np.uint8
+
+        # The same run again: every stage is up to date, nothing new in MLflow.
+        second = submit(address, ray_env, overrides, tmp_path / "job2.log")
+        assert second.returncode == 0, second.stdout[-4000:]
+        assert second.stdout.count("up to date") == 5
+        assert len(client.search_runs([experiment.experiment_id])) == len(runs)
+        assert len(client.search_model_versions("name='ddpm-e2e'")) == 1

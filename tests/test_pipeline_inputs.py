@@ -1,0 +1,108 @@
+"""Bad input to the pipeline fails early: before Ray starts, with a message naming the problem, exit code 2."""
+
+import json
+
+import pytest
+import ray
+
+from pipelines.__main__ import main
+from pipelines.config import ConfigError, load_config
+
+
+@pytest.fixture
+def local(tmp_path):
+    return [f"storage.root={tmp_path / 'runs'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+
+
+def run_cli(args, capsys):
+    code = main(["run", *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lrr=1", "unknown config key 'train.lrr'; allowed keys under train: batch_size"),
+    ("sampler.steps=10", "unknown config key 'sampler'"),
+    ("train.lr=abc", "train.lr: expected a number, got 'abc'"),
+    ("train.lr=-1", "train.lr is out of range"),
+    ("diffusion.schedule=warp", "diffusion.schedule: 'warp' is not one of linear, cosine"),
+    ("diffusion.num_timesteps=1", "num_timesteps must be >= 2"),
+    ("train.batch_size=3", "train.batch_size 3 must be a multiple of train.num_workers 2"),
+    ("run_id=../escape", "no path separators"),
+    ("sample.method=euler", "sample.method: 'euler' is not one of ancestral, ddim"),
+    ("model.preset=imagenet", "model.preset 'imagenet' is not one of"),
+    ("train.use_gpu=maybe", "train.use_gpu: expected true or false"),
+])
+def test_config_errors_name_the_key(override, message, local, capsys):
+    code, err = run_cli([*local, override], capsys)
+    assert code == 2 and message in err
+    assert not ray.is_initialized()
+
+
+def test_config_file_errors(tmp_path, capsys):
+    assert main(["run", "--config", str(tmp_path / "nope.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    (tmp_path / "bad.yaml").write_text("train: [unclosed")
+    assert main(["run", "--config", str(tmp_path / "bad.yaml")]) == 2
+    assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_yaml_and_overrides_resolve(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  lr: 2e-4\n  total_images: 5000\n")
+    config = load_config(tmp_path / "c.yaml", ["train.total_images=6000", "model.overrides={dropout: 0.2}"])
+    assert config.train.lr == 2e-4 and config.train.total_images == 6000 and config.model.unet().dropout == 0.2
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_config(None, ["train.lr"])
+
+
+def test_missing_data_uri_fails_before_ray_starts(tmp_path, local, capsys):
+    code, err = run_cli([*local, f"data.uri={tmp_path / 'missing'}"], capsys)
+    assert code == 2 and "does not exist" in err and str(tmp_path / "missing") in err
+    assert not ray.is_initialized()
+    prepare_manifest = tmp_path / "runs" / "quickstart" / "prepare" / "stage.json"
+    assert not prepare_manifest.exists()  # nothing recorded as complete
+
+
+def test_corrupt_data_fails_before_ray_starts(tmp_path, local, capsys):
+    folder = tmp_path / "images" / "0"
+    folder.mkdir(parents=True)
+    (folder / "a.png").write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
+    code, err = run_cli([*local, f"data.uri={tmp_path / 'images'}"], capsys)
+    assert code == 2 and "corrupt or unreadable image" in err and "a.png" in err
+    assert not ray.is_initialized()
+
+
+def test_data_that_does_not_fit_the_model_is_rejected(tmp_path, local, capsys):
+    import numpy as np
+
+    np.savez(tmp_path / "big.npz", images=np.zeros((10, 16, 16, 3), np.uint8), labels=np.arange(10))
+    code, err = run_cli([*local, f"data.uri={tmp_path / 'big.npz'}"], capsys)
+    assert code == 2 and "16x16 images with 3 channel(s)" in err and "model.preset 'digits' expects 8x8" in err
+
+
+def test_unreachable_s3_endpoint_fails_before_any_stage(tmp_path, capsys):
+    code, err = run_cli(["storage.root=s3://bucket/runs", "storage.endpoint_url=http://127.0.0.1:9",
+                         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"], capsys)
+    assert code == 2 and "storage.root 's3://bucket/runs' is not writable" in err
+    assert not ray.is_initialized()
+
+
+def test_missing_s3_credentials_fail_before_any_stage(tmp_path, s3_bucket, s3_endpoint, monkeypatch, capsys):
+    bucket, _ = s3_bucket
+    for name in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    import s3fs
+
+    s3fs.S3FileSystem.clear_instance_cache()
+    code, err = run_cli([f"storage.root=s3://{bucket}/runs", f"storage.endpoint_url={s3_endpoint}",
+                         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"], capsys)
+    assert code == 2 and "is not writable" in err and "AWS_ACCESS_KEY_ID" in err
+    assert "credentials" in err.lower()
+    assert not ray.is_initialized()
+
+
+def test_dag_command_prints_text_and_mermaid(capsys):
+    assert main(["dag"]) == 0
+    out = capsys.readouterr().out
+    assert "prepare" in out and "flowchart LR" in out and "sample --> evaluate" in out
