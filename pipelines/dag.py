@@ -111,6 +111,8 @@ def run_pipeline(config: PipelineConfig, from_stage: str | None = None, log: Cal
             connect()
         stage_run_id = tracker.stage_run(parent_id, stage.name)
         store.remove_manifest(stage.name)  # a crash from here on leaves no stale "complete" manifest
+        if forced:
+            store.remove_work(stage.name, expected)  # --from: recompute, do not resume partial state
         log(f"[{stage.name}] running (MLflow run {stage_run_id})")
         started = now()
         context = StageContext(config, store, {name: manifests[name] for name in stage.upstream}, stage_run_id, expected,

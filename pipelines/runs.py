@@ -54,6 +54,16 @@ class RunStore:
         if fs.exists(path):
             fs.rm_file(path)
 
+    def work_uri(self, stage: str, fingerprint: str) -> str:
+        """Resumable partial state of one stage execution (Ray Train checkpoints, sample shards), keyed by the
+        stage's input fingerprint: a changed input starts afresh, a crashed execution resumes."""
+        return f"{self.stage_uri(stage)}/{fingerprint[:12]}"
+
+    def remove_work(self, stage: str, fingerprint: str) -> None:
+        fs, path = filesystem(self.work_uri(stage, fingerprint), self.options)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+
     def save_config(self) -> None:
         fs, path = filesystem(f"{self.root}/config.yaml", self.options)
         write_bytes(fs, path, save_resolved(self.config).encode())

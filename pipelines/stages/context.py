@@ -26,8 +26,7 @@ class StageContext:
         return MlflowClient(self.tracking_uri)
 
     def work_uri(self, stage: str) -> str:
-        """Where this execution keeps resumable partial state: a changed input starts afresh, a crash resumes."""
-        return f"{self.store.stage_uri(stage)}/{self.fingerprint[:12]}"
+        return self.store.work_uri(stage, self.fingerprint)
 
     def output_of(self, stage: str, key: str) -> Any:
         return self.upstream[stage]["outputs"][key]
