@@ -16,6 +16,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
+from ddpm_core.enums import coerce_enum_fields
 from ddpm_core.schedules import Schedule, make_betas
 
 Model = Callable[..., torch.Tensor]
@@ -58,13 +59,7 @@ class DiffusionConfig:
     vlb_weight: float = 0.001  # lambda of the hybrid loss
 
     def __post_init__(self) -> None:
-        for name, kind in (("schedule", Schedule), ("prediction", Prediction), ("variance", Variance), ("loss", Loss)):
-            value = getattr(self, name)
-            try:
-                object.__setattr__(self, name, kind(value))
-            except ValueError:
-                allowed = ", ".join(member.value for member in kind)
-                raise ValueError(f"diffusion.{name}: {value!r} is not one of {allowed}") from None
+        coerce_enum_fields(self, "diffusion", {"schedule": Schedule, "prediction": Prediction, "variance": Variance, "loss": Loss})
         if self.num_timesteps < 2:
             raise ValueError(f"diffusion.num_timesteps must be >= 2, got {self.num_timesteps}")
         if self.vlb_weight < 0:

@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from ddpm_core.diffusion import GaussianDiffusion, Model
+from ddpm_core.enums import coerce_enum_fields
 
 
 class Method(str, enum.Enum):
@@ -41,13 +42,7 @@ class SamplerConfig:
     clip_denoised: bool = True  # clamp the predicted x_0 to [-1, 1] at every step
 
     def __post_init__(self) -> None:
-        for name, kind in (("method", Method), ("spacing", Spacing)):
-            value = getattr(self, name)
-            try:
-                object.__setattr__(self, name, kind(value))
-            except ValueError:
-                allowed = ", ".join(member.value for member in kind)
-                raise ValueError(f"sampler.{name}: {value!r} is not one of {allowed}") from None
+        coerce_enum_fields(self, "sampler", {"method": Method, "spacing": Spacing})
         if self.num_steps is not None and self.num_steps < 1:
             raise ValueError(f"sampler.num_steps must be >= 1, got {self.num_steps}")
         if not 0.0 <= self.eta <= 1.0:

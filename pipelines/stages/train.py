@@ -70,6 +70,8 @@ def train_loop(loop: dict[str, Any]) -> None:
         ema.load_state_dict(state["ema"])
         optimizer.load_state_dict(state["optimizer"])
         images_seen, step = int(state["images_seen"]), int(state["step"])
+        if rank == 0:
+            print(f"train: resumed from checkpoint at {images_seen} images (step {step})", flush=True)
     generator = _generator(train["seed"], rank, images_seen)
     client = MlflowClient(loop["tracking_uri"]) if rank == 0 else None
 
