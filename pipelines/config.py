@@ -70,6 +70,31 @@ class TrainSection:
 
 
 @dataclass(frozen=True)
+class TuneSection:
+    """Hyperparameter search before the long training run (the tune stage)."""
+
+    enabled: bool = False
+    space: dict[str, Any] = field(default_factory=dict)  # dotted config key -> {choice|grid: [..]} or {uniform|loguniform: [lo, hi]}
+    search_alg: str = "random"  # random | grid | optuna | hyperopt
+    num_samples: int = 4  # trials drawn (random/optuna/hyperopt); with grid: repeats of the whole grid
+    metric: str = "bpd"  # what ranks trials: bpd (NLL bound, bits/dim) or fid (proxy FID at the trial's end)
+    trial_images: int = 16_384  # training length of one trial
+    report_every_images: int = 2_048  # interval of the bits/dim report (ASHA's time unit)
+    scheduler: str = "asha"  # asha | none
+    grace_period_images: int = 4_096  # ASHA: no trial is stopped before this
+    reduction_factor: int = 2
+    max_concurrent_trials: int = 1
+    workers_per_trial: int = 2
+    cpus_per_worker: float = 0.5
+    cpus_per_trial: float = 0.5  # the trial's own driver actor
+    bpd_images: int = 128  # held-out images of the bits/dim estimate
+    bpd_timesteps: int = 8  # Monte Carlo timesteps per image
+    proxy_fid_samples: int = 500  # 0 disables the proxy FID
+    proxy_fid_steps: int = 20  # DDIM steps of the proxy FID sample
+    warm_start: bool = False  # train starts from the best trial's checkpoint
+
+
+@dataclass(frozen=True)
 class SampleSection:
     num_samples: int = 1_000
     batch_size: int = 250  # images per shard (one task)
@@ -142,6 +167,7 @@ class PipelineConfig:
     data: DataSection = field(default_factory=DataSection)
     model: ModelSection = field(default_factory=ModelSection)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    tune: TuneSection = field(default_factory=TuneSection)
     train: TrainSection = field(default_factory=TrainSection)
     sample: SampleSection = field(default_factory=SampleSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
@@ -266,6 +292,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         _set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
     config = _build(PipelineConfig, data, "")
     _validate(config)
+    if config.tune.enabled:
+        search_space_values(config)
     return config
 
 
@@ -298,8 +326,75 @@ def _validate(config: PipelineConfig) -> None:
         raise ConfigError(f"data.holdout_fraction must lie in [0, 0.5), got {config.data.holdout_fraction}")
     if config.evaluate.extractor != "classifier":
         raise ConfigError(f"evaluate.extractor {config.evaluate.extractor!r} is not one of: classifier")
+    tune = config.tune
+    if tune.search_alg not in ("random", "grid", "optuna", "hyperopt"):
+        raise ConfigError(f"tune.search_alg {tune.search_alg!r} is not one of random, grid, optuna, hyperopt")
+    if tune.metric not in ("bpd", "fid"):
+        raise ConfigError(f"tune.metric {tune.metric!r} is not one of bpd, fid")
+    if tune.metric == "fid" and tune.proxy_fid_samples < 2:
+        raise ConfigError("tune.metric=fid needs tune.proxy_fid_samples >= 2")
+    if tune.scheduler not in ("asha", "none"):
+        raise ConfigError(f"tune.scheduler {tune.scheduler!r} is not one of asha, none")
+    for key in ("num_samples", "trial_images", "report_every_images", "max_concurrent_trials", "workers_per_trial",
+                "bpd_images", "bpd_timesteps", "reduction_factor", "grace_period_images"):
+        if getattr(tune, key) <= 0:
+            raise ConfigError(f"tune.{key} must be > 0, got {getattr(tune, key)}")
+    if tune.bpd_timesteps < 2:
+        raise ConfigError("tune.bpd_timesteps must be >= 2 (the estimate's standard error needs two)")
+    if tune.enabled and config.data.holdout_fraction <= 0:
+        raise ConfigError("tune.enabled needs data.holdout_fraction > 0: trials are ranked on held-out images")
     if sample.num_steps is not None and sample.num_steps > config.diffusion.num_timesteps:
         raise ConfigError(f"sample.num_steps {sample.num_steps} exceeds diffusion.num_timesteps {config.diffusion.num_timesteps}")
+
+
+def with_overrides(config: PipelineConfig, overrides: dict[str, Any]) -> PipelineConfig:
+    """``config`` with dotted-key values replaced (e.g. the tune stage's best parameters), validated again."""
+    data = config.to_dict()
+    for key, value in overrides.items():
+        _set_dotted(data, key, value)
+    resolved = _build(PipelineConfig, data, "")
+    _validate(resolved)
+    return resolved
+
+
+DISTRIBUTIONS = ("choice", "grid", "uniform", "loguniform")
+
+
+def search_space_values(config: PipelineConfig) -> dict[str, tuple[str, list[Any]]]:
+    """Parse ``tune.space`` into {key: (distribution, values)} and check that every value it can produce is a valid
+    config: candidate lists in full, and both ends of each range."""
+    tune = config.tune
+    if not tune.space:
+        raise ConfigError("tune.space is empty: name at least one config key to search, e.g. train.lr: {loguniform: [1e-4, 1e-3]}")
+    parsed: dict[str, tuple[str, list[Any]]] = {}
+    for key, spec in tune.space.items():
+        where = f"tune.space.{key}"
+        if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in DISTRIBUTIONS:
+            raise ConfigError(f"{where}: expected one of {{{', '.join(f'{d}: [...]' for d in DISTRIBUTIONS)}}}, got {spec!r}")
+        distribution, values = next(iter(spec.items()))
+        if not isinstance(values, list) or not values:
+            raise ConfigError(f"{where}.{distribution}: expected a non-empty list, got {values!r}")
+        if distribution in ("uniform", "loguniform"):
+            if len(values) != 2:
+                raise ConfigError(f"{where}.{distribution}: expected [low, high], got {values!r}")
+            try:
+                low, high = float(values[0]), float(values[1])
+            except (TypeError, ValueError):
+                raise ConfigError(f"{where}.{distribution}: bounds must be numbers, got {values!r}") from None
+            if low > high:
+                raise ConfigError(f"{where}.{distribution}: low {low:g} > high {high:g}")
+            if distribution == "loguniform" and low <= 0:
+                raise ConfigError(f"{where}.loguniform: bounds must be > 0, got {values!r}")
+            values = [low, high]
+        if distribution == "grid" and tune.search_alg != "grid" or distribution != "grid" and tune.search_alg == "grid":
+            raise ConfigError(f"{where}: use 'grid' with tune.search_alg=grid and choice/uniform/loguniform otherwise")
+        for value in values:
+            try:
+                with_overrides(config, {key: value})
+            except ConfigError as error:
+                raise ConfigError(f"{where}: value {value!r} is not a valid config: {error}") from None
+        parsed[key] = (distribution, values)
+    return parsed
 
 
 def save_resolved(config: PipelineConfig) -> str:

@@ -17,7 +17,7 @@ from typing import Any, Callable
 
 from pipelines.config import PipelineConfig, save_resolved
 from pipelines.runs import RunStore, now
-from pipelines.stages import evaluate, prepare, register, sample, train
+from pipelines.stages import evaluate, prepare, register, sample, train, tune
 from pipelines.stages.context import StageContext
 
 
@@ -35,7 +35,9 @@ class Stage:
 STAGES: tuple[Stage, ...] = (
     Stage("prepare", prepare.run, (), ("data", "model", "evaluate"), description="validate data, shards, extractor, reference stats",
           needs_ray=False),
-    Stage("train", train.run, ("prepare",), ("model", "diffusion", "train"), description="Ray Train DDP, checkpoints, EMA snapshot"),
+    Stage("tune", tune.run, ("prepare",), ("model", "diffusion", "train", "tune"), lambda config: config.tune.enabled,
+          "Ray Tune trials of the training loop, ASHA on held-out bits/dim"),
+    Stage("train", train.run, ("prepare", "tune"), ("model", "diffusion", "train"), description="Ray Train DDP, checkpoints, EMA snapshot"),
     Stage("sample", sample.run, ("train",), ("sample",), description="Ray actors, per-index seeds, committed shards"),
     Stage("evaluate", evaluate.run, ("prepare", "train", "sample"), ("evaluate",), description="parallel features, FID + protocol"),
     Stage("register", register.run, ("train", "evaluate"), ("register",), lambda config: config.register.enabled,
@@ -61,7 +63,7 @@ def preflight(store: RunStore) -> None:
 def fingerprint(stage: Stage, config: PipelineConfig, manifests: dict[str, dict[str, Any]]) -> str:
     data = config.to_dict()
     payload = {"stage": stage.name, "config": {section: data[section] for section in stage.config_sections},
-               "upstream": {name: manifests[name]["execution_id"] for name in stage.upstream}}
+               "upstream": {name: manifests[name]["execution_id"] for name in stage.upstream if name in manifests}}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -115,7 +117,8 @@ def run_pipeline(config: PipelineConfig, from_stage: str | None = None, log: Cal
             store.remove_work(stage.name, expected)  # --from: recompute, do not resume partial state
         log(f"[{stage.name}] running (MLflow run {stage_run_id})")
         started = now()
-        context = StageContext(config, store, {name: manifests[name] for name in stage.upstream}, stage_run_id, expected,
+        upstream = {name: manifests[name] for name in stage.upstream if name in manifests}  # disabled stages are absent
+        context = StageContext(config, store, upstream, stage_run_id, expected,
                                tracker.tracking_uri, lambda message, name=stage.name: log(f"[{name}] {message}"))
         try:
             outputs = stage.run(context)

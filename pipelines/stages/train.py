@@ -23,6 +23,45 @@ def _generator(seed: int, rank: int, images_seen: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
+def trial_metrics(trial: dict[str, Any], model, diffusion, unet_config, device, done: bool, client, run_id: str,
+                  images_seen: int) -> dict[str, float]:
+    """Metrics that rank tuning trials: the NLL bound in bits/dim (Monte Carlo estimate, comparable across schedules
+    and T) on a fixed held-out batch at every report, and at the end a proxy FID on a small DDIM sample."""
+    from mlflow.entities import Metric
+
+    from ddpm_core.data import to_model_range
+    from pipelines.stages.prepare import read_shards
+
+    images, _ = read_shards(trial["holdout_uri"], trial["storage_options"])
+    x0 = to_model_range(images[: trial["bpd_images"]]).to(device)
+    estimate = diffusion.bits_per_dim_estimate(model, x0, trial["bpd_timesteps"], generator=torch.Generator().manual_seed(0))
+    metrics = {"bpd": estimate["total"].mean().item(),
+               "bpd_stderr": estimate["stderr"].pow(2).sum().sqrt().item() / len(x0)}
+    if done and trial.get("proxy_fid_samples"):
+        metrics["fid"] = proxy_fid(trial, model, diffusion, unet_config, device)
+    stamp = int(time.time() * 1000)
+    client.log_batch(run_id, metrics=[Metric(k, v, stamp, images_seen) for k, v in metrics.items()])
+    return metrics
+
+
+def proxy_fid(trial: dict[str, Any], model, diffusion, unet_config, device) -> float:
+    import io
+
+    from ddpm_core.data import to_uint8
+    from ddpm_core.features import extract_features, load_classifier
+    from ddpm_core.metrics import FeatureStatistics, frechet_distance_from_stats
+    from ddpm_core.samplers import PerIndexNoise, SamplerConfig, sample
+    from ddpm_core.storage import read_committed
+
+    shape = (unet_config.in_channels, unet_config.image_size, unet_config.image_size)
+    samples = sample(model, diffusion, shape, PerIndexNoise(0, range(trial["proxy_fid_samples"]), device),
+                     SamplerConfig(method="ddim", num_steps=trial["proxy_fid_steps"])).samples
+    extractor, _ = load_classifier(trial["extractor_uri"], trial["storage_options"])
+    reference_file = read_committed(trial["reference_stats_uri"], ["stats.pt"], trial["storage_options"])[0]["stats.pt"]
+    reference = FeatureStatistics.from_dict(torch.load(io.BytesIO(reference_file), weights_only=True))
+    return frechet_distance_from_stats(FeatureStatistics.from_features(extract_features(extractor, to_uint8(samples))), reference)
+
+
 def train_loop(loop: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -72,6 +111,12 @@ def train_loop(loop: dict[str, Any]) -> None:
         images_seen, step = int(state["images_seen"]), int(state["step"])
         if rank == 0:
             print(f"train: resumed from checkpoint at {images_seen} images (step {step})", flush=True)
+    elif loop.get("warm_start_uri"):  # a fresh run initialised from another run's weights (e.g. the best tune trial)
+        state = load_training_state(loop["warm_start_uri"])
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        if rank == 0:
+            print(f"train: warm start from {loop['warm_start_uri']} ({state['images_seen']} images)", flush=True)
     generator = _generator(train["seed"], rank, images_seen)
     client = MlflowClient(loop["tracking_uri"]) if rank == 0 else None
 
@@ -123,6 +168,10 @@ def train_loop(loop: dict[str, Any]) -> None:
                 client.log_image(loop["mlflow_run_id"], grid(to_uint8(samples), columns=8), key="samples", step=images_seen)
             next_grid = next_multiple(train["grid_every_images"])
         if images_seen >= next_checkpoint or done:
+            report = {"images_seen": images_seen, "step": step}
+            if rank == 0 and loop.get("trial") is not None:
+                report.update(trial_metrics(loop["trial"], ema.model, diffusion, unet_config, device, done, client,
+                                            loop["mlflow_run_id"], images_seen))
             with tempfile.TemporaryDirectory() as directory:
                 saved = None
                 if rank == 0:
@@ -130,40 +179,65 @@ def train_loop(loop: dict[str, Any]) -> None:
                         "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
                         "step": step, "images_seen": images_seen, "config": {"unet": loop["unet"], "diffusion": loop["diffusion"]}})
                     saved = ray.train.Checkpoint.from_directory(directory)
-                ray.train.report({"images_seen": images_seen, "step": step}, checkpoint=saved)
+                ray.train.report(report, checkpoint=saved)
             next_checkpoint = next_multiple(train["checkpoint_every_images"])
     if rank == 0:
         save_snapshot(loop["snapshot_uri"], ema.model, unet_config, diffusion_config, {"images_seen": images_seen, "step": step},
                       loop["storage_options"])
 
 
-def run(context: StageContext) -> dict[str, Any]:
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    from pipelines.ray_env import has_gpus, runtime_env, train_storage
-
-    config, store = context.config, context.store
-    work_uri = context.work_uri("train")
-    use_gpu = has_gpus() if config.train.use_gpu is None else config.train.use_gpu
-    loop = {
+def loop_config(config, shards_uri: str, work_uri: str, storage_options: dict[str, Any], tracking_uri: str,
+                mlflow_run_id: str, trial: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Everything a worker needs, as plain data (workers get no config object, no environment)."""
+    return {
         "unet": config.model.unet().to_dict(), "diffusion": config.diffusion.to_dict(), "optim": config.train.optim().__dict__,
         "train": {k: getattr(config.train, k) for k in ("seed", "batch_size", "total_images", "log_every_images",
                                                          "checkpoint_every_images", "grid_every_images", "horizontal_flip")},
-        "shards_uri": context.output_of("prepare", "shards_uri"), "storage_options": store.options,
+        "shards_uri": shards_uri, "storage_options": storage_options,
         "snapshot_uri": f"{work_uri}/snapshot", "initial_snapshot_uri": f"{work_uri}/initial_snapshot",
-        "tracking_uri": context.tracking_uri, "mlflow_run_id": context.mlflow_run_id,
+        "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id, "trial": trial,
     }
-    storage_path, storage_filesystem = train_storage(f"{work_uri}/ray", store.options)
-    resources = {"CPU": config.train.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
-    trainer = TorchTrainer(
+
+
+def make_trainer(config, loop: dict[str, Any], work_uri: str, storage_options: dict[str, Any], use_gpu: bool,
+                 num_workers: int, cpus_per_worker: float, callbacks: list | None = None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from pipelines.ray_env import runtime_env, train_storage
+
+    storage_path, storage_filesystem = train_storage(f"{work_uri}/ray", storage_options)
+    resources = {"CPU": cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    return TorchTrainer(
         train_loop, train_loop_config=loop,
-        scaling_config=ScalingConfig(num_workers=config.train.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name="trainer", storage_path=storage_path, storage_filesystem=storage_filesystem,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
                              failure_config=FailureConfig(max_failures=config.train.max_failures),
-                             worker_runtime_env=runtime_env()),
+                             worker_runtime_env=runtime_env(), callbacks=callbacks or []),
     )
+
+
+def effective_config(context: StageContext):
+    """The config to train with: the tune stage's best parameters applied, when a tune stage ran."""
+    from pipelines.config import with_overrides
+
+    if "tune" in context.upstream:
+        return with_overrides(context.config, context.upstream["tune"]["outputs"]["best_params"])
+    return context.config
+
+
+def run(context: StageContext) -> dict[str, Any]:
+    from pipelines.ray_env import has_gpus
+
+    config, store = effective_config(context), context.store
+    work_uri = context.work_uri("train")
+    use_gpu = has_gpus() if config.train.use_gpu is None else config.train.use_gpu
+    loop = loop_config(config, context.output_of("prepare", "shards_uri"), work_uri, store.options, context.tracking_uri,
+                       context.mlflow_run_id)
+    if "tune" in context.upstream and config.tune.warm_start:
+        loop["warm_start_uri"] = context.output_of("tune", "best_checkpoint_uri")
+    trainer = make_trainer(config, loop, work_uri, store.options, use_gpu, config.train.num_workers, config.train.cpus_per_worker)
     context.log(f"train: {config.train.num_workers} worker(s), {'GPU (NCCL, bf16)' if use_gpu else 'CPU (gloo, fp32)'}, "
                 f"{config.train.total_images} images, batch {config.train.batch_size}")
     result = trainer.fit()
@@ -171,4 +245,5 @@ def run(context: StageContext) -> dict[str, Any]:
         raise result.error
     return {"snapshot_uri": loop["snapshot_uri"], "initial_snapshot_uri": loop["initial_snapshot_uri"],
             "images_seen": int(result.metrics["images_seen"]), "use_gpu": bool(use_gpu),
-            "checkpoint_path": result.checkpoint.path if result.checkpoint else None}
+            "checkpoint_path": result.checkpoint.path if result.checkpoint else None,
+            "config": {"diffusion": config.diffusion.to_dict(), "train": config.train.optim().__dict__}}
