@@ -106,3 +106,24 @@ def test_dag_command_prints_text_and_mermaid(capsys):
     assert main(["dag"]) == 0
     out = capsys.readouterr().out
     assert "prepare" in out and "flowchart LR" in out and "sample --> evaluate" in out
+
+
+@pytest.mark.parametrize("space, message", [
+    ("{}", "tune.space is empty"),
+    ("{train.lrr: {choice: [0.001]}}", "tune.space.train.lrr: value 0.001 is not a valid config: unknown config key 'train.lrr'"),
+    ("{train.lr: {choice: []}}", "tune.space.train.lr.choice: expected a non-empty list"),
+    ("{train.lr: {uniform: [0.01, 0.001]}}", "low 0.01 > high 0.001"),
+    ("{train.lr: {loguniform: [0, 0.001]}}", "bounds must be > 0"),
+    ("{diffusion.schedule: {choice: [linear, warp]}}", "value 'warp' is not a valid config: diffusion.schedule: 'warp' is not one of"),
+    ("{train.lr: {normal: [0.001, 0.1]}}", "expected one of {choice: [...], grid: [...]"),
+    ("{train.lr: {grid: [0.001]}}", "use 'grid' with tune.search_alg=grid"),
+])
+def test_bad_search_spaces_fail_before_any_trial(space, message, local, capsys):
+    code, err = run_cli([*local, "tune.enabled=true", f"tune.space={space}"], capsys)
+    assert code == 2 and message in err
+    assert not ray.is_initialized()
+
+
+def test_tune_needs_held_out_images(local, capsys):
+    code, err = run_cli([*local, "tune.enabled=true", "tune.space={train.lr: {choice: [0.001]}}", "data.holdout_fraction=0"], capsys)
+    assert code == 2 and "tune.enabled needs data.holdout_fraction > 0" in err

@@ -77,7 +77,8 @@ def run(context: StageContext) -> dict[str, Any]:
                                          config.sample.num_workers, context.output_of("train", "use_gpu"), options, context.log, env)
         metrics["fid_untrained"] = frechet_distance_from_stats(merged_statistics(baseline_uris, prepare["extractor_uri"], options, env), reference)
 
-    images = np.concatenate([read_shard_images(uri, options) for uri in shard_uris[: max(1, -(-config.evaluate.grid_size // 250))]])
+    shards_for_grid = max(1, -(-config.evaluate.grid_size // config.sample.batch_size))  # ceil
+    images = np.concatenate([read_shard_images(uri, options) for uri in shard_uris[:shards_for_grid]])
     grid_uri = f"{store.stage_uri('evaluate')}/samples.png"
     save_grid(images[: config.evaluate.grid_size], grid_uri, columns=10, storage_options=options)
     client = context.client

@@ -138,9 +138,14 @@ def run(context: StageContext) -> dict[str, Any]:
     best_params = {key: best.config[key] for key in parsed}
     best_checkpoint_uri = latest_checkpoint(f"{work_uri}/trials/{best.metrics['trial_id']}/ray/trainer", store.options)
     stopped_early = [r for r in results if r.metrics and r.metrics.get("images_seen", 0) < settings.trial_images]
-    best_runs = client.search_runs([setup["experiment_id"]], f"tags.`{TRIAL_ID_TAG}` = '{best.metrics['trial_id']}'", max_results=1)
-    if best_runs:
-        client.set_tag(best_runs[0].info.run_id, "ddpm.best_trial", "true")
+    trial_runs = client.search_runs([setup["experiment_id"]], f"tags.`mlflow.parentRunId` = '{context.mlflow_run_id}'")
+    reached = {r.metrics["trial_id"]: r.metrics.get("images_seen", 0) >= settings.trial_images for r in results if r.metrics}
+    for trial_run in trial_runs:  # Tune ends a trial's actor (ASHA stop, or max_t) before the trial can close its run
+        trial_id = trial_run.data.tags.get(TRIAL_ID_TAG)
+        if trial_run.info.status == "RUNNING":
+            client.set_terminated(trial_run.info.run_id, "FINISHED" if reached.get(trial_id) else "KILLED")
+        if trial_id == best.metrics["trial_id"]:
+            client.set_tag(trial_run.info.run_id, "ddpm.best_trial", "true")
     for key, value in best_params.items():
         client.log_param(context.mlflow_run_id, f"best.{key}", str(value))
     client.log_metric(context.mlflow_run_id, f"best_{settings.metric}", best.metrics[settings.metric])
