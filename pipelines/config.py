@@ -55,6 +55,7 @@ class TrainSection:
     log_every_images: int = 5_000
     grid_every_images: int = 50_000  # sample grid to MLflow (0: only at the end)
     max_failures: int = 2  # worker-group restarts from the last checkpoint
+    startup_retries: int = 10  # worker-group start attempts (60 s each) before failing: waits for autoscaling, never forever
     horizontal_flip: bool = False
     seed: int = 0
     lr: float = 1e-3
@@ -320,8 +321,8 @@ def _validate(config: PipelineConfig) -> None:
             raise ConfigError(f"{key} must be > 0, got {value}")
     if train.batch_size % train.num_workers:
         raise ConfigError(f"train.batch_size {train.batch_size} must be a multiple of train.num_workers {train.num_workers}")
-    if train.max_failures < 0 or train.grid_every_images < 0:
-        raise ConfigError("train.max_failures and train.grid_every_images must be >= 0")
+    if train.max_failures < 0 or train.grid_every_images < 0 or train.startup_retries < 0:
+        raise ConfigError("train.max_failures, train.startup_retries and train.grid_every_images must be >= 0")
     if not 0.0 <= config.data.holdout_fraction < 0.5:
         raise ConfigError(f"data.holdout_fraction must lie in [0, 0.5), got {config.data.holdout_fraction}")
     if config.evaluate.extractor != "classifier":

@@ -213,7 +213,8 @@ def make_trainer(config, loop: dict[str, Any], work_uri: str, storage_options: d
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         run_config=RunConfig(name="trainer", storage_path=storage_path, storage_filesystem=storage_filesystem,
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=config.train.max_failures),
+                             failure_config=FailureConfig(max_failures=config.train.max_failures,
+                                                          controller_failure_limit=config.train.startup_retries),
                              worker_runtime_env=runtime_env(), callbacks=callbacks or []),
     )
 
