@@ -134,7 +134,9 @@ def run(context: StageContext) -> dict[str, Any]:
     ranked = [result for result in results if result.metrics and settings.metric in result.metrics]
     if not ranked:
         raise RuntimeError(f"tune: no trial reported {settings.metric}; see the trial errors in the Ray logs")
-    best = min(ranked, key=lambda result: result.metrics[settings.metric])
+    # Compare at equal training length: among the trials that ran to the end, when any did.
+    finished = [r for r in ranked if r.metrics.get("images_seen", 0) >= settings.trial_images] or ranked
+    best = min(finished, key=lambda result: result.metrics[settings.metric])
     best_params = {key: best.config[key] for key in parsed}
     best_checkpoint_uri = latest_checkpoint(f"{work_uri}/trials/{best.metrics['trial_id']}/ray/trainer", store.options)
     stopped_early = [r for r in results if r.metrics and r.metrics.get("images_seen", 0) < settings.trial_images]
@@ -154,7 +156,8 @@ def run(context: StageContext) -> dict[str, Any]:
     context.log(f"tune: best of {len(results)} trials ({len(stopped_early)} stopped early): {best_params} with "
                 f"{settings.metric} {best.metrics[settings.metric]:.4f}")
     return {"best_params": best_params, "best_metric": {settings.metric: best.metrics[settings.metric]},
-            "best_trial_id": best.metrics["trial_id"], "best_checkpoint_uri": best_checkpoint_uri, "trials": len(results), "stopped_early": len(stopped_early),
+            "best_trial_id": best.metrics["trial_id"], "best_checkpoint_uri": best_checkpoint_uri,
+            "trials": len(results), "stopped_early": len(stopped_early),
             "trial_results": [{"trial_id": r.metrics.get("trial_id"), "params": {k: r.config.get(k) for k in parsed},
                                "images_seen": r.metrics.get("images_seen"), "bpd": r.metrics.get("bpd"), "fid": r.metrics.get("fid")}
                               for r in results if r.metrics]}
