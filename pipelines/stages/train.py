@@ -23,17 +23,12 @@ def _generator(seed: int, rank: int, images_seen: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
-def trial_metrics(trial: dict[str, Any], model, diffusion, unet_config, device, done: bool, client, run_id: str,
-                  images_seen: int) -> dict[str, float]:
+def trial_metrics(trial: dict[str, Any], x0: torch.Tensor, model, diffusion, unet_config, device, done: bool, client,
+                  run_id: str, images_seen: int) -> dict[str, float]:
     """Metrics that rank tuning trials: the NLL bound in bits/dim (Monte Carlo estimate, comparable across schedules
-    and T) on a fixed held-out batch at every report, and at the end a proxy FID on a small DDIM sample."""
+    and T) on the fixed held-out batch ``x0`` at every report, and at the end a proxy FID on a small DDIM sample."""
     from mlflow.entities import Metric
 
-    from ddpm_core.data import to_model_range
-    from pipelines.stages.prepare import read_shards
-
-    images, _ = read_shards(trial["holdout_uri"], trial["storage_options"])
-    x0 = to_model_range(images[: trial["bpd_images"]]).to(device)
     estimate = diffusion.bits_per_dim_estimate(model, x0, trial["bpd_timesteps"], generator=torch.Generator().manual_seed(0))
     metrics = {"bpd": estimate["total"].mean().item(),
                "bpd_stderr": estimate["stderr"].pow(2).sum().sqrt().item() / len(x0)}
@@ -119,6 +114,10 @@ def train_loop(loop: dict[str, Any]) -> None:
             print(f"train: warm start from {loop['warm_start_uri']} ({state['images_seen']} images)", flush=True)
     generator = _generator(train["seed"], rank, images_seen)
     client = MlflowClient(loop["tracking_uri"]) if rank == 0 else None
+    holdout = None  # the fixed held-out batch of a tuning trial's bits/dim reports, read once
+    if rank == 0 and loop.get("trial") is not None:
+        held_out_images, _ = read_shards(loop["trial"]["holdout_uri"], loop["trial"]["storage_options"])
+        holdout = to_model_range(held_out_images[: loop["trial"]["bpd_images"]]).to(device)
 
     def next_multiple(every: int) -> int:
         return (images_seen // every + 1) * every if every > 0 else math.inf
@@ -170,7 +169,7 @@ def train_loop(loop: dict[str, Any]) -> None:
         if images_seen >= next_checkpoint or done:
             report = {"images_seen": images_seen, "step": step}
             if rank == 0 and loop.get("trial") is not None:
-                report.update(trial_metrics(loop["trial"], ema.model, diffusion, unet_config, device, done, client,
+                report.update(trial_metrics(loop["trial"], holdout, ema.model, diffusion, unet_config, device, done, client,
                                             loop["mlflow_run_id"], images_seen))
             with tempfile.TemporaryDirectory() as directory:
                 saved = None
