@@ -1,8 +1,10 @@
-"""Domain feature networks for FID-style metrics on small data sets where Inception features are meaningless.
+"""Feature extractors for FID, Inception Score and precision/recall, and the domain extractor for small data sets.
 
-A small CNN classifier is trained on the data set's own labels; its penultimate activations (after global
-average pooling) are the features. Its identity is the SHA-256 of its weights, so scores computed with different
-extractors are never compared by mistake.
+Every extractor maps uint8 images ``[N, H, W, C]`` to ``(features [N, d], logits [N, K])`` and has an ``id`` naming
+its weights, so scores computed with different networks are never compared by mistake. Where Inception features are
+meaningless (8x8 digits, MNIST), a small CNN classifier trained on the data set's own labels is the extractor: its
+penultimate activations (after global average pooling) are the features, its class logits feed the Inception Score
+formula, and its identity is the SHA-256 of its weights.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 from dataclasses import asdict, dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -20,6 +23,14 @@ from torch import nn
 
 from ddpm_core.data import to_model_range
 from ddpm_core.storage import commit, read_committed
+
+
+class FeatureExtractor(Protocol):
+    id: str
+
+    def __call__(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """uint8 ``[N, H, W, C]`` -> (float32 features ``[N, d]``, float32 class logits ``[N, K]``)."""
+        ...
 
 
 @dataclass(frozen=True)
@@ -83,6 +94,18 @@ def extract_features(model: Classifier, images: np.ndarray, batch_size: int = 50
     """uint8 ``[N, H, W, C]`` -> float32 features ``[N, d]``."""
     x = to_model_range(images)
     return torch.cat([model.features(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else torch.zeros(0, 4 * model.config.width)
+
+
+class ClassifierExtractor:
+    """A trained :class:`Classifier` as a :class:`FeatureExtractor`."""
+
+    def __init__(self, model: Classifier, batch_size: int = 500) -> None:
+        self.model, self.batch_size, self.id = model.eval(), batch_size, extractor_id(model)
+
+    @torch.no_grad()
+    def __call__(self, images: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        features = extract_features(self.model, images, self.batch_size)  # [N, 4w]
+        return features, self.model.head(features)
 
 
 def extractor_id(model: Classifier) -> str:

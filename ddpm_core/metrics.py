@@ -85,3 +85,97 @@ def frechet_distance(mu1: torch.Tensor, sigma1: torch.Tensor, mu2: torch.Tensor,
 
 def frechet_distance_from_stats(a: FeatureStatistics, b: FeatureStatistics) -> float:
     return frechet_distance(a.mean, a.covariance, b.mean, b.covariance)
+
+
+def split_boundaries(num_samples: int, splits: int) -> torch.Tensor:
+    """Start index of each of ``splits`` index-contiguous parts of ``num_samples`` (as in Salimans et al.'s code):
+    part k holds indices ``[k N // S, (k + 1) N // S)``. ``[S + 1]`` int64."""
+    return torch.tensor([k * num_samples // splits for k in range(splits + 1)], dtype=torch.int64)
+
+
+@dataclass
+class ClassProbabilityStatistics:
+    """Sufficient statistics of the Inception Score (Salimans et al. 2016), per split, in float64.
+
+    ``IS_k = exp(E_x KL(p(y|x) || p_k(y)))`` with ``p_k(y)`` the mean of ``p(y|x)`` over part k, and
+    ``E_x KL = mean_x sum_y p log p - sum_y p_k log p_k``: so a part needs only its count, ``sum_x p(y|x)`` ``[K]``
+    and ``sum_x sum_y p log p``. Samples are assigned to parts by their global index, hence any sharding of the
+    samples over workers merges to the same numbers.
+    """
+
+    num_samples: int  # N, fixed in advance: the parts are index ranges of [0, N)
+    count: torch.Tensor  # [S] int64
+    sum_probs: torch.Tensor  # [S, K] float64
+    sum_plogp: torch.Tensor  # [S] float64
+
+    @classmethod
+    def empty(cls, num_samples: int, splits: int, num_classes: int) -> "ClassProbabilityStatistics":
+        if not 1 <= splits <= num_samples:
+            raise ValueError(f"splits must be in [1, {num_samples}], got {splits}")
+        return cls(num_samples, torch.zeros(splits, dtype=torch.int64), torch.zeros(splits, num_classes, dtype=torch.float64),
+                   torch.zeros(splits, dtype=torch.float64))
+
+    def update(self, logits: torch.Tensor, indices: torch.Tensor) -> None:
+        """Add samples with ``logits`` ``[n, K]`` and global sample indices ``indices`` ``[n]``."""
+        log_probs = torch.log_softmax(logits.detach().to("cpu", torch.float64), dim=1)  # [n, K]
+        probs = log_probs.exp()
+        indices = torch.as_tensor(indices, dtype=torch.int64)
+        if indices.numel() and (indices.min() < 0 or indices.max() >= self.num_samples):
+            raise ValueError(f"sample indices must lie in [0, {self.num_samples}), got [{int(indices.min())}, {int(indices.max())}]")
+        part = torch.searchsorted(split_boundaries(self.num_samples, len(self.count)), indices, right=True) - 1  # [n]
+        self.count += torch.bincount(part, minlength=len(self.count))
+        self.sum_probs.index_add_(0, part, probs)
+        self.sum_plogp.index_add_(0, part, (probs * log_probs).sum(dim=1))
+
+    def merge(self, other: "ClassProbabilityStatistics") -> "ClassProbabilityStatistics":
+        if (other.num_samples, other.sum_probs.shape) != (self.num_samples, self.sum_probs.shape):
+            raise ValueError("cannot merge Inception Score statistics of different sample counts, splits or classes")
+        return ClassProbabilityStatistics(self.num_samples, self.count + other.count, self.sum_probs + other.sum_probs,
+                                          self.sum_plogp + other.sum_plogp)
+
+    def inception_score(self) -> tuple[float, float]:
+        """(mean, standard deviation) of ``IS_k`` over the parts."""
+        if int(self.count.sum()) != self.num_samples:
+            raise ValueError(f"Inception Score statistics hold {int(self.count.sum())} of the {self.num_samples} samples")
+        count = self.count.to(torch.float64)
+        marginal = self.sum_probs / count[:, None]  # [S, K]
+        marginal_plogp = torch.where(marginal > 0, marginal * marginal.log(), torch.zeros_like(marginal)).sum(dim=1)
+        scores = torch.exp(self.sum_plogp / count - marginal_plogp)  # [S]
+        return float(scores.mean()), float(scores.std(unbiased=False)) if len(scores) > 1 else 0.0
+
+    def to_dict(self) -> dict[str, torch.Tensor]:
+        return {"num_samples": torch.tensor(self.num_samples), "count": self.count, "sum_probs": self.sum_probs, "sum_plogp": self.sum_plogp}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, torch.Tensor]) -> "ClassProbabilityStatistics":
+        return cls(int(data["num_samples"]), data["count"], data["sum_probs"], data["sum_plogp"])
+
+
+def _squared_distances(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``[n, d], [m, d] -> [n, m]`` squared Euclidean distances in float64."""
+    return ((a * a).sum(1)[:, None] + (b * b).sum(1)[None, :] - 2 * a @ b.T).clamp(min=0)
+
+
+def knn_radii(features: torch.Tensor, k: int, block: int = 1024) -> torch.Tensor:
+    """Squared distance from each point of ``[n, d]`` to its k-th nearest other point ``[n]``."""
+    if features.shape[0] <= k:
+        raise ValueError(f"k-NN radii with k={k} need more than {k} points, got {features.shape[0]}")
+    # Column 0 of each sorted row is the point itself (distance 0), so column k is the k-th nearest other point.
+    return torch.cat([_squared_distances(features[i:i + block], features).kthvalue(k + 1, dim=1).values
+                      for i in range(0, features.shape[0], block)])
+
+
+def fraction_in_manifold(queries: torch.Tensor, manifold: torch.Tensor, radii: torch.Tensor, block: int = 1024) -> float:
+    """Fraction of ``queries`` ``[n, d]`` inside at least one ball ``||x - m_j||^2 <= radii_j`` of the manifold."""
+    inside = [(_squared_distances(queries[i:i + block], manifold) <= radii[None, :]).any(dim=1) for i in range(0, queries.shape[0], block)]
+    return float(torch.cat(inside).to(torch.float64).mean())
+
+
+def precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = 3) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019, Eqs. 1-3) of ``fake`` ``[m, d]`` against ``real``
+    ``[n, d]``: each set's manifold is the union of balls reaching each point's k-th nearest neighbour; precision is
+    the fraction of fakes inside the real manifold, recall the fraction of reals inside the fake manifold."""
+    real, fake = real.to(torch.float64), fake.to(torch.float64)
+    precision = fraction_in_manifold(fake, real, knn_radii(real, k))
+    recall = fraction_in_manifold(real, fake, knn_radii(fake, k))
+    return precision, recall

@@ -22,6 +22,7 @@ from ddpm_core.diffusion import DiffusionConfig
 from ddpm_core.samplers import SamplerConfig
 from ddpm_core.training import OptimConfig
 from ddpm_core.unet import PRESETS, UNetConfig, unet_preset
+from ddpm_core.weights import check_sha256_spec
 
 
 class ConfigError(ValueError):
@@ -64,6 +65,7 @@ class TrainSection:
     weight_decay: float = 0.0
     ema_decay: float = 0.999
     ema_warmup: bool = True
+    init_from: str | None = None  # snapshot URI whose weights start training (the retrain warm start)
 
     def optim(self) -> OptimConfig:
         return OptimConfig(lr=self.lr, warmup_images=self.warmup_images, grad_clip=self.grad_clip,
@@ -114,16 +116,43 @@ class SampleSection:
 
 @dataclass(frozen=True)
 class EvaluateSection:
-    extractor: str = "classifier"  # "classifier": a CNN trained on the data's labels (small data sets)
+    """Scores of the sample set; see docs/evaluation.md for the protocol each one is logged with."""
+
+    extractor: str = "classifier"  # classifier: a CNN trained on the data's labels (small data sets); inception: standard FID
     classifier_epochs: int = 15
+    inception_weights_uri: str | None = None  # fsspec URI or path of pt_inception-2015-12-05-6726825d.pth (extractor=inception)
+    inception_weights_sha256: str = "6726825d"  # its SHA-256, or a prefix (the one in the official file name by default)
+    reference_stats_uri: str | None = None  # a published .npz with mu and sigma instead of statistics of the training split
+    inception_score: bool = True  # Inception Score (with the classifier: the same formula on its logits)
+    inception_score_splits: int = 10
+    precision_recall: bool = True  # improved precision/recall (Kynkaanniemi et al. 2019) on the same features
+    precision_recall_k: int = 3
+    precision_recall_samples: int = 10_000  # at most this many real and as many generated images (the first of each set)
+    nll: bool = True  # NLL bound in bits/dim of held-out real images
+    nll_split: str = "holdout"  # holdout: data.holdout_fraction of data.uri; test: the data set's test split (CIFAR-10)
+    nll_images: int | None = None  # None: the whole split
+    nll_timesteps: int | None = None  # None: all T terms of the bound; K: unbiased estimate from K random timesteps
+    nll_batch_size: int = 100
     grid_size: int = 100  # images in the sample grid artifact
     untrained_baseline: bool = True  # also score an untrained network under the same protocol
+    rescore_champion: bool = True  # also score the registered champion under this run's protocol (fair comparison)
 
 
 @dataclass(frozen=True)
 class RegisterSection:
     enabled: bool = True
     model_name: str = "ddpm-digits"
+    promotion_margin: float = 0.0  # promote only when FID < champion's FID - margin (both under the same protocol)
+
+
+@dataclass(frozen=True)
+class RetrainSection:
+    """Scheduled retraining (``python -m pipelines retrain``)."""
+
+    if_data_changed: bool = True  # skip (no training, no GPUs) when the data fingerprint equals the champion's
+    warm_start: bool = True  # initialise from the champion's weights (else from scratch)
+    lease_ttl_s: float = 120.0  # a crashed run's lease on its run root expires after this
+    lease_wait_s: float = 0.0  # how long a second run of the same run root waits before giving up
 
 
 @dataclass(frozen=True)
@@ -173,6 +202,7 @@ class PipelineConfig:
     sample: SampleSection = field(default_factory=SampleSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
     register: RegisterSection = field(default_factory=RegisterSection)
+    retrain: RetrainSection = field(default_factory=RetrainSection)
     storage: StorageSection = field(default_factory=StorageSection)
     mlflow: MlflowSection = field(default_factory=MlflowSection)
 
@@ -325,8 +355,6 @@ def _validate(config: PipelineConfig) -> None:
         raise ConfigError("train.max_failures, train.startup_retries and train.grid_every_images must be >= 0")
     if not 0.0 <= config.data.holdout_fraction < 0.5:
         raise ConfigError(f"data.holdout_fraction must lie in [0, 0.5), got {config.data.holdout_fraction}")
-    if config.evaluate.extractor != "classifier":
-        raise ConfigError(f"evaluate.extractor {config.evaluate.extractor!r} is not one of: classifier")
     tune = config.tune
     if tune.search_alg not in ("random", "grid", "optuna", "hyperopt"):
         raise ConfigError(f"tune.search_alg {tune.search_alg!r} is not one of random, grid, optuna, hyperopt")
@@ -346,6 +374,42 @@ def _validate(config: PipelineConfig) -> None:
         raise ConfigError("tune.enabled needs data.holdout_fraction > 0: trials are ranked on held-out images")
     if sample.num_steps is not None and sample.num_steps > config.diffusion.num_timesteps:
         raise ConfigError(f"sample.num_steps {sample.num_steps} exceeds diffusion.num_timesteps {config.diffusion.num_timesteps}")
+    _validate_evaluate(config)
+    if config.register.promotion_margin < 0:
+        raise ConfigError(f"register.promotion_margin must be >= 0, got {config.register.promotion_margin}")
+    if config.retrain.lease_ttl_s < 10 or config.retrain.lease_wait_s < 0:
+        raise ConfigError("retrain.lease_ttl_s must be >= 10 and retrain.lease_wait_s >= 0")
+
+
+def _validate_evaluate(config: PipelineConfig) -> None:
+    evaluate = config.evaluate
+    if evaluate.extractor not in ("classifier", "inception"):
+        raise ConfigError(f"evaluate.extractor {evaluate.extractor!r} is not one of: classifier, inception")
+    if evaluate.extractor == "inception" and not evaluate.inception_weights_uri:
+        raise ConfigError("evaluate.extractor=inception needs evaluate.inception_weights_uri: the fsspec URI or path of "
+                          "pt_inception-2015-12-05-6726825d.pth (see docs/evaluation.md, 'Inception weights')")
+    try:
+        check_sha256_spec(evaluate.inception_weights_sha256, "evaluate.inception_weights_sha256")
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if evaluate.nll_split not in ("holdout", "test"):
+        raise ConfigError(f"evaluate.nll_split {evaluate.nll_split!r} is not one of: holdout, test")
+    if evaluate.nll and evaluate.nll_split == "holdout" and config.data.holdout_fraction <= 0:
+        raise ConfigError("evaluate.nll with evaluate.nll_split=holdout needs data.holdout_fraction > 0 "
+                          "(or set evaluate.nll_split=test, or evaluate.nll=false)")
+    if evaluate.nll_timesteps is not None and not 2 <= evaluate.nll_timesteps <= config.diffusion.num_timesteps:
+        raise ConfigError(f"evaluate.nll_timesteps must be null (all terms) or in [2, {config.diffusion.num_timesteps}], "
+                          f"got {evaluate.nll_timesteps}")
+    for key in ("inception_score_splits", "precision_recall_k", "precision_recall_samples", "nll_batch_size", "classifier_epochs"):
+        if getattr(evaluate, key) <= 0:
+            raise ConfigError(f"evaluate.{key} must be > 0, got {getattr(evaluate, key)}")
+    if evaluate.nll_images is not None and evaluate.nll_images <= 0:
+        raise ConfigError(f"evaluate.nll_images must be null (the whole split) or > 0, got {evaluate.nll_images}")
+    if evaluate.inception_score and evaluate.inception_score_splits > config.sample.num_samples:
+        raise ConfigError(f"evaluate.inception_score_splits {evaluate.inception_score_splits} exceeds sample.num_samples "
+                          f"{config.sample.num_samples}")
+    if evaluate.precision_recall and min(evaluate.precision_recall_samples, config.sample.num_samples) <= evaluate.precision_recall_k:
+        raise ConfigError(f"evaluate.precision_recall needs more than precision_recall_k={evaluate.precision_recall_k} samples")
 
 
 def with_overrides(config: PipelineConfig, overrides: dict[str, Any]) -> PipelineConfig:

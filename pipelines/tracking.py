@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+from pathlib import Path
 from typing import Any
 
 import mlflow
@@ -40,13 +41,22 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def local_artifact_location(tracking_uri: str) -> str | None:
+    """For a local SQLite store, artifacts go to ``mlruns/`` beside the database (MLflow's default is the current
+    directory's ``mlruns/``); servers decide for themselves (None)."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    return (Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
+
+
 class Tracker:
     def __init__(self, config: PipelineConfig) -> None:
         self.config = config
         self.tracking_uri = config.mlflow.resolved_tracking_uri()
         self.client = MlflowClient(self.tracking_uri)
         experiment = self.client.get_experiment_by_name(config.mlflow.experiment)
-        self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(config.mlflow.experiment)
+        self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
+            config.mlflow.experiment, artifact_location=local_artifact_location(self.tracking_uri))
 
     def _find(self, filter_string: str):
         runs = self.client.search_runs([self.experiment_id], filter_string, max_results=1, order_by=["attributes.start_time DESC"])

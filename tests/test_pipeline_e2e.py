@@ -20,8 +20,12 @@ from tests.services import BIN, mlflow_server, ray_head
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["run_id=e2e", "train.total_images=2048", "train.checkpoint_every_images=1024", "train.log_every_images=512",
         "train.grid_every_images=1024", "sample.num_samples=200", "sample.batch_size=100", "sample.num_steps=10",
-        "evaluate.classifier_epochs=2", "evaluate.untrained_baseline=false", "register.model_name=ddpm-e2e",
+        "evaluate.classifier_epochs=2", "evaluate.untrained_baseline=false", "evaluate.nll_images=40",
+        "evaluate.nll_batch_size=20", "register.model_name=ddpm-e2e",
         "mlflow.experiment=e2e"]
+
+
+SECRETS = {"aws": "fake-secret-aws-9c41d7e2b8", "mlflow": "fake-secret-mlflow-5b7e0a13f6"}
 
 
 def submit(address: str, env: dict[str, str], overrides: list[str], log: Path) -> subprocess.CompletedProcess:
@@ -36,8 +40,11 @@ def submit(address: str, env: dict[str, str], overrides: list[str], log: Path) -
 
 def test_pipeline_via_ray_job_submit_with_mlflow_server_and_s3(tmp_path, s3_bucket, s3_endpoint):
     bucket, options = s3_bucket
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": s3_endpoint, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
+    # Recognisable fake secrets (moto accepts any key; the tracking server ignores basic-auth headers): none of them
+    # may end up in a run root, an MLflow artifact, the MLflow database or the job's output.
+    env = {**os.environ, "AWS_ACCESS_KEY_ID": "FAKEKEYID4e2e7c1", "AWS_SECRET_ACCESS_KEY": SECRETS["aws"], "AWS_DEFAULT_REGION": "us-east-1",
+           "AWS_ENDPOINT_URL": s3_endpoint, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
+           "MLFLOW_TRACKING_USERNAME": "pipeline", "MLFLOW_TRACKING_PASSWORD": SECRETS["mlflow"]}
     env.pop("RAY_ADDRESS", None)
     with mlflow_server(tmp_path, f"s3://{bucket}/mlflow", env) as tracking_uri, ray_head(tmp_path, env) as (address, ray_env):
         overrides = [*TINY, f"storage.root=s3://{bucket}/runs", f"storage.endpoint_url={s3_endpoint}", f"mlflow.tracking_uri={tracking_uri}"]
@@ -57,6 +64,13 @@ def test_pipeline_via_ray_job_submit_with_mlflow_server_and_s3(tmp_path, s3_buck
         assert np.isfinite(evaluation.metrics["fid"])
         assert evaluation.params["protocol.num_samples"] == "200" and evaluation.params["protocol.sampler.num_steps"] == "10"
         assert evaluation.params["protocol.extractor_id"].startswith("classifier-")
+        assert 1.0 <= evaluation.metrics["inception_score"] <= 10.0  # 10 classes bound the score
+        assert 0.0 <= evaluation.metrics["precision"] <= 1.0 and 0.0 <= evaluation.metrics["recall"] <= 1.0
+        assert evaluation.metrics["nll_bpd"] > 0 and evaluation.metrics["nll_bpd_stderr"] > 0  # a bound on -log2 p: positive
+        assert evaluation.params["protocol.nll.num_images"] == "40" and evaluation.params["protocol.nll.timesteps"] == "all"
+        assert evaluation.params["protocol.precision_recall.samples"] == "200"
+        assert evaluation.params["protocol.reference_count"] == "1617"
+        assert len(evaluation.tags["fid.protocol_hash"]) == 16
         train_metrics = by_stage["train"].data.metrics
         assert {"loss", "loss_q0", "loss_q3", "grad_norm", "lr", "images_per_second"} <= set(train_metrics)
         assert [m.step for m in client.get_metric_history(by_stage["train"].info.run_id, "loss")][-1] == 2048
@@ -83,3 +97,10 @@ def test_pipeline_via_ray_job_submit_with_mlflow_server_and_s3(tmp_path, s3_buck
         assert second.stdout.count("up to date") == 5
         assert len(client.search_runs([experiment.experiment_id])) == len(runs)
         assert len(client.search_model_versions("name='ddpm-e2e'")) == 1
+
+        secrets = {**SECRETS, "ray token": ray_env["RAY_AUTH_TOKEN"]}
+        blobs = {path: s3.cat_file(path) for path in s3.find(bucket)}  # run root, caches and MLflow artifacts
+        blobs["mlflow.db"] = (tmp_path / "mlflow.db").read_bytes()  # params, tags, metrics of every run
+        blobs.update({log.name: log.read_bytes() for log in tmp_path.glob("job*.log")})
+        leaks = [(name, where) for name, secret in secrets.items() for where, blob in blobs.items() if secret.encode() in blob]
+        assert len(blobs) > 50 and not leaks, leaks

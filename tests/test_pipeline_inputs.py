@@ -31,6 +31,12 @@ def run_cli(args, capsys):
     ("sample.method=euler", "sample.method: 'euler' is not one of ancestral, ddim"),
     ("model.preset=imagenet", "model.preset 'imagenet' is not one of"),
     ("train.use_gpu=maybe", "train.use_gpu: expected true or false"),
+    ("evaluate.extractor=clip", "evaluate.extractor 'clip' is not one of: classifier, inception"),
+    ("evaluate.extractor=inception", "needs evaluate.inception_weights_uri"),
+    ("evaluate.inception_weights_sha256=xyz", "evaluate.inception_weights_sha256: expected 8 to 64 lowercase hex"),
+    ("evaluate.nll_timesteps=1", "evaluate.nll_timesteps must be null (all terms) or in [2, 1000]"),
+    ("evaluate.nll_split=valid", "evaluate.nll_split 'valid' is not one of: holdout, test"),
+    ("evaluate.inception_score_splits=5000", "evaluate.inception_score_splits 5000 exceeds sample.num_samples"),
 ])
 def test_config_errors_name_the_key(override, message, local, capsys):
     code, err = run_cli([*local, override], capsys)
@@ -127,3 +133,17 @@ def test_bad_search_spaces_fail_before_any_trial(space, message, local, capsys):
 def test_tune_needs_held_out_images(local, capsys):
     code, err = run_cli([*local, "tune.enabled=true", "tune.space={train.lr: {choice: [0.001]}}", "data.holdout_fraction=0"], capsys)
     assert code == 2 and "tune.enabled needs data.holdout_fraction > 0" in err
+
+
+def test_missing_inception_weights_fail_before_any_stage(tmp_path, local, capsys):
+    missing = tmp_path / "models" / "pt_inception-2015-12-05-6726825d.pth"
+    code, err = run_cli([*local, "evaluate.extractor=inception", f"evaluate.inception_weights_uri={missing}"], capsys)
+    assert code == 2 and "evaluate.extractor=inception" in err and "does not exist" in err and "docs/evaluation.md" in err
+    assert not ray.is_initialized()
+    assert not list((tmp_path / "runs").rglob("stage.json")), "no stage may run, or be marked complete"
+
+
+def test_nll_on_a_test_split_needs_one(local, capsys):
+    code, err = run_cli([*local, "evaluate.nll_split=test"], capsys)
+    assert code == 2 and "has no separate test split" in err
+    assert not ray.is_initialized()

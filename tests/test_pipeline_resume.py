@@ -17,7 +17,7 @@ def test_killed_run_resumes_training_from_its_last_checkpoint(tmp_path):
     args = [sys.executable, "-m", "pipelines", "run", "run_id=resume", "train.total_images=6144",
             "train.checkpoint_every_images=1024", "train.log_every_images=1024", "train.grid_every_images=0",
             "sample.num_samples=50", "sample.batch_size=50", "sample.num_steps=5", "evaluate.classifier_epochs=1",
-            "evaluate.untrained_baseline=false", "register.enabled=false", f"storage.root={tmp_path / 'runs'}",
+            "evaluate.untrained_baseline=false", "evaluate.nll=false", "register.enabled=false", f"storage.root={tmp_path / 'runs'}",
             f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "mlflow.experiment=resume"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     with open(tmp_path / "first.log", "w") as log:

@@ -1,5 +1,6 @@
-"""prepare: validate the data set, split off a hold-out set, write canonical uint8 shards for the training
-workers, and make (or reuse, keyed by data fingerprint) the feature extractor and the reference statistics."""
+"""prepare: validate the data set, split off a hold-out set (and read the test split when the NLL is scored on
+it), write canonical uint8 shards for the workers, and make (or reuse, keyed by data fingerprint) the domain
+classifier and its reference statistics (the tune stage's proxy FID; evaluate computes its own, distributed)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,15 @@ import torch
 
 from ddpm_core.data import DataError, load_dataset
 from ddpm_core.features import accuracy, extract_features, extractor_id, load_classifier, save_classifier, train_classifier
-from ddpm_core.metrics import FeatureStatistics, frechet_distance_from_stats
+from ddpm_core.metrics import FeatureStatistics
 from ddpm_core.storage import IncompleteError, commit, read_committed
 from pipelines.stages.context import StageContext
 
 SHARD_IMAGES = 10_000
 
 
-def data_storage_options(context: StageContext) -> dict[str, Any]:
-    return context.config.storage.options() if context.config.data.uri.startswith("s3://") else {}
+def data_storage_options(config) -> dict[str, Any]:
+    return config.storage.options() if config.data.uri.startswith("s3://") else {}
 
 
 def check_fits_model(dataset, context: StageContext) -> None:
@@ -92,43 +93,62 @@ def reference_statistics(context: StageContext, dataset, train_idx, model, extra
     return stats, uri
 
 
+def write_split(uri: str, dataset, indices: np.ndarray, storage_options: dict[str, Any]) -> None:
+    """``shard-NNNNN.npz`` files of ``SHARD_IMAGES`` images (and labels) each, committed with one manifest."""
+    files = {}
+    for number, start in enumerate(range(0, max(len(indices), 1), SHARD_IMAGES)):
+        chunk = indices[start:start + SHARD_IMAGES]
+        arrays = {"images": dataset.images[chunk]}
+        if dataset.labels is not None:
+            arrays["labels"] = dataset.labels[chunk]
+        files[f"shard-{number:05d}.npz"] = npz_bytes(**arrays)
+    commit(uri, files, {"count": int(len(indices))}, storage_options)
+
+
+def test_split(context: StageContext, train_dataset):
+    """The data set's test split, for the NLL on it: must exist and differ from the training data."""
+    dataset = load_dataset(context.config.data.uri, "test", data_storage_options(context.config))
+    if dataset.fingerprint == train_dataset.fingerprint:
+        raise DataError(f"evaluate.nll_split=test: data.uri {context.config.data.uri!r} has no separate test split (only "
+                        "CIFAR-10 archives do); use evaluate.nll_split=holdout with data.holdout_fraction > 0")
+    check_fits_model(dataset, context)
+    return dataset
+
+
+def needs_classifier(context: StageContext) -> bool:
+    config = context.config
+    return config.evaluate.extractor == "classifier" or (config.tune.enabled and config.tune.proxy_fid_samples > 0)
+
+
 def run(context: StageContext) -> dict[str, Any]:
     config = context.config
-    dataset = load_dataset(config.data.uri, config.data.split, data_storage_options(context))
+    dataset = load_dataset(config.data.uri, config.data.split, data_storage_options(context.config))
     check_fits_model(dataset, context)
     train_idx, holdout_idx = split(dataset, config.data.holdout_fraction)
     context.log(f"prepare: {len(dataset.images)} images {dataset.images.shape[1:]} from {config.data.uri} "
                 f"(fingerprint {dataset.fingerprint[:12]}), {len(train_idx)} train / {len(holdout_idx)} hold-out")
+    test = test_split(context, dataset) if config.evaluate.nll and config.evaluate.nll_split == "test" else None
 
-    shards_uri, holdout_uri = f"{context.store.stage_uri('prepare')}/shards", f"{context.store.stage_uri('prepare')}/holdout"
-    for uri, indices in ((shards_uri, train_idx), (holdout_uri, holdout_idx)):
-        files = {}
-        for number, start in enumerate(range(0, max(len(indices), 1), SHARD_IMAGES)):
-            chunk = indices[start:start + SHARD_IMAGES]
-            arrays = {"images": dataset.images[chunk]}
-            if dataset.labels is not None:
-                arrays["labels"] = dataset.labels[chunk]
-            files[f"shard-{number:05d}.npz"] = npz_bytes(**arrays)
-        commit(uri, files, {"count": int(len(indices))}, context.store.options)
-
-    model, extractor_meta, extractor_uri = feature_extractor(context, dataset, train_idx, holdout_idx)
-    reference, reference_uri = reference_statistics(context, dataset, train_idx, model, extractor_meta["extractor_id"])
-    fid_floor = None
-    if len(holdout_idx) >= 2:
-        holdout_stats = FeatureStatistics.from_features(extract_features(model, dataset.images[holdout_idx]))
-        fid_floor = frechet_distance_from_stats(holdout_stats, reference)
+    stage_uri = context.store.stage_uri("prepare")
+    shards_uri, holdout_uri = f"{stage_uri}/shards", f"{stage_uri}/holdout"
+    write_split(shards_uri, dataset, train_idx, context.store.options)
+    write_split(holdout_uri, dataset, holdout_idx, context.store.options)
+    outputs = {"fingerprint": dataset.fingerprint, "num_train": int(len(train_idx)), "num_holdout": int(len(holdout_idx)),
+               "shards_uri": shards_uri, "holdout_uri": holdout_uri, "num_classes": dataset.num_classes,
+               "extractor_uri": None, "extractor_id": None, "reference_stats_uri": None}
+    if test is not None:
+        outputs["test_uri"] = f"{stage_uri}/test"
+        write_split(outputs["test_uri"], test, np.arange(len(test.images)), context.store.options)
+        context.log(f"prepare: {len(test.images)} test images for the NLL")
     client = context.client
     client.log_param(context.mlflow_run_id, "data.fingerprint", dataset.fingerprint)
     client.log_metric(context.mlflow_run_id, "num_train_images", len(train_idx))
     client.log_metric(context.mlflow_run_id, "num_holdout_images", len(holdout_idx))
-    if extractor_meta.get("holdout_accuracy") is not None:
-        client.log_metric(context.mlflow_run_id, "extractor_holdout_accuracy", extractor_meta["holdout_accuracy"])
-    if fid_floor is not None:
-        client.log_metric(context.mlflow_run_id, "fid_holdout_vs_train", fid_floor)
-    return {
-        "fingerprint": dataset.fingerprint, "num_train": int(len(train_idx)), "num_holdout": int(len(holdout_idx)),
-        "shards_uri": shards_uri, "holdout_uri": holdout_uri, "num_classes": dataset.num_classes,
-        "extractor_uri": extractor_uri, "extractor_id": extractor_meta["extractor_id"],
-        "extractor_holdout_accuracy": extractor_meta.get("holdout_accuracy"),
-        "reference_stats_uri": reference_uri, "reference_count": reference.count, "fid_holdout_vs_train": fid_floor,
-    }
+    if needs_classifier(context):
+        model, extractor_meta, extractor_uri = feature_extractor(context, dataset, train_idx, holdout_idx)
+        _, reference_uri = reference_statistics(context, dataset, train_idx, model, extractor_meta["extractor_id"])
+        if extractor_meta.get("holdout_accuracy") is not None:
+            client.log_metric(context.mlflow_run_id, "extractor_holdout_accuracy", extractor_meta["holdout_accuracy"])
+        outputs.update(extractor_uri=extractor_uri, extractor_id=extractor_meta["extractor_id"], reference_stats_uri=reference_uri,
+                       extractor_holdout_accuracy=extractor_meta.get("holdout_accuracy"))
+    return outputs

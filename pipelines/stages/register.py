@@ -1,6 +1,8 @@
 """register: log the EMA snapshot as an MLflow pyfunc model, register a version, set alias ``challenger``, and
-move alias ``champion`` to it when its FID beats the current champion's under the same protocol (or when there is
-no champion). A champion scored under a different protocol is never compared: the decision says so."""
+move alias ``champion`` to it when its FID beats the current champion's by more than ``register.promotion_margin``
+under the same protocol (the champion re-scored by evaluate in this run, or its recorded FID when the protocol hash
+matches), or when there is no champion. A champion scored under another protocol is never compared: the decision
+says so."""
 
 from __future__ import annotations
 
@@ -13,28 +15,32 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
-from mlflow.exceptions import MlflowException
 from mlflow.models import infer_signature
 
 from ddpm_core.storage import filesystem
+from pipelines.champion import Champion, current_champion
 from pipelines.stages.context import StageContext
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 SAMPLING_PARAMS = {"seed": 0, "method": "ddim", "num_steps": 50, "eta": 0.0}  # the pyfunc's params and defaults
 
 
-def decide(client, name: str, fid: float, protocol_hash: str) -> tuple[bool, str, dict[str, Any] | None]:
-    """(promote?, reason, current champion summary)."""
-    try:
-        champion = client.get_model_version_by_alias(name, "champion")
-    except MlflowException:
-        return True, "no champion yet", None
-    summary = {"version": champion.version, "fid": champion.tags.get("fid"), "protocol_hash": champion.tags.get("protocol_hash")}
-    if summary["protocol_hash"] != protocol_hash:
-        return False, f"champion v{champion.version} was scored under another protocol ({summary['protocol_hash']}); not compared", summary
-    if fid < float(summary["fid"]):
-        return True, f"FID {fid:.4f} < champion v{champion.version}'s {float(summary['fid']):.4f}", summary
-    return False, f"FID {fid:.4f} >= champion v{champion.version}'s {float(summary['fid']):.4f}", summary
+def decide(fid: float, protocol_hash: str, margin: float, champion: Champion | None,
+           champion_rescored: tuple[str, float] | None) -> tuple[bool, str]:
+    """(promote?, reason). The challenger must beat the champion's FID by more than ``margin`` under the same protocol:
+    the champion re-scored in this run when available, else the FID recorded with it if its protocol hash matches."""
+    if champion is None:
+        return True, "no champion yet"
+    if champion_rescored is not None and champion_rescored[0] == champion.version:
+        champion_fid, basis = champion_rescored[1], "re-scored under this run's protocol"
+    elif champion.protocol_hash == protocol_hash and champion.fid is not None:
+        champion_fid, basis = champion.fid, "recorded under the same protocol"
+    else:
+        return False, f"champion v{champion.version} was scored under another protocol ({champion.protocol_hash}); not compared"
+    threshold = champion_fid - margin
+    verdict = "<" if fid < threshold else ">="
+    return fid < threshold, (f"FID {fid:.4f} {verdict} champion v{champion.version}'s {champion_fid:.4f} ({basis})"
+                             + (f" - margin {margin:g}" if margin else ""))
 
 
 def run(context: StageContext) -> dict[str, Any]:
@@ -58,14 +64,20 @@ def run(context: StageContext) -> dict[str, Any]:
                 pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas", "safetensors", "fsspec", "pillow",
                                   f"mlflow=={mlflow.__version__}"])
     version = str(info.registered_model_version)
+    champion = current_champion(client, name)  # before this version takes any alias
     for key, value in {"fid": evaluation["fid"], "protocol_hash": evaluation["protocol_hash"], "ddpm.run_id": config.run_id,
-                       "extractor_id": evaluation["protocol"]["extractor_id"]}.items():
+                       "extractor_id": evaluation["protocol"]["extractor_id"],
+                       "data_fingerprint": context.output_of("prepare", "fingerprint")}.items():
         client.set_model_version_tag(name, version, key, str(value))
     client.set_registered_model_alias(name, "challenger", version)
-    promote, reason, champion = decide(client, name, evaluation["fid"], evaluation["protocol_hash"])
+    rescored = (evaluation["champion_version"], evaluation["fid_champion"]) if evaluation.get("fid_champion") is not None else None
+    promote, reason = decide(evaluation["fid"], evaluation["protocol_hash"], config.register.promotion_margin, champion, rescored)
     if promote:
         client.set_registered_model_alias(name, "champion", version)
-    client.set_tag(context.mlflow_run_id, "registry.decision", ("promoted to champion: " if promote else "champion kept: ") + reason)
+    decision = ("promoted to champion: " if promote else "champion kept: ") + reason
+    client.set_tag(context.mlflow_run_id, "registry.decision", decision)
+    client.set_model_version_tag(name, version, "registry.decision", decision)
     context.log(f"register: {name} v{version} -> challenger" + (", champion" if promote else "") + f" ({reason})")
-    return {"model_name": name, "version": version, "promoted": promote, "reason": reason, "previous_champion": champion,
-            "model_uri": f"models:/{name}/{version}"}
+    return {"model_name": name, "version": version, "promoted": promote, "reason": reason,
+            "previous_champion": champion.version if champion else None, "challenger_fid": evaluation["fid"],
+            "champion_fid": rescored[1] if rescored else (champion.fid if champion else None), "model_uri": f"models:/{name}/{version}"}

@@ -57,6 +57,20 @@ def proxy_fid(trial: dict[str, Any], model, diffusion, unet_config, device) -> f
     return frechet_distance_from_stats(FeatureStatistics.from_features(extract_features(extractor, to_uint8(samples))), reference)
 
 
+def load_initial_weights(model: torch.nn.Module, uri: str, unet_config, storage_options: dict[str, Any]) -> None:
+    """Copy a snapshot's weights into ``model``; a snapshot of another architecture is refused by name."""
+    from ddpm_core.checkpoint import CheckpointError, load_snapshot
+
+    snapshot = load_snapshot(uri, storage_options)
+    if snapshot.unet != unet_config:
+        raise CheckpointError(f"train.init_from {uri!r} holds a U-Net with config {snapshot.unet.to_dict()}, but this run's "
+                              f"model is {unet_config.to_dict()}; warm-start only from the same model.preset/overrides")
+    try:
+        model.load_state_dict(snapshot.state_dict)
+    except RuntimeError as error:
+        raise CheckpointError(f"train.init_from {uri!r}: weights do not fit this model ({error})") from error
+
+
 def train_loop(loop: dict[str, Any]) -> None:
     """Runs on every Ray Train worker."""
     import ray.train
@@ -90,6 +104,10 @@ def train_loop(loop: dict[str, Any]) -> None:
     model = UNet(unet_config, learn_variance=diffusion_config.variance is Variance.LEARNED_RANGE)
     if rank == 0 and ray.train.get_checkpoint() is None:
         save_snapshot(loop["initial_snapshot_uri"], model, unet_config, diffusion_config, {"images_seen": 0}, loop["storage_options"])
+    if loop.get("init_snapshot_uri") and ray.train.get_checkpoint() is None:  # warm start, e.g. from the champion
+        load_initial_weights(model, loop["init_snapshot_uri"], unet_config, loop["storage_options"])
+        if rank == 0:
+            print(f"train: initial weights from {loop['init_snapshot_uri']}", flush=True)
     wrapped = ray.train.torch.prepare_model(model)
     model = wrapped.module if hasattr(wrapped, "module") else wrapped
     ema = EMA(model, optim.ema_decay, optim.ema_warmup)
@@ -194,7 +212,7 @@ def loop_config(config, shards_uri: str, work_uri: str, storage_options: dict[st
                                                          "checkpoint_every_images", "grid_every_images", "horizontal_flip")},
         "shards_uri": shards_uri, "storage_options": storage_options,
         "snapshot_uri": f"{work_uri}/snapshot", "initial_snapshot_uri": f"{work_uri}/initial_snapshot",
-        "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id, "trial": trial,
+        "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id, "trial": trial, "init_snapshot_uri": config.train.init_from,
     }
 
 

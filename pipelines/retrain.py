@@ -1,0 +1,103 @@
+"""Scheduled retraining: one run per schedule time, skipped when the data did not change since the champion was
+trained, otherwise trained (warm-started from the champion when configured), evaluated under one protocol with
+the champion re-scored beside it, and promoted only when better by ``register.promotion_margin``."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from ddpm_core.data import load_dataset
+from ddpm_core.storage import commit, read_committed
+from pipelines.config import ConfigError, PipelineConfig, with_overrides
+from pipelines.runs import RunStore
+
+DECISION_DIR, DECISION_FILE = "retrain", "decision.json"  # {run root}/retrain/decision.json, committed
+
+
+@dataclass(frozen=True)
+class RetrainOutcome:
+    run_id: str
+    decision: str  # skipped | promoted | kept
+    reason: str
+    challenger_fid: float | None = None
+    champion_fid: float | None = None
+
+
+def scheduled_run_id(base: str, scheduled_at: dt.datetime) -> str:
+    """``<run_id>-<UTC schedule time to the minute>``: a schedule tick maps to one run root, so a second job for the
+    same tick finds the first one's lease (or its finished stages) instead of starting over."""
+    return f"{base}-{scheduled_at.astimezone(dt.timezone.utc):%Y%m%dT%H%MZ}"
+
+
+def parse_schedule_time(value: str | None) -> dt.datetime:
+    if not value:
+        return dt.datetime.now(dt.timezone.utc)
+    try:
+        parsed = dt.datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        raise ValueError(f"--schedule-time {value!r} is not an ISO 8601 time such as 2026-11-23T02:00Z") from None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
+
+
+def record_decision(store: RunStore, outcome: RetrainOutcome, extra: dict[str, Any]) -> None:
+    commit(f"{store.root}/{DECISION_DIR}", {DECISION_FILE: json.dumps({**outcome.__dict__, **extra}, indent=2).encode()},
+           {"kind": "retrain_decision"}, store.options)
+
+
+def read_decision(store: RunStore) -> dict[str, Any] | None:
+    try:
+        return json.loads(read_committed(f"{store.root}/{DECISION_DIR}", [DECISION_FILE], store.options)[0][DECISION_FILE])
+    except FileNotFoundError:
+        return None
+
+
+def retrain(config: PipelineConfig, scheduled_at: dt.datetime, log: Callable[[str], None] = print) -> RetrainOutcome:
+    """Run one scheduled retraining of ``config`` (whose run_id is the base name) under a lease on its run root."""
+    from pipelines.champion import champion_snapshot_uri, current_champion
+    from pipelines.dag import hold_run_root, run_pipeline
+    from pipelines.stages.prepare import data_storage_options
+    from pipelines.tracking import Tracker
+
+    if not config.register.enabled:
+        raise ConfigError("retrain needs register.enabled: the decision is a promotion in the model registry")
+    config = with_overrides(config, {"run_id": scheduled_run_id(config.run_id, scheduled_at)})
+    store = RunStore(config)
+    settings = config.retrain
+    with hold_run_root(store, config, log):
+        recorded = read_decision(store)
+        if recorded is not None:  # this tick already ran to a decision: report it, change nothing
+            log(f"retrain: {config.run_id} already decided: {recorded['decision']}: {recorded['reason']}")
+            return RetrainOutcome(**{key: recorded.get(key) for key in RetrainOutcome.__dataclass_fields__})
+        tracker = Tracker(config)
+        name = config.register.model_name
+        champion = current_champion(tracker.client, name)
+        fingerprint = load_dataset(config.data.uri, config.data.split, data_storage_options(config)).fingerprint
+        base_tags = {"ddpm.retrain.scheduled_at": scheduled_at.isoformat(), "ddpm.data_fingerprint": fingerprint,
+                     "ddpm.retrain.champion_version": champion.version if champion else "none"}
+        if champion and settings.if_data_changed and champion.data_fingerprint == fingerprint:
+            reason = f"data unchanged since champion v{champion.version} (fingerprint {fingerprint[:12]}); nothing trained"
+            outcome = RetrainOutcome(config.run_id, "skipped", reason, champion_fid=champion.fid)
+            parent = tracker.parent_run({**base_tags, "ddpm.retrain.decision": f"skipped: {reason}"})
+            tracker.finish(parent, ok=True)
+            record_decision(store, outcome, {"scheduled_at": scheduled_at.isoformat(), "data_fingerprint": fingerprint})
+            log(f"retrain: skipped: {reason}")
+            return outcome
+        if champion and settings.warm_start:
+            snapshot = champion_snapshot_uri(store, tracker.tracking_uri, name, champion)
+            config = with_overrides(config, {"train.init_from": snapshot})
+            log(f"retrain: data changed (fingerprint {fingerprint[:12]}); warm start from champion v{champion.version}")
+        manifests = run_pipeline(config, log=log, parent_tags=base_tags)
+        registered = manifests["register"]["outputs"]
+        outcome = RetrainOutcome(config.run_id, "promoted" if registered["promoted"] else "kept", registered["reason"],
+                                 registered["challenger_fid"], registered["champion_fid"])
+        tracker.client.set_tag(manifests["register"]["mlflow_run_id"], "ddpm.retrain.decision", f"{outcome.decision}: {outcome.reason}")
+        parent = tracker.parent_run(base_tags)
+        tracker.client.set_tag(parent, "ddpm.retrain.decision", f"{outcome.decision}: {outcome.reason}")
+        tracker.finish(parent, ok=True)
+        record_decision(store, outcome, {"scheduled_at": scheduled_at.isoformat(), "data_fingerprint": fingerprint,
+                                         "model_version": registered["version"]})
+        log(f"retrain: {outcome.decision}: {outcome.reason}")
+        return outcome

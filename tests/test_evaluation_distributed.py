@@ -1,0 +1,60 @@
+"""Feature statistics computed over shards by separate Ray worker processes equal the single-process statistics to
+float64 rounding; so do the Inception Score statistics and the precision/recall features."""
+
+import io
+import os
+import tempfile
+
+import numpy as np
+import pytest
+import ray
+import torch
+
+from ddpm_core.data import load_dataset
+from ddpm_core.features import ClassifierExtractor, save_classifier, train_classifier
+from ddpm_core.metrics import ClassProbabilityStatistics, FeatureStatistics
+from ddpm_core.storage import commit
+from pipelines.stages.scoring import ExtractorSpec, sample_sources, summarize
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay short
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})
+    yield
+    ray.shutdown()
+
+
+def test_three_shards_on_ray_workers_equal_one_process(local_ray, tmp_path):
+    dataset = load_dataset("builtin:digits")
+    images = dataset.images[:900]
+    model = train_classifier(images, dataset.labels[:900], epochs=1)
+    extractor_uri = str(tmp_path / "extractor")
+    save_classifier(extractor_uri, model, {})
+    shard_uris = []
+    for number, (start, stop) in enumerate(((0, 250), (250, 600), (600, 900))):  # uneven shards across IS splits
+        buffer = io.BytesIO()
+        np.save(buffer, images[start:stop])
+        uri = str(tmp_path / f"shard-{number}")
+        commit(uri, {"images.npy": buffer.getvalue()}, {"start": start, "stop": stop})
+        shard_uris.append(uri)
+
+    spec = ExtractorSpec("classifier", extractor_uri)
+    distributed = summarize(sample_sources(shard_uris, {}), spec, {}, {}, False, len(images), inception_splits=10, keep_first=900)
+    pids = ray.get([ray.remote(lambda: os.getpid()).remote() for _ in range(3)])
+    assert os.getpid() not in pids  # the tasks ran in worker processes, not here
+
+    # The merge adds nothing but float64 rounding: the three workers' merged sums equal one pass over the same
+    # features (returned here in index order).
+    single = FeatureStatistics.from_features(distributed.first_features)
+    assert distributed.fid.count == single.count == 900
+    torch.testing.assert_close(distributed.fid.sum, single.sum, rtol=1e-12, atol=1e-10)
+    torch.testing.assert_close(distributed.fid.sum_outer, single.sum_outer, rtol=1e-12, atol=1e-10)
+
+    # The workers' features are this process's (float32 convolutions differ across processes only in rounding),
+    # and the Inception Score statistics, split by global index, match one process over all logits.
+    features, logits = ClassifierExtractor(model)(images)
+    torch.testing.assert_close(distributed.first_features, features, rtol=1e-5, atol=1e-5)
+    inception = ClassProbabilityStatistics.empty(900, 10, logits.shape[1])
+    inception.update(logits, torch.arange(900))
+    assert distributed.inception.inception_score() == pytest.approx(inception.inception_score(), rel=1e-6)

@@ -1,0 +1,104 @@
+"""Scheduled retraining against a real ``mlflow server``, each run a separate ``python -m pipelines retrain`` process
+with its own local Ray: two runs of one schedule tick at once (exactly one proceeds), no champion -> promoted,
+unchanged data -> skipped without training, changed data -> warm start and the champion re-scored under the same
+protocol, and a deliberately weak challenger -> champion kept."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from ddpm_core.data import load_dataset
+from tests.services import mlflow_server
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["run_id=nightly", "train.total_images=2048", "train.checkpoint_every_images=1024", "train.log_every_images=1024",
+        "train.grid_every_images=0", "sample.num_samples=200", "sample.batch_size=100", "sample.num_steps=10",
+        "evaluate.classifier_epochs=2", "evaluate.untrained_baseline=false", "evaluate.nll=false", "register.model_name=ddpm-nightly",
+        "mlflow.experiment=nightly", "retrain.lease_ttl_s=60"]
+
+
+def write_png_folder(root: Path, images: np.ndarray, labels: np.ndarray) -> None:
+    for index, (image, label) in enumerate(zip(images, labels)):
+        folder = root / str(label)
+        folder.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image[..., 0]).save(folder / f"{index:05d}.png")
+
+
+def retrain(tmp_path: Path, tracking_uri: str, tick: str, *overrides: str, wait: bool = True):
+    command = [sys.executable, "-m", "pipelines", "retrain", "--config", "configs/digits.yaml", "--schedule-time", tick, *TINY,
+               f"data.uri={tmp_path / 'data'}", f"storage.root={tmp_path / 'runs'}", f"mlflow.tracking_uri={tracking_uri}", *overrides]
+    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "RAY_ADDRESS": ""})
+    if not wait:
+        return process
+    output, _ = process.communicate(timeout=900)
+    return process.returncode, output
+
+
+def decision(tmp_path: Path, run_id: str) -> dict:
+    return json.loads((tmp_path / "runs" / run_id / "retrain" / "decision.json").read_text())
+
+
+def test_retrain_schedule(tmp_path):
+    digits = load_dataset("builtin:digits")
+    write_png_folder(tmp_path / "data", digits.images[:600], digits.labels[:600])
+    with mlflow_server(tmp_path, str(tmp_path / "artifacts"), dict(os.environ)) as tracking_uri:
+        client = MlflowClient(tracking_uri)
+
+        # (1) two jobs for the same tick at once: one holds the run root's lease, the other exits 3 naming it
+        first, second = (retrain(tmp_path, tracking_uri, "2026-11-20T02:00Z", wait=False) for _ in range(2))
+        outputs = [process.communicate(timeout=900)[0] for process in (first, second)]
+        codes = sorted([first.returncode, second.returncode])
+        assert codes == [0, 3], outputs
+        winner, loser = (outputs[0], outputs[1]) if first.returncode == 0 else (outputs[1], outputs[0])
+        assert "is held by" in loser and "Another run of this run_id is in progress" in loser
+        assert "promoted: no champion yet" in winner
+        assert decision(tmp_path, "nightly-20261120T0200Z")["decision"] == "promoted"
+        champion = client.get_model_version_by_alias("ddpm-nightly", "champion")
+        assert champion.version == "1" and len(client.search_model_versions("name='ddpm-nightly'")) == 1
+
+        # (2) the next night, same data: skipped, nothing trained, no new version, the skip recorded in MLflow
+        code, output = retrain(tmp_path, tracking_uri, "2026-11-21T02:00Z")
+        assert code == 0 and "skipped: data unchanged since champion v1" in output, output
+        assert "[train]" not in output and "Started a local Ray instance" not in output
+        assert not (tmp_path / "runs" / "nightly-20261121T0200Z" / "train").exists()
+        assert len(client.search_model_versions("name='ddpm-nightly'")) == 1
+        skipped = client.search_runs([client.get_experiment_by_name("nightly").experiment_id],
+                                     "tags.`ddpm.run_id` = 'nightly-20261121T0200Z'")
+        assert len(skipped) == 1 and skipped[0].data.tags["ddpm.retrain.decision"].startswith("skipped: data unchanged")
+        status = subprocess.run([sys.executable, "-m", "pipelines", "status", "nightly-20261121T0200Z", f"storage.root={tmp_path / 'runs'}"],
+                                cwd=REPO, capture_output=True, text=True, timeout=120)
+        assert "retrain   skipped: data unchanged" in status.stdout
+
+        # (3) a new image lands: trained, warm-started from the champion, champion re-scored under this protocol,
+        # and the promotion rule applied to the two scores
+        Image.fromarray(digits.images[700][..., 0]).save(tmp_path / "data" / str(digits.labels[700]) / "new-00001.png")
+        code, output = retrain(tmp_path, tracking_uri, "2026-11-22T02:00Z")
+        assert code == 0, output[-5000:]
+        assert "warm start from champion v1" in output and "initial weights from" in output
+        assert "re-scoring champion v1" in output
+        third = decision(tmp_path, "nightly-20261122T0200Z")
+        assert third["champion_fid"] is not None and "re-scored under this run's protocol" in third["reason"]
+        assert third["decision"] == ("promoted" if third["challenger_fid"] < third["champion_fid"] else "kept")
+        expected_champion = "2" if third["decision"] == "promoted" else "1"
+        assert client.get_model_version_by_alias("ddpm-nightly", "champion").version == expected_champion
+        assert client.get_model_version_by_alias("ddpm-nightly", "challenger").version == "2"
+
+        # (4) another change, but a challenger trained from scratch on 128 images: far worse, the champion stays
+        Image.fromarray(digits.images[701][..., 0]).save(tmp_path / "data" / str(digits.labels[701]) / "new-00002.png")
+        code, output = retrain(tmp_path, tracking_uri, "2026-11-23T02:00Z", "retrain.warm_start=false", "train.total_images=128",
+                               "train.checkpoint_every_images=128", "train.warmup_images=64")
+        assert code == 0, output[-5000:]
+        fourth = decision(tmp_path, "nightly-20261123T0200Z")
+        assert fourth["decision"] == "kept" and fourth["challenger_fid"] > fourth["champion_fid"], fourth
+        assert client.get_model_version_by_alias("ddpm-nightly", "champion").version == expected_champion
+        assert client.get_model_version_by_alias("ddpm-nightly", "challenger").version == "3"
+        version = client.get_model_version("ddpm-nightly", "3")
+        assert version.tags["registry.decision"].startswith("champion kept: FID")
