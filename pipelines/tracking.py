@@ -80,3 +80,41 @@ class Tracker:
 
     def finish(self, run_id: str, ok: bool) -> None:
         self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
+
+
+class BufferedMetricLogger:
+    """Metrics of one MLflow run that survive a tracking-server outage: a batch that cannot be sent is kept, and
+    everything kept is re-sent, in order, before the next batch; training never waits on MLflow longer than one
+    short attempt. :meth:`close` makes a last effort and returns what could still not be sent."""
+
+    def __init__(self, client: MlflowClient, run_id: str, log=print) -> None:
+        self.client, self.run_id, self.log = client, run_id, log
+        self.pending: list[mlflow.entities.Metric] = []
+        self.outage_since: float | None = None
+
+    def send(self, metrics: list[mlflow.entities.Metric]) -> bool:
+        import time
+
+        self.pending.extend(metrics)
+        try:
+            while self.pending:
+                self.client.log_batch(self.run_id, metrics=self.pending[:1000])
+                self.pending = self.pending[1000:]
+        except Exception as error:  # connection refused, timeouts, 5xx after the client's own retries
+            if self.outage_since is None:
+                self.outage_since = time.time()
+                self.log(f"MLflow unreachable ({type(error).__name__}); buffering metrics and retrying at the next log step")
+            return False
+        if self.outage_since is not None:
+            self.log(f"MLflow reachable again after {time.time() - self.outage_since:.0f} s; buffered metrics sent")
+            self.outage_since = None
+        return True
+
+    def close(self, attempts: int = 12, wait_s: float = 5.0) -> list[mlflow.entities.Metric]:
+        import time
+
+        for _ in range(attempts):
+            if self.send([]):
+                return []
+            time.sleep(wait_s)
+        return self.pending

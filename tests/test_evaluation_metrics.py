@@ -94,3 +94,25 @@ def test_precision_recall_hand_computed_case():
     assert recall == pytest.approx(1.0)  # every real point is within 3.4 of 0.5 or 3.9
     identical = precision_recall(real, real, k=1)
     assert identical == (1.0, 1.0)
+
+
+def test_published_reference_statistics_npz(tmp_path):
+    """The common published format (pytorch-fid / guided-diffusion): an .npz with mu [d] and sigma [d, d]."""
+    import hashlib
+
+    from ddpm_core.data import DataError
+    from pipelines.stages.scoring import published_reference
+
+    stats = FeatureStatistics.from_features(correlated_features(500, 8, 0))
+    np.savez(tmp_path / "ref.npz", mu=stats.mean.numpy(), sigma=stats.covariance.numpy())
+    mu, sigma, digest = published_reference(str(tmp_path / "ref.npz"), {})
+    torch.testing.assert_close(mu, stats.mean) and torch.testing.assert_close(sigma, stats.covariance)
+    assert digest == hashlib.sha256((tmp_path / "ref.npz").read_bytes()).hexdigest()
+    np.savez(tmp_path / "bad.npz", mu=np.zeros(8), sigma=np.zeros((8, 7)))
+    with pytest.raises(DataError, match="'sigma' \\[d, d\\]"):
+        published_reference(str(tmp_path / "bad.npz"), {})
+    np.savez(tmp_path / "other.npz", mean=np.zeros(8))
+    with pytest.raises(DataError, match="expected an .npz with arrays 'mu'"):
+        published_reference(str(tmp_path / "other.npz"), {})
+    with pytest.raises(DataError, match="does not exist"):
+        published_reference(str(tmp_path / "missing.npz"), {})

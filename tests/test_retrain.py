@@ -102,3 +102,27 @@ def test_retrain_schedule(tmp_path):
         assert client.get_model_version_by_alias("ddpm-nightly", "challenger").version == "3"
         version = client.get_model_version("ddpm-nightly", "3")
         assert version.tags["registry.decision"].startswith("champion kept: FID")
+
+
+@pytest.mark.parametrize("fid, margin, rescored, promote, says", [
+    (2.0, 0.0, ("4", 2.5), True, "FID 2.0000 < champion v4's 2.5000 (re-scored under this run's protocol)"),
+    (2.45, 0.1, ("4", 2.5), False, ">= champion v4's 2.5000 (re-scored under this run's protocol) - margin 0.1"),
+    (2.3, 0.1, ("4", 2.5), True, "< champion v4's 2.5000"),
+    (2.0, 0.0, None, True, "recorded under the same protocol"),  # no re-score: the recorded FID, same protocol hash
+])
+def test_promotion_rule(fid, margin, rescored, promote, says):
+    from pipelines.champion import Champion
+    from pipelines.stages.register import decide
+
+    champion = Champion("4", 3.0 if rescored else 2.5, "hash-a", "fp", "nightly-x")
+    decided, reason = decide(fid, "hash-a", margin, champion, rescored)
+    assert decided is promote and says in reason
+
+
+def test_promotion_rule_never_compares_across_protocols():
+    from pipelines.champion import Champion
+    from pipelines.stages.register import decide
+
+    promote, reason = decide(0.1, "hash-b", 0.0, Champion("4", 2.5, "hash-a", "fp", None), None)
+    assert not promote and "another protocol" in reason
+    assert decide(5.0, "hash-b", 0.0, None, None) == (True, "no champion yet")

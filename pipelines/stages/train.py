@@ -4,7 +4,9 @@ CPUs). Progress is counted in images; checkpoints of the full training state are
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import tempfile
 import time
 from typing import Any
@@ -12,7 +14,11 @@ from typing import Any
 import numpy as np
 import torch
 
+from ddpm_core.storage import commit, filesystem
 from pipelines.stages.context import StageContext
+from pipelines.tracking import BufferedMetricLogger
+
+PENDING_METRICS = "metrics.json"
 
 GRID_IMAGES = 64
 
@@ -131,7 +137,11 @@ def train_loop(loop: dict[str, Any]) -> None:
         if rank == 0:
             print(f"train: warm start from {loop['warm_start_uri']} ({state['images_seen']} images)", flush=True)
     generator = _generator(train["seed"], rank, images_seen)
+    # One quick attempt per MLflow call (no minutes of client-side retries): an outage is absorbed by the buffer.
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     client = MlflowClient(loop["tracking_uri"]) if rank == 0 else None
+    metrics_log = BufferedMetricLogger(client, loop["mlflow_run_id"], lambda m: print(f"train: {m}", flush=True)) if rank == 0 else None
     holdout = None  # the fixed held-out batch of a tuning trial's bits/dim reports, read once
     if rank == 0 and loop.get("trial") is not None:
         held_out_images, _ = read_shards(loop["trial"]["holdout_uri"], loop["trial"]["storage_options"])
@@ -172,7 +182,7 @@ def train_loop(loop: dict[str, Any]) -> None:
                 for q in range(4):
                     if totals[7 + q] > 0:
                         values[f"loss_q{q}"] = totals[3 + q].item() / totals[7 + q].item()
-                client.log_batch(loop["mlflow_run_id"], metrics=[Metric(k, float(v), now, images_seen) for k, v in values.items()])
+                metrics_log.send([Metric(k, float(v), now, images_seen) for k, v in values.items()])
                 print(f"train: {images_seen}/{total_images} images, loss {loss:.4f}, {values['images_per_second']:.0f} img/s", flush=True)
             totals.zero_()
             window_start, window_images = time.time(), 0
@@ -182,7 +192,10 @@ def train_loop(loop: dict[str, Any]) -> None:
                 shape = (unet_config.in_channels, unet_config.image_size, unet_config.image_size)
                 samples = sample(ema.model, diffusion, shape, PerIndexNoise(train["seed"], range(GRID_IMAGES), device),
                                  SamplerConfig(method="ddim", num_steps=min(50, diffusion.num_timesteps))).samples
-                client.log_image(loop["mlflow_run_id"], grid(to_uint8(samples), columns=8), key="samples", step=images_seen)
+                try:
+                    client.log_image(loop["mlflow_run_id"], grid(to_uint8(samples), columns=8), key="samples", step=images_seen)
+                except Exception as error:  # a progress picture is not worth stopping training for
+                    print(f"train: sample grid at {images_seen} images not logged ({type(error).__name__})", flush=True)
             next_grid = next_multiple(train["grid_every_images"])
         if images_seen >= next_checkpoint or done:
             report = {"images_seen": images_seen, "step": step}
@@ -201,6 +214,11 @@ def train_loop(loop: dict[str, Any]) -> None:
     if rank == 0:
         save_snapshot(loop["snapshot_uri"], ema.model, unet_config, diffusion_config, {"images_seen": images_seen, "step": step},
                       loop["storage_options"])
+        unsent = metrics_log.close()
+        if unsent:  # MLflow still down: keep them in storage; the driver sends them when it can
+            commit(loop["pending_metrics_uri"], {PENDING_METRICS: json.dumps([m.to_dictionary() for m in unsent]).encode()},
+                   {"count": len(unsent)}, loop["storage_options"])
+            print(f"train: {len(unsent)} metrics could not reach MLflow; kept at {loop['pending_metrics_uri']}", flush=True)
 
 
 def loop_config(config, shards_uri: str, work_uri: str, storage_options: dict[str, Any], tracking_uri: str,
@@ -212,6 +230,7 @@ def loop_config(config, shards_uri: str, work_uri: str, storage_options: dict[st
                                                          "checkpoint_every_images", "grid_every_images", "horizontal_flip")},
         "shards_uri": shards_uri, "storage_options": storage_options,
         "snapshot_uri": f"{work_uri}/snapshot", "initial_snapshot_uri": f"{work_uri}/initial_snapshot",
+        "pending_metrics_uri": f"{work_uri}/pending_metrics",
         "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id, "trial": trial, "init_snapshot_uri": config.train.init_from,
     }
 
@@ -234,6 +253,22 @@ def make_trainer(config, loop: dict[str, Any], work_uri: str, storage_options: d
                                                           controller_failure_limit=config.train.startup_retries),
                              worker_runtime_env=runtime_env(), callbacks=callbacks or []),
     )
+
+
+def send_pending_metrics(uri: str, storage_options: dict[str, Any], context: StageContext) -> None:
+    """Metrics a worker kept in storage during an MLflow outage: sent now (the stage fails if MLflow is still down)."""
+    from mlflow.entities import Metric
+
+    from ddpm_core.storage import is_committed, read_committed
+
+    if not is_committed(uri, storage_options):
+        return
+    kept = json.loads(read_committed(uri, [PENDING_METRICS], storage_options)[0][PENDING_METRICS])
+    metrics = [Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in kept]
+    for start in range(0, len(metrics), 1000):
+        context.client.log_batch(context.mlflow_run_id, metrics=metrics[start:start + 1000])
+    filesystem(uri, storage_options)[0].rm(filesystem(uri, storage_options)[1], recursive=True)
+    context.log(f"train: sent {len(metrics)} metrics kept during an MLflow outage")
 
 
 def effective_config(context: StageContext):
@@ -261,6 +296,7 @@ def run(context: StageContext) -> dict[str, Any]:
     result = trainer.fit()
     if result.error:
         raise result.error
+    send_pending_metrics(loop["pending_metrics_uri"], store.options, context)
     return {"snapshot_uri": loop["snapshot_uri"], "initial_snapshot_uri": loop["initial_snapshot_uri"],
             "images_seen": int(result.metrics["images_seen"]), "use_gpu": bool(use_gpu),
             "checkpoint_path": result.checkpoint.path if result.checkpoint else None,

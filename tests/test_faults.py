@@ -1,0 +1,146 @@
+"""Fault injection on real components: a Ray Train worker SIGKILLed mid-training (the group restarts from the latest
+checkpoint), then the job driver SIGKILLed (a re-run resumes from the last committed checkpoint), and the MLflow
+server stopped for a while during training (training goes on, metrics are buffered and land when it is back)."""
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+from mlflow.tracking import MlflowClient
+
+from tests.conftest import free_port
+from tests.services import BIN, _stop, _wait_http
+
+REPO = Path(__file__).resolve().parents[1]
+TOTAL, CHECKPOINT_EVERY = 8192, 1024
+
+
+def training_workers() -> list[psutil.Process]:
+    workers = []
+    for process in psutil.process_iter(["cmdline"]):
+        try:
+            if (process.info["cmdline"] or [""])[0].startswith("ray::RayTrainWorker"):
+                workers.append(process)
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+    return workers
+
+
+def progress_in(log_path: Path) -> int:
+    return max([0, *(int(n) for n in re.findall(rf"train: (\d+)/{TOTAL} images", log_path.read_text()))])
+
+
+def wait_for(condition, process: subprocess.Popen, log_path: Path, seconds: float = 300) -> None:
+    deadline = time.time() + seconds
+    while not condition():
+        assert process.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.2)
+
+
+def test_killed_worker_then_killed_driver_resume_from_checkpoints(tmp_path):
+    """Phase 1: SIGKILL one Ray Train worker past the third checkpoint; Ray Train restarts the group from the latest
+    checkpoint and the loss continues. Then SIGKILL the driver (and the local Ray it started). Phase 2: the same
+    command resumes training from the last committed checkpoint and finishes the pipeline."""
+    args = [sys.executable, "-m", "pipelines", "run", "run_id=faults", f"train.total_images={TOTAL}",
+            f"train.checkpoint_every_images={CHECKPOINT_EVERY}", "train.log_every_images=512", "train.grid_every_images=0",
+            "train.max_failures=2", "train.warmup_images=512", "sample.num_samples=50", "sample.batch_size=50", "sample.num_steps=5",
+            "evaluate.classifier_epochs=1", "evaluate.untrained_baseline=false", "evaluate.nll=false", "register.enabled=false",
+            f"storage.root={tmp_path / 'runs'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "mlflow.experiment=faults"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    first_log = tmp_path / "first.log"
+    with open(first_log, "w") as log:
+        first = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: progress_in(first_log) >= 3 * CHECKPOINT_EVERY + 512, first, first_log)  # loss well below its start
+        workers = training_workers()
+        assert len(workers) == 2, "expected the two Ray Train workers of this run"
+        workers[-1].send_signal(signal.SIGKILL)
+        killed_at = progress_in(first_log)
+        wait_for(lambda: "resumed from checkpoint at " in first_log.read_text(), first, first_log)
+        restarted_at = int(first_log.read_text().split("resumed from checkpoint at ")[1].split()[0])
+        wait_for(lambda: progress_in(first_log) >= killed_at + 1024, first, first_log)  # training goes on after the restart
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)  # now the driver, with the local Ray instance it started
+        first.wait(timeout=30)
+    assert killed_at - CHECKPOINT_EVERY - 512 <= restarted_at <= killed_at  # at most one interval (and a log step) repeated
+    assert json.loads((tmp_path / "runs/faults/prepare/stage.json").read_text())["status"] == "complete"
+    assert not (tmp_path / "runs/faults/train/stage.json").exists()  # the killed stage is not marked complete
+
+    second = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
+    output = second.stdout + second.stderr
+    assert "[prepare] up to date" in output
+    resumed_at = int(output.split("resumed from checkpoint at ")[1].split()[0])
+    assert restarted_at < resumed_at < TOTAL
+    manifest = json.loads((tmp_path / "runs/faults/train/stage.json").read_text())
+    assert manifest["status"] == "complete" and manifest["outputs"]["images_seen"] == TOTAL
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    # The second train run's loss history continues from its checkpoint: no point before it.
+    steps = [m.step for m in client.get_metric_history(manifest["mlflow_run_id"], "loss")]
+    assert steps and min(steps) > resumed_at and max(steps) == TOTAL
+    # In the first train run, the loss after the worker-group restart continues at its level before the kill,
+    # far below the untrained level (optimizer, EMA and data-order state restored).
+    experiment = client.get_experiment_by_name("faults").experiment_id
+    killed_run = next(r for r in client.search_runs([experiment], "tags.`ddpm.stage` = 'train'") if r.info.run_id != manifest["mlflow_run_id"])
+    history = sorted(client.get_metric_history(killed_run.info.run_id, "loss"), key=lambda m: m.timestamp)
+    first_loss = history[0].value
+    before_kill = [m.value for m in history if m.step <= killed_at][-1]
+    after_restart = [m.value for m in history if m.timestamp > max(h.timestamp for h in history if h.step == killed_at)][:2]
+    assert after_restart and max(after_restart) < 0.6 * first_loss and max(after_restart) < 1.5 * before_kill, \
+        (first_loss, before_kill, after_restart)
+
+
+def start_mlflow(workdir: Path, port: int) -> subprocess.Popen:
+    command = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--artifacts-destination",
+               str(workdir / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    with open(workdir / "mlflow-server.log", "a") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir)
+    _wait_http(f"http://127.0.0.1:{port}/health", process, 90, workdir / "mlflow-server.log")
+    return process
+
+
+def test_training_survives_an_mlflow_outage(tmp_path):
+    total, every = 12288, 512
+    port = free_port()
+    args = [sys.executable, "-m", "pipelines", "run", "run_id=outage", f"train.total_images={total}", "train.checkpoint_every_images=4096",
+            f"train.log_every_images={every}", "train.grid_every_images=0", "sample.num_samples=50", "sample.batch_size=50",
+            "sample.num_steps=5", "evaluate.classifier_epochs=1", "evaluate.untrained_baseline=false", "evaluate.nll=false",
+            "register.enabled=false", f"storage.root={tmp_path / 'runs'}", f"mlflow.tracking_uri=http://127.0.0.1:{port}",
+            "mlflow.experiment=outage"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log_path = tmp_path / "run.log"
+    server = start_mlflow(tmp_path, port)
+    with open(log_path, "w") as log:
+        run = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    progress = lambda: max([0, *(int(n) for n in re.findall(rf"train: (\d+)/{total} images", log_path.read_text()))])
+    try:
+        deadline = time.time() + 300
+        while progress() < 2 * every:
+            assert run.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.2)
+        _stop(server)  # the tracking server goes away mid-training ...
+        down_at = progress()
+        time.sleep(10)
+        during = progress()
+        server = start_mlflow(tmp_path, port)  # ... and comes back on the same address and database
+        assert run.wait(timeout=600) == 0, log_path.read_text()[-5000:]
+
+        output = log_path.read_text()
+        assert during > down_at, "training went on while MLflow was down"
+        assert "MLflow unreachable" in output and "reachable again" in output
+        client = MlflowClient(f"http://127.0.0.1:{port}")
+        manifest = json.loads((tmp_path / "runs/outage/train/stage.json").read_text())
+        assert client.get_run(manifest["mlflow_run_id"]).info.status == "FINISHED"
+        steps = sorted({m.step for m in client.get_metric_history(manifest["mlflow_run_id"], "loss")})
+        assert steps == list(range(every, total + 1, every)), "every logged step landed, none lost to the outage"
+    finally:
+        if run.poll() is None:
+            os.killpg(run.pid, signal.SIGKILL)
+        _stop(server)
