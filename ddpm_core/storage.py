@@ -47,6 +47,9 @@ def commit(uri: str, files: dict[str, bytes], metadata: dict[str, Any] | None = 
     fs, root = filesystem(uri, storage_options)
     if fs.exists(f"{root}/{MANIFEST}"):
         fs.rm_file(f"{root}/{MANIFEST}")
+    if isinstance(fs, LocalFileSystem) and fs.isdir(root):  # debris of a writer that died mid-file
+        for debris in fs.glob(f"{root}/*.tmp-*"):
+            fs.rm_file(debris)
     for name, data in files.items():
         write_bytes(fs, f"{root}/{name}", data)
     manifest = {

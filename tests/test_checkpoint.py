@@ -135,3 +135,29 @@ def test_snapshot_from_an_incompatible_config_is_refused():
     save_snapshot(uri, ema.model, config, DiffusionConfig(num_timesteps=100, variance=Variance.LEARNED_RANGE, loss="hybrid"))
     with pytest.raises(CheckpointError, match="do not fit"):
         load_snapshot(uri).build_model()
+
+
+def test_a_writer_killed_mid_commit_leaves_nothing_that_reads_as_complete(tmp_path):
+    """A process SIGKILLed while committing a large file: readers see no complete object, the next commit of the same
+    directory succeeds and removes the half-written debris."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    uri = str(tmp_path / "ckpt")
+    writer = subprocess.Popen([sys.executable, "-c", "from ddpm_core.storage import commit; "
+                               f"commit({uri!r}, {{'state.bin': b'x' * (1 << 28), 'b.json': b'{{}}'}})"])
+    deadline = time.time() + 60
+    while not list((tmp_path / "ckpt").glob("*.tmp-*")):  # the payload is being written
+        assert writer.poll() is None and time.time() < deadline, "the writer finished or failed before it could be killed"
+        time.sleep(0.01)
+    writer.send_signal(signal.SIGKILL)
+    writer.wait(timeout=30)
+    assert not is_committed(uri)
+    with pytest.raises(IncompleteError, match="never committed"):
+        read_committed(uri)
+    assert list((tmp_path / "ckpt").glob("*.tmp-*")), "debris of the killed writer"
+    commit(uri, {"state.bin": b"ok"})
+    assert read_committed(uri)[0] == {"state.bin": b"ok"}
+    assert sorted(os.listdir(tmp_path / "ckpt")) == ["manifest.json", "state.bin"]
