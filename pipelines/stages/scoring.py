@@ -17,7 +17,7 @@ import ray
 import torch
 
 from ddpm_core.metrics import ClassProbabilityStatistics, FeatureStatistics
-from ddpm_core.storage import IncompleteError, commit, read_committed
+from ddpm_core.storage import IncompleteError, commit, read_committed, read_manifest
 
 
 @dataclass(frozen=True)
@@ -66,14 +66,11 @@ def read_images(source: ImageSource, storage_options: dict[str, Any]) -> np.ndar
 
 def sample_sources(shard_uris: list[str], storage_options: dict[str, Any]) -> list[ImageSource]:
     """Sample shards carry their first sample index in the manifest."""
-    from ddpm_core.storage import read_manifest
-
     return [ImageSource(uri, "images.npy", int(read_manifest(uri, storage_options)["metadata"]["start"])) for uri in shard_uris]
 
 
 def split_sources(uri: str, storage_options: dict[str, Any]) -> list[ImageSource]:
     """The shards of a split written by prepare (``shard-NNNNN.npz``, in index order)."""
-    from ddpm_core.storage import read_manifest
     from pipelines.stages.prepare import SHARD_IMAGES
 
     names = sorted(read_manifest(uri, storage_options)["files"])
