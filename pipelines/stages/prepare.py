@@ -1,6 +1,7 @@
 """prepare: validate the data set, split off a hold-out set (and read the test split when the NLL is scored on
 it), write canonical uint8 shards for the workers, and make (or reuse, keyed by data fingerprint) the domain
-classifier and its reference statistics (the tune stage's proxy FID; evaluate computes its own, distributed)."""
+classifier, plus its reference statistics when the tune stage's proxy FID needs them (evaluate computes its own,
+distributed)."""
 
 from __future__ import annotations
 
@@ -115,14 +116,18 @@ def test_split(context: StageContext, train_dataset):
     return dataset
 
 
-def needs_classifier(context: StageContext) -> bool:
-    config = context.config
-    return config.evaluate.extractor == "classifier" or (config.tune.enabled and config.tune.proxy_fid_samples > 0)
+def needs_proxy_fid_reference(config) -> bool:
+    """The tune stage's proxy FID scores trials against the classifier's statistics of the training split."""
+    return config.tune.enabled and config.tune.proxy_fid_samples > 0
+
+
+def needs_classifier(config) -> bool:
+    return config.evaluate.extractor == "classifier" or needs_proxy_fid_reference(config)
 
 
 def run(context: StageContext) -> dict[str, Any]:
     config = context.config
-    dataset = load_dataset(config.data.uri, config.data.split, data_storage_options(context.config))
+    dataset = load_dataset(config.data.uri, config.data.split, data_storage_options(config))
     check_fits_model(dataset, context)
     train_idx, holdout_idx = split(dataset, config.data.holdout_fraction)
     context.log(f"prepare: {len(dataset.images)} images {dataset.images.shape[1:]} from {config.data.uri} "
@@ -144,11 +149,12 @@ def run(context: StageContext) -> dict[str, Any]:
     client.log_param(context.mlflow_run_id, "data.fingerprint", dataset.fingerprint)
     client.log_metric(context.mlflow_run_id, "num_train_images", len(train_idx))
     client.log_metric(context.mlflow_run_id, "num_holdout_images", len(holdout_idx))
-    if needs_classifier(context):
+    if needs_classifier(config):
         model, extractor_meta, extractor_uri = feature_extractor(context, dataset, train_idx, holdout_idx)
-        _, reference_uri = reference_statistics(context, dataset, train_idx, model, extractor_meta["extractor_id"])
+        if needs_proxy_fid_reference(config):  # evaluate computes (and caches) its own reference, distributed
+            outputs["reference_stats_uri"] = reference_statistics(context, dataset, train_idx, model, extractor_meta["extractor_id"])[1]
         if extractor_meta.get("holdout_accuracy") is not None:
             client.log_metric(context.mlflow_run_id, "extractor_holdout_accuracy", extractor_meta["holdout_accuracy"])
-        outputs.update(extractor_uri=extractor_uri, extractor_id=extractor_meta["extractor_id"], reference_stats_uri=reference_uri,
+        outputs.update(extractor_uri=extractor_uri, extractor_id=extractor_meta["extractor_id"],
                        extractor_holdout_accuracy=extractor_meta.get("holdout_accuracy"))
     return outputs
