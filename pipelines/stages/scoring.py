@@ -57,10 +57,11 @@ def build_extractor(spec: ExtractorSpec, storage_options: dict[str, Any]):
 
 
 def read_images(source: ImageSource, storage_options: dict[str, Any]) -> np.ndarray:
+    from pipelines.stages.prepare import load_npz
+
     data = read_committed(source.uri, [source.file], storage_options)[0][source.file]
     if source.file.endswith(".npz"):
-        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
-            return archive["images"]
+        return load_npz(data)["images"]
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
