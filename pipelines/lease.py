@@ -163,12 +163,11 @@ def acquire(uri: str, storage_options: dict[str, Any], ttl_s: float = 300.0, wai
         holder_alive = (record is not None and not record["released"] and record["expires_at"] > time.time()
                         and not _holder_process_is_gone(record["owner"]))
         if not holder_alive:
-            fs, _ = filesystem(uri, storage_options)
-            path = filesystem(f"{uri}/{LEASE_DIR}/{generation + 1:08d}.json", storage_options)[1]
-            if _exclusive_create(fs, path, _record(owner, ttl_s)):
+            candidate = Lease(uri, generation + 1, owner, ttl_s, storage_options)
+            if _exclusive_create(*filesystem(candidate.path, storage_options), _record(owner, ttl_s)):
                 if record is not None and not record["released"]:
                     log(f"lease: took over {uri} from {record['owner']} (its lease expired or its process is gone)")
-                return Lease(uri, generation + 1, owner, ttl_s, storage_options)
+                return candidate
             continue  # another run won generation + 1: look again
         if time.time() >= deadline:
             left = record["expires_at"] - time.time()

@@ -267,7 +267,8 @@ def send_pending_metrics(uri: str, storage_options: dict[str, Any], context: Sta
     metrics = [Metric(m["key"], m["value"], m["timestamp"], m["step"]) for m in kept]
     for start in range(0, len(metrics), 1000):
         context.client.log_batch(context.mlflow_run_id, metrics=metrics[start:start + 1000])
-    filesystem(uri, storage_options)[0].rm(filesystem(uri, storage_options)[1], recursive=True)
+    fs, path = filesystem(uri, storage_options)
+    fs.rm(path, recursive=True)
     context.log(f"train: sent {len(metrics)} metrics kept during an MLflow outage")
 
 
