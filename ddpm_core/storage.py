@@ -7,6 +7,7 @@ temporary name and renamed, so no file ever appears half-written under its final
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import time
@@ -21,6 +22,25 @@ MANIFEST = "manifest.json"
 
 class IncompleteError(FileNotFoundError):
     """A directory has no manifest, or its files do not match it: it was never committed or is corrupt."""
+
+
+class StorageUnavailableError(RuntimeError):
+    """The storage kept failing after its client's own retries (an outage, lost credentials): the directory being
+    written is not committed, and everything committed before is intact."""
+
+
+@contextlib.contextmanager
+def storage_failures_named(uri: str, action: str):
+    """Re-raise any storage failure other than a missing file as a :class:`StorageUnavailableError` naming ``uri``."""
+    try:
+        yield
+    except (FileNotFoundError, StorageUnavailableError):
+        raise
+    except Exception as error:  # botocore, aiohttp, OS errors: whatever the fsspec backend raises
+        raise StorageUnavailableError(
+            f"{uri}: {action} failed after the storage client's retries ({type(error).__name__}: {error}). Work committed "
+            f"before is intact and a partly written directory never reads as complete: check the storage endpoint and "
+            f"credentials, then re-run (committed work is skipped).") from error
 
 
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -44,33 +64,36 @@ def commit(uri: str, files: dict[str, bytes], metadata: dict[str, Any] | None = 
            storage_options: dict[str, Any] | None = None) -> None:
     """Write ``files`` under the directory ``uri``, then its manifest. An existing manifest is removed first, so a
     reader never pairs an old manifest with new files."""
-    fs, root = filesystem(uri, storage_options)
-    if fs.exists(f"{root}/{MANIFEST}"):
-        fs.rm_file(f"{root}/{MANIFEST}")
-    if isinstance(fs, LocalFileSystem) and fs.isdir(root):  # debris of a writer that died mid-file
-        for debris in fs.glob(f"{root}/*.tmp-*"):
-            fs.rm_file(debris)
-    for name, data in files.items():
-        write_bytes(fs, f"{root}/{name}", data)
-    manifest = {
-        "files": {name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)} for name, data in files.items()},
-        "committed_at": time.time(),
-        "metadata": metadata or {},
-    }
-    write_bytes(fs, f"{root}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode())
+    with storage_failures_named(uri, "commit"):
+        fs, root = filesystem(uri, storage_options)
+        if fs.exists(f"{root}/{MANIFEST}"):
+            fs.rm_file(f"{root}/{MANIFEST}")
+        if isinstance(fs, LocalFileSystem) and fs.isdir(root):  # debris of a writer that died mid-file
+            for debris in fs.glob(f"{root}/*.tmp-*"):
+                fs.rm_file(debris)
+        for name, data in files.items():
+            write_bytes(fs, f"{root}/{name}", data)
+        manifest = {
+            "files": {name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)} for name, data in files.items()},
+            "committed_at": time.time(),
+            "metadata": metadata or {},
+        }
+        write_bytes(fs, f"{root}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode())
 
 
 def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     fs, root = filesystem(uri, storage_options)
     try:
-        return json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
+        with storage_failures_named(uri, "reading the manifest"):
+            return json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
     except FileNotFoundError:
         raise IncompleteError(f"{uri}: no {MANIFEST}; the write was never committed (or the path is wrong)") from None
 
 
 def is_committed(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
     fs, root = filesystem(uri, storage_options)
-    return fs.exists(f"{root}/{MANIFEST}")
+    with storage_failures_named(uri, "checking the manifest"):
+        return fs.exists(f"{root}/{MANIFEST}")
 
 
 def read_committed(uri: str, names: list[str] | None = None,
@@ -83,7 +106,8 @@ def read_committed(uri: str, names: list[str] | None = None,
         if name not in manifest["files"]:
             raise IncompleteError(f"{uri}: {name} is not listed in its {MANIFEST}")
         try:
-            data = fs.cat_file(f"{root}/{name}")
+            with storage_failures_named(uri, f"reading {name}"):
+                data = fs.cat_file(f"{root}/{name}")
         except FileNotFoundError:
             raise IncompleteError(f"{uri}/{name}: listed in the manifest but missing") from None
         expected = manifest["files"][name]

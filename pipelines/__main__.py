@@ -8,7 +8,9 @@
   dag                                                     print the stage graph (text and Mermaid)
   status   RUN_ID [--config FILE] [key=value ...]          each stage's state from its manifest, and a retrain decision
 
-Exit codes: 0 done (or skipped), 2 bad config / data / storage / weights, 3 another run holds the run root's lease.
+Exit codes: 0 done (or skipped), 2 bad config / data / storage / weights, 3 another run holds the run root's lease,
+4 a stage stopped on purpose (e.g. training diverged; the message says what to change), 5 storage failed mid-run
+(re-run when it is back: committed work is skipped).
 
 Without --config the embedded default runs: builtin:digits, local Ray, MLflow in ./mlflow.db, storage in ./runs.
 Environment: RAY_ADDRESS (set by `ray job submit`), RAY_AUTH_MODE=token with ~/.ray/auth_token on clusters with
@@ -23,9 +25,11 @@ import sys
 import time
 
 from ddpm_core.data import DataError
+from ddpm_core.storage import StorageUnavailableError
 from pipelines.config import ConfigError, load_config
 from pipelines.dag import PreflightError
 from pipelines.lease import LeaseHeldError
+from pipelines.stages.context import StageStopped
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -141,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     except LeaseHeldError as error:
         print(f"error: {error}", file=sys.stderr)
         return 3
+    except StageStopped as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 4
+    except StorageUnavailableError as error:  # also when raised in a Ray task (RayTaskError subclasses it)
+        print(f"error: {error}", file=sys.stderr)
+        return 5
 
 
 if __name__ == "__main__":

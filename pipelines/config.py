@@ -171,8 +171,10 @@ class StorageSection:
             client["endpoint_url"] = endpoint
         if self.region:
             client["region_name"] = self.region
-        # Fail fast on an unreachable endpoint; retry throttling and transient errors with backoff.
-        retries = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 5, "mode": "standard"}}
+        # Fail fast on an unreachable endpoint. Throttling and transient errors are retried twice over: botocore's
+        # standard mode (3 attempts, exponential backoff: the AWS default) inside s3fs's own 5 tries of each call, which
+        # rides out outages of several seconds and fails a permanent one within about half a minute.
+        retries = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3, "mode": "standard"}}
         return {"client_kwargs": client, "config_kwargs": retries}
 
     def resolved_root(self) -> str:

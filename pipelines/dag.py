@@ -18,7 +18,7 @@ from typing import Any, Callable
 from pipelines.config import PipelineConfig, save_resolved
 from pipelines.runs import RunStore, now
 from pipelines.stages import evaluate, prepare, register, sample, train, tune
-from pipelines.stages.context import StageContext
+from pipelines.stages.context import StageContext, StageStopped
 
 
 @dataclass(frozen=True)
@@ -165,10 +165,10 @@ def run_pipeline(config: PipelineConfig, from_stage: str | None = None, log: Cal
                                tracker.tracking_uri, lambda message, name=stage.name: log(f"[{name}] {message}"))
         try:
             outputs = stage.run(context)
-        except BaseException:
+        except BaseException as error:
             tracker.finish(stage_run_id, ok=False)
             tracker.finish(parent_id, ok=False)
-            log(f"[{stage.name}] failed:\n{traceback.format_exc()}")
+            log(f"[{stage.name}] stopped" if isinstance(error, StageStopped) else f"[{stage.name}] failed:\n{traceback.format_exc()}")
             raise
         tracker.finish(stage_run_id, ok=True)
         manifest = {"stage": stage.name, "status": "complete", "fingerprint": expected, "execution_id": uuid.uuid4().hex,

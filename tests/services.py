@@ -48,12 +48,22 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @contextlib.contextmanager
-def mlflow_server(workdir: Path, artifacts_destination: str, env: dict[str, str]):
-    """``mlflow server`` with a SQLite backend and proxied artifacts at ``artifacts_destination``; yields its URL."""
+def mlflow_server(workdir: Path, artifacts_destination: str, env: dict[str, str], admin: tuple[str, str] | None = None):
+    """``mlflow server`` with a SQLite backend and proxied artifacts at ``artifacts_destination``; yields its URL.
+    With ``admin`` = (user, password) it runs MLflow's basic-auth app (as ``infra/k8s/mlflow.yaml`` does): only that
+    user may read or write, every other request gets 401/403."""
     port = free_port()
     log = workdir / "mlflow-server.log"
     command = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
                "--artifacts-destination", artifacts_destination, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    if admin is not None:
+        config = workdir / "basic_auth.ini"
+        config.write_text(f"[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = sqlite:///{workdir / 'basic_auth.db'}\n"
+                          f"admin_username = {admin[0]}\n"
+                          "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+        env = {**env, "MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": admin[1],
+               "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
+        command += ["--app-name", "basic-auth"]
     with open(log, "w") as output:
         process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=workdir)
     try:
@@ -83,3 +93,100 @@ def ray_head(workdir: Path, env: dict[str, str], num_cpus: int = 2):
     finally:
         _stop(process)
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+class FaultyS3Proxy:
+    """An HTTP proxy in front of the moto S3 server that injects the faults of a real object store: every
+    ``throttle_every``-th request is answered ``503 SlowDown`` (throttling), and during an outage every request has
+    its connection dropped without an answer. ``injected`` counts the faults, so a test can prove they happened."""
+
+    HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}
+    SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+                 b'<Message>Please reduce your request rate.</Message></Error>')
+
+    def __init__(self, upstream: str, throttle_every: int = 0) -> None:
+        import http.server
+        import threading
+        import urllib.parse
+
+        self.upstream = urllib.parse.urlsplit(upstream).netloc
+        self.throttle_every, self.down, self.requests = throttle_every, False, 0
+        self.injected = {"throttled": 0, "dropped": 0}
+        self._lock = threading.Lock()
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args) -> None:
+                pass
+
+            def _body(self) -> bytes:
+                if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                    chunks = []
+                    while (size := int(self.rfile.readline().split(b";")[0], 16)) > 0:
+                        chunks.append(self.rfile.read(size))
+                        self.rfile.readline()
+                    self.rfile.readline()
+                    return b"".join(chunks)
+                return self.rfile.read(int(self.headers.get("Content-Length") or 0))
+
+            def _handle(self) -> None:
+                body = self._body()
+                fault = proxy._next_fault()
+                if fault == "dropped":
+                    self.close_connection = True  # the client sees the connection close with no answer
+                    return
+                if fault == "throttled":
+                    self.send_response(503)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(proxy.SLOW_DOWN)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(proxy.SLOW_DOWN)
+                    return
+                connection = http.client.HTTPConnection(proxy.upstream, timeout=60)
+                try:
+                    headers = {k: v for k, v in self.headers.items() if k.lower() not in proxy.HOP_BY_HOP}
+                    if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
+                        headers["Content-Length"] = str(len(body))
+                    connection.request(self.command, self.path, body=body, headers=headers)
+                    response = connection.getresponse()
+                    payload = response.read()
+                    self.send_response(response.status, response.reason)
+                    for key, value in response.getheaders():
+                        if key.lower() not in proxy.HOP_BY_HOP and key.lower() != "content-length":
+                            self.send_header(key, value)
+                    length = response.getheader("Content-Length") if self.command == "HEAD" else str(len(payload))
+                    self.send_header("Content-Length", length or "0")
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(payload)
+                finally:
+                    connection.close()
+
+            do_GET = do_PUT = do_POST = do_HEAD = do_DELETE = _handle
+
+        import http.client
+
+        self._server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self._server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    def _next_fault(self) -> str | None:
+        with self._lock:
+            self.requests += 1
+            fault = "dropped" if self.down else (
+                "throttled" if self.throttle_every and self.requests % self.throttle_every == 0 else None)
+            if fault:
+                self.injected[fault] += 1
+            return fault
+
+    def __enter__(self) -> "FaultyS3Proxy":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._server.shutdown()
+        self._server.server_close()

@@ -1,6 +1,7 @@
 """Fault injection on real components: a Ray Train worker SIGKILLed mid-training (the group restarts from the latest
-checkpoint), then the job driver SIGKILLed (a re-run resumes from the last committed checkpoint), and the MLflow
-server stopped for a while during training (training goes on, metrics are buffered and land when it is back)."""
+checkpoint), the job driver SIGKILLed during training and again during sampling (each re-run resumes from what was
+committed; the final images equal an uninterrupted sampling's), the MLflow server stopped for a while during training
+(training goes on, metrics are buffered and land when it is back), and a diverging run (stopped once, not retried)."""
 
 import json
 import os
@@ -19,6 +20,7 @@ from tests.services import BIN, _stop, _wait_http
 
 REPO = Path(__file__).resolve().parents[1]
 TOTAL, CHECKPOINT_EVERY = 8192, 1024
+SAMPLES = 200  # 4 shards of 50
 
 
 def training_workers() -> list[psutil.Process]:
@@ -49,7 +51,7 @@ def test_killed_worker_then_killed_driver_resume_from_checkpoints(tmp_path):
     command resumes training from the last committed checkpoint and finishes the pipeline."""
     args = [sys.executable, "-m", "pipelines", "run", "run_id=faults", f"train.total_images={TOTAL}",
             f"train.checkpoint_every_images={CHECKPOINT_EVERY}", "train.log_every_images=512", "train.grid_every_images=0",
-            "train.max_failures=2", "train.warmup_images=512", "sample.num_samples=50", "sample.batch_size=50", "sample.num_steps=5",
+            "train.max_failures=2", "train.warmup_images=512", f"sample.num_samples={SAMPLES}", "sample.batch_size=50", "sample.num_steps=50",
             "evaluate.classifier_epochs=1", "evaluate.untrained_baseline=false", "evaluate.nll=false", "register.enabled=false",
             f"storage.root={tmp_path / 'runs'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "mlflow.experiment=faults"]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
@@ -72,12 +74,28 @@ def test_killed_worker_then_killed_driver_resume_from_checkpoints(tmp_path):
     assert json.loads((tmp_path / "runs/faults/prepare/stage.json").read_text())["status"] == "complete"
     assert not (tmp_path / "runs/faults/train/stage.json").exists()  # the killed stage is not marked complete
 
-    second = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
-    assert second.returncode == 0, second.stdout[-4000:] + second.stderr[-4000:]
-    output = second.stdout + second.stderr
+    # Phase 2: resume training; SIGKILL the driver again as soon as the first sample shard is committed.
+    second_log = tmp_path / "second.log"
+    with open(second_log, "w") as log:
+        second = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: bool(list(tmp_path.glob("runs/faults/sample/*/shards/shard-*/manifest.json"))), second, second_log)
+    finally:
+        os.killpg(second.pid, signal.SIGKILL)
+        second.wait(timeout=30)
+    output = second_log.read_text()
     assert "[prepare] up to date" in output
     resumed_at = int(output.split("resumed from checkpoint at ")[1].split()[0])
     assert restarted_at < resumed_at < TOTAL
+    committed_before = len(list(tmp_path.glob("runs/faults/sample/*/shards/shard-*/manifest.json")))
+    assert 1 <= committed_before < SAMPLES // 50 and not (tmp_path / "runs/faults/sample/stage.json").exists()
+
+    # Phase 3: the re-run skips training and the committed shards, samples the rest, and finishes.
+    third = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert third.returncode == 0, third.stdout[-4000:] + third.stderr[-4000:]
+    assert "[train] up to date" in third.stdout
+    assert f"sample: {committed_before} of {SAMPLES // 50} shards already committed, skipping them" in third.stdout
+    assert_samples_equal_an_uninterrupted_sampling(tmp_path / "runs/faults")
     manifest = json.loads((tmp_path / "runs/faults/train/stage.json").read_text())
     assert manifest["status"] == "complete" and manifest["outputs"]["images_seen"] == TOTAL
 
@@ -95,6 +113,40 @@ def test_killed_worker_then_killed_driver_resume_from_checkpoints(tmp_path):
     after_restart = [m.value for m in history if m.timestamp > max(h.timestamp for h in history if h.step == killed_at)][:2]
     assert after_restart and max(after_restart) < 0.6 * first_loss and max(after_restart) < 1.5 * before_kill, \
         (first_loss, before_kill, after_restart)
+
+
+def assert_samples_equal_an_uninterrupted_sampling(run_root: Path) -> None:
+    """Every sample index 0..N-1 exactly once across the committed shards, and each shard bit-identical to sampling
+    its indices in one go here, from the same snapshot and seed, with the same thread count as a sampling actor."""
+    import io
+
+    import numpy as np
+    import torch
+
+    from ddpm_core.checkpoint import load_snapshot
+    from ddpm_core.data import to_uint8
+    from ddpm_core.diffusion import GaussianDiffusion
+    from ddpm_core.samplers import PerIndexNoise, SamplerConfig, sample
+    from ddpm_core.storage import read_committed
+
+    outputs = json.loads((run_root / "sample/stage.json").read_text())["outputs"]
+    snapshot = load_snapshot(json.loads((run_root / "train/stage.json").read_text())["outputs"]["snapshot_uri"], {})
+    model, diffusion = snapshot.build_model(), GaussianDiffusion.from_config(snapshot.diffusion)
+    shape = (snapshot.unet.in_channels, snapshot.unet.image_size, snapshot.unet.image_size)
+    indices = []
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a sampling actor has one CPU
+    try:
+        for uri in outputs["shard_uris"]:
+            files, metadata = read_committed(uri)
+            images = np.load(io.BytesIO(files["images.npy"]))
+            expected = sample(model, diffusion, shape, PerIndexNoise(outputs["seed"], range(metadata["start"], metadata["stop"]), "cpu"),
+                              SamplerConfig(**outputs["sampler"])).samples
+            assert np.array_equal(images, to_uint8(expected)), f"{uri} differs from an uninterrupted sampling"
+            indices += range(metadata["start"], metadata["stop"])
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted(indices) == list(range(SAMPLES))
 
 
 def start_mlflow(workdir: Path, port: int) -> subprocess.Popen:
@@ -144,3 +196,25 @@ def test_training_survives_an_mlflow_outage(tmp_path):
         if run.poll() is None:
             os.killpg(run.pid, signal.SIGKILL)
         _stop(server)
+
+
+def test_a_diverging_run_stops_once_with_advice_and_no_retries(tmp_path):
+    """A learning rate of 1e30 makes the loss non-finite within a few steps. With retries configured
+    (``train.max_failures=2``), the stage must still stop at once: one worker-group start, exit code 4, a message
+    naming the settings to change, the stage not marked complete and its MLflow runs FAILED."""
+    args = [sys.executable, "-m", "pipelines", "run", "run_id=diverge", "train.lr=1e30", "train.warmup_images=0",
+            "train.total_images=8192", "train.checkpoint_every_images=1024", "train.log_every_images=512",
+            "train.grid_every_images=0", "train.max_failures=2", f"storage.root={tmp_path / 'runs'}",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "mlflow.experiment=diverge"]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    run = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    output = run.stdout + run.stderr
+    assert run.returncode == 4, output[-4000:]
+    assert "error: training diverged: the loss became non-finite by 512 images" in run.stderr
+    assert "lower train.lr (now 1e+30)" in run.stderr and "train.grad_clip" in run.stderr
+    assert run.stdout.count("train: worker group of 2 started") == 1, "Ray Train must not retry a diverged run"
+    assert "Traceback" not in run.stderr
+    assert not (tmp_path / "runs/diverge/train/stage.json").exists()
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("diverge").experiment_id])
+    assert {r.data.tags["ddpm.stage"]: r.info.status for r in runs} == {"pipeline": "FAILED", "prepare": "FINISHED", "train": "FAILED"}

@@ -2,10 +2,13 @@
 head started with ``ray start --head`` (token authentication on), and the pipeline submitted with
 ``ray job submit``. Everything started here is stopped at the end, pass or fail."""
 
+import base64
 import json
 import os
 import subprocess
 import sys
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import fsspec
@@ -15,7 +18,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
-from tests.services import BIN, mlflow_server, ray_head
+from tests.services import BIN, FaultyS3Proxy, mlflow_server, ray_head
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = ["run_id=e2e", "train.total_images=2048", "train.checkpoint_every_images=1024", "train.log_every_images=512",
@@ -38,69 +41,87 @@ def submit(address: str, env: dict[str, str], overrides: list[str], log: Path) -
     return result
 
 
-def test_pipeline_via_ray_job_submit_with_mlflow_server_and_s3(tmp_path, s3_bucket, s3_endpoint):
+def test_pipeline_via_ray_job_submit_with_mlflow_server_and_s3(tmp_path, s3_bucket, s3_endpoint, monkeypatch):
+    """The pipeline's S3 traffic (driver, Ray workers, Ray Train checkpoints) passes through a proxy that throttles
+    every 10th request with 503 SlowDown; MLflow runs its basic-auth app and the pipeline authenticates with
+    credentials from the environment. Recognisable fake secrets (moto accepts any key) may not end up in a run root,
+    an MLflow artifact, the MLflow databases or the job's output."""
     bucket, options = s3_bucket
-    # Recognisable fake secrets (moto accepts any key; the tracking server ignores basic-auth headers): none of them
-    # may end up in a run root, an MLflow artifact, the MLflow database or the job's output.
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "FAKEKEYID4e2e7c1", "AWS_SECRET_ACCESS_KEY": SECRETS["aws"], "AWS_DEFAULT_REGION": "us-east-1",
-           "AWS_ENDPOINT_URL": s3_endpoint, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
-           "MLFLOW_TRACKING_USERNAME": "pipeline", "MLFLOW_TRACKING_PASSWORD": SECRETS["mlflow"]}
-    env.pop("RAY_ADDRESS", None)
-    with mlflow_server(tmp_path, f"s3://{bucket}/mlflow", env) as tracking_uri, ray_head(tmp_path, env) as (address, ray_env):
-        overrides = [*TINY, f"storage.root=s3://{bucket}/runs", f"storage.endpoint_url={s3_endpoint}", f"mlflow.tracking_uri={tracking_uri}"]
-        first = submit(address, ray_env, overrides, tmp_path / "job1.log")
-        assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-3000:]
-        assert "FID (classifier-" in first.stdout
+    credentials = {"MLFLOW_TRACKING_USERNAME": "pipeline", "MLFLOW_TRACKING_PASSWORD": SECRETS["mlflow"]}
+    with FaultyS3Proxy(s3_endpoint, throttle_every=10) as s3_proxy:
+        env = {**os.environ, "AWS_ACCESS_KEY_ID": "FAKEKEYID4e2e7c1", "AWS_SECRET_ACCESS_KEY": SECRETS["aws"],
+               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_proxy.url, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, **credentials}
+        env.pop("RAY_ADDRESS", None)
+        with (mlflow_server(tmp_path, f"s3://{bucket}/mlflow", env, admin=("pipeline", SECRETS["mlflow"])) as tracking_uri,
+              ray_head(tmp_path, env) as (address, ray_env)):
+            run_pipeline_twice(tmp_path, bucket, options, address, ray_env, tracking_uri, s3_proxy.url, credentials, monkeypatch)
+    assert s3_proxy.injected["throttled"] >= 10, s3_proxy.injected
 
-        client = MlflowClient(tracking_uri)
-        experiment = client.get_experiment_by_name("e2e")
-        runs = client.search_runs([experiment.experiment_id])
-        by_stage = {run.data.tags["ddpm.stage"]: run for run in runs}
-        assert sorted(by_stage) == ["evaluate", "pipeline", "prepare", "register", "sample", "train"]
-        parent = by_stage["pipeline"]
-        assert all(run.data.tags.get("mlflow.parentRunId") == parent.info.run_id for name, run in by_stage.items() if name != "pipeline")
-        assert parent.info.status == "FINISHED" and parent.data.tags["ddpm.data_fingerprint"]
-        evaluation = by_stage["evaluate"].data
-        assert np.isfinite(evaluation.metrics["fid"])
-        assert evaluation.params["protocol.num_samples"] == "200" and evaluation.params["protocol.sampler.num_steps"] == "10"
-        assert evaluation.params["protocol.extractor_id"].startswith("classifier-")
-        assert 1.0 <= evaluation.metrics["inception_score"] <= 10.0  # 10 classes bound the score
-        assert 0.0 <= evaluation.metrics["precision"] <= 1.0 and 0.0 <= evaluation.metrics["recall"] <= 1.0
-        assert evaluation.metrics["nll_bpd"] > 0 and evaluation.metrics["nll_bpd_stderr"] > 0  # a bound on -log2 p: positive
-        assert evaluation.params["protocol.nll.num_images"] == "40" and evaluation.params["protocol.nll.timesteps"] == "all"
-        assert evaluation.params["protocol.precision_recall.samples"] == "200"
-        assert evaluation.params["protocol.reference_count"] == "1617"
-        assert len(evaluation.tags["fid.protocol_hash"]) == 16
-        train_metrics = by_stage["train"].data.metrics
-        assert {"loss", "loss_q0", "loss_q3", "grad_norm", "lr", "images_per_second"} <= set(train_metrics)
-        assert [m.step for m in client.get_metric_history(by_stage["train"].info.run_id, "loss")][-1] == 2048
 
-        s3 = fsspec.filesystem("s3", **options)
-        s3.invalidate_cache()
-        mlflow_objects = s3.find(f"{bucket}/mlflow")
-        assert any(path.endswith("/samples.png") for path in mlflow_objects)  # the evaluate grid, via the server
-        assert any("/images/" in path or "samples" in path for path in mlflow_objects)  # training-progress grids
-        assert s3.glob(f"{bucket}/runs/e2e/train/*/ray/trainer/checkpoint_*/training_state.pt")
-        assert s3.glob(f"{bucket}/runs/e2e/sample/*/shards/shard-00001/manifest.json")
-        assert s3.glob(f"{bucket}/runs/e2e/train/*/snapshot/model.safetensors")
+def run_pipeline_twice(tmp_path, bucket, options, address, ray_env, tracking_uri, s3_url, credentials, monkeypatch):
+    for headers in ({}, {"Authorization": "Basic " + base64.b64encode(b"pipeline:wrong-password").decode()}):
+        request = urllib.request.Request(f"{tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1", headers=headers)
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(request, timeout=10)
+        assert refused.value.code == 401
+    overrides = [*TINY, f"storage.root=s3://{bucket}/runs", f"storage.endpoint_url={s3_url}", f"mlflow.tracking_uri={tracking_uri}"]
+    first = submit(address, ray_env, overrides, tmp_path / "job1.log")
+    assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-3000:]
+    assert "FID (classifier-" in first.stdout
 
-        champion = client.get_model_version_by_alias("ddpm-e2e", "champion")
-        assert client.get_model_version_by_alias("ddpm-e2e", "challenger").version == champion.version
-        mlflow.set_tracking_uri(tracking_uri)
-        model = mlflow.pyfunc.load_model("models:/ddpm-e2e@champion")
-        images = model.predict(pd.DataFrame({"index": range(4)}), params={"seed": 3, "num_steps": 5})
-        assert images.shape == (4, 8, 8, 1) and images.dtype == np.uint8
+    for name, value in credentials.items():
+        monkeypatch.setenv(name, value)
 
-        # The same run again: every stage is up to date, nothing new in MLflow.
-        second = submit(address, ray_env, overrides, tmp_path / "job2.log")
-        assert second.returncode == 0, second.stdout[-4000:]
-        assert second.stdout.count("up to date") == 5
-        assert len(client.search_runs([experiment.experiment_id])) == len(runs)
-        assert len(client.search_model_versions("name='ddpm-e2e'")) == 1
+    client = MlflowClient(tracking_uri)
+    experiment = client.get_experiment_by_name("e2e")
+    runs = client.search_runs([experiment.experiment_id])
+    by_stage = {run.data.tags["ddpm.stage"]: run for run in runs}
+    assert sorted(by_stage) == ["evaluate", "pipeline", "prepare", "register", "sample", "train"]
+    parent = by_stage["pipeline"]
+    assert all(run.data.tags.get("mlflow.parentRunId") == parent.info.run_id for name, run in by_stage.items() if name != "pipeline")
+    assert parent.info.status == "FINISHED" and parent.data.tags["ddpm.data_fingerprint"]
+    evaluation = by_stage["evaluate"].data
+    assert np.isfinite(evaluation.metrics["fid"])
+    assert evaluation.params["protocol.num_samples"] == "200" and evaluation.params["protocol.sampler.num_steps"] == "10"
+    assert evaluation.params["protocol.extractor_id"].startswith("classifier-")
+    assert 1.0 <= evaluation.metrics["inception_score"] <= 10.0  # 10 classes bound the score
+    assert 0.0 <= evaluation.metrics["precision"] <= 1.0 and 0.0 <= evaluation.metrics["recall"] <= 1.0
+    assert evaluation.metrics["nll_bpd"] > 0 and evaluation.metrics["nll_bpd_stderr"] > 0  # a bound on -log2 p: positive
+    assert evaluation.params["protocol.nll.num_images"] == "40" and evaluation.params["protocol.nll.timesteps"] == "all"
+    assert evaluation.params["protocol.precision_recall.samples"] == "200"
+    assert evaluation.params["protocol.reference_count"] == "1617"
+    assert len(evaluation.tags["fid.protocol_hash"]) == 16
+    train_metrics = by_stage["train"].data.metrics
+    assert {"loss", "loss_q0", "loss_q3", "grad_norm", "lr", "images_per_second"} <= set(train_metrics)
+    assert [m.step for m in client.get_metric_history(by_stage["train"].info.run_id, "loss")][-1] == 2048
 
-        secrets = {**SECRETS, "ray token": ray_env["RAY_AUTH_TOKEN"]}
-        blobs = {path: s3.cat_file(path) for path in s3.find(bucket)}  # run root, caches and MLflow artifacts
-        blobs["mlflow.db"] = (tmp_path / "mlflow.db").read_bytes()  # params, tags, metrics of every run
-        blobs.update({log.name: log.read_bytes() for log in tmp_path.glob("job*.log")})
-        leaks = [(name, where) for name, secret in secrets.items() for where, blob in blobs.items() if secret.encode() in blob]
-        assert len(blobs) > 50 and not leaks, leaks
+    s3 = fsspec.filesystem("s3", **options)
+    s3.invalidate_cache()
+    mlflow_objects = s3.find(f"{bucket}/mlflow")
+    assert any(path.endswith("/samples.png") for path in mlflow_objects)  # the evaluate grid, via the server
+    assert any("/images/" in path or "samples" in path for path in mlflow_objects)  # training-progress grids
+    assert s3.glob(f"{bucket}/runs/e2e/train/*/ray/trainer/checkpoint_*/training_state.pt")
+    assert s3.glob(f"{bucket}/runs/e2e/sample/*/shards/shard-00001/manifest.json")
+    assert s3.glob(f"{bucket}/runs/e2e/train/*/snapshot/model.safetensors")
+
+    champion = client.get_model_version_by_alias("ddpm-e2e", "champion")
+    assert client.get_model_version_by_alias("ddpm-e2e", "challenger").version == champion.version
+    mlflow.set_tracking_uri(tracking_uri)
+    model = mlflow.pyfunc.load_model("models:/ddpm-e2e@champion")
+    images = model.predict(pd.DataFrame({"index": range(4)}), params={"seed": 3, "num_steps": 5})
+    assert images.shape == (4, 8, 8, 1) and images.dtype == np.uint8
+
+    # The same run again: every stage is up to date, nothing new in MLflow.
+    second = submit(address, ray_env, overrides, tmp_path / "job2.log")
+    assert second.returncode == 0, second.stdout[-4000:]
+    assert second.stdout.count("up to date") == 5
+    assert len(client.search_runs([experiment.experiment_id])) == len(runs)
+    assert len(client.search_model_versions("name='ddpm-e2e'")) == 1
+
+    secrets = {**SECRETS, "ray token": ray_env["RAY_AUTH_TOKEN"]}
+    blobs = {path: s3.cat_file(path) for path in s3.find(bucket)}  # run root, caches and MLflow artifacts
+    blobs["mlflow.db"] = (tmp_path / "mlflow.db").read_bytes()  # params, tags, metrics of every run
+    blobs["basic_auth.db"] = (tmp_path / "basic_auth.db").read_bytes()  # users: a salted hash, never the password
+    blobs.update({log.name: log.read_bytes() for log in tmp_path.glob("job*.log")})
+    leaks = [(name, where) for name, secret in secrets.items() for where, blob in blobs.items() if secret.encode() in blob]
+    assert len(blobs) > 50 and not leaks, leaks

@@ -62,3 +62,15 @@ def test_short_training_run_on_digits_learns_the_data(tmp_path):
     assert summary["sample_pixel_std"] == pytest.approx(summary["data_pixel_std"], abs=0.06)
     assert (tmp_path / "samples.png").stat().st_size > 0
     assert json.loads((tmp_path / "summary.json").read_text())["train_images"] >= 24_000
+
+
+def test_an_allocation_failure_names_the_settings_to_change():
+    from pipelines.stages.context import out_of_memory_advice
+
+    with pytest.raises(MemoryError, match=r"out of memory in a training step \(128 images per worker\): lower train\.batch_size") as caught:
+        with out_of_memory_advice("a training step (128 images per worker)", "lower train.batch_size (now 256)"):
+            torch.empty(1 << 50)  # 4 PiB: the CPU allocator refuses it, as CUDA's refuses what does not fit
+    assert "can't allocate memory" in str(caught.value) and isinstance(caught.value.__cause__, RuntimeError)
+    with pytest.raises(RuntimeError, match="unrelated"):  # other errors pass through unchanged
+        with out_of_memory_advice("a training step", "lower train.batch_size"):
+            raise RuntimeError("unrelated")

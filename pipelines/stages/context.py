@@ -1,7 +1,8 @@
-"""What a stage receives from the runner."""
+"""What a stage receives from the runner, and how a stage stops on purpose."""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -9,6 +10,25 @@ from mlflow.tracking import MlflowClient
 
 from pipelines.config import PipelineConfig
 from pipelines.runs import RunStore
+
+
+class StageStopped(RuntimeError):
+    """A stage stopped on purpose (e.g. training diverged); the message says what to change. The runner reports it
+    without a traceback, and nothing retries it: retrying the same inputs would stop the same way."""
+
+
+@contextlib.contextmanager
+def out_of_memory_advice(where: str, advice: str):
+    """Re-raise an allocation failure (CUDA's ``OutOfMemoryError``, or the CPU allocator's) as a ``MemoryError``
+    saying where it happened and which settings to change."""
+    import torch
+
+    try:
+        yield
+    except RuntimeError as error:
+        if not isinstance(error, torch.OutOfMemoryError) and "can't allocate memory" not in str(error):
+            raise
+        raise MemoryError(f"out of memory in {where}: {advice}. Allocator: {str(error).splitlines()[0][:300]}") from error
 
 
 @dataclass

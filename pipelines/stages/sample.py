@@ -11,7 +11,7 @@ import numpy as np
 import ray
 
 from ddpm_core.storage import is_committed
-from pipelines.stages.context import StageContext
+from pipelines.stages.context import StageContext, out_of_memory_advice
 
 
 @ray.remote
@@ -39,7 +39,10 @@ class SampleWorker:
         from ddpm_core.samplers import PerIndexNoise, sample
         from ddpm_core.storage import commit
 
-        result = sample(self.model, self.diffusion, self.shape, PerIndexNoise(self.seed, range(start, stop), self.device), self.sampler)
+        with out_of_memory_advice(f"sampling {stop - start} images at once on {self.device}",
+                                  f"lower sample.batch_size (now {stop - start})"):
+            result = sample(self.model, self.diffusion, self.shape, PerIndexNoise(self.seed, range(start, stop), self.device),
+                            self.sampler)
         buffer = io.BytesIO()
         np.save(buffer, to_uint8(result.samples))  # [n, H, W, C] uint8
         commit(uri, {"images.npy": buffer.getvalue()}, {"start": start, "stop": stop, "seed": self.seed}, self.storage_options)

@@ -15,10 +15,11 @@ import numpy as np
 import torch
 
 from ddpm_core.storage import commit, filesystem
-from pipelines.stages.context import StageContext
+from pipelines.stages.context import StageContext, StageStopped, out_of_memory_advice
 from pipelines.tracking import BufferedMetricLogger
 
 PENDING_METRICS = "metrics.json"
+DIVERGED = "diverged.txt"  # committed by rank 0 when the loss became non-finite: what to change
 
 GRID_IMAGES = 64
 
@@ -27,6 +28,12 @@ def _generator(seed: int, rank: int, images_seen: int) -> torch.Generator:
     """Per-rank RNG derived from (seed, rank, images seen): a resumed run draws what an uninterrupted one would."""
     state = np.random.SeedSequence([seed, rank, images_seen]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def divergence_message(images_seen: int, step: int, optim) -> str:
+    return (f"training diverged: the loss became non-finite by {images_seen} images (step {step}). The last checkpoint "
+            f"before it is kept, but resuming with the same settings would diverge again: lower train.lr (now {optim.lr}), "
+            f"keep train.grad_clip > 0 (now {optim.grad_clip}), or lengthen train.warmup_images (now {optim.warmup_images}).")
 
 
 def trial_metrics(trial: dict[str, Any], x0: torch.Tensor, model, diffusion, unet_config, device, done: bool, client,
@@ -136,6 +143,8 @@ def train_loop(loop: dict[str, Any]) -> None:
         ema.load_state_dict(state["ema"])
         if rank == 0:
             print(f"train: warm start from {loop['warm_start_uri']} ({state['images_seen']} images)", flush=True)
+    if rank == 0:
+        print(f"train: worker group of {world} started at {images_seen} images", flush=True)
     generator = _generator(train["seed"], rank, images_seen)
     # One quick attempt per MLflow call (no minutes of client-side retries): an outage is absorbed by the buffer.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -160,20 +169,30 @@ def train_loop(loop: dict[str, Any]) -> None:
         batch = data[torch.randint(0, len(data), (per_worker,), generator=generator)]
         if train["horizontal_flip"]:
             batch = random_horizontal_flip(batch, generator)
-        result = train_step(wrapped, diffusion, optimizer, batch.to(device), optim, images_seen, ema,
-                            generator=generator, autocast_dtype=autocast)
+        with out_of_memory_advice(f"a training step on {device} ({per_worker} images per worker)",
+                                  f"lower train.batch_size (now {train['batch_size']}), spread it over more workers "
+                                  f"(train.num_workers, now {world}), or choose a smaller model (model.preset / model.channels)"):
+            result = train_step(wrapped, diffusion, optimizer, batch.to(device), optim, images_seen, ema,
+                                generator=generator, autocast_dtype=autocast)
         images_seen, step, window_images = images_seen + train["batch_size"], step + 1, window_images + train["batch_size"]
         totals += torch.cat([result.loss.double().cpu().reshape(1), torch.ones(1, dtype=torch.float64),
                              result.grad_norm.double().cpu().reshape(1), result.quartile_loss_sum.cpu(), result.quartile_count.cpu()])
         done = images_seen >= total_images
+        if images_seen >= next_log or images_seen >= next_checkpoint or done:
+            # Checked before every log and checkpoint, so no checkpoint holds diverged weights. Every rank sees the same
+            # all-reduced sum and so stops at the same step: the group ends cleanly instead of being retried.
+            loss_sum = totals[:1].clone()
+            if world > 1 and dist.is_initialized():
+                dist.all_reduce(loss_sum)
+            if not math.isfinite(loss_sum.item()):
+                if rank == 0:  # read by the driver after fit(): Ray Train keeps only checkpointed reports
+                    commit(loop["diverged_uri"], {DIVERGED: divergence_message(images_seen, step, optim).encode()},
+                           {"images_seen": images_seen}, loop["storage_options"])
+                return
         if images_seen >= next_log or done:
             if world > 1 and dist.is_initialized():
                 dist.all_reduce(totals)
             loss = totals[0].item() / totals[1].item()
-            if not math.isfinite(loss):
-                raise FloatingPointError(
-                    f"non-finite training loss at {images_seen} images (step {step}); the last good checkpoint is kept. "
-                    f"Lower train.lr (now {optim.lr}), keep train.grad_clip > 0 (now {optim.grad_clip}), or lengthen train.warmup_images.")
             if client is not None:
                 now, elapsed = int(time.time() * 1000), time.time() - window_start
                 values = {"loss": loss, "grad_norm": totals[2].item() / totals[1].item(),
@@ -230,7 +249,7 @@ def loop_config(config, shards_uri: str, work_uri: str, storage_options: dict[st
                                                          "checkpoint_every_images", "grid_every_images", "horizontal_flip")},
         "shards_uri": shards_uri, "storage_options": storage_options,
         "snapshot_uri": f"{work_uri}/snapshot", "initial_snapshot_uri": f"{work_uri}/initial_snapshot",
-        "pending_metrics_uri": f"{work_uri}/pending_metrics",
+        "pending_metrics_uri": f"{work_uri}/pending_metrics", "diverged_uri": f"{work_uri}/diverged",
         "tracking_uri": tracking_uri, "mlflow_run_id": mlflow_run_id, "trial": trial, "init_snapshot_uri": config.train.init_from,
     }
 
@@ -253,6 +272,22 @@ def make_trainer(config, loop: dict[str, Any], work_uri: str, storage_options: d
                                                           controller_failure_limit=config.train.startup_retries),
                              worker_runtime_env=runtime_env(), callbacks=callbacks or []),
     )
+
+
+def fit(trainer, loop: dict[str, Any]):
+    """``trainer.fit()``; raises the workers' error, or ``StageStopped`` when they stopped because the loss diverged."""
+    from ddpm_core.storage import is_committed, read_committed
+
+    fs, diverged_path = filesystem(loop["diverged_uri"], loop["storage_options"])
+    if fs.exists(diverged_path):  # from an earlier attempt with these settings
+        fs.rm(diverged_path, recursive=True)
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    if is_committed(loop["diverged_uri"], loop["storage_options"]):
+        message = read_committed(loop["diverged_uri"], [DIVERGED], loop["storage_options"])[0][DIVERGED].decode()
+        raise StageStopped(message)
+    return result
 
 
 def send_pending_metrics(uri: str, storage_options: dict[str, Any], context: StageContext) -> None:
@@ -294,9 +329,7 @@ def run(context: StageContext) -> dict[str, Any]:
     trainer = make_trainer(config, loop, work_uri, store.options, use_gpu, config.train.num_workers, config.train.cpus_per_worker)
     context.log(f"train: {config.train.num_workers} worker(s), {'GPU (NCCL, bf16)' if use_gpu else 'CPU (gloo, fp32)'}, "
                 f"{config.train.total_images} images, batch {config.train.batch_size}")
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    result = fit(trainer, loop)
     send_pending_metrics(loop["pending_metrics_uri"], store.options, context)
     return {"snapshot_uri": loop["snapshot_uri"], "initial_snapshot_uri": loop["initial_snapshot_uri"],
             "images_seen": int(result.metrics["images_seen"]), "use_gpu": bool(use_gpu),

@@ -59,7 +59,7 @@ def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from pipelines.config import PipelineConfig, with_overrides
-    from pipelines.stages.train import loop_config, make_trainer
+    from pipelines.stages.train import fit, loop_config, make_trainer
 
     trial_id = tune.get_context().get_trial_id()
     base = with_overrides(PipelineConfig(), setup["config"])
@@ -81,10 +81,12 @@ def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
                        trial=setup["trial"])
     trainer = make_trainer(config, loop, work_uri, setup["storage_options"], setup["use_gpu"], setup["workers_per_trial"],
                            setup["cpus_per_worker"], callbacks=[TuneReportCallback()])
-    result = trainer.fit()
-    client.set_terminated(run_id, "FAILED" if result.error else "FINISHED")
-    if result.error:
-        raise result.error
+    try:
+        fit(trainer, loop)  # a diverged trial raises: Tune records it as errored, and it is never ranked
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
 
 
 def run(context: StageContext) -> dict[str, Any]:
