@@ -11,8 +11,6 @@ the repeats and the ratio ours / diffusers (> 1: ours is faster).
 from __future__ import annotations
 
 import argparse
-import json
-import platform
 import statistics
 import time
 from pathlib import Path
@@ -20,6 +18,7 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DModel
 
+from common import device_name, synchronize, write_result
 from ddpm_core.unet import UNet, UNetConfig, unet_preset
 
 # batch sizes per preset and device type: big enough to be representative, small enough for a 2-core CPU
@@ -43,10 +42,6 @@ def diffusers_twin(config: UNetConfig) -> UNet2DModel:
         add_attention=True, norm_eps=1e-6,
     )
 
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def time_training(model, forward, batch: int, config: UNetConfig, device, repeats: int) -> list[float]:
@@ -136,11 +131,10 @@ def main() -> None:
     device = torch.device(args.device)
     result = {
         "benchmark": "unet_throughput", "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "device_name": device_name(device),
         "rows": [measure(preset, device, args.repeats) for preset in args.presets],
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(result, indent=2))
+    write_result(args.out, result)
     print(markdown(result))
 
 

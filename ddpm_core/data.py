@@ -282,5 +282,13 @@ def to_uint8(samples: torch.Tensor) -> np.ndarray:
 
 def random_horizontal_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Flip each image of ``[N, C, H, W]`` left-right with probability 1/2."""
-    flip = torch.rand(x.shape[0], generator=generator) < 0.5
+    flip = torch.rand(x.shape[0], generator=generator, device=generator.device if generator is not None else x.device) < 0.5
     return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
+
+
+def random_batch(data: torch.Tensor, size: int, generator: torch.Generator, flip: bool,
+                 memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """``size`` images drawn with replacement from ``data`` ``[N, C, H, W]`` on its own device (with a generator on
+    that device: no host work, no host-to-device copy), each flipped left-right with probability 1/2 when ``flip``."""
+    batch = data[torch.randint(0, len(data), (size,), generator=generator, device=data.device)]  # [size, C, H, W]
+    return (random_horizontal_flip(batch, generator) if flip else batch).contiguous(memory_format=memory_format)

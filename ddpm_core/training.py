@@ -7,6 +7,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.profiler import record_function
 
 from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.ema import EMA
@@ -83,22 +84,29 @@ def train_step(
     """Algorithm 1: t ~ U{0..T-1}, eps ~ N(0, I), a gradient step on the configured loss, then the EMA update.
 
     ``x0`` is ``[B, C, H, W]`` in [-1, 1]. ``images_seen`` (before this step) sets the warm-up learning rate.
+    ``t`` and ``eps`` are drawn on ``generator``'s device; nothing here waits for the device (the result holds
+    device tensors).
     """
     model.train()
     batch = x0.shape[0]
-    t = torch.randint(0, diffusion.num_timesteps, (batch,), generator=generator).to(x0.device)
-    noise = torch.randn(x0.shape, generator=generator).to(x0.device, x0.dtype)
+    draw_on = generator.device if generator is not None else x0.device  # a CUDA generator: no host round trip
+    t = torch.randint(0, diffusion.num_timesteps, (batch,), generator=generator, device=draw_on).to(x0.device)
+    noise = torch.randn(x0.shape, generator=generator, device=draw_on).to(x0.device, x0.dtype)
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(images_seen, config)
-    with torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    # Labelled regions: the profiler's time split (benchmarks/train_step.py); free when no profiler runs.
+    with record_function("forward"), torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
         terms = diffusion.training_losses(model, x0, t, noise, model_kwargs)
-    loss = terms["loss"].mean()
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
-    optimizer.step()
-    if ema is not None:
-        ema.update(model)
-    sums, counts = quartile_sums(t, terms["loss"], diffusion.num_timesteps)
+        loss = terms["loss"].mean()
+    with record_function("backward"):
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+    with record_function("optimizer"):
+        max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+        optimizer.step()
+    with record_function("ema"):
+        if ema is not None:
+            ema.update(model)
+        sums, counts = quartile_sums(t, terms["loss"], diffusion.num_timesteps)
     return StepResult(loss.detach(), grad_norm.detach(), sums, counts)

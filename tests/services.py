@@ -60,7 +60,8 @@ def mlflow_server(workdir: Path, artifacts_destination: str, env: dict[str, str]
         config = workdir / "basic_auth.ini"
         config.write_text(f"[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = sqlite:///{workdir / 'basic_auth.db'}\n"
                           f"admin_username = {admin[0]}\n"
-                          "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n")
+                          "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+                          "auth_cache_ttl_seconds = 60\n")
         env = {**env, "MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": admin[1],
                "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
         command += ["--app-name", "basic-auth"]

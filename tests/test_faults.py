@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pytest
 from mlflow.tracking import MlflowClient
 
 from tests.conftest import free_port
@@ -96,6 +97,16 @@ def test_killed_worker_then_killed_driver_resume_from_checkpoints(tmp_path):
     assert "[train] up to date" in third.stdout
     assert f"sample: {committed_before} of {SAMPLES // 50} shards already committed, skipping them" in third.stdout
     assert_samples_equal_an_uninterrupted_sampling(tmp_path / "runs/faults")
+
+    # benchmarks/fid_vs_steps.py, run on this finished run with its own sampler, reproduces the run's logged FID.
+    out = tmp_path / "fid_vs_steps.json"
+    subprocess.run([sys.executable, "benchmarks/fid_vs_steps.py", "--run-root", str(tmp_path / "runs/faults"), "--samplers",
+                    "ddim:50", "ddim:10", "--out", str(out), "--plot", str(tmp_path / "fid.png")], cwd=REPO, check=True, timeout=300,
+                   env={**env, "OMP_NUM_THREADS": "1"})  # one thread, like a sampling actor: the same images
+    benchmark = json.loads(out.read_text())
+    assert [(row["method"], row["steps"]) for row in benchmark["rows"]] == [("ddim", 50), ("ddim", 10)]
+    assert benchmark["rows"][0]["fid"] == pytest.approx(benchmark["run_fid"], rel=1e-4)
+    assert benchmark["rows"][1]["fid"] != pytest.approx(benchmark["run_fid"], rel=1e-2) and (tmp_path / "fid.png").stat().st_size > 10_000
     manifest = json.loads((tmp_path / "runs/faults/train/stage.json").read_text())
     assert manifest["status"] == "complete" and manifest["outputs"]["images_seen"] == TOTAL
 

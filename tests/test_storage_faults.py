@@ -53,8 +53,6 @@ def test_a_permanent_outage_fails_clearly_and_keeps_the_last_good_state(s3_bucke
                                                            r"client's retries .*Work committed before is intact"):
             commit(f"s3://{bucket}/runs/checkpoint_000002", FILES, {"step": 2}, options)
         assert time.time() - started < 120, "a permanent outage must fail, not hang"
-        with pytest.raises(StorageUnavailableError, match="reading the manifest failed"):
-            read_committed(f"s3://{bucket}/runs/checkpoint_000001", None, options)
         proxy.down = False
         assert read_committed(f"s3://{bucket}/runs/checkpoint_000001", None, options)[0] == FILES
         assert not is_committed(f"s3://{bucket}/runs/checkpoint_000002", options)

@@ -85,7 +85,7 @@ def run(context: StageContext) -> dict[str, Any]:
         metrics["fid_holdout_vs_train"] = fid_against(holdout, reference, published)
     if evaluate.untrained_baseline:
         context.log("evaluate: sampling an untrained network under the same protocol for the baseline FID")
-        baseline_uris = sample_to_shards(context.output_of("train", "initial_snapshot_uri"), f"{context.work_uri('evaluate')}/untrained_shards",
+        baseline_uris, _ = sample_to_shards(context.output_of("train", "initial_snapshot_uri"), f"{context.work_uri('evaluate')}/untrained_shards",
                                          num_samples, config.sample.batch_size, sample["sampler"], sample["seed"],
                                          config.sample.num_workers, use_gpu, options, context.log, env)
         untrained = summarize(sample_sources(baseline_uris, options), spec, options, env, use_gpu, num_samples)
@@ -128,7 +128,7 @@ def rescore_champion(context: StageContext, spec: ExtractorSpec, reference: Summ
         return None
     context.log(f"evaluate: re-scoring champion v{champion.version} of {config.register.model_name} under this protocol")
     snapshot_uri = champion_snapshot_uri(store, context.tracking_uri, config.register.model_name, champion)
-    uris = sample_to_shards(snapshot_uri, f"{context.work_uri('evaluate')}/champion_v{champion.version}_shards", sample["num_samples"],
+    uris, _ = sample_to_shards(snapshot_uri, f"{context.work_uri('evaluate')}/champion_v{champion.version}_shards", sample["num_samples"],
                             config.sample.batch_size, sample["sampler"], sample["seed"], config.sample.num_workers, use_gpu,
                             store.options, context.log, runtime_env())
     scored = summarize(sample_sources(uris, store.options), spec, store.options, runtime_env(), use_gpu, sample["num_samples"])

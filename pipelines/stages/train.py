@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from torch.profiler import record_function
 
 from ddpm_core.storage import commit, filesystem
 from pipelines.stages.context import StageContext, StageStopped, out_of_memory_advice
@@ -24,10 +25,11 @@ DIVERGED = "diverged.txt"  # committed by rank 0 when the loss became non-finite
 GRID_IMAGES = 64
 
 
-def _generator(seed: int, rank: int, images_seen: int) -> torch.Generator:
-    """Per-rank RNG derived from (seed, rank, images seen): a resumed run draws what an uninterrupted one would."""
+def _generator(seed: int, rank: int, images_seen: int, device: torch.device) -> torch.Generator:
+    """Per-rank RNG on the training device, derived from (seed, rank, images seen): a resumed run draws what an
+    uninterrupted one would, and batches, timesteps and noise are drawn where they are used."""
     state = np.random.SeedSequence([seed, rank, images_seen]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
+    return torch.Generator(device=device).manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)
 
 
 def divergence_message(images_seen: int, step: int, optim) -> str:
@@ -93,7 +95,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     from mlflow.tracking import MlflowClient
 
     from ddpm_core.checkpoint import load_training_state, save_snapshot, save_training_state
-    from ddpm_core.data import random_horizontal_flip, to_model_range, to_uint8
+    from ddpm_core.data import random_batch, to_model_range, to_uint8
     from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion, Variance
     from ddpm_core.ema import EMA
     from ddpm_core.images import grid
@@ -111,7 +113,8 @@ def train_loop(loop: dict[str, Any]) -> None:
     autocast = torch.bfloat16 if device.type == "cuda" else None
 
     images, _ = read_shards(loop["shards_uri"], loop["storage_options"])
-    data = to_model_range(images[rank::world])  # this worker's shard, [N_r, C, H, W]
+    data = to_model_range(images[rank::world]).to(device)  # this worker's shard, [N_r, C, H, W], resident on the device
+    memory_format = torch.channels_last if train["channels_last"] else torch.contiguous_format
 
     torch.manual_seed(train["seed"])  # identical initial weights on every rank
     model = UNet(unet_config, learn_variance=diffusion_config.variance is Variance.LEARNED_RANGE)
@@ -121,8 +124,10 @@ def train_loop(loop: dict[str, Any]) -> None:
         load_initial_weights(model, loop["init_snapshot_uri"], unet_config, loop["storage_options"])
         if rank == 0:
             print(f"train: initial weights from {loop['init_snapshot_uri']}", flush=True)
+    model = model.to(memory_format=memory_format)
     wrapped = ray.train.torch.prepare_model(model)
     model = wrapped.module if hasattr(wrapped, "module") else wrapped
+    step_model = torch.compile(wrapped) if train["compile"] else wrapped
     ema = EMA(model, optim.ema_decay, optim.ema_warmup)
     optimizer = make_optimizer(model, optim)
 
@@ -145,7 +150,7 @@ def train_loop(loop: dict[str, Any]) -> None:
             print(f"train: warm start from {loop['warm_start_uri']} ({state['images_seen']} images)", flush=True)
     if rank == 0:
         print(f"train: worker group of {world} started at {images_seen} images", flush=True)
-    generator = _generator(train["seed"], rank, images_seen)
+    generator = _generator(train["seed"], rank, images_seen, device)
     # One quick attempt per MLflow call (no minutes of client-side retries): an outage is absorbed by the buffer.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
@@ -162,21 +167,22 @@ def train_loop(loop: dict[str, Any]) -> None:
     next_log, next_checkpoint = next_multiple(train["log_every_images"]), next_multiple(train["checkpoint_every_images"])
     next_grid = next_multiple(train["grid_every_images"])
     per_worker = train["batch_size"] // world
-    totals = torch.zeros(11, dtype=torch.float64)  # loss sum, steps, grad-norm sum, quartile sums [4], counts [4]
+    # loss sum, steps, grad-norm sum, quartile sums [4], counts [4]: kept on the device, read at log steps only
+    totals = torch.zeros(11, dtype=torch.float64, device=device)
+    one = torch.ones(1, dtype=torch.float64, device=device)
     window_start, window_images = time.time(), 0
-    total_images = train["total_images"]
+    total_images, loop_started = train["total_images"], time.time()
     while images_seen < total_images:
-        batch = data[torch.randint(0, len(data), (per_worker,), generator=generator)]
-        if train["horizontal_flip"]:
-            batch = random_horizontal_flip(batch, generator)
+        with record_function("data"):
+            batch = random_batch(data, per_worker, generator, train["horizontal_flip"], memory_format)
         with out_of_memory_advice(f"a training step on {device} ({per_worker} images per worker)",
                                   f"lower train.batch_size (now {train['batch_size']}), spread it over more workers "
                                   f"(train.num_workers, now {world}), or choose a smaller model (model.preset / model.channels)"):
-            result = train_step(wrapped, diffusion, optimizer, batch.to(device), optim, images_seen, ema,
+            result = train_step(step_model, diffusion, optimizer, batch, optim, images_seen, ema,
                                 generator=generator, autocast_dtype=autocast)
         images_seen, step, window_images = images_seen + train["batch_size"], step + 1, window_images + train["batch_size"]
-        totals += torch.cat([result.loss.double().cpu().reshape(1), torch.ones(1, dtype=torch.float64),
-                             result.grad_norm.double().cpu().reshape(1), result.quartile_loss_sum.cpu(), result.quartile_count.cpu()])
+        totals += torch.cat([result.loss.double().reshape(1), one, result.grad_norm.double().reshape(1),
+                             result.quartile_loss_sum, result.quartile_count])
         done = images_seen >= total_images
         if images_seen >= next_log or images_seen >= next_checkpoint or done:
             # Checked before every log and checkpoint, so no checkpoint holds diverged weights. Every rank sees the same
@@ -192,15 +198,16 @@ def train_loop(loop: dict[str, Any]) -> None:
         if images_seen >= next_log or done:
             if world > 1 and dist.is_initialized():
                 dist.all_reduce(totals)
-            loss = totals[0].item() / totals[1].item()
+            summed = totals.tolist()  # one device-to-host copy per log step
+            loss = summed[0] / summed[1]
             if client is not None:
                 now, elapsed = int(time.time() * 1000), time.time() - window_start
-                values = {"loss": loss, "grad_norm": totals[2].item() / totals[1].item(),
+                values = {"loss": loss, "grad_norm": summed[2] / summed[1],
                           "lr": learning_rate(images_seen, optim), "images_per_second": window_images / max(elapsed, 1e-9),
                           "ema_decay": ema.current_decay()}
                 for q in range(4):
-                    if totals[7 + q] > 0:
-                        values[f"loss_q{q}"] = totals[3 + q].item() / totals[7 + q].item()
+                    if summed[7 + q] > 0:
+                        values[f"loss_q{q}"] = summed[3 + q] / summed[7 + q]
                 metrics_log.send([Metric(k, float(v), now, images_seen) for k, v in values.items()])
                 print(f"train: {images_seen}/{total_images} images, loss {loss:.4f}, {values['images_per_second']:.0f} img/s", flush=True)
             totals.zero_()
@@ -217,7 +224,7 @@ def train_loop(loop: dict[str, Any]) -> None:
                     print(f"train: sample grid at {images_seen} images not logged ({type(error).__name__})", flush=True)
             next_grid = next_multiple(train["grid_every_images"])
         if images_seen >= next_checkpoint or done:
-            report = {"images_seen": images_seen, "step": step}
+            report = {"images_seen": images_seen, "step": step, "loop_seconds": time.time() - loop_started}
             if rank == 0 and loop.get("trial") is not None:
                 report.update(trial_metrics(loop["trial"], holdout, ema.model, diffusion, unet_config, device, done, client,
                                             loop["mlflow_run_id"], images_seen))
@@ -246,7 +253,8 @@ def loop_config(config, shards_uri: str, work_uri: str, storage_options: dict[st
     return {
         "unet": config.model.unet().to_dict(), "diffusion": config.diffusion.to_dict(), "optim": config.train.optim().__dict__,
         "train": {k: getattr(config.train, k) for k in ("seed", "batch_size", "total_images", "log_every_images",
-                                                         "checkpoint_every_images", "grid_every_images", "horizontal_flip")},
+                                                         "checkpoint_every_images", "grid_every_images", "horizontal_flip",
+                                                         "channels_last", "compile")},
         "shards_uri": shards_uri, "storage_options": storage_options,
         "snapshot_uri": f"{work_uri}/snapshot", "initial_snapshot_uri": f"{work_uri}/initial_snapshot",
         "pending_metrics_uri": f"{work_uri}/pending_metrics", "diverged_uri": f"{work_uri}/diverged",
@@ -333,5 +341,6 @@ def run(context: StageContext) -> dict[str, Any]:
     send_pending_metrics(loop["pending_metrics_uri"], store.options, context)
     return {"snapshot_uri": loop["snapshot_uri"], "initial_snapshot_uri": loop["initial_snapshot_uri"],
             "images_seen": int(result.metrics["images_seen"]), "use_gpu": bool(use_gpu),
+            "loop_seconds": result.metrics.get("loop_seconds"),  # the final attempt's training loop, checkpoints included
             "checkpoint_path": result.checkpoint.path if result.checkpoint else None,
             "config": {"diffusion": config.diffusion.to_dict(), "train": config.train.optim().__dict__}}

@@ -1,0 +1,116 @@
+"""Sample quality per cost: FID against the number of sampling steps, for a finished pipeline run.
+
+Takes the run's EMA snapshot, its sample seed and its cached reference statistics and feature network (classifier or
+Inception, as the run's evaluate stage used), samples the same N images (indices 0..N-1, noise seeded by
+(seed, index)) with DDIM (eta = 0) at several step counts and with the 1000-step ancestral sampler, and scores each
+set exactly as the evaluate stage does. The row with the run's own sampler reproduces the run's logged FID, which
+checks that this script measures what the pipeline reports. Writes JSON and a plot.
+
+    python benchmarks/fid_vs_steps.py --run-root runs/quickstart --out benchmarks/results/fid_vs_steps_digits.json \\
+        --plot docs/images/fid_vs_steps_digits.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from common import device_name, write_result
+from ddpm_core.checkpoint import load_snapshot
+from ddpm_core.data import to_uint8
+from ddpm_core.diffusion import GaussianDiffusion
+from ddpm_core.metrics import FeatureStatistics, frechet_distance_from_stats
+from ddpm_core.samplers import PerIndexNoise, SamplerConfig, sample
+from pipelines.config import load_config
+from pipelines.stages.scoring import ExtractorSpec, build_extractor, load_reference
+
+SAMPLERS = ["ddim:10", "ddim:20", "ddim:50", "ddim:100", "ddim:1000", "ancestral:1000"]  # method:steps
+
+
+def manifest(run_root: Path, stage: str) -> dict:
+    return json.loads((run_root / stage / "stage.json").read_text())["outputs"]
+
+
+def extractor_spec(run_root: Path) -> ExtractorSpec:
+    config = load_config(str(run_root / "config.yaml"), [])
+    if config.evaluate.extractor == "classifier":
+        return ExtractorSpec("classifier", manifest(run_root, "prepare")["extractor_uri"])
+    return ExtractorSpec("inception", config.evaluate.inception_weights_uri, config.evaluate.inception_weights_sha256)
+
+
+def score(run_root: Path, num_samples: int, batch_size: int, samplers: list[str]) -> list[dict]:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    snapshot = load_snapshot(manifest(run_root, "train")["snapshot_uri"])
+    model, diffusion = snapshot.build_model().to(device), GaussianDiffusion.from_config(snapshot.diffusion)
+    shape = (snapshot.unet.in_channels, snapshot.unet.image_size, snapshot.unet.image_size)
+    evaluated, seed = manifest(run_root, "evaluate"), manifest(run_root, "sample")["seed"]
+    reference, _ = load_reference(evaluated["reference_uri"], {})
+    extractor = build_extractor(extractor_spec(run_root), {})
+    rows = []
+    for method, steps in (name.split(":") for name in samplers):
+        config = SamplerConfig(method=method, num_steps=int(steps))
+        started = time.perf_counter()
+        images = torch.cat([sample(model, diffusion, shape, PerIndexNoise(seed, range(start, min(start + batch_size, num_samples)), device),
+                                   config).samples for start in range(0, num_samples, batch_size)])  # [N, C, H, W]
+        seconds = time.perf_counter() - started
+        features, _ = extractor(to_uint8(images))
+        fid = frechet_distance_from_stats(FeatureStatistics.from_features(features), reference.fid)
+        rows.append({"method": method, "steps": int(steps), "num_samples": num_samples, "sampling_s": seconds,
+                     "images_per_s": num_samples / seconds, "fid": fid})
+        print(f"{method:9s} {steps:>5s} steps: FID {fid:8.3f}  ({seconds:7.1f} s, {num_samples / seconds:7.1f} img/s)", flush=True)
+    return rows
+
+
+def plot(rows: list[dict], title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(6, 4), dpi=120)
+    ddim = [r for r in rows if r["method"] == "ddim"]
+    axis.plot([r["steps"] for r in ddim], [r["fid"] for r in ddim], "o-", label="DDIM (eta = 0)")
+    for r in rows:
+        if r["method"] == "ancestral":
+            axis.plot([r["steps"]], [r["fid"]], "s", color="C3", label=f"ancestral ({r['steps']} steps)")
+    for r in rows:
+        axis.annotate(f"{r['sampling_s']:.0f} s", (r["steps"], r["fid"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    axis.set_xscale("log")
+    axis.set_xlabel("sampling steps (network evaluations per image)")
+    axis.set_ylabel("FID (lower is better)")
+    axis.set_title(title, fontsize=9)
+    axis.grid(True, which="both", alpha=0.3)
+    axis.legend()
+    figure.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run-root", type=Path, required=True, help="a finished run's directory (storage.root/run_id)")
+    parser.add_argument("--samples", type=int, default=None, help="images per sampler (default: the run's sample.num_samples)")
+    parser.add_argument("--batch-size", type=int, default=None, help="default: the run's sample.batch_size (identical images)")
+    parser.add_argument("--samplers", nargs="+", default=SAMPLERS, help="method:steps, e.g. ddim:50 ancestral:1000")
+    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--plot", type=Path, default=None)
+    args = parser.parse_args()
+    config = load_config(str(args.run_root / "config.yaml"), [])
+    num_samples = args.samples or config.sample.num_samples
+    rows = score(args.run_root, num_samples, args.batch_size or config.sample.batch_size, args.samplers)
+    evaluated = manifest(args.run_root, "evaluate")
+    result = {"benchmark": "fid_vs_steps", "run_id": config.run_id, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "device_name": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+              "extractor_id": evaluated["protocol"]["extractor_id"],
+              "run_fid": evaluated["fid"], "run_sampler": evaluated["protocol"]["sampler"], "rows": rows}
+    write_result(args.out, result)
+    if args.plot:
+        plot(rows, f"{config.run_id}: FID of {num_samples} samples vs steps ({result['extractor_id']})", args.plot)
+
+
+if __name__ == "__main__":
+    main()

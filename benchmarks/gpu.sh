@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Every GPU benchmark in one go (about 10 minutes on one H100), on a machine with one NVIDIA GPU and torch installed:
+# nothing is installed from the network. Run from the repository root; results go to benchmarks/results/gpu/
+# (JSON, with the device name), tables to stdout. Rows that cannot run here say why and are left "not measured".
+#
+#   bash benchmarks/gpu.sh [path/to/pt_inception-2015-12-05-6726825d.pth]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+OUT=benchmarks/results/gpu
+mkdir -p "$OUT"
+python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('device:', torch.cuda.get_device_name())"
+
+# Training step, CIFAR-10 preset, batch 128, bf16 autocast: eager / channels_last / compile / both.
+# MFU against 790 TFLOP/s (an H100's dense bf16); pass PEAK_TFLOPS for another GPU.
+timeout 420 python benchmarks/train_step.py --preset cifar10 --batch 128 --dtype bf16 --steps 50 --windows 3 \
+  --peak-tflops "${PEAK_TFLOPS:-790}" --out "$OUT/train_step_cifar10_bf16.json" || echo "train_step: failed or timed out"
+
+# Sampling: 50,000 CIFAR-10-size images with DDIM-100, and 5,000 with 1000 ancestral steps (images/s holds for 50k),
+# plus Inception feature extraction of 50,000 images when the weights file is given.
+INCEPTION=()
+if [[ $# -ge 1 ]]; then INCEPTION=(--inception-weights "$1" --inception-images 50000); fi
+timeout 420 python benchmarks/sampling.py --preset cifar10 --batch 1000 --samplers ddim:100=50000 ancestral:1000=5000 \
+  "${INCEPTION[@]}" --out "$OUT/sampling_cifar10.json" || echo "sampling: failed or timed out"
+
+# Our U-Net against diffusers' UNet2DModel at matched architecture (needs diffusers).
+if python -c "import diffusers" 2>/dev/null; then
+  timeout 300 python benchmarks/unet_throughput.py --device cuda --out "$OUT/unet_throughput.json" || echo "unet_throughput: failed"
+else
+  echo "unet_throughput: not measured (diffusers is not installed)"
+fi

@@ -1,0 +1,182 @@
+"""Throughput of the pipeline's own training step (``ddpm_core.training.train_step`` with AdamW, gradient clipping
+and EMA, batches drawn from a device-resident data set by ``ddpm_core.data.random_batch`` as the trainer does), for each
+fast-path variant, with the numbers the performance targets are stated in:
+
+- images/s (median over timed windows), and the step's FLOPs from torch's FLOP counter, so that
+  MFU = achieved FLOP/s / ``--peak-tflops`` (given for the device and dtype: 790 for an H100's dense bf16);
+- peak device memory (CUDA only);
+- the time split from the profiler, by the labels the trainer and ``train_step`` put on their regions:
+  data, forward, backward, optimizer, EMA (on a GPU, the device time of the kernels launched in each region).
+
+One process, one device (no DDP communication: a one-GPU number). Variants: ``eager``, ``channels_last``,
+``compile``, ``channels_last+compile``; dtype ``fp32`` or ``bf16`` (autocast, as the pipeline uses on GPUs).
+
+    python benchmarks/train_step.py --preset cifar10 --batch 128 --dtype bf16 --peak-tflops 790 \\
+        --out benchmarks/results/train_step_h100.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+from torch.utils.flop_counter import FlopCounterMode
+
+from common import device_name, synchronize, write_result
+from ddpm_core.data import random_batch
+from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
+from ddpm_core.ema import EMA
+from ddpm_core.training import OptimConfig, make_optimizer, train_step
+from ddpm_core.unet import UNet, unet_preset
+
+REGIONS = ("data", "forward", "backward", "optimizer", "ema")
+VARIANTS = ("eager", "channels_last", "compile", "channels_last+compile")
+
+
+
+class Step:
+    """One configured training step of the preset's U-Net on random data of the preset's shape."""
+
+    def __init__(self, preset: str, batch: int, device: torch.device, variant: str, dtype: str) -> None:
+        config = unet_preset(preset)
+        torch.manual_seed(0)
+        self.memory_format = torch.channels_last if "channels_last" in variant else torch.contiguous_format
+        self.model = UNet(config).to(device).to(memory_format=self.memory_format)
+        self.step_model = torch.compile(self.model) if "compile" in variant else self.model
+        self.diffusion = GaussianDiffusion.from_config(DiffusionConfig())
+        self.optim = OptimConfig(lr=1e-4, warmup_images=0)
+        self.optimizer = make_optimizer(self.model, self.optim)
+        self.ema = EMA(self.model, 0.9999, warmup=False)
+        self.autocast = torch.bfloat16 if dtype == "bf16" else None
+        self.generator = torch.Generator(device=device).manual_seed(0)
+        shape = (max(4 * batch, 1024), config.in_channels, config.image_size, config.image_size)
+        self.data = torch.rand(shape, generator=self.generator, device=device) * 2 - 1  # [N, C, H, W] in [-1, 1]
+        self.batch, self.device = batch, device
+
+    def __call__(self) -> None:
+        with torch.profiler.record_function("data"):
+            x0 = random_batch(self.data, self.batch, self.generator, True, self.memory_format)
+        train_step(self.step_model, self.diffusion, self.optimizer, x0, self.optim, 10**9, self.ema,
+                   generator=self.generator, autocast_dtype=self.autocast)
+
+    def flops_per_image(self) -> float:
+        """Forward + backward FLOPs of the U-Net per image (torch's FLOP counter, eager, one batch)."""
+        x = self.data[: self.batch]
+        t = torch.randint(0, 1000, (self.batch,), device=self.device)
+        with FlopCounterMode(display=False) as counter:
+            self.model(x, t).square().mean().backward()
+        self.optimizer.zero_grad(set_to_none=True)
+        return counter.get_total_flops() / self.batch
+
+
+def time_split(step: Step, steps: int) -> dict[str, float]:
+    """Milliseconds per step in each labelled region: device time on CUDA, host time on the CPU."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if step.device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step()
+        synchronize(step.device)
+    totals = {event.key: event for event in profiler.key_averages()}
+    split = {}
+    for region in REGIONS:
+        event = totals.get(region)
+        micros = 0.0 if event is None else (event.device_time_total if step.device.type == "cuda" else event.cpu_time_total)
+        split[f"{region}_ms"] = micros / 1000 / steps
+    return split
+
+
+def allocated(device: torch.device) -> int:
+    return torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+
+
+def time_window(step: Step, steps: int) -> tuple[float, int]:
+    """(images/s, peak bytes allocated above the window's start) over ``steps`` steps."""
+    if step.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(step.device)
+    synchronize(step.device)
+    base, start = allocated(step.device), time.perf_counter()
+    for _ in range(steps):
+        step()
+    synchronize(step.device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated(step.device) - base if step.device.type == "cuda" else 0
+    return steps * step.batch / seconds, peak
+
+
+def measure(preset: str, batch: int, device: torch.device, variants: list[str], dtype: str, steps: int, windows: int,
+            peak_tflops: float | None) -> list[dict]:
+    """Every variant built and warmed up first, then timed in alternating windows, so that machine noise (other
+    load, clock changes) hits all of them alike; the median window counts."""
+    built, warmup_s, resident = {}, {}, {}
+    for variant in variants:
+        before, started = allocated(device), time.perf_counter()
+        built[variant] = Step(preset, batch, device, variant, dtype)
+        for _ in range(3):  # warm-up: compilation, cuDNN autotuning, allocator
+            built[variant]()
+        synchronize(device)
+        warmup_s[variant], resident[variant] = time.perf_counter() - started, allocated(device) - before
+    rates, transient = {variant: [] for variant in variants}, dict.fromkeys(variants, 0)
+    for _ in range(windows):
+        for variant, step in built.items():
+            rate, peak = time_window(step, steps)
+            rates[variant].append(rate)
+            transient[variant] = max(transient[variant], peak)
+    rows = []
+    for variant, step in built.items():
+        images_per_s, flops = statistics.median(rates[variant]), step.flops_per_image()
+        row = {"preset": preset, "batch": batch, "device": device.type, "variant": variant, "dtype": dtype,
+               "params": sum(p.numel() for p in step.model.parameters()), "images_per_s": images_per_s,
+               "window_images_per_s": rates[variant], "warmup_s": warmup_s[variant], "gflop_per_image_fwd_bwd": flops / 1e9,
+               "achieved_tflops": images_per_s * flops / 1e12,
+               "mfu": images_per_s * flops / (peak_tflops * 1e12) if peak_tflops else None,
+               # weights, gradients, AdamW and EMA state and the data (resident) + the step's activations (transient)
+               "peak_memory_gib": (resident[variant] + transient[variant]) / 2**30 if device.type == "cuda" else None,
+               **time_split(step, steps)}
+        row["data_wait_fraction"] = row["data_ms"] / (1000 * batch / images_per_s)
+        rows.append(row)
+    return rows
+
+
+def markdown(result: dict) -> str:
+    lines = [f"Device: {result['device_name']}; torch {result['torch']}; {result['threads']} CPU threads; "
+             f"peak {result['peak_tflops'] or 'not given'} TFLOP/s.", "",
+             "| preset | batch | variant | dtype | img/s | GFLOP/img (f+b) | TFLOP/s | MFU | peak GiB | "
+             "data / fwd / bwd / optim / EMA ms per step | data wait |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in result["rows"]:
+        mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
+        memory = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "n/a"
+        split = " / ".join(f"{r[f'{region}_ms']:.1f}" for region in REGIONS)
+        lines.append(f"| {r['preset']} | {r['batch']} | {r['variant']} | {r['dtype']} | {r['images_per_s']:.1f} | "
+                     f"{r['gflop_per_image_fwd_bwd']:.2f} | {r['achieved_tflops']:.3f} | {mfu} | {memory} | {split} | "
+                     f"{100 * r['data_wait_fraction']:.1f}% |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="cifar10")
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if torch.cuda.is_available() else "fp32")
+    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--steps", type=int, default=20, help="steps per timed window (and profiled)")
+    parser.add_argument("--windows", type=int, default=3)
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak for --dtype, for MFU")
+    parser.add_argument("--out", type=Path, required=True, help="JSON output path")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    result = {"benchmark": "train_step", "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "device_name": device_name(device),
+              "peak_tflops": args.peak_tflops,
+              "rows": measure(args.preset, args.batch, device, args.variants, args.dtype, args.steps, args.windows, args.peak_tflops)}
+    write_result(args.out, result)
+    print(markdown(result))
+
+
+if __name__ == "__main__":
+    main()
