@@ -171,13 +171,14 @@ def train_loop(loop: dict[str, Any]) -> None:
     totals = torch.zeros(11, dtype=torch.float64, device=device)
     one = torch.ones(1, dtype=torch.float64, device=device)
     window_start, window_images = time.time(), 0
+    oom_advice = (f"a training step on {device} ({per_worker} images per worker)",
+                  f"lower train.batch_size (now {train['batch_size']}), spread it over more workers "
+                  f"(train.num_workers, now {world}), or choose a smaller model (model.preset / model.channels)")
     total_images, loop_started = train["total_images"], time.time()
     while images_seen < total_images:
         with record_function("data"):
             batch = random_batch(data, per_worker, generator, train["horizontal_flip"], memory_format)
-        with out_of_memory_advice(f"a training step on {device} ({per_worker} images per worker)",
-                                  f"lower train.batch_size (now {train['batch_size']}), spread it over more workers "
-                                  f"(train.num_workers, now {world}), or choose a smaller model (model.preset / model.channels)"):
+        with out_of_memory_advice(*oom_advice):
             result = train_step(step_model, diffusion, optimizer, batch, optim, images_seen, ema,
                                 generator=generator, autocast_dtype=autocast)
         images_seen, step, window_images = images_seen + train["batch_size"], step + 1, window_images + train["batch_size"]
