@@ -22,4 +22,4 @@ test-all: $(VENV)/.installed
 	$(PY) -m pytest -m "slow or not slow"
 
 bench: $(VENV)/.installed
-	$(PY) benchmarks/unet_throughput.py --out benchmarks/results/unet_throughput_cpu.json
+	$(PY) benchmarks/unet_throughput.py --variants eager channels_last compile --out benchmarks/results/unet_throughput_cpu.json

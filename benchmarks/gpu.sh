@@ -17,15 +17,16 @@ timeout 420 python benchmarks/train_step.py --preset cifar10 --batch 128 --dtype
   --peak-tflops "${PEAK_TFLOPS:-790}" --out "$OUT/train_step_cifar10_bf16.json" || echo "train_step: failed or timed out"
 
 # Sampling: 50,000 CIFAR-10-size images with DDIM-100, and 5,000 with 1000 ancestral steps (images/s holds for 50k),
-# plus Inception feature extraction of 50,000 images when the weights file is given.
+# bf16 autocast as the sample actors run on a GPU (sample.bf16_on_gpu), plus Inception feature extraction of 50,000
+# images when the weights file is given.
 INCEPTION=()
 if [[ $# -ge 1 ]]; then INCEPTION=(--inception-weights "$1" --inception-images 50000); fi
-timeout 420 python benchmarks/sampling.py --preset cifar10 --batch 1000 --samplers ddim:100=50000 ancestral:1000=5000 \
+timeout 420 python benchmarks/sampling.py --preset cifar10 --batch 1000 --dtype bf16 --samplers ddim:100=50000 ancestral:1000=5000 \
   "${INCEPTION[@]}" --out "$OUT/sampling_cifar10.json" || echo "sampling: failed or timed out"
 
 # Our U-Net against diffusers' UNet2DModel at matched architecture (needs diffusers).
 if python -c "import diffusers" 2>/dev/null; then
-  timeout 300 python benchmarks/unet_throughput.py --device cuda --out "$OUT/unet_throughput.json" || echo "unet_throughput: failed"
+  timeout 300 python benchmarks/unet_throughput.py --device cuda --variants eager channels_last --out "$OUT/unet_throughput.json" || echo "unet_throughput: failed"
 else
   echo "unet_throughput: not measured (diffusers is not installed)"
 fi

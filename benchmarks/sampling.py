@@ -3,10 +3,12 @@ batches, as one sampling actor runs it), and optionally the feature-extraction t
 
 The U-Net is the preset's, freshly initialised: the cost of a step does not depend on the weights. Reports images/s
 per sampler and the time for ``--num-samples`` images (measured, not projected: lower ``--num-samples`` for the slow
-samplers). With ``--inception-weights`` (pt_inception-2015-12-05-6726825d.pth), also times the Inception pool3
-extraction of the generated images, as the evaluate stage does.
+samplers). ``--dtype bf16`` and ``--compile`` run the network as a sampling actor does with ``sample.bf16_on_gpu``
+and ``sample.compile`` (``ddpm_core.samplers.fast_sampling_network``; a compilation counts in the first batch's time).
+With ``--inception-weights`` (pt_inception-2015-12-05-6726825d.pth), also times the Inception pool3 extraction of
+the generated images, as the evaluate stage does.
 
-    python benchmarks/sampling.py --preset cifar10 --batch 1000 --samplers ddim:100=50000 ancestral:1000=5000 \\
+    python benchmarks/sampling.py --preset cifar10 --batch 1000 --dtype bf16 --samplers ddim:100=50000 ancestral:1000=5000 \\
         --out benchmarks/results/sampling_h100.json
 """
 
@@ -21,7 +23,7 @@ import torch
 from common import device_name, synchronize, write_result
 from ddpm_core.data import to_uint8
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
-from ddpm_core.samplers import PerIndexNoise, SamplerConfig, sample
+from ddpm_core.samplers import PerIndexNoise, SamplerConfig, fast_sampling_network, sample
 from ddpm_core.unet import UNet, unet_preset
 
 
@@ -60,6 +62,8 @@ def main() -> None:
     parser.add_argument("--preset", default="cifar10")
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, as a GPU sampling actor")
+    parser.add_argument("--compile", action="store_true", help="torch.compile with frozen weights, as sample.compile")
     parser.add_argument("--samplers", nargs="+", default=["ddim:100=50000", "ancestral:1000=5000"],
                         help="method:steps=num_samples")
     parser.add_argument("--inception-weights", type=Path, default=None)
@@ -69,7 +73,7 @@ def main() -> None:
     device = torch.device(args.device)
     config = unet_preset(args.preset)
     torch.manual_seed(0)
-    model = UNet(config).to(device).eval()
+    model = fast_sampling_network(UNet(config).to(device).eval(), torch.bfloat16 if args.dtype == "bf16" else None, args.compile)
     diffusion = GaussianDiffusion.from_config(DiffusionConfig())
     shape = (config.in_channels, config.image_size, config.image_size)
     rows, images = [], None
@@ -79,7 +83,8 @@ def main() -> None:
         row, images = time_sampler(model, diffusion, shape, method, int(steps), int(num_samples), args.batch, device)
         rows.append(row)
         print(f"{method} {steps} steps: {row['num_samples']} images in {row['seconds']:.1f} s ({row['images_per_s']:.1f} img/s)", flush=True)
-    result = {"benchmark": "sampling", "preset": args.preset, "torch": torch.__version__, "threads": torch.get_num_threads(),
+    result = {"benchmark": "sampling", "preset": args.preset, "dtype": args.dtype, "compile": args.compile,
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
               "device_name": device_name(device),
               "rows": rows, "inception": None}
     if args.inception_weights is not None:

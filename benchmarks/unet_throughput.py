@@ -2,10 +2,14 @@
 
 Both networks are built with the same widths, depth, attention resolutions (single-head), GroupNorm groups and
 dropout, and timed alternately in one process so that machine noise hits both alike. Training = forward, backward
-and an AdamW step on the eps-MSE loss; sampling = one no-grad forward (one denoising step). Reports the median of
-the repeats and the ratio ours / diffusers (> 1: ours is faster).
+and an AdamW step on the eps-MSE loss; sampling = one no-grad forward (one denoising step). Each ``--variants`` entry
+is applied to both networks alike: ``eager``; ``channels_last`` (NHWC weights and inputs); ``compile``
+(``torch.compile``; for sampling with inductor's weight freezing, our sample actors' ``sample.compile`` path).
+Reports the median of the repeats, the ratio ours / diffusers (> 1: ours is faster), and, to say how much any
+implementation could still gain, the FLOP/s our denoising step reaches against a large float32 matmul on the same
+device (the attainable peak of the convolutions' GEMM kernels).
 
-    python benchmarks/unet_throughput.py --out benchmarks/results/unet_throughput_cpu.json
+    python benchmarks/unet_throughput.py --variants eager channels_last compile --out benchmarks/results/unet_throughput_cpu.json
 """
 
 from __future__ import annotations
@@ -17,9 +21,13 @@ from pathlib import Path
 
 import torch
 from diffusers import UNet2DModel
+from torch.utils.flop_counter import FlopCounterMode
 
 from common import device_name, synchronize, write_result
+from ddpm_core.samplers import fast_sampling_network
 from ddpm_core.unet import UNet, UNetConfig, unet_preset
+
+VARIANTS = ("eager", "channels_last", "compile")
 
 # batch sizes per preset and device type: big enough to be representative, small enough for a 2-core CPU
 BATCH = {("digits", "cpu"): (128, 256), ("cifar10", "cpu"): (8, 16),
@@ -43,14 +51,14 @@ def diffusers_twin(config: UNetConfig) -> UNet2DModel:
     )
 
 
-
-def time_training(model, forward, batch: int, config: UNetConfig, device, repeats: int) -> list[float]:
+def time_training(model, forward, batch: int, config: UNetConfig, device, repeats: int, channels_last: bool) -> list[float]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, config.in_channels, config.image_size, config.image_size, device=device)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     t = torch.randint(0, 1000, (batch,), device=device)
     model.train()
     rates = []
-    for repeat in range(repeats + 1):  # the first is a warm-up
+    for repeat in range(repeats + 1):  # the first is a warm-up (and the compilation)
         synchronize(device)
         start = time.perf_counter()
         loss = (forward(model, x, t) - x).pow(2).mean()
@@ -64,8 +72,9 @@ def time_training(model, forward, batch: int, config: UNetConfig, device, repeat
 
 
 @torch.no_grad()
-def time_sampling(model, forward, batch: int, config: UNetConfig, device, repeats: int) -> list[float]:
+def time_sampling(model, forward, batch: int, config: UNetConfig, device, repeats: int, channels_last: bool) -> list[float]:
     x = torch.randn(batch, config.in_channels, config.image_size, config.image_size, device=device)
+    x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     t = torch.full((batch,), 500, device=device)
     model.eval()
     rates = []
@@ -79,51 +88,84 @@ def time_sampling(model, forward, batch: int, config: UNetConfig, device, repeat
     return rates
 
 
-def ours_forward(model, x, t):
-    return model(x, t)
+def forwards(network: str, model: torch.nn.Module, variant: str) -> tuple:
+    """(training forward, sampling forward) of ``model`` under ``variant``, each ``f(model, x, t) -> eps``."""
+    train_model = torch.compile(model, dynamic=False) if variant == "compile" else model
+    if network == "ours":
+        sample_model = fast_sampling_network(model, compile=variant == "compile")
+        return (lambda _, x, t: train_model(x, t)), (lambda _, x, t: sample_model(x, t))
+    sample_model = torch.compile(model, dynamic=False, options={"freezing": True}) if variant == "compile" else model
+    return (lambda _, x, t: train_model(x, t).sample), (lambda _, x, t: sample_model(x, t).sample)
 
 
-def diffusers_forward(model, x, t):
-    return model(x, t).sample
+def forward_flops_per_image(model: torch.nn.Module, config: UNetConfig, device) -> float:
+    x = torch.randn(2, config.in_channels, config.image_size, config.image_size, device=device)
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(x, torch.full((2,), 500, device=device))
+    return counter.get_total_flops() / 2
 
 
-def measure(preset: str, device: torch.device, repeats: int) -> dict:
+def matmul_gflops(device, size: int = 2048, repeats: int = 5) -> float:
+    """Float32 GFLOP/s of a large square matmul: the attainable peak of the GEMM kernels convolutions lower to."""
+    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+    rates = []
+    for repeat in range(repeats + 1):
+        synchronize(device)
+        start = time.perf_counter()
+        a @ b
+        synchronize(device)
+        if repeat:
+            rates.append(2 * size**3 / (time.perf_counter() - start) / 1e9)
+    return statistics.median(rates)
+
+
+def measure(preset: str, variant: str, device: torch.device, repeats: int) -> dict:
     config = unet_preset(preset)
     torch.manual_seed(0)
-    models = {"ours": (UNet(config).to(device), ours_forward), "diffusers": (diffusers_twin(config).to(device), diffusers_forward)}
+    channels_last = variant == "channels_last"
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    models = {"ours": UNet(config).to(device, memory_format=memory_format),
+              "diffusers": diffusers_twin(config).to(device, memory_format=memory_format)}
+    paths = {name: forwards(name, model, variant) for name, model in models.items()}
     train_batch, sample_batch = BATCH[(preset, device.type)]
     rates = {name: {"train": [], "sample": []} for name in models}
     for _ in range(repeats):  # alternate the two networks
-        for name, (model, forward) in models.items():
-            rates[name]["train"] += time_training(model, forward, train_batch, config, device, 1)
-            rates[name]["sample"] += time_sampling(model, forward, sample_batch, config, device, 1)
-    row = {"preset": preset, "device": device.type, "train_batch": train_batch, "sample_batch": sample_batch,
-           "repeats": repeats}
-    for name, (model, _) in models.items():
+        for name, model in models.items():
+            train_forward, sample_forward = paths[name]
+            rates[name]["train"] += time_training(model, train_forward, train_batch, config, device, 1, channels_last)
+            rates[name]["sample"] += time_sampling(model, sample_forward, sample_batch, config, device, 1, channels_last)
+    row = {"preset": preset, "variant": variant, "device": device.type, "train_batch": train_batch,
+           "sample_batch": sample_batch, "repeats": repeats}
+    for name, model in models.items():
         row[f"{name}_params"] = sum(p.numel() for p in model.parameters())
         row[f"{name}_train_img_s"] = statistics.median(rates[name]["train"])
         row[f"{name}_sample_img_s"] = statistics.median(rates[name]["sample"])
+        row[f"{name}_train_window_img_s"], row[f"{name}_sample_window_img_s"] = rates[name]["train"], rates[name]["sample"]
     row["train_ratio"] = row["ours_train_img_s"] / row["diffusers_train_img_s"]
     row["sample_ratio"] = row["ours_sample_img_s"] / row["diffusers_sample_img_s"]
+    row["gflop_per_image_fwd"] = forward_flops_per_image(models["ours"], config, device) / 1e9
+    row["ours_sample_gflops"] = row["gflop_per_image_fwd"] * row["ours_sample_img_s"]
     return row
 
 
 def markdown(result: dict) -> str:
     lines = [f"Device: {result['device_name']}; torch {result['torch']}; {result['threads']} threads; "
-             f"median of {result['rows'][0]['repeats']} alternating repeats.", "",
-             "| preset | params ours / diffusers | train batch | train img/s ours | train img/s diffusers | ratio | "
-             "sample batch | denoise img/s ours | denoise img/s diffusers | ratio |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"median of {result['rows'][0]['repeats']} alternating repeats; float32 matmul {result['matmul_gflops']:.0f} GFLOP/s.", "",
+             "| preset | variant | params ours / diffusers | train batch | train img/s ours | train img/s diffusers | ratio | "
+             "sample batch | denoise img/s ours | denoise img/s diffusers | ratio | ours denoise GFLOP/s (of matmul's) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['preset']} | {r['ours_params'] / 1e6:.2f}M / {r['diffusers_params'] / 1e6:.2f}M | {r['train_batch']} | "
-                     f"{r['ours_train_img_s']:.1f} | {r['diffusers_train_img_s']:.1f} | {r['train_ratio']:.2f} | "
-                     f"{r['sample_batch']} | {r['ours_sample_img_s']:.1f} | {r['diffusers_sample_img_s']:.1f} | {r['sample_ratio']:.2f} |")
+        lines.append(f"| {r['preset']} | {r['variant']} | {r['ours_params'] / 1e6:.2f}M / {r['diffusers_params'] / 1e6:.2f}M | "
+                     f"{r['train_batch']} | {r['ours_train_img_s']:.1f} | {r['diffusers_train_img_s']:.1f} | {r['train_ratio']:.2f} | "
+                     f"{r['sample_batch']} | {r['ours_sample_img_s']:.1f} | {r['diffusers_sample_img_s']:.1f} | {r['sample_ratio']:.2f} | "
+                     f"{r['ours_sample_gflops']:.0f} ({r['ours_sample_gflops'] / result['matmul_gflops']:.0%}) |")
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["digits", "cifar10"])
+    parser.add_argument("--variants", nargs="+", default=["eager"], choices=VARIANTS)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, required=True, help="JSON output path")
@@ -131,8 +173,8 @@ def main() -> None:
     device = torch.device(args.device)
     result = {
         "benchmark": "unet_throughput", "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "device_name": device_name(device),
-        "rows": [measure(preset, device, args.repeats) for preset in args.presets],
+        "device_name": device_name(device), "matmul_gflops": matmul_gflops(device),
+        "rows": [measure(preset, variant, device, args.repeats) for preset in args.presets for variant in args.variants],
     }
     write_result(args.out, result)
     print(markdown(result))

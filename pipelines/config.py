@@ -111,10 +111,16 @@ class SampleSection:
     spacing: str = "linspace"
     clip_denoised: bool = True
     seed: int = 1
+    bf16_on_gpu: bool = True  # bf16 autocast of the U-Net in GPU sampling actors (CPUs always sample in float32)
+    compile: bool = False  # torch.compile (inductor, weights frozen) of the U-Net in each sampling actor
 
     def sampler(self) -> SamplerConfig:
         return SamplerConfig(method=self.method, num_steps=self.num_steps, eta=self.eta, spacing=self.spacing,
                              clip_denoised=self.clip_denoised)
+
+    def execution(self, use_gpu: bool) -> dict[str, Any]:
+        """How the sampling actors run the network (not what they compute): precision and compilation."""
+        return {"precision": "bf16" if use_gpu and self.bf16_on_gpu else "fp32", "compile": self.compile}
 
 
 @dataclass(frozen=True)

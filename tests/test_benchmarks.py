@@ -1,5 +1,6 @@
 """The benchmark scripts run and measure what they claim (tiny sizes on the CPU; the numbers themselves belong in
-docs/benchmarks.md, never in a test). ``fid_vs_steps.py`` is run against a finished pipeline run in test_faults."""
+docs/benchmarks.md, never in a test). ``fid_vs_steps.py`` is run against a finished pipeline run in test_faults, and
+``pipeline_overhead.py``'s reading of Ray's task records against the end-to-end run in test_pipeline_e2e."""
 
 import json
 import os
@@ -58,14 +59,18 @@ def test_pipeline_overhead_split_accounts_for_the_whole_wall_time(tmp_path):
     for stage, (started, finished, outputs) in stages.items():
         (tmp_path / stage).mkdir()
         (tmp_path / stage / "stage.json").write_text(json.dumps({"started_at": started, "finished_at": finished, "outputs": outputs}))
-    result = split(tmp_path, started=0.0, wall=190.0)
+    # Ray tasks: two overlapping in evaluate (153-160 and 158-165: 12 s covered), one straddling its end (180-190: 2 s
+    # inside), and sampling-stage actor methods outside evaluate's window, which must not count again.
+    tasks = [("features", 153.0, 160.0), ("features", 158.0, 165.0), ("nll", 180.0, 190.0), ("run_shard", 131.0, 149.0)]
+    result = split(tmp_path, started=0.0, wall=190.0, ray_startup=10.0, intervals=tasks)
     assert result["stage_s"] == {"prepare": 10.0, "train": 100.0, "sample": 20.0, "evaluate": 30.0}
     assert result["before_first_stage_s"] == 10.0 and result["between_stages_s"] == 5.0 + 5.0 + 2.0
-    assert result["after_last_stage_s"] == 8.0
-    parts = result["before_first_stage_s"] + sum(result["stage_s"].values()) + result["between_stages_s"] + result["after_last_stage_s"]
+    assert result["after_last_stage_s"] == 8.0 and result["wall_s"] == 200.0
+    parts = (result["ray_startup_s"] + result["before_first_stage_s"] + sum(result["stage_s"].values()) + result["between_stages_s"]
+             + result["after_last_stage_s"])
     assert parts == pytest.approx(result["wall_s"])
-    assert result["compute_s"] == {"train_loop": 80.0, "sampling": 15.0, "evaluate_stage": 30.0}
-    assert result["overhead_s"] == 65.0 and result["overhead_fraction"] == pytest.approx(65 / 190)
+    assert result["compute_s"] == {"train_loop": 80.0, "sampling": 15.0, "evaluate_tasks": 14.0}
+    assert result["overhead_s"] == 200.0 - 109.0 and result["overhead_fraction"] == pytest.approx(91 / 200)
 
 
 def test_sampling_benchmark_times_each_sampler_and_the_inception_features(tmp_path):
@@ -77,10 +82,11 @@ def test_sampling_benchmark_times_each_sampler_and_the_inception_features(tmp_pa
     weights = tmp_path / WEIGHTS_FILE
     torch.save(random_fid_inception_state_dict(), weights)
     out = tmp_path / "sampling.json"
-    run_without_ray_or_mlflow("benchmarks/sampling.py", "--preset", "digits", "--batch", "8", "--device", "cpu",
+    run_without_ray_or_mlflow("benchmarks/sampling.py", "--preset", "digits", "--batch", "8", "--device", "cpu", "--dtype", "bf16",
                               "--samplers", "ddim:5=12", "ancestral:20=8", "--inception-weights", str(weights),
                               "--inception-images", "6", "--out", str(out))
     result = json.loads(out.read_text())
     assert [(r["method"], r["steps"], r["num_samples"]) for r in result["rows"]] == [("ddim", 5, 12), ("ancestral", 20, 8)]
+    assert result["dtype"] == "bf16" and result["compile"] is False
     assert all(r["images_per_s"] == pytest.approx(r["num_samples"] / r["seconds"]) for r in result["rows"])
     assert result["inception"]["num_images"] == 6 and result["inception"]["seconds"] > 0

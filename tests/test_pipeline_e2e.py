@@ -58,6 +58,21 @@ def test_pipeline_via_ray_job_submit_with_mlflow_server_and_s3(tmp_path, s3_buck
     assert s3_proxy.injected["throttled"] >= 10, s3_proxy.injected
 
 
+def assert_ray_records_the_evaluate_tasks(address: str, ray_env: dict[str, str], evaluate_run) -> None:
+    """What benchmarks/pipeline_overhead.py counts as evaluate's compute, read from this cluster's state API: the
+    feature and NLL tasks ran inside the evaluate run's window, and cover part of it, not more; the sample stage's
+    actor methods ran before it."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from pipeline_overhead import covered_seconds, executed_intervals
+
+    intervals = executed_intervals(address, ray_env)
+    window = (evaluate_run.start_time / 1000, evaluate_run.end_time / 1000)
+    inside = {name for name, start, end in intervals if window[0] <= start and end <= window[1]}
+    assert {"summarize_source", "chunk_bits_per_dim"} <= inside and "SampleWorker.run_shard" not in inside, inside
+    assert any(name == "SampleWorker.run_shard" and end <= window[0] for name, _, end in intervals)
+    assert 0 < covered_seconds([(start, end) for _, start, end in intervals], window) < window[1] - window[0]
+
+
 def run_pipeline_twice(tmp_path, bucket, options, address, ray_env, tracking_uri, s3_url, credentials, monkeypatch):
     for headers in ({}, {"Authorization": "Basic " + base64.b64encode(b"pipeline:wrong-password").decode()}):
         request = urllib.request.Request(f"{tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1", headers=headers)
@@ -90,7 +105,8 @@ def run_pipeline_twice(tmp_path, bucket, options, address, ray_env, tracking_uri
     assert evaluation.params["protocol.nll.num_images"] == "40" and evaluation.params["protocol.nll.timesteps"] == "all"
     assert evaluation.params["protocol.precision_recall.samples"] == "200"
     assert evaluation.params["protocol.reference_count"] == "1617"
-    assert len(evaluation.tags["fid.protocol_hash"]) == 16
+    assert len(evaluation.tags["fid.protocol_hash"]) == 16 and evaluation.params["protocol.precision"] == "fp32"
+    assert_ray_records_the_evaluate_tasks(address, ray_env, by_stage["evaluate"].info)
     train_metrics = by_stage["train"].data.metrics
     assert {"loss", "loss_q0", "loss_q3", "grad_norm", "lr", "images_per_second"} <= set(train_metrics)
     assert [m.step for m in client.get_metric_history(by_stage["train"].info.run_id, "loss")][-1] == 2048

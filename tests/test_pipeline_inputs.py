@@ -31,6 +31,7 @@ def run_cli(args, capsys):
     ("sample.method=euler", "sample.method: 'euler' is not one of ancestral, ddim"),
     ("model.preset=imagenet", "model.preset 'imagenet' is not one of"),
     ("train.use_gpu=maybe", "train.use_gpu: expected true or false"),
+    ("sample.compile=fast", "sample.compile: expected true or false"),
     ("evaluate.extractor=clip", "evaluate.extractor 'clip' is not one of: classifier, inception"),
     ("evaluate.extractor=inception", "needs evaluate.inception_weights_uri"),
     ("evaluate.inception_weights_sha256=xyz", "evaluate.inception_weights_sha256: expected 8 to 64 lowercase hex"),
@@ -50,6 +51,14 @@ def test_config_file_errors(tmp_path, capsys):
     (tmp_path / "bad.yaml").write_text("train: [unclosed")
     assert main(["run", "--config", str(tmp_path / "bad.yaml")]) == 2
     assert "not valid YAML" in capsys.readouterr().err
+
+
+def test_sampling_precision_is_bf16_only_on_gpus_when_enabled():
+    config = load_config(None, [])
+    assert config.sample.execution(use_gpu=False) == {"precision": "fp32", "compile": False}
+    assert config.sample.execution(use_gpu=True) == {"precision": "bf16", "compile": False}
+    fp32 = load_config(None, ["sample.bf16_on_gpu=false", "sample.compile=true"])
+    assert fp32.sample.execution(use_gpu=True) == {"precision": "fp32", "compile": True}
 
 
 def test_yaml_and_overrides_resolve(tmp_path):

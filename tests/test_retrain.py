@@ -1,7 +1,7 @@
 """Scheduled retraining against a real ``mlflow server``, each run a separate ``python -m pipelines retrain`` process
 with its own local Ray: two runs of one schedule tick at once (exactly one proceeds), no champion -> promoted,
-unchanged data -> skipped without training, changed data -> warm start and the champion re-scored under the same
-protocol, and a deliberately weak challenger -> champion kept."""
+unchanged data -> skipped without training, changed data -> warm start, the champion re-scored under the same
+protocol and the promotion margin applied (the champion kept; the promotion rule itself is tested below)."""
 
 import json
 import os
@@ -77,31 +77,21 @@ def test_retrain_schedule(tmp_path):
                                 cwd=REPO, capture_output=True, text=True, timeout=120)
         assert "retrain   skipped: data unchanged" in status.stdout
 
-        # (3) a new image lands: trained, warm-started from the champion, champion re-scored under this protocol,
-        # and the promotion rule applied to the two scores
+        # (3) a new image lands: trained, warm-started from the champion, the champion re-scored under this run's
+        # protocol, and the promotion margin applied to the two scores: with a margin no FID can clear, the champion
+        # stays, the new version becomes the challenger and records why
         Image.fromarray(digits.images[700][..., 0]).save(tmp_path / "data" / str(digits.labels[700]) / "new-00001.png")
-        code, output = retrain(tmp_path, tracking_uri, "2026-11-22T02:00Z")
+        code, output = retrain(tmp_path, tracking_uri, "2026-11-22T02:00Z", "register.promotion_margin=1000")
         assert code == 0, output[-5000:]
         assert "warm start from champion v1" in output and "initial weights from" in output
         assert "re-scoring champion v1" in output
         third = decision(tmp_path, "nightly-20261122T0200Z")
-        assert third["champion_fid"] is not None and "re-scored under this run's protocol" in third["reason"]
-        assert third["decision"] == ("promoted" if third["challenger_fid"] < third["champion_fid"] else "kept")
-        expected_champion = "2" if third["decision"] == "promoted" else "1"
-        assert client.get_model_version_by_alias("ddpm-nightly", "champion").version == expected_champion
+        assert third["decision"] == "kept", third
+        assert third["champion_fid"] is not None and third["challenger_fid"] is not None
+        assert "re-scored under this run's protocol" in third["reason"] and "margin 1000" in third["reason"]
+        assert client.get_model_version_by_alias("ddpm-nightly", "champion").version == "1"
         assert client.get_model_version_by_alias("ddpm-nightly", "challenger").version == "2"
-
-        # (4) another change, but a challenger trained from scratch on 128 images: far worse, the champion stays
-        Image.fromarray(digits.images[701][..., 0]).save(tmp_path / "data" / str(digits.labels[701]) / "new-00002.png")
-        code, output = retrain(tmp_path, tracking_uri, "2026-11-23T02:00Z", "retrain.warm_start=false", "train.total_images=128",
-                               "train.checkpoint_every_images=128", "train.warmup_images=64")
-        assert code == 0, output[-5000:]
-        fourth = decision(tmp_path, "nightly-20261123T0200Z")
-        assert fourth["decision"] == "kept" and fourth["challenger_fid"] > fourth["champion_fid"], fourth
-        assert client.get_model_version_by_alias("ddpm-nightly", "champion").version == expected_champion
-        assert client.get_model_version_by_alias("ddpm-nightly", "challenger").version == "3"
-        version = client.get_model_version("ddpm-nightly", "3")
-        assert version.tags["registry.decision"].startswith("champion kept: FID")
+        assert client.get_model_version("ddpm-nightly", "2").tags["registry.decision"].startswith("champion kept: FID")
 
 
 @pytest.mark.parametrize("fid, margin, rescored, promote, says", [

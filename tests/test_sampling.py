@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion, Variance
-from ddpm_core.samplers import PerIndexNoise, SamplerConfig, classifier_free_guidance, sample
+from ddpm_core.samplers import PerIndexNoise, SamplerConfig, classifier_free_guidance, fast_sampling_network, sample
 from ddpm_core.unet import UNet, UNetConfig
 
 TINY = UNetConfig(image_size=8, in_channels=1, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
@@ -34,6 +34,25 @@ def test_image_i_is_the_same_whatever_the_batching(config):
     # Different seeds or indices give different images.
     other = sample(model, diffusion, (1, 8, 8), PerIndexNoise(8, range(5)), config).samples
     assert (other - first).abs().max().item() > 0.1
+
+
+def test_the_fast_sampling_network_changes_rounding_only():
+    """bf16 autocast and torch.compile (inductor, frozen weights) give the eager float32 images up to rounding: the
+    sampler's arithmetic stays float32, and the plain path is the model itself."""
+    model = tiny_model()
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig(num_timesteps=200, variance=Variance.FIXED_SMALL))
+    config = SamplerConfig(method="ddim", num_steps=10)
+    assert fast_sampling_network(model) is model
+    eager = sample(model, diffusion, (1, 8, 8), PerIndexNoise(3, range(6)), config).samples  # [6, 1, 8, 8]
+    bf16_network = fast_sampling_network(model, autocast_dtype=torch.bfloat16)
+    x, t = torch.randn(6, 1, 8, 8), torch.full((6,), 50)
+    assert bf16_network(x, t).dtype == torch.float32
+    bf16 = sample(bf16_network, diffusion, (1, 8, 8), PerIndexNoise(3, range(6)), config).samples
+    assert 0 < (bf16 - eager).abs().mean().item() < 0.01  # bf16 keeps 8 bits of mantissa: close, not equal
+    compiled = sample(fast_sampling_network(model, compile=True), diffusion, (1, 8, 8), PerIndexNoise(3, range(6)), config).samples
+    assert (compiled - eager).abs().max().item() < 1e-3
+    other = sample(model, diffusion, (1, 8, 8), PerIndexNoise(4, range(6)), config).samples
+    assert (other - eager).abs().mean().item() > 0.5  # another seed: the tolerances above are far below a change of image
 
 
 def test_progressive_decoding_and_progress_callback():

@@ -37,7 +37,8 @@ def fid_protocol(context: StageContext, extractor_id: str, weights_sha256: str |
     """Everything that must match for two FIDs to be comparable (hashed into ``fid.protocol_hash``)."""
     sample = context.upstream["sample"]["outputs"]
     return {"num_samples": sample["num_samples"], "sampler": sample["sampler"], "seed": sample["seed"],
-            "extractor_id": extractor_id, "extractor_weights_sha256": weights_sha256, **reference}
+            "precision": sample["execution"]["precision"], "extractor_id": extractor_id,
+            "extractor_weights_sha256": weights_sha256, **reference}
 
 
 def protocol_hash(value: dict[str, Any]) -> str:
@@ -86,7 +87,7 @@ def run(context: StageContext) -> dict[str, Any]:
     if evaluate.untrained_baseline:
         context.log("evaluate: sampling an untrained network under the same protocol for the baseline FID")
         baseline_uris, _ = sample_to_shards(context.output_of("train", "initial_snapshot_uri"), f"{context.work_uri('evaluate')}/untrained_shards",
-                                         num_samples, config.sample.batch_size, sample["sampler"], sample["seed"],
+                                         num_samples, config.sample.batch_size, sample["sampler"], sample["execution"], sample["seed"],
                                          config.sample.num_workers, use_gpu, options, context.log, env)
         untrained = summarize(sample_sources(baseline_uris, options), spec, options, env, use_gpu, num_samples)
         metrics["fid_untrained"] = fid_against(untrained, reference, published)
@@ -129,7 +130,7 @@ def rescore_champion(context: StageContext, spec: ExtractorSpec, reference: Summ
     context.log(f"evaluate: re-scoring champion v{champion.version} of {config.register.model_name} under this protocol")
     snapshot_uri = champion_snapshot_uri(store, context.tracking_uri, config.register.model_name, champion)
     uris, _ = sample_to_shards(snapshot_uri, f"{context.work_uri('evaluate')}/champion_v{champion.version}_shards", sample["num_samples"],
-                            config.sample.batch_size, sample["sampler"], sample["seed"], config.sample.num_workers, use_gpu,
+                            config.sample.batch_size, sample["sampler"], sample["execution"], sample["seed"], config.sample.num_workers, use_gpu,
                             store.options, context.log, runtime_env())
     scored = summarize(sample_sources(uris, store.options), spec, store.options, runtime_env(), use_gpu, sample["num_samples"])
     return champion.version, fid_against(scored, reference, published)

@@ -16,18 +16,21 @@ from pipelines.stages.context import StageContext, out_of_memory_advice
 
 @ray.remote
 class SampleWorker:
-    """Holds one copy of the network; samples shards of indices and commits each as ``images.npy``."""
+    """Holds one copy of the network; samples shards of indices and commits each as ``images.npy``.
+    ``execution`` is :meth:`SampleSection.execution`: the precision and whether the network is compiled."""
 
-    def __init__(self, snapshot_uri: str, sampler: dict[str, Any], seed: int, storage_options: dict[str, Any]) -> None:
+    def __init__(self, snapshot_uri: str, sampler: dict[str, Any], execution: dict[str, Any], seed: int,
+                 storage_options: dict[str, Any]) -> None:
         import torch
 
         from ddpm_core.checkpoint import load_snapshot
         from ddpm_core.diffusion import GaussianDiffusion
-        from ddpm_core.samplers import SamplerConfig
+        from ddpm_core.samplers import SamplerConfig, fast_sampling_network
 
         snapshot = load_snapshot(snapshot_uri, storage_options)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        self.model = snapshot.build_model().to(self.device)
+        autocast = {"bf16": torch.bfloat16, "fp32": None}[execution["precision"]]
+        self.model = fast_sampling_network(snapshot.build_model().to(self.device), autocast, execution["compile"])
         self.diffusion = GaussianDiffusion.from_config(snapshot.diffusion)
         self.shape = (snapshot.unet.in_channels, snapshot.unet.image_size, snapshot.unet.image_size)
         self.sampler, self.seed, self.storage_options = SamplerConfig(**sampler), seed, storage_options
@@ -58,7 +61,7 @@ def shard_uris(root: str, num_samples: int, shard_size: int) -> list[tuple[str, 
 
 
 def sample_to_shards(snapshot_uri: str, out_uri: str, num_samples: int, shard_size: int, sampler: dict[str, Any],
-                     seed: int, num_workers: int, use_gpu: bool, storage_options: dict[str, Any],
+                     execution: dict[str, Any], seed: int, num_workers: int, use_gpu: bool, storage_options: dict[str, Any],
                      log: Callable[[str], None], runtime_env: dict[str, Any]) -> tuple[list[str], float]:
     """Sample ``num_samples`` images into committed shards under ``out_uri``; returns every shard URI and the
     sampling compute time (seconds inside the sampler, summed over shards, divided by the number of actors)."""
@@ -69,7 +72,7 @@ def sample_to_shards(snapshot_uri: str, out_uri: str, num_samples: int, shard_si
     if not pending:
         return [uri for uri, _, _ in shards], 0.0
     resources = {"num_gpus": 1} if use_gpu else {"num_cpus": 1}
-    workers = [SampleWorker.options(**resources, runtime_env=runtime_env).remote(snapshot_uri, sampler, seed, storage_options)
+    workers = [SampleWorker.options(**resources, runtime_env=runtime_env).remote(snapshot_uri, sampler, execution, seed, storage_options)
                for _ in range(min(num_workers, len(pending)))]
     pool = ray.util.ActorPool(workers)
     start, done_images, todo_images, busy = time.time(), 0, sum(stop - begin for _, begin, stop in pending), 0.0
@@ -88,9 +91,10 @@ def run(context: StageContext) -> dict[str, Any]:
 
     config = context.config.sample
     use_gpu = context.output_of("train", "use_gpu")
+    execution = config.execution(use_gpu)
     uris, sampling_seconds = sample_to_shards(context.output_of("train", "snapshot_uri"), f"{context.work_uri('sample')}/shards",
-                            config.num_samples, config.batch_size, config.sampler().to_dict(), config.seed,
+                            config.num_samples, config.batch_size, config.sampler().to_dict(), execution, config.seed,
                             config.num_workers, use_gpu, context.store.options, context.log, runtime_env())
     context.client.log_metric(context.mlflow_run_id, "num_samples", config.num_samples)
     return {"shard_uris": uris, "num_samples": config.num_samples, "sampler": config.sampler().to_dict(), "seed": config.seed,
-            "sampling_seconds": sampling_seconds}
+            "execution": execution, "sampling_seconds": sampling_seconds}
