@@ -15,6 +15,15 @@ python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; pri
 # MFU against 790 TFLOP/s (an H100's dense bf16); pass PEAK_TFLOPS for another GPU.
 timeout 420 python benchmarks/train_step.py --preset cifar10 --batch 128 --dtype bf16 --steps 50 --windows 3 \
   --peak-tflops "${PEAK_TFLOPS:-790}" --out "$OUT/train_step_cifar10_bf16.json" || echo "train_step: failed or timed out"
+# With two or more GPUs, the same step data-parallel over all of them (NCCL): communication time and its exposed cost.
+GPUS=$(python -c "import torch; print(torch.cuda.device_count())")
+if [[ "$GPUS" -ge 2 ]]; then
+  timeout 300 python benchmarks/train_step.py --preset cifar10 --batch $((128 * GPUS)) --dtype bf16 --steps 50 --windows 3 \
+    --variants eager --world-size "$GPUS" --peak-tflops "${PEAK_TFLOPS:-790}" --out "$OUT/train_step_cifar10_bf16_ddp.json" \
+    || echo "train_step (DDP): failed or timed out"
+else
+  echo "train_step (DDP): not measured (one GPU: no gradient communication)"
+fi
 
 # Sampling: 50,000 CIFAR-10-size images with DDIM-100, and 5,000 with 1000 ancestral steps (images/s holds for 50k),
 # bf16 autocast as the sample actors run on a GPU (sample.bf16_on_gpu), plus Inception feature extraction of 50,000

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 from torch import nn
@@ -67,6 +67,43 @@ class StepResult:
     grad_norm: torch.Tensor  # [] global gradient norm before clipping
     quartile_loss_sum: torch.Tensor  # [4]
     quartile_count: torch.Tensor  # [4]
+
+
+
+class RunningTotals:
+    """The :class:`StepResult` s of the steps since the last read, summed on the device, so that a training step never
+    waits for the host: read once per log step (one collective and one device-to-host copy).
+
+    ``reduce`` sums a tensor in place over the data-parallel workers (``torch.distributed.all_reduce``); every worker
+    must then call :meth:`loss_sum` and :meth:`read` at the same steps."""
+
+    def __init__(self, device: torch.device, reduce: Callable[[torch.Tensor], Any] | None = None) -> None:
+        # loss sum, steps, grad-norm sum, per-quartile loss sums [4], per-quartile counts [4]
+        self.sums = torch.zeros(11, dtype=torch.float64, device=device)  # [11]
+        self.one = torch.ones(1, dtype=torch.float64, device=device)  # [1]
+        self.reduce = reduce
+
+    def add(self, result: StepResult) -> None:
+        self.sums += torch.cat([result.loss.double().reshape(1), self.one, result.grad_norm.double().reshape(1),
+                                result.quartile_loss_sum, result.quartile_count])
+
+    def loss_sum(self) -> float:
+        """The loss summed over the steps and workers since the last read (non-finite once any step diverged)."""
+        loss = self.sums[:1].clone()  # [1]
+        if self.reduce is not None:
+            self.reduce(loss)
+        return loss.item()
+
+    def read(self) -> dict[str, float]:
+        """Means since the last read over all workers: ``loss``, ``grad_norm`` and ``loss_q0..3`` (the quartiles
+        that saw a step); then starts a new window."""
+        if self.reduce is not None:
+            self.reduce(self.sums)
+        summed = self.sums.tolist()
+        self.sums.zero_()
+        means = {"loss": summed[0] / summed[1], "grad_norm": summed[2] / summed[1]}
+        means.update({f"loss_q{q}": summed[3 + q] / summed[7 + q] for q in range(4) if summed[7 + q] > 0})
+        return means
 
 
 def train_step(

@@ -25,16 +25,32 @@ def test_train_step_benchmark_reports_throughput_flops_and_the_profiler_split(tm
     out = tmp_path / "train_step.json"
     run_without_ray_or_mlflow("benchmarks/train_step.py", "--preset", "digits", "--batch", "32", "--device", "cpu", "--dtype", "fp32",
                               "--variants", "eager", "channels_last", "--steps", "3", "--windows", "2", "--peak-tflops", "1.0",
-                              "--out", str(out))
+                              "--log-every", "2", "--out", str(out))
     result = json.loads(out.read_text())
     assert [row["variant"] for row in result["rows"]] == ["eager", "channels_last"]
     for row in result["rows"]:
         assert row["images_per_s"] > 0 and len(row["window_images_per_s"]) == 2
         assert row["mfu"] == pytest.approx(row["achieved_tflops"] / 1.0)
         # every labelled region of the real training step was found by the profiler
-        assert all(row[f"{region}_ms"] > 0 for region in ("data", "forward", "backward", "optimizer", "ema")), row
+        assert all(row[f"{region}_ms"] > 0 for region in ("data", "forward", "backward", "optimizer", "ema", "logging")), row
         step_ms = 1000 * row["batch"] / row["images_per_s"]
         assert 0 < row["data_wait_fraction"] < 1 and row["forward_ms"] + row["backward_ms"] < 3 * step_ms
+        assert "communication_ms" not in row, "one process has no gradient communication to report"
+
+
+def test_train_step_benchmark_in_data_parallel_processes_reports_communication(tmp_path):
+    out = tmp_path / "train_step_ddp.json"
+    run_without_ray_or_mlflow("benchmarks/train_step.py", "--preset", "digits", "--batch", "32", "--device", "cpu", "--dtype", "fp32",
+                              "--variants", "eager", "--steps", "3", "--windows", "2", "--log-every", "2", "--world-size", "2",
+                              "--out", str(out))
+    result = json.loads(out.read_text())
+    assert result["world_size"] == 2 and result["threads"] >= 1  # each process has its share of the cores
+    [row] = result["rows"]
+    assert row["batch"] == 32 and row["world_size"] == 2  # the global batch, 16 per process
+    assert row["communication_ms"] > 0, "the profiler saw DDP's gradient all-reduces"
+    assert row["logging_ms"] > 0 and row["images_per_s"] > 0 and row["images_per_s_without_gradient_sync"] > 0
+    step_ms = 1000 * row["batch"] / row["images_per_s"]
+    assert row["exposed_communication_ms"] == pytest.approx(step_ms - 1000 * row["batch"] / row["images_per_s_without_gradient_sync"])
 
 
 def test_the_cifar10_preset_costs_what_the_paper_model_costs():

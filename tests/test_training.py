@@ -1,14 +1,18 @@
 """EMA, learning-rate warm-up, per-quartile losses, and a short real training run on the bundled digits."""
 
 import json
+import math
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing
 
 from ddpm_core.demo import train_and_sample
 from ddpm_core.ema import EMA
 from ddpm_core.samplers import SamplerConfig
-from ddpm_core.training import OptimConfig, drop_labels, learning_rate, quartile_sums
+from ddpm_core.training import OptimConfig, RunningTotals, StepResult, drop_labels, learning_rate, quartile_sums
+from tests.conftest import free_port
 
 
 def test_ema_update_is_the_exponential_average():
@@ -51,6 +55,42 @@ def test_quartile_sums_and_label_dropout():
     dropped = drop_labels(labels, null_class=10, probability=0.3, generator=torch.Generator().manual_seed(0))
     assert 0.25 < (dropped == 10).float().mean().item() < 0.35
     assert torch.equal(dropped[dropped != 10], labels[dropped != 10])
+
+
+def step_result(loss: float, grad_norm: float, t: list[int], per_example: list[float]) -> StepResult:
+    sums, counts = quartile_sums(torch.tensor(t), torch.tensor(per_example), 1000)
+    return StepResult(torch.tensor(loss), torch.tensor(grad_norm), sums, counts)
+
+
+def sum_two_workers(rank: int, port: int, results_path: str) -> None:
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    totals = RunningTotals(torch.device("cpu"), dist.all_reduce)
+    if rank == 0:  # two steps on worker 0 ...
+        totals.add(step_result(1.0, 10.0, [0, 999], [0.5, 1.5]))
+        totals.add(step_result(2.0, 20.0, [300, 600], [1.0, 3.0]))
+    else:  # ... and two on worker 1, one of them non-finite
+        totals.add(step_result(3.0, 30.0, [100, 200], [2.0, 4.0]))
+        totals.add(step_result(float("nan"), 40.0, [900, 950], [float("nan"), 1.0]))
+    first_loss_sum, first = totals.loss_sum(), totals.read()
+    totals.add(step_result(rank + 1.0, 1.0, [0], [rank + 1.0]))
+    second = totals.read()  # a new window: the first one's sums are gone
+    if rank == 0:
+        with open(results_path, "w") as out:
+            json.dump([first_loss_sum, first, second], out)
+    dist.destroy_process_group()
+
+
+def test_running_totals_are_the_means_over_steps_and_workers(tmp_path):
+    results = tmp_path / "totals.json"
+    torch.multiprocessing.spawn(sum_two_workers, args=(free_port(), str(results)), nprocs=2)
+    first_loss_sum, first, second = json.loads(results.read_text())
+    assert math.isnan(first_loss_sum), "a non-finite step on any worker shows in every worker's loss sum"
+    assert math.isnan(first["loss"]) and first["grad_norm"] == pytest.approx((10 + 20 + 30 + 40) / 4)
+    assert first["loss_q0"] == pytest.approx((0.5 + 2.0 + 4.0) / 3)  # t = 0, 100, 200
+    assert first["loss_q1"] == pytest.approx(1.0)  # t = 300
+    assert first["loss_q2"] == pytest.approx(3.0)  # t = 600
+    assert math.isnan(first["loss_q3"])  # t = 999, 900 (nan), 950
+    assert second == {"loss": 1.5, "grad_norm": 1.0, "loss_q0": 1.5}, "quartiles without a step are left out"
 
 
 def test_short_training_run_on_digits_learns_the_data(tmp_path):

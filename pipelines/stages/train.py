@@ -100,7 +100,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     from ddpm_core.ema import EMA
     from ddpm_core.images import grid
     from ddpm_core.samplers import PerIndexNoise, SamplerConfig, sample
-    from ddpm_core.training import OptimConfig, learning_rate, make_optimizer, train_step
+    from ddpm_core.training import OptimConfig, RunningTotals, learning_rate, make_optimizer, train_step
     from ddpm_core.unet import UNet, UNetConfig
     from pipelines.stages.prepare import read_shards
 
@@ -167,9 +167,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     next_log, next_checkpoint = next_multiple(train["log_every_images"]), next_multiple(train["checkpoint_every_images"])
     next_grid = next_multiple(train["grid_every_images"])
     per_worker = train["batch_size"] // world
-    # loss sum, steps, grad-norm sum, quartile sums [4], counts [4]: kept on the device, read at log steps only
-    totals = torch.zeros(11, dtype=torch.float64, device=device)
-    one = torch.ones(1, dtype=torch.float64, device=device)
+    totals = RunningTotals(device, dist.all_reduce if world > 1 and dist.is_initialized() else None)
     window_start, window_images = time.time(), 0
     oom_advice = (f"a training step on {device} ({per_worker} images per worker)",
                   f"lower train.batch_size (now {train['batch_size']}), spread it over more workers "
@@ -182,36 +180,27 @@ def train_loop(loop: dict[str, Any]) -> None:
             result = train_step(step_model, diffusion, optimizer, batch, optim, images_seen, ema,
                                 generator=generator, autocast_dtype=autocast)
         images_seen, step, window_images = images_seen + train["batch_size"], step + 1, window_images + train["batch_size"]
-        totals += torch.cat([result.loss.double().reshape(1), one, result.grad_norm.double().reshape(1),
-                             result.quartile_loss_sum, result.quartile_count])
+        totals.add(result)
         done = images_seen >= total_images
         if images_seen >= next_log or images_seen >= next_checkpoint or done:
             # Checked before every log and checkpoint, so no checkpoint holds diverged weights. Every rank sees the same
             # all-reduced sum and so stops at the same step: the group ends cleanly instead of being retried.
-            loss_sum = totals[:1].clone()
-            if world > 1 and dist.is_initialized():
-                dist.all_reduce(loss_sum)
-            if not math.isfinite(loss_sum.item()):
+            with record_function("logging"):
+                finite = math.isfinite(totals.loss_sum())
+            if not finite:
                 if rank == 0:  # read by the driver after fit(): Ray Train keeps only checkpointed reports
                     commit(loop["diverged_uri"], {DIVERGED: divergence_message(images_seen, step, optim).encode()},
                            {"images_seen": images_seen}, loop["storage_options"])
                 return
         if images_seen >= next_log or done:
-            if world > 1 and dist.is_initialized():
-                dist.all_reduce(totals)
-            summed = totals.tolist()  # one device-to-host copy per log step
-            loss = summed[0] / summed[1]
+            with record_function("logging"):
+                means = totals.read()  # every rank takes part in the reduction
             if client is not None:
                 now, elapsed = int(time.time() * 1000), time.time() - window_start
-                values = {"loss": loss, "grad_norm": summed[2] / summed[1],
-                          "lr": learning_rate(images_seen, optim), "images_per_second": window_images / max(elapsed, 1e-9),
+                values = {**means, "lr": learning_rate(images_seen, optim), "images_per_second": window_images / max(elapsed, 1e-9),
                           "ema_decay": ema.current_decay()}
-                for q in range(4):
-                    if summed[7 + q] > 0:
-                        values[f"loss_q{q}"] = summed[3 + q] / summed[7 + q]
                 metrics_log.send([Metric(k, float(v), now, images_seen) for k, v in values.items()])
-                print(f"train: {images_seen}/{total_images} images, loss {loss:.4f}, {values['images_per_second']:.0f} img/s", flush=True)
-            totals.zero_()
+                print(f"train: {images_seen}/{total_images} images, loss {means['loss']:.4f}, {values['images_per_second']:.0f} img/s", flush=True)
             window_start, window_images = time.time(), 0
             next_log = next_multiple(train["log_every_images"])
         if images_seen >= next_grid or done:
