@@ -61,7 +61,7 @@ def test_the_cifar10_preset_costs_what_the_paper_model_costs():
     sys.path.insert(0, str(REPO / "benchmarks"))
     from train_step import Step
 
-    step = Step("cifar10", 2, torch.device("cpu"), "eager", "fp32")
+    step = Step("cifar10", 2, torch.device("cpu"), "eager", "fp32", log_every=10)
     assert sum(p.numel() for p in step.model.parameters()) / 1e6 == pytest.approx(35.7, abs=0.1)
     assert step.flops_per_image() / 1e9 == pytest.approx(36.3, rel=0.05)
 
