@@ -89,12 +89,12 @@ def time_sampling(model, forward, batch: int, config: UNetConfig, device, repeat
 
 
 def forwards(network: str, model: torch.nn.Module, variant: str) -> tuple:
-    """(training forward, sampling forward) of ``model`` under ``variant``, each ``f(model, x, t) -> eps``."""
+    """(training forward, sampling forward) of ``model`` under ``variant``, each ``f(model, x, t) -> eps``; both
+    networks denoise through ``fast_sampling_network``, as our sample actors do."""
     train_model = torch.compile(model, dynamic=False) if variant == "compile" else model
+    sample_model = fast_sampling_network(model, compile=variant == "compile")
     if network == "ours":
-        sample_model = fast_sampling_network(model, compile=variant == "compile")
         return (lambda _, x, t: train_model(x, t)), (lambda _, x, t: sample_model(x, t))
-    sample_model = torch.compile(model, dynamic=False, options={"freezing": True}) if variant == "compile" else model
     return (lambda _, x, t: train_model(x, t).sample), (lambda _, x, t: sample_model(x, t).sample)
 
 

@@ -69,7 +69,6 @@ class StepResult:
     quartile_count: torch.Tensor  # [4]
 
 
-
 class RunningTotals:
     """The :class:`StepResult` s of the steps since the last read, summed on the device, so that a training step never
     waits for the host: read once per log step (one collective and one device-to-host copy).
