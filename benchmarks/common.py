@@ -23,6 +23,20 @@ def device_name(device: torch.device) -> str:
     return torch.cuda.get_device_name(device) if device.type == "cuda" else cpu_name()
 
 
+def variant_switches(variant: str, allowed: tuple[str, ...]) -> set[str]:
+    """The switches a fast-path variant name turns on: ``eager`` is none, else names from ``allowed`` joined by ``+``
+    (e.g. ``channels_last+compile``); an unknown name raises ValueError listing the allowed ones."""
+    switches = set() if variant == "eager" else set(variant.split("+"))
+    unknown = switches - set(allowed)
+    if unknown:
+        raise ValueError(f"variant {variant!r}: unknown {', '.join(sorted(unknown))}; a variant is 'eager' or names "
+                         f"joined by '+' from {', '.join(allowed)}")
+    return switches
+
+
 def write_result(path: Path, result: dict) -> None:
+    """Writes the JSON under a temporary name and renames it: a benchmark killed mid-write leaves the last whole file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=2))
+    partial = path.with_name(f".{path.name}.partial")
+    partial.write_text(json.dumps(result, indent=2))
+    partial.replace(path)

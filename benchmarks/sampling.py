@@ -8,7 +8,7 @@ and ``sample.compile`` (``ddpm_core.samplers.fast_sampling_network``; a compilat
 With ``--inception-weights`` (pt_inception-2015-12-05-6726825d.pth), also times the Inception pool3 extraction of
 the generated images, as the evaluate stage does.
 
-    python benchmarks/sampling.py --preset cifar10 --batch 1000 --dtype bf16 --samplers ddim:100=50000 ancestral:1000=5000 \\
+    python benchmarks/sampling.py --preset cifar10 --batch 1000 --dtype bf16 --samplers ddim:100=50000 ancestral:1000=1000 \\
         --out benchmarks/results/sampling_h100.json
 """
 
@@ -23,6 +23,7 @@ import torch
 from common import device_name, synchronize, write_result
 from ddpm_core.data import to_uint8
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
+from ddpm_core.precision import AUTOCAST_DTYPES, autocast_dtype
 from ddpm_core.samplers import PerIndexNoise, SamplerConfig, fast_sampling_network, sample
 from ddpm_core.unet import UNet, unet_preset
 
@@ -62,9 +63,9 @@ def main() -> None:
     parser.add_argument("--preset", default="cifar10")
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="bf16: autocast, as a GPU sampling actor")
+    parser.add_argument("--dtype", choices=list(AUTOCAST_DTYPES), default="fp32", help="bf16: autocast, as a GPU sampling actor")
     parser.add_argument("--compile", action="store_true", help="torch.compile with frozen weights, as sample.compile")
-    parser.add_argument("--samplers", nargs="+", default=["ddim:100=50000", "ancestral:1000=5000"],
+    parser.add_argument("--samplers", nargs="+", default=["ddim:100=50000", "ancestral:1000=1000"],
                         help="method:steps=num_samples")
     parser.add_argument("--inception-weights", type=Path, default=None)
     parser.add_argument("--inception-images", type=int, default=50_000)
@@ -73,20 +74,21 @@ def main() -> None:
     device = torch.device(args.device)
     config = unet_preset(args.preset)
     torch.manual_seed(0)
-    model = fast_sampling_network(UNet(config).to(device).eval(), torch.bfloat16 if args.dtype == "bf16" else None, args.compile)
+    model = fast_sampling_network(UNet(config).to(device).eval(), autocast_dtype(args.dtype), args.compile)
     diffusion = GaussianDiffusion.from_config(DiffusionConfig())
     shape = (config.in_channels, config.image_size, config.image_size)
-    rows, images = [], None
+    result = {"benchmark": "sampling", "preset": args.preset, "dtype": args.dtype, "compile": args.compile,
+              "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "device_name": device_name(device),
+              "rows": [], "inception": None}
+    images = None
     for spec in args.samplers:
         name, num_samples = spec.split("=")
         method, steps = name.split(":")
         row, images = time_sampler(model, diffusion, shape, method, int(steps), int(num_samples), args.batch, device)
-        rows.append(row)
+        result["rows"].append(row)
+        write_result(args.out, result)  # each sampler's row kept, should a later one run out of time
         print(f"{method} {steps} steps: {row['num_samples']} images in {row['seconds']:.1f} s ({row['images_per_s']:.1f} img/s)", flush=True)
-    result = {"benchmark": "sampling", "preset": args.preset, "dtype": args.dtype, "compile": args.compile,
-              "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "device_name": device_name(device),
-              "rows": rows, "inception": None}
     if args.inception_weights is not None:
         result["inception"] = time_inception(args.inception_weights, images, args.inception_images, device)
         print(f"Inception features: {args.inception_images} images in {result['inception']['seconds']:.1f} s", flush=True)

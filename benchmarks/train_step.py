@@ -15,8 +15,9 @@ fast-path variant, with the numbers the performance targets are stated in:
   pass) and the exposed communication cost (the step against the same step without gradient synchronisation,
   ``no_sync``, timed in alternating windows).
 
-Variants: ``eager``, ``channels_last``, ``compile``, ``channels_last+compile``; dtype ``fp32`` or ``bf16`` (autocast,
-as the pipeline uses on GPUs).
+Variants: ``eager`` or switches joined by ``+``: ``channels_last``, ``compile`` (e.g. ``channels_last+compile``) and,
+with ``--world-size`` > 1, DDP's ``bucket_view`` (``gradient_as_bucket_view``) and ``static_graph``; dtype ``fp32`` or
+``bf16`` (autocast, as the pipeline uses on GPUs).
 
     python benchmarks/train_step.py --preset cifar10 --batch 128 --dtype bf16 --peak-tflops 790 \\
         --out benchmarks/results/train_step_h100.json
@@ -41,15 +42,17 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import device_name, synchronize, write_result
+from common import device_name, synchronize, variant_switches, write_result
 from ddpm_core.data import random_batch
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
+from ddpm_core.precision import AUTOCAST_DTYPES, autocast_dtype
 from ddpm_core.ema import EMA
 from ddpm_core.training import OptimConfig, RunningTotals, make_optimizer, train_step
 from ddpm_core.unet import UNet, unet_preset
 
 REGIONS = ("data", "forward", "backward", "optimizer", "ema", "logging")
-VARIANTS = ("eager", "channels_last", "compile", "channels_last+compile")
+SWITCHES = ("channels_last", "compile")  # a variant: "eager" (none) or switches joined by "+"
+DDP_SWITCHES = ("bucket_view", "static_graph")  # DistributedDataParallel's gradient_as_bucket_view and static_graph
 COLLECTIVES = ("gloo:", "nccl:")  # the profiler's names for c10d collectives, e.g. "gloo:all_reduce"
 
 
@@ -58,21 +61,22 @@ class Step:
     it: DDP-wrapped when a process group is up, statistics summed on the device and read every ``log_every`` steps."""
 
     def __init__(self, preset: str, batch: int, device: torch.device, variant: str, dtype: str, log_every: int) -> None:
-        config = unet_preset(preset)
+        config, switches = unet_preset(preset), variant_switches(variant, SWITCHES + DDP_SWITCHES)
         torch.manual_seed(0)
-        self.memory_format = torch.channels_last if "channels_last" in variant else torch.contiguous_format
+        self.memory_format = torch.channels_last if "channels_last" in switches else torch.contiguous_format
         self.model = UNet(config).to(device).to(memory_format=self.memory_format)
         self.distributed = dist.is_initialized()
-        self.wrapped = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None) \
-            if self.distributed else self.model
-        self.step_model = torch.compile(self.wrapped) if "compile" in variant else self.wrapped
+        self.wrapped = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None,
+                                               gradient_as_bucket_view="bucket_view" in switches,
+                                               static_graph="static_graph" in switches) if self.distributed else self.model
+        self.step_model = torch.compile(self.wrapped) if "compile" in switches else self.wrapped
         self.totals = RunningTotals(device, dist.all_reduce if self.distributed else None)
         self.log_every, self.steps_done = log_every, 0
         self.diffusion = GaussianDiffusion.from_config(DiffusionConfig())
         self.optim = OptimConfig(lr=1e-4, warmup_images=0)
         self.optimizer = make_optimizer(self.model, self.optim)
         self.ema = EMA(self.model, 0.9999, warmup=False)
-        self.autocast = torch.bfloat16 if dtype == "bf16" else None
+        self.autocast = autocast_dtype(dtype)
         self.generator = torch.Generator(device=device).manual_seed(0)
         shape = (max(4 * batch, 1024), config.in_channels, config.image_size, config.image_size)
         self.data = torch.rand(shape, generator=self.generator, device=device) * 2 - 1  # [N, C, H, W] in [-1, 1]
@@ -88,8 +92,10 @@ class Step:
         self.steps_done += 1
         if self.steps_done % self.log_every == 0:
             with record_function("logging"):
-                math.isfinite(self.totals.loss_sum())
-                self.totals.read()
+                window = self.totals.summed()
+                math.isfinite(window.loss_sum)
+                window.means()
+                self.totals.restart()
 
     def flops_per_image(self) -> float:
         """Forward + backward FLOPs of the U-Net per image (torch's FLOP counter, eager, one batch)."""
@@ -220,8 +226,10 @@ def main() -> None:
     parser.add_argument("--preset", default="cifar10")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=["fp32", "bf16"], default="bf16" if torch.cuda.is_available() else "fp32")
-    parser.add_argument("--variants", nargs="+", choices=VARIANTS, default=list(VARIANTS))
+    parser.add_argument("--dtype", choices=list(AUTOCAST_DTYPES), default="bf16" if torch.cuda.is_available() else "fp32")
+    parser.add_argument("--variants", nargs="+", default=["eager", "channels_last", "compile", "channels_last+compile"],
+                        help=f"'eager' or switches joined by '+': {', '.join(SWITCHES)}; with --world-size > 1 also "
+                             f"{', '.join(DDP_SWITCHES)}")
     parser.add_argument("--steps", type=int, default=20, help="steps per timed window (and profiled)")
     parser.add_argument("--windows", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak for --dtype, for MFU")
@@ -232,6 +240,13 @@ def main() -> None:
     device = torch.device(args.device)
     if args.world_size > 1 and device.type == "cuda" and torch.cuda.device_count() < args.world_size:
         parser.error(f"--world-size {args.world_size} needs as many GPUs; this machine has {torch.cuda.device_count()}")
+    for variant in args.variants:
+        try:
+            switches = variant_switches(variant, SWITCHES + DDP_SWITCHES)
+        except ValueError as error:
+            parser.error(f"--variants: {error}")
+        if switches & set(DDP_SWITCHES) and args.world_size == 1:
+            parser.error(f"--variants {variant}: {', '.join(sorted(switches & set(DDP_SWITCHES)))} needs --world-size > 1 (DDP)")
     if args.batch % args.world_size:
         parser.error(f"--batch {args.batch} must be divisible by --world-size {args.world_size}")
     settings = {"preset": args.preset, "batch": args.batch, "device": device, "variants": args.variants, "dtype": args.dtype,

@@ -3,8 +3,9 @@
 Both networks are built with the same widths, depth, attention resolutions (single-head), GroupNorm groups and
 dropout, and timed alternately in one process so that machine noise hits both alike. Training = forward, backward
 and an AdamW step on the eps-MSE loss; sampling = one no-grad forward (one denoising step). Each ``--variants`` entry
-is applied to both networks alike: ``eager``; ``channels_last`` (NHWC weights and inputs); ``compile``
-(``torch.compile``; for sampling with inductor's weight freezing, our sample actors' ``sample.compile`` path).
+is applied to both networks alike, or to ours only with ``--peer-variant`` (``eager``: diffusers as shipped):
+``eager``; ``channels_last`` (NHWC weights and inputs); ``compile`` (``torch.compile``; for sampling with inductor's
+weight freezing, our sample actors' ``sample.compile`` path); or both, ``channels_last+compile``.
 Reports the median of the repeats, the ratio ours / diffusers (> 1: ours is faster), and, to say how much any
 implementation could still gain, the FLOP/s our denoising step reaches against a large float32 matmul on the same
 device (the attainable peak of the convolutions' GEMM kernels).
@@ -23,11 +24,11 @@ import torch
 from diffusers import UNet2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import device_name, synchronize, write_result
+from common import device_name, synchronize, variant_switches, write_result
 from ddpm_core.samplers import fast_sampling_network
 from ddpm_core.unet import UNet, UNetConfig, unet_preset
 
-VARIANTS = ("eager", "channels_last", "compile")
+SWITCHES = ("channels_last", "compile")  # a variant: "eager" (none) or switches joined by "+"
 
 # batch sizes per preset and device type: big enough to be representative, small enough for a 2-core CPU
 BATCH = {("digits", "cpu"): (128, 256), ("cifar10", "cpu"): (8, 16),
@@ -88,11 +89,11 @@ def time_sampling(model, forward, batch: int, config: UNetConfig, device, repeat
     return rates
 
 
-def forwards(network: str, model: torch.nn.Module, variant: str) -> tuple:
-    """(training forward, sampling forward) of ``model`` under ``variant``, each ``f(model, x, t) -> eps``; both
-    networks denoise through ``fast_sampling_network``, as our sample actors do."""
-    train_model = torch.compile(model, dynamic=False) if variant == "compile" else model
-    sample_model = fast_sampling_network(model, compile=variant == "compile")
+def forwards(network: str, model: torch.nn.Module, compile: bool) -> tuple:
+    """(training forward, sampling forward) of ``model``, each ``f(model, x, t) -> eps``; both networks denoise
+    through ``fast_sampling_network``, as our sample actors do."""
+    train_model = torch.compile(model, dynamic=False) if compile else model
+    sample_model = fast_sampling_network(model, compile=compile)
     if network == "ours":
         return (lambda _, x, t: train_model(x, t)), (lambda _, x, t: sample_model(x, t))
     return (lambda _, x, t: train_model(x, t).sample), (lambda _, x, t: sample_model(x, t).sample)
@@ -119,23 +120,26 @@ def matmul_gflops(device, size: int = 2048, repeats: int = 5) -> float:
     return statistics.median(rates)
 
 
-def measure(preset: str, variant: str, device: torch.device, repeats: int) -> dict:
+def measure(preset: str, variant: str, peer_variant: str, device: torch.device, repeats: int) -> dict:
+    """Ours under ``variant`` against diffusers under ``peer_variant``, alternating ``repeats`` times."""
     config = unet_preset(preset)
     torch.manual_seed(0)
-    channels_last = variant == "channels_last"
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    models = {"ours": UNet(config).to(device, memory_format=memory_format),
-              "diffusers": diffusers_twin(config).to(device, memory_format=memory_format)}
-    paths = {name: forwards(name, model, variant) for name, model in models.items()}
+    switches = {"ours": variant_switches(variant, SWITCHES), "diffusers": variant_switches(peer_variant, SWITCHES)}
+    models = {"ours": UNet(config), "diffusers": diffusers_twin(config)}
+    for name, model in models.items():
+        memory_format = torch.channels_last if "channels_last" in switches[name] else torch.contiguous_format
+        model.to(device, memory_format=memory_format)
+    paths = {name: forwards(name, model, "compile" in switches[name]) for name, model in models.items()}
     train_batch, sample_batch = BATCH[(preset, device.type)]
     rates = {name: {"train": [], "sample": []} for name in models}
     for _ in range(repeats):  # alternate the two networks
         for name, model in models.items():
             train_forward, sample_forward = paths[name]
+            channels_last = "channels_last" in switches[name]
             rates[name]["train"] += time_training(model, train_forward, train_batch, config, device, 1, channels_last)
             rates[name]["sample"] += time_sampling(model, sample_forward, sample_batch, config, device, 1, channels_last)
-    row = {"preset": preset, "variant": variant, "device": device.type, "train_batch": train_batch,
-           "sample_batch": sample_batch, "repeats": repeats}
+    row = {"preset": preset, "variant": variant, "peer_variant": peer_variant, "device": device.type,
+           "train_batch": train_batch, "sample_batch": sample_batch, "repeats": repeats}
     for name, model in models.items():
         row[f"{name}_params"] = sum(p.numel() for p in model.parameters())
         row[f"{name}_train_img_s"] = statistics.median(rates[name]["train"])
@@ -151,11 +155,11 @@ def measure(preset: str, variant: str, device: torch.device, repeats: int) -> di
 def markdown(result: dict) -> str:
     lines = [f"Device: {result['device_name']}; torch {result['torch']}; {result['threads']} threads; "
              f"median of {result['rows'][0]['repeats']} alternating repeats; float32 matmul {result['matmul_gflops']:.0f} GFLOP/s.", "",
-             "| preset | variant | params ours / diffusers | train batch | train img/s ours | train img/s diffusers | ratio | "
+             "| preset | variant ours / diffusers | params ours / diffusers | train batch | train img/s ours | train img/s diffusers | ratio | "
              "sample batch | denoise img/s ours | denoise img/s diffusers | ratio | ours denoise GFLOP/s (of matmul's) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['preset']} | {r['variant']} | {r['ours_params'] / 1e6:.2f}M / {r['diffusers_params'] / 1e6:.2f}M | "
+        lines.append(f"| {r['preset']} | {r['variant']} / {r['peer_variant']} | {r['ours_params'] / 1e6:.2f}M / {r['diffusers_params'] / 1e6:.2f}M | "
                      f"{r['train_batch']} | {r['ours_train_img_s']:.1f} | {r['diffusers_train_img_s']:.1f} | {r['train_ratio']:.2f} | "
                      f"{r['sample_batch']} | {r['ours_sample_img_s']:.1f} | {r['diffusers_sample_img_s']:.1f} | {r['sample_ratio']:.2f} | "
                      f"{r['ours_sample_gflops']:.0f} ({r['ours_sample_gflops'] / result['matmul_gflops']:.0%}) |")
@@ -165,16 +169,25 @@ def markdown(result: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["digits", "cifar10"])
-    parser.add_argument("--variants", nargs="+", default=["eager"], choices=VARIANTS)
+    parser.add_argument("--variants", nargs="+", default=["eager"],
+                        help=f"ours: 'eager' or switches joined by '+' from {', '.join(SWITCHES)}")
+    parser.add_argument("--peer-variant", default=None,
+                        help="diffusers' variant (default: the same as ours), e.g. 'eager' for diffusers as shipped")
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, required=True, help="JSON output path")
     args = parser.parse_args()
     device = torch.device(args.device)
+    for variant in [*args.variants, *([args.peer_variant] if args.peer_variant else [])]:
+        try:
+            variant_switches(variant, SWITCHES)
+        except ValueError as error:
+            parser.error(str(error))
     result = {
         "benchmark": "unet_throughput", "torch": torch.__version__, "threads": torch.get_num_threads(),
         "device_name": device_name(device), "matmul_gflops": matmul_gflops(device),
-        "rows": [measure(preset, variant, device, args.repeats) for preset in args.presets for variant in args.variants],
+        "rows": [measure(preset, variant, args.peer_variant or variant, device, args.repeats)
+                 for preset in args.presets for variant in args.variants],
     }
     write_result(args.out, result)
     print(markdown(result))

@@ -69,12 +69,30 @@ class StepResult:
     quartile_count: torch.Tensor  # [4]
 
 
+@dataclass(frozen=True)
+class WindowTotals:
+    """The summed statistics of one logging window, on the host: what :meth:`RunningTotals.summed` returns."""
+
+    loss_sum: float  # non-finite once any step on any worker diverged
+    steps: float
+    grad_norm_sum: float
+    quartile_loss_sums: tuple[float, ...]  # [4]
+    quartile_counts: tuple[float, ...]  # [4]
+
+    def means(self) -> dict[str, float]:
+        """Means over the window's steps: ``loss``, ``grad_norm`` and ``loss_q0..3`` (the quartiles that saw a step)."""
+        means = {"loss": self.loss_sum / self.steps, "grad_norm": self.grad_norm_sum / self.steps}
+        means.update({f"loss_q{q}": total / count
+                      for q, (total, count) in enumerate(zip(self.quartile_loss_sums, self.quartile_counts)) if count > 0})
+        return means
+
+
 class RunningTotals:
-    """The :class:`StepResult` s of the steps since the last read, summed on the device, so that a training step never
-    waits for the host: read once per log step (one collective and one device-to-host copy).
+    """The :class:`StepResult` s of the steps since the last :meth:`restart`, summed on the device, so that a training
+    step never waits for the host: read at log and checkpoint steps only (one collective and one device-to-host copy).
 
     ``reduce`` sums a tensor in place over the data-parallel workers (``torch.distributed.all_reduce``); every worker
-    must then call :meth:`loss_sum` and :meth:`read` at the same steps."""
+    must then call :meth:`summed` at the same steps."""
 
     def __init__(self, device: torch.device, reduce: Callable[[torch.Tensor], Any] | None = None) -> None:
         # loss sum, steps, grad-norm sum, per-quartile loss sums [4], per-quartile counts [4]
@@ -86,23 +104,17 @@ class RunningTotals:
         self.sums += torch.cat([result.loss.double().reshape(1), self.one, result.grad_norm.double().reshape(1),
                                 result.quartile_loss_sum, result.quartile_count])
 
-    def loss_sum(self) -> float:
-        """The loss summed over the steps and workers since the last read (non-finite once any step diverged)."""
-        loss = self.sums[:1].clone()  # [1]
+    def summed(self) -> WindowTotals:
+        """The sums since the last :meth:`restart` over the steps of all workers; the window goes on."""
+        sums = self.sums.clone()  # [11]
         if self.reduce is not None:
-            self.reduce(loss)
-        return loss.item()
+            self.reduce(sums)
+        values = sums.tolist()
+        return WindowTotals(values[0], values[1], values[2], tuple(values[3:7]), tuple(values[7:11]))
 
-    def read(self) -> dict[str, float]:
-        """Means since the last read over all workers: ``loss``, ``grad_norm`` and ``loss_q0..3`` (the quartiles
-        that saw a step); then starts a new window."""
-        if self.reduce is not None:
-            self.reduce(self.sums)
-        summed = self.sums.tolist()
+    def restart(self) -> None:
+        """Starts a new window (after its means were logged)."""
         self.sums.zero_()
-        means = {"loss": summed[0] / summed[1], "grad_norm": summed[2] / summed[1]}
-        means.update({f"loss_q{q}": summed[3 + q] / summed[7 + q] for q in range(4) if summed[7 + q] > 0})
-        return means
 
 
 def train_step(

@@ -66,9 +66,12 @@ class TrainSection:
     ema_decay: float = 0.999
     ema_warmup: bool = True
     init_from: str | None = None  # snapshot URI whose weights start training (the retrain warm start)
-    # Fast path (docs/benchmarks.md): off by default because neither helped where measured (2-core CPU).
+    # Fast path (docs/benchmarks.md): these two off by default because neither helped where measured (2-core CPU).
     channels_last: bool = False  # NHWC activations (tensor-core friendly convolutions on GPUs)
     compile: bool = False  # torch.compile the U-Net for training (one-off compile time per worker start)
+    # DDP's gradients as views into its all-reduce buckets: one gradient-sized buffer and one copy per step fewer, the
+    # same numbers bit for bit (docs/benchmarks.md)
+    gradient_as_bucket_view: bool = True
 
     def optim(self) -> OptimConfig:
         return OptimConfig(lr=self.lr, warmup_images=self.warmup_images, grad_clip=self.grad_clip,

@@ -41,16 +41,43 @@ def test_train_step_benchmark_reports_throughput_flops_and_the_profiler_split(tm
 def test_train_step_benchmark_in_data_parallel_processes_reports_communication(tmp_path):
     out = tmp_path / "train_step_ddp.json"
     run_without_ray_or_mlflow("benchmarks/train_step.py", "--preset", "digits", "--batch", "32", "--device", "cpu", "--dtype", "fp32",
-                              "--variants", "eager", "--steps", "3", "--windows", "2", "--log-every", "2", "--world-size", "2",
-                              "--out", str(out))
+                              "--variants", "eager", "bucket_view+static_graph", "--steps", "3", "--windows", "2", "--log-every", "2",
+                              "--world-size", "2", "--out", str(out))
     result = json.loads(out.read_text())
     assert result["world_size"] == 2 and result["threads"] >= 1  # each process has its share of the cores
-    [row] = result["rows"]
-    assert row["batch"] == 32 and row["world_size"] == 2  # the global batch, 16 per process
-    assert row["communication_ms"] > 0, "the profiler saw DDP's gradient all-reduces"
-    assert row["logging_ms"] > 0 and row["images_per_s"] > 0 and row["images_per_s_without_gradient_sync"] > 0
-    step_ms = 1000 * row["batch"] / row["images_per_s"]
-    assert row["exposed_communication_ms"] == pytest.approx(step_ms - 1000 * row["batch"] / row["images_per_s_without_gradient_sync"])
+    assert [row["variant"] for row in result["rows"]] == ["eager", "bucket_view+static_graph"]
+    for row in result["rows"]:
+        assert row["batch"] == 32 and row["world_size"] == 2  # the global batch, 16 per process
+        assert row["communication_ms"] > 0, "the profiler saw DDP's gradient all-reduces"
+        assert row["logging_ms"] > 0 and row["images_per_s"] > 0 and row["images_per_s_without_gradient_sync"] > 0
+        step_ms = 1000 * row["batch"] / row["images_per_s"]
+        assert row["exposed_communication_ms"] == pytest.approx(step_ms - 1000 * row["batch"] / row["images_per_s_without_gradient_sync"])
+
+
+def test_train_step_benchmark_rejects_unknown_and_single_process_ddp_variants(tmp_path):
+    for variants, message in ((["eager", "channels-last"], "unknown channels-last"),
+                              (["static_graph"], "static_graph needs --world-size > 1")):
+        run = subprocess.run([sys.executable, "benchmarks/train_step.py", "--preset", "digits", "--device", "cpu", "--variants",
+                              *variants, "--out", str(tmp_path / "never.json")], cwd=REPO, capture_output=True, text=True,
+                             timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+        assert run.returncode == 2 and message in run.stderr, run.stderr
+    assert not (tmp_path / "never.json").exists()
+
+
+def test_unet_throughput_times_ours_against_diffusers_at_matched_architecture(tmp_path):
+    out = tmp_path / "unet_throughput.json"
+    subprocess.run([sys.executable, "benchmarks/unet_throughput.py", "--presets", "digits", "--variants", "eager", "channels_last",
+                    "--peer-variant", "eager", "--repeats", "2", "--device", "cpu", "--out", str(out)],
+                   cwd=REPO, check=True, capture_output=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    result = json.loads(out.read_text())
+    assert [(r["variant"], r["peer_variant"]) for r in result["rows"]] == [("eager", "eager"), ("channels_last", "eager")]
+    assert result["matmul_gflops"] > 0
+    for row in result["rows"]:
+        assert row["ours_params"] == row["diffusers_params"], "the twin has our architecture"
+        assert len(row["ours_train_window_img_s"]) == len(row["diffusers_sample_window_img_s"]) == 2
+        assert row["train_ratio"] == pytest.approx(row["ours_train_img_s"] / row["diffusers_train_img_s"])
+        assert row["sample_ratio"] == pytest.approx(row["ours_sample_img_s"] / row["diffusers_sample_img_s"])
+        assert row["ours_sample_gflops"] == pytest.approx(row["gflop_per_image_fwd"] * row["ours_sample_img_s"])
 
 
 def test_the_cifar10_preset_costs_what_the_paper_model_costs():

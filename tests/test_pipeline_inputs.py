@@ -4,7 +4,9 @@ import json
 
 import pytest
 import ray
+import torch
 
+from ddpm_core.precision import autocast_dtype
 from pipelines.__main__ import main
 from pipelines.config import ConfigError, load_config
 
@@ -59,6 +61,9 @@ def test_sampling_precision_is_bf16_only_on_gpus_when_enabled():
     assert config.sample.execution(use_gpu=True) == {"precision": "bf16", "compile": False}
     fp32 = load_config(None, ["sample.bf16_on_gpu=false", "sample.compile=true"])
     assert fp32.sample.execution(use_gpu=True) == {"precision": "fp32", "compile": True}
+    assert [autocast_dtype(config.sample.execution(use_gpu)["precision"]) for use_gpu in (False, True)] == [None, torch.bfloat16]
+    with pytest.raises(ValueError, match="precision 'fp16' is not one of fp32, bf16"):
+        autocast_dtype("fp16")
 
 
 def test_yaml_and_overrides_resolve(tmp_path):

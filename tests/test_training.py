@@ -71,22 +71,26 @@ def sum_two_workers(rank: int, port: int, results_path: str) -> None:
     else:  # ... and two on worker 1, one of them non-finite
         totals.add(step_result(3.0, 30.0, [100, 200], [2.0, 4.0]))
         totals.add(step_result(float("nan"), 40.0, [900, 950], [float("nan"), 1.0]))
-    first_loss_sum, first = totals.loss_sum(), totals.read()
+    checkpoint_window = totals.summed()  # a checkpoint step: the window goes on
+    totals.add(step_result(5.0, 50.0, [0], [5.0]))
+    first = totals.summed()
+    totals.restart()  # a log step: a new window, the first one's sums are gone
     totals.add(step_result(rank + 1.0, 1.0, [0], [rank + 1.0]))
-    second = totals.read()  # a new window: the first one's sums are gone
+    second = totals.summed()
     if rank == 0:
         with open(results_path, "w") as out:
-            json.dump([first_loss_sum, first, second], out)
+            json.dump([checkpoint_window.loss_sum, checkpoint_window.steps, first.loss_sum, first.means(), second.means()], out)
     dist.destroy_process_group()
 
 
 def test_running_totals_are_the_means_over_steps_and_workers(tmp_path):
     results = tmp_path / "totals.json"
     torch.multiprocessing.spawn(sum_two_workers, args=(free_port(), str(results)), nprocs=2)
-    first_loss_sum, first, second = json.loads(results.read_text())
-    assert math.isnan(first_loss_sum), "a non-finite step on any worker shows in every worker's loss sum"
-    assert math.isnan(first["loss"]) and first["grad_norm"] == pytest.approx((10 + 20 + 30 + 40) / 4)
-    assert first["loss_q0"] == pytest.approx((0.5 + 2.0 + 4.0) / 3)  # t = 0, 100, 200
+    checkpoint_loss_sum, checkpoint_steps, first_loss_sum, first, second = json.loads(results.read_text())
+    assert math.isnan(checkpoint_loss_sum) and checkpoint_steps == 4, "a non-finite step on any worker shows in every worker's loss sum"
+    assert math.isnan(first_loss_sum), "reading the sums at a checkpoint step does not end the window"
+    assert math.isnan(first["loss"]) and first["grad_norm"] == pytest.approx((10 + 20 + 30 + 40 + 50 + 50) / 6)
+    assert first["loss_q0"] == pytest.approx((0.5 + 2.0 + 4.0 + 5.0 + 5.0) / 5)  # t = 0, 100, 200, 0, 0
     assert first["loss_q1"] == pytest.approx(1.0)  # t = 300
     assert first["loss_q2"] == pytest.approx(3.0)  # t = 600
     assert math.isnan(first["loss_q3"])  # t = 999, 900 (nan), 950

@@ -25,11 +25,12 @@ class SampleWorker:
 
         from ddpm_core.checkpoint import load_snapshot
         from ddpm_core.diffusion import GaussianDiffusion
+        from ddpm_core.precision import autocast_dtype
         from ddpm_core.samplers import SamplerConfig, fast_sampling_network
 
         snapshot = load_snapshot(snapshot_uri, storage_options)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        autocast = {"bf16": torch.bfloat16, "fp32": None}[execution["precision"]]
+        autocast = autocast_dtype(execution["precision"])
         self.model = fast_sampling_network(snapshot.build_model().to(self.device), autocast, execution["compile"])
         self.diffusion = GaussianDiffusion.from_config(snapshot.diffusion)
         self.shape = (snapshot.unet.in_channels, snapshot.unet.image_size, snapshot.unet.image_size)

@@ -125,7 +125,7 @@ def train_loop(loop: dict[str, Any]) -> None:
         if rank == 0:
             print(f"train: initial weights from {loop['init_snapshot_uri']}", flush=True)
     model = model.to(memory_format=memory_format)
-    wrapped = ray.train.torch.prepare_model(model)
+    wrapped = ray.train.torch.prepare_model(model, parallel_strategy_kwargs={"gradient_as_bucket_view": train["gradient_as_bucket_view"]})
     model = wrapped.module if hasattr(wrapped, "module") else wrapped
     step_model = torch.compile(wrapped) if train["compile"] else wrapped
     ema = EMA(model, optim.ema_decay, optim.ema_warmup)
@@ -149,7 +149,8 @@ def train_loop(loop: dict[str, Any]) -> None:
         if rank == 0:
             print(f"train: warm start from {loop['warm_start_uri']} ({state['images_seen']} images)", flush=True)
     if rank == 0:
-        print(f"train: worker group of {world} started at {images_seen} images", flush=True)
+        ddp = f", DDP with gradient_as_bucket_view={wrapped.gradient_as_bucket_view}" if hasattr(wrapped, "module") else ""
+        print(f"train: worker group of {world} started at {images_seen} images{ddp}", flush=True)
     generator = _generator(train["seed"], rank, images_seen, device)
     # One quick attempt per MLflow call (no minutes of client-side retries): an outage is absorbed by the buffer.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -186,15 +187,15 @@ def train_loop(loop: dict[str, Any]) -> None:
             # Checked before every log and checkpoint, so no checkpoint holds diverged weights. Every rank sees the same
             # all-reduced sum and so stops at the same step: the group ends cleanly instead of being retried.
             with record_function("logging"):
-                finite = math.isfinite(totals.loss_sum())
-            if not finite:
+                window = totals.summed()  # every rank takes part in the reduction
+            if not math.isfinite(window.loss_sum):
                 if rank == 0:  # read by the driver after fit(): Ray Train keeps only checkpointed reports
                     commit(loop["diverged_uri"], {DIVERGED: divergence_message(images_seen, step, optim).encode()},
                            {"images_seen": images_seen}, loop["storage_options"])
                 return
         if images_seen >= next_log or done:
-            with record_function("logging"):
-                means = totals.read()  # every rank takes part in the reduction
+            means = window.means()
+            totals.restart()
             if client is not None:
                 now, elapsed = int(time.time() * 1000), time.time() - window_start
                 values = {**means, "lr": learning_rate(images_seen, optim), "images_per_second": window_images / max(elapsed, 1e-9),
@@ -244,7 +245,7 @@ def loop_config(config, shards_uri: str, work_uri: str, storage_options: dict[st
         "unet": config.model.unet().to_dict(), "diffusion": config.diffusion.to_dict(), "optim": config.train.optim().__dict__,
         "train": {k: getattr(config.train, k) for k in ("seed", "batch_size", "total_images", "log_every_images",
                                                          "checkpoint_every_images", "grid_every_images", "horizontal_flip",
-                                                         "channels_last", "compile")},
+                                                         "channels_last", "compile", "gradient_as_bucket_view")},
         "shards_uri": shards_uri, "storage_options": storage_options,
         "snapshot_uri": f"{work_uri}/snapshot", "initial_snapshot_uri": f"{work_uri}/initial_snapshot",
         "pending_metrics_uri": f"{work_uri}/pending_metrics", "diverged_uri": f"{work_uri}/diverged",
