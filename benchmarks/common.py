@@ -16,7 +16,16 @@ def synchronize(device: torch.device) -> None:
 
 
 def cpu_name() -> str:
-    return platform.processor() or platform.machine()
+    """The CPU's model name and the instruction sets that decide float32 and bf16 speed (Linux), else the machine."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    fields = dict(line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)
+    fields = {key.strip(): value.strip() for key, value in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    isa = [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if name in flags]
+    return f"{fields.get('model name', platform.machine())} ({', '.join(isa) or 'no AVX2'})"
 
 
 def device_name(device: torch.device) -> str:

@@ -5,10 +5,12 @@ dropout, and timed alternately in one process so that machine noise hits both al
 and an AdamW step on the eps-MSE loss; sampling = one no-grad forward (one denoising step). Each ``--variants`` entry
 is applied to both networks alike, or to ours only with ``--peer-variant`` (``eager``: diffusers as shipped):
 ``eager``; ``channels_last`` (NHWC weights and inputs); ``compile`` (``torch.compile``; for sampling with inductor's
-weight freezing, our sample actors' ``sample.compile`` path); or both, ``channels_last+compile``.
+weight freezing, our sample actors' ``sample.compile`` path); ``bf16`` (autocast to bfloat16, as on GPUs; on a CPU
+fast only with native bf16 instructions, e.g. AVX512_BF16 or AMX); or several joined by ``+``, e.g.
+``channels_last+compile``.
 Reports the median of the repeats, the ratio ours / diffusers (> 1: ours is faster), and, to say how much any
-implementation could still gain, the FLOP/s our denoising step reaches against a large float32 matmul on the same
-device (the attainable peak of the convolutions' GEMM kernels).
+implementation could still gain, the FLOP/s our denoising step reaches against a large matmul of its precision
+(float32, or bfloat16 for ``bf16``) on the same device (the attainable peak of the convolutions' GEMM kernels).
 
     python benchmarks/unet_throughput.py --variants eager channels_last compile --out benchmarks/results/unet_throughput_cpu.json
 """
@@ -28,7 +30,7 @@ from common import device_name, synchronize, variant_switches, write_result
 from ddpm_core.samplers import fast_sampling_network
 from ddpm_core.unet import UNet, UNetConfig, unet_preset
 
-SWITCHES = ("channels_last", "compile")  # a variant: "eager" (none) or switches joined by "+"
+SWITCHES = ("channels_last", "compile", "bf16")  # a variant: "eager" (none) or switches joined by "+"
 
 # batch sizes per preset and device type: big enough to be representative, small enough for a 2-core CPU
 BATCH = {("digits", "cpu"): (128, 256), ("cifar10", "cpu"): (8, 16),
@@ -89,14 +91,30 @@ def time_sampling(model, forward, batch: int, config: UNetConfig, device, repeat
     return rates
 
 
-def forwards(network: str, model: torch.nn.Module, compile: bool) -> tuple:
+class EpsOutput(torch.nn.Module):
+    """diffusers' network returning the eps tensor itself (not a ``UNet2DOutput``), as our samplers expect."""
+
+    def __init__(self, model: UNet2DModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # [B, C, H, W], [B] -> [B, C, H, W]
+        return self.model(x, t).sample
+
+
+def forwards(network: str, model: torch.nn.Module, switches: set[str]) -> tuple:
     """(training forward, sampling forward) of ``model``, each ``f(model, x, t) -> eps``; both networks denoise
-    through ``fast_sampling_network``, as our sample actors do."""
-    train_model = torch.compile(model, dynamic=False) if compile else model
-    sample_model = fast_sampling_network(model, compile=compile)
-    if network == "ours":
-        return (lambda _, x, t: train_model(x, t)), (lambda _, x, t: sample_model(x, t))
-    return (lambda _, x, t: train_model(x, t).sample), (lambda _, x, t: sample_model(x, t).sample)
+    through ``fast_sampling_network``, as our sample actors do, and train under autocast as our trainer does."""
+    compile, autocast = "compile" in switches, torch.bfloat16 if "bf16" in switches else None
+    eps_model = model if network == "ours" else EpsOutput(model)
+    train_model = torch.compile(eps_model, dynamic=False) if compile else eps_model
+    sample_model = fast_sampling_network(eps_model, autocast, compile)
+
+    def train_forward(_, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, dtype=autocast, enabled=autocast is not None):
+            return train_model(x, t).float()
+
+    return train_forward, (lambda _, x, t: sample_model(x, t))
 
 
 def forward_flops_per_image(model: torch.nn.Module, config: UNetConfig, device) -> float:
@@ -106,9 +124,9 @@ def forward_flops_per_image(model: torch.nn.Module, config: UNetConfig, device) 
     return counter.get_total_flops() / 2
 
 
-def matmul_gflops(device, size: int = 2048, repeats: int = 5) -> float:
-    """Float32 GFLOP/s of a large square matmul: the attainable peak of the GEMM kernels convolutions lower to."""
-    a, b = torch.randn(size, size, device=device), torch.randn(size, size, device=device)
+def matmul_gflops(device, dtype: torch.dtype = torch.float32, size: int = 2048, repeats: int = 5) -> float:
+    """GFLOP/s of a large square matmul in ``dtype``: the attainable peak of the GEMM kernels convolutions lower to."""
+    a, b = torch.randn(size, size, device=device, dtype=dtype), torch.randn(size, size, device=device, dtype=dtype)
     rates = []
     for repeat in range(repeats + 1):
         synchronize(device)
@@ -120,7 +138,8 @@ def matmul_gflops(device, size: int = 2048, repeats: int = 5) -> float:
     return statistics.median(rates)
 
 
-def measure(preset: str, variant: str, peer_variant: str, device: torch.device, repeats: int) -> dict:
+def measure(preset: str, variant: str, peer_variant: str, device: torch.device, repeats: int,
+            matmul_gflops_by_dtype: dict[str, float]) -> dict:
     """Ours under ``variant`` against diffusers under ``peer_variant``, alternating ``repeats`` times."""
     config = unet_preset(preset)
     torch.manual_seed(0)
@@ -129,7 +148,7 @@ def measure(preset: str, variant: str, peer_variant: str, device: torch.device, 
     for name, model in models.items():
         memory_format = torch.channels_last if "channels_last" in switches[name] else torch.contiguous_format
         model.to(device, memory_format=memory_format)
-    paths = {name: forwards(name, model, "compile" in switches[name]) for name, model in models.items()}
+    paths = {name: forwards(name, model, switches[name]) for name, model in models.items()}
     train_batch, sample_batch = BATCH[(preset, device.type)]
     rates = {name: {"train": [], "sample": []} for name in models}
     for _ in range(repeats):  # alternate the two networks
@@ -149,12 +168,14 @@ def measure(preset: str, variant: str, peer_variant: str, device: torch.device, 
     row["sample_ratio"] = row["ours_sample_img_s"] / row["diffusers_sample_img_s"]
     row["gflop_per_image_fwd"] = forward_flops_per_image(models["ours"], config, device) / 1e9
     row["ours_sample_gflops"] = row["gflop_per_image_fwd"] * row["ours_sample_img_s"]
+    row["ours_sample_matmul_fraction"] = row["ours_sample_gflops"] / matmul_gflops_by_dtype["bf16" if "bf16" in switches["ours"] else "fp32"]
     return row
 
 
 def markdown(result: dict) -> str:
     lines = [f"Device: {result['device_name']}; torch {result['torch']}; {result['threads']} threads; "
-             f"median of {result['rows'][0]['repeats']} alternating repeats; float32 matmul {result['matmul_gflops']:.0f} GFLOP/s.", "",
+             f"median of {result['rows'][0]['repeats']} alternating repeats; matmul {result['matmul_gflops']:.0f} GFLOP/s "
+             f"float32, {result['matmul_gflops_bf16']:.0f} bfloat16.", "",
              "| preset | variant ours / diffusers | params ours / diffusers | train batch | train img/s ours | train img/s diffusers | ratio | "
              "sample batch | denoise img/s ours | denoise img/s diffusers | ratio | ours denoise GFLOP/s (of matmul's) |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -162,7 +183,7 @@ def markdown(result: dict) -> str:
         lines.append(f"| {r['preset']} | {r['variant']} / {r['peer_variant']} | {r['ours_params'] / 1e6:.2f}M / {r['diffusers_params'] / 1e6:.2f}M | "
                      f"{r['train_batch']} | {r['ours_train_img_s']:.1f} | {r['diffusers_train_img_s']:.1f} | {r['train_ratio']:.2f} | "
                      f"{r['sample_batch']} | {r['ours_sample_img_s']:.1f} | {r['diffusers_sample_img_s']:.1f} | {r['sample_ratio']:.2f} | "
-                     f"{r['ours_sample_gflops']:.0f} ({r['ours_sample_gflops'] / result['matmul_gflops']:.0%}) |")
+                     f"{r['ours_sample_gflops']:.0f} ({r['ours_sample_matmul_fraction']:.0%}) |")
     return "\n".join(lines)
 
 
@@ -183,10 +204,11 @@ def main() -> None:
             variant_switches(variant, SWITCHES)
         except ValueError as error:
             parser.error(str(error))
+    matmul = {"fp32": matmul_gflops(device), "bf16": matmul_gflops(device, torch.bfloat16)}
     result = {
         "benchmark": "unet_throughput", "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "device_name": device_name(device), "matmul_gflops": matmul_gflops(device),
-        "rows": [measure(preset, variant, args.peer_variant or variant, device, args.repeats)
+        "device_name": device_name(device), "matmul_gflops": matmul["fp32"], "matmul_gflops_bf16": matmul["bf16"],
+        "rows": [measure(preset, variant, args.peer_variant or variant, device, args.repeats, matmul)
                  for preset in args.presets for variant in args.variants],
     }
     write_result(args.out, result)

@@ -66,12 +66,21 @@ class TrainSection:
     ema_decay: float = 0.999
     ema_warmup: bool = True
     init_from: str | None = None  # snapshot URI whose weights start training (the retrain warm start)
-    # Fast path (docs/benchmarks.md): these two off by default because neither helped where measured (2-core CPU).
+    # Fast path (docs/benchmarks.md). bf16 autocast of the U-Net (the loss, gradients and AdamW stay float32): on GPU
+    # workers, and on CPU workers only when asked (fast with native bf16, AVX512_BF16 or AMX; slower than float32
+    # without; it changes the numbers, so the CPU default stays float32).
+    bf16_on_gpu: bool = True
+    bf16_on_cpu: bool = False
+    # These two off by default because neither helped where measured (2-core CPU).
     channels_last: bool = False  # NHWC activations (tensor-core friendly convolutions on GPUs)
     compile: bool = False  # torch.compile the U-Net for training (one-off compile time per worker start)
     # DDP's gradients as views into its all-reduce buckets: one gradient-sized buffer and one copy per step fewer, the
     # same numbers bit for bit (docs/benchmarks.md)
     gradient_as_bucket_view: bool = True
+
+    def precision(self, use_gpu: bool) -> str:
+        """The workers' precision name (``ddpm_core.precision``): ``bf16`` or ``fp32``."""
+        return "bf16" if (self.bf16_on_gpu if use_gpu else self.bf16_on_cpu) else "fp32"
 
     def optim(self) -> OptimConfig:
         return OptimConfig(lr=self.lr, warmup_images=self.warmup_images, grad_clip=self.grad_clip,
@@ -114,7 +123,8 @@ class SampleSection:
     spacing: str = "linspace"
     clip_denoised: bool = True
     seed: int = 1
-    bf16_on_gpu: bool = True  # bf16 autocast of the U-Net in GPU sampling actors (CPUs always sample in float32)
+    bf16_on_gpu: bool = True  # bf16 autocast of the U-Net in GPU sampling actors (the sampler's arithmetic stays float32)
+    bf16_on_cpu: bool = False  # the same in CPU sampling actors (fast with native bf16 only: docs/benchmarks.md)
     compile: bool = False  # torch.compile (inductor, weights frozen) of the U-Net in each sampling actor
 
     def sampler(self) -> SamplerConfig:
@@ -123,7 +133,8 @@ class SampleSection:
 
     def execution(self, use_gpu: bool) -> dict[str, Any]:
         """How the sampling actors run the network (not what they compute): precision and compilation."""
-        return {"precision": "bf16" if use_gpu and self.bf16_on_gpu else "fp32", "compile": self.compile}
+        precision = "bf16" if (self.bf16_on_gpu if use_gpu else self.bf16_on_cpu) else "fp32"
+        return {"precision": precision, "compile": self.compile}
 
 
 @dataclass(frozen=True)

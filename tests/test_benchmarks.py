@@ -66,18 +66,20 @@ def test_train_step_benchmark_rejects_unknown_and_single_process_ddp_variants(tm
 
 def test_unet_throughput_times_ours_against_diffusers_at_matched_architecture(tmp_path):
     out = tmp_path / "unet_throughput.json"
-    subprocess.run([sys.executable, "benchmarks/unet_throughput.py", "--presets", "digits", "--variants", "eager", "channels_last",
-                    "--peer-variant", "eager", "--repeats", "2", "--device", "cpu", "--out", str(out)],
+    subprocess.run([sys.executable, "benchmarks/unet_throughput.py", "--presets", "digits", "--variants", "eager", "channels_last+bf16",
+                    "--peer-variant", "bf16", "--repeats", "2", "--device", "cpu", "--out", str(out)],
                    cwd=REPO, check=True, capture_output=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
     result = json.loads(out.read_text())
-    assert [(r["variant"], r["peer_variant"]) for r in result["rows"]] == [("eager", "eager"), ("channels_last", "eager")]
-    assert result["matmul_gflops"] > 0
+    assert [(r["variant"], r["peer_variant"]) for r in result["rows"]] == [("eager", "bf16"), ("channels_last+bf16", "bf16")]
+    assert result["matmul_gflops"] > 0 and result["matmul_gflops_bf16"] > 0
     for row in result["rows"]:
         assert row["ours_params"] == row["diffusers_params"], "the twin has our architecture"
         assert len(row["ours_train_window_img_s"]) == len(row["diffusers_sample_window_img_s"]) == 2
         assert row["train_ratio"] == pytest.approx(row["ours_train_img_s"] / row["diffusers_train_img_s"])
         assert row["sample_ratio"] == pytest.approx(row["ours_sample_img_s"] / row["diffusers_sample_img_s"])
         assert row["ours_sample_gflops"] == pytest.approx(row["gflop_per_image_fwd"] * row["ours_sample_img_s"])
+        peak = result["matmul_gflops_bf16" if "bf16" in row["variant"] else "matmul_gflops"]
+        assert row["ours_sample_matmul_fraction"] == pytest.approx(row["ours_sample_gflops"] / peak)
 
 
 def test_the_cifar10_preset_costs_what_the_paper_model_costs():

@@ -247,7 +247,7 @@ def test_a_diverging_run_stops_once_with_advice_and_no_retries(tmp_path):
     assert "error: training diverged: the loss became non-finite by 512 images" in run.stderr
     assert "lower train.lr (now 1e+30)" in run.stderr and "train.grad_clip" in run.stderr
     assert run.stdout.count("train: worker group of 2 started") == 1, "Ray Train must not retry a diverged run"
-    assert "train: worker group of 2 started at 0 images, DDP with gradient_as_bucket_view=True" in run.stdout
+    assert "train: worker group of 2 started at 0 images, fp32, DDP with gradient_as_bucket_view=True" in run.stdout
     assert "Traceback" not in run.stderr
     assert not (tmp_path / "runs/diverge/train/stage.json").exists()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")

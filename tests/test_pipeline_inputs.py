@@ -55,12 +55,16 @@ def test_config_file_errors(tmp_path, capsys):
     assert "not valid YAML" in capsys.readouterr().err
 
 
-def test_sampling_precision_is_bf16_only_on_gpus_when_enabled():
+def test_precision_is_bf16_on_gpus_and_float32_on_cpus_unless_switched():
     config = load_config(None, [])
     assert config.sample.execution(use_gpu=False) == {"precision": "fp32", "compile": False}
     assert config.sample.execution(use_gpu=True) == {"precision": "bf16", "compile": False}
-    fp32 = load_config(None, ["sample.bf16_on_gpu=false", "sample.compile=true"])
+    assert (config.train.precision(use_gpu=False), config.train.precision(use_gpu=True)) == ("fp32", "bf16")
+    fp32 = load_config(None, ["sample.bf16_on_gpu=false", "sample.compile=true", "train.bf16_on_gpu=false"])
     assert fp32.sample.execution(use_gpu=True) == {"precision": "fp32", "compile": True}
+    assert fp32.train.precision(use_gpu=True) == "fp32"
+    bf16 = load_config(None, ["sample.bf16_on_cpu=true", "train.bf16_on_cpu=true"])
+    assert bf16.sample.execution(use_gpu=False)["precision"] == bf16.train.precision(use_gpu=False) == "bf16"
     assert [autocast_dtype(config.sample.execution(use_gpu)["precision"]) for use_gpu in (False, True)] == [None, torch.bfloat16]
     with pytest.raises(ValueError, match="precision 'fp16' is not one of fp32, bf16"):
         autocast_dtype("fp16")

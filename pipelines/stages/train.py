@@ -1,5 +1,5 @@
 """train: data-parallel DDPM training with Ray Train (DDP over NCCL with bf16 autocast on GPUs, gloo and fp32 on
-CPUs). Progress is counted in images; checkpoints of the full training state are reported to Ray Train every
+CPUs; ``train.bf16_on_gpu`` / ``train.bf16_on_cpu``). Progress is counted in images; checkpoints of the full training state are reported to Ray Train every
 ``train.checkpoint_every_images``, and a re-run (or a worker-group restart) resumes from the latest one."""
 
 from __future__ import annotations
@@ -100,6 +100,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     from ddpm_core.ema import EMA
     from ddpm_core.images import grid
     from ddpm_core.samplers import PerIndexNoise, SamplerConfig, sample
+    from ddpm_core.precision import autocast_dtype
     from ddpm_core.training import OptimConfig, RunningTotals, learning_rate, make_optimizer, train_step
     from ddpm_core.unet import UNet, UNetConfig
     from pipelines.stages.prepare import read_shards
@@ -110,7 +111,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     unet_config, diffusion_config = UNetConfig.from_dict(loop["unet"]), DiffusionConfig.from_dict(loop["diffusion"])
     optim, train = OptimConfig(**loop["optim"]), loop["train"]
     diffusion = GaussianDiffusion.from_config(diffusion_config)
-    autocast = torch.bfloat16 if device.type == "cuda" else None
+    autocast = autocast_dtype(loop["precision"])
 
     images, _ = read_shards(loop["shards_uri"], loop["storage_options"])
     data = to_model_range(images[rank::world]).to(device)  # this worker's shard, [N_r, C, H, W], resident on the device
@@ -150,7 +151,7 @@ def train_loop(loop: dict[str, Any]) -> None:
             print(f"train: warm start from {loop['warm_start_uri']} ({state['images_seen']} images)", flush=True)
     if rank == 0:
         ddp = f", DDP with gradient_as_bucket_view={wrapped.gradient_as_bucket_view}" if hasattr(wrapped, "module") else ""
-        print(f"train: worker group of {world} started at {images_seen} images{ddp}", flush=True)
+        print(f"train: worker group of {world} started at {images_seen} images, {loop['precision']}{ddp}", flush=True)
     generator = _generator(train["seed"], rank, images_seen, device)
     # One quick attempt per MLflow call (no minutes of client-side retries): an outage is absorbed by the buffer.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
@@ -239,9 +240,10 @@ def train_loop(loop: dict[str, Any]) -> None:
 
 
 def loop_config(config, shards_uri: str, work_uri: str, storage_options: dict[str, Any], tracking_uri: str,
-                mlflow_run_id: str, trial: dict[str, Any] | None = None) -> dict[str, Any]:
+                mlflow_run_id: str, use_gpu: bool, trial: dict[str, Any] | None = None) -> dict[str, Any]:
     """Everything a worker needs, as plain data (workers get no config object, no environment)."""
     return {
+        "precision": config.train.precision(use_gpu),
         "unet": config.model.unet().to_dict(), "diffusion": config.diffusion.to_dict(), "optim": config.train.optim().__dict__,
         "train": {k: getattr(config.train, k) for k in ("seed", "batch_size", "total_images", "log_every_images",
                                                          "checkpoint_every_images", "grid_every_images", "horizontal_flip",
@@ -322,11 +324,11 @@ def run(context: StageContext) -> dict[str, Any]:
     work_uri = context.work_uri("train")
     use_gpu = has_gpus() if config.train.use_gpu is None else config.train.use_gpu
     loop = loop_config(config, context.output_of("prepare", "shards_uri"), work_uri, store.options, context.tracking_uri,
-                       context.mlflow_run_id)
+                       context.mlflow_run_id, use_gpu)
     if "tune" in context.upstream and config.tune.warm_start:
         loop["warm_start_uri"] = context.output_of("tune", "best_checkpoint_uri")
     trainer = make_trainer(config, loop, work_uri, store.options, use_gpu, config.train.num_workers, config.train.cpus_per_worker)
-    context.log(f"train: {config.train.num_workers} worker(s), {'GPU (NCCL, bf16)' if use_gpu else 'CPU (gloo, fp32)'}, "
+    context.log(f"train: {config.train.num_workers} worker(s), {'GPU (NCCL' if use_gpu else 'CPU (gloo'}, {loop['precision']}), "
                 f"{config.train.total_images} images, batch {config.train.batch_size}")
     result = fit(trainer, loop)
     send_pending_metrics(loop["pending_metrics_uri"], store.options, context)

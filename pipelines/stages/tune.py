@@ -78,7 +78,7 @@ def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
         client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
     work_uri = f"{setup['work_uri']}/trials/{trial_id}"
     loop = loop_config(config, setup["shards_uri"], work_uri, setup["storage_options"], setup["tracking_uri"], run_id,
-                       trial=setup["trial"])
+                       setup["use_gpu"], trial=setup["trial"])
     trainer = make_trainer(config, loop, work_uri, setup["storage_options"], setup["use_gpu"], setup["workers_per_trial"],
                            setup["cpus_per_worker"], callbacks=[TuneReportCallback()])
     try:
