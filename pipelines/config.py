@@ -67,8 +67,8 @@ class TrainSection:
     ema_warmup: bool = True
     init_from: str | None = None  # snapshot URI whose weights start training (the retrain warm start)
     # Fast path (docs/benchmarks.md). bf16 autocast of the U-Net (the loss, gradients and AdamW stay float32): on GPU
-    # workers, and on CPU workers only when asked (fast with native bf16, AVX512_BF16 or AMX; slower than float32
-    # without; it changes the numbers, so the CPU default stays float32).
+    # workers, and on CPU workers only when asked: 1.2-1.7x faster with native bf16 (AVX512_BF16 or AMX), though it
+    # cost the digits quickstart FID 0.632 -> 0.710; without native bf16 many times slower (docs/benchmarks.md).
     bf16_on_gpu: bool = True
     bf16_on_cpu: bool = False
     # These two off by default because neither helped where measured (2-core CPU).
@@ -124,7 +124,7 @@ class SampleSection:
     clip_denoised: bool = True
     seed: int = 1
     bf16_on_gpu: bool = True  # bf16 autocast of the U-Net in GPU sampling actors (the sampler's arithmetic stays float32)
-    bf16_on_cpu: bool = False  # the same in CPU sampling actors (fast with native bf16 only: docs/benchmarks.md)
+    bf16_on_cpu: bool = False  # the same in CPU sampling actors (1.3x faster with native bf16: docs/benchmarks.md)
     compile: bool = False  # torch.compile (inductor, weights frozen) of the U-Net in each sampling actor
 
     def sampler(self) -> SamplerConfig:

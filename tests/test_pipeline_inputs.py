@@ -65,6 +65,10 @@ def test_precision_is_bf16_on_gpus_and_float32_on_cpus_unless_switched():
     assert fp32.train.precision(use_gpu=True) == "fp32"
     bf16 = load_config(None, ["sample.bf16_on_cpu=true", "train.bf16_on_cpu=true"])
     assert bf16.sample.execution(use_gpu=False)["precision"] == bf16.train.precision(use_gpu=False) == "bf16"
+    from pipelines.stages.train import loop_config  # what the training workers are handed
+
+    workers = [loop_config(c, "shards", "work", {}, "tracking", "run", use_gpu=False) for c in (config, bf16)]
+    assert [autocast_dtype(loop["precision"]) for loop in workers] == [None, torch.bfloat16]
     assert [autocast_dtype(config.sample.execution(use_gpu)["precision"]) for use_gpu in (False, True)] == [None, torch.bfloat16]
     with pytest.raises(ValueError, match="precision 'fp16' is not one of fp32, bf16"):
         autocast_dtype("fp16")
