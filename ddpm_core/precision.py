@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
@@ -15,3 +17,20 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
     if precision not in AUTOCAST_DTYPES:
         raise ValueError(f"precision {precision!r} is not one of {', '.join(AUTOCAST_DTYPES)}")
     return AUTOCAST_DTYPES[precision]
+
+
+NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 instruction sets with bf16 arithmetic
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
+    """Whether this CPU computes in bf16 natively (AVX512_BF16 or AMX-BF16), read from the ``flags`` of Linux's
+    ``/proc/cpuinfo`` (or the ``cpuinfo`` text given); ``None`` where that cannot be told. Without such units bf16
+    convolutions fall back to kernels many times slower than float32 (docs/benchmarks.md)."""
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text()
+        except OSError:
+            return None
+    flags = {flag for line in cpuinfo.splitlines() if line.split(":", 1)[0].strip() == "flags"
+             for flag in line.split(":", 1)[1].split()}
+    return any(flag in flags for flag in NATIVE_BF16_CPU_FLAGS) if flags else None

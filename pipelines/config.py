@@ -68,7 +68,7 @@ class TrainSection:
     init_from: str | None = None  # snapshot URI whose weights start training (the retrain warm start)
     # Fast path (docs/benchmarks.md). bf16 autocast of the U-Net (the loss, gradients and AdamW stay float32): on GPU
     # workers, and on CPU workers only when asked: 1.2-1.7x faster with native bf16 (AVX512_BF16 or AMX), though it
-    # cost the digits quickstart FID 0.632 -> 0.710; without native bf16 many times slower (docs/benchmarks.md).
+    # cost the digits quickstart FID 0.632 -> 0.710; without native bf16 many times slower, and the workers warn.
     bf16_on_gpu: bool = True
     bf16_on_cpu: bool = False
     # These two off by default because neither helped where measured (2-core CPU).

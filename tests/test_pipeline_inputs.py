@@ -6,7 +6,7 @@ import pytest
 import ray
 import torch
 
-from ddpm_core.precision import autocast_dtype
+from ddpm_core.precision import autocast_dtype, cpu_has_native_bf16
 from pipelines.__main__ import main
 from pipelines.config import ConfigError, load_config
 
@@ -63,15 +63,31 @@ def test_precision_is_bf16_on_gpus_and_float32_on_cpus_unless_switched():
     fp32 = load_config(None, ["sample.bf16_on_gpu=false", "sample.compile=true", "train.bf16_on_gpu=false"])
     assert fp32.sample.execution(use_gpu=True) == {"precision": "fp32", "compile": True}
     assert fp32.train.precision(use_gpu=True) == "fp32"
+    assert [autocast_dtype(config.sample.execution(use_gpu)["precision"]) for use_gpu in (False, True)] == [None, torch.bfloat16]
+    with pytest.raises(ValueError, match="precision 'fp16' is not one of fp32, bf16"):
+        autocast_dtype("fp16")
     bf16 = load_config(None, ["sample.bf16_on_cpu=true", "train.bf16_on_cpu=true"])
     assert bf16.sample.execution(use_gpu=False)["precision"] == bf16.train.precision(use_gpu=False) == "bf16"
     from pipelines.stages.train import loop_config  # what the training workers are handed
 
     workers = [loop_config(c, "shards", "work", {}, "tracking", "run", use_gpu=False) for c in (config, bf16)]
     assert [autocast_dtype(loop["precision"]) for loop in workers] == [None, torch.bfloat16]
-    assert [autocast_dtype(config.sample.execution(use_gpu)["precision"]) for use_gpu in (False, True)] == [None, torch.bfloat16]
-    with pytest.raises(ValueError, match="precision 'fp16' is not one of fp32, bf16"):
-        autocast_dtype("fp16")
+
+
+def test_bf16_on_a_cpu_without_bf16_units_is_named_with_its_setting():
+    from pipelines.stages.context import slow_precision_advice
+
+    avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\nprocessor\t: 1\nflags\t\t: fpu sse2 avx2 fma\n"
+    assert cpu_has_native_bf16(avx2) is False
+    assert cpu_has_native_bf16(avx2.replace("fma", "fma avx512f avx512_bf16")) is True
+    assert cpu_has_native_bf16(avx2.replace("fma", "fma amx_bf16 amx_tile")) is True
+    assert cpu_has_native_bf16("processor\t: 0\nCPU implementer\t: 0x41\n") is None  # no flags line: cannot tell
+    advice = slow_precision_advice("bf16", "cpu", "train.bf16_on_cpu", native_bf16=False)
+    assert "train.bf16_on_cpu=true on a CPU without bf16 units" in advice and "set train.bf16_on_cpu=false" in advice
+    assert slow_precision_advice("bf16", "cpu", "train.bf16_on_cpu", native_bf16=None) is None
+    assert slow_precision_advice("bf16", "cpu", "train.bf16_on_cpu", native_bf16=True) is None
+    assert slow_precision_advice("bf16", "cuda", "train.bf16_on_gpu", native_bf16=False) is None
+    assert slow_precision_advice("fp32", "cpu", "train.bf16_on_cpu", native_bf16=False) is None
 
 
 def test_yaml_and_overrides_resolve(tmp_path):

@@ -16,7 +16,7 @@ import torch
 from torch.profiler import record_function
 
 from ddpm_core.storage import commit, filesystem
-from pipelines.stages.context import StageContext, StageStopped, out_of_memory_advice
+from pipelines.stages.context import StageContext, StageStopped, out_of_memory_advice, slow_precision_advice
 from pipelines.tracking import BufferedMetricLogger
 
 PENDING_METRICS = "metrics.json"
@@ -100,7 +100,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     from ddpm_core.ema import EMA
     from ddpm_core.images import grid
     from ddpm_core.samplers import PerIndexNoise, SamplerConfig, sample
-    from ddpm_core.precision import autocast_dtype
+    from ddpm_core.precision import autocast_dtype, cpu_has_native_bf16
     from ddpm_core.training import OptimConfig, RunningTotals, learning_rate, make_optimizer, train_step
     from ddpm_core.unet import UNet, UNetConfig
     from pipelines.stages.prepare import read_shards
@@ -152,6 +152,9 @@ def train_loop(loop: dict[str, Any]) -> None:
     if rank == 0:
         ddp = f", DDP with gradient_as_bucket_view={wrapped.gradient_as_bucket_view}" if hasattr(wrapped, "module") else ""
         print(f"train: worker group of {world} started at {images_seen} images, {loop['precision']}{ddp}", flush=True)
+        advice = slow_precision_advice(loop["precision"], device.type, "train.bf16_on_cpu", cpu_has_native_bf16())
+        if advice:
+            print(f"train: {advice}", flush=True)
     generator = _generator(train["seed"], rank, images_seen, device)
     # One quick attempt per MLflow call (no minutes of client-side retries): an outage is absorbed by the buffer.
     os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
