@@ -45,8 +45,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from common import device_name, synchronize, variant_switches, write_result
 from ddpm_core.data import random_batch
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
-from ddpm_core.precision import AUTOCAST_DTYPES, autocast_dtype
 from ddpm_core.ema import EMA
+from ddpm_core.precision import AUTOCAST_DTYPES, autocast_dtype
 from ddpm_core.training import OptimConfig, RunningTotals, make_optimizer, train_step
 from ddpm_core.unet import UNet, unet_preset
 
