@@ -1,4 +1,5 @@
-"""What every benchmark script shares: device synchronisation, the device's name, and the JSON result file."""
+"""What every benchmark script shares: device synchronisation, the device's name, fast-path variant names, and the JSON
+result file."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import platform
 from pathlib import Path
 
 import torch
+
+from ddpm_core.precision import cpu_flags
 
 
 def synchronize(device: torch.device) -> None:
@@ -21,11 +24,11 @@ def cpu_name() -> str:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor() or platform.machine()
-    fields = dict(line.split(":", 1) for line in cpuinfo.splitlines() if ":" in line)
-    fields = {key.strip(): value.strip() for key, value in fields.items()}
-    flags = set(fields.get("flags", "").split())
+    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+                 platform.machine())
+    flags = cpu_flags(cpuinfo)
     isa = [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if name in flags]
-    return f"{fields.get('model name', platform.machine())} ({', '.join(isa) or 'no AVX2'})"
+    return f"{model} ({', '.join(isa) or 'no AVX2'})"
 
 
 def device_name(device: torch.device) -> str:

@@ -22,15 +22,21 @@ def autocast_dtype(precision: str) -> torch.dtype | None:
 NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 instruction sets with bf16 arithmetic
 
 
-def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
-    """Whether this CPU computes in bf16 natively (AVX512_BF16 or AMX-BF16), read from the ``flags`` of Linux's
-    ``/proc/cpuinfo`` (or the ``cpuinfo`` text given); ``None`` where that cannot be told. Without such units bf16
-    convolutions fall back to kernels many times slower than float32 (docs/benchmarks.md)."""
+def cpu_flags(cpuinfo: str | None = None) -> set[str]:
+    """The instruction-set flags of Linux's ``/proc/cpuinfo`` (or of the ``cpuinfo`` text given); empty where there
+    are none to read (another OS, another architecture)."""
     if cpuinfo is None:
         try:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
-            return None
-    flags = {flag for line in cpuinfo.splitlines() if line.split(":", 1)[0].strip() == "flags"
-             for flag in line.split(":", 1)[1].split()}
+            return set()
+    return {flag for line in cpuinfo.splitlines() if line.split(":", 1)[0].strip() == "flags"
+            for flag in line.split(":", 1)[1].split()}
+
+
+def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:
+    """Whether this CPU computes in bf16 natively (AVX512_BF16 or AMX-BF16), from :func:`cpu_flags`; ``None`` where
+    that cannot be told. Without such units bf16 convolutions fall back to kernels many times slower than float32
+    (docs/benchmarks.md)."""
+    flags = cpu_flags(cpuinfo)
     return any(flag in flags for flag in NATIVE_BF16_CPU_FLAGS) if flags else None

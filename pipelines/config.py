@@ -45,6 +45,11 @@ class ModelSection:
         return unet_preset(self.preset, **self.overrides)
 
 
+def precision_name(use_gpu: bool, bf16_on_gpu: bool, bf16_on_cpu: bool) -> str:
+    """The precision (a ``ddpm_core.precision`` name) of a section with ``bf16_on_gpu`` / ``bf16_on_cpu`` switches."""
+    return "bf16" if (bf16_on_gpu if use_gpu else bf16_on_cpu) else "fp32"
+
+
 @dataclass(frozen=True)
 class TrainSection:
     num_workers: int = 2  # Ray Train data-parallel workers
@@ -80,7 +85,7 @@ class TrainSection:
 
     def precision(self, use_gpu: bool) -> str:
         """The workers' precision name (``ddpm_core.precision``): ``bf16`` or ``fp32``."""
-        return "bf16" if (self.bf16_on_gpu if use_gpu else self.bf16_on_cpu) else "fp32"
+        return precision_name(use_gpu, self.bf16_on_gpu, self.bf16_on_cpu)
 
     def optim(self) -> OptimConfig:
         return OptimConfig(lr=self.lr, warmup_images=self.warmup_images, grad_clip=self.grad_clip,
@@ -133,8 +138,7 @@ class SampleSection:
 
     def execution(self, use_gpu: bool) -> dict[str, Any]:
         """How the sampling actors run the network (not what they compute): precision and compilation."""
-        precision = "bf16" if (self.bf16_on_gpu if use_gpu else self.bf16_on_cpu) else "fp32"
-        return {"precision": precision, "compile": self.compile}
+        return {"precision": precision_name(use_gpu, self.bf16_on_gpu, self.bf16_on_cpu), "compile": self.compile}
 
 
 @dataclass(frozen=True)

@@ -82,12 +82,13 @@ def test_bf16_on_a_cpu_without_bf16_units_is_named_with_its_setting():
     assert cpu_has_native_bf16(avx2.replace("fma", "fma avx512f avx512_bf16")) is True
     assert cpu_has_native_bf16(avx2.replace("fma", "fma amx_bf16 amx_tile")) is True
     assert cpu_has_native_bf16("processor\t: 0\nCPU implementer\t: 0x41\n") is None  # no flags line: cannot tell
-    advice = slow_precision_advice("bf16", "cpu", "train.bf16_on_cpu", native_bf16=False)
+    native, unknown = avx2.replace("fma", "fma avx512_bf16"), "processor\t: 0\nCPU implementer\t: 0x41\n"
+    advice = slow_precision_advice("bf16", "cpu", "train.bf16_on_cpu", avx2)
     assert "train.bf16_on_cpu=true on a CPU without bf16 units" in advice and "set train.bf16_on_cpu=false" in advice
-    assert slow_precision_advice("bf16", "cpu", "train.bf16_on_cpu", native_bf16=None) is None
-    assert slow_precision_advice("bf16", "cpu", "train.bf16_on_cpu", native_bf16=True) is None
-    assert slow_precision_advice("bf16", "cuda", "train.bf16_on_gpu", native_bf16=False) is None
-    assert slow_precision_advice("fp32", "cpu", "train.bf16_on_cpu", native_bf16=False) is None
+    assert slow_precision_advice("bf16", "cpu", "train.bf16_on_cpu", unknown) is None
+    assert slow_precision_advice("bf16", "cpu", "train.bf16_on_cpu", native) is None
+    assert slow_precision_advice("bf16", "cuda", "train.bf16_on_gpu", avx2) is None
+    assert slow_precision_advice("fp32", "cpu", "train.bf16_on_cpu", avx2) is None
 
 
 def test_yaml_and_overrides_resolve(tmp_path):

@@ -8,7 +8,7 @@ from typing import Any, Callable
 
 from mlflow.tracking import MlflowClient
 
-from ddpm_core.precision import NATIVE_BF16_CPU_FLAGS
+from ddpm_core.precision import NATIVE_BF16_CPU_FLAGS, cpu_has_native_bf16
 from pipelines.config import PipelineConfig
 from pipelines.runs import RunStore
 
@@ -32,10 +32,10 @@ def out_of_memory_advice(where: str, advice: str):
         raise MemoryError(f"out of memory in {where}: {advice}. Allocator: {str(error).splitlines()[0][:300]}") from error
 
 
-def slow_precision_advice(precision: str, device_type: str, setting: str, native_bf16: bool | None) -> str | None:
-    """A warning when bf16 was asked for on a CPU known to lack bf16 units (``native_bf16`` from
-    ``ddpm_core.precision.cpu_has_native_bf16``), naming the setting that asked for it; else ``None``."""
-    if precision != "bf16" or device_type != "cpu" or native_bf16 is not False:
+def slow_precision_advice(precision: str, device_type: str, setting: str, cpuinfo: str | None = None) -> str | None:
+    """A warning when bf16 was asked for on a CPU known to lack bf16 units (``ddpm_core.precision.cpu_has_native_bf16``
+    of this machine, or of the ``cpuinfo`` text given), naming the setting that asked for it; else ``None``."""
+    if precision != "bf16" or device_type != "cpu" or cpu_has_native_bf16(cpuinfo) is not False:
         return None
     return (f"warning: {setting}=true on a CPU without bf16 units (no {' or '.join(NATIVE_BF16_CPU_FLAGS)} flag): bf16 "
             f"convolutions fall back to kernels many times slower than float32 (docs/benchmarks.md); set {setting}=false")

@@ -25,12 +25,12 @@ class SampleWorker:
 
         from ddpm_core.checkpoint import load_snapshot
         from ddpm_core.diffusion import GaussianDiffusion
-        from ddpm_core.precision import autocast_dtype, cpu_has_native_bf16
+        from ddpm_core.precision import autocast_dtype
         from ddpm_core.samplers import SamplerConfig, fast_sampling_network
 
         snapshot = load_snapshot(snapshot_uri, storage_options)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        advice = slow_precision_advice(execution["precision"], self.device.type, "sample.bf16_on_cpu", cpu_has_native_bf16())
+        advice = slow_precision_advice(execution["precision"], self.device.type, "sample.bf16_on_cpu")
         if advice:
             print(f"sample: {advice}", flush=True)
         autocast = autocast_dtype(execution["precision"])

@@ -1,6 +1,7 @@
 """train: data-parallel DDPM training with Ray Train (DDP over NCCL with bf16 autocast on GPUs, gloo and fp32 on
-CPUs; ``train.bf16_on_gpu`` / ``train.bf16_on_cpu``). Progress is counted in images; checkpoints of the full training state are reported to Ray Train every
-``train.checkpoint_every_images``, and a re-run (or a worker-group restart) resumes from the latest one."""
+CPUs; ``train.bf16_on_gpu`` / ``train.bf16_on_cpu``). Progress is counted in images; checkpoints of the full training
+state are reported to Ray Train every ``train.checkpoint_every_images``, and a re-run (or a worker-group restart)
+resumes from the latest one."""
 
 from __future__ import annotations
 
@@ -100,7 +101,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     from ddpm_core.ema import EMA
     from ddpm_core.images import grid
     from ddpm_core.samplers import PerIndexNoise, SamplerConfig, sample
-    from ddpm_core.precision import autocast_dtype, cpu_has_native_bf16
+    from ddpm_core.precision import autocast_dtype
     from ddpm_core.training import OptimConfig, RunningTotals, learning_rate, make_optimizer, train_step
     from ddpm_core.unet import UNet, UNetConfig
     from pipelines.stages.prepare import read_shards
@@ -152,7 +153,7 @@ def train_loop(loop: dict[str, Any]) -> None:
     if rank == 0:
         ddp = f", DDP with gradient_as_bucket_view={wrapped.gradient_as_bucket_view}" if hasattr(wrapped, "module") else ""
         print(f"train: worker group of {world} started at {images_seen} images, {loop['precision']}{ddp}", flush=True)
-        advice = slow_precision_advice(loop["precision"], device.type, "train.bf16_on_cpu", cpu_has_native_bf16())
+        advice = slow_precision_advice(loop["precision"], device.type, "train.bf16_on_cpu")
         if advice:
             print(f"train: {advice}", flush=True)
     generator = _generator(train["seed"], rank, images_seen, device)
