@@ -16,6 +16,7 @@ import argparse
 import json
 import time
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
@@ -25,30 +26,37 @@ from ddpm_core.data import to_uint8
 from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.metrics import FeatureStatistics, frechet_distance_from_stats
 from ddpm_core.samplers import PerIndexNoise, SamplerConfig, sample
-from pipelines.config import load_config
-from pipelines.stages.scoring import ExtractorSpec, build_extractor, load_reference
+from pipelines.config import Extractor, load_config
+from pipelines.contracts import EvaluateOutputs, PrepareOutputs, SampleOutputs, TrainOutputs
+from pipelines.runs import read_manifest
+from pipelines.scoring import ExtractorSpec, build_extractor, load_reference
 
+O = TypeVar("O")
 SAMPLERS = ["ddim:10", "ddim:20", "ddim:50", "ddim:100", "ddim:1000", "ancestral:1000"]  # method:steps
 
 
-def manifest(run_root: Path, stage: str) -> dict:
-    return json.loads((run_root / stage / "stage.json").read_text())["outputs"]
+def outputs(run_root: Path, stage: str, kind: type[O]) -> O:
+    """A finished stage's outputs, typed."""
+    manifest = read_manifest(str(run_root / stage), kind)
+    if manifest is None:
+        raise SystemExit(f"{run_root}: the {stage} stage has not finished")
+    return manifest.outputs
 
 
 def extractor_spec(run_root: Path) -> ExtractorSpec:
     config = load_config(str(run_root / "config.yaml"), [])
-    if config.evaluate.extractor == "classifier":
-        return ExtractorSpec("classifier", manifest(run_root, "prepare")["extractor_uri"])
-    return ExtractorSpec("inception", config.evaluate.inception_weights_uri, config.evaluate.inception_weights_sha256)
+    if config.evaluate.extractor is Extractor.CLASSIFIER:
+        return ExtractorSpec(Extractor.CLASSIFIER, outputs(run_root, "prepare", PrepareOutputs).extractor_uri or "")
+    return ExtractorSpec(Extractor.INCEPTION, config.evaluate.inception_weights_uri or "", config.evaluate.inception_weights_sha256)
 
 
 def score(run_root: Path, num_samples: int, batch_size: int, samplers: list[str]) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    snapshot = load_snapshot(manifest(run_root, "train")["snapshot_uri"])
+    snapshot = load_snapshot(outputs(run_root, "train", TrainOutputs).snapshot_uri)
     model, diffusion = snapshot.build_model().to(device), GaussianDiffusion.from_config(snapshot.diffusion)
     shape = (snapshot.unet.in_channels, snapshot.unet.image_size, snapshot.unet.image_size)
-    evaluated, seed = manifest(run_root, "evaluate"), manifest(run_root, "sample")["seed"]
-    reference, _ = load_reference(evaluated["reference_uri"], {})
+    seed = outputs(run_root, "sample", SampleOutputs).seed
+    reference = load_reference(outputs(run_root, "evaluate", EvaluateOutputs).reference_uri, {})
     extractor = build_extractor(extractor_spec(run_root), {})
     rows = []
     for method, steps in (name.split(":") for name in samplers):
@@ -102,11 +110,11 @@ def main() -> None:
     config = load_config(str(args.run_root / "config.yaml"), [])
     num_samples = args.samples or config.sample.num_samples
     rows = score(args.run_root, num_samples, args.batch_size or config.sample.batch_size, args.samplers)
-    evaluated = manifest(args.run_root, "evaluate")
+    evaluated = outputs(args.run_root, "evaluate", EvaluateOutputs)
     result = {"benchmark": "fid_vs_steps", "run_id": config.run_id, "torch": torch.__version__, "threads": torch.get_num_threads(),
               "device_name": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
-              "extractor_id": evaluated["protocol"]["extractor_id"],
-              "run_fid": evaluated["fid"], "run_sampler": evaluated["protocol"]["sampler"], "rows": rows}
+              "extractor_id": evaluated.protocol.extractor_id,
+              "run_fid": evaluated.scores.fid, "run_sampler": evaluated.protocol.sampler.to_dict(), "rows": rows}
     write_result(args.out, result)
     if args.plot:
         plot(rows, f"{config.run_id}: FID of {num_samples} samples vs steps ({result['extractor_id']})", args.plot)

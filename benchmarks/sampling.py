@@ -23,7 +23,7 @@ import torch
 from common import device_name, synchronize, write_result
 from ddpm_core.data import to_uint8
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
-from ddpm_core.precision import AUTOCAST_DTYPES, autocast_dtype
+from ddpm_core.precision import Precision, autocast_dtype
 from ddpm_core.samplers import PerIndexNoise, SamplerConfig, fast_sampling_network, sample
 from ddpm_core.unet import UNet, unet_preset
 
@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--preset", default="cifar10")
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=list(AUTOCAST_DTYPES), default="fp32", help="bf16: autocast, as a GPU sampling actor")
+    parser.add_argument("--dtype", choices=[precision.value for precision in Precision], default="fp32", help="bf16: autocast, as a GPU sampling actor")
     parser.add_argument("--compile", action="store_true", help="torch.compile with frozen weights, as sample.compile")
     parser.add_argument("--samplers", nargs="+", default=["ddim:100=50000", "ancestral:1000=1000"],
                         help="method:steps=num_samples")

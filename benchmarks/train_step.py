@@ -46,7 +46,7 @@ from common import device_name, synchronize, variant_switches, write_result
 from ddpm_core.data import random_batch
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm_core.ema import EMA
-from ddpm_core.precision import AUTOCAST_DTYPES, autocast_dtype
+from ddpm_core.precision import Precision, autocast_dtype
 from ddpm_core.training import OptimConfig, RunningTotals, make_optimizer, train_step
 from ddpm_core.unet import UNet, unet_preset
 
@@ -226,7 +226,7 @@ def main() -> None:
     parser.add_argument("--preset", default="cifar10")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=list(AUTOCAST_DTYPES), default="bf16" if torch.cuda.is_available() else "fp32")
+    parser.add_argument("--dtype", choices=[precision.value for precision in Precision], default="bf16" if torch.cuda.is_available() else "fp32")
     parser.add_argument("--variants", nargs="+", default=["eager", "channels_last", "compile", "channels_last+compile"],
                         help=f"'eager' or switches joined by '+': {', '.join(SWITCHES)}; with --world-size > 1 also "
                              f"{', '.join(DDP_SWITCHES)}")

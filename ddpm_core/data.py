@@ -20,6 +20,7 @@ import tarfile
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
@@ -29,6 +30,9 @@ from ddpm_core.storage import filesystem
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg")
 CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_TEST_BATCH = "test_batch"
+
+
+Arrays = tuple[np.ndarray, "np.ndarray | None", "list[str] | None"]  # images [N, H, W, C] uint8, labels [N], class names
 
 
 class DataError(ValueError):
@@ -83,7 +87,7 @@ def _validate(images: np.ndarray, labels: np.ndarray | None, uri: str) -> None:
             raise DataError(f"{uri}: labels must be non-negative class indices, got min {labels.min()}")
 
 
-def _read_digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
+def _read_digits() -> Arrays:
     from sklearn.datasets import load_digits
 
     digits = load_digits()
@@ -91,7 +95,7 @@ def _read_digits() -> tuple[np.ndarray, np.ndarray, list[str]]:
     return images, digits.target.astype(np.int64), [str(i) for i in range(10)]
 
 
-def _read_uri(uri: str, split: str, storage_options: dict[str, Any] | None):
+def _read_uri(uri: str, split: str, storage_options: dict[str, Any] | None) -> Arrays:
     try:
         fs, path = filesystem(uri, storage_options)
         if not fs.exists(path):
@@ -118,14 +122,14 @@ def _read_uri(uri: str, split: str, storage_options: dict[str, Any] | None):
                     f"tar.gz or folder, a .npy/.npz file, or builtin:digits")
 
 
-def _cat(fs, path: str, uri: str) -> bytes:
+def _cat(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> bytes:
     try:
         return fs.cat_file(path)
     except Exception as error:
         raise DataError(f"cannot read {uri!r} ({path}): {type(error).__name__}: {error}") from error
 
 
-def _read_image_folder(fs, root: str, uri: str):
+def _read_image_folder(fs: fsspec.AbstractFileSystem, root: str, uri: str) -> Arrays:
     try:
         paths = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_EXTENSIONS))
     except Exception as error:
@@ -181,7 +185,7 @@ def _to_nhwc(array: np.ndarray, uri: str) -> np.ndarray:
     raise DataError(f"{uri}: images must be [N, H, W], [N, H, W, C] or [N, C, H, W] with C in (1, 3), got shape {array.shape}")
 
 
-def _load_numpy(data: bytes, uri: str):
+def _load_numpy(data: bytes, uri: str) -> Any:  # an array (.npy) or an NpzFile (.npz)
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as error:
@@ -192,7 +196,7 @@ def _read_npy(data: bytes, uri: str) -> np.ndarray:
     return _to_nhwc(_load_numpy(data, uri), uri)
 
 
-def _read_npz(data: bytes, uri: str):
+def _read_npz(data: bytes, uri: str) -> Arrays:
     archive = _load_numpy(data, uri)
     image_key = next((k for k in ("images", "x", "arr_0") if k in archive.files), None)
     if image_key is None:
@@ -213,7 +217,7 @@ class _CifarUnpickler(pickle.Unpickler):
     ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
                ("numpy", "ndarray"), ("numpy", "dtype")}
 
-    def find_class(self, module: str, name: str):
+    def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self.ALLOWED:
             raise pickle.UnpicklingError(f"refusing to load {module}.{name} from a CIFAR-10 batch")
         return super().find_class(module, name)
@@ -237,12 +241,12 @@ def _cifar_names(split: str, uri: str) -> tuple[str, ...]:
     return CIFAR_TRAIN_BATCHES if split == "train" else (CIFAR_TEST_BATCH,)
 
 
-def _stack_cifar(batches: list[tuple[np.ndarray, np.ndarray]]):
+def _stack_cifar(batches: list[tuple[np.ndarray, np.ndarray]]) -> Arrays:
     names = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
     return np.concatenate([b[0] for b in batches]), np.concatenate([b[1] for b in batches]), names
 
 
-def _read_cifar_folder(fs, root: str, uri: str, split: str):
+def _read_cifar_folder(fs: fsspec.AbstractFileSystem, root: str, uri: str, split: str) -> Arrays:
     batches = []
     for name in _cifar_names(split, uri):
         if not fs.exists(f"{root}/{name}"):
@@ -251,15 +255,16 @@ def _read_cifar_folder(fs, root: str, uri: str, split: str):
     return _stack_cifar(batches)
 
 
-def _read_cifar_tar(data: bytes, uri: str, split: str):
+def _read_cifar_tar(data: bytes, uri: str, split: str) -> Arrays:
     wanted = _cifar_names(split, uri)
     found: dict[str, bytes] = {}
     try:
         with tarfile.open(fileobj=io.BytesIO(data), mode="r:*") as archive:
             for member in archive.getmembers():
                 base = posixpath.basename(member.name)
-                if member.isfile() and base in wanted:
-                    found[base] = archive.extractfile(member).read()
+                content = archive.extractfile(member) if member.isfile() and base in wanted else None
+                if content is not None:
+                    found[base] = content.read()
     except (tarfile.TarError, EOFError, OSError) as error:
         raise DataError(f"{uri}: not a readable tar.gz archive: {error}") from error
     missing = [name for name in wanted if name not in found]

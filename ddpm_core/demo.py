@@ -51,8 +51,8 @@ def train_and_sample(out: Path, train_images: int, batch_size: int, num_samples:
 
     save_snapshot(str(out / "snapshot"), ema.model, unet_config, diffusion_config, {"images_seen": seen})
     start = time.time()
-    result = sample(ema.model, diffusion, (1, 8, 8), PerIndexNoise(seed, range(num_samples)), sampler)
-    pixels = to_uint8(result.samples)
+    sampled = sample(ema.model, diffusion, (1, 8, 8), PerIndexNoise(seed, range(num_samples)), sampler)
+    pixels = to_uint8(sampled.samples)
     save_grid(pixels, str(out / "samples.png"), columns=10)
     data_pixels = dataset.images.astype("float64") / 255.0
     sample_pixels = pixels.astype("float64") / 255.0

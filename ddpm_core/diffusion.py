@@ -16,7 +16,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
-from ddpm_core.enums import coerce_enum_fields
+from ddpm_core.fields import FieldError, coerce_enum_fields
 from ddpm_core.schedules import Schedule, make_betas
 
 Model = Callable[..., torch.Tensor]
@@ -61,11 +61,11 @@ class DiffusionConfig:
     def __post_init__(self) -> None:
         coerce_enum_fields(self, "diffusion", {"schedule": Schedule, "prediction": Prediction, "variance": Variance, "loss": Loss})
         if self.num_timesteps < 2:
-            raise ValueError(f"diffusion.num_timesteps must be >= 2, got {self.num_timesteps}")
+            raise FieldError("diffusion", "num_timesteps", f" must be >= 2, got {self.num_timesteps}")
         if self.vlb_weight < 0:
-            raise ValueError(f"diffusion.vlb_weight must be >= 0, got {self.vlb_weight}")
+            raise FieldError("diffusion", "vlb_weight", f" must be >= 0, got {self.vlb_weight}")
         if self.variance is Variance.LEARNED_RANGE and self.loss is Loss.SIMPLE:
-            raise ValueError("diffusion.variance=learned_range needs diffusion.loss=vlb or hybrid: L_simple gives the variance no gradient")
+            raise FieldError("diffusion", "variance", "=learned_range needs loss=vlb or hybrid: L_simple gives the variance no gradient")
 
     def to_dict(self) -> dict[str, Any]:
         return {

@@ -31,7 +31,7 @@ class EMA:
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         decay = self.current_decay()
-        shadow = list(self.model.parameters())
+        shadow: list[torch.Tensor] = list(self.model.parameters())
         torch._foreach_lerp_(shadow, [p.detach().to(s.dtype) for p, s in zip(model.parameters(), shadow)], 1.0 - decay)
         for shadow_buffer, buffer in zip(self.model.buffers(), model.buffers()):
             shadow_buffer.copy_(buffer)

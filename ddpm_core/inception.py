@@ -25,7 +25,8 @@ HOW_TO_PROVIDE = (f"Copy {WEIGHTS_FILE} (from the pytorch-fid / torch-fidelity r
 FEATURES, LOGITS = "2048", "logits_unbiased"
 
 
-def feature_extractor_class():
+def feature_extractor_class() -> type:
+    """torch-fidelity's Inception-v3 feature extractor class; an ImportError says how to install it."""
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError as error:

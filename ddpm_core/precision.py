@@ -2,21 +2,30 @@
 
 from __future__ import annotations
 
+import enum
 from pathlib import Path
 
 import torch
 
-AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {
-    "fp32": None,  # no autocast: float32 throughout
-    "bf16": torch.bfloat16,  # the network under bf16 autocast (weights and the sampler's arithmetic stay float32)
-}
+from ddpm_core.fields import allowed_values
+
+class Precision(str, enum.Enum):
+    """How the network's arithmetic runs (weights, the loss, the optimizer and the sampler's own arithmetic stay
+    float32 under every one)."""
+
+    FP32 = "fp32"  # no autocast: float32 throughout
+    BF16 = "bf16"  # the network under bf16 autocast
 
 
-def autocast_dtype(precision: str) -> torch.dtype | None:
+AUTOCAST_DTYPES: dict[Precision, torch.dtype | None] = {Precision.FP32: None, Precision.BF16: torch.bfloat16}
+
+
+def autocast_dtype(precision: Precision | str) -> torch.dtype | None:
     """The dtype to autocast the network to for ``precision`` (``None``: none); an unknown name raises ValueError."""
-    if precision not in AUTOCAST_DTYPES:
-        raise ValueError(f"precision {precision!r} is not one of {', '.join(AUTOCAST_DTYPES)}")
-    return AUTOCAST_DTYPES[precision]
+    try:
+        return AUTOCAST_DTYPES[Precision(precision)]
+    except ValueError:
+        raise ValueError(f"precision {precision!r} is not one of {allowed_values(Precision)}") from None
 
 
 NATIVE_BF16_CPU_FLAGS = ("avx512_bf16", "amx_bf16")  # x86 instruction sets with bf16 arithmetic

@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from ddpm_core.diffusion import GaussianDiffusion, Model
-from ddpm_core.enums import coerce_enum_fields
+from ddpm_core.fields import FieldError, coerce_enum_fields
 
 
 class Method(str, enum.Enum):
@@ -44,9 +44,9 @@ class SamplerConfig:
     def __post_init__(self) -> None:
         coerce_enum_fields(self, "sampler", {"method": Method, "spacing": Spacing})
         if self.num_steps is not None and self.num_steps < 1:
-            raise ValueError(f"sampler.num_steps must be >= 1, got {self.num_steps}")
+            raise FieldError("sampler", "num_steps", f" must be >= 1, got {self.num_steps}")
         if not 0.0 <= self.eta <= 1.0:
-            raise ValueError(f"sampler.eta must lie in [0, 1], got {self.eta}")
+            raise FieldError("sampler", "eta", f" must lie in [0, 1], got {self.eta}")
 
     def to_dict(self) -> dict[str, Any]:
         return {"method": self.method.value, "num_steps": self.num_steps, "eta": self.eta,
@@ -64,10 +64,10 @@ def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: Spacing = Spac
         steps = np.arange(num_steps) * (num_timesteps // num_steps)
     else:
         steps = np.round(np.arange(num_timesteps, 0, -num_timesteps / num_steps)).astype(int)[::-1] - 1
-    steps = sorted(set(int(step) for step in steps))
-    if len(steps) != num_steps:
+    visited = sorted(set(int(step) for step in steps))
+    if len(visited) != num_steps:
         raise ValueError(f"{spacing.value} spacing of {num_timesteps} steps into {num_steps} gives duplicate steps")
-    return steps
+    return visited
 
 
 class NoiseSource(Protocol):

@@ -12,6 +12,7 @@ import hashlib
 import json
 import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import fsspec
@@ -30,7 +31,7 @@ class StorageUnavailableError(RuntimeError):
 
 
 @contextlib.contextmanager
-def storage_failures_named(uri: str, action: str):
+def storage_failures_named(uri: str, action: str) -> Iterator[None]:
     """Re-raise any storage failure other than a missing file as a :class:`StorageUnavailableError` naming ``uri``."""
     try:
         yield

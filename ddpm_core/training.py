@@ -11,6 +11,7 @@ from torch.profiler import record_function
 
 from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.ema import EMA
+from ddpm_core.fields import check_ranges
 
 
 @dataclass(frozen=True)
@@ -23,14 +24,11 @@ class OptimConfig:
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     ema_decay: float = 0.9999
     ema_warmup: bool = False
-    class_dropout: float = 0.1  # probability of replacing a label by the null class (classifier-free guidance)
 
     def __post_init__(self) -> None:
-        checks = {"lr": self.lr > 0, "warmup_images": self.warmup_images >= 0, "weight_decay": self.weight_decay >= 0,
-                  "ema_decay": 0 <= self.ema_decay < 1, "class_dropout": 0 <= self.class_dropout < 1}
-        for name, ok in checks.items():
-            if not ok:
-                raise ValueError(f"optim.{name} is out of range: {getattr(self, name)!r}")
+        check_ranges("optim", {"lr": (self.lr > 0, self.lr), "warmup_images": (self.warmup_images >= 0, self.warmup_images),
+                               "weight_decay": (self.weight_decay >= 0, self.weight_decay),
+                               "ema_decay": (0 <= self.ema_decay < 1, self.ema_decay)})
 
 
 def learning_rate(images_seen: int, config: OptimConfig) -> float:

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass, field
+from typing import cast
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ddpm_core.fields import FieldError
 
 
 @dataclass(frozen=True)
@@ -34,23 +37,23 @@ class UNetConfig:
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
         object.__setattr__(self, "attention_resolutions", tuple(int(r) for r in self.attention_resolutions))
         if not self.channel_mult or min(self.channel_mult) < 1:
-            raise ValueError(f"unet.channel_mult must be a non-empty list of positive ints, got {self.channel_mult}")
+            raise FieldError("unet", "channel_mult", f" must be a non-empty list of positive ints, got {list(self.channel_mult)}")
         downsampling = 2 ** (len(self.channel_mult) - 1)
         if self.image_size < 1 or self.image_size % downsampling:
-            raise ValueError(f"unet.image_size {self.image_size} must be divisible by {downsampling} "
+            raise FieldError("unet", "image_size", f" {self.image_size} must be divisible by {downsampling} "
                              f"(2 ** (len(channel_mult) - 1)) for {len(self.channel_mult)} levels")
         resolutions = {self.image_size // 2**level for level in range(len(self.channel_mult))}
         unknown = sorted(set(self.attention_resolutions) - resolutions)
         if unknown:
-            raise ValueError(f"unet.attention_resolutions {unknown} are not among the U-Net's resolutions {sorted(resolutions)}")
+            raise FieldError("unet", "attention_resolutions", f" {unknown} are not among the U-Net's resolutions {sorted(resolutions)}")
         for multiplier in self.channel_mult:
             if (self.base_channels * multiplier) % self.norm_groups:
-                raise ValueError(f"unet.base_channels * {multiplier} = {self.base_channels * multiplier} is not divisible "
-                                 f"by unet.norm_groups = {self.norm_groups}")
+                raise FieldError("unet", "base_channels", f" * {multiplier} = {self.base_channels * multiplier} is not divisible "
+                                 f"by norm_groups = {self.norm_groups}")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"unet.dropout must lie in [0, 1), got {self.dropout}")
+            raise FieldError("unet", "dropout", f" must lie in [0, 1), got {self.dropout}")
         if self.num_classes is not None and self.num_classes < 1:
-            raise ValueError(f"unet.num_classes must be >= 1 or null, got {self.num_classes}")
+            raise FieldError("unet", "num_classes", f" must be >= 1 or null, got {self.num_classes}")
 
     def to_dict(self) -> dict:
         data = asdict(self)
@@ -97,7 +100,7 @@ def _zero(module: nn.Module) -> nn.Module:
     keeps it at zero."""
     for parameter in module.parameters():
         nn.init.zeros_(parameter)
-    module.zero_init = True
+    module.zero_init = True  # type: ignore[assignment]  # a plain attribute (Module types only tensors, modules)
     return module
 
 
@@ -217,7 +220,8 @@ class UNet(nn.Module):
                     nn.init.zeros_(module.weight)
                 else:
                     nn.init.xavier_uniform_(module.weight)
-                nn.init.zeros_(module.bias)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
 
     def _run(self, block: nn.ModuleList, h: torch.Tensor, embedding: torch.Tensor) -> torch.Tensor:
         for layer in block:
@@ -235,10 +239,11 @@ class UNet(nn.Module):
 
         skips = [self.conv_in(x)]  # [B, ch, H, W]
         for block in self.down:
-            skips.append(self._run(block, skips[-1], embedding))
+            skips.append(self._run(cast(nn.ModuleList, block), skips[-1], embedding))
         h = self._run(self.middle, skips[-1], embedding)
         for block in self.up:
-            if isinstance(block[0], ResidualBlock):
+            layers = cast(nn.ModuleList, block)
+            if isinstance(layers[0], ResidualBlock):
                 h = torch.cat([h, skips.pop()], dim=1)
-            h = self._run(block, h, embedding)
+            h = self._run(layers, h, embedding)
         return self.conv_out(F.silu(self.norm_out(h)))

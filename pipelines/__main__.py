@@ -26,10 +26,12 @@ import time
 
 from ddpm_core.data import DataError
 from ddpm_core.storage import StorageUnavailableError
-from pipelines.config import ConfigError, load_config
+from pipelines.config import ConfigError, PipelineConfig, load_config
+from pipelines.contracts import (EvaluateOutputs, PrepareOutputs, RegisterOutputs, SampleOutputs, StageOutputs, TrainOutputs,
+                                 TuneOutputs)
 from pipelines.dag import PreflightError
 from pipelines.lease import LeaseHeldError
-from pipelines.stages.context import StageStopped
+from pipelines.context import StageStopped
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -51,76 +53,93 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _status(args) -> int:
+def _status(args: argparse.Namespace) -> int:
     from pipelines.dag import STAGES
+    from pipelines.retrain import read_decision
     from pipelines.runs import RunStore
 
     config = load_config(args.config, [*args.overrides, f"run_id={args.run_id}"])
     store = RunStore(config)
     print(f"run {config.run_id} at {store.root}")
     for stage in STAGES:
-        manifest = store.read_manifest(stage.name)
+        manifest = store.read_manifest(stage.name, stage.outputs)
         if manifest is None:
             print(f"  {stage.name:<9} not finished")
             continue
-        outputs = manifest["outputs"]
-        detail = {"prepare": lambda: f"{outputs['num_train']} train images, fingerprint {outputs['fingerprint'][:12]}",
-                  "train": lambda: f"{outputs['images_seen']} images seen",
-                  "sample": lambda: f"{outputs['num_samples']} samples in {len(outputs['shard_uris'])} shards",
-                  "evaluate": lambda: f"FID {outputs['fid']:.3f}" + (f" (untrained {outputs['fid_untrained']:.3f})" if outputs.get("fid_untrained") else ""),
-                  "register": lambda: f"{outputs['model_name']} v{outputs['version']}; {outputs['reason']}"}[stage.name]()
-        finished = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(manifest["finished_at"]))
-        print(f"  {stage.name:<9} complete {finished}  {detail}")
-    from pipelines.retrain import read_decision
-
+        finished = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(manifest.finished_at))
+        print(f"  {stage.name:<9} complete {finished}  {stage_detail(manifest.outputs)}")
     decision = read_decision(store)
     if decision is not None:
-        scores = "".join(f", {label} FID {decision[key]:.4f}" for key, label in (("challenger_fid", "challenger"), ("champion_fid", "champion"))
-                         if decision.get(key) is not None)
-        print(f"  retrain   {decision['decision']}: {decision['reason']}{scores}")
+        scores = "".join(f", {label} FID {fid:.4f}" for label, fid in (("challenger", decision.challenger_fid),
+                                                                       ("champion", decision.champion_fid)) if fid is not None)
+        print(f"  retrain   {decision.decision}: {decision.reason}{scores}")
     return 0
 
 
-def _run(args) -> int:
-    from pipelines.dag import hold_run_root, run_pipeline
+def stage_detail(outputs: StageOutputs) -> str:
+    """One line on what a finished stage produced."""
+    if isinstance(outputs, PrepareOutputs):
+        return f"{outputs.num_train} train images, fingerprint {outputs.fingerprint[:12]}"
+    if isinstance(outputs, TuneOutputs):
+        return f"best of {outputs.trials} trials: {outputs.best_params}"
+    if isinstance(outputs, TrainOutputs):
+        return f"{outputs.images_seen} images seen"
+    if isinstance(outputs, SampleOutputs):
+        return f"{outputs.num_samples} samples in {len(outputs.shard_uris)} shards"
+    if isinstance(outputs, EvaluateOutputs):
+        untrained = outputs.scores.fid_untrained
+        return f"FID {outputs.scores.fid:.3f}" + (f" (untrained {untrained:.3f})" if untrained is not None else "")
+    return f"{outputs.model_name} v{outputs.version}; {outputs.reason}"
+
+
+def _run(args: argparse.Namespace) -> int:
+    from pipelines.dag import check_config, hold_run_root, run_pipeline
     from pipelines.runs import RunStore
 
     config = load_config(args.config, args.overrides)
+    check_config(config)
     started = time.time()
     with hold_run_root(RunStore(config), config):
-        manifests = run_pipeline(config, args.from_stage)
-    evaluation = manifests.get("evaluate", {}).get("outputs", {})
+        results = run_pipeline(config, args.from_stage)
     print("\n== Done in %.0f s ==" % (time.time() - started))
     print(f"Run root:     {config.storage.resolved_root()}/{config.run_id}")
-    if evaluation:
-        print(f"Sample grid:  {evaluation['grid_uri']}")
-        print(f"FID ({evaluation['protocol']['extractor_id']}): {evaluation['fid']:.3f}  trained model")
-        if evaluation.get("fid_untrained") is not None:
-            print(f"{'':36}{evaluation['fid_untrained']:.3f}  untrained model, same protocol")
-        if evaluation.get("fid_holdout_vs_train") is not None:
-            held_out = manifests["prepare"]["outputs"]["num_holdout"]
-            print(f"{'':36}{evaluation['fid_holdout_vs_train']:.3f}  {held_out} held-out real images "
-                  f"(a floor; FID is biased upward when fewer images are scored)")
-        if evaluation.get("inception_score") is not None:
-            print(f"Inception Score: {evaluation['inception_score']:.3f} +- {evaluation['inception_score_std']:.3f} "
-                  f"(std over {config.evaluate.inception_score_splits} splits)")
-        if evaluation.get("precision") is not None:
-            print(f"Precision / recall (k={config.evaluate.precision_recall_k}): {evaluation['precision']:.3f} / {evaluation['recall']:.3f}")
-        if evaluation.get("nll_bpd") is not None:
-            nll = evaluation["nll_protocol"]
-            print(f"NLL bound:    {evaluation['nll_bpd']:.3f} +- {evaluation['nll_bpd_stderr']:.3f} bits/dim "
-                  f"({nll['nll.num_images']} {nll['nll.split']} images, timesteps: {nll['nll.timesteps']})")
-    if "register" in manifests:
-        registered = manifests["register"]["outputs"]
-        print(f"Model:        {registered['model_uri']} ({registered['reason']})")
+    evaluation, prepared = results.outputs(EvaluateOutputs), results.outputs(PrepareOutputs)
+    if evaluation is not None and prepared is not None:
+        print_scores(evaluation, prepared, config)
+    registered = results.outputs(RegisterOutputs)
+    if registered is not None:
+        print(f"Model:        {registered.model_uri} ({registered.reason})")
     print(f"MLflow UI:    mlflow ui --backend-store-uri {config.mlflow.resolved_tracking_uri()}")
     return 0
 
 
-def _retrain(args) -> int:
+def print_scores(evaluation: EvaluateOutputs, prepared: PrepareOutputs, config: PipelineConfig) -> None:
+    scores = evaluation.scores
+    print(f"Sample grid:  {evaluation.grid_uri}")
+    print(f"FID ({evaluation.protocol.extractor_id}): {scores.fid:.3f}  trained model")
+    if scores.fid_untrained is not None:
+        print(f"{'':36}{scores.fid_untrained:.3f}  untrained model, same protocol")
+    if scores.fid_holdout_vs_train is not None:
+        print(f"{'':36}{scores.fid_holdout_vs_train:.3f}  {prepared.num_holdout} held-out real images "
+              f"(a floor; FID is biased upward when fewer images are scored)")
+    if scores.inception_score is not None and scores.inception_score_std is not None:
+        print(f"Inception Score: {scores.inception_score:.3f} +- {scores.inception_score_std:.3f} "
+              f"(std over {config.evaluate.inception_score_splits} splits)")
+    if scores.precision is not None and scores.recall is not None:
+        print(f"Precision / recall (k={config.evaluate.precision_recall_k}): {scores.precision:.3f} / {scores.recall:.3f}")
+    nll = evaluation.nll_protocol
+    if scores.nll_bpd is not None and scores.nll_bpd_stderr is not None and nll is not None:
+        timesteps = "all" if nll.timesteps is None else nll.timesteps
+        print(f"NLL bound:    {scores.nll_bpd:.3f} +- {scores.nll_bpd_stderr:.3f} bits/dim "
+              f"({nll.num_images} {nll.split} images, timesteps: {timesteps})")
+
+
+def _retrain(args: argparse.Namespace) -> int:
+    from pipelines.dag import check_config
     from pipelines.retrain import parse_schedule_time, retrain
 
     config = load_config(args.config, args.overrides)
+    check_config(config)
     try:
         scheduled_at = parse_schedule_time(args.schedule_time)
     except ValueError as error:

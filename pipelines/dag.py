@@ -1,59 +1,99 @@
 """The stage graph, declared once, and the runner that walks it on the job's driver.
 
-A stage is skipped when its committed manifest has the fingerprint the stage would have now: a hash of the config
-sections it reads and of its upstream stages' manifests. A changed config or a re-executed upstream stage
-therefore re-runs it and everything downstream; ``from_stage`` forces that from a chosen stage.
+A stage is a function ``run(context, *upstream_outputs) -> outputs``: it receives the typed outputs of the stages it
+names as upstream, in that order (``None`` for a disabled one), and returns its own (:mod:`pipelines.contracts`),
+which the runner commits in the stage's ``stage.json``. A stage is skipped when its committed manifest has the
+fingerprint the stage would have now: a hash of the config keys it reads and of its upstream stages' execution
+ids. A changed config or a re-executed upstream stage therefore re-runs it and everything downstream;
+``from_stage`` forces that from a chosen stage. docs/pipeline.md says how to add a stage.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, TypeVar
 
-from pipelines.config import PipelineConfig, save_resolved
+from pipelines.config import Extractor, PipelineConfig, save_resolved
+from pipelines.context import StageContext, StageStopped
+from pipelines.contracts import (EvaluateOutputs, PrepareOutputs, RegisterOutputs, SampleOutputs, StageManifest, StageOutputs,
+                                 TrainOutputs, TuneOutputs)
 from pipelines.runs import RunStore, now
 from pipelines.stages import evaluate, prepare, register, sample, train, tune
-from pipelines.stages.context import StageContext, StageStopped
+from pipelines.tracking import Tracker, git_commit
+from pipelines.typed import SchemaError
+
+O = TypeVar("O")
+
+
+def always(config: PipelineConfig) -> bool:
+    return True
 
 
 @dataclass(frozen=True)
 class Stage:
     name: str
-    run: Callable[[StageContext], dict[str, Any]]
+    run: Callable[..., StageOutputs]  # run(context, *outputs of the upstream stages, in order)
+    outputs: type[StageOutputs]
     upstream: tuple[str, ...]
-    config_sections: tuple[str, ...]  # the config sections or dotted keys it reads: part of its fingerprint
-    enabled: Callable[[PipelineConfig], bool] = lambda config: True
+    config_keys: tuple[str, ...]  # the config sections or dotted keys it reads: part of its fingerprint
+    enabled: Callable[[PipelineConfig], bool] = always
     description: str = ""
     needs_ray: bool = True  # stages that do not are run before Ray is started, so bad input fails early
+    check: Callable[[PipelineConfig], None] | None = None  # config checks beyond the config's own, before anything runs
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("prepare", prepare.run, (), ("data", "model", "evaluate.extractor", "evaluate.classifier_epochs", "evaluate.nll",
-                                       "evaluate.nll_split", "tune.enabled", "tune.proxy_fid_samples"),
-          description="validate data, shards, domain classifier",
-          needs_ray=False),
-    Stage("tune", tune.run, ("prepare",), ("model", "diffusion", "train", "tune"), lambda config: config.tune.enabled,
-          "Ray Tune trials of the training loop, ASHA on held-out bits/dim"),
-    Stage("train", train.run, ("prepare", "tune"), ("model", "diffusion", "train"), description="Ray Train DDP, checkpoints, EMA snapshot"),
-    Stage("sample", sample.run, ("train",), ("sample",), description="Ray actors, per-index seeds, committed shards"),
-    Stage("evaluate", evaluate.run, ("prepare", "train", "sample"), ("evaluate",),
-          description="parallel features: FID, IS, precision/recall; NLL bound; protocol"),
-    Stage("register", register.run, ("prepare", "train", "evaluate"), ("register",), lambda config: config.register.enabled,
-          "MLflow model version, challenger/champion aliases", needs_ray=False),
+    Stage("prepare", prepare.run, PrepareOutputs, (), ("data", "model", "evaluate.extractor", "evaluate.classifier_epochs",
+                                                       "evaluate.nll", "evaluate.nll_split", "tune.enabled", "tune.proxy_fid_samples"),
+          description="validate data, shards, domain classifier", needs_ray=False),
+    Stage("tune", tune.run, TuneOutputs, ("prepare",), ("model", "diffusion", "train", "tune"),
+          lambda config: config.tune.enabled, "Ray Tune trials of the training loop, ASHA on held-out bits/dim",
+          check=tune.check),
+    Stage("train", train.run, TrainOutputs, ("prepare", "tune"), ("model", "diffusion", "train"),
+          description="Ray Train DDP, checkpoints, EMA snapshot"),
+    Stage("sample", sample.run, SampleOutputs, ("train",), ("sample",), description="Ray actors, per-index seeds, committed shards"),
+    Stage("evaluate", evaluate.run, EvaluateOutputs, ("prepare", "train", "sample"), ("evaluate",),
+          description="FID, IS, precision/recall, NLL bound; also samples an untrained network and the champion"),
+    Stage("register", register.run, RegisterOutputs, ("prepare", "train", "evaluate"), ("register",),
+          lambda config: config.register.enabled, "MLflow model version, challenger/champion aliases", needs_ray=False),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
-
-
 SUMMARY_METRICS = ("fid", "fid_untrained", "fid_holdout_vs_train", "inception_score", "precision", "recall", "nll_bpd")
 
 
 class PreflightError(RuntimeError):
     """Storage or tracking that cannot be used, found before any stage runs."""
+
+
+class Results:
+    """The manifests of a run's stages that ran or were up to date, looked up by the type of their outputs."""
+
+    def __init__(self, manifests: dict[str, StageManifest[Any]]) -> None:
+        self.manifests = manifests
+
+    def manifest(self, kind: type[O]) -> StageManifest[O] | None:
+        for manifest in self.manifests.values():
+            if isinstance(manifest.outputs, kind):
+                return manifest
+        return None
+
+    def outputs(self, kind: type[O]) -> O | None:
+        manifest = self.manifest(kind)
+        return manifest.outputs if manifest is not None else None
+
+
+def check_config(config: PipelineConfig) -> None:
+    """The checks of the enabled stages (e.g. tune's search space), so that bad input fails before anything runs."""
+    for stage in STAGES:
+        if stage.enabled(config) and stage.check is not None:
+            stage.check(config)
 
 
 def storage_error(store: RunStore, error: Exception) -> PreflightError:
@@ -62,7 +102,7 @@ def storage_error(store: RunStore, error: Exception) -> PreflightError:
         "storage.endpoint_url and the AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY environment variables.")
 
 
-def hold_run_root(store: RunStore, config: PipelineConfig, log: Callable[[str], None] = print):
+def hold_run_root(store: RunStore, config: PipelineConfig, log: Callable[[str], None] = print) -> Any:
     """The lease on the run root (see :mod:`pipelines.lease`), renewed in the background until released; an
     unusable storage fails here as a :class:`PreflightError`, a live holder as ``LeaseHeldError``."""
     from pipelines.lease import LeaseHeldError, acquire
@@ -75,37 +115,43 @@ def hold_run_root(store: RunStore, config: PipelineConfig, log: Callable[[str], 
         raise storage_error(store, error) from error
 
 
-def preflight(store: RunStore, config: PipelineConfig) -> None:
-    """Before any stage: the run root is writable (the resolved config is written there), and the Inception weights,
-    when configured, are readable, verified and loadable."""
+def preflight(store: RunStore, config: PipelineConfig) -> Tracker:
+    """Before any stage: the run root is writable (the resolved config is written there), the Inception weights,
+    when configured, are readable, verified and loadable, and MLflow answers."""
     try:
         store.save_config()
     except Exception as error:  # botocore / OS errors: name the setting to fix
         raise storage_error(store, error) from error
-    if config.evaluate.extractor == "inception":
+    if config.evaluate.extractor is Extractor.INCEPTION:
         from ddpm_core.inception import HOW_TO_PROVIDE, feature_extractor_class, tensors_only_copy
         from ddpm_core.weights import WeightsError, fetch_verified
 
         try:
             feature_extractor_class()
-            path, _ = fetch_verified(config.evaluate.inception_weights_uri, config.evaluate.inception_weights_sha256,
+            path, _ = fetch_verified(config.evaluate.inception_weights_uri or "", config.evaluate.inception_weights_sha256,
                                      HOW_TO_PROVIDE, store.options)
             tensors_only_copy(path)
         except (WeightsError, ImportError) as error:
             raise PreflightError(f"evaluate.extractor=inception: {error}") from error
+    try:
+        return Tracker(config)
+    except Exception as error:
+        raise PreflightError(f"MLflow at {config.mlflow.resolved_tracking_uri()!r} cannot be used ({type(error).__name__}: "
+                             f"{error}). Check mlflow.tracking_uri and MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.") from error
+
+
+def fingerprint(stage: Stage, config: PipelineConfig, manifests: dict[str, StageManifest[Any]]) -> str:
+    data = config.to_dict()
+    payload = {"stage": stage.name, "config": {key: dotted(data, key) for key in stage.config_keys},
+               "upstream": {name: manifests[name].execution_id for name in stage.upstream if name in manifests}}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
 def dotted(data: dict[str, Any], key: str) -> Any:
+    value: Any = data
     for part in key.split("."):
-        data = data[part]
-    return data
-
-
-def fingerprint(stage: Stage, config: PipelineConfig, manifests: dict[str, dict[str, Any]]) -> str:
-    data = config.to_dict()
-    payload = {"stage": stage.name, "config": {key: dotted(data, key) for key in stage.config_sections},
-               "upstream": {name: manifests[name]["execution_id"] for name in stage.upstream if name in manifests}}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+        value = value[part]
+    return value
 
 
 def describe() -> str:
@@ -121,66 +167,95 @@ def describe() -> str:
 
 
 def run_pipeline(config: PipelineConfig, from_stage: str | None = None, log: Callable[[str], None] = print,
-                 parent_tags: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
-    """Run every enabled stage in order, skipping finished ones; returns the stage manifests. ``parent_tags`` are
-    added to the MLflow parent run when it is created."""
-    from pipelines.ray_env import connect
-    from pipelines.tracking import Tracker, git_commit
-
+                 parent_tags: dict[str, str] | None = None) -> Results:
+    """Run every enabled stage in order, skipping finished ones. ``parent_tags`` are added to the MLflow parent run
+    when it is created."""
     if from_stage is not None and from_stage not in STAGE_NAMES:
         raise ValueError(f"--from {from_stage!r} is not a stage; stages: {', '.join(STAGE_NAMES)}")
     store = RunStore(config)
-    preflight(store, config)
-    try:
-        tracker = Tracker(config)
-    except Exception as error:
-        raise PreflightError(f"MLflow at {config.mlflow.resolved_tracking_uri()!r} cannot be used ({type(error).__name__}: "
-                             f"{error}). Check mlflow.tracking_uri and MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.") from error
-    parent_id: str | None = None
-    manifests: dict[str, dict[str, Any]] = {}
+    runner = Runner(config, store, preflight(store, config), log, parent_tags or {})
     forced = False
     for stage in STAGES:
-        if not stage.enabled(config):
-            continue
-        forced = forced or stage.name == from_stage
-        expected = fingerprint(stage, config, manifests)
-        existing = store.read_manifest(stage.name)
-        if existing and existing.get("status") == "complete" and existing.get("fingerprint") == expected and not forced:
-            log(f"[{stage.name}] up to date (finished {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(existing['finished_at']))}), skipped")
-            manifests[stage.name] = existing
-            continue
-        if parent_id is None:
-            parent_id = tracker.parent_run({"ddpm.git_commit": git_commit(), "ddpm.data_uri": config.data.uri, **(parent_tags or {})})
-            tracker.client.log_text(parent_id, save_resolved(config), "config.yaml")
+        if stage.enabled(config):
+            forced = forced or stage.name == from_stage
+            runner.run_stage(stage, forced)
+    return runner.finish()
+
+
+class Runner:
+    """Walks the stages of one run: skips the up-to-date ones, executes the others under nested MLflow runs."""
+
+    def __init__(self, config: PipelineConfig, store: RunStore, tracker: Tracker, log: Callable[[str], None],
+                 parent_tags: dict[str, str]) -> None:
+        self.config, self.store, self.tracker, self.log, self.parent_tags = config, store, tracker, log, parent_tags
+        self.manifests: dict[str, StageManifest[Any]] = {}
+        self.parent_id: str | None = None  # the MLflow parent run, created when the first stage executes
+
+    def run_stage(self, stage: Stage, forced: bool) -> None:
+        expected = fingerprint(stage, self.config, self.manifests)
+        existing = self.committed(stage)
+        if existing is not None and existing.status == "complete" and existing.fingerprint == expected and not forced:
+            finished = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(existing.finished_at))
+            self.log(f"[{stage.name}] up to date (finished {finished}), skipped")
+            self.manifests[stage.name] = existing
+            return
+        self.manifests[stage.name] = self.execute(stage, expected, forced)
+
+    def committed(self, stage: Stage) -> StageManifest[Any] | None:
+        """The stage's committed manifest; one that this version cannot read counts as none (the stage re-runs)."""
+        try:
+            return self.store.read_manifest(stage.name, stage.outputs)
+        except SchemaError as error:
+            self.log(f"[{stage.name}] its stage.json does not fit this version ({error}); running it again")
+            return None
+
+    def execute(self, stage: Stage, fingerprint: str, forced: bool) -> StageManifest[Any]:
+        from pipelines.execution import connect
+
+        parent_id = self.parent()
         if stage.needs_ray:
             connect()
-        stage_run_id = tracker.stage_run(parent_id, stage.name)
-        store.remove_manifest(stage.name)  # a crash from here on leaves no stale "complete" manifest
+        stage_run_id = self.tracker.stage_run(parent_id, stage.name)
+        self.store.remove_manifest(stage.name)  # a crash from here on leaves no stale "complete" manifest
         if forced:
-            store.remove_work(stage.name, expected)  # --from: recompute, do not resume partial state
-        log(f"[{stage.name}] running (MLflow run {stage_run_id})")
+            self.store.remove_work(stage.name, fingerprint)  # --from: recompute, do not resume partial state
+        self.log(f"[{stage.name}] running (MLflow run {stage_run_id})")
         started = now()
-        upstream = {name: manifests[name] for name in stage.upstream if name in manifests}  # disabled stages are absent
-        context = StageContext(config, store, upstream, stage_run_id, expected,
-                               tracker.tracking_uri, lambda message, name=stage.name: log(f"[{name}] {message}"))
+        context = StageContext(self.config, self.store, stage_run_id, fingerprint, self.tracker.tracking_uri,
+                               functools.partial(self.log_stage, stage.name))
+        upstream = [self.manifests[name].outputs if name in self.manifests else None for name in stage.upstream]
         try:
-            outputs = stage.run(context)
+            outputs = stage.run(context, *upstream)
         except BaseException as error:
-            tracker.finish(stage_run_id, ok=False)
-            tracker.finish(parent_id, ok=False)
-            log(f"[{stage.name}] stopped" if isinstance(error, StageStopped) else f"[{stage.name}] failed:\n{traceback.format_exc()}")
+            self.tracker.finish(stage_run_id, ok=False)
+            self.tracker.finish(parent_id, ok=False)
+            self.log(f"[{stage.name}] stopped" if isinstance(error, StageStopped) else f"[{stage.name}] failed:\n{traceback.format_exc()}")
             raise
-        tracker.finish(stage_run_id, ok=True)
-        manifest = {"stage": stage.name, "status": "complete", "fingerprint": expected, "execution_id": uuid.uuid4().hex,
-                    "started_at": started, "finished_at": now(), "mlflow_run_id": stage_run_id, "outputs": outputs}
-        store.write_manifest(stage.name, manifest)
-        manifests[stage.name] = manifest
-        if stage.name == "prepare":
-            tracker.client.set_tag(parent_id, "ddpm.data_fingerprint", outputs["fingerprint"])
-    if parent_id is not None:
-        summary = manifests.get("evaluate", {}).get("outputs", {})
-        for key in SUMMARY_METRICS:
-            if summary.get(key) is not None:
-                tracker.client.log_metric(parent_id, key, summary[key])
-        tracker.finish(parent_id, ok=True)
-    return manifests
+        self.tracker.finish(stage_run_id, ok=True)
+        manifest = StageManifest(stage.name, "complete", fingerprint, uuid.uuid4().hex, started, now(), stage_run_id, outputs)
+        self.store.write_manifest(manifest)
+        if isinstance(outputs, PrepareOutputs):
+            self.tracker.client.set_tag(parent_id, "ddpm.data_fingerprint", outputs.fingerprint)
+        return manifest
+
+    def log_stage(self, name: str, message: str) -> None:
+        self.log(f"[{name}] {message}")
+
+    def parent(self) -> str:
+        if self.parent_id is None:
+            self.parent_id = self.tracker.parent_run({"ddpm.git_commit": git_commit(), "ddpm.data_uri": self.config.data.uri,
+                                                      **self.parent_tags})
+            self.tracker.client.log_text(self.parent_id, save_resolved(self.config), "config.yaml")
+        return self.parent_id
+
+    def finish(self) -> Results:
+        """The summary scores on the parent run, which ends; returns what the run produced."""
+        results = Results(self.manifests)
+        if self.parent_id is not None:
+            evaluation = results.outputs(EvaluateOutputs)
+            scores = evaluation.scores.present() if evaluation is not None else {}
+            for key in SUMMARY_METRICS:
+                if key in scores:
+                    self.tracker.client.log_metric(self.parent_id, key, scores[key])
+            self.tracker.finish(self.parent_id, ok=True)
+        return results

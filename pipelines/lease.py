@@ -19,8 +19,11 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from ddpm_core.storage import filesystem, write_bytes
+import fsspec
 from fsspec.implementations.local import LocalFileSystem
+
+from ddpm_core.storage import filesystem, write_bytes
+from pipelines.typed import from_plain, to_plain
 
 LEASE_DIR = "_lease"
 
@@ -29,7 +32,7 @@ class LeaseHeldError(RuntimeError):
     """Another live run holds the lease."""
 
 
-def _exclusive_create(fs, path: str, data: bytes) -> bool:
+def _exclusive_create(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
     """Write ``path`` only if it does not exist; False when another writer got there first."""
     if isinstance(fs, LocalFileSystem):  # write a temporary file, then hard-link it: exclusive, and never seen empty
         fs.makedirs(fs._parent(path), exist_ok=True)
@@ -109,13 +112,27 @@ class Lease:
     def __enter__(self) -> "Lease":
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.release()
+
+
+@dataclass(frozen=True)
+class LeaseRecord:
+    """One generation's file: who holds it and until when."""
+
+    owner: str  # host:pid:nonce
+    renewed_at: float
+    expires_at: float
+    released: bool
+
+    def holds(self, now: float) -> bool:
+        """Whether its holder still holds the run root at ``now``."""
+        return not self.released and self.expires_at > now and not _holder_process_is_gone(self.owner)
 
 
 def _record(owner: str, ttl_s: float, released: bool = False) -> bytes:
     now = time.time()
-    return json.dumps({"owner": owner, "renewed_at": now, "expires_at": now + ttl_s, "released": released}).encode()
+    return json.dumps(to_plain(LeaseRecord(owner, now, now + ttl_s, released))).encode()
 
 
 def _holder_process_is_gone(owner: str) -> bool:
@@ -134,7 +151,7 @@ def _holder_process_is_gone(owner: str) -> bool:
     return False
 
 
-def latest_generation(uri: str, storage_options: dict[str, Any]) -> tuple[int, dict[str, Any] | None]:
+def latest_generation(uri: str, storage_options: dict[str, Any]) -> tuple[int, LeaseRecord | None]:
     """(highest generation number, its record); (0, None) when no lease was ever taken."""
     fs, root = filesystem(f"{uri}/{LEASE_DIR}", storage_options)
     fs.invalidate_cache(root)
@@ -146,10 +163,10 @@ def latest_generation(uri: str, storage_options: dict[str, Any]) -> tuple[int, d
     if not numbers:
         return 0, None
     try:
-        return numbers[-1], json.loads(fs.cat_file(f"{root}/{numbers[-1]:08d}.json"))
+        return numbers[-1], from_plain(LeaseRecord, json.loads(fs.cat_file(f"{root}/{numbers[-1]:08d}.json")))
     except (FileNotFoundError, json.JSONDecodeError):  # being written right now: treat as held
         now = time.time()
-        return numbers[-1], {"owner": "unknown (being written)", "renewed_at": now, "expires_at": now + 1, "released": False}
+        return numbers[-1], LeaseRecord("unknown (being written)", now, now + 1, False)
 
 
 def acquire(uri: str, storage_options: dict[str, Any], ttl_s: float = 300.0, wait_s: float = 0.0,
@@ -160,19 +177,17 @@ def acquire(uri: str, storage_options: dict[str, Any], ttl_s: float = 300.0, wai
     deadline = time.time() + wait_s
     while True:
         generation, record = latest_generation(uri, storage_options)
-        holder_alive = (record is not None and not record["released"] and record["expires_at"] > time.time()
-                        and not _holder_process_is_gone(record["owner"]))
-        if not holder_alive:
+        if record is None or not record.holds(time.time()):
             candidate = Lease(uri, generation + 1, owner, ttl_s, storage_options)
             if _exclusive_create(*filesystem(candidate.path, storage_options), _record(owner, ttl_s)):
-                if record is not None and not record["released"]:
-                    log(f"lease: took over {uri} from {record['owner']} (its lease expired or its process is gone)")
+                if record is not None and not record.released:
+                    log(f"lease: took over {uri} from {record.owner} (its lease expired or its process is gone)")
                 return candidate
             continue  # another run won generation + 1: look again
         if time.time() >= deadline:
-            left = record["expires_at"] - time.time()
-            raise LeaseHeldError(f"run root {uri} is held by {record['owner']} (lease renewed "
-                                 f"{time.time() - record['renewed_at']:.0f} s ago, expires in {left:.0f} s unless renewed). "
+            left = record.expires_at - time.time()
+            raise LeaseHeldError(f"run root {uri} is held by {record.owner} (lease renewed "
+                                 f"{time.time() - record.renewed_at:.0f} s ago, expires in {left:.0f} s unless renewed). "
                                  "Another run of this run_id is in progress; wait for it, or use another run_id.")
-        log(f"lease: {uri} is held by {record['owner']}; waiting")
+        log(f"lease: {uri} is held by {record.owner}; waiting")
         time.sleep(max(0.05, min(poll_s, deadline - time.time())))

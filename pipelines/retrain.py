@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
 
 from ddpm_core.data import load_dataset
 from ddpm_core.storage import commit, read_committed
 from pipelines.config import ConfigError, PipelineConfig, with_overrides
+from pipelines.contracts import RegisterOutputs
 from pipelines.runs import RunStore
+from pipelines.typed import from_plain, to_plain
 
 DECISION_DIR, DECISION_FILE = "retrain", "decision.json"  # {run root}/retrain/decision.json, committed
 
@@ -24,6 +26,15 @@ class RetrainOutcome:
     reason: str
     challenger_fid: float | None = None
     champion_fid: float | None = None
+
+
+@dataclass(frozen=True)
+class RetrainDecision(RetrainOutcome):
+    """The outcome as committed in the run root (``retrain/decision.json``): what ``status`` shows."""
+
+    scheduled_at: str = ""  # ISO 8601
+    data_fingerprint: str = ""
+    model_version: str | None = None  # the version registered by this run (none when skipped)
 
 
 def scheduled_run_id(base: str, scheduled_at: dt.datetime) -> str:
@@ -42,62 +53,74 @@ def parse_schedule_time(value: str | None) -> dt.datetime:
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=dt.timezone.utc)
 
 
-def record_decision(store: RunStore, outcome: RetrainOutcome, extra: dict[str, Any]) -> None:
-    commit(f"{store.root}/{DECISION_DIR}", {DECISION_FILE: json.dumps({**outcome.__dict__, **extra}, indent=2).encode()},
+def record_decision(store: RunStore, decision: RetrainDecision) -> None:
+    commit(f"{store.root}/{DECISION_DIR}", {DECISION_FILE: json.dumps(to_plain(decision), indent=2).encode()},
            {"kind": "retrain_decision"}, store.options)
 
 
-def read_decision(store: RunStore) -> dict[str, Any] | None:
+def read_decision(store: RunStore) -> RetrainDecision | None:
     try:
-        return json.loads(read_committed(f"{store.root}/{DECISION_DIR}", [DECISION_FILE], store.options)[0][DECISION_FILE])
+        data = json.loads(read_committed(f"{store.root}/{DECISION_DIR}", [DECISION_FILE], store.options)[0][DECISION_FILE])
     except FileNotFoundError:
         return None
+    return from_plain(RetrainDecision, data, DECISION_FILE)
 
 
 def retrain(config: PipelineConfig, scheduled_at: dt.datetime, log: Callable[[str], None] = print) -> RetrainOutcome:
     """Run one scheduled retraining of ``config`` (whose run_id is the base name) under a lease on its run root."""
-    from pipelines.champion import champion_snapshot_uri, current_champion
-    from pipelines.dag import hold_run_root, run_pipeline
-    from pipelines.stages.prepare import data_storage_options
-    from pipelines.tracking import Tracker
+    from pipelines.dag import hold_run_root
 
     if not config.register.enabled:
         raise ConfigError("retrain needs register.enabled: the decision is a promotion in the model registry")
     config = with_overrides(config, {"run_id": scheduled_run_id(config.run_id, scheduled_at)})
     store = RunStore(config)
-    settings = config.retrain
     with hold_run_root(store, config, log):
         recorded = read_decision(store)
         if recorded is not None:  # this tick already ran to a decision: report it, change nothing
-            log(f"retrain: {config.run_id} already decided: {recorded['decision']}: {recorded['reason']}")
-            return RetrainOutcome(**{key: recorded.get(key) for key in RetrainOutcome.__dataclass_fields__})
-        tracker = Tracker(config)
-        name = config.register.model_name
-        champion = current_champion(tracker.client, name)
-        fingerprint = load_dataset(config.data.uri, config.data.split, data_storage_options(config)).fingerprint
-        base_tags = {"ddpm.retrain.scheduled_at": scheduled_at.isoformat(), "ddpm.data_fingerprint": fingerprint,
-                     "ddpm.retrain.champion_version": champion.version if champion else "none"}
-        if champion and settings.if_data_changed and champion.data_fingerprint == fingerprint:
-            reason = f"data unchanged since champion v{champion.version} (fingerprint {fingerprint[:12]}); nothing trained"
-            outcome = RetrainOutcome(config.run_id, "skipped", reason, champion_fid=champion.fid)
-            parent = tracker.parent_run({**base_tags, "ddpm.retrain.decision": f"skipped: {reason}"})
-            tracker.finish(parent, ok=True)
-            record_decision(store, outcome, {"scheduled_at": scheduled_at.isoformat(), "data_fingerprint": fingerprint})
-            log(f"retrain: skipped: {reason}")
-            return outcome
-        if champion and settings.warm_start:
-            snapshot = champion_snapshot_uri(store, tracker.tracking_uri, name, champion)
-            config = with_overrides(config, {"train.init_from": snapshot})
-            log(f"retrain: data changed (fingerprint {fingerprint[:12]}); warm start from champion v{champion.version}")
-        manifests = run_pipeline(config, log=log, parent_tags=base_tags)
-        registered = manifests["register"]["outputs"]
-        outcome = RetrainOutcome(config.run_id, "promoted" if registered["promoted"] else "kept", registered["reason"],
-                                 registered["challenger_fid"], registered["champion_fid"])
-        tracker.client.set_tag(manifests["register"]["mlflow_run_id"], "ddpm.retrain.decision", f"{outcome.decision}: {outcome.reason}")
-        parent = tracker.parent_run(base_tags)
-        tracker.client.set_tag(parent, "ddpm.retrain.decision", f"{outcome.decision}: {outcome.reason}")
+            log(f"retrain: {config.run_id} already decided: {recorded.decision}: {recorded.reason}")
+            return RetrainOutcome(recorded.run_id, recorded.decision, recorded.reason, recorded.challenger_fid,
+                                  recorded.champion_fid)
+        return decide_and_run(config, store, scheduled_at, log)
+
+
+def decide_and_run(config: PipelineConfig, store: RunStore, scheduled_at: dt.datetime,
+                   log: Callable[[str], None]) -> RetrainOutcome:
+    """Skip when the data did not change since the champion was trained, else run the pipeline (warm-started from the
+    champion when configured) and record what the register stage decided."""
+    from pipelines.champion import champion_snapshot_uri, current_champion
+    from pipelines.dag import run_pipeline
+    from pipelines.stages.prepare import data_storage_options
+    from pipelines.tracking import Tracker
+
+    tracker = Tracker(config)
+    name = config.register.model_name
+    champion = current_champion(tracker.client, name)
+    fingerprint = load_dataset(config.data.uri, config.data.split, data_storage_options(config)).fingerprint
+    when = scheduled_at.isoformat()
+    base_tags = {"ddpm.retrain.scheduled_at": when, "ddpm.data_fingerprint": fingerprint,
+                 "ddpm.retrain.champion_version": champion.version if champion else "none"}
+    if champion and config.retrain.if_data_changed and champion.data_fingerprint == fingerprint:
+        reason = f"data unchanged since champion v{champion.version} (fingerprint {fingerprint[:12]}); nothing trained"
+        parent = tracker.parent_run({**base_tags, "ddpm.retrain.decision": f"skipped: {reason}"})
         tracker.finish(parent, ok=True)
-        record_decision(store, outcome, {"scheduled_at": scheduled_at.isoformat(), "data_fingerprint": fingerprint,
-                                         "model_version": registered["version"]})
-        log(f"retrain: {outcome.decision}: {outcome.reason}")
-        return outcome
+        record_decision(store, RetrainDecision(config.run_id, "skipped", reason, None, champion.fid, when, fingerprint))
+        log(f"retrain: skipped: {reason}")
+        return RetrainOutcome(config.run_id, "skipped", reason, champion_fid=champion.fid)
+    if champion and config.retrain.warm_start:
+        snapshot = champion_snapshot_uri(store, tracker.tracking_uri, name, champion)
+        config = with_overrides(config, {"train.init_from": snapshot})
+        log(f"retrain: data changed (fingerprint {fingerprint[:12]}); warm start from champion v{champion.version}")
+    results = run_pipeline(config, log=log, parent_tags=base_tags)
+    register = results.manifest(RegisterOutputs)
+    if register is None:
+        raise RuntimeError("retrain: the register stage did not run")
+    registered, register_run = register.outputs, register.mlflow_run_id
+    decision = RetrainDecision(config.run_id, "promoted" if registered.promoted else "kept", registered.reason,
+                               registered.challenger_fid, registered.champion_fid, when, fingerprint, registered.version)
+    tracker.client.set_tag(register_run, "ddpm.retrain.decision", f"{decision.decision}: {decision.reason}")
+    parent = tracker.parent_run(base_tags)
+    tracker.client.set_tag(parent, "ddpm.retrain.decision", f"{decision.decision}: {decision.reason}")
+    tracker.finish(parent, ok=True)
+    record_decision(store, decision)
+    log(f"retrain: {decision.decision}: {decision.reason}")
+    return RetrainOutcome(decision.run_id, decision.decision, decision.reason, decision.challenger_fid, decision.champion_fid)

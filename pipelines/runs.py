@@ -1,19 +1,24 @@
-"""Run layout on storage: ``{root}/{run_id}/{stage}/`` with a ``stage.json`` manifest written last."""
+"""Run layout on storage: ``{root}/{run_id}/{stage}/`` with a ``stage.json`` manifest written last, and
+``{root}/_cache/`` for what runs share (feature extractors, reference statistics, champions' snapshots)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from ddpm_core.storage import filesystem, write_bytes
 from pipelines.config import PipelineConfig, save_resolved
+from pipelines.contracts import StageManifest
+from pipelines.typed import from_plain, to_plain
 
 STAGE_MANIFEST = "stage.json"
+O = TypeVar("O")
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunStore:
     """Where one pipeline run keeps its outputs."""
 
@@ -38,16 +43,13 @@ class RunStore:
         """Shared across runs: e.g. feature extractors and reference statistics keyed by data fingerprint."""
         return f"{self.storage_root}/_cache/{kind}/{key}"
 
-    def read_manifest(self, stage: str) -> dict[str, Any] | None:
-        fs, path = filesystem(f"{self.stage_uri(stage)}/{STAGE_MANIFEST}", self.options)
-        try:
-            return json.loads(fs.cat_file(path))
-        except FileNotFoundError:
-            return None
+    def read_manifest(self, stage: str, outputs: type[O]) -> StageManifest[O] | None:
+        """The stage's manifest with its outputs typed as ``outputs``; None when the stage never completed."""
+        return read_manifest(self.stage_uri(stage), outputs, self.options)
 
-    def write_manifest(self, stage: str, manifest: dict[str, Any]) -> None:
-        fs, path = filesystem(f"{self.stage_uri(stage)}/{STAGE_MANIFEST}", self.options)
-        write_bytes(fs, path, json.dumps(manifest, indent=2, sort_keys=True).encode())
+    def write_manifest(self, manifest: StageManifest[Any]) -> None:
+        fs, path = filesystem(f"{self.stage_uri(manifest.stage)}/{STAGE_MANIFEST}", self.options)
+        write_bytes(fs, path, json.dumps(to_plain(manifest), indent=2, sort_keys=True).encode())
 
     def remove_manifest(self, stage: str) -> None:
         fs, path = filesystem(f"{self.stage_uri(stage)}/{STAGE_MANIFEST}", self.options)
@@ -67,6 +69,18 @@ class RunStore:
     def save_config(self) -> None:
         fs, path = filesystem(f"{self.root}/config.yaml", self.options)
         write_bytes(fs, path, save_resolved(self.config).encode())
+
+
+def read_manifest(stage_uri: str, outputs: type[O], storage_options: dict[str, Any] | None = None) -> StageManifest[O] | None:
+    """The ``stage.json`` under ``stage_uri`` with its outputs read as ``outputs`` (also for tools that hold only a
+    run's folder, such as the benchmarks); None when it does not exist."""
+    fs, path = filesystem(f"{stage_uri}/{STAGE_MANIFEST}", storage_options)
+    try:
+        data = json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return None
+    manifest: StageManifest[Any] = from_plain(StageManifest, data)
+    return dataclasses.replace(manifest, outputs=from_plain(outputs, manifest.outputs, "outputs"))
 
 
 def now() -> float:

@@ -11,13 +11,16 @@ safetensors and run nothing. Load registered models only from a registry you tru
 
 from __future__ import annotations
 
-import mlflow.pyfunc
+from typing import Any
+
+import mlflow.models
 import numpy as np
 import pandas as pd
+from mlflow.pyfunc import PythonModel, PythonModelContext
 
 
-class DDPMSampler(mlflow.pyfunc.PythonModel):
-    def load_context(self, context) -> None:
+class DDPMSampler(PythonModel):
+    def load_context(self, context: PythonModelContext) -> None:
         from ddpm_core.checkpoint import load_snapshot
         from ddpm_core.diffusion import GaussianDiffusion
 
@@ -26,7 +29,7 @@ class DDPMSampler(mlflow.pyfunc.PythonModel):
         self.diffusion = GaussianDiffusion.from_config(snapshot.diffusion)
         self.shape = (snapshot.unet.in_channels, snapshot.unet.image_size, snapshot.unet.image_size)
 
-    def predict(self, context, model_input: pd.DataFrame, params: dict | None = None) -> np.ndarray:
+    def predict(self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None) -> np.ndarray:
         """``model_input["index"]``: sample indices; params: seed, method (ddim|ancestral), num_steps, eta."""
         from ddpm_core.data import to_uint8
         from ddpm_core.samplers import PerIndexNoise, SamplerConfig, sample

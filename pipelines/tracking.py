@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.entities import RunStatus
+from mlflow.entities import Run, RunStatus
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import PipelineConfig
@@ -58,7 +59,7 @@ class Tracker:
         self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
             config.mlflow.experiment, artifact_location=local_artifact_location(self.tracking_uri))
 
-    def _find(self, filter_string: str):
+    def _find(self, filter_string: str) -> Run | None:
         runs = self.client.search_runs([self.experiment_id], filter_string, max_results=1, order_by=["attributes.start_time DESC"])
         return runs[0] if runs else None
 
@@ -87,7 +88,7 @@ class BufferedMetricLogger:
     everything kept is re-sent, in order, before the next batch; training never waits on MLflow longer than one
     short attempt. :meth:`close` makes a last effort and returns what could still not be sent."""
 
-    def __init__(self, client: MlflowClient, run_id: str, log=print) -> None:
+    def __init__(self, client: MlflowClient, run_id: str, log: Callable[[str], None] = print) -> None:
         self.client, self.run_id, self.log = client, run_id, log
         self.pending: list[mlflow.entities.Metric] = []
         self.outage_since: float | None = None

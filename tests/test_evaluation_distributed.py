@@ -14,7 +14,10 @@ from ddpm_core.data import load_dataset
 from ddpm_core.features import ClassifierExtractor, save_classifier, train_classifier
 from ddpm_core.metrics import ClassProbabilityStatistics, FeatureStatistics
 from ddpm_core.storage import commit
-from pipelines.stages.scoring import ExtractorSpec, sample_sources, summarize
+from pipelines.config import Extractor
+from pipelines.execution import Device, Execution
+from pipelines.scoring import ExtractorSpec, SummaryRequest, summarize
+from pipelines.shards import sample_sources
 
 
 @pytest.fixture(scope="module")
@@ -39,8 +42,9 @@ def test_three_shards_on_ray_workers_equal_one_process(local_ray, tmp_path):
         commit(uri, {"images.npy": buffer.getvalue()}, {"start": start, "stop": stop})
         shard_uris.append(uri)
 
-    spec = ExtractorSpec("classifier", extractor_uri)
-    distributed = summarize(sample_sources(shard_uris, {}), spec, {}, {}, False, len(images), inception_splits=10, keep_first=900)
+    spec = ExtractorSpec(Extractor.CLASSIFIER, extractor_uri)
+    request = SummaryRequest(spec, len(images), inception_splits=10, keep_first=900)
+    distributed = summarize(sample_sources(shard_uris, {}), request, Execution({}, {}, Device.CPU))
     pids = ray.get([ray.remote(lambda: os.getpid()).remote() for _ in range(3)])
     assert os.getpid() not in pids  # the tasks ran in worker processes, not here
 

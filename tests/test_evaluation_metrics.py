@@ -101,13 +101,14 @@ def test_published_reference_statistics_npz(tmp_path):
     import hashlib
 
     from ddpm_core.data import DataError
-    from pipelines.stages.scoring import published_reference
+    from pipelines.scoring import published_reference
 
     stats = FeatureStatistics.from_features(correlated_features(500, 8, 0))
     np.savez(tmp_path / "ref.npz", mu=stats.mean.numpy(), sigma=stats.covariance.numpy())
-    mu, sigma, digest = published_reference(str(tmp_path / "ref.npz"), {})
-    torch.testing.assert_close(mu, stats.mean) and torch.testing.assert_close(sigma, stats.covariance)
-    assert digest == hashlib.sha256((tmp_path / "ref.npz").read_bytes()).hexdigest()
+    published = published_reference(str(tmp_path / "ref.npz"), {})
+    torch.testing.assert_close(published.mean, stats.mean)
+    torch.testing.assert_close(published.covariance, stats.covariance)
+    assert published.sha256 == hashlib.sha256((tmp_path / "ref.npz").read_bytes()).hexdigest()
     np.savez(tmp_path / "bad.npz", mu=np.zeros(8), sigma=np.zeros((8, 7)))
     with pytest.raises(DataError, match="'sigma' \\[d, d\\]"):
         published_reference(str(tmp_path / "bad.npz"), {})

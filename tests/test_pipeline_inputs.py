@@ -57,25 +57,26 @@ def test_config_file_errors(tmp_path, capsys):
 
 def test_precision_is_bf16_on_gpus_and_float32_on_cpus_unless_switched():
     config = load_config(None, [])
-    assert config.sample.execution(use_gpu=False) == {"precision": "fp32", "compile": False}
-    assert config.sample.execution(use_gpu=True) == {"precision": "bf16", "compile": False}
+    assert (config.sample.precision(use_gpu=False), config.sample.precision(use_gpu=True)) == ("fp32", "bf16")
     assert (config.train.precision(use_gpu=False), config.train.precision(use_gpu=True)) == ("fp32", "bf16")
     fp32 = load_config(None, ["sample.bf16_on_gpu=false", "sample.compile=true", "train.bf16_on_gpu=false"])
-    assert fp32.sample.execution(use_gpu=True) == {"precision": "fp32", "compile": True}
+    assert fp32.sample.precision(use_gpu=True) == "fp32" and fp32.sample.compile
     assert fp32.train.precision(use_gpu=True) == "fp32"
-    assert [autocast_dtype(config.sample.execution(use_gpu)["precision"]) for use_gpu in (False, True)] == [None, torch.bfloat16]
+    assert [autocast_dtype(config.sample.precision(use_gpu)) for use_gpu in (False, True)] == [None, torch.bfloat16]
     with pytest.raises(ValueError, match="precision 'fp16' is not one of fp32, bf16"):
         autocast_dtype("fp16")
     bf16 = load_config(None, ["sample.bf16_on_cpu=true", "train.bf16_on_cpu=true"])
-    assert bf16.sample.execution(use_gpu=False)["precision"] == bf16.train.precision(use_gpu=False) == "bf16"
-    from pipelines.stages.train import loop_config  # what the training workers are handed
+    assert bf16.sample.precision(use_gpu=False) == bf16.train.precision(use_gpu=False) == "bf16"
+    from pipelines.execution import Device
+    from pipelines.training.job import TrainJob  # what the training workers are handed
 
-    workers = [loop_config(c, "shards", "work", {}, "tracking", "run", use_gpu=False) for c in (config, bf16)]
-    assert [autocast_dtype(loop["precision"]) for loop in workers] == [None, torch.bfloat16]
+    workers = [TrainJob(c.model.unet(), c.diffusion, c.train, Device.CPU, "shards", "work", {}, "tracking", "run")
+               for c in (config, bf16)]
+    assert [autocast_dtype(job.precision) for job in workers] == [None, torch.bfloat16]
 
 
 def test_bf16_on_a_cpu_without_bf16_units_is_named_with_its_setting():
-    from pipelines.stages.context import slow_precision_advice
+    from pipelines.advice import slow_precision_advice
 
     avx2 = "processor\t: 0\nflags\t\t: fpu sse2 avx2 fma\nprocessor\t: 1\nflags\t\t: fpu sse2 avx2 fma\n"
     assert cpu_has_native_bf16(avx2) is False

@@ -109,7 +109,7 @@ def test_short_training_run_on_digits_learns_the_data(tmp_path):
 
 
 def test_an_allocation_failure_names_the_settings_to_change():
-    from pipelines.stages.context import out_of_memory_advice
+    from pipelines.advice import out_of_memory_advice
 
     with pytest.raises(MemoryError, match=r"out of memory in a training step \(128 images per worker\): lower train\.batch_size") as caught:
         with out_of_memory_advice("a training step (128 images per worker)", "lower train.batch_size (now 256)"):

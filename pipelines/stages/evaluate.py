@@ -1,6 +1,10 @@
 """evaluate: FID, Inception Score and precision/recall of the sample set on one feature network, the NLL bound of
-held-out real images, and the same FID for an untrained network and for held-out real images (the floor), all
-logged to MLflow with the protocol that produced them (docs/evaluation.md)."""
+held-out real images, and the same FID for held-out real images (the floor), all logged to MLflow with the protocol
+that produced them (docs/evaluation.md).
+
+Besides the sample stage's images, this stage samples two more sets under the same protocol (same indices, seed,
+sampler and precision): an untrained network's (``evaluate.untrained_baseline``: the ceiling) and the registered
+champion's (``evaluate.rescore_champion``: so that the register stage compares like with like)."""
 
 from __future__ import annotations
 
@@ -8,182 +12,213 @@ import hashlib
 import json
 import os
 import tempfile
-from typing import Any
+from dataclasses import dataclass
 
 import numpy as np
 
 from ddpm_core.images import grid, save_grid
-from ddpm_core.metrics import frechet_distance, frechet_distance_from_stats, precision_recall
-from pipelines.stages.context import StageContext
-from pipelines.stages.likelihood import held_out_bits_per_dim
-from pipelines.stages.sample import sample_to_shards
-from pipelines.stages.scoring import (ExtractorSpec, Summary, published_reference, read_images, reference_summary,
-                                      sample_sources, split_sources, summarize)
+from ddpm_core.metrics import precision_recall
+from pipelines.champion import champion_snapshot_uri, current_champion
+from pipelines.config import Extractor, NllSplit
+from pipelines.context import StageContext
+from pipelines.contracts import (EvaluateOutputs, FidProtocol, NllProtocol, PrepareOutputs, ReferenceSet, SampleOutputs,
+                                 Scores, TrainOutputs)
+from pipelines.execution import Execution
+from pipelines.likelihood import NllResult, held_out_bits_per_dim
+from pipelines.sampling import SampleRequest, sample_to_shards
+from pipelines.scoring import (ExtractorSpec, PublishedStatistics, Summary, SummaryRequest, fid_against, published_reference,
+                               reference_key, reference_summary, summarize)
+from pipelines.shards import ImageSource, read_images, sample_sources, split_sources
 
 
-def extractor_spec(context: StageContext) -> tuple[ExtractorSpec, str, str | None]:
-    """(spec, extractor id, weights SHA-256) of the configured feature network."""
-    evaluate, prepare = context.config.evaluate, context.upstream["prepare"]["outputs"]
-    if evaluate.extractor == "classifier":
-        return ExtractorSpec("classifier", prepare["extractor_uri"]), prepare["extractor_id"], None
+@dataclass(frozen=True)
+class FeatureNetwork:
+    spec: ExtractorSpec
+    extractor_id: str  # in every score's protocol
+    weights_sha256: str | None  # Inception: the verified SHA-256 of its weights file
+
+
+@dataclass(frozen=True)
+class Scorer:
+    """Scores image sets against one reference, the same way for every set."""
+
+    network: FeatureNetwork
+    reference: Summary  # the training split's
+    published: PublishedStatistics | None  # FIDs are against these when given
+    execution: Execution
+
+    def fid(self, sources: list[ImageSource], num_images: int) -> float:
+        summary = summarize(sources, SummaryRequest(self.network.spec, num_images), self.execution)
+        return fid_against(summary, self.reference, self.published)
+
+
+@dataclass(frozen=True)
+class Comparisons:
+    """FIDs of other image sets under the sample set's protocol: where the model sits between floor and ceiling."""
+
+    holdout: float | None  # held-out real images (the floor)
+    untrained: float | None  # an untrained network (the ceiling)
+    champion: tuple[str, float] | None  # (version, FID) of the registered champion
+
+
+def run(context: StageContext, prepare: PrepareOutputs, train: TrainOutputs, sample: SampleOutputs) -> EvaluateOutputs:
+    settings, execution = context.config.evaluate, context.execution(train.device)
+    network = feature_network(context, prepare)
+    keep_first = settings.precision_recall_samples if settings.precision_recall else 0
+    reference_uri = context.store.cache_uri("reference", reference_key(prepare.fingerprint, network.extractor_id))
+    reference = reference_summary(reference_uri, prepare.shards_uri, SummaryRequest(network.spec, 0, 0, keep_first),
+                                  {"extractor_id": network.extractor_id, "data_fingerprint": prepare.fingerprint}, execution,
+                                  lambda line: context.log(f"evaluate: {line}"))
+    published = published_reference(settings.reference_stats_uri, execution.storage_options) if settings.reference_stats_uri else None
+    scorer = Scorer(network, reference, published, execution)
+    context.log(f"evaluate: features of {sample.num_samples} samples with {network.extractor_id}")
+    splits = settings.inception_score_splits if settings.inception_score else 0
+    generated = summarize(sample_sources(sample.shard_uris, execution.storage_options),
+                          SummaryRequest(network.spec, sample.num_samples, splits, keep_first), execution)
+    pr_count = min(len(reference.first_features), len(generated.first_features))  # equal set sizes, as in the paper
+    inception = generated.inception.inception_score() if generated.inception is not None else (None, None)
+    precision, recall = (precision_recall(reference.first_features[:pr_count], generated.first_features[:pr_count],
+                                          settings.precision_recall_k) if settings.precision_recall else (None, None))
+    compared = comparisons(context, prepare, train, sample, scorer)
+    nll, nll_protocol = held_out_nll(context, prepare, train, sample)
+    scores = Scores(fid_against(generated, reference, published), fid_untrained=compared.untrained,
+                    fid_holdout_vs_train=compared.holdout, fid_champion=compared.champion[1] if compared.champion else None,
+                    inception_score=inception[0], inception_score_std=inception[1], precision=precision, recall=recall,
+                    nll_bpd=nll.bits_per_dim if nll else None, nll_bpd_stderr=nll.stderr if nll else None)
+    protocol = FidProtocol(sample.num_samples, sample.sampler, sample.seed, sample.execution.precision, network.extractor_id,
+                           network.weights_sha256, reference_set(context, prepare, reference, published))
+    outputs = EvaluateOutputs(scores, protocol, protocol_hash(protocol), nll_protocol, save_sample_grid(context, sample),
+                              reference_uri, compared.champion[0] if compared.champion else None)
+    log_to_mlflow(context, outputs, pr_count)
+    context.log(summary_line(outputs))
+    return outputs
+
+
+def feature_network(context: StageContext, prepare: PrepareOutputs) -> FeatureNetwork:
+    """The configured feature network: prepare's classifier, or Inception with verified weights."""
+    settings = context.config.evaluate
+    if settings.extractor is Extractor.CLASSIFIER:
+        if prepare.extractor_uri is None or prepare.extractor_id is None:
+            raise RuntimeError("evaluate.extractor=classifier, but the prepare stage made no classifier")
+        return FeatureNetwork(ExtractorSpec(Extractor.CLASSIFIER, prepare.extractor_uri), prepare.extractor_id, None)
     from ddpm_core.inception import HOW_TO_PROVIDE
     from ddpm_core.weights import fetch_verified
 
-    _, digest = fetch_verified(evaluate.inception_weights_uri, evaluate.inception_weights_sha256, HOW_TO_PROVIDE, context.store.options)
-    return ExtractorSpec("inception", evaluate.inception_weights_uri, digest), f"inception-v3-compat-{digest[:16]}", digest
+    uri = settings.inception_weights_uri or ""  # required by the config when extractor=inception
+    _, digest = fetch_verified(uri, settings.inception_weights_sha256, HOW_TO_PROVIDE, context.store.options)
+    return FeatureNetwork(ExtractorSpec(Extractor.INCEPTION, uri, digest), f"inception-v3-compat-{digest[:16]}", digest)
 
 
-def fid_protocol(context: StageContext, extractor_id: str, weights_sha256: str | None, reference: dict[str, Any]) -> dict[str, Any]:
-    """Everything that must match for two FIDs to be comparable (hashed into ``fid.protocol_hash``)."""
-    sample = context.upstream["sample"]["outputs"]
-    return {"num_samples": sample["num_samples"], "sampler": sample["sampler"], "seed": sample["seed"],
-            "precision": sample["execution"]["precision"], "extractor_id": extractor_id,
-            "extractor_weights_sha256": weights_sha256, **reference}
-
-
-def protocol_hash(value: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def fid_against(summary: Summary, reference: Summary, published: tuple | None) -> float:
-    if published is not None:
-        return frechet_distance(summary.fid.mean, summary.fid.covariance, published[0], published[1])
-    return frechet_distance_from_stats(summary.fid, reference.fid)
-
-
-def run(context: StageContext) -> dict[str, Any]:
-    from pipelines.ray_env import runtime_env
-
-    store, config, evaluate = context.store, context.config, context.config.evaluate
-    prepare, sample = context.upstream["prepare"]["outputs"], context.upstream["sample"]["outputs"]
-    options, env, use_gpu = store.options, runtime_env(), context.output_of("train", "use_gpu")
-    spec, extractor_id, weights_sha256 = extractor_spec(context)
-    champion_version = None
-    keep_first = evaluate.precision_recall_samples if evaluate.precision_recall else 0
-    reference, reference_uri = reference_summary(
-        store.cache_uri("reference", f"{prepare['fingerprint'][:16]}-{extractor_id}"), prepare["shards_uri"], spec,
-        {"extractor_id": extractor_id, "data_fingerprint": prepare["fingerprint"]}, options, env, use_gpu, keep_first, context.log)
-    published = published_reference(evaluate.reference_stats_uri, options) if evaluate.reference_stats_uri else None
-    reference_protocol = ({"reference": "published", "reference_sha256": published[2]} if published else
-                          {"reference": "training split", "reference_data_fingerprint": prepare["fingerprint"],
-                           "reference_split": f"{config.data.split} minus {config.data.holdout_fraction:g} hold-out",
-                           "reference_count": reference.fid.count})
-
-    num_samples = sample["num_samples"]
-    splits = evaluate.inception_score_splits if evaluate.inception_score else 0
-    context.log(f"evaluate: features of {num_samples} samples with {extractor_id}")
-    generated = summarize(sample_sources(context.output_of("sample", "shard_uris"), options), spec, options, env, use_gpu,
-                          num_samples, splits, keep_first)
-    metrics: dict[str, float] = {"fid": fid_against(generated, reference, published)}
-    if generated.inception is not None:
-        metrics["inception_score"], metrics["inception_score_std"] = generated.inception.inception_score()
-    pr_count = min(len(reference.first_features), len(generated.first_features))  # equal set sizes, as in the paper
-    if evaluate.precision_recall:
-        metrics["precision"], metrics["recall"] = precision_recall(reference.first_features[:pr_count], generated.first_features[:pr_count],
-                                                                   evaluate.precision_recall_k)
-    if prepare["num_holdout"] >= 2:
-        holdout = summarize(split_sources(prepare["holdout_uri"], options), spec, options, env, use_gpu, prepare["num_holdout"])
-        metrics["fid_holdout_vs_train"] = fid_against(holdout, reference, published)
-    if evaluate.untrained_baseline:
+def comparisons(context: StageContext, prepare: PrepareOutputs, train: TrainOutputs, sample: SampleOutputs,
+                scorer: Scorer) -> Comparisons:
+    settings, options = context.config.evaluate, scorer.execution.storage_options
+    holdout = scorer.fid(split_sources(prepare.holdout_uri, options), prepare.num_holdout) if prepare.num_holdout >= 2 else None
+    untrained = None
+    if settings.untrained_baseline:
         context.log("evaluate: sampling an untrained network under the same protocol for the baseline FID")
-        baseline_uris, _ = sample_to_shards(context.output_of("train", "initial_snapshot_uri"), f"{context.work_uri('evaluate')}/untrained_shards",
-                                         num_samples, config.sample.batch_size, sample["sampler"], sample["execution"], sample["seed"],
-                                         config.sample.num_workers, use_gpu, options, context.log, env)
-        untrained = summarize(sample_sources(baseline_uris, options), spec, options, env, use_gpu, num_samples)
-        metrics["fid_untrained"] = fid_against(untrained, reference, published)
-    if evaluate.rescore_champion and config.register.enabled:
-        champion = rescore_champion(context, spec, reference, published, use_gpu)
-        if champion is not None:
-            metrics["fid_champion"] = champion[1]
-            champion_version = champion[0]
-    nll_protocol = {}
-    if evaluate.nll:
-        images = held_out_images(context)
-        context.log(f"evaluate: NLL bound of {len(images)} {evaluate.nll_split} images "
-                    f"({'all T terms' if evaluate.nll_timesteps is None else f'{evaluate.nll_timesteps} random timesteps each'})")
-        nll = held_out_bits_per_dim(context.output_of("train", "snapshot_uri"), images, evaluate.nll_batch_size, sample["seed"],
-                                    evaluate.nll_timesteps, use_gpu, options, env)
-        metrics["nll_bpd"], metrics["nll_bpd_stderr"] = nll.bits_per_dim, nll.stderr
-        nll_protocol = {"nll.split": evaluate.nll_split, "nll.num_images": nll.num_images, "nll.batch_size": evaluate.nll_batch_size,
-                        "nll.timesteps": "all" if evaluate.nll_timesteps is None else evaluate.nll_timesteps, "nll.seed": sample["seed"]}
-
-    the_protocol = fid_protocol(context, extractor_id, weights_sha256, reference_protocol)
-    digest = protocol_hash(the_protocol)
-    log_to_mlflow(context, metrics, the_protocol, digest, nll_protocol, reference_uri, pr_count)
-    grid_uri = save_sample_grid(context)
-    context.log(summary_line(metrics, the_protocol))
-    return {**metrics, "protocol": the_protocol, "protocol_hash": digest, "grid_uri": grid_uri, "reference_uri": reference_uri,
-            "nll_protocol": nll_protocol, "champion_version": champion_version}
+        untrained = fid_of_snapshot(context, scorer, sample, train.initial_snapshot_uri, "untrained_shards")
+    return Comparisons(holdout, untrained, rescore_champion(context, scorer, sample))
 
 
-def rescore_champion(context: StageContext, spec: ExtractorSpec, reference: Summary, published: tuple | None,
-                     use_gpu: bool) -> tuple[str, float] | None:
-    """(version, FID) of the registered champion sampled and scored under exactly this run's protocol, so that the
-    register stage compares like with like even when the data (and so the reference statistics) changed."""
-    from pipelines.champion import champion_snapshot_uri, current_champion
-    from pipelines.ray_env import runtime_env
+def fid_of_snapshot(context: StageContext, scorer: Scorer, sample: SampleOutputs, snapshot_uri: str, folder: str) -> float:
+    """The FID of another snapshot's images, sampled like the sample stage's (same indices, seed, sampler,
+    precision) into this stage's work folder."""
+    request = SampleRequest.like(sample, snapshot_uri, f"{context.work_uri('evaluate')}/{folder}")
+    uris, _ = sample_to_shards(request, scorer.execution, context.log)
+    return scorer.fid(sample_sources(uris, scorer.execution.storage_options), sample.num_samples)
 
-    config, store, sample = context.config, context.store, context.upstream["sample"]["outputs"]
+
+def rescore_champion(context: StageContext, scorer: Scorer, sample: SampleOutputs) -> tuple[str, float] | None:
+    """(version, FID) of the registered champion under exactly this run's protocol, so that the register stage
+    compares like with like even when the data (and so the reference statistics) changed."""
+    config = context.config
+    if not (config.evaluate.rescore_champion and config.register.enabled):
+        return None
     champion = current_champion(context.client, config.register.model_name)
     if champion is None:
         return None
     context.log(f"evaluate: re-scoring champion v{champion.version} of {config.register.model_name} under this protocol")
-    snapshot_uri = champion_snapshot_uri(store, context.tracking_uri, config.register.model_name, champion)
-    uris, _ = sample_to_shards(snapshot_uri, f"{context.work_uri('evaluate')}/champion_v{champion.version}_shards", sample["num_samples"],
-                            config.sample.batch_size, sample["sampler"], sample["execution"], sample["seed"], config.sample.num_workers, use_gpu,
-                            store.options, context.log, runtime_env())
-    scored = summarize(sample_sources(uris, store.options), spec, store.options, runtime_env(), use_gpu, sample["num_samples"])
-    return champion.version, fid_against(scored, reference, published)
+    snapshot_uri = champion_snapshot_uri(context.store, context.tracking_uri, config.register.model_name, champion)
+    return champion.version, fid_of_snapshot(context, scorer, sample, snapshot_uri, f"champion_v{champion.version}_shards")
 
 
-def held_out_images(context: StageContext) -> np.ndarray:
-    evaluate, prepare = context.config.evaluate, context.upstream["prepare"]["outputs"]
-    uri = prepare["holdout_uri"] if evaluate.nll_split == "holdout" else prepare["test_uri"]
-    images = np.concatenate([read_images(source, context.store.options) for source in split_sources(uri, context.store.options)])
-    return images[: evaluate.nll_images] if evaluate.nll_images else images
+def held_out_nll(context: StageContext, prepare: PrepareOutputs, train: TrainOutputs,
+                 sample: SampleOutputs) -> tuple[NllResult | None, NllProtocol | None]:
+    """The NLL bound of the held-out (or test) images, and how it was estimated."""
+    settings = context.config.evaluate
+    if not settings.nll:
+        return None, None
+    uri = prepare.holdout_uri if settings.nll_split is NllSplit.HOLDOUT else prepare.test_uri
+    if uri is None:
+        raise RuntimeError("evaluate.nll_split=test, but the prepare stage wrote no test split")
+    options = context.store.options
+    images = np.concatenate([read_images(source, options) for source in split_sources(uri, options)])
+    images = images[: settings.nll_images] if settings.nll_images else images  # [N, H, W, C]
+    protocol = NllProtocol(settings.nll_split.value, len(images), settings.nll_batch_size, settings.nll_timesteps, sample.seed)
+    context.log(f"evaluate: NLL bound of {len(images)} {protocol.split} images "
+                f"({'all T terms' if protocol.timesteps is None else f'{protocol.timesteps} random timesteps each'})")
+    return held_out_bits_per_dim(train.snapshot_uri, images, protocol, context.execution(train.device)), protocol
 
 
-def log_to_mlflow(context: StageContext, metrics: dict[str, float], the_protocol: dict[str, Any], digest: str,
-                  nll_protocol: dict[str, Any], reference_uri: str, pr_count: int) -> None:
-    evaluate, client, run_id = context.config.evaluate, context.client, context.mlflow_run_id
-    for key, value in metrics.items():
+def reference_set(context: StageContext, prepare: PrepareOutputs, reference: Summary,
+                  published: PublishedStatistics | None) -> ReferenceSet:
+    if published is not None:
+        return ReferenceSet("published", reference_sha256=published.sha256)
+    data = context.config.data
+    return ReferenceSet("training split", reference_data_fingerprint=prepare.fingerprint,
+                        reference_split=f"{data.split} minus {data.holdout_fraction:g} hold-out", reference_count=reference.fid.count)
+
+
+def protocol_hash(protocol: FidProtocol) -> str:
+    return hashlib.sha256(json.dumps(protocol.flat(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def log_to_mlflow(context: StageContext, outputs: EvaluateOutputs, pr_count: int) -> None:
+    """The scores as metrics, the protocol as ``protocol.*`` params, its hash and the extractor as tags."""
+    settings, client, run_id = context.config.evaluate, context.client, context.mlflow_run_id
+    for key, value in outputs.scores.present().items():
         client.log_metric(run_id, key, value)
-    params = {f"protocol.{k}": v for k, v in the_protocol.items() if k != "sampler"}
-    params.update({f"protocol.sampler.{k}": v for k, v in the_protocol["sampler"].items()})
-    if evaluate.inception_score:
-        params["protocol.inception_score.splits"] = evaluate.inception_score_splits
-    if evaluate.precision_recall:
-        params["protocol.precision_recall.k"] = evaluate.precision_recall_k
+    flat = outputs.protocol.flat()
+    params = {f"protocol.{key}": value for key, value in flat.items() if key != "sampler"}
+    params.update({f"protocol.sampler.{key}": value for key, value in flat["sampler"].items()})
+    if settings.inception_score:
+        params["protocol.inception_score.splits"] = settings.inception_score_splits
+    if settings.precision_recall:
+        params["protocol.precision_recall.k"] = settings.precision_recall_k
         params["protocol.precision_recall.samples"] = pr_count  # real and generated each
-    params.update({f"protocol.{k}": v for k, v in nll_protocol.items()})
-    params["protocol.reference_uri"] = reference_uri
+    if outputs.nll_protocol is not None:
+        params.update({f"protocol.{key}": value for key, value in outputs.nll_protocol.params().items()})
+    params["protocol.reference_uri"] = outputs.reference_uri
     for key, value in params.items():
         client.log_param(run_id, key, str(value))
-    client.set_tag(run_id, "fid.protocol_hash", digest)
-    description = ("Inception-v3 pool3 (torch-fidelity port of the TF 2015-12-05 graph)" if evaluate.extractor == "inception"
+    client.set_tag(run_id, "fid.protocol_hash", outputs.protocol_hash)
+    description = ("Inception-v3 pool3 (torch-fidelity port of the TF 2015-12-05 graph)" if settings.extractor is Extractor.INCEPTION
                    else "CNN classifier trained on the data set's labels")
-    client.set_tag(run_id, "fid.extractor", f"{the_protocol['extractor_id']} ({description})")
+    client.set_tag(run_id, "fid.extractor", f"{outputs.protocol.extractor_id} ({description})")
 
 
-def save_sample_grid(context: StageContext) -> str:
-    config, options = context.config, context.store.options
-    shard_uris = context.output_of("sample", "shard_uris")
-    shards_for_grid = max(1, -(-config.evaluate.grid_size // config.sample.batch_size))  # ceil
-    images = np.concatenate([read_images(source, options) for source in sample_sources(shard_uris[:shards_for_grid], options)])
+def save_sample_grid(context: StageContext, sample: SampleOutputs) -> str:
+    """The first ``evaluate.grid_size`` samples as a PNG grid in the run root and as an MLflow artifact."""
+    size, options = context.config.evaluate.grid_size, context.store.options
+    shards_for_grid = max(1, -(-size // sample.shard_size))  # ceil
+    sources = sample_sources(sample.shard_uris[:shards_for_grid], options)
+    images = np.concatenate([read_images(source, options) for source in sources])[:size]  # [n, H, W, C]
     grid_uri = f"{context.store.stage_uri('evaluate')}/samples.png"
-    save_grid(images[: config.evaluate.grid_size], grid_uri, columns=10, storage_options=options)
+    save_grid(images, grid_uri, columns=10, storage_options=options)
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "samples.png")
-        grid(images[: config.evaluate.grid_size], columns=10).save(path)
+        grid(images, columns=10).save(path)
         context.client.log_artifact(context.mlflow_run_id, path)
     return grid_uri
 
 
-def summary_line(metrics: dict[str, float], the_protocol: dict[str, Any]) -> str:
-    parts = [f"FID {metrics['fid']:.3f} ({the_protocol['num_samples']} samples, {the_protocol['sampler']['method']} "
-             f"{the_protocol['sampler']['num_steps']} steps, extractor {the_protocol['extractor_id']})"]
+def summary_line(outputs: EvaluateOutputs) -> str:
+    scores, protocol = outputs.scores, outputs.protocol
+    parts = [f"FID {scores.fid:.3f} ({protocol.num_samples} samples, {protocol.sampler.method.value} "
+             f"{protocol.sampler.num_steps} steps, extractor {protocol.extractor_id})"]
     labels = {"fid_untrained": "untrained network FID", "fid_holdout_vs_train": "hold-out real images FID",
-              "fid_champion": "champion FID (re-scored)",
-              "inception_score": "IS", "precision": "precision", "recall": "recall", "nll_bpd": "NLL bits/dim"}
-    parts += [f"{label} {metrics[key]:.3f}" for key, label in labels.items() if key in metrics]
+              "fid_champion": "champion FID (re-scored)", "inception_score": "IS", "precision": "precision",
+              "recall": "recall", "nll_bpd": "NLL bits/dim"}
+    present = scores.present()
+    parts += [f"{label} {present[key]:.3f}" for key, label in labels.items() if key in present]
     return "evaluate: " + "; ".join(parts)

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import numpy as np
@@ -19,10 +18,57 @@ from mlflow.models import infer_signature
 
 from ddpm_core.storage import filesystem
 from pipelines.champion import Champion, current_champion
-from pipelines.stages.context import StageContext
+from pipelines.context import StageContext
+from pipelines.contracts import EvaluateOutputs, PrepareOutputs, RegisterOutputs, TrainOutputs
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 SAMPLING_PARAMS = {"seed": 0, "method": "ddim", "num_steps": 50, "eta": 0.0}  # the pyfunc's params and defaults
+
+
+def run(context: StageContext, prepare: PrepareOutputs, train: TrainOutputs, evaluate: EvaluateOutputs) -> RegisterOutputs:
+    name = context.config.register.model_name
+    client = context.client
+    version = log_model(context, train.snapshot_uri)
+    champion = current_champion(client, name)  # before this version takes any alias
+    tags = {"fid": evaluate.scores.fid, "protocol_hash": evaluate.protocol_hash, "ddpm.run_id": context.config.run_id,
+            "extractor_id": evaluate.protocol.extractor_id, "data_fingerprint": prepare.fingerprint}
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, str(value))
+    client.set_registered_model_alias(name, "challenger", version)
+    fid_champion = evaluate.scores.fid_champion
+    rescored = (evaluate.champion_version, fid_champion) if evaluate.champion_version and fid_champion is not None else None
+    promote, reason = decide(evaluate.scores.fid, evaluate.protocol_hash, context.config.register.promotion_margin, champion,
+                             rescored)
+    if promote:
+        client.set_registered_model_alias(name, "champion", version)
+    decision = ("promoted to champion: " if promote else "champion kept: ") + reason
+    client.set_tag(context.mlflow_run_id, "registry.decision", decision)
+    client.set_model_version_tag(name, version, "registry.decision", decision)
+    context.log(f"register: {name} v{version} -> challenger" + (", champion" if promote else "") + f" ({reason})")
+    return RegisterOutputs(name, version, promote, reason, champion.version if champion else None, evaluate.scores.fid,
+                           rescored[1] if rescored else (champion.fid if champion else None), f"models:/{name}/{version}")
+
+
+def log_model(context: StageContext, snapshot_uri: str) -> str:
+    """The snapshot as an MLflow pyfunc model (code: ``pipelines/serving.py`` + ``ddpm_core``) in this stage's run,
+    registered as a new version of ``register.model_name``; returns the version."""
+    unet = context.config.model.unet()
+    mlflow.set_tracking_uri(context.tracking_uri)
+    with tempfile.TemporaryDirectory() as directory:
+        local = os.path.join(directory, "snapshot")
+        fs, path = filesystem(snapshot_uri, context.store.options)
+        fs.get(f"{path}/", local, recursive=True)
+        example = pd.DataFrame({"index": [0, 1]})
+        output = np.zeros((2, unet.image_size, unet.image_size, unet.in_channels), np.uint8)
+        signature = infer_signature(example, output, params=SAMPLING_PARAMS)
+        with mlflow.start_run(run_id=context.mlflow_run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=str(PACKAGE_ROOT / "pipelines" / "serving.py"), artifacts={"snapshot": local},
+                code_paths=[str(PACKAGE_ROOT / "ddpm_core")], signature=signature,
+                registered_model_name=context.config.register.model_name,
+                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas", "safetensors", "fsspec",
+                                  "pillow", f"mlflow=={mlflow.__version__}"])
+    return str(info.registered_model_version)
 
 
 def decide(fid: float, protocol_hash: str, margin: float, champion: Champion | None,
@@ -41,43 +87,3 @@ def decide(fid: float, protocol_hash: str, margin: float, champion: Champion | N
     verdict = "<" if fid < threshold else ">="
     return fid < threshold, (f"FID {fid:.4f} {verdict} champion v{champion.version}'s {champion_fid:.4f} ({basis})"
                              + (f" - margin {margin:g}" if margin else ""))
-
-
-def run(context: StageContext) -> dict[str, Any]:
-    config, store = context.config, context.store
-    name = config.register.model_name
-    evaluation = context.upstream["evaluate"]["outputs"]
-    snapshot_uri = context.output_of("train", "snapshot_uri")
-    mlflow.set_tracking_uri(context.tracking_uri)
-    client = context.client
-    with tempfile.TemporaryDirectory() as directory:
-        local = os.path.join(directory, "snapshot")
-        fs, path = filesystem(snapshot_uri, store.options)
-        fs.get(f"{path}/", local, recursive=True)
-        example = pd.DataFrame({"index": [0, 1]})
-        unet = config.model.unet()
-        signature = infer_signature(example, np.zeros((2, unet.image_size, unet.image_size, unet.in_channels), np.uint8), params=SAMPLING_PARAMS)
-        with mlflow.start_run(run_id=context.mlflow_run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(PACKAGE_ROOT / "pipelines" / "serving.py"), artifacts={"snapshot": local},
-                code_paths=[str(PACKAGE_ROOT / "ddpm_core")], signature=signature, registered_model_name=name,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas", "safetensors", "fsspec", "pillow",
-                                  f"mlflow=={mlflow.__version__}"])
-    version = str(info.registered_model_version)
-    champion = current_champion(client, name)  # before this version takes any alias
-    for key, value in {"fid": evaluation["fid"], "protocol_hash": evaluation["protocol_hash"], "ddpm.run_id": config.run_id,
-                       "extractor_id": evaluation["protocol"]["extractor_id"],
-                       "data_fingerprint": context.output_of("prepare", "fingerprint")}.items():
-        client.set_model_version_tag(name, version, key, str(value))
-    client.set_registered_model_alias(name, "challenger", version)
-    rescored = (evaluation["champion_version"], evaluation["fid_champion"]) if evaluation.get("fid_champion") is not None else None
-    promote, reason = decide(evaluation["fid"], evaluation["protocol_hash"], config.register.promotion_margin, champion, rescored)
-    if promote:
-        client.set_registered_model_alias(name, "champion", version)
-    decision = ("promoted to champion: " if promote else "champion kept: ") + reason
-    client.set_tag(context.mlflow_run_id, "registry.decision", decision)
-    client.set_model_version_tag(name, version, "registry.decision", decision)
-    context.log(f"register: {name} v{version} -> challenger" + (", champion" if promote else "") + f" ({reason})")
-    return {"model_name": name, "version": version, "promoted": promote, "reason": reason,
-            "previous_champion": champion.version if champion else None, "challenger_fid": evaluation["fid"],
-            "champion_fid": rescored[1] if rescored else (champion.fid if champion else None), "model_uri": f"models:/{name}/{version}"}

@@ -3,32 +3,291 @@
 Each trial is a short Ray Train run of the real training loop (Train V2 pattern: a Tune function trainable that
 builds and fits a TorchTrainer whose reports reach Tune through ``TuneReportCallback``). Trials are ranked by a
 metric comparable across schedules: the NLL bound in bits/dim on held-out images (never the raw eps-MSE, whose scale
-depends on the schedule), or a proxy FID at the trial's end; ASHA stops weak trials early on bits/dim. Every trial is
-a nested MLflow run under the tune stage's run. A re-run after a driver crash restores the search.
+depends on the schedule), or a proxy FID at the trial's end; ASHA stops weak trials early on bits/dim. The training
+loop knows nothing of this: a trial hands it :class:`TrialMetrics`, which it calls at every checkpoint report.
+Every trial is a nested MLflow run under the tune stage's run. A re-run after a driver crash restores the search.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import enum
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
-from pipelines.stages.context import StageContext
+import torch
+from mlflow.entities import Metric, Param
+from mlflow.tracking import MlflowClient
+from ray import tune
+from ray.tune import ResultGrid
+from ray.tune.integration.ray_train import TuneReportCallback
+from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
+from torch import nn
+
+from ddpm_core.data import to_model_range, to_uint8
+from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
+from ddpm_core.features import extract_features, load_classifier
+from ddpm_core.metrics import FeatureStatistics, frechet_distance_from_stats
+from ddpm_core.samplers import Method, PerIndexNoise, SamplerConfig, sample
+from ddpm_core.storage import filesystem
+from ddpm_core.unet import UNetConfig
+from pipelines.config import ConfigError, Extractor, PipelineConfig, SearchAlgorithm, TrialMetric, with_overrides
+from pipelines.config import TrialScheduler as SchedulerChoice
+from pipelines.context import StageContext
+from pipelines.contracts import PrepareOutputs, TrialResult, TuneOutputs
+from pipelines.execution import Device, cluster_device, runtime_env, train_storage
+from pipelines.scoring import ExtractorSpec, SummaryRequest, load_reference, reference_key, reference_summary
+from pipelines.shards import read_split
+from pipelines.training.job import TrainJob
+from pipelines.training.trainer import WorkerGroup, fit, make_trainer
 
 TRIAL_ID_TAG = "ddpm.trial_id"
 
 
-def param_space(parsed: dict[str, tuple[str, list[Any]]]) -> dict[str, Any]:
-    from ray import tune
+class Distribution(str, enum.Enum):
+    CHOICE = "choice"  # one of the listed values
+    GRID = "grid"  # every listed value (tune.search_alg=grid)
+    UNIFORM = "uniform"  # [low, high]
+    LOGUNIFORM = "loguniform"  # [low, high], uniform in log space
 
-    make = {"choice": tune.choice, "grid": tune.grid_search,
-            "uniform": lambda bounds: tune.uniform(*bounds), "loguniform": lambda bounds: tune.loguniform(*bounds)}
-    return {key: make[distribution](values) for key, (distribution, values) in parsed.items()}
+
+@dataclass(frozen=True)
+class Dimension:
+    """One searched config key."""
+
+    distribution: Distribution
+    values: tuple[Any, ...]  # the candidates (choice, grid) or (low, high)
+
+    def domain(self) -> Any:
+        """The Ray Tune search domain."""
+        if self.distribution is Distribution.CHOICE:
+            return tune.choice(list(self.values))
+        if self.distribution is Distribution.GRID:
+            return tune.grid_search(list(self.values))
+        low, high = self.values
+        return tune.uniform(low, high) if self.distribution is Distribution.UNIFORM else tune.loguniform(low, high)
 
 
-def search_algorithm(name: str):
-    if name in ("random", "grid"):
-        return None  # Tune's default variant generator: random draws, or the full grid for grid_search values
+def check(config: PipelineConfig) -> None:
+    """The search space, before anything runs (the runner calls this for enabled stages)."""
+    search_space(config)
+
+
+def search_space(config: PipelineConfig) -> dict[str, Dimension]:
+    """``tune.space`` parsed, with every value it can produce checked as a config: candidate lists in full, and both
+    ends of each range."""
+    if not config.tune.space:
+        raise ConfigError("tune.space is empty: name at least one config key to search, e.g. train.lr: {loguniform: [1e-4, 1e-3]}")
+    return {key: dimension(config, key, spec) for key, spec in config.tune.space.items()}
+
+
+def dimension(config: PipelineConfig, key: str, spec: Any) -> Dimension:
+    where = f"tune.space.{key}"
+    names = [distribution.value for distribution in Distribution]
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in names:
+        raise ConfigError(f"{where}: expected one of {{{', '.join(f'{name}: [...]' for name in names)}}}, got {spec!r}")
+    name, values = next(iter(spec.items()))
+    distribution = Distribution(name)
+    if not isinstance(values, list) or not values:
+        raise ConfigError(f"{where}.{name}: expected a non-empty list, got {values!r}")
+    if distribution in (Distribution.UNIFORM, Distribution.LOGUNIFORM):
+        values = range_bounds(f"{where}.{name}", distribution, values)
+    if (distribution is Distribution.GRID) != (config.tune.search_alg is SearchAlgorithm.GRID):
+        raise ConfigError(f"{where}: use 'grid' with tune.search_alg=grid and choice/uniform/loguniform otherwise")
+    for value in values:
+        try:
+            with_overrides(config, {key: value})
+        except ConfigError as error:
+            raise ConfigError(f"{where}: value {value!r} is not a valid config: {error}") from None
+    return Dimension(distribution, tuple(values))
+
+
+def range_bounds(where: str, distribution: Distribution, values: list[Any]) -> list[float]:
+    if len(values) != 2:
+        raise ConfigError(f"{where}: expected [low, high], got {values!r}")
     try:
-        if name == "optuna":
+        low, high = float(values[0]), float(values[1])
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: bounds must be numbers, got {values!r}") from None
+    if low > high:
+        raise ConfigError(f"{where}: low {low:g} > high {high:g}")
+    if distribution is Distribution.LOGUNIFORM and low <= 0:
+        raise ConfigError(f"{where}: bounds must be > 0, got {values!r}")
+    return [low, high]
+
+
+@dataclass
+class TrialMetrics:
+    """The metrics that rank trials, computed on rank 0 at every checkpoint report of a trial (a
+    :class:`pipelines.training.job.CheckpointMetrics`): the NLL bound in bits/dim (Monte Carlo estimate, comparable
+    across schedules and T) on a fixed held-out batch, and at the end a proxy FID on a small DDIM sample. Each is also
+    logged to the trial's MLflow run."""
+
+    unet: UNetConfig  # the trial's network ...
+    diffusion: DiffusionConfig  # ... and diffusion
+    holdout_uri: str
+    bpd_images: int
+    bpd_timesteps: int
+    proxy_fid_samples: int  # 0: no proxy FID
+    proxy_fid_steps: int
+    extractor_uri: str | None  # the classifier (the proxy FID's feature network)
+    reference_uri: str | None  # its cached statistics of the training split
+    storage_options: dict[str, Any]
+    tracking_uri: str
+    mlflow_run_id: str  # the trial's run
+    held_out: torch.Tensor | None = field(default=None, repr=False)  # [bpd_images, C, H, W], read at the first report
+
+    def __call__(self, ema_model: nn.Module, images_seen: int, done: bool) -> dict[str, float]:
+        device = next(ema_model.parameters()).device
+        diffusion = GaussianDiffusion.from_config(self.diffusion)
+        if self.held_out is None:
+            images, _ = read_split(self.holdout_uri, self.storage_options)
+            self.held_out = to_model_range(images[: self.bpd_images]).to(device)
+        estimate = diffusion.bits_per_dim_estimate(ema_model, self.held_out, self.bpd_timesteps,
+                                                   generator=torch.Generator().manual_seed(0))
+        metrics = {"bpd": estimate["total"].mean().item(),
+                   "bpd_stderr": estimate["stderr"].pow(2).sum().sqrt().item() / len(self.held_out)}
+        if done and self.proxy_fid_samples:
+            metrics["fid"] = self.proxy_fid(ema_model, diffusion, device)
+        stamp = int(time.time() * 1000)
+        client = MlflowClient(self.tracking_uri)
+        client.log_batch(self.mlflow_run_id, metrics=[Metric(key, value, stamp, images_seen) for key, value in metrics.items()])
+        return metrics
+
+    def proxy_fid(self, ema_model: nn.Module, diffusion: GaussianDiffusion, device: torch.device) -> float:
+        if self.extractor_uri is None or self.reference_uri is None:
+            raise RuntimeError("tune: the proxy FID needs the classifier and its reference statistics")
+        shape = (self.unet.in_channels, self.unet.image_size, self.unet.image_size)
+        noise = PerIndexNoise(0, range(self.proxy_fid_samples), device)
+        sampler = SamplerConfig(method=Method.DDIM, num_steps=self.proxy_fid_steps)
+        samples = sample(ema_model, diffusion, shape, noise, sampler).samples  # [n, C, H, W]
+        extractor, _ = load_classifier(self.extractor_uri, self.storage_options)
+        features = extract_features(extractor, to_uint8(samples))  # [n, d]
+        reference = load_reference(self.reference_uri, self.storage_options).fid
+        return frechet_distance_from_stats(FeatureStatistics.from_features(features), reference)
+
+
+@dataclass(frozen=True)
+class TrialSpec:
+    """What every trial of one search shares (each trial adds its parameters)."""
+
+    config: PipelineConfig  # the run's config; a trial applies its parameters and the trial length to it
+    shards_uri: str
+    work_uri: str  # trials live under {work_uri}/trials/{trial id}
+    storage_options: dict[str, Any]
+    device: Device
+    group: WorkerGroup
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str  # the tune stage's MLflow run
+    metrics: TrialMetrics  # with the run's network and diffusion; a trial puts in its own and its MLflow run
+
+    def trial_config(self, params: dict[str, Any]) -> PipelineConfig:
+        """The trial's config: its parameters, trained for ``tune.trial_images`` with a report (a checkpoint) every
+        ``tune.report_every_images`` and no sample grids."""
+        every = self.config.tune.report_every_images
+        return with_overrides(self.config, {**params, "train.total_images": self.config.tune.trial_images,
+                                            "train.checkpoint_every_images": every, "train.log_every_images": every,
+                                            "train.grid_every_images": 0})
+
+
+def run_trial(params: dict[str, Any], spec: TrialSpec) -> None:
+    """One trial, running in its own Tune actor: a short Ray Train run under a nested MLflow run."""
+    trial_id = tune.get_context().get_trial_id()
+    config = spec.trial_config(params)
+    client = MlflowClient(spec.tracking_uri)
+    run_id = trial_run(client, spec, trial_id, params)
+    work_uri = f"{spec.work_uri}/trials/{trial_id}"
+    metrics = dataclasses.replace(spec.metrics, unet=config.model.unet(), diffusion=config.diffusion, mlflow_run_id=run_id)
+    job = TrainJob(config.model.unet(), config.diffusion, config.train, spec.device, spec.shards_uri, work_uri,
+                   spec.storage_options, spec.tracking_uri, run_id, checkpoint_metrics=metrics)
+    trainer = make_trainer(job, spec.group, runtime_env(), callbacks=[TuneReportCallback()])
+    try:
+        fit(trainer, job)  # a diverged trial raises: Tune records it as errored, and it is never ranked
+    except BaseException:
+        client.set_terminated(run_id, "FAILED")
+        raise
+    client.set_terminated(run_id, "FINISHED")
+
+
+def trial_run(client: MlflowClient, spec: TrialSpec, trial_id: str, params: dict[str, Any]) -> str:
+    """The trial's MLflow run under the tune stage's run: a restored trial keeps the one it had."""
+    existing = client.search_runs([spec.experiment_id], f"tags.`{TRIAL_ID_TAG}` = '{trial_id}' and "
+                                  f"tags.`mlflow.parentRunId` = '{spec.parent_run_id}'", max_results=1)
+    if existing:
+        return str(existing[0].info.run_id)
+    run_id = str(client.create_run(spec.experiment_id, run_name=f"trial {trial_id}", tags={
+        TRIAL_ID_TAG: trial_id, "mlflow.parentRunId": spec.parent_run_id, "ddpm.run_id": spec.config.run_id,
+        "ddpm.stage": "tune-trial"}).info.run_id)
+    client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
+    return run_id
+
+
+def run(context: StageContext, prepare: PrepareOutputs) -> TuneOutputs:
+    settings = context.config.tune
+    space = search_space(context.config)
+    spec = trial_spec(context, prepare)
+    tuner = make_tuner(context, spec, space)
+    context.log(f"tune: {settings.search_alg.value} search over {sorted(space)}, ranking by {settings.metric.value}")
+    outputs = search_outcome(tuner.fit(), space, spec)
+    close_trial_runs(context, spec, outputs)
+    context.log(f"tune: best of {outputs.trials} trials ({outputs.stopped_early} stopped early): {outputs.best_params} "
+                f"with {settings.metric.value} {outputs.best_metric[settings.metric.value]:.4f}")
+    return outputs
+
+
+def trial_spec(context: StageContext, prepare: PrepareOutputs) -> TrialSpec:
+    """What the trials share; computes (or reuses) the reference statistics of the proxy FID first."""
+    config, settings, store = context.config, context.config.tune, context.store
+    device = cluster_device(config.train.use_gpu)
+    reference_uri = None
+    if settings.proxy_fid and prepare.extractor_uri is not None and prepare.extractor_id is not None:
+        reference_uri = store.cache_uri("reference", reference_key(prepare.fingerprint, prepare.extractor_id))
+        spec = ExtractorSpec(Extractor.CLASSIFIER, prepare.extractor_uri)
+        reference_summary(reference_uri, prepare.shards_uri, SummaryRequest(spec, 0), {"extractor_id": prepare.extractor_id,
+                          "data_fingerprint": prepare.fingerprint}, context.execution(device), lambda line: context.log(f"tune: {line}"))
+    client = context.client
+    metrics = TrialMetrics(config.model.unet(), config.diffusion, prepare.holdout_uri, settings.bpd_images,
+                           settings.bpd_timesteps, settings.proxy_fid_samples, settings.proxy_fid_steps,
+                           prepare.extractor_uri, reference_uri, store.options, context.tracking_uri, "")
+    return TrialSpec(config, prepare.shards_uri, context.work_uri("tune"), store.options, device,
+                     WorkerGroup(settings.workers_per_trial, settings.cpus_per_worker, config.train.max_failures,
+                                 config.train.startup_retries), context.tracking_uri,
+                     client.get_run(context.mlflow_run_id).info.experiment_id, context.mlflow_run_id, metrics)
+
+
+def make_tuner(context: StageContext, spec: TrialSpec, space: dict[str, Dimension]) -> tune.Tuner:
+    """The search over ``space``, or the interrupted one restored from its storage."""
+    settings = context.config.tune
+    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec),
+                                    {"cpu": settings.cpus_per_trial, **({"gpu": 0} if spec.device is Device.GPU else {})})
+    storage_path, storage_filesystem = train_storage(f"{spec.work_uri}/ray", spec.storage_options)
+    experiment_path = f"{storage_path}/search"
+    if tune.Tuner.can_restore(experiment_path, storage_filesystem=storage_filesystem):
+        context.log(f"tune: restoring the interrupted search from {experiment_path}")
+        return tune.Tuner.restore(experiment_path, trainable, resume_errored=True, storage_filesystem=storage_filesystem)
+    return tune.Tuner(
+        trainable, param_space={key: dimension.domain() for key, dimension in space.items()},
+        tune_config=tune.TuneConfig(num_samples=settings.num_samples, max_concurrent_trials=settings.max_concurrent_trials,
+                                    scheduler=trial_scheduler(context.config), search_alg=search_algorithm(settings.search_alg)),
+        run_config=tune.RunConfig(name="search", storage_path=storage_path, storage_filesystem=storage_filesystem))
+
+
+def trial_scheduler(config: PipelineConfig) -> TrialScheduler:
+    settings = config.tune
+    if settings.scheduler is SchedulerChoice.NONE:
+        return FIFOScheduler()
+    return ASHAScheduler(time_attr="images_seen", metric="bpd", mode="min", max_t=settings.trial_images,
+                         grace_period=settings.grace_period_images, reduction_factor=settings.reduction_factor)
+
+
+def search_algorithm(choice: SearchAlgorithm) -> Any:
+    """Tune's search algorithm; None for Tune's own variant generator (random draws, or the full grid)."""
+    if choice in (SearchAlgorithm.RANDOM, SearchAlgorithm.GRID):
+        return None
+    try:
+        if choice is SearchAlgorithm.OPTUNA:
             from ray.tune.search.optuna import OptunaSearch
 
             return OptunaSearch()
@@ -36,13 +295,50 @@ def search_algorithm(name: str):
 
         return HyperOptSearch()
     except ImportError as error:
-        raise RuntimeError(f"tune.search_alg={name} needs its package: pip install '{name}' ({error})") from None
+        raise RuntimeError(f"tune.search_alg={choice.value} needs its package: pip install '{choice.value}' ({error})") from None
+
+
+@dataclass(frozen=True)
+class Reported:
+    """A trial's last report to Tune: its parameters and metrics (``trial_id``, ``images_seen``, ``bpd``, ``fid``)."""
+
+    params: dict[str, Any]
+    metrics: dict[str, Any]
+
+
+def reported_trials(results: ResultGrid) -> list[Reported]:
+    """The trials that reported at least once (an errored trial may not have)."""
+    trials = []
+    for index in range(len(results)):
+        result = results[index]
+        if result.metrics:
+            trials.append(Reported(result.config or {}, result.metrics))
+    return trials
+
+
+def search_outcome(results: ResultGrid, space: dict[str, Dimension], spec: TrialSpec) -> TuneOutputs:
+    """The best trial by ``tune.metric``, compared at equal training length: among the trials that ran to the end,
+    when any did."""
+    settings = spec.config.tune
+    metric, length = settings.metric.value, settings.trial_images
+    reported = reported_trials(results)
+    ranked = [trial for trial in reported if metric in trial.metrics]
+    if not ranked:
+        raise RuntimeError(f"tune: no trial reported {metric}; see the trial errors in the Ray logs")
+    finished = [trial for trial in ranked if trial.metrics.get("images_seen", 0) >= length]
+    best = min(finished or ranked, key=lambda trial: trial.metrics[metric])
+    trainer_uri = f"{spec.work_uri}/trials/{best.metrics['trial_id']}/ray/trainer"
+    return TuneOutputs(
+        best_params={key: best.params[key] for key in space}, best_metric={metric: best.metrics[metric]},
+        best_trial_id=best.metrics["trial_id"], best_checkpoint_uri=latest_checkpoint(trainer_uri, spec.storage_options),
+        trials=len(results), stopped_early=sum(trial.metrics.get("images_seen", 0) < length for trial in reported),
+        trial_results=tuple(TrialResult(trial.metrics["trial_id"], {key: trial.params.get(key) for key in space},
+                                        trial.metrics.get("images_seen", 0), trial.metrics.get("bpd"), trial.metrics.get("fid"))
+                            for trial in reported))
 
 
 def latest_checkpoint(trainer_uri: str, storage_options: dict[str, Any]) -> str | None:
     """The newest committed Ray Train checkpoint folder under a trainer's storage, as a URI."""
-    from ddpm_core.storage import filesystem
-
     fs, path = filesystem(trainer_uri, storage_options)
     folders = sorted(fs.glob(f"{path}/checkpoint_*/manifest.json"))
     if not folders:
@@ -51,115 +347,20 @@ def latest_checkpoint(trainer_uri: str, storage_options: dict[str, Any]) -> str 
     return protocol + folders[-1].rsplit("/", 1)[0]
 
 
-def run_trial(params: dict[str, Any], setup: dict[str, Any]) -> None:
-    """One trial, running in its own Tune actor: a short Ray Train run under a nested MLflow run."""
-    from mlflow.entities import Param
-    from mlflow.tracking import MlflowClient
-    from ray import tune
-    from ray.tune.integration.ray_train import TuneReportCallback
-
-    from pipelines.config import PipelineConfig, with_overrides
-    from pipelines.stages.train import fit, loop_config, make_trainer
-
-    trial_id = tune.get_context().get_trial_id()
-    base = with_overrides(PipelineConfig(), setup["config"])
-    config = with_overrides(base, {**params, "train.total_images": setup["trial_images"],
-                                   "train.checkpoint_every_images": setup["report_every_images"],
-                                   "train.log_every_images": setup["report_every_images"], "train.grid_every_images": 0})
-    client = MlflowClient(setup["tracking_uri"])
-    existing = client.search_runs([setup["experiment_id"]], f"tags.`{TRIAL_ID_TAG}` = '{trial_id}' and "
-                                  f"tags.`mlflow.parentRunId` = '{setup['parent_run_id']}'", max_results=1)
-    if existing:  # a restored trial keeps its MLflow run
-        run_id = existing[0].info.run_id
-    else:
-        run_id = client.create_run(setup["experiment_id"], run_name=f"trial {trial_id}", tags={
-            TRIAL_ID_TAG: trial_id, "mlflow.parentRunId": setup["parent_run_id"], "ddpm.run_id": config.run_id,
-            "ddpm.stage": "tune-trial"}).info.run_id
-        client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
-    work_uri = f"{setup['work_uri']}/trials/{trial_id}"
-    loop = loop_config(config, setup["shards_uri"], work_uri, setup["storage_options"], setup["tracking_uri"], run_id,
-                       setup["use_gpu"], trial=setup["trial"])
-    trainer = make_trainer(config, loop, work_uri, setup["storage_options"], setup["use_gpu"], setup["workers_per_trial"],
-                           setup["cpus_per_worker"], callbacks=[TuneReportCallback()])
-    try:
-        fit(trainer, loop)  # a diverged trial raises: Tune records it as errored, and it is never ranked
-    except BaseException:
-        client.set_terminated(run_id, "FAILED")
-        raise
-    client.set_terminated(run_id, "FINISHED")
-
-
-def run(context: StageContext) -> dict[str, Any]:
-    from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
-
-    from pipelines.config import search_space_values
-    from pipelines.ray_env import has_gpus, train_storage
-
-    config, store = context.config, context.store
-    settings = config.tune
-    parsed = search_space_values(config)
-    prepare = context.upstream["prepare"]["outputs"]
-    work_uri = context.work_uri("tune")
-    use_gpu = has_gpus() if config.train.use_gpu is None else config.train.use_gpu
-    client = context.client
-    setup = {
-        "config": config.to_dict(), "trial_images": settings.trial_images, "report_every_images": settings.report_every_images,
-        "tracking_uri": context.tracking_uri, "experiment_id": client.get_run(context.mlflow_run_id).info.experiment_id,
-        "parent_run_id": context.mlflow_run_id, "shards_uri": prepare["shards_uri"], "storage_options": store.options,
-        "work_uri": work_uri, "use_gpu": use_gpu, "workers_per_trial": settings.workers_per_trial,
-        "cpus_per_worker": settings.cpus_per_worker,
-        "trial": {"holdout_uri": prepare["holdout_uri"], "storage_options": store.options, "bpd_images": settings.bpd_images,
-                  "bpd_timesteps": settings.bpd_timesteps, "extractor_uri": prepare["extractor_uri"],
-                  "reference_stats_uri": prepare["reference_stats_uri"],
-                  "proxy_fid_samples": settings.proxy_fid_samples, "proxy_fid_steps": settings.proxy_fid_steps},
-    }
-    trainable = tune.with_resources(tune.with_parameters(run_trial, setup=setup),
-                                    {"cpu": settings.cpus_per_trial, **({"gpu": 0} if use_gpu else {})})
-    scheduler = (ASHAScheduler(time_attr="images_seen", metric="bpd", mode="min", max_t=settings.trial_images,
-                               grace_period=settings.grace_period_images, reduction_factor=settings.reduction_factor)
-                 if settings.scheduler == "asha" else FIFOScheduler())
-    storage_path, storage_filesystem = train_storage(f"{work_uri}/ray", store.options)
-    experiment_path = f"{storage_path}/search"
-    if tune.Tuner.can_restore(experiment_path, storage_filesystem=storage_filesystem):
-        context.log(f"tune: restoring the interrupted search from {experiment_path}")
-        tuner = tune.Tuner.restore(experiment_path, trainable, resume_errored=True, storage_filesystem=storage_filesystem)
-    else:
-        tuner = tune.Tuner(
-            trainable, param_space=param_space(parsed),
-            tune_config=tune.TuneConfig(num_samples=settings.num_samples, max_concurrent_trials=settings.max_concurrent_trials,
-                                        scheduler=scheduler, search_alg=search_algorithm(settings.search_alg)),
-            run_config=tune.RunConfig(name="search", storage_path=storage_path, storage_filesystem=storage_filesystem),
-        )
-    context.log(f"tune: {settings.search_alg} search over {sorted(parsed)}, ranking by {settings.metric}")
-    results = tuner.fit()
-    ranked = [result for result in results if result.metrics and settings.metric in result.metrics]
-    if not ranked:
-        raise RuntimeError(f"tune: no trial reported {settings.metric}; see the trial errors in the Ray logs")
-    # Compare at equal training length: among the trials that ran to the end, when any did.
-    finished = [r for r in ranked if r.metrics.get("images_seen", 0) >= settings.trial_images] or ranked
-    best = min(finished, key=lambda result: result.metrics[settings.metric])
-    best_params = {key: best.config[key] for key in parsed}
-    best_checkpoint_uri = latest_checkpoint(f"{work_uri}/trials/{best.metrics['trial_id']}/ray/trainer", store.options)
-    stopped_early = [r for r in results if r.metrics and r.metrics.get("images_seen", 0) < settings.trial_images]
-    trial_runs = client.search_runs([setup["experiment_id"]], f"tags.`mlflow.parentRunId` = '{context.mlflow_run_id}'")
-    reached = {r.metrics["trial_id"]: r.metrics.get("images_seen", 0) >= settings.trial_images for r in results if r.metrics}
-    for trial_run in trial_runs:  # Tune ends a trial's actor (ASHA stop, or max_t) before the trial can close its run
-        trial_id = trial_run.data.tags.get(TRIAL_ID_TAG)
+def close_trial_runs(context: StageContext, spec: TrialSpec, outputs: TuneOutputs) -> None:
+    """End the trials' MLflow runs (Tune ends a trial's actor, on an ASHA stop or at max_t, before the trial can),
+    tag the best one, and log the search's result on the tune stage's run."""
+    client, settings = context.client, context.config.tune
+    reached = {trial.trial_id: trial.images_seen >= settings.trial_images for trial in outputs.trial_results}
+    for trial_run in client.search_runs([spec.experiment_id], f"tags.`mlflow.parentRunId` = '{context.mlflow_run_id}'"):
+        trial_id = trial_run.data.tags.get(TRIAL_ID_TAG, "")
         if trial_run.info.status == "RUNNING":
             client.set_terminated(trial_run.info.run_id, "FINISHED" if reached.get(trial_id) else "KILLED")
-        if trial_id == best.metrics["trial_id"]:
+        if trial_id == outputs.best_trial_id:
             client.set_tag(trial_run.info.run_id, "ddpm.best_trial", "true")
-    for key, value in best_params.items():
+    for key, value in outputs.best_params.items():
         client.log_param(context.mlflow_run_id, f"best.{key}", str(value))
-    client.log_metric(context.mlflow_run_id, f"best_{settings.metric}", best.metrics[settings.metric])
-    client.log_metric(context.mlflow_run_id, "trials", len(results))
-    client.log_metric(context.mlflow_run_id, "trials_stopped_early", len(stopped_early))
-    context.log(f"tune: best of {len(results)} trials ({len(stopped_early)} stopped early): {best_params} with "
-                f"{settings.metric} {best.metrics[settings.metric]:.4f}")
-    return {"best_params": best_params, "best_metric": {settings.metric: best.metrics[settings.metric]},
-            "best_trial_id": best.metrics["trial_id"], "best_checkpoint_uri": best_checkpoint_uri,
-            "trials": len(results), "stopped_early": len(stopped_early),
-            "trial_results": [{"trial_id": r.metrics.get("trial_id"), "params": {k: r.config.get(k) for k in parsed},
-                               "images_seen": r.metrics.get("images_seen"), "bpd": r.metrics.get("bpd"), "fid": r.metrics.get("fid")}
-                              for r in results if r.metrics]}
+    for name, value in outputs.best_metric.items():
+        client.log_metric(context.mlflow_run_id, f"best_{name}", value)
+    client.log_metric(context.mlflow_run_id, "trials", outputs.trials)
+    client.log_metric(context.mlflow_run_id, "trials_stopped_early", outputs.stopped_early)

@@ -1,8 +1,11 @@
-"""Ray helpers: connecting, forwarding credentials to workers, and Ray Train storage on any fsspec root."""
+"""Where a stage's Ray work runs: joining the cluster, the environment workers need, and one :class:`Execution` value
+(storage options, runtime environment, device kind) handed to everything that starts Ray tasks or actors."""
 
 from __future__ import annotations
 
+import enum
 import os
+from dataclasses import dataclass
 from typing import Any
 
 import pyarrow.fs
@@ -14,6 +17,34 @@ from ddpm_core.storage import filesystem
 FORWARDED_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION",
                  "AWS_REGION", "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN",
                  "MLFLOW_S3_ENDPOINT_URL", "MLFLOW_TRACKING_INSECURE_TLS")
+
+
+class Device(str, enum.Enum):
+    """The kind of device the Ray workers of a stage compute on."""
+
+    CPU = "cpu"
+    GPU = "gpu"
+
+
+@dataclass(frozen=True)
+class Execution:
+    """How a stage's Ray work runs (not what it computes)."""
+
+    storage_options: dict[str, Any]  # fsspec options of the run root (credentials come from the environment)
+    runtime_env: dict[str, Any]  # Ray runtime environment of every task, actor and training worker
+    device: Device
+
+    @property
+    def use_gpu(self) -> bool:
+        return self.device is Device.GPU
+
+    def task_resources(self) -> dict[str, float]:
+        """Ray resources of one task or actor: a GPU each on a GPU cluster, else a CPU."""
+        return {"num_gpus": 1} if self.use_gpu else {"num_cpus": 1}
+
+    def options(self) -> dict[str, Any]:
+        """``.options(...)`` of a Ray task or actor: its resources and the runtime environment."""
+        return {**self.task_resources(), "runtime_env": self.runtime_env}
 
 
 def forwarded_env() -> dict[str, str]:
@@ -34,8 +65,11 @@ def connect() -> None:
         ray.init(log_to_driver=True)
 
 
-def has_gpus() -> bool:
-    return ray.cluster_resources().get("GPU", 0) > 0
+def cluster_device(use_gpu: bool | None) -> Device:
+    """The device kind asked for (``train.use_gpu``), or GPUs when the cluster has them and nothing was asked."""
+    if use_gpu is None:
+        use_gpu = ray.cluster_resources().get("GPU", 0) > 0
+    return Device.GPU if use_gpu else Device.CPU
 
 
 def train_storage(uri: str, storage_options: dict[str, Any]) -> tuple[str, pyarrow.fs.FileSystem | None]:

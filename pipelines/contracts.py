@@ -1,0 +1,208 @@
+"""What the stages hand each other: one frozen dataclass per stage's outputs, written into the stage's ``stage.json``
+manifest and read back typed (:mod:`pipelines.typed`). A stage receives its upstream stages' outputs as arguments
+(``train.run(context, prepare: PrepareOutputs, tune: TuneOutputs | None)``); nothing reads them by string key.
+
+Field names are the keys of ``stage.json``: tools and tests read them there too.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from ddpm_core.diffusion import DiffusionConfig
+from ddpm_core.fields import coerce_enum_fields
+from ddpm_core.precision import Precision
+from ddpm_core.samplers import SamplerConfig
+from ddpm_core.training import OptimConfig
+from pipelines.execution import Device
+
+
+@dataclass(frozen=True)
+class PrepareOutputs:
+    fingerprint: str  # SHA-256 of the data set's pixels and labels
+    num_train: int
+    num_holdout: int
+    shards_uri: str  # the training split (pipelines.shards)
+    holdout_uri: str  # the hold-out split (pipelines.shards)
+    num_classes: int | None
+    test_uri: str | None = None  # the data set's test split, when the NLL is scored on it
+    extractor_uri: str | None = None  # the classifier feature network, when evaluation or the tune stage uses it
+    extractor_id: str | None = None
+    extractor_holdout_accuracy: float | None = None
+
+
+@dataclass(frozen=True)
+class TrialResult:
+    trial_id: str
+    params: dict[str, Any]  # the searched config keys and this trial's values
+    images_seen: int
+    bpd: float | None
+    fid: float | None
+
+
+@dataclass(frozen=True)
+class TuneOutputs:
+    best_params: dict[str, Any]  # dotted config key -> value, applied to the train stage's config
+    best_metric: dict[str, float]  # {tune.metric: value}
+    best_trial_id: str
+    best_checkpoint_uri: str | None  # the best trial's last training state (tune.warm_start)
+    trials: int
+    stopped_early: int
+    trial_results: tuple[TrialResult, ...]
+
+
+@dataclass(frozen=True)
+class TrainedWith:
+    """The settings a model was trained with, after the tune stage's choices."""
+
+    diffusion: DiffusionConfig
+    train: OptimConfig
+
+
+@dataclass(frozen=True)
+class TrainOutputs:
+    snapshot_uri: str  # EMA weights + configs (ddpm_core.checkpoint snapshot)
+    initial_snapshot_uri: str  # the untrained network at the training seed (evaluate's baseline)
+    images_seen: int
+    device: Device  # where training ran; sampling and scoring run on the same kind
+    loop_seconds: float | None  # the final attempt's training loop, checkpoints included
+    checkpoint_path: str | None  # the last Ray Train checkpoint
+    config: TrainedWith
+
+    def __post_init__(self) -> None:
+        coerce_enum_fields(self, "train", {"device": Device})
+
+
+@dataclass(frozen=True)
+class NetworkExecution:
+    """How sampling actors run the network (not what they compute)."""
+
+    precision: Precision
+    compile: bool  # torch.compile with frozen weights
+
+    def __post_init__(self) -> None:
+        coerce_enum_fields(self, "execution", {"precision": Precision})
+
+
+@dataclass(frozen=True)
+class SampleOutputs:
+    shard_uris: tuple[str, ...]  # committed shards: images.npy uint8 [n, H, W, C], start/stop/seed in the manifest
+    num_samples: int
+    shard_size: int
+    num_workers: int
+    sampler: SamplerConfig
+    seed: int  # image i comes from noise seeded by (seed, i)
+    execution: NetworkExecution
+    sampling_seconds: float  # inside the sampler, summed over shards, divided by the number of actors
+
+
+@dataclass(frozen=True)
+class ReferenceSet:
+    """The real images FIDs are measured against (part of the protocol)."""
+
+    reference: str  # "training split" or "published"
+    reference_sha256: str | None = None  # published statistics: SHA-256 of the file
+    reference_data_fingerprint: str | None = None  # training split: the data set's fingerprint ...
+    reference_split: str | None = None  # ... the split ...
+    reference_count: int | None = None  # ... and its number of images
+
+
+@dataclass(frozen=True)
+class FidProtocol:
+    """Everything that must match for two FIDs to be comparable."""
+
+    num_samples: int
+    sampler: SamplerConfig
+    seed: int
+    precision: Precision
+    extractor_id: str
+    extractor_weights_sha256: str | None
+    reference: ReferenceSet
+
+    def __post_init__(self) -> None:
+        coerce_enum_fields(self, "protocol", {"precision": Precision})
+
+    def flat(self) -> dict[str, Any]:
+        """The protocol as logged (``protocol.<key>`` params) and hashed into ``fid.protocol_hash``."""
+        reference = {name: value for name, value in vars(self.reference).items() if value is not None}
+        return {"num_samples": self.num_samples, "sampler": self.sampler.to_dict(), "seed": self.seed,
+                "precision": self.precision.value, "extractor_id": self.extractor_id,
+                "extractor_weights_sha256": self.extractor_weights_sha256, **reference}
+
+
+@dataclass(frozen=True)
+class NllProtocol:
+    """How the NLL bound was estimated."""
+
+    split: str
+    num_images: int
+    batch_size: int
+    timesteps: int | None  # None: all T terms of the bound
+    seed: int
+
+    def params(self) -> dict[str, Any]:
+        """The ``protocol.nll.<key>`` params."""
+        return {"nll.split": self.split, "nll.num_images": self.num_images, "nll.batch_size": self.batch_size,
+                "nll.timesteps": "all" if self.timesteps is None else self.timesteps, "nll.seed": self.seed}
+
+
+@dataclass(frozen=True)
+class Scores:
+    """The evaluate stage's numbers (docs/evaluation.md); each ``None`` when switched off or not applicable."""
+
+    fid: float
+    fid_untrained: float | None = None  # an untrained network under the same protocol: the ceiling
+    fid_holdout_vs_train: float | None = None  # held-out real images: the floor
+    fid_champion: float | None = None  # the registered champion, re-scored under this protocol
+    inception_score: float | None = None
+    inception_score_std: float | None = None
+    precision: float | None = None
+    recall: float | None = None
+    nll_bpd: float | None = None
+    nll_bpd_stderr: float | None = None
+
+    def present(self) -> dict[str, float]:
+        """The scores that were computed, by name (MLflow metric keys)."""
+        return {name: value for name, value in vars(self).items() if value is not None}
+
+
+@dataclass(frozen=True)
+class EvaluateOutputs:
+    scores: Scores
+    protocol: FidProtocol
+    protocol_hash: str  # 16 hex digits of the SHA-256 of protocol.flat()
+    nll_protocol: NllProtocol | None
+    grid_uri: str
+    reference_uri: str  # the cached reference statistics (pipelines.reference)
+    champion_version: str | None  # the champion re-scored in scores.fid_champion
+
+
+@dataclass(frozen=True)
+class RegisterOutputs:
+    model_name: str
+    version: str
+    promoted: bool
+    reason: str
+    previous_champion: str | None
+    challenger_fid: float
+    champion_fid: float | None
+    model_uri: str
+
+
+StageOutputs = PrepareOutputs | TuneOutputs | TrainOutputs | SampleOutputs | EvaluateOutputs | RegisterOutputs
+O = TypeVar("O")
+
+
+@dataclass(frozen=True)
+class StageManifest(Generic[O]):
+    """``{run root}/{stage}/stage.json``, written last: a stage is complete exactly when it exists."""
+
+    stage: str
+    status: str  # "complete"
+    fingerprint: str  # of the stage's inputs: config keys it reads and its upstream stages' execution ids
+    execution_id: str  # new at every execution: downstream fingerprints change when this stage re-ran
+    started_at: float
+    finished_at: float
+    mlflow_run_id: str
+    outputs: O

@@ -1,0 +1,102 @@
+"""Sampling a snapshot into committed shards with Ray actors (one per GPU, or CPU workers): the sample stage's work,
+and the evaluate stage's for its baseline and champion sample sets.
+
+Image i uses the noise stream seeded by (seed, i), so the images do not depend on the number of workers; each shard
+is committed with a manifest (:mod:`pipelines.shards`), and a restart skips the shards already committed."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import ray
+import torch
+
+from ddpm_core.samplers import SamplerConfig
+from ddpm_core.storage import is_committed
+from pipelines.advice import out_of_memory_advice, slow_precision_advice
+from pipelines.contracts import NetworkExecution, SampleOutputs
+from pipelines.execution import Execution
+from pipelines.shards import sample_shard_uris, write_sample_shard
+
+
+@dataclass(frozen=True)
+class SampleRequest:
+    """A sample set: images ``0..num_samples-1`` of a snapshot, in shards of ``shard_size``."""
+
+    snapshot_uri: str
+    out_uri: str  # the shards go to {out_uri}/shard-NNNNN
+    num_samples: int
+    shard_size: int
+    num_workers: int  # sampling actors
+    sampler: SamplerConfig
+    seed: int
+    network: NetworkExecution
+
+    @classmethod
+    def like(cls, sampled: SampleOutputs, snapshot_uri: str, out_uri: str) -> SampleRequest:
+        """The sample stage's request for another snapshot: the same images under the same protocol."""
+        return cls(snapshot_uri, out_uri, sampled.num_samples, sampled.shard_size, sampled.num_workers, sampled.sampler,
+                   sampled.seed, sampled.execution)
+
+
+@ray.remote
+class SampleWorker:
+    """Holds one copy of the network; samples shards of indices and commits each."""
+
+    def __init__(self, request: SampleRequest, storage_options: dict[str, object]) -> None:
+        from ddpm_core.checkpoint import load_snapshot
+        from ddpm_core.diffusion import GaussianDiffusion
+        from ddpm_core.precision import autocast_dtype
+        from ddpm_core.samplers import fast_sampling_network
+
+        snapshot = load_snapshot(request.snapshot_uri, storage_options)
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        advice = slow_precision_advice(request.network.precision, self.device.type, "sample.bf16_on_cpu")
+        if advice:
+            print(f"sample: {advice}", flush=True)
+        autocast = autocast_dtype(request.network.precision)
+        self.model = fast_sampling_network(snapshot.build_model().to(self.device), autocast, request.network.compile)
+        self.diffusion = GaussianDiffusion.from_config(snapshot.diffusion)
+        self.shape = (snapshot.unet.in_channels, snapshot.unet.image_size, snapshot.unet.image_size)
+        self.request, self.storage_options = request, storage_options
+
+    def run_shard(self, uri: str, start: int, stop: int) -> tuple[int, float]:
+        """Samples images ``start..stop-1`` and commits them; returns (images, seconds spent sampling)."""
+        from ddpm_core.data import to_uint8
+        from ddpm_core.samplers import PerIndexNoise, sample
+
+        started = time.perf_counter()
+        with out_of_memory_advice(f"sampling {stop - start} images at once on {self.device}",
+                                  f"lower sample.batch_size (now {stop - start})"):
+            noise = PerIndexNoise(self.request.seed, range(start, stop), self.device)
+            result = sample(self.model, self.diffusion, self.shape, noise, self.request.sampler)
+        images = to_uint8(result.samples)  # [n, H, W, C] uint8
+        seconds = time.perf_counter() - started
+        write_sample_shard(uri, images, start, self.request.seed, self.storage_options)
+        return stop - start, seconds
+
+
+def sample_to_shards(request: SampleRequest, execution: Execution, log: Callable[[str], None]) -> tuple[list[str], float]:
+    """Sample the request's images into committed shards; returns every shard URI and the sampling compute time
+    (seconds inside the sampler, summed over shards, divided by the number of actors)."""
+    shards = sample_shard_uris(request.out_uri, request.num_samples, request.shard_size)
+    pending = [shard for shard in shards if not is_committed(shard[0], execution.storage_options)]
+    if len(pending) < len(shards):
+        log(f"sample: {len(shards) - len(pending)} of {len(shards)} shards already committed, skipping them")
+    if not pending:
+        return [uri for uri, _, _ in shards], 0.0
+    workers = [SampleWorker.options(**execution.options()).remote(request, execution.storage_options)  # type: ignore[attr-defined]
+               for _ in range(min(request.num_workers, len(pending)))]
+    pool = ray.util.ActorPool(workers)
+    start, done_images, todo_images, busy = time.time(), 0, sum(stop - begin for _, begin, stop in pending), 0.0
+    for finished, seconds in pool.map_unordered(lambda worker, shard: worker.run_shard.remote(*shard), pending):
+        done_images, busy = done_images + finished, busy + seconds
+        elapsed = time.time() - start
+        eta = elapsed / done_images * (todo_images - done_images)
+        log(f"sample: {done_images}/{todo_images} images ({done_images / elapsed:.1f} img/s, ETA {eta:.0f} s)")
+    for worker in workers:
+        ray.kill(worker)
+    return [uri for uri, _, _ in shards], busy / len(workers)
+

@@ -1,0 +1,166 @@
+"""Feature summaries of image shards, computed by Ray tasks (one GPU each on a GPU cluster) and merged exactly:
+FID statistics as float64 sums, Inception Score statistics as per-split sums keyed by global sample index, and the
+features of the first images for precision/recall. Every result is independent of the number of workers.
+
+The run's one reference-statistics cache lives here too: the training split's summary, computed once per (data
+fingerprint, extractor id) and committed under ``{root}/_cache/reference/``, read by the evaluate stage and by the
+tune stage's proxy FID.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+import torch
+
+from ddpm_core.features import FeatureExtractor
+from ddpm_core.metrics import ClassProbabilityStatistics, FeatureStatistics, frechet_distance, frechet_distance_from_stats
+from ddpm_core.storage import IncompleteError, commit, filesystem, read_committed
+from pipelines.config import Extractor
+from pipelines.execution import Execution
+from pipelines.shards import ImageSource, read_images, split_sources
+
+REFERENCE_FILE = "reference.pt"
+
+
+@dataclass(frozen=True)
+class ExtractorSpec:
+    """How a worker builds the feature network: the cached classifier, or Inception weights at a URI."""
+
+    kind: Extractor
+    uri: str  # the committed classifier, or the Inception weights file
+    sha256: str = ""  # Inception: expected SHA-256 (or prefix) of the weights file
+
+
+@dataclass(frozen=True)
+class Summary:
+    fid: FeatureStatistics
+    inception: ClassProbabilityStatistics | None  # None when the Inception Score is off
+    first_features: torch.Tensor  # [min(N, limit), d] features of the images with the lowest indices, in index order
+
+
+@dataclass(frozen=True)
+class PublishedStatistics:
+    """Reference statistics from a published ``.npz`` (``evaluate.reference_stats_uri``)."""
+
+    mean: torch.Tensor  # [d] float64
+    covariance: torch.Tensor  # [d, d] float64
+    sha256: str  # of the file
+
+
+@dataclass(frozen=True)
+class SummaryRequest:
+    """What every task of one :func:`summarize` computes."""
+
+    spec: ExtractorSpec
+    num_samples: int  # images in the whole set (sizes the Inception Score splits)
+    inception_splits: int = 0  # 0: no Inception Score statistics
+    keep_first: int = 0  # keep the features of the images with indices below this (precision/recall)
+
+
+def build_extractor(spec: ExtractorSpec, storage_options: dict[str, object]) -> FeatureExtractor:
+    """The feature network a spec names, on this worker's GPU when it has one."""
+    if spec.kind is Extractor.CLASSIFIER:
+        from ddpm_core.features import ClassifierExtractor, load_classifier
+
+        return ClassifierExtractor(load_classifier(spec.uri, storage_options)[0])
+    from ddpm_core.inception import load_inception
+
+    return load_inception(spec.uri, spec.sha256, storage_options, "cuda" if torch.cuda.is_available() else "cpu")
+
+
+@ray.remote
+def summarize_source(source: ImageSource, request: SummaryRequest, storage_options: dict[str, object]) -> Summary:
+    """The summary of one file's images; its first features are those with indices below ``request.keep_first``."""
+    images = read_images(source, storage_options)
+    features, logits = build_extractor(request.spec, storage_options)(images)  # [n, d], [n, K]
+    indices = torch.arange(source.first_index, source.first_index + len(images))  # [n]
+    inception = None
+    if request.inception_splits:
+        inception = ClassProbabilityStatistics.empty(request.num_samples, request.inception_splits, logits.shape[1])
+        inception.update(logits, indices)
+    return Summary(FeatureStatistics.from_features(features), inception, features[indices < request.keep_first])
+
+
+def summarize(sources: list[ImageSource], request: SummaryRequest, execution: Execution) -> Summary:
+    """Summaries of every source in parallel, merged in the order given (so the float64 sums are reproducible)."""
+    parts: list[Summary] = ray.get([summarize_source.options(**execution.options()).remote(
+        source, request, execution.storage_options) for source in sources])
+    fid = parts[0].fid
+    for part in parts[1:]:
+        fid = fid.merge(part.fid)
+    inception = parts[0].inception
+    for part in parts[1:]:
+        if inception is not None and part.inception is not None:
+            inception = inception.merge(part.inception)
+    in_index_order = sorted(zip(sources, parts), key=lambda pair: pair[0].first_index)
+    return Summary(fid, inception, torch.cat([part.first_features for _, part in in_index_order]))
+
+
+def reference_key(data_fingerprint: str, extractor_id: str) -> str:
+    """The cache key of the training split's reference statistics."""
+    return f"{data_fingerprint[:16]}-{extractor_id}"
+
+
+def save_reference(uri: str, summary: Summary, metadata: dict[str, object], storage_options: dict[str, object]) -> None:
+    buffer = io.BytesIO()
+    torch.save({**summary.fid.to_dict(), "first_features": summary.first_features}, buffer)
+    commit(uri, {REFERENCE_FILE: buffer.getvalue()}, metadata, storage_options)
+
+
+def load_reference(uri: str, storage_options: dict[str, object]) -> Summary:
+    files, _ = read_committed(uri, [REFERENCE_FILE], storage_options)
+    data = torch.load(io.BytesIO(files[REFERENCE_FILE]), weights_only=True)
+    return Summary(FeatureStatistics.from_dict(data), None, data["first_features"])
+
+
+def reference_summary(cache_uri: str, train_uri: str, request: SummaryRequest, metadata: dict[str, object],
+                      execution: Execution, log: Callable[[str], None]) -> Summary:
+    """The training split's summary from the cache (when it kept enough first features), or computed over its
+    shards and committed there."""
+    try:
+        summary = load_reference(cache_uri, execution.storage_options)
+        if summary.first_features.shape[0] >= min(request.keep_first, summary.fid.count):
+            log(f"reusing reference statistics {cache_uri}")
+            return summary
+    except IncompleteError:
+        pass
+    sources = split_sources(train_uri, execution.storage_options)
+    log(f"computing reference statistics of the training split ({len(sources)} shards) into {cache_uri}")
+    summary = summarize(sources, request, execution)
+    save_reference(cache_uri, summary, {**metadata, "count": summary.fid.count}, execution.storage_options)
+    return summary
+
+
+def fid_against(summary: Summary, reference: Summary, published: PublishedStatistics | None) -> float:
+    """FID of a summary against the published statistics when there are any, else against the training split."""
+    if published is not None:
+        return frechet_distance(summary.fid.mean, summary.fid.covariance, published.mean, published.covariance)
+    return frechet_distance_from_stats(summary.fid, reference.fid)
+
+
+def published_reference(uri: str, storage_options: dict[str, object]) -> PublishedStatistics:
+    """Statistics from the common ``.npz`` format of published statistics (arrays ``mu`` and ``sigma``)."""
+    from ddpm_core.data import DataError
+
+    try:
+        fs, path = filesystem(uri, storage_options)
+        data = fs.cat_file(path)
+    except FileNotFoundError:
+        raise DataError(f"evaluate.reference_stats_uri {uri!r} does not exist") from None
+    try:
+        with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+            mu, sigma = archive["mu"], archive["sigma"]
+    except (KeyError, ValueError, OSError) as error:
+        raise DataError(f"evaluate.reference_stats_uri {uri!r}: expected an .npz with arrays 'mu' [d] and "
+                        f"'sigma' [d, d] ({error})") from None
+    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
+        raise DataError(f"evaluate.reference_stats_uri {uri!r}: 'mu' must be [d] and 'sigma' [d, d], got {mu.shape} "
+                        f"and {sigma.shape}")
+    return PublishedStatistics(torch.from_numpy(mu).to(torch.float64), torch.from_numpy(sigma).to(torch.float64),
+                               hashlib.sha256(data).hexdigest())

@@ -1,0 +1,94 @@
+"""The two shard formats of a run, in one place: data splits written by prepare, and sample shards written by the
+sampling actors. Both are committed directories (:mod:`ddpm_core.storage`) of uint8 images ``[n, H, W, C]``.
+
+- A **data split** (``prepare/shards``, ``prepare/holdout``, ``prepare/test``): ``shard-NNNNN.npz`` files of
+  :data:`SHARD_IMAGES` images each (``images``, and ``labels`` when the data set has them), one manifest for all.
+- A **sample shard** (``sample/<fingerprint>/shards/shard-NNNNN``): ``images.npy`` of the images with sample indices
+  ``start..stop-1``; the manifest's metadata records ``start``, ``stop`` and ``seed``.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ddpm_core.data import ImageDataset
+from ddpm_core.storage import commit, read_committed, read_manifest
+
+SHARD_IMAGES = 10_000  # images per file of a data split
+SAMPLE_FILE = "images.npy"
+
+
+@dataclass(frozen=True)
+class ImageSource:
+    """One committed file of uint8 images ``[n, H, W, C]``; its first image has global index ``first_index``."""
+
+    uri: str
+    file: str  # images.npy (sample shards) or shard-NNNNN.npz (data splits)
+    first_index: int
+
+
+def write_split(uri: str, dataset: ImageDataset, indices: np.ndarray, storage_options: dict[str, Any]) -> None:
+    """The images (and labels) of ``dataset`` at ``indices`` as one committed data split."""
+    files = {}
+    for number, start in enumerate(range(0, max(len(indices), 1), SHARD_IMAGES)):
+        chunk = indices[start : start + SHARD_IMAGES]
+        arrays = {"images": dataset.images[chunk]}
+        if dataset.labels is not None:
+            arrays["labels"] = dataset.labels[chunk]
+        files[f"shard-{number:05d}.npz"] = _npz_bytes(arrays)
+    commit(uri, files, {"count": int(len(indices))}, storage_options)
+
+
+def read_split(uri: str, storage_options: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
+    """A whole data split: images ``[N, H, W, C]`` uint8 and labels ``[N]`` (None when it has none)."""
+    files, _ = read_committed(uri, None, storage_options)
+    parts = [_load_npz(files[name]) for name in sorted(files)]
+    labels = np.concatenate([part["labels"] for part in parts]) if "labels" in parts[0] else None
+    return np.concatenate([part["images"] for part in parts]), labels
+
+
+def split_sources(uri: str, storage_options: dict[str, Any]) -> list[ImageSource]:
+    """The files of a data split, in index order."""
+    names = sorted(read_manifest(uri, storage_options)["files"])
+    return [ImageSource(uri, name, number * SHARD_IMAGES) for number, name in enumerate(names)]
+
+
+def write_sample_shard(uri: str, images: np.ndarray, start: int, seed: int, storage_options: dict[str, Any]) -> None:
+    """Commit the samples ``images`` ``[n, H, W, C]`` uint8 with indices ``start..start+n-1`` drawn with ``seed``."""
+    buffer = io.BytesIO()
+    np.save(buffer, images)
+    commit(uri, {SAMPLE_FILE: buffer.getvalue()}, {"start": start, "stop": start + len(images), "seed": seed}, storage_options)
+
+
+def sample_shard_uris(root: str, num_samples: int, shard_size: int) -> list[tuple[str, int, int]]:
+    """(URI, start, stop) of every sample shard of ``num_samples`` images in shards of ``shard_size``."""
+    return [(f"{root}/shard-{start // shard_size:05d}", start, min(start + shard_size, num_samples))
+            for start in range(0, num_samples, shard_size)]
+
+
+def sample_sources(shard_uris: tuple[str, ...] | list[str], storage_options: dict[str, Any]) -> list[ImageSource]:
+    """Sample shards, each with its first sample index from its manifest."""
+    return [ImageSource(uri, SAMPLE_FILE, int(read_manifest(uri, storage_options)["metadata"]["start"])) for uri in shard_uris]
+
+
+def read_images(source: ImageSource, storage_options: dict[str, Any]) -> np.ndarray:
+    """The images ``[n, H, W, C]`` uint8 of one file of either format."""
+    data = read_committed(source.uri, [source.file], storage_options)[0][source.file]
+    if source.file.endswith(".npz"):
+        return _load_npz(data)["images"]
+    return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    return buffer.getvalue()
+
+
+def _load_npz(data: bytes) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(data), allow_pickle=False) as archive:
+        return {key: archive[key] for key in archive.files}

@@ -1,0 +1,132 @@
+"""What the training loop does every N images besides stepping: rank 0's metrics and sample grids (MLflow, and the
+job's output), checkpoint reports to Ray Train, stopping on a diverged loss, and the outputs at the end."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+
+import ray.train
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from torch import nn
+
+from ddpm_core.checkpoint import save_snapshot, save_training_state
+from ddpm_core.data import to_uint8
+from ddpm_core.diffusion import GaussianDiffusion
+from ddpm_core.images import grid
+from ddpm_core.samplers import Method, PerIndexNoise, SamplerConfig, sample
+from ddpm_core.storage import commit
+from ddpm_core.training import OptimConfig, learning_rate
+from pipelines.tracking import BufferedMetricLogger
+from pipelines.training.job import TrainJob
+from pipelines.training.state import TrainState, Worker
+
+PENDING_METRICS = "metrics.json"
+DIVERGED = "diverged.txt"
+GRID_IMAGES = 64
+
+
+class Interval:
+    """Something due at every multiple of ``every`` images (``every`` = 0: only at the end of training)."""
+
+    def __init__(self, every: int, images_seen: int) -> None:
+        self.every = every
+        self.next = self._after(images_seen)
+
+    def due(self, images_seen: int, done: bool) -> bool:
+        return images_seen >= self.next or done
+
+    def passed(self, images_seen: int) -> None:
+        """It happened at ``images_seen``: the next one is due at the following multiple."""
+        self.next = self._after(images_seen)
+
+    def _after(self, images_seen: int) -> float:
+        return (images_seen // self.every + 1) * self.every if self.every > 0 else math.inf
+
+
+class Progress:
+    """Rank 0's reports: metrics and sample grids to the stage's MLflow run, progress lines to the job's output.
+    An MLflow outage never stops training: metrics are buffered, and what is still unsent at the end is kept in
+    storage for the driver (``TrainJob.pending_metrics_uri``)."""
+
+    def __init__(self, job: TrainJob, images_seen: int) -> None:
+        # One quick attempt per MLflow call (no minutes of client-side retries): an outage is absorbed by the buffer.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+        self.job = job
+        self.client = MlflowClient(job.tracking_uri)
+        self.metrics = BufferedMetricLogger(self.client, job.mlflow_run_id, lambda line: print(f"train: {line}", flush=True))
+        self.window_started, self.window_images_seen = time.time(), images_seen
+
+    def log_metrics(self, means: dict[str, float], state: TrainState) -> None:
+        """The window's mean step statistics, the learning rate, the EMA decay and the training rate."""
+        now = time.time()
+        rate = (state.images_seen - self.window_images_seen) / max(now - self.window_started, 1e-9)
+        values = {**means, "lr": learning_rate(state.images_seen, self.job.train.optim), "images_per_second": rate,
+                  "ema_decay": state.ema.current_decay()}
+        self.metrics.send([Metric(key, float(value), int(now * 1000), state.images_seen) for key, value in values.items()])
+        print(f"train: {state.images_seen}/{self.job.train.total_images} images, loss {means['loss']:.4f}, {rate:.0f} img/s",
+              flush=True)
+        self.window_started, self.window_images_seen = time.time(), state.images_seen
+
+    def log_grid(self, ema_model: nn.Module, diffusion: GaussianDiffusion, images_seen: int) -> None:
+        """An 8x8 grid of DDIM samples of the EMA network, the same noise every time (MLflow's image slider)."""
+        unet = self.job.unet
+        device = next(ema_model.parameters()).device
+        noise = PerIndexNoise(self.job.train.seed, range(GRID_IMAGES), device)
+        sampler = SamplerConfig(method=Method.DDIM, num_steps=min(50, diffusion.num_timesteps))
+        samples = sample(ema_model, diffusion, (unet.in_channels, unet.image_size, unet.image_size), noise, sampler).samples
+        try:
+            self.client.log_image(self.job.mlflow_run_id, grid(to_uint8(samples), columns=8), key="samples", step=images_seen)
+        except Exception as error:  # a progress picture is not worth stopping training for
+            print(f"train: sample grid at {images_seen} images not logged ({type(error).__name__})", flush=True)
+
+    def close(self) -> None:
+        """A last attempt to send buffered metrics; what still fails is committed for the driver to send."""
+        unsent = self.metrics.close()
+        if unsent:
+            payload = json.dumps([metric.to_dictionary() for metric in unsent]).encode()
+            commit(self.job.pending_metrics_uri, {PENDING_METRICS: payload}, {"count": len(unsent)}, self.job.storage_options)
+            print(f"train: {len(unsent)} metrics could not reach MLflow; kept at {self.job.pending_metrics_uri}", flush=True)
+
+
+def report_checkpoint(job: TrainJob, worker: Worker, state: TrainState, loop_seconds: float, done: bool) -> None:
+    """Every rank reports (Ray Train's barrier); rank 0 adds ``job.checkpoint_metrics`` and the training state, which
+    Ray Train persists as the checkpoint a restarted worker group resumes from."""
+    metrics = {"images_seen": state.images_seen, "step": state.step, "loop_seconds": loop_seconds}
+    if worker.rank == 0 and job.checkpoint_metrics is not None:
+        metrics.update(job.checkpoint_metrics(state.ema.model, state.images_seen, done))
+    with tempfile.TemporaryDirectory() as directory:
+        checkpoint = None
+        if worker.rank == 0:
+            save_training_state(directory, state.to_checkpoint(job))
+            checkpoint = ray.train.Checkpoint.from_directory(directory)
+        ray.train.report(metrics, checkpoint=checkpoint)
+
+
+def divergence_message(images_seen: int, step: int, optim: OptimConfig) -> str:
+    return (f"training diverged: the loss became non-finite by {images_seen} images (step {step}). The last checkpoint "
+            f"before it is kept, but resuming with the same settings would diverge again: lower train.lr (now {optim.lr}), "
+            f"keep train.grad_clip > 0 (now {optim.grad_clip}), or lengthen train.warmup_images (now {optim.warmup_images}).")
+
+
+def record_divergence(job: TrainJob, worker: Worker, state: TrainState) -> None:
+    """Rank 0 commits what to change, for the driver to read after ``fit()`` (Ray Train keeps only checkpointed
+    reports); every rank then leaves the loop at the same step, so the group ends without a retry."""
+    if worker.rank == 0:
+        message = divergence_message(state.images_seen, state.step, job.train.optim)
+        commit(job.diverged_uri, {DIVERGED: message.encode()}, {"images_seen": state.images_seen}, job.storage_options)
+
+
+def save_outputs(job: TrainJob, worker: Worker, state: TrainState, progress: Progress | None) -> None:
+    """At the end, on rank 0: the EMA snapshot, and the metrics MLflow did not take."""
+    if worker.rank != 0:
+        return
+    save_snapshot(job.snapshot_uri, state.ema.model, job.unet, job.diffusion,
+                  {"images_seen": state.images_seen, "step": state.step}, job.storage_options)
+    if progress is not None:
+        progress.close()

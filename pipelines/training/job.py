@@ -1,0 +1,67 @@
+"""The one value every Ray Train worker receives: what to train, on which data, where its outputs go."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from torch import nn
+
+from ddpm_core.diffusion import DiffusionConfig
+from ddpm_core.precision import Precision
+from ddpm_core.unet import UNetConfig
+from pipelines.config import TrainSection
+from pipelines.execution import Device
+
+
+class CheckpointMetrics(Protocol):
+    """More metrics for every checkpoint report, computed on rank 0 from the EMA network (the tune stage ranks
+    trials by them; the training loop does not know what they are)."""
+
+    def __call__(self, ema_model: nn.Module, images_seen: int, done: bool) -> dict[str, float]: ...
+
+
+@dataclass(frozen=True)
+class TrainJob:
+    """Everything a training worker needs; workers read no config file and no environment."""
+
+    unet: UNetConfig
+    diffusion: DiffusionConfig
+    train: TrainSection  # batch, length and intervals in images, optimiser, seed, precision and fast-path switches
+    device: Device
+    shards_uri: str  # the training split (pipelines.shards)
+    work_uri: str  # this execution's outputs (the properties below) and Ray Train's checkpoints
+    storage_options: dict[str, Any]
+    tracking_uri: str
+    mlflow_run_id: str  # rank 0 logs metrics and sample grids to this run
+    warm_start_uri: str | None = None  # a training state whose model and EMA weights start a fresh run (best tune trial)
+    checkpoint_metrics: CheckpointMetrics | None = None
+
+    @property
+    def precision(self) -> Precision:
+        return self.train.precision(self.device is Device.GPU)
+
+    @property
+    def snapshot_uri(self) -> str:
+        """The EMA weights at the end (the inference snapshot)."""
+        return f"{self.work_uri}/snapshot"
+
+    @property
+    def initial_snapshot_uri(self) -> str:
+        """The untrained network at ``train.seed``: the evaluate stage's baseline."""
+        return f"{self.work_uri}/initial_snapshot"
+
+    @property
+    def pending_metrics_uri(self) -> str:
+        """Metrics that could not reach MLflow during an outage, for the driver to send."""
+        return f"{self.work_uri}/pending_metrics"
+
+    @property
+    def diverged_uri(self) -> str:
+        """Written by rank 0 when the loss became non-finite: the message saying what to change."""
+        return f"{self.work_uri}/diverged"
+
+    @property
+    def trainer_uri(self) -> str:
+        """Ray Train's storage for this job (checkpoints under ``trainer/checkpoint_*``)."""
+        return f"{self.work_uri}/ray"

@@ -1,0 +1,153 @@
+"""What a training worker holds: its place in the worker group, and the training state (network, EMA, optimizer,
+progress) with the one function that decides where the starting weights come from."""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import numpy as np
+import ray.train
+import ray.train.torch
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ddpm_core.checkpoint import CheckpointError, load_snapshot, load_training_state, save_snapshot
+from ddpm_core.diffusion import Variance
+from ddpm_core.ema import EMA
+from ddpm_core.training import make_optimizer
+from ddpm_core.unet import UNet, UNetConfig
+from pipelines.advice import slow_precision_advice
+from pipelines.training.job import TrainJob
+
+
+@dataclass(frozen=True)
+class Worker:
+    """This process's place in the data-parallel group."""
+
+    rank: int
+    world_size: int
+    device: torch.device
+    all_reduce: Callable[[torch.Tensor], Any] | None  # sums a tensor over the group in place (None: one worker)
+
+    @classmethod
+    def current(cls) -> Worker:
+        context = ray.train.get_context()
+        world = context.get_world_size()
+        reduce = dist.all_reduce if world > 1 and dist.is_initialized() else None
+        return cls(context.get_world_rank(), world, ray.train.torch.get_device(), reduce)
+
+    def say(self, message: str) -> None:
+        """A line in the job's output, from rank 0 only."""
+        if self.rank == 0:
+            print(f"train: {message}", flush=True)
+
+
+class WeightSource(enum.Enum):
+    """Where a worker group's starting weights come from, in order of precedence."""
+
+    RESUMED = "resumed"  # this run's latest Ray Train checkpoint (a restart): network, EMA, optimizer and progress
+    WARM_START = "warm start"  # another run's training state (the best tune trial): network and EMA
+    INIT_SNAPSHOT = "init snapshot"  # a snapshot's weights (train.init_from, e.g. the champion's): the network
+    FRESH = "fresh"  # the initialisation seeded by train.seed
+
+
+@dataclass
+class TrainState:
+    """The training state of one worker; ``images_seen`` counts the images of all workers."""
+
+    model: nn.Module  # the bare network, whose weights DDP keeps in sync
+    step_model: nn.Module  # what a training step calls: the DDP wrapper, compiled when asked
+    ema: EMA
+    optimizer: torch.optim.Optimizer
+    images_seen: int = 0
+    step: int = 0
+
+    def advance(self, images: int) -> None:
+        self.images_seen, self.step = self.images_seen + images, self.step + 1
+
+    def to_checkpoint(self, job: TrainJob) -> dict[str, Any]:
+        """The training state as ``ddpm_core.checkpoint.save_training_state`` stores it."""
+        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "step": self.step, "images_seen": self.images_seen,
+                "config": {"unet": job.unet.to_dict(), "diffusion": job.diffusion.to_dict()}}
+
+
+def start_state(job: TrainJob, worker: Worker) -> TrainState:
+    """The state this worker group starts from: a network seeded identically on every rank, its weights from
+    :func:`starting_weights`, wrapped by DDP, with an EMA and an AdamW optimizer (restored when resuming)."""
+    torch.manual_seed(job.train.seed)  # identical initial weights on every rank
+    model = UNet(job.unet, learn_variance=job.diffusion.variance is Variance.LEARNED_RANGE)
+    checkpoint = ray.train.get_checkpoint()
+    if worker.rank == 0 and checkpoint is None:
+        save_snapshot(job.initial_snapshot_uri, model, job.unet, job.diffusion, {"images_seen": 0}, job.storage_options)
+    source, restored = starting_weights(job, worker, model, checkpoint)
+    model = model.to(memory_format=memory_format(job))
+    options = {"gradient_as_bucket_view": job.train.gradient_as_bucket_view}
+    wrapped = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=options)
+    ddp = isinstance(wrapped, DistributedDataParallel)  # with more than one worker
+    network = cast(nn.Module, wrapped.module) if ddp else wrapped
+    step_model = cast(nn.Module, torch.compile(wrapped)) if job.train.compile else wrapped
+    state = TrainState(network, step_model, EMA(network, job.train.optim.ema_decay, job.train.optim.ema_warmup),
+                       make_optimizer(network, job.train.optim))
+    if restored is not None:
+        state.ema.load_state_dict(restored["ema"])
+    if source is WeightSource.RESUMED and restored is not None:
+        state.optimizer.load_state_dict(restored["optimizer"])
+        state.images_seen, state.step = int(restored["images_seen"]), int(restored["step"])
+    wrapping = f", DDP with gradient_as_bucket_view={wrapped.gradient_as_bucket_view}" if ddp else ""
+    worker.say(f"worker group of {worker.world_size} started at {state.images_seen} images, {job.precision.value}{wrapping}")
+    advice = slow_precision_advice(job.precision, worker.device.type, "train.bf16_on_cpu")
+    if advice:
+        worker.say(advice)
+    return state
+
+
+def starting_weights(job: TrainJob, worker: Worker, model: nn.Module,
+                     checkpoint: ray.train.Checkpoint | None) -> tuple[WeightSource, dict[str, Any] | None]:
+    """Load the starting weights into ``model`` from the first source that applies (:class:`WeightSource`); returns
+    the source and the training state it came with (resume and warm start), which holds the EMA and optimizer."""
+    say = worker.say
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_training_state(directory)
+        model.load_state_dict(state["model"])
+        say(f"resumed from checkpoint at {int(state['images_seen'])} images (step {int(state['step'])})")
+        return WeightSource.RESUMED, state
+    if job.warm_start_uri:
+        state = load_training_state(job.warm_start_uri, job.storage_options)
+        model.load_state_dict(state["model"])
+        say(f"warm start from {job.warm_start_uri} ({state['images_seen']} images)")
+        return WeightSource.WARM_START, state
+    if job.train.init_from:
+        load_snapshot_weights(model, job.train.init_from, job.unet, job.storage_options)
+        say(f"initial weights from {job.train.init_from}")
+        return WeightSource.INIT_SNAPSHOT, None
+    return WeightSource.FRESH, None
+
+
+def load_snapshot_weights(model: nn.Module, uri: str, unet: UNetConfig, storage_options: dict[str, Any]) -> None:
+    """Copy a snapshot's weights into ``model``; a snapshot of another architecture is refused by name."""
+    snapshot = load_snapshot(uri, storage_options)
+    if snapshot.unet != unet:
+        raise CheckpointError(f"train.init_from {uri!r} holds a U-Net with config {snapshot.unet.to_dict()}, but this run's "
+                              f"model is {unet.to_dict()}; warm-start only from the same model.preset/overrides")
+    try:
+        model.load_state_dict(snapshot.state_dict)
+    except RuntimeError as error:
+        raise CheckpointError(f"train.init_from {uri!r}: weights do not fit this model ({error})") from error
+
+
+def memory_format(job: TrainJob) -> torch.memory_format:
+    return torch.channels_last if job.train.channels_last else torch.contiguous_format
+
+
+def batch_generator(seed: int, rank: int, images_seen: int, device: torch.device) -> torch.Generator:
+    """Per-rank RNG on the training device, derived from (seed, rank, images seen): a resumed run draws what an
+    uninterrupted one would, and batches, timesteps and noise are drawn where they are used."""
+    state = np.random.SeedSequence([seed, rank, images_seen]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator(device=device).manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)

@@ -1,0 +1,79 @@
+"""The driver's side of training: a Ray Train ``TorchTrainer`` for a :class:`TrainJob`, running it, and what the
+workers left for the driver (a divergence message, metrics kept during an MLflow outage)."""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mlflow.entities import Metric
+from mlflow.tracking import MlflowClient
+from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from ddpm_core.storage import filesystem, is_committed, read_committed
+from pipelines.context import StageStopped
+from pipelines.execution import Device, train_storage
+from pipelines.training.hooks import DIVERGED, PENDING_METRICS
+from pipelines.training.job import TrainJob
+from pipelines.training.loop import train_loop
+
+
+@dataclass(frozen=True)
+class WorkerGroup:
+    """The Ray Train worker group of one training run."""
+
+    num_workers: int
+    cpus_per_worker: float
+    max_failures: int  # restarts from the last checkpoint after a worker fails
+    startup_retries: int  # worker-group start attempts (60 s each) before failing
+
+
+def make_trainer(job: TrainJob, group: WorkerGroup, runtime_env: dict[str, Any], callbacks: list[Any] | None = None,
+                 ) -> TorchTrainer:
+    """A trainer that runs :func:`train_loop` on ``group``, keeping its checkpoints under ``job.trainer_uri`` (so a
+    re-run with the same job resumes from the latest)."""
+    storage_path, storage_filesystem = train_storage(job.trainer_uri, job.storage_options)
+    use_gpu = job.device is Device.GPU
+    resources = {"CPU": group.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    return TorchTrainer(
+        functools.partial(train_loop, job),
+        scaling_config=ScalingConfig(num_workers=group.num_workers, use_gpu=use_gpu,
+                                     resources_per_worker=resources),
+        # ray.train re-exports Train V2's RunConfig and FailureConfig at run time; mypy sees the V1 classes.
+        run_config=RunConfig(name="trainer", storage_path=storage_path, storage_filesystem=storage_filesystem,  # type: ignore[call-arg]
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=group.max_failures,  # type: ignore[call-arg]
+                                                          controller_failure_limit=group.startup_retries),
+                             worker_runtime_env=runtime_env, callbacks=callbacks or []),
+    )
+
+
+def fit(trainer: TorchTrainer, job: TrainJob) -> Result:
+    """``trainer.fit()``; raises the workers' error, or :class:`StageStopped` when they stopped because the loss
+    diverged."""
+    fs, diverged_path = filesystem(job.diverged_uri, job.storage_options)
+    if fs.exists(diverged_path):  # from an earlier attempt with these settings
+        fs.rm(diverged_path, recursive=True)
+    result = trainer.fit()
+    if result.error:
+        raise result.error
+    if is_committed(job.diverged_uri, job.storage_options):
+        raise StageStopped(read_committed(job.diverged_uri, [DIVERGED], job.storage_options)[0][DIVERGED].decode())
+    return result
+
+
+def send_pending_metrics(job: TrainJob, client: MlflowClient, log: Callable[[str], None]) -> None:
+    """Metrics a worker kept in storage during an MLflow outage: sent now (this fails if MLflow is still down)."""
+    if not is_committed(job.pending_metrics_uri, job.storage_options):
+        return
+    kept = json.loads(read_committed(job.pending_metrics_uri, [PENDING_METRICS], job.storage_options)[0][PENDING_METRICS])
+    metrics = [Metric.from_dictionary(metric) for metric in kept]
+    for start in range(0, len(metrics), 1000):
+        client.log_batch(job.mlflow_run_id, metrics=metrics[start : start + 1000])
+    fs, path = filesystem(job.pending_metrics_uri, job.storage_options)
+    fs.rm(path, recursive=True)
+    log(f"train: sent {len(metrics)} metrics kept during an MLflow outage")
