@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install quickstart test test-all bench
+.PHONY: install quickstart lint test test-all bench
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -15,7 +15,13 @@ install: $(VENV)/.installed
 quickstart: $(VENV)/.installed
 	$(PY) -m pipelines run --config configs/digits.yaml
 
-test: $(VENV)/.installed
+# Lint, format and type checks first (seconds), then the tests.
+lint: $(VENV)/.installed
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+	$(PY) -m mypy
+
+test: lint
 	$(PY) -m pytest
 
 test-all: $(VENV)/.installed

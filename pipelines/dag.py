@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from pipelines.config import Extractor, PipelineConfig, save_resolved
+from pipelines.config import ConfigError, Extractor, PipelineConfig, save_resolved
 from pipelines.context import StageContext, StageStopped
 from pipelines.contracts import (EvaluateOutputs, PrepareOutputs, RegisterOutputs, SampleOutputs, StageManifest, StageOutputs,
                                  TrainOutputs, TuneOutputs)
@@ -171,7 +171,7 @@ def run_pipeline(config: PipelineConfig, from_stage: str | None = None, log: Cal
     """Run every enabled stage in order, skipping finished ones. ``parent_tags`` are added to the MLflow parent run
     when it is created."""
     if from_stage is not None and from_stage not in STAGE_NAMES:
-        raise ValueError(f"--from {from_stage!r} is not a stage; stages: {', '.join(STAGE_NAMES)}")
+        raise ConfigError(f"--from {from_stage!r} is not a stage; stages: {', '.join(STAGE_NAMES)}")
     store = RunStore(config)
     runner = Runner(config, store, preflight(store, config), log, parent_tags or {})
     forced = False

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -107,10 +107,10 @@ def reference_key(data_fingerprint: str, extractor_id: str) -> str:
     return f"{data_fingerprint[:16]}-{extractor_id}"
 
 
-def save_reference(uri: str, summary: Summary, metadata: dict[str, object], storage_options: dict[str, object]) -> None:
+def save_reference(uri: str, summary: Summary, metadata: Mapping[str, object], storage_options: dict[str, object]) -> None:
     buffer = io.BytesIO()
     torch.save({**summary.fid.to_dict(), "first_features": summary.first_features}, buffer)
-    commit(uri, {REFERENCE_FILE: buffer.getvalue()}, metadata, storage_options)
+    commit(uri, {REFERENCE_FILE: buffer.getvalue()}, dict(metadata), storage_options)
 
 
 def load_reference(uri: str, storage_options: dict[str, object]) -> Summary:
@@ -119,7 +119,7 @@ def load_reference(uri: str, storage_options: dict[str, object]) -> Summary:
     return Summary(FeatureStatistics.from_dict(data), None, data["first_features"])
 
 
-def reference_summary(cache_uri: str, train_uri: str, request: SummaryRequest, metadata: dict[str, object],
+def reference_summary(cache_uri: str, train_uri: str, request: SummaryRequest, metadata: Mapping[str, object],
                       execution: Execution, log: Callable[[str], None]) -> Summary:
     """The training split's summary from the cache (when it kept enough first features), or computed over its
     shards and committed there."""

@@ -95,7 +95,7 @@ def test_bf16_on_a_cpu_without_bf16_units_is_named_with_its_setting():
 def test_yaml_and_overrides_resolve(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  lr: 2e-4\n  total_images: 5000\n")
     config = load_config(tmp_path / "c.yaml", ["train.total_images=6000", "model.overrides={dropout: 0.2}"])
-    assert config.train.lr == 2e-4 and config.train.total_images == 6000 and config.model.unet().dropout == 0.2
+    assert config.train.optim.lr == 2e-4 and config.train.total_images == 6000 and config.model.unet().dropout == 0.2
     with pytest.raises(ConfigError, match="must look like section.key=value"):
         load_config(None, ["train.lr"])
 

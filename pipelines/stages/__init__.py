@@ -1,1 +1,1 @@
-"""One module per pipeline stage; each exposes ``run(context) -> outputs`` and reads top to bottom."""
+"""The pipeline's stages, one module each: ``run(context, *upstream_outputs) -> outputs`` (see :mod:`pipelines.dag`)."""

@@ -8,6 +8,7 @@ champion's (``evaluate.rescore_champion``: so that the register stage compares l
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -44,6 +45,7 @@ class Scorer:
 
     network: FeatureNetwork
     reference: Summary  # the training split's
+    reference_uri: str  # where it is cached
     published: PublishedStatistics | None  # FIDs are against these when given
     execution: Execution
 
@@ -62,36 +64,55 @@ class Comparisons:
 
 
 def run(context: StageContext, prepare: PrepareOutputs, train: TrainOutputs, sample: SampleOutputs) -> EvaluateOutputs:
-    settings, execution = context.config.evaluate, context.execution(train.device)
-    network = feature_network(context, prepare)
-    keep_first = settings.precision_recall_samples if settings.precision_recall else 0
-    reference_uri = context.store.cache_uri("reference", reference_key(prepare.fingerprint, network.extractor_id))
-    reference = reference_summary(reference_uri, prepare.shards_uri, SummaryRequest(network.spec, 0, 0, keep_first),
-                                  {"extractor_id": network.extractor_id, "data_fingerprint": prepare.fingerprint}, execution,
-                                  lambda line: context.log(f"evaluate: {line}"))
-    published = published_reference(settings.reference_stats_uri, execution.storage_options) if settings.reference_stats_uri else None
-    scorer = Scorer(network, reference, published, execution)
-    context.log(f"evaluate: features of {sample.num_samples} samples with {network.extractor_id}")
-    splits = settings.inception_score_splits if settings.inception_score else 0
-    generated = summarize(sample_sources(sample.shard_uris, execution.storage_options),
-                          SummaryRequest(network.spec, sample.num_samples, splits, keep_first), execution)
-    pr_count = min(len(reference.first_features), len(generated.first_features))  # equal set sizes, as in the paper
-    inception = generated.inception.inception_score() if generated.inception is not None else (None, None)
-    precision, recall = (precision_recall(reference.first_features[:pr_count], generated.first_features[:pr_count],
-                                          settings.precision_recall_k) if settings.precision_recall else (None, None))
+    settings = context.config.evaluate
+    scorer = make_scorer(context, prepare, context.execution(train.device))
+    context.log(f"evaluate: features of {sample.num_samples} samples with {scorer.network.extractor_id}")
+    scores, pr_count = sample_set_scores(context, scorer, sample)
     compared = comparisons(context, prepare, train, sample, scorer)
     nll, nll_protocol = held_out_nll(context, prepare, train, sample)
-    scores = Scores(fid_against(generated, reference, published), fid_untrained=compared.untrained,
-                    fid_holdout_vs_train=compared.holdout, fid_champion=compared.champion[1] if compared.champion else None,
-                    inception_score=inception[0], inception_score_std=inception[1], precision=precision, recall=recall,
-                    nll_bpd=nll.bits_per_dim if nll else None, nll_bpd_stderr=nll.stderr if nll else None)
-    protocol = FidProtocol(sample.num_samples, sample.sampler, sample.seed, sample.execution.precision, network.extractor_id,
-                           network.weights_sha256, reference_set(context, prepare, reference, published))
+    scores = dataclasses.replace(
+        scores, fid_untrained=compared.untrained, fid_holdout_vs_train=compared.holdout,
+        fid_champion=compared.champion[1] if compared.champion else None,
+        nll_bpd=nll.bits_per_dim if nll else None, nll_bpd_stderr=nll.stderr if nll else None)
+    protocol = FidProtocol(sample.num_samples, sample.sampler, sample.seed, sample.execution.precision,
+                           scorer.network.extractor_id, scorer.network.weights_sha256, reference_set(context, prepare, scorer))
     outputs = EvaluateOutputs(scores, protocol, protocol_hash(protocol), nll_protocol, save_sample_grid(context, sample),
-                              reference_uri, compared.champion[0] if compared.champion else None)
+                              scorer.reference_uri, compared.champion[0] if compared.champion else None)
     log_to_mlflow(context, outputs, pr_count)
     context.log(summary_line(outputs))
     return outputs
+
+
+def make_scorer(context: StageContext, prepare: PrepareOutputs, execution: Execution) -> Scorer:
+    """The feature network and the training split's reference statistics (from the cache, or computed into it);
+    the published statistics too when ``evaluate.reference_stats_uri`` names some."""
+    settings = context.config.evaluate
+    network = feature_network(context, prepare)
+    keep_first = settings.precision_recall_samples if settings.precision_recall else 0
+    uri = context.store.cache_uri("reference", reference_key(prepare.fingerprint, network.extractor_id))
+    metadata = {"extractor_id": network.extractor_id, "data_fingerprint": prepare.fingerprint}
+    reference = reference_summary(uri, prepare.shards_uri, SummaryRequest(network.spec, 0, 0, keep_first), metadata,
+                                  execution, lambda line: context.log(f"evaluate: {line}"))
+    published = published_reference(settings.reference_stats_uri, execution.storage_options) if settings.reference_stats_uri else None
+    return Scorer(network, reference, uri, published, execution)
+
+
+def sample_set_scores(context: StageContext, scorer: Scorer, sample: SampleOutputs) -> tuple[Scores, int]:
+    """FID, Inception Score and precision/recall of the sample set, and how many images of each set precision/recall
+    compared (equal set sizes, as in Kynkaanniemi et al. 2019)."""
+    settings, options = context.config.evaluate, scorer.execution.storage_options
+    splits = settings.inception_score_splits if settings.inception_score else 0
+    keep_first = settings.precision_recall_samples if settings.precision_recall else 0
+    request = SummaryRequest(scorer.network.spec, sample.num_samples, splits, keep_first)
+    generated = summarize(sample_sources(sample.shard_uris, options), request, scorer.execution)
+    count = min(len(scorer.reference.first_features), len(generated.first_features))
+    inception = generated.inception.inception_score() if generated.inception is not None else (None, None)
+    precision, recall = None, None
+    if settings.precision_recall:
+        real, fake = scorer.reference.first_features[:count], generated.first_features[:count]  # [count, d] each
+        precision, recall = precision_recall(real, fake, settings.precision_recall_k)
+    fid = fid_against(generated, scorer.reference, scorer.published)
+    return Scores(fid, inception_score=inception[0], inception_score_std=inception[1], precision=precision, recall=recall), count
 
 
 def feature_network(context: StageContext, prepare: PrepareOutputs) -> FeatureNetwork:
@@ -160,13 +181,13 @@ def held_out_nll(context: StageContext, prepare: PrepareOutputs, train: TrainOut
     return held_out_bits_per_dim(train.snapshot_uri, images, protocol, context.execution(train.device)), protocol
 
 
-def reference_set(context: StageContext, prepare: PrepareOutputs, reference: Summary,
-                  published: PublishedStatistics | None) -> ReferenceSet:
-    if published is not None:
-        return ReferenceSet("published", reference_sha256=published.sha256)
+def reference_set(context: StageContext, prepare: PrepareOutputs, scorer: Scorer) -> ReferenceSet:
+    if scorer.published is not None:
+        return ReferenceSet("published", reference_sha256=scorer.published.sha256)
     data = context.config.data
     return ReferenceSet("training split", reference_data_fingerprint=prepare.fingerprint,
-                        reference_split=f"{data.split} minus {data.holdout_fraction:g} hold-out", reference_count=reference.fid.count)
+                        reference_split=f"{data.split} minus {data.holdout_fraction:g} hold-out",
+                        reference_count=scorer.reference.fid.count)
 
 
 def protocol_hash(protocol: FidProtocol) -> str:
