@@ -24,8 +24,10 @@ def cpu_name() -> str:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:
         return platform.processor() or platform.machine()
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
-                 platform.machine())
+    model = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+        platform.machine(),
+    )
     flags = cpu_flags(cpuinfo)
     isa = [name for name in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if name in flags]
     return f"{model} ({', '.join(isa) or 'no AVX2'})"
@@ -41,13 +43,16 @@ def variant_switches(variant: str, allowed: tuple[str, ...]) -> set[str]:
     switches = set() if variant == "eager" else set(variant.split("+"))
     unknown = switches - set(allowed)
     if unknown:
-        raise ValueError(f"variant {variant!r}: unknown {', '.join(sorted(unknown))}; a variant is 'eager' or names "
-                         f"joined by '+' from {', '.join(allowed)}")
+        raise ValueError(
+            f"variant {variant!r}: unknown {', '.join(sorted(unknown))}; a variant is 'eager' or names "
+            f"joined by '+' from {', '.join(allowed)}"
+        )
     return switches
 
 
 def write_result(path: Path, result: dict) -> None:
-    """Writes the JSON under a temporary name and renames it: a benchmark killed mid-write leaves the last whole file."""
+    """Writes the JSON under a temporary name and renames it: a benchmark killed mid-write leaves the last whole
+    file."""
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f".{path.name}.partial")
     partial.write_text(json.dumps(result, indent=2))

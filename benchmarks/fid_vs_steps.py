@@ -13,14 +13,13 @@ checks that this script measures what the pipeline reports. Writes JSON and a pl
 from __future__ import annotations
 
 import argparse
-import json
 import time
 from pathlib import Path
 from typing import TypeVar
 
 import torch
-
 from common import device_name, write_result
+
 from ddpm_core.checkpoint import load_snapshot
 from ddpm_core.data import to_uint8
 from ddpm_core.diffusion import GaussianDiffusion
@@ -31,11 +30,11 @@ from pipelines.contracts import EvaluateOutputs, PrepareOutputs, SampleOutputs, 
 from pipelines.runs import read_manifest
 from pipelines.scoring import ExtractorSpec, build_extractor, load_reference
 
-O = TypeVar("O")
+T = TypeVar("T")
 SAMPLERS = ["ddim:10", "ddim:20", "ddim:50", "ddim:100", "ddim:1000", "ancestral:1000"]  # method:steps
 
 
-def outputs(run_root: Path, stage: str, kind: type[O]) -> O:
+def outputs(run_root: Path, stage: str, kind: type[T]) -> T:
     """A finished stage's outputs, typed."""
     manifest = read_manifest(str(run_root / stage), kind)
     if manifest is None:
@@ -47,7 +46,9 @@ def extractor_spec(run_root: Path) -> ExtractorSpec:
     config = load_config(str(run_root / "config.yaml"), [])
     if config.evaluate.extractor is Extractor.CLASSIFIER:
         return ExtractorSpec(Extractor.CLASSIFIER, outputs(run_root, "prepare", PrepareOutputs).extractor_uri or "")
-    return ExtractorSpec(Extractor.INCEPTION, config.evaluate.inception_weights_uri or "", config.evaluate.inception_weights_sha256)
+    return ExtractorSpec(
+        Extractor.INCEPTION, config.evaluate.inception_weights_uri or "", config.evaluate.inception_weights_sha256
+    )
 
 
 def score(run_root: Path, num_samples: int, batch_size: int, samplers: list[str]) -> list[dict]:
@@ -62,14 +63,28 @@ def score(run_root: Path, num_samples: int, batch_size: int, samplers: list[str]
     for method, steps in (name.split(":") for name in samplers):
         config = SamplerConfig(method=method, num_steps=int(steps))
         started = time.perf_counter()
-        images = torch.cat([sample(model, diffusion, shape, PerIndexNoise(seed, range(start, min(start + batch_size, num_samples)), device),
-                                   config).samples for start in range(0, num_samples, batch_size)])  # [N, C, H, W]
+        batches = []
+        for start in range(0, num_samples, batch_size):
+            noise = PerIndexNoise(seed, range(start, min(start + batch_size, num_samples)), device)
+            batches.append(sample(model, diffusion, shape, noise, config).samples)
+        images = torch.cat(batches)  # [N, C, H, W]
         seconds = time.perf_counter() - started
         features, _ = extractor(to_uint8(images))
         fid = frechet_distance_from_stats(FeatureStatistics.from_features(features), reference.fid)
-        rows.append({"method": method, "steps": int(steps), "num_samples": num_samples, "sampling_s": seconds,
-                     "images_per_s": num_samples / seconds, "fid": fid})
-        print(f"{method:9s} {steps:>5s} steps: FID {fid:8.3f}  ({seconds:7.1f} s, {num_samples / seconds:7.1f} img/s)", flush=True)
+        rows.append(
+            {
+                "method": method,
+                "steps": int(steps),
+                "num_samples": num_samples,
+                "sampling_s": seconds,
+                "images_per_s": num_samples / seconds,
+                "fid": fid,
+            }
+        )
+        print(
+            f"{method:9s} {steps:>5s} steps: FID {fid:8.3f}  ({seconds:7.1f} s, {num_samples / seconds:7.1f} img/s)",
+            flush=True,
+        )
     return rows
 
 
@@ -86,7 +101,9 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
         if r["method"] == "ancestral":
             axis.plot([r["steps"]], [r["fid"]], "s", color="C3", label=f"ancestral ({r['steps']} steps)")
     for r in rows:
-        axis.annotate(f"{r['sampling_s']:.0f} s", (r["steps"], r["fid"]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        axis.annotate(
+            f"{r['sampling_s']:.0f} s", (r["steps"], r["fid"]), textcoords="offset points", xytext=(4, 4), fontsize=7
+        )
     axis.set_xscale("log")
     axis.set_xlabel("sampling steps (network evaluations per image)")
     axis.set_ylabel("FID (lower is better)")
@@ -101,8 +118,12 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run-root", type=Path, required=True, help="a finished run's directory (storage.root/run_id)")
-    parser.add_argument("--samples", type=int, default=None, help="images per sampler (default: the run's sample.num_samples)")
-    parser.add_argument("--batch-size", type=int, default=None, help="default: the run's sample.batch_size (identical images)")
+    parser.add_argument(
+        "--samples", type=int, default=None, help="images per sampler (default: the run's sample.num_samples)"
+    )
+    parser.add_argument(
+        "--batch-size", type=int, default=None, help="default: the run's sample.batch_size (identical images)"
+    )
     parser.add_argument("--samplers", nargs="+", default=SAMPLERS, help="method:steps, e.g. ddim:50 ancestral:1000")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--plot", type=Path, default=None)
@@ -111,10 +132,17 @@ def main() -> None:
     num_samples = args.samples or config.sample.num_samples
     rows = score(args.run_root, num_samples, args.batch_size or config.sample.batch_size, args.samplers)
     evaluated = outputs(args.run_root, "evaluate", EvaluateOutputs)
-    result = {"benchmark": "fid_vs_steps", "run_id": config.run_id, "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "device_name": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
-              "extractor_id": evaluated.protocol.extractor_id,
-              "run_fid": evaluated.scores.fid, "run_sampler": evaluated.protocol.sampler.to_dict(), "rows": rows}
+    result = {
+        "benchmark": "fid_vs_steps",
+        "run_id": config.run_id,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device_name": device_name(torch.device("cuda" if torch.cuda.is_available() else "cpu")),
+        "extractor_id": evaluated.protocol.extractor_id,
+        "run_fid": evaluated.scores.fid,
+        "run_sampler": evaluated.protocol.sampler.to_dict(),
+        "rows": rows,
+    }
     write_result(args.out, result)
     if args.plot:
         plot(rows, f"{config.run_id}: FID of {num_samples} samples vs steps ({result['extractor_id']})", args.plot)

@@ -12,12 +12,14 @@ Ray's own task records (the state API's execution start and end of every task):
   tasks or actor methods was executing (feature extraction, sampling the baselines, the NLL bound). Everything else
   (Ray start-up, actor and worker-group start-up, scheduling, MLflow, storage) is overhead.
 
-    python benchmarks/pipeline_overhead.py --config configs/digits.yaml --out benchmarks/results/pipeline_overhead_digits.json
+    python benchmarks/pipeline_overhead.py --config configs/digits.yaml \\
+        --out benchmarks/results/pipeline_overhead_digits.json
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -35,11 +37,30 @@ from tests.services import BIN, ray_head  # noqa: E402  (the same Ray head the e
 STAGES = ("prepare", "tune", "train", "sample", "evaluate", "register")
 
 
-def run_pipeline(config: str, workdir: Path, overrides: list[str], address: str, env: dict[str, str]) -> tuple[Path, float, float]:
+def run_pipeline(
+    config: str, workdir: Path, overrides: list[str], address: str, env: dict[str, str]
+) -> tuple[Path, float, float]:
     """(run root, submission time, wall seconds) of one fresh run submitted with ``ray job submit``."""
-    command = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO), "--",
-               "python", "-m", "pipelines", "run", "--config", config, "run_id=overhead",
-               f"storage.root={workdir / 'runs'}", f"mlflow.tracking_uri=sqlite:///{workdir / 'mlflow.db'}", *overrides]
+    command = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(REPO),
+        "--",
+        "python",
+        "-m",
+        "pipelines",
+        "run",
+        "--config",
+        config,
+        "run_id=overhead",
+        f"storage.root={workdir / 'runs'}",
+        f"mlflow.tracking_uri=sqlite:///{workdir / 'mlflow.db'}",
+        *overrides,
+    ]
     started = time.time()
     with open(workdir / "run.log", "w") as log:
         subprocess.run(command, env=env, stdout=log, stderr=subprocess.STDOUT, check=True, cwd=REPO)
@@ -54,12 +75,19 @@ def executed_intervals(address: str, env: dict[str, str]) -> list[tuple[str, flo
     from ray.util.state.common import ListApiOptions, StateResource
 
     limit = 10_000  # the state API's maximum
-    client = StateApiClient(address, headers={"Content-Type": "application/json", "authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"})
-    tasks = client.list(StateResource.TASKS, options=ListApiOptions(limit=limit, detail=True), raise_on_missing_output=False)
+    client = StateApiClient(
+        address, headers={"Content-Type": "application/json", "authorization": f"Bearer {env['RAY_AUTH_TOKEN']}"}
+    )
+    tasks = client.list(
+        StateResource.TASKS, options=ListApiOptions(limit=limit, detail=True), raise_on_missing_output=False
+    )
     if len(tasks) >= limit:
         raise RuntimeError(f"the run has more than {limit} Ray tasks: the state API cannot list them all")
-    return [(task.name, task.start_time_ms / 1000, task.end_time_ms / 1000) for task in tasks
-            if task.type in ("NORMAL_TASK", "ACTOR_TASK") and task.start_time_ms and task.end_time_ms]
+    return [
+        (task.name, task.start_time_ms / 1000, task.end_time_ms / 1000)
+        for task in tasks
+        if task.type in ("NORMAL_TASK", "ACTOR_TASK") and task.start_time_ms and task.end_time_ms
+    ]
 
 
 def covered_seconds(intervals: list[tuple[float, float]], window: tuple[float, float]) -> float:
@@ -73,34 +101,59 @@ def covered_seconds(intervals: list[tuple[float, float]], window: tuple[float, f
     return covered
 
 
-def split(run_root: Path, started: float, wall: float, ray_startup: float, intervals: list[tuple[str, float, float]]) -> dict:
-    manifests = {stage: json.loads((run_root / stage / "stage.json").read_text())
-                 for stage in STAGES if (run_root / stage / "stage.json").exists()}
+def split(
+    run_root: Path, started: float, wall: float, ray_startup: float, intervals: list[tuple[str, float, float]]
+) -> dict:
+    manifests = {
+        stage: json.loads((run_root / stage / "stage.json").read_text())
+        for stage in STAGES
+        if (run_root / stage / "stage.json").exists()
+    }
     stage_seconds = {stage: m["finished_at"] - m["started_at"] for stage, m in manifests.items()}
     evaluate = manifests["evaluate"]
-    compute = {"train_loop": manifests["train"]["outputs"]["loop_seconds"],
-               "sampling": manifests["sample"]["outputs"]["sampling_seconds"],
-               "evaluate_tasks": covered_seconds([(a, b) for _, a, b in intervals], (evaluate["started_at"], evaluate["finished_at"]))}
+    compute = {
+        "train_loop": manifests["train"]["outputs"]["loop_seconds"],
+        "sampling": manifests["sample"]["outputs"]["sampling_seconds"],
+        "evaluate_tasks": covered_seconds(
+            [(a, b) for _, a, b in intervals], (evaluate["started_at"], evaluate["finished_at"])
+        ),
+    }
     ordered = sorted(manifests.values(), key=lambda m: m["started_at"])
     total = ray_startup + wall
-    return {"wall_s": total, "ray_startup_s": ray_startup, "before_first_stage_s": ordered[0]["started_at"] - started,
-            "between_stages_s": sum(b["started_at"] - a["finished_at"] for a, b in zip(ordered, ordered[1:])),
-            "after_last_stage_s": started + wall - ordered[-1]["finished_at"], "stage_s": stage_seconds, "compute_s": compute,
-            "overhead_s": total - sum(compute.values()), "overhead_fraction": 1 - sum(compute.values()) / total}
+    return {
+        "wall_s": total,
+        "ray_startup_s": ray_startup,
+        "before_first_stage_s": ordered[0]["started_at"] - started,
+        "between_stages_s": sum(b["started_at"] - a["finished_at"] for a, b in itertools.pairwise(ordered)),
+        "after_last_stage_s": started + wall - ordered[-1]["finished_at"],
+        "stage_s": stage_seconds,
+        "compute_s": compute,
+        "overhead_s": total - sum(compute.values()),
+        "overhead_fraction": 1 - sum(compute.values()) / total,
+    }
 
 
 def markdown(result: dict) -> str:
     s = result["split"]
-    lines = [f"Device: {result['device_name']}; config {result['config']}; wall {s['wall_s']:.1f} s (Ray start-up + run).", "",
-             "| part | seconds | share of wall |", "|---|---|---|"]
-    rows = [("Ray head start-up (`ray start --head`)", s["ray_startup_s"]),
-            ("before the first stage (job submission, imports, MLflow store)", s["before_first_stage_s"])]
+    lines = [
+        f"Device: {result['device_name']}; config {result['config']}; wall {s['wall_s']:.1f} s (Ray start-up + run).",
+        "",
+        "| part | seconds | share of wall |",
+        "|---|---|---|",
+    ]
+    rows = [
+        ("Ray head start-up (`ray start --head`)", s["ray_startup_s"]),
+        ("before the first stage (job submission, imports, MLflow store)", s["before_first_stage_s"]),
+    ]
     rows += [(f"stage {stage}", seconds) for stage, seconds in s["stage_s"].items()]
-    rows += [("between stages (MLflow runs)", s["between_stages_s"]),
-             ("after the last stage (summary, job end)", s["after_last_stage_s"]),
-             ("compute: training loop", s["compute_s"]["train_loop"]), ("compute: sampling", s["compute_s"]["sampling"]),
-             ("compute: evaluate's Ray tasks and actor methods (time any was running)", s["compute_s"]["evaluate_tasks"]),
-             ("**overhead** (wall - compute)", s["overhead_s"])]
+    rows += [
+        ("between stages (MLflow runs)", s["between_stages_s"]),
+        ("after the last stage (summary, job end)", s["after_last_stage_s"]),
+        ("compute: training loop", s["compute_s"]["train_loop"]),
+        ("compute: sampling", s["compute_s"]["sampling"]),
+        ("compute: evaluate's Ray tasks and actor methods (time any was running)", s["compute_s"]["evaluate_tasks"]),
+        ("**overhead** (wall - compute)", s["overhead_s"]),
+    ]
     lines += [f"| {name} | {seconds:.1f} | {100 * seconds / s['wall_s']:.1f}% |" for name, seconds in rows]
     return "\n".join(lines)
 
@@ -119,9 +172,14 @@ def main() -> None:
             ray_startup = time.time() - head_started
             run_root, started, wall = run_pipeline(args.config, workdir, args.overrides, address, ray_env)
             intervals = executed_intervals(address, ray_env)
-            result = {"benchmark": "pipeline_overhead", "config": args.config, "overrides": args.overrides,
-                      "device_name": cpu_name(), "cpus": os.cpu_count(),
-                      "split": split(run_root, started, wall, ray_startup, intervals)}
+            result = {
+                "benchmark": "pipeline_overhead",
+                "config": args.config,
+                "overrides": args.overrides,
+                "device_name": cpu_name(),
+                "cpus": os.cpu_count(),
+                "split": split(run_root, started, wall, ray_startup, intervals),
+            }
     write_result(args.out, result)
     print(markdown(result))
 

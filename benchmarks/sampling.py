@@ -8,7 +8,8 @@ and ``sample.compile`` (``ddpm_core.samplers.fast_sampling_network``; a compilat
 With ``--inception-weights`` (pt_inception-2015-12-05-6726825d.pth), also times the Inception pool3 extraction of
 the generated images, as the evaluate stage does.
 
-    python benchmarks/sampling.py --preset cifar10 --batch 1000 --dtype bf16 --samplers ddim:100=50000 ancestral:1000=1000 \\
+    python benchmarks/sampling.py --preset cifar10 --batch 1000 --dtype bf16 \\
+        --samplers ddim:100=50000 ancestral:1000=1000 \\
         --out benchmarks/results/sampling_h100.json
 """
 
@@ -19,8 +20,8 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import device_name, synchronize, write_result
+
 from ddpm_core.data import to_uint8
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm_core.precision import Precision, autocast_dtype
@@ -28,18 +29,30 @@ from ddpm_core.samplers import PerIndexNoise, SamplerConfig, fast_sampling_netwo
 from ddpm_core.unet import UNet, unet_preset
 
 
-
-def time_sampler(model, diffusion, shape, method: str, steps: int, num_samples: int, batch: int, device) -> tuple[dict, torch.Tensor]:
+def time_sampler(
+    model, diffusion, shape, method: str, steps: int, num_samples: int, batch: int, device
+) -> tuple[dict, torch.Tensor]:
     synchronize(device)
     started = time.perf_counter()
     last = None
     for start in range(0, num_samples, batch):
-        last = sample(model, diffusion, shape, PerIndexNoise(0, range(start, min(start + batch, num_samples)), device),
-                      SamplerConfig(method=method, num_steps=steps)).samples  # [b, C, H, W]
+        last = sample(
+            model,
+            diffusion,
+            shape,
+            PerIndexNoise(0, range(start, min(start + batch, num_samples)), device),
+            SamplerConfig(method=method, num_steps=steps),
+        ).samples  # [b, C, H, W]
     synchronize(device)
     seconds = time.perf_counter() - started
-    return {"method": method, "steps": steps, "num_samples": num_samples, "batch": batch, "seconds": seconds,
-            "images_per_s": num_samples / seconds}, last
+    return {
+        "method": method,
+        "steps": steps,
+        "num_samples": num_samples,
+        "batch": batch,
+        "seconds": seconds,
+        "images_per_s": num_samples / seconds,
+    }, last
 
 
 def time_inception(weights: Path, images: torch.Tensor, num_images: int, device) -> dict:
@@ -63,10 +76,16 @@ def main() -> None:
     parser.add_argument("--preset", default="cifar10")
     parser.add_argument("--batch", type=int, default=1000)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=[precision.value for precision in Precision], default="fp32", help="bf16: autocast, as a GPU sampling actor")
+    parser.add_argument(
+        "--dtype",
+        choices=[precision.value for precision in Precision],
+        default="fp32",
+        help="bf16: autocast, as a GPU sampling actor",
+    )
     parser.add_argument("--compile", action="store_true", help="torch.compile with frozen weights, as sample.compile")
-    parser.add_argument("--samplers", nargs="+", default=["ddim:100=50000", "ancestral:1000=1000"],
-                        help="method:steps=num_samples")
+    parser.add_argument(
+        "--samplers", nargs="+", default=["ddim:100=50000", "ancestral:1000=1000"], help="method:steps=num_samples"
+    )
     parser.add_argument("--inception-weights", type=Path, default=None)
     parser.add_argument("--inception-images", type=int, default=50_000)
     parser.add_argument("--out", type=Path, required=True)
@@ -77,10 +96,17 @@ def main() -> None:
     model = fast_sampling_network(UNet(config).to(device).eval(), autocast_dtype(args.dtype), args.compile)
     diffusion = GaussianDiffusion.from_config(DiffusionConfig())
     shape = (config.in_channels, config.image_size, config.image_size)
-    result = {"benchmark": "sampling", "preset": args.preset, "dtype": args.dtype, "compile": args.compile,
-              "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "device_name": device_name(device),
-              "rows": [], "inception": None}
+    result = {
+        "benchmark": "sampling",
+        "preset": args.preset,
+        "dtype": args.dtype,
+        "compile": args.compile,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device_name": device_name(device),
+        "rows": [],
+        "inception": None,
+    }
     images = None
     for spec in args.samplers:
         name, num_samples = spec.split("=")
@@ -88,10 +114,16 @@ def main() -> None:
         row, images = time_sampler(model, diffusion, shape, method, int(steps), int(num_samples), args.batch, device)
         result["rows"].append(row)
         write_result(args.out, result)  # each sampler's row kept, should a later one run out of time
-        print(f"{method} {steps} steps: {row['num_samples']} images in {row['seconds']:.1f} s ({row['images_per_s']:.1f} img/s)", flush=True)
+        print(
+            f"{method} {steps} steps: {row['num_samples']} images in {row['seconds']:.1f} s "
+            f"({row['images_per_s']:.1f} img/s)",
+            flush=True,
+        )
     if args.inception_weights is not None:
         result["inception"] = time_inception(args.inception_weights, images, args.inception_images, device)
-        print(f"Inception features: {args.inception_images} images in {result['inception']['seconds']:.1f} s", flush=True)
+        print(
+            f"Inception features: {args.inception_images} images in {result['inception']['seconds']:.1f} s", flush=True
+        )
     write_result(args.out, result)
 
 

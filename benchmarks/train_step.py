@@ -38,11 +38,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing
+from common import device_name, synchronize, variant_switches, write_result
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import ProfilerActivity, profile, record_function
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import device_name, synchronize, variant_switches, write_result
 from ddpm_core.data import random_batch
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm_core.ema import EMA
@@ -66,9 +66,16 @@ class Step:
         self.memory_format = torch.channels_last if "channels_last" in switches else torch.contiguous_format
         self.model = UNet(config).to(device).to(memory_format=self.memory_format)
         self.distributed = dist.is_initialized()
-        self.wrapped = DistributedDataParallel(self.model, device_ids=[device] if device.type == "cuda" else None,
-                                               gradient_as_bucket_view="bucket_view" in switches,
-                                               static_graph="static_graph" in switches) if self.distributed else self.model
+        self.wrapped = (
+            DistributedDataParallel(
+                self.model,
+                device_ids=[device] if device.type == "cuda" else None,
+                gradient_as_bucket_view="bucket_view" in switches,
+                static_graph="static_graph" in switches,
+            )
+            if self.distributed
+            else self.model
+        )
         self.step_model = torch.compile(self.wrapped) if "compile" in switches else self.wrapped
         self.totals = RunningTotals(device, dist.all_reduce if self.distributed else None)
         self.log_every, self.steps_done = log_every, 0
@@ -86,8 +93,17 @@ class Step:
         with record_function("data"):
             x0 = random_batch(self.data, self.batch, self.generator, True, self.memory_format)
         with contextlib.nullcontext() if sync_gradients else self.wrapped.no_sync():
-            result = train_step(self.step_model, self.diffusion, self.optimizer, x0, self.optim, 10**9, self.ema,
-                                generator=self.generator, autocast_dtype=self.autocast)
+            result = train_step(
+                self.step_model,
+                self.diffusion,
+                self.optimizer,
+                x0,
+                self.optim,
+                10**9,
+                self.ema,
+                generator=self.generator,
+                autocast_dtype=self.autocast,
+            )
         self.totals.add(result)
         self.steps_done += 1
         if self.steps_done % self.log_every == 0:
@@ -115,10 +131,14 @@ def time_split(step: Step, steps: int) -> dict[str, float]:
             step()
         synchronize(step.device)
     on_device = step.device.type == "cuda"
-    micros = {event.key: event.device_time_total if on_device else event.cpu_time_total for event in profiler.key_averages()}
+    micros = {
+        event.key: event.device_time_total if on_device else event.cpu_time_total for event in profiler.key_averages()
+    }
     split = {f"{region}_ms": micros.get(region, 0.0) / 1000 / steps for region in REGIONS}
     if step.distributed:  # collectives run beside the backward pass (gloo's threads, NCCL's stream): they overlap it
-        split["communication_ms"] = sum(value for key, value in micros.items() if key.startswith(COLLECTIVES)) / 1000 / steps
+        split["communication_ms"] = (
+            sum(value for key, value in micros.items() if key.startswith(COLLECTIVES)) / 1000 / steps
+        )
     return split
 
 
@@ -140,8 +160,18 @@ def time_window(step: Step, steps: int, world: int, sync_gradients: bool = True)
     return steps * step.batch * world / seconds, peak
 
 
-def measure(preset: str, batch: int, device: torch.device, variants: list[str], dtype: str, steps: int, windows: int,
-            peak_tflops: float | None, log_every: int, world: int = 1) -> list[dict]:
+def measure(
+    preset: str,
+    batch: int,
+    device: torch.device,
+    variants: list[str],
+    dtype: str,
+    steps: int,
+    windows: int,
+    peak_tflops: float | None,
+    log_every: int,
+    world: int = 1,
+) -> list[dict]:
     """Every variant built and warmed up first, then timed in alternating windows, so that machine noise (other
     load, clock changes) hits all of them alike; the median window counts. ``batch`` is the global batch."""
     built, warmup_s, resident = {}, {}, {}
@@ -165,36 +195,57 @@ def measure(preset: str, batch: int, device: torch.device, variants: list[str], 
     rows = []
     for variant, step in built.items():
         images_per_s, flops = statistics.median(rates[variant]), step.flops_per_image()
-        row = {"preset": preset, "batch": batch, "world_size": world, "device": device.type, "variant": variant, "dtype": dtype,
-               "params": sum(p.numel() for p in step.model.parameters()), "images_per_s": images_per_s,
-               "window_images_per_s": rates[variant], "warmup_s": warmup_s[variant], "gflop_per_image_fwd_bwd": flops / 1e9,
-               "achieved_tflops": images_per_s * flops / 1e12,
-               "mfu": images_per_s * flops / (peak_tflops * 1e12) if peak_tflops else None,
-               # weights, gradients, AdamW and EMA state and the data (resident) + the step's activations (transient)
-               "peak_memory_gib": (resident[variant] + transient[variant]) / 2**30 if device.type == "cuda" else None,
-               **time_split(step, steps)}
+        row = {
+            "preset": preset,
+            "batch": batch,
+            "world_size": world,
+            "device": device.type,
+            "variant": variant,
+            "dtype": dtype,
+            "params": sum(p.numel() for p in step.model.parameters()),
+            "images_per_s": images_per_s,
+            "window_images_per_s": rates[variant],
+            "warmup_s": warmup_s[variant],
+            "gflop_per_image_fwd_bwd": flops / 1e9,
+            "achieved_tflops": images_per_s * flops / 1e12,
+            "mfu": images_per_s * flops / (peak_tflops * 1e12) if peak_tflops else None,
+            # weights, gradients, AdamW and EMA state and the data (resident) + the step's activations (transient)
+            "peak_memory_gib": (resident[variant] + transient[variant]) / 2**30 if device.type == "cuda" else None,
+            **time_split(step, steps),
+        }
         row["data_wait_fraction"] = row["data_ms"] / (1000 * batch / images_per_s)
         if world > 1:  # what gradient synchronisation adds to a step, beyond what overlaps with the backward pass
             row["images_per_s_without_gradient_sync"] = statistics.median(unsynced[variant])
-            row["exposed_communication_ms"] = 1000 * batch / images_per_s - 1000 * batch / row["images_per_s_without_gradient_sync"]
+            row["exposed_communication_ms"] = (
+                1000 * batch / images_per_s - 1000 * batch / row["images_per_s_without_gradient_sync"]
+            )
         rows.append(row)
     return rows
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Device: {result['device_name']}; torch {result['torch']}; {result['world_size']} process(es) x "
-             f"{result['threads']} CPU threads; peak {result['peak_tflops'] or 'not given'} TFLOP/s.", "",
-             "| preset | batch | variant | dtype | img/s | GFLOP/img (f+b) | TFLOP/s | MFU | peak GiB | "
-             "data / fwd / bwd / optim / EMA / logging ms per step | data wait | communication (exposed) ms |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Device: {result['device_name']}; torch {result['torch']}; {result['world_size']} process(es) x "
+        f"{result['threads']} CPU threads; peak {result['peak_tflops'] or 'not given'} TFLOP/s.",
+        "",
+        "| preset | batch | variant | dtype | img/s | GFLOP/img (f+b) | TFLOP/s | MFU | peak GiB | "
+        "data / fwd / bwd / optim / EMA / logging ms per step | data wait | communication (exposed) ms |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] is not None else "n/a"
         memory = f"{r['peak_memory_gib']:.2f}" if r["peak_memory_gib"] is not None else "n/a"
         split = " / ".join(f"{r[f'{region}_ms']:.1f}" for region in REGIONS)
-        communication = f"{r['communication_ms']:.1f} ({r['exposed_communication_ms']:.1f})" if r["world_size"] > 1 else "n/a (one process)"
-        lines.append(f"| {r['preset']} | {r['batch']} | {r['variant']} | {r['dtype']} | {r['images_per_s']:.1f} | "
-                     f"{r['gflop_per_image_fwd_bwd']:.2f} | {r['achieved_tflops']:.3f} | {mfu} | {memory} | {split} | "
-                     f"{100 * r['data_wait_fraction']:.1f}% | {communication} |")
+        communication = (
+            f"{r['communication_ms']:.1f} ({r['exposed_communication_ms']:.1f})"
+            if r["world_size"] > 1
+            else "n/a (one process)"
+        )
+        lines.append(
+            f"| {r['preset']} | {r['batch']} | {r['variant']} | {r['dtype']} | {r['images_per_s']:.1f} | "
+            f"{r['gflop_per_image_fwd_bwd']:.2f} | {r['achieved_tflops']:.3f} | {mfu} | {memory} | {split} | "
+            f"{100 * r['data_wait_fraction']:.1f}% | {communication} |"
+        )
     return "\n".join(lines)
 
 
@@ -211,8 +262,9 @@ def data_parallel_worker(rank: int, world: int, port: int, threads: int, setting
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.set_num_threads(threads)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}",
-                            rank=rank, world_size=world)
+    dist.init_process_group(
+        "nccl" if device.type == "cuda" else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world
+    )
     try:
         rows = measure(**{**settings, "device": device}, world=world)
         if rank == 0:
@@ -226,15 +278,25 @@ def main() -> None:
     parser.add_argument("--preset", default="cifar10")
     parser.add_argument("--batch", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", choices=[precision.value for precision in Precision], default="bf16" if torch.cuda.is_available() else "fp32")
-    parser.add_argument("--variants", nargs="+", default=["eager", "channels_last", "compile", "channels_last+compile"],
-                        help=f"'eager' or switches joined by '+': {', '.join(SWITCHES)}; with --world-size > 1 also "
-                             f"{', '.join(DDP_SWITCHES)}")
+    parser.add_argument(
+        "--dtype",
+        choices=[precision.value for precision in Precision],
+        default="bf16" if torch.cuda.is_available() else "fp32",
+    )
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["eager", "channels_last", "compile", "channels_last+compile"],
+        help=f"'eager' or switches joined by '+': {', '.join(SWITCHES)}; with --world-size > 1 also "
+        f"{', '.join(DDP_SWITCHES)}",
+    )
     parser.add_argument("--steps", type=int, default=20, help="steps per timed window (and profiled)")
     parser.add_argument("--windows", type=int, default=3)
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's peak for --dtype, for MFU")
     parser.add_argument("--log-every", type=int, default=10, help="steps between log-step statistics reads")
-    parser.add_argument("--world-size", type=int, default=1, help="data-parallel processes (GPUs, or a split of the CPU cores)")
+    parser.add_argument(
+        "--world-size", type=int, default=1, help="data-parallel processes (GPUs, or a split of the CPU cores)"
+    )
     parser.add_argument("--out", type=Path, required=True, help="JSON output path")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -246,22 +308,43 @@ def main() -> None:
         except ValueError as error:
             parser.error(f"--variants: {error}")
         if switches & set(DDP_SWITCHES) and args.world_size == 1:
-            parser.error(f"--variants {variant}: {', '.join(sorted(switches & set(DDP_SWITCHES)))} needs --world-size > 1 (DDP)")
+            parser.error(
+                f"--variants {variant}: {', '.join(sorted(switches & set(DDP_SWITCHES)))} needs --world-size > 1 (DDP)"
+            )
     if args.batch % args.world_size:
         parser.error(f"--batch {args.batch} must be divisible by --world-size {args.world_size}")
-    settings = {"preset": args.preset, "batch": args.batch, "device": device, "variants": args.variants, "dtype": args.dtype,
-                "steps": args.steps, "windows": args.windows, "peak_tflops": args.peak_tflops, "log_every": args.log_every}
+    settings = {
+        "preset": args.preset,
+        "batch": args.batch,
+        "device": device,
+        "variants": args.variants,
+        "dtype": args.dtype,
+        "steps": args.steps,
+        "windows": args.windows,
+        "peak_tflops": args.peak_tflops,
+        "log_every": args.log_every,
+    }
     threads = max(1, torch.get_num_threads() // args.world_size) if device.type == "cpu" else torch.get_num_threads()
     if args.world_size == 1:
         rows = measure(**settings)
     else:
         with tempfile.TemporaryDirectory() as directory:
             rows_path = str(Path(directory) / "rows.json")
-            torch.multiprocessing.spawn(data_parallel_worker, nprocs=args.world_size, args=(
-                args.world_size, free_port(), threads, {**settings, "device": device.type}, rows_path))
+            torch.multiprocessing.spawn(
+                data_parallel_worker,
+                nprocs=args.world_size,
+                args=(args.world_size, free_port(), threads, {**settings, "device": device.type}, rows_path),
+            )
             rows = json.loads(Path(rows_path).read_text())
-    result = {"benchmark": "train_step", "torch": torch.__version__, "world_size": args.world_size, "threads": threads,
-              "device_name": device_name(device), "peak_tflops": args.peak_tflops, "rows": rows}
+    result = {
+        "benchmark": "train_step",
+        "torch": torch.__version__,
+        "world_size": args.world_size,
+        "threads": threads,
+        "device_name": device_name(device),
+        "peak_tflops": args.peak_tflops,
+        "rows": rows,
+    }
     write_result(args.out, result)
     print(markdown(result))
 

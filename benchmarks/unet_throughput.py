@@ -12,7 +12,8 @@ Reports the median of the repeats, the ratio ours / diffusers (> 1: ours is fast
 implementation could still gain, the FLOP/s our denoising step reaches against a large matmul of its precision
 (float32, or bfloat16 for ``bf16``) on the same device (the attainable peak of the convolutions' GEMM kernels).
 
-    python benchmarks/unet_throughput.py --variants eager channels_last compile --out benchmarks/results/unet_throughput_cpu.json
+    python benchmarks/unet_throughput.py --variants eager channels_last compile \\
+        --out benchmarks/results/unet_throughput_cpu.json
 """
 
 from __future__ import annotations
@@ -23,18 +24,22 @@ import time
 from pathlib import Path
 
 import torch
+from common import device_name, synchronize, variant_switches, write_result
 from diffusers import UNet2DModel
 from torch.utils.flop_counter import FlopCounterMode
 
-from common import device_name, synchronize, variant_switches, write_result
 from ddpm_core.samplers import fast_sampling_network
 from ddpm_core.unet import UNet, UNetConfig, unet_preset
 
 SWITCHES = ("channels_last", "compile", "bf16")  # a variant: "eager" (none) or switches joined by "+"
 
 # batch sizes per preset and device type: big enough to be representative, small enough for a 2-core CPU
-BATCH = {("digits", "cpu"): (128, 256), ("cifar10", "cpu"): (8, 16),
-         ("digits", "cuda"): (512, 1024), ("cifar10", "cuda"): (128, 256)}
+BATCH = {
+    ("digits", "cpu"): (128, 256),
+    ("cifar10", "cpu"): (8, 16),
+    ("digits", "cuda"): (512, 1024),
+    ("cifar10", "cuda"): (128, 256),
+}
 
 
 def diffusers_twin(config: UNetConfig) -> UNet2DModel:
@@ -42,19 +47,27 @@ def diffusers_twin(config: UNetConfig) -> UNet2DModel:
     resolutions = [config.image_size // 2**level for level in range(len(config.channel_mult))]
     attention = [resolution in config.attention_resolutions for resolution in resolutions]
     widths = [config.base_channels * m for m in config.channel_mult]
-    assert len(set(widths[i] for i, a in enumerate(attention) if a)) <= 1, "single-head twin needs one attention width"
-    head_dim = next((w for w, a in zip(widths, attention) if a), widths[-1])
+    assert len({widths[i] for i, a in enumerate(attention) if a}) <= 1, "single-head twin needs one attention width"
+    head_dim = next((w for w, a in zip(widths, attention, strict=True) if a), widths[-1])
     return UNet2DModel(
-        sample_size=config.image_size, in_channels=config.in_channels, out_channels=config.in_channels,
-        layers_per_block=config.num_res_blocks, block_out_channels=tuple(widths),
+        sample_size=config.image_size,
+        in_channels=config.in_channels,
+        out_channels=config.in_channels,
+        layers_per_block=config.num_res_blocks,
+        block_out_channels=tuple(widths),
         down_block_types=tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention),
         up_block_types=tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention)),
-        norm_num_groups=config.norm_groups, dropout=config.dropout, attention_head_dim=head_dim,
-        add_attention=True, norm_eps=1e-6,
+        norm_num_groups=config.norm_groups,
+        dropout=config.dropout,
+        attention_head_dim=head_dim,
+        add_attention=True,
+        norm_eps=1e-6,
     )
 
 
-def time_training(model, forward, batch: int, config: UNetConfig, device, repeats: int, channels_last: bool) -> list[float]:
+def time_training(
+    model, forward, batch: int, config: UNetConfig, device, repeats: int, channels_last: bool
+) -> list[float]:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x = torch.randn(batch, config.in_channels, config.image_size, config.image_size, device=device)
     x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
@@ -75,7 +88,9 @@ def time_training(model, forward, batch: int, config: UNetConfig, device, repeat
 
 
 @torch.no_grad()
-def time_sampling(model, forward, batch: int, config: UNetConfig, device, repeats: int, channels_last: bool) -> list[float]:
+def time_sampling(
+    model, forward, batch: int, config: UNetConfig, device, repeats: int, channels_last: bool
+) -> list[float]:
     x = torch.randn(batch, config.in_channels, config.image_size, config.image_size, device=device)
     x = x.contiguous(memory_format=torch.channels_last) if channels_last else x
     t = torch.full((batch,), 500, device=device)
@@ -138,8 +153,14 @@ def matmul_gflops(device, dtype: torch.dtype = torch.float32, size: int = 2048, 
     return statistics.median(rates)
 
 
-def measure(preset: str, variant: str, peer_variant: str, device: torch.device, repeats: int,
-            matmul_gflops_by_dtype: dict[str, float]) -> dict:
+def measure(
+    preset: str,
+    variant: str,
+    peer_variant: str,
+    device: torch.device,
+    repeats: int,
+    matmul_gflops_by_dtype: dict[str, float],
+) -> dict:
     """Ours under ``variant`` against diffusers under ``peer_variant``, alternating ``repeats`` times."""
     config = unet_preset(preset)
     torch.manual_seed(0)
@@ -156,44 +177,74 @@ def measure(preset: str, variant: str, peer_variant: str, device: torch.device, 
             train_forward, sample_forward = paths[name]
             channels_last = "channels_last" in switches[name]
             rates[name]["train"] += time_training(model, train_forward, train_batch, config, device, 1, channels_last)
-            rates[name]["sample"] += time_sampling(model, sample_forward, sample_batch, config, device, 1, channels_last)
-    row = {"preset": preset, "variant": variant, "peer_variant": peer_variant, "device": device.type,
-           "train_batch": train_batch, "sample_batch": sample_batch, "repeats": repeats}
+            rates[name]["sample"] += time_sampling(
+                model, sample_forward, sample_batch, config, device, 1, channels_last
+            )
+    row = {
+        "preset": preset,
+        "variant": variant,
+        "peer_variant": peer_variant,
+        "device": device.type,
+        "train_batch": train_batch,
+        "sample_batch": sample_batch,
+        "repeats": repeats,
+    }
     for name, model in models.items():
         row[f"{name}_params"] = sum(p.numel() for p in model.parameters())
         row[f"{name}_train_img_s"] = statistics.median(rates[name]["train"])
         row[f"{name}_sample_img_s"] = statistics.median(rates[name]["sample"])
-        row[f"{name}_train_window_img_s"], row[f"{name}_sample_window_img_s"] = rates[name]["train"], rates[name]["sample"]
+        row[f"{name}_train_window_img_s"], row[f"{name}_sample_window_img_s"] = (
+            rates[name]["train"],
+            rates[name]["sample"],
+        )
     row["train_ratio"] = row["ours_train_img_s"] / row["diffusers_train_img_s"]
     row["sample_ratio"] = row["ours_sample_img_s"] / row["diffusers_sample_img_s"]
     row["gflop_per_image_fwd"] = forward_flops_per_image(models["ours"], config, device) / 1e9
     row["ours_sample_gflops"] = row["gflop_per_image_fwd"] * row["ours_sample_img_s"]
-    row["ours_sample_matmul_fraction"] = row["ours_sample_gflops"] / matmul_gflops_by_dtype["bf16" if "bf16" in switches["ours"] else "fp32"]
+    row["ours_sample_matmul_fraction"] = (
+        row["ours_sample_gflops"] / matmul_gflops_by_dtype["bf16" if "bf16" in switches["ours"] else "fp32"]
+    )
     return row
 
 
 def markdown(result: dict) -> str:
-    lines = [f"Device: {result['device_name']}; torch {result['torch']}; {result['threads']} threads; "
-             f"median of {result['rows'][0]['repeats']} alternating repeats; matmul {result['matmul_gflops']:.0f} GFLOP/s "
-             f"float32, {result['matmul_gflops_bf16']:.0f} bfloat16.", "",
-             "| preset | variant ours / diffusers | params ours / diffusers | train batch | train img/s ours | train img/s diffusers | ratio | "
-             "sample batch | denoise img/s ours | denoise img/s diffusers | ratio | ours denoise GFLOP/s (of matmul's) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"Device: {result['device_name']}; torch {result['torch']}; {result['threads']} threads; "
+        f"median of {result['rows'][0]['repeats']} alternating repeats; matmul {result['matmul_gflops']:.0f} GFLOP/s "
+        f"float32, {result['matmul_gflops_bf16']:.0f} bfloat16.",
+        "",
+        "| preset | variant ours / diffusers | params ours / diffusers | train batch | train img/s ours "
+        "| train img/s diffusers | ratio | "
+        "sample batch | denoise img/s ours | denoise img/s diffusers | ratio | ours denoise GFLOP/s (of matmul's) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in result["rows"]:
-        lines.append(f"| {r['preset']} | {r['variant']} / {r['peer_variant']} | {r['ours_params'] / 1e6:.2f}M / {r['diffusers_params'] / 1e6:.2f}M | "
-                     f"{r['train_batch']} | {r['ours_train_img_s']:.1f} | {r['diffusers_train_img_s']:.1f} | {r['train_ratio']:.2f} | "
-                     f"{r['sample_batch']} | {r['ours_sample_img_s']:.1f} | {r['diffusers_sample_img_s']:.1f} | {r['sample_ratio']:.2f} | "
-                     f"{r['ours_sample_gflops']:.0f} ({r['ours_sample_matmul_fraction']:.0%}) |")
+        lines.append(
+            f"| {r['preset']} | {r['variant']} / {r['peer_variant']} "
+            f"| {r['ours_params'] / 1e6:.2f}M / {r['diffusers_params'] / 1e6:.2f}M | "
+            f"{r['train_batch']} | {r['ours_train_img_s']:.1f} | {r['diffusers_train_img_s']:.1f} "
+            f"| {r['train_ratio']:.2f} | "
+            f"{r['sample_batch']} | {r['ours_sample_img_s']:.1f} | {r['diffusers_sample_img_s']:.1f} "
+            f"| {r['sample_ratio']:.2f} | "
+            f"{r['ours_sample_gflops']:.0f} ({r['ours_sample_matmul_fraction']:.0%}) |"
+        )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--presets", nargs="+", default=["digits", "cifar10"])
-    parser.add_argument("--variants", nargs="+", default=["eager"],
-                        help=f"ours: 'eager' or switches joined by '+' from {', '.join(SWITCHES)}")
-    parser.add_argument("--peer-variant", default=None,
-                        help="diffusers' variant (default: the same as ours), e.g. 'eager' for diffusers as shipped")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        default=["eager"],
+        help=f"ours: 'eager' or switches joined by '+' from {', '.join(SWITCHES)}",
+    )
+    parser.add_argument(
+        "--peer-variant",
+        default=None,
+        help="diffusers' variant (default: the same as ours), e.g. 'eager' for diffusers as shipped",
+    )
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path, required=True, help="JSON output path")
@@ -206,10 +257,17 @@ def main() -> None:
             parser.error(str(error))
     matmul = {"fp32": matmul_gflops(device), "bf16": matmul_gflops(device, torch.bfloat16)}
     result = {
-        "benchmark": "unet_throughput", "torch": torch.__version__, "threads": torch.get_num_threads(),
-        "device_name": device_name(device), "matmul_gflops": matmul["fp32"], "matmul_gflops_bf16": matmul["bf16"],
-        "rows": [measure(preset, variant, args.peer_variant or variant, device, args.repeats, matmul)
-                 for preset in args.presets for variant in args.variants],
+        "benchmark": "unet_throughput",
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "device_name": device_name(device),
+        "matmul_gflops": matmul["fp32"],
+        "matmul_gflops_bf16": matmul["bf16"],
+        "rows": [
+            measure(preset, variant, args.peer_variant or variant, device, args.repeats, matmul)
+            for preset in args.presets
+            for variant in args.variants
+        ],
     }
     write_result(args.out, result)
     print(markdown(result))

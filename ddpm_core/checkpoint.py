@@ -34,7 +34,9 @@ def save_training_state(uri: str, state: dict[str, Any], storage_options: dict[s
     """Commit a training state: a dict of tensors, state dicts and JSON-able values (``torch.save`` format)."""
     buffer = io.BytesIO()
     torch.save(state, buffer)
-    commit(uri, {TRAINING_STATE: buffer.getvalue()}, {"kind": "training_state", "step": state.get("step")}, storage_options)
+    commit(
+        uri, {TRAINING_STATE: buffer.getvalue()}, {"kind": "training_state", "step": state.get("step")}, storage_options
+    )
 
 
 def load_training_state(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -67,13 +69,23 @@ class Snapshot:
         return model.eval()
 
 
-def save_snapshot(uri: str, model: torch.nn.Module, unet: UNetConfig, diffusion: DiffusionConfig,
-                  metadata: dict[str, Any] | None = None, storage_options: dict[str, Any] | None = None) -> None:
+def save_snapshot(
+    uri: str,
+    model: torch.nn.Module,
+    unet: UNetConfig,
+    diffusion: DiffusionConfig,
+    metadata: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> None:
     """Commit an inference snapshot: ``model.safetensors`` (weights) and ``config.json`` (configs + metadata)."""
     weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     config = {"unet": unet.to_dict(), "diffusion": diffusion.to_dict(), "metadata": metadata or {}}
-    commit(uri, {WEIGHTS: save_safetensors(weights), CONFIG: json.dumps(config, indent=2).encode()},
-           {"kind": "snapshot"}, storage_options)
+    commit(
+        uri,
+        {WEIGHTS: save_safetensors(weights), CONFIG: json.dumps(config, indent=2).encode()},
+        {"kind": "snapshot"},
+        storage_options,
+    )
 
 
 def load_snapshot(uri: str, storage_options: dict[str, Any] | None = None) -> Snapshot:
@@ -84,7 +96,11 @@ def load_snapshot(uri: str, storage_options: dict[str, Any] | None = None) -> Sn
         raise CheckpointError(f"cannot load snapshot: {error}") from error
     try:
         config = json.loads(files[CONFIG])
-        return Snapshot(UNetConfig.from_dict(config["unet"]), DiffusionConfig.from_dict(config["diffusion"]),
-                        load_safetensors(files[WEIGHTS]), config.get("metadata", {}))
+        return Snapshot(
+            UNetConfig.from_dict(config["unet"]),
+            DiffusionConfig.from_dict(config["diffusion"]),
+            load_safetensors(files[WEIGHTS]),
+            config.get("metadata", {}),
+        )
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{uri}: snapshot config or weights are invalid: {error}") from error

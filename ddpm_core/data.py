@@ -32,7 +32,9 @@ CIFAR_TRAIN_BATCHES = tuple(f"data_batch_{i}" for i in range(1, 6))
 CIFAR_TEST_BATCH = "test_batch"
 
 
-Arrays = tuple[np.ndarray, "np.ndarray | None", "list[str] | None"]  # images [N, H, W, C] uint8, labels [N], class names
+Arrays = tuple[
+    np.ndarray, "np.ndarray | None", "list[str] | None"
+]  # images [N, H, W, C] uint8, labels [N], class names
 
 
 class DataError(ValueError):
@@ -82,7 +84,9 @@ def _validate(images: np.ndarray, labels: np.ndarray | None, uri: str) -> None:
         raise DataError(f"{uri}: the data set has no images")
     if labels is not None:
         if labels.shape != (images.shape[0],):
-            raise DataError(f"{uri}: labels must have shape [{images.shape[0]}] to match the images, got {labels.shape}")
+            raise DataError(
+                f"{uri}: labels must have shape [{images.shape[0]}] to match the images, got {labels.shape}"
+            )
         if labels.min() < 0:
             raise DataError(f"{uri}: labels must be non-negative class indices, got min {labels.min()}")
 
@@ -118,8 +122,10 @@ def _read_uri(uri: str, split: str, storage_options: dict[str, Any] | None) -> A
         return _read_npz(_cat(fs, path, uri), uri)
     if name.endswith(IMAGE_EXTENSIONS):
         return _decode_images({path: _cat(fs, path, uri)}, uri)[None], None, None
-    raise DataError(f"data URI {uri!r}: unsupported format; expected a folder of PNG/JPEG, a CIFAR-10 python "
-                    f"tar.gz or folder, a .npy/.npz file, or builtin:digits")
+    raise DataError(
+        f"data URI {uri!r}: unsupported format; expected a folder of PNG/JPEG, a CIFAR-10 python "
+        f"tar.gz or folder, a .npy/.npz file, or builtin:digits"
+    )
 
 
 def _cat(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> bytes:
@@ -135,7 +141,9 @@ def _read_image_folder(fs: fsspec.AbstractFileSystem, root: str, uri: str) -> Ar
     except Exception as error:
         raise DataError(f"cannot list {uri!r}: {type(error).__name__}: {error}") from error
     if not paths:
-        raise DataError(f"data folder {uri!r} contains no PNG/JPEG images (searched recursively for {IMAGE_EXTENSIONS})")
+        raise DataError(
+            f"data folder {uri!r} contains no PNG/JPEG images (searched recursively for {IMAGE_EXTENSIONS})"
+        )
     try:
         contents = fs.cat(paths, on_error="raise")
     except Exception as error:
@@ -163,8 +171,10 @@ def _decode_images(contents: dict[str, bytes], uri: str) -> np.ndarray:
         if first_shape is None:
             first_shape, first_path = array.shape, path
         elif array.shape != first_shape:
-            raise DataError(f"mixed image sizes in {uri!r}: {first_path} is {_describe(first_shape)} but {path} is "
-                            f"{_describe(array.shape)}; every image must have the same size and channels")
+            raise DataError(
+                f"mixed image sizes in {uri!r}: {first_path} is {_describe(first_shape)} but {path} is "
+                f"{_describe(array.shape)}; every image must have the same size and channels"
+            )
         decoded.append(array)
     return np.stack(decoded)
 
@@ -182,7 +192,9 @@ def _to_nhwc(array: np.ndarray, uri: str) -> np.ndarray:
         return array
     if array.ndim == 4 and array.shape[1] in (1, 3):
         return np.ascontiguousarray(array.transpose(0, 2, 3, 1))  # NCHW -> NHWC
-    raise DataError(f"{uri}: images must be [N, H, W], [N, H, W, C] or [N, C, H, W] with C in (1, 3), got shape {array.shape}")
+    raise DataError(
+        f"{uri}: images must be [N, H, W], [N, H, W, C] or [N, C, H, W] with C in (1, 3), got shape {array.shape}"
+    )
 
 
 def _load_numpy(data: bytes, uri: str) -> Any:  # an array (.npy) or an NpzFile (.npz)
@@ -214,8 +226,14 @@ def _read_npz(data: bytes, uri: str) -> Arrays:
 class _CifarUnpickler(pickle.Unpickler):
     """Unpickles the CIFAR-10 batch dicts while refusing every global but numpy's array reconstruction."""
 
-    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-               ("numpy", "ndarray"), ("numpy", "dtype")}
+    ALLOWED = frozenset(
+        {
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+        }
+    )
 
     def find_class(self, module: str, name: str) -> Any:
         if (module, name) not in self.ALLOWED:
@@ -287,12 +305,20 @@ def to_uint8(samples: torch.Tensor) -> np.ndarray:
 
 def random_horizontal_flip(x: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
     """Flip each image of ``[N, C, H, W]`` left-right with probability 1/2."""
-    flip = torch.rand(x.shape[0], generator=generator, device=generator.device if generator is not None else x.device) < 0.5
+    flip = (
+        torch.rand(x.shape[0], generator=generator, device=generator.device if generator is not None else x.device)
+        < 0.5
+    )
     return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
 
 
-def random_batch(data: torch.Tensor, size: int, generator: torch.Generator, flip: bool,
-                 memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+def random_batch(
+    data: torch.Tensor,
+    size: int,
+    generator: torch.Generator,
+    flip: bool,
+    memory_format: torch.memory_format = torch.contiguous_format,
+) -> torch.Tensor:
     """``size`` images drawn with replacement from ``data`` ``[N, C, H, W]`` on its own device (with a generator on
     that device: no host work, no host-to-device copy), each flipped left-right with probability 1/2 when ``flip``."""
     batch = data[torch.randint(0, len(data), (size,), generator=generator, device=data.device)]  # [size, C, H, W]

@@ -22,8 +22,15 @@ from ddpm_core.training import OptimConfig, make_optimizer, train_step
 from ddpm_core.unet import UNet, unet_preset
 
 
-def train_and_sample(out: Path, train_images: int, batch_size: int, num_samples: int, seed: int,
-                     sampler: SamplerConfig, log_every: int = 50) -> dict:
+def train_and_sample(
+    out: Path,
+    train_images: int,
+    batch_size: int,
+    num_samples: int,
+    seed: int,
+    sampler: SamplerConfig,
+    log_every: int = 50,
+) -> dict:
     """Train on ``builtin:digits`` for ``train_images`` images, then sample; returns a summary dict."""
     torch.manual_seed(seed)
     generator = torch.Generator().manual_seed(seed)
@@ -45,7 +52,10 @@ def train_and_sample(out: Path, train_images: int, batch_size: int, num_samples:
         if step % log_every == 0:
             mean_loss = sum(recent) / len(recent)
             first_loss = mean_loss if first_loss is None else first_loss
-            print(f"step {step:5d}  images {seen:7d}  loss {mean_loss:.4f}  {seen / (time.time() - start):.0f} img/s", flush=True)
+            print(
+                f"step {step:5d}  images {seen:7d}  loss {mean_loss:.4f}  {seen / (time.time() - start):.0f} img/s",
+                flush=True,
+            )
             recent = []
     train_seconds = time.time() - start
 
@@ -57,11 +67,18 @@ def train_and_sample(out: Path, train_images: int, batch_size: int, num_samples:
     data_pixels = dataset.images.astype("float64") / 255.0
     sample_pixels = pixels.astype("float64") / 255.0
     summary = {
-        "train_images": seen, "train_seconds": round(train_seconds, 1), "sample_seconds": round(time.time() - start, 1),
-        "first_logged_loss": first_loss, "last_logged_loss": sum(recent) / len(recent) if recent else mean_loss,
-        "data_pixel_mean": float(data_pixels.mean()), "data_pixel_std": float(data_pixels.std()),
-        "sample_pixel_mean": float(sample_pixels.mean()), "sample_pixel_std": float(sample_pixels.std()),
-        "grid": str(out / "samples.png"), "snapshot": str(out / "snapshot"), "sampler": sampler.to_dict(),
+        "train_images": seen,
+        "train_seconds": round(train_seconds, 1),
+        "sample_seconds": round(time.time() - start, 1),
+        "first_logged_loss": first_loss,
+        "last_logged_loss": sum(recent) / len(recent) if recent else mean_loss,
+        "data_pixel_mean": float(data_pixels.mean()),
+        "data_pixel_std": float(data_pixels.std()),
+        "sample_pixel_mean": float(sample_pixels.mean()),
+        "sample_pixel_std": float(sample_pixels.std()),
+        "grid": str(out / "samples.png"),
+        "snapshot": str(out / "snapshot"),
+        "sampler": sampler.to_dict(),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
@@ -78,8 +95,14 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    summary = train_and_sample(args.out, args.train_images, args.batch_size, args.num_samples, args.seed,
-                               SamplerConfig(method=args.sampler, num_steps=args.steps))
+    summary = train_and_sample(
+        args.out,
+        args.train_images,
+        args.batch_size,
+        args.num_samples,
+        args.seed,
+        SamplerConfig(method=args.sampler, num_steps=args.steps),
+    )
     print(json.dumps(summary, indent=2))
     print(f"\nSample grid: {summary['grid']}")
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple
 
 import torch
 
@@ -59,13 +60,19 @@ class DiffusionConfig:
     vlb_weight: float = 0.001  # lambda of the hybrid loss
 
     def __post_init__(self) -> None:
-        coerce_enum_fields(self, "diffusion", {"schedule": Schedule, "prediction": Prediction, "variance": Variance, "loss": Loss})
+        coerce_enum_fields(
+            self, "diffusion", {"schedule": Schedule, "prediction": Prediction, "variance": Variance, "loss": Loss}
+        )
         if self.num_timesteps < 2:
             raise FieldError("diffusion", "num_timesteps", f" must be >= 2, got {self.num_timesteps}")
         if self.vlb_weight < 0:
             raise FieldError("diffusion", "vlb_weight", f" must be >= 0, got {self.vlb_weight}")
         if self.variance is Variance.LEARNED_RANGE and self.loss is Loss.SIMPLE:
-            raise FieldError("diffusion", "variance", "=learned_range needs loss=vlb or hybrid: L_simple gives the variance no gradient")
+            raise FieldError(
+                "diffusion",
+                "variance",
+                "=learned_range needs loss=vlb or hybrid: L_simple gives the variance no gradient",
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -79,7 +86,7 @@ class DiffusionConfig:
         }
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "DiffusionConfig":
+    def from_dict(cls, data: dict[str, Any]) -> DiffusionConfig:
         return cls(**data)
 
 
@@ -111,8 +118,12 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log
     log_survival_lower = torch.special.log_ndtr(-lower)
     # log(Phi(upper) - Phi(lower)) = log Phi(upper) + log1p(-exp(log Phi(lower) - log Phi(upper))), stable in both tails
     # through the symmetric form on the side where the bin lies in the upper tail.
-    log_bin_lower_side = log_cdf_upper + torch.log1p(-torch.exp(torch.special.log_ndtr(lower) - log_cdf_upper).clamp(max=1 - 1e-16))
-    log_bin_upper_side = log_survival_lower + torch.log1p(-torch.exp(torch.special.log_ndtr(-upper) - log_survival_lower).clamp(max=1 - 1e-16))
+    log_bin_lower_side = log_cdf_upper + torch.log1p(
+        -torch.exp(torch.special.log_ndtr(lower) - log_cdf_upper).clamp(max=1 - 1e-16)
+    )
+    log_bin_upper_side = log_survival_lower + torch.log1p(
+        -torch.exp(torch.special.log_ndtr(-upper) - log_survival_lower).clamp(max=1 - 1e-16)
+    )
     log_bin = torch.where(lower > 0, log_bin_upper_side, log_bin_lower_side)
     log_prob = torch.where(x64 < -0.999, log_cdf_upper, torch.where(x64 > 0.999, log_survival_lower, log_bin))
     return log_prob.to(x.dtype)
@@ -141,7 +152,9 @@ class GaussianDiffusion:
         self.prediction, self.variance, self.loss = Prediction(prediction), Variance(variance), Loss(loss)
         self.vlb_weight = vlb_weight
         self.num_timesteps = int(betas.shape[0])
-        self.timestep_map = torch.as_tensor(list(timestep_map) if timestep_map is not None else range(self.num_timesteps))
+        self.timestep_map = torch.as_tensor(
+            list(timestep_map) if timestep_map is not None else range(self.num_timesteps)
+        )
 
         self.betas = betas  # [T]
         self.alphas = 1.0 - betas
@@ -154,12 +167,14 @@ class GaussianDiffusion:
         # Posterior q(x_{t-1} | x_t, x_0), Ho et al. 2020, Eq. 6-7.
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)  # beta~_t
         # beta~ is 0 at t=0: clip its log to beta~_1 as the official code does.
-        self.posterior_log_variance_clipped = torch.log(torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]]))
+        self.posterior_log_variance_clipped = torch.log(
+            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])
+        )
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
 
     @classmethod
-    def from_config(cls, config: DiffusionConfig) -> "GaussianDiffusion":
+    def from_config(cls, config: DiffusionConfig) -> GaussianDiffusion:
         betas = make_betas(config.schedule, config.num_timesteps, **config.schedule_params)
         return cls(betas, config.prediction, config.variance, config.loss, config.vlb_weight)
 
@@ -174,12 +189,14 @@ class GaussianDiffusion:
         """The original-schedule timestep the network sees for index ``t`` (identity unless respaced)."""
         return self.timestep_map.to(t.device)[t]
 
-    def respaced(self, timesteps: Sequence[int]) -> "GaussianDiffusion":
+    def respaced(self, timesteps: Sequence[int]) -> GaussianDiffusion:
         """The diffusion restricted to an increasing subsequence of timesteps (Nichol & Dhariwal 2021, Sec. 4;
         Song et al. 2021, Sec. 4.2): betas are recomputed so that abar at each kept step is unchanged."""
-        kept = sorted(set(int(step) for step in timesteps))
+        kept = sorted({int(step) for step in timesteps})
         if not kept or kept[0] < 0 or kept[-1] >= self.num_timesteps:
-            raise ValueError(f"respaced timesteps must lie in [0, {self.num_timesteps - 1}], got {list(timesteps)[:5]}...")
+            raise ValueError(
+                f"respaced timesteps must lie in [0, {self.num_timesteps - 1}], got {list(timesteps)[:5]}..."
+            )
         kept_abar = self.alphas_cumprod[kept]
         previous = torch.cat([torch.ones(1, dtype=torch.float64), kept_abar[:-1]])
         betas = 1.0 - kept_abar / previous
@@ -188,19 +205,28 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ forward process q
     def q_mean_variance(self, x0: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Mean, variance and log-variance of q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I) (Ho et al. 2020, Eq. 4)."""
+        """Mean, variance and log-variance of q(x_t | x_0) = N(sqrt(abar_t) x_0, (1 - abar_t) I)
+        (Ho et al. 2020, Eq. 4)."""
         mean = self._gather(self.sqrt_alphas_cumprod, t, x0) * x0
         variance = self._gather(1.0 - self.alphas_cumprod, t, x0).expand_as(x0)
         log_variance = self._gather(torch.log(1.0 - self.alphas_cumprod), t, x0).expand_as(x0)
         return mean, variance, log_variance
 
     def q_sample(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """Draw x_t ~ q(x_t | x_0): ``sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` (Ho et al. 2020, Eq. 4). ``[B,C,H,W]``."""
-        return self._gather(self.sqrt_alphas_cumprod, t, x0) * x0 + self._gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        """Draw x_t ~ q(x_t | x_0): ``sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` (Ho et al. 2020, Eq. 4).
+        ``[B, C, H, W]``."""
+        return (
+            self._gather(self.sqrt_alphas_cumprod, t, x0) * x0
+            + self._gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * noise
+        )
 
-    def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def q_posterior(
+        self, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Mean, variance and clipped log-variance of q(x_{t-1} | x_t, x_0) (Ho et al. 2020, Eq. 6-7)."""
-        mean = self._gather(self.posterior_mean_coef1, t, x_t) * x0 + self._gather(self.posterior_mean_coef2, t, x_t) * x_t
+        mean = (
+            self._gather(self.posterior_mean_coef1, t, x_t) * x0 + self._gather(self.posterior_mean_coef2, t, x_t) * x_t
+        )
         variance = self._gather(self.posterior_variance, t, x_t).expand_as(x_t)
         log_variance = self._gather(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
         return mean, variance, log_variance
@@ -208,19 +234,30 @@ class GaussianDiffusion:
     # ------------------------------------------------------------------ parameterisations
     def x0_from_eps(self, x_t: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """Invert Eq. 4: ``x_0 = (x_t - sqrt(1 - abar_t) eps) / sqrt(abar_t)``."""
-        return self._gather(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - self._gather(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        return (
+            self._gather(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t
+            - self._gather(self.sqrt_recipm1_alphas_cumprod, t, x_t) * eps
+        )
 
     def eps_from_x0(self, x_t: torch.Tensor, t: torch.Tensor, x0: torch.Tensor) -> torch.Tensor:
         """Invert Eq. 4 for the noise: ``eps = (x_t - sqrt(abar_t) x_0) / sqrt(1 - abar_t)``."""
-        return (self._gather(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / self._gather(self.sqrt_recipm1_alphas_cumprod, t, x_t)
+        return (self._gather(self.sqrt_recip_alphas_cumprod, t, x_t) * x_t - x0) / self._gather(
+            self.sqrt_recipm1_alphas_cumprod, t, x_t
+        )
 
     def v_target(self, x0: torch.Tensor, t: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
         """``v = sqrt(abar_t) eps - sqrt(1 - abar_t) x_0`` (Salimans & Ho 2022, Sec. 4)."""
-        return self._gather(self.sqrt_alphas_cumprod, t, x0) * eps - self._gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+        return (
+            self._gather(self.sqrt_alphas_cumprod, t, x0) * eps
+            - self._gather(self.sqrt_one_minus_alphas_cumprod, t, x0) * x0
+        )
 
     def x0_from_v(self, x_t: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """``x_0 = sqrt(abar_t) x_t - sqrt(1 - abar_t) v``."""
-        return self._gather(self.sqrt_alphas_cumprod, t, x_t) * x_t - self._gather(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v
+        return (
+            self._gather(self.sqrt_alphas_cumprod, t, x_t) * x_t
+            - self._gather(self.sqrt_one_minus_alphas_cumprod, t, x_t) * v
+        )
 
     def training_target(self, x0: torch.Tensor, t: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The regression target of the configured parameterisation."""
@@ -235,13 +272,17 @@ class GaussianDiffusion:
         channels = x_t.shape[1]
         if self.variance is Variance.LEARNED_RANGE:
             if output.shape[1] != 2 * channels:
-                raise ValueError(f"learned_range variance needs {2 * channels} output channels, the model gave {output.shape[1]}")
+                raise ValueError(
+                    f"learned_range variance needs {2 * channels} output channels, the model gave {output.shape[1]}"
+                )
             return output[:, :channels], output[:, channels:]
         if output.shape[1] != channels:
             raise ValueError(f"the model gave {output.shape[1]} output channels, expected {channels}")
         return output, None
 
-    def p_mean_variance(self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool = False) -> MeanVariance:
+    def p_mean_variance(
+        self, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, clip_denoised: bool = False
+    ) -> MeanVariance:
         """p_theta(x_{t-1} | x_t) from a network output (Ho et al. 2020, Eq. 1 and Sec. 3.2): the mean is the
         posterior mean (Eq. 7) at the predicted x_0, which for eps-prediction equals Eq. 11. With ``clip_denoised``
         the predicted x_0 is clamped to [-1, 1] and the implied eps recomputed from it."""
@@ -275,13 +316,17 @@ class GaussianDiffusion:
         return MeanVariance(mean, torch.exp(log_variance), log_variance, pred_x0, pred_eps)
 
     # ------------------------------------------------------------------ losses and the bound
-    def vlb_terms_bits(self, output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    def vlb_terms_bits(
+        self, output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    ) -> torch.Tensor:
         """L_{t-1} of Ho et al. 2020, Eq. 5, per example in bits/dim ``[B]``: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))
         for t > 0, and the discretised decoder NLL -log p(x_0|x_1) (Eq. 13) at t = 0."""
         true_mean, _, true_log_variance = self.q_posterior(x0, x_t, t)
         model = self.p_mean_variance(output, x_t, t, clip_denoised=False)
         kl = mean_flat(normal_kl(true_mean, true_log_variance, model.mean, model.log_variance)) / math.log(2.0)
-        decoder_nll = -mean_flat(discretized_gaussian_log_likelihood(x0, model.mean, 0.5 * model.log_variance)) / math.log(2.0)
+        decoder_nll = -mean_flat(
+            discretized_gaussian_log_likelihood(x0, model.mean, 0.5 * model.log_variance)
+        ) / math.log(2.0)
         return torch.where(t == 0, decoder_nll, kl)
 
     def prior_bits(self, x0: torch.Tensor) -> torch.Tensor:
@@ -323,8 +368,13 @@ class GaussianDiffusion:
         return terms
 
     @torch.no_grad()
-    def bits_per_dim(self, model: Model, x0: torch.Tensor, model_kwargs: dict[str, Any] | None = None,
-                     generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def bits_per_dim(
+        self,
+        model: Model,
+        x0: torch.Tensor,
+        model_kwargs: dict[str, Any] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
         """The full variational bound in bits/dim (Ho et al. 2020, Eq. 5), every one of the T terms plus the prior:
         ``{"total": [B], "terms": [B, T], "prior": [B]}``. Each term draws its own x_t ~ q(x_t | x_0)."""
         terms = torch.zeros(x0.shape[0], self.num_timesteps, dtype=x0.dtype, device=x0.device)
@@ -335,9 +385,14 @@ class GaussianDiffusion:
         return {"total": terms.sum(dim=1) + prior, "terms": terms, "prior": prior}
 
     @torch.no_grad()
-    def bits_per_dim_estimate(self, model: Model, x0: torch.Tensor, num_samples: int,
-                              model_kwargs: dict[str, Any] | None = None,
-                              generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
+    def bits_per_dim_estimate(
+        self,
+        model: Model,
+        x0: torch.Tensor,
+        num_samples: int,
+        model_kwargs: dict[str, Any] | None = None,
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor]:
         """Unbiased Monte Carlo estimate of :meth:`bits_per_dim` from ``num_samples`` uniform timesteps per example:
         ``L_T + T * mean_k L_{t_k}``. Returns ``{"total": [B], "stderr": [B]}``; ``stderr`` is the standard error of
         the per-example estimate (sample std of ``T * L_{t_k}`` over sqrt(K)), so a batch mean has standard error
@@ -353,8 +408,14 @@ class GaussianDiffusion:
         stderr = samples.std(dim=1, unbiased=True) / math.sqrt(num_samples)
         return {"total": total, "stderr": stderr}
 
-    def _vlb_term_at(self, model: Model, x0: torch.Tensor, t: torch.Tensor,
-                     model_kwargs: dict[str, Any] | None, generator: torch.Generator | None) -> torch.Tensor:
+    def _vlb_term_at(
+        self,
+        model: Model,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        model_kwargs: dict[str, Any] | None,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device="cpu").to(x0.device)
         x_t = self.q_sample(x0, t, noise)
         output = model(x_t, self.model_timesteps(t), **(model_kwargs or {}))

@@ -32,14 +32,25 @@ class EMA:
     def update(self, model: nn.Module) -> None:
         decay = self.current_decay()
         shadow: list[torch.Tensor] = list(self.model.parameters())
-        torch._foreach_lerp_(shadow, [p.detach().to(s.dtype) for p, s in zip(model.parameters(), shadow)], 1.0 - decay)
-        for shadow_buffer, buffer in zip(self.model.buffers(), model.buffers()):
+        torch._foreach_lerp_(
+            shadow, [p.detach().to(s.dtype) for p, s in zip(model.parameters(), shadow, strict=True)], 1.0 - decay
+        )
+        for shadow_buffer, buffer in zip(self.model.buffers(), model.buffers(), strict=True):
             shadow_buffer.copy_(buffer)
         self.num_updates += 1
 
     def state_dict(self) -> dict[str, Any]:
-        return {"model": self.model.state_dict(), "decay": self.decay, "warmup": self.warmup, "num_updates": self.num_updates}
+        return {
+            "model": self.model.state_dict(),
+            "decay": self.decay,
+            "warmup": self.warmup,
+            "num_updates": self.num_updates,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.model.load_state_dict(state["model"])
-        self.decay, self.warmup, self.num_updates = float(state["decay"]), bool(state["warmup"]), int(state["num_updates"])
+        self.decay, self.warmup, self.num_updates = (
+            float(state["decay"]),
+            bool(state["warmup"]),
+            int(state["num_updates"]),
+        )

@@ -48,9 +48,16 @@ class Classifier(nn.Module):
         w = config.width
         self.config = config
         self.body = nn.Sequential(
-            nn.Conv2d(config.in_channels, w, 3, padding=1), nn.GroupNorm(8, w), nn.SiLU(),
-            nn.Conv2d(w, 2 * w, 3, padding=1), nn.GroupNorm(8, 2 * w), nn.SiLU(), nn.AvgPool2d(2),
-            nn.Conv2d(2 * w, 4 * w, 3, padding=1), nn.GroupNorm(8, 4 * w), nn.SiLU(),
+            nn.Conv2d(config.in_channels, w, 3, padding=1),
+            nn.GroupNorm(8, w),
+            nn.SiLU(),
+            nn.Conv2d(w, 2 * w, 3, padding=1),
+            nn.GroupNorm(8, 2 * w),
+            nn.SiLU(),
+            nn.AvgPool2d(2),
+            nn.Conv2d(2 * w, 4 * w, 3, padding=1),
+            nn.GroupNorm(8, 4 * w),
+            nn.SiLU(),
         )
         self.head = nn.Linear(4 * w, config.num_classes)
 
@@ -62,7 +69,9 @@ class Classifier(nn.Module):
         return self.head(self.features(x))
 
 
-def train_classifier(images: np.ndarray, labels: np.ndarray, epochs: int, seed: int = 0, batch_size: int = 128) -> Classifier:
+def train_classifier(
+    images: np.ndarray, labels: np.ndarray, epochs: int, seed: int = 0, batch_size: int = 128
+) -> Classifier:
     """Train on uint8 ``[N, H, W, C]`` images and int labels with Adam and light shift augmentation."""
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -73,7 +82,7 @@ def train_classifier(images: np.ndarray, labels: np.ndarray, epochs: int, seed: 
     for _ in range(epochs):
         order = torch.randperm(len(x), generator=generator)
         for start in range(0, len(x), batch_size):
-            batch = order[start:start + batch_size]
+            batch = order[start : start + batch_size]
             shift = tuple(torch.randint(-1, 2, (2,), generator=generator).tolist())
             logits = model(torch.roll(x[batch], shifts=shift, dims=(2, 3)))
             loss = F.cross_entropy(logits, y[batch])
@@ -93,7 +102,11 @@ def accuracy(model: Classifier, images: np.ndarray, labels: np.ndarray) -> float
 def extract_features(model: Classifier, images: np.ndarray, batch_size: int = 500) -> torch.Tensor:
     """uint8 ``[N, H, W, C]`` -> float32 features ``[N, d]``."""
     x = to_model_range(images)
-    return torch.cat([model.features(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]) if len(x) else torch.zeros(0, 4 * model.config.width)
+    return (
+        torch.cat([model.features(x[i : i + batch_size]) for i in range(0, len(x), batch_size)])
+        if len(x)
+        else torch.zeros(0, 4 * model.config.width)
+    )
 
 
 class ClassifierExtractor:
@@ -117,7 +130,12 @@ def extractor_id(model: Classifier) -> str:
 def save_classifier(uri: str, model: Classifier, metadata: dict, storage_options: dict | None = None) -> None:
     weights = save_safetensors({k: v.contiguous() for k, v in model.state_dict().items()})
     config = json.dumps({"config": asdict(model.config), "metadata": metadata}).encode()
-    commit(uri, {"classifier.safetensors": weights, "classifier.json": config}, {"kind": "feature_extractor"}, storage_options)
+    commit(
+        uri,
+        {"classifier.safetensors": weights, "classifier.json": config},
+        {"kind": "feature_extractor"},
+        storage_options,
+    )
 
 
 def load_classifier(uri: str, storage_options: dict | None = None) -> tuple[Classifier, dict]:

@@ -24,12 +24,13 @@ def grid(images: np.ndarray, columns: int | None = None, padding: int = 1, min_c
         row, column = divmod(index, columns)
         big = image.repeat(scale, axis=0).repeat(scale, axis=1)
         top, left = padding + row * cell_h, padding + column * cell_w
-        canvas[top:top + height * scale, left:left + width * scale] = big
+        canvas[top : top + height * scale, left : left + width * scale] = big
     return Image.fromarray(canvas[..., 0] if channels == 1 else canvas)
 
 
-def save_grid(images: np.ndarray, uri: str, columns: int | None = None,
-              storage_options: dict[str, Any] | None = None) -> None:
+def save_grid(
+    images: np.ndarray, uri: str, columns: int | None = None, storage_options: dict[str, Any] | None = None
+) -> None:
     """Write :func:`grid` of ``images`` as a PNG to any fsspec URI."""
     buffer = io.BytesIO()
     grid(images, columns).save(buffer, format="PNG")

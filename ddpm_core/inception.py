@@ -19,9 +19,11 @@ import torch
 from ddpm_core.weights import DEFAULT_CACHE, WeightsError, fetch_verified
 
 WEIGHTS_FILE = "pt_inception-2015-12-05-6726825d.pth"
-HOW_TO_PROVIDE = (f"Copy {WEIGHTS_FILE} (from the pytorch-fid / torch-fidelity releases, on a machine with internet access) "
-                  "to storage your workers can read and set evaluate.inception_weights_uri to it; see docs/evaluation.md, "
-                  "'Inception weights'.")
+HOW_TO_PROVIDE = (
+    f"Copy {WEIGHTS_FILE} (from the pytorch-fid / torch-fidelity releases, on a machine with internet access) "
+    "to storage your workers can read and set evaluate.inception_weights_uri to it; see docs/evaluation.md, "
+    "'Inception weights'."
+)
 FEATURES, LOGITS = "2048", "logits_unbiased"
 
 
@@ -30,17 +32,23 @@ def feature_extractor_class() -> type:
     try:
         from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
     except ImportError as error:
-        raise ImportError("evaluate.extractor=inception needs torch-fidelity and torchvision: "
-                          "pip install 'ddpm-pipeline[eval]'") from error
+        raise ImportError(
+            "evaluate.extractor=inception needs torch-fidelity and torchvision: pip install 'ddpm-pipeline[eval]'"
+        ) from error
     return FeatureExtractorInceptionV3
 
 
 class InceptionExtractor:
     """pool3 features and logits of uint8 images of any size; grayscale images are repeated to 3 channels."""
 
-    def __init__(self, weights_path: str | Path, weights_sha256: str, device: torch.device | str = "cpu", batch_size: int = 250) -> None:
-        network = feature_extractor_class()(name="inception-v3-compat", features_list=[FEATURES, LOGITS],
-                                             feature_extractor_weights_path=str(weights_path))
+    def __init__(
+        self, weights_path: str | Path, weights_sha256: str, device: torch.device | str = "cpu", batch_size: int = 250
+    ) -> None:
+        network = feature_extractor_class()(
+            name="inception-v3-compat",
+            features_list=[FEATURES, LOGITS],
+            feature_extractor_weights_path=str(weights_path),
+        )
         self.network = network.eval().to(device)
         self.device, self.batch_size = torch.device(device), batch_size
         self.id = f"inception-v3-compat-{weights_sha256[:16]}"
@@ -54,9 +62,9 @@ class InceptionExtractor:
             x = x.expand(-1, 3, -1, -1)
         features, logits = [], []
         for start in range(0, x.shape[0], self.batch_size):
-            f, l = self.network(x[start:start + self.batch_size].contiguous().to(self.device))
-            features.append(f.float().cpu())
-            logits.append(l.float().cpu())
+            pooled, logit = self.network(x[start : start + self.batch_size].contiguous().to(self.device))
+            features.append(pooled.float().cpu())
+            logits.append(logit.float().cpu())
         if not features:
             return torch.zeros(0, 2048), torch.zeros(0, 1008)
         return torch.cat(features), torch.cat(logits)
@@ -71,7 +79,9 @@ def tensors_only_copy(path: Path) -> Path:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as error:
-            raise WeightsError(f"{path}: not a tensors-only PyTorch state dict ({type(error).__name__}: {error})") from error
+            raise WeightsError(
+                f"{path}: not a tensors-only PyTorch state dict ({type(error).__name__}: {error})"
+            ) from error
         if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
             raise WeightsError(f"{path}: expected a state dict of tensors")
         temporary = clean.with_name(f"{clean.name}.{uuid.uuid4().hex}.partial")  # concurrent workers may race here
@@ -80,8 +90,13 @@ def tensors_only_copy(path: Path) -> Path:
     return clean
 
 
-def load_inception(weights_uri: str, weights_sha256: str, storage_options: dict[str, Any] | None = None,
-                   device: torch.device | str = "cpu", cache_dir: str | Path = DEFAULT_CACHE) -> InceptionExtractor:
+def load_inception(
+    weights_uri: str,
+    weights_sha256: str,
+    storage_options: dict[str, Any] | None = None,
+    device: torch.device | str = "cpu",
+    cache_dir: str | Path = DEFAULT_CACHE,
+) -> InceptionExtractor:
     """Fetch (or reuse the cached copy of) the verified weights and build the extractor."""
     path, digest = fetch_verified(weights_uri, weights_sha256, HOW_TO_PROVIDE, storage_options, cache_dir)
     return InceptionExtractor(tensors_only_copy(path), digest, device)

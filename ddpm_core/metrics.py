@@ -20,11 +20,11 @@ class FeatureStatistics:
     sum_outer: torch.Tensor  # [d, d] float64
 
     @classmethod
-    def empty(cls, dim: int) -> "FeatureStatistics":
+    def empty(cls, dim: int) -> FeatureStatistics:
         return cls(0, torch.zeros(dim, dtype=torch.float64), torch.zeros(dim, dim, dtype=torch.float64))
 
     @classmethod
-    def from_features(cls, features: torch.Tensor) -> "FeatureStatistics":
+    def from_features(cls, features: torch.Tensor) -> FeatureStatistics:
         """Statistics of ``[N, d]`` features."""
         stats = cls.empty(features.shape[1])
         stats.update(features)
@@ -38,7 +38,7 @@ class FeatureStatistics:
         self.sum += features.sum(dim=0)
         self.sum_outer += features.T @ features
 
-    def merge(self, other: "FeatureStatistics") -> "FeatureStatistics":
+    def merge(self, other: FeatureStatistics) -> FeatureStatistics:
         if other.sum.shape != self.sum.shape:
             raise ValueError(f"cannot merge statistics of dimension {other.sum.shape[0]} into {self.sum.shape[0]}")
         return FeatureStatistics(self.count + other.count, self.sum + other.sum, self.sum_outer + other.sum_outer)
@@ -59,7 +59,7 @@ class FeatureStatistics:
         return {"count": torch.tensor(self.count), "sum": self.sum, "sum_outer": self.sum_outer}
 
     @classmethod
-    def from_dict(cls, data: dict[str, torch.Tensor]) -> "FeatureStatistics":
+    def from_dict(cls, data: dict[str, torch.Tensor]) -> FeatureStatistics:
         return cls(int(data["count"]), data["sum"].to(torch.float64), data["sum_outer"].to(torch.float64))
 
 
@@ -109,11 +109,15 @@ class ClassProbabilityStatistics:
     sum_plogp: torch.Tensor  # [S] float64
 
     @classmethod
-    def empty(cls, num_samples: int, splits: int, num_classes: int) -> "ClassProbabilityStatistics":
+    def empty(cls, num_samples: int, splits: int, num_classes: int) -> ClassProbabilityStatistics:
         if not 1 <= splits <= num_samples:
             raise ValueError(f"splits must be in [1, {num_samples}], got {splits}")
-        return cls(num_samples, torch.zeros(splits, dtype=torch.int64), torch.zeros(splits, num_classes, dtype=torch.float64),
-                   torch.zeros(splits, dtype=torch.float64))
+        return cls(
+            num_samples,
+            torch.zeros(splits, dtype=torch.int64),
+            torch.zeros(splits, num_classes, dtype=torch.float64),
+            torch.zeros(splits, dtype=torch.float64),
+        )
 
     def update(self, logits: torch.Tensor, indices: torch.Tensor) -> None:
         """Add samples with ``logits`` ``[n, K]`` and global sample indices ``indices`` ``[n]``."""
@@ -121,22 +125,30 @@ class ClassProbabilityStatistics:
         probs = log_probs.exp()
         indices = torch.as_tensor(indices, dtype=torch.int64)
         if indices.numel() and (indices.min() < 0 or indices.max() >= self.num_samples):
-            raise ValueError(f"sample indices must lie in [0, {self.num_samples}), got [{int(indices.min())}, {int(indices.max())}]")
+            raise ValueError(
+                f"sample indices must lie in [0, {self.num_samples}), got [{int(indices.min())}, {int(indices.max())}]"
+            )
         part = torch.searchsorted(split_boundaries(self.num_samples, len(self.count)), indices, right=True) - 1  # [n]
         self.count += torch.bincount(part, minlength=len(self.count))
         self.sum_probs.index_add_(0, part, probs)
         self.sum_plogp.index_add_(0, part, (probs * log_probs).sum(dim=1))
 
-    def merge(self, other: "ClassProbabilityStatistics") -> "ClassProbabilityStatistics":
+    def merge(self, other: ClassProbabilityStatistics) -> ClassProbabilityStatistics:
         if (other.num_samples, other.sum_probs.shape) != (self.num_samples, self.sum_probs.shape):
             raise ValueError("cannot merge Inception Score statistics of different sample counts, splits or classes")
-        return ClassProbabilityStatistics(self.num_samples, self.count + other.count, self.sum_probs + other.sum_probs,
-                                          self.sum_plogp + other.sum_plogp)
+        return ClassProbabilityStatistics(
+            self.num_samples,
+            self.count + other.count,
+            self.sum_probs + other.sum_probs,
+            self.sum_plogp + other.sum_plogp,
+        )
 
     def inception_score(self) -> tuple[float, float]:
         """(mean, standard deviation) of ``IS_k`` over the parts."""
         if int(self.count.sum()) != self.num_samples:
-            raise ValueError(f"Inception Score statistics hold {int(self.count.sum())} of the {self.num_samples} samples")
+            raise ValueError(
+                f"Inception Score statistics hold {int(self.count.sum())} of the {self.num_samples} samples"
+            )
         count = self.count.to(torch.float64)
         marginal = self.sum_probs / count[:, None]  # [S, K]
         marginal_plogp = torch.where(marginal > 0, marginal * marginal.log(), torch.zeros_like(marginal)).sum(dim=1)
@@ -144,10 +156,15 @@ class ClassProbabilityStatistics:
         return float(scores.mean()), float(scores.std(unbiased=False)) if len(scores) > 1 else 0.0
 
     def to_dict(self) -> dict[str, torch.Tensor]:
-        return {"num_samples": torch.tensor(self.num_samples), "count": self.count, "sum_probs": self.sum_probs, "sum_plogp": self.sum_plogp}
+        return {
+            "num_samples": torch.tensor(self.num_samples),
+            "count": self.count,
+            "sum_probs": self.sum_probs,
+            "sum_plogp": self.sum_plogp,
+        }
 
     @classmethod
-    def from_dict(cls, data: dict[str, torch.Tensor]) -> "ClassProbabilityStatistics":
+    def from_dict(cls, data: dict[str, torch.Tensor]) -> ClassProbabilityStatistics:
         return cls(int(data["num_samples"]), data["count"], data["sum_probs"], data["sum_plogp"])
 
 
@@ -161,13 +178,22 @@ def knn_radii(features: torch.Tensor, k: int, block: int = 1024) -> torch.Tensor
     if features.shape[0] <= k:
         raise ValueError(f"k-NN radii with k={k} need more than {k} points, got {features.shape[0]}")
     # Column 0 of each sorted row is the point itself (distance 0), so column k is the k-th nearest other point.
-    return torch.cat([_squared_distances(features[i:i + block], features).kthvalue(k + 1, dim=1).values
-                      for i in range(0, features.shape[0], block)])
+    return torch.cat(
+        [
+            _squared_distances(features[i : i + block], features).kthvalue(k + 1, dim=1).values
+            for i in range(0, features.shape[0], block)
+        ]
+    )
 
 
-def fraction_in_manifold(queries: torch.Tensor, manifold: torch.Tensor, radii: torch.Tensor, block: int = 1024) -> float:
+def fraction_in_manifold(
+    queries: torch.Tensor, manifold: torch.Tensor, radii: torch.Tensor, block: int = 1024
+) -> float:
     """Fraction of ``queries`` ``[n, d]`` inside at least one ball ``||x - m_j||^2 <= radii_j`` of the manifold."""
-    inside = [(_squared_distances(queries[i:i + block], manifold) <= radii[None, :]).any(dim=1) for i in range(0, queries.shape[0], block)]
+    inside = [
+        (_squared_distances(queries[i : i + block], manifold) <= radii[None, :]).any(dim=1)
+        for i in range(0, queries.shape[0], block)
+    ]
     return float(torch.cat(inside).to(torch.float64).mean())
 
 

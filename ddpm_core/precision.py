@@ -1,4 +1,5 @@
-"""Precisions by name, as configs, the sampling protocol and the benchmarks give them, and the autocast dtype of each."""
+"""Precisions by name, as configs, the sampling protocol and the benchmarks give them, and the autocast dtype of
+each."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 import torch
 
 from ddpm_core.fields import allowed_values
+
 
 class Precision(str, enum.Enum):
     """How the network's arithmetic runs (weights, the loss, the optimizer and the sampler's own arithmetic stay
@@ -39,8 +41,12 @@ def cpu_flags(cpuinfo: str | None = None) -> set[str]:
             cpuinfo = Path("/proc/cpuinfo").read_text()
         except OSError:
             return set()
-    return {flag for line in cpuinfo.splitlines() if line.split(":", 1)[0].strip() == "flags"
-            for flag in line.split(":", 1)[1].split()}
+    return {
+        flag
+        for line in cpuinfo.splitlines()
+        if line.split(":", 1)[0].strip() == "flags"
+        for flag in line.split(":", 1)[1].split()
+    }
 
 
 def cpu_has_native_bf16(cpuinfo: str | None = None) -> bool | None:

@@ -8,8 +8,9 @@ own generator seeded by ``(seed, index)``, so image ``i`` is the same whatever t
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, NamedTuple, Protocol, Sequence
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 import torch
@@ -49,8 +50,13 @@ class SamplerConfig:
             raise FieldError("sampler", "eta", f" must lie in [0, 1], got {self.eta}")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"method": self.method.value, "num_steps": self.num_steps, "eta": self.eta,
-                "spacing": self.spacing.value, "clip_denoised": self.clip_denoised}
+        return {
+            "method": self.method.value,
+            "num_steps": self.num_steps,
+            "eta": self.eta,
+            "spacing": self.spacing.value,
+            "clip_denoised": self.clip_denoised,
+        }
 
 
 def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: Spacing = Spacing.LINSPACE) -> list[int]:
@@ -64,7 +70,7 @@ def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: Spacing = Spac
         steps = np.arange(num_steps) * (num_timesteps // num_steps)
     else:
         steps = np.round(np.arange(num_timesteps, 0, -num_timesteps / num_steps)).astype(int)[::-1] - 1
-    visited = sorted(set(int(step) for step in steps))
+    visited = sorted({int(step) for step in steps})
     if len(visited) != num_steps:
         raise ValueError(f"{spacing.value} spacing of {num_timesteps} steps into {num_steps} gives duplicate steps")
     return visited
@@ -95,8 +101,13 @@ class PerIndexNoise:
 class GeneratorNoise:
     """All noise from one generator: fast for large Monte Carlo batches, but image i depends on the batch."""
 
-    def __init__(self, batch_size: int, generator: torch.Generator | None = None,
-                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> None:
+    def __init__(
+        self,
+        batch_size: int,
+        generator: torch.Generator | None = None,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> None:
         self.batch_size, self.generator, self.device, self.dtype = batch_size, generator, torch.device(device), dtype
 
     def __call__(self, shape: Sequence[int]) -> torch.Tensor:
@@ -108,8 +119,14 @@ class StepOutput(NamedTuple):
     pred_x0: torch.Tensor  # [B, C, H, W] the network's estimate of x_0 at this step
 
 
-def ancestral_step(diffusion: GaussianDiffusion, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-                   noise: torch.Tensor | None, clip_denoised: bool) -> StepOutput:
+def ancestral_step(
+    diffusion: GaussianDiffusion,
+    output: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor | None,
+    clip_denoised: bool,
+) -> StepOutput:
     """One step of Algorithm 2 (Ho et al. 2020): ``x_{t-1} = mu_theta(x_t, t) + sigma_t z``, no noise at t = 0."""
     moments = diffusion.p_mean_variance(output, x_t, t, clip_denoised)
     if noise is None:
@@ -119,14 +136,22 @@ def ancestral_step(diffusion: GaussianDiffusion, output: torch.Tensor, x_t: torc
 
 
 def ddim_sigma(diffusion: GaussianDiffusion, t: torch.Tensor, eta: float, like: torch.Tensor) -> torch.Tensor:
-    """``sigma_t(eta) = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)`` (Song et al. 2021, Eq. 16)."""
+    """``sigma_t(eta) = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev)``
+    (Song et al. 2021, Eq. 16)."""
     abar = diffusion._gather(diffusion.alphas_cumprod, t, like)
     abar_prev = diffusion._gather(diffusion.alphas_cumprod_prev, t, like)
     return eta * torch.sqrt((1 - abar_prev) / (1 - abar)) * torch.sqrt(1 - abar / abar_prev)
 
 
-def ddim_step(diffusion: GaussianDiffusion, output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor,
-              noise: torch.Tensor | None, eta: float, clip_denoised: bool) -> StepOutput:
+def ddim_step(
+    diffusion: GaussianDiffusion,
+    output: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    noise: torch.Tensor | None,
+    eta: float,
+    clip_denoised: bool,
+) -> StepOutput:
     """One DDIM step (Song et al. 2021, Eq. 12):
     ``x_{t-1} = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z``."""
     moments = diffusion.p_mean_variance(output, x_t, t, clip_denoised)
@@ -168,8 +193,11 @@ def sample(
     """
     config = SamplerConfig(**config.to_dict())
     steps = config.num_steps or diffusion.num_timesteps
-    spaced = diffusion if steps == diffusion.num_timesteps else diffusion.respaced(
-        spaced_timesteps(diffusion.num_timesteps, steps, config.spacing))
+    spaced = (
+        diffusion
+        if steps == diffusion.num_timesteps
+        else diffusion.respaced(spaced_timesteps(diffusion.num_timesteps, steps, config.spacing))
+    )
     x = noise(shape).to(dtype)
     device = x.device
     recorded, recorded_steps = [], []
@@ -195,7 +223,9 @@ def sample(
     )
 
 
-def fast_sampling_network(model: torch.nn.Module, autocast_dtype: torch.dtype | None = None, compile: bool = False) -> Model:
+def fast_sampling_network(
+    model: torch.nn.Module, autocast_dtype: torch.dtype | None = None, compile: bool = False
+) -> Model:
     """The network as the samplers call it on the fast path; the sampler's own arithmetic stays in float32.
 
     ``autocast_dtype`` (bf16 on GPUs) runs the U-Net under autocast and hands its output back as float32.
@@ -222,7 +252,11 @@ def classifier_free_guidance(model: Model, scale: float, null_class: int, channe
     parameterisation); learned-variance channels are taken from the conditional pass."""
 
     def guided(x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        both = model(torch.cat([x, x]), torch.cat([t, t]), class_labels=torch.cat([class_labels, torch.full_like(class_labels, null_class)]))
+        both = model(
+            torch.cat([x, x]),
+            torch.cat([t, t]),
+            class_labels=torch.cat([class_labels, torch.full_like(class_labels, null_class)]),
+        )
         conditional, unconditional = both.chunk(2)
         mixed = unconditional[:, :channels] + scale * (conditional[:, :channels] - unconditional[:, :channels])
         return torch.cat([mixed, conditional[:, channels:]], dim=1)

@@ -1,7 +1,8 @@
 """Noise (beta) schedules, computed in float64.
 
 Every function returns ``betas`` of shape ``[T]`` (float64), with ``betas[i]`` the variance of forward step
-``i + 1`` in the paper's 1-based notation (Ho et al. 2020, Eq. 2: ``q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)``).
+``i + 1`` in the paper's 1-based notation
+(Ho et al. 2020, Eq. 2: ``q(x_t | x_{t-1}) = N(sqrt(1 - beta_t) x_{t-1}, beta_t I)``).
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ import enum
 import math
 
 import torch
-
 
 MAX_BETA = 0.999
 

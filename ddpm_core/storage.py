@@ -39,9 +39,10 @@ def storage_failures_named(uri: str, action: str) -> Iterator[None]:
         raise
     except Exception as error:  # botocore, aiohttp, OS errors: whatever the fsspec backend raises
         raise StorageUnavailableError(
-            f"{uri}: {action} failed after the storage client's retries ({type(error).__name__}: {error}). Work committed "
-            f"before is intact and a partly written directory never reads as complete: check the storage endpoint and "
-            f"credentials, then re-run (committed work is skipped).") from error
+            f"{uri}: {action} failed after the storage client's retries ({type(error).__name__}: {error}). "
+            f"Work committed before is intact and a partly written directory never reads as complete: check the "
+            f"storage endpoint and credentials, then re-run (committed work is skipped)."
+        ) from error
 
 
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -61,8 +62,12 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)  # one PUT: an object store shows the whole object or none
 
 
-def commit(uri: str, files: dict[str, bytes], metadata: dict[str, Any] | None = None,
-           storage_options: dict[str, Any] | None = None) -> None:
+def commit(
+    uri: str,
+    files: dict[str, bytes],
+    metadata: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> None:
     """Write ``files`` under the directory ``uri``, then its manifest. An existing manifest is removed first, so a
     reader never pairs an old manifest with new files."""
     with storage_failures_named(uri, "commit"):
@@ -75,7 +80,9 @@ def commit(uri: str, files: dict[str, bytes], metadata: dict[str, Any] | None = 
         for name, data in files.items():
             write_bytes(fs, f"{root}/{name}", data)
         manifest = {
-            "files": {name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)} for name, data in files.items()},
+            "files": {
+                name: {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)} for name, data in files.items()
+            },
             "committed_at": time.time(),
             "metadata": metadata or {},
         }
@@ -97,8 +104,9 @@ def is_committed(uri: str, storage_options: dict[str, Any] | None = None) -> boo
         return fs.exists(f"{root}/{MANIFEST}")
 
 
-def read_committed(uri: str, names: list[str] | None = None,
-                   storage_options: dict[str, Any] | None = None) -> tuple[dict[str, bytes], dict[str, Any]]:
+def read_committed(
+    uri: str, names: list[str] | None = None, storage_options: dict[str, Any] | None = None
+) -> tuple[dict[str, bytes], dict[str, Any]]:
     """Read the files of a committed directory, verifying size and SHA-256 of each; returns (files, metadata)."""
     manifest = read_manifest(uri, storage_options)
     fs, root = filesystem(uri, storage_options)

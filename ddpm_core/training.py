@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -26,9 +27,15 @@ class OptimConfig:
     ema_warmup: bool = False
 
     def __post_init__(self) -> None:
-        check_ranges("optim", {"lr": (self.lr > 0, self.lr), "warmup_images": (self.warmup_images >= 0, self.warmup_images),
-                               "weight_decay": (self.weight_decay >= 0, self.weight_decay),
-                               "ema_decay": (0 <= self.ema_decay < 1, self.ema_decay)})
+        check_ranges(
+            "optim",
+            {
+                "lr": (self.lr > 0, self.lr),
+                "warmup_images": (self.warmup_images >= 0, self.warmup_images),
+                "weight_decay": (self.weight_decay >= 0, self.weight_decay),
+                "ema_decay": (0 <= self.ema_decay < 1, self.ema_decay),
+            },
+        )
 
 
 def learning_rate(images_seen: int, config: OptimConfig) -> float:
@@ -43,7 +50,9 @@ def make_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimiz
     return torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay, fused=fused or None)
 
 
-def drop_labels(labels: torch.Tensor, null_class: int, probability: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def drop_labels(
+    labels: torch.Tensor, null_class: int, probability: float, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Replace each label by the null class with ``probability`` (Ho & Salimans 2022, Algorithm 1)."""
     drop = torch.rand(labels.shape[0], generator=generator) < probability
     return torch.where(drop.to(labels.device), torch.full_like(labels, null_class), labels)
@@ -53,7 +62,9 @@ def quartile_sums(t: torch.Tensor, values: torch.Tensor, num_timesteps: int) -> 
     """Sums and counts ``[4]`` of per-example ``values`` by timestep quartile (improved-diffusion's ``loss_q0..q3``)."""
     quartile = (4 * t // num_timesteps).clamp(max=3)
     sums = torch.zeros(4, dtype=torch.float64, device=values.device).index_add_(0, quartile, values.detach().double())
-    counts = torch.zeros(4, dtype=torch.float64, device=values.device).index_add_(0, quartile, torch.ones_like(values, dtype=torch.float64))
+    counts = torch.zeros(4, dtype=torch.float64, device=values.device).index_add_(
+        0, quartile, torch.ones_like(values, dtype=torch.float64)
+    )
     return sums, counts
 
 
@@ -80,8 +91,13 @@ class WindowTotals:
     def means(self) -> dict[str, float]:
         """Means over the window's steps: ``loss``, ``grad_norm`` and ``loss_q0..3`` (the quartiles that saw a step)."""
         means = {"loss": self.loss_sum / self.steps, "grad_norm": self.grad_norm_sum / self.steps}
-        means.update({f"loss_q{q}": total / count
-                      for q, (total, count) in enumerate(zip(self.quartile_loss_sums, self.quartile_counts)) if count > 0})
+        means.update(
+            {
+                f"loss_q{q}": total / count
+                for q, (total, count) in enumerate(zip(self.quartile_loss_sums, self.quartile_counts, strict=True))
+                if count > 0
+            }
+        )
         return means
 
 
@@ -99,8 +115,15 @@ class RunningTotals:
         self.reduce = reduce
 
     def add(self, result: StepResult) -> None:
-        self.sums += torch.cat([result.loss.double().reshape(1), self.one, result.grad_norm.double().reshape(1),
-                                result.quartile_loss_sum, result.quartile_count])
+        self.sums += torch.cat(
+            [
+                result.loss.double().reshape(1),
+                self.one,
+                result.grad_norm.double().reshape(1),
+                result.quartile_loss_sum,
+                result.quartile_count,
+            ]
+        )
 
     def summed(self) -> WindowTotals:
         """The sums since the last :meth:`restart` over the steps of all workers; the window goes on."""
@@ -141,7 +164,10 @@ def train_step(
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(images_seen, config)
     # Labelled regions: the profiler's time split (benchmarks/train_step.py); free when no profiler runs.
-    with record_function("forward"), torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+    with (
+        record_function("forward"),
+        torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
+    ):
         terms = diffusion.training_losses(model, x0, t, noise, model_kwargs)
         loss = terms["loss"].mean()
     with record_function("backward"):

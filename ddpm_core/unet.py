@@ -8,7 +8,7 @@ classifier-free guidance. Output and residual-branch convolutions start at zero,
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import cast
 
 import torch
@@ -37,19 +37,33 @@ class UNetConfig:
         object.__setattr__(self, "channel_mult", tuple(int(m) for m in self.channel_mult))
         object.__setattr__(self, "attention_resolutions", tuple(int(r) for r in self.attention_resolutions))
         if not self.channel_mult or min(self.channel_mult) < 1:
-            raise FieldError("unet", "channel_mult", f" must be a non-empty list of positive ints, got {list(self.channel_mult)}")
+            raise FieldError(
+                "unet", "channel_mult", f" must be a non-empty list of positive ints, got {list(self.channel_mult)}"
+            )
         downsampling = 2 ** (len(self.channel_mult) - 1)
         if self.image_size < 1 or self.image_size % downsampling:
-            raise FieldError("unet", "image_size", f" {self.image_size} must be divisible by {downsampling} "
-                             f"(2 ** (len(channel_mult) - 1)) for {len(self.channel_mult)} levels")
+            raise FieldError(
+                "unet",
+                "image_size",
+                f" {self.image_size} must be divisible by {downsampling} "
+                f"(2 ** (len(channel_mult) - 1)) for {len(self.channel_mult)} levels",
+            )
         resolutions = {self.image_size // 2**level for level in range(len(self.channel_mult))}
         unknown = sorted(set(self.attention_resolutions) - resolutions)
         if unknown:
-            raise FieldError("unet", "attention_resolutions", f" {unknown} are not among the U-Net's resolutions {sorted(resolutions)}")
+            raise FieldError(
+                "unet",
+                "attention_resolutions",
+                f" {unknown} are not among the U-Net's resolutions {sorted(resolutions)}",
+            )
         for multiplier in self.channel_mult:
             if (self.base_channels * multiplier) % self.norm_groups:
-                raise FieldError("unet", "base_channels", f" * {multiplier} = {self.base_channels * multiplier} is not divisible "
-                                 f"by norm_groups = {self.norm_groups}")
+                raise FieldError(
+                    "unet",
+                    "base_channels",
+                    f" * {multiplier} = {self.base_channels * multiplier} is not divisible "
+                    f"by norm_groups = {self.norm_groups}",
+                )
         if not 0.0 <= self.dropout < 1.0:
             raise FieldError("unet", "dropout", f" must lie in [0, 1), got {self.dropout}")
         if self.num_classes is not None and self.num_classes < 1:
@@ -61,20 +75,42 @@ class UNetConfig:
         return data
 
     @classmethod
-    def from_dict(cls, data: dict) -> "UNetConfig":
+    def from_dict(cls, data: dict) -> UNetConfig:
         return cls(**data)
 
 
 PRESETS: dict[str, UNetConfig] = {
     # The paper's CIFAR-10 model: 35.7M parameters.
-    "cifar10": UNetConfig(image_size=32, in_channels=3, base_channels=128, channel_mult=(1, 2, 2, 2),
-                          num_res_blocks=2, attention_resolutions=(16,), dropout=0.1),
+    "cifar10": UNetConfig(
+        image_size=32,
+        in_channels=3,
+        base_channels=128,
+        channel_mult=(1, 2, 2, 2),
+        num_res_blocks=2,
+        attention_resolutions=(16,),
+        dropout=0.1,
+    ),
     # scikit-learn digits (8x8, 1 channel): small enough to train usefully on a 2-core CPU in minutes.
-    "digits": UNetConfig(image_size=8, in_channels=1, base_channels=32, channel_mult=(1, 2),
-                         num_res_blocks=1, attention_resolutions=(4,), dropout=0.0, norm_groups=8),
+    "digits": UNetConfig(
+        image_size=8,
+        in_channels=1,
+        base_channels=32,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        attention_resolutions=(4,),
+        dropout=0.0,
+        norm_groups=8,
+    ),
     # MNIST (28x28, 1 channel).
-    "mnist": UNetConfig(image_size=28, in_channels=1, base_channels=64, channel_mult=(1, 2, 2),
-                        num_res_blocks=2, attention_resolutions=(7,), dropout=0.1),
+    "mnist": UNetConfig(
+        image_size=28,
+        in_channels=1,
+        base_channels=64,
+        channel_mult=(1, 2, 2),
+        num_res_blocks=2,
+        attention_resolutions=(7,),
+        dropout=0.1,
+    ),
 }
 
 
@@ -89,7 +125,9 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int) -> torch.Tensor:
     """Sinusoidal embedding ``[B] -> [B, dim]`` (Vaswani et al. 2017, Sec. 3.5; the official DDPM code's
     ``get_timestep_embedding``: frequencies ``exp(-log(10000) i / (dim/2 - 1))``, sin then cos)."""
     half = dim // 2
-    frequencies = torch.exp(-math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / (half - 1))
+    frequencies = torch.exp(
+        -math.log(10000.0) * torch.arange(half, dtype=torch.float32, device=timesteps.device) / (half - 1)
+    )
     angles = timesteps.float()[:, None] * frequencies[None, :]  # [B, half]
     embedding = torch.cat([torch.sin(angles), torch.cos(angles)], dim=1)
     return F.pad(embedding, (0, 1)) if dim % 2 else embedding
@@ -170,7 +208,9 @@ class UNet(nn.Module):
         embedding_dim = 4 * ch
         out_channels = config.out_channels or config.in_channels * (2 if learn_variance else 1)
         self.out_channels = out_channels
-        self.time_embedding = nn.Sequential(nn.Linear(ch, embedding_dim), nn.SiLU(), nn.Linear(embedding_dim, embedding_dim))
+        self.time_embedding = nn.Sequential(
+            nn.Linear(ch, embedding_dim), nn.SiLU(), nn.Linear(embedding_dim, embedding_dim)
+        )
         self.class_embedding = nn.Embedding(config.num_classes + 1, embedding_dim) if config.num_classes else None
 
         self.conv_in = nn.Conv2d(config.in_channels, ch, 3, padding=1)
@@ -189,16 +229,24 @@ class UNet(nn.Module):
                 skip_channels.append(channels)
                 resolution //= 2
 
-        self.middle = nn.ModuleList([
-            ResidualBlock(channels, channels, embedding_dim, config.dropout, groups),
-            SelfAttention(channels, groups),
-            ResidualBlock(channels, channels, embedding_dim, config.dropout, groups),
-        ])
+        self.middle = nn.ModuleList(
+            [
+                ResidualBlock(channels, channels, embedding_dim, config.dropout, groups),
+                SelfAttention(channels, groups),
+                ResidualBlock(channels, channels, embedding_dim, config.dropout, groups),
+            ]
+        )
 
         self.up = nn.ModuleList()
         for level, multiplier in reversed(list(enumerate(config.channel_mult))):
             for _ in range(config.num_res_blocks + 1):
-                block = nn.ModuleList([ResidualBlock(channels + skip_channels.pop(), ch * multiplier, embedding_dim, config.dropout, groups)])
+                block = nn.ModuleList(
+                    [
+                        ResidualBlock(
+                            channels + skip_channels.pop(), ch * multiplier, embedding_dim, config.dropout, groups
+                        )
+                    ]
+                )
                 channels = ch * multiplier
                 if resolution in config.attention_resolutions:
                     block.append(SelfAttention(channels, groups))
@@ -228,11 +276,15 @@ class UNet(nn.Module):
             h = layer(h, embedding) if isinstance(layer, ResidualBlock) else layer(h)
         return h
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, timesteps: torch.Tensor, class_labels: torch.Tensor | None = None
+    ) -> torch.Tensor:
         embedding = self.time_embedding(timestep_embedding(timesteps, self.config.base_channels))  # [B, 4ch]
         if self.class_embedding is not None:
             if class_labels is None:
-                raise ValueError("this U-Net is class-conditional: pass class_labels (use num_classes for the null class)")
+                raise ValueError(
+                    "this U-Net is class-conditional: pass class_labels (use num_classes for the null class)"
+                )
             embedding = embedding + self.class_embedding(class_labels)
         elif class_labels is not None:
             raise ValueError("class_labels given to a U-Net built without num_classes")

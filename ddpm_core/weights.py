@@ -38,8 +38,13 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-def fetch_verified(uri: str, sha256: str, how_to_provide: str, storage_options: dict[str, Any] | None = None,
-                   cache_dir: str | Path = DEFAULT_CACHE) -> tuple[Path, str]:
+def fetch_verified(
+    uri: str,
+    sha256: str,
+    how_to_provide: str,
+    storage_options: dict[str, Any] | None = None,
+    cache_dir: str | Path = DEFAULT_CACHE,
+) -> tuple[Path, str]:
     """Local path of the weights at ``uri`` whose SHA-256 starts with ``sha256``, and their full SHA-256.
 
     The cached copy ``<cache_dir>/<full sha256>/<file name>`` is reused when present; otherwise the file is copied to
@@ -55,7 +60,9 @@ def fetch_verified(uri: str, sha256: str, how_to_provide: str, storage_options: 
         fs, path = filesystem(uri, storage_options)
         exists = fs.exists(path)
     except Exception as error:  # endpoint, credentials
-        raise WeightsError(f"weights URI {uri!r} cannot be read ({type(error).__name__}: {error}). {how_to_provide}") from error
+        raise WeightsError(
+            f"weights URI {uri!r} cannot be read ({type(error).__name__}: {error}). {how_to_provide}"
+        ) from error
     if not exists:
         raise WeightsError(f"weights URI {uri!r} does not exist. {how_to_provide}")
     cache_dir.mkdir(parents=True, exist_ok=True)
@@ -65,8 +72,10 @@ def fetch_verified(uri: str, sha256: str, how_to_provide: str, storage_options: 
         fs.get(path, temporary)
         actual = file_sha256(temporary)
         if not actual.startswith(expected):
-            raise WeightsError(f"weights at {uri!r} have SHA-256 {actual}, expected one starting with {expected}: "
-                               "a different or corrupted file")
+            raise WeightsError(
+                f"weights at {uri!r} have SHA-256 {actual}, expected one starting with {expected}: "
+                "a different or corrupted file"
+            )
         target = cache_dir / actual / name
         target.parent.mkdir(exist_ok=True)
         os.replace(temporary, target)

@@ -27,15 +27,24 @@ import time
 from ddpm_core.data import DataError
 from ddpm_core.storage import StorageUnavailableError
 from pipelines.config import ConfigError, PipelineConfig, load_config
-from pipelines.contracts import (EvaluateOutputs, PrepareOutputs, RegisterOutputs, SampleOutputs, StageOutputs, TrainOutputs,
-                                 TuneOutputs)
+from pipelines.context import StageStopped
+from pipelines.contracts import (
+    EvaluateOutputs,
+    PrepareOutputs,
+    RegisterOutputs,
+    SampleOutputs,
+    StageOutputs,
+    TrainOutputs,
+    TuneOutputs,
+)
 from pipelines.dag import PreflightError
 from pipelines.lease import LeaseHeldError
-from pipelines.context import StageStopped
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipelines", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m pipelines", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="run the pipeline DAG")
     run.add_argument("--config", help="YAML config (default: the embedded digits quickstart)")
@@ -70,8 +79,11 @@ def _status(args: argparse.Namespace) -> int:
         print(f"  {stage.name:<9} complete {finished}  {stage_detail(manifest.outputs)}")
     decision = read_decision(store)
     if decision is not None:
-        scores = "".join(f", {label} FID {fid:.4f}" for label, fid in (("challenger", decision.challenger_fid),
-                                                                       ("champion", decision.champion_fid)) if fid is not None)
+        scores = "".join(
+            f", {label} FID {fid:.4f}"
+            for label, fid in (("challenger", decision.challenger_fid), ("champion", decision.champion_fid))
+            if fid is not None
+        )
         print(f"  retrain   {decision.decision}: {decision.reason}{scores}")
     return 0
 
@@ -120,18 +132,26 @@ def print_scores(evaluation: EvaluateOutputs, prepared: PrepareOutputs, config: 
     if scores.fid_untrained is not None:
         print(f"{'':36}{scores.fid_untrained:.3f}  untrained model, same protocol")
     if scores.fid_holdout_vs_train is not None:
-        print(f"{'':36}{scores.fid_holdout_vs_train:.3f}  {prepared.num_holdout} held-out real images "
-              f"(a floor; FID is biased upward when fewer images are scored)")
+        print(
+            f"{'':36}{scores.fid_holdout_vs_train:.3f}  {prepared.num_holdout} held-out real images "
+            f"(a floor; FID is biased upward when fewer images are scored)"
+        )
     if scores.inception_score is not None and scores.inception_score_std is not None:
-        print(f"Inception Score: {scores.inception_score:.3f} +- {scores.inception_score_std:.3f} "
-              f"(std over {config.evaluate.inception_score_splits} splits)")
+        print(
+            f"Inception Score: {scores.inception_score:.3f} +- {scores.inception_score_std:.3f} "
+            f"(std over {config.evaluate.inception_score_splits} splits)"
+        )
     if scores.precision is not None and scores.recall is not None:
-        print(f"Precision / recall (k={config.evaluate.precision_recall_k}): {scores.precision:.3f} / {scores.recall:.3f}")
+        print(
+            f"Precision / recall (k={config.evaluate.precision_recall_k}): {scores.precision:.3f} / {scores.recall:.3f}"
+        )
     nll = evaluation.nll_protocol
     if scores.nll_bpd is not None and scores.nll_bpd_stderr is not None and nll is not None:
         timesteps = "all" if nll.timesteps is None else nll.timesteps
-        print(f"NLL bound:    {scores.nll_bpd:.3f} +- {scores.nll_bpd_stderr:.3f} bits/dim "
-              f"({nll.num_images} {nll.split} images, timesteps: {timesteps})")
+        print(
+            f"NLL bound:    {scores.nll_bpd:.3f} +- {scores.nll_bpd_stderr:.3f} bits/dim "
+            f"({nll.num_images} {nll.split} images, timesteps: {timesteps})"
+        )
 
 
 def _retrain(args: argparse.Namespace) -> int:

@@ -20,13 +20,19 @@ def out_of_memory_advice(where: str, advice: str) -> Iterator[None]:
     except RuntimeError as error:
         if not isinstance(error, torch.OutOfMemoryError) and "can't allocate memory" not in str(error):
             raise
-        raise MemoryError(f"out of memory in {where}: {advice}. Allocator: {str(error).splitlines()[0][:300]}") from error
+        raise MemoryError(
+            f"out of memory in {where}: {advice}. Allocator: {str(error).splitlines()[0][:300]}"
+        ) from error
 
 
-def slow_precision_advice(precision: Precision | str, device_type: str, setting: str, cpuinfo: str | None = None) -> str | None:
+def slow_precision_advice(
+    precision: Precision | str, device_type: str, setting: str, cpuinfo: str | None = None
+) -> str | None:
     """A warning when bf16 was asked for on a CPU known to lack bf16 units (``ddpm_core.precision.cpu_has_native_bf16``
     of this machine, or of the ``cpuinfo`` text given), naming the setting that asked for it; else ``None``."""
     if Precision(precision) is not Precision.BF16 or device_type != "cpu" or cpu_has_native_bf16(cpuinfo) is not False:
         return None
-    return (f"warning: {setting}=true on a CPU without bf16 units (no {' or '.join(NATIVE_BF16_CPU_FLAGS)} flag): bf16 "
-            f"convolutions fall back to kernels many times slower than float32 (docs/benchmarks.md); set {setting}=false")
+    return (
+        f"warning: {setting}=true on a CPU without bf16 units (no {' or '.join(NATIVE_BF16_CPU_FLAGS)} flag): bf16 "
+        f"convolutions fall back to kernels many times slower than float32 (docs/benchmarks.md); set {setting}=false"
+    )

@@ -30,8 +30,13 @@ def current_champion(client: MlflowClient, model_name: str) -> Champion | None:
     except MlflowException:
         return None
     tags = version.tags
-    return Champion(str(version.version), float(tags["fid"]) if "fid" in tags else None, tags.get("protocol_hash"),
-                    tags.get("data_fingerprint"), tags.get("ddpm.run_id"))
+    return Champion(
+        str(version.version),
+        float(tags["fid"]) if "fid" in tags else None,
+        tags.get("protocol_hash"),
+        tags.get("data_fingerprint"),
+        tags.get("ddpm.run_id"),
+    )
 
 
 def champion_snapshot_uri(store: RunStore, tracking_uri: str, model_name: str, champion: Champion) -> str:
@@ -43,8 +48,16 @@ def champion_snapshot_uri(store: RunStore, tracking_uri: str, model_name: str, c
         return uri
     mlflow.set_tracking_uri(tracking_uri)
     with tempfile.TemporaryDirectory() as directory:
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{model_name}/{champion.version}", dst_path=directory)
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"models:/{model_name}/{champion.version}", dst_path=directory
+        )
         snapshot = load_snapshot(os.path.join(local, "artifacts", "snapshot"))
-        save_snapshot(uri, snapshot.build_model(), snapshot.unet, snapshot.diffusion,
-                      {**snapshot.metadata, "champion_version": champion.version}, store.options)
+        save_snapshot(
+            uri,
+            snapshot.build_model(),
+            snapshot.unet,
+            snapshot.diffusion,
+            {**snapshot.metadata, "champion_version": champion.version},
+            store.options,
+        )
     return uri

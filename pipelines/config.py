@@ -1,4 +1,5 @@
-"""The pipeline's config: a YAML file plus ``section.key=value`` overrides, read into one frozen :class:`PipelineConfig`.
+"""The pipeline's config: a YAML file plus ``section.key=value`` overrides, read into one frozen
+:class:`PipelineConfig`.
 
 Sections are frozen dataclasses that check their own fields in ``__post_init__``. Where ``ddpm_core`` has a type
 for a section it is used: ``diffusion`` is a ``DiffusionConfig``; ``train`` embeds ``OptimConfig`` and ``sample``
@@ -123,8 +124,10 @@ class ModelSection:
         if self.preset not in PRESETS:
             raise ConfigError(f"model.preset {self.preset!r} is not one of {', '.join(sorted(PRESETS))}")
         if self.unet().num_classes is not None:
-            raise ConfigError("model.overrides.num_classes: class-conditional training is not connected to the pipeline "
-                              "yet (training passes no labels to the network); remove it to train an unconditional model")
+            raise ConfigError(
+                "model.overrides.num_classes: class-conditional training is not connected to the pipeline "
+                "yet (training passes no labels to the network); remove it to train an unconditional model"
+            )
 
     def unet(self) -> UNetConfig:
         """The preset with the overrides applied, checked as ``model.overrides.<field>``."""
@@ -146,8 +149,10 @@ class TrainSection:
     horizontal_flip: bool = False
     seed: int = 0
     # lr, warmup_images, grad_clip, weight_decay, ema_decay, ema_warmup: train.<field>
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-3, warmup_images=10_000, ema_decay=0.999,
-                                                                   ema_warmup=True), metadata=INLINE)
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(lr=1e-3, warmup_images=10_000, ema_decay=0.999, ema_warmup=True),
+        metadata=INLINE,
+    )
     init_from: str | None = None  # snapshot URI whose weights start training (the retrain warm start)
     # bf16 autocast of the U-Net (the loss, gradients and AdamW stay float32) on GPU workers, and on CPU workers only
     # when asked: it pays only with native bf16 units and costs quality (docs/benchmarks.md, "bf16 on the CPU")
@@ -158,14 +163,30 @@ class TrainSection:
     gradient_as_bucket_view: bool = True  # DDP's gradients as views into its all-reduce buckets (same numbers)
 
     def __post_init__(self) -> None:
-        require_positive("train", {"num_workers": self.num_workers, "batch_size": self.batch_size,
-                                   "total_images": self.total_images, "cpus_per_worker": self.cpus_per_worker,
-                                   "checkpoint_every_images": self.checkpoint_every_images,
-                                   "log_every_images": self.log_every_images})
-        require_non_negative("train", {"max_failures": self.max_failures, "startup_retries": self.startup_retries,
-                                       "grid_every_images": self.grid_every_images, "seed": self.seed})
+        require_positive(
+            "train",
+            {
+                "num_workers": self.num_workers,
+                "batch_size": self.batch_size,
+                "total_images": self.total_images,
+                "cpus_per_worker": self.cpus_per_worker,
+                "checkpoint_every_images": self.checkpoint_every_images,
+                "log_every_images": self.log_every_images,
+            },
+        )
+        require_non_negative(
+            "train",
+            {
+                "max_failures": self.max_failures,
+                "startup_retries": self.startup_retries,
+                "grid_every_images": self.grid_every_images,
+                "seed": self.seed,
+            },
+        )
         if self.batch_size % self.num_workers:
-            raise ConfigError(f"train.batch_size {self.batch_size} must be a multiple of train.num_workers {self.num_workers}")
+            raise ConfigError(
+                f"train.batch_size {self.batch_size} must be a multiple of train.num_workers {self.num_workers}"
+            )
 
     def precision(self, use_gpu: bool) -> Precision:
         """The training workers' precision on the device kind given."""
@@ -177,7 +198,8 @@ class TuneSection:
     """Hyperparameter search before the long training run (the tune stage; docs/tuning.md)."""
 
     enabled: bool = False
-    space: dict[str, Any] = field(default_factory=dict)  # dotted key -> {choice|grid: [..]} or {uniform|loguniform: [lo, hi]}
+    # dotted key -> {choice|grid: [..]} or {uniform|loguniform: [lo, hi]}
+    space: dict[str, Any] = field(default_factory=dict)
     search_alg: SearchAlgorithm = SearchAlgorithm.RANDOM
     num_samples: int = 4  # trials drawn (random/optuna/hyperopt); with grid: repeats of the whole grid
     metric: TrialMetric = TrialMetric.BPD
@@ -197,10 +219,28 @@ class TuneSection:
     warm_start: bool = False  # train starts from the best trial's checkpoint
 
     def __post_init__(self) -> None:
-        coerce_choices(self, "tune", {"search_alg": SearchAlgorithm, "metric": TrialMetric, "scheduler": TrialScheduler})
-        require_positive("tune", {name: getattr(self, name) for name in (
-            "num_samples", "trial_images", "report_every_images", "max_concurrent_trials", "workers_per_trial",
-            "bpd_images", "bpd_timesteps", "reduction_factor", "grace_period_images", "cpus_per_worker", "cpus_per_trial")})
+        coerce_choices(
+            self, "tune", {"search_alg": SearchAlgorithm, "metric": TrialMetric, "scheduler": TrialScheduler}
+        )
+        require_positive(
+            "tune",
+            {
+                name: getattr(self, name)
+                for name in (
+                    "num_samples",
+                    "trial_images",
+                    "report_every_images",
+                    "max_concurrent_trials",
+                    "workers_per_trial",
+                    "bpd_images",
+                    "bpd_timesteps",
+                    "reduction_factor",
+                    "grace_period_images",
+                    "cpus_per_worker",
+                    "cpus_per_trial",
+                )
+            },
+        )
         if self.bpd_timesteps < 2:
             raise ConfigError("tune.bpd_timesteps must be >= 2 (the estimate's standard error needs two)")
         if self.metric is TrialMetric.FID and self.proxy_fid_samples < 2:
@@ -218,15 +258,20 @@ class SampleSection:
     batch_size: int = 250  # images per shard (one task)
     num_workers: int = 2  # sampling actors (one per GPU on a GPU cluster)
     # method, num_steps, eta, spacing, clip_denoised: sample.<field>
-    sampler: SamplerConfig = field(default_factory=lambda: SamplerConfig(method=Method.DDIM, num_steps=100), metadata=INLINE)
+    sampler: SamplerConfig = field(
+        default_factory=lambda: SamplerConfig(method=Method.DDIM, num_steps=100), metadata=INLINE
+    )
     seed: int = 1
-    bf16_on_gpu: bool = True  # bf16 autocast of the U-Net in GPU sampling actors (the sampler's arithmetic stays float32)
+    bf16_on_gpu: bool = (
+        True  # bf16 autocast of the U-Net in GPU sampling actors (the sampler's arithmetic stays float32)
+    )
     bf16_on_cpu: bool = False  # the same in CPU sampling actors (docs/benchmarks.md, "bf16 on the CPU")
     compile: bool = False  # torch.compile (inductor, weights frozen) of the U-Net in each sampling actor
 
     def __post_init__(self) -> None:
-        require_positive("sample", {"num_samples": self.num_samples, "batch_size": self.batch_size,
-                                    "num_workers": self.num_workers})
+        require_positive(
+            "sample", {"num_samples": self.num_samples, "batch_size": self.batch_size, "num_workers": self.num_workers}
+        )
         require_non_negative("sample", {"seed": self.seed})
 
     def precision(self, use_gpu: bool) -> Precision:
@@ -241,13 +286,19 @@ class EvaluateSection:
     extractor: Extractor = Extractor.CLASSIFIER
     classifier_epochs: int = 15
     inception_weights_uri: str | None = None  # fsspec URI or path of pt_inception-2015-12-05-6726825d.pth
-    inception_weights_sha256: str = "6726825d"  # its SHA-256, or a prefix (the one in the official file name by default)
-    reference_stats_uri: str | None = None  # a published .npz with mu and sigma instead of statistics of the training split
+    inception_weights_sha256: str = (
+        "6726825d"  # its SHA-256, or a prefix (the one in the official file name by default)
+    )
+    reference_stats_uri: str | None = (
+        None  # a published .npz with mu and sigma instead of statistics of the training split
+    )
     inception_score: bool = True  # Inception Score (with the classifier: the same formula on its logits)
     inception_score_splits: int = 10
     precision_recall: bool = True  # improved precision/recall (Kynkaanniemi et al. 2019) on the same features
     precision_recall_k: int = 3
-    precision_recall_samples: int = 10_000  # at most this many real and as many generated images (the first of each set)
+    precision_recall_samples: int = (
+        10_000  # at most this many real and as many generated images (the first of each set)
+    )
     nll: bool = True  # NLL bound in bits/dim of held-out real images
     nll_split: NllSplit = NllSplit.HOLDOUT
     nll_images: int | None = None  # None: the whole split
@@ -260,15 +311,28 @@ class EvaluateSection:
     def __post_init__(self) -> None:
         coerce_choices(self, "evaluate", {"extractor": Extractor, "nll_split": NllSplit})
         if self.extractor is Extractor.INCEPTION and not self.inception_weights_uri:
-            raise ConfigError("evaluate.extractor=inception needs evaluate.inception_weights_uri: the fsspec URI or path of "
-                              "pt_inception-2015-12-05-6726825d.pth (see docs/evaluation.md, 'Inception weights')")
+            raise ConfigError(
+                "evaluate.extractor=inception needs evaluate.inception_weights_uri: the fsspec URI or path of "
+                "pt_inception-2015-12-05-6726825d.pth (see docs/evaluation.md, 'Inception weights')"
+            )
         try:
             check_sha256_spec(self.inception_weights_sha256, "evaluate.inception_weights_sha256")
         except ValueError as error:
             raise ConfigError(str(error)) from None
-        require_positive("evaluate", {name: getattr(self, name) for name in (
-            "inception_score_splits", "precision_recall_k", "precision_recall_samples", "nll_batch_size",
-            "classifier_epochs", "grid_size")})
+        require_positive(
+            "evaluate",
+            {
+                name: getattr(self, name)
+                for name in (
+                    "inception_score_splits",
+                    "precision_recall_k",
+                    "precision_recall_samples",
+                    "nll_batch_size",
+                    "classifier_epochs",
+                    "grid_size",
+                )
+            },
+        )
         if self.nll_images is not None and self.nll_images <= 0:
             raise ConfigError(f"evaluate.nll_images must be null (the whole split) or > 0, got {self.nll_images}")
 
@@ -356,7 +420,9 @@ class PipelineConfig:
     def __post_init__(self) -> None:
         """The checks that relate sections (each section checks its own fields)."""
         if not RUN_ID.match(self.run_id):
-            raise ConfigError(f"run_id {self.run_id!r} must be 1-128 letters, digits, '.', '_' or '-' (no path separators)")
+            raise ConfigError(
+                f"run_id {self.run_id!r} must be 1-128 letters, digits, '.', '_' or '-' (no path separators)"
+            )
         num_timesteps, num_samples = self.diffusion.num_timesteps, self.sample.num_samples
         steps = self.sample.sampler.num_steps
         if steps is not None and steps > num_timesteps:
@@ -365,16 +431,27 @@ class PipelineConfig:
             raise ConfigError("tune.enabled needs data.holdout_fraction > 0: trials are ranked on held-out images")
         evaluate = self.evaluate
         if evaluate.nll and evaluate.nll_split is NllSplit.HOLDOUT and self.data.holdout_fraction <= 0:
-            raise ConfigError("evaluate.nll with evaluate.nll_split=holdout needs data.holdout_fraction > 0 "
-                              "(or set evaluate.nll_split=test, or evaluate.nll=false)")
+            raise ConfigError(
+                "evaluate.nll with evaluate.nll_split=holdout needs data.holdout_fraction > 0 "
+                "(or set evaluate.nll_split=test, or evaluate.nll=false)"
+            )
         if evaluate.nll_timesteps is not None and not 2 <= evaluate.nll_timesteps <= num_timesteps:
-            raise ConfigError(f"evaluate.nll_timesteps must be null (all terms) or in [2, {num_timesteps}], "
-                              f"got {evaluate.nll_timesteps}")
+            raise ConfigError(
+                f"evaluate.nll_timesteps must be null (all terms) or in [2, {num_timesteps}], "
+                f"got {evaluate.nll_timesteps}"
+            )
         if evaluate.inception_score and evaluate.inception_score_splits > num_samples:
-            raise ConfigError(f"evaluate.inception_score_splits {evaluate.inception_score_splits} exceeds sample.num_samples "
-                              f"{num_samples}")
-        if evaluate.precision_recall and min(evaluate.precision_recall_samples, num_samples) <= evaluate.precision_recall_k:
-            raise ConfigError(f"evaluate.precision_recall needs more than precision_recall_k={evaluate.precision_recall_k} samples")
+            raise ConfigError(
+                f"evaluate.inception_score_splits {evaluate.inception_score_splits} exceeds sample.num_samples "
+                f"{num_samples}"
+            )
+        if (
+            evaluate.precision_recall
+            and min(evaluate.precision_recall_samples, num_samples) <= evaluate.precision_recall_k
+        ):
+            raise ConfigError(
+                f"evaluate.precision_recall needs more than precision_recall_k={evaluate.precision_recall_k} samples"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         """The config as plain data, with the keys users write (the resolved ``config.yaml``, MLflow params)."""
@@ -397,7 +474,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if data is None:
             data = {}
         if not isinstance(data, dict):
-            raise ConfigError(f"config file {str(path)!r} must hold a mapping of sections (e.g. 'train:'), got {data!r}")
+            raise ConfigError(
+                f"config file {str(path)!r} must hold a mapping of sections (e.g. 'train:'), got {data!r}"
+            )
     for override in overrides:
         key, sep, raw = override.partition("=")
         if not sep or not key.strip():

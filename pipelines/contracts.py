@@ -126,9 +126,15 @@ class FidProtocol:
     def flat(self) -> dict[str, Any]:
         """The protocol as logged (``protocol.<key>`` params) and hashed into ``fid.protocol_hash``."""
         reference = {name: value for name, value in vars(self.reference).items() if value is not None}
-        return {"num_samples": self.num_samples, "sampler": self.sampler.to_dict(), "seed": self.seed,
-                "precision": self.precision.value, "extractor_id": self.extractor_id,
-                "extractor_weights_sha256": self.extractor_weights_sha256, **reference}
+        return {
+            "num_samples": self.num_samples,
+            "sampler": self.sampler.to_dict(),
+            "seed": self.seed,
+            "precision": self.precision.value,
+            "extractor_id": self.extractor_id,
+            "extractor_weights_sha256": self.extractor_weights_sha256,
+            **reference,
+        }
 
 
 @dataclass(frozen=True)
@@ -143,8 +149,13 @@ class NllProtocol:
 
     def params(self) -> dict[str, Any]:
         """The ``protocol.nll.<key>`` params."""
-        return {"nll.split": self.split, "nll.num_images": self.num_images, "nll.batch_size": self.batch_size,
-                "nll.timesteps": "all" if self.timesteps is None else self.timesteps, "nll.seed": self.seed}
+        return {
+            "nll.split": self.split,
+            "nll.num_images": self.num_images,
+            "nll.batch_size": self.batch_size,
+            "nll.timesteps": "all" if self.timesteps is None else self.timesteps,
+            "nll.seed": self.seed,
+        }
 
 
 @dataclass(frozen=True)
@@ -191,11 +202,11 @@ class RegisterOutputs:
 
 
 StageOutputs = PrepareOutputs | TuneOutputs | TrainOutputs | SampleOutputs | EvaluateOutputs | RegisterOutputs
-O = TypeVar("O")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
-class StageManifest(Generic[O]):
+class StageManifest(Generic[T]):
     """``{run root}/{stage}/stage.json``, written last: a stage is complete exactly when it exists."""
 
     stage: str
@@ -205,4 +216,4 @@ class StageManifest(Generic[O]):
     started_at: float
     finished_at: float
     mlflow_run_id: str
-    outputs: O
+    outputs: T

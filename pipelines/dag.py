@@ -22,14 +22,22 @@ from typing import Any, TypeVar
 
 from pipelines.config import ConfigError, Extractor, PipelineConfig, save_resolved
 from pipelines.context import StageContext, StageStopped
-from pipelines.contracts import (EvaluateOutputs, PrepareOutputs, RegisterOutputs, SampleOutputs, StageManifest, StageOutputs,
-                                 TrainOutputs, TuneOutputs)
+from pipelines.contracts import (
+    EvaluateOutputs,
+    PrepareOutputs,
+    RegisterOutputs,
+    SampleOutputs,
+    StageManifest,
+    StageOutputs,
+    TrainOutputs,
+    TuneOutputs,
+)
 from pipelines.runs import RunStore, now
 from pipelines.stages import evaluate, prepare, register, sample, train, tune
 from pipelines.tracking import Tracker, git_commit
 from pipelines.typed import SchemaError
 
-O = TypeVar("O")
+T = TypeVar("T")
 
 
 def always(config: PipelineConfig) -> bool:
@@ -50,19 +58,68 @@ class Stage:
 
 
 STAGES: tuple[Stage, ...] = (
-    Stage("prepare", prepare.run, PrepareOutputs, (), ("data", "model", "evaluate.extractor", "evaluate.classifier_epochs",
-                                                       "evaluate.nll", "evaluate.nll_split", "tune.enabled", "tune.proxy_fid_samples"),
-          description="validate data, shards, domain classifier", needs_ray=False),
-    Stage("tune", tune.run, TuneOutputs, ("prepare",), ("model", "diffusion", "train", "tune"),
-          lambda config: config.tune.enabled, "Ray Tune trials of the training loop, ASHA on held-out bits/dim",
-          check=tune.check),
-    Stage("train", train.run, TrainOutputs, ("prepare", "tune"), ("model", "diffusion", "train"),
-          description="Ray Train DDP, checkpoints, EMA snapshot"),
-    Stage("sample", sample.run, SampleOutputs, ("train",), ("sample",), description="Ray actors, per-index seeds, committed shards"),
-    Stage("evaluate", evaluate.run, EvaluateOutputs, ("prepare", "train", "sample"), ("evaluate",),
-          description="FID, IS, precision/recall, NLL bound; also samples an untrained network and the champion"),
-    Stage("register", register.run, RegisterOutputs, ("prepare", "train", "evaluate"), ("register",),
-          lambda config: config.register.enabled, "MLflow model version, challenger/champion aliases", needs_ray=False),
+    Stage(
+        "prepare",
+        prepare.run,
+        PrepareOutputs,
+        (),
+        (
+            "data",
+            "model",
+            "evaluate.extractor",
+            "evaluate.classifier_epochs",
+            "evaluate.nll",
+            "evaluate.nll_split",
+            "tune.enabled",
+            "tune.proxy_fid_samples",
+        ),
+        description="validate data, shards, domain classifier",
+        needs_ray=False,
+    ),
+    Stage(
+        "tune",
+        tune.run,
+        TuneOutputs,
+        ("prepare",),
+        ("model", "diffusion", "train", "tune"),
+        lambda config: config.tune.enabled,
+        "Ray Tune trials of the training loop, ASHA on held-out bits/dim",
+        check=tune.check,
+    ),
+    Stage(
+        "train",
+        train.run,
+        TrainOutputs,
+        ("prepare", "tune"),
+        ("model", "diffusion", "train"),
+        description="Ray Train DDP, checkpoints, EMA snapshot",
+    ),
+    Stage(
+        "sample",
+        sample.run,
+        SampleOutputs,
+        ("train",),
+        ("sample",),
+        description="Ray actors, per-index seeds, committed shards",
+    ),
+    Stage(
+        "evaluate",
+        evaluate.run,
+        EvaluateOutputs,
+        ("prepare", "train", "sample"),
+        ("evaluate",),
+        description="FID, IS, precision/recall, NLL bound; also samples an untrained network and the champion",
+    ),
+    Stage(
+        "register",
+        register.run,
+        RegisterOutputs,
+        ("prepare", "train", "evaluate"),
+        ("register",),
+        lambda config: config.register.enabled,
+        "MLflow model version, challenger/champion aliases",
+        needs_ray=False,
+    ),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 SUMMARY_METRICS = ("fid", "fid_untrained", "fid_holdout_vs_train", "inception_score", "precision", "recall", "nll_bpd")
@@ -78,13 +135,13 @@ class Results:
     def __init__(self, manifests: dict[str, StageManifest[Any]]) -> None:
         self.manifests = manifests
 
-    def manifest(self, kind: type[O]) -> StageManifest[O] | None:
+    def manifest(self, kind: type[T]) -> StageManifest[T] | None:
         for manifest in self.manifests.values():
             if isinstance(manifest.outputs, kind):
                 return manifest
         return None
 
-    def outputs(self, kind: type[O]) -> O | None:
+    def outputs(self, kind: type[T]) -> T | None:
         manifest = self.manifest(kind)
         return manifest.outputs if manifest is not None else None
 
@@ -99,7 +156,8 @@ def check_config(config: PipelineConfig) -> None:
 def storage_error(store: RunStore, error: Exception) -> PreflightError:
     return PreflightError(
         f"storage.root {store.storage_root!r} is not writable ({type(error).__name__}: {error}). Check storage.root, "
-        "storage.endpoint_url and the AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY environment variables.")
+        "storage.endpoint_url and the AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY environment variables."
+    )
 
 
 def hold_run_root(store: RunStore, config: PipelineConfig, log: Callable[[str], None] = print) -> Any:
@@ -108,7 +166,9 @@ def hold_run_root(store: RunStore, config: PipelineConfig, log: Callable[[str], 
     from pipelines.lease import LeaseHeldError, acquire
 
     try:
-        return acquire(store.root, store.options, config.retrain.lease_ttl_s, config.retrain.lease_wait_s, log=log).keep_alive()
+        return acquire(
+            store.root, store.options, config.retrain.lease_ttl_s, config.retrain.lease_wait_s, log=log
+        ).keep_alive()
     except LeaseHeldError:
         raise
     except Exception as error:
@@ -128,22 +188,31 @@ def preflight(store: RunStore, config: PipelineConfig) -> Tracker:
 
         try:
             feature_extractor_class()
-            path, _ = fetch_verified(config.evaluate.inception_weights_uri or "", config.evaluate.inception_weights_sha256,
-                                     HOW_TO_PROVIDE, store.options)
+            path, _ = fetch_verified(
+                config.evaluate.inception_weights_uri or "",
+                config.evaluate.inception_weights_sha256,
+                HOW_TO_PROVIDE,
+                store.options,
+            )
             tensors_only_copy(path)
         except (WeightsError, ImportError) as error:
             raise PreflightError(f"evaluate.extractor=inception: {error}") from error
     try:
         return Tracker(config)
     except Exception as error:
-        raise PreflightError(f"MLflow at {config.mlflow.resolved_tracking_uri()!r} cannot be used ({type(error).__name__}: "
-                             f"{error}). Check mlflow.tracking_uri and MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD.") from error
+        raise PreflightError(
+            f"MLflow at {config.mlflow.resolved_tracking_uri()!r} cannot be used ({type(error).__name__}: "
+            f"{error}). Check mlflow.tracking_uri and MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."
+        ) from error
 
 
 def fingerprint(stage: Stage, config: PipelineConfig, manifests: dict[str, StageManifest[Any]]) -> str:
     data = config.to_dict()
-    payload = {"stage": stage.name, "config": {key: dotted(data, key) for key in stage.config_keys},
-               "upstream": {name: manifests[name].execution_id for name in stage.upstream if name in manifests}}
+    payload = {
+        "stage": stage.name,
+        "config": {key: dotted(data, key) for key in stage.config_keys},
+        "upstream": {name: manifests[name].execution_id for name in stage.upstream if name in manifests},
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -166,8 +235,12 @@ def describe() -> str:
     return "\n".join(lines)
 
 
-def run_pipeline(config: PipelineConfig, from_stage: str | None = None, log: Callable[[str], None] = print,
-                 parent_tags: dict[str, str] | None = None) -> Results:
+def run_pipeline(
+    config: PipelineConfig,
+    from_stage: str | None = None,
+    log: Callable[[str], None] = print,
+    parent_tags: dict[str, str] | None = None,
+) -> Results:
     """Run every enabled stage in order, skipping finished ones. ``parent_tags`` are added to the MLflow parent run
     when it is created."""
     if from_stage is not None and from_stage not in STAGE_NAMES:
@@ -185,8 +258,14 @@ def run_pipeline(config: PipelineConfig, from_stage: str | None = None, log: Cal
 class Runner:
     """Walks the stages of one run: skips the up-to-date ones, executes the others under nested MLflow runs."""
 
-    def __init__(self, config: PipelineConfig, store: RunStore, tracker: Tracker, log: Callable[[str], None],
-                 parent_tags: dict[str, str]) -> None:
+    def __init__(
+        self,
+        config: PipelineConfig,
+        store: RunStore,
+        tracker: Tracker,
+        log: Callable[[str], None],
+        parent_tags: dict[str, str],
+    ) -> None:
         self.config, self.store, self.tracker, self.log, self.parent_tags = config, store, tracker, log, parent_tags
         self.manifests: dict[str, StageManifest[Any]] = {}
         self.parent_id: str | None = None  # the MLflow parent run, created when the first stage executes
@@ -221,18 +300,30 @@ class Runner:
             self.store.remove_work(stage.name, fingerprint)  # --from: recompute, do not resume partial state
         self.log(f"[{stage.name}] running (MLflow run {stage_run_id})")
         started = now()
-        context = StageContext(self.config, self.store, stage_run_id, fingerprint, self.tracker.tracking_uri,
-                               functools.partial(self.log_stage, stage.name))
+        context = StageContext(
+            self.config,
+            self.store,
+            stage_run_id,
+            fingerprint,
+            self.tracker.tracking_uri,
+            functools.partial(self.log_stage, stage.name),
+        )
         upstream = [self.manifests[name].outputs if name in self.manifests else None for name in stage.upstream]
         try:
             outputs = stage.run(context, *upstream)
         except BaseException as error:
             self.tracker.finish(stage_run_id, ok=False)
             self.tracker.finish(parent_id, ok=False)
-            self.log(f"[{stage.name}] stopped" if isinstance(error, StageStopped) else f"[{stage.name}] failed:\n{traceback.format_exc()}")
+            self.log(
+                f"[{stage.name}] stopped"
+                if isinstance(error, StageStopped)
+                else f"[{stage.name}] failed:\n{traceback.format_exc()}"
+            )
             raise
         self.tracker.finish(stage_run_id, ok=True)
-        manifest = StageManifest(stage.name, "complete", fingerprint, uuid.uuid4().hex, started, now(), stage_run_id, outputs)
+        manifest = StageManifest(
+            stage.name, "complete", fingerprint, uuid.uuid4().hex, started, now(), stage_run_id, outputs
+        )
         self.store.write_manifest(manifest)
         if isinstance(outputs, PrepareOutputs):
             self.tracker.client.set_tag(parent_id, "ddpm.data_fingerprint", outputs.fingerprint)
@@ -243,8 +334,9 @@ class Runner:
 
     def parent(self) -> str:
         if self.parent_id is None:
-            self.parent_id = self.tracker.parent_run({"ddpm.git_commit": git_commit(), "ddpm.data_uri": self.config.data.uri,
-                                                      **self.parent_tags})
+            self.parent_id = self.tracker.parent_run(
+                {"ddpm.git_commit": git_commit(), "ddpm.data_uri": self.config.data.uri, **self.parent_tags}
+            )
             self.tracker.client.log_text(self.parent_id, save_resolved(self.config), "config.yaml")
         return self.parent_id
 

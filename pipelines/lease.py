@@ -16,8 +16,9 @@ import socket
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import fsspec
 from fsspec.implementations.local import LocalFileSystem
@@ -84,7 +85,7 @@ class Lease:
         self._write()
         return True
 
-    def keep_alive(self, interval_s: float | None = None, on_lost: Callable[[], None] | None = None) -> "Lease":
+    def keep_alive(self, interval_s: float | None = None, on_lost: Callable[[], None] | None = None) -> Lease:
         """Renew in a daemon thread every ``interval_s`` (a third of the TTL by default)."""
         interval = interval_s or self.ttl_s / 3
 
@@ -109,7 +110,7 @@ class Lease:
         if not self.lost and latest_generation(self.uri, self.storage_options)[0] == self.generation:
             self._write(released=True)
 
-    def __enter__(self) -> "Lease":
+    def __enter__(self) -> Lease:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -159,7 +160,8 @@ def latest_generation(uri: str, storage_options: dict[str, Any]) -> tuple[int, L
         names = [name.rsplit("/", 1)[-1] for name in fs.ls(root, detail=False)]
     except FileNotFoundError:
         return 0, None
-    numbers = sorted(int(name[:-5]) for name in names if name.endswith(".json") and name[:-5].isdigit())  # not *.partial
+    # Generations are NNNNNNNN.json (a file being written is NNNNNNNN.json.<nonce>.partial).
+    numbers = sorted(int(name[:-5]) for name in names if name.endswith(".json") and name[:-5].isdigit())
     if not numbers:
         return 0, None
     try:
@@ -169,8 +171,14 @@ def latest_generation(uri: str, storage_options: dict[str, Any]) -> tuple[int, L
         return numbers[-1], LeaseRecord("unknown (being written)", now, now + 1, False)
 
 
-def acquire(uri: str, storage_options: dict[str, Any], ttl_s: float = 300.0, wait_s: float = 0.0,
-            poll_s: float = 5.0, log: Callable[[str], None] = print) -> Lease:
+def acquire(
+    uri: str,
+    storage_options: dict[str, Any],
+    ttl_s: float = 300.0,
+    wait_s: float = 0.0,
+    poll_s: float = 5.0,
+    log: Callable[[str], None] = print,
+) -> Lease:
     """Take the lease on the run root ``uri``, waiting up to ``wait_s`` for a live holder to finish; raises
     :class:`LeaseHeldError` naming the holder when it does not."""
     owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
@@ -186,8 +194,10 @@ def acquire(uri: str, storage_options: dict[str, Any], ttl_s: float = 300.0, wai
             continue  # another run won generation + 1: look again
         if time.time() >= deadline:
             left = record.expires_at - time.time()
-            raise LeaseHeldError(f"run root {uri} is held by {record.owner} (lease renewed "
-                                 f"{time.time() - record.renewed_at:.0f} s ago, expires in {left:.0f} s unless renewed). "
-                                 "Another run of this run_id is in progress; wait for it, or use another run_id.")
+            raise LeaseHeldError(
+                f"run root {uri} is held by {record.owner} (lease renewed "
+                f"{time.time() - record.renewed_at:.0f} s ago, expires in {left:.0f} s unless renewed). "
+                "Another run of this run_id is in progress; wait for it, or use another run_id."
+            )
         log(f"lease: {uri} is held by {record.owner}; waiting")
         time.sleep(max(0.05, min(poll_s, deadline - time.time())))

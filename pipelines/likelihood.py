@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+
 import numpy as np
 import ray
 import torch
@@ -23,8 +24,9 @@ class NllResult:
 
 
 @ray.remote
-def chunk_bits_per_dim(snapshot_uri: str, images: np.ndarray, chunk: int, protocol: NllProtocol,
-                       storage_options: dict[str, object]) -> list[float]:
+def chunk_bits_per_dim(
+    snapshot_uri: str, images: np.ndarray, chunk: int, protocol: NllProtocol, storage_options: dict[str, object]
+) -> list[float]:
     """Per-image bound of uint8 ``images`` ``[n, H, W, C]``: all T terms, or the unbiased estimate from
     ``protocol.timesteps`` random timesteps, with noise from a generator seeded by (seed, chunk)."""
     from ddpm_core.checkpoint import load_snapshot
@@ -45,13 +47,18 @@ def chunk_bits_per_dim(snapshot_uri: str, images: np.ndarray, chunk: int, protoc
     return bound.double().cpu().tolist()
 
 
-def held_out_bits_per_dim(snapshot_uri: str, images: np.ndarray, protocol: NllProtocol, execution: Execution) -> NllResult:
+def held_out_bits_per_dim(
+    snapshot_uri: str, images: np.ndarray, protocol: NllProtocol, execution: Execution
+) -> NllResult:
     """The bound of every image of ``images`` ``[N, H, W, C]`` uint8, in chunks of ``protocol.batch_size`` over Ray
     tasks, and its mean with the standard error over images."""
     size = protocol.batch_size
-    futures = [chunk_bits_per_dim.options(**execution.options()).remote(
-        snapshot_uri, images[start : start + size], start // size, protocol, execution.storage_options)
-        for start in range(0, len(images), size)]
+    futures = [
+        chunk_bits_per_dim.options(**execution.options()).remote(
+            snapshot_uri, images[start : start + size], start // size, protocol, execution.storage_options
+        )
+        for start in range(0, len(images), size)
+    ]
     per_image = torch.tensor([value for chunk in ray.get(futures) for value in chunk], dtype=torch.float64)  # [N]
     stderr = float(per_image.std(unbiased=True) / math.sqrt(len(per_image))) if len(per_image) > 1 else float("nan")
     return NllResult(float(per_image.mean()), stderr, len(per_image))

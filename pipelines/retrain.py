@@ -54,13 +54,19 @@ def parse_schedule_time(value: str | None) -> dt.datetime:
 
 
 def record_decision(store: RunStore, decision: RetrainDecision) -> None:
-    commit(f"{store.root}/{DECISION_DIR}", {DECISION_FILE: json.dumps(to_plain(decision), indent=2).encode()},
-           {"kind": "retrain_decision"}, store.options)
+    commit(
+        f"{store.root}/{DECISION_DIR}",
+        {DECISION_FILE: json.dumps(to_plain(decision), indent=2).encode()},
+        {"kind": "retrain_decision"},
+        store.options,
+    )
 
 
 def read_decision(store: RunStore) -> RetrainDecision | None:
     try:
-        data = json.loads(read_committed(f"{store.root}/{DECISION_DIR}", [DECISION_FILE], store.options)[0][DECISION_FILE])
+        data = json.loads(
+            read_committed(f"{store.root}/{DECISION_DIR}", [DECISION_FILE], store.options)[0][DECISION_FILE]
+        )
     except FileNotFoundError:
         return None
     return from_plain(RetrainDecision, data, DECISION_FILE)
@@ -78,13 +84,15 @@ def retrain(config: PipelineConfig, scheduled_at: dt.datetime, log: Callable[[st
         recorded = read_decision(store)
         if recorded is not None:  # this tick already ran to a decision: report it, change nothing
             log(f"retrain: {config.run_id} already decided: {recorded.decision}: {recorded.reason}")
-            return RetrainOutcome(recorded.run_id, recorded.decision, recorded.reason, recorded.challenger_fid,
-                                  recorded.champion_fid)
+            return RetrainOutcome(
+                recorded.run_id, recorded.decision, recorded.reason, recorded.challenger_fid, recorded.champion_fid
+            )
         return decide_and_run(config, store, scheduled_at, log)
 
 
-def decide_and_run(config: PipelineConfig, store: RunStore, scheduled_at: dt.datetime,
-                   log: Callable[[str], None]) -> RetrainOutcome:
+def decide_and_run(
+    config: PipelineConfig, store: RunStore, scheduled_at: dt.datetime, log: Callable[[str], None]
+) -> RetrainOutcome:
     """Skip when the data did not change since the champion was trained, else run the pipeline (warm-started from the
     champion when configured) and record what the register stage decided."""
     from pipelines.champion import champion_snapshot_uri, current_champion
@@ -97,8 +105,11 @@ def decide_and_run(config: PipelineConfig, store: RunStore, scheduled_at: dt.dat
     champion = current_champion(tracker.client, name)
     fingerprint = load_dataset(config.data.uri, config.data.split, data_storage_options(config)).fingerprint
     when = scheduled_at.isoformat()
-    base_tags = {"ddpm.retrain.scheduled_at": when, "ddpm.data_fingerprint": fingerprint,
-                 "ddpm.retrain.champion_version": champion.version if champion else "none"}
+    base_tags = {
+        "ddpm.retrain.scheduled_at": when,
+        "ddpm.data_fingerprint": fingerprint,
+        "ddpm.retrain.champion_version": champion.version if champion else "none",
+    }
     if champion and config.retrain.if_data_changed and champion.data_fingerprint == fingerprint:
         reason = f"data unchanged since champion v{champion.version} (fingerprint {fingerprint[:12]}); nothing trained"
         parent = tracker.parent_run({**base_tags, "ddpm.retrain.decision": f"skipped: {reason}"})
@@ -115,12 +126,22 @@ def decide_and_run(config: PipelineConfig, store: RunStore, scheduled_at: dt.dat
     if register is None:
         raise RuntimeError("retrain: the register stage did not run")
     registered, register_run = register.outputs, register.mlflow_run_id
-    decision = RetrainDecision(config.run_id, "promoted" if registered.promoted else "kept", registered.reason,
-                               registered.challenger_fid, registered.champion_fid, when, fingerprint, registered.version)
+    decision = RetrainDecision(
+        config.run_id,
+        "promoted" if registered.promoted else "kept",
+        registered.reason,
+        registered.challenger_fid,
+        registered.champion_fid,
+        when,
+        fingerprint,
+        registered.version,
+    )
     tracker.client.set_tag(register_run, "ddpm.retrain.decision", f"{decision.decision}: {decision.reason}")
     parent = tracker.parent_run(base_tags)
     tracker.client.set_tag(parent, "ddpm.retrain.decision", f"{decision.decision}: {decision.reason}")
     tracker.finish(parent, ok=True)
     record_decision(store, decision)
     log(f"retrain: {decision.decision}: {decision.reason}")
-    return RetrainOutcome(decision.run_id, decision.decision, decision.reason, decision.challenger_fid, decision.champion_fid)
+    return RetrainOutcome(
+        decision.run_id, decision.decision, decision.reason, decision.challenger_fid, decision.champion_fid
+    )

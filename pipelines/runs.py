@@ -15,7 +15,7 @@ from pipelines.contracts import StageManifest
 from pipelines.typed import from_plain, to_plain
 
 STAGE_MANIFEST = "stage.json"
-O = TypeVar("O")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -43,7 +43,7 @@ class RunStore:
         """Shared across runs: e.g. feature extractors and reference statistics keyed by data fingerprint."""
         return f"{self.storage_root}/_cache/{kind}/{key}"
 
-    def read_manifest(self, stage: str, outputs: type[O]) -> StageManifest[O] | None:
+    def read_manifest(self, stage: str, outputs: type[T]) -> StageManifest[T] | None:
         """The stage's manifest with its outputs typed as ``outputs``; None when the stage never completed."""
         return read_manifest(self.stage_uri(stage), outputs, self.options)
 
@@ -71,7 +71,9 @@ class RunStore:
         write_bytes(fs, path, save_resolved(self.config).encode())
 
 
-def read_manifest(stage_uri: str, outputs: type[O], storage_options: dict[str, Any] | None = None) -> StageManifest[O] | None:
+def read_manifest(
+    stage_uri: str, outputs: type[T], storage_options: dict[str, Any] | None = None
+) -> StageManifest[T] | None:
     """The ``stage.json`` under ``stage_uri`` with its outputs read as ``outputs`` (also for tools that hold only a
     run's folder, such as the benchmarks); None when it does not exist."""
     fs, path = filesystem(f"{stage_uri}/{STAGE_MANIFEST}", storage_options)

@@ -37,8 +37,16 @@ class SampleRequest:
     @classmethod
     def like(cls, sampled: SampleOutputs, snapshot_uri: str, out_uri: str) -> SampleRequest:
         """The sample stage's request for another snapshot: the same images under the same protocol."""
-        return cls(snapshot_uri, out_uri, sampled.num_samples, sampled.shard_size, sampled.num_workers, sampled.sampler,
-                   sampled.seed, sampled.execution)
+        return cls(
+            snapshot_uri,
+            out_uri,
+            sampled.num_samples,
+            sampled.shard_size,
+            sampled.num_workers,
+            sampled.sampler,
+            sampled.seed,
+            sampled.execution,
+        )
 
 
 @ray.remote
@@ -68,8 +76,9 @@ class SampleWorker:
         from ddpm_core.samplers import PerIndexNoise, sample
 
         started = time.perf_counter()
-        with out_of_memory_advice(f"sampling {stop - start} images at once on {self.device}",
-                                  f"lower sample.batch_size (now {stop - start})"):
+        with out_of_memory_advice(
+            f"sampling {stop - start} images at once on {self.device}", f"lower sample.batch_size (now {stop - start})"
+        ):
             noise = PerIndexNoise(self.request.seed, range(start, stop), self.device)
             result = sample(self.model, self.diffusion, self.shape, noise, self.request.sampler)
         images = to_uint8(result.samples)  # [n, H, W, C] uint8
@@ -78,7 +87,9 @@ class SampleWorker:
         return stop - start, seconds
 
 
-def sample_to_shards(request: SampleRequest, execution: Execution, log: Callable[[str], None]) -> tuple[list[str], float]:
+def sample_to_shards(
+    request: SampleRequest, execution: Execution, log: Callable[[str], None]
+) -> tuple[list[str], float]:
     """Sample the request's images into committed shards; returns every shard URI and the sampling compute time
     (seconds inside the sampler, summed over shards, divided by the number of actors)."""
     shards = sample_shard_uris(request.out_uri, request.num_samples, request.shard_size)
@@ -87,8 +98,10 @@ def sample_to_shards(request: SampleRequest, execution: Execution, log: Callable
         log(f"sample: {len(shards) - len(pending)} of {len(shards)} shards already committed, skipping them")
     if not pending:
         return [uri for uri, _, _ in shards], 0.0
-    workers = [SampleWorker.options(**execution.options()).remote(request, execution.storage_options)  # type: ignore[attr-defined]
-               for _ in range(min(request.num_workers, len(pending)))]
+    workers = [
+        SampleWorker.options(**execution.options()).remote(request, execution.storage_options)  # type: ignore[attr-defined]
+        for _ in range(min(request.num_workers, len(pending)))
+    ]
     pool = ray.util.ActorPool(workers)
     start, done_images, todo_images, busy = time.time(), 0, sum(stop - begin for _, begin, stop in pending), 0.0
     for finished, seconds in pool.map_unordered(lambda worker, shard: worker.run_shard.remote(*shard), pending):
@@ -99,4 +112,3 @@ def sample_to_shards(request: SampleRequest, execution: Execution, log: Callable
     for worker in workers:
         ray.kill(worker)
     return [uri for uri, _, _ in shards], busy / len(workers)
-

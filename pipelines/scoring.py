@@ -19,7 +19,12 @@ import ray
 import torch
 
 from ddpm_core.features import FeatureExtractor
-from ddpm_core.metrics import ClassProbabilityStatistics, FeatureStatistics, frechet_distance, frechet_distance_from_stats
+from ddpm_core.metrics import (
+    ClassProbabilityStatistics,
+    FeatureStatistics,
+    frechet_distance,
+    frechet_distance_from_stats,
+)
 from ddpm_core.storage import IncompleteError, commit, filesystem, read_committed
 from pipelines.config import Extractor
 from pipelines.execution import Execution
@@ -89,8 +94,12 @@ def summarize_source(source: ImageSource, request: SummaryRequest, storage_optio
 
 def summarize(sources: list[ImageSource], request: SummaryRequest, execution: Execution) -> Summary:
     """Summaries of every source in parallel, merged in the order given (so the float64 sums are reproducible)."""
-    parts: list[Summary] = ray.get([summarize_source.options(**execution.options()).remote(
-        source, request, execution.storage_options) for source in sources])
+    parts: list[Summary] = ray.get(
+        [
+            summarize_source.options(**execution.options()).remote(source, request, execution.storage_options)
+            for source in sources
+        ]
+    )
     fid = parts[0].fid
     for part in parts[1:]:
         fid = fid.merge(part.fid)
@@ -98,7 +107,7 @@ def summarize(sources: list[ImageSource], request: SummaryRequest, execution: Ex
     for part in parts[1:]:
         if inception is not None and part.inception is not None:
             inception = inception.merge(part.inception)
-    in_index_order = sorted(zip(sources, parts), key=lambda pair: pair[0].first_index)
+    in_index_order = sorted(zip(sources, parts, strict=True), key=lambda pair: pair[0].first_index)
     return Summary(fid, inception, torch.cat([part.first_features for _, part in in_index_order]))
 
 
@@ -107,7 +116,9 @@ def reference_key(data_fingerprint: str, extractor_id: str) -> str:
     return f"{data_fingerprint[:16]}-{extractor_id}"
 
 
-def save_reference(uri: str, summary: Summary, metadata: Mapping[str, object], storage_options: dict[str, object]) -> None:
+def save_reference(
+    uri: str, summary: Summary, metadata: Mapping[str, object], storage_options: dict[str, object]
+) -> None:
     buffer = io.BytesIO()
     torch.save({**summary.fid.to_dict(), "first_features": summary.first_features}, buffer)
     commit(uri, {REFERENCE_FILE: buffer.getvalue()}, dict(metadata), storage_options)
@@ -119,8 +130,14 @@ def load_reference(uri: str, storage_options: dict[str, object]) -> Summary:
     return Summary(FeatureStatistics.from_dict(data), None, data["first_features"])
 
 
-def reference_summary(cache_uri: str, train_uri: str, request: SummaryRequest, metadata: Mapping[str, object],
-                      execution: Execution, log: Callable[[str], None]) -> Summary:
+def reference_summary(
+    cache_uri: str,
+    train_uri: str,
+    request: SummaryRequest,
+    metadata: Mapping[str, object],
+    execution: Execution,
+    log: Callable[[str], None],
+) -> Summary:
     """The training split's summary from the cache (when it kept enough first features), or computed over its
     shards and committed there."""
     try:
@@ -157,10 +174,16 @@ def published_reference(uri: str, storage_options: dict[str, object]) -> Publish
         with np.load(io.BytesIO(data), allow_pickle=False) as archive:
             mu, sigma = archive["mu"], archive["sigma"]
     except (KeyError, ValueError, OSError) as error:
-        raise DataError(f"evaluate.reference_stats_uri {uri!r}: expected an .npz with arrays 'mu' [d] and "
-                        f"'sigma' [d, d] ({error})") from None
+        raise DataError(
+            f"evaluate.reference_stats_uri {uri!r}: expected an .npz with arrays 'mu' [d] and 'sigma' [d, d] ({error})"
+        ) from None
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise DataError(f"evaluate.reference_stats_uri {uri!r}: 'mu' must be [d] and 'sigma' [d, d], got {mu.shape} "
-                        f"and {sigma.shape}")
-    return PublishedStatistics(torch.from_numpy(mu).to(torch.float64), torch.from_numpy(sigma).to(torch.float64),
-                               hashlib.sha256(data).hexdigest())
+        raise DataError(
+            f"evaluate.reference_stats_uri {uri!r}: 'mu' must be [d] and 'sigma' [d, d], got {mu.shape} "
+            f"and {sigma.shape}"
+        )
+    return PublishedStatistics(
+        torch.from_numpy(mu).to(torch.float64),
+        torch.from_numpy(sigma).to(torch.float64),
+        hashlib.sha256(data).hexdigest(),
+    )

@@ -40,7 +40,7 @@ def write_split(uri: str, dataset: ImageDataset, indices: np.ndarray, storage_op
         if dataset.labels is not None:
             arrays["labels"] = dataset.labels[chunk]
         files[f"shard-{number:05d}.npz"] = _npz_bytes(arrays)
-    commit(uri, files, {"count": int(len(indices))}, storage_options)
+    commit(uri, files, {"count": len(indices)}, storage_options)
 
 
 def read_split(uri: str, storage_options: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -61,18 +61,28 @@ def write_sample_shard(uri: str, images: np.ndarray, start: int, seed: int, stor
     """Commit the samples ``images`` ``[n, H, W, C]`` uint8 with indices ``start..start+n-1`` drawn with ``seed``."""
     buffer = io.BytesIO()
     np.save(buffer, images)
-    commit(uri, {SAMPLE_FILE: buffer.getvalue()}, {"start": start, "stop": start + len(images), "seed": seed}, storage_options)
+    commit(
+        uri,
+        {SAMPLE_FILE: buffer.getvalue()},
+        {"start": start, "stop": start + len(images), "seed": seed},
+        storage_options,
+    )
 
 
 def sample_shard_uris(root: str, num_samples: int, shard_size: int) -> list[tuple[str, int, int]]:
     """(URI, start, stop) of every sample shard of ``num_samples`` images in shards of ``shard_size``."""
-    return [(f"{root}/shard-{start // shard_size:05d}", start, min(start + shard_size, num_samples))
-            for start in range(0, num_samples, shard_size)]
+    return [
+        (f"{root}/shard-{start // shard_size:05d}", start, min(start + shard_size, num_samples))
+        for start in range(0, num_samples, shard_size)
+    ]
 
 
 def sample_sources(shard_uris: tuple[str, ...] | list[str], storage_options: dict[str, Any]) -> list[ImageSource]:
     """Sample shards, each with its first sample index from its manifest."""
-    return [ImageSource(uri, SAMPLE_FILE, int(read_manifest(uri, storage_options)["metadata"]["start"])) for uri in shard_uris]
+    return [
+        ImageSource(uri, SAMPLE_FILE, int(read_manifest(uri, storage_options)["metadata"]["start"]))
+        for uri in shard_uris
+    ]
 
 
 def read_images(source: ImageSource, storage_options: dict[str, Any]) -> np.ndarray:

@@ -22,8 +22,16 @@ SECRET_MARKERS = ("password", "secret", "token", "key_id", "access_key", "creden
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
-                              cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__)))).stdout.strip() or "unknown"
+        return (
+            subprocess.run(
+                ["git", "rev-parse", "HEAD"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+                cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+            ).stdout.strip()
+            or "unknown"
+        )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -56,11 +64,18 @@ class Tracker:
         self.tracking_uri = config.mlflow.resolved_tracking_uri()
         self.client = MlflowClient(self.tracking_uri)
         experiment = self.client.get_experiment_by_name(config.mlflow.experiment)
-        self.experiment_id = experiment.experiment_id if experiment else self.client.create_experiment(
-            config.mlflow.experiment, artifact_location=local_artifact_location(self.tracking_uri))
+        self.experiment_id = (
+            experiment.experiment_id
+            if experiment
+            else self.client.create_experiment(
+                config.mlflow.experiment, artifact_location=local_artifact_location(self.tracking_uri)
+            )
+        )
 
     def _find(self, filter_string: str) -> Run | None:
-        runs = self.client.search_runs([self.experiment_id], filter_string, max_results=1, order_by=["attributes.start_time DESC"])
+        runs = self.client.search_runs(
+            [self.experiment_id], filter_string, max_results=1, order_by=["attributes.start_time DESC"]
+        )
         return runs[0] if runs else None
 
     def parent_run(self, tags: dict[str, str]) -> str:
@@ -69,14 +84,22 @@ class Tracker:
         if existing:
             self.client.update_run(existing.info.run_id, status="RUNNING")
             return existing.info.run_id
-        run = self.client.create_run(self.experiment_id, run_name=self.config.run_id,
-                                     tags={RUN_ID_TAG: self.config.run_id, STAGE_TAG: "pipeline", **tags})
-        self.client.log_batch(run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in flatten(self.config.to_dict()).items()])
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=self.config.run_id,
+            tags={RUN_ID_TAG: self.config.run_id, STAGE_TAG: "pipeline", **tags},
+        )
+        self.client.log_batch(
+            run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in flatten(self.config.to_dict()).items()]
+        )
         return run.info.run_id
 
     def stage_run(self, parent_id: str, stage: str) -> str:
-        run = self.client.create_run(self.experiment_id, run_name=f"{self.config.run_id}/{stage}",
-                                     tags={RUN_ID_TAG: self.config.run_id, STAGE_TAG: stage, "mlflow.parentRunId": parent_id})
+        run = self.client.create_run(
+            self.experiment_id,
+            run_name=f"{self.config.run_id}/{stage}",
+            tags={RUN_ID_TAG: self.config.run_id, STAGE_TAG: stage, "mlflow.parentRunId": parent_id},
+        )
         return run.info.run_id
 
     def finish(self, run_id: str, ok: bool) -> None:
@@ -104,7 +127,9 @@ class BufferedMetricLogger:
         except Exception as error:  # connection refused, timeouts, 5xx after the client's own retries
             if self.outage_since is None:
                 self.outage_since = time.time()
-                self.log(f"MLflow unreachable ({type(error).__name__}); buffering metrics and retrying at the next log step")
+                self.log(
+                    f"MLflow unreachable ({type(error).__name__}); buffering metrics and retrying at the next log step"
+                )
             return False
         if self.outage_since is not None:
             self.log(f"MLflow reachable again after {time.time() - self.outage_since:.0f} s; buffered metrics sent")

@@ -11,6 +11,7 @@ mapping: the pipeline's ``train`` section embeds ``ddpm_core``'s ``OptimConfig``
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import enum
 import types
@@ -50,7 +51,9 @@ def to_plain(value: Any) -> Any:
     return value
 
 
-def from_plain(cls: type[T], data: Any, key: str = "", base: T | None = None, error: type[SchemaError] = SchemaError) -> T:
+def from_plain(
+    cls: type[T], data: Any, key: str = "", base: T | None = None, error: type[SchemaError] = SchemaError
+) -> T:
     """Build ``cls`` from the mapping ``data`` found at ``key``. Fields that ``data`` leaves out keep ``base``'s
     values (the class defaults when there is no ``base``)."""
     if not isinstance(data, Mapping):
@@ -125,10 +128,8 @@ def _convert_scalar(value: Any, hint: Any, key: str, error: type[SchemaError]) -
         raise error(f"{key}: expected an integer, got {value!r}")
     if hint is float:
         if isinstance(value, str):  # YAML 1.1 reads "2e-4" (no dot) as a string
-            try:
+            with contextlib.suppress(ValueError):
                 value = float(value)
-            except ValueError:
-                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise error(f"{key}: expected a number, got {value!r}")
         return float(value)

@@ -1,6 +1,5 @@
 """Shared fixtures: a real S3 endpoint (moto server in its own process on 127.0.0.1), as s3fs's own tests do."""
 
-import os
 import socket
 import subprocess
 import sys
@@ -21,8 +20,11 @@ def free_port() -> int:
 def s3_endpoint():
     """URL of a moto S3 server process; stopped at the end of the session, pass or fail."""
     port = free_port()
-    process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    process = subprocess.Popen(
+        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 30
@@ -30,9 +32,9 @@ def s3_endpoint():
             try:
                 urllib.request.urlopen(f"{url}/moto-api/", timeout=1)
                 break
-            except OSError:
+            except OSError as error:
                 if process.poll() is not None or time.time() > deadline:
-                    raise RuntimeError(f"moto server did not start on {url}")
+                    raise RuntimeError(f"moto server did not start on {url}") from error
                 time.sleep(0.2)
         yield url
     finally:
@@ -46,10 +48,19 @@ def s3_bucket(s3_endpoint):
     import boto3
     import s3fs
 
-    options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"}}
+    options = {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"},
+    }
     bucket = f"test-{uuid.uuid4().hex[:12]}"
-    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1", aws_access_key_id="testing",
-                 aws_secret_access_key="testing").create_bucket(Bucket=bucket)
+    boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    ).create_bucket(Bucket=bucket)
     s3fs.S3FileSystem.clear_instance_cache()
     return bucket, options
 

@@ -54,19 +54,39 @@ def mlflow_server(workdir: Path, artifacts_destination: str, env: dict[str, str]
     user may read or write, every other request gets 401/403."""
     port = free_port()
     log = workdir / "mlflow-server.log"
-    command = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}",
-               "--artifacts-destination", artifacts_destination, "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    command = [
+        str(BIN / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{workdir / 'mlflow.db'}",
+        "--artifacts-destination",
+        artifacts_destination,
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     if admin is not None:
         config = workdir / "basic_auth.ini"
-        config.write_text(f"[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = sqlite:///{workdir / 'basic_auth.db'}\n"
-                          f"admin_username = {admin[0]}\n"
-                          "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
-                          "auth_cache_ttl_seconds = 60\n")
-        env = {**env, "MLFLOW_AUTH_CONFIG_PATH": str(config), "MLFLOW_AUTH_ADMIN_PASSWORD": admin[1],
-               "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16)}
+        config.write_text(
+            f"[mlflow]\ndefault_permission = NO_PERMISSIONS\ndatabase_uri = sqlite:///{workdir / 'basic_auth.db'}\n"
+            f"admin_username = {admin[0]}\n"
+            "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
+            "auth_cache_ttl_seconds = 60\n"
+        )
+        env = {
+            **env,
+            "MLFLOW_AUTH_CONFIG_PATH": str(config),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": admin[1],
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(16),
+        }
         command += ["--app-name", "basic-auth"]
     with open(log, "w") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=workdir)
+        process = subprocess.Popen(
+            command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=workdir
+        )
     try:
         _wait_http(f"http://127.0.0.1:{port}/health", process, 90, log)
         yield f"http://127.0.0.1:{port}"
@@ -78,15 +98,31 @@ def mlflow_server(workdir: Path, artifacts_destination: str, env: dict[str, str]
 def ray_head(workdir: Path, env: dict[str, str], num_cpus: int = 2):
     """``ray start --head --block`` with token authentication; yields (dashboard address, env for clients)."""
     port, dashboard_port = free_port(), free_port()
-    env = {**env, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(16),
-           "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}"}
+    env = {
+        **env,
+        "RAY_AUTH_MODE": "token",
+        "RAY_AUTH_TOKEN": secrets.token_hex(16),
+        "PATH": f"{BIN}{os.pathsep}{env.get('PATH', '')}",
+    }
     log = workdir / "ray-head.log"
     temp_dir = tempfile.mkdtemp(prefix="ray-", dir="/tmp")  # AF_UNIX socket paths must stay under 107 bytes
-    command = [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--num-cpus={num_cpus}",
-               "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}", "--disable-usage-stats",
-               "--object-store-memory=300000000", f"--temp-dir={temp_dir}"]
+    command = [
+        str(BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
+        f"--port={port}",
+        f"--num-cpus={num_cpus}",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dashboard_port}",
+        "--disable-usage-stats",
+        "--object-store-memory=300000000",
+        f"--temp-dir={temp_dir}",
+    ]
     with open(log, "w") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=workdir)
+        process = subprocess.Popen(
+            command, stdout=output, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=workdir
+        )
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
         _wait_http(f"{address}/api/version", process, 120, log)
@@ -101,9 +137,11 @@ class FaultyS3Proxy:
     ``throttle_every``-th request is answered ``503 SlowDown`` (throttling), and during an outage every request has
     its connection dropped without an answer. ``injected`` counts the faults, so a test can prove they happened."""
 
-    HOP_BY_HOP = {"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"}
-    SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-                 b'<Message>Please reduce your request rate.</Message></Error>')
+    HOP_BY_HOP = frozenset({"connection", "keep-alive", "transfer-encoding", "proxy-connection", "upgrade"})
+    SLOW_DOWN = (
+        b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+        b"<Message>Please reduce your request rate.</Message></Error>"
+    )
 
     def __init__(self, upstream: str, throttle_every: int = 0) -> None:
         import http.server
@@ -178,13 +216,16 @@ class FaultyS3Proxy:
     def _next_fault(self) -> str | None:
         with self._lock:
             self.requests += 1
-            fault = "dropped" if self.down else (
-                "throttled" if self.throttle_every and self.requests % self.throttle_every == 0 else None)
+            fault = (
+                "dropped"
+                if self.down
+                else ("throttled" if self.throttle_every and self.requests % self.throttle_every == 0 else None)
+            )
             if fault:
                 self.injected[fault] += 1
             return fault
 
-    def __enter__(self) -> "FaultyS3Proxy":
+    def __enter__(self) -> FaultyS3Proxy:
         self._thread.start()
         return self
 

@@ -15,24 +15,55 @@ REPO = Path(__file__).resolve().parents[1]
 
 def run_without_ray_or_mlflow(script: str, *args: str) -> None:
     """Run a GPU benchmark script as the GPU machine would: torch only (importing ray or mlflow fails)."""
-    code = ("import runpy, sys; sys.modules.update(ray=None, mlflow=None); sys.path.insert(0, 'benchmarks'); "
-            f"sys.argv = {[script, *args]!r}; runpy.run_path({script!r}, run_name='__main__')")
-    subprocess.run([sys.executable, "-c", code], cwd=REPO, check=True, capture_output=True, timeout=600,
-                   env={**os.environ, "PYTHONPATH": str(REPO)})
+    code = (
+        "import runpy, sys; sys.modules.update(ray=None, mlflow=None); sys.path.insert(0, 'benchmarks'); "
+        f"sys.argv = {[script, *args]!r}; runpy.run_path({script!r}, run_name='__main__')"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
 
 
 def test_train_step_benchmark_reports_throughput_flops_and_the_profiler_split(tmp_path):
     out = tmp_path / "train_step.json"
-    run_without_ray_or_mlflow("benchmarks/train_step.py", "--preset", "digits", "--batch", "32", "--device", "cpu", "--dtype", "fp32",
-                              "--variants", "eager", "channels_last", "--steps", "3", "--windows", "2", "--peak-tflops", "1.0",
-                              "--log-every", "2", "--out", str(out))
+    run_without_ray_or_mlflow(
+        "benchmarks/train_step.py",
+        "--preset",
+        "digits",
+        "--batch",
+        "32",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--variants",
+        "eager",
+        "channels_last",
+        "--steps",
+        "3",
+        "--windows",
+        "2",
+        "--peak-tflops",
+        "1.0",
+        "--log-every",
+        "2",
+        "--out",
+        str(out),
+    )
     result = json.loads(out.read_text())
     assert [row["variant"] for row in result["rows"]] == ["eager", "channels_last"]
     for row in result["rows"]:
         assert row["images_per_s"] > 0 and len(row["window_images_per_s"]) == 2
         assert row["mfu"] == pytest.approx(row["achieved_tflops"] / 1.0)
         # every labelled region of the real training step was found by the profiler
-        assert all(row[f"{region}_ms"] > 0 for region in ("data", "forward", "backward", "optimizer", "ema", "logging")), row
+        assert all(
+            row[f"{region}_ms"] > 0 for region in ("data", "forward", "backward", "optimizer", "ema", "logging")
+        ), row
         step_ms = 1000 * row["batch"] / row["images_per_s"]
         assert 0 < row["data_wait_fraction"] < 1 and row["forward_ms"] + row["backward_ms"] < 3 * step_ms
         assert "communication_ms" not in row, "one process has no gradient communication to report"
@@ -40,9 +71,30 @@ def test_train_step_benchmark_reports_throughput_flops_and_the_profiler_split(tm
 
 def test_train_step_benchmark_in_data_parallel_processes_reports_communication(tmp_path):
     out = tmp_path / "train_step_ddp.json"
-    run_without_ray_or_mlflow("benchmarks/train_step.py", "--preset", "digits", "--batch", "32", "--device", "cpu", "--dtype", "fp32",
-                              "--variants", "eager", "bucket_view+static_graph", "--steps", "3", "--windows", "2", "--log-every", "2",
-                              "--world-size", "2", "--out", str(out))
+    run_without_ray_or_mlflow(
+        "benchmarks/train_step.py",
+        "--preset",
+        "digits",
+        "--batch",
+        "32",
+        "--device",
+        "cpu",
+        "--dtype",
+        "fp32",
+        "--variants",
+        "eager",
+        "bucket_view+static_graph",
+        "--steps",
+        "3",
+        "--windows",
+        "2",
+        "--log-every",
+        "2",
+        "--world-size",
+        "2",
+        "--out",
+        str(out),
+    )
     result = json.loads(out.read_text())
     assert result["world_size"] == 2 and result["threads"] >= 1  # each process has its share of the cores
     assert [row["variant"] for row in result["rows"]] == ["eager", "bucket_view+static_graph"]
@@ -51,26 +103,70 @@ def test_train_step_benchmark_in_data_parallel_processes_reports_communication(t
         assert row["communication_ms"] > 0, "the profiler saw DDP's gradient all-reduces"
         assert row["logging_ms"] > 0 and row["images_per_s"] > 0 and row["images_per_s_without_gradient_sync"] > 0
         step_ms = 1000 * row["batch"] / row["images_per_s"]
-        assert row["exposed_communication_ms"] == pytest.approx(step_ms - 1000 * row["batch"] / row["images_per_s_without_gradient_sync"])
+        assert row["exposed_communication_ms"] == pytest.approx(
+            step_ms - 1000 * row["batch"] / row["images_per_s_without_gradient_sync"]
+        )
 
 
 def test_train_step_benchmark_rejects_unknown_and_single_process_ddp_variants(tmp_path):
-    for variants, message in ((["eager", "channels-last"], "unknown channels-last"),
-                              (["static_graph"], "static_graph needs --world-size > 1")):
-        run = subprocess.run([sys.executable, "benchmarks/train_step.py", "--preset", "digits", "--device", "cpu", "--variants",
-                              *variants, "--out", str(tmp_path / "never.json")], cwd=REPO, capture_output=True, text=True,
-                             timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
+    for variants, message in (
+        (["eager", "channels-last"], "unknown channels-last"),
+        (["static_graph"], "static_graph needs --world-size > 1"),
+    ):
+        run = subprocess.run(
+            [
+                sys.executable,
+                "benchmarks/train_step.py",
+                "--preset",
+                "digits",
+                "--device",
+                "cpu",
+                "--variants",
+                *variants,
+                "--out",
+                str(tmp_path / "never.json"),
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
         assert run.returncode == 2 and message in run.stderr, run.stderr
     assert not (tmp_path / "never.json").exists()
 
 
 def test_unet_throughput_times_ours_against_diffusers_at_matched_architecture(tmp_path):
     out = tmp_path / "unet_throughput.json"
-    subprocess.run([sys.executable, "benchmarks/unet_throughput.py", "--presets", "digits", "--variants", "eager", "channels_last+bf16",
-                    "--peer-variant", "bf16", "--repeats", "2", "--device", "cpu", "--out", str(out)],
-                   cwd=REPO, check=True, capture_output=True, timeout=600, env={**os.environ, "PYTHONPATH": str(REPO)})
+    subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/unet_throughput.py",
+            "--presets",
+            "digits",
+            "--variants",
+            "eager",
+            "channels_last+bf16",
+            "--peer-variant",
+            "bf16",
+            "--repeats",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(out),
+        ],
+        cwd=REPO,
+        check=True,
+        capture_output=True,
+        timeout=600,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     result = json.loads(out.read_text())
-    assert [(r["variant"], r["peer_variant"]) for r in result["rows"]] == [("eager", "bf16"), ("channels_last+bf16", "bf16")]
+    assert [(r["variant"], r["peer_variant"]) for r in result["rows"]] == [
+        ("eager", "bf16"),
+        ("channels_last+bf16", "bf16"),
+    ]
     assert result["matmul_gflops"] > 0 and result["matmul_gflops_bf16"] > 0
     for row in result["rows"]:
         assert row["ours_params"] == row["diffusers_params"], "the twin has our architecture"
@@ -99,11 +195,17 @@ def test_pipeline_overhead_split_accounts_for_the_whole_wall_time(tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     from pipeline_overhead import split
 
-    stages = {"prepare": (10.0, 20.0, {}), "train": (25.0, 125.0, {"loop_seconds": 80.0}),
-              "sample": (130.0, 150.0, {"sampling_seconds": 15.0}), "evaluate": (152.0, 182.0, {})}
+    stages = {
+        "prepare": (10.0, 20.0, {}),
+        "train": (25.0, 125.0, {"loop_seconds": 80.0}),
+        "sample": (130.0, 150.0, {"sampling_seconds": 15.0}),
+        "evaluate": (152.0, 182.0, {}),
+    }
     for stage, (started, finished, outputs) in stages.items():
         (tmp_path / stage).mkdir()
-        (tmp_path / stage / "stage.json").write_text(json.dumps({"started_at": started, "finished_at": finished, "outputs": outputs}))
+        (tmp_path / stage / "stage.json").write_text(
+            json.dumps({"started_at": started, "finished_at": finished, "outputs": outputs})
+        )
     # Ray tasks: two overlapping in evaluate (153-160 and 158-165: 12 s covered), one straddling its end (180-190: 2 s
     # inside), and sampling-stage actor methods outside evaluate's window, which must not count again.
     tasks = [("features", 153.0, 160.0), ("features", 158.0, 165.0), ("nll", 180.0, 190.0), ("run_shard", 131.0, 149.0)]
@@ -111,27 +213,52 @@ def test_pipeline_overhead_split_accounts_for_the_whole_wall_time(tmp_path):
     assert result["stage_s"] == {"prepare": 10.0, "train": 100.0, "sample": 20.0, "evaluate": 30.0}
     assert result["before_first_stage_s"] == 10.0 and result["between_stages_s"] == 5.0 + 5.0 + 2.0
     assert result["after_last_stage_s"] == 8.0 and result["wall_s"] == 200.0
-    parts = (result["ray_startup_s"] + result["before_first_stage_s"] + sum(result["stage_s"].values()) + result["between_stages_s"]
-             + result["after_last_stage_s"])
+    parts = (
+        result["ray_startup_s"]
+        + result["before_first_stage_s"]
+        + sum(result["stage_s"].values())
+        + result["between_stages_s"]
+        + result["after_last_stage_s"]
+    )
     assert parts == pytest.approx(result["wall_s"])
     assert result["compute_s"] == {"train_loop": 80.0, "sampling": 15.0, "evaluate_tasks": 14.0}
     assert result["overhead_s"] == 200.0 - 109.0 and result["overhead_fraction"] == pytest.approx(91 / 200)
 
 
 def test_sampling_benchmark_times_each_sampler_and_the_inception_features(tmp_path):
+    import torch
+
     from ddpm_core.inception import WEIGHTS_FILE
     from tests.test_inception import random_fid_inception_state_dict
-
-    import torch
 
     weights = tmp_path / WEIGHTS_FILE
     torch.save(random_fid_inception_state_dict(), weights)
     out = tmp_path / "sampling.json"
-    run_without_ray_or_mlflow("benchmarks/sampling.py", "--preset", "digits", "--batch", "8", "--device", "cpu", "--dtype", "bf16",
-                              "--samplers", "ddim:5=12", "ancestral:20=8", "--inception-weights", str(weights),
-                              "--inception-images", "6", "--out", str(out))
+    run_without_ray_or_mlflow(
+        "benchmarks/sampling.py",
+        "--preset",
+        "digits",
+        "--batch",
+        "8",
+        "--device",
+        "cpu",
+        "--dtype",
+        "bf16",
+        "--samplers",
+        "ddim:5=12",
+        "ancestral:20=8",
+        "--inception-weights",
+        str(weights),
+        "--inception-images",
+        "6",
+        "--out",
+        str(out),
+    )
     result = json.loads(out.read_text())
-    assert [(r["method"], r["steps"], r["num_samples"]) for r in result["rows"]] == [("ddim", 5, 12), ("ancestral", 20, 8)]
+    assert [(r["method"], r["steps"], r["num_samples"]) for r in result["rows"]] == [
+        ("ddim", 5, 12),
+        ("ancestral", 20, 8),
+    ]
     assert result["dtype"] == "bf16" and result["compile"] is False
     assert all(r["images_per_s"] == pytest.approx(r["num_samples"] / r["seconds"]) for r in result["rows"])
     assert result["inception"]["num_images"] == 6 and result["inception"]["seconds"] > 0

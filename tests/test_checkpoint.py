@@ -9,13 +9,11 @@ import fsspec
 import pytest
 import torch
 
-from ddpm_core.checkpoint import (CheckpointError, load_snapshot, load_training_state, save_snapshot,
-                                  save_training_state)
-from ddpm_core.diffusion import DiffusionConfig, Variance
+from ddpm_core.checkpoint import CheckpointError, load_snapshot, load_training_state, save_snapshot, save_training_state
+from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion, Variance
 from ddpm_core.ema import EMA
 from ddpm_core.storage import IncompleteError, commit, is_committed, read_committed
 from ddpm_core.training import OptimConfig, make_optimizer, train_step
-from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.unet import UNet, unet_preset
 
 
@@ -29,9 +27,15 @@ def trained_state(steps=2):
     optimizer, ema = make_optimizer(model, optim), EMA(model, 0.9)
     for _ in range(steps):
         train_step(model, diffusion, optimizer, torch.randn(4, 1, 8, 8), optim, 0, ema)
-    state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-             "step": steps, "images_seen": 4 * steps, "rng": torch.get_rng_state(),
-             "config": {"unet": config.to_dict(), "diffusion": diffusion_config.to_dict()}}
+    state = {
+        "model": model.state_dict(),
+        "ema": ema.state_dict(),
+        "optimizer": optimizer.state_dict(),
+        "step": steps,
+        "images_seen": 4 * steps,
+        "rng": torch.get_rng_state(),
+        "config": {"unet": config.to_dict(), "diffusion": diffusion_config.to_dict()},
+    }
     return model, ema, optimizer, state, config, diffusion_config
 
 
@@ -44,7 +48,7 @@ def assert_state_equal(a, b):
             assert_state_equal(a[key], b[key])
     elif isinstance(a, (list, tuple)):
         assert len(a) == len(b)
-        for x, y in zip(a, b):
+        for x, y in zip(a, b, strict=True):
             assert_state_equal(x, y)
     else:
         assert a == b
@@ -60,7 +64,7 @@ def root(request):
 
 def test_training_state_round_trip(root):
     uri, options = root
-    model, ema, optimizer, state, *_ = trained_state()
+    _, _, optimizer, state, *_ = trained_state()
     save_training_state(f"{uri}/step-2", state, options)
     loaded = load_training_state(f"{uri}/step-2", options)
     assert_state_equal(state, loaded)
@@ -76,7 +80,7 @@ def test_training_state_round_trip(root):
 
 def test_snapshot_round_trip_rebuilds_the_same_network(root):
     uri, options = root
-    model, ema, _, _, config, diffusion_config = trained_state()
+    _, ema, _, _, config, diffusion_config = trained_state()
     save_snapshot(f"{uri}/snapshot", ema.model, config, diffusion_config, {"images_seen": 8}, options)
     snapshot = load_snapshot(f"{uri}/snapshot", options)
     assert snapshot.unet == config and snapshot.diffusion == diffusion_config
@@ -129,10 +133,12 @@ def test_opening_a_checkpoint_runs_no_code_from_it():
 
 
 def test_snapshot_from_an_incompatible_config_is_refused():
-    _, ema, _, _, config, diffusion_config = trained_state(steps=1)
+    _, ema, _, _, config, _ = trained_state(steps=1)
     uri = f"memory://ckpt-{uuid.uuid4().hex}/snap"
     # Weights of a fixed-variance model declared as learned-range: the output layer does not fit.
-    save_snapshot(uri, ema.model, config, DiffusionConfig(num_timesteps=100, variance=Variance.LEARNED_RANGE, loss="hybrid"))
+    save_snapshot(
+        uri, ema.model, config, DiffusionConfig(num_timesteps=100, variance=Variance.LEARNED_RANGE, loss="hybrid")
+    )
     with pytest.raises(CheckpointError, match="do not fit"):
         load_snapshot(uri).build_model()
 
@@ -146,11 +152,19 @@ def test_a_writer_killed_mid_commit_leaves_nothing_that_reads_as_complete(tmp_pa
     import time
 
     uri = str(tmp_path / "ckpt")
-    writer = subprocess.Popen([sys.executable, "-c", "from ddpm_core.storage import commit; "
-                               f"commit({uri!r}, {{'state.bin': b'x' * (1 << 28), 'b.json': b'{{}}'}})"])
+    writer = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from ddpm_core.storage import commit; "
+            f"commit({uri!r}, {{'state.bin': b'x' * (1 << 28), 'b.json': b'{{}}'}})",
+        ]
+    )
     deadline = time.time() + 60
     while not list((tmp_path / "ckpt").glob("*.tmp-*")):  # the payload is being written
-        assert writer.poll() is None and time.time() < deadline, "the writer finished or failed before it could be killed"
+        assert writer.poll() is None and time.time() < deadline, (
+            "the writer finished or failed before it could be killed"
+        )
         time.sleep(0.01)
     writer.send_signal(signal.SIGKILL)
     writer.wait(timeout=30)

@@ -14,9 +14,22 @@ from ddpm_core.precision import Precision
 from ddpm_core.samplers import Method, SamplerConfig
 from ddpm_core.training import OptimConfig
 from pipelines.config import ConfigError, PipelineConfig, load_config
-from pipelines.contracts import (EvaluateOutputs, FidProtocol, NetworkExecution, NllProtocol, PrepareOutputs, ReferenceSet,
-                                 RegisterOutputs, SampleOutputs, Scores, StageManifest, TrainedWith, TrainOutputs,
-                                 TrialResult, TuneOutputs)
+from pipelines.contracts import (
+    EvaluateOutputs,
+    FidProtocol,
+    NetworkExecution,
+    NllProtocol,
+    PrepareOutputs,
+    ReferenceSet,
+    RegisterOutputs,
+    SampleOutputs,
+    Scores,
+    StageManifest,
+    TrainedWith,
+    TrainOutputs,
+    TrialResult,
+    TuneOutputs,
+)
 from pipelines.dag import STAGES, always
 from pipelines.execution import Device
 from pipelines.runs import read_manifest
@@ -26,16 +39,51 @@ REPO = Path(__file__).resolve().parents[1]
 SOURCES = sorted([*(REPO / "ddpm_core").rglob("*.py"), *(REPO / "pipelines").rglob("*.py")])
 
 EXAMPLES = [
-    PrepareOutputs("f" * 64, 1617, 180, "runs/q/prepare/shards", "runs/q/prepare/holdout", 10, None, "x", "classifier-1", 0.9),
-    TuneOutputs({"train.lr": 0.002}, {"bpd": 3.5}, "t1", None, 4, 1,
-                (TrialResult("t1", {"train.lr": 0.002}, 4096, 3.5, None), TrialResult("t2", {"train.lr": 1e-5}, 2048, 5.0, 9.1))),
-    TrainOutputs("s", "i", 2048, Device.CPU, 12.5, None, TrainedWith(DiffusionConfig(num_timesteps=100), OptimConfig(lr=1e-3))),
-    SampleOutputs(("a", "b"), 200, 100, 2, SamplerConfig(method=Method.DDIM, num_steps=10), 1,
-                  NetworkExecution(Precision.BF16, compile=False), 3.0),
-    EvaluateOutputs(Scores(0.5, fid_untrained=30.0, precision=0.6), FidProtocol(
-        200, SamplerConfig(method=Method.DDIM, num_steps=10), 1, Precision.FP32, "classifier-1", None,
-        ReferenceSet("training split", reference_count=1617)), "0123456789abcdef",
-        NllProtocol("holdout", 40, 20, None, 1), "grid.png", "ref", None),
+    PrepareOutputs(
+        "f" * 64, 1617, 180, "runs/q/prepare/shards", "runs/q/prepare/holdout", 10, None, "x", "classifier-1", 0.9
+    ),
+    TuneOutputs(
+        {"train.lr": 0.002},
+        {"bpd": 3.5},
+        "t1",
+        None,
+        4,
+        1,
+        (
+            TrialResult("t1", {"train.lr": 0.002}, 4096, 3.5, None),
+            TrialResult("t2", {"train.lr": 1e-5}, 2048, 5.0, 9.1),
+        ),
+    ),
+    TrainOutputs(
+        "s", "i", 2048, Device.CPU, 12.5, None, TrainedWith(DiffusionConfig(num_timesteps=100), OptimConfig(lr=1e-3))
+    ),
+    SampleOutputs(
+        ("a", "b"),
+        200,
+        100,
+        2,
+        SamplerConfig(method=Method.DDIM, num_steps=10),
+        1,
+        NetworkExecution(Precision.BF16, compile=False),
+        3.0,
+    ),
+    EvaluateOutputs(
+        Scores(0.5, fid_untrained=30.0, precision=0.6),
+        FidProtocol(
+            200,
+            SamplerConfig(method=Method.DDIM, num_steps=10),
+            1,
+            Precision.FP32,
+            "classifier-1",
+            None,
+            ReferenceSet("training split", reference_count=1617),
+        ),
+        "0123456789abcdef",
+        NllProtocol("holdout", 40, 20, None, 1),
+        "grid.png",
+        "ref",
+        None,
+    ),
     RegisterOutputs("ddpm-digits", "2", False, "champion kept", "1", 0.5, 0.4, "models:/ddpm-digits/2"),
 ]
 
@@ -61,7 +109,9 @@ def test_stage_outputs_survive_stage_json(outputs, tmp_path):
 
 def test_a_manifest_that_does_not_fit_is_named():
     plain = to_plain(EXAMPLES[0])
-    with pytest.raises(SchemaError, match="unknown key 'outputs.shard_uri'; allowed keys under outputs: extractor_holdout"):
+    with pytest.raises(
+        SchemaError, match="unknown key 'outputs.shard_uri'; allowed keys under outputs: extractor_holdout"
+    ):
         from_plain(PrepareOutputs, {**plain, "shard_uri": "x"}, "outputs")
     with pytest.raises(SchemaError, match="outputs.num_train: expected an integer, got '1617'"):
         from_plain(PrepareOutputs, {**plain, "num_train": "1617"}, "outputs")
@@ -78,14 +128,23 @@ def test_the_config_is_plain_data_with_the_keys_users_write():
     assert config.train.optim == OptimConfig(lr=2e-4, warmup_images=10_000, ema_decay=0.999, ema_warmup=True)
 
 
-@pytest.mark.parametrize("override, message", [
-    ("model.overrides.chanels=64", "unknown config key 'model.overrides.chanels'; allowed keys under model.overrides: "),
-    ("model.overrides={channel_mult: 3}", "model.overrides.channel_mult: expected a list, got 3"),
-    ("model.overrides={norm_groups: 7}", "model.overrides.base_channels * 1 = 32 is not divisible by norm_groups = 7"),
-    ("model.overrides.num_classes=10", "model.overrides.num_classes: class-conditional training is not connected"),
-    ("train.seed=-1", "train.seed must be >= 0, got -1"),
-    ("tune.search_alg=bayes", "tune.search_alg 'bayes' is not one of: random, grid, optuna, hyperopt"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (
+            "model.overrides.chanels=64",
+            "unknown config key 'model.overrides.chanels'; allowed keys under model.overrides: ",
+        ),
+        ("model.overrides={channel_mult: 3}", "model.overrides.channel_mult: expected a list, got 3"),
+        (
+            "model.overrides={norm_groups: 7}",
+            "model.overrides.base_channels * 1 = 32 is not divisible by norm_groups = 7",
+        ),
+        ("model.overrides.num_classes=10", "model.overrides.num_classes: class-conditional training is not connected"),
+        ("train.seed=-1", "train.seed must be >= 0, got -1"),
+        ("tune.search_alg=bayes", "tune.search_alg 'bayes' is not one of: random, grid, optuna, hyperopt"),
+    ],
+)
 def test_model_and_section_errors_name_the_key(override, message):
     with pytest.raises(ConfigError) as error:
         load_config(None, [override])
@@ -104,8 +163,12 @@ def functions(path: Path) -> list[ast.FunctionDef | ast.AsyncFunctionDef]:
 
 
 def test_no_function_is_longer_than_80_lines():
-    long = [f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
-            for path in SOURCES for node in functions(path) if node.end_lineno - node.lineno + 1 > 80]
+    long = [
+        f"{path.relative_to(REPO)}:{node.lineno} {node.name} ({node.end_lineno - node.lineno + 1} lines)"
+        for path in SOURCES
+        for node in functions(path)
+        if node.end_lineno - node.lineno + 1 > 80
+    ]
     assert not long, long
 
 
@@ -116,12 +179,22 @@ def test_the_training_loop_reads_in_a_screen():
 
 
 def test_no_stage_reads_outputs_by_string_key():
-    offenders = [f"{path.relative_to(REPO)}:{number}" for path in SOURCES
-                 for number, line in enumerate(path.read_text().splitlines(), 1)
-                 if '["outputs"]' in line or "upstream[" in line or "output_of(" in line]
+    offenders = [
+        f"{path.relative_to(REPO)}:{number}"
+        for path in SOURCES
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if '["outputs"]' in line or "upstream[" in line or "output_of(" in line
+    ]
     assert not offenders, offenders
 
 
 def test_contracts_are_frozen():
-    for kind in (*(type(outputs) for outputs in EXAMPLES), StageManifest, Scores, FidProtocol, TrainedWith, NllProtocol):
+    for kind in (
+        *(type(outputs) for outputs in EXAMPLES),
+        StageManifest,
+        Scores,
+        FidProtocol,
+        TrainedWith,
+        NllProtocol,
+    ):
         assert dataclasses.fields(kind) and kind.__dataclass_params__.frozen, kind

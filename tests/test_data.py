@@ -56,8 +56,11 @@ def test_flat_folder_of_png_and_jpeg_has_no_labels(tmp_path):
 
 def fake_cifar_batch(n, seed):
     rng = np.random.default_rng(seed)
-    return {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": rng.integers(0, 10, n).tolist(),
-            b"batch_label": b"fake"}
+    return {
+        b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        b"labels": rng.integers(0, 10, n).tolist(),
+        b"batch_label": b"fake",
+    }
 
 
 def write_cifar(folder):
@@ -130,8 +133,12 @@ def test_unreadable_s3_uri_names_the_uri(s3_endpoint):
     options = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": s3_endpoint}}
     with pytest.raises(DataError, match="s3://no-such-bucket/data"):
         load_dataset("s3://no-such-bucket/data", storage_options=options)
-    dead = {"key": "testing", "secret": "testing", "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
-            "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}}}
+    dead = {
+        "key": "testing",
+        "secret": "testing",
+        "client_kwargs": {"endpoint_url": "http://127.0.0.1:9"},
+        "config_kwargs": {"connect_timeout": 1, "retries": {"max_attempts": 1}},
+    }
     with pytest.raises(DataError, match="cannot be read"):
         load_dataset("s3://bucket/data", storage_options=dead)
 
@@ -148,7 +155,9 @@ def bad_inputs(tmp_path):
     np.save(tmp_path / "shape.npy", np.zeros((2, 8, 8, 7), dtype=np.uint8))
     np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
     np.savez(tmp_path / "nokey.npz", pixels=np.zeros((2, 8, 8, 3), dtype=np.uint8))
-    np.savez(tmp_path / "badlabels.npz", images=np.zeros((2, 8, 8, 3), dtype=np.uint8), labels=np.zeros(3, dtype=np.int64))
+    np.savez(
+        tmp_path / "badlabels.npz", images=np.zeros((2, 8, 8, 3), dtype=np.uint8), labels=np.zeros(3, dtype=np.int64)
+    )
     np.save(tmp_path / "none.npy", np.zeros((0, 8, 8, 3), dtype=np.uint8))
     (tmp_path / "data.csv").write_text("a,b\n")
     with tarfile.open(tmp_path / "notcifar.tar.gz", "w:gz") as archive:
@@ -156,21 +165,24 @@ def bad_inputs(tmp_path):
     (tmp_path / "garbage.tar.gz").write_bytes(b"not a tar")
 
 
-@pytest.mark.parametrize("name, message", [
-    ("missing", "does not exist"),
-    ("empty", "contains no PNG/JPEG"),
-    ("corrupt", "corrupt or unreadable image .*broken.png"),
-    ("mixed", "mixed image sizes .*a.png is 8x8.*b.png is 16x16"),
-    ("float.npy", "must be uint8 .* got float32"),
-    ("shape.npy", "got shape \\(2, 8, 8, 7\\)"),
-    ("objects.npy", "pickled objects are refused"),
-    ("nokey.npz", "under 'images'"),
-    ("badlabels.npz", "labels must have shape \\[2\\]"),
-    ("none.npy", "has no images"),
-    ("data.csv", "unsupported format"),
-    ("notcifar.tar.gz", "missing \\['data_batch_1'"),
-    ("garbage.tar.gz", "not a readable tar.gz"),
-])
+@pytest.mark.parametrize(
+    "name, message",
+    [
+        ("missing", "does not exist"),
+        ("empty", "contains no PNG/JPEG"),
+        ("corrupt", "corrupt or unreadable image .*broken.png"),
+        ("mixed", "mixed image sizes .*a.png is 8x8.*b.png is 16x16"),
+        ("float.npy", "must be uint8 .* got float32"),
+        ("shape.npy", "got shape \\(2, 8, 8, 7\\)"),
+        ("objects.npy", "pickled objects are refused"),
+        ("nokey.npz", "under 'images'"),
+        ("badlabels.npz", "labels must have shape \\[2\\]"),
+        ("none.npy", "has no images"),
+        ("data.csv", "unsupported format"),
+        ("notcifar.tar.gz", "missing \\['data_batch_1'"),
+        ("garbage.tar.gz", "not a readable tar.gz"),
+    ],
+)
 def test_bad_input_gives_one_clear_error_naming_the_problem(tmp_path, name, message):
     bad_inputs(tmp_path)
     with pytest.raises(DataError, match=message) as error:
@@ -189,7 +201,7 @@ def test_model_range_transforms():
     assert x.shape == (4, 3, 8, 8) and x.min() >= -1 and x.max() <= 1
     np.testing.assert_array_equal(to_uint8(x), images)  # exact round trip of 8-bit values
     flipped = random_horizontal_flip(x, torch.Generator().manual_seed(0))
-    for original, result in zip(x, flipped):
+    for original, result in zip(x, flipped, strict=True):
         assert torch.equal(result, original) or torch.equal(result, original.flip(-1))
     many = random_horizontal_flip(x.repeat(50, 1, 1, 1), torch.Generator().manual_seed(1))
     fraction = (many != x.repeat(50, 1, 1, 1)).flatten(1).any(1).float().mean().item()

@@ -10,8 +10,13 @@ from pytorch_fid.fid_score import calculate_frechet_distance
 from torch_fidelity.metric_isc import isc_features_to_metric
 from torch_fidelity.metric_prc import calculate_precision_recall_full
 
-from ddpm_core.metrics import (ClassProbabilityStatistics, FeatureStatistics, frechet_distance_from_stats, knn_radii,
-                               precision_recall)
+from ddpm_core.metrics import (
+    ClassProbabilityStatistics,
+    FeatureStatistics,
+    frechet_distance_from_stats,
+    knn_radii,
+    precision_recall,
+)
 
 
 def correlated_features(n: int, d: int, seed: int, shift: float = 0.0) -> torch.Tensor:
@@ -22,7 +27,10 @@ def correlated_features(n: int, d: int, seed: int, shift: float = 0.0) -> torch.
 
 @pytest.mark.parametrize("d", [16, 256])
 def test_frechet_distance_matches_pytorch_fid(d):
-    a, b = FeatureStatistics.from_features(correlated_features(3000, d, 0)), FeatureStatistics.from_features(correlated_features(2000, d, 1, 0.3))
+    a, b = (
+        FeatureStatistics.from_features(correlated_features(3000, d, 0)),
+        FeatureStatistics.from_features(correlated_features(2000, d, 1, 0.3)),
+    )
     ours = frechet_distance_from_stats(a, b)
     reference = calculate_frechet_distance(a.mean.numpy(), a.covariance.numpy(), b.mean.numpy(), b.covariance.numpy())
     assert ours == pytest.approx(reference, rel=1e-6)
@@ -53,7 +61,8 @@ def test_inception_score_closed_forms():
     uniform.update(torch.zeros(n, k), torch.arange(n))  # p(y|x) uniform: IS = 1
     assert uniform.inception_score()[0] == pytest.approx(1.0, abs=1e-12)
     confident = ClassProbabilityStatistics.empty(n, 4, k)
-    confident.update(100.0 * torch.nn.functional.one_hot(torch.arange(n) % k, k).float(), torch.arange(n))  # one-hot, balanced: IS = K
+    # One-hot, balanced: IS = K.
+    confident.update(100.0 * torch.nn.functional.one_hot(torch.arange(n) % k, k).float(), torch.arange(n))
     assert confident.inception_score()[0] == pytest.approx(k, rel=1e-9)
 
 
@@ -80,7 +89,8 @@ def test_inception_score_statistics_merge_exactly_in_any_order():
 def test_precision_recall_matches_torch_fidelity(k):
     real, fake = correlated_features(600, 32, 0), correlated_features(500, 32, 1, shift=0.25)
     ours = precision_recall(real, fake, k)
-    reference = calculate_precision_recall_full(fake, real, neighborhood=k, batch_size=10000)  # (generated, real) convention
+    # torch-fidelity's (generated, real) argument order.
+    reference = calculate_precision_recall_full(fake, real, neighborhood=k, batch_size=10000)
     assert ours == pytest.approx(reference, abs=1e-7)  # torch-fidelity averages in float32; 1/600 separates counts
     assert 0.0 < ours[0] < 1.0 and 0.0 < ours[1] < 1.0
 

@@ -51,28 +51,49 @@ def test_killed_worker_then_killed_driver_resume_from_checkpoints(tmp_path):
     """Phase 1: SIGKILL one Ray Train worker past the third checkpoint; Ray Train restarts the group from the latest
     checkpoint and the loss continues. Then SIGKILL the driver (and the local Ray it started). Phase 2: the same
     command resumes training from the last committed checkpoint and finishes the pipeline."""
-    args = [sys.executable, "-m", "pipelines", "run", "run_id=faults", f"train.total_images={TOTAL}",
-            f"train.checkpoint_every_images={CHECKPOINT_EVERY}", "train.log_every_images=512", "train.grid_every_images=0",
-            "train.max_failures=2", "train.warmup_images=512", f"sample.num_samples={SAMPLES}", f"sample.batch_size={SHARD}", "sample.num_steps=50",
-            "evaluate.classifier_epochs=1", "evaluate.untrained_baseline=false", "evaluate.nll=false", "register.enabled=false",
-            f"storage.root={tmp_path / 'runs'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "mlflow.experiment=faults"]
+    args = [
+        sys.executable,
+        "-m",
+        "pipelines",
+        "run",
+        "run_id=faults",
+        f"train.total_images={TOTAL}",
+        f"train.checkpoint_every_images={CHECKPOINT_EVERY}",
+        "train.log_every_images=512",
+        "train.grid_every_images=0",
+        "train.max_failures=2",
+        "train.warmup_images=512",
+        f"sample.num_samples={SAMPLES}",
+        f"sample.batch_size={SHARD}",
+        "sample.num_steps=50",
+        "evaluate.classifier_epochs=1",
+        "evaluate.untrained_baseline=false",
+        "evaluate.nll=false",
+        "register.enabled=false",
+        f"storage.root={tmp_path / 'runs'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "mlflow.experiment=faults",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     first_log = tmp_path / "first.log"
     with open(first_log, "w") as log:
         first = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for(lambda: progress_in(first_log) >= 3 * CHECKPOINT_EVERY + 512, first, first_log)  # loss well below its start
+        # Past the third checkpoint: the loss is well below its start.
+        wait_for(lambda: progress_in(first_log) >= 3 * CHECKPOINT_EVERY + 512, first, first_log)
         workers = ray_workers("RayTrainWorker")
         assert len(workers) == 2, "expected the two Ray Train workers of this run"
         workers[-1].send_signal(signal.SIGKILL)
         killed_at = progress_in(first_log)
         wait_for(lambda: "resumed from checkpoint at " in first_log.read_text(), first, first_log)
         restarted_at = int(first_log.read_text().split("resumed from checkpoint at ")[1].split()[0])
-        wait_for(lambda: progress_in(first_log) >= killed_at + 1024, first, first_log)  # training goes on after the restart
+        # Training goes on after the restart.
+        wait_for(lambda: progress_in(first_log) >= killed_at + 1024, first, first_log)
     finally:
         os.killpg(first.pid, signal.SIGKILL)  # now the driver, with the local Ray instance it started
         first.wait(timeout=30)
-    assert killed_at - CHECKPOINT_EVERY - 512 <= restarted_at <= killed_at  # at most one interval (and a log step) repeated
+    # At most one interval (and a log step) repeated.
+    assert killed_at - CHECKPOINT_EVERY - 512 <= restarted_at <= killed_at
     assert json.loads((tmp_path / "runs/faults/prepare/stage.json").read_text())["status"] == "complete"
     assert not (tmp_path / "runs/faults/train/stage.json").exists()  # the killed stage is not marked complete
 
@@ -81,11 +102,14 @@ def test_killed_worker_then_killed_driver_resume_from_checkpoints(tmp_path):
     with open(second_log, "w") as log:
         second = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        wait_for(lambda: bool(list(tmp_path.glob("runs/faults/sample/*/shards/shard-*/manifest.json"))), second, second_log)
+        wait_for(
+            lambda: bool(list(tmp_path.glob("runs/faults/sample/*/shards/shard-*/manifest.json"))), second, second_log
+        )
     finally:
         os.killpg(second.pid, signal.SIGKILL)
         second.wait(timeout=30)
-    deadline = time.time() + 60  # Ray's worker processes are not in the driver's process group: they go when the raylet does
+    # Ray's worker processes are not in the driver's process group: they go when the raylet does.
+    deadline = time.time() + 60
     while ray_workers("SampleWorker") and time.time() < deadline:
         time.sleep(0.2)
     assert not ray_workers("SampleWorker"), "sampling actors outlived their driver"
@@ -105,13 +129,32 @@ def test_killed_worker_then_killed_driver_resume_from_checkpoints(tmp_path):
 
     # benchmarks/fid_vs_steps.py, run on this finished run with its own sampler, reproduces the run's logged FID.
     out = tmp_path / "fid_vs_steps.json"
-    subprocess.run([sys.executable, "benchmarks/fid_vs_steps.py", "--run-root", str(tmp_path / "runs/faults"), "--samplers",
-                    "ddim:50", "ddim:10", "--out", str(out), "--plot", str(tmp_path / "fid.png")], cwd=REPO, check=True, timeout=300,
-                   env={**env, "OMP_NUM_THREADS": "1"})  # one thread, like a sampling actor: the same images
+    subprocess.run(
+        [
+            sys.executable,
+            "benchmarks/fid_vs_steps.py",
+            "--run-root",
+            str(tmp_path / "runs/faults"),
+            "--samplers",
+            "ddim:50",
+            "ddim:10",
+            "--out",
+            str(out),
+            "--plot",
+            str(tmp_path / "fid.png"),
+        ],
+        cwd=REPO,
+        check=True,
+        timeout=300,
+        env={**env, "OMP_NUM_THREADS": "1"},  # one thread, like a sampling actor: the same images
+    )
     benchmark = json.loads(out.read_text())
     assert [(row["method"], row["steps"]) for row in benchmark["rows"]] == [("ddim", 50), ("ddim", 10)]
     assert benchmark["rows"][0]["fid"] == pytest.approx(benchmark["run_fid"], rel=1e-4)
-    assert benchmark["rows"][1]["fid"] != pytest.approx(benchmark["run_fid"], rel=1e-2) and (tmp_path / "fid.png").stat().st_size > 10_000
+    assert (
+        benchmark["rows"][1]["fid"] != pytest.approx(benchmark["run_fid"], rel=1e-2)
+        and (tmp_path / "fid.png").stat().st_size > 10_000
+    )
     manifest = json.loads((tmp_path / "runs/faults/train/stage.json").read_text())
     assert manifest["status"] == "complete" and manifest["outputs"]["images_seen"] == TOTAL
 
@@ -122,13 +165,22 @@ def test_killed_worker_then_killed_driver_resume_from_checkpoints(tmp_path):
     # In the first train run, the loss after the worker-group restart continues at its level before the kill,
     # far below the untrained level (optimizer, EMA and data-order state restored).
     experiment = client.get_experiment_by_name("faults").experiment_id
-    killed_run = next(r for r in client.search_runs([experiment], "tags.`ddpm.stage` = 'train'") if r.info.run_id != manifest["mlflow_run_id"])
+    killed_run = next(
+        r
+        for r in client.search_runs([experiment], "tags.`ddpm.stage` = 'train'")
+        if r.info.run_id != manifest["mlflow_run_id"]
+    )
     history = sorted(client.get_metric_history(killed_run.info.run_id, "loss"), key=lambda m: m.timestamp)
     first_loss = history[0].value
     before_kill = [m.value for m in history if m.step <= killed_at][-1]
-    after_restart = [m.value for m in history if m.timestamp > max(h.timestamp for h in history if h.step == killed_at)][:2]
-    assert after_restart and max(after_restart) < 0.6 * first_loss and max(after_restart) < 1.5 * before_kill, \
-        (first_loss, before_kill, after_restart)
+    after_restart = [
+        m.value for m in history if m.timestamp > max(h.timestamp for h in history if h.step == killed_at)
+    ][:2]
+    assert after_restart and max(after_restart) < 0.6 * first_loss and max(after_restart) < 1.5 * before_kill, (
+        first_loss,
+        before_kill,
+        after_restart,
+    )
 
 
 def assert_samples_equal_an_uninterrupted_sampling(run_root: Path) -> None:
@@ -156,8 +208,13 @@ def assert_samples_equal_an_uninterrupted_sampling(run_root: Path) -> None:
         for uri in outputs["shard_uris"]:
             files, metadata = read_committed(uri)
             images = np.load(io.BytesIO(files["images.npy"]))
-            expected = sample(model, diffusion, shape, PerIndexNoise(outputs["seed"], range(metadata["start"], metadata["stop"]), "cpu"),
-                              SamplerConfig(**outputs["sampler"])).samples
+            expected = sample(
+                model,
+                diffusion,
+                shape,
+                PerIndexNoise(outputs["seed"], range(metadata["start"], metadata["stop"]), "cpu"),
+                SamplerConfig(**outputs["sampler"]),
+            ).samples
             assert np.array_equal(images, to_uint8(expected)), f"{uri} differs from an uninterrupted sampling"
             indices += range(metadata["start"], metadata["stop"])
     finally:
@@ -166,10 +223,24 @@ def assert_samples_equal_an_uninterrupted_sampling(run_root: Path) -> None:
 
 
 def start_mlflow(workdir: Path, port: int) -> subprocess.Popen:
-    command = [str(BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{workdir / 'mlflow.db'}", "--artifacts-destination",
-               str(workdir / "artifacts"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    command = [
+        str(BIN / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        f"sqlite:///{workdir / 'mlflow.db'}",
+        "--artifacts-destination",
+        str(workdir / "artifacts"),
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
     with open(workdir / "mlflow-server.log", "a") as output:
-        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir)
+        process = subprocess.Popen(
+            command, stdout=output, stderr=subprocess.STDOUT, start_new_session=True, cwd=workdir
+        )
     _wait_http(f"http://127.0.0.1:{port}/health", process, 90, workdir / "mlflow-server.log")
     return process
 
@@ -181,7 +252,7 @@ def _progress_during_outage(log: str, total: int) -> list[int]:
     if start < 0:
         return []
     end = log.find("reachable again", start)
-    return [int(n) for n in re.findall(rf"train: (\d+)/{total} images", log[start:end if end >= 0 else len(log)])]
+    return [int(n) for n in re.findall(rf"train: (\d+)/{total} images", log[start : end if end >= 0 else len(log)])]
 
 
 def test_training_survives_an_mlflow_outage(tmp_path):
@@ -191,11 +262,27 @@ def test_training_survives_an_mlflow_outage(tmp_path):
     "unreachable" and "reachable again" notices. Nothing waits on a fixed delay, so the test holds on any speed."""
     total, every = 12288, 512
     port = free_port()
-    args = [sys.executable, "-m", "pipelines", "run", "run_id=outage", f"train.total_images={total}", "train.checkpoint_every_images=4096",
-            f"train.log_every_images={every}", "train.grid_every_images=0", "sample.num_samples=50", "sample.batch_size=50",
-            "sample.num_steps=5", "evaluate.classifier_epochs=1", "evaluate.untrained_baseline=false", "evaluate.nll=false",
-            "register.enabled=false", f"storage.root={tmp_path / 'runs'}", f"mlflow.tracking_uri=http://127.0.0.1:{port}",
-            "mlflow.experiment=outage"]
+    args = [
+        sys.executable,
+        "-m",
+        "pipelines",
+        "run",
+        "run_id=outage",
+        f"train.total_images={total}",
+        "train.checkpoint_every_images=4096",
+        f"train.log_every_images={every}",
+        "train.grid_every_images=0",
+        "sample.num_samples=50",
+        "sample.batch_size=50",
+        "sample.num_steps=5",
+        "evaluate.classifier_epochs=1",
+        "evaluate.untrained_baseline=false",
+        "evaluate.nll=false",
+        "register.enabled=false",
+        f"storage.root={tmp_path / 'runs'}",
+        f"mlflow.tracking_uri=http://127.0.0.1:{port}",
+        "mlflow.experiment=outage",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log_path = tmp_path / "run.log"
     server = start_mlflow(tmp_path, port)
@@ -236,10 +323,23 @@ def test_a_diverging_run_stops_once_with_advice_and_no_retries(tmp_path):
     """A learning rate of 1e30 makes the loss non-finite within a few steps. With retries configured
     (``train.max_failures=2``), the stage must still stop at once: one worker-group start, exit code 4, a message
     naming the settings to change, the stage not marked complete and its MLflow runs FAILED."""
-    args = [sys.executable, "-m", "pipelines", "run", "run_id=diverge", "train.lr=1e30", "train.warmup_images=0",
-            "train.total_images=8192", "train.checkpoint_every_images=1024", "train.log_every_images=512",
-            "train.grid_every_images=0", "train.max_failures=2", f"storage.root={tmp_path / 'runs'}",
-            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "mlflow.experiment=diverge"]
+    args = [
+        sys.executable,
+        "-m",
+        "pipelines",
+        "run",
+        "run_id=diverge",
+        "train.lr=1e30",
+        "train.warmup_images=0",
+        "train.total_images=8192",
+        "train.checkpoint_every_images=1024",
+        "train.log_every_images=512",
+        "train.grid_every_images=0",
+        "train.max_failures=2",
+        f"storage.root={tmp_path / 'runs'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "mlflow.experiment=diverge",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     run = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     output = run.stdout + run.stderr
@@ -252,4 +352,8 @@ def test_a_diverging_run_stops_once_with_advice_and_no_retries(tmp_path):
     assert not (tmp_path / "runs/diverge/train/stage.json").exists()
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("diverge").experiment_id])
-    assert {r.data.tags["ddpm.stage"]: r.info.status for r in runs} == {"pipeline": "FAILED", "prepare": "FINISHED", "train": "FAILED"}
+    assert {r.data.tags["ddpm.stage"]: r.info.status for r in runs} == {
+        "pipeline": "FAILED",
+        "prepare": "FINISHED",
+        "train": "FAILED",
+    }

@@ -84,14 +84,18 @@ def test_posterior_matches_monte_carlo_conditioning(diffusion):
     generator = torch.Generator().manual_seed(0)
     step, n, x0_value = 300, 400_000, 0.5
     abar_prev = diffusion.alphas_cumprod[step - 1]
-    x_prev = abar_prev.sqrt() * x0_value + (1 - abar_prev).sqrt() * torch.randn(n, generator=generator, dtype=torch.float64)
+    x_prev = abar_prev.sqrt() * x0_value + (1 - abar_prev).sqrt() * torch.randn(
+        n, generator=generator, dtype=torch.float64
+    )
     beta = diffusion.betas[step]
     x_t = (1 - beta).sqrt() * x_prev + beta.sqrt() * torch.randn(n, generator=generator, dtype=torch.float64)
     design = torch.stack([torch.ones(n, dtype=torch.float64), x_t], 1)
     coefficients = torch.linalg.lstsq(design, x_prev[:, None]).solution.squeeze()
     residual_variance = (x_prev - design @ coefficients).var()
     assert coefficients[1].item() == pytest.approx(diffusion.posterior_mean_coef2[step].item(), rel=5e-3)
-    assert coefficients[0].item() == pytest.approx(diffusion.posterior_mean_coef1[step].item() * x0_value, rel=5e-2, abs=2e-4)
+    assert coefficients[0].item() == pytest.approx(
+        diffusion.posterior_mean_coef1[step].item() * x0_value, rel=5e-2, abs=2e-4
+    )
     assert residual_variance.item() == pytest.approx(diffusion.posterior_variance[step].item(), rel=1e-2)
 
 

@@ -27,7 +27,10 @@ def exact_output_moments(base: GaussianDiffusion, visited: list[int], method: st
     for i in reversed(range(len(visited))):
         abar = abar_all[visited[i]].item()
         abar_prev = abar_all[visited[i - 1]].item() if i > 0 else 1.0
-        eps_a, eps_b = (c.item() for c in oracle_coefficients(torch.tensor(abar, dtype=torch.float64), DATA_MEAN, DATA_STD, Prediction.EPS))
+        eps_a, eps_b = (
+            c.item()
+            for c in oracle_coefficients(torch.tensor(abar, dtype=torch.float64), DATA_MEAN, DATA_STD, Prediction.EPS)
+        )
         alpha = abar / abar_prev  # the respaced alpha_t
         beta = 1 - alpha
         if method == "ancestral":
@@ -103,4 +106,7 @@ def test_the_oracle_test_detects_a_swapped_sqrt_alpha():
     wrong.alphas_cumprod = base.alphas.clone()  # the classic mix-up: treat alpha_t as abar_t
     wrong_mean, wrong_var = exact_output_moments(wrong, visited, "ancestral", Variance.FIXED_SMALL, 0.0)
     tolerance = 5 * math.sqrt(right_var) / math.sqrt(NUM_SAMPLES * 4)
-    assert abs(wrong_mean - right_mean) > 10 * tolerance or abs(math.sqrt(wrong_var) - math.sqrt(right_var)) > 10 * tolerance
+    assert (
+        abs(wrong_mean - right_mean) > 10 * tolerance
+        or abs(math.sqrt(wrong_var) - math.sqrt(right_var)) > 10 * tolerance
+    )

@@ -68,7 +68,9 @@ def test_loads_through_s3_verifies_and_caches(weights_file, digits_rgb, s3_bucke
     assert features.std() > 1e-3, "He-initialised weights must give informative features"
 
     # the same network straight from torch-fidelity on the same weights: identical outputs
-    reference = FeatureExtractorInceptionV3("inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(weights_file))
+    reference = FeatureExtractorInceptionV3(
+        "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=str(weights_file)
+    )
     x = torch.from_numpy(digits_rgb[:6]).permute(0, 3, 1, 2).expand(-1, 3, -1, -1).contiguous()
     expected_features, expected_logits = reference.eval()(x)
     torch.testing.assert_close(features, expected_features, rtol=0, atol=0)
@@ -88,7 +90,9 @@ def test_missing_weights_say_how_to_provide_them(tmp_path):
     with pytest.raises(WeightsError) as error:
         load_inception(str(tmp_path / "nowhere" / WEIGHTS_FILE), "6726825d", cache_dir=tmp_path / "cache")
     message = str(error.value)
-    assert "does not exist" in message and "evaluate.inception_weights_uri" in message and "docs/evaluation.md" in message
+    assert (
+        "does not exist" in message and "evaluate.inception_weights_uri" in message and "docs/evaluation.md" in message
+    )
 
 
 class _RunsCode:
@@ -118,7 +122,9 @@ def test_features_and_statistics_match_torchmetrics(weights_file, digits_rgb):
 
     # antialias=False: the TF1-compatible resize of the published protocol (torchmetrics defaults to antialiasing)
     metric = FrechetInceptionDistance(feature=2048, feature_extractor_weights_path=str(clean), antialias=False)
-    to_nchw = lambda images: torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).expand(-1, 3, -1, -1).contiguous()
+    to_nchw = lambda images: (
+        torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).expand(-1, 3, -1, -1).contiguous()
+    )
     metric.update(to_nchw(real), real=True)
     metric.update(to_nchw(fake), real=False)
     assert int(metric.real_features_num_samples) == ours_real.count == 12

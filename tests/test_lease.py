@@ -71,9 +71,18 @@ def test_a_renewed_lease_stays_held(tmp_path):
 
 def test_the_lease_of_a_dead_process_on_this_host_is_taken_at_once(tmp_path):
     uri = str(tmp_path / "run")
-    holder = subprocess.run([sys.executable, "-c", "import os, sys; from pipelines.lease import acquire; "
-                             f"lease = acquire({uri!r}, {{}}, ttl_s=600); print(lease.owner); sys.stdout.flush(); os._exit(0)"],
-                            capture_output=True, text=True, timeout=60, check=True)
+    holder = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys; from pipelines.lease import acquire; "
+            f"lease = acquire({uri!r}, {{}}, ttl_s=600); print(lease.owner); sys.stdout.flush(); os._exit(0)",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
     owner = holder.stdout.strip().splitlines()[-1]
     assert owner.startswith(socket.gethostname() + ":")
     messages = []

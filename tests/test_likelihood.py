@@ -10,8 +10,14 @@ from scipy.stats import norm
 from torch.distributions import Normal, kl_divergence
 
 from ddpm_core.data import load_dataset, to_model_range
-from ddpm_core.diffusion import (GaussianDiffusion, Loss, Prediction, Variance, discretized_gaussian_log_likelihood,
-                                 normal_kl)
+from ddpm_core.diffusion import (
+    GaussianDiffusion,
+    Loss,
+    Prediction,
+    Variance,
+    discretized_gaussian_log_likelihood,
+    normal_kl,
+)
 from ddpm_core.schedules import make_betas
 from tests.oracles import gaussian_oracle
 
@@ -22,7 +28,7 @@ def random_output(variance: Variance, shape, generator):
     channels = shape[1] * (2 if variance is Variance.LEARNED_RANGE else 1)
     output = torch.randn(shape[0], channels, *shape[2:], generator=generator, dtype=torch.float64)
     if variance is Variance.LEARNED_RANGE:
-        output[:, shape[1]:] = output[:, shape[1]:].tanh()  # interpolation values in [-1, 1]
+        output[:, shape[1] :] = output[:, shape[1] :].tanh()  # interpolation values in [-1, 1]
     return output
 
 
@@ -67,7 +73,7 @@ def test_vlb_terms_equal_independent_kl(prediction, variance):
     elif variance is Variance.FIXED_LARGE:
         model_var = b_t.expand(shape)
     else:
-        fraction = (output[:, shape[1]:] + 1) / 2
+        fraction = (output[:, shape[1] :] + 1) / 2
         model_var = torch.exp(fraction * torch.log(b_t) + (1 - fraction) * torch.log(post_var))
     kl = kl_divergence(Normal(post_mean, post_var.sqrt().expand(shape)), Normal(model_mean, model_var.sqrt()))
     torch.testing.assert_close(terms, kl.mean(dim=(1, 2, 3)) / LOG2, rtol=1e-7, atol=1e-9)
@@ -98,7 +104,9 @@ def test_decoder_term_is_the_discretized_gaussian_nll():
 def test_discretized_likelihood_is_normalised_over_the_256_bins():
     levels = torch.arange(256, dtype=torch.float64) / 127.5 - 1
     for mean, log_scale in [(0.0, -3.0), (0.97, -5.0), (-1.2, -1.0), (0.5, -9.0)]:
-        log_probs = discretized_gaussian_log_likelihood(levels, torch.full_like(levels, mean), torch.full_like(levels, log_scale))
+        log_probs = discretized_gaussian_log_likelihood(
+            levels, torch.full_like(levels, mean), torch.full_like(levels, log_scale)
+        )
         assert log_probs.exp().sum().item() == pytest.approx(1.0, abs=1e-9)
         assert bool(torch.isfinite(log_probs).all())
 
@@ -107,7 +115,9 @@ def test_prior_term_is_kl_to_standard_normal():
     diffusion = GaussianDiffusion(make_betas("linear", 1000))
     x0 = torch.linspace(-1, 1, 8, dtype=torch.float64).reshape(2, 1, 2, 2)
     abar_T = torch.cumprod(1 - diffusion.betas, 0)[-1]
-    expected = kl_divergence(Normal(abar_T.sqrt() * x0, (1 - abar_T).sqrt()), Normal(0.0, 1.0)).mean(dim=(1, 2, 3)) / LOG2
+    expected = (
+        kl_divergence(Normal(abar_T.sqrt() * x0, (1 - abar_T).sqrt()), Normal(0.0, 1.0)).mean(dim=(1, 2, 3)) / LOG2
+    )
     torch.testing.assert_close(diffusion.prior_bits(x0), expected)
     assert bool((diffusion.prior_bits(x0) < 1e-4).all())  # the linear schedule ends almost at N(0, I)
 
@@ -149,7 +159,9 @@ def test_simple_loss_is_the_mse_to_the_parameterisation_target(prediction):
     zero = lambda x, t: torch.zeros_like(x)
     terms = diffusion.training_losses(zero, x0, t, noise)
     abar = diffusion.alphas_cumprod[t].reshape(-1, 1, 1, 1)
-    target = {Prediction.EPS: noise, Prediction.X0: x0, Prediction.V: abar.sqrt() * noise - (1 - abar).sqrt() * x0}[prediction]
+    target = {Prediction.EPS: noise, Prediction.X0: x0, Prediction.V: abar.sqrt() * noise - (1 - abar).sqrt() * x0}[
+        prediction
+    ]
     torch.testing.assert_close(terms["loss"], (target**2).mean(dim=(1, 2, 3)))
 
 
@@ -187,7 +199,9 @@ def test_bound_on_gaussian_data_lies_just_above_its_entropy(schedule, variance, 
     cross_entropy = -np.log2(norm.cdf(upper, mean, std) - norm.cdf(lower, mean, std)).mean(axis=(1, 2, 3))
 
     diffusion = GaussianDiffusion(make_betas(schedule, 1000), variance=variance)
-    bound = diffusion.bits_per_dim(gaussian_oracle(diffusion, mean, std, Prediction.EPS), x0, generator=generator)["total"]
+    bound = diffusion.bits_per_dim(gaussian_oracle(diffusion, mean, std, Prediction.EPS), x0, generator=generator)[
+        "total"
+    ]
     gap = bound.numpy() - cross_entropy
     standard_error = gap.std() / math.sqrt(len(gap))
     assert gap.mean() > -4 * standard_error

@@ -49,9 +49,13 @@ def test_merged_shard_statistics_equal_one_pass_statistics():
     assert merged.count == whole.count == 1000
     torch.testing.assert_close(merged.mean, whole.mean, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(merged.covariance, whole.covariance, rtol=1e-10, atol=1e-10)
-    np.testing.assert_allclose(whole.covariance.numpy(), np.cov(features.double().numpy(), rowvar=False), rtol=1e-9, atol=1e-9)
+    np.testing.assert_allclose(
+        whole.covariance.numpy(), np.cov(features.double().numpy(), rowvar=False), rtol=1e-9, atol=1e-9
+    )
     other = FeatureStatistics.from_features(torch.randn(500, 32, generator=generator))
-    assert frechet_distance_from_stats(merged, other) == pytest.approx(frechet_distance_from_stats(whole, other), rel=1e-10)
+    assert frechet_distance_from_stats(merged, other) == pytest.approx(
+        frechet_distance_from_stats(whole, other), rel=1e-10
+    )
     round_trip = FeatureStatistics.from_dict(merged.to_dict())
     torch.testing.assert_close(round_trip.sum_outer, merged.sum_outer)
 
@@ -61,4 +65,4 @@ def test_statistics_reject_mismatched_features():
     with pytest.raises(ValueError, match="features must be"):
         stats.update(torch.zeros(3, 5))
     with pytest.raises(ValueError, match="at least 2 samples"):
-        FeatureStatistics.from_features(torch.zeros(1, 4)).covariance
+        _ = FeatureStatistics.from_features(torch.zeros(1, 4)).covariance

@@ -21,11 +21,22 @@ from mlflow.tracking import MlflowClient
 from tests.services import BIN, FaultyS3Proxy, mlflow_server, ray_head
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["run_id=e2e", "train.total_images=2048", "train.checkpoint_every_images=1024", "train.log_every_images=512",
-        "train.grid_every_images=1024", "sample.num_samples=200", "sample.batch_size=100", "sample.num_steps=10",
-        "evaluate.classifier_epochs=2", "evaluate.untrained_baseline=false", "evaluate.nll_images=40",
-        "evaluate.nll_batch_size=20", "register.model_name=ddpm-e2e",
-        "mlflow.experiment=e2e"]
+TINY = [
+    "run_id=e2e",
+    "train.total_images=2048",
+    "train.checkpoint_every_images=1024",
+    "train.log_every_images=512",
+    "train.grid_every_images=1024",
+    "sample.num_samples=200",
+    "sample.batch_size=100",
+    "sample.num_steps=10",
+    "evaluate.classifier_epochs=2",
+    "evaluate.untrained_baseline=false",
+    "evaluate.nll_images=40",
+    "evaluate.nll_batch_size=20",
+    "register.model_name=ddpm-e2e",
+    "mlflow.experiment=e2e",
+]
 
 
 SECRETS = {"aws": "fake-secret-aws-9c41d7e2b8", "mlflow": "fake-secret-mlflow-5b7e0a13f6"}
@@ -33,9 +44,25 @@ SECRETS = {"aws": "fake-secret-aws-9c41d7e2b8", "mlflow": "fake-secret-mlflow-5b
 
 def submit(address: str, env: dict[str, str], overrides: list[str], log: Path) -> subprocess.CompletedProcess:
     runtime_env = {"excludes": [".venv", ".git", "runs", "outputs", "*.db"]}
-    command = [str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO),
-               "--runtime-env-json", json.dumps(runtime_env), "--", "python", "-m", "pipelines", "run",
-               "--config", "configs/digits.yaml", *overrides]
+    command = [
+        str(BIN / "ray"),
+        "job",
+        "submit",
+        "--address",
+        address,
+        "--working-dir",
+        str(REPO),
+        "--runtime-env-json",
+        json.dumps(runtime_env),
+        "--",
+        "python",
+        "-m",
+        "pipelines",
+        "run",
+        "--config",
+        "configs/digits.yaml",
+        *overrides,
+    ]
     result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
     log.write_text(result.stdout + result.stderr)
     return result
@@ -49,12 +76,25 @@ def test_pipeline_via_ray_job_submit_with_mlflow_server_and_s3(tmp_path, s3_buck
     bucket, options = s3_bucket
     credentials = {"MLFLOW_TRACKING_USERNAME": "pipeline", "MLFLOW_TRACKING_PASSWORD": SECRETS["mlflow"]}
     with FaultyS3Proxy(s3_endpoint, throttle_every=10) as s3_proxy:
-        env = {**os.environ, "AWS_ACCESS_KEY_ID": "FAKEKEYID4e2e7c1", "AWS_SECRET_ACCESS_KEY": SECRETS["aws"],
-               "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": s3_proxy.url, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint, **credentials}
+        env = {
+            **os.environ,
+            "AWS_ACCESS_KEY_ID": "FAKEKEYID4e2e7c1",
+            "AWS_SECRET_ACCESS_KEY": SECRETS["aws"],
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_ENDPOINT_URL": s3_proxy.url,
+            "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
+            **credentials,
+        }
         env.pop("RAY_ADDRESS", None)
-        with (mlflow_server(tmp_path, f"s3://{bucket}/mlflow", env, admin=("pipeline", SECRETS["mlflow"])) as tracking_uri,
-              ray_head(tmp_path, env) as (address, ray_env)):
-            run_pipeline_twice(tmp_path, bucket, options, address, ray_env, tracking_uri, s3_proxy.url, credentials, monkeypatch)
+        with (
+            mlflow_server(
+                tmp_path, f"s3://{bucket}/mlflow", env, admin=("pipeline", SECRETS["mlflow"])
+            ) as tracking_uri,
+            ray_head(tmp_path, env) as (address, ray_env),
+        ):
+            run_pipeline_twice(
+                tmp_path, bucket, options, address, ray_env, tracking_uri, s3_proxy.url, credentials, monkeypatch
+            )
     assert s3_proxy.injected["throttled"] >= 10, s3_proxy.injected
 
 
@@ -75,11 +115,18 @@ def assert_ray_records_the_evaluate_tasks(address: str, ray_env: dict[str, str],
 
 def run_pipeline_twice(tmp_path, bucket, options, address, ray_env, tracking_uri, s3_url, credentials, monkeypatch):
     for headers in ({}, {"Authorization": "Basic " + base64.b64encode(b"pipeline:wrong-password").decode()}):
-        request = urllib.request.Request(f"{tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1", headers=headers)
+        request = urllib.request.Request(
+            f"{tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1", headers=headers
+        )
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(request, timeout=10)
         assert refused.value.code == 401
-    overrides = [*TINY, f"storage.root=s3://{bucket}/runs", f"storage.endpoint_url={s3_url}", f"mlflow.tracking_uri={tracking_uri}"]
+    overrides = [
+        *TINY,
+        f"storage.root=s3://{bucket}/runs",
+        f"storage.endpoint_url={s3_url}",
+        f"mlflow.tracking_uri={tracking_uri}",
+    ]
     first = submit(address, ray_env, overrides, tmp_path / "job1.log")
     assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-3000:]
     assert "FID (classifier-" in first.stdout
@@ -93,15 +140,22 @@ def run_pipeline_twice(tmp_path, bucket, options, address, ray_env, tracking_uri
     by_stage = {run.data.tags["ddpm.stage"]: run for run in runs}
     assert sorted(by_stage) == ["evaluate", "pipeline", "prepare", "register", "sample", "train"]
     parent = by_stage["pipeline"]
-    assert all(run.data.tags.get("mlflow.parentRunId") == parent.info.run_id for name, run in by_stage.items() if name != "pipeline")
+    assert all(
+        run.data.tags.get("mlflow.parentRunId") == parent.info.run_id
+        for name, run in by_stage.items()
+        if name != "pipeline"
+    )
     assert parent.info.status == "FINISHED" and parent.data.tags["ddpm.data_fingerprint"]
     evaluation = by_stage["evaluate"].data
     assert np.isfinite(evaluation.metrics["fid"])
-    assert evaluation.params["protocol.num_samples"] == "200" and evaluation.params["protocol.sampler.num_steps"] == "10"
+    assert (
+        evaluation.params["protocol.num_samples"] == "200" and evaluation.params["protocol.sampler.num_steps"] == "10"
+    )
     assert evaluation.params["protocol.extractor_id"].startswith("classifier-")
     assert 1.0 <= evaluation.metrics["inception_score"] <= 10.0  # 10 classes bound the score
     assert 0.0 <= evaluation.metrics["precision"] <= 1.0 and 0.0 <= evaluation.metrics["recall"] <= 1.0
-    assert evaluation.metrics["nll_bpd"] > 0 and evaluation.metrics["nll_bpd_stderr"] > 0  # a bound on -log2 p: positive
+    # A bound on -log2 p: positive.
+    assert evaluation.metrics["nll_bpd"] > 0 and evaluation.metrics["nll_bpd_stderr"] > 0
     assert evaluation.params["protocol.nll.num_images"] == "40" and evaluation.params["protocol.nll.timesteps"] == "all"
     assert evaluation.params["protocol.precision_recall.samples"] == "200"
     assert evaluation.params["protocol.reference_count"] == "1617"
@@ -139,5 +193,7 @@ def run_pipeline_twice(tmp_path, bucket, options, address, ray_env, tracking_uri
     blobs["mlflow.db"] = (tmp_path / "mlflow.db").read_bytes()  # params, tags, metrics of every run
     blobs["basic_auth.db"] = (tmp_path / "basic_auth.db").read_bytes()  # users: a salted hash, never the password
     blobs.update({log.name: log.read_bytes() for log in tmp_path.glob("job*.log")})
-    leaks = [(name, where) for name, secret in secrets.items() for where, blob in blobs.items() if secret.encode() in blob]
+    leaks = [
+        (name, where) for name, secret in secrets.items() for where, blob in blobs.items() if secret.encode() in blob
+    ]
     assert len(blobs) > 50 and not leaks, leaks

@@ -1,7 +1,5 @@
 """Bad input to the pipeline fails early: before Ray starts, with a message naming the problem, exit code 2."""
 
-import json
-
 import pytest
 import ray
 import torch
@@ -21,26 +19,29 @@ def run_cli(args, capsys):
     return code, capsys.readouterr().err
 
 
-@pytest.mark.parametrize("override, message", [
-    ("train.lrr=1", "unknown config key 'train.lrr'; allowed keys under train: batch_size"),
-    ("sampler.steps=10", "unknown config key 'sampler'"),
-    ("train.lr=abc", "train.lr: expected a number, got 'abc'"),
-    ("train.lr=-1", "train.lr is out of range"),
-    ("diffusion.schedule=warp", "diffusion.schedule: 'warp' is not one of linear, cosine"),
-    ("diffusion.num_timesteps=1", "num_timesteps must be >= 2"),
-    ("train.batch_size=3", "train.batch_size 3 must be a multiple of train.num_workers 2"),
-    ("run_id=../escape", "no path separators"),
-    ("sample.method=euler", "sample.method: 'euler' is not one of ancestral, ddim"),
-    ("model.preset=imagenet", "model.preset 'imagenet' is not one of"),
-    ("train.use_gpu=maybe", "train.use_gpu: expected true or false"),
-    ("sample.compile=fast", "sample.compile: expected true or false"),
-    ("evaluate.extractor=clip", "evaluate.extractor 'clip' is not one of: classifier, inception"),
-    ("evaluate.extractor=inception", "needs evaluate.inception_weights_uri"),
-    ("evaluate.inception_weights_sha256=xyz", "evaluate.inception_weights_sha256: expected 8 to 64 lowercase hex"),
-    ("evaluate.nll_timesteps=1", "evaluate.nll_timesteps must be null (all terms) or in [2, 1000]"),
-    ("evaluate.nll_split=valid", "evaluate.nll_split 'valid' is not one of: holdout, test"),
-    ("evaluate.inception_score_splits=5000", "evaluate.inception_score_splits 5000 exceeds sample.num_samples"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lrr=1", "unknown config key 'train.lrr'; allowed keys under train: batch_size"),
+        ("sampler.steps=10", "unknown config key 'sampler'"),
+        ("train.lr=abc", "train.lr: expected a number, got 'abc'"),
+        ("train.lr=-1", "train.lr is out of range"),
+        ("diffusion.schedule=warp", "diffusion.schedule: 'warp' is not one of linear, cosine"),
+        ("diffusion.num_timesteps=1", "num_timesteps must be >= 2"),
+        ("train.batch_size=3", "train.batch_size 3 must be a multiple of train.num_workers 2"),
+        ("run_id=../escape", "no path separators"),
+        ("sample.method=euler", "sample.method: 'euler' is not one of ancestral, ddim"),
+        ("model.preset=imagenet", "model.preset 'imagenet' is not one of"),
+        ("train.use_gpu=maybe", "train.use_gpu: expected true or false"),
+        ("sample.compile=fast", "sample.compile: expected true or false"),
+        ("evaluate.extractor=clip", "evaluate.extractor 'clip' is not one of: classifier, inception"),
+        ("evaluate.extractor=inception", "needs evaluate.inception_weights_uri"),
+        ("evaluate.inception_weights_sha256=xyz", "evaluate.inception_weights_sha256: expected 8 to 64 lowercase hex"),
+        ("evaluate.nll_timesteps=1", "evaluate.nll_timesteps must be null (all terms) or in [2, 1000]"),
+        ("evaluate.nll_split=valid", "evaluate.nll_split 'valid' is not one of: holdout, test"),
+        ("evaluate.inception_score_splits=5000", "evaluate.inception_score_splits 5000 exceeds sample.num_samples"),
+    ],
+)
 def test_config_errors_name_the_key(override, message, local, capsys):
     code, err = run_cli([*local, override], capsys)
     assert code == 2 and message in err
@@ -70,8 +71,10 @@ def test_precision_is_bf16_on_gpus_and_float32_on_cpus_unless_switched():
     from pipelines.execution import Device
     from pipelines.training.job import TrainJob  # what the training workers are handed
 
-    workers = [TrainJob(c.model.unet(), c.diffusion, c.train, Device.CPU, "shards", "work", {}, "tracking", "run")
-               for c in (config, bf16)]
+    workers = [
+        TrainJob(c.model.unet(), c.diffusion, c.train, Device.CPU, "shards", "work", {}, "tracking", "run")
+        for c in (config, bf16)
+    ]
     assert [autocast_dtype(job.precision) for job in workers] == [None, torch.bfloat16]
 
 
@@ -126,8 +129,14 @@ def test_data_that_does_not_fit_the_model_is_rejected(tmp_path, local, capsys):
 
 
 def test_unreachable_s3_endpoint_fails_before_any_stage(tmp_path, capsys):
-    code, err = run_cli(["storage.root=s3://bucket/runs", "storage.endpoint_url=http://127.0.0.1:9",
-                         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"], capsys)
+    code, err = run_cli(
+        [
+            "storage.root=s3://bucket/runs",
+            "storage.endpoint_url=http://127.0.0.1:9",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+        capsys,
+    )
     assert code == 2 and "storage.root 's3://bucket/runs' is not writable" in err
     assert not ray.is_initialized()
 
@@ -141,8 +150,14 @@ def test_missing_s3_credentials_fail_before_any_stage(tmp_path, s3_bucket, s3_en
     import s3fs
 
     s3fs.S3FileSystem.clear_instance_cache()
-    code, err = run_cli([f"storage.root=s3://{bucket}/runs", f"storage.endpoint_url={s3_endpoint}",
-                         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"], capsys)
+    code, err = run_cli(
+        [
+            f"storage.root=s3://{bucket}/runs",
+            f"storage.endpoint_url={s3_endpoint}",
+            f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+        capsys,
+    )
     assert code == 2 and "is not writable" in err and "AWS_ACCESS_KEY_ID" in err
     assert "credentials" in err.lower()
     assert not ray.is_initialized()
@@ -154,16 +169,25 @@ def test_dag_command_prints_text_and_mermaid(capsys):
     assert "prepare" in out and "flowchart LR" in out and "sample --> evaluate" in out
 
 
-@pytest.mark.parametrize("space, message", [
-    ("{}", "tune.space is empty"),
-    ("{train.lrr: {choice: [0.001]}}", "tune.space.train.lrr: value 0.001 is not a valid config: unknown config key 'train.lrr'"),
-    ("{train.lr: {choice: []}}", "tune.space.train.lr.choice: expected a non-empty list"),
-    ("{train.lr: {uniform: [0.01, 0.001]}}", "low 0.01 > high 0.001"),
-    ("{train.lr: {loguniform: [0, 0.001]}}", "bounds must be > 0"),
-    ("{diffusion.schedule: {choice: [linear, warp]}}", "value 'warp' is not a valid config: diffusion.schedule: 'warp' is not one of"),
-    ("{train.lr: {normal: [0.001, 0.1]}}", "expected one of {choice: [...], grid: [...]"),
-    ("{train.lr: {grid: [0.001]}}", "use 'grid' with tune.search_alg=grid"),
-])
+@pytest.mark.parametrize(
+    "space, message",
+    [
+        ("{}", "tune.space is empty"),
+        (
+            "{train.lrr: {choice: [0.001]}}",
+            "tune.space.train.lrr: value 0.001 is not a valid config: unknown config key 'train.lrr'",
+        ),
+        ("{train.lr: {choice: []}}", "tune.space.train.lr.choice: expected a non-empty list"),
+        ("{train.lr: {uniform: [0.01, 0.001]}}", "low 0.01 > high 0.001"),
+        ("{train.lr: {loguniform: [0, 0.001]}}", "bounds must be > 0"),
+        (
+            "{diffusion.schedule: {choice: [linear, warp]}}",
+            "value 'warp' is not a valid config: diffusion.schedule: 'warp' is not one of",
+        ),
+        ("{train.lr: {normal: [0.001, 0.1]}}", "expected one of {choice: [...], grid: [...]"),
+        ("{train.lr: {grid: [0.001]}}", "use 'grid' with tune.search_alg=grid"),
+    ],
+)
 def test_bad_search_spaces_fail_before_any_trial(space, message, local, capsys):
     code, err = run_cli([*local, "tune.enabled=true", f"tune.space={space}"], capsys)
     assert code == 2 and message in err
@@ -171,14 +195,18 @@ def test_bad_search_spaces_fail_before_any_trial(space, message, local, capsys):
 
 
 def test_tune_needs_held_out_images(local, capsys):
-    code, err = run_cli([*local, "tune.enabled=true", "tune.space={train.lr: {choice: [0.001]}}", "data.holdout_fraction=0"], capsys)
+    code, err = run_cli(
+        [*local, "tune.enabled=true", "tune.space={train.lr: {choice: [0.001]}}", "data.holdout_fraction=0"], capsys
+    )
     assert code == 2 and "tune.enabled needs data.holdout_fraction > 0" in err
 
 
 def test_missing_inception_weights_fail_before_any_stage(tmp_path, local, capsys):
     missing = tmp_path / "models" / "pt_inception-2015-12-05-6726825d.pth"
     code, err = run_cli([*local, "evaluate.extractor=inception", f"evaluate.inception_weights_uri={missing}"], capsys)
-    assert code == 2 and "evaluate.extractor=inception" in err and "does not exist" in err and "docs/evaluation.md" in err
+    assert (
+        code == 2 and "evaluate.extractor=inception" in err and "does not exist" in err and "docs/evaluation.md" in err
+    )
     assert not ray.is_initialized()
     assert not list((tmp_path / "runs").rglob("stage.json")), "no stage may run, or be marked complete"
 

@@ -15,14 +15,39 @@ SPACE = "{diffusion.schedule: {grid: [linear, cosine]}, train.lr: {grid: [1.0e-5
 
 
 def test_tune_stage_picks_the_best_trial_by_bits_per_dim_and_train_uses_it(tmp_path):
-    args = [sys.executable, "-m", "pipelines", "run", "run_id=tuned", "tune.enabled=true", "tune.search_alg=grid",
-            f"tune.space={SPACE}", "tune.num_samples=1", "tune.trial_images=4096", "tune.report_every_images=1024",
-            "tune.grace_period_images=2048", "tune.proxy_fid_samples=200", "tune.proxy_fid_steps=10",
-            "tune.warm_start=true", "tune.cpus_per_worker=0.25", "tune.max_concurrent_trials=2",
-            "train.total_images=1024", "train.checkpoint_every_images=1024",
-            "train.log_every_images=1024", "train.grid_every_images=0", "sample.num_samples=50", "sample.batch_size=50",
-            "sample.num_steps=5", "evaluate.classifier_epochs=2", "evaluate.untrained_baseline=false", "evaluate.nll=false", "register.enabled=false",
-            f"storage.root={tmp_path / 'runs'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "mlflow.experiment=tune"]
+    args = [
+        sys.executable,
+        "-m",
+        "pipelines",
+        "run",
+        "run_id=tuned",
+        "tune.enabled=true",
+        "tune.search_alg=grid",
+        f"tune.space={SPACE}",
+        "tune.num_samples=1",
+        "tune.trial_images=4096",
+        "tune.report_every_images=1024",
+        "tune.grace_period_images=2048",
+        "tune.proxy_fid_samples=200",
+        "tune.proxy_fid_steps=10",
+        "tune.warm_start=true",
+        "tune.cpus_per_worker=0.25",
+        "tune.max_concurrent_trials=2",
+        "train.total_images=1024",
+        "train.checkpoint_every_images=1024",
+        "train.log_every_images=1024",
+        "train.grid_every_images=0",
+        "sample.num_samples=50",
+        "sample.batch_size=50",
+        "sample.num_steps=5",
+        "evaluate.classifier_epochs=2",
+        "evaluate.untrained_baseline=false",
+        "evaluate.nll=false",
+        "register.enabled=false",
+        f"storage.root={tmp_path / 'runs'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "mlflow.experiment=tune",
+    ]
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     result = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=1200)
     (tmp_path / "run.log").write_text(result.stdout + result.stderr)

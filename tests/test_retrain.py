@@ -18,24 +18,55 @@ from ddpm_core.data import load_dataset
 from tests.services import mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = ["run_id=nightly", "train.total_images=2048", "train.checkpoint_every_images=1024", "train.log_every_images=1024",
-        "train.grid_every_images=0", "sample.num_samples=200", "sample.batch_size=100", "sample.num_steps=10",
-        "evaluate.classifier_epochs=2", "evaluate.untrained_baseline=false", "evaluate.nll=false", "register.model_name=ddpm-nightly",
-        "mlflow.experiment=nightly", "retrain.lease_ttl_s=60"]
+TINY = [
+    "run_id=nightly",
+    "train.total_images=2048",
+    "train.checkpoint_every_images=1024",
+    "train.log_every_images=1024",
+    "train.grid_every_images=0",
+    "sample.num_samples=200",
+    "sample.batch_size=100",
+    "sample.num_steps=10",
+    "evaluate.classifier_epochs=2",
+    "evaluate.untrained_baseline=false",
+    "evaluate.nll=false",
+    "register.model_name=ddpm-nightly",
+    "mlflow.experiment=nightly",
+    "retrain.lease_ttl_s=60",
+]
 
 
 def write_png_folder(root: Path, images: np.ndarray, labels: np.ndarray) -> None:
-    for index, (image, label) in enumerate(zip(images, labels)):
+    for index, (image, label) in enumerate(zip(images, labels, strict=True)):
         folder = root / str(label)
         folder.mkdir(parents=True, exist_ok=True)
         Image.fromarray(image[..., 0]).save(folder / f"{index:05d}.png")
 
 
 def retrain(tmp_path: Path, tracking_uri: str, tick: str, *overrides: str, wait: bool = True):
-    command = [sys.executable, "-m", "pipelines", "retrain", "--config", "configs/digits.yaml", "--schedule-time", tick, *TINY,
-               f"data.uri={tmp_path / 'data'}", f"storage.root={tmp_path / 'runs'}", f"mlflow.tracking_uri={tracking_uri}", *overrides]
-    process = subprocess.Popen(command, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               env={**os.environ, "RAY_ADDRESS": ""})
+    command = [
+        sys.executable,
+        "-m",
+        "pipelines",
+        "retrain",
+        "--config",
+        "configs/digits.yaml",
+        "--schedule-time",
+        tick,
+        *TINY,
+        f"data.uri={tmp_path / 'data'}",
+        f"storage.root={tmp_path / 'runs'}",
+        f"mlflow.tracking_uri={tracking_uri}",
+        *overrides,
+    ]
+    process = subprocess.Popen(
+        command,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "RAY_ADDRESS": ""},
+    )
     if not wait:
         return process
     output, _ = process.communicate(timeout=900)
@@ -70,11 +101,24 @@ def test_retrain_schedule(tmp_path):
         assert "[train]" not in output and "Started a local Ray instance" not in output
         assert not (tmp_path / "runs" / "nightly-20261121T0200Z" / "train").exists()
         assert len(client.search_model_versions("name='ddpm-nightly'")) == 1
-        skipped = client.search_runs([client.get_experiment_by_name("nightly").experiment_id],
-                                     "tags.`ddpm.run_id` = 'nightly-20261121T0200Z'")
+        skipped = client.search_runs(
+            [client.get_experiment_by_name("nightly").experiment_id], "tags.`ddpm.run_id` = 'nightly-20261121T0200Z'"
+        )
         assert len(skipped) == 1 and skipped[0].data.tags["ddpm.retrain.decision"].startswith("skipped: data unchanged")
-        status = subprocess.run([sys.executable, "-m", "pipelines", "status", "nightly-20261121T0200Z", f"storage.root={tmp_path / 'runs'}"],
-                                cwd=REPO, capture_output=True, text=True, timeout=120)
+        status = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipelines",
+                "status",
+                "nightly-20261121T0200Z",
+                f"storage.root={tmp_path / 'runs'}",
+            ],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert "retrain   skipped: data unchanged" in status.stdout
 
         # (3) a new image lands: trained, warm-started from the champion, the champion re-scored under this run's
@@ -94,12 +138,15 @@ def test_retrain_schedule(tmp_path):
         assert client.get_model_version("ddpm-nightly", "2").tags["registry.decision"].startswith("champion kept: FID")
 
 
-@pytest.mark.parametrize("fid, margin, rescored, promote, says", [
-    (2.0, 0.0, ("4", 2.5), True, "FID 2.0000 < champion v4's 2.5000 (re-scored under this run's protocol)"),
-    (2.45, 0.1, ("4", 2.5), False, ">= champion v4's 2.5000 (re-scored under this run's protocol) - margin 0.1"),
-    (2.3, 0.1, ("4", 2.5), True, "< champion v4's 2.5000"),
-    (2.0, 0.0, None, True, "recorded under the same protocol"),  # no re-score: the recorded FID, same protocol hash
-])
+@pytest.mark.parametrize(
+    "fid, margin, rescored, promote, says",
+    [
+        (2.0, 0.0, ("4", 2.5), True, "FID 2.0000 < champion v4's 2.5000 (re-scored under this run's protocol)"),
+        (2.45, 0.1, ("4", 2.5), False, ">= champion v4's 2.5000 (re-scored under this run's protocol) - margin 0.1"),
+        (2.3, 0.1, ("4", 2.5), True, "< champion v4's 2.5000"),
+        (2.0, 0.0, None, True, "recorded under the same protocol"),  # no re-score: the recorded FID, same protocol hash
+    ],
+)
 def test_promotion_rule(fid, margin, rescored, promote, says):
     from pipelines.champion import Champion
     from pipelines.stages.register import decide

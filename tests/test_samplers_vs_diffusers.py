@@ -24,7 +24,8 @@ def test_visited_timesteps_equal_diffusers(spacing, steps):
 def inputs(seed, channels_out):
     generator = torch.Generator().manual_seed(seed)
     x_t = torch.randn(SHAPE, generator=generator, dtype=torch.float64)
-    output = torch.randn(SHAPE[0], channels_out, *SHAPE[2:], generator=generator, dtype=torch.float64) * 1.5  # clips sometimes
+    # Scaled so that the predicted x_0 is sometimes clipped.
+    output = torch.randn(SHAPE[0], channels_out, *SHAPE[2:], generator=generator, dtype=torch.float64) * 1.5
     return x_t, output
 
 
@@ -52,9 +53,16 @@ def spaced_diffusion(prediction, variance, steps, spacing=Spacing.LEADING, sched
 @pytest.mark.parametrize("prediction", list(Prediction))
 def test_ancestral_step_equals_ddpm_scheduler(prediction, variance, steps, clip):
     base, ours, visited = spaced_diffusion(prediction, variance, steps)
-    theirs = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
-                           prediction_type=PREDICTION_TYPE[prediction], variance_type=variance.value,
-                           clip_sample=clip, clip_sample_range=1.0)
+    theirs = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule="linear",
+        beta_start=1e-4,
+        beta_end=0.02,
+        prediction_type=PREDICTION_TYPE[prediction],
+        variance_type=variance.value,
+        clip_sample=clip,
+        clip_sample_range=1.0,
+    )
     in_float64(theirs, base)
     if steps is not None:
         theirs.set_timesteps(steps)
@@ -62,7 +70,7 @@ def test_ancestral_step_equals_ddpm_scheduler(prediction, variance, steps, clip)
     for index in [len(visited) - 1, len(visited) // 2, 1, 0]:
         x_t, output = inputs(index, SHAPE[1] * (2 if learned else 1))
         if learned:
-            output[:, SHAPE[1]:] = output[:, SHAPE[1]:].tanh()
+            output[:, SHAPE[1] :] = output[:, SHAPE[1] :].tanh()
         noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(100 + index), dtype=torch.float64)
         expected = theirs.step(output, visited[index], x_t, generator=torch.Generator().manual_seed(100 + index))
         t = torch.full((SHAPE[0],), index, dtype=torch.long)
@@ -78,16 +86,26 @@ def test_ancestral_step_equals_ddpm_scheduler(prediction, variance, steps, clip)
 @pytest.mark.parametrize("schedule, diffusers_schedule", [("linear", "linear"), ("cosine", "squaredcos_cap_v2")])
 def test_ddim_step_equals_ddim_scheduler(schedule, diffusers_schedule, prediction, eta, steps, spacing, clip):
     base, ours, visited = spaced_diffusion(prediction, Variance.FIXED_SMALL, steps, spacing, schedule)
-    theirs = DDIMScheduler(num_train_timesteps=1000, beta_schedule=diffusers_schedule, beta_start=1e-4, beta_end=0.02,
-                           prediction_type=PREDICTION_TYPE[prediction], clip_sample=clip, clip_sample_range=1.0,
-                           set_alpha_to_one=True, timestep_spacing=spacing.value)
+    theirs = DDIMScheduler(
+        num_train_timesteps=1000,
+        beta_schedule=diffusers_schedule,
+        beta_start=1e-4,
+        beta_end=0.02,
+        prediction_type=PREDICTION_TYPE[prediction],
+        clip_sample=clip,
+        clip_sample_range=1.0,
+        set_alpha_to_one=True,
+        timestep_spacing=spacing.value,
+    )
     in_float64(theirs, base)
     theirs.set_timesteps(steps)
     for index in [len(visited) - 1, len(visited) // 2, 1, 0]:
         x_t, output = inputs(index, SHAPE[1])
         noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(200 + index), dtype=torch.float64)
         # use_clipped_model_output: after clipping x_0, eps is recomputed from it (DDIM's own code does this).
-        expected = theirs.step(output, visited[index], x_t, eta=eta, use_clipped_model_output=True, variance_noise=noise)
+        expected = theirs.step(
+            output, visited[index], x_t, eta=eta, use_clipped_model_output=True, variance_noise=noise
+        )
         t = torch.full((SHAPE[0],), index, dtype=torch.long)
         step = ddim_step(ours, output, x_t, t, noise if index > 0 else None, eta, clip_denoised=clip)
         torch.testing.assert_close(step.x_prev, expected.prev_sample, rtol=1e-9, atol=1e-10)

@@ -7,8 +7,16 @@ from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion, Variance
 from ddpm_core.samplers import PerIndexNoise, SamplerConfig, classifier_free_guidance, fast_sampling_network, sample
 from ddpm_core.unet import UNet, UNetConfig
 
-TINY = UNetConfig(image_size=8, in_channels=1, base_channels=16, channel_mult=(1, 2), num_res_blocks=1,
-                  attention_resolutions=(4,), dropout=0.0, norm_groups=8)
+TINY = UNetConfig(
+    image_size=8,
+    in_channels=1,
+    base_channels=16,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(4,),
+    dropout=0.0,
+    norm_groups=8,
+)
 
 
 def tiny_model(seed=0, **overrides):
@@ -21,8 +29,14 @@ def tiny_model(seed=0, **overrides):
     return model
 
 
-@pytest.mark.parametrize("config", [SamplerConfig(method="ancestral"), SamplerConfig(method="ddim", num_steps=50, eta=1.0),
-                                    SamplerConfig(method="ddim", num_steps=20, eta=0.0)])
+@pytest.mark.parametrize(
+    "config",
+    [
+        SamplerConfig(method="ancestral"),
+        SamplerConfig(method="ddim", num_steps=50, eta=1.0),
+        SamplerConfig(method="ddim", num_steps=20, eta=0.0),
+    ],
+)
 def test_image_i_is_the_same_whatever_the_batching(config):
     """16 images as one batch and as batches of 5 + 11 are equal after all steps (per-index RNG)."""
     model = tiny_model()
@@ -49,18 +63,29 @@ def test_the_fast_sampling_network_changes_rounding_only():
     assert bf16_network(x, t).dtype == torch.float32
     bf16 = sample(bf16_network, diffusion, (1, 8, 8), PerIndexNoise(3, range(6)), config).samples
     assert 0 < (bf16 - eager).abs().mean().item() < 0.01  # bf16 keeps 8 bits of mantissa: close, not equal
-    compiled = sample(fast_sampling_network(model, compile=True), diffusion, (1, 8, 8), PerIndexNoise(3, range(6)), config).samples
+    compiled = sample(
+        fast_sampling_network(model, compile=True), diffusion, (1, 8, 8), PerIndexNoise(3, range(6)), config
+    ).samples
     assert (compiled - eager).abs().max().item() < 1e-3
     other = sample(model, diffusion, (1, 8, 8), PerIndexNoise(4, range(6)), config).samples
-    assert (other - eager).abs().mean().item() > 0.5  # another seed: the tolerances above are far below a change of image
+    assert (
+        other - eager
+    ).abs().mean().item() > 0.5  # another seed: the tolerances above are far below a change of image
 
 
 def test_progressive_decoding_and_progress_callback():
     model = tiny_model()
     diffusion = GaussianDiffusion.from_config(DiffusionConfig(num_timesteps=100))
     seen = []
-    result = sample(model, diffusion, (1, 8, 8), PerIndexNoise(0, range(3)), SamplerConfig(num_steps=100),
-                    progress=lambda done, total: seen.append((done, total)), record_x0_every=25)
+    result = sample(
+        model,
+        diffusion,
+        (1, 8, 8),
+        PerIndexNoise(0, range(3)),
+        SamplerConfig(num_steps=100),
+        progress=lambda done, total: seen.append((done, total)),
+        record_x0_every=25,
+    )
     assert seen == [(i, 100) for i in range(1, 101)]
     assert result.recorded_steps == [99, 74, 49, 24, 0]
     assert result.pred_x0.shape == (5, 3, 1, 8, 8)

@@ -36,13 +36,16 @@ def test_cosine_matches_nichol_dhariwal_eq17():
     assert betas.max().item() == pytest.approx(0.999)
 
 
-@pytest.mark.parametrize("ours, theirs", [("linear", "linear"), ("cosine", "squaredcos_cap_v2"),
-                                          ("quadratic", "scaled_linear"), ("sigmoid", "sigmoid")])
+@pytest.mark.parametrize(
+    "ours, theirs",
+    [("linear", "linear"), ("cosine", "squaredcos_cap_v2"), ("quadratic", "scaled_linear"), ("sigmoid", "sigmoid")],
+)
 @pytest.mark.parametrize("steps", [1000, 100])
 def test_schedules_equal_diffusers(ours, theirs, steps):
     scale = 1000 / steps
-    reference = DDPMScheduler(num_train_timesteps=steps, beta_schedule=theirs,
-                              beta_start=1e-4 * scale, beta_end=0.02 * scale).betas.double()
+    reference = DDPMScheduler(
+        num_train_timesteps=steps, beta_schedule=theirs, beta_start=1e-4 * scale, beta_end=0.02 * scale
+    ).betas.double()
     # diffusers builds these in float32; compare at float32 precision.
     torch.testing.assert_close(make_betas(ours, steps), reference, rtol=2e-6, atol=1e-9)
 

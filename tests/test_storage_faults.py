@@ -49,8 +49,11 @@ def test_a_permanent_outage_fails_clearly_and_keeps_the_last_good_state(s3_bucke
         commit(f"s3://{bucket}/runs/checkpoint_000001", FILES, {"step": 1}, options)
         proxy.down = True
         started = time.time()
-        with pytest.raises(StorageUnavailableError, match=r"s3://.*/runs/checkpoint_000002: commit failed after the storage "
-                                                           r"client's retries .*Work committed before is intact"):
+        with pytest.raises(
+            StorageUnavailableError,
+            match=r"s3://.*/runs/checkpoint_000002: commit failed after the storage "
+            r"client's retries .*Work committed before is intact",
+        ):
             commit(f"s3://{bucket}/runs/checkpoint_000002", FILES, {"step": 2}, options)
         assert time.time() - started < 120, "a permanent outage must fail, not hang"
         proxy.down = False

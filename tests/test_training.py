@@ -79,7 +79,10 @@ def sum_two_workers(rank: int, port: int, results_path: str) -> None:
     second = totals.summed()
     if rank == 0:
         with open(results_path, "w") as out:
-            json.dump([checkpoint_window.loss_sum, checkpoint_window.steps, first.loss_sum, first.means(), second.means()], out)
+            json.dump(
+                [checkpoint_window.loss_sum, checkpoint_window.steps, first.loss_sum, first.means(), second.means()],
+                out,
+            )
     dist.destroy_process_group()
 
 
@@ -87,7 +90,9 @@ def test_running_totals_are_the_means_over_steps_and_workers(tmp_path):
     results = tmp_path / "totals.json"
     torch.multiprocessing.spawn(sum_two_workers, args=(free_port(), str(results)), nprocs=2)
     checkpoint_loss_sum, checkpoint_steps, first_loss_sum, first, second = json.loads(results.read_text())
-    assert math.isnan(checkpoint_loss_sum) and checkpoint_steps == 4, "a non-finite step on any worker shows in every worker's loss sum"
+    assert math.isnan(checkpoint_loss_sum) and checkpoint_steps == 4, (
+        "a non-finite step on any worker shows in every worker's loss sum"
+    )
     assert math.isnan(first_loss_sum), "reading the sums at a checkpoint step does not end the window"
     assert math.isnan(first["loss"]) and first["grad_norm"] == pytest.approx((10 + 20 + 30 + 40 + 50 + 50) / 6)
     assert first["loss_q0"] == pytest.approx((0.5 + 2.0 + 4.0 + 5.0 + 5.0) / 5)  # t = 0, 100, 200, 0, 0
@@ -99,8 +104,15 @@ def test_running_totals_are_the_means_over_steps_and_workers(tmp_path):
 
 def test_short_training_run_on_digits_learns_the_data(tmp_path):
     """About 40 s of CPU training: the loss falls and samples have the data's pixel statistics."""
-    summary = train_and_sample(tmp_path, train_images=24_000, batch_size=128, num_samples=100, seed=0,
-                               sampler=SamplerConfig(method="ddim", num_steps=50), log_every=20)
+    summary = train_and_sample(
+        tmp_path,
+        train_images=24_000,
+        batch_size=128,
+        num_samples=100,
+        seed=0,
+        sampler=SamplerConfig(method="ddim", num_steps=50),
+        log_every=20,
+    )
     assert summary["last_logged_loss"] < 0.5 * summary["first_logged_loss"]
     assert summary["sample_pixel_mean"] == pytest.approx(summary["data_pixel_mean"], abs=0.05)
     assert summary["sample_pixel_std"] == pytest.approx(summary["data_pixel_std"], abs=0.06)
@@ -111,10 +123,16 @@ def test_short_training_run_on_digits_learns_the_data(tmp_path):
 def test_an_allocation_failure_names_the_settings_to_change():
     from pipelines.advice import out_of_memory_advice
 
-    with pytest.raises(MemoryError, match=r"out of memory in a training step \(128 images per worker\): lower train\.batch_size") as caught:
-        with out_of_memory_advice("a training step (128 images per worker)", "lower train.batch_size (now 256)"):
-            torch.empty(1 << 50)  # 4 PiB: the CPU allocator refuses it, as CUDA's refuses what does not fit
+    with (
+        pytest.raises(
+            MemoryError, match=r"out of memory in a training step \(128 images per worker\): lower train\.batch_size"
+        ) as caught,
+        out_of_memory_advice("a training step (128 images per worker)", "lower train.batch_size (now 256)"),
+    ):
+        torch.empty(1 << 50)  # 4 PiB: the CPU allocator refuses it, as CUDA's refuses what does not fit
     assert "can't allocate memory" in str(caught.value) and isinstance(caught.value.__cause__, RuntimeError)
-    with pytest.raises(RuntimeError, match="unrelated"):  # other errors pass through unchanged
-        with out_of_memory_advice("a training step", "lower train.batch_size"):
-            raise RuntimeError("unrelated")
+    with (
+        pytest.raises(RuntimeError, match="unrelated"),  # other errors pass through unchanged
+        out_of_memory_advice("a training step", "lower train.batch_size"),
+    ):
+        raise RuntimeError("unrelated")

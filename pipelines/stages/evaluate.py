@@ -22,13 +22,30 @@ from ddpm_core.metrics import precision_recall
 from pipelines.champion import champion_snapshot_uri, current_champion
 from pipelines.config import Extractor, NllSplit
 from pipelines.context import StageContext
-from pipelines.contracts import (EvaluateOutputs, FidProtocol, NllProtocol, PrepareOutputs, ReferenceSet, SampleOutputs,
-                                 Scores, TrainOutputs)
+from pipelines.contracts import (
+    EvaluateOutputs,
+    FidProtocol,
+    NllProtocol,
+    PrepareOutputs,
+    ReferenceSet,
+    SampleOutputs,
+    Scores,
+    TrainOutputs,
+)
 from pipelines.execution import Execution
 from pipelines.likelihood import NllResult, held_out_bits_per_dim
 from pipelines.sampling import SampleRequest, sample_to_shards
-from pipelines.scoring import (ExtractorSpec, PublishedStatistics, Summary, SummaryRequest, fid_against, published_reference,
-                               reference_key, reference_summary, summarize)
+from pipelines.scoring import (
+    ExtractorSpec,
+    PublishedStatistics,
+    Summary,
+    SummaryRequest,
+    fid_against,
+    published_reference,
+    reference_key,
+    reference_summary,
+    summarize,
+)
 from pipelines.shards import ImageSource, read_images, sample_sources, split_sources
 
 
@@ -64,20 +81,37 @@ class Comparisons:
 
 
 def run(context: StageContext, prepare: PrepareOutputs, train: TrainOutputs, sample: SampleOutputs) -> EvaluateOutputs:
-    settings = context.config.evaluate
     scorer = make_scorer(context, prepare, context.execution(train.device))
     context.log(f"evaluate: features of {sample.num_samples} samples with {scorer.network.extractor_id}")
     scores, pr_count = sample_set_scores(context, scorer, sample)
     compared = comparisons(context, prepare, train, sample, scorer)
     nll, nll_protocol = held_out_nll(context, prepare, train, sample)
     scores = dataclasses.replace(
-        scores, fid_untrained=compared.untrained, fid_holdout_vs_train=compared.holdout,
+        scores,
+        fid_untrained=compared.untrained,
+        fid_holdout_vs_train=compared.holdout,
         fid_champion=compared.champion[1] if compared.champion else None,
-        nll_bpd=nll.bits_per_dim if nll else None, nll_bpd_stderr=nll.stderr if nll else None)
-    protocol = FidProtocol(sample.num_samples, sample.sampler, sample.seed, sample.execution.precision,
-                           scorer.network.extractor_id, scorer.network.weights_sha256, reference_set(context, prepare, scorer))
-    outputs = EvaluateOutputs(scores, protocol, protocol_hash(protocol), nll_protocol, save_sample_grid(context, sample),
-                              scorer.reference_uri, compared.champion[0] if compared.champion else None)
+        nll_bpd=nll.bits_per_dim if nll else None,
+        nll_bpd_stderr=nll.stderr if nll else None,
+    )
+    protocol = FidProtocol(
+        num_samples=sample.num_samples,
+        sampler=sample.sampler,
+        seed=sample.seed,
+        precision=sample.execution.precision,
+        extractor_id=scorer.network.extractor_id,
+        extractor_weights_sha256=scorer.network.weights_sha256,
+        reference=reference_set(context, prepare, scorer),
+    )
+    outputs = EvaluateOutputs(
+        scores=scores,
+        protocol=protocol,
+        protocol_hash=protocol_hash(protocol),
+        nll_protocol=nll_protocol,
+        grid_uri=save_sample_grid(context, sample),
+        reference_uri=scorer.reference_uri,
+        champion_version=compared.champion[0] if compared.champion else None,
+    )
     log_to_mlflow(context, outputs, pr_count)
     context.log(summary_line(outputs))
     return outputs
@@ -91,9 +125,19 @@ def make_scorer(context: StageContext, prepare: PrepareOutputs, execution: Execu
     keep_first = settings.precision_recall_samples if settings.precision_recall else 0
     uri = context.store.cache_uri("reference", reference_key(prepare.fingerprint, network.extractor_id))
     metadata = {"extractor_id": network.extractor_id, "data_fingerprint": prepare.fingerprint}
-    reference = reference_summary(uri, prepare.shards_uri, SummaryRequest(network.spec, 0, 0, keep_first), metadata,
-                                  execution, lambda line: context.log(f"evaluate: {line}"))
-    published = published_reference(settings.reference_stats_uri, execution.storage_options) if settings.reference_stats_uri else None
+    reference = reference_summary(
+        uri,
+        prepare.shards_uri,
+        SummaryRequest(network.spec, 0, 0, keep_first),
+        metadata,
+        execution,
+        lambda line: context.log(f"evaluate: {line}"),
+    )
+    published = (
+        published_reference(settings.reference_stats_uri, execution.storage_options)
+        if settings.reference_stats_uri
+        else None
+    )
     return Scorer(network, reference, uri, published, execution)
 
 
@@ -112,7 +156,9 @@ def sample_set_scores(context: StageContext, scorer: Scorer, sample: SampleOutpu
         real, fake = scorer.reference.first_features[:count], generated.first_features[:count]  # [count, d] each
         precision, recall = precision_recall(real, fake, settings.precision_recall_k)
     fid = fid_against(generated, scorer.reference, scorer.published)
-    return Scores(fid, inception_score=inception[0], inception_score_std=inception[1], precision=precision, recall=recall), count
+    return Scores(
+        fid, inception_score=inception[0], inception_score_std=inception[1], precision=precision, recall=recall
+    ), count
 
 
 def feature_network(context: StageContext, prepare: PrepareOutputs) -> FeatureNetwork:
@@ -130,10 +176,15 @@ def feature_network(context: StageContext, prepare: PrepareOutputs) -> FeatureNe
     return FeatureNetwork(ExtractorSpec(Extractor.INCEPTION, uri, digest), f"inception-v3-compat-{digest[:16]}", digest)
 
 
-def comparisons(context: StageContext, prepare: PrepareOutputs, train: TrainOutputs, sample: SampleOutputs,
-                scorer: Scorer) -> Comparisons:
+def comparisons(
+    context: StageContext, prepare: PrepareOutputs, train: TrainOutputs, sample: SampleOutputs, scorer: Scorer
+) -> Comparisons:
     settings, options = context.config.evaluate, scorer.execution.storage_options
-    holdout = scorer.fid(split_sources(prepare.holdout_uri, options), prepare.num_holdout) if prepare.num_holdout >= 2 else None
+    holdout = (
+        scorer.fid(split_sources(prepare.holdout_uri, options), prepare.num_holdout)
+        if prepare.num_holdout >= 2
+        else None
+    )
     untrained = None
     if settings.untrained_baseline:
         context.log("evaluate: sampling an untrained network under the same protocol for the baseline FID")
@@ -141,7 +192,9 @@ def comparisons(context: StageContext, prepare: PrepareOutputs, train: TrainOutp
     return Comparisons(holdout, untrained, rescore_champion(context, scorer, sample))
 
 
-def fid_of_snapshot(context: StageContext, scorer: Scorer, sample: SampleOutputs, snapshot_uri: str, folder: str) -> float:
+def fid_of_snapshot(
+    context: StageContext, scorer: Scorer, sample: SampleOutputs, snapshot_uri: str, folder: str
+) -> float:
     """The FID of another snapshot's images, sampled like the sample stage's (same indices, seed, sampler,
     precision) into this stage's work folder."""
     request = SampleRequest.like(sample, snapshot_uri, f"{context.work_uri('evaluate')}/{folder}")
@@ -158,13 +211,18 @@ def rescore_champion(context: StageContext, scorer: Scorer, sample: SampleOutput
     champion = current_champion(context.client, config.register.model_name)
     if champion is None:
         return None
-    context.log(f"evaluate: re-scoring champion v{champion.version} of {config.register.model_name} under this protocol")
+    context.log(
+        f"evaluate: re-scoring champion v{champion.version} of {config.register.model_name} under this protocol"
+    )
     snapshot_uri = champion_snapshot_uri(context.store, context.tracking_uri, config.register.model_name, champion)
-    return champion.version, fid_of_snapshot(context, scorer, sample, snapshot_uri, f"champion_v{champion.version}_shards")
+    return champion.version, fid_of_snapshot(
+        context, scorer, sample, snapshot_uri, f"champion_v{champion.version}_shards"
+    )
 
 
-def held_out_nll(context: StageContext, prepare: PrepareOutputs, train: TrainOutputs,
-                 sample: SampleOutputs) -> tuple[NllResult | None, NllProtocol | None]:
+def held_out_nll(
+    context: StageContext, prepare: PrepareOutputs, train: TrainOutputs, sample: SampleOutputs
+) -> tuple[NllResult | None, NllProtocol | None]:
     """The NLL bound of the held-out (or test) images, and how it was estimated."""
     settings = context.config.evaluate
     if not settings.nll:
@@ -175,9 +233,13 @@ def held_out_nll(context: StageContext, prepare: PrepareOutputs, train: TrainOut
     options = context.store.options
     images = np.concatenate([read_images(source, options) for source in split_sources(uri, options)])
     images = images[: settings.nll_images] if settings.nll_images else images  # [N, H, W, C]
-    protocol = NllProtocol(settings.nll_split.value, len(images), settings.nll_batch_size, settings.nll_timesteps, sample.seed)
-    context.log(f"evaluate: NLL bound of {len(images)} {protocol.split} images "
-                f"({'all T terms' if protocol.timesteps is None else f'{protocol.timesteps} random timesteps each'})")
+    protocol = NllProtocol(
+        settings.nll_split.value, len(images), settings.nll_batch_size, settings.nll_timesteps, sample.seed
+    )
+    context.log(
+        f"evaluate: NLL bound of {len(images)} {protocol.split} images "
+        f"({'all T terms' if protocol.timesteps is None else f'{protocol.timesteps} random timesteps each'})"
+    )
     return held_out_bits_per_dim(train.snapshot_uri, images, protocol, context.execution(train.device)), protocol
 
 
@@ -185,9 +247,12 @@ def reference_set(context: StageContext, prepare: PrepareOutputs, scorer: Scorer
     if scorer.published is not None:
         return ReferenceSet("published", reference_sha256=scorer.published.sha256)
     data = context.config.data
-    return ReferenceSet("training split", reference_data_fingerprint=prepare.fingerprint,
-                        reference_split=f"{data.split} minus {data.holdout_fraction:g} hold-out",
-                        reference_count=scorer.reference.fid.count)
+    return ReferenceSet(
+        "training split",
+        reference_data_fingerprint=prepare.fingerprint,
+        reference_split=f"{data.split} minus {data.holdout_fraction:g} hold-out",
+        reference_count=scorer.reference.fid.count,
+    )
 
 
 def protocol_hash(protocol: FidProtocol) -> str:
@@ -213,8 +278,11 @@ def log_to_mlflow(context: StageContext, outputs: EvaluateOutputs, pr_count: int
     for key, value in params.items():
         client.log_param(run_id, key, str(value))
     client.set_tag(run_id, "fid.protocol_hash", outputs.protocol_hash)
-    description = ("Inception-v3 pool3 (torch-fidelity port of the TF 2015-12-05 graph)" if settings.extractor is Extractor.INCEPTION
-                   else "CNN classifier trained on the data set's labels")
+    description = (
+        "Inception-v3 pool3 (torch-fidelity port of the TF 2015-12-05 graph)"
+        if settings.extractor is Extractor.INCEPTION
+        else "CNN classifier trained on the data set's labels"
+    )
     client.set_tag(run_id, "fid.extractor", f"{outputs.protocol.extractor_id} ({description})")
 
 
@@ -235,11 +303,19 @@ def save_sample_grid(context: StageContext, sample: SampleOutputs) -> str:
 
 def summary_line(outputs: EvaluateOutputs) -> str:
     scores, protocol = outputs.scores, outputs.protocol
-    parts = [f"FID {scores.fid:.3f} ({protocol.num_samples} samples, {protocol.sampler.method.value} "
-             f"{protocol.sampler.num_steps} steps, extractor {protocol.extractor_id})"]
-    labels = {"fid_untrained": "untrained network FID", "fid_holdout_vs_train": "hold-out real images FID",
-              "fid_champion": "champion FID (re-scored)", "inception_score": "IS", "precision": "precision",
-              "recall": "recall", "nll_bpd": "NLL bits/dim"}
+    parts = [
+        f"FID {scores.fid:.3f} ({protocol.num_samples} samples, {protocol.sampler.method.value} "
+        f"{protocol.sampler.num_steps} steps, extractor {protocol.extractor_id})"
+    ]
+    labels = {
+        "fid_untrained": "untrained network FID",
+        "fid_holdout_vs_train": "hold-out real images FID",
+        "fid_champion": "champion FID (re-scored)",
+        "inception_score": "IS",
+        "precision": "precision",
+        "recall": "recall",
+        "nll_bpd": "NLL bits/dim",
+    }
     present = scores.present()
     parts += [f"{label} {present[key]:.3f}" for key, label in labels.items() if key in present]
     return "evaluate: " + "; ".join(parts)

@@ -25,13 +25,22 @@ def run(context: StageContext) -> PrepareOutputs:
     dataset = load_dataset(config.data.uri, config.data.split, data_storage_options(config))
     check_fits_model(dataset, config)
     train_idx, holdout_idx = split(dataset, config.data.holdout_fraction)
-    context.log(f"prepare: {len(dataset.images)} images {dataset.images.shape[1:]} from {config.data.uri} "
-                f"(fingerprint {dataset.fingerprint[:12]}), {len(train_idx)} train / {len(holdout_idx)} hold-out")
+    context.log(
+        f"prepare: {len(dataset.images)} images {dataset.images.shape[1:]} from {config.data.uri} "
+        f"(fingerprint {dataset.fingerprint[:12]}), {len(train_idx)} train / {len(holdout_idx)} hold-out"
+    )
     test = test_split(config, dataset) if config.evaluate.nll and config.evaluate.nll_split is NllSplit.TEST else None
 
     stage_uri = context.store.stage_uri("prepare")
-    outputs = PrepareOutputs(dataset.fingerprint, len(train_idx), len(holdout_idx), f"{stage_uri}/shards",
-                             f"{stage_uri}/holdout", dataset.num_classes, f"{stage_uri}/test" if test else None)
+    outputs = PrepareOutputs(
+        fingerprint=dataset.fingerprint,
+        num_train=len(train_idx),
+        num_holdout=len(holdout_idx),
+        shards_uri=f"{stage_uri}/shards",
+        holdout_uri=f"{stage_uri}/holdout",
+        num_classes=dataset.num_classes,
+        test_uri=f"{stage_uri}/test" if test else None,
+    )
     write_split(outputs.shards_uri, dataset, train_idx, options)
     write_split(outputs.holdout_uri, dataset, holdout_idx, options)
     if test is not None and outputs.test_uri is not None:
@@ -46,8 +55,12 @@ def run(context: StageContext) -> PrepareOutputs:
         accuracy_on_holdout = metadata.get("holdout_accuracy")
         if accuracy_on_holdout is not None:
             client.log_metric(context.mlflow_run_id, "extractor_holdout_accuracy", accuracy_on_holdout)
-        outputs = dataclasses.replace(outputs, extractor_uri=uri, extractor_id=metadata["extractor_id"],
-                                      extractor_holdout_accuracy=accuracy_on_holdout)
+        outputs = dataclasses.replace(
+            outputs,
+            extractor_uri=uri,
+            extractor_id=metadata["extractor_id"],
+            extractor_holdout_accuracy=accuracy_on_holdout,
+        )
     return outputs
 
 
@@ -60,15 +73,17 @@ def check_fits_model(dataset: ImageDataset, config: PipelineConfig) -> None:
     unet = config.model.unet()
     _, height, width, channels = dataset.images.shape
     if (height, width, channels) != (unet.image_size, unet.image_size, unet.in_channels):
-        raise DataError(f"data.uri {config.data.uri!r} has {height}x{width} images with {channels} channel(s), "
-                        f"but model.preset {config.model.preset!r} expects {unet.image_size}x{unet.image_size} "
-                        f"with {unet.in_channels}; choose a matching preset or set model.overrides")
+        raise DataError(
+            f"data.uri {config.data.uri!r} has {height}x{width} images with {channels} channel(s), "
+            f"but model.preset {config.model.preset!r} expects {unet.image_size}x{unet.image_size} "
+            f"with {unet.in_channels}; choose a matching preset or set model.overrides"
+        )
 
 
 def split(dataset: ImageDataset, holdout_fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """Deterministic train / hold-out index split, seeded by the data fingerprint."""
     order = np.random.default_rng(int(dataset.fingerprint[:15], 16)).permutation(len(dataset.images))
-    holdout = int(round(holdout_fraction * len(order)))
+    holdout = round(holdout_fraction * len(order))
     return np.sort(order[holdout:]), np.sort(order[:holdout])
 
 
@@ -76,19 +91,24 @@ def test_split(config: PipelineConfig, train_dataset: ImageDataset) -> ImageData
     """The data set's test split, for the NLL on it: must exist and differ from the training data."""
     dataset = load_dataset(config.data.uri, "test", data_storage_options(config))
     if dataset.fingerprint == train_dataset.fingerprint:
-        raise DataError(f"evaluate.nll_split=test: data.uri {config.data.uri!r} has no separate test split (only "
-                        "CIFAR-10 archives do); use evaluate.nll_split=holdout with data.holdout_fraction > 0")
+        raise DataError(
+            f"evaluate.nll_split=test: data.uri {config.data.uri!r} has no separate test split (only "
+            "CIFAR-10 archives do); use evaluate.nll_split=holdout with data.holdout_fraction > 0"
+        )
     check_fits_model(dataset, config)
     return dataset
 
 
-def feature_extractor(context: StageContext, dataset: ImageDataset, train_idx: np.ndarray,
-                      holdout_idx: np.ndarray) -> tuple[str, dict[str, Any]]:
+def feature_extractor(
+    context: StageContext, dataset: ImageDataset, train_idx: np.ndarray, holdout_idx: np.ndarray
+) -> tuple[str, dict[str, Any]]:
     """(URI, metadata) of the classifier for this data fingerprint: reused from the cache, or trained and committed
     there."""
     if dataset.labels is None:
-        raise DataError(f"evaluate.extractor=classifier needs class labels, and data.uri {context.config.data.uri!r} has "
-                        "none (use class sub-folders or an .npz with 'labels')")
+        raise DataError(
+            f"evaluate.extractor=classifier needs class labels, and data.uri {context.config.data.uri!r} has "
+            "none (use class sub-folders or an .npz with 'labels')"
+        )
     epochs = context.config.evaluate.classifier_epochs
     uri = context.store.cache_uri("extractors", f"{dataset.fingerprint[:16]}-classifier-e{epochs}")
     try:
@@ -99,8 +119,13 @@ def feature_extractor(context: StageContext, dataset: ImageDataset, train_idx: n
         pass
     context.log(f"prepare: training the feature-extractor classifier on {len(train_idx)} labelled images")
     model = train_classifier(dataset.images[train_idx], dataset.labels[train_idx], epochs)
-    holdout_accuracy = accuracy(model, dataset.images[holdout_idx], dataset.labels[holdout_idx]) if len(holdout_idx) else None
-    metadata = {"extractor_id": extractor_id(model), "data_fingerprint": dataset.fingerprint,
-                "holdout_accuracy": holdout_accuracy}
+    holdout_accuracy = (
+        accuracy(model, dataset.images[holdout_idx], dataset.labels[holdout_idx]) if len(holdout_idx) else None
+    )
+    metadata = {
+        "extractor_id": extractor_id(model),
+        "data_fingerprint": dataset.fingerprint,
+        "holdout_accuracy": holdout_accuracy,
+    }
     save_classifier(uri, model, metadata, context.store.options)
     return uri, metadata

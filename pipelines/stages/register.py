@@ -25,28 +25,46 @@ PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 SAMPLING_PARAMS = {"seed": 0, "method": "ddim", "num_steps": 50, "eta": 0.0}  # the pyfunc's params and defaults
 
 
-def run(context: StageContext, prepare: PrepareOutputs, train: TrainOutputs, evaluate: EvaluateOutputs) -> RegisterOutputs:
+def run(
+    context: StageContext, prepare: PrepareOutputs, train: TrainOutputs, evaluate: EvaluateOutputs
+) -> RegisterOutputs:
     name = context.config.register.model_name
     client = context.client
     version = log_model(context, train.snapshot_uri)
     champion = current_champion(client, name)  # before this version takes any alias
-    tags = {"fid": evaluate.scores.fid, "protocol_hash": evaluate.protocol_hash, "ddpm.run_id": context.config.run_id,
-            "extractor_id": evaluate.protocol.extractor_id, "data_fingerprint": prepare.fingerprint}
+    tags = {
+        "fid": evaluate.scores.fid,
+        "protocol_hash": evaluate.protocol_hash,
+        "ddpm.run_id": context.config.run_id,
+        "extractor_id": evaluate.protocol.extractor_id,
+        "data_fingerprint": prepare.fingerprint,
+    }
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, str(value))
     client.set_registered_model_alias(name, "challenger", version)
     fid_champion = evaluate.scores.fid_champion
-    rescored = (evaluate.champion_version, fid_champion) if evaluate.champion_version and fid_champion is not None else None
-    promote, reason = decide(evaluate.scores.fid, evaluate.protocol_hash, context.config.register.promotion_margin, champion,
-                             rescored)
+    rescored = (
+        (evaluate.champion_version, fid_champion) if evaluate.champion_version and fid_champion is not None else None
+    )
+    promote, reason = decide(
+        evaluate.scores.fid, evaluate.protocol_hash, context.config.register.promotion_margin, champion, rescored
+    )
     if promote:
         client.set_registered_model_alias(name, "champion", version)
     decision = ("promoted to champion: " if promote else "champion kept: ") + reason
     client.set_tag(context.mlflow_run_id, "registry.decision", decision)
     client.set_model_version_tag(name, version, "registry.decision", decision)
     context.log(f"register: {name} v{version} -> challenger" + (", champion" if promote else "") + f" ({reason})")
-    return RegisterOutputs(name, version, promote, reason, champion.version if champion else None, evaluate.scores.fid,
-                           rescored[1] if rescored else (champion.fid if champion else None), f"models:/{name}/{version}")
+    return RegisterOutputs(
+        model_name=name,
+        version=version,
+        promoted=promote,
+        reason=reason,
+        previous_champion=champion.version if champion else None,
+        challenger_fid=evaluate.scores.fid,
+        champion_fid=rescored[1] if rescored else (champion.fid if champion else None),
+        model_uri=f"models:/{name}/{version}",
+    )
 
 
 def log_model(context: StageContext, snapshot_uri: str) -> str:
@@ -63,16 +81,32 @@ def log_model(context: StageContext, snapshot_uri: str) -> str:
         signature = infer_signature(example, output, params=SAMPLING_PARAMS)
         with mlflow.start_run(run_id=context.mlflow_run_id):
             info = mlflow.pyfunc.log_model(
-                name="model", python_model=str(PACKAGE_ROOT / "pipelines" / "serving.py"), artifacts={"snapshot": local},
-                code_paths=[str(PACKAGE_ROOT / "ddpm_core")], signature=signature,
+                name="model",
+                python_model=str(PACKAGE_ROOT / "pipelines" / "serving.py"),
+                artifacts={"snapshot": local},
+                code_paths=[str(PACKAGE_ROOT / "ddpm_core")],
+                signature=signature,
                 registered_model_name=context.config.register.model_name,
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", "numpy", "pandas", "safetensors", "fsspec",
-                                  "pillow", f"mlflow=={mlflow.__version__}"])
+                pip_requirements=[
+                    f"torch=={torch.__version__.split('+')[0]}",
+                    "numpy",
+                    "pandas",
+                    "safetensors",
+                    "fsspec",
+                    "pillow",
+                    f"mlflow=={mlflow.__version__}",
+                ],
+            )
     return str(info.registered_model_version)
 
 
-def decide(fid: float, protocol_hash: str, margin: float, champion: Champion | None,
-           champion_rescored: tuple[str, float] | None) -> tuple[bool, str]:
+def decide(
+    fid: float,
+    protocol_hash: str,
+    margin: float,
+    champion: Champion | None,
+    champion_rescored: tuple[str, float] | None,
+) -> tuple[bool, str]:
     """(promote?, reason). The challenger must beat the champion's FID by more than ``margin`` under the same protocol:
     the champion re-scored in this run when available, else the FID recorded with it if its protocol hash matches."""
     if champion is None:
@@ -82,8 +116,13 @@ def decide(fid: float, protocol_hash: str, margin: float, champion: Champion | N
     elif champion.protocol_hash == protocol_hash and champion.fid is not None:
         champion_fid, basis = champion.fid, "recorded under the same protocol"
     else:
-        return False, f"champion v{champion.version} was scored under another protocol ({champion.protocol_hash}); not compared"
+        return (
+            False,
+            f"champion v{champion.version} was scored under another protocol ({champion.protocol_hash}); not compared",
+        )
     threshold = champion_fid - margin
     verdict = "<" if fid < threshold else ">="
-    return fid < threshold, (f"FID {fid:.4f} {verdict} champion v{champion.version}'s {champion_fid:.4f} ({basis})"
-                             + (f" - margin {margin:g}" if margin else ""))
+    return fid < threshold, (
+        f"FID {fid:.4f} {verdict} champion v{champion.version}'s {champion_fid:.4f} ({basis})"
+        + (f" - margin {margin:g}" if margin else "")
+    )

@@ -12,9 +12,25 @@ from pipelines.sampling import SampleRequest, sample_to_shards
 def run(context: StageContext, train: TrainOutputs) -> SampleOutputs:
     settings = context.config.sample
     network = NetworkExecution(settings.precision(train.device is Device.GPU), settings.compile)
-    request = SampleRequest(train.snapshot_uri, f"{context.work_uri('sample')}/shards", settings.num_samples,
-                            settings.batch_size, settings.num_workers, settings.sampler, settings.seed, network)
+    request = SampleRequest(
+        snapshot_uri=train.snapshot_uri,
+        out_uri=f"{context.work_uri('sample')}/shards",
+        num_samples=settings.num_samples,
+        shard_size=settings.batch_size,
+        num_workers=settings.num_workers,
+        sampler=settings.sampler,
+        seed=settings.seed,
+        network=network,
+    )
     shard_uris, sampling_seconds = sample_to_shards(request, context.execution(train.device), context.log)
     context.client.log_metric(context.mlflow_run_id, "num_samples", settings.num_samples)
-    return SampleOutputs(tuple(shard_uris), settings.num_samples, settings.batch_size, settings.num_workers,
-                         settings.sampler, settings.seed, network, sampling_seconds)
+    return SampleOutputs(
+        shard_uris=tuple(shard_uris),
+        num_samples=settings.num_samples,
+        shard_size=settings.batch_size,
+        num_workers=settings.num_workers,
+        sampler=settings.sampler,
+        seed=settings.seed,
+        execution=network,
+        sampling_seconds=sampling_seconds,
+    )

@@ -17,18 +17,36 @@ def run(context: StageContext, prepare: PrepareOutputs, tune: TuneOutputs | None
     config = tuned_config(context.config, tune)
     device = cluster_device(config.train.use_gpu)
     warm_start = tune.best_checkpoint_uri if tune is not None and config.tune.warm_start else None
-    job = TrainJob(config.model.unet(), config.diffusion, config.train, device, prepare.shards_uri, context.work_uri("train"),
-                   context.store.options, context.tracking_uri, context.mlflow_run_id, warm_start_uri=warm_start)
+    job = TrainJob(
+        unet=config.model.unet(),
+        diffusion=config.diffusion,
+        train=config.train,
+        device=device,
+        shards_uri=prepare.shards_uri,
+        work_uri=context.work_uri("train"),
+        storage_options=context.store.options,
+        tracking_uri=context.tracking_uri,
+        mlflow_run_id=context.mlflow_run_id,
+        warm_start_uri=warm_start,
+    )
     train = config.train
     group = WorkerGroup(train.num_workers, train.cpus_per_worker, train.max_failures, train.startup_retries)
-    context.log(f"train: {train.num_workers} worker(s), {'GPU (NCCL' if device is Device.GPU else 'CPU (gloo'}, "
-                f"{job.precision.value}), {train.total_images} images, batch {train.batch_size}")
+    context.log(
+        f"train: {train.num_workers} worker(s), {'GPU (NCCL' if device is Device.GPU else 'CPU (gloo'}, "
+        f"{job.precision.value}), {train.total_images} images, batch {train.batch_size}"
+    )
     result = fit(make_trainer(job, group, runtime_env()), job)
     send_pending_metrics(job, context.client, context.log)
     reported = result.metrics or {}  # the final checkpoint report of the final attempt
-    return TrainOutputs(job.snapshot_uri, job.initial_snapshot_uri, int(reported["images_seen"]), device,
-                        reported.get("loop_seconds"), result.checkpoint.path if result.checkpoint else None,
-                        TrainedWith(config.diffusion, train.optim))
+    return TrainOutputs(
+        snapshot_uri=job.snapshot_uri,
+        initial_snapshot_uri=job.initial_snapshot_uri,
+        images_seen=int(reported["images_seen"]),
+        device=device,
+        loop_seconds=reported.get("loop_seconds"),
+        checkpoint_path=result.checkpoint.path if result.checkpoint else None,
+        config=TrainedWith(diffusion=config.diffusion, train=train.optim),
+    )
 
 
 def tuned_config(config: PipelineConfig, tune: TuneOutputs | None) -> PipelineConfig:

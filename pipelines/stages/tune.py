@@ -32,7 +32,7 @@ from ddpm_core.metrics import FeatureStatistics, frechet_distance_from_stats
 from ddpm_core.samplers import Method, PerIndexNoise, SamplerConfig, sample
 from ddpm_core.storage import filesystem
 from ddpm_core.unet import UNetConfig
-from pipelines.config import ConfigError, Extractor, PipelineConfig, SearchAlgorithm, TrialMetric, with_overrides
+from pipelines.config import ConfigError, Extractor, PipelineConfig, SearchAlgorithm, with_overrides
 from pipelines.config import TrialScheduler as SchedulerChoice
 from pipelines.context import StageContext
 from pipelines.contracts import PrepareOutputs, TrialResult, TuneOutputs
@@ -78,7 +78,9 @@ def search_space(config: PipelineConfig) -> dict[str, Dimension]:
     """``tune.space`` parsed, with every value it can produce checked as a config: candidate lists in full, and both
     ends of each range."""
     if not config.tune.space:
-        raise ConfigError("tune.space is empty: name at least one config key to search, e.g. train.lr: {loguniform: [1e-4, 1e-3]}")
+        raise ConfigError(
+            "tune.space is empty: name at least one config key to search, e.g. train.lr: {loguniform: [1e-4, 1e-3]}"
+        )
     return {key: dimension(config, key, spec) for key, spec in config.tune.space.items()}
 
 
@@ -144,15 +146,20 @@ class TrialMetrics:
         if self.held_out is None:
             images, _ = read_split(self.holdout_uri, self.storage_options)
             self.held_out = to_model_range(images[: self.bpd_images]).to(device)
-        estimate = diffusion.bits_per_dim_estimate(ema_model, self.held_out, self.bpd_timesteps,
-                                                   generator=torch.Generator().manual_seed(0))
-        metrics = {"bpd": estimate["total"].mean().item(),
-                   "bpd_stderr": estimate["stderr"].pow(2).sum().sqrt().item() / len(self.held_out)}
+        estimate = diffusion.bits_per_dim_estimate(
+            ema_model, self.held_out, self.bpd_timesteps, generator=torch.Generator().manual_seed(0)
+        )
+        metrics = {
+            "bpd": estimate["total"].mean().item(),
+            "bpd_stderr": estimate["stderr"].pow(2).sum().sqrt().item() / len(self.held_out),
+        }
         if done and self.proxy_fid_samples:
             metrics["fid"] = self.proxy_fid(ema_model, diffusion, device)
         stamp = int(time.time() * 1000)
         client = MlflowClient(self.tracking_uri)
-        client.log_batch(self.mlflow_run_id, metrics=[Metric(key, value, stamp, images_seen) for key, value in metrics.items()])
+        client.log_batch(
+            self.mlflow_run_id, metrics=[Metric(key, value, stamp, images_seen) for key, value in metrics.items()]
+        )
         return metrics
 
     def proxy_fid(self, ema_model: nn.Module, diffusion: GaussianDiffusion, device: torch.device) -> float:
@@ -187,9 +194,16 @@ class TrialSpec:
         """The trial's config: its parameters, trained for ``tune.trial_images`` with a report (a checkpoint) every
         ``tune.report_every_images`` and no sample grids."""
         every = self.config.tune.report_every_images
-        return with_overrides(self.config, {**params, "train.total_images": self.config.tune.trial_images,
-                                            "train.checkpoint_every_images": every, "train.log_every_images": every,
-                                            "train.grid_every_images": 0})
+        return with_overrides(
+            self.config,
+            {
+                **params,
+                "train.total_images": self.config.tune.trial_images,
+                "train.checkpoint_every_images": every,
+                "train.log_every_images": every,
+                "train.grid_every_images": 0,
+            },
+        )
 
 
 def run_trial(params: dict[str, Any], spec: TrialSpec) -> None:
@@ -199,9 +213,21 @@ def run_trial(params: dict[str, Any], spec: TrialSpec) -> None:
     client = MlflowClient(spec.tracking_uri)
     run_id = trial_run(client, spec, trial_id, params)
     work_uri = f"{spec.work_uri}/trials/{trial_id}"
-    metrics = dataclasses.replace(spec.metrics, unet=config.model.unet(), diffusion=config.diffusion, mlflow_run_id=run_id)
-    job = TrainJob(config.model.unet(), config.diffusion, config.train, spec.device, spec.shards_uri, work_uri,
-                   spec.storage_options, spec.tracking_uri, run_id, checkpoint_metrics=metrics)
+    metrics = dataclasses.replace(
+        spec.metrics, unet=config.model.unet(), diffusion=config.diffusion, mlflow_run_id=run_id
+    )
+    job = TrainJob(
+        unet=config.model.unet(),
+        diffusion=config.diffusion,
+        train=config.train,
+        device=spec.device,
+        shards_uri=spec.shards_uri,
+        work_uri=work_uri,
+        storage_options=spec.storage_options,
+        tracking_uri=spec.tracking_uri,
+        mlflow_run_id=run_id,
+        checkpoint_metrics=metrics,
+    )
     trainer = make_trainer(job, spec.group, runtime_env(), callbacks=[TuneReportCallback()])
     try:
         fit(trainer, job)  # a diverged trial raises: Tune records it as errored, and it is never ranked
@@ -213,13 +239,25 @@ def run_trial(params: dict[str, Any], spec: TrialSpec) -> None:
 
 def trial_run(client: MlflowClient, spec: TrialSpec, trial_id: str, params: dict[str, Any]) -> str:
     """The trial's MLflow run under the tune stage's run: a restored trial keeps the one it had."""
-    existing = client.search_runs([spec.experiment_id], f"tags.`{TRIAL_ID_TAG}` = '{trial_id}' and "
-                                  f"tags.`mlflow.parentRunId` = '{spec.parent_run_id}'", max_results=1)
+    existing = client.search_runs(
+        [spec.experiment_id],
+        f"tags.`{TRIAL_ID_TAG}` = '{trial_id}' and tags.`mlflow.parentRunId` = '{spec.parent_run_id}'",
+        max_results=1,
+    )
     if existing:
         return str(existing[0].info.run_id)
-    run_id = str(client.create_run(spec.experiment_id, run_name=f"trial {trial_id}", tags={
-        TRIAL_ID_TAG: trial_id, "mlflow.parentRunId": spec.parent_run_id, "ddpm.run_id": spec.config.run_id,
-        "ddpm.stage": "tune-trial"}).info.run_id)
+    run_id = str(
+        client.create_run(
+            spec.experiment_id,
+            run_name=f"trial {trial_id}",
+            tags={
+                TRIAL_ID_TAG: trial_id,
+                "mlflow.parentRunId": spec.parent_run_id,
+                "ddpm.run_id": spec.config.run_id,
+                "ddpm.stage": "tune-trial",
+            },
+        ).info.run_id
+    )
     client.log_batch(run_id, params=[Param(key, str(value)) for key, value in params.items()])
     return run_id
 
@@ -232,8 +270,10 @@ def run(context: StageContext, prepare: PrepareOutputs) -> TuneOutputs:
     context.log(f"tune: {settings.search_alg.value} search over {sorted(space)}, ranking by {settings.metric.value}")
     outputs = search_outcome(tuner.fit(), space, spec)
     close_trial_runs(context, spec, outputs)
-    context.log(f"tune: best of {outputs.trials} trials ({outputs.stopped_early} stopped early): {outputs.best_params} "
-                f"with {settings.metric.value} {outputs.best_metric[settings.metric.value]:.4f}")
+    context.log(
+        f"tune: best of {outputs.trials} trials ({outputs.stopped_early} stopped early): {outputs.best_params} "
+        f"with {settings.metric.value} {outputs.best_metric[settings.metric.value]:.4f}"
+    )
     return outputs
 
 
@@ -245,41 +285,84 @@ def trial_spec(context: StageContext, prepare: PrepareOutputs) -> TrialSpec:
     if settings.proxy_fid and prepare.extractor_uri is not None and prepare.extractor_id is not None:
         reference_uri = store.cache_uri("reference", reference_key(prepare.fingerprint, prepare.extractor_id))
         spec = ExtractorSpec(Extractor.CLASSIFIER, prepare.extractor_uri)
-        reference_summary(reference_uri, prepare.shards_uri, SummaryRequest(spec, 0), {"extractor_id": prepare.extractor_id,
-                          "data_fingerprint": prepare.fingerprint}, context.execution(device), lambda line: context.log(f"tune: {line}"))
-    client = context.client
-    metrics = TrialMetrics(config.model.unet(), config.diffusion, prepare.holdout_uri, settings.bpd_images,
-                           settings.bpd_timesteps, settings.proxy_fid_samples, settings.proxy_fid_steps,
-                           prepare.extractor_uri, reference_uri, store.options, context.tracking_uri, "")
-    return TrialSpec(config, prepare.shards_uri, context.work_uri("tune"), store.options, device,
-                     WorkerGroup(settings.workers_per_trial, settings.cpus_per_worker, config.train.max_failures,
-                                 config.train.startup_retries), context.tracking_uri,
-                     client.get_run(context.mlflow_run_id).info.experiment_id, context.mlflow_run_id, metrics)
+        reference_summary(
+            reference_uri,
+            prepare.shards_uri,
+            SummaryRequest(spec, 0),
+            {"extractor_id": prepare.extractor_id, "data_fingerprint": prepare.fingerprint},
+            context.execution(device),
+            lambda line: context.log(f"tune: {line}"),
+        )
+    metrics = TrialMetrics(
+        unet=config.model.unet(),
+        diffusion=config.diffusion,
+        holdout_uri=prepare.holdout_uri,
+        bpd_images=settings.bpd_images,
+        bpd_timesteps=settings.bpd_timesteps,
+        proxy_fid_samples=settings.proxy_fid_samples,
+        proxy_fid_steps=settings.proxy_fid_steps,
+        extractor_uri=prepare.extractor_uri,
+        reference_uri=reference_uri,
+        storage_options=store.options,
+        tracking_uri=context.tracking_uri,
+        mlflow_run_id="",  # each trial puts in its own
+    )
+    group = WorkerGroup(
+        settings.workers_per_trial, settings.cpus_per_worker, config.train.max_failures, config.train.startup_retries
+    )
+    return TrialSpec(
+        config=config,
+        shards_uri=prepare.shards_uri,
+        work_uri=context.work_uri("tune"),
+        storage_options=store.options,
+        device=device,
+        group=group,
+        tracking_uri=context.tracking_uri,
+        experiment_id=context.client.get_run(context.mlflow_run_id).info.experiment_id,
+        parent_run_id=context.mlflow_run_id,
+        metrics=metrics,
+    )
 
 
 def make_tuner(context: StageContext, spec: TrialSpec, space: dict[str, Dimension]) -> tune.Tuner:
     """The search over ``space``, or the interrupted one restored from its storage."""
     settings = context.config.tune
-    trainable = tune.with_resources(tune.with_parameters(run_trial, spec=spec),
-                                    {"cpu": settings.cpus_per_trial, **({"gpu": 0} if spec.device is Device.GPU else {})})
+    trainable = tune.with_resources(
+        tune.with_parameters(run_trial, spec=spec),
+        {"cpu": settings.cpus_per_trial, **({"gpu": 0} if spec.device is Device.GPU else {})},
+    )
     storage_path, storage_filesystem = train_storage(f"{spec.work_uri}/ray", spec.storage_options)
     experiment_path = f"{storage_path}/search"
     if tune.Tuner.can_restore(experiment_path, storage_filesystem=storage_filesystem):
         context.log(f"tune: restoring the interrupted search from {experiment_path}")
-        return tune.Tuner.restore(experiment_path, trainable, resume_errored=True, storage_filesystem=storage_filesystem)
+        return tune.Tuner.restore(
+            experiment_path, trainable, resume_errored=True, storage_filesystem=storage_filesystem
+        )
     return tune.Tuner(
-        trainable, param_space={key: dimension.domain() for key, dimension in space.items()},
-        tune_config=tune.TuneConfig(num_samples=settings.num_samples, max_concurrent_trials=settings.max_concurrent_trials,
-                                    scheduler=trial_scheduler(context.config), search_alg=search_algorithm(settings.search_alg)),
-        run_config=tune.RunConfig(name="search", storage_path=storage_path, storage_filesystem=storage_filesystem))
+        trainable,
+        param_space={key: dimension.domain() for key, dimension in space.items()},
+        tune_config=tune.TuneConfig(
+            num_samples=settings.num_samples,
+            max_concurrent_trials=settings.max_concurrent_trials,
+            scheduler=trial_scheduler(context.config),
+            search_alg=search_algorithm(settings.search_alg),
+        ),
+        run_config=tune.RunConfig(name="search", storage_path=storage_path, storage_filesystem=storage_filesystem),
+    )
 
 
 def trial_scheduler(config: PipelineConfig) -> TrialScheduler:
     settings = config.tune
     if settings.scheduler is SchedulerChoice.NONE:
         return FIFOScheduler()
-    return ASHAScheduler(time_attr="images_seen", metric="bpd", mode="min", max_t=settings.trial_images,
-                         grace_period=settings.grace_period_images, reduction_factor=settings.reduction_factor)
+    return ASHAScheduler(
+        time_attr="images_seen",
+        metric="bpd",
+        mode="min",
+        max_t=settings.trial_images,
+        grace_period=settings.grace_period_images,
+        reduction_factor=settings.reduction_factor,
+    )
 
 
 def search_algorithm(choice: SearchAlgorithm) -> Any:
@@ -295,7 +378,9 @@ def search_algorithm(choice: SearchAlgorithm) -> Any:
 
         return HyperOptSearch()
     except ImportError as error:
-        raise RuntimeError(f"tune.search_alg={choice.value} needs its package: pip install '{choice.value}' ({error})") from None
+        raise RuntimeError(
+            f"tune.search_alg={choice.value} needs its package: pip install '{choice.value}' ({error})"
+        ) from None
 
 
 @dataclass(frozen=True)
@@ -329,12 +414,23 @@ def search_outcome(results: ResultGrid, space: dict[str, Dimension], spec: Trial
     best = min(finished or ranked, key=lambda trial: trial.metrics[metric])
     trainer_uri = f"{spec.work_uri}/trials/{best.metrics['trial_id']}/ray/trainer"
     return TuneOutputs(
-        best_params={key: best.params[key] for key in space}, best_metric={metric: best.metrics[metric]},
-        best_trial_id=best.metrics["trial_id"], best_checkpoint_uri=latest_checkpoint(trainer_uri, spec.storage_options),
-        trials=len(results), stopped_early=sum(trial.metrics.get("images_seen", 0) < length for trial in reported),
-        trial_results=tuple(TrialResult(trial.metrics["trial_id"], {key: trial.params.get(key) for key in space},
-                                        trial.metrics.get("images_seen", 0), trial.metrics.get("bpd"), trial.metrics.get("fid"))
-                            for trial in reported))
+        best_params={key: best.params[key] for key in space},
+        best_metric={metric: best.metrics[metric]},
+        best_trial_id=best.metrics["trial_id"],
+        best_checkpoint_uri=latest_checkpoint(trainer_uri, spec.storage_options),
+        trials=len(results),
+        stopped_early=sum(trial.metrics.get("images_seen", 0) < length for trial in reported),
+        trial_results=tuple(
+            TrialResult(
+                trial.metrics["trial_id"],
+                {key: trial.params.get(key) for key in space},
+                trial.metrics.get("images_seen", 0),
+                trial.metrics.get("bpd"),
+                trial.metrics.get("fid"),
+            )
+            for trial in reported
+        ),
+    )
 
 
 def latest_checkpoint(trainer_uri: str, storage_options: dict[str, Any]) -> str | None:

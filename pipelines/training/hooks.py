@@ -59,18 +59,29 @@ class Progress:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
         self.job = job
         self.client = MlflowClient(job.tracking_uri)
-        self.metrics = BufferedMetricLogger(self.client, job.mlflow_run_id, lambda line: print(f"train: {line}", flush=True))
+        self.metrics = BufferedMetricLogger(
+            self.client, job.mlflow_run_id, lambda line: print(f"train: {line}", flush=True)
+        )
         self.window_started, self.window_images_seen = time.time(), images_seen
 
     def log_metrics(self, means: dict[str, float], state: TrainState) -> None:
         """The window's mean step statistics, the learning rate, the EMA decay and the training rate."""
         now = time.time()
         rate = (state.images_seen - self.window_images_seen) / max(now - self.window_started, 1e-9)
-        values = {**means, "lr": learning_rate(state.images_seen, self.job.train.optim), "images_per_second": rate,
-                  "ema_decay": state.ema.current_decay()}
-        self.metrics.send([Metric(key, float(value), int(now * 1000), state.images_seen) for key, value in values.items()])
-        print(f"train: {state.images_seen}/{self.job.train.total_images} images, loss {means['loss']:.4f}, {rate:.0f} img/s",
-              flush=True)
+        values = {
+            **means,
+            "lr": learning_rate(state.images_seen, self.job.train.optim),
+            "images_per_second": rate,
+            "ema_decay": state.ema.current_decay(),
+        }
+        self.metrics.send(
+            [Metric(key, float(value), int(now * 1000), state.images_seen) for key, value in values.items()]
+        )
+        print(
+            f"train: {state.images_seen}/{self.job.train.total_images} images, loss {means['loss']:.4f}, "
+            f"{rate:.0f} img/s",
+            flush=True,
+        )
         self.window_started, self.window_images_seen = time.time(), state.images_seen
 
     def log_grid(self, ema_model: nn.Module, diffusion: GaussianDiffusion, images_seen: int) -> None:
@@ -79,9 +90,13 @@ class Progress:
         device = next(ema_model.parameters()).device
         noise = PerIndexNoise(self.job.train.seed, range(GRID_IMAGES), device)
         sampler = SamplerConfig(method=Method.DDIM, num_steps=min(50, diffusion.num_timesteps))
-        samples = sample(ema_model, diffusion, (unet.in_channels, unet.image_size, unet.image_size), noise, sampler).samples
+        samples = sample(
+            ema_model, diffusion, (unet.in_channels, unet.image_size, unet.image_size), noise, sampler
+        ).samples
         try:
-            self.client.log_image(self.job.mlflow_run_id, grid(to_uint8(samples), columns=8), key="samples", step=images_seen)
+            self.client.log_image(
+                self.job.mlflow_run_id, grid(to_uint8(samples), columns=8), key="samples", step=images_seen
+            )
         except Exception as error:  # a progress picture is not worth stopping training for
             print(f"train: sample grid at {images_seen} images not logged ({type(error).__name__})", flush=True)
 
@@ -90,8 +105,16 @@ class Progress:
         unsent = self.metrics.close()
         if unsent:
             payload = json.dumps([metric.to_dictionary() for metric in unsent]).encode()
-            commit(self.job.pending_metrics_uri, {PENDING_METRICS: payload}, {"count": len(unsent)}, self.job.storage_options)
-            print(f"train: {len(unsent)} metrics could not reach MLflow; kept at {self.job.pending_metrics_uri}", flush=True)
+            commit(
+                self.job.pending_metrics_uri,
+                {PENDING_METRICS: payload},
+                {"count": len(unsent)},
+                self.job.storage_options,
+            )
+            print(
+                f"train: {len(unsent)} metrics could not reach MLflow; kept at {self.job.pending_metrics_uri}",
+                flush=True,
+            )
 
 
 def report_checkpoint(job: TrainJob, worker: Worker, state: TrainState, loop_seconds: float, done: bool) -> None:
@@ -109,9 +132,12 @@ def report_checkpoint(job: TrainJob, worker: Worker, state: TrainState, loop_sec
 
 
 def divergence_message(images_seen: int, step: int, optim: OptimConfig) -> str:
-    return (f"training diverged: the loss became non-finite by {images_seen} images (step {step}). The last checkpoint "
-            f"before it is kept, but resuming with the same settings would diverge again: lower train.lr (now {optim.lr}), "
-            f"keep train.grad_clip > 0 (now {optim.grad_clip}), or lengthen train.warmup_images (now {optim.warmup_images}).")
+    return (
+        f"training diverged: the loss became non-finite by {images_seen} images (step {step}). The last checkpoint "
+        f"before it is kept, but resuming with the same settings would diverge again: lower train.lr (now {optim.lr}), "
+        f"keep train.grad_clip > 0 (now {optim.grad_clip}), or lengthen train.warmup_images "
+        f"(now {optim.warmup_images})."
+    )
 
 
 def record_divergence(job: TrainJob, worker: Worker, state: TrainState) -> None:
@@ -126,7 +152,13 @@ def save_outputs(job: TrainJob, worker: Worker, state: TrainState, progress: Pro
     """At the end, on rank 0: the EMA snapshot, and the metrics MLflow did not take."""
     if worker.rank != 0:
         return
-    save_snapshot(job.snapshot_uri, state.ema.model, job.unet, job.diffusion,
-                  {"images_seen": state.images_seen, "step": state.step}, job.storage_options)
+    save_snapshot(
+        job.snapshot_uri,
+        state.ema.model,
+        job.unet,
+        job.diffusion,
+        {"images_seen": state.images_seen, "step": state.step},
+        job.storage_options,
+    )
     if progress is not None:
         progress.close()

@@ -34,7 +34,9 @@ class TrainJob:
     storage_options: dict[str, Any]
     tracking_uri: str
     mlflow_run_id: str  # rank 0 logs metrics and sample grids to this run
-    warm_start_uri: str | None = None  # a training state whose model and EMA weights start a fresh run (best tune trial)
+    warm_start_uri: str | None = (
+        None  # a training state whose model and EMA weights start a fresh run (best tune trial)
+    )
     checkpoint_metrics: CheckpointMetrics | None = None
 
     @property

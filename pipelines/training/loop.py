@@ -31,25 +31,39 @@ def train_loop(job: TrainJob) -> None:
     totals = RunningTotals(worker.device, worker.all_reduce)
     progress = Progress(job, state.images_seen) if worker.rank == 0 else None
     train, autocast, layout = job.train, autocast_dtype(job.precision), memory_format(job)
-    log, grid, checkpoint = (Interval(every, state.images_seen) for every in (
-        train.log_every_images, train.grid_every_images, train.checkpoint_every_images))
+    log, grid, checkpoint = (
+        Interval(every, state.images_seen)
+        for every in (train.log_every_images, train.grid_every_images, train.checkpoint_every_images)
+    )
     per_worker, started = train.batch_size // worker.world_size, time.time()
     oom_where = f"a training step on {worker.device} ({per_worker} images per worker)"
-    oom_advice = (f"lower train.batch_size (now {train.batch_size}), spread it over more workers (train.num_workers, "
-                  f"now {worker.world_size}), or choose a smaller model (model.preset / model.overrides)")
+    oom_advice = (
+        f"lower train.batch_size (now {train.batch_size}), spread it over more workers (train.num_workers, "
+        f"now {worker.world_size}), or choose a smaller model (model.preset / model.overrides)"
+    )
     while state.images_seen < train.total_images:
         with record_function("data"):
             batch = random_batch(data, per_worker, generator, train.horizontal_flip, layout)  # [B_r, C, H, W]
         with out_of_memory_advice(oom_where, oom_advice):
-            result = train_step(state.step_model, diffusion, state.optimizer, batch, train.optim, state.images_seen,
-                                state.ema, generator=generator, autocast_dtype=autocast)
+            result = train_step(
+                state.step_model,
+                diffusion,
+                state.optimizer,
+                batch,
+                train.optim,
+                state.images_seen,
+                state.ema,
+                generator=generator,
+                autocast_dtype=autocast,
+            )
         state.advance(train.batch_size)
         totals.add(result)
         seen, done = state.images_seen, state.images_seen >= train.total_images
         if log.due(seen, done) or checkpoint.due(seen, done):
             with record_function("logging"):  # one all-reduce: every rank sees the same sums and stops at the same step
                 window = totals.summed()
-            if not math.isfinite(window.loss_sum):  # checked before every log and checkpoint: none holds diverged weights
+            # Checked before every log and checkpoint, so that no checkpoint holds diverged weights.
+            if not math.isfinite(window.loss_sum):
                 record_divergence(job, worker, state)
                 return
         if log.due(seen, done):

@@ -72,9 +72,14 @@ class TrainState:
 
     def to_checkpoint(self, job: TrainJob) -> dict[str, Any]:
         """The training state as ``ddpm_core.checkpoint.save_training_state`` stores it."""
-        return {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
-                "step": self.step, "images_seen": self.images_seen,
-                "config": {"unet": job.unet.to_dict(), "diffusion": job.diffusion.to_dict()}}
+        return {
+            "model": self.model.state_dict(),
+            "ema": self.ema.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "images_seen": self.images_seen,
+            "config": {"unet": job.unet.to_dict(), "diffusion": job.diffusion.to_dict()},
+        }
 
 
 def start_state(job: TrainJob, worker: Worker) -> TrainState:
@@ -92,23 +97,30 @@ def start_state(job: TrainJob, worker: Worker) -> TrainState:
     ddp = isinstance(wrapped, DistributedDataParallel)  # with more than one worker
     network = cast(nn.Module, wrapped.module) if ddp else wrapped
     step_model = cast(nn.Module, torch.compile(wrapped)) if job.train.compile else wrapped
-    state = TrainState(network, step_model, EMA(network, job.train.optim.ema_decay, job.train.optim.ema_warmup),
-                       make_optimizer(network, job.train.optim))
+    state = TrainState(
+        network,
+        step_model,
+        EMA(network, job.train.optim.ema_decay, job.train.optim.ema_warmup),
+        make_optimizer(network, job.train.optim),
+    )
     if restored is not None:
         state.ema.load_state_dict(restored["ema"])
     if source is WeightSource.RESUMED and restored is not None:
         state.optimizer.load_state_dict(restored["optimizer"])
         state.images_seen, state.step = int(restored["images_seen"]), int(restored["step"])
     wrapping = f", DDP with gradient_as_bucket_view={wrapped.gradient_as_bucket_view}" if ddp else ""
-    worker.say(f"worker group of {worker.world_size} started at {state.images_seen} images, {job.precision.value}{wrapping}")
+    worker.say(
+        f"worker group of {worker.world_size} started at {state.images_seen} images, {job.precision.value}{wrapping}"
+    )
     advice = slow_precision_advice(job.precision, worker.device.type, "train.bf16_on_cpu")
     if advice:
         worker.say(advice)
     return state
 
 
-def starting_weights(job: TrainJob, worker: Worker, model: nn.Module,
-                     checkpoint: ray.train.Checkpoint | None) -> tuple[WeightSource, dict[str, Any] | None]:
+def starting_weights(
+    job: TrainJob, worker: Worker, model: nn.Module, checkpoint: ray.train.Checkpoint | None
+) -> tuple[WeightSource, dict[str, Any] | None]:
     """Load the starting weights into ``model`` from the first source that applies (:class:`WeightSource`); returns
     the source and the training state it came with (resume and warm start), which holds the EMA and optimizer."""
     say = worker.say
@@ -134,8 +146,10 @@ def load_snapshot_weights(model: nn.Module, uri: str, unet: UNetConfig, storage_
     """Copy a snapshot's weights into ``model``; a snapshot of another architecture is refused by name."""
     snapshot = load_snapshot(uri, storage_options)
     if snapshot.unet != unet:
-        raise CheckpointError(f"train.init_from {uri!r} holds a U-Net with config {snapshot.unet.to_dict()}, but this run's "
-                              f"model is {unet.to_dict()}; warm-start only from the same model.preset/overrides")
+        raise CheckpointError(
+            f"train.init_from {uri!r} holds a U-Net with config {snapshot.unet.to_dict()}, but this run's "
+            f"model is {unet.to_dict()}; warm-start only from the same model.preset/overrides"
+        )
     try:
         model.load_state_dict(snapshot.state_dict)
     except RuntimeError as error:

@@ -32,8 +32,12 @@ class WorkerGroup:
     startup_retries: int  # worker-group start attempts (60 s each) before failing
 
 
-def make_trainer(job: TrainJob, group: WorkerGroup, runtime_env: dict[str, Any], callbacks: list[Any] | None = None,
-                 ) -> TorchTrainer:
+def make_trainer(
+    job: TrainJob,
+    group: WorkerGroup,
+    runtime_env: dict[str, Any],
+    callbacks: list[Any] | None = None,
+) -> TorchTrainer:
     """A trainer that runs :func:`train_loop` on ``group``, keeping its checkpoints under ``job.trainer_uri`` (so a
     re-run with the same job resumes from the latest)."""
     storage_path, storage_filesystem = train_storage(job.trainer_uri, job.storage_options)
@@ -41,14 +45,20 @@ def make_trainer(job: TrainJob, group: WorkerGroup, runtime_env: dict[str, Any],
     resources = {"CPU": group.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
     return TorchTrainer(
         functools.partial(train_loop, job),
-        scaling_config=ScalingConfig(num_workers=group.num_workers, use_gpu=use_gpu,
-                                     resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=group.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
         # ray.train re-exports Train V2's RunConfig and FailureConfig at run time; mypy sees the V1 classes.
-        run_config=RunConfig(name="trainer", storage_path=storage_path, storage_filesystem=storage_filesystem,  # type: ignore[call-arg]
-                             checkpoint_config=CheckpointConfig(num_to_keep=2),
-                             failure_config=FailureConfig(max_failures=group.max_failures,  # type: ignore[call-arg]
-                                                          controller_failure_limit=group.startup_retries),
-                             worker_runtime_env=runtime_env, callbacks=callbacks or []),
+        run_config=RunConfig(
+            name="trainer",
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,  # type: ignore[call-arg]
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(
+                max_failures=group.max_failures,  # type: ignore[call-arg]
+                controller_failure_limit=group.startup_retries,
+            ),
+            worker_runtime_env=runtime_env,
+            callbacks=callbacks or [],
+        ),
     )
 
 
@@ -70,7 +80,9 @@ def send_pending_metrics(job: TrainJob, client: MlflowClient, log: Callable[[str
     """Metrics a worker kept in storage during an MLflow outage: sent now (this fails if MLflow is still down)."""
     if not is_committed(job.pending_metrics_uri, job.storage_options):
         return
-    kept = json.loads(read_committed(job.pending_metrics_uri, [PENDING_METRICS], job.storage_options)[0][PENDING_METRICS])
+    kept = json.loads(
+        read_committed(job.pending_metrics_uri, [PENDING_METRICS], job.storage_options)[0][PENDING_METRICS]
+    )
     metrics = [Metric.from_dictionary(metric) for metric in kept]
     for start in range(0, len(metrics), 1000):
         client.log_batch(job.mlflow_run_id, metrics=metrics[start : start + 1000])
