@@ -73,7 +73,7 @@ def _status(args: argparse.Namespace) -> int:
     for stage in STAGES:
         manifest = store.read_manifest(stage.name, stage.outputs)
         if manifest is None:
-            print(f"  {stage.name:<9} not finished")
+            print(f"  {stage.name:<9} {'not finished' if stage.enabled(config) else 'disabled'}")
             continue
         finished = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(manifest.finished_at))
         print(f"  {stage.name:<9} complete {finished}  {stage_detail(manifest.outputs)}")
