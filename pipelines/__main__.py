@@ -105,11 +105,12 @@ def stage_detail(outputs: StageOutputs) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipelines.dag import check_config, hold_run_root, run_pipeline
+    from pipelines.dag import check_config, check_from_stage, hold_run_root, run_pipeline
     from pipelines.runs import RunStore
 
     config = load_config(args.config, args.overrides)
     check_config(config)
+    check_from_stage(args.from_stage)
     started = time.time()
     with hold_run_root(RunStore(config), config):
         results = run_pipeline(config, args.from_stage)

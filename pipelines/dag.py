@@ -153,6 +153,11 @@ def check_config(config: PipelineConfig) -> None:
             stage.check(config)
 
 
+def check_from_stage(from_stage: str | None) -> None:
+    if from_stage is not None and from_stage not in STAGE_NAMES:
+        raise ConfigError(f"--from {from_stage!r} is not a stage; stages: {', '.join(STAGE_NAMES)}")
+
+
 def storage_error(store: RunStore, error: Exception) -> PreflightError:
     return PreflightError(
         f"storage.root {store.storage_root!r} is not writable ({type(error).__name__}: {error}). Check storage.root, "
@@ -243,8 +248,7 @@ def run_pipeline(
 ) -> Results:
     """Run every enabled stage in order, skipping finished ones. ``parent_tags`` are added to the MLflow parent run
     when it is created."""
-    if from_stage is not None and from_stage not in STAGE_NAMES:
-        raise ConfigError(f"--from {from_stage!r} is not a stage; stages: {', '.join(STAGE_NAMES)}")
+    check_from_stage(from_stage)
     store = RunStore(config)
     runner = Runner(config, store, preflight(store, config), log, parent_tags or {})
     forced = False

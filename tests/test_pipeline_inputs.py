@@ -215,3 +215,9 @@ def test_nll_on_a_test_split_needs_one(local, capsys):
     code, err = run_cli([*local, "evaluate.nll_split=test"], capsys)
     assert code == 2 and "has no separate test split" in err
     assert not ray.is_initialized()
+
+
+def test_an_unknown_from_stage_fails_before_anything(tmp_path, local, capsys):
+    code, err = run_cli([*local, "--from", "trian"], capsys)
+    assert code == 2 and "--from 'trian' is not a stage; stages: prepare, tune, train" in err
+    assert not ray.is_initialized() and not (tmp_path / "runs").exists()
