@@ -308,6 +308,11 @@ class EvaluateSection:
     untrained_baseline: bool = True  # also sample and score an untrained network under the same protocol
     rescore_champion: bool = True  # also sample and score the registered champion under this run's protocol
 
+    @property
+    def precision_recall_images(self) -> int:
+        """How many of the first real and generated images precision/recall compares (0: it is off)."""
+        return self.precision_recall_samples if self.precision_recall else 0
+
     def __post_init__(self) -> None:
         coerce_choices(self, "evaluate", {"extractor": Extractor, "nll_split": NllSplit})
         if self.extractor is Extractor.INCEPTION and not self.inception_weights_uri:

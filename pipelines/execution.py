@@ -48,13 +48,11 @@ class Execution:
     def use_gpu(self) -> bool:
         return self.device is Device.GPU
 
-    def task_resources(self) -> dict[str, float]:
-        """Ray resources of one task or actor: a GPU each on a GPU cluster, else a CPU."""
-        return {"num_gpus": 1} if self.use_gpu else {"num_cpus": 1}
-
     def options(self) -> dict[str, Any]:
-        """``.options(...)`` of a Ray task or actor: its resources and the runtime environment."""
-        return {**self.task_resources(), "runtime_env": self.runtime_env}
+        """``.options(...)`` of a Ray task or actor: a GPU each on a GPU cluster, else a CPU, and the runtime
+        environment."""
+        resources = {"num_gpus": 1} if self.use_gpu else {"num_cpus": 1}
+        return {**resources, "runtime_env": self.runtime_env}
 
 
 def forwarded_env() -> dict[str, str]:

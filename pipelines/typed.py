@@ -59,8 +59,9 @@ def from_plain(
     if not isinstance(data, Mapping):
         raise error(f"{key or 'the top level'}: expected a mapping, got {data!r}")
     specs = {spec.name: spec for spec in dataclasses.fields(cls) if spec.init}  # type: ignore[arg-type]
+    hints = typing.get_type_hints(cls)
     inline = {name: spec for name, spec in specs.items() if _is_inline(spec)}
-    inline_names = {name: owner for owner, spec in inline.items() for name in _field_names(_hint(cls, owner))}
+    inline_names = {name: owner for owner in inline for name in _field_names(hints[owner])}
     allowed = sorted((set(specs) - set(inline)) | set(inline_names))
     unknown = sorted(str(name) for name in set(data) - set(allowed))
     if unknown:
@@ -70,10 +71,10 @@ def from_plain(
     for name in inline:
         given = {item: value for item, value in data.items() if inline_names.get(item) == name}
         if given:
-            values[name] = from_plain(_hint(cls, name), given, key, _current(specs[name], base), error)
+            values[name] = from_plain(hints[name], given, key, _current(specs[name], base), error)
     for name, value in data.items():
         if name not in inline_names:
-            values[name] = _convert(value, _hint(cls, name), _join(key, name), _current(specs[name], base), error)
+            values[name] = _convert(value, hints[name], _join(key, name), _current(specs[name], base), error)
     return _construct(cls, values, key, base, error)
 
 
@@ -140,10 +141,6 @@ def _convert_scalar(value: Any, hint: Any, key: str, error: type[SchemaError]) -
 
 def _is_inline(spec: dataclasses.Field[Any]) -> bool:
     return bool(spec.metadata.get("inline"))
-
-
-def _hint(cls: type, name: str) -> Any:
-    return typing.get_type_hints(cls)[name]
 
 
 def _field_names(cls: type) -> list[str]:

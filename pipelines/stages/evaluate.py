@@ -122,13 +122,12 @@ def make_scorer(context: StageContext, prepare: PrepareOutputs, execution: Execu
     the published statistics too when ``evaluate.reference_stats_uri`` names some."""
     settings = context.config.evaluate
     network = feature_network(context, prepare)
-    keep_first = settings.precision_recall_samples if settings.precision_recall else 0
     uri = context.store.cache_uri("reference", reference_key(prepare.fingerprint, network.extractor_id))
     metadata = {"extractor_id": network.extractor_id, "data_fingerprint": prepare.fingerprint}
     reference = reference_summary(
         uri,
         prepare.shards_uri,
-        SummaryRequest(network.spec, 0, 0, keep_first),
+        SummaryRequest(network.spec, 0, keep_first=settings.precision_recall_images),
         metadata,
         execution,
         lambda line: context.log(f"evaluate: {line}"),
@@ -146,8 +145,7 @@ def sample_set_scores(context: StageContext, scorer: Scorer, sample: SampleOutpu
     compared (equal set sizes, as in Kynkaanniemi et al. 2019)."""
     settings, options = context.config.evaluate, scorer.execution.storage_options
     splits = settings.inception_score_splits if settings.inception_score else 0
-    keep_first = settings.precision_recall_samples if settings.precision_recall else 0
-    request = SummaryRequest(scorer.network.spec, sample.num_samples, splits, keep_first)
+    request = SummaryRequest(scorer.network.spec, sample.num_samples, splits, settings.precision_recall_images)
     generated = summarize(sample_sources(sample.shard_uris, options), request, scorer.execution)
     count = min(len(scorer.reference.first_features), len(generated.first_features))
     inception = generated.inception.inception_score() if generated.inception is not None else (None, None)
@@ -264,9 +262,8 @@ def log_to_mlflow(context: StageContext, outputs: EvaluateOutputs, pr_count: int
     settings, client, run_id = context.config.evaluate, context.client, context.mlflow_run_id
     for key, value in outputs.scores.present().items():
         client.log_metric(run_id, key, value)
-    flat = outputs.protocol.flat()
-    params = {f"protocol.{key}": value for key, value in flat.items() if key != "sampler"}
-    params.update({f"protocol.sampler.{key}": value for key, value in flat["sampler"].items()})
+    params = {f"protocol.{key}": value for key, value in outputs.protocol.flat().items() if key != "sampler"}
+    params.update({f"protocol.sampler.{key}": value for key, value in outputs.protocol.sampler.to_dict().items()})
     if settings.inception_score:
         params["protocol.inception_score.splits"] = settings.inception_score_splits
     if settings.precision_recall:
