@@ -88,6 +88,19 @@ def save_snapshot(
     )
 
 
+def read_snapshot_config(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[UNetConfig, DiffusionConfig]:
+    """The U-Net and diffusion configs of a committed snapshot, without reading its weights."""
+    try:
+        files, _ = read_committed(uri, [CONFIG], storage_options)
+    except FileNotFoundError as error:
+        raise CheckpointError(f"cannot load snapshot: {error}") from error
+    try:
+        config = json.loads(files[CONFIG])
+        return UNetConfig.from_dict(config["unet"]), DiffusionConfig.from_dict(config["diffusion"])
+    except (KeyError, TypeError, ValueError) as error:
+        raise CheckpointError(f"{uri}: snapshot config is invalid: {error}") from error
+
+
 def load_snapshot(uri: str, storage_options: dict[str, Any] | None = None) -> Snapshot:
     """Load a committed inference snapshot (safetensors + JSON only)."""
     try:

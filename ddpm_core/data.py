@@ -17,6 +17,8 @@ import io
 import pickle
 import posixpath
 import tarfile
+import zipfile
+import zlib
 from dataclasses import dataclass
 from typing import Any
 
@@ -200,7 +202,7 @@ def _to_nhwc(array: np.ndarray, uri: str) -> np.ndarray:
 def _load_numpy(data: bytes, uri: str) -> Any:  # an array (.npy) or an NpzFile (.npz)
     try:
         return np.load(io.BytesIO(data), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as error:
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
         raise DataError(f"{uri}: not a readable .npy/.npz file (pickled objects are refused): {error}") from error
 
 
@@ -214,13 +216,22 @@ def _read_npz(data: bytes, uri: str) -> Arrays:
     if image_key is None:
         raise DataError(f"{uri}: .npz must hold the images under 'images' (or 'x'/'arr_0'), found {archive.files}")
     label_key = next((k for k in ("labels", "y") if k in archive.files), None)
+    images = _npz_member(archive, image_key, uri)
     labels = None
     if label_key is not None:
-        labels = archive[label_key]
+        labels = _npz_member(archive, label_key, uri)
         if labels.ndim != 1 or not np.issubdtype(labels.dtype, np.integer):
             raise DataError(f"{uri}: '{label_key}' must be a 1-D integer array, got {labels.dtype} {labels.shape}")
         labels = labels.astype(np.int64)
-    return _to_nhwc(archive[image_key], uri), labels, None
+    return _to_nhwc(images, uri), labels, None
+
+
+def _npz_member(archive: Any, key: str, uri: str) -> np.ndarray:
+    """One array of an .npz; a damaged member (truncated, a flipped byte in compressed data) is a DataError."""
+    try:
+        return np.asarray(archive[key])
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile, zlib.error) as error:
+        raise DataError(f"{uri}: the array '{key}' in the .npz is damaged ({type(error).__name__}: {error})") from error
 
 
 class _CifarUnpickler(pickle.Unpickler):

@@ -22,7 +22,15 @@ MANIFEST = "manifest.json"
 
 
 class IncompleteError(FileNotFoundError):
-    """A directory has no manifest, or its files do not match it: it was never committed or is corrupt."""
+    """A directory has no manifest, or its files do not match it: it was never committed or is corrupt. ``uri`` is
+    the directory, ``corrupt`` whether it was committed and has changed since (rather than never written)."""
+
+    def __init__(self, message: str, uri: str = "", corrupt: bool = False) -> None:
+        super().__init__(message)
+        self.uri, self.corrupt = uri, corrupt
+
+    def __reduce__(self) -> tuple[type[IncompleteError], tuple[str, str, bool]]:  # keeps uri across processes
+        return type(self), (str(self), self.uri, self.corrupt)
 
 
 class StorageUnavailableError(RuntimeError):
@@ -95,13 +103,21 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> di
         with storage_failures_named(uri, "reading the manifest"):
             return json.loads(fs.cat_file(f"{root}/{MANIFEST}"))
     except FileNotFoundError:
-        raise IncompleteError(f"{uri}: no {MANIFEST}; the write was never committed (or the path is wrong)") from None
+        raise IncompleteError(
+            f"{uri}: no {MANIFEST}; the write was never committed (or the path is wrong)", uri
+        ) from None
 
 
 def is_committed(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
     fs, root = filesystem(uri, storage_options)
     with storage_failures_named(uri, "checking the manifest"):
         return fs.exists(f"{root}/{MANIFEST}")
+
+
+def verify_committed(uri: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Every file of a committed directory has its recorded size and SHA-256 (all of them are read); raises
+    :class:`IncompleteError` naming the directory otherwise."""
+    read_committed(uri, None, storage_options)
 
 
 def read_committed(
@@ -113,14 +129,16 @@ def read_committed(
     files = {}
     for name in names or list(manifest["files"]):
         if name not in manifest["files"]:
-            raise IncompleteError(f"{uri}: {name} is not listed in its {MANIFEST}")
+            raise IncompleteError(f"{uri}: {name} is not listed in its {MANIFEST}", uri)
         try:
             with storage_failures_named(uri, f"reading {name}"):
                 data = fs.cat_file(f"{root}/{name}")
         except FileNotFoundError:
-            raise IncompleteError(f"{uri}/{name}: listed in the manifest but missing") from None
+            raise IncompleteError(f"{uri}/{name}: listed in the manifest but missing", uri, corrupt=True) from None
         expected = manifest["files"][name]
         if len(data) != expected["size"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
-            raise IncompleteError(f"{uri}/{name}: size or SHA-256 does not match the manifest (corrupt or overwritten)")
+            raise IncompleteError(
+                f"{uri}/{name}: size or SHA-256 does not match the manifest (corrupt or overwritten)", uri, corrupt=True
+            )
         files[name] = data
     return files, manifest["metadata"]

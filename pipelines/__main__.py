@@ -8,9 +8,10 @@
   dag                                                     print the stage graph (text and Mermaid)
   status   RUN_ID [--config FILE] [key=value ...]          each stage's state from its manifest, and a retrain decision
 
-Exit codes: 0 done (or skipped), 2 bad config / data / storage / weights, 3 another run holds the run root's lease,
-4 a stage stopped on purpose (e.g. training diverged; the message says what to change), 5 storage failed mid-run
-(re-run when it is back: committed work is skipped).
+Exit codes: 0 done (or skipped), 2 bad config / data / storage / weights, or more resources than the cluster has,
+3 another run holds the run root's lease, 4 a stage stopped on purpose (e.g. training diverged; the message says what
+to change), 5 storage failed mid-run, is full, or held a corrupt file (run the same command again when it is back:
+committed work that is intact is skipped).
 
 Without --config the embedded default runs: builtin:digits, local Ray, MLflow in ./mlflow.db, storage in ./runs.
 Environment: RAY_ADDRESS (set by `ray job submit`), RAY_AUTH_MODE=token with ~/.ray/auth_token on clusters with
@@ -38,7 +39,9 @@ from pipelines.contracts import (
     TuneOutputs,
 )
 from pipelines.dag import PreflightError
+from pipelines.execution import ClusterTooSmallError
 from pipelines.lease import LeaseHeldError
+from pipelines.typed import SchemaError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,7 +74,11 @@ def _status(args: argparse.Namespace) -> int:
     store = RunStore(config)
     print(f"run {config.run_id} at {store.root}")
     for stage in STAGES:
-        manifest = store.read_manifest(stage.name, stage.outputs)
+        try:
+            manifest = store.read_manifest(stage.name, stage.outputs)
+        except SchemaError as error:
+            print(f"  {stage.name:<9} unreadable manifest: {error}; the next run executes this stage again")
+            continue
         if manifest is None:
             print(f"  {stage.name:<9} {'not finished' if stage.enabled(config) else 'disabled'}")
             continue
@@ -110,7 +117,7 @@ def _run(args: argparse.Namespace) -> int:
 
     config = load_config(args.config, args.overrides)
     check_config(config)
-    check_from_stage(args.from_stage)
+    check_from_stage(args.from_stage, config)
     started = time.time()
     with hold_run_root(RunStore(config), config):
         results = run_pipeline(config, args.from_stage)
@@ -170,8 +177,21 @@ def _retrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line; ``key=value`` overrides may also follow an option (``status RUN --config F key=value``),
+    which argparse alone does not take after a positional."""
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    strays = [token for token in extra if token.startswith("-") or "=" not in token or not hasattr(args, "overrides")]
+    if strays:
+        parser.error(f"unrecognized arguments: {' '.join(strays)}")
+    if extra:
+        args.overrides = [*args.overrides, *extra]
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parse(argv)
     try:
         if args.command == "dag":
             from pipelines.dag import describe
@@ -179,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             print(describe())
             return 0
         return {"status": _status, "run": _run, "retrain": _retrain}[args.command](args)
-    except (ConfigError, DataError, PreflightError) as error:
+    except (ConfigError, DataError, PreflightError, ClusterTooSmallError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     except LeaseHeldError as error:

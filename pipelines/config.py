@@ -78,6 +78,13 @@ class Extractor(str, enum.Enum):
     INCEPTION = "inception"  # Inception-v3 pool3: the standard FID
 
 
+class DataSplit(str, enum.Enum):
+    """Which split of a data set with its own splits (CIFAR-10 archives) is the training data."""
+
+    TRAIN = "train"
+    TEST = "test"
+
+
 class NllSplit(str, enum.Enum):
     """Which real images the NLL bound is scored on."""
 
@@ -107,10 +114,11 @@ class TrialScheduler(str, enum.Enum):
 @dataclass(frozen=True)
 class DataSection:
     uri: str = "builtin:digits"  # any ddpm_core.data URI (file://, s3://, builtin:digits)
-    split: str = "train"  # CIFAR-10 split
+    split: DataSplit = DataSplit.TRAIN  # CIFAR-10 split
     holdout_fraction: float = 0.1  # share of images kept out of training (FID floor, held-out NLL)
 
     def __post_init__(self) -> None:
+        coerce_choices(self, "data", {"split": DataSplit})
         if not 0.0 <= self.holdout_fraction < 0.5:
             raise ConfigError(f"data.holdout_fraction must lie in [0, 0.5), got {self.holdout_fraction}")
 
@@ -252,6 +260,9 @@ class TuneSection:
         return self.enabled and self.proxy_fid_samples > 0
 
 
+MAX_SAMPLE_SHARDS = 10_000  # a plan with more is a mistake (50,000 CIFAR-10 images at batch 250 are 200 shards)
+
+
 @dataclass(frozen=True)
 class SampleSection:
     num_samples: int = 1_000
@@ -273,6 +284,13 @@ class SampleSection:
             "sample", {"num_samples": self.num_samples, "batch_size": self.batch_size, "num_workers": self.num_workers}
         )
         require_non_negative("sample", {"seed": self.seed})
+        shards = -(-self.num_samples // self.batch_size)
+        if shards > MAX_SAMPLE_SHARDS:
+            raise ConfigError(
+                f"sample.batch_size {self.batch_size} cuts sample.num_samples {self.num_samples} into {shards} shards "
+                f"(each a committed folder, and a network call of batch_size images): at most {MAX_SAMPLE_SHARDS} are "
+                f"allowed; use sample.batch_size >= {-(-self.num_samples // MAX_SAMPLE_SHARDS)}"
+            )
 
     def precision(self, use_gpu: bool) -> Precision:
         """The sampling actors' precision on the device kind given (part of the FID protocol)."""
@@ -345,11 +363,16 @@ class EvaluateSection:
 @dataclass(frozen=True)
 class RegisterSection:
     enabled: bool = True
-    model_name: str = "ddpm-digits"
+    model_name: str = "ddpm-digits"  # the MLflow registered model
     promotion_margin: float = 0.0  # promote only when FID < champion's FID - margin (both under the same protocol)
 
     def __post_init__(self) -> None:
         require_non_negative("register", {"promotion_margin": self.promotion_margin})
+        if not self.model_name.strip() or any(character in self.model_name for character in "/:"):
+            raise ConfigError(
+                f"register.model_name {self.model_name!r} must be a non-empty name without '/' or ':' "
+                "(MLflow's rule for registered models), e.g. ddpm-cifar10"
+            )
 
 
 @dataclass(frozen=True)
@@ -364,6 +387,15 @@ class RetrainSection:
     def __post_init__(self) -> None:
         if self.lease_ttl_s < 10 or self.lease_wait_s < 0:
             raise ConfigError("retrain.lease_ttl_s must be >= 10 and retrain.lease_wait_s >= 0")
+
+
+@dataclass(frozen=True)
+class ClusterSection:
+    """The Ray cluster the pipeline runs on."""
+
+    # True on a cluster that adds nodes on demand (KubeRay or `ray up` with an autoscaler): a stage that asks for more
+    # than the cluster has now waits for nodes (at most train.startup_retries minutes) instead of failing at once.
+    autoscaling: bool = False
 
 
 @dataclass(frozen=True)
@@ -382,10 +414,11 @@ class StorageSection:
             client["endpoint_url"] = endpoint
         if self.region:
             client["region_name"] = self.region
-        # Fail fast on an unreachable endpoint. Throttling and transient errors are retried twice over: botocore's
-        # standard mode (3 attempts, exponential backoff: the AWS default) inside s3fs's own 5 tries of each call, which
-        # rides out outages of several seconds and fails a permanent one within about half a minute.
-        retries = {"connect_timeout": 5, "read_timeout": 60, "retries": {"max_attempts": 3, "mode": "standard"}}
+        # Fail fast on an unreachable endpoint (5 s to connect, 20 s for an answer). Throttling and transient errors
+        # are retried twice over: botocore's standard mode (3 attempts, exponential backoff: the AWS default) inside
+        # s3fs's own 5 tries of each call, which rides out outages of several seconds. The run's first storage calls
+        # also have a total deadline (pipelines.dag.STORAGE_DEADLINE_S), for an endpoint that accepts and never answers.
+        retries = {"connect_timeout": 5, "read_timeout": 20, "retries": {"max_attempts": 3, "mode": "standard"}}
         return {"client_kwargs": client, "config_kwargs": retries}
 
     def resolved_root(self) -> str:
@@ -419,6 +452,7 @@ class PipelineConfig:
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
     register: RegisterSection = field(default_factory=RegisterSection)
     retrain: RetrainSection = field(default_factory=RetrainSection)
+    cluster: ClusterSection = field(default_factory=ClusterSection)
     storage: StorageSection = field(default_factory=StorageSection)
     mlflow: MlflowSection = field(default_factory=MlflowSection)
 

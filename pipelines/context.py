@@ -35,6 +35,6 @@ class StageContext:
         return self.store.work_uri(stage, self.fingerprint)
 
     def execution(self, device: Device) -> Execution:
-        """How this stage's Ray tasks and actors run on ``device``: the run root's storage options and the
-        environment forwarded from the driver."""
-        return Execution(self.store.options, runtime_env(), device)
+        """How this stage's Ray tasks and actors run on ``device``: the run root's storage options, the environment
+        forwarded from the driver, and whether the cluster autoscales."""
+        return Execution(self.store.options, runtime_env(), device, self.config.cluster.autoscaling)

@@ -13,13 +13,23 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
+import ssl
+import threading
 import time
 import traceback
+import urllib.error
+import urllib.request
 import uuid
 from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from ddpm_core.checkpoint import CheckpointError, read_snapshot_config
+from ddpm_core.data import DataError
+from ddpm_core.storage import MANIFEST, IncompleteError, StorageUnavailableError, filesystem
 from pipelines.config import ConfigError, Extractor, PipelineConfig, save_resolved
 from pipelines.context import StageContext, StageStopped
 from pipelines.contracts import (
@@ -32,10 +42,13 @@ from pipelines.contracts import (
     TrainOutputs,
     TuneOutputs,
 )
+from pipelines.execution import ClusterTooSmallError, check_outputs_outlive_the_job
+from pipelines.failures import find
 from pipelines.runs import RunStore, now
 from pipelines.stages import evaluate, prepare, register, sample, train, tune
 from pipelines.tracking import Tracker, git_commit
-from pipelines.typed import SchemaError
+from pipelines.training.state import init_from_mismatch
+from pipelines.typed import SchemaError, to_plain
 
 T = TypeVar("T")
 
@@ -122,11 +135,20 @@ STAGES: tuple[Stage, ...] = (
     ),
 )
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
+# Failures whose message says what to change; the CLI prints it alone (docs/reliability.md lists the exit codes).
+NAMED_FAILURES = (StageStopped, ConfigError, DataError, ClusterTooSmallError, StorageUnavailableError)
+STORAGE_DEADLINE_S = 30.0  # the run's first storage operations (lease, resolved config) answer within this
+MLFLOW_DEADLINE_S = 20.0  # the tracking server answers within this, else the run fails before any stage
 SUMMARY_METRICS = ("fid", "fid_untrained", "fid_holdout_vs_train", "inception_score", "precision", "recall", "nll_bpd")
 
 
 class PreflightError(RuntimeError):
     """Storage or tracking that cannot be used, found before any stage runs."""
+
+
+class CorruptOutputError(StorageUnavailableError):
+    """A committed output was found corrupt or gone while a stage read it; what depends on it was forgotten, so that
+    running the same command again recomputes it."""
 
 
 class Results:
@@ -146,16 +168,37 @@ class Results:
         return manifest.outputs if manifest is not None else None
 
 
+def downstream(name: str) -> tuple[str, ...]:
+    """The stages computed, directly or not, from the outputs of stage ``name``, in graph order."""
+    found: list[str] = []
+    for stage in STAGES:
+        if any(upstream == name or upstream in found for upstream in stage.upstream):
+            found.append(stage.name)
+    return tuple(found)
+
+
 def check_config(config: PipelineConfig) -> None:
-    """The checks of the enabled stages (e.g. tune's search space), so that bad input fails before anything runs."""
+    """The checks of the enabled stages (e.g. tune's search space), and that the run's outputs outlive a job
+    submission, so that bad input fails before anything runs."""
+    check_outputs_outlive_the_job(config)
     for stage in STAGES:
         if stage.enabled(config) and stage.check is not None:
             stage.check(config)
 
 
-def check_from_stage(from_stage: str | None) -> None:
-    if from_stage is not None and from_stage not in STAGE_NAMES:
+def check_from_stage(from_stage: str | None, config: PipelineConfig) -> None:
+    """``--from``: a stage of the graph that this config runs."""
+    if from_stage is None:
+        return
+    if from_stage not in STAGE_NAMES:
         raise ConfigError(f"--from {from_stage!r} is not a stage; stages: {', '.join(STAGE_NAMES)}")
+    stage = STAGES[STAGE_NAMES.index(from_stage)]
+    if not stage.enabled(config):
+        switch = {"tune": "tune.enabled", "register": "register.enabled"}.get(from_stage, "its section")
+        raise ConfigError(
+            f"--from {from_stage}: the {from_stage} stage is disabled in this config ({switch}=false); "
+            f"enable it or choose another stage"
+        )
 
 
 def storage_error(store: RunStore, error: Exception) -> PreflightError:
@@ -170,22 +213,82 @@ def hold_run_root(store: RunStore, config: PipelineConfig, log: Callable[[str], 
     unusable storage fails here as a :class:`PreflightError`, a live holder as ``LeaseHeldError``."""
     from pipelines.lease import LeaseHeldError, acquire
 
+    retrain = config.retrain
     try:
-        return acquire(
-            store.root, store.options, config.retrain.lease_ttl_s, config.retrain.lease_wait_s, log=log
-        ).keep_alive()
+        lease = within(
+            STORAGE_DEADLINE_S + retrain.lease_wait_s,
+            lambda: acquire(store.root, store.options, retrain.lease_ttl_s, retrain.lease_wait_s, log=log),
+        )
     except LeaseHeldError:
         raise
     except Exception as error:
         raise storage_error(store, error) from error
+    return lease.keep_alive()
 
 
-def preflight(store: RunStore, config: PipelineConfig) -> Tracker:
+def check_init_from(config: PipelineConfig) -> None:
+    """``train.init_from`` names a committed snapshot of this run's U-Net (read before any worker starts)."""
+    uri = config.train.init_from or ""
+    options = config.storage.options() if uri.startswith("s3://") else {}
+    try:
+        unet, _ = within(STORAGE_DEADLINE_S, lambda: read_snapshot_config(uri, options))
+    except (CheckpointError, TimeoutError) as error:
+        raise PreflightError(f"train.init_from {uri!r} is not a usable snapshot: {error}") from error
+    if unet != config.model.unet():
+        raise PreflightError(init_from_mismatch(uri, unet, config.model.unet()))
+
+
+def within(seconds: float, action: Callable[[], T]) -> T:
+    """``action()``, or ``TimeoutError`` when it has not returned after ``seconds`` (it goes on in a daemon thread,
+    which ends with the process): for the first calls to a storage or tracking server, which may accept a
+    connection and never answer."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(action())
+        except BaseException as error:
+            future.set_exception(error)
+
+    threading.Thread(target=run, name="deadline", daemon=True).start()
+    try:
+        return future.result(timeout=seconds)
+    except FutureTimeout:
+        raise TimeoutError(f"no answer within {seconds:g} s") from None
+
+
+def probe_mlflow(uri: str, log: Callable[[str], None]) -> None:
+    """An HTTP tracking server answers (with any status) within ``MLFLOW_DEADLINE_S``; until then the attempts are
+    logged, and then a :class:`PreflightError` names the setting."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true"
+    context = ssl._create_unverified_context() if insecure else None
+    deadline = time.time() + MLFLOW_DEADLINE_S
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5, context=context).close()
+            return
+        except urllib.error.HTTPError:  # it answered
+            return
+        except OSError as error:  # refused, unreachable, timed out
+            reason = getattr(error, "reason", error)
+            left = deadline - time.time()
+            if left <= 0:
+                raise PreflightError(
+                    f"MLflow at {uri!r} does not answer ({reason}) after {MLFLOW_DEADLINE_S:g} s of attempts: check "
+                    "mlflow.tracking_uri (or MLFLOW_TRACKING_URI) and that the tracking server runs"
+                ) from None
+            log(f"MLflow at {uri} does not answer ({reason}); trying again for up to {left:.0f} s")
+            time.sleep(min(5.0, left))
+
+
+def preflight(store: RunStore, config: PipelineConfig, log: Callable[[str], None] = print) -> Tracker:
     """Before any stage: the run root is writable (the resolved config is written there), the Inception weights,
     when configured, are readable, verified and loadable, and MLflow answers."""
     try:
-        store.save_config()
-    except Exception as error:  # botocore / OS errors: name the setting to fix
+        within(STORAGE_DEADLINE_S, store.save_config)
+    except Exception as error:  # botocore / OS errors, an endpoint that does not answer: name the setting to fix
         raise storage_error(store, error) from error
     if config.evaluate.extractor is Extractor.INCEPTION:
         from ddpm_core.inception import HOW_TO_PROVIDE, feature_extractor_class, tensors_only_copy
@@ -202,8 +305,11 @@ def preflight(store: RunStore, config: PipelineConfig) -> Tracker:
             tensors_only_copy(path)
         except (WeightsError, ImportError) as error:
             raise PreflightError(f"evaluate.extractor=inception: {error}") from error
+    if config.train.init_from:
+        check_init_from(config)
+    probe_mlflow(config.mlflow.resolved_tracking_uri(), log)
     try:
-        return Tracker(config)
+        return within(MLFLOW_DEADLINE_S, lambda: Tracker(config))
     except Exception as error:
         raise PreflightError(
             f"MLflow at {config.mlflow.resolved_tracking_uri()!r} cannot be used ({type(error).__name__}: "
@@ -248,9 +354,9 @@ def run_pipeline(
 ) -> Results:
     """Run every enabled stage in order, skipping finished ones. ``parent_tags`` are added to the MLflow parent run
     when it is created."""
-    check_from_stage(from_stage)
+    check_from_stage(from_stage, config)
     store = RunStore(config)
-    runner = Runner(config, store, preflight(store, config), log, parent_tags or {})
+    runner = Runner(config, store, preflight(store, config, log), log, parent_tags or {})
     forced = False
     for stage in STAGES:
         if stage.enabled(config):
@@ -289,7 +395,7 @@ class Runner:
         try:
             return self.store.read_manifest(stage.name, stage.outputs)
         except SchemaError as error:
-            self.log(f"[{stage.name}] its stage.json does not fit this version ({error}); running it again")
+            self.log(f"[{stage.name}] its stage.json cannot be used ({error}); running it again")
             return None
 
     def execute(self, stage: Stage, fingerprint: str, forced: bool) -> StageManifest[Any]:
@@ -299,7 +405,9 @@ class Runner:
         if stage.needs_ray:
             connect()
         stage_run_id = self.tracker.stage_run(parent_id, stage.name)
-        self.store.remove_manifest(stage.name)  # a crash from here on leaves no stale "complete" manifest
+        # From here on, neither this stage nor one computed from its old outputs reads as complete, even after a crash.
+        for name in (stage.name, *downstream(stage.name)):
+            self.store.remove_manifest(name)
         if forced:
             self.store.remove_work(stage.name, fingerprint)  # --from: recompute, do not resume partial state
         self.log(f"[{stage.name}] running (MLflow run {stage_run_id})")
@@ -318,11 +426,12 @@ class Runner:
         except BaseException as error:
             self.tracker.finish(stage_run_id, ok=False)
             self.tracker.finish(parent_id, ok=False)
-            self.log(
-                f"[{stage.name}] stopped"
-                if isinstance(error, StageStopped)
-                else f"[{stage.name}] failed:\n{traceback.format_exc()}"
-            )
+            recovered = self.forget_broken_output(error) if isinstance(error, Exception) else None
+            if recovered is not None:
+                self.log(f"[{stage.name}] stopped: {recovered}")
+                raise recovered from error
+            named = isinstance(error, NAMED_FAILURES)  # the message says what to do: no traceback
+            self.log(f"[{stage.name}] stopped" if named else f"[{stage.name}] failed:\n{traceback.format_exc()}")
             raise
         self.tracker.finish(stage_run_id, ok=True)
         manifest = StageManifest(
@@ -332,6 +441,34 @@ class Runner:
         if isinstance(outputs, PrepareOutputs):
             self.tracker.client.set_tag(parent_id, "ddpm.data_fingerprint", outputs.fingerprint)
         return manifest
+
+    def forget_broken_output(self, error: Exception) -> CorruptOutputError | None:
+        """When ``error`` comes from reading a committed folder that is corrupt or gone: forget the folder (its
+        manifest) and the completion of the stage that made it and of every stage after it."""
+        broken = find(error, IncompleteError)
+        if broken is None or not broken.uri:
+            return None
+        fs, path = filesystem(f"{broken.uri}/{MANIFEST}", self.store.options)
+        if fs.exists(path):
+            fs.rm_file(path)
+        owner = self.producer_of(broken.uri)
+        forgotten = (owner, *downstream(owner)) if owner else ()
+        for name in forgotten:
+            self.store.remove_manifest(name)
+        stages = (
+            f"the {owner} stage and those after it are marked not done" if owner else "it is recomputed when needed"
+        )
+        return CorruptOutputError(
+            f"{broken}. The folder is no longer marked committed, and {stages}: run the same command again to "
+            "recompute them (committed work that is intact is kept)"
+        )
+
+    def producer_of(self, uri: str) -> str | None:
+        """The earliest finished stage whose folder holds ``uri`` or whose outputs name it."""
+        for name, manifest in self.manifests.items():
+            if uri.startswith(f"{self.store.stage_uri(name)}/") or uri in json.dumps(to_plain(manifest.outputs)):
+                return name
+        return None
 
     def log_stage(self, name: str, message: str) -> None:
         self.log(f"[{name}] {message}")

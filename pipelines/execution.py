@@ -4,7 +4,9 @@
 from __future__ import annotations
 
 import enum
+import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -12,6 +14,7 @@ import pyarrow.fs
 import ray
 
 from ddpm_core.storage import filesystem
+from pipelines.config import ConfigError, PipelineConfig
 
 # Variables that workers need and do not inherit from the driver (Ray starts them from the raylet's environment).
 FORWARDED_ENV = (
@@ -43,6 +46,7 @@ class Execution:
     storage_options: dict[str, Any]  # fsspec options of the run root (credentials come from the environment)
     runtime_env: dict[str, Any]  # Ray runtime environment of every task, actor and training worker
     device: Device
+    autoscaling: bool = False  # cluster.autoscaling: a demand larger than the cluster waits for nodes
 
     @property
     def use_gpu(self) -> bool:
@@ -53,6 +57,69 @@ class Execution:
         environment."""
         resources = {"num_gpus": 1} if self.use_gpu else {"num_cpus": 1}
         return {**resources, "runtime_env": self.runtime_env}
+
+
+@dataclass(frozen=True)
+class Demand:
+    """Resources one step of a stage needs at the same time, and the settings that size them."""
+
+    what: str  # e.g. "2 training workers"
+    resources: dict[str, float]  # Ray resource name -> amount, e.g. {"CPU": 2.0}
+    settings: str  # the keys to change, e.g. "train.num_workers / train.cpus_per_worker"
+
+
+class ClusterTooSmallError(ValueError):
+    """A stage asks for more than the cluster has, on a cluster that does not add nodes."""
+
+
+def check_fits(demand: Demand, execution: Execution, log: Callable[[str], None]) -> None:
+    """Fail at once, with the numbers, when the cluster's total resources cannot ever hold ``demand`` (Ray would
+    wait for them forever); on an autoscaling cluster only say that the stage waits for nodes."""
+    total = ray.cluster_resources()
+    short = {name: amount for name, amount in demand.resources.items() if amount > total.get(name, 0.0)}
+    if not short:
+        return
+    numbers = ", ".join(
+        f"{amount:g} {name} asked, the cluster has {total.get(name, 0.0):g}" for name, amount in short.items()
+    )
+    if execution.autoscaling:
+        log(f"{demand.what}: {numbers}; waiting for the autoscaler to add nodes (cluster.autoscaling=true)")
+        return
+    raise ClusterTooSmallError(
+        f"{demand.what} need more than this cluster has ({numbers}): lower {demand.settings}, or run on a larger "
+        "cluster (cluster.autoscaling=true on one that adds nodes on demand)"
+    )
+
+
+def submitted_with_working_dir() -> bool:
+    """Whether this driver runs under ``ray job submit --working-dir``: its working directory is then Ray's
+    runtime-resources folder, which goes with the Ray session."""
+    try:
+        job = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    except ValueError:
+        return False
+    return bool((job.get("runtime_env") or {}).get("working_dir"))
+
+
+def check_outputs_outlive_the_job(config: PipelineConfig) -> None:
+    """Refuse, under a job submitted with a working directory, outputs that would be written inside it: a relative
+    ``storage.root`` and the default (or a relative SQLite) MLflow store."""
+    if not submitted_with_working_dir():
+        return
+    inside = []
+    root = config.storage.root
+    if "://" not in root and not os.path.isabs(os.path.expanduser(root)):
+        inside.append(f"storage.root {root!r}")
+    tracking = config.mlflow.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not tracking or (tracking.startswith("sqlite:///") and not tracking.startswith("sqlite:////")):
+        inside.append(f"the MLflow store {tracking or 'sqlite:///mlflow.db (the default)'}")
+    if inside:
+        raise ConfigError(
+            f"{' and '.join(inside)} would be written inside {os.getcwd()}, the working directory that "
+            "`ray job submit --working-dir` gives the job and deletes with the Ray session: set storage.root to an "
+            "absolute path or an s3:// URI, and mlflow.tracking_uri (or MLFLOW_TRACKING_URI) to a tracking server "
+            "or an absolute sqlite://// path"
+        )
 
 
 def forwarded_env() -> dict[str, str]:

@@ -38,14 +38,15 @@ def _exclusive_create(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> 
     if isinstance(fs, LocalFileSystem):  # write a temporary file, then hard-link it: exclusive, and never seen empty
         fs.makedirs(fs._parent(path), exist_ok=True)
         temporary = f"{path}.{uuid.uuid4().hex}.partial"
-        with open(temporary, "wb") as handle:
-            handle.write(data)
         try:
+            with open(temporary, "wb") as handle:
+                handle.write(data)
             os.link(temporary, path)
         except FileExistsError:
             return False
-        finally:
-            os.remove(temporary)
+        finally:  # also when the write failed (a full disk): no temporary file stays behind
+            if os.path.exists(temporary):
+                os.remove(temporary)
         return True
     try:
         fs.pipe_file(path, data, mode="create")  # S3: PutObject with If-None-Match: *
@@ -104,11 +105,16 @@ class Lease:
         return self
 
     def release(self) -> None:
+        """Stop renewing and mark the lease released. When the storage refuses that (it is full, or gone), the
+        lease simply expires after its TTL: the run's own error is what the user needs to see."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        if not self.lost and latest_generation(self.uri, self.storage_options)[0] == self.generation:
-            self._write(released=True)
+        try:
+            if not self.lost and latest_generation(self.uri, self.storage_options)[0] == self.generation:
+                self._write(released=True)
+        except Exception as error:  # the storage's own error, whatever the backend raises
+            print(f"lease: {self.uri} not marked released ({type(error).__name__}); it expires in {self.ttl_s:g} s")
 
     def __enter__(self) -> Lease:
         return self

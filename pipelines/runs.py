@@ -9,10 +9,10 @@ import time
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ddpm_core.storage import filesystem, write_bytes
+from ddpm_core.storage import filesystem, storage_failures_named, write_bytes
 from pipelines.config import PipelineConfig, save_resolved
 from pipelines.contracts import StageManifest
-from pipelines.typed import from_plain, to_plain
+from pipelines.typed import SchemaError, from_plain, to_plain
 
 STAGE_MANIFEST = "stage.json"
 T = TypeVar("T")
@@ -48,13 +48,17 @@ class RunStore:
         return read_manifest(self.stage_uri(stage), outputs, self.options)
 
     def write_manifest(self, manifest: StageManifest[Any]) -> None:
-        fs, path = filesystem(f"{self.stage_uri(manifest.stage)}/{STAGE_MANIFEST}", self.options)
-        write_bytes(fs, path, json.dumps(to_plain(manifest), indent=2, sort_keys=True).encode())
+        uri = f"{self.stage_uri(manifest.stage)}/{STAGE_MANIFEST}"
+        with storage_failures_named(uri, "writing the stage manifest"):
+            fs, path = filesystem(uri, self.options)
+            write_bytes(fs, path, json.dumps(to_plain(manifest), indent=2, sort_keys=True).encode())
 
     def remove_manifest(self, stage: str) -> None:
-        fs, path = filesystem(f"{self.stage_uri(stage)}/{STAGE_MANIFEST}", self.options)
-        if fs.exists(path):
-            fs.rm_file(path)
+        uri = f"{self.stage_uri(stage)}/{STAGE_MANIFEST}"
+        with storage_failures_named(uri, "removing the stage manifest"):
+            fs, path = filesystem(uri, self.options)
+            if fs.exists(path):
+                fs.rm_file(path)
 
     def work_uri(self, stage: str, fingerprint: str) -> str:
         """Resumable partial state of one stage execution (Ray Train checkpoints, sample shards), keyed by the
@@ -81,6 +85,8 @@ def read_manifest(
         data = json.loads(fs.cat_file(path))
     except FileNotFoundError:
         return None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SchemaError(f"{stage_uri}/{STAGE_MANIFEST} is not readable JSON ({error})") from None
     manifest: StageManifest[Any] = from_plain(StageManifest, data)
     return dataclasses.replace(manifest, outputs=from_plain(outputs, manifest.outputs, "outputs"))
 

@@ -14,11 +14,13 @@ import ray
 import torch
 
 from ddpm_core.samplers import SamplerConfig
-from ddpm_core.storage import is_committed
+from ddpm_core.storage import is_committed, verify_committed
 from pipelines.advice import out_of_memory_advice, slow_precision_advice
 from pipelines.contracts import NetworkExecution, SampleOutputs
-from pipelines.execution import Execution
+from pipelines.execution import Demand, Execution, check_fits
 from pipelines.shards import sample_shard_uris, write_sample_shard
+
+LONG_SAMPLING_S = 12 * 3600  # a sampling plan that would take longer than this is announced as such
 
 
 @dataclass(frozen=True)
@@ -98,17 +100,28 @@ def sample_to_shards(
         log(f"sample: {len(shards) - len(pending)} of {len(shards)} shards already committed, skipping them")
     if not pending:
         return [uri for uri, _, _ in shards], 0.0
+    verify_committed(request.snapshot_uri, execution.storage_options)  # here, not as a failure inside every actor
+    actors = min(request.num_workers, len(pending))
+    resource = "GPU" if execution.use_gpu else "CPU"
+    check_fits(Demand(f"{actors} sampling actors", {resource: float(actors)}, "sample.num_workers"), execution, log)
     workers = [
         SampleWorker.options(**execution.options()).remote(request, execution.storage_options)  # type: ignore[attr-defined]
-        for _ in range(min(request.num_workers, len(pending)))
+        for _ in range(actors)
     ]
     pool = ray.util.ActorPool(workers)
     start, done_images, todo_images, busy = time.time(), 0, sum(stop - begin for _, begin, stop in pending), 0.0
+    warned = False
     for finished, seconds in pool.map_unordered(lambda worker, shard: worker.run_shard.remote(*shard), pending):
         done_images, busy = done_images + finished, busy + seconds
-        elapsed = time.time() - start
-        eta = elapsed / done_images * (todo_images - done_images)
-        log(f"sample: {done_images}/{todo_images} images ({done_images / elapsed:.1f} img/s, ETA {eta:.0f} s)")
+        rate = done_images / (time.time() - start)
+        eta = (todo_images - done_images) / rate
+        log(f"sample: {done_images}/{todo_images} images ({rate:.1f} img/s, ETA {eta:.0f} s)")
+        if eta > LONG_SAMPLING_S and not warned:
+            warned = True
+            log(
+                f"sample: warning: at this rate the remaining {todo_images - done_images} images take about "
+                f"{eta / 3600:.0f} h: lower sample.num_samples or sample.num_steps, or add actors (sample.num_workers)"
+            )
     for worker in workers:
         ray.kill(worker)
     return [uri for uri, _, _ in shards], busy / len(workers)

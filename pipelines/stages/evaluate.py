@@ -19,6 +19,7 @@ import numpy as np
 
 from ddpm_core.images import grid, save_grid
 from ddpm_core.metrics import precision_recall
+from ddpm_core.storage import verify_committed
 from pipelines.champion import champion_snapshot_uri, current_champion
 from pipelines.config import Extractor, NllSplit
 from pipelines.context import StageContext
@@ -238,6 +239,7 @@ def held_out_nll(
         f"evaluate: NLL bound of {len(images)} {protocol.split} images "
         f"({'all T terms' if protocol.timesteps is None else f'{protocol.timesteps} random timesteps each'})"
     )
+    verify_committed(train.snapshot_uri, options)  # here, not as a failure inside every task
     return held_out_bits_per_dim(train.snapshot_uri, images, protocol, context.execution(train.device)), protocol
 
 
@@ -248,7 +250,7 @@ def reference_set(context: StageContext, prepare: PrepareOutputs, scorer: Scorer
     return ReferenceSet(
         "training split",
         reference_data_fingerprint=prepare.fingerprint,
-        reference_split=f"{data.split} minus {data.holdout_fraction:g} hold-out",
+        reference_split=f"{data.split.value} minus {data.holdout_fraction:g} hold-out",
         reference_count=scorer.reference.fid.count,
     )
 

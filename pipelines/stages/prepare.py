@@ -22,9 +22,10 @@ from pipelines.shards import write_split
 
 def run(context: StageContext) -> PrepareOutputs:
     config, options = context.config, context.store.options
-    dataset = load_dataset(config.data.uri, config.data.split, data_storage_options(config))
+    dataset = load_dataset(config.data.uri, config.data.split.value, data_storage_options(config))
     check_fits_model(dataset, config)
     train_idx, holdout_idx = split(dataset, config.data.holdout_fraction)
+    check_split_sizes(config, len(train_idx), len(holdout_idx))
     context.log(
         f"prepare: {len(dataset.images)} images {dataset.images.shape[1:]} from {config.data.uri} "
         f"(fingerprint {dataset.fingerprint[:12]}), {len(train_idx)} train / {len(holdout_idx)} hold-out"
@@ -77,6 +78,26 @@ def check_fits_model(dataset: ImageDataset, config: PipelineConfig) -> None:
             f"data.uri {config.data.uri!r} has {height}x{width} images with {channels} channel(s), "
             f"but model.preset {config.model.preset!r} expects {unet.image_size}x{unet.image_size} "
             f"with {unet.in_channels}; choose a matching preset or set model.overrides"
+        )
+
+
+def check_split_sizes(config: PipelineConfig, num_train: int, num_holdout: int) -> None:
+    """The splits are large enough for the scores the config asks for, before anything trains."""
+    evaluate, uri = config.evaluate, config.data.uri
+    needs = {"the FID's covariance (2 images)": num_train >= 2}
+    if evaluate.precision_recall:
+        k = evaluate.precision_recall_k
+        needs[f"precision/recall's k-nearest neighbours (more than evaluate.precision_recall_k={k})"] = num_train > k
+    if evaluate.nll and evaluate.nll_split is NllSplit.HOLDOUT:
+        needs["the NLL bound (evaluate.nll, at least 1 hold-out image)"] = num_holdout >= 1
+    if config.tune.enabled:
+        needs["the tune stage's held-out bits/dim (at least 1 hold-out image)"] = num_holdout >= 1
+    missing = [what for what, ok in needs.items() if not ok]
+    if missing:
+        raise DataError(
+            f"data.uri {uri!r} leaves {num_train} training and {num_holdout} hold-out images "
+            f"(data.holdout_fraction {config.data.holdout_fraction:g}), too few for {'; '.join(missing)}: use more "
+            "images, or change those settings"
         )
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 import torch
 from mlflow.models import infer_signature
 
-from ddpm_core.storage import filesystem
+from ddpm_core.storage import filesystem, verify_committed
 from pipelines.champion import Champion, current_champion
 from pipelines.context import StageContext
 from pipelines.contracts import EvaluateOutputs, PrepareOutputs, RegisterOutputs, TrainOutputs
@@ -71,6 +71,7 @@ def log_model(context: StageContext, snapshot_uri: str) -> str:
     """The snapshot as an MLflow pyfunc model (code: ``pipelines/serving.py`` + ``ddpm_core``) in this stage's run,
     registered as a new version of ``register.model_name``; returns the version."""
     unet = context.config.model.unet()
+    verify_committed(snapshot_uri, context.store.options)  # never register a corrupt snapshot
     mlflow.set_tracking_uri(context.tracking_uri)
     with tempfile.TemporaryDirectory() as directory:
         local = os.path.join(directory, "snapshot")

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pipelines.config import PipelineConfig, with_overrides
 from pipelines.context import StageContext
 from pipelines.contracts import PrepareOutputs, TrainedWith, TrainOutputs, TuneOutputs
-from pipelines.execution import Device, cluster_device, runtime_env
+from pipelines.execution import Device, check_fits, cluster_device
 from pipelines.training.job import TrainJob
 from pipelines.training.trainer import WorkerGroup, fit, make_trainer, send_pending_metrics
 
@@ -31,11 +31,14 @@ def run(context: StageContext, prepare: PrepareOutputs, tune: TuneOutputs | None
     )
     train = config.train
     group = WorkerGroup(train.num_workers, train.cpus_per_worker, train.max_failures, train.startup_retries)
+    execution = context.execution(device)
+    demand = group.demand(device, f"{train.num_workers} training workers", "train.num_workers / train.cpus_per_worker")
+    check_fits(demand, execution, context.log)
     context.log(
         f"train: {train.num_workers} worker(s), {'GPU (NCCL' if device is Device.GPU else 'CPU (gloo'}, "
         f"{job.precision.value}), {train.total_images} images, batch {train.batch_size}"
     )
-    result = fit(make_trainer(job, group, runtime_env()), job)
+    result = fit(make_trainer(job, group, execution.runtime_env), job)
     send_pending_metrics(job, context.client, context.log)
     reported = result.metrics or {}  # the final checkpoint report of the final attempt
     return TrainOutputs(

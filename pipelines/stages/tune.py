@@ -30,16 +30,16 @@ from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm_core.features import extract_features, load_classifier
 from ddpm_core.metrics import FeatureStatistics, frechet_distance_from_stats
 from ddpm_core.samplers import Method, PerIndexNoise, SamplerConfig, sample
-from ddpm_core.storage import filesystem
 from ddpm_core.unet import UNetConfig
 from pipelines.config import ConfigError, Extractor, PipelineConfig, SearchAlgorithm, with_overrides
 from pipelines.config import TrialScheduler as SchedulerChoice
 from pipelines.context import StageContext
 from pipelines.contracts import PrepareOutputs, TrialResult, TuneOutputs
-from pipelines.execution import Device, cluster_device, runtime_env, train_storage
+from pipelines.execution import Device, check_fits, cluster_device, runtime_env, train_storage
 from pipelines.scoring import ExtractorSpec, SummaryRequest, load_reference, reference_key, reference_summary
 from pipelines.shards import read_split
 from pipelines.training.job import TrainJob
+from pipelines.training.state import committed_checkpoints
 from pipelines.training.trainer import WorkerGroup, fit, make_trainer
 
 TRIAL_ID_TAG = "ddpm.trial_id"
@@ -266,6 +266,13 @@ def run(context: StageContext, prepare: PrepareOutputs) -> TuneOutputs:
     settings = context.config.tune
     space = search_space(context.config)
     spec = trial_spec(context, prepare)
+    one_trial = spec.group.demand(
+        spec.device,
+        "a tuning trial's actor and its training workers",
+        "tune.workers_per_trial / tune.cpus_per_worker / tune.cpus_per_trial",
+        extra_cpus=settings.cpus_per_trial,
+    )
+    check_fits(one_trial, context.execution(spec.device), context.log)
     tuner = make_tuner(context, spec, space)
     context.log(f"tune: {settings.search_alg.value} search over {sorted(space)}, ranking by {settings.metric.value}")
     outputs = search_outcome(tuner.fit(), space, spec)
@@ -412,12 +419,12 @@ def search_outcome(results: ResultGrid, space: dict[str, Dimension], spec: Trial
         raise RuntimeError(f"tune: no trial reported {metric}; see the trial errors in the Ray logs")
     finished = [trial for trial in ranked if trial.metrics.get("images_seen", 0) >= length]
     best = min(finished or ranked, key=lambda trial: trial.metrics[metric])
-    trainer_uri = f"{spec.work_uri}/trials/{best.metrics['trial_id']}/ray/trainer"
+    checkpoints = committed_checkpoints(f"{spec.work_uri}/trials/{best.metrics['trial_id']}/ray", spec.storage_options)
     return TuneOutputs(
         best_params={key: best.params[key] for key in space},
         best_metric={metric: best.metrics[metric]},
         best_trial_id=best.metrics["trial_id"],
-        best_checkpoint_uri=latest_checkpoint(trainer_uri, spec.storage_options),
+        best_checkpoint_uri=checkpoints[-1] if checkpoints else None,
         trials=len(results),
         stopped_early=sum(trial.metrics.get("images_seen", 0) < length for trial in reported),
         trial_results=tuple(
@@ -431,16 +438,6 @@ def search_outcome(results: ResultGrid, space: dict[str, Dimension], spec: Trial
             for trial in reported
         ),
     )
-
-
-def latest_checkpoint(trainer_uri: str, storage_options: dict[str, Any]) -> str | None:
-    """The newest committed Ray Train checkpoint folder under a trainer's storage, as a URI."""
-    fs, path = filesystem(trainer_uri, storage_options)
-    folders = sorted(fs.glob(f"{path}/checkpoint_*/manifest.json"))
-    if not folders:
-        return None
-    protocol = trainer_uri.split("://", 1)[0] + "://" if "://" in trainer_uri else ""
-    return protocol + folders[-1].rsplit("/", 1)[0]
 
 
 def close_trial_runs(context: StageContext, spec: TrialSpec, outputs: TuneOutputs) -> None:

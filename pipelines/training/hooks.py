@@ -23,7 +23,7 @@ from ddpm_core.storage import commit
 from ddpm_core.training import OptimConfig, learning_rate
 from pipelines.tracking import BufferedMetricLogger
 from pipelines.training.job import TrainJob
-from pipelines.training.state import TrainState, Worker
+from pipelines.training.state import TrainState, Worker, gather_random_states
 
 PENDING_METRICS = "metrics.json"
 DIVERGED = "diverged.txt"
@@ -123,10 +123,11 @@ def report_checkpoint(job: TrainJob, worker: Worker, state: TrainState, loop_sec
     metrics = {"images_seen": state.images_seen, "step": state.step, "loop_seconds": loop_seconds}
     if worker.rank == 0 and job.checkpoint_metrics is not None:
         metrics.update(job.checkpoint_metrics(state.ema.model, state.images_seen, done))
+    random_states = gather_random_states(worker, state.generator)  # as the next step will find them
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if worker.rank == 0:
-            save_training_state(directory, state.to_checkpoint(job))
+            save_training_state(directory, state.to_checkpoint(job, random_states))
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(metrics, checkpoint=checkpoint)
 

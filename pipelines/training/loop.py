@@ -16,7 +16,7 @@ from pipelines.advice import out_of_memory_advice
 from pipelines.shards import read_split
 from pipelines.training.hooks import Interval, Progress, record_divergence, report_checkpoint, save_outputs
 from pipelines.training.job import TrainJob
-from pipelines.training.state import Worker, batch_generator, memory_format, start_state
+from pipelines.training.state import Worker, memory_format, start_state
 
 
 def train_loop(job: TrainJob) -> None:
@@ -27,7 +27,6 @@ def train_loop(job: TrainJob) -> None:
     state = start_state(job, worker)
     data = resident_slice(job, worker)  # [N_r, C, H, W] in [-1, 1], on the worker's device
     diffusion = GaussianDiffusion.from_config(job.diffusion)
-    generator = batch_generator(job.train.seed, worker.rank, state.images_seen, worker.device)
     totals = RunningTotals(worker.device, worker.all_reduce)
     progress = Progress(job, state.images_seen) if worker.rank == 0 else None
     train, autocast, layout = job.train, autocast_dtype(job.precision), memory_format(job)
@@ -43,7 +42,7 @@ def train_loop(job: TrainJob) -> None:
     )
     while state.images_seen < train.total_images:
         with record_function("data"):
-            batch = random_batch(data, per_worker, generator, train.horizontal_flip, layout)  # [B_r, C, H, W]
+            batch = random_batch(data, per_worker, state.generator, train.horizontal_flip, layout)  # [B_r, C, H, W]
         with out_of_memory_advice(oom_where, oom_advice):
             result = train_step(
                 state.step_model,
@@ -53,7 +52,7 @@ def train_loop(job: TrainJob) -> None:
                 train.optim,
                 state.images_seen,
                 state.ema,
-                generator=generator,
+                generator=state.generator,
                 autocast_dtype=autocast,
             )
         state.advance(train.batch_size)

@@ -19,6 +19,7 @@ from torch.nn.parallel import DistributedDataParallel
 from ddpm_core.checkpoint import CheckpointError, load_snapshot, load_training_state, save_snapshot
 from ddpm_core.diffusion import Variance
 from ddpm_core.ema import EMA
+from ddpm_core.storage import MANIFEST, filesystem
 from ddpm_core.training import make_optimizer
 from ddpm_core.unet import UNet, UNetConfig
 from pipelines.advice import slow_precision_advice
@@ -64,20 +65,23 @@ class TrainState:
     step_model: nn.Module  # what a training step calls: the DDP wrapper, compiled when asked
     ema: EMA
     optimizer: torch.optim.Optimizer
+    generator: torch.Generator  # this worker's batches, timesteps and noise, on its device
     images_seen: int = 0
     step: int = 0
 
     def advance(self, images: int) -> None:
         self.images_seen, self.step = self.images_seen + images, self.step + 1
 
-    def to_checkpoint(self, job: TrainJob) -> dict[str, Any]:
-        """The training state as ``ddpm_core.checkpoint.save_training_state`` stores it."""
+    def to_checkpoint(self, job: TrainJob, random_states: list[list[torch.Tensor]]) -> dict[str, Any]:
+        """The training state as ``ddpm_core.checkpoint.save_training_state`` stores it, with every worker's
+        random state (:func:`random_state`, by rank), so that a resumed run draws what an uninterrupted one would."""
         return {
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
             "optimizer": self.optimizer.state_dict(),
             "step": self.step,
             "images_seen": self.images_seen,
+            "random_states": random_states,
             "config": {"unet": job.unet.to_dict(), "diffusion": job.diffusion.to_dict()},
         }
 
@@ -102,12 +106,14 @@ def start_state(job: TrainJob, worker: Worker) -> TrainState:
         step_model,
         EMA(network, job.train.optim.ema_decay, job.train.optim.ema_warmup),
         make_optimizer(network, job.train.optim),
+        batch_generator(job.train.seed, worker.rank, 0, worker.device),
     )
     if restored is not None:
         state.ema.load_state_dict(restored["ema"])
     if source is WeightSource.RESUMED and restored is not None:
         state.optimizer.load_state_dict(restored["optimizer"])
         state.images_seen, state.step = int(restored["images_seen"]), int(restored["step"])
+        restore_random_state(job, worker, state, restored.get("random_states"))
     wrapping = f", DDP with gradient_as_bucket_view={wrapped.gradient_as_bucket_view}" if ddp else ""
     worker.say(
         f"worker group of {worker.world_size} started at {state.images_seen} images, {job.precision.value}{wrapping}"
@@ -125,8 +131,7 @@ def starting_weights(
     the source and the training state it came with (resume and warm start), which holds the EMA and optimizer."""
     say = worker.say
     if checkpoint is not None:
-        with checkpoint.as_directory() as directory:
-            state = load_training_state(directory)
+        state = resumable_state(job, worker, checkpoint)
         model.load_state_dict(state["model"])
         say(f"resumed from checkpoint at {int(state['images_seen'])} images (step {int(state['step'])})")
         return WeightSource.RESUMED, state
@@ -142,18 +147,90 @@ def starting_weights(
     return WeightSource.FRESH, None
 
 
+def resumable_state(job: TrainJob, worker: Worker, checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
+    """The training state of Ray Train's latest checkpoint; when that cannot be read (corrupt, or truncated by a full
+    disk), the newest earlier one that can (Ray Train keeps two), and the job's output says so."""
+    try:
+        with checkpoint.as_directory() as directory:
+            return load_training_state(directory)
+    except CheckpointError as error:
+        latest = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
+        for uri in reversed(committed_checkpoints(job.trainer_uri, job.storage_options)):
+            if uri.rsplit("/", 1)[-1] >= latest:  # names sort by time: only earlier ones
+                continue
+            try:
+                state = load_training_state(uri, job.storage_options)
+            except CheckpointError:
+                continue
+            worker.say(f"the latest checkpoint cannot be read ({error}); resuming from the one before it, {uri}")
+            return state
+        raise CheckpointError(
+            f"{error}; no earlier checkpoint can be read either: run again with --from train to train from the start"
+        ) from None
+
+
+def committed_checkpoints(trainer_uri: str, storage_options: dict[str, Any]) -> list[str]:
+    """The committed Ray Train checkpoints under a job's ``trainer_uri``, oldest first, as URIs."""
+    fs, path = filesystem(f"{trainer_uri}/trainer", storage_options)
+    fs.invalidate_cache(path)
+    folders = sorted(manifest.rsplit("/", 1)[0] for manifest in fs.glob(f"{path}/checkpoint_*/{MANIFEST}"))
+    protocol = trainer_uri.split("://", 1)[0] + "://" if "://" in trainer_uri else ""
+    return [protocol + folder for folder in folders]
+
+
 def load_snapshot_weights(model: nn.Module, uri: str, unet: UNetConfig, storage_options: dict[str, Any]) -> None:
     """Copy a snapshot's weights into ``model``; a snapshot of another architecture is refused by name."""
     snapshot = load_snapshot(uri, storage_options)
     if snapshot.unet != unet:
-        raise CheckpointError(
-            f"train.init_from {uri!r} holds a U-Net with config {snapshot.unet.to_dict()}, but this run's "
-            f"model is {unet.to_dict()}; warm-start only from the same model.preset/overrides"
-        )
+        raise CheckpointError(init_from_mismatch(uri, snapshot.unet, unet))
     try:
         model.load_state_dict(snapshot.state_dict)
     except RuntimeError as error:
         raise CheckpointError(f"train.init_from {uri!r}: weights do not fit this model ({error})") from error
+
+
+def init_from_mismatch(uri: str, found: UNetConfig, expected: UNetConfig) -> str:
+    return (
+        f"train.init_from {uri!r} holds a U-Net with config {found.to_dict()}, but this run's model is "
+        f"{expected.to_dict()}; warm-start only from the same model.preset/overrides"
+    )
+
+
+def device_generator(device: torch.device) -> torch.Generator:
+    """The device's default generator: what dropout draws from."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
+
+
+def random_state(worker: Worker, generator: torch.Generator) -> list[torch.Tensor]:
+    """This worker's random state: its batch generator's and its device's default generator's."""
+    return [generator.get_state(), device_generator(worker.device).get_state()]
+
+
+def gather_random_states(worker: Worker, generator: torch.Generator) -> list[list[torch.Tensor]]:
+    """Every worker's :func:`random_state`, by rank (a collective: every rank calls it at the same step)."""
+    mine = random_state(worker, generator)
+    if worker.all_reduce is None:
+        return [mine]
+    everyone: list[Any] = [None] * worker.world_size
+    dist.all_gather_object(everyone, mine)
+    return everyone
+
+
+def restore_random_state(
+    job: TrainJob, worker: Worker, state: TrainState, saved: list[list[torch.Tensor]] | None
+) -> None:
+    """Continue the random streams where the checkpoint left them; a checkpoint without them (or from another number
+    of workers) restarts the streams from (seed, rank, images seen), so the data order after it differs."""
+    if saved is not None and len(saved) == worker.world_size:
+        generator_state, device_state = saved[worker.rank]
+        state.generator.set_state(generator_state)
+        device_generator(worker.device).set_state(device_state)
+        return
+    state.generator = batch_generator(job.train.seed, worker.rank, state.images_seen, worker.device)
+    found = "no random state" if saved is None else f"the random state of {len(saved)} workers"
+    worker.say(f"the checkpoint holds {found}: the random streams restart from (seed, rank, images seen)")
 
 
 def memory_format(job: TrainJob) -> torch.memory_format:
@@ -161,7 +238,8 @@ def memory_format(job: TrainJob) -> torch.memory_format:
 
 
 def batch_generator(seed: int, rank: int, images_seen: int, device: torch.device) -> torch.Generator:
-    """Per-rank RNG on the training device, derived from (seed, rank, images seen): a resumed run draws what an
-    uninterrupted one would, and batches, timesteps and noise are drawn where they are used."""
+    """Per-rank RNG on the training device, seeded by (seed, rank, images seen); batches, timesteps and noise are
+    drawn where they are used. A resumed run continues the checkpoint's stream instead
+    (:func:`restore_random_state`)."""
     state = np.random.SeedSequence([seed, rank, images_seen]).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator(device=device).manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)

@@ -14,9 +14,11 @@ from mlflow.tracking import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
 
-from ddpm_core.storage import filesystem, is_committed, read_committed
+from ddpm_core.checkpoint import CheckpointError
+from ddpm_core.storage import IncompleteError, StorageUnavailableError, filesystem, is_committed, read_committed
 from pipelines.context import StageStopped
-from pipelines.execution import Device, train_storage
+from pipelines.execution import Demand, Device, train_storage
+from pipelines.failures import find, storage_full
 from pipelines.training.hooks import DIVERGED, PENDING_METRICS
 from pipelines.training.job import TrainJob
 from pipelines.training.loop import train_loop
@@ -30,6 +32,11 @@ class WorkerGroup:
     cpus_per_worker: float
     max_failures: int  # restarts from the last checkpoint after a worker fails
     startup_retries: int  # worker-group start attempts (60 s each) before failing
+
+    def demand(self, device: Device, what: str, settings: str, extra_cpus: float = 0.0) -> Demand:
+        """What the whole group needs at once (plus ``extra_cpus``, e.g. a Tune trial's own actor)."""
+        cpus = {"CPU": self.num_workers * self.cpus_per_worker + extra_cpus}
+        return Demand(what, {**cpus, **({"GPU": float(self.num_workers)} if device is Device.GPU else {})}, settings)
 
 
 def make_trainer(
@@ -68,12 +75,35 @@ def fit(trainer: TorchTrainer, job: TrainJob) -> Result:
     fs, diverged_path = filesystem(job.diverged_uri, job.storage_options)
     if fs.exists(diverged_path):  # from an earlier attempt with these settings
         fs.rm(diverged_path, recursive=True)
-    result = trainer.fit()
-    if result.error:
-        raise result.error
+    try:
+        result = trainer.fit()  # Train V2 raises the workers' error (TrainingFailedError) rather than returning it
+    except Exception as error:
+        named = named_failure(error, job)
+        if named is None:
+            raise
+        raise named from error
     if is_committed(job.diverged_uri, job.storage_options):
         raise StageStopped(read_committed(job.diverged_uri, [DIVERGED], job.storage_options)[0][DIVERGED].decode())
     return result
+
+
+def named_failure(error: BaseException, job: TrainJob) -> Exception | None:
+    """The failure a user can act on, found in the workers' errors: a full disk, a storage outage, or checkpoints
+    that cannot be read (a corrupt committed file is left to the runner, which forgets it)."""
+    full = storage_full(error)
+    if full is not None:
+        return StorageUnavailableError(
+            f"training stopped: no room left on a disk it writes to ({full}), the run root {job.work_uri} or a "
+            "worker's temporary folder. The last committed checkpoint is intact: free space (or enlarge the volume) "
+            "and run the same command again; training resumes from it"
+        )
+    outage = find(error, StorageUnavailableError)
+    if outage is not None:
+        return StorageUnavailableError(str(outage))
+    unreadable = find(error, CheckpointError)
+    if unreadable is not None and find(error, IncompleteError) is None:
+        return StageStopped(f"training stopped: {unreadable}")
+    return None
 
 
 def send_pending_metrics(job: TrainJob, client: MlflowClient, log: Callable[[str], None]) -> None:

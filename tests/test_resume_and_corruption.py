@@ -1,0 +1,186 @@
+"""Faults a run meets after it has started, on real runs of the pipeline (each a ``python -m pipelines run``
+process with its own local Ray): a driver killed mid-training resumes to the very weights an uninterrupted run
+reaches, even when its latest checkpoint was corrupted meanwhile (it falls back to the one before); a corrupt sample
+shard or snapshot is found where it is read, forgotten with what was computed from it, and recomputed by the next
+plain run; a full disk is a named storage failure, and the run resumes once there is room."""
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TOTAL, EVERY, BATCH = 6144, 2048, 128
+TINY = [
+    f"train.total_images={TOTAL}",
+    f"train.checkpoint_every_images={EVERY}",
+    "train.log_every_images=256",
+    "train.grid_every_images=0",
+    "train.warmup_images=512",
+    "sample.num_samples=20",
+    "sample.batch_size=10",
+    "sample.num_steps=5",
+    "evaluate.classifier_epochs=1",
+    "evaluate.untrained_baseline=false",
+    "evaluate.nll=false",
+    "evaluate.inception_score=false",
+    "evaluate.precision_recall=false",
+    "register.enabled=false",
+]
+ENV = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+
+
+def command(root: Path, run_id: str, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pipelines",
+        "run",
+        f"run_id={run_id}",
+        *TINY,
+        f"storage.root={root / 'runs'}",
+        f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+        "mlflow.experiment=resume",
+        *extra,
+    ]
+
+
+def run(root: Path, run_id: str, *extra: str) -> subprocess.CompletedProcess:
+    return subprocess.run(command(root, run_id, *extra), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+
+
+def outputs(run_root: Path, stage: str) -> dict:
+    return json.loads((run_root / stage / "stage.json").read_text())["outputs"]
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def flip_a_byte(path: Path) -> None:
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """One uninterrupted run, the reference of the tests below."""
+    root = tmp_path_factory.mktemp("resume")
+    result = run(root, "straight")
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return root
+
+
+def test_a_killed_run_resumes_to_the_uninterrupted_weights_past_a_corrupt_checkpoint(finished):
+    root = finished
+    log_path = root / "killed.log"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen(
+            command(root, "killed"), cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    progress = lambda: max([0, *(int(n) for n in re.findall(rf"train: (\d+)/{TOTAL} images", log_path.read_text()))])
+    try:
+        deadline = time.time() + 300
+        # Rank 0 prints progress only after a checkpoint's report returned: past 2 x EVERY both are committed.
+        while progress() <= 2 * EVERY:
+            assert process.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+            time.sleep(0.05)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)  # the driver and the local Ray instance it started
+        process.wait(timeout=30)
+    assert progress() < TOTAL, "killed after training ended: lengthen the run"
+    checkpoints = sorted(
+        path.parent for path in (root / "runs/killed/train").glob("*/ray/trainer/checkpoint_*/manifest.json")
+    )
+    assert len(checkpoints) == 2, checkpoints
+    flip_a_byte(checkpoints[-1] / "training_state.pt")  # the latest is corrupt: the run must fall back to the other
+    earlier_step = json.loads((checkpoints[0] / "manifest.json").read_text())["metadata"]["step"]
+
+    resumed = run(root, "killed")
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    said = resumed.stdout + resumed.stderr
+    assert "the latest checkpoint cannot be read" in said and "resuming from the one before it" in said
+    assert f"resumed from checkpoint at {earlier_step * BATCH} images" in said
+    straight = Path(outputs(root / "runs/straight", "train")["snapshot_uri"]) / "model.safetensors"
+    killed = Path(outputs(root / "runs/killed", "train")["snapshot_uri"]) / "model.safetensors"
+    assert sha256(killed) == sha256(straight), "a resumed run draws what an uninterrupted one draws"
+
+
+def test_a_corrupt_sample_shard_is_forgotten_and_recomputed(finished):
+    run_root = finished / "runs/straight"
+    shard = Path(outputs(run_root, "sample")["shard_uris"][1]) / "images.npy"
+    original = sha256(shard)
+    flip_a_byte(shard)
+    failed = run(finished, "straight", "--from", "evaluate")
+    assert failed.returncode == 5, failed.stdout[-4000:] + failed.stderr[-4000:]
+    assert f"{shard}: size or SHA-256 does not match the manifest" in failed.stderr
+    assert "the sample stage and those after it are marked not done" in failed.stderr
+    assert "run the same command again" in failed.stderr and "Traceback" not in failed.stderr
+    assert not (run_root / "sample/stage.json").exists() and not (run_root / "evaluate/stage.json").exists()
+    assert (run_root / "train/stage.json").exists()
+
+    again = run(finished, "straight")
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert "[train] up to date" in again.stdout and "sample: 1 of 2 shards already committed" in again.stdout
+    assert sha256(shard) == original, "the recomputed shard equals the one that was corrupted"
+
+    # A truncated stage manifest: that stage runs again, nothing before it.
+    manifest = run_root / "evaluate/stage.json"
+    manifest.write_text(manifest.read_text()[:100])
+    again = run(finished, "straight")
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert "[evaluate] its stage.json cannot be used" in again.stdout and "[sample] up to date" in again.stdout
+    assert json.loads(manifest.read_text())["status"] == "complete"
+
+    # A re-executed stage first forgets the stages computed from its old outputs, even when it then fails.
+    failed = run(finished, "straight", "--from", "sample", "sample.batch_size=1")
+    assert failed.returncode == 2 and "20 sampling actors need more than this cluster has" in failed.stderr
+    assert not (run_root / "sample/stage.json").exists() and not (run_root / "evaluate/stage.json").exists()
+
+
+def test_a_corrupt_snapshot_is_forgotten_and_rewritten_from_the_last_checkpoint(finished):
+    run_root = finished / "runs/straight"
+    snapshot = Path(outputs(run_root, "train")["snapshot_uri"]) / "model.safetensors"
+    original = sha256(snapshot)
+    flip_a_byte(snapshot)
+    failed = run(finished, "straight", "--from", "sample")
+    assert failed.returncode == 5, failed.stdout[-4000:] + failed.stderr[-4000:]
+    assert "model.safetensors: size or SHA-256 does not match" in failed.stderr
+    assert "the train stage and those after it are marked not done" in failed.stderr
+    assert not (run_root / "train/stage.json").exists()
+
+    again = run(finished, "straight")
+    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+    assert f"resumed from checkpoint at {TOTAL} images" in again.stdout  # no step trained again
+    assert sha256(snapshot) == original
+
+
+def test_a_full_disk_is_a_named_storage_failure_and_the_run_resumes_when_there_is_room(tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs (the full disk) needs root")
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)
+    try:
+        args = [*command(tmp_path, "full", "train.max_failures=0"), f"storage.root={disk}"]
+        full = subprocess.run(args, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+        assert full.returncode == 5, full.stdout[-4000:] + full.stderr[-4000:]
+        said = "error: training stopped: no room left on a disk it writes to (No space left on device)"
+        assert any(line.startswith(said) for line in full.stderr.splitlines()), full.stderr[-3000:]
+        # Ray forwards the workers' own tracebacks (prefixed with the worker); the driver prints none of its own.
+        assert not any(line.startswith("Traceback") for line in full.stderr.splitlines()), full.stderr[-3000:]
+        assert not list(disk.rglob("*.partial")), "no temporary lease files stay behind"
+        subprocess.run(["mount", "-o", "remount,size=256m", str(disk)], check=True)  # room again
+        again = subprocess.run(args, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
+        assert "[prepare] up to date" in again.stdout and "resumed from checkpoint at" in again.stdout
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
