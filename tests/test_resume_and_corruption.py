@@ -141,7 +141,7 @@ def test_a_corrupt_sample_shard_is_forgotten_and_recomputed(finished):
     assert json.loads(manifest.read_text())["status"] == "complete"
 
     # A re-executed stage first forgets the stages computed from its old outputs, even when it then fails.
-    failed = run(finished, "straight", "--from", "sample", "sample.batch_size=1")
+    failed = run(finished, "straight", "--from", "sample", "sample.batch_size=1", "sample.num_workers=64")
     assert failed.returncode == 2 and "20 sampling actors need more than this cluster has" in failed.stderr
     assert not (run_root / "sample/stage.json").exists() and not (run_root / "evaluate/stage.json").exists()
 
