@@ -38,9 +38,9 @@ from pipelines.contracts import (
     TrainOutputs,
     TuneOutputs,
 )
-from pipelines.dag import PreflightError
 from pipelines.execution import ClusterTooSmallError
 from pipelines.lease import LeaseHeldError
+from pipelines.preflight import PreflightError
 from pipelines.typed import SchemaError
 
 
@@ -112,7 +112,8 @@ def stage_detail(outputs: StageOutputs) -> str:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipelines.dag import check_config, check_from_stage, hold_run_root, run_pipeline
+    from pipelines.dag import check_config, check_from_stage, run_pipeline
+    from pipelines.preflight import hold_run_root
     from pipelines.runs import RunStore
 
     config = load_config(args.config, args.overrides)

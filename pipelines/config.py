@@ -417,7 +417,7 @@ class StorageSection:
         # Fail fast on an unreachable endpoint (5 s to connect, 20 s for an answer). Throttling and transient errors
         # are retried twice over: botocore's standard mode (3 attempts, exponential backoff: the AWS default) inside
         # s3fs's own 5 tries of each call, which rides out outages of several seconds. The run's first storage calls
-        # also have a total deadline (pipelines.dag.STORAGE_DEADLINE_S), for an endpoint that accepts and never answers.
+        # also have a total deadline (pipelines.preflight.STORAGE_DEADLINE_S): an endpoint may accept and never answer.
         retries = {"connect_timeout": 5, "read_timeout": 20, "retries": {"max_attempts": 3, "mode": "standard"}}
         return {"client_kwargs": client, "config_kwargs": retries}
 

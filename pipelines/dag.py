@@ -13,24 +13,16 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
-import os
-import ssl
-import threading
 import time
 import traceback
-import urllib.error
-import urllib.request
 import uuid
 from collections.abc import Callable
-from concurrent.futures import Future
-from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from ddpm_core.checkpoint import CheckpointError, read_snapshot_config
 from ddpm_core.data import DataError
 from ddpm_core.storage import MANIFEST, IncompleteError, StorageUnavailableError, filesystem
-from pipelines.config import ConfigError, Extractor, PipelineConfig, save_resolved
+from pipelines.config import ConfigError, PipelineConfig, save_resolved
 from pipelines.context import StageContext, StageStopped
 from pipelines.contracts import (
     EvaluateOutputs,
@@ -44,17 +36,13 @@ from pipelines.contracts import (
 )
 from pipelines.execution import ClusterTooSmallError, check_outputs_outlive_the_job
 from pipelines.failures import find
+from pipelines.preflight import preflight
 from pipelines.runs import RunStore, now
 from pipelines.stages import evaluate, prepare, register, sample, train, tune
 from pipelines.tracking import Tracker, git_commit
-from pipelines.training.state import init_from_mismatch
 from pipelines.typed import SchemaError, to_plain
 
 T = TypeVar("T")
-
-
-def always(config: PipelineConfig) -> bool:
-    return True
 
 
 @dataclass(frozen=True)
@@ -64,10 +52,13 @@ class Stage:
     outputs: type[StageOutputs]
     upstream: tuple[str, ...]
     config_keys: tuple[str, ...]  # the config sections or dotted keys it reads: part of its fingerprint
-    enabled: Callable[[PipelineConfig], bool] = always
+    switch: str | None = None  # the boolean config key that enables an optional stage (e.g. tune.enabled)
     description: str = ""
     needs_ray: bool = True  # stages that do not are run before Ray is started, so bad input fails early
     check: Callable[[PipelineConfig], None] | None = None  # config checks beyond the config's own, before anything runs
+
+    def enabled(self, config: PipelineConfig) -> bool:
+        return self.switch is None or bool(dotted(config.to_dict(), self.switch))
 
 
 STAGES: tuple[Stage, ...] = (
@@ -95,7 +86,7 @@ STAGES: tuple[Stage, ...] = (
         TuneOutputs,
         ("prepare",),
         ("model", "diffusion", "train", "tune"),
-        lambda config: config.tune.enabled,
+        "tune.enabled",
         "Ray Tune trials of the training loop, ASHA on held-out bits/dim",
         check=tune.check,
     ),
@@ -129,7 +120,7 @@ STAGES: tuple[Stage, ...] = (
         RegisterOutputs,
         ("prepare", "train", "evaluate"),
         ("register",),
-        lambda config: config.register.enabled,
+        "register.enabled",
         "MLflow model version, challenger/champion aliases",
         needs_ray=False,
     ),
@@ -137,13 +128,7 @@ STAGES: tuple[Stage, ...] = (
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 # Failures whose message says what to change; the CLI prints it alone (docs/reliability.md lists the exit codes).
 NAMED_FAILURES = (StageStopped, ConfigError, DataError, ClusterTooSmallError, StorageUnavailableError)
-STORAGE_DEADLINE_S = 30.0  # the run's first storage operations (lease, resolved config) answer within this
-MLFLOW_DEADLINE_S = 20.0  # the tracking server answers within this, else the run fails before any stage
 SUMMARY_METRICS = ("fid", "fid_untrained", "fid_holdout_vs_train", "inception_score", "precision", "recall", "nll_bpd")
-
-
-class PreflightError(RuntimeError):
-    """Storage or tracking that cannot be used, found before any stage runs."""
 
 
 class CorruptOutputError(StorageUnavailableError):
@@ -194,127 +179,10 @@ def check_from_stage(from_stage: str | None, config: PipelineConfig) -> None:
         raise ConfigError(f"--from {from_stage!r} is not a stage; stages: {', '.join(STAGE_NAMES)}")
     stage = STAGES[STAGE_NAMES.index(from_stage)]
     if not stage.enabled(config):
-        switch = {"tune": "tune.enabled", "register": "register.enabled"}.get(from_stage, "its section")
         raise ConfigError(
-            f"--from {from_stage}: the {from_stage} stage is disabled in this config ({switch}=false); "
+            f"--from {from_stage}: the {from_stage} stage is disabled in this config ({stage.switch}=false); "
             f"enable it or choose another stage"
         )
-
-
-def storage_error(store: RunStore, error: Exception) -> PreflightError:
-    return PreflightError(
-        f"storage.root {store.storage_root!r} is not writable ({type(error).__name__}: {error}). Check storage.root, "
-        "storage.endpoint_url and the AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY environment variables."
-    )
-
-
-def hold_run_root(store: RunStore, config: PipelineConfig, log: Callable[[str], None] = print) -> Any:
-    """The lease on the run root (see :mod:`pipelines.lease`), renewed in the background until released; an
-    unusable storage fails here as a :class:`PreflightError`, a live holder as ``LeaseHeldError``."""
-    from pipelines.lease import LeaseHeldError, acquire
-
-    retrain = config.retrain
-    try:
-        lease = within(
-            STORAGE_DEADLINE_S + retrain.lease_wait_s,
-            lambda: acquire(store.root, store.options, retrain.lease_ttl_s, retrain.lease_wait_s, log=log),
-        )
-    except LeaseHeldError:
-        raise
-    except Exception as error:
-        raise storage_error(store, error) from error
-    return lease.keep_alive()
-
-
-def check_init_from(config: PipelineConfig) -> None:
-    """``train.init_from`` names a committed snapshot of this run's U-Net (read before any worker starts)."""
-    uri = config.train.init_from or ""
-    options = config.storage.options() if uri.startswith("s3://") else {}
-    try:
-        unet, _ = within(STORAGE_DEADLINE_S, lambda: read_snapshot_config(uri, options))
-    except (CheckpointError, TimeoutError) as error:
-        raise PreflightError(f"train.init_from {uri!r} is not a usable snapshot: {error}") from error
-    if unet != config.model.unet():
-        raise PreflightError(init_from_mismatch(uri, unet, config.model.unet()))
-
-
-def within(seconds: float, action: Callable[[], T]) -> T:
-    """``action()``, or ``TimeoutError`` when it has not returned after ``seconds`` (it goes on in a daemon thread,
-    which ends with the process): for the first calls to a storage or tracking server, which may accept a
-    connection and never answer."""
-    future: Future[T] = Future()
-
-    def run() -> None:
-        try:
-            future.set_result(action())
-        except BaseException as error:
-            future.set_exception(error)
-
-    threading.Thread(target=run, name="deadline", daemon=True).start()
-    try:
-        return future.result(timeout=seconds)
-    except FutureTimeout:
-        raise TimeoutError(f"no answer within {seconds:g} s") from None
-
-
-def probe_mlflow(uri: str, log: Callable[[str], None]) -> None:
-    """An HTTP tracking server answers (with any status) within ``MLFLOW_DEADLINE_S``; until then the attempts are
-    logged, and then a :class:`PreflightError` names the setting."""
-    if not uri.startswith(("http://", "https://")):
-        return
-    insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true"
-    context = ssl._create_unverified_context() if insecure else None
-    deadline = time.time() + MLFLOW_DEADLINE_S
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5, context=context).close()
-            return
-        except urllib.error.HTTPError:  # it answered
-            return
-        except OSError as error:  # refused, unreachable, timed out
-            reason = getattr(error, "reason", error)
-            left = deadline - time.time()
-            if left <= 0:
-                raise PreflightError(
-                    f"MLflow at {uri!r} does not answer ({reason}) after {MLFLOW_DEADLINE_S:g} s of attempts: check "
-                    "mlflow.tracking_uri (or MLFLOW_TRACKING_URI) and that the tracking server runs"
-                ) from None
-            log(f"MLflow at {uri} does not answer ({reason}); trying again for up to {left:.0f} s")
-            time.sleep(min(5.0, left))
-
-
-def preflight(store: RunStore, config: PipelineConfig, log: Callable[[str], None] = print) -> Tracker:
-    """Before any stage: the run root is writable (the resolved config is written there), the Inception weights,
-    when configured, are readable, verified and loadable, and MLflow answers."""
-    try:
-        within(STORAGE_DEADLINE_S, store.save_config)
-    except Exception as error:  # botocore / OS errors, an endpoint that does not answer: name the setting to fix
-        raise storage_error(store, error) from error
-    if config.evaluate.extractor is Extractor.INCEPTION:
-        from ddpm_core.inception import HOW_TO_PROVIDE, feature_extractor_class, tensors_only_copy
-        from ddpm_core.weights import WeightsError, fetch_verified
-
-        try:
-            feature_extractor_class()
-            path, _ = fetch_verified(
-                config.evaluate.inception_weights_uri or "",
-                config.evaluate.inception_weights_sha256,
-                HOW_TO_PROVIDE,
-                store.options,
-            )
-            tensors_only_copy(path)
-        except (WeightsError, ImportError) as error:
-            raise PreflightError(f"evaluate.extractor=inception: {error}") from error
-    if config.train.init_from:
-        check_init_from(config)
-    probe_mlflow(config.mlflow.resolved_tracking_uri(), log)
-    try:
-        return within(MLFLOW_DEADLINE_S, lambda: Tracker(config))
-    except Exception as error:
-        raise PreflightError(
-            f"MLflow at {config.mlflow.resolved_tracking_uri()!r} cannot be used ({type(error).__name__}: "
-            f"{error}). Check mlflow.tracking_uri and MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."
-        ) from error
 
 
 def fingerprint(stage: Stage, config: PipelineConfig, manifests: dict[str, StageManifest[Any]]) -> str:

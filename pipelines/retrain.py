@@ -74,7 +74,7 @@ def read_decision(store: RunStore) -> RetrainDecision | None:
 
 def retrain(config: PipelineConfig, scheduled_at: dt.datetime, log: Callable[[str], None] = print) -> RetrainOutcome:
     """Run one scheduled retraining of ``config`` (whose run_id is the base name) under a lease on its run root."""
-    from pipelines.dag import hold_run_root
+    from pipelines.preflight import hold_run_root
 
     if not config.register.enabled:
         raise ConfigError("retrain needs register.enabled: the decision is a promotion in the model registry")

@@ -30,7 +30,7 @@ from pipelines.contracts import (
     TrialResult,
     TuneOutputs,
 )
-from pipelines.dag import STAGES, always
+from pipelines.dag import STAGES
 from pipelines.execution import Device
 from pipelines.runs import read_manifest
 from pipelines.typed import SchemaError, from_plain, to_plain
@@ -90,7 +90,7 @@ EXAMPLES = [
 
 def test_every_stage_receives_its_upstream_outputs_and_returns_its_own():
     kinds = {stage.name: stage.outputs for stage in STAGES}
-    optional = {stage.name for stage in STAGES if stage.enabled is not always}
+    optional = {stage.name for stage in STAGES if stage.switch is not None}
     for stage in STAGES:
         hints = typing.get_type_hints(stage.run)
         parameters = list(hints)[1:-1]  # after the context, before "return"

@@ -21,7 +21,7 @@ from ddpm_core.checkpoint import save_snapshot
 from ddpm_core.diffusion import DiffusionConfig
 from ddpm_core.unet import UNet, unet_preset
 from pipelines.__main__ import main
-from pipelines.dag import MLFLOW_DEADLINE_S, STORAGE_DEADLINE_S
+from pipelines.preflight import MLFLOW_DEADLINE_S, STORAGE_DEADLINE_S
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -1,0 +1,145 @@
+"""Before any stage runs: the run root answers and is writable (taking the run's lease, writing the resolved config),
+the Inception weights and ``train.init_from`` are usable, and the tracking server answers. Each waits a bounded
+time, so a server that accepts connections and never answers is a named failure, not a silent hang."""
+
+from __future__ import annotations
+
+import os
+import ssl
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Callable
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from typing import TypeVar
+
+from ddpm_core.checkpoint import CheckpointError, read_snapshot_config
+from pipelines.config import Extractor, PipelineConfig
+from pipelines.lease import Lease, LeaseHeldError, acquire
+from pipelines.runs import RunStore
+from pipelines.tracking import Tracker
+from pipelines.training.state import init_from_mismatch
+
+T = TypeVar("T")
+STORAGE_DEADLINE_S = 30.0  # the run's first storage operations (lease, resolved config) answer within this
+MLFLOW_DEADLINE_S = 20.0  # the tracking server answers within this, else the run fails before any stage
+
+
+class PreflightError(RuntimeError):
+    """Storage or tracking that cannot be used, found before any stage runs."""
+
+
+def storage_error(store: RunStore, error: Exception) -> PreflightError:
+    return PreflightError(
+        f"storage.root {store.storage_root!r} is not writable ({type(error).__name__}: {error}). Check storage.root, "
+        "storage.endpoint_url and the AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY environment variables."
+    )
+
+
+def hold_run_root(store: RunStore, config: PipelineConfig, log: Callable[[str], None] = print) -> Lease:
+    """The lease on the run root (see :mod:`pipelines.lease`), renewed in the background until released; an
+    unusable storage fails here as a :class:`PreflightError`, a live holder as ``LeaseHeldError``."""
+    retrain = config.retrain
+    try:
+        lease = within(
+            STORAGE_DEADLINE_S + retrain.lease_wait_s,
+            lambda: acquire(store.root, store.options, retrain.lease_ttl_s, retrain.lease_wait_s, log=log),
+        )
+    except LeaseHeldError:
+        raise
+    except Exception as error:
+        raise storage_error(store, error) from error
+    return lease.keep_alive()
+
+
+def check_init_from(config: PipelineConfig) -> None:
+    """``train.init_from`` names a committed snapshot of this run's U-Net (read before any worker starts)."""
+    uri = config.train.init_from or ""
+    options = config.storage.options() if uri.startswith("s3://") else {}
+    try:
+        unet, _ = within(STORAGE_DEADLINE_S, lambda: read_snapshot_config(uri, options))
+    except (CheckpointError, TimeoutError) as error:
+        raise PreflightError(f"train.init_from {uri!r} is not a usable snapshot: {error}") from error
+    if unet != config.model.unet():
+        raise PreflightError(init_from_mismatch(uri, unet, config.model.unet()))
+
+
+def within(seconds: float, action: Callable[[], T]) -> T:
+    """``action()``, or ``TimeoutError`` when it has not returned after ``seconds`` (it goes on in a daemon thread,
+    which ends with the process): for the first calls to a storage or tracking server, which may accept a
+    connection and never answer."""
+    future: Future[T] = Future()
+
+    def run() -> None:
+        try:
+            future.set_result(action())
+        except BaseException as error:
+            future.set_exception(error)
+
+    threading.Thread(target=run, name="deadline", daemon=True).start()
+    try:
+        return future.result(timeout=seconds)
+    except FutureTimeout:
+        raise TimeoutError(f"no answer within {seconds:g} s") from None
+
+
+def probe_mlflow(uri: str, log: Callable[[str], None]) -> None:
+    """An HTTP tracking server answers (with any status) within ``MLFLOW_DEADLINE_S``; until then the attempts are
+    logged, and then a :class:`PreflightError` names the setting."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    insecure = os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() == "true"
+    context = ssl._create_unverified_context() if insecure else None
+    deadline = time.time() + MLFLOW_DEADLINE_S
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5, context=context).close()
+            return
+        except urllib.error.HTTPError:  # it answered
+            return
+        except OSError as error:  # refused, unreachable, timed out
+            reason = getattr(error, "reason", error)
+            left = deadline - time.time()
+            if left <= 0:
+                raise PreflightError(
+                    f"MLflow at {uri!r} does not answer ({reason}) after {MLFLOW_DEADLINE_S:g} s of attempts: check "
+                    "mlflow.tracking_uri (or MLFLOW_TRACKING_URI) and that the tracking server runs"
+                ) from None
+            log(f"MLflow at {uri} does not answer ({reason}); trying again for up to {left:.0f} s")
+            time.sleep(min(5.0, left))
+
+
+def preflight(store: RunStore, config: PipelineConfig, log: Callable[[str], None] = print) -> Tracker:
+    """Before any stage: the run root is writable (the resolved config is written there), the Inception weights,
+    when configured, are readable, verified and loadable, and MLflow answers."""
+    try:
+        within(STORAGE_DEADLINE_S, store.save_config)
+    except Exception as error:  # botocore / OS errors, an endpoint that does not answer: name the setting to fix
+        raise storage_error(store, error) from error
+    if config.evaluate.extractor is Extractor.INCEPTION:
+        from ddpm_core.inception import HOW_TO_PROVIDE, feature_extractor_class, tensors_only_copy
+        from ddpm_core.weights import WeightsError, fetch_verified
+
+        try:
+            feature_extractor_class()
+            path, _ = fetch_verified(
+                config.evaluate.inception_weights_uri or "",
+                config.evaluate.inception_weights_sha256,
+                HOW_TO_PROVIDE,
+                store.options,
+            )
+            tensors_only_copy(path)
+        except (WeightsError, ImportError) as error:
+            raise PreflightError(f"evaluate.extractor=inception: {error}") from error
+    if config.train.init_from:
+        check_init_from(config)
+    probe_mlflow(config.mlflow.resolved_tracking_uri(), log)
+    try:
+        return within(MLFLOW_DEADLINE_S, lambda: Tracker(config))
+    except Exception as error:
+        raise PreflightError(
+            f"MLflow at {config.mlflow.resolved_tracking_uri()!r} cannot be used ({type(error).__name__}: "
+            f"{error}). Check mlflow.tracking_uri and MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."
+        ) from error
