@@ -146,6 +146,7 @@ def test_a_corrupt_sample_shard_is_forgotten_and_recomputed(finished):
     assert not (run_root / "sample/stage.json").exists() and not (run_root / "evaluate/stage.json").exists()
 
 
+@pytest.mark.slow  # ~60 s; the detection half runs in CI (test_reliability_cluster)
 def test_a_corrupt_snapshot_is_forgotten_and_rewritten_from_the_last_checkpoint(finished):
     run_root = finished / "runs/straight"
     snapshot = Path(outputs(run_root, "train")["snapshot_uri"]) / "model.safetensors"
@@ -163,6 +164,7 @@ def test_a_corrupt_snapshot_is_forgotten_and_rewritten_from_the_last_checkpoint(
     assert sha256(snapshot) == original
 
 
+@pytest.mark.slow  # ~110 s: two runs of the pipeline; `make test-all` runs it
 def test_a_full_disk_is_a_named_storage_failure_and_the_run_resumes_when_there_is_room(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs (the full disk) needs root")
