@@ -91,7 +91,7 @@ class Step:
 
     def __call__(self, sync_gradients: bool = True) -> None:
         with record_function("data"):
-            x0 = random_batch(self.data, self.batch, self.generator, True, self.memory_format)
+            x0, _ = random_batch(self.data, self.batch, self.generator, True, self.memory_format)
         with contextlib.nullcontext() if sync_gradients else self.wrapped.no_sync():
             result = train_step(
                 self.step_model,

@@ -53,7 +53,22 @@ class ImageDataset:
 
     @property
     def num_classes(self) -> int | None:
-        return None if self.labels is None else int(self.labels.max()) + 1
+        """The number of classes: the named ones, else the largest label + 1 (None without labels)."""
+        if self.labels is None:
+            return None
+        return len(self.class_names) if self.class_names is not None else int(self.labels.max()) + 1
+
+    def class_names_or_labels(self) -> list[str] | None:
+        """The class names by label; a source that names none (an ``.npz``) gets the labels' digits."""
+        if self.class_names is not None or self.num_classes is None:
+            return self.class_names
+        return [str(label) for label in range(self.num_classes)]
+
+    def class_counts(self, indices: np.ndarray) -> list[int] | None:
+        """Images per class among ``indices`` ``[n]`` (None without labels)."""
+        if self.labels is None or self.num_classes is None:
+            return None
+        return np.bincount(self.labels[indices], minlength=self.num_classes).tolist()
 
 
 def fingerprint(images: np.ndarray, labels: np.ndarray | None) -> str:
@@ -73,11 +88,11 @@ def load_dataset(uri: str, split: str = "train", storage_options: dict[str, Any]
         raise DataError(f"data URI {uri!r}: unknown built-in data set; the built-in one is 'builtin:digits'")
     else:
         images, labels, names = _read_uri(uri, split, storage_options)
-    _validate(images, labels, uri)
+    _validate(images, labels, uri, names)
     return ImageDataset(images, labels, fingerprint(images, labels), uri, names)
 
 
-def _validate(images: np.ndarray, labels: np.ndarray | None, uri: str) -> None:
+def _validate(images: np.ndarray, labels: np.ndarray | None, uri: str, names: list[str] | None) -> None:
     if images.dtype != np.uint8:
         raise DataError(f"{uri}: images must be uint8 (0..255), got {images.dtype}")
     if images.ndim != 4 or images.shape[-1] not in (1, 3):
@@ -91,6 +106,8 @@ def _validate(images: np.ndarray, labels: np.ndarray | None, uri: str) -> None:
             )
         if labels.min() < 0:
             raise DataError(f"{uri}: labels must be non-negative class indices, got min {labels.min()}")
+        if names is not None and labels.max() >= len(names):
+            raise DataError(f"{uri}: labels must lie in 0..{len(names) - 1} ({len(names)} classes), got {labels.max()}")
 
 
 def _read_digits() -> Arrays:
@@ -329,8 +346,12 @@ def random_batch(
     generator: torch.Generator,
     flip: bool,
     memory_format: torch.memory_format = torch.contiguous_format,
-) -> torch.Tensor:
+    labels: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """``size`` images drawn with replacement from ``data`` ``[N, C, H, W]`` on its own device (with a generator on
-    that device: no host work, no host-to-device copy), each flipped left-right with probability 1/2 when ``flip``."""
-    batch = data[torch.randint(0, len(data), (size,), generator=generator, device=data.device)]  # [size, C, H, W]
-    return (random_horizontal_flip(batch, generator) if flip else batch).contiguous(memory_format=memory_format)
+    that device: no host work, no host-to-device copy), each flipped left-right with probability 1/2 when ``flip``;
+    and their labels ``[size]`` from ``labels`` ``[N]`` (same device) when given."""
+    chosen = torch.randint(0, len(data), (size,), generator=generator, device=data.device)  # [size]
+    batch = data[chosen]  # [size, C, H, W]
+    images = (random_horizontal_flip(batch, generator) if flip else batch).contiguous(memory_format=memory_format)
+    return images, (labels[chosen] if labels is not None else None)

@@ -28,6 +28,19 @@ def grid(images: np.ndarray, columns: int | None = None, padding: int = 1, min_c
     return Image.fromarray(canvas[..., 0] if channels == 1 else canvas)
 
 
+def rows_by_class(images: np.ndarray, labels: np.ndarray, columns: int) -> np.ndarray:
+    """The first ``columns`` images ``[n, H, W, C]`` of each class in ``labels`` ``[n]``, class after class (in order
+    of first appearance), for a :func:`grid` of ``columns`` columns with one row per class; a class with fewer images
+    leaves its row's end blank."""
+    classes = list(dict.fromkeys(labels.tolist()))
+    blank = np.full_like(images[:1], 255)  # [1, H, W, C]
+    rows = []
+    for label in classes:
+        mine = images[labels == label][:columns]  # [<=columns, H, W, C]
+        rows.append(np.concatenate([mine, *[blank] * (columns - len(mine))]))
+    return np.concatenate(rows)  # [K * columns, H, W, C]
+
+
 def save_grid(
     images: np.ndarray, uri: str, columns: int | None = None, storage_options: dict[str, Any] | None = None
 ) -> None:

@@ -246,19 +246,44 @@ def fast_sampling_network(
     return run
 
 
-def classifier_free_guidance(model: Model, scale: float, null_class: int, channels: int) -> Model:
+def classifier_free_guidance(model: Model, guidance_scale: float, null_class: int, channels: int) -> Model:
     """Wrap a class-conditional model for classifier-free guidance (Ho & Salimans 2022, Eq. 6):
-    ``pred = pred(null) + scale * (pred(y) - pred(null))`` on the first ``channels`` output channels (the mean
-    parameterisation); learned-variance channels are taken from the conditional pass."""
+    ``pred = (1 + w) pred(x, y) - w pred(x, null)`` on the first ``channels`` output channels (the mean
+    parameterisation); learned-variance channels are taken from the conditional prediction.
+
+    The convention is the paper's: ``w = guidance_scale = 0`` is the conditional model without guidance (one forward
+    pass of the batch); diffusers' ``guidance_scale`` is this ``w + 1``. For ``w > 0`` the conditional and null halves
+    run as one batch of ``2B``: one network call per step, not two."""
+    if guidance_scale == 0:
+        return lambda x, t, class_labels: model(x, t, class_labels=class_labels)
 
     def guided(x: torch.Tensor, t: torch.Tensor, class_labels: torch.Tensor) -> torch.Tensor:
-        both = model(
+        both = model(  # [2B, C_out, H, W]: conditional half, then null half
             torch.cat([x, x]),
             torch.cat([t, t]),
             class_labels=torch.cat([class_labels, torch.full_like(class_labels, null_class)]),
         )
-        conditional, unconditional = both.chunk(2)
-        mixed = unconditional[:, :channels] + scale * (conditional[:, :channels] - unconditional[:, :channels])
-        return torch.cat([mixed, conditional[:, channels:]], dim=1)
+        conditional, unconditional = both.chunk(2)  # [B, C_out, H, W] each
+        mean = conditional[:, :channels] + guidance_scale * (conditional[:, :channels] - unconditional[:, :channels])
+        return torch.cat([mean, conditional[:, channels:]], dim=1)
 
     return guided
+
+
+def null_conditioned(model: Model, null_class: int) -> Model:
+    """A class-conditional model called with the null class for every image: the unconditional model that label
+    dropout trains alongside the conditional one (Ho & Salimans 2022, Sec. 3.2). What a score that takes no labels
+    (the NLL bound, a proxy FID) measures of a conditional model."""
+
+    def unconditional(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:  # [B, C, H, W], [B] -> [B, C_out, H, W]
+        return model(x, t, class_labels=torch.full((x.shape[0],), null_class, dtype=torch.long, device=x.device))
+
+    return unconditional
+
+
+def balanced_classes(indices: Sequence[int], classes: Sequence[int]) -> torch.Tensor:
+    """The class of each sample index: ``classes[i mod len(classes)]`` ``[n]`` int64. It depends on the index alone, so
+    a sample set's labels do not depend on how its indices are split over workers, and any ``len(classes)``
+    consecutive indices draw every class once (balanced)."""
+    table = torch.as_tensor(list(classes), dtype=torch.long)  # [K]
+    return table[torch.as_tensor(list(indices), dtype=torch.long) % len(table)]

@@ -53,8 +53,10 @@ def make_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimiz
 def drop_labels(
     labels: torch.Tensor, null_class: int, probability: float, generator: torch.Generator | None = None
 ) -> torch.Tensor:
-    """Replace each label by the null class with ``probability`` (Ho & Salimans 2022, Algorithm 1)."""
-    drop = torch.rand(labels.shape[0], generator=generator) < probability
+    """Replace each label ``[B]`` by the null class with ``probability`` (Ho & Salimans 2022, Algorithm 1), drawn on
+    the generator's device (a CUDA generator: no host work)."""
+    device = generator.device if generator is not None else labels.device
+    drop = torch.rand(labels.shape[0], generator=generator, device=device) < probability  # [B]
     return torch.where(drop.to(labels.device), torch.full_like(labels, null_class), labels)
 
 

@@ -13,6 +13,7 @@ environment). Measured costs of the settings are in docs/benchmarks.md, not here
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import os
 import re
@@ -127,19 +128,34 @@ class DataSection:
 class ModelSection:
     preset: str = "digits"  # a ddpm_core.unet preset
     overrides: dict[str, Any] = field(default_factory=dict)  # UNetConfig fields replacing the preset's
+    conditional: bool = False  # class-conditional with a null class (classifier-free guidance; docs/conditional.md)
+    num_classes: int | None = None  # conditional: the number of classes (None: the data set's)
 
     def __post_init__(self) -> None:
         if self.preset not in PRESETS:
             raise ConfigError(f"model.preset {self.preset!r} is not one of {', '.join(sorted(PRESETS))}")
-        if self.unet().num_classes is not None:
+        if "num_classes" in self.overrides:
             raise ConfigError(
-                "model.overrides.num_classes: class-conditional training is not connected to the pipeline "
-                "yet (training passes no labels to the network); remove it to train an unconditional model"
+                "model.overrides.num_classes: set model.conditional=true instead (the number of classes comes from "
+                "the data, or from model.num_classes)"
             )
+        if self.num_classes is not None and (not self.conditional or self.num_classes < 1):
+            raise ConfigError(
+                f"model.num_classes {self.num_classes} needs model.conditional=true and must be >= 1 "
+                "(null: the data set's number of classes)"
+            )
+        self.unet(self.num_classes or 1)  # the overrides fit the U-Net
 
-    def unet(self) -> UNetConfig:
-        """The preset with the overrides applied, checked as ``model.overrides.<field>``."""
-        return from_plain(UNetConfig, self.overrides, "model.overrides", PRESETS[self.preset], ConfigError)
+    def unet(self, data_classes: int | None = None) -> UNetConfig:
+        """The preset with the overrides applied, checked as ``model.overrides.<field>``; a conditional model gets
+        ``model.num_classes`` classes, else the data set's ``data_classes``."""
+        unet = from_plain(UNetConfig, self.overrides, "model.overrides", PRESETS[self.preset], ConfigError)
+        if not self.conditional:
+            return unet
+        classes = self.num_classes or data_classes
+        if classes is None:
+            raise ConfigError("model.conditional needs the number of classes: labelled data or model.num_classes")
+        return dataclasses.replace(unet, num_classes=classes)
 
 
 @dataclass(frozen=True)
@@ -156,6 +172,7 @@ class TrainSection:
     startup_retries: int = 10  # worker-group start attempts (60 s each): waits for autoscaling, never forever
     horizontal_flip: bool = False
     seed: int = 0
+    class_dropout: float = 0.1  # conditional models: probability of training a label as the null class (CFG)
     # lr, warmup_images, grad_clip, weight_decay, ema_decay, ema_warmup: train.<field>
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=1e-3, warmup_images=10_000, ema_decay=0.999, ema_warmup=True),
@@ -195,6 +212,8 @@ class TrainSection:
             raise ConfigError(
                 f"train.batch_size {self.batch_size} must be a multiple of train.num_workers {self.num_workers}"
             )
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise ConfigError(f"train.class_dropout must lie in [0, 1), got {self.class_dropout}")
 
     def precision(self, use_gpu: bool) -> Precision:
         """The training workers' precision on the device kind given."""
@@ -273,6 +292,9 @@ class SampleSection:
         default_factory=lambda: SamplerConfig(method=Method.DDIM, num_steps=100), metadata=INLINE
     )
     seed: int = 1
+    # conditional models (docs/conditional.md): w of Ho & Salimans (2022), Eq. 6; 0 is the conditional model unguided
+    guidance_scale: float = 1.0
+    classes: tuple[int | str, ...] | None = None  # names or labels to draw, image i of class i mod K (None: all)
     bf16_on_gpu: bool = (
         True  # bf16 autocast of the U-Net in GPU sampling actors (the sampler's arithmetic stays float32)
     )
@@ -283,7 +305,9 @@ class SampleSection:
         require_positive(
             "sample", {"num_samples": self.num_samples, "batch_size": self.batch_size, "num_workers": self.num_workers}
         )
-        require_non_negative("sample", {"seed": self.seed})
+        require_non_negative("sample", {"seed": self.seed, "guidance_scale": self.guidance_scale})
+        if self.classes is not None and not self.classes:
+            raise ConfigError("sample.classes must name at least one class, or be null (all classes, balanced)")
         shards = -(-self.num_samples // self.batch_size)
         if shards > MAX_SAMPLE_SHARDS:
             raise ConfigError(
@@ -325,6 +349,8 @@ class EvaluateSection:
     grid_size: int = 100  # images in the sample grid artifact
     untrained_baseline: bool = True  # also sample and score an untrained network under the same protocol
     rescore_champion: bool = True  # also sample and score the registered champion under this run's protocol
+    guidance_scales: tuple[float, ...] = ()  # conditional models: FID and class accuracy at each w (a smaller set)
+    guidance_samples: int = 500  # images per guidance scale of the sweep
 
     @property
     def precision_recall_images(self) -> int:
@@ -353,11 +379,15 @@ class EvaluateSection:
                     "nll_batch_size",
                     "classifier_epochs",
                     "grid_size",
+                    "guidance_samples",
                 )
             },
         )
         if self.nll_images is not None and self.nll_images <= 0:
             raise ConfigError(f"evaluate.nll_images must be null (the whole split) or > 0, got {self.nll_images}")
+        negative = [scale for scale in self.guidance_scales if scale < 0]
+        if negative:
+            raise ConfigError(f"evaluate.guidance_scales must all be >= 0 (w = 0: no guidance), got {negative[0]}")
 
 
 @dataclass(frozen=True)
@@ -484,6 +514,9 @@ class PipelineConfig:
                 f"evaluate.inception_score_splits {evaluate.inception_score_splits} exceeds sample.num_samples "
                 f"{num_samples}"
             )
+        if not self.model.conditional and (self.sample.classes is not None or evaluate.guidance_scales):
+            key = "sample.classes" if self.sample.classes is not None else "evaluate.guidance_scales"
+            raise ConfigError(f"{key} needs a class-conditional model: set model.conditional=true")
         if (
             evaluate.precision_recall
             and min(evaluate.precision_recall_samples, num_samples) <= evaluate.precision_recall_k

@@ -30,6 +30,8 @@ class PrepareOutputs:
     extractor_uri: str | None = None  # the classifier feature network, when evaluation or the tune stage uses it
     extractor_id: str | None = None
     extractor_holdout_accuracy: float | None = None
+    class_names: tuple[str, ...] | None = None  # by label (an .npz's labels name themselves: "0", "1", ...)
+    class_counts: tuple[int, ...] | None = None  # training images per class
 
 
 @dataclass(frozen=True)
@@ -61,6 +63,19 @@ class TrainedWith:
 
 
 @dataclass(frozen=True)
+class Conditioning:
+    """How a class-conditional model is sampled: image i gets class ``classes[i mod len(classes)]``, guided with
+    ``w = guidance_scale`` (Ho & Salimans 2022, Eq. 6; 0: the conditional model unguided)."""
+
+    classes: tuple[int, ...]  # labels, in the order images cycle through them
+    guidance_scale: float
+    null_class: int  # the label the model was trained to read as "no class" (its number of classes)
+
+    def with_scale(self, guidance_scale: float) -> Conditioning:
+        return Conditioning(self.classes, guidance_scale, self.null_class)
+
+
+@dataclass(frozen=True)
 class TrainOutputs:
     snapshot_uri: str  # EMA weights + configs (ddpm_core.checkpoint snapshot)
     initial_snapshot_uri: str  # the untrained network at the training seed (evaluate's baseline)
@@ -69,6 +84,7 @@ class TrainOutputs:
     loop_seconds: float | None  # the final attempt's training loop, checkpoints included
     checkpoint_path: str | None  # the last Ray Train checkpoint
     config: TrainedWith
+    num_classes: int | None = None  # a class-conditional model's classes (label num_classes is the null class)
 
     def __post_init__(self) -> None:
         coerce_enum_fields(self, "train", {"device": Device})
@@ -95,6 +111,7 @@ class SampleOutputs:
     seed: int  # image i comes from noise seeded by (seed, i)
     execution: NetworkExecution
     sampling_seconds: float  # inside the sampler, summed over shards, divided by the number of actors
+    conditioning: Conditioning | None = None  # class-conditional: each shard also holds labels.npy
 
 
 @dataclass(frozen=True)
@@ -119,6 +136,7 @@ class FidProtocol:
     extractor_id: str
     extractor_weights_sha256: str | None
     reference: ReferenceSet
+    conditioning: Conditioning | None = None  # classes and guidance scale: FIDs under different w never compare
 
     def __post_init__(self) -> None:
         coerce_enum_fields(self, "protocol", {"precision": Precision})
@@ -126,6 +144,11 @@ class FidProtocol:
     def flat(self) -> dict[str, Any]:
         """The protocol as logged (``protocol.<key>`` params) and hashed into ``fid.protocol_hash``."""
         reference = {name: value for name, value in vars(self.reference).items() if value is not None}
+        conditioning = (
+            {}
+            if self.conditioning is None
+            else {"guidance_scale": self.conditioning.guidance_scale, "classes": list(self.conditioning.classes)}
+        )
         return {
             "num_samples": self.num_samples,
             "sampler": self.sampler.to_dict(),
@@ -134,6 +157,7 @@ class FidProtocol:
             "extractor_id": self.extractor_id,
             "extractor_weights_sha256": self.extractor_weights_sha256,
             **reference,
+            **conditioning,
         }
 
 
@@ -172,10 +196,21 @@ class Scores:
     recall: float | None = None
     nll_bpd: float | None = None
     nll_bpd_stderr: float | None = None
+    conditional_accuracy: float | None = None  # share of samples the classifier assigns their requested class
 
     def present(self) -> dict[str, float]:
         """The scores that were computed, by name (MLflow metric keys)."""
         return {name: value for name, value in vars(self).items() if value is not None}
+
+
+@dataclass(frozen=True)
+class GuidancePoint:
+    """One guidance scale of the sweep (``evaluate.guidance_scales``), on ``num_samples`` images."""
+
+    guidance_scale: float
+    num_samples: int
+    fid: float
+    conditional_accuracy: float
 
 
 @dataclass(frozen=True)
@@ -187,6 +222,7 @@ class EvaluateOutputs:
     grid_uri: str
     reference_uri: str  # the cached reference statistics (pipelines.reference)
     champion_version: str | None  # the champion re-scored in scores.fid_champion
+    guidance_sweep: tuple[GuidancePoint, ...] = ()
 
 
 @dataclass(frozen=True)

@@ -102,7 +102,7 @@ STAGES: tuple[Stage, ...] = (
         "sample",
         sample.run,
         SampleOutputs,
-        ("train",),
+        ("prepare", "train"),
         ("sample",),
         description="Ray actors, per-index seeds, committed shards",
     ),

@@ -32,10 +32,13 @@ def chunk_bits_per_dim(
     from ddpm_core.checkpoint import load_snapshot
     from ddpm_core.data import to_model_range
     from ddpm_core.diffusion import GaussianDiffusion
+    from ddpm_core.samplers import null_conditioned
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     snapshot = load_snapshot(snapshot_uri, storage_options)
-    model = snapshot.build_model().to(device).eval()
+    network = snapshot.build_model().to(device).eval()
+    classes = snapshot.unet.num_classes  # a conditional model's bound is its unconditional (null-class) model's
+    model = null_conditioned(network, classes) if classes is not None else network
     diffusion = GaussianDiffusion.from_config(snapshot.diffusion)
     generator = torch.Generator().manual_seed(int(np.random.SeedSequence([protocol.seed, chunk]).generate_state(1)[0]))
     x0 = to_model_range(np.array(images)).to(device)  # [n, C, H, W]; a writable copy of the object-store array

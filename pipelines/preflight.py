@@ -62,8 +62,18 @@ def check_init_from(config: PipelineConfig) -> None:
         unet, _ = within(STORAGE_DEADLINE_S, lambda: read_snapshot_config(uri, options))
     except (CheckpointError, TimeoutError) as error:
         raise PreflightError(f"train.init_from {uri!r} is not a usable snapshot: {error}") from error
-    if unet != config.model.unet():
-        raise PreflightError(init_from_mismatch(uri, unet, config.model.unet()))
+    model = config.model
+    if model.conditional and model.num_classes is None:  # the data's class count: compared by the prepare stage
+        if unet.num_classes is None:
+            raise PreflightError(
+                f"train.init_from {uri!r} holds an unconditional U-Net, but model.conditional is true: warm-start "
+                "only from a model of the same classes"
+            )
+        expected = model.unet(unet.num_classes)
+    else:
+        expected = model.unet()
+    if unet != expected:
+        raise PreflightError(init_from_mismatch(uri, unet, expected))
 
 
 def within(seconds: float, action: Callable[[], T]) -> T:

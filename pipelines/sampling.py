@@ -1,8 +1,9 @@
 """Sampling a snapshot into committed shards with Ray actors (one per GPU, or CPU workers): the sample stage's work,
 and the evaluate stage's for its baseline and champion sample sets.
 
-Image i uses the noise stream seeded by (seed, i), so the images do not depend on the number of workers; each shard
-is committed with a manifest (:mod:`pipelines.shards`), and a restart skips the shards already committed."""
+Image i uses the noise stream seeded by (seed, i), and from a class-conditional model the class
+``classes[i mod K]``, so the images do not depend on the number of workers; each shard is committed with a manifest
+(:mod:`pipelines.shards`), and a restart skips the shards already committed."""
 
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import torch
 from ddpm_core.samplers import SamplerConfig
 from ddpm_core.storage import is_committed, verify_committed
 from pipelines.advice import out_of_memory_advice, slow_precision_advice
-from pipelines.contracts import NetworkExecution, SampleOutputs
+from pipelines.contracts import Conditioning, NetworkExecution, SampleOutputs
 from pipelines.execution import Demand, Execution, check_fits
 from pipelines.shards import sample_shard_uris, write_sample_shard
 
@@ -35,6 +36,7 @@ class SampleRequest:
     sampler: SamplerConfig
     seed: int
     network: NetworkExecution
+    conditioning: Conditioning | None = None  # a class-conditional snapshot: classes and guidance scale
 
     @classmethod
     def like(cls, sampled: SampleOutputs, snapshot_uri: str, out_uri: str) -> SampleRequest:
@@ -48,6 +50,7 @@ class SampleRequest:
             sampled.sampler,
             sampled.seed,
             sampled.execution,
+            sampled.conditioning,
         )
 
 
@@ -59,7 +62,7 @@ class SampleWorker:
         from ddpm_core.checkpoint import load_snapshot
         from ddpm_core.diffusion import GaussianDiffusion
         from ddpm_core.precision import autocast_dtype
-        from ddpm_core.samplers import fast_sampling_network
+        from ddpm_core.samplers import classifier_free_guidance, fast_sampling_network
 
         snapshot = load_snapshot(request.snapshot_uri, storage_options)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -68,6 +71,12 @@ class SampleWorker:
             print(f"sample: {advice}", flush=True)
         autocast = autocast_dtype(request.network.precision)
         self.model = fast_sampling_network(snapshot.build_model().to(self.device), autocast, request.network.compile)
+        conditioning = request.conditioning
+        if conditioning is not None:  # one network call of 2B images per step when guided
+            channels = snapshot.unet.in_channels
+            self.model = classifier_free_guidance(
+                self.model, conditioning.guidance_scale, conditioning.null_class, channels
+            )
         self.diffusion = GaussianDiffusion.from_config(snapshot.diffusion)
         self.shape = (snapshot.unet.in_channels, snapshot.unet.image_size, snapshot.unet.image_size)
         self.request, self.storage_options = request, storage_options
@@ -75,17 +84,21 @@ class SampleWorker:
     def run_shard(self, uri: str, start: int, stop: int) -> tuple[int, float]:
         """Samples images ``start..stop-1`` and commits them; returns (images, seconds spent sampling)."""
         from ddpm_core.data import to_uint8
-        from ddpm_core.samplers import PerIndexNoise, sample
+        from ddpm_core.samplers import PerIndexNoise, balanced_classes, sample
 
         started = time.perf_counter()
+        conditioning = self.request.conditioning
+        labels = None if conditioning is None else balanced_classes(range(start, stop), conditioning.classes)  # [n]
+        kwargs = None if labels is None else {"class_labels": labels.to(self.device)}
         with out_of_memory_advice(
             f"sampling {stop - start} images at once on {self.device}", f"lower sample.batch_size (now {stop - start})"
         ):
             noise = PerIndexNoise(self.request.seed, range(start, stop), self.device)
-            result = sample(self.model, self.diffusion, self.shape, noise, self.request.sampler)
+            result = sample(self.model, self.diffusion, self.shape, noise, self.request.sampler, kwargs)
         images = to_uint8(result.samples)  # [n, H, W, C] uint8
         seconds = time.perf_counter() - started
-        write_sample_shard(uri, images, start, self.request.seed, self.storage_options)
+        shard_labels = None if labels is None else labels.numpy()
+        write_sample_shard(uri, images, start, self.request.seed, self.storage_options, shard_labels)
         return stop - start, seconds
 
 

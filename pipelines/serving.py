@@ -6,6 +6,11 @@ this file is logged as the model's code, so no pickled Python object is stored).
     images = model.predict(pandas.DataFrame({"index": range(16)}), params=params)
     # uint8 [16, H, W, C]; image i depends only on (seed, i)
 
+A class-conditional model also reads a ``label`` column (the class of each image) and the ``guidance_scale``
+param (w of Ho & Salimans 2022, Eq. 6; 0 is unguided; the default is the one the model was evaluated with):
+
+    sevens = model.predict(pandas.DataFrame({"index": range(10), "label": [7] * 10}), params={"guidance_scale": 1.0})
+
 Loading any MLflow pyfunc model executes its code (this file and ``ddpm_core``); the weights themselves are
 safetensors and run nothing. Load registered models only from a registry you trust.
 """
@@ -29,27 +34,43 @@ class DDPMSampler(PythonModel):
         self.model = snapshot.build_model()
         self.diffusion = GaussianDiffusion.from_config(snapshot.diffusion)
         self.shape = (snapshot.unet.in_channels, snapshot.unet.image_size, snapshot.unet.image_size)
+        self.num_classes = snapshot.unet.num_classes
+        self.guidance_scale = float((context.model_config or {}).get("guidance_scale", 0.0))
 
     def predict(
         self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> np.ndarray:
-        """``model_input["index"]``: sample indices; params: seed, method (ddim|ancestral), num_steps, eta."""
+        """``model_input["index"]``: sample indices (and ``["label"]``: classes, conditional models); params: seed,
+        method (ddim|ancestral), num_steps, eta (and guidance_scale, conditional models)."""
         from ddpm_core.data import to_uint8
         from ddpm_core.samplers import PerIndexNoise, SamplerConfig, sample
 
-        settings = {
-            "seed": 0,
-            "method": "ddim",
-            "num_steps": 50,
-            "eta": 0.0,
-            **(params or {}),
-        }  # the signature's defaults
+        settings = {"seed": 0, "method": "ddim", "num_steps": 50, "eta": 0.0, **(params or {})}  # signature defaults
         indices = [int(i) for i in model_input["index"]]
         config = SamplerConfig(
             method=settings["method"], num_steps=int(settings["num_steps"]) or None, eta=float(settings["eta"])
         )
-        result = sample(self.model, self.diffusion, self.shape, PerIndexNoise(int(settings["seed"]), indices), config)
+        noise = PerIndexNoise(int(settings["seed"]), indices)
+        if self.num_classes is None:
+            return to_uint8(sample(self.model, self.diffusion, self.shape, noise, config).samples)
+        network, labels = self.guided(model_input, float(settings.get("guidance_scale", self.guidance_scale)))
+        result = sample(network, self.diffusion, self.shape, noise, config, {"class_labels": labels})
         return to_uint8(result.samples)
+
+    def guided(self, model_input: pd.DataFrame, guidance_scale: float) -> tuple[Any, Any]:
+        """The guided network and the labels ``[n]`` of a conditional model's request, checked."""
+        import torch
+
+        from ddpm_core.samplers import classifier_free_guidance
+
+        num_classes = self.num_classes or 0
+        labels = torch.as_tensor([int(label) for label in model_input["label"]], dtype=torch.long)  # [n]
+        if len(labels) and not 0 <= int(labels.min()) <= int(labels.max()) < num_classes:
+            raise ValueError(f"label: classes of this model are 0..{num_classes - 1}, got {labels.tolist()}")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale must be >= 0 (0: no guidance), got {guidance_scale}")
+        network = classifier_free_guidance(self.model, guidance_scale, num_classes, self.shape[0])
+        return network, labels
 
 
 mlflow.models.set_model(DDPMSampler())

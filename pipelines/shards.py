@@ -4,7 +4,8 @@ sampling actors. Both are committed directories (:mod:`ddpm_core.storage`) of ui
 - A **data split** (``prepare/shards``, ``prepare/holdout``, ``prepare/test``): ``shard-NNNNN.npz`` files of
   :data:`SHARD_IMAGES` images each (``images``, and ``labels`` when the data set has them), one manifest for all.
 - A **sample shard** (``sample/<fingerprint>/shards/shard-NNNNN``): ``images.npy`` of the images with sample indices
-  ``start..stop-1``; the manifest's metadata records ``start``, ``stop`` and ``seed``.
+  ``start..stop-1`` and, from a class-conditional model, ``labels.npy`` (int64 ``[n]``, the class each image was asked
+  for); the manifest's metadata records ``start``, ``stop`` and ``seed``.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from ddpm_core.storage import commit, read_committed, read_manifest
 
 SHARD_IMAGES = 10_000  # images per file of a data split
 SAMPLE_FILE = "images.npy"
+LABELS_FILE = "labels.npy"
 
 
 @dataclass(frozen=True)
@@ -57,16 +59,26 @@ def split_sources(uri: str, storage_options: dict[str, Any]) -> list[ImageSource
     return [ImageSource(uri, name, number * SHARD_IMAGES) for number, name in enumerate(names)]
 
 
-def write_sample_shard(uri: str, images: np.ndarray, start: int, seed: int, storage_options: dict[str, Any]) -> None:
-    """Commit the samples ``images`` ``[n, H, W, C]`` uint8 with indices ``start..start+n-1`` drawn with ``seed``."""
-    buffer = io.BytesIO()
-    np.save(buffer, images)
-    commit(
-        uri,
-        {SAMPLE_FILE: buffer.getvalue()},
-        {"start": start, "stop": start + len(images), "seed": seed},
-        storage_options,
-    )
+def write_sample_shard(
+    uri: str,
+    images: np.ndarray,
+    start: int,
+    seed: int,
+    storage_options: dict[str, Any],
+    labels: np.ndarray | None = None,
+) -> None:
+    """Commit the samples ``images`` ``[n, H, W, C]`` uint8 with indices ``start..start+n-1`` drawn with ``seed``, and
+    the classes ``labels`` ``[n]`` they were asked for (conditional models)."""
+    files = {SAMPLE_FILE: _npy_bytes(images)}
+    if labels is not None:
+        files[LABELS_FILE] = _npy_bytes(labels.astype(np.int64))
+    commit(uri, files, {"start": start, "stop": start + len(images), "seed": seed}, storage_options)
+
+
+def read_sample_labels(uri: str, storage_options: dict[str, Any]) -> np.ndarray:
+    """The requested classes ``[n]`` int64 of a conditional model's sample shard."""
+    data = read_committed(uri, [LABELS_FILE], storage_options)[0][LABELS_FILE]
+    return np.load(io.BytesIO(data), allow_pickle=False)
 
 
 def sample_shard_uris(root: str, num_samples: int, shard_size: int) -> list[tuple[str, int, int]]:
@@ -91,6 +103,12 @@ def read_images(source: ImageSource, storage_options: dict[str, Any]) -> np.ndar
     if source.file.endswith(".npz"):
         return _load_npz(data)["images"]
     return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def _npy_bytes(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
 
 
 def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:

@@ -15,8 +15,10 @@ from ddpm_core.samplers import Method, SamplerConfig
 from ddpm_core.training import OptimConfig
 from pipelines.config import ConfigError, PipelineConfig, load_config
 from pipelines.contracts import (
+    Conditioning,
     EvaluateOutputs,
     FidProtocol,
+    GuidancePoint,
     NetworkExecution,
     NllProtocol,
     PrepareOutputs,
@@ -85,6 +87,38 @@ EXAMPLES = [
         None,
     ),
     RegisterOutputs("ddpm-digits", "2", False, "champion kept", "1", 0.5, 0.4, "models:/ddpm-digits/2"),
+    # A class-conditional run's outputs
+    PrepareOutputs("f" * 64, 12, 2, "s", "h", 3, class_names=("cat", "dog", "emu"), class_counts=(4, 4, 4)),
+    SampleOutputs(
+        ("a",),
+        20,
+        20,
+        1,
+        SamplerConfig(),
+        1,
+        NetworkExecution(Precision.FP32, compile=False),
+        1.0,
+        Conditioning((2, 0), 1.5, null_class=3),
+    ),
+    EvaluateOutputs(
+        Scores(0.5, conditional_accuracy=0.97),
+        FidProtocol(
+            20,
+            SamplerConfig(),
+            1,
+            Precision.FP32,
+            "classifier-1",
+            None,
+            ReferenceSet("published", reference_sha256="0" * 64),
+            Conditioning((0, 1, 2), 0.0, null_class=3),
+        ),
+        "0123456789abcdef",
+        None,
+        "grid.png",
+        "ref",
+        None,
+        (GuidancePoint(0.0, 10, 2.5, 0.7), GuidancePoint(4.0, 10, 3.5, 0.99)),
+    ),
 ]
 
 
@@ -110,7 +144,7 @@ def test_stage_outputs_survive_stage_json(outputs, tmp_path):
 def test_a_manifest_that_does_not_fit_is_named():
     plain = to_plain(EXAMPLES[0])
     with pytest.raises(
-        SchemaError, match="unknown key 'outputs.shard_uri'; allowed keys under outputs: extractor_holdout"
+        SchemaError, match="unknown key 'outputs.shard_uri'; allowed keys under outputs: class_counts, class_names, "
     ):
         from_plain(PrepareOutputs, {**plain, "shard_uri": "x"}, "outputs")
     with pytest.raises(SchemaError, match="outputs.num_train: expected an integer, got '1617'"):
@@ -140,7 +174,7 @@ def test_the_config_is_plain_data_with_the_keys_users_write():
             "model.overrides={norm_groups: 7}",
             "model.overrides.base_channels * 1 = 32 is not divisible by norm_groups = 7",
         ),
-        ("model.overrides.num_classes=10", "model.overrides.num_classes: class-conditional training is not connected"),
+        ("model.overrides.num_classes=10", "model.overrides.num_classes: set model.conditional=true instead"),
         ("train.seed=-1", "train.seed must be >= 0, got -1"),
         ("tune.search_alg=bayes", "tune.search_alg 'bayes' is not one of: random, grid, optuna, hyperopt"),
     ],

@@ -17,15 +17,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ddpm_core.images import grid, save_grid
+from ddpm_core.checkpoint import read_snapshot_config
+from ddpm_core.images import grid, rows_by_class, save_grid
 from ddpm_core.metrics import precision_recall
 from ddpm_core.storage import verify_committed
 from pipelines.champion import champion_snapshot_uri, current_champion
+from pipelines.conditioning import ClassHits, class_hits, sweep_plot
 from pipelines.config import Extractor, NllSplit
 from pipelines.context import StageContext
 from pipelines.contracts import (
     EvaluateOutputs,
     FidProtocol,
+    GuidancePoint,
     NllProtocol,
     PrepareOutputs,
     ReferenceSet,
@@ -47,7 +50,7 @@ from pipelines.scoring import (
     reference_summary,
     summarize,
 )
-from pipelines.shards import ImageSource, read_images, sample_sources, split_sources
+from pipelines.shards import ImageSource, read_images, read_sample_labels, sample_sources, split_sources
 
 
 @dataclass(frozen=True)
@@ -85,6 +88,11 @@ def run(context: StageContext, prepare: PrepareOutputs, train: TrainOutputs, sam
     scorer = make_scorer(context, prepare, context.execution(train.device))
     context.log(f"evaluate: features of {sample.num_samples} samples with {scorer.network.extractor_id}")
     scores, pr_count = sample_set_scores(context, scorer, sample)
+    if sample.conditioning is not None:
+        hits = conditional_hits(context, prepare, sample.shard_uris, scorer.execution)
+        log_class_accuracy(context, hits, list(prepare.class_names or ()))
+        scores = dataclasses.replace(scores, conditional_accuracy=hits.accuracy)
+    sweep = guidance_sweep(context, prepare, train, sample, scorer)
     compared = comparisons(context, prepare, train, sample, scorer)
     nll, nll_protocol = held_out_nll(context, prepare, train, sample)
     scores = dataclasses.replace(
@@ -103,6 +111,7 @@ def run(context: StageContext, prepare: PrepareOutputs, train: TrainOutputs, sam
         extractor_id=scorer.network.extractor_id,
         extractor_weights_sha256=scorer.network.weights_sha256,
         reference=reference_set(context, prepare, scorer),
+        conditioning=sample.conditioning,
     )
     outputs = EvaluateOutputs(
         scores=scores,
@@ -112,6 +121,7 @@ def run(context: StageContext, prepare: PrepareOutputs, train: TrainOutputs, sam
         grid_uri=save_sample_grid(context, sample),
         reference_uri=scorer.reference_uri,
         champion_version=compared.champion[0] if compared.champion else None,
+        guidance_sweep=sweep,
     )
     log_to_mlflow(context, outputs, pr_count)
     context.log(summary_line(outputs))
@@ -158,6 +168,69 @@ def sample_set_scores(context: StageContext, scorer: Scorer, sample: SampleOutpu
     return Scores(
         fid, inception_score=inception[0], inception_score_std=inception[1], precision=precision, recall=recall
     ), count
+
+
+def conditional_hits(
+    context: StageContext, prepare: PrepareOutputs, shard_uris: tuple[str, ...], execution: Execution
+) -> ClassHits:
+    """How often the data set's classifier sees the requested class in a conditional sample set."""
+    if prepare.extractor_uri is None or prepare.num_classes is None:
+        raise RuntimeError("a conditional model is scored by the prepare stage's classifier, and it made none")
+    return class_hits(shard_uris, prepare.extractor_uri, prepare.num_classes, execution)
+
+
+def log_class_accuracy(context: StageContext, hits: ClassHits, names: list[str]) -> None:
+    """Per-class conditional accuracy as ``class_accuracy.json``, and the worst class in the job's output."""
+    per_class = hits.per_class(names)
+    context.client.log_dict(context.mlflow_run_id, per_class, "class_accuracy.json")
+    worst = min(per_class, key=per_class.__getitem__)
+    context.log(
+        f"evaluate: conditional accuracy {hits.accuracy:.4f} over {int(hits.requested.sum())} samples "
+        f"(lowest: class {worst!r} {per_class[worst]:.3f})"
+    )
+
+
+def guidance_sweep(
+    context: StageContext, prepare: PrepareOutputs, train: TrainOutputs, sample: SampleOutputs, scorer: Scorer
+) -> tuple[GuidancePoint, ...]:
+    """FID and conditional accuracy at each ``evaluate.guidance_scales`` w, on the first ``guidance_samples`` images
+    (same seed, sampler and classes as the sample set), logged with the trade-off plot. These FIDs are of smaller sets
+    than the sample set's: compare them with each other, not with ``fid``."""
+    settings, conditioning = context.config.evaluate, sample.conditioning
+    if conditioning is None or not settings.guidance_scales:
+        return ()
+    count = min(settings.guidance_samples, sample.num_samples)
+    points = []
+    for scale in settings.guidance_scales:
+        context.log(f"evaluate: guidance sweep, w = {scale:g} on {count} images")
+        request = dataclasses.replace(
+            SampleRequest.like(sample, train.snapshot_uri, f"{context.work_uri('evaluate')}/guidance_w{scale:g}"),
+            num_samples=count,
+            conditioning=conditioning.with_scale(scale),
+        )
+        uris, _ = sample_to_shards(request, scorer.execution, context.log)
+        fid = scorer.fid(sample_sources(uris, scorer.execution.storage_options), count)
+        accuracy = conditional_hits(context, prepare, tuple(uris), scorer.execution).accuracy
+        points.append(GuidancePoint(scale, count, fid, accuracy))
+    log_guidance_sweep(context, points)
+    return tuple(points)
+
+
+def log_guidance_sweep(context: StageContext, points: list[GuidancePoint]) -> None:
+    """The sweep as metrics (step = position in the sweep), a JSON table and the FID-against-accuracy plot."""
+    client, run_id = context.client, context.mlflow_run_id
+    for step, point in enumerate(points):
+        client.log_metric(run_id, "guidance_sweep.w", point.guidance_scale, step=step)
+        client.log_metric(run_id, "guidance_sweep.fid", point.fid, step=step)
+        client.log_metric(run_id, "guidance_sweep.conditional_accuracy", point.conditional_accuracy, step=step)
+    client.log_dict(run_id, {"points": [vars(point) for point in points]}, "guidance_sweep.json")
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "guidance_sweep.png")
+        with open(path, "wb") as file:
+            file.write(sweep_plot(points))
+        client.log_artifact(run_id, path)
+    table = ", ".join(f"w={p.guidance_scale:g}: FID {p.fid:.3f} acc {p.conditional_accuracy:.3f}" for p in points)
+    context.log(f"evaluate: guidance sweep ({points[0].num_samples} images each): {table}")
 
 
 def feature_network(context: StageContext, prepare: PrepareOutputs) -> FeatureNetwork:
@@ -210,10 +283,19 @@ def rescore_champion(context: StageContext, scorer: Scorer, sample: SampleOutput
     champion = current_champion(context.client, config.register.model_name)
     if champion is None:
         return None
+    snapshot_uri = champion_snapshot_uri(context.store, context.tracking_uri, config.register.model_name, champion)
+    classes = read_snapshot_config(snapshot_uri, scorer.execution.storage_options)[0].num_classes
+    ours = sample.conditioning.null_class if sample.conditioning is not None else None
+    if classes != ours:
+        context.log(
+            f"evaluate: champion v{champion.version} of {config.register.model_name} is a model of "
+            f"{classes or 'no'} classes and this one of {ours or 'no'}: it cannot draw this run's sample set, so it "
+            "is not re-scored (nor compared)"
+        )
+        return None
     context.log(
         f"evaluate: re-scoring champion v{champion.version} of {config.register.model_name} under this protocol"
     )
-    snapshot_uri = champion_snapshot_uri(context.store, context.tracking_uri, config.register.model_name, champion)
     return champion.version, fid_of_snapshot(
         context, scorer, sample, snapshot_uri, f"champion_v{champion.version}_shards"
     )
@@ -286,25 +368,34 @@ def log_to_mlflow(context: StageContext, outputs: EvaluateOutputs, pr_count: int
 
 
 def save_sample_grid(context: StageContext, sample: SampleOutputs) -> str:
-    """The first ``evaluate.grid_size`` samples as a PNG grid in the run root and as an MLflow artifact."""
+    """The first ``evaluate.grid_size`` samples as a PNG grid in the run root and as an MLflow artifact; a conditional
+    sample set's has one row per class (at most ten images each)."""
     size, options = context.config.evaluate.grid_size, context.store.options
-    shards_for_grid = max(1, -(-size // sample.shard_size))  # ceil
-    sources = sample_sources(sample.shard_uris[:shards_for_grid], options)
-    images = np.concatenate([read_images(source, options) for source in sources])[:size]  # [n, H, W, C]
+    conditioning = sample.conditioning
+    classes = len(set(conditioning.classes)) if conditioning else 0
+    columns = min(10, max(1, size // classes)) if classes else 10
+    wanted = columns * len(conditioning.classes) if conditioning else size  # image i has class classes[i mod K]
+    shards_for_grid = max(1, -(-wanted // sample.shard_size))  # ceil
+    uris = sample.shard_uris[:shards_for_grid]
+    images = np.concatenate([read_images(source, options) for source in sample_sources(uris, options)])[:wanted]
+    if conditioning is not None:  # [n, H, W, C] -> one row of `columns` images per class
+        labels = np.concatenate([read_sample_labels(uri, options) for uri in uris])[:wanted]
+        images = rows_by_class(images, labels, columns)
     grid_uri = f"{context.store.stage_uri('evaluate')}/samples.png"
-    save_grid(images, grid_uri, columns=10, storage_options=options)
+    save_grid(images, grid_uri, columns=columns, storage_options=options)
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "samples.png")
-        grid(images, columns=10).save(path)
+        grid(images, columns=columns).save(path)
         context.client.log_artifact(context.mlflow_run_id, path)
     return grid_uri
 
 
 def summary_line(outputs: EvaluateOutputs) -> str:
     scores, protocol = outputs.scores, outputs.protocol
+    guided = f", guidance w={protocol.conditioning.guidance_scale:g}" if protocol.conditioning is not None else ""
     parts = [
         f"FID {scores.fid:.3f} ({protocol.num_samples} samples, {protocol.sampler.method.value} "
-        f"{protocol.sampler.num_steps} steps, extractor {protocol.extractor_id})"
+        f"{protocol.sampler.num_steps} steps{guided}, extractor {protocol.extractor_id})"
     ]
     labels = {
         "fid_untrained": "untrained network FID",
@@ -314,6 +405,7 @@ def summary_line(outputs: EvaluateOutputs) -> str:
         "precision": "precision",
         "recall": "recall",
         "nll_bpd": "NLL bits/dim",
+        "conditional_accuracy": "conditional accuracy",
     }
     present = scores.present()
     parts += [f"{label} {present[key]:.3f}" for key, label in labels.items() if key in present]

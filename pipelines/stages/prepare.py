@@ -11,9 +11,11 @@ from typing import Any
 
 import numpy as np
 
+from ddpm_core.checkpoint import read_snapshot_config
 from ddpm_core.data import DataError, ImageDataset, load_dataset
 from ddpm_core.features import accuracy, extractor_id, load_classifier, save_classifier, train_classifier
 from ddpm_core.storage import IncompleteError
+from pipelines.conditioning import sample_labels
 from pipelines.config import Extractor, NllSplit, PipelineConfig
 from pipelines.context import StageContext
 from pipelines.contracts import PrepareOutputs
@@ -23,6 +25,8 @@ from pipelines.shards import write_split
 def run(context: StageContext) -> PrepareOutputs:
     config, options = context.config, context.store.options
     dataset = load_dataset(config.data.uri, config.data.split.value, data_storage_options(config))
+    if config.model.conditional:
+        check_conditioning(dataset, config)
     check_fits_model(dataset, config)
     train_idx, holdout_idx = split(dataset, config.data.holdout_fraction)
     check_split_sizes(config, len(train_idx), len(holdout_idx))
@@ -41,6 +45,8 @@ def run(context: StageContext) -> PrepareOutputs:
         holdout_uri=f"{stage_uri}/holdout",
         num_classes=dataset.num_classes,
         test_uri=f"{stage_uri}/test" if test else None,
+        class_names=tuple(names) if (names := dataset.class_names_or_labels()) else None,
+        class_counts=tuple(counts) if (counts := dataset.class_counts(train_idx)) else None,
     )
     write_split(outputs.shards_uri, dataset, train_idx, options)
     write_split(outputs.holdout_uri, dataset, holdout_idx, options)
@@ -51,7 +57,7 @@ def run(context: StageContext) -> PrepareOutputs:
     client.log_param(context.mlflow_run_id, "data.fingerprint", dataset.fingerprint)
     client.log_metric(context.mlflow_run_id, "num_train_images", len(train_idx))
     client.log_metric(context.mlflow_run_id, "num_holdout_images", len(holdout_idx))
-    if config.evaluate.extractor is Extractor.CLASSIFIER or config.tune.proxy_fid:
+    if config.evaluate.extractor is Extractor.CLASSIFIER or config.tune.proxy_fid or config.model.conditional:
         uri, metadata = feature_extractor(context, dataset, train_idx, holdout_idx)
         accuracy_on_holdout = metadata.get("holdout_accuracy")
         if accuracy_on_holdout is not None:
@@ -71,13 +77,43 @@ def data_storage_options(config: PipelineConfig) -> dict[str, Any]:
 
 
 def check_fits_model(dataset: ImageDataset, config: PipelineConfig) -> None:
-    unet = config.model.unet()
+    unet = config.model.unet(dataset.num_classes)
     _, height, width, channels = dataset.images.shape
     if (height, width, channels) != (unet.image_size, unet.image_size, unet.in_channels):
         raise DataError(
             f"data.uri {config.data.uri!r} has {height}x{width} images with {channels} channel(s), "
             f"but model.preset {config.model.preset!r} expects {unet.image_size}x{unet.image_size} "
             f"with {unet.in_channels}; choose a matching preset or set model.overrides"
+        )
+
+
+def check_conditioning(dataset: ImageDataset, config: PipelineConfig) -> None:
+    """A conditional model's data has labels its classes cover; ``sample.classes`` names classes of the data; a
+    ``train.init_from`` snapshot has as many classes."""
+    uri, wanted = config.data.uri, config.model.num_classes
+    if dataset.labels is None or dataset.num_classes is None:
+        raise DataError(
+            f"model.conditional needs class labels, and data.uri {uri!r} has none: use one sub-folder of images per "
+            "class, an .npz with a 'labels' (or 'y') array, a CIFAR-10 archive, or builtin:digits"
+        )
+    if wanted is not None and dataset.num_classes > wanted:
+        raise DataError(
+            f"data.uri {uri!r} has {dataset.num_classes} classes (labels 0..{dataset.num_classes - 1}), more than "
+            f"model.num_classes {wanted}: raise it, or leave it null to take the data's"
+        )
+    sample_labels(config.sample.classes, dataset.class_names_or_labels() or [], dataset.num_classes)
+    if config.train.init_from:
+        check_init_from_classes(config, wanted or dataset.num_classes)
+
+
+def check_init_from_classes(config: PipelineConfig, num_classes: int) -> None:
+    uri = config.train.init_from or ""
+    found, _ = read_snapshot_config(uri, config.storage.options() if uri.startswith("s3://") else {})
+    if found.num_classes != num_classes:
+        raise DataError(
+            f"train.init_from {uri!r} is a model of {found.num_classes or 'no'} classes, but this run's model has "
+            f"{num_classes} (data.uri {config.data.uri!r}, model.num_classes): warm-start from a model of the same "
+            "classes"
         )
 
 
@@ -127,8 +163,8 @@ def feature_extractor(
     there."""
     if dataset.labels is None:
         raise DataError(
-            f"evaluate.extractor=classifier needs class labels, and data.uri {context.config.data.uri!r} has "
-            "none (use class sub-folders or an .npz with 'labels')"
+            f"evaluate.extractor=classifier (or tune's proxy FID) needs class labels, and data.uri "
+            f"{context.config.data.uri!r} has none (use class sub-folders or an .npz with 'labels')"
         )
     epochs = context.config.evaluate.classifier_epochs
     uri = context.store.cache_uri("extractors", f"{dataset.fingerprint[:16]}-classifier-e{epochs}")

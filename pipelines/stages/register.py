@@ -30,7 +30,7 @@ def run(
 ) -> RegisterOutputs:
     name = context.config.register.model_name
     client = context.client
-    version = log_model(context, train.snapshot_uri)
+    version = log_model(context, train.snapshot_uri, prepare)
     champion = current_champion(client, name)  # before this version takes any alias
     tags = {
         "fid": evaluate.scores.fid,
@@ -39,6 +39,9 @@ def run(
         "extractor_id": evaluate.protocol.extractor_id,
         "data_fingerprint": prepare.fingerprint,
     }
+    if evaluate.protocol.conditioning is not None:
+        tags["guidance_scale"] = evaluate.protocol.conditioning.guidance_scale
+        tags["conditional_accuracy"] = evaluate.scores.conditional_accuracy
     for key, value in tags.items():
         client.set_model_version_tag(name, version, key, str(value))
     client.set_registered_model_alias(name, "challenger", version)
@@ -67,19 +70,25 @@ def run(
     )
 
 
-def log_model(context: StageContext, snapshot_uri: str) -> str:
+def log_model(context: StageContext, snapshot_uri: str, prepare: PrepareOutputs) -> str:
     """The snapshot as an MLflow pyfunc model (code: ``pipelines/serving.py`` + ``ddpm_core``) in this stage's run,
-    registered as a new version of ``register.model_name``; returns the version."""
-    unet = context.config.model.unet()
+    registered as a new version of ``register.model_name``; returns the version. A conditional model's signature
+    takes a ``label`` column and a ``guidance_scale`` param (default: the scale it was evaluated with)."""
+    unet = context.config.model.unet(prepare.num_classes)
     verify_committed(snapshot_uri, context.store.options)  # never register a corrupt snapshot
     mlflow.set_tracking_uri(context.tracking_uri)
+    params, example, model_config = dict(SAMPLING_PARAMS), pd.DataFrame({"index": [0, 1]}), None
+    if unet.num_classes is not None:
+        guidance = context.config.sample.guidance_scale
+        params["guidance_scale"] = guidance
+        example["label"] = [0, unet.num_classes - 1]
+        model_config = {"guidance_scale": guidance, "class_names": list(prepare.class_names or ())}
     with tempfile.TemporaryDirectory() as directory:
         local = os.path.join(directory, "snapshot")
         fs, path = filesystem(snapshot_uri, context.store.options)
         fs.get(f"{path}/", local, recursive=True)
-        example = pd.DataFrame({"index": [0, 1]})
         output = np.zeros((2, unet.image_size, unet.image_size, unet.in_channels), np.uint8)
-        signature = infer_signature(example, output, params=SAMPLING_PARAMS)
+        signature = infer_signature(example, output, params=params)
         with mlflow.start_run(run_id=context.mlflow_run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
@@ -87,6 +96,7 @@ def log_model(context: StageContext, snapshot_uri: str) -> str:
                 artifacts={"snapshot": local},
                 code_paths=[str(PACKAGE_ROOT / "ddpm_core")],
                 signature=signature,
+                model_config=model_config,
                 registered_model_name=context.config.register.model_name,
                 pip_requirements=[
                     f"torch=={torch.__version__.split('+')[0]}",

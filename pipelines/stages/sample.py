@@ -1,17 +1,28 @@
 """sample: draw ``sample.num_samples`` images from the EMA snapshot with Ray actors (:mod:`pipelines.sampling`), on
-the device kind training ran on; the shards are committed one by one, so a restarted stage skips finished ones."""
+the device kind training ran on; the shards are committed one by one, so a restarted stage skips finished ones. A
+class-conditional model draws ``sample.classes`` in turn (all, balanced, by default) with guidance scale
+``sample.guidance_scale``."""
 
 from __future__ import annotations
 
+from pipelines.conditioning import sample_labels
 from pipelines.context import StageContext
-from pipelines.contracts import NetworkExecution, SampleOutputs, TrainOutputs
+from pipelines.contracts import Conditioning, NetworkExecution, PrepareOutputs, SampleOutputs, TrainOutputs
 from pipelines.execution import Device
 from pipelines.sampling import SampleRequest, sample_to_shards
 
 
-def run(context: StageContext, train: TrainOutputs) -> SampleOutputs:
+def run(context: StageContext, prepare: PrepareOutputs, train: TrainOutputs) -> SampleOutputs:
     settings = context.config.sample
     network = NetworkExecution(settings.precision(train.device is Device.GPU), settings.compile)
+    conditioning = None
+    if train.num_classes is not None:
+        names = list(prepare.class_names or ())  # the data's classes (a model may have more: model.num_classes)
+        classes = sample_labels(settings.classes, names, len(names))
+        conditioning = Conditioning(classes, settings.guidance_scale, null_class=train.num_classes)
+        context.log(
+            f"sample: {len(classes)} classes in turn, guidance scale w = {settings.guidance_scale:g} (0: unguided)"
+        )
     request = SampleRequest(
         snapshot_uri=train.snapshot_uri,
         out_uri=f"{context.work_uri('sample')}/shards",
@@ -21,6 +32,7 @@ def run(context: StageContext, train: TrainOutputs) -> SampleOutputs:
         sampler=settings.sampler,
         seed=settings.seed,
         network=network,
+        conditioning=conditioning,
     )
     shard_uris, sampling_seconds = sample_to_shards(request, context.execution(train.device), context.log)
     context.client.log_metric(context.mlflow_run_id, "num_samples", settings.num_samples)
@@ -33,4 +45,5 @@ def run(context: StageContext, train: TrainOutputs) -> SampleOutputs:
         seed=settings.seed,
         execution=network,
         sampling_seconds=sampling_seconds,
+        conditioning=conditioning,
     )

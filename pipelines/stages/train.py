@@ -18,7 +18,7 @@ def run(context: StageContext, prepare: PrepareOutputs, tune: TuneOutputs | None
     device = cluster_device(config.train.use_gpu)
     warm_start = tune.best_checkpoint_uri if tune is not None and config.tune.warm_start else None
     job = TrainJob(
-        unet=config.model.unet(),
+        unet=config.model.unet(prepare.num_classes),
         diffusion=config.diffusion,
         train=config.train,
         device=device,
@@ -34,9 +34,12 @@ def run(context: StageContext, prepare: PrepareOutputs, tune: TuneOutputs | None
     execution = context.execution(device)
     demand = group.demand(device, f"{train.num_workers} training workers", "train.num_workers / train.cpus_per_worker")
     check_fits(demand, execution, context.log)
+    conditional = (
+        f", {job.unet.num_classes} classes (label dropout {train.class_dropout:g})" if job.unet.num_classes else ""
+    )
     context.log(
         f"train: {train.num_workers} worker(s), {'GPU (NCCL' if device is Device.GPU else 'CPU (gloo'}, "
-        f"{job.precision.value}), {train.total_images} images, batch {train.batch_size}"
+        f"{job.precision.value}), {train.total_images} images, batch {train.batch_size}{conditional}"
     )
     result = fit(make_trainer(job, group, execution.runtime_env), job)
     send_pending_metrics(job, context.client, context.log)
@@ -49,6 +52,7 @@ def run(context: StageContext, prepare: PrepareOutputs, tune: TuneOutputs | None
         loop_seconds=reported.get("loop_seconds"),
         checkpoint_path=result.checkpoint.path if result.checkpoint else None,
         config=TrainedWith(diffusion=config.diffusion, train=train.optim),
+        num_classes=job.unet.num_classes,
     )
 
 

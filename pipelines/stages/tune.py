@@ -29,7 +29,7 @@ from ddpm_core.data import to_model_range, to_uint8
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm_core.features import extract_features, load_classifier
 from ddpm_core.metrics import FeatureStatistics, frechet_distance_from_stats
-from ddpm_core.samplers import Method, PerIndexNoise, SamplerConfig, sample
+from ddpm_core.samplers import Method, Model, PerIndexNoise, SamplerConfig, null_conditioned, sample
 from ddpm_core.unet import UNetConfig
 from pipelines.config import ConfigError, Extractor, PipelineConfig, SearchAlgorithm, with_overrides
 from pipelines.config import TrialScheduler as SchedulerChoice
@@ -142,19 +142,21 @@ class TrialMetrics:
 
     def __call__(self, ema_model: nn.Module, images_seen: int, done: bool) -> dict[str, float]:
         device = next(ema_model.parameters()).device
+        classes = self.unet.num_classes  # a conditional model is scored as its unconditional (null-class) model
+        network = null_conditioned(ema_model, classes) if classes is not None else ema_model
         diffusion = GaussianDiffusion.from_config(self.diffusion)
         if self.held_out is None:
             images, _ = read_split(self.holdout_uri, self.storage_options)
             self.held_out = to_model_range(images[: self.bpd_images]).to(device)
         estimate = diffusion.bits_per_dim_estimate(
-            ema_model, self.held_out, self.bpd_timesteps, generator=torch.Generator().manual_seed(0)
+            network, self.held_out, self.bpd_timesteps, generator=torch.Generator().manual_seed(0)
         )
         metrics = {
             "bpd": estimate["total"].mean().item(),
             "bpd_stderr": estimate["stderr"].pow(2).sum().sqrt().item() / len(self.held_out),
         }
         if done and self.proxy_fid_samples:
-            metrics["fid"] = self.proxy_fid(ema_model, diffusion, device)
+            metrics["fid"] = self.proxy_fid(network, diffusion, device)
         stamp = int(time.time() * 1000)
         client = MlflowClient(self.tracking_uri)
         client.log_batch(
@@ -162,13 +164,13 @@ class TrialMetrics:
         )
         return metrics
 
-    def proxy_fid(self, ema_model: nn.Module, diffusion: GaussianDiffusion, device: torch.device) -> float:
+    def proxy_fid(self, network: Model, diffusion: GaussianDiffusion, device: torch.device) -> float:
         if self.extractor_uri is None or self.reference_uri is None:
             raise RuntimeError("tune: the proxy FID needs the classifier and its reference statistics")
         shape = (self.unet.in_channels, self.unet.image_size, self.unet.image_size)
         noise = PerIndexNoise(0, range(self.proxy_fid_samples), device)
         sampler = SamplerConfig(method=Method.DDIM, num_steps=self.proxy_fid_steps)
-        samples = sample(ema_model, diffusion, shape, noise, sampler).samples  # [n, C, H, W]
+        samples = sample(network, diffusion, shape, noise, sampler).samples  # [n, C, H, W]
         extractor, _ = load_classifier(self.extractor_uri, self.storage_options)
         features = extract_features(extractor, to_uint8(samples))  # [n, d]
         reference = load_reference(self.reference_uri, self.storage_options).fid
@@ -189,6 +191,7 @@ class TrialSpec:
     experiment_id: str
     parent_run_id: str  # the tune stage's MLflow run
     metrics: TrialMetrics  # with the run's network and diffusion; a trial puts in its own and its MLflow run
+    num_classes: int | None  # the data set's classes (a conditional model's, unless model.num_classes)
 
     def trial_config(self, params: dict[str, Any]) -> PipelineConfig:
         """The trial's config: its parameters, trained for ``tune.trial_images`` with a report (a checkpoint) every
@@ -214,10 +217,10 @@ def run_trial(params: dict[str, Any], spec: TrialSpec) -> None:
     run_id = trial_run(client, spec, trial_id, params)
     work_uri = f"{spec.work_uri}/trials/{trial_id}"
     metrics = dataclasses.replace(
-        spec.metrics, unet=config.model.unet(), diffusion=config.diffusion, mlflow_run_id=run_id
+        spec.metrics, unet=config.model.unet(spec.num_classes), diffusion=config.diffusion, mlflow_run_id=run_id
     )
     job = TrainJob(
-        unet=config.model.unet(),
+        unet=config.model.unet(spec.num_classes),
         diffusion=config.diffusion,
         train=config.train,
         device=spec.device,
@@ -301,7 +304,7 @@ def trial_spec(context: StageContext, prepare: PrepareOutputs) -> TrialSpec:
             lambda line: context.log(f"tune: {line}"),
         )
     metrics = TrialMetrics(
-        unet=config.model.unet(),
+        unet=config.model.unet(prepare.num_classes),
         diffusion=config.diffusion,
         holdout_uri=prepare.holdout_uri,
         bpd_images=settings.bpd_images,
@@ -328,6 +331,7 @@ def trial_spec(context: StageContext, prepare: PrepareOutputs) -> TrialSpec:
         experiment_id=context.client.get_run(context.mlflow_run_id).info.experiment_id,
         parent_run_id=context.mlflow_run_id,
         metrics=metrics,
+        num_classes=prepare.num_classes,
     )
 
 

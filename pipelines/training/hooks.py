@@ -17,8 +17,8 @@ from torch import nn
 from ddpm_core.checkpoint import save_snapshot, save_training_state
 from ddpm_core.data import to_uint8
 from ddpm_core.diffusion import GaussianDiffusion
-from ddpm_core.images import grid
-from ddpm_core.samplers import Method, PerIndexNoise, SamplerConfig, sample
+from ddpm_core.images import grid, rows_by_class
+from ddpm_core.samplers import Method, PerIndexNoise, SamplerConfig, balanced_classes, sample
 from ddpm_core.storage import commit
 from ddpm_core.training import OptimConfig, learning_rate
 from pipelines.tracking import BufferedMetricLogger
@@ -28,6 +28,7 @@ from pipelines.training.state import TrainState, Worker, gather_random_states
 PENDING_METRICS = "metrics.json"
 DIVERGED = "diverged.txt"
 GRID_IMAGES = 64
+GRID_CLASSES = 16  # a conditional model's grid: one row of 8 for each of its first classes
 
 
 class Interval:
@@ -85,18 +86,22 @@ class Progress:
         self.window_started, self.window_images_seen = time.time(), state.images_seen
 
     def log_grid(self, ema_model: nn.Module, diffusion: GaussianDiffusion, images_seen: int) -> None:
-        """An 8x8 grid of DDIM samples of the EMA network, the same noise every time (MLflow's image slider)."""
+        """An 8x8 grid of DDIM samples of the EMA network, the same noise every time (MLflow's image slider); a
+        class-conditional network's has one row per class (unguided: w = 0)."""
         unet = self.job.unet
         device = next(ema_model.parameters()).device
-        noise = PerIndexNoise(self.job.train.seed, range(GRID_IMAGES), device)
+        classes = range(min(unet.num_classes, GRID_CLASSES)) if unet.num_classes else None
+        count = 8 * len(classes) if classes else GRID_IMAGES
+        labels = balanced_classes(range(count), classes) if classes else None  # [count]
+        noise = PerIndexNoise(self.job.train.seed, range(count), device)
         sampler = SamplerConfig(method=Method.DDIM, num_steps=min(50, diffusion.num_timesteps))
-        samples = sample(
-            ema_model, diffusion, (unet.in_channels, unet.image_size, unet.image_size), noise, sampler
-        ).samples
+        kwargs = None if labels is None else {"class_labels": labels.to(device)}
+        shape = (unet.in_channels, unet.image_size, unet.image_size)
+        pixels = to_uint8(sample(ema_model, diffusion, shape, noise, sampler, kwargs).samples)  # [count, H, W, C]
+        if labels is not None:
+            pixels = rows_by_class(pixels, labels.numpy(), columns=8)
         try:
-            self.client.log_image(
-                self.job.mlflow_run_id, grid(to_uint8(samples), columns=8), key="samples", step=images_seen
-            )
+            self.client.log_image(self.job.mlflow_run_id, grid(pixels, columns=8), key="samples", step=images_seen)
         except Exception as error:  # a progress picture is not worth stopping training for
             print(f"train: sample grid at {images_seen} images not logged ({type(error).__name__})", flush=True)
 

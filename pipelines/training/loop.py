@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from typing import NamedTuple
 
 import torch
 from torch.profiler import record_function
@@ -11,7 +12,7 @@ from torch.profiler import record_function
 from ddpm_core.data import random_batch, to_model_range
 from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.precision import autocast_dtype
-from ddpm_core.training import RunningTotals, train_step
+from ddpm_core.training import RunningTotals, drop_labels, train_step
 from pipelines.advice import out_of_memory_advice
 from pipelines.shards import read_split
 from pipelines.training.hooks import Interval, Progress, record_divergence, report_checkpoint, save_outputs
@@ -25,7 +26,7 @@ def train_loop(job: TrainJob) -> None:
     loss on every rank, log metrics and sample grids (rank 0), and report a checkpoint."""
     worker = Worker.current()
     state = start_state(job, worker)
-    data = resident_slice(job, worker)  # [N_r, C, H, W] in [-1, 1], on the worker's device
+    data = resident_slice(job, worker)
     diffusion = GaussianDiffusion.from_config(job.diffusion)
     totals = RunningTotals(worker.device, worker.all_reduce)
     progress = Progress(job, state.images_seen) if worker.rank == 0 else None
@@ -42,7 +43,7 @@ def train_loop(job: TrainJob) -> None:
     )
     while state.images_seen < train.total_images:
         with record_function("data"):
-            batch = random_batch(data, per_worker, state.generator, train.horizontal_flip, layout)  # [B_r, C, H, W]
+            batch, conditioning = draw_batch(job, data, per_worker, state.generator, layout)  # [B_r, C, H, W]
         with out_of_memory_advice(oom_where, oom_advice):
             result = train_step(
                 state.step_model,
@@ -52,6 +53,7 @@ def train_loop(job: TrainJob) -> None:
                 train.optim,
                 state.images_seen,
                 state.ema,
+                conditioning,
                 generator=state.generator,
                 autocast_dtype=autocast,
             )
@@ -81,7 +83,31 @@ def train_loop(job: TrainJob) -> None:
     save_outputs(job, worker, state, progress)
 
 
-def resident_slice(job: TrainJob, worker: Worker) -> torch.Tensor:
-    """This worker's share of the training split (every world-size-th image from its rank), held on its device."""
-    images, _ = read_split(job.shards_uri, job.storage_options)
-    return to_model_range(images[worker.rank :: worker.world_size]).to(worker.device)
+def draw_batch(
+    job: TrainJob, data: ResidentData, size: int, generator: torch.Generator, layout: torch.memory_format
+) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+    """A batch ``[size, C, H, W]`` drawn on the device, and for a class-conditional model its labels ``[size]``, each
+    replaced by the null class with probability ``train.class_dropout`` (Ho & Salimans 2022, Algorithm 1)."""
+    flip = job.train.horizontal_flip
+    images, labels = random_batch(data.images, size, generator, flip, layout, data.labels)
+    if labels is None or job.unet.num_classes is None:
+        return images, None
+    return images, {"class_labels": drop_labels(labels, job.unet.num_classes, job.train.class_dropout, generator)}
+
+
+class ResidentData(NamedTuple):
+    images: torch.Tensor  # [N_r, C, H, W] in [-1, 1], on the worker's device
+    labels: torch.Tensor | None  # [N_r] int64 on the same device: a class-conditional model's
+
+
+def resident_slice(job: TrainJob, worker: Worker) -> ResidentData:
+    """This worker's share of the training split (every world-size-th image from its rank), held on its device with
+    its labels when the model is class-conditional: a step draws both there, with no host work."""
+    images, labels = read_split(job.shards_uri, job.storage_options)
+    mine = slice(worker.rank, None, worker.world_size)
+    resident = to_model_range(images[mine]).to(worker.device)
+    if job.unet.num_classes is None:
+        return ResidentData(resident, None)
+    if labels is None:
+        raise ValueError(f"{job.shards_uri}: a class-conditional model needs labels, and the split has none")
+    return ResidentData(resident, torch.as_tensor(labels[mine], dtype=torch.long).to(worker.device))

@@ -1,0 +1,117 @@
+"""Class-conditional sample sets: which classes ``sample.classes`` names, and how often the data set's own classifier
+sees the class each image was asked for (conditional accuracy), counted by Ray tasks over the sample shards.
+
+The classifier is the one the prepare stage trains on the data set's labels (the classifier feature network), so its
+label order is the data's. Its hold-out accuracy (``extractor_holdout_accuracy``) bounds what the measurement can
+resolve: a conditional accuracy near it means the classes are as recognisable as real images'.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import ray
+
+from pipelines.config import ConfigError, Extractor
+from pipelines.contracts import GuidancePoint
+from pipelines.execution import Execution
+from pipelines.scoring import ExtractorSpec, build_extractor
+from pipelines.shards import read_images, read_sample_labels, sample_sources
+
+
+def sample_labels(chosen: tuple[int | str, ...] | None, names: list[str], num_classes: int) -> tuple[int, ...]:
+    """``sample.classes`` as labels (each a class name or a label in 0..K-1); all classes when it is null."""
+    if chosen is None:
+        return tuple(range(num_classes))
+    labels = []
+    for item in chosen:
+        if isinstance(item, int) and 0 <= item < num_classes:
+            labels.append(item)
+        elif isinstance(item, str) and item in names:
+            labels.append(names.index(item))
+        else:
+            raise ConfigError(
+                f"sample.classes names {item!r}, which the data does not have: use labels 0..{num_classes - 1} or "
+                f"the class names {names}"
+            )
+    return tuple(labels)
+
+
+@dataclass(frozen=True)
+class ClassHits:
+    """Per requested class: how many images were asked for, and how many the classifier assigned to it."""
+
+    requested: np.ndarray  # [K] int64
+    recognised: np.ndarray  # [K] int64
+
+    def merge(self, other: ClassHits) -> ClassHits:
+        return ClassHits(self.requested + other.requested, self.recognised + other.recognised)
+
+    @property
+    def accuracy(self) -> float:
+        """Top-1 conditional accuracy over all images."""
+        return float(self.recognised.sum() / self.requested.sum())
+
+    def per_class(self, names: list[str]) -> dict[str, float]:
+        """Accuracy by class name, for the classes that were asked for."""
+        return {
+            names[label]: float(self.recognised[label] / self.requested[label])
+            for label in range(len(names))
+            if self.requested[label] > 0
+        }
+
+
+@ray.remote
+def shard_hits(uri: str, classifier_uri: str, num_classes: int, storage_options: dict[str, object]) -> ClassHits:
+    """:class:`ClassHits` of one sample shard (``images.npy`` and ``labels.npy``)."""
+    source = sample_sources([uri], storage_options)[0]
+    images = read_images(source, storage_options)  # [n, H, W, C]
+    labels = read_sample_labels(uri, storage_options)  # [n]
+    _, logits = build_extractor(ExtractorSpec(Extractor.CLASSIFIER, classifier_uri), storage_options)(images)
+    predicted = logits.argmax(dim=1).numpy()  # [n]
+    return ClassHits(
+        np.bincount(labels, minlength=num_classes),
+        np.bincount(labels[predicted == labels], minlength=num_classes),
+    )
+
+
+def class_hits(shard_uris: tuple[str, ...], classifier_uri: str, num_classes: int, execution: Execution) -> ClassHits:
+    """:class:`ClassHits` of a conditional sample set, one Ray task per shard."""
+    task, options = shard_hits.options(**execution.options()), execution.storage_options
+    parts: list[ClassHits] = ray.get([task.remote(uri, classifier_uri, num_classes, options) for uri in shard_uris])
+    total = parts[0]
+    for part in parts[1:]:
+        total = total.merge(part)
+    return total
+
+
+def sweep_plot(points: Sequence[GuidancePoint]) -> bytes:
+    """PNG of the guidance trade-off: FID against conditional accuracy, one point per guidance scale w."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axes = pyplot.subplots(figsize=(5, 4), dpi=120)
+    accuracy = [point.conditional_accuracy for point in points]
+    fid = [point.fid for point in points]
+    axes.plot(accuracy, fid, "o-", color="tab:blue")
+    for point in points:
+        axes.annotate(
+            f"w={point.guidance_scale:g}",
+            (point.conditional_accuracy, point.fid),
+            xytext=(4, 4),
+            textcoords="offset points",
+        )
+    axes.set_xlabel("conditional accuracy (data set's classifier)")
+    axes.set_ylabel(f"FID ({points[0].num_samples} samples)")
+    axes.set_title("Classifier-free guidance: quality against class fidelity")
+    axes.grid(alpha=0.3)
+    buffer = io.BytesIO()
+    figure.tight_layout()
+    figure.savefig(buffer, format="png")
+    pyplot.close(figure)
+    return buffer.getvalue()
