@@ -1,10 +1,11 @@
-"""Sample quality per cost: FID against the number of sampling steps, for a finished pipeline run.
+"""Sample quality per cost: FID against the number of network evaluations (NFE), for a finished pipeline run.
 
 Takes the run's EMA snapshot, its sample seed and its cached reference statistics and feature network (classifier or
 Inception, as the run's evaluate stage used), samples the same N images (indices 0..N-1, noise seeded by
-(seed, index)) with DDIM (eta = 0) at several step counts and with the 1000-step ancestral sampler, and scores each
-set exactly as the evaluate stage does. The row with the run's own sampler reproduces the run's logged FID, which
-checks that this script measures what the pipeline reports. Writes JSON and a plot.
+(seed, index)) with each sampler (DDIM with eta = 0, DPM-Solver++(2M), Heun, ancestral; ``method:steps[:spacing]``)
+and scores each set exactly as the evaluate stage does. The row with the run's own sampler reproduces the run's
+logged FID, which checks that this script measures what the pipeline reports. Writes JSON and a plot of FID against
+NFE, one line per sampler and spacing.
 
     python benchmarks/fid_vs_steps.py --run-root runs/quickstart --out benchmarks/results/fid_vs_steps_digits.json \\
         --plot docs/images/fid_vs_steps_digits.png
@@ -31,7 +32,11 @@ from pipelines.runs import read_manifest
 from pipelines.scoring import ExtractorSpec, build_extractor, load_reference
 
 T = TypeVar("T")
-SAMPLERS = ["ddim:10", "ddim:20", "ddim:50", "ddim:100", "ddim:1000", "ancestral:1000"]  # method:steps
+SAMPLERS = [  # method:steps[:spacing]
+    *(f"ddim:{steps}" for steps in (10, 20, 50, 100)),
+    *(f"dpm_solver++_2m:{steps}:log_snr" for steps in (5, 10, 15, 20)),
+    *(f"heun:{steps}:karras" for steps in (5, 10, 25)),
+]
 
 
 def outputs(run_root: Path, stage: str, kind: type[T]) -> T:
@@ -60,8 +65,9 @@ def score(run_root: Path, num_samples: int, batch_size: int, samplers: list[str]
     reference = load_reference(outputs(run_root, "evaluate", EvaluateOutputs).reference_uri, {})
     extractor = build_extractor(extractor_spec(run_root), {})
     rows = []
-    for method, steps in (name.split(":") for name in samplers):
-        config = SamplerConfig(method=method, num_steps=int(steps))
+    for name in samplers:
+        method, steps, *spacing = name.split(":")
+        config = SamplerConfig(method=method, num_steps=int(steps), spacing=spacing[0] if spacing else "linspace")
         started = time.perf_counter()
         batches = []
         for start in range(0, num_samples, batch_size):
@@ -75,6 +81,8 @@ def score(run_root: Path, num_samples: int, batch_size: int, samplers: list[str]
             {
                 "method": method,
                 "steps": int(steps),
+                "spacing": config.spacing.value,
+                "nfe": config.method.network_evaluations(int(steps)),
                 "num_samples": num_samples,
                 "sampling_s": seconds,
                 "images_per_s": num_samples / seconds,
@@ -82,7 +90,8 @@ def score(run_root: Path, num_samples: int, batch_size: int, samplers: list[str]
             }
         )
         print(
-            f"{method:9s} {steps:>5s} steps: FID {fid:8.3f}  ({seconds:7.1f} s, {num_samples / seconds:7.1f} img/s)",
+            f"{name:26s} NFE {rows[-1]['nfe']:5d}: FID {fid:8.3f}  ({seconds:7.1f} s, "
+            f"{num_samples / seconds:7.1f} img/s)",
             flush=True,
         )
     return rows
@@ -95,21 +104,19 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 4), dpi=120)
-    ddim = [r for r in rows if r["method"] == "ddim"]
-    axis.plot([r["steps"] for r in ddim], [r["fid"] for r in ddim], "o-", label="DDIM (eta = 0)")
-    for r in rows:
-        if r["method"] == "ancestral":
-            axis.plot([r["steps"]], [r["fid"]], "s", color="C3", label=f"ancestral ({r['steps']} steps)")
-    for r in rows:
-        axis.annotate(
-            f"{r['sampling_s']:.0f} s", (r["steps"], r["fid"]), textcoords="offset points", xytext=(4, 4), fontsize=7
-        )
+    lines: dict[tuple[str, str], list[dict]] = {}
+    for row in rows:
+        lines.setdefault((row["method"], row["spacing"]), []).append(row)
+    for (method, spacing), points in lines.items():
+        points = sorted(points, key=lambda point: point["nfe"])
+        style = "s" if len(points) == 1 else "o-"
+        axis.plot([p["nfe"] for p in points], [p["fid"] for p in points], style, label=f"{method} ({spacing})")
     axis.set_xscale("log")
-    axis.set_xlabel("sampling steps (network evaluations per image)")
+    axis.set_xlabel("network evaluations per image (NFE)")
     axis.set_ylabel("FID (lower is better)")
     axis.set_title(title, fontsize=9)
     axis.grid(True, which="both", alpha=0.3)
-    axis.legend()
+    axis.legend(fontsize=8)
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path)
@@ -124,7 +131,12 @@ def main() -> None:
     parser.add_argument(
         "--batch-size", type=int, default=None, help="default: the run's sample.batch_size (identical images)"
     )
-    parser.add_argument("--samplers", nargs="+", default=SAMPLERS, help="method:steps, e.g. ddim:50 ancestral:1000")
+    parser.add_argument(
+        "--samplers",
+        nargs="+",
+        default=SAMPLERS,
+        help="method:steps[:spacing], e.g. ddim:50 dpm_solver++_2m:10:log_snr",
+    )
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
@@ -145,7 +157,7 @@ def main() -> None:
     }
     write_result(args.out, result)
     if args.plot:
-        plot(rows, f"{config.run_id}: FID of {num_samples} samples vs steps ({result['extractor_id']})", args.plot)
+        plot(rows, f"{config.run_id}: FID of {num_samples} samples vs NFE ({result['extractor_id']})", args.plot)
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
-"""Samplers: ancestral DDPM sampling (Ho et al. 2020, Algorithm 2) and DDIM (Song et al. 2021, Eq. 12).
+"""Samplers: ancestral DDPM sampling (Ho et al. 2020, Algorithm 2), DDIM (Song et al. 2021, Eq. 12), and the
+second-order ODE solvers DPM-Solver++(2M) and Heun (:mod:`ddpm_core.solvers`).
 
-Both run on a (possibly respaced) :class:`GaussianDiffusion`, take the network as an argument and own no weights.
+All run on a (possibly respaced) :class:`GaussianDiffusion`, take the network as an argument and own no weights.
 Randomness comes from a :class:`NoiseSource`; the default, :class:`PerIndexNoise`, gives every sample index its
 own generator seeded by ``(seed, index)``, so image ``i`` is the same whatever the batch size or worker count.
 """
@@ -8,6 +9,7 @@ own generator seeded by ``(seed, index)``, so image ``i`` is the same whatever t
 from __future__ import annotations
 
 import enum
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, Protocol
@@ -17,11 +19,18 @@ import torch
 
 from ddpm_core.diffusion import GaussianDiffusion, Model
 from ddpm_core.fields import FieldError, coerce_enum_fields
+from ddpm_core.solvers import Denoiser, dpm_solver_pp_2m, heun
 
 
 class Method(str, enum.Enum):
-    ANCESTRAL = "ancestral"
-    DDIM = "ddim"
+    ANCESTRAL = "ancestral"  # Ho et al. 2020, Algorithm 2: one network evaluation per step
+    DDIM = "ddim"  # Song et al. 2021, Eq. 12 (eta = 0: the probability-flow ODE, first order): one per step
+    DPM_SOLVER_PP_2M = "dpm_solver++_2m"  # Lu et al. 2022b, Algorithm 2 (second order, multistep): one per step
+    HEUN = "heun"  # Karras et al. 2022, Algorithm 1 (second order): two per step, one at the last
+
+    def network_evaluations(self, steps: int) -> int:
+        """NFE of a sample visiting ``steps`` timesteps."""
+        return 2 * steps - 1 if self is Method.HEUN else steps
 
 
 class Spacing(str, enum.Enum):
@@ -30,6 +39,16 @@ class Spacing(str, enum.Enum):
     LINSPACE = "linspace"  # evenly from T-1 down to 0, both ends included (improved-diffusion)
     LEADING = "leading"  # 0, T//n, 2T//n, ... (the DDIM code's and diffusers' default; never visits T-1)
     TRAILING = "trailing"  # T-1, T-1-T//n, ... (Lin et al. 2024, Table 2)
+    LOG_SNR = "log_snr"  # uniform in lambda = log(alpha / sigma) from T-1 to 0 (Lu et al. 2022a, Sec. 3.3)
+    KARRAS = "karras"  # EDM's sigma_i^(1/rho) uniform, rho = 7, from T-1 to 0 (Karras et al. 2022, Eq. 5)
+
+    @property
+    def needs_schedule(self) -> bool:
+        """Whether the spacing depends on the noise schedule (not only on T and the number of steps)."""
+        return self in (Spacing.LOG_SNR, Spacing.KARRAS)
+
+
+KARRAS_RHO = 7.0
 
 
 @dataclass(frozen=True)
@@ -59,8 +78,15 @@ class SamplerConfig:
         }
 
 
-def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: Spacing = Spacing.LINSPACE) -> list[int]:
-    """The increasing list of ``num_steps`` timestep indices that a shortened sampler visits."""
+def spaced_timesteps(
+    num_timesteps: int,
+    num_steps: int,
+    spacing: Spacing = Spacing.LINSPACE,
+    alphas_cumprod: torch.Tensor | None = None,
+) -> list[int]:
+    """The increasing list of ``num_steps`` timestep indices that a shortened sampler visits. ``log_snr`` and
+    ``karras`` place the steps by noise level and need the schedule's ``alphas_cumprod`` ``[T]``: each target level
+    is taken by the timestep nearest to it (in log-SNR), so the network only sees timesteps it was trained on."""
     if not 1 <= num_steps <= num_timesteps:
         raise ValueError(f"num_steps must lie in [1, {num_timesteps}], got {num_steps}")
     spacing = Spacing(spacing)
@@ -68,12 +94,44 @@ def spaced_timesteps(num_timesteps: int, num_steps: int, spacing: Spacing = Spac
         steps = np.linspace(0, num_timesteps - 1, num_steps).round().astype(int)
     elif spacing is Spacing.LEADING:
         steps = np.arange(num_steps) * (num_timesteps // num_steps)
-    else:
+    elif spacing is Spacing.TRAILING:
         steps = np.round(np.arange(num_timesteps, 0, -num_timesteps / num_steps)).astype(int)[::-1] - 1
+    else:
+        if alphas_cumprod is None:
+            raise ValueError(f"{spacing.value} spacing needs the noise schedule (alphas_cumprod)")
+        steps = nearest_timesteps(alphas_cumprod, noise_level_targets(alphas_cumprod, num_steps, spacing))
     visited = sorted({int(step) for step in steps})
-    if len(visited) != num_steps:
-        raise ValueError(f"{spacing.value} spacing of {num_timesteps} steps into {num_steps} gives duplicate steps")
+    if len(visited) != num_steps or visited[-1] >= num_timesteps:
+        raise ValueError(
+            f"{spacing.value} spacing of {num_timesteps} steps into {num_steps} gives duplicate steps; use fewer "
+            "steps or another spacing"
+        )
     return visited
+
+
+def noise_level_targets(alphas_cumprod: torch.Tensor, num_steps: int, spacing: Spacing) -> np.ndarray:
+    """``num_steps`` target half-log-SNRs lambda = log(alpha / sigma) between those of timesteps T-1 and 0."""
+    abar = alphas_cumprod.double().numpy()
+    noisiest, cleanest = float(abar[-1]), float(abar[0])
+    if spacing is Spacing.LOG_SNR:
+        lambda_min, lambda_max = (0.5 * math.log(a / (1 - a)) for a in (noisiest, cleanest))
+        return np.linspace(lambda_min, lambda_max, num_steps)
+    # Karras: sigma = sqrt((1 - abar) / abar) (EDM's noise level), sigma^(1/rho) uniform from sigma_max to sigma_min
+    sigma_max, sigma_min = (math.sqrt((1 - a) / a) for a in (noisiest, cleanest))
+    ramp = np.linspace(sigma_max ** (1 / KARRAS_RHO), sigma_min ** (1 / KARRAS_RHO), num_steps)
+    return -np.log(ramp**KARRAS_RHO)  # lambda = -log(sigma)
+
+
+def nearest_timesteps(alphas_cumprod: torch.Tensor, targets: np.ndarray) -> np.ndarray:
+    """For each target lambda (from the noisiest), the timestep whose lambda is nearest; where targets crowd onto one
+    timestep (lambda changes fast near the ends of the schedule), they move to the neighbouring timesteps, so that the
+    steps stay distinct and within 0..T-1."""
+    abar = alphas_cumprod.double().numpy()
+    lambdas = 0.5 * np.log(abar / (1 - abar))  # [T], decreasing in t
+    nearest = np.abs(lambdas[None, :] - targets[::-1, None]).argmin(axis=1)  # [n], from the cleanest target
+    order, last = np.arange(len(nearest)), len(lambdas) - len(nearest)
+    upward = np.minimum(np.maximum.accumulate(nearest - order), last)  # t_j - j: non-decreasing, at most T - n
+    return np.minimum.accumulate(upward[::-1])[::-1] + order  # strictly increasing, in [0, T - 1]
 
 
 class NoiseSource(Protocol):
@@ -169,9 +227,11 @@ class SampleResult:
     timesteps: list[int]  # original-schedule timesteps visited, from noisiest to cleanest
     pred_x0: torch.Tensor | None  # [S, B, C, H, W] x_0 predictions at the recorded steps (progressive decoding)
     recorded_steps: list[int]  # the original timesteps at which pred_x0 was recorded
+    network_evaluations: int = 0  # NFE: calls of the model for this batch
 
 
 ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
+ODE_SOLVERS = {Method.DPM_SOLVER_PP_2M: dpm_solver_pp_2m, Method.HEUN: heun}
 
 
 @torch.no_grad()
@@ -186,19 +246,22 @@ def sample(
     record_x0_every: int | None = None,
     dtype: torch.dtype = torch.float32,
 ) -> SampleResult:
-    """Draw a batch from p_theta: x_T ~ N(0, I) from ``noise``, then ancestral or DDIM steps down to t = 0.
+    """Draw a batch from p_theta: x_T ~ N(0, I) from ``noise``, then the configured method's steps down to t = 0.
 
     ``shape`` is one sample's ``(C, H, W)``; the batch size is the noise source's. ``record_x0_every=k`` keeps the
     predicted x_0 every k steps and at the last step (Ho et al. 2020, Sec. 4.3, progressive decoding).
     """
     config = SamplerConfig(**config.to_dict())
     steps = config.num_steps or diffusion.num_timesteps
-    spaced = (
-        diffusion
+    visited = (
+        list(range(diffusion.num_timesteps))
         if steps == diffusion.num_timesteps
-        else diffusion.respaced(spaced_timesteps(diffusion.num_timesteps, steps, config.spacing))
+        else spaced_timesteps(diffusion.num_timesteps, steps, config.spacing, diffusion.alphas_cumprod)
     )
     x = noise(shape).to(dtype)
+    if config.method in ODE_SOLVERS:
+        return solve_ode(model, diffusion, x, visited, config, model_kwargs, progress, record_x0_every)
+    spaced = diffusion if steps == diffusion.num_timesteps else diffusion.respaced(visited)
     device = x.device
     recorded, recorded_steps = [], []
     for done, index in enumerate(reversed(range(spaced.num_timesteps))):
@@ -220,6 +283,37 @@ def sample(
         timesteps=[int(step) for step in reversed(spaced.timestep_map.tolist())],
         pred_x0=torch.stack(recorded) if recorded else None,
         recorded_steps=recorded_steps,
+        network_evaluations=spaced.num_timesteps,
+    )
+
+
+def solve_ode(
+    model: Model,
+    diffusion: GaussianDiffusion,
+    x: torch.Tensor,
+    visited: list[int],
+    config: SamplerConfig,
+    model_kwargs: dict[str, Any] | None,
+    progress: ProgressCallback | None,
+    record_x0_every: int | None,
+) -> SampleResult:
+    """Run a second-order ODE solver (:mod:`ddpm_core.solvers`) from ``x`` ``[B, C, H, W]`` over the ``visited``
+    timesteps, recording x_0 predictions and reporting progress as the other samplers do."""
+    denoise = Denoiser(model, diffusion, dict(model_kwargs or {}), config.clip_denoised, x.dtype)
+    timesteps = list(reversed(visited))
+    recorded: list[torch.Tensor] = []
+    recorded_steps: list[int] = []
+
+    def on_step(timestep: int, done: int, x0: torch.Tensor) -> None:
+        if record_x0_every and ((done - 1) % record_x0_every == 0 or done == len(timesteps)):
+            recorded.append(x0.cpu())
+            recorded_steps.append(timestep)
+        if progress is not None:
+            progress(done, len(timesteps))
+
+    samples = ODE_SOLVERS[config.method](denoise, x, timesteps, on_step)
+    return SampleResult(
+        samples, timesteps, torch.stack(recorded) if recorded else None, recorded_steps, denoise.evaluations
     )
 
 

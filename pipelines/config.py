@@ -23,10 +23,10 @@ from typing import Any, TypeVar
 
 import yaml
 
-from ddpm_core.diffusion import DiffusionConfig
+from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm_core.fields import allowed_values
 from ddpm_core.precision import Precision
-from ddpm_core.samplers import Method, SamplerConfig
+from ddpm_core.samplers import ODE_SOLVERS, Method, SamplerConfig, spaced_timesteps
 from ddpm_core.training import OptimConfig
 from ddpm_core.unet import PRESETS, UNetConfig
 from ddpm_core.weights import check_sha256_spec
@@ -467,6 +467,25 @@ class MlflowSection:
         return uri or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
+def check_sampler(sampler: SamplerConfig, diffusion: DiffusionConfig) -> None:
+    """The sampler fits the schedule: its steps are distinct timesteps of it, and only DDIM takes eta."""
+    steps, num_timesteps = sampler.num_steps, diffusion.num_timesteps
+    if steps is not None and steps > num_timesteps:
+        raise ConfigError(f"sample.num_steps {steps} exceeds diffusion.num_timesteps {num_timesteps}")
+    if sampler.eta > 0 and sampler.method is not Method.DDIM:
+        raise ConfigError(
+            f"sample.eta {sampler.eta:g} applies to sample.method=ddim only ({sampler.method.value} is "
+            f"{'a deterministic ODE solver' if sampler.method in ODE_SOLVERS else 'stochastic by itself'}); set it to 0"
+        )
+    if steps is not None and sampler.spacing.needs_schedule:
+        try:
+            spaced_timesteps(
+                num_timesteps, steps, sampler.spacing, GaussianDiffusion.from_config(diffusion).alphas_cumprod
+            )
+        except ValueError as error:
+            raise ConfigError(f"sample.spacing {sampler.spacing.value}: {error}") from None
+
+
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -493,9 +512,7 @@ class PipelineConfig:
                 f"run_id {self.run_id!r} must be 1-128 letters, digits, '.', '_' or '-' (no path separators)"
             )
         num_timesteps, num_samples = self.diffusion.num_timesteps, self.sample.num_samples
-        steps = self.sample.sampler.num_steps
-        if steps is not None and steps > num_timesteps:
-            raise ConfigError(f"sample.num_steps {steps} exceeds diffusion.num_timesteps {num_timesteps}")
+        check_sampler(self.sample.sampler, self.diffusion)
         if self.tune.enabled and self.data.holdout_fraction <= 0:
             raise ConfigError("tune.enabled needs data.holdout_fraction > 0: trials are ranked on held-out images")
         evaluate = self.evaluate

@@ -2,7 +2,7 @@
 this file is logged as the model's code, so no pickled Python object is stored).
 
     model = mlflow.pyfunc.load_model("models:/ddpm-digits@champion")
-    params = {"seed": 0, "method": "ddim", "num_steps": 50}
+    params = {"seed": 0, "method": "dpm_solver++_2m", "num_steps": 20, "spacing": "log_snr"}
     images = model.predict(pandas.DataFrame({"index": range(16)}), params=params)
     # uint8 [16, H, W, C]; image i depends only on (seed, i)
 
@@ -41,14 +41,19 @@ class DDPMSampler(PythonModel):
         self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> np.ndarray:
         """``model_input["index"]``: sample indices (and ``["label"]``: classes, conditional models); params: seed,
-        method (ddim|ancestral), num_steps, eta (and guidance_scale, conditional models)."""
+        method (ddim|ancestral|dpm_solver++_2m|heun), num_steps, eta (ddim), spacing (linspace|leading|trailing|
+        log_snr|karras), and guidance_scale (conditional models)."""
         from ddpm_core.data import to_uint8
         from ddpm_core.samplers import PerIndexNoise, SamplerConfig, sample
 
-        settings = {"seed": 0, "method": "ddim", "num_steps": 50, "eta": 0.0, **(params or {})}  # signature defaults
+        defaults = {"seed": 0, "method": "ddim", "num_steps": 50, "eta": 0.0, "spacing": "linspace"}  # the signature's
+        settings = {**defaults, **(params or {})}
         indices = [int(i) for i in model_input["index"]]
         config = SamplerConfig(
-            method=settings["method"], num_steps=int(settings["num_steps"]) or None, eta=float(settings["eta"])
+            method=settings["method"],
+            num_steps=int(settings["num_steps"]) or None,
+            eta=float(settings["eta"]),
+            spacing=settings["spacing"],
         )
         noise = PerIndexNoise(int(settings["seed"]), indices)
         if self.num_classes is None:

@@ -138,6 +138,7 @@ def test_killed_worker_then_killed_driver_resume_from_checkpoints(tmp_path):
             "--samplers",
             "ddim:50",
             "ddim:10",
+            "heun:3:karras",
             "--out",
             str(out),
             "--plot",
@@ -149,7 +150,8 @@ def test_killed_worker_then_killed_driver_resume_from_checkpoints(tmp_path):
         env={**env, "OMP_NUM_THREADS": "1"},  # one thread, like a sampling actor: the same images
     )
     benchmark = json.loads(out.read_text())
-    assert [(row["method"], row["steps"]) for row in benchmark["rows"]] == [("ddim", 50), ("ddim", 10)]
+    rows = [(row["method"], row["steps"], row["spacing"], row["nfe"]) for row in benchmark["rows"]]
+    assert rows == [("ddim", 50, "linspace", 50), ("ddim", 10, "linspace", 10), ("heun", 3, "karras", 5)]
     assert benchmark["rows"][0]["fid"] == pytest.approx(benchmark["run_fid"], rel=1e-4)
     assert (
         benchmark["rows"][1]["fid"] != pytest.approx(benchmark["run_fid"], rel=1e-2)

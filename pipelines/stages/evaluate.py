@@ -20,6 +20,7 @@ import numpy as np
 from ddpm_core.checkpoint import read_snapshot_config
 from ddpm_core.images import grid, rows_by_class, save_grid
 from ddpm_core.metrics import precision_recall
+from ddpm_core.samplers import Method
 from ddpm_core.storage import verify_committed
 from pipelines.champion import champion_snapshot_uri, current_champion
 from pipelines.conditioning import ClassHits, class_hits, sweep_plot
@@ -347,7 +348,12 @@ def log_to_mlflow(context: StageContext, outputs: EvaluateOutputs, pr_count: int
     for key, value in outputs.scores.present().items():
         client.log_metric(run_id, key, value)
     params = {f"protocol.{key}": value for key, value in outputs.protocol.flat().items() if key != "sampler"}
-    params.update({f"protocol.sampler.{key}": value for key, value in outputs.protocol.sampler.to_dict().items()})
+    sampler = outputs.protocol.sampler
+    params.update({f"protocol.sampler.{key}": value for key, value in sampler.to_dict().items()})
+    # NFE follows from method and steps, so it is logged beside the protocol, not hashed into it
+    params["protocol.sampler.network_evaluations"] = sampler.method.network_evaluations(
+        sampler.num_steps or context.config.diffusion.num_timesteps
+    )
     if settings.inception_score:
         params["protocol.inception_score.splits"] = settings.inception_score_splits
     if settings.precision_recall:
@@ -393,9 +399,12 @@ def save_sample_grid(context: StageContext, sample: SampleOutputs) -> str:
 def summary_line(outputs: EvaluateOutputs) -> str:
     scores, protocol = outputs.scores, outputs.protocol
     guided = f", guidance w={protocol.conditioning.guidance_scale:g}" if protocol.conditioning is not None else ""
+    sampler = protocol.sampler
+    steps = sampler.num_steps
+    nfe = f", {sampler.method.network_evaluations(steps)} NFE" if sampler.method is Method.HEUN and steps else ""
     parts = [
-        f"FID {scores.fid:.3f} ({protocol.num_samples} samples, {protocol.sampler.method.value} "
-        f"{protocol.sampler.num_steps} steps{guided}, extractor {protocol.extractor_id})"
+        f"FID {scores.fid:.3f} ({protocol.num_samples} samples, {sampler.method.value} "
+        f"{sampler.num_steps} steps{nfe}{guided}, extractor {protocol.extractor_id})"
     ]
     labels = {
         "fid_untrained": "untrained network FID",

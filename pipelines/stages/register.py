@@ -22,7 +22,8 @@ from pipelines.context import StageContext
 from pipelines.contracts import EvaluateOutputs, PrepareOutputs, RegisterOutputs, TrainOutputs
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-SAMPLING_PARAMS = {"seed": 0, "method": "ddim", "num_steps": 50, "eta": 0.0}  # the pyfunc's params and defaults
+# the pyfunc's params and defaults (method: ancestral, ddim, dpm_solver++_2m, heun; spacing: ddpm_core.samplers.Spacing)
+SAMPLING_PARAMS = {"seed": 0, "method": "ddim", "num_steps": 50, "eta": 0.0, "spacing": "linspace"}
 
 
 def run(
