@@ -7,8 +7,10 @@ and scores each set exactly as the evaluate stage does. The row with the run's o
 logged FID, which checks that this script measures what the pipeline reports. Writes JSON and a plot of FID against
 NFE, one line per sampler and spacing.
 
-    python benchmarks/fid_vs_steps.py --run-root runs/quickstart --out benchmarks/results/fid_vs_steps_digits.json \\
-        --plot docs/images/fid_vs_steps_digits.png
+    python benchmarks/fid_vs_steps.py --run-root runs/quickstart --out benchmarks/results/fid_vs_nfe_digits.json \\
+        --plot docs/images/fid_vs_nfe_digits.png
+    python benchmarks/fid_vs_steps.py --run-root runs/quickstart --seed 2 --samplers ddim:50 \\
+        dpm_solver++_2m:20:trailing --out ...     # another noise seed: the spread of FID between sample sets
 """
 
 from __future__ import annotations
@@ -34,8 +36,10 @@ from pipelines.scoring import ExtractorSpec, build_extractor, load_reference
 T = TypeVar("T")
 SAMPLERS = [  # method:steps[:spacing]
     *(f"ddim:{steps}" for steps in (10, 20, 50, 100)),
-    *(f"dpm_solver++_2m:{steps}:log_snr" for steps in (5, 10, 15, 20)),
+    *(f"dpm_solver++_2m:{steps}:trailing" for steps in (5, 10, 15, 20)),
+    *(f"dpm_solver++_2m:{steps}:log_snr" for steps in (10, 20)),
     *(f"heun:{steps}:karras" for steps in (5, 10, 25)),
+    *(f"heun:{steps}:trailing" for steps in (10, 25)),
 ]
 
 
@@ -56,12 +60,12 @@ def extractor_spec(run_root: Path) -> ExtractorSpec:
     )
 
 
-def score(run_root: Path, num_samples: int, batch_size: int, samplers: list[str]) -> list[dict]:
+def score(run_root: Path, num_samples: int, batch_size: int, samplers: list[str], seed: int | None) -> list[dict]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     snapshot = load_snapshot(outputs(run_root, "train", TrainOutputs).snapshot_uri)
     model, diffusion = snapshot.build_model().to(device), GaussianDiffusion.from_config(snapshot.diffusion)
     shape = (snapshot.unet.in_channels, snapshot.unet.image_size, snapshot.unet.image_size)
-    seed = outputs(run_root, "sample", SampleOutputs).seed
+    seed = outputs(run_root, "sample", SampleOutputs).seed if seed is None else seed
     reference = load_reference(outputs(run_root, "evaluate", EvaluateOutputs).reference_uri, {})
     extractor = build_extractor(extractor_spec(run_root), {})
     rows = []
@@ -137,12 +141,13 @@ def main() -> None:
         default=SAMPLERS,
         help="method:steps[:spacing], e.g. ddim:50 dpm_solver++_2m:10:log_snr",
     )
+    parser.add_argument("--seed", type=int, default=None, help="noise seed (default: the run's sample.seed)")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--plot", type=Path, default=None)
     args = parser.parse_args()
     config = load_config(str(args.run_root / "config.yaml"), [])
     num_samples = args.samples or config.sample.num_samples
-    rows = score(args.run_root, num_samples, args.batch_size or config.sample.batch_size, args.samplers)
+    rows = score(args.run_root, num_samples, args.batch_size or config.sample.batch_size, args.samplers, args.seed)
     evaluated = outputs(args.run_root, "evaluate", EvaluateOutputs)
     result = {
         "benchmark": "fid_vs_steps",
@@ -153,6 +158,7 @@ def main() -> None:
         "extractor_id": evaluated.protocol.extractor_id,
         "run_fid": evaluated.scores.fid,
         "run_sampler": evaluated.protocol.sampler.to_dict(),
+        "seed": config.sample.seed if args.seed is None else args.seed,
         "rows": rows,
     }
     write_result(args.out, result)

@@ -7,6 +7,10 @@
                                                           (warm start from the champion), evaluated, promoted if better
   dag                                                     print the stage graph (text and Mermaid)
   status   RUN_ID [--config FILE] [key=value ...]          each stage's state from its manifest, and a retrain decision
+  interpolate RUN_ID [--pair I J] [--timesteps T ...] [--out PNG]
+                                                          latent interpolation of two held-out images (paper Fig. 9)
+  progressive RUN_ID [--samples N] [--frames F] [--out PNG]
+                                                          predicted x_0 along the reverse chain (paper Fig. 6)
 
 Exit codes: 0 done (or skipped), 2 bad config / data / storage / weights, or more resources than the cluster has,
 3 another run holds the run root's lease, 4 a stage stopped on purpose (e.g. training diverged; the message says what
@@ -62,7 +66,46 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("run_id")
     status.add_argument("--config")
     status.add_argument("overrides", nargs="*")
+    interpolation = commands.add_parser("interpolate", help="latent interpolation of two held-out images (Fig. 9)")
+    interpolation.add_argument("run_id")
+    interpolation.add_argument("--config")
+    interpolation.add_argument("--pair", nargs=2, type=int, default=[0, 1], help="two hold-out image indices")
+    interpolation.add_argument("--timesteps", nargs="+", type=int, default=[0, 250, 500, 750, 999])
+    interpolation.add_argument("--columns", type=int, default=9, help="mixtures per row, w from 0 to 1")
+    interpolation.add_argument("--seed", type=int, default=0)
+    interpolation.add_argument("--out", help="PNG URI (default: <run root>/interpolation.png)")
+    interpolation.add_argument("overrides", nargs="*")
+    progressive = commands.add_parser("progressive", help="x_0 predicted along the reverse chain (Fig. 6)")
+    progressive.add_argument("run_id")
+    progressive.add_argument("--config")
+    progressive.add_argument("--samples", type=int, default=6)
+    progressive.add_argument("--frames", type=int, default=11)
+    progressive.add_argument("--seed", type=int, default=0)
+    progressive.add_argument("--out", help="PNG URI (default: <run root>/progressive.png)")
+    progressive.add_argument("overrides", nargs="*")
     return parser
+
+
+def _figure(args: argparse.Namespace) -> int:
+    from pipelines.figures import interpolation_figure, progressive_figure, write_figure
+    from pipelines.runs import RunStore
+
+    config = load_config(args.config, [*args.overrides, f"run_id={args.run_id}"])
+    if args.command == "interpolate":
+        if args.columns < 2:
+            raise ConfigError("--columns must be >= 2 (w = 0 and w = 1)")
+        images = interpolation_figure(config, (args.pair[0], args.pair[1]), args.timesteps, args.columns, args.seed)
+        columns = args.columns + 2
+    else:
+        if args.samples < 1 or args.frames < 2:
+            raise ConfigError("--samples must be >= 1 and --frames >= 2")
+        images, columns = progressive_figure(config, args.samples, args.frames, args.seed), args.frames
+    out = (
+        args.out or f"{RunStore(config).root}/{'interpolation' if args.command == 'interpolate' else 'progressive'}.png"
+    )
+    write_figure(images, columns, out, config)
+    print(f"wrote {out}")
+    return 0
 
 
 def _status(args: argparse.Namespace) -> int:
@@ -199,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
 
             print(describe())
             return 0
-        return {"status": _status, "run": _run, "retrain": _retrain}[args.command](args)
+        commands = {"status": _status, "run": _run, "retrain": _retrain, "interpolate": _figure, "progressive": _figure}
+        return commands[args.command](args)
     except (ConfigError, DataError, PreflightError, ClusterTooSmallError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -262,3 +262,12 @@ def test_sampling_benchmark_times_each_sampler_and_the_inception_features(tmp_pa
     assert result["dtype"] == "bf16" and result["compile"] is False
     assert all(r["images_per_s"] == pytest.approx(r["num_samples"] / r["seconds"]) for r in result["rows"])
     assert result["inception"]["num_images"] == 6 and result["inception"]["seconds"] > 0
+
+
+def test_solver_order_benchmark_tabulates_the_oracle_errors(tmp_path):
+    out = tmp_path / "order.json"
+    subprocess.run([sys.executable, "benchmarks/solver_order.py", "--out", str(out)], cwd=REPO, check=True, timeout=300)
+    rows = {(row["method"], row["spacing"]): row for row in json.loads(out.read_text())["rows"]}
+    assert rows[("dpm_solver++_2m", "log_snr")]["nfe"] == [10, 20, 40, 80, 160]
+    assert rows[("heun", "karras")]["nfe"] == [19, 39, 79, 159, 319]
+    assert 1.8 < rows[("ddim", "linspace")]["ratio_n_over_2n"][-1] < 2.2

@@ -13,6 +13,9 @@ import numpy as np
 import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from pipelines.__main__ import main
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -115,5 +118,34 @@ def test_the_registered_model_draws_the_classes_asked_for(finished):
     np.testing.assert_array_equal(again[0], sevens[3])  # image i depends on (seed, i, class) alone
     other = model.predict(pd.DataFrame({"index": [3], "label": [1]}), params=params)
     assert not np.array_equal(other[0], sevens[3])
+    frames = model.predict(
+        pd.DataFrame({"index": [3, 4], "label": [7, 7]}), params={**params, "progressive_frames": 3}
+    )  # x_0 predicted along each chain (Sec. 4.3): image 3's three frames, then image 4's
+    assert frames.shape == (6, 8, 8, 1)
+    np.testing.assert_array_equal(frames[2], sevens[3])  # the last prediction is the sample
+    fast = model.predict(
+        pd.DataFrame({"index": [3], "label": [7]}),
+        params={"num_steps": 5, "method": "dpm_solver++_2m", "spacing": "log_snr", "guidance_scale": 2.0},
+    )
+    assert fast.shape == (1, 8, 8, 1)
     with pytest.raises(Exception, match="classes of this model are 0..9"):
         model.predict(pd.DataFrame({"index": [0], "label": [10]}), params=params)
+
+
+def test_figures_of_a_finished_run(finished, capsys):
+    """The paper's interpolation (Fig. 9) and progressive decoding (Fig. 6) from the run's snapshot (a conditional
+    model is drawn as its null-class model); bad arguments are named."""
+    config = ["--config", str(REPO / "configs" / "digits-cond.yaml"), f"storage.root={finished / 'runs'}"]
+    out = finished / "interpolation.png"
+    assert (
+        main(["interpolate", "quickstart-cond", *config, "--timesteps", "0", "40", "--columns", "3", "--out", str(out)])
+        == 0
+    )
+    assert Image.open(out).size == (5 * 33 + 1, 2 * 33 + 1)  # 8x8 digits drawn 4x: 2 sources + 3 mixtures, 2 rows
+    out = finished / "progressive.png"
+    assert main(["progressive", "quickstart-cond", *config, "--samples", "2", "--frames", "3", "--out", str(out)]) == 0
+    assert Image.open(out).size == (3 * 33 + 1, 2 * 33 + 1)
+    assert main(["interpolate", "quickstart-cond", *config, "--pair", "0", "9999"]) == 2
+    assert "image index 9999 is outside the 180 held-out images" in capsys.readouterr().err
+    assert main(["interpolate", "quickstart-cond", *config, "--timesteps", "1000"]) == 2
+    assert "--timesteps must lie in [0, 999], got [1000]" in capsys.readouterr().err

@@ -23,7 +23,14 @@ from pipelines.contracts import EvaluateOutputs, PrepareOutputs, RegisterOutputs
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 # the pyfunc's params and defaults (method: ancestral, ddim, dpm_solver++_2m, heun; spacing: ddpm_core.samplers.Spacing)
-SAMPLING_PARAMS = {"seed": 0, "method": "ddim", "num_steps": 50, "eta": 0.0, "spacing": "linspace"}
+SAMPLING_PARAMS = {
+    "seed": 0,
+    "method": "ddim",
+    "num_steps": 50,
+    "eta": 0.0,
+    "spacing": "linspace",
+    "progressive_frames": 0,
+}
 
 
 def run(

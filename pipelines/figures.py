@@ -1,0 +1,102 @@
+"""The paper's figures of a finished run, from its EMA snapshot: latent interpolation between two held-out images
+(Ho et al. 2020, Sec. 4.4, Fig. 9) and progressive decoding, the predicted x_0 along the reverse chain (Sec. 4.3,
+Fig. 6). ``python -m pipelines interpolate RUN_ID`` and ``python -m pipelines progressive RUN_ID`` write them as PNG
+grids. A class-conditional model is drawn as its null-class (unconditional) model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from ddpm_core.checkpoint import load_snapshot
+from ddpm_core.data import DataError, to_model_range, to_uint8
+from ddpm_core.diffusion import GaussianDiffusion, Model
+from ddpm_core.images import save_grid
+from ddpm_core.interpolation import interpolate
+from ddpm_core.samplers import Method, PerIndexNoise, SamplerConfig, null_conditioned, sample
+from pipelines.config import ConfigError, PipelineConfig
+from pipelines.contracts import PrepareOutputs, TrainOutputs
+from pipelines.runs import RunStore
+from pipelines.shards import read_split
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    network: Model  # unconditional: the network itself; conditional: its null-class model
+    diffusion: GaussianDiffusion
+    shape: tuple[int, int, int]  # (C, H, W)
+
+
+def trained_model(store: RunStore) -> TrainedModel:
+    """The run's EMA snapshot, ready to sample on this machine's CPU."""
+    train = store.read_manifest("train", TrainOutputs)
+    if train is None:
+        raise ConfigError(f"run {store.root}: the train stage has not finished (see `python -m pipelines status`)")
+    snapshot = load_snapshot(train.outputs.snapshot_uri, store.options)
+    network = snapshot.build_model()
+    classes = snapshot.unet.num_classes
+    model = null_conditioned(network, classes) if classes is not None else network
+    unet = snapshot.unet
+    return TrainedModel(
+        model, GaussianDiffusion.from_config(snapshot.diffusion), (unet.in_channels, unet.image_size, unet.image_size)
+    )
+
+
+def holdout_images(store: RunStore, indices: Sequence[int]) -> np.ndarray:
+    """Held-out images ``[n, H, W, C]`` uint8 by index (the training split when there is no hold-out)."""
+    prepare = store.read_manifest("prepare", PrepareOutputs)
+    if prepare is None:
+        raise ConfigError(f"run {store.root}: the prepare stage has not finished")
+    uri = prepare.outputs.holdout_uri if prepare.outputs.num_holdout else prepare.outputs.shards_uri
+    images, _ = read_split(uri, store.options)
+    wrong = [index for index in indices if not 0 <= index < len(images)]
+    if wrong:
+        raise DataError(f"image index {wrong[0]} is outside the {len(images)} held-out images of {store.root}")
+    return images[list(indices)]
+
+
+def interpolation_figure(
+    config: PipelineConfig, pair: tuple[int, int], timesteps: Sequence[int], columns: int, seed: int
+) -> np.ndarray:
+    """Rows of Fig. 9: for each t, the first source, ``columns`` decoded mixtures (w from 0 to 1) and the second
+    source; ``[len(timesteps) * (columns + 2), H, W, C]`` uint8. Every row uses the same encoding and reverse-process
+    noise, so the rows differ only by t."""
+    store = RunStore(config)
+    trained = trained_model(store)
+    last = trained.diffusion.num_timesteps - 1
+    if any(not 0 <= t <= last for t in timesteps):
+        raise ConfigError(f"--timesteps must lie in [0, {last}], got {list(timesteps)}")
+    sources = holdout_images(store, pair)  # [2, H, W, C]
+    first, second = to_model_range(sources)  # [C, H, W] each
+    encoding = torch.randn(trained.shape, generator=torch.Generator().manual_seed(seed))  # [C, H, W]
+    weights = np.linspace(0.0, 1.0, columns).tolist()
+    rows = []
+    for t in timesteps:
+        noise = PerIndexNoise(seed, range(columns))
+        mixtures = interpolate(trained.network, trained.diffusion, first, second, t, weights, noise, encoding)
+        rows.append(np.concatenate([sources[:1], to_uint8(mixtures), sources[1:]]))
+    return np.concatenate(rows)
+
+
+def progressive_figure(config: PipelineConfig, count: int, frames: int, seed: int) -> np.ndarray:
+    """Rows of Fig. 6: for each of ``count`` samples (indices 0..count-1 of ``seed``), the predicted x_0 at
+    ``frames`` evenly spaced steps of the 1000-step reverse process, the last being the sample;
+    ``[count * frames, H, W, C]`` uint8."""
+    trained = trained_model(RunStore(config))
+    steps = trained.diffusion.num_timesteps
+    every = max(1, steps // (frames - 1)) if frames > 1 else steps
+    noise = PerIndexNoise(seed, range(count))
+    result = sample(
+        trained.network, trained.diffusion, trained.shape, noise, SamplerConfig(Method.ANCESTRAL), record_x0_every=every
+    )
+    assert result.pred_x0 is not None
+    chosen = result.pred_x0[np.linspace(0, len(result.pred_x0) - 1, frames).round().astype(int)]  # [F, n, C, H, W]
+    return np.concatenate([to_uint8(chosen[:, index]) for index in range(count)])
+
+
+def write_figure(images: np.ndarray, columns: int, uri: str, config: PipelineConfig) -> None:
+    save_grid(images, uri, columns=columns, storage_options=config.storage.options())
