@@ -149,8 +149,11 @@ def stage_detail(outputs: StageOutputs) -> str:
     if isinstance(outputs, SampleOutputs):
         return f"{outputs.num_samples} samples in {len(outputs.shard_uris)} shards"
     if isinstance(outputs, EvaluateOutputs):
-        untrained = outputs.scores.fid_untrained
-        return f"FID {outputs.scores.fid:.3f}" + (f" (untrained {untrained:.3f})" if untrained is not None else "")
+        scores = outputs.scores
+        stderr = f" +- {scores.fid_stderr:.3f}" if scores.fid_stderr is not None else ""
+        floor = f", real-data floor {scores.fid_floor:.3f}" if scores.fid_floor is not None else ""
+        untrained = f", untrained {scores.fid_untrained:.3f}" if scores.fid_untrained is not None else ""
+        return f"FID {scores.fid:.3f}{stderr}{floor}{untrained}"
     return f"{outputs.model_name} v{outputs.version}; {outputs.reason}"
 
 
@@ -173,20 +176,33 @@ def _run(args: argparse.Namespace) -> int:
     registered = results.outputs(RegisterOutputs)
     if registered is not None:
         print(f"Model:        {registered.model_uri} ({registered.reason})")
-    print(f"MLflow UI:    mlflow ui --backend-store-uri {config.mlflow.resolved_tracking_uri()}")
+    print_mlflow_ui(config)
     return 0
+
+
+def print_mlflow_ui(config: PipelineConfig) -> None:
+    """Where the runs are: the runs view in MLflow's model-training mode (a local store needs ``mlflow ui`` first)."""
+    from pipelines.tracking import Tracker
+
+    uri = config.mlflow.resolved_tracking_uri()
+    url = Tracker(config).runs_view_url()
+    if uri.startswith(("http://", "https://")):
+        print(f"MLflow UI:    {url}")
+    else:
+        print(f"MLflow UI:    mlflow ui --backend-store-uri {uri}, then open {url}")
 
 
 def print_scores(evaluation: EvaluateOutputs, prepared: PrepareOutputs, config: PipelineConfig) -> None:
     scores = evaluation.scores
     print(f"Sample grid:  {evaluation.grid_uri}")
-    print(f"FID ({evaluation.protocol.extractor_id}): {scores.fid:.3f}  trained model")
-    if scores.fid_untrained is not None:
-        print(f"{'':36}{scores.fid_untrained:.3f}  untrained model, same protocol")
-    if scores.fid_holdout_vs_train is not None:
+    print_fid(evaluation, prepared, config)
+    if scores.kid is not None and scores.kid_std is not None:
+        settings = config.evaluate
+        compared = min(evaluation.protocol.num_samples, prepared.num_train, settings.first_feature_images)
+        subset = settings.kid_subset(compared)
         print(
-            f"{'':36}{scores.fid_holdout_vs_train:.3f}  {prepared.num_holdout} held-out real images "
-            f"(a floor; FID is biased upward when fewer images are scored)"
+            f"KID:          {scores.kid:.5f} +- {scores.kid_std:.5f} "
+            f"(std over {settings.kid_subsets} subsets of {subset} images each; unbiased at any N)"
         )
     if scores.inception_score is not None and scores.inception_score_std is not None:
         print(
@@ -204,6 +220,27 @@ def print_scores(evaluation: EvaluateOutputs, prepared: PrepareOutputs, config: 
             f"NLL bound:    {scores.nll_bpd:.3f} +- {scores.nll_bpd_stderr:.3f} bits/dim "
             f"({nll.num_images} {nll.split} images, timesteps: {timesteps})"
         )
+
+
+def print_fid(evaluation: EvaluateOutputs, prepared: PrepareOutputs, config: PipelineConfig) -> None:
+    """The FID with its interval, the real-data floor at the same N and their ratio, FID_inf, and the ceiling."""
+    scores, count, pad = evaluation.scores, evaluation.protocol.num_samples, " " * 14
+    interval = ""
+    if scores.fid_stderr is not None:
+        low, high = scores.fid - 1.96 * scores.fid_stderr, scores.fid + 1.96 * scores.fid_stderr
+        interval = f" +- {scores.fid_stderr:.3f} (95%: {low:.3f}-{high:.3f}, jackknife)"
+    print(f"FID:          {scores.fid:.3f}{interval}  {count} samples, extractor {evaluation.protocol.extractor_id}")
+    if scores.fid_floor is not None:
+        ratio = f": model/floor {scores.fid_over_floor:.2f}x" if scores.fid_over_floor is not None else ""
+        print(
+            f"{pad}{scores.fid_floor:.3f}  real-data floor at {count} images (from {prepared.num_holdout} held-out "
+            f"images, whose FID is {scores.fid_holdout_vs_train:.3f} at N={prepared.num_holdout}){ratio}"
+        )
+    if scores.fid_inf is not None:
+        floor = f" (held-out real images: {scores.fid_holdout_inf:.3f})" if scores.fid_holdout_inf is not None else ""
+        print(f"{pad}{scores.fid_inf:.3f}  FID_inf, the jackknife's bias-corrected FID{floor}")
+    if scores.fid_untrained is not None:
+        print(f"{pad}{scores.fid_untrained:.3f}  untrained model, same protocol (the ceiling)")
 
 
 def _retrain(args: argparse.Namespace) -> int:

@@ -22,6 +22,7 @@ class Champion:
     protocol_hash: str | None
     data_fingerprint: str | None
     run_id: str | None  # the pipeline run that produced it
+    fid_stderr: float | None = None  # recorded since the jackknife interval (None on older versions)
 
 
 def current_champion(client: MlflowClient, model_name: str) -> Champion | None:
@@ -36,6 +37,7 @@ def current_champion(client: MlflowClient, model_name: str) -> Champion | None:
         tags.get("protocol_hash"),
         tags.get("data_fingerprint"),
         tags.get("ddpm.run_id"),
+        float(tags["fid_stderr"]) if "fid_stderr" in tags else None,
     )
 
 

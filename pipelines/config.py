@@ -341,6 +341,10 @@ class EvaluateSection:
     precision_recall_samples: int = (
         10_000  # at most this many real and as many generated images (the first of each set)
     )
+    kid: bool = True  # kernel inception distance on the same first images as precision/recall
+    kid_subset_size: int = 1000  # images of each set per KID subset (at most half of the smaller set)
+    kid_subsets: int = 100  # random subsets KID is averaged over (its std is over these)
+    fid_groups: int = 10  # index-contiguous groups of the delete-a-group jackknife (FID stderr and FID_inf)
     nll: bool = True  # NLL bound in bits/dim of held-out real images
     nll_split: NllSplit = NllSplit.HOLDOUT
     nll_images: int | None = None  # None: the whole split
@@ -353,9 +357,14 @@ class EvaluateSection:
     guidance_samples: int = 500  # images per guidance scale of the sweep
 
     @property
-    def precision_recall_images(self) -> int:
-        """How many of the first real and generated images precision/recall compares (0: it is off)."""
-        return self.precision_recall_samples if self.precision_recall else 0
+    def first_feature_images(self) -> int:
+        """How many of the first real and generated images precision/recall and KID compare (0: both are off)."""
+        return self.precision_recall_samples if self.precision_recall or self.kid else 0
+
+    def kid_subset(self, count: int) -> int:
+        """KID's subset size for sets of ``count`` images: ``kid_subset_size``, at most half the set, so that the
+        subsets differ and their spread means something (subsets of the whole set would all be the same set)."""
+        return max(2, min(self.kid_subset_size, count // 2))
 
     def __post_init__(self) -> None:
         coerce_choices(self, "evaluate", {"extractor": Extractor, "nll_split": NllSplit})
@@ -380,6 +389,8 @@ class EvaluateSection:
                     "classifier_epochs",
                     "grid_size",
                     "guidance_samples",
+                    "kid_subset_size",
+                    "kid_subsets",
                 )
             },
         )
@@ -388,6 +399,10 @@ class EvaluateSection:
         negative = [scale for scale in self.guidance_scales if scale < 0]
         if negative:
             raise ConfigError(f"evaluate.guidance_scales must all be >= 0 (w = 0: no guidance), got {negative[0]}")
+        if self.fid_groups < 2:
+            raise ConfigError(
+                f"evaluate.fid_groups must be >= 2 (the jackknife deletes one of them at a time), got {self.fid_groups}"
+            )
 
 
 @dataclass(frozen=True)
@@ -395,9 +410,10 @@ class RegisterSection:
     enabled: bool = True
     model_name: str = "ddpm-digits"  # the MLflow registered model
     promotion_margin: float = 0.0  # promote only when FID < champion's FID - margin (both under the same protocol)
+    promotion_z: float = 1.96  # ... and the improvement exceeds this many standard errors of the FID difference
 
     def __post_init__(self) -> None:
-        require_non_negative("register", {"promotion_margin": self.promotion_margin})
+        require_non_negative("register", {"promotion_margin": self.promotion_margin, "promotion_z": self.promotion_z})
         if not self.model_name.strip() or any(character in self.model_name for character in "/:"):
             raise ConfigError(
                 f"register.model_name {self.model_name!r} must be a non-empty name without '/' or ':' "

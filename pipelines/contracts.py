@@ -197,6 +197,19 @@ class Scores:
     nll_bpd: float | None = None
     nll_bpd_stderr: float | None = None
     conditional_accuracy: float | None = None  # share of samples the classifier assigns their requested class
+    # uncertainty and comparability (docs/evaluation.md, "Scores at the margin"); FIDs of different N compare only
+    # through the *_inf estimates or the floor at equal N
+    fid_stderr: float | None = None  # delete-a-group jackknife standard error of fid
+    fid_inf: float | None = None  # jackknife bias-corrected fid: an estimate of FID as N -> infinity
+    fid_holdout_stderr: float | None = None
+    fid_holdout_inf: float | None = None
+    fid_floor: float | None = None  # the hold-out's FID at the sample set's N (its own 1/N bias, extrapolated)
+    fid_over_floor: float | None = None  # fid / fid_floor: how far the model is from real data at equal N
+    kid: float | None = None  # kernel inception distance on the same features (unbiased at any N)
+    kid_std: float | None = None  # its standard deviation over subsets
+    fid_champion_stderr: float | None = None
+    fid_minus_champion: float | None = None  # fid - fid_champion on the same sample indices
+    fid_minus_champion_stderr: float | None = None  # its paired jackknife standard error
 
     def present(self) -> dict[str, float]:
         """The scores that were computed, by name (MLflow metric keys)."""

@@ -39,7 +39,7 @@ from pipelines.failures import find
 from pipelines.preflight import preflight
 from pipelines.runs import RunStore, now
 from pipelines.stages import evaluate, prepare, register, sample, train, tune
-from pipelines.tracking import Tracker, git_commit
+from pipelines.tracking import Tracker, flatten, git_commit
 from pipelines.typed import SchemaError, to_plain
 
 T = TypeVar("T")
@@ -128,7 +128,19 @@ STAGES: tuple[Stage, ...] = (
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 # Failures whose message says what to change; the CLI prints it alone (docs/reliability.md lists the exit codes).
 NAMED_FAILURES = (StageStopped, ConfigError, DataError, ClusterTooSmallError, StorageUnavailableError)
-SUMMARY_METRICS = ("fid", "fid_untrained", "fid_holdout_vs_train", "inception_score", "precision", "recall", "nll_bpd")
+SUMMARY_METRICS = (
+    "fid",
+    "fid_stderr",
+    "fid_floor",
+    "fid_over_floor",
+    "kid",
+    "fid_untrained",
+    "fid_holdout_vs_train",
+    "inception_score",
+    "precision",
+    "recall",
+    "nll_bpd",
+)
 
 
 class CorruptOutputError(StorageUnavailableError):
@@ -202,6 +214,37 @@ def dotted(data: dict[str, Any], key: str) -> Any:
     return value
 
 
+def stage_params(stage: Stage, config: PipelineConfig) -> dict[str, str]:
+    """The config a stage reads (its fingerprint's keys), as dotted MLflow params of its run."""
+    data, params = config.to_dict(), {}
+    for key in stage.config_keys:
+        value = dotted(data, key)
+        params.update(flatten(value, f"{key}.") if isinstance(value, dict) else flatten({key: value}))
+    return params
+
+
+def stage_description(stage: Stage, config: PipelineConfig) -> str:
+    """The run description MLflow shows on a stage's run page (Markdown)."""
+    return (
+        f"**{stage.name}** stage of pipeline run `{config.run_id}`: {stage.description}. Its params are the config "
+        f"it reads; the whole config is `config.yaml` on the parent run. See docs/pipeline.md."
+    )
+
+
+def pipeline_description(config: PipelineConfig) -> str:
+    """The parent run's description: what was trained on what, and where the scores are."""
+    stages = " -> ".join(stage.name for stage in STAGES if stage.enabled(config))
+    sampler = config.sample.sampler
+    return (
+        f"DDPM pipeline run `{config.run_id}` on `{config.data.uri}`: U-Net preset `{config.model.preset}`, "
+        f"{config.train.total_images:,} training images, {config.sample.num_samples:,} samples "
+        f"({sampler.method.value}, {sampler.num_steps or config.diffusion.num_timesteps} steps), "
+        f"scored with the `{config.evaluate.extractor.value}` extractor. Stages: {stages}; each is a nested run. "
+        "The summary scores are this run's metrics; training curves are on the train run, the scores with their "
+        "protocol on the evaluate run."
+    )
+
+
 def describe() -> str:
     lines = ["Stages (in order):"]
     for stage in STAGES:
@@ -272,7 +315,9 @@ class Runner:
         parent_id = self.parent()
         if stage.needs_ray:
             connect()
-        stage_run_id = self.tracker.stage_run(parent_id, stage.name)
+        stage_run_id = self.tracker.stage_run(
+            parent_id, stage.name, stage_description(stage, self.config), stage_params(stage, self.config)
+        )
         # From here on, neither this stage nor one computed from its old outputs reads as complete, even after a crash.
         for name in (stage.name, *downstream(stage.name)):
             self.store.remove_manifest(name)
@@ -344,7 +389,8 @@ class Runner:
     def parent(self) -> str:
         if self.parent_id is None:
             self.parent_id = self.tracker.parent_run(
-                {"ddpm.git_commit": git_commit(), "ddpm.data_uri": self.config.data.uri, **self.parent_tags}
+                {"ddpm.git_commit": git_commit(), "ddpm.data_uri": self.config.data.uri, **self.parent_tags},
+                pipeline_description(self.config),
             )
             self.tracker.client.log_text(self.parent_id, save_resolved(self.config), "config.yaml")
         return self.parent_id

@@ -112,7 +112,10 @@ def decide_and_run(
     }
     if champion and config.retrain.if_data_changed and champion.data_fingerprint == fingerprint:
         reason = f"data unchanged since champion v{champion.version} (fingerprint {fingerprint[:12]}); nothing trained"
-        parent = tracker.parent_run({**base_tags, "ddpm.retrain.decision": f"skipped: {reason}"})
+        parent = tracker.parent_run(
+            {**base_tags, "ddpm.retrain.decision": f"skipped: {reason}"},
+            f"Scheduled retrain `{config.run_id}` of `{name}`: skipped, {reason}.",
+        )
         tracker.finish(parent, ok=True)
         record_decision(store, RetrainDecision(config.run_id, "skipped", reason, None, champion.fid, when, fingerprint))
         log(f"retrain: skipped: {reason}")

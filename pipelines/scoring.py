@@ -12,7 +12,7 @@ from __future__ import annotations
 import hashlib
 import io
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import ray
@@ -22,8 +22,9 @@ from ddpm_core.features import FeatureExtractor
 from ddpm_core.metrics import (
     ClassProbabilityStatistics,
     FeatureStatistics,
-    frechet_distance,
-    frechet_distance_from_stats,
+    FidEstimate,
+    fid_jackknife,
+    split_boundaries,
 )
 from ddpm_core.storage import IncompleteError, commit, filesystem, read_committed
 from pipelines.config import Extractor
@@ -47,6 +48,11 @@ class Summary:
     fid: FeatureStatistics
     inception: ClassProbabilityStatistics | None  # None when the Inception Score is off
     first_features: torch.Tensor  # [min(N, limit), d] features of the images with the lowest indices, in index order
+    groups: dict[int, FeatureStatistics] = field(default_factory=dict)  # jackknife group -> its images' statistics
+
+    def group_list(self) -> list[FeatureStatistics]:
+        """The jackknife groups' statistics in group order (every group must hold images)."""
+        return [self.groups[group] for group in sorted(self.groups)]
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,7 @@ class SummaryRequest:
     num_samples: int  # images in the whole set (sizes the Inception Score splits)
     inception_splits: int = 0  # 0: no Inception Score statistics
     keep_first: int = 0  # keep the features of the images with indices below this (precision/recall)
+    groups: int = 0  # index-contiguous jackknife groups of [0, num_samples) (0: none)
 
 
 def build_extractor(spec: ExtractorSpec, storage_options: dict[str, object]) -> FeatureExtractor:
@@ -89,7 +96,24 @@ def summarize_source(source: ImageSource, request: SummaryRequest, storage_optio
     if request.inception_splits:
         inception = ClassProbabilityStatistics.empty(request.num_samples, request.inception_splits, logits.shape[1])
         inception.update(logits, indices)
-    return Summary(FeatureStatistics.from_features(features), inception, features[indices < request.keep_first])
+    groups = group_statistics(features, indices, request.num_samples, request.groups) if request.groups else {}
+    return Summary(FeatureStatistics.from_features(features), inception, features[indices < request.keep_first], groups)
+
+
+def group_statistics(
+    features: torch.Tensor, indices: torch.Tensor, num_samples: int, groups: int
+) -> dict[int, FeatureStatistics]:
+    """Statistics of ``[n, d]`` features per jackknife group: group g holds the global indices
+    ``[g N // G, (g + 1) N // G)``, so any sharding of the set merges to the same groups."""
+    group = torch.searchsorted(split_boundaries(num_samples, groups), indices, right=True) - 1  # [n]
+    return {int(g): FeatureStatistics.from_features(features[group == g]) for g in torch.unique(group).tolist()}
+
+
+def merge_groups(a: dict[int, FeatureStatistics], b: dict[int, FeatureStatistics]) -> dict[int, FeatureStatistics]:
+    merged = dict(a)
+    for group, stats in b.items():
+        merged[group] = merged[group].merge(stats) if group in merged else stats
+    return merged
 
 
 def summarize(sources: list[ImageSource], request: SummaryRequest, execution: Execution) -> Summary:
@@ -107,8 +131,11 @@ def summarize(sources: list[ImageSource], request: SummaryRequest, execution: Ex
     for part in parts[1:]:
         if inception is not None and part.inception is not None:
             inception = inception.merge(part.inception)
+    groups: dict[int, FeatureStatistics] = {}
+    for part in parts:
+        groups = merge_groups(groups, part.groups)
     in_index_order = sorted(zip(sources, parts, strict=True), key=lambda pair: pair[0].first_index)
-    return Summary(fid, inception, torch.cat([part.first_features for _, part in in_index_order]))
+    return Summary(fid, inception, torch.cat([part.first_features for _, part in in_index_order]), groups)
 
 
 def reference_key(data_fingerprint: str, extractor_id: str) -> str:
@@ -154,11 +181,17 @@ def reference_summary(
     return summary
 
 
-def fid_against(summary: Summary, reference: Summary, published: PublishedStatistics | None) -> float:
-    """FID of a summary against the published statistics when there are any, else against the training split."""
+def reference_moments(reference: Summary, published: PublishedStatistics | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean ``[d]``, covariance ``[d, d]``) FIDs are measured against: the published statistics when there are any,
+    else the training split's."""
     if published is not None:
-        return frechet_distance(summary.fid.mean, summary.fid.covariance, published.mean, published.covariance)
-    return frechet_distance_from_stats(summary.fid, reference.fid)
+        return published.mean, published.covariance
+    return reference.fid.mean, reference.fid.covariance
+
+
+def fid_estimate(summary: Summary, reference: Summary, published: PublishedStatistics | None) -> FidEstimate:
+    """FID of a summary made with jackknife groups, with its standard error and bias correction."""
+    return fid_jackknife(summary.group_list(), reference_moments(reference, published), summary.fid)
 
 
 def published_reference(uri: str, storage_options: dict[str, object]) -> PublishedStatistics:

@@ -4,6 +4,7 @@ re-run reuses the parent instead of creating duplicates. Uses ``MlflowClient`` w
 
 from __future__ import annotations
 
+import getpass
 import os
 import subprocess
 from collections.abc import Callable
@@ -17,6 +18,8 @@ from mlflow.tracking import MlflowClient
 from pipelines.config import PipelineConfig
 
 RUN_ID_TAG, STAGE_TAG = "ddpm.run_id", "ddpm.stage"
+# MLflow 3's UI opens an experiment of this kind in its model-training view (runs, charts, models), not GenAI's
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 SECRET_MARKERS = ("password", "secret", "token", "key_id", "access_key", "credential")
 
 
@@ -34,6 +37,28 @@ def git_commit() -> str:
         )
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def source_tags() -> dict[str, str]:
+    """MLflow's standard tags for who ran what from where: the Source column shows the command and the commit."""
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME") or getpass.getuser()
+    return {
+        "mlflow.source.type": "JOB",
+        "mlflow.source.name": "python -m pipelines",
+        "mlflow.source.git.commit": git_commit(),
+        "mlflow.user": user,
+    }
+
+
+def in_force(config_dict: dict[str, Any], retraining: bool) -> dict[str, Any]:
+    """The config sections that act in this run: ``tune`` only when tuning, ``register`` only when registering,
+    ``retrain`` only in a scheduled retrain (the full config stays an artifact of the parent run)."""
+    off = {
+        "tune": not config_dict["tune"]["enabled"],
+        "register": not config_dict["register"]["enabled"],
+        "retrain": not retraining,
+    }
+    return {key: value for key, value in config_dict.items() if not off.get(key, False)}
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -68,9 +93,20 @@ class Tracker:
             experiment.experiment_id
             if experiment
             else self.client.create_experiment(
-                config.mlflow.experiment, artifact_location=local_artifact_location(self.tracking_uri)
+                config.mlflow.experiment,
+                artifact_location=local_artifact_location(self.tracking_uri),
+                tags=EXPERIMENT_KIND,
             )
         )
+        if experiment is not None and not any(key in experiment.tags for key in EXPERIMENT_KIND):
+            for key, value in EXPERIMENT_KIND.items():  # an experiment made before: set it, unless someone chose
+                self.client.set_experiment_tag(self.experiment_id, key, value)
+
+    def runs_view_url(self) -> str:
+        """The experiment's runs in the UI's model-training view: on the tracking server, or on ``mlflow ui``'s
+        default address for a local store."""
+        base = self.tracking_uri if self.tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
+        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
 
     def _find(self, filter_string: str) -> Run | None:
         runs = self.client.search_runs(
@@ -78,8 +114,9 @@ class Tracker:
         )
         return runs[0] if runs else None
 
-    def parent_run(self, tags: dict[str, str]) -> str:
-        """The pipeline run's MLflow parent run, created on first use, reused (and reopened) afterwards."""
+    def parent_run(self, tags: dict[str, str], description: str = "") -> str:
+        """The pipeline run's MLflow parent run, created on first use, reused (and reopened) afterwards; its params
+        are the config sections in force."""
         existing = self._find(f"tags.`{RUN_ID_TAG}` = '{self.config.run_id}' and tags.`{STAGE_TAG}` = 'pipeline'")
         if existing:
             self.client.update_run(existing.info.run_id, status="RUNNING")
@@ -87,20 +124,38 @@ class Tracker:
         run = self.client.create_run(
             self.experiment_id,
             run_name=self.config.run_id,
-            tags={RUN_ID_TAG: self.config.run_id, STAGE_TAG: "pipeline", **tags},
+            tags={
+                RUN_ID_TAG: self.config.run_id,
+                STAGE_TAG: "pipeline",
+                **({"mlflow.note.content": description} if description else {}),
+                **source_tags(),
+                **tags,
+            },
         )
-        self.client.log_batch(
-            run.info.run_id, params=[mlflow.entities.Param(k, v) for k, v in flatten(self.config.to_dict()).items()]
-        )
+        retraining = any(key.startswith("ddpm.retrain.") for key in tags)
+        self.log_params(run.info.run_id, flatten(in_force(self.config.to_dict(), retraining)))
         return run.info.run_id
 
-    def stage_run(self, parent_id: str, stage: str) -> str:
+    def stage_run(self, parent_id: str, stage: str, description: str, params: dict[str, str]) -> str:
+        """A stage's nested run: its description, the standard source tags, and the config it reads as params."""
         run = self.client.create_run(
             self.experiment_id,
             run_name=f"{self.config.run_id}/{stage}",
-            tags={RUN_ID_TAG: self.config.run_id, STAGE_TAG: stage, "mlflow.parentRunId": parent_id},
+            tags={
+                RUN_ID_TAG: self.config.run_id,
+                STAGE_TAG: stage,
+                "mlflow.parentRunId": parent_id,
+                "mlflow.note.content": description,
+                **source_tags(),
+            },
         )
+        self.log_params(run.info.run_id, params)
         return run.info.run_id
+
+    def log_params(self, run_id: str, params: dict[str, str]) -> None:
+        items = [mlflow.entities.Param(key, value) for key, value in params.items()]
+        for start in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
+            self.client.log_batch(run_id, params=items[start : start + 100])
 
     def finish(self, run_id: str, ok: bool) -> None:
         self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))

@@ -83,6 +83,7 @@ def test_pipeline_via_ray_job_submit_with_mlflow_server_and_s3(tmp_path, s3_buck
             "AWS_DEFAULT_REGION": "us-east-1",
             "AWS_ENDPOINT_URL": s3_proxy.url,
             "MLFLOW_S3_ENDPOINT_URL": s3_endpoint,
+            "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",  # Ray workers inherit it: a short run still has some
             **credentials,
         }
         env.pop("RAY_ADDRESS", None)
@@ -113,6 +114,58 @@ def assert_ray_records_the_evaluate_tasks(address: str, ray_env: dict[str, str],
     assert 0 < covered_seconds([(start, end) for _, start, end in intervals], window) < window[1] - window[0]
 
 
+def rest(tracking_uri: str, credentials: dict[str, str], path: str) -> dict:
+    """GET ``/api/2.0/mlflow/<path>`` as the MLflow UI does, with basic auth."""
+    token = base64.b64encode(
+        f"{credentials['MLFLOW_TRACKING_USERNAME']}:{credentials['MLFLOW_TRACKING_PASSWORD']}".encode()
+    ).decode()
+    request = urllib.request.Request(
+        f"{tracking_uri}/api/2.0/mlflow/{path}", headers={"Authorization": f"Basic {token}"}
+    )
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+
+def assert_the_registry_leads_to_the_scores(tracking_uri: str, credentials: dict[str, str], by_stage: dict) -> None:
+    """From the champion, through MLflow's REST API: the version's source run holds the scores with their
+    uncertainty; its description links the train and evaluate runs, which exist; the logged model carries the scores;
+    runs have descriptions and the standard source tags; the train run has its hyperparameters, optimizer steps
+    beside images seen, a sample grid at step 0 and system metrics; the parent logs only the sections in force; the
+    experiment opens in the model-training view."""
+    version = rest(tracking_uri, credentials, "registered-models/alias?name=ddpm-e2e&alias=champion")["model_version"]
+    source = rest(tracking_uri, credentials, f"runs/get?run_id={version['run_id']}")["run"]
+    metrics = {metric["key"] for metric in source["data"]["metrics"]}
+    assert {"fid", "fid_stderr", "fid_inf", "fid_floor", "kid", "kid_std"} <= metrics, metrics
+    experiment = source["info"]["experiment_id"]
+    for stage in ("train", "evaluate"):
+        assert f"[{stage} run](#/experiments/{experiment}/runs/{by_stage[stage].info.run_id}" in version["description"]
+    assert "FID" in version["description"] and "floor" in version["description"]
+    assert (
+        "champion"
+        in rest(tracking_uri, credentials, "registered-models/get?name=ddpm-e2e")["registered_model"]["description"]
+    )
+    assert version["source"].startswith("models:/m-")  # the logged model: its page shows the scores too
+    logged = rest(tracking_uri, credentials, f"logged-models/{version['source'].removeprefix('models:/')}")["model"]
+    assert {"fid", "fid_stderr"} <= {metric["key"] for metric in logged["data"]["metrics"]}
+    commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    for stage, run in by_stage.items():
+        tags = run.data.tags
+        assert tags["mlflow.note.content"] and tags["mlflow.user"], stage
+        assert tags["mlflow.source.name"] == "python -m pipelines" and tags["mlflow.source.git.commit"] in (
+            commit,
+            "unknown",  # ray job submit uploads the working tree without .git
+        )
+    train = by_stage["train"].data
+    assert train.params["train.total_images"] == "2048" and "model.preset" in train.params
+    assert "optimizer_steps" in train.metrics and any(key.startswith("system/cpu") for key in train.metrics)
+    parent = by_stage["pipeline"].data.params
+    assert "train.total_images" in parent and not any(key.startswith(("tune.", "retrain.")) for key in parent)
+    images = rest(tracking_uri, credentials, f"artifacts/list?run_id={by_stage['train'].info.run_id}&path=images")
+    assert any("+step+0+" in item["path"] for item in images.get("files", [])), images  # the untrained network
+    kind = rest(tracking_uri, credentials, f"experiments/get?experiment_id={experiment}")["experiment"]["tags"]
+    assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in kind
+
+
 def run_pipeline_twice(tmp_path, bucket, options, address, ray_env, tracking_uri, s3_url, credentials, monkeypatch):
     for headers in ({}, {"Authorization": "Basic " + base64.b64encode(b"pipeline:wrong-password").decode()}):
         request = urllib.request.Request(
@@ -129,7 +182,7 @@ def run_pipeline_twice(tmp_path, bucket, options, address, ray_env, tracking_uri
     ]
     first = submit(address, ray_env, overrides, tmp_path / "job1.log")
     assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-3000:]
-    assert "FID (classifier-" in first.stdout
+    assert "extractor classifier-" in first.stdout and "real-data floor at 200 images" in first.stdout
 
     for name, value in credentials.items():
         monkeypatch.setenv(name, value)
@@ -176,6 +229,7 @@ def run_pipeline_twice(tmp_path, bucket, options, address, ray_env, tracking_uri
 
     champion = client.get_model_version_by_alias("ddpm-e2e", "champion")
     assert client.get_model_version_by_alias("ddpm-e2e", "challenger").version == champion.version
+    assert_the_registry_leads_to_the_scores(tracking_uri, credentials, by_stage)
     mlflow.set_tracking_uri(tracking_uri)
     model = mlflow.pyfunc.load_model("models:/ddpm-e2e@champion")
     images = model.predict(pd.DataFrame({"index": range(4)}), params={"seed": 3, "num_steps": 5})

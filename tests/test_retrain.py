@@ -138,28 +138,71 @@ def test_retrain_schedule(tmp_path):
         assert client.get_model_version("ddpm-nightly", "2").tags["registry.decision"].startswith("champion kept: FID")
 
 
+def rule(margin: float = 0.0, z: float = 1.96):
+    from pipelines.config import RegisterSection
+
+    return RegisterSection(promotion_margin=margin, promotion_z=z)
+
+
 @pytest.mark.parametrize(
     "fid, margin, rescored, promote, says",
     [
         (2.0, 0.0, ("4", 2.5), True, "FID 2.0000 < champion v4's 2.5000 (re-scored under this run's protocol)"),
-        (2.45, 0.1, ("4", 2.5), False, ">= champion v4's 2.5000 (re-scored under this run's protocol) - margin 0.1"),
+        (2.45, 0.1, ("4", 2.5), False, "improvement 0.0500 <= margin 0.1"),
         (2.3, 0.1, ("4", 2.5), True, "< champion v4's 2.5000"),
         (2.0, 0.0, None, True, "recorded under the same protocol"),  # no re-score: the recorded FID, same protocol hash
     ],
 )
-def test_promotion_rule(fid, margin, rescored, promote, says):
+def test_promotion_rule_margin(fid, margin, rescored, promote, says):
     from pipelines.champion import Champion
-    from pipelines.stages.register import decide
+    from pipelines.stages.register import Challenger, decide
 
-    champion = Champion("4", 3.0 if rescored else 2.5, "hash-a", "fp", "nightly-x")
-    decided, reason = decide(fid, "hash-a", margin, champion, rescored)
+    champion = Champion("4", 3.0 if rescored else 2.5, "hash-a", "fp", "nightly-x", fid_stderr=0.01)
+    challenger = Challenger(fid, 0.01, "hash-a", rescored, 0.01 if rescored else None)
+    decided, reason = decide(challenger, rule(margin), champion)
     assert decided is promote and says in reason
+
+
+@pytest.mark.parametrize(
+    "fid, stderr, champion_stderr, promote, says",
+    [
+        # improvement 0.1; combined stderr sqrt(0.03^2 + 0.04^2) = 0.05: 1.96 x 0.05 = 0.098 < 0.1, intervals apart
+        (2.4, 0.03, 0.04, True, "improvement 0.1000 > margin 0 and > 1.96 x stderr 0.0500 = 0.0980"),
+        # the same improvement with twice the noise: the intervals overlap, the champion stays
+        (2.4, 0.06, 0.08, False, "<= 1.96 x stderr 0.1000 = 0.1960 (independent sets, in quadrature)"),
+        # a champion recorded before intervals existed: the challenger's stderr alone
+        (2.4, 0.06, None, False, "the champion has no recorded stderr"),
+    ],
+)
+def test_promotion_needs_more_than_the_combined_uncertainty(fid, stderr, champion_stderr, promote, says):
+    from pipelines.champion import Champion
+    from pipelines.stages.register import Challenger, decide
+
+    champion = Champion("4", 2.5, "hash-a", "fp", None, fid_stderr=champion_stderr)
+    decided, reason = decide(Challenger(fid, stderr, "hash-a"), rule(), champion)
+    assert decided is promote and says in reason
+
+
+def test_promotion_with_a_rescored_champion_uses_the_paired_stderr():
+    """Both sets share their sample indices: the paired stderr of the difference decides, not the two intervals
+    (which here overlap widely)."""
+    from pipelines.champion import Champion
+    from pipelines.stages.register import Challenger, decide
+
+    champion = Champion("4", 9.9, "hash-x", "fp", None, fid_stderr=0.5)
+    challenger = Challenger(2.4, 0.5, "hash-a", ("4", 2.5), difference_stderr=0.02)
+    promote, reason = decide(challenger, rule(), champion)
+    assert promote and "1.96 x stderr 0.0200 = 0.0392 (paired jackknife on shared sample indices)" in reason
+    promote, reason = decide(Challenger(2.47, 0.5, "hash-a", ("4", 2.5), 0.02), rule(), champion)
+    assert not promote and "improvement 0.0300 > margin 0 and <= 1.96 x stderr 0.0200" in reason
+    # z = 0 restores the bare margin rule
+    assert decide(Challenger(2.47, 0.5, "hash-a", ("4", 2.5), 0.02), rule(z=0.0), champion)[0]
 
 
 def test_promotion_rule_never_compares_across_protocols():
     from pipelines.champion import Champion
-    from pipelines.stages.register import decide
+    from pipelines.stages.register import Challenger, decide
 
-    promote, reason = decide(0.1, "hash-b", 0.0, Champion("4", 2.5, "hash-a", "fp", None), None)
+    promote, reason = decide(Challenger(0.1, 0.01, "hash-b"), rule(), Champion("4", 2.5, "hash-a", "fp", None))
     assert not promote and "another protocol" in reason
-    assert decide(5.0, "hash-b", 0.0, None, None) == (True, "no champion yet")
+    assert decide(Challenger(5.0, 0.01, "hash-b"), rule(), None) == (True, "no champion yet")

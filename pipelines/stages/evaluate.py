@@ -19,7 +19,7 @@ import numpy as np
 
 from ddpm_core.checkpoint import read_snapshot_config
 from ddpm_core.images import grid, rows_by_class, save_grid
-from ddpm_core.metrics import precision_recall
+from ddpm_core.metrics import FidEstimate, kernel_inception_distance, precision_recall
 from ddpm_core.samplers import Method
 from ddpm_core.storage import verify_committed
 from pipelines.champion import champion_snapshot_uri, current_champion
@@ -45,7 +45,7 @@ from pipelines.scoring import (
     PublishedStatistics,
     Summary,
     SummaryRequest,
-    fid_against,
+    fid_estimate,
     published_reference,
     reference_key,
     reference_summary,
@@ -70,37 +70,70 @@ class Scorer:
     reference_uri: str  # where it is cached
     published: PublishedStatistics | None  # FIDs are against these when given
     execution: Execution
+    groups: int  # jackknife groups of every scored set (evaluate.fid_groups)
 
-    def fid(self, sources: list[ImageSource], num_images: int) -> float:
-        summary = summarize(sources, SummaryRequest(self.network.spec, num_images), self.execution)
-        return fid_against(summary, self.reference, self.published)
+    def request(self, num_images: int, inception_splits: int = 0, keep_first: int = 0) -> SummaryRequest:
+        groups = min(self.groups, num_images)
+        return SummaryRequest(self.network.spec, num_images, inception_splits, keep_first, groups)
+
+    def summarize(self, sources: list[ImageSource], num_images: int) -> Summary:
+        return summarize(sources, self.request(num_images), self.execution)
+
+    def estimate(self, summary: Summary) -> FidEstimate:
+        return fid_estimate(summary, self.reference, self.published)
+
+    def fid(self, sources: list[ImageSource], num_images: int) -> FidEstimate:
+        return self.estimate(self.summarize(sources, num_images))
+
+
+@dataclass(frozen=True)
+class RescoredChampion:
+    version: str
+    fid: FidEstimate  # its sample set's, drawn with this run's indices, seed and sampler
+    difference: FidEstimate  # this run's FID minus the champion's, with the paired jackknife's standard error
 
 
 @dataclass(frozen=True)
 class Comparisons:
     """FIDs of other image sets under the sample set's protocol: where the model sits between floor and ceiling."""
 
-    holdout: float | None  # held-out real images (the floor)
-    untrained: float | None  # an untrained network (the ceiling)
-    champion: tuple[str, float] | None  # (version, FID) of the registered champion
+    holdout: FidEstimate | None  # held-out real images (the floor)
+    untrained: FidEstimate | None  # an untrained network (the ceiling)
+    champion: RescoredChampion | None  # the registered champion
+
+    def apply(self, scores: Scores, num_samples: int) -> Scores:
+        """``scores`` with these comparisons filled in; the floor is the hold-out's FID extrapolated to the sample
+        set's size (FID falls as N grows: only equal sizes compare)."""
+        holdout, champion = self.holdout, self.champion
+        floor = holdout.at(num_samples) if holdout is not None else None
+        return dataclasses.replace(
+            scores,
+            fid_untrained=self.untrained.value if self.untrained else None,
+            fid_holdout_vs_train=holdout.value if holdout else None,
+            fid_holdout_stderr=holdout.stderr if holdout else None,
+            fid_holdout_inf=holdout.unbiased if holdout else None,
+            fid_floor=floor,
+            fid_over_floor=scores.fid / floor if floor is not None and floor > 0 else None,
+            fid_champion=champion.fid.value if champion else None,
+            fid_champion_stderr=champion.fid.stderr if champion else None,
+            fid_minus_champion=champion.difference.value if champion else None,
+            fid_minus_champion_stderr=champion.difference.stderr if champion else None,
+        )
 
 
 def run(context: StageContext, prepare: PrepareOutputs, train: TrainOutputs, sample: SampleOutputs) -> EvaluateOutputs:
     scorer = make_scorer(context, prepare, context.execution(train.device))
     context.log(f"evaluate: features of {sample.num_samples} samples with {scorer.network.extractor_id}")
-    scores, pr_count = sample_set_scores(context, scorer, sample)
+    scores, ours, pr_count = sample_set_scores(context, scorer, sample)
     if sample.conditioning is not None:
         hits = conditional_hits(context, prepare, sample.shard_uris, scorer.execution)
         log_class_accuracy(context, hits, list(prepare.class_names or ()))
         scores = dataclasses.replace(scores, conditional_accuracy=hits.accuracy)
     sweep = guidance_sweep(context, prepare, train, sample, scorer)
-    compared = comparisons(context, prepare, train, sample, scorer)
+    compared = comparisons(context, prepare, train, sample, scorer, ours)
     nll, nll_protocol = held_out_nll(context, prepare, train, sample)
     scores = dataclasses.replace(
-        scores,
-        fid_untrained=compared.untrained,
-        fid_holdout_vs_train=compared.holdout,
-        fid_champion=compared.champion[1] if compared.champion else None,
+        compared.apply(scores, sample.num_samples),
         nll_bpd=nll.bits_per_dim if nll else None,
         nll_bpd_stderr=nll.stderr if nll else None,
     )
@@ -121,7 +154,7 @@ def run(context: StageContext, prepare: PrepareOutputs, train: TrainOutputs, sam
         nll_protocol=nll_protocol,
         grid_uri=save_sample_grid(context, sample),
         reference_uri=scorer.reference_uri,
-        champion_version=compared.champion[0] if compared.champion else None,
+        champion_version=compared.champion.version if compared.champion else None,
         guidance_sweep=sweep,
     )
     log_to_mlflow(context, outputs, pr_count)
@@ -139,7 +172,7 @@ def make_scorer(context: StageContext, prepare: PrepareOutputs, execution: Execu
     reference = reference_summary(
         uri,
         prepare.shards_uri,
-        SummaryRequest(network.spec, 0, keep_first=settings.precision_recall_images),
+        SummaryRequest(network.spec, 0, keep_first=settings.first_feature_images),
         metadata,
         execution,
         lambda line: context.log(f"evaluate: {line}"),
@@ -149,26 +182,39 @@ def make_scorer(context: StageContext, prepare: PrepareOutputs, execution: Execu
         if settings.reference_stats_uri
         else None
     )
-    return Scorer(network, reference, uri, published, execution)
+    return Scorer(network, reference, uri, published, execution, settings.fid_groups)
 
 
-def sample_set_scores(context: StageContext, scorer: Scorer, sample: SampleOutputs) -> tuple[Scores, int]:
-    """FID, Inception Score and precision/recall of the sample set, and how many images of each set precision/recall
-    compared (equal set sizes, as in Kynkaanniemi et al. 2019)."""
+def sample_set_scores(context: StageContext, scorer: Scorer, sample: SampleOutputs) -> tuple[Scores, FidEstimate, int]:
+    """FID (with its jackknife stderr and FID_inf), Inception Score, precision/recall and KID of the sample set; its
+    FID estimate (for the paired comparison with the champion); and how many images of each set precision/recall
+    and KID compared (equal set sizes, as in Kynkaanniemi et al. 2019)."""
     settings, options = context.config.evaluate, scorer.execution.storage_options
     splits = settings.inception_score_splits if settings.inception_score else 0
-    request = SummaryRequest(scorer.network.spec, sample.num_samples, splits, settings.precision_recall_images)
+    request = scorer.request(sample.num_samples, splits, settings.first_feature_images)
     generated = summarize(sample_sources(sample.shard_uris, options), request, scorer.execution)
     count = min(len(scorer.reference.first_features), len(generated.first_features))
+    real, fake = scorer.reference.first_features[:count], generated.first_features[:count]  # [count, d] each
     inception = generated.inception.inception_score() if generated.inception is not None else (None, None)
-    precision, recall = None, None
-    if settings.precision_recall:
-        real, fake = scorer.reference.first_features[:count], generated.first_features[:count]  # [count, d] each
-        precision, recall = precision_recall(real, fake, settings.precision_recall_k)
-    fid = fid_against(generated, scorer.reference, scorer.published)
-    return Scores(
-        fid, inception_score=inception[0], inception_score_std=inception[1], precision=precision, recall=recall
-    ), count
+    precision, recall = (
+        precision_recall(real, fake, settings.precision_recall_k) if settings.precision_recall else (None, None)
+    )
+    kid: tuple[float | None, float | None] = (None, None)
+    if settings.kid:
+        kid = kernel_inception_distance(real, fake, settings.kid_subset(count), settings.kid_subsets, sample.seed)
+    fid = scorer.estimate(generated)
+    scores = Scores(
+        fid.value,
+        inception_score=inception[0],
+        inception_score_std=inception[1],
+        precision=precision,
+        recall=recall,
+        fid_stderr=fid.stderr,
+        fid_inf=fid.unbiased,
+        kid=kid[0],
+        kid_std=kid[1],
+    )
+    return scores, fid, count
 
 
 def conditional_hits(
@@ -210,7 +256,7 @@ def guidance_sweep(
             conditioning=conditioning.with_scale(scale),
         )
         uris, _ = sample_to_shards(request, scorer.execution, context.log)
-        fid = scorer.fid(sample_sources(uris, scorer.execution.storage_options), count)
+        fid = scorer.fid(sample_sources(uris, scorer.execution.storage_options), count).value
         accuracy = conditional_hits(context, prepare, tuple(uris), scorer.execution).accuracy
         points.append(GuidancePoint(scale, count, fid, accuracy))
     log_guidance_sweep(context, points)
@@ -250,7 +296,12 @@ def feature_network(context: StageContext, prepare: PrepareOutputs) -> FeatureNe
 
 
 def comparisons(
-    context: StageContext, prepare: PrepareOutputs, train: TrainOutputs, sample: SampleOutputs, scorer: Scorer
+    context: StageContext,
+    prepare: PrepareOutputs,
+    train: TrainOutputs,
+    sample: SampleOutputs,
+    scorer: Scorer,
+    ours: FidEstimate,
 ) -> Comparisons:
     settings, options = context.config.evaluate, scorer.execution.storage_options
     holdout = (
@@ -261,23 +312,28 @@ def comparisons(
     untrained = None
     if settings.untrained_baseline:
         context.log("evaluate: sampling an untrained network under the same protocol for the baseline FID")
-        untrained = fid_of_snapshot(context, scorer, sample, train.initial_snapshot_uri, "untrained_shards")
-    return Comparisons(holdout, untrained, rescore_champion(context, scorer, sample))
+        untrained = scorer.estimate(
+            summary_of_snapshot(context, scorer, sample, train.initial_snapshot_uri, "untrained_shards")
+        )
+    return Comparisons(holdout, untrained, rescore_champion(context, scorer, sample, ours))
 
 
-def fid_of_snapshot(
+def summary_of_snapshot(
     context: StageContext, scorer: Scorer, sample: SampleOutputs, snapshot_uri: str, folder: str
-) -> float:
-    """The FID of another snapshot's images, sampled like the sample stage's (same indices, seed, sampler,
-    precision) into this stage's work folder."""
+) -> Summary:
+    """The feature summary of another snapshot's images, sampled like the sample stage's (same indices, seed,
+    sampler, precision) into this stage's work folder."""
     request = SampleRequest.like(sample, snapshot_uri, f"{context.work_uri('evaluate')}/{folder}")
     uris, _ = sample_to_shards(request, scorer.execution, context.log)
-    return scorer.fid(sample_sources(uris, scorer.execution.storage_options), sample.num_samples)
+    return scorer.summarize(sample_sources(uris, scorer.execution.storage_options), sample.num_samples)
 
 
-def rescore_champion(context: StageContext, scorer: Scorer, sample: SampleOutputs) -> tuple[str, float] | None:
-    """(version, FID) of the registered champion under exactly this run's protocol, so that the register stage
-    compares like with like even when the data (and so the reference statistics) changed."""
+def rescore_champion(
+    context: StageContext, scorer: Scorer, sample: SampleOutputs, ours: FidEstimate
+) -> RescoredChampion | None:
+    """The registered champion's FID under exactly this run's protocol, so that the register stage compares like
+    with like even when the data (and so the reference statistics) changed; and the difference of the two FIDs with
+    the paired jackknife's standard error (both sets share their sample indices, so their errors correlate)."""
     config = context.config
     if not (config.evaluate.rescore_champion and config.register.enabled):
         return None
@@ -286,20 +342,21 @@ def rescore_champion(context: StageContext, scorer: Scorer, sample: SampleOutput
         return None
     snapshot_uri = champion_snapshot_uri(context.store, context.tracking_uri, config.register.model_name, champion)
     classes = read_snapshot_config(snapshot_uri, scorer.execution.storage_options)[0].num_classes
-    ours = sample.conditioning.null_class if sample.conditioning is not None else None
-    if classes != ours:
+    our_classes = sample.conditioning.null_class if sample.conditioning is not None else None
+    if classes != our_classes:
         context.log(
             f"evaluate: champion v{champion.version} of {config.register.model_name} is a model of "
-            f"{classes or 'no'} classes and this one of {ours or 'no'}: it cannot draw this run's sample set, so it "
-            "is not re-scored (nor compared)"
+            f"{classes or 'no'} classes and this one of {our_classes or 'no'}: it cannot draw this run's sample set, "
+            "so it is not re-scored (nor compared)"
         )
         return None
     context.log(
         f"evaluate: re-scoring champion v{champion.version} of {config.register.model_name} under this protocol"
     )
-    return champion.version, fid_of_snapshot(
-        context, scorer, sample, snapshot_uri, f"champion_v{champion.version}_shards"
+    theirs = scorer.estimate(
+        summary_of_snapshot(context, scorer, sample, snapshot_uri, f"champion_v{champion.version}_shards")
     )
+    return RescoredChampion(champion.version, theirs, ours.minus(theirs))
 
 
 def held_out_nll(
@@ -356,6 +413,10 @@ def log_to_mlflow(context: StageContext, outputs: EvaluateOutputs, pr_count: int
     )
     if settings.inception_score:
         params["protocol.inception_score.splits"] = settings.inception_score_splits
+    params["protocol.fid.jackknife_groups"] = min(settings.fid_groups, outputs.protocol.num_samples)
+    if settings.kid:
+        params["protocol.kid.subset_size"] = settings.kid_subset(pr_count)
+        params["protocol.kid.subsets"] = settings.kid_subsets
     if settings.precision_recall:
         params["protocol.precision_recall.k"] = settings.precision_recall_k
         params["protocol.precision_recall.samples"] = pr_count  # real and generated each
@@ -402,14 +463,20 @@ def summary_line(outputs: EvaluateOutputs) -> str:
     sampler = protocol.sampler
     steps = sampler.num_steps
     nfe = f", {sampler.method.network_evaluations(steps)} NFE" if sampler.method is Method.HEUN and steps else ""
+    stderr = f" +- {scores.fid_stderr:.3f}" if scores.fid_stderr is not None else ""
     parts = [
-        f"FID {scores.fid:.3f} ({protocol.num_samples} samples, {sampler.method.value} "
+        f"FID {scores.fid:.3f}{stderr} ({protocol.num_samples} samples, {sampler.method.value} "
         f"{sampler.num_steps} steps{nfe}{guided}, extractor {protocol.extractor_id})"
     ]
     labels = {
+        "fid_inf": "FID_inf",
+        "fid_floor": "real-data floor at equal N",
+        "fid_over_floor": "FID / floor",
+        "kid": "KID",
         "fid_untrained": "untrained network FID",
         "fid_holdout_vs_train": "hold-out real images FID",
         "fid_champion": "champion FID (re-scored)",
+        "fid_minus_champion": "FID - champion's",
         "inception_score": "IS",
         "precision": "precision",
         "recall": "recall",
@@ -417,5 +484,5 @@ def summary_line(outputs: EvaluateOutputs) -> str:
         "conditional_accuracy": "conditional accuracy",
     }
     present = scores.present()
-    parts += [f"{label} {present[key]:.3f}" for key, label in labels.items() if key in present]
+    parts += [f"{label} {present[key]:.4g}" for key, label in labels.items() if key in present]
     return "evaluate: " + "; ".join(parts)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 import mlflow
@@ -18,6 +19,7 @@ from mlflow.models import infer_signature
 
 from ddpm_core.storage import filesystem, verify_committed
 from pipelines.champion import Champion, current_champion
+from pipelines.config import RegisterSection
 from pipelines.context import StageContext
 from pipelines.contracts import EvaluateOutputs, PrepareOutputs, RegisterOutputs, TrainOutputs
 
@@ -38,10 +40,15 @@ def run(
 ) -> RegisterOutputs:
     name = context.config.register.model_name
     client = context.client
-    version = log_model(context, train.snapshot_uri, prepare)
+    version, model_id = log_model(context, train.snapshot_uri, prepare)
     champion = current_champion(client, name)  # before this version takes any alias
+    scores = evaluate.scores
     tags = {
-        "fid": evaluate.scores.fid,
+        "fid": scores.fid,
+        "fid_stderr": scores.fid_stderr,
+        "fid_inf": scores.fid_inf,
+        "fid_floor": scores.fid_floor,
+        "kid": scores.kid,
         "protocol_hash": evaluate.protocol_hash,
         "ddpm.run_id": context.config.run_id,
         "extractor_id": evaluate.protocol.extractor_id,
@@ -51,20 +58,18 @@ def run(
         tags["guidance_scale"] = evaluate.protocol.conditioning.guidance_scale
         tags["conditional_accuracy"] = evaluate.scores.conditional_accuracy
     for key, value in tags.items():
+        if value is None:
+            continue
         client.set_model_version_tag(name, version, key, str(value))
     client.set_registered_model_alias(name, "challenger", version)
-    fid_champion = evaluate.scores.fid_champion
-    rescored = (
-        (evaluate.champion_version, fid_champion) if evaluate.champion_version and fid_champion is not None else None
-    )
-    promote, reason = decide(
-        evaluate.scores.fid, evaluate.protocol_hash, context.config.register.promotion_margin, champion, rescored
-    )
+    challenger = Challenger.of(evaluate)
+    promote, reason = decide(challenger, context.config.register, champion)
     if promote:
         client.set_registered_model_alias(name, "champion", version)
     decision = ("promoted to champion: " if promote else "champion kept: ") + reason
     client.set_tag(context.mlflow_run_id, "registry.decision", decision)
     client.set_model_version_tag(name, version, "registry.decision", decision)
+    describe_version(context, prepare, evaluate, version, model_id, decision)
     context.log(f"register: {name} v{version} -> challenger" + (", champion" if promote else "") + f" ({reason})")
     return RegisterOutputs(
         model_name=name,
@@ -73,15 +78,15 @@ def run(
         reason=reason,
         previous_champion=champion.version if champion else None,
         challenger_fid=evaluate.scores.fid,
-        champion_fid=rescored[1] if rescored else (champion.fid if champion else None),
+        champion_fid=challenger.rescored[1] if challenger.rescored else (champion.fid if champion else None),
         model_uri=f"models:/{name}/{version}",
     )
 
 
-def log_model(context: StageContext, snapshot_uri: str, prepare: PrepareOutputs) -> str:
+def log_model(context: StageContext, snapshot_uri: str, prepare: PrepareOutputs) -> tuple[str, str]:
     """The snapshot as an MLflow pyfunc model (code: ``pipelines/serving.py`` + ``ddpm_core``) in this stage's run,
-    registered as a new version of ``register.model_name``; returns the version. A conditional model's signature
-    takes a ``label`` column and a ``guidance_scale`` param (default: the scale it was evaluated with)."""
+    registered as a new version of ``register.model_name``; returns (version, logged model id). A conditional model's
+    signature takes a ``label`` column and a ``guidance_scale`` param (default: the scale it was evaluated with)."""
     unet = context.config.model.unet(prepare.num_classes)
     verify_committed(snapshot_uri, context.store.options)  # never register a corrupt snapshot
     mlflow.set_tracking_uri(context.tracking_uri)
@@ -116,32 +121,156 @@ def log_model(context: StageContext, snapshot_uri: str, prepare: PrepareOutputs)
                     f"mlflow=={mlflow.__version__}",
                 ],
             )
-    return str(info.registered_model_version)
+    return str(info.registered_model_version), info.model_id
 
 
-def decide(
-    fid: float,
-    protocol_hash: str,
-    margin: float,
-    champion: Champion | None,
-    champion_rescored: tuple[str, float] | None,
-) -> tuple[bool, str]:
-    """(promote?, reason). The challenger must beat the champion's FID by more than ``margin`` under the same protocol:
-    the champion re-scored in this run when available, else the FID recorded with it if its protocol hash matches."""
+def stage_run_links(context: StageContext) -> dict[str, str]:
+    """UI links (relative to the MLflow UI's root) to this pipeline run's parent, train and evaluate runs."""
+    run = context.client.get_run(context.mlflow_run_id)
+    experiment, run_id = run.info.experiment_id, context.config.run_id
+    view = "?workflowType=machine_learning"  # MLflow 3's UI: the model-training view, not GenAI's
+    links = {"pipeline": f"#/experiments/{experiment}/runs/{run.data.tags['mlflow.parentRunId']}{view}"}
+    for stage in ("train", "evaluate"):
+        found = context.client.search_runs(
+            [experiment],
+            f"tags.`ddpm.run_id` = '{run_id}' and tags.`ddpm.stage` = '{stage}'",
+            max_results=1,
+            order_by=["attributes.start_time DESC"],
+        )
+        if found:
+            tab = "/model-metrics" if stage == "train" else ""  # the training curves, or the scores and protocol
+            links[stage] = f"#/experiments/{experiment}/runs/{found[0].info.run_id}{tab}{view}"
+    return links
+
+
+def version_description(
+    context: StageContext, prepare: PrepareOutputs, evaluate: EvaluateOutputs, decision: str
+) -> str:
+    """Markdown for the model version page: data, architecture, sampler, the headline scores with their
+    uncertainty and floor, the decision, and links to the runs that hold the curves and the scores."""
+    config, scores, protocol = context.config, evaluate.scores, evaluate.protocol
+    sampler = protocol.sampler
+    lines = [
+        f"DDPM on `{config.data.uri}` (fingerprint `{prepare.fingerprint[:12]}`, {prepare.num_train:,} training "
+        f"images): U-Net preset `{config.model.preset}`"
+        + (f", class-conditional ({prepare.num_classes} classes)" if config.model.conditional else "")
+        + f", {config.diffusion.num_timesteps} steps {config.diffusion.schedule.value} schedule, "
+        f"{config.train.total_images:,} training images.",
+        "",
+        f"**FID {scores.fid:.4f}**"
+        + (f" ± {scores.fid_stderr:.4f} (jackknife stderr)" if scores.fid_stderr is not None else "")
+        + f" on {protocol.num_samples:,} samples ({sampler.method.value}, {sampler.num_steps} steps, seed "
+        f"{protocol.seed}), extractor `{protocol.extractor_id}`.",
+    ]
+    if scores.fid_floor is not None and scores.fid_over_floor is not None:
+        lines.append(
+            f"Real-data floor at the same N: {scores.fid_floor:.4f} (the model is {scores.fid_over_floor:.2f}x it)."
+        )
+    if scores.kid is not None and scores.kid_std is not None:
+        lines.append(f"KID {scores.kid:.5f} ± {scores.kid_std:.5f}.")
+    links = " · ".join(f"[{name} run]({url})" for name, url in stage_run_links(context).items())
+    lines += ["", f"Registry: {decision}", "", f"Runs: {links}"]
+    return "\n".join(lines)
+
+
+def describe_version(
+    context: StageContext,
+    prepare: PrepareOutputs,
+    evaluate: EvaluateOutputs,
+    version: str,
+    model_id: str,
+    decision: str,
+) -> None:
+    """Descriptions on the version and (once) the registered model; the scores and sampling protocol on the logged
+    model, so its page shows them beside the register run's."""
+    client, name = context.client, context.config.register.model_name
+    client.update_model_version(name, version, version_description(context, prepare, evaluate, decision))
+    if not client.get_registered_model(name).description:
+        client.update_registered_model(
+            name,
+            f"DDPM image diffusion models trained by ddpm-pipeline on `{context.config.data.uri}`. Alias `champion`: "
+            "the version to serve; `challenger`: the latest. Each version's description has its scores, their "
+            "uncertainty and links to its runs.",
+        )
+    mlflow.set_tracking_uri(context.tracking_uri)
+    mlflow.log_metrics(evaluate.scores.present(), run_id=context.mlflow_run_id, model_id=model_id)
+    protocol = {f"protocol.{key}": str(value) for key, value in evaluate.protocol.flat().items()}
+    mlflow.log_model_params({**protocol, "protocol_hash": evaluate.protocol_hash}, model_id=model_id)
+
+
+@dataclass(frozen=True)
+class Challenger:
+    """What the promotion rule knows of this run's model (from the evaluate stage)."""
+
+    fid: float
+    fid_stderr: float | None  # jackknife standard error
+    protocol_hash: str
+    rescored: tuple[str, float] | None = None  # (version, FID) of the champion re-scored under this protocol
+    difference_stderr: float | None = None  # paired jackknife stderr of fid minus the re-scored champion's
+
+    @classmethod
+    def of(cls, evaluate: EvaluateOutputs) -> Challenger:
+        scores = evaluate.scores
+        rescored = None
+        if evaluate.champion_version is not None and scores.fid_champion is not None:
+            rescored = (evaluate.champion_version, scores.fid_champion)
+        return cls(scores.fid, scores.fid_stderr, evaluate.protocol_hash, rescored, scores.fid_minus_champion_stderr)
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """The champion's FID the challenger is compared with, and the standard error of their difference."""
+
+    champion_fid: float
+    basis: str  # how the champion's FID was obtained
+    stderr: float | None  # of challenger FID - champion FID (None: unknown)
+    stderr_basis: str
+
+
+def evidence(challenger: Challenger, champion: Champion) -> Evidence | None:
+    """The champion re-scored in this run (paired with the challenger's samples), else its recorded FID when the
+    protocol hash matches (independent sets: the standard errors add in quadrature); None when not comparable."""
+    if challenger.rescored is not None and challenger.rescored[0] == champion.version:
+        return Evidence(
+            challenger.rescored[1],
+            "re-scored under this run's protocol",
+            challenger.difference_stderr,
+            "paired jackknife on shared sample indices",
+        )
+    if champion.protocol_hash != challenger.protocol_hash or champion.fid is None:
+        return None
+    if challenger.fid_stderr is None:
+        return Evidence(champion.fid, "recorded under the same protocol", None, "no interval recorded")
+    if champion.fid_stderr is None:
+        basis = "the challenger's alone: the champion has no recorded stderr"
+        return Evidence(champion.fid, "recorded under the same protocol", challenger.fid_stderr, basis)
+    combined = (challenger.fid_stderr**2 + champion.fid_stderr**2) ** 0.5
+    return Evidence(champion.fid, "recorded under the same protocol", combined, "independent sets, in quadrature")
+
+
+def decide(challenger: Challenger, rule: RegisterSection, champion: Champion | None) -> tuple[bool, str]:
+    """(promote?, reason). The challenger must lower the champion's FID, under the same protocol, by more than
+    ``rule.promotion_margin`` *and* by more than ``rule.promotion_z`` standard errors of the difference (a one-sided
+    test at z; 1.96: 2.5% chance of promoting an equal model by noise). The reason states both numbers."""
     if champion is None:
         return True, "no champion yet"
-    if champion_rescored is not None and champion_rescored[0] == champion.version:
-        champion_fid, basis = champion_rescored[1], "re-scored under this run's protocol"
-    elif champion.protocol_hash == protocol_hash and champion.fid is not None:
-        champion_fid, basis = champion.fid, "recorded under the same protocol"
-    else:
+    found = evidence(challenger, champion)
+    if found is None:
         return (
             False,
             f"champion v{champion.version} was scored under another protocol ({champion.protocol_hash}); not compared",
         )
-    threshold = champion_fid - margin
-    verdict = "<" if fid < threshold else ">="
-    return fid < threshold, (
-        f"FID {fid:.4f} {verdict} champion v{champion.version}'s {champion_fid:.4f} ({basis})"
-        + (f" - margin {margin:g}" if margin else "")
+    improvement = found.champion_fid - challenger.fid
+    noise = rule.promotion_z * found.stderr if found.stderr is not None else 0.0
+    beats_margin, beats_noise = improvement > rule.promotion_margin, improvement > noise
+    verdict = "<" if beats_margin and beats_noise else ">="
+    noise_text = (
+        f"{rule.promotion_z:g} x stderr {found.stderr:.4f} = {noise:.4f} ({found.stderr_basis})"
+        if found.stderr is not None
+        else f"no stderr ({found.stderr_basis})"
+    )
+    return beats_margin and beats_noise, (
+        f"FID {challenger.fid:.4f} {verdict} champion v{champion.version}'s {found.champion_fid:.4f} ({found.basis}): "
+        f"improvement {improvement:.4f} {'>' if beats_margin else '<='} margin {rule.promotion_margin:g} and "
+        f"{'>' if beats_noise else '<='} {noise_text}"
     )

@@ -11,6 +11,7 @@ import time
 
 import ray.train
 from mlflow.entities import Metric
+from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
 from mlflow.tracking import MlflowClient
 from torch import nn
 
@@ -64,6 +65,7 @@ class Progress:
             self.client, job.mlflow_run_id, lambda line: print(f"train: {line}", flush=True)
         )
         self.window_started, self.window_images_seen = time.time(), images_seen
+        self.system = system_metrics(job)
 
     def log_metrics(self, means: dict[str, float], state: TrainState) -> None:
         """The window's mean step statistics, the learning rate, the EMA decay and the training rate."""
@@ -74,6 +76,7 @@ class Progress:
             "lr": learning_rate(state.images_seen, self.job.train.optim),
             "images_per_second": rate,
             "ema_decay": state.ema.current_decay(),
+            "optimizer_steps": state.step,  # MLflow's step axis counts images seen (docs/pipeline.md)
         }
         self.metrics.send(
             [Metric(key, float(value), int(now * 1000), state.images_seen) for key, value in values.items()]
@@ -107,6 +110,8 @@ class Progress:
 
     def close(self) -> None:
         """A last attempt to send buffered metrics; what still fails is committed for the driver to send."""
+        if self.system is not None:
+            self.system.finish()
         unsent = self.metrics.close()
         if unsent:
             payload = json.dumps([metric.to_dictionary() for metric in unsent]).encode()
@@ -120,6 +125,18 @@ class Progress:
                 f"train: {len(unsent)} metrics could not reach MLflow; kept at {self.job.pending_metrics_uri}",
                 flush=True,
             )
+
+
+def system_metrics(job: TrainJob) -> SystemMetricsMonitor | None:
+    """MLflow's system metrics (CPU, memory, disk, network; GPU utilisation and memory where there is one) of rank 0's
+    machine on the train run, every 10 s, continuing the step count after a restart."""
+    try:
+        monitor = SystemMetricsMonitor(job.mlflow_run_id, resume_logging=True, tracking_uri=job.tracking_uri)
+    except Exception as error:  # a missing optional dependency or an unreachable server: train without them
+        print(f"train: no system metrics ({type(error).__name__}: {error})", flush=True)
+        return None
+    monitor.start()
+    return monitor
 
 
 def report_checkpoint(job: TrainJob, worker: Worker, state: TrainState, loop_seconds: float, done: bool) -> None:

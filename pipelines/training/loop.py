@@ -35,6 +35,8 @@ def train_loop(job: TrainJob) -> None:
         Interval(every, state.images_seen)
         for every in (train.log_every_images, train.grid_every_images, train.checkpoint_every_images)
     )
+    if progress is not None and state.images_seen == 0 and train.grid_every_images > 0:
+        progress.log_grid(state.ema.model, diffusion, 0)  # the untrained network: the slider starts at step 0
     per_worker, started = train.batch_size // worker.world_size, time.time()
     oom_where = f"a training step on {worker.device} ({per_worker} images per worker)"
     oom_advice = (
