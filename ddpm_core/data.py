@@ -50,6 +50,7 @@ class ImageDataset:
     fingerprint: str  # SHA-256 of shape, pixels and labels
     source: str
     class_names: list[str] | None = None
+    skipped: tuple[str, ...] = ()  # unreadable image files left out (ReadOptions.skip_unreadable)
 
     @property
     def num_classes(self) -> int | None:
@@ -80,16 +81,34 @@ def fingerprint(images: np.ndarray, labels: np.ndarray | None) -> str:
     return digest.hexdigest()
 
 
-def load_dataset(uri: str, split: str = "train", storage_options: dict[str, Any] | None = None) -> ImageDataset:
-    """Read and validate a data set (see the module docstring for the formats). ``split`` applies to CIFAR-10."""
+@dataclass(frozen=True)
+class ReadOptions:
+    """How image files become one array."""
+
+    image_size: int | None = None  # center-crop and resize every image to this square size (None: as read)
+    skip_unreadable: bool = False  # leave out (and list) image files that cannot be decoded, instead of failing
+
+
+def load_dataset(
+    uri: str,
+    split: str = "train",
+    storage_options: dict[str, Any] | None = None,
+    read: ReadOptions = ReadOptions(),
+) -> ImageDataset:
+    """Read and validate a data set (see the module docstring for the formats). ``split`` applies to CIFAR-10;
+    ``read`` says whether images are resized (mixed sizes are refused otherwise) and unreadable files skipped."""
+    skipped: tuple[str, ...] = ()
     if uri == "builtin:digits":
         images, labels, names = _read_digits()
     elif uri.startswith("builtin:"):
         raise DataError(f"data URI {uri!r}: unknown built-in data set; the built-in one is 'builtin:digits'")
     else:
-        images, labels, names = _read_uri(uri, split, storage_options)
+        (images, labels, names), skipped = _read_uri(uri, split, storage_options, read)
+    size = read.image_size
+    if size is not None and images.shape[1:3] != (size, size):
+        images = np.stack([center_crop_resize(image, size) for image in images])
     _validate(images, labels, uri, names)
-    return ImageDataset(images, labels, fingerprint(images, labels), uri, names)
+    return ImageDataset(images, labels, fingerprint(images, labels), uri, names, skipped)
 
 
 def _validate(images: np.ndarray, labels: np.ndarray | None, uri: str, names: list[str] | None) -> None:
@@ -118,7 +137,28 @@ def _read_digits() -> Arrays:
     return images, digits.target.astype(np.int64), [str(i) for i in range(10)]
 
 
-def _read_uri(uri: str, split: str, storage_options: dict[str, Any] | None) -> Arrays:
+def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
+    """``[H, W, C]`` uint8 -> ``[size, size, C]``: the central square, resized as guided-diffusion prepares ImageNet
+    (box-filter halvings while the short side is at least twice ``size``, then bicubic), so downsampling aliases
+    little."""
+    picture = Image.fromarray(image[..., 0] if image.shape[-1] == 1 else image)
+    while min(picture.size) >= 2 * size:
+        picture = picture.resize((picture.width // 2, picture.height // 2), resample=Image.Resampling.BOX)
+    scale = size / min(picture.size)
+    picture = picture.resize(
+        (max(size, round(picture.width * scale)), max(size, round(picture.height * scale))),
+        resample=Image.Resampling.BICUBIC,
+    )
+    array = np.asarray(picture)
+    top, left = (array.shape[0] - size) // 2, (array.shape[1] - size) // 2
+    array = array[top : top + size, left : left + size]
+    return array[..., None] if array.ndim == 2 else array
+
+
+def _read_uri(
+    uri: str, split: str, storage_options: dict[str, Any] | None, read: ReadOptions
+) -> tuple[Arrays, tuple[str, ...]]:
+    """The data set's arrays, and the image files left out as unreadable."""
     try:
         fs, path = filesystem(uri, storage_options)
         if not fs.exists(path):
@@ -130,17 +170,18 @@ def _read_uri(uri: str, split: str, storage_options: dict[str, Any] | None) -> A
         raise DataError(f"data URI {uri!r} cannot be read: {type(error).__name__}: {error}") from error
     if is_directory:
         if any(fs.exists(f"{path}/{name}") for name in (*CIFAR_TRAIN_BATCHES, CIFAR_TEST_BATCH)):
-            return _read_cifar_folder(fs, path, uri, split)
-        return _read_image_folder(fs, path, uri)
+            return _read_cifar_folder(fs, path, uri, split), ()
+        return _read_image_folder(fs, path, uri, read)
     name = path.lower()
     if name.endswith((".tar.gz", ".tgz")):
-        return _read_cifar_tar(_cat(fs, path, uri), uri, split)
+        return _read_cifar_tar(_cat(fs, path, uri), uri, split), ()
     if name.endswith(".npy"):
-        return _read_npy(_cat(fs, path, uri), uri), None, None
+        return (_read_npy(_cat(fs, path, uri), uri), None, None), ()
     if name.endswith(".npz"):
-        return _read_npz(_cat(fs, path, uri), uri)
+        return _read_npz(_cat(fs, path, uri), uri), ()
     if name.endswith(IMAGE_EXTENSIONS):
-        return _decode_images({path: _cat(fs, path, uri)}, uri)[None], None, None
+        images, kept = _decode_images({path: _cat(fs, path, uri)}, uri, read)
+        return (images, None, None), tuple(p for p in [path] if p not in kept)
     raise DataError(
         f"data URI {uri!r}: unsupported format; expected a folder of PNG/JPEG, a CIFAR-10 python "
         f"tar.gz or folder, a .npy/.npz file, or builtin:digits"
@@ -154,7 +195,10 @@ def _cat(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> bytes:
         raise DataError(f"cannot read {uri!r} ({path}): {type(error).__name__}: {error}") from error
 
 
-def _read_image_folder(fs: fsspec.AbstractFileSystem, root: str, uri: str) -> Arrays:
+def _read_image_folder(
+    fs: fsspec.AbstractFileSystem, root: str, uri: str, read: ReadOptions
+) -> tuple[Arrays, tuple[str, ...]]:
+    """Every PNG/JPEG under ``root`` (labels from first-level class folders), and the unreadable ones skipped."""
     try:
         paths = sorted(p for p in fs.find(root) if p.lower().endswith(IMAGE_EXTENSIONS))
     except Exception as error:
@@ -167,35 +211,49 @@ def _read_image_folder(fs: fsspec.AbstractFileSystem, root: str, uri: str) -> Ar
         contents = fs.cat(paths, on_error="raise")
     except Exception as error:
         raise DataError(f"cannot read the images under {uri!r}: {type(error).__name__}: {error}") from error
-    images = _decode_images({path: contents[path] for path in paths}, uri)
+    images, kept = _decode_images({path: contents[path] for path in paths}, uri, read)
+    skipped = tuple(path for path in paths if path not in set(kept))
     relative = [posixpath.relpath(path, root) for path in paths]
-    if all("/" in rel for rel in relative):  # every image inside a class folder
-        classes = [rel.split("/", 1)[0] for rel in relative]
-        names = sorted(set(classes))
-        return images, np.array([names.index(c) for c in classes], dtype=np.int64), names
-    return images, None, None
+    if all("/" in rel for rel in relative):  # every image inside a class folder: names from all, labels of the kept
+        names = sorted({rel.split("/", 1)[0] for rel in relative})
+        classes = [posixpath.relpath(path, root).split("/", 1)[0] for path in kept]
+        return (images, np.array([names.index(c) for c in classes], dtype=np.int64), names), skipped
+    return (images, None, None), skipped
 
 
-def _decode_images(contents: dict[str, bytes], uri: str) -> np.ndarray:
-    """Decode images to ``[N, H, W, C]`` uint8; grayscale stays 1 channel, everything else becomes RGB."""
-    decoded, first_shape, first_path = [], None, None
+def _decode_images(contents: dict[str, bytes], uri: str, read: ReadOptions) -> tuple[np.ndarray, list[str]]:
+    """Decode images to ``[N, H, W, C]`` uint8 (grayscale stays 1 channel, everything else becomes RGB; each
+    center-cropped and resized when ``read.image_size`` says so), and the paths decoded, in order. An unreadable
+    file fails the read, naming it, unless ``read.skip_unreadable``."""
+    decoded, kept, first_shape, first_path = [], [], None, None
     for path, data in contents.items():
         try:
             with Image.open(io.BytesIO(data)) as image:
                 image.load()
                 array = np.asarray(image.convert("L" if image.mode in ("1", "L", "I;16", "I") else "RGB"))
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
-            raise DataError(f"corrupt or unreadable image {path} (in {uri!r}): {error}") from error
+            if read.skip_unreadable:
+                continue
+            raise DataError(
+                f"corrupt or unreadable image {path} (in {uri!r}): {error} (data.unreadable_images=skip leaves such "
+                "files out and lists them)"
+            ) from error
         array = array[..., None] if array.ndim == 2 else array
+        if read.image_size is not None:
+            array = center_crop_resize(array, read.image_size)
         if first_shape is None:
             first_shape, first_path = array.shape, path
         elif array.shape != first_shape:
             raise DataError(
                 f"mixed image sizes in {uri!r}: {first_path} is {_describe(first_shape)} but {path} is "
-                f"{_describe(array.shape)}; every image must have the same size and channels"
+                f"{_describe(array.shape)}; every image must have the same size and channels (set data.image_size to "
+                "center-crop and resize every image to one size)"
             )
         decoded.append(array)
-    return np.stack(decoded)
+        kept.append(path)
+    if not decoded:
+        raise DataError(f"{uri}: none of its {len(contents)} image file(s) could be read")
+    return np.stack(decoded), kept
 
 
 def _describe(shape: tuple[int, ...]) -> str:

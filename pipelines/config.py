@@ -23,6 +23,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from ddpm_core.data import ReadOptions
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm_core.fields import allowed_values
 from ddpm_core.precision import Precision
@@ -79,6 +80,13 @@ class Extractor(str, enum.Enum):
     INCEPTION = "inception"  # Inception-v3 pool3: the standard FID
 
 
+class UnreadableImages(str, enum.Enum):
+    """What prepare does with an image file that cannot be decoded."""
+
+    FAIL = "fail"  # stop before anything runs, naming the file
+    SKIP = "skip"  # leave it out, count it (metric skipped_images) and list it (artifact skipped_images.txt)
+
+
 class DataSplit(str, enum.Enum):
     """Which split of a data set with its own splits (CIFAR-10 archives) is the training data."""
 
@@ -117,11 +125,18 @@ class DataSection:
     uri: str = "builtin:digits"  # any ddpm_core.data URI (file://, s3://, builtin:digits)
     split: DataSplit = DataSplit.TRAIN  # CIFAR-10 split
     holdout_fraction: float = 0.1  # share of images kept out of training (FID floor, held-out NLL)
+    image_size: int | None = None  # center-crop and resize every image to this square size (None: images as read)
+    unreadable_images: UnreadableImages = UnreadableImages.FAIL
+
+    def read_options(self) -> ReadOptions:
+        return ReadOptions(self.image_size, self.unreadable_images is UnreadableImages.SKIP)
 
     def __post_init__(self) -> None:
-        coerce_choices(self, "data", {"split": DataSplit})
+        coerce_choices(self, "data", {"split": DataSplit, "unreadable_images": UnreadableImages})
         if not 0.0 <= self.holdout_fraction < 0.5:
             raise ConfigError(f"data.holdout_fraction must lie in [0, 0.5), got {self.holdout_fraction}")
+        if self.image_size is not None and self.image_size < 1:
+            raise ConfigError(f"data.image_size must be null (images as read) or >= 1 pixels, got {self.image_size}")
 
 
 @dataclass(frozen=True)
@@ -167,7 +182,7 @@ class TrainSection:
     total_images: int = 100_000  # training length in images (EDM's kimg)
     checkpoint_every_images: int = 25_000
     log_every_images: int = 5_000
-    grid_every_images: int = 50_000  # sample grid to MLflow (0: only at the end)
+    grid_every_images: int | None = 50_000  # sample grid to MLflow (0: only at the end; null: never)
     max_failures: int = 2  # worker-group restarts from the last checkpoint
     startup_retries: int = 10  # worker-group start attempts (60 s each): waits for autoscaling, never forever
     horizontal_flip: bool = False
@@ -204,7 +219,7 @@ class TrainSection:
             {
                 "max_failures": self.max_failures,
                 "startup_retries": self.startup_retries,
-                "grid_every_images": self.grid_every_images,
+                "grid_every_images": self.grid_every_images or 0,
                 "seed": self.seed,
             },
         )

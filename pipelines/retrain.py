@@ -103,7 +103,9 @@ def decide_and_run(
     tracker = Tracker(config)
     name = config.register.model_name
     champion = current_champion(tracker.client, name)
-    fingerprint = load_dataset(config.data.uri, config.data.split.value, data_storage_options(config)).fingerprint
+    fingerprint = load_dataset(
+        config.data.uri, config.data.split.value, data_storage_options(config), config.data.read_options()
+    ).fingerprint
     when = scheduled_at.isoformat()
     base_tags = {
         "ddpm.retrain.scheduled_at": when,

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from ddpm_core.data import DataError, load_dataset, random_horizontal_flip, to_model_range, to_uint8
+from ddpm_core.data import DataError, ReadOptions, load_dataset, random_horizontal_flip, to_model_range, to_uint8
 
 
 def random_images(n, size=8, channels=3, seed=0):
@@ -171,7 +171,7 @@ def bad_inputs(tmp_path):
         ("missing", "does not exist"),
         ("empty", "contains no PNG/JPEG"),
         ("corrupt", "corrupt or unreadable image .*broken.png"),
-        ("mixed", "mixed image sizes .*a.png is 8x8.*b.png is 16x16"),
+        ("mixed", "mixed image sizes .*a.png is 8x8.*b.png is 16x16.*set data.image_size"),
         ("float.npy", "must be uint8 .* got float32"),
         ("shape.npy", "got shape \\(2, 8, 8, 7\\)"),
         ("objects.npy", "pickled objects are refused"),
@@ -206,3 +206,39 @@ def test_model_range_transforms():
     many = random_horizontal_flip(x.repeat(50, 1, 1, 1), torch.Generator().manual_seed(1))
     fraction = (many != x.repeat(50, 1, 1, 1)).flatten(1).any(1).float().mean().item()
     assert 0.35 < fraction < 0.65
+
+
+def test_image_size_center_crops_and_resizes_mixed_images(tmp_path):
+    """With ``image_size`` a folder of mixed sizes loads: each image's central square, resized (box halvings, then
+    bicubic); without it the same folder is refused (above). Arrays are resized the same way."""
+    (tmp_path / "mixed").mkdir()
+    wide = np.zeros((32, 64, 3), dtype=np.uint8)
+    wide[:, 16:48] = 200  # the central 32x32 square is uniform 200, the rest 0
+    write_png(str(tmp_path / "mixed" / "a.png"), wide)
+    write_png(str(tmp_path / "mixed" / "b.png"), random_images(1, size=8)[0])
+    dataset = load_dataset(str(tmp_path / "mixed"), read=ReadOptions(image_size=16))
+    assert dataset.images.shape == (2, 16, 16, 3) and dataset.images.dtype == np.uint8
+    assert np.all(dataset.images[0] == 200)  # the crop kept the centre only
+    np.save(tmp_path / "arrays.npy", np.stack([wide, wide]))
+    assert load_dataset(str(tmp_path / "arrays.npy"), read=ReadOptions(image_size=8)).images.shape == (2, 8, 8, 3)
+    assert load_dataset(str(tmp_path / "mixed"), read=ReadOptions(image_size=16)).fingerprint == dataset.fingerprint
+    assert load_dataset(str(tmp_path / "mixed"), read=ReadOptions(image_size=8)).fingerprint != dataset.fingerprint
+
+
+def test_unreadable_images_fail_by_name_or_are_skipped_and_listed(tmp_path):
+    """One broken file in the middle of a labelled folder: by default the read fails naming it (and the switch);
+    with ``skip_unreadable`` it is left out and listed, and the other images keep their labels."""
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        for i, image in enumerate(random_images(3, seed=ord(label))):
+            write_png(str(tmp_path / label / f"{i}.png"), image)
+    (tmp_path / "a" / "1.png").write_bytes(b"\x89PNG\r\n\x1a\ntruncated")
+    with pytest.raises(DataError, match=r"unreadable image .*a/1.png.*data.unreadable_images=skip"):
+        load_dataset(str(tmp_path))
+    dataset = load_dataset(str(tmp_path), read=ReadOptions(skip_unreadable=True))
+    assert len(dataset.images) == 5 and dataset.skipped == (str(tmp_path / "a" / "1.png"),)
+    assert dataset.labels.tolist() == [0, 0, 1, 1, 1] and dataset.class_names == ["a", "b"]
+    for broken in tmp_path.glob("*/*.png"):
+        broken.write_bytes(b"not an image")
+    with pytest.raises(DataError, match="none of its 6 image file"):
+        load_dataset(str(tmp_path), read=ReadOptions(skip_unreadable=True))

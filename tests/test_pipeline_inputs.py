@@ -1,5 +1,7 @@
 """Bad input to the pipeline fails early: before Ray starts, with a message naming the problem, exit code 2."""
 
+from pathlib import Path
+
 import pytest
 import ray
 import torch
@@ -221,3 +223,14 @@ def test_an_unknown_from_stage_fails_before_anything(tmp_path, local, capsys):
     code, err = run_cli([*local, "--from", "trian"], capsys)
     assert code == 2 and "--from 'trian' is not a stage; stages: prepare, tune, train" in err
     assert not ray.is_initialized() and not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")))
+def test_every_shipped_config_passes_the_checks_made_before_ray(path):
+    """The configs in configs/ load, and their stages' checks pass (what `python -m pipelines run` checks before
+    anything runs; their data and weights are not read here)."""
+    from pipelines.dag import check_config
+
+    config = load_config(path, [])
+    check_config(config)
+    assert config.model.unet(config.model.num_classes or 10).image_size in (8, 32, 256)

@@ -16,7 +16,23 @@ def test_cifar10_preset_has_the_papers_35_7m_parameters():
     assert abs(count(UNet(unet_preset("cifar10"))) - 35.7e6) <= 0.2e6
 
 
-@pytest.mark.parametrize("preset", ["cifar10", "digits", "mnist"])
+def test_256_preset_has_the_papers_114m_parameters():
+    """Ho et al. 2020, App. B: "our LSUN and CelebA-HQ models have 114 million parameters" (counted without
+    allocating the weights)."""
+    with torch.device("meta"):
+        assert abs(count(UNet(unet_preset("image256"))) - 114e6) <= 0.5e6
+
+
+def test_64_preset_resolutions_and_size():
+    """Four resolutions from 64x64 to 8x8, attention at 16x16, and 83.0M parameters (a regression guard: the paper
+    has no 64x64 model to compare with)."""
+    config = unet_preset("image64")
+    assert [config.image_size // 2**level for level in range(len(config.channel_mult))] == [64, 32, 16, 8]
+    with torch.device("meta"):
+        assert abs(count(UNet(config)) - 82.96e6) <= 0.05e6
+
+
+@pytest.mark.parametrize("preset", ["cifar10", "digits", "mnist", "image64"])
 @pytest.mark.parametrize("learn_variance", [False, True])
 def test_output_shape_and_learned_variance_channels(preset, learn_variance):
     config = unet_preset(preset)

@@ -24,7 +24,9 @@ from pipelines.shards import write_split
 
 def run(context: StageContext) -> PrepareOutputs:
     config, options = context.config, context.store.options
-    dataset = load_dataset(config.data.uri, config.data.split.value, data_storage_options(config))
+    dataset = load_dataset(
+        config.data.uri, config.data.split.value, data_storage_options(config), config.data.read_options()
+    )
     if config.model.conditional:
         check_conditioning(dataset, config)
     check_fits_model(dataset, config)
@@ -54,6 +56,8 @@ def run(context: StageContext) -> PrepareOutputs:
         write_split(outputs.test_uri, test, np.arange(len(test.images)), options)
         context.log(f"prepare: {len(test.images)} test images for the NLL")
     client = context.client
+    if dataset.skipped:
+        report_skipped(context, dataset.skipped)
     client.log_param(context.mlflow_run_id, "data.fingerprint", dataset.fingerprint)
     client.log_metric(context.mlflow_run_id, "num_train_images", len(train_idx))
     client.log_metric(context.mlflow_run_id, "num_holdout_images", len(holdout_idx))
@@ -76,6 +80,15 @@ def data_storage_options(config: PipelineConfig) -> dict[str, Any]:
     return config.storage.options() if config.data.uri.startswith("s3://") else {}
 
 
+def report_skipped(context: StageContext, skipped: tuple[str, ...]) -> None:
+    """Unreadable image files left out (data.unreadable_images=skip): counted, listed, and named in the log."""
+    client, run_id = context.client, context.mlflow_run_id
+    client.log_metric(run_id, "skipped_images", len(skipped))
+    client.log_text(run_id, "\n".join(skipped) + "\n", "skipped_images.txt")
+    shown = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
+    context.log(f"prepare: skipped {len(skipped)} unreadable image file(s): {shown} (skipped_images.txt)")
+
+
 def check_fits_model(dataset: ImageDataset, config: PipelineConfig) -> None:
     unet = config.model.unet(dataset.num_classes)
     _, height, width, channels = dataset.images.shape
@@ -83,7 +96,8 @@ def check_fits_model(dataset: ImageDataset, config: PipelineConfig) -> None:
         raise DataError(
             f"data.uri {config.data.uri!r} has {height}x{width} images with {channels} channel(s), "
             f"but model.preset {config.model.preset!r} expects {unet.image_size}x{unet.image_size} "
-            f"with {unet.in_channels}; choose a matching preset or set model.overrides"
+            f"with {unet.in_channels}; choose a matching preset, set model.overrides, or resize the images with "
+            f"data.image_size: {unet.image_size}"
         )
 
 
@@ -146,7 +160,7 @@ def split(dataset: ImageDataset, holdout_fraction: float) -> tuple[np.ndarray, n
 
 def test_split(config: PipelineConfig, train_dataset: ImageDataset) -> ImageDataset:
     """The data set's test split, for the NLL on it: must exist and differ from the training data."""
-    dataset = load_dataset(config.data.uri, "test", data_storage_options(config))
+    dataset = load_dataset(config.data.uri, "test", data_storage_options(config), config.data.read_options())
     if dataset.fingerprint == train_dataset.fingerprint:
         raise DataError(
             f"evaluate.nll_split=test: data.uri {config.data.uri!r} has no separate test split (only "

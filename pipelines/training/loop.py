@@ -33,10 +33,11 @@ def train_loop(job: TrainJob) -> None:
     train, autocast, layout = job.train, autocast_dtype(job.precision), memory_format(job)
     log, grid, checkpoint = (
         Interval(every, state.images_seen)
-        for every in (train.log_every_images, train.grid_every_images, train.checkpoint_every_images)
+        for every in (train.log_every_images, train.grid_every_images or 0, train.checkpoint_every_images)
     )
-    if progress is not None and state.images_seen == 0 and train.grid_every_images > 0:
-        progress.log_grid(state.ema.model, diffusion, 0)  # the untrained network: the slider starts at step 0
+    grids = progress if train.grid_every_images is not None else None  # null: no sample grids at all
+    if grids is not None and state.images_seen == 0 and train.grid_every_images:
+        grids.log_grid(state.ema.model, diffusion, 0)  # the untrained network: the slider starts at step 0
     per_worker, started = train.batch_size // worker.world_size, time.time()
     oom_where = f"a training step on {worker.device} ({per_worker} images per worker)"
     oom_advice = (
@@ -76,8 +77,8 @@ def train_loop(job: TrainJob) -> None:
                 progress.log_metrics(means, state)
             log.passed(seen)
         if grid.due(seen, done):
-            if progress is not None:
-                progress.log_grid(state.ema.model, diffusion, seen)
+            if grids is not None:
+                grids.log_grid(state.ema.model, diffusion, seen)
             grid.passed(seen)
         if checkpoint.due(seen, done):
             report_checkpoint(job, worker, state, time.time() - started, done)
