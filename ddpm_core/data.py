@@ -180,8 +180,8 @@ def _read_uri(
     if name.endswith(".npz"):
         return _read_npz(_cat(fs, path, uri), uri), ()
     if name.endswith(IMAGE_EXTENSIONS):
-        images, kept = _decode_images({path: _cat(fs, path, uri)}, uri, read)
-        return (images, None, None), tuple(p for p in [path] if p not in kept)
+        images, _ = _decode_images({path: _cat(fs, path, uri)}, uri, read)  # unreadable: raises (no images)
+        return (images, None, None), ()
     raise DataError(
         f"data URI {uri!r}: unsupported format; expected a folder of PNG/JPEG, a CIFAR-10 python "
         f"tar.gz or folder, a .npy/.npz file, or builtin:digits"
@@ -212,7 +212,8 @@ def _read_image_folder(
     except Exception as error:
         raise DataError(f"cannot read the images under {uri!r}: {type(error).__name__}: {error}") from error
     images, kept = _decode_images({path: contents[path] for path in paths}, uri, read)
-    skipped = tuple(path for path in paths if path not in set(kept))
+    decoded = set(kept)
+    skipped = tuple(path for path in paths if path not in decoded)
     relative = [posixpath.relpath(path, root) for path in paths]
     if all("/" in rel for rel in relative):  # every image inside a class folder: names from all, labels of the kept
         names = sorted({rel.split("/", 1)[0] for rel in relative})

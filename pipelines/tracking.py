@@ -4,6 +4,7 @@ re-run reuses the parent instead of creating duplicates. Uses ``MlflowClient`` w
 
 from __future__ import annotations
 
+import functools
 import getpass
 import os
 import subprocess
@@ -23,6 +24,7 @@ EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 SECRET_MARKERS = ("password", "secret", "token", "key_id", "access_key", "credential")
 
 
+@functools.cache
 def git_commit() -> str:
     try:
         return (
