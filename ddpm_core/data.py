@@ -5,6 +5,9 @@ Formats:
   a folder of PNG/JPEG files (recursive)     labels from first-level class sub-folders when every image has one
   CIFAR-10 "python version"                  ``cifar-10-python.tar.gz`` or its extracted ``cifar-10-batches-py``
   ``.npy`` / ``.npz``                        uint8 NHWC or NCHW (``.npz``: ``images``/``x`` + optional ``labels``/``y``)
+  Parquet (a ``.parquet`` file or a folder)  encoded images in column ``ReadOptions.image_column`` (bytes, or Hugging
+                                             Face's struct with ``bytes``), optional integer labels in ``label_column``
+  WebDataset tar shards (``.tar`` or folder) samples grouped by key: ``KEY.png``/``.jpg``, optional ``KEY.cls``
 
 Every problem (missing path, empty folder, corrupt image, mixed sizes, wrong dtype or shape, unreadable object)
 raises :class:`DataError` naming the URI or file and what was expected, before any training starts.
@@ -87,6 +90,8 @@ class ReadOptions:
 
     image_size: int | None = None  # center-crop and resize every image to this square size (None: as read)
     skip_unreadable: bool = False  # leave out (and list) image files that cannot be decoded, instead of failing
+    image_column: str = "image"  # Parquet: the column of encoded images
+    label_column: str = "label"  # Parquet: the column of integer labels (absent: no labels)
 
 
 def load_dataset(
@@ -171,8 +176,16 @@ def _read_uri(
     if is_directory:
         if any(fs.exists(f"{path}/{name}") for name in (*CIFAR_TRAIN_BATCHES, CIFAR_TEST_BATCH)):
             return _read_cifar_folder(fs, path, uri, split), ()
+        for suffix, reader in ((".parquet", _read_parquet), (".tar", _read_webdataset)):
+            files = sorted(p for p in _listing(fs, path, uri) if p.lower().endswith(suffix))
+            if files:
+                return reader(fs, files, uri, read)
         return _read_image_folder(fs, path, uri, read)
     name = path.lower()
+    if name.endswith(".parquet"):
+        return _read_parquet(fs, [path], uri, read)
+    if name.endswith(".tar"):
+        return _read_webdataset(fs, [path], uri, read)
     if name.endswith((".tar.gz", ".tgz")):
         return _read_cifar_tar(_cat(fs, path, uri), uri, split), ()
     if name.endswith(".npy"):
@@ -184,7 +197,90 @@ def _read_uri(
         return (images, None, None), ()
     raise DataError(
         f"data URI {uri!r}: unsupported format; expected a folder of PNG/JPEG, a CIFAR-10 python "
-        f"tar.gz or folder, a .npy/.npz file, or builtin:digits"
+        f"tar.gz or folder, a .npy/.npz file, Parquet or WebDataset .tar shards (a file or a folder of them), or "
+        "builtin:digits"
+    )
+
+
+def _listing(fs: fsspec.AbstractFileSystem, root: str, uri: str) -> list[str]:
+    try:
+        return list(fs.find(root))
+    except Exception as error:
+        raise DataError(f"cannot list {uri!r}: {type(error).__name__}: {error}") from error
+
+
+def _with_labels(
+    images: np.ndarray, kept: list[str], contents: dict[str, bytes], labels: dict[str, int] | None
+) -> tuple[Arrays, tuple[str, ...]]:
+    """The decoded images ``kept`` (by name) of ``contents`` with their labels when every sample had one (classes
+    named 0..K-1), and the names left out as unreadable."""
+    decoded = set(kept)
+    skipped = tuple(name for name in contents if name not in decoded)
+    if labels is None:
+        return (images, None, None), skipped
+    array = np.array([labels[name] for name in kept], dtype=np.int64)
+    return (images, array, [str(k) for k in range(int(array.max()) + 1)]), skipped
+
+
+def _read_parquet(
+    fs: fsspec.AbstractFileSystem, paths: list[str], uri: str, read: ReadOptions
+) -> tuple[Arrays, tuple[str, ...]]:
+    """Encoded images from the ``read.image_column`` of Parquet files (raw bytes, or a struct with ``bytes`` as
+    Hugging Face datasets write them) and labels from ``read.label_column`` when every file has it."""
+    import pyarrow.parquet as pq
+
+    contents: dict[str, bytes] = {}
+    labels: dict[str, int] | None = {}
+    for path in paths:
+        try:
+            table = pq.read_table(io.BytesIO(_cat(fs, path, uri)))
+        except DataError:
+            raise
+        except Exception as error:
+            raise DataError(f"unreadable Parquet file {path} (in {uri!r}): {type(error).__name__}: {error}") from error
+        if read.image_column not in table.column_names:
+            raise DataError(
+                f"Parquet file {path} (in {uri!r}) has no column {read.image_column!r} of encoded images "
+                f"(data.image_column); its columns are: {', '.join(table.column_names)}"
+            )
+        for row, cell in enumerate(table.column(read.image_column).to_pylist()):
+            encoded = cell.get("bytes") if isinstance(cell, dict) else cell
+            contents[f"{path}[{row}]"] = encoded or b""  # a null cell: an unreadable image
+        if labels is None or read.label_column not in table.column_names:
+            labels = None
+            continue
+        for row, label in enumerate(table.column(read.label_column).to_pylist()):
+            labels[f"{path}[{row}]"] = int(label)
+    return _with_labels(*_decode_images(contents, uri, read), contents, labels)
+
+
+def _read_webdataset(
+    fs: fsspec.AbstractFileSystem, paths: list[str], uri: str, read: ReadOptions
+) -> tuple[Arrays, tuple[str, ...]]:
+    """Samples of WebDataset-style tar shards: members grouped by key (the name up to its first dot), the image in
+    ``KEY.png``/``.jpg``/``.jpeg``, the integer label in ``KEY.cls`` (labels only when every sample has one)."""
+    contents: dict[str, bytes] = {}
+    classes: dict[str, int] = {}  # by sample: "shard.tar/KEY"
+    sample_of: dict[str, str] = {}  # image name -> its sample
+    for path in paths:
+        try:
+            with tarfile.open(fileobj=io.BytesIO(_cat(fs, path, uri))) as archive:
+                files = [member for member in archive.getmembers() if member.isfile()]
+                members = {member.name: archive.extractfile(member).read() for member in files}  # type: ignore[union-attr]
+        except tarfile.TarError as error:
+            raise DataError(f"unreadable tar shard {path} (in {uri!r}): {error}") from error
+        for member, data in sorted(members.items()):
+            key, _, extension = member.partition(".")
+            if extension.lower() in ("png", "jpg", "jpeg"):
+                contents[f"{path}/{member}"] = data
+                sample_of[f"{path}/{member}"] = f"{path}/{key}"
+            elif extension.lower() == "cls":
+                classes[f"{path}/{key}"] = int(data.decode().strip())
+    if not contents:
+        raise DataError(f"{uri}: its tar shards hold no KEY.png/KEY.jpg images (WebDataset layout)")
+    labels = {name: classes[sample] for name, sample in sample_of.items() if sample in classes}
+    return _with_labels(
+        *_decode_images(contents, uri, read), contents, labels if len(labels) == len(contents) else None
     )
 
 

@@ -87,6 +87,14 @@ class UnreadableImages(str, enum.Enum):
     SKIP = "skip"  # leave it out, count it (metric skipped_images) and list it (artifact skipped_images.txt)
 
 
+class Loader(str, enum.Enum):
+    """How training workers get their images (docs/pipeline.md, "Data loading")."""
+
+    RESIDENT = "resident"  # each worker holds its slice of the split on its device and draws batches there
+    STREAM = "stream"  # Ray Data reads, decodes and flips shards in CPU tasks; workers consume a seeded epoch order
+    AUTO = "auto"  # resident when a worker's resident slice fits data.memory_budget_mb, else stream
+
+
 class DataSplit(str, enum.Enum):
     """Which split of a data set with its own splits (CIFAR-10 archives) is the training data."""
 
@@ -127,12 +135,25 @@ class DataSection:
     holdout_fraction: float = 0.1  # share of images kept out of training (FID floor, held-out NLL)
     image_size: int | None = None  # center-crop and resize every image to this square size (None: images as read)
     unreadable_images: UnreadableImages = UnreadableImages.FAIL
+    image_column: str = "image"  # Parquet data: the column of encoded images
+    label_column: str = "label"  # Parquet data: the column of integer labels (absent from the files: no labels)
+    loader: Loader = Loader.AUTO
+    memory_budget_mb: float = 4096.0  # auto: the most a worker may hold to keep its slice resident (resident_bytes)
+    shard_mb: float = 64.0  # prepare writes shards of at most this size (and at most 10,000 images)
+    decode_cpus: float = 1.0  # stream: Ray CPUs of each Ray Data decode task (beside the training workers' CPUs)
+    prefetch_batches: int = 4  # stream: batches each worker's iterator keeps ready ahead of the step
 
     def read_options(self) -> ReadOptions:
-        return ReadOptions(self.image_size, self.unreadable_images is UnreadableImages.SKIP)
+        skip = self.unreadable_images is UnreadableImages.SKIP
+        return ReadOptions(self.image_size, skip, self.image_column, self.label_column)
 
     def __post_init__(self) -> None:
-        coerce_choices(self, "data", {"split": DataSplit, "unreadable_images": UnreadableImages})
+        coerce_choices(self, "data", {"split": DataSplit, "unreadable_images": UnreadableImages, "loader": Loader})
+        require_positive(
+            "data",
+            {"memory_budget_mb": self.memory_budget_mb, "shard_mb": self.shard_mb, "decode_cpus": self.decode_cpus},
+        )
+        require_non_negative("data", {"prefetch_batches": self.prefetch_batches})
         if not 0.0 <= self.holdout_fraction < 0.5:
             raise ConfigError(f"data.holdout_fraction must lie in [0, 0.5), got {self.holdout_fraction}")
         if self.image_size is not None and self.image_size < 1:

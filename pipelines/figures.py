@@ -21,7 +21,7 @@ from ddpm_core.samplers import Method, PerIndexNoise, SamplerConfig, null_condit
 from pipelines.config import ConfigError, PipelineConfig
 from pipelines.contracts import PrepareOutputs, TrainOutputs
 from pipelines.runs import RunStore
-from pipelines.shards import read_split
+from pipelines.shards import read_images_at, split_layout
 
 
 @dataclass(frozen=True)
@@ -52,11 +52,11 @@ def holdout_images(store: RunStore, indices: Sequence[int]) -> np.ndarray:
     if prepare is None:
         raise ConfigError(f"run {store.root}: the prepare stage has not finished")
     uri = prepare.outputs.holdout_uri if prepare.outputs.num_holdout else prepare.outputs.shards_uri
-    images, _ = read_split(uri, store.options)
-    wrong = [index for index in indices if not 0 <= index < len(images)]
+    layout = split_layout(uri, store.options)
+    wrong = [index for index in indices if not 0 <= index < layout.count]
     if wrong:
-        raise DataError(f"image index {wrong[0]} is outside the {len(images)} held-out images of {store.root}")
-    return images[list(indices)]
+        raise DataError(f"image index {wrong[0]} is outside the {layout.count} held-out images of {store.root}")
+    return read_images_at(layout, list(indices), store.options)  # only the files holding them
 
 
 def interpolation_figure(

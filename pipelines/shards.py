@@ -2,7 +2,10 @@
 sampling actors. Both are committed directories (:mod:`ddpm_core.storage`) of uint8 images ``[n, H, W, C]``.
 
 - A **data split** (``prepare/shards``, ``prepare/holdout``, ``prepare/test``): ``shard-NNNNN.npz`` files of
-  :data:`SHARD_IMAGES` images each (``images``, and ``labels`` when the data set has them), one manifest for all.
+  ``shard_images`` images each (the last one fewer; at most :data:`SHARD_IMAGES`, fewer for large images:
+  :func:`shard_images_for`), each with ``images`` and ``labels`` when the data set has them, one manifest for all
+  (metadata: ``count``, ``shard_images``). Prepare writes them in a random order of the data, so every shard is a
+  uniform random subset of the split (what the streaming loader's shuffle relies on: :mod:`pipelines.streaming`).
 - A **sample shard** (``sample/<fingerprint>/shards/shard-NNNNN``): ``images.npy`` of the images with sample indices
   ``start..stop-1`` and, from a class-conditional model, ``labels.npy`` (int64 ``[n]``, the class each image was asked
   for); the manifest's metadata records ``start``, ``stop`` and ``seed``.
@@ -10,6 +13,7 @@ sampling actors. Both are committed directories (:mod:`ddpm_core.storage`) of ui
 
 from __future__ import annotations
 
+import bisect
 import io
 from dataclasses import dataclass
 from typing import Any
@@ -33,16 +37,42 @@ class ImageSource:
     first_index: int
 
 
-def write_split(uri: str, dataset: ImageDataset, indices: np.ndarray, storage_options: dict[str, Any]) -> None:
-    """The images (and labels) of ``dataset`` at ``indices`` as one committed data split."""
+@dataclass(frozen=True)
+class SplitLayout:
+    """The files of a committed data split, in index order, and how many images each holds."""
+
+    sources: tuple[ImageSource, ...]
+    counts: tuple[int, ...]
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+def shard_images_for(image_shape: tuple[int, ...], shard_mb: float) -> int:
+    """Images per data-split file: as many uint8 images of ``image_shape`` as fit in ``shard_mb`` MiB, at least one
+    and at most :data:`SHARD_IMAGES` (32x32 RGB: 10,000 = 29 MiB; 256x256 RGB at 64 MiB: 341)."""
+    image_bytes = int(np.prod(image_shape))
+    return max(1, min(SHARD_IMAGES, int(shard_mb * 2**20) // image_bytes))
+
+
+def write_split(
+    uri: str,
+    dataset: ImageDataset,
+    indices: np.ndarray,
+    storage_options: dict[str, Any],
+    shard_images: int = SHARD_IMAGES,
+) -> None:
+    """The images (and labels) of ``dataset`` at ``indices``, in that order, as one committed data split of files of
+    ``shard_images`` images."""
     files = {}
-    for number, start in enumerate(range(0, max(len(indices), 1), SHARD_IMAGES)):
-        chunk = indices[start : start + SHARD_IMAGES]
+    for number, start in enumerate(range(0, max(len(indices), 1), shard_images)):
+        chunk = indices[start : start + shard_images]
         arrays = {"images": dataset.images[chunk]}
         if dataset.labels is not None:
             arrays["labels"] = dataset.labels[chunk]
         files[f"shard-{number:05d}.npz"] = _npz_bytes(arrays)
-    commit(uri, files, {"count": len(indices)}, storage_options)
+    commit(uri, files, {"count": len(indices), "shard_images": shard_images}, storage_options)
 
 
 def read_split(uri: str, storage_options: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
@@ -53,10 +83,44 @@ def read_split(uri: str, storage_options: dict[str, Any]) -> tuple[np.ndarray, n
     return np.concatenate([part["images"] for part in parts]), labels
 
 
+def split_layout(uri: str, storage_options: dict[str, Any]) -> SplitLayout:
+    """The files of a data split and their image counts, from its manifest (no image is read)."""
+    manifest = read_manifest(uri, storage_options)
+    names, metadata = sorted(manifest["files"]), manifest["metadata"]
+    per_file, count = int(metadata.get("shard_images", SHARD_IMAGES)), int(metadata["count"])
+    sources = tuple(ImageSource(uri, name, number * per_file) for number, name in enumerate(names))
+    counts = tuple(min(per_file, count - source.first_index) for source in sources)
+    return SplitLayout(sources, counts)
+
+
+def read_first_images(uri: str, count: int | None, storage_options: dict[str, Any]) -> np.ndarray:
+    """The first ``count`` images ``[n, H, W, C]`` of a data split (None: all), reading only the files they are in."""
+    layout, parts, held = split_layout(uri, storage_options), [], 0
+    for source in layout.sources:
+        if count is not None and held >= count:
+            break
+        parts.append(read_images(source, storage_options)[: None if count is None else count - held])
+        held += len(parts[-1])
+    return np.concatenate(parts)
+
+
+def read_images_at(layout: SplitLayout, indices: list[int], storage_options: dict[str, Any]) -> np.ndarray:
+    """The images ``[len(indices), H, W, C]`` of a data split at ``indices`` (each in 0..count-1), reading only the
+    files they are in."""
+    starts = [source.first_index for source in layout.sources]
+    files: dict[int, np.ndarray] = {}
+    picked = []
+    for index in indices:
+        number = bisect.bisect_right(starts, index) - 1  # the file whose range holds the index
+        if number not in files:
+            files[number] = read_images(layout.sources[number], storage_options)
+        picked.append(files[number][index - layout.sources[number].first_index])
+    return np.stack(picked)
+
+
 def split_sources(uri: str, storage_options: dict[str, Any]) -> list[ImageSource]:
     """The files of a data split, in index order."""
-    names = sorted(read_manifest(uri, storage_options)["files"])
-    return [ImageSource(uri, name, number * SHARD_IMAGES) for number, name in enumerate(names)]
+    return list(split_layout(uri, storage_options).sources)
 
 
 def write_sample_shard(
@@ -103,6 +167,11 @@ def read_images(source: ImageSource, storage_options: dict[str, Any]) -> np.ndar
     if source.file.endswith(".npz"):
         return _load_npz(data)["images"]
     return np.load(io.BytesIO(data), allow_pickle=False)
+
+
+def read_split_file(source: ImageSource, storage_options: dict[str, Any]) -> dict[str, np.ndarray]:
+    """One file of a data split: ``images`` ``[n, H, W, C]`` uint8 and, when the split has them, ``labels`` ``[n]``."""
+    return _load_npz(read_committed(source.uri, [source.file], storage_options)[0][source.file])
 
 
 def _npy_bytes(array: np.ndarray) -> bytes:

@@ -271,3 +271,18 @@ def test_solver_order_benchmark_tabulates_the_oracle_errors(tmp_path):
     assert rows[("dpm_solver++_2m", "log_snr")]["nfe"] == [10, 20, 40, 80, 160]
     assert rows[("heun", "karras")]["nfe"] == [19, 39, 79, 159, 319]
     assert 1.8 < rows[("ddim", "linspace")]["ratio_n_over_2n"][-1] < 2.2
+
+
+def test_ingest_benchmark_measures_decoding_per_core(tmp_path):
+    out = tmp_path / "ingest.json"
+    command = [sys.executable, "benchmarks/ingest.py", "--only", "per_core", "--out", str(out)]
+    subprocess.run(command, cwd=REPO, check=True, timeout=300)
+    rows = json.loads(out.read_text())["per_core"]
+    for size in ("32x32", "256x256"):
+        row = rows[size]
+        assert row["decode_task_img_per_s"] > 0 and row["to_float_img_per_s"] > 0
+        both = 1 / (1 / row["decode_task_img_per_s"] + 1 / row["to_float_img_per_s"])
+        assert row["decode_and_float_img_per_s"] == pytest.approx(both)
+    assert rows["32x32"]["cores_per_gpu"]["issue 21's target"] == pytest.approx(
+        5000 / rows["32x32"]["decode_task_img_per_s"]
+    )

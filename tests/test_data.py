@@ -242,3 +242,91 @@ def test_unreadable_images_fail_by_name_or_are_skipped_and_listed(tmp_path):
         broken.write_bytes(b"not an image")
     with pytest.raises(DataError, match="none of its 6 image file"):
         load_dataset(str(tmp_path), read=ReadOptions(skip_unreadable=True))
+
+
+def png_bytes(array):
+    buffer = io.BytesIO()
+    Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_parquet(path, columns):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table(columns), path)
+
+
+def test_parquet_files_of_encoded_images_with_labels(tmp_path):
+    """A folder of Parquet files: raw PNG bytes in one, Hugging Face's {bytes, path} struct in the other; labels from
+    the label column; the columns are configurable."""
+    images = random_images(5)
+    (tmp_path / "data").mkdir()
+    write_parquet(tmp_path / "data/part-0.parquet", {"image": [png_bytes(i) for i in images[:3]], "label": [2, 0, 1]})
+    hf = [{"bytes": png_bytes(i), "path": f"{n}.png"} for n, i in enumerate(images[3:])]
+    write_parquet(tmp_path / "data/part-1.parquet", {"image": hf, "label": [1, 3]})
+    data = load_dataset(str(tmp_path / "data"))
+    np.testing.assert_array_equal(data.images, images)
+    assert data.labels.tolist() == [2, 0, 1, 1, 3] and data.num_classes == 4
+    write_parquet(tmp_path / "pixels.parquet", {"png": [png_bytes(i) for i in images], "digit": [0, 1, 2, 3, 4]})
+    data = load_dataset(str(tmp_path / "pixels.parquet"), read=ReadOptions(image_column="png", label_column="digit"))
+    assert data.labels.tolist() == [0, 1, 2, 3, 4]
+    assert load_dataset(str(tmp_path / "pixels.parquet"), read=ReadOptions(image_column="png")).labels is None
+
+
+def test_parquet_without_the_image_column_names_the_column_it_expected(tmp_path):
+    write_parquet(tmp_path / "x.parquet", {"img": [png_bytes(random_images(1)[0])], "label": [0]})
+    with pytest.raises(
+        DataError, match=r"x.parquet .*has no column 'image' .*data.image_column.*columns are: img, label"
+    ):
+        load_dataset(str(tmp_path / "x.parquet"))
+    (tmp_path / "broken.parquet").write_bytes(b"PAR1 not really")
+    with pytest.raises(DataError, match="unreadable Parquet file .*broken.parquet"):
+        load_dataset(str(tmp_path / "broken.parquet"))
+
+
+def test_an_unreadable_parquet_cell_is_named_by_file_and_row_or_skipped(tmp_path):
+    images = random_images(3)
+    cells = [png_bytes(images[0]), b"not an image", png_bytes(images[2])]
+    write_parquet(tmp_path / "p.parquet", {"image": cells, "label": [0, 1, 2]})
+    with pytest.raises(DataError, match=r"unreadable image .*p.parquet\[1\]"):
+        load_dataset(str(tmp_path / "p.parquet"))
+    data = load_dataset(str(tmp_path / "p.parquet"), read=ReadOptions(skip_unreadable=True))
+    assert data.labels.tolist() == [0, 2] and data.skipped == (f"{tmp_path}/p.parquet[1]",)
+
+
+def write_tar(path, members):
+    with tarfile.open(path, "w") as archive:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            archive.addfile(info, io.BytesIO(data))
+
+
+def test_webdataset_tar_shards_group_samples_by_key(tmp_path):
+    images = random_images(4)
+    (tmp_path / "wds").mkdir()
+    for shard, keys in enumerate(((0, 1), (2, 3))):
+        members = {}
+        for key in keys:
+            members[f"{key:06d}.png"] = png_bytes(images[key])
+            members[f"{key:06d}.cls"] = str(key % 2).encode()
+            members[f"{key:06d}.json"] = b"{}"  # other members of a sample are ignored
+        write_tar(tmp_path / "wds" / f"shard-{shard:04d}.tar", members)
+    data = load_dataset(str(tmp_path / "wds"))
+    np.testing.assert_array_equal(data.images, images)
+    assert data.labels.tolist() == [0, 1, 0, 1]
+    write_tar(tmp_path / "partial.tar", {"a.png": png_bytes(images[0]), "b.png": png_bytes(images[1]), "a.cls": b"1"})
+    assert load_dataset(str(tmp_path / "partial.tar")).labels is None  # labels only when every sample has one
+
+
+def test_an_unreadable_image_in_a_tar_shard_is_named(tmp_path):
+    write_tar(tmp_path / "s.tar", {"a.png": png_bytes(random_images(1)[0]), "b.png": b"broken"})
+    with pytest.raises(DataError, match=r"unreadable image .*s.tar/b.png"):
+        load_dataset(str(tmp_path / "s.tar"))
+    assert load_dataset(str(tmp_path / "s.tar"), read=ReadOptions(skip_unreadable=True)).skipped == (
+        f"{tmp_path}/s.tar/b.png",
+    )
+    (tmp_path / "empty.tar").write_bytes(b"")
+    with pytest.raises(DataError, match="unreadable tar shard .*empty.tar"):
+        load_dataset(str(tmp_path / "empty.tar"))

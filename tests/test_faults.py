@@ -36,8 +36,8 @@ def ray_workers(name: str) -> list[psutil.Process]:
     return workers
 
 
-def progress_in(log_path: Path) -> int:
-    return max([0, *(int(n) for n in re.findall(rf"train: (\d+)/{TOTAL} images", log_path.read_text()))])
+def progress_in(log_path: Path, total: int = TOTAL) -> int:
+    return max([0, *(int(n) for n in re.findall(rf"train: (\d+)/{total} images", log_path.read_text()))])
 
 
 def wait_for(condition, process: subprocess.Popen, log_path: Path, seconds: float = 300) -> None:

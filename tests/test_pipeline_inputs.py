@@ -74,7 +74,7 @@ def test_precision_is_bf16_on_gpus_and_float32_on_cpus_unless_switched():
     from pipelines.training.job import TrainJob  # what the training workers are handed
 
     workers = [
-        TrainJob(c.model.unet(), c.diffusion, c.train, Device.CPU, "shards", "work", {}, "tracking", "run")
+        TrainJob(c.model.unet(), c.diffusion, c.train, Device.CPU, "shards", None, "work", {}, "tracking", "run")
         for c in (config, bf16)
     ]
     assert [autocast_dtype(job.precision) for job in workers] == [None, torch.bfloat16]
@@ -119,6 +119,16 @@ def test_corrupt_data_fails_before_ray_starts(tmp_path, local, capsys):
     (folder / "a.png").write_bytes(b"\x89PNG\r\n\x1a\ngarbage")
     code, err = run_cli([*local, f"data.uri={tmp_path / 'images'}"], capsys)
     assert code == 2 and "corrupt or unreadable image" in err and "a.png" in err
+    assert not ray.is_initialized()
+
+
+def test_parquet_without_the_configured_image_column_fails_before_ray_starts(tmp_path, local, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"pixels": [b"x"], "label": [0]}), tmp_path / "train.parquet")
+    code, err = run_cli([*local, f"data.uri={tmp_path / 'train.parquet'}"], capsys)
+    assert code == 2 and "has no column 'image'" in err and "data.image_column" in err and "pixels, label" in err
     assert not ray.is_initialized()
 
 

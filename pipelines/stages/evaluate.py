@@ -51,7 +51,14 @@ from pipelines.scoring import (
     reference_summary,
     summarize,
 )
-from pipelines.shards import ImageSource, read_images, read_sample_labels, sample_sources, split_sources
+from pipelines.shards import (
+    ImageSource,
+    read_first_images,
+    read_images,
+    read_sample_labels,
+    sample_sources,
+    split_sources,
+)
 
 
 @dataclass(frozen=True)
@@ -370,8 +377,7 @@ def held_out_nll(
     if uri is None:
         raise RuntimeError("evaluate.nll_split=test, but the prepare stage wrote no test split")
     options = context.store.options
-    images = np.concatenate([read_images(source, options) for source in split_sources(uri, options)])
-    images = images[: settings.nll_images] if settings.nll_images else images  # [N, H, W, C]
+    images = read_first_images(uri, settings.nll_images, options)  # [N, H, W, C]: only the files needed
     protocol = NllProtocol(
         settings.nll_split.value, len(images), settings.nll_batch_size, settings.nll_timesteps, sample.seed
     )

@@ -16,10 +16,11 @@ from ddpm_core.data import DataError, ImageDataset, load_dataset
 from ddpm_core.features import accuracy, extractor_id, load_classifier, save_classifier, train_classifier
 from ddpm_core.storage import IncompleteError
 from pipelines.conditioning import sample_labels
-from pipelines.config import Extractor, NllSplit, PipelineConfig
+from pipelines.config import Extractor, Loader, NllSplit, PipelineConfig
 from pipelines.context import StageContext
 from pipelines.contracts import PrepareOutputs
-from pipelines.shards import write_split
+from pipelines.shards import shard_images_for, write_split
+from pipelines.streaming import choose_loader
 
 
 def run(context: StageContext) -> PrepareOutputs:
@@ -50,8 +51,9 @@ def run(context: StageContext) -> PrepareOutputs:
         class_names=tuple(names) if (names := dataset.class_names_or_labels()) else None,
         class_counts=tuple(counts) if (counts := dataset.class_counts(train_idx)) else None,
     )
-    write_split(outputs.shards_uri, dataset, train_idx, options)
-    write_split(outputs.holdout_uri, dataset, holdout_idx, options)
+    shard_images = split_file_images(config, dataset, len(train_idx))
+    write_split(outputs.shards_uri, dataset, shard_order(train_idx, dataset, shard_images), options, shard_images)
+    write_split(outputs.holdout_uri, dataset, holdout_idx, options, shard_images)
     if test is not None and outputs.test_uri is not None:
         write_split(outputs.test_uri, test, np.arange(len(test.images)), options)
         context.log(f"prepare: {len(test.images)} test images for the NLL")
@@ -87,6 +89,24 @@ def report_skipped(context: StageContext, skipped: tuple[str, ...]) -> None:
     client.log_text(run_id, "\n".join(skipped) + "\n", "skipped_images.txt")
     shown = ", ".join(skipped[:3]) + (f" and {len(skipped) - 3} more" if len(skipped) > 3 else "")
     context.log(f"prepare: skipped {len(skipped)} unreadable image file(s): {shown} (skipped_images.txt)")
+
+
+def split_file_images(config: PipelineConfig, dataset: ImageDataset, num_train: int) -> int:
+    """Images per file of the splits: at most ``data.shard_mb``; when training will stream (``data.loader``), also
+    small enough that every training worker gets files of its own."""
+    image_shape = dataset.images.shape[1:]
+    per_file = shard_images_for(image_shape, config.data.shard_mb)
+    workers = config.train.num_workers
+    loader, _ = choose_loader(config.data, num_train, int(np.prod(image_shape)), workers)
+    return min(per_file, -(-num_train // workers)) if loader is Loader.STREAM else per_file
+
+
+def shard_order(indices: np.ndarray, dataset: ImageDataset, shard_images: int) -> np.ndarray:
+    """The order the training split is written in: a split of several files in a random order (seeded by the data
+    fingerprint), so that each file is a uniform random subset (what streaming relies on); one file as it is."""
+    if len(indices) <= shard_images:
+        return indices
+    return np.random.default_rng(int(dataset.fingerprint[15:30], 16)).permutation(indices)
 
 
 def check_fits_model(dataset: ImageDataset, config: PipelineConfig) -> None:

@@ -37,7 +37,7 @@ from pipelines.context import StageContext
 from pipelines.contracts import PrepareOutputs, TrialResult, TuneOutputs
 from pipelines.execution import Device, check_fits, cluster_device, runtime_env, train_storage
 from pipelines.scoring import ExtractorSpec, SummaryRequest, load_reference, reference_key, reference_summary
-from pipelines.shards import read_split
+from pipelines.shards import read_first_images
 from pipelines.training.job import TrainJob
 from pipelines.training.state import committed_checkpoints
 from pipelines.training.trainer import WorkerGroup, fit, make_trainer
@@ -146,8 +146,8 @@ class TrialMetrics:
         network = null_conditioned(ema_model, classes) if classes is not None else ema_model
         diffusion = GaussianDiffusion.from_config(self.diffusion)
         if self.held_out is None:
-            images, _ = read_split(self.holdout_uri, self.storage_options)
-            self.held_out = to_model_range(images[: self.bpd_images]).to(device)
+            images = read_first_images(self.holdout_uri, self.bpd_images, self.storage_options)
+            self.held_out = to_model_range(images).to(device)
         estimate = diffusion.bits_per_dim_estimate(
             network, self.held_out, self.bpd_timesteps, generator=torch.Generator().manual_seed(0)
         )
@@ -225,6 +225,7 @@ def run_trial(params: dict[str, Any], spec: TrialSpec) -> None:
         train=config.train,
         device=spec.device,
         shards_uri=spec.shards_uri,
+        stream=None,  # trials hold their data resident (docs/tuning.md)
         work_uri=work_uri,
         storage_options=spec.storage_options,
         tracking_uri=spec.tracking_uri,

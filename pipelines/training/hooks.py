@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import tempfile
 import time
 
@@ -67,14 +68,18 @@ class Progress:
         self.window_started, self.window_images_seen = time.time(), images_seen
         self.system = system_metrics(job)
 
-    def log_metrics(self, means: dict[str, float], state: TrainState) -> None:
-        """The window's mean step statistics, the learning rate, the EMA decay and the training rate."""
+    def log_metrics(self, means: dict[str, float], state: TrainState, data_wait_seconds: float) -> None:
+        """The window's mean step statistics, the learning rate, the EMA decay, the training rate, the share of the
+        window spent waiting for data, and this worker's peak memory."""
         now = time.time()
-        rate = (state.images_seen - self.window_images_seen) / max(now - self.window_started, 1e-9)
+        elapsed = max(now - self.window_started, 1e-9)
+        rate = (state.images_seen - self.window_images_seen) / elapsed
         values = {
             **means,
             "lr": learning_rate(state.images_seen, self.job.train.optim),
             "images_per_second": rate,
+            "data_wait_fraction": min(1.0, data_wait_seconds / elapsed),
+            "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
             "ema_decay": state.ema.current_decay(),
             "optimizer_steps": state.step,  # MLflow's step axis counts images seen (docs/pipeline.md)
         }

@@ -12,6 +12,7 @@ from ddpm_core.precision import Precision
 from ddpm_core.unet import UNetConfig
 from pipelines.config import TrainSection
 from pipelines.execution import Device
+from pipelines.streaming import StreamSpec
 
 
 class CheckpointMetrics(Protocol):
@@ -30,6 +31,7 @@ class TrainJob:
     train: TrainSection  # batch, length and intervals in images, optimiser, seed, precision and fast-path switches
     device: Device
     shards_uri: str  # the training split (pipelines.shards)
+    stream: StreamSpec | None  # how the split is streamed (data.loader resolved to stream), None: held resident
     work_uri: str  # this execution's outputs (the properties below) and Ray Train's checkpoints
     storage_options: dict[str, Any]
     tracking_uri: str

@@ -15,18 +15,20 @@ from ddpm_core.precision import autocast_dtype
 from ddpm_core.training import RunningTotals, drop_labels, train_step
 from pipelines.advice import out_of_memory_advice
 from pipelines.shards import read_split
+from pipelines.streaming import ImageStream
 from pipelines.training.hooks import Interval, Progress, record_divergence, report_checkpoint, save_outputs
 from pipelines.training.job import TrainJob
-from pipelines.training.state import Worker, memory_format, start_state
+from pipelines.training.state import TrainState, Worker, memory_format, start_state
 
 
 def train_loop(job: TrainJob) -> None:
     """Train until ``train.total_images`` images (all workers together) were seen: draw a batch from this worker's
-    resident slice of the data, take a step (Algorithm 1, the EMA update), and at their intervals in images check the
-    loss on every rank, log metrics and sample grids (rank 0), and report a checkpoint."""
+    resident slice of the data or its stream, take a step (Algorithm 1, the EMA update), and at their intervals in
+    images check the loss on every rank, log metrics and sample grids (rank 0), and report a checkpoint."""
     worker = Worker.current()
     state = start_state(job, worker)
-    data = resident_slice(job, worker)
+    per_worker, started = job.train.batch_size // worker.world_size, time.time()
+    batches = Batches(job, worker, state, per_worker)
     diffusion = GaussianDiffusion.from_config(job.diffusion)
     totals = RunningTotals(worker.device, worker.all_reduce)
     progress = Progress(job, state.images_seen) if worker.rank == 0 else None
@@ -38,16 +40,11 @@ def train_loop(job: TrainJob) -> None:
     grids = progress if train.grid_every_images is not None else None  # null: no sample grids at all
     if grids is not None and state.images_seen == 0 and train.grid_every_images:
         grids.log_grid(state.ema.model, diffusion, 0)  # the untrained network: the slider starts at step 0
-    per_worker, started = train.batch_size // worker.world_size, time.time()
-    oom_where = f"a training step on {worker.device} ({per_worker} images per worker)"
-    oom_advice = (
-        f"lower train.batch_size (now {train.batch_size}), spread it over more workers (train.num_workers, "
-        f"now {worker.world_size}), or choose a smaller model (model.preset / model.overrides)"
-    )
+    oom_advice = step_oom_advice(job, worker, per_worker)
     while state.images_seen < train.total_images:
         with record_function("data"):
-            batch, conditioning = draw_batch(job, data, per_worker, state.generator, layout)  # [B_r, C, H, W]
-        with out_of_memory_advice(oom_where, oom_advice):
+            batch, conditioning = batches.draw(state.generator, layout)  # [B_r, C, H, W]
+        with out_of_memory_advice(*oom_advice):
             result = train_step(
                 state.step_model,
                 diffusion,
@@ -71,10 +68,10 @@ def train_loop(job: TrainJob) -> None:
                 record_divergence(job, worker, state)
                 return
         if log.due(seen, done):
-            means = window.means()
+            means, waited = window.means(), batches.take_wait()
             totals.restart()
             if progress is not None:
-                progress.log_metrics(means, state)
+                progress.log_metrics(means, state, waited)
             log.passed(seen)
         if grid.due(seen, done):
             if grids is not None:
@@ -86,21 +83,68 @@ def train_loop(job: TrainJob) -> None:
     save_outputs(job, worker, state, progress)
 
 
-def draw_batch(
-    job: TrainJob, data: ResidentData, size: int, generator: torch.Generator, layout: torch.memory_format
-) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-    """A batch ``[size, C, H, W]`` drawn on the device, and for a class-conditional model its labels ``[size]``, each
-    replaced by the null class with probability ``train.class_dropout`` (Ho & Salimans 2022, Algorithm 1)."""
-    flip = job.train.horizontal_flip
-    images, labels = random_batch(data.images, size, generator, flip, layout, data.labels)
-    if labels is None or job.unet.num_classes is None:
-        return images, None
-    return images, {"class_labels": drop_labels(labels, job.unet.num_classes, job.train.class_dropout, generator)}
+def step_oom_advice(job: TrainJob, worker: Worker, per_worker: int) -> tuple[str, str]:
+    """Where a training step ran out of memory, and what to change (``out_of_memory_advice``)."""
+    train = job.train
+    return (
+        f"a training step on {worker.device} ({per_worker} images per worker)",
+        f"lower train.batch_size (now {train.batch_size}), spread it over more workers (train.num_workers, "
+        f"now {worker.world_size}), or choose a smaller model (model.preset / model.overrides)",
+    )
+
+
+class Batches:
+    """This worker's training batches, from its resident slice or its stream (``TrainJob.stream``), and the time the
+    loop waited for them."""
+
+    def __init__(self, job: TrainJob, worker: Worker, state: TrainState, per_worker: int) -> None:
+        self.job, self.size, self.waited = job, per_worker, 0.0
+        self.data = resident_slice(job, worker) if job.stream is None else stream_from(job, worker, state, per_worker)
+
+    def draw(
+        self, generator: torch.Generator, layout: torch.memory_format
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
+        """A batch ``[size, C, H, W]`` in [-1, 1] on the device (drawn there from the resident slice, or the stream's
+        next), and for a class-conditional model its labels ``[size]``, each replaced by the null class with
+        probability ``train.class_dropout`` (Ho & Salimans 2022, Algorithm 1)."""
+        job, data, asked = self.job, self.data, time.perf_counter()
+        if isinstance(data, StreamedData):
+            pixels, labels = data.stream.next(data.device)  # [size, H, W, C] uint8, flipped by the decode tasks
+            images = to_model_range(pixels).contiguous(memory_format=layout)
+        else:
+            flip = job.train.horizontal_flip
+            images, labels = random_batch(data.images, self.size, generator, flip, layout, data.labels)
+        self.waited += time.perf_counter() - asked
+        if labels is None or job.unet.num_classes is None:
+            return images, None
+        dropped = drop_labels(labels, job.unet.num_classes, job.train.class_dropout, generator)
+        return images, {"class_labels": dropped}
+
+    def take_wait(self) -> float:
+        """Seconds spent drawing batches since the last call."""
+        waited, self.waited = self.waited, 0.0
+        return waited
 
 
 class ResidentData(NamedTuple):
     images: torch.Tensor  # [N_r, C, H, W] in [-1, 1], on the worker's device
     labels: torch.Tensor | None  # [N_r] int64 on the same device: a class-conditional model's
+
+
+class StreamedData(NamedTuple):
+    stream: ImageStream  # this worker's place in the streamed order
+    device: torch.device
+
+
+def stream_from(job: TrainJob, worker: Worker, state: TrainState, per_worker: int) -> StreamedData:
+    """This worker's stream from where its order stands after ``state.step`` steps, through the last step
+    (pipelines.streaming: the position is steps x images per worker, so a restarted group continues exactly)."""
+    assert job.stream is not None
+    steps_left = -(-(job.train.total_images - state.images_seen) // job.train.batch_size)
+    start = state.step * per_worker
+    stream = ImageStream(job.stream, worker.rank, worker.world_size, start, steps_left * per_worker, per_worker)
+    worker.say(f"streaming the training split from image {start} of each worker's order ({steps_left} steps left)")
+    return StreamedData(stream, worker.device)
 
 
 def resident_slice(job: TrainJob, worker: Worker) -> ResidentData:
