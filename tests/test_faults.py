@@ -257,6 +257,7 @@ def _progress_during_outage(log: str, total: int) -> list[int]:
     return [int(n) for n in re.findall(rf"train: (\d+)/{total} images", log[start : end if end >= 0 else len(log)])]
 
 
+@pytest.mark.slow  # ~120 s; `make test-all` runs it (CI keeps the killed-worker/driver and streaming restarts)
 def test_training_survives_an_mlflow_outage(tmp_path):
     """The tracking server crashes (SIGKILL) early in training and stays down until the trainer has noticed and
     trained on past at least one more log step; it then comes back on the same address and database. The run must
