@@ -15,6 +15,7 @@ raises :class:`DataError` naming the URI or file and what was expected, before a
 
 from __future__ import annotations
 
+import enum
 import hashlib
 import io
 import pickle
@@ -289,6 +290,79 @@ def _cat(fs: fsspec.AbstractFileSystem, path: str, uri: str) -> bytes:
         return fs.cat_file(path)
     except Exception as error:
         raise DataError(f"cannot read {uri!r} ({path}): {type(error).__name__}: {error}") from error
+
+
+class SourceKind(str, enum.Enum):
+    """Formats made of many files, which can be read a few files at a time (:func:`list_source`)."""
+
+    IMAGES = "images"  # a folder of PNG/JPEG files
+    TAR = "tar"  # WebDataset-style tar shards
+    PARQUET = "parquet"
+
+
+@dataclass(frozen=True)
+class SourceListing:
+    """The files of a data set that can be read in parts, sorted, with their sizes in bytes."""
+
+    uri: str
+    root: str  # the folder (or file) path the files are under
+    kind: SourceKind
+    paths: tuple[str, ...]
+    sizes: tuple[int, ...]
+    class_names: tuple[str, ...] | None  # an image folder whose every image is in a first-level class folder
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.sizes)
+
+
+def list_source(uri: str, storage_options: dict[str, Any] | None = None) -> SourceListing | None:
+    """The files of a folder of images, of tar shards or of Parquet files (or of one such file), without reading
+    them; None for formats that are read whole (built-in, CIFAR-10, .npy/.npz, a single image)."""
+    if uri.startswith("builtin:"):
+        return None
+    fs, path = filesystem(uri, storage_options)
+    try:
+        is_directory = fs.isdir(path)
+        found = fs.find(path, detail=True) if is_directory else {path: fs.info(path)}
+    except FileNotFoundError:
+        raise DataError(f"data URI {uri!r} does not exist") from None
+    except Exception as error:
+        raise DataError(f"data URI {uri!r} cannot be listed: {type(error).__name__}: {error}") from error
+    if is_directory and any(posixpath.basename(name) in (*CIFAR_TRAIN_BATCHES, CIFAR_TEST_BATCH) for name in found):
+        return None
+    for kind, suffixes in ((SourceKind.PARQUET, (".parquet",)), (SourceKind.TAR, (".tar",))):
+        paths = sorted(name for name in found if name.lower().endswith(suffixes))
+        if paths:
+            return SourceListing(uri, path, kind, tuple(paths), tuple(int(found[p]["size"]) for p in paths), None)
+    paths = sorted(name for name in found if name.lower().endswith(IMAGE_EXTENSIONS))
+    if not is_directory or not paths:
+        return None
+    relative = [posixpath.relpath(name, path) for name in paths]
+    names = tuple(sorted({rel.split("/", 1)[0] for rel in relative})) if all("/" in rel for rel in relative) else None
+    sizes = tuple(int(found[name]["size"]) for name in paths)
+    return SourceListing(uri, path, SourceKind.IMAGES, tuple(paths), sizes, names)
+
+
+def read_source_files(
+    listing: SourceListing, paths: list[str], read: ReadOptions, storage_options: dict[str, Any] | None = None
+) -> tuple[Arrays, tuple[str, ...]]:
+    """Some files of a listed data set as arrays (labels of an image folder from the listing's class folders), and
+    the images left out as unreadable (``read.skip_unreadable``; else the first one raises, named)."""
+    fs, _ = filesystem(listing.uri, storage_options)
+    if listing.kind is SourceKind.TAR:
+        return _read_webdataset(fs, paths, listing.uri, read)
+    if listing.kind is SourceKind.PARQUET:
+        return _read_parquet(fs, paths, listing.uri, read)
+    contents = {path: _cat(fs, path, listing.uri) for path in paths}
+    images, kept = _decode_images(contents, listing.uri, read)
+    names = listing.class_names
+    labels = None
+    if names is not None:
+        folders = [posixpath.relpath(path, listing.root).split("/", 1)[0] for path in kept]
+        labels = {path: names.index(folder) for path, folder in zip(kept, folders, strict=True)}
+    arrays, skipped = _with_labels(images, kept, contents, labels)
+    return (arrays[0], arrays[1], list(names) if names is not None else None), skipped
 
 
 def _read_image_folder(

@@ -97,6 +97,26 @@ def commit(
         write_bytes(fs, f"{root}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode())
 
 
+def write_listed(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> dict[str, Any]:
+    """Write one file of a directory that :func:`commit_written` will commit; returns its manifest entry."""
+    write_bytes(fs, path, data)
+    return {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}
+
+
+def commit_written(
+    uri: str,
+    files: dict[str, dict[str, Any]],
+    metadata: dict[str, Any] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> None:
+    """Commit a directory whose files other processes wrote (each with :func:`write_listed`): its manifest, listing
+    ``files`` (name -> entry), is written last."""
+    with storage_failures_named(uri, "commit"):
+        fs, root = filesystem(uri, storage_options)
+        manifest = {"files": files, "committed_at": time.time(), "metadata": metadata or {}}
+        write_bytes(fs, f"{root}/{MANIFEST}", json.dumps(manifest, indent=2, sort_keys=True).encode())
+
+
 def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     fs, root = filesystem(uri, storage_options)
     try:

@@ -95,6 +95,14 @@ class Loader(str, enum.Enum):
     AUTO = "auto"  # resident when a worker's resident slice fits data.memory_budget_mb, else stream
 
 
+class PrepareOn(str, enum.Enum):
+    """Where prepare reads the data set and writes its splits (docs/pipeline.md, "Preparing data at scale")."""
+
+    DRIVER = "driver"  # the whole data set in the job's driver process, before Ray starts
+    RAY_DATA = "ray_data"  # Ray Data tasks, a few files each: folders of images, tar shards, Parquet files
+    AUTO = "auto"  # ray_data when the source's files exceed data.memory_budget_mb and its format is read in parts
+
+
 class DataSplit(str, enum.Enum):
     """Which split of a data set with its own splits (CIFAR-10 archives) is the training data."""
 
@@ -138,6 +146,7 @@ class DataSection:
     image_column: str = "image"  # Parquet data: the column of encoded images
     label_column: str = "label"  # Parquet data: the column of integer labels (absent from the files: no labels)
     loader: Loader = Loader.AUTO
+    prepare_on: PrepareOn = PrepareOn.AUTO
     memory_budget_mb: float = 4096.0  # auto: the most a worker may hold to keep its slice resident (resident_bytes)
     shard_mb: float = 64.0  # prepare writes shards of at most this size (and at most 10,000 images)
     decode_cpus: float = 1.0  # stream: Ray CPUs of each Ray Data decode task (beside the training workers' CPUs)
@@ -148,7 +157,11 @@ class DataSection:
         return ReadOptions(self.image_size, skip, self.image_column, self.label_column)
 
     def __post_init__(self) -> None:
-        coerce_choices(self, "data", {"split": DataSplit, "unreadable_images": UnreadableImages, "loader": Loader})
+        coerce_choices(
+            self,
+            "data",
+            {"split": DataSplit, "unreadable_images": UnreadableImages, "loader": Loader, "prepare_on": PrepareOn},
+        )
         require_positive(
             "data",
             {"memory_budget_mb": self.memory_budget_mb, "shard_mb": self.shard_mb, "decode_cpus": self.decode_cpus},

@@ -4,7 +4,8 @@ sampling actors. Both are committed directories (:mod:`ddpm_core.storage`) of ui
 - A **data split** (``prepare/shards``, ``prepare/holdout``, ``prepare/test``): ``shard-NNNNN.npz`` files of
   ``shard_images`` images each (the last one fewer; at most :data:`SHARD_IMAGES`, fewer for large images:
   :func:`shard_images_for`), each with ``images`` and ``labels`` when the data set has them, one manifest for all
-  (metadata: ``count``, ``shard_images``). Prepare writes them in a random order of the data, so every shard is a
+  (metadata: ``count``, ``shard_images``; a split written by Ray Data tasks, :mod:`pipelines.ingest`, has files of
+  varied sizes and lists them: ``file_counts``). Prepare writes them in a random order of the data, so every shard is a
   uniform random subset of the split (what the streaming loader's shuffle relies on: :mod:`pipelines.streaming`).
 - A **sample shard** (``sample/<fingerprint>/shards/shard-NNNNN``): ``images.npy`` of the images with sample indices
   ``start..stop-1`` and, from a class-conditional model, ``labels.npy`` (int64 ``[n]``, the class each image was asked
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import bisect
 import io
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,7 +73,7 @@ def write_split(
         arrays = {"images": dataset.images[chunk]}
         if dataset.labels is not None:
             arrays["labels"] = dataset.labels[chunk]
-        files[f"shard-{number:05d}.npz"] = _npz_bytes(arrays)
+        files[f"shard-{number:05d}.npz"] = npz_bytes(arrays)
     commit(uri, files, {"count": len(indices), "shard_images": shard_images}, storage_options)
 
 
@@ -87,9 +89,13 @@ def split_layout(uri: str, storage_options: dict[str, Any]) -> SplitLayout:
     """The files of a data split and their image counts, from its manifest (no image is read)."""
     manifest = read_manifest(uri, storage_options)
     names, metadata = sorted(manifest["files"]), manifest["metadata"]
-    per_file, count = int(metadata.get("shard_images", SHARD_IMAGES)), int(metadata["count"])
-    sources = tuple(ImageSource(uri, name, number * per_file) for number, name in enumerate(names))
-    counts = tuple(min(per_file, count - source.first_index) for source in sources)
+    if "file_counts" in metadata:  # written by tasks (pipelines.ingest): each file's own count
+        counts = tuple(int(metadata["file_counts"][name]) for name in names)
+    else:
+        per_file, count = int(metadata.get("shard_images", SHARD_IMAGES)), int(metadata["count"])
+        counts = tuple(min(per_file, count - number * per_file) for number in range(len(names)))
+    starts = [0, *itertools.accumulate(counts)][: len(counts)]
+    sources = tuple(ImageSource(uri, name, start) for name, start in zip(names, starts, strict=True))
     return SplitLayout(sources, counts)
 
 
@@ -180,7 +186,7 @@ def _npy_bytes(array: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def _npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
+def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
     buffer = io.BytesIO()
     np.savez(buffer, **arrays)  # type: ignore[arg-type]
     return buffer.getvalue()

@@ -31,8 +31,8 @@ import numpy as np
 import ray.data
 import torch
 
-from pipelines.config import DataSection, Loader
-from pipelines.shards import ImageSource, SplitLayout, read_split_file
+from pipelines.config import DataSection, Loader, TrainSection
+from pipelines.shards import ImageSource, SplitLayout, read_split_file, split_layout
 
 FILES_PER_TASK = 4  # files one Ray Data task decodes in turn (a task costs ~35 ms of scheduling on its own)
 
@@ -180,3 +180,23 @@ def choose_loader(data: DataSection, num_images: int, image_values: int, world_s
         return data.loader, f"data.loader={data.loader.value} ({budget})"
     chosen = Loader.RESIDENT if needed <= data.memory_budget_mb else Loader.STREAM
     return chosen, f"data.loader=auto chose {chosen.value}: {budget}"
+
+
+def plan_stream(
+    data: DataSection,
+    train: TrainSection,
+    split: tuple[str, int],
+    image_values: int,
+    workers: int,
+    storage_options: dict[str, Any],
+) -> tuple[StreamSpec | None, str]:
+    """How ``workers`` training workers get the training split ``(URI, images)``: a :class:`StreamSpec`, or None to
+    hold it resident (:func:`choose_loader`), and why, in words."""
+    uri, num_images = split
+    loader, why = choose_loader(data, num_images, image_values, workers)
+    if loader is Loader.RESIDENT:
+        return None, why
+    layout = split_layout(uri, storage_options)
+    check_enough_files(layout, workers)
+    flip, budget = train.horizontal_flip, data.memory_budget_mb
+    return StreamSpec(layout, train.seed, flip, data.decode_cpus, data.prefetch_batches, budget, storage_options), why

@@ -1,19 +1,34 @@
-"""Shared fixtures: a real S3 endpoint (moto server in its own process on 127.0.0.1), as s3fs's own tests do."""
+"""Shared fixtures: a real S3 endpoint (moto server in its own process on 127.0.0.1), as s3fs's own tests do, and a
+local Ray instance for a module's tests."""
 
+import os
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 import uuid
 
 import pytest
+import ray
 
 
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """A local Ray instance of 2 CPUs for one test module (never two at once: each module shuts its own down)."""
+    temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay short
+    ray.init(
+        num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}}
+    )
+    yield
+    ray.shutdown()
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@ float64 rounding; so do the Inception Score statistics and the precision/recall 
 
 import io
 import os
-import tempfile
 
 import numpy as np
 import pytest
@@ -18,16 +17,6 @@ from pipelines.config import Extractor
 from pipelines.execution import Device, Execution
 from pipelines.scoring import ExtractorSpec, SummaryRequest, summarize
 from pipelines.shards import sample_sources
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay short
-    ray.init(
-        num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}}
-    )
-    yield
-    ray.shutdown()
 
 
 def test_three_shards_on_ray_workers_equal_one_process(local_ray, tmp_path):

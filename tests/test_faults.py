@@ -40,6 +40,20 @@ def progress_in(log_path: Path, total: int = TOTAL) -> int:
     return max([0, *(int(n) for n in re.findall(rf"train: (\d+)/{total} images", log_path.read_text()))])
 
 
+def pipeline_env() -> dict[str, str]:
+    """This environment without RAY_ADDRESS: the pipeline starts its own local Ray."""
+    return {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+
+
+def start_run(args: list[str], log_path: Path) -> subprocess.Popen:
+    """The pipeline command ``args`` in its own process group (so it can be killed with the local Ray it starts),
+    its output in ``log_path``."""
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            args, cwd=REPO, env=pipeline_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
 def wait_for(condition, process: subprocess.Popen, log_path: Path, seconds: float = 300) -> None:
     deadline = time.time() + seconds
     while not condition():
@@ -74,10 +88,8 @@ def test_killed_worker_then_killed_driver_resume_from_checkpoints(tmp_path):
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "mlflow.experiment=faults",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    first_log = tmp_path / "first.log"
-    with open(first_log, "w") as log:
-        first = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    env, first_log = pipeline_env(), tmp_path / "first.log"
+    first = start_run(args, first_log)
     try:
         # Past the third checkpoint: the loss is well below its start.
         wait_for(lambda: progress_in(first_log) >= 3 * CHECKPOINT_EVERY + 512, first, first_log)
@@ -99,8 +111,7 @@ def test_killed_worker_then_killed_driver_resume_from_checkpoints(tmp_path):
 
     # Phase 2: resume training; SIGKILL the driver again as soon as the first sample shard is committed.
     second_log = tmp_path / "second.log"
-    with open(second_log, "w") as log:
-        second = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    second = start_run(args, second_log)
     try:
         wait_for(
             lambda: bool(list(tmp_path.glob("runs/faults/sample/*/shards/shard-*/manifest.json"))), second, second_log
@@ -286,11 +297,9 @@ def test_training_survives_an_mlflow_outage(tmp_path):
         f"mlflow.tracking_uri=http://127.0.0.1:{port}",
         "mlflow.experiment=outage",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log_path = tmp_path / "run.log"
     server = start_mlflow(tmp_path, port)
-    with open(log_path, "w") as log:
-        run = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    run = start_run(args, log_path)
     progress = lambda: max([0, *(int(n) for n in re.findall(rf"train: (\d+)/{total} images", log_path.read_text()))])
     try:
         deadline = time.time() + 300
@@ -343,8 +352,7 @@ def test_a_diverging_run_stops_once_with_advice_and_no_retries(tmp_path):
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "mlflow.experiment=diverge",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    run = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    run = subprocess.run(args, cwd=REPO, env=pipeline_env(), capture_output=True, text=True, timeout=600)
     output = run.stdout + run.stderr
     assert run.returncode == 4, output[-4000:]
     assert "error: training diverged: the loss became non-finite by 512 images" in run.stderr

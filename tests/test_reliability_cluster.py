@@ -2,13 +2,10 @@
 instead of waiting forever (training workers: test_reliability_inputs, through the CLI); a sampling plan that
 would take days says so; a corrupt snapshot is found before any sampling actor starts."""
 
-import os
-import tempfile
 import time
 from pathlib import Path
 
 import pytest
-import ray
 import torch
 
 import pipelines.sampling as sampling
@@ -20,16 +17,6 @@ from ddpm_core.unet import UNet, unet_preset
 from pipelines.contracts import NetworkExecution
 from pipelines.execution import ClusterTooSmallError, Demand, Device, Execution, check_fits
 from pipelines.sampling import SampleRequest, sample_to_shards
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay short
-    ray.init(
-        num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}}
-    )
-    yield
-    ray.shutdown()
 
 
 @pytest.fixture

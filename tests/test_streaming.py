@@ -2,12 +2,8 @@
 epoch, seeded), resumption at any position equal to the uninterrupted order, the same order through Ray Data as
 computed in one process, and the choice between resident and stream."""
 
-import os
-import tempfile
-
 import numpy as np
 import pytest
-import ray
 import torch
 
 from ddpm_core.data import ImageDataset
@@ -105,16 +101,6 @@ def test_fewer_files_than_workers_is_refused_naming_what_to_do(tmp_path):
     layout = split_layout(numbered_split(tmp_path), {})
     with pytest.raises(ValueError, match="fewer than the 13 training workers"):
         pieces(layout, SEED, 0, 13, 0, 10)
-
-
-@pytest.fixture(scope="module")
-def local_ray():
-    temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay short
-    ray.init(
-        num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}}
-    )
-    yield
-    ray.shutdown()
 
 
 def test_ray_data_delivers_the_order_in_batches_from_any_position(local_ray, tmp_path):

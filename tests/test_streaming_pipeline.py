@@ -5,13 +5,12 @@ restarted group continues each worker's order at its checkpoint's step with ``im
 import json
 import os
 import signal
-import subprocess
 import sys
 
 import s3fs
 from mlflow.tracking import MlflowClient
 
-from tests.test_faults import REPO, progress_in, ray_workers, wait_for
+from tests.test_faults import progress_in, ray_workers, start_run, wait_for
 
 TOTAL, CHECKPOINT_EVERY, BATCH = 4096, 1024, 128
 
@@ -49,10 +48,8 @@ def test_streamed_training_from_s3_resumes_exactly_after_a_killed_worker(tmp_pat
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "mlflow.experiment=stream",
     ]
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log_path = tmp_path / "run.log"
-    with open(log_path, "w") as log:
-        run = subprocess.Popen(args, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    run = start_run(args, log_path)
     try:
         wait_for(lambda: progress_in(log_path, TOTAL) >= 2 * CHECKPOINT_EVERY + 512, run, log_path)
         workers = ray_workers("RayTrainWorker")

@@ -2,7 +2,8 @@
 write the splits as shards for the workers (:mod:`pipelines.shards`), and make (or reuse, keyed by data
 fingerprint) the classifier feature network when evaluation or the tune stage's proxy FID uses it.
 
-Runs on the job's driver before Ray starts, so bad data fails before any worker exists."""
+Runs on the job's driver before Ray starts, so bad data fails before any worker exists; a data set too large for the
+driver (``data.prepare_on``) is converted by Ray Data tasks instead (:mod:`pipelines.ingest`)."""
 
 from __future__ import annotations
 
@@ -12,25 +13,39 @@ from typing import Any
 import numpy as np
 
 from ddpm_core.checkpoint import read_snapshot_config
-from ddpm_core.data import DataError, ImageDataset, load_dataset
+from ddpm_core.data import DataError, ImageDataset, SourceListing, list_source, load_dataset
 from ddpm_core.features import accuracy, extractor_id, load_classifier, save_classifier, train_classifier
-from ddpm_core.storage import IncompleteError
+from ddpm_core.storage import IncompleteError, filesystem
 from pipelines.conditioning import sample_labels
-from pipelines.config import Extractor, Loader, NllSplit, PipelineConfig
+from pipelines.config import Extractor, Loader, NllSplit, PipelineConfig, PrepareOn
 from pipelines.context import StageContext
 from pipelines.contracts import PrepareOutputs
+from pipelines.execution import connect
+from pipelines.ingest import (
+    IngestPlan,
+    UnitResult,
+    commit_split,
+    decode_units,
+    fingerprint_of,
+    remove_staging,
+    shuffle_to_shards,
+)
 from pipelines.shards import shard_images_for, write_split
 from pipelines.streaming import choose_loader
 
 
 def run(context: StageContext) -> PrepareOutputs:
     config, options = context.config, context.store.options
+    listing = list_source(config.data.uri, data_storage_options(config))
+    on_ray_data, why = choose_prepare_on(config, listing)
+    if on_ray_data and listing is not None:
+        return prepare_on_ray_data(context, listing, why)
     dataset = load_dataset(
         config.data.uri, config.data.split.value, data_storage_options(config), config.data.read_options()
     )
     if config.model.conditional:
         check_conditioning(dataset, config)
-    check_fits_model(dataset, config)
+    check_fits_model(dataset.images.shape[1:], dataset.num_classes, config)
     train_idx, holdout_idx = split(dataset, config.data.holdout_fraction)
     check_split_sizes(config, len(train_idx), len(holdout_idx))
     context.log(
@@ -51,7 +66,7 @@ def run(context: StageContext) -> PrepareOutputs:
         class_names=tuple(names) if (names := dataset.class_names_or_labels()) else None,
         class_counts=tuple(counts) if (counts := dataset.class_counts(train_idx)) else None,
     )
-    shard_images = split_file_images(config, dataset, len(train_idx))
+    shard_images = split_file_images(config, dataset.images.shape[1:], len(train_idx))
     write_split(outputs.shards_uri, dataset, shard_order(train_idx, dataset, shard_images), options, shard_images)
     write_split(outputs.holdout_uri, dataset, holdout_idx, options, shard_images)
     if test is not None and outputs.test_uri is not None:
@@ -77,6 +92,117 @@ def run(context: StageContext) -> PrepareOutputs:
     return outputs
 
 
+def choose_prepare_on(config: PipelineConfig, listing: SourceListing | None) -> tuple[bool, str]:
+    """Whether prepare runs on Ray Data (``data.prepare_on``; ``auto``: when the source's files exceed
+    ``data.memory_budget_mb``), and why, in words; formats read whole (.npz, CIFAR-10, built-in) stay on the driver."""
+    data = config.data
+    if data.prepare_on is PrepareOn.DRIVER or listing is None:
+        return False, "read whole on the driver"
+    size = f"{listing.total_bytes / 2**20:,.1f} MiB in {len(listing.paths)} {listing.kind.value} file(s)"
+    if data.prepare_on is PrepareOn.RAY_DATA:
+        return True, f"data.prepare_on=ray_data; {size}"
+    on_ray = listing.total_bytes > data.memory_budget_mb * 2**20
+    chosen = "ray_data" if on_ray else "driver"
+    return on_ray, f"data.prepare_on=auto chose {chosen}: {size}, data.memory_budget_mb {data.memory_budget_mb:g}"
+
+
+def prepare_on_ray_data(context: StageContext, listing: SourceListing, why: str) -> PrepareOutputs:
+    """The splits written by Ray Data tasks (:mod:`pipelines.ingest`): decoded a few files per task, split by image
+    hash, the training split shuffled over all of it, fingerprinted from the tasks' hashes."""
+    config, options = context.config, context.store.options
+    check_needs_no_memory(config, why)
+    plan = ingest_plan(context, listing)
+    connect()
+    context.log(f"prepare: on Ray Data ({why}), {len(plan.units)} decode tasks")
+    results = decode_units(plan)
+    shape, labelled = unit_shape(results, config.data.uri), all(r.labelled for r in results if r.shape)
+    num_train, num_holdout = sum(r.train for r in results), sum(r.holdout for r in results)
+    names = listing.class_names or (
+        tuple(str(k) for k in range(max(r.max_label for r in results) + 1)) if labelled else None
+    )
+    check_fits_model(shape, len(names) if names else None, config)
+    check_split_sizes(config, num_train, num_holdout)
+    fingerprint = fingerprint_of(results, shape, labelled)
+    shard_images = split_file_images(config, shape, num_train)
+    trained = [r.unit for r in results if r.train]
+    entries = shuffle_to_shards(plan, trained, labelled, shard_images, int(fingerprint[:8], 16))
+    commit_split(plan.shards_uri, entries, options, shape)
+    commit_split(plan.holdout_uri, [r.holdout_file for r in results if r.holdout_file], options, shape)
+    remove_staging(plan)
+    counts = None
+    if names:
+        counts = np.zeros(len(names), np.int64)
+        for r in results:
+            counts[: len(r.train_class_counts)] += r.train_class_counts
+    context.log(
+        f"prepare: {num_train + num_holdout} images {shape} from {config.data.uri} (fingerprint {fingerprint[:12]}), "
+        f"{num_train} train in {len(entries)} shuffled files / {num_holdout} hold-out"
+    )
+    skipped = tuple(name for r in results for name in r.skipped)
+    if skipped:
+        report_skipped(context, skipped)
+    client = context.client
+    client.log_param(context.mlflow_run_id, "data.fingerprint", fingerprint)
+    client.log_metric(context.mlflow_run_id, "num_train_images", num_train)
+    client.log_metric(context.mlflow_run_id, "num_holdout_images", num_holdout)
+    return PrepareOutputs(
+        fingerprint=fingerprint,
+        num_train=num_train,
+        num_holdout=num_holdout,
+        shards_uri=plan.shards_uri,
+        holdout_uri=plan.holdout_uri,
+        num_classes=len(names) if names else None,
+        class_names=names,
+        class_counts=tuple(int(c) for c in counts) if counts is not None else None,
+    )
+
+
+def ingest_plan(context: StageContext, listing: SourceListing) -> IngestPlan:
+    """The Ray Data prepare's plan, with the splits' folders emptied of any earlier attempt."""
+    config, options = context.config, context.store.options
+    stage_uri = context.store.stage_uri("prepare")
+    plan = IngestPlan(
+        listing,
+        IngestPlan.units_of(listing),
+        config.data.read_options(),
+        config.data.holdout_fraction,
+        f"{stage_uri}/staging",
+        f"{stage_uri}/holdout",
+        f"{stage_uri}/shards",
+        data_storage_options(config),
+        options,
+    )
+    for uri in (plan.shards_uri, plan.holdout_uri, plan.staging_uri):
+        fs, path = filesystem(uri, options)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    return plan
+
+
+def check_needs_no_memory(config: PipelineConfig, why: str) -> None:
+    """What needs the data set in one process (the classifier extractor, trained on it) is refused on Ray Data."""
+    if config.evaluate.extractor is Extractor.CLASSIFIER or config.tune.proxy_fid or config.model.conditional:
+        raise DataError(
+            f"prepare runs on Ray Data ({why}), and evaluate.extractor=classifier (or tune.proxy_fid, or "
+            "model.conditional's accuracy) trains a classifier on the whole data set in memory: use "
+            "evaluate.extractor=inception, or data.prepare_on=driver for a data set that fits the driver"
+        )
+
+
+def unit_shape(results: list[UnitResult], uri: str) -> tuple[int, ...]:
+    """The one image shape of every unit, else a :class:`DataError` naming two that differ."""
+    shapes = {r.shape: r.unit for r in results if r.shape is not None}
+    if not shapes:
+        raise DataError(f"{uri}: none of its images could be read")
+    if len(shapes) > 1:
+        (first, a), (second, b) = list(shapes.items())[:2]
+        raise DataError(
+            f"mixed image sizes in {uri!r}: decode task {a} read {first}, task {b} read {second} (H, W, C); set "
+            "data.image_size to center-crop and resize every image to one size"
+        )
+    return tuple(next(iter(shapes)))
+
+
 def data_storage_options(config: PipelineConfig) -> dict[str, Any]:
     """The storage options for ``data.uri``: the run root's when the data is on S3 too."""
     return config.storage.options() if config.data.uri.startswith("s3://") else {}
@@ -91,10 +217,9 @@ def report_skipped(context: StageContext, skipped: tuple[str, ...]) -> None:
     context.log(f"prepare: skipped {len(skipped)} unreadable image file(s): {shown} (skipped_images.txt)")
 
 
-def split_file_images(config: PipelineConfig, dataset: ImageDataset, num_train: int) -> int:
+def split_file_images(config: PipelineConfig, image_shape: tuple[int, ...], num_train: int) -> int:
     """Images per file of the splits: at most ``data.shard_mb``; when training will stream (``data.loader``), also
     small enough that every training worker gets files of its own."""
-    image_shape = dataset.images.shape[1:]
     per_file = shard_images_for(image_shape, config.data.shard_mb)
     workers = config.train.num_workers
     loader, _ = choose_loader(config.data, num_train, int(np.prod(image_shape)), workers)
@@ -109,9 +234,9 @@ def shard_order(indices: np.ndarray, dataset: ImageDataset, shard_images: int) -
     return np.random.default_rng(int(dataset.fingerprint[15:30], 16)).permutation(indices)
 
 
-def check_fits_model(dataset: ImageDataset, config: PipelineConfig) -> None:
-    unet = config.model.unet(dataset.num_classes)
-    _, height, width, channels = dataset.images.shape
+def check_fits_model(image_shape: tuple[int, ...], num_classes: int | None, config: PipelineConfig) -> None:
+    unet = config.model.unet(num_classes)
+    height, width, channels = image_shape
     if (height, width, channels) != (unet.image_size, unet.image_size, unet.in_channels):
         raise DataError(
             f"data.uri {config.data.uri!r} has {height}x{width} images with {channels} channel(s), "
@@ -186,7 +311,7 @@ def test_split(config: PipelineConfig, train_dataset: ImageDataset) -> ImageData
             f"evaluate.nll_split=test: data.uri {config.data.uri!r} has no separate test split (only "
             "CIFAR-10 archives do); use evaluate.nll_split=holdout with data.holdout_fraction > 0"
         )
-    check_fits_model(dataset, config)
+    check_fits_model(dataset.images.shape[1:], dataset.num_classes, config)
     return dataset
 
 

@@ -5,13 +5,11 @@ resumes from the latest one. The loop itself is :func:`pipelines.training.loop.t
 
 from __future__ import annotations
 
-from ddpm_core.unet import UNetConfig
-from pipelines.config import Loader, PipelineConfig, with_overrides
+from pipelines.config import PipelineConfig, with_overrides
 from pipelines.context import StageContext
 from pipelines.contracts import PrepareOutputs, TrainedWith, TrainOutputs, TuneOutputs
 from pipelines.execution import Device, check_fits, cluster_device
-from pipelines.shards import split_layout
-from pipelines.streaming import StreamSpec, check_enough_files, choose_loader
+from pipelines.streaming import plan_stream
 from pipelines.training.job import TrainJob
 from pipelines.training.trainer import WorkerGroup, fit, make_trainer, send_pending_metrics
 
@@ -21,13 +19,16 @@ def run(context: StageContext, prepare: PrepareOutputs, tune: TuneOutputs | None
     device = cluster_device(config.train.use_gpu)
     warm_start = tune.best_checkpoint_uri if tune is not None and config.tune.warm_start else None
     unet = config.model.unet(prepare.num_classes)
+    split, values = (prepare.shards_uri, prepare.num_train), unet.in_channels * unet.image_size**2
+    stream, why = plan_stream(config.data, config.train, split, values, config.train.num_workers, context.store.options)
+    context.log(f"train: {'stream' if stream else 'resident'} data loader ({why})")
     job = TrainJob(
         unet=unet,
         diffusion=config.diffusion,
         train=config.train,
         device=device,
         shards_uri=prepare.shards_uri,
-        stream=stream_spec(context, config, prepare, unet),
+        stream=stream,
         work_uri=context.work_uri("train"),
         storage_options=context.store.options,
         tracking_uri=context.tracking_uri,
@@ -37,12 +38,11 @@ def run(context: StageContext, prepare: PrepareOutputs, tune: TuneOutputs | None
     train = config.train
     group = WorkerGroup(train.num_workers, train.cpus_per_worker, train.max_failures, train.startup_retries)
     execution = context.execution(device)
-    streaming = (config.data.decode_cpus, " + a Ray Data decode task") if job.stream else (0.0, "")
     demand = group.demand(
         device,
-        f"{train.num_workers} training workers{streaming[1]}",
-        "train.num_workers / train.cpus_per_worker" + (" / data.decode_cpus" if job.stream else ""),
-        extra_cpus=streaming[0],
+        f"{train.num_workers} training workers",
+        "train.num_workers / train.cpus_per_worker",
+        decode_cpus=config.data.decode_cpus if stream else 0.0,
     )
     check_fits(demand, execution, context.log)
     conditional = (
@@ -65,29 +65,6 @@ def run(context: StageContext, prepare: PrepareOutputs, tune: TuneOutputs | None
         config=TrainedWith(diffusion=config.diffusion, train=train.optim),
         num_classes=job.unet.num_classes,
     )
-
-
-def stream_spec(
-    context: StageContext, config: PipelineConfig, prepare: PrepareOutputs, unet: UNetConfig
-) -> StreamSpec | None:
-    """How the training split is streamed, or None when it is held resident (``data.loader``, in the log)."""
-    image_values = unet.in_channels * unet.image_size**2
-    loader, why = choose_loader(config.data, prepare.num_train, image_values, config.train.num_workers)
-    context.log(f"train: {loader.value} data loader ({why})")
-    if loader is Loader.RESIDENT:
-        return None
-    data = config.data
-    spec = StreamSpec(
-        split_layout(prepare.shards_uri, context.store.options),
-        config.train.seed,
-        config.train.horizontal_flip,
-        data.decode_cpus,
-        data.prefetch_batches,
-        data.memory_budget_mb,
-        context.store.options,
-    )
-    check_enough_files(spec.layout, config.train.num_workers)
-    return spec
 
 
 def tuned_config(config: PipelineConfig, tune: TuneOutputs | None) -> PipelineConfig:

@@ -31,13 +31,14 @@ from ddpm_core.features import extract_features, load_classifier
 from ddpm_core.metrics import FeatureStatistics, frechet_distance_from_stats
 from ddpm_core.samplers import Method, Model, PerIndexNoise, SamplerConfig, null_conditioned, sample
 from ddpm_core.unet import UNetConfig
-from pipelines.config import ConfigError, Extractor, PipelineConfig, SearchAlgorithm, with_overrides
+from pipelines.config import ConfigError, Extractor, Loader, PipelineConfig, SearchAlgorithm, with_overrides
 from pipelines.config import TrialScheduler as SchedulerChoice
 from pipelines.context import StageContext
 from pipelines.contracts import PrepareOutputs, TrialResult, TuneOutputs
 from pipelines.execution import Device, check_fits, cluster_device, runtime_env, train_storage
 from pipelines.scoring import ExtractorSpec, SummaryRequest, load_reference, reference_key, reference_summary
 from pipelines.shards import read_first_images
+from pipelines.streaming import choose_loader, plan_stream
 from pipelines.training.job import TrainJob
 from pipelines.training.state import committed_checkpoints
 from pipelines.training.trainer import WorkerGroup, fit, make_trainer
@@ -192,6 +193,7 @@ class TrialSpec:
     parent_run_id: str  # the tune stage's MLflow run
     metrics: TrialMetrics  # with the run's network and diffusion; a trial puts in its own and its MLflow run
     num_classes: int | None  # the data set's classes (a conditional model's, unless model.num_classes)
+    num_train: int  # images in the training split (data.loader decides per trial whether they are streamed)
 
     def trial_config(self, params: dict[str, Any]) -> PipelineConfig:
         """The trial's config: its parameters, trained for ``tune.trial_images`` with a report (a checkpoint) every
@@ -219,13 +221,16 @@ def run_trial(params: dict[str, Any], spec: TrialSpec) -> None:
     metrics = dataclasses.replace(
         spec.metrics, unet=config.model.unet(spec.num_classes), diffusion=config.diffusion, mlflow_run_id=run_id
     )
+    unet = config.model.unet(spec.num_classes)
+    split, values = (spec.shards_uri, spec.num_train), unet.in_channels * unet.image_size**2
+    stream, _ = plan_stream(config.data, config.train, split, values, spec.group.num_workers, spec.storage_options)
     job = TrainJob(
-        unet=config.model.unet(spec.num_classes),
+        unet=unet,
         diffusion=config.diffusion,
         train=config.train,
         device=spec.device,
         shards_uri=spec.shards_uri,
-        stream=None,  # trials hold their data resident (docs/tuning.md)
+        stream=stream,
         work_uri=work_uri,
         storage_options=spec.storage_options,
         tracking_uri=spec.tracking_uri,
@@ -270,11 +275,16 @@ def run(context: StageContext, prepare: PrepareOutputs) -> TuneOutputs:
     settings = context.config.tune
     space = search_space(context.config)
     spec = trial_spec(context, prepare)
+    unet = spec.metrics.unet
+    values = unet.in_channels * unet.image_size**2
+    loader, why = choose_loader(context.config.data, prepare.num_train, values, spec.group.num_workers)
+    context.log(f"tune: trials use the {loader.value} data loader ({why})")
     one_trial = spec.group.demand(
         spec.device,
         "a tuning trial's actor and its training workers",
         "tune.workers_per_trial / tune.cpus_per_worker / tune.cpus_per_trial",
         extra_cpus=settings.cpus_per_trial,
+        decode_cpus=context.config.data.decode_cpus if loader is Loader.STREAM else 0.0,
     )
     check_fits(one_trial, context.execution(spec.device), context.log)
     tuner = make_tuner(context, spec, space)
@@ -333,6 +343,7 @@ def trial_spec(context: StageContext, prepare: PrepareOutputs) -> TrialSpec:
         parent_run_id=context.mlflow_run_id,
         metrics=metrics,
         num_classes=prepare.num_classes,
+        num_train=prepare.num_train,
     )
 
 

@@ -33,9 +33,14 @@ class WorkerGroup:
     max_failures: int  # restarts from the last checkpoint after a worker fails
     startup_retries: int  # worker-group start attempts (60 s each) before failing
 
-    def demand(self, device: Device, what: str, settings: str, extra_cpus: float = 0.0) -> Demand:
-        """What the whole group needs at once (plus ``extra_cpus``, e.g. a Tune trial's own actor)."""
-        cpus = {"CPU": self.num_workers * self.cpus_per_worker + extra_cpus}
+    def demand(
+        self, device: Device, what: str, settings: str, extra_cpus: float = 0.0, decode_cpus: float = 0.0
+    ) -> Demand:
+        """What the whole group needs at once (plus ``extra_cpus``, e.g. a Tune trial's own actor, and a streamed
+        split's decode task of ``decode_cpus``)."""
+        if decode_cpus:
+            what, settings = f"{what} and a Ray Data decode task", f"{settings} / data.decode_cpus"
+        cpus = {"CPU": self.num_workers * self.cpus_per_worker + extra_cpus + decode_cpus}
         return Demand(what, {**cpus, **({"GPU": float(self.num_workers)} if device is Device.GPU else {})}, settings)
 
 
