@@ -98,7 +98,7 @@ def choose_prepare_on(config: PipelineConfig, listing: SourceListing | None) -> 
     data = config.data
     if data.prepare_on is PrepareOn.DRIVER or listing is None:
         return False, "read whole on the driver"
-    size = f"{listing.total_bytes / 2**20:,.1f} MiB in {len(listing.paths)} {listing.kind.value} file(s)"
+    size = f"{listing.total_bytes / 2**20:,.1f} MiB in {len(listing.paths)} files ({listing.kind.value})"
     if data.prepare_on is PrepareOn.RAY_DATA:
         return True, f"data.prepare_on=ray_data; {size}"
     on_ray = listing.total_bytes > data.memory_budget_mb * 2**20
