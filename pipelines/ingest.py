@@ -224,6 +224,14 @@ def fingerprint_of(results: list[UnitResult], shape: tuple[int, ...], labelled: 
     return hashlib.sha256(head.encode() + total.to_bytes(32, "big")).hexdigest()
 
 
+def train_class_counts(results: list[UnitResult], num_classes: int) -> tuple[int, ...]:
+    """Training images per class over every unit."""
+    counts = np.zeros(num_classes, np.int64)
+    for result in results:
+        counts[: len(result.train_class_counts)] += result.train_class_counts
+    return tuple(int(count) for count in counts)
+
+
 def remove_staging(plan: IngestPlan) -> None:
     fs, root = filesystem(plan.staging_uri, plan.storage_options)
     if fs.exists(root):

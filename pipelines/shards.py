@@ -5,8 +5,9 @@ sampling actors. Both are committed directories (:mod:`ddpm_core.storage`) of ui
   ``shard_images`` images each (the last one fewer; at most :data:`SHARD_IMAGES`, fewer for large images:
   :func:`shard_images_for`), each with ``images`` and ``labels`` when the data set has them, one manifest for all
   (metadata: ``count``, ``shard_images``; a split written by Ray Data tasks, :mod:`pipelines.ingest`, has files of
-  varied sizes and lists them: ``file_counts``). Prepare writes them in a random order of the data, so every shard is a
-  uniform random subset of the split (what the streaming loader's shuffle relies on: :mod:`pipelines.streaming`).
+  varied sizes and lists them: ``file_counts``). Prepare writes a training split of several files in a random order of
+  the data, so every file is a uniform random subset of it (what the streaming loader's shuffle relies on:
+  :mod:`pipelines.streaming`).
 - A **sample shard** (``sample/<fingerprint>/shards/shard-NNNNN``): ``images.npy`` of the images with sample indices
   ``start..stop-1`` and, from a class-conditional model, ``labels.npy`` (int64 ``[n]``, the class each image was asked
   for); the manifest's metadata records ``start``, ``stop`` and ``seed``.

@@ -29,6 +29,7 @@ from pipelines.ingest import (
     fingerprint_of,
     remove_staging,
     shuffle_to_shards,
+    train_class_counts,
 )
 from pipelines.shards import shard_images_for, write_split
 from pipelines.streaming import choose_loader
@@ -73,12 +74,8 @@ def run(context: StageContext) -> PrepareOutputs:
         write_split(outputs.test_uri, test, np.arange(len(test.images)), options)
         context.log(f"prepare: {len(test.images)} test images for the NLL")
     client = context.client
-    if dataset.skipped:
-        report_skipped(context, dataset.skipped)
-    client.log_param(context.mlflow_run_id, "data.fingerprint", dataset.fingerprint)
-    client.log_metric(context.mlflow_run_id, "num_train_images", len(train_idx))
-    client.log_metric(context.mlflow_run_id, "num_holdout_images", len(holdout_idx))
-    if config.evaluate.extractor is Extractor.CLASSIFIER or config.tune.proxy_fid or config.model.conditional:
+    log_data(context, outputs, dataset.skipped)
+    if needs_classifier(config):
         uri, metadata = feature_extractor(context, dataset, train_idx, holdout_idx)
         accuracy_on_holdout = metadata.get("holdout_accuracy")
         if accuracy_on_holdout is not None:
@@ -129,23 +126,11 @@ def prepare_on_ray_data(context: StageContext, listing: SourceListing, why: str)
     commit_split(plan.shards_uri, entries, options, shape)
     commit_split(plan.holdout_uri, [r.holdout_file for r in results if r.holdout_file], options, shape)
     remove_staging(plan)
-    counts = None
-    if names:
-        counts = np.zeros(len(names), np.int64)
-        for r in results:
-            counts[: len(r.train_class_counts)] += r.train_class_counts
     context.log(
         f"prepare: {num_train + num_holdout} images {shape} from {config.data.uri} (fingerprint {fingerprint[:12]}), "
         f"{num_train} train in {len(entries)} shuffled files / {num_holdout} hold-out"
     )
-    skipped = tuple(name for r in results for name in r.skipped)
-    if skipped:
-        report_skipped(context, skipped)
-    client = context.client
-    client.log_param(context.mlflow_run_id, "data.fingerprint", fingerprint)
-    client.log_metric(context.mlflow_run_id, "num_train_images", num_train)
-    client.log_metric(context.mlflow_run_id, "num_holdout_images", num_holdout)
-    return PrepareOutputs(
+    outputs = PrepareOutputs(
         fingerprint=fingerprint,
         num_train=num_train,
         num_holdout=num_holdout,
@@ -153,8 +138,20 @@ def prepare_on_ray_data(context: StageContext, listing: SourceListing, why: str)
         holdout_uri=plan.holdout_uri,
         num_classes=len(names) if names else None,
         class_names=names,
-        class_counts=tuple(int(c) for c in counts) if counts is not None else None,
+        class_counts=train_class_counts(results, len(names)) if names else None,
     )
+    log_data(context, outputs, tuple(name for r in results for name in r.skipped))
+    return outputs
+
+
+def log_data(context: StageContext, outputs: PrepareOutputs, skipped: tuple[str, ...]) -> None:
+    """The data set's fingerprint and split sizes on the stage's MLflow run, and the unreadable files left out."""
+    if skipped:
+        report_skipped(context, skipped)
+    client, run_id = context.client, context.mlflow_run_id
+    client.log_param(run_id, "data.fingerprint", outputs.fingerprint)
+    client.log_metric(run_id, "num_train_images", outputs.num_train)
+    client.log_metric(run_id, "num_holdout_images", outputs.num_holdout)
 
 
 def ingest_plan(context: StageContext, listing: SourceListing) -> IngestPlan:
@@ -179,9 +176,15 @@ def ingest_plan(context: StageContext, listing: SourceListing) -> IngestPlan:
     return plan
 
 
+def needs_classifier(config: PipelineConfig) -> bool:
+    """Whether the run uses the domain classifier: as FID's extractor, for tune's proxy FID, or for a conditional
+    model's accuracy."""
+    return config.evaluate.extractor is Extractor.CLASSIFIER or config.tune.proxy_fid or config.model.conditional
+
+
 def check_needs_no_memory(config: PipelineConfig, why: str) -> None:
     """What needs the data set in one process (the classifier extractor, trained on it) is refused on Ray Data."""
-    if config.evaluate.extractor is Extractor.CLASSIFIER or config.tune.proxy_fid or config.model.conditional:
+    if needs_classifier(config):
         raise DataError(
             f"prepare runs on Ray Data ({why}), and evaluate.extractor=classifier (or tune.proxy_fid, or "
             "model.conditional's accuracy) trains a classifier on the whole data set in memory: use "
