@@ -4,7 +4,8 @@ batches, as one sampling actor runs it), and optionally the feature-extraction t
 The U-Net is the preset's, freshly initialised: the cost of a step does not depend on the weights. Reports images/s
 per sampler and the time for ``--num-samples`` images (measured, not projected: lower ``--num-samples`` for the slow
 samplers). ``--dtype bf16`` and ``--compile`` run the network as a sampling actor does with ``sample.bf16_on_gpu``
-and ``sample.compile`` (``ddpm_core.samplers.fast_sampling_network``; a compilation counts in the first batch's time).
+and ``sample.compile_on_gpu`` (``ddpm_core.samplers.fast_sampling_network``; a compilation counts in the first batch's
+time); ``--cuda-graphs`` adds inductor's CUDA graphs to the compiled network (one launch per step).
 With ``--inception-weights`` (pt_inception-2015-12-05-6726825d.pth), also times the Inception pool3 extraction of
 the generated images, as the evaluate stage does.
 
@@ -82,7 +83,10 @@ def main() -> None:
         default="fp32",
         help="bf16: autocast, as a GPU sampling actor",
     )
-    parser.add_argument("--compile", action="store_true", help="torch.compile with frozen weights, as sample.compile")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile with frozen weights, as sample.compile_on_gpu"
+    )
+    parser.add_argument("--cuda-graphs", action="store_true", help="with --compile: CUDA graphs replayed per step")
     parser.add_argument(
         "--samplers", nargs="+", default=["ddim:100=50000", "ancestral:1000=1000"], help="method:steps=num_samples"
     )
@@ -90,10 +94,14 @@ def main() -> None:
     parser.add_argument("--inception-images", type=int, default=50_000)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
+    if args.cuda_graphs and not args.compile:
+        parser.error("--cuda-graphs needs --compile (inductor captures the graphs)")
     device = torch.device(args.device)
     config = unet_preset(args.preset)
     torch.manual_seed(0)
-    model = fast_sampling_network(UNet(config).to(device).eval(), autocast_dtype(args.dtype), args.compile)
+    model = fast_sampling_network(
+        UNet(config).to(device).eval(), autocast_dtype(args.dtype), args.compile, args.cuda_graphs
+    )
     diffusion = GaussianDiffusion.from_config(DiffusionConfig())
     shape = (config.in_channels, config.image_size, config.image_size)
     result = {
@@ -101,6 +109,7 @@ def main() -> None:
         "preset": args.preset,
         "dtype": args.dtype,
         "compile": args.compile,
+        "cuda_graphs": args.cuda_graphs,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "device_name": device_name(device),

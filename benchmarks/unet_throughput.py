@@ -5,7 +5,7 @@ dropout, and timed alternately in one process so that machine noise hits both al
 and an AdamW step on the eps-MSE loss; sampling = one no-grad forward (one denoising step). Each ``--variants`` entry
 is applied to both networks alike, or to ours only with ``--peer-variant`` (``eager``: diffusers as shipped):
 ``eager``; ``channels_last`` (NHWC weights and inputs); ``compile`` (``torch.compile``; for sampling with inductor's
-weight freezing, our sample actors' ``sample.compile`` path); ``bf16`` (autocast to bfloat16, as on GPUs; on a CPU
+weight freezing, the sample actors' compiled path); ``bf16`` (autocast to bfloat16, as on GPUs; on a CPU
 fast only with native bf16 instructions, e.g. AVX512_BF16 or AMX); or several joined by ``+``, e.g.
 ``channels_last+compile``.
 Reports the median of the repeats, the ratio ours / diffusers (> 1: ours is faster), and, to say how much any

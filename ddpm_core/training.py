@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,12 +152,14 @@ def train_step(
     model_kwargs: dict[str, Any] | None = None,
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
+    region: Callable[[str], AbstractContextManager[Any]] = record_function,
 ) -> StepResult:
     """Algorithm 1: t ~ U{0..T-1}, eps ~ N(0, I), a gradient step on the configured loss, then the EMA update.
 
     ``x0`` is ``[B, C, H, W]`` in [-1, 1]. ``images_seen`` (before this step) sets the warm-up learning rate.
     ``t`` and ``eps`` are drawn on ``generator``'s device; nothing here waits for the device (the result holds
-    device tensors).
+    device tensors). ``region`` labels the forward, backward, optimizer and EMA parts: the profiler's
+    ``record_function`` by default (free when no profiler runs), or a benchmark's clock.
     """
     model.train()
     batch = x0.shape[0]
@@ -165,21 +168,20 @@ def train_step(
     noise = torch.randn(x0.shape, generator=generator, device=draw_on).to(x0.device, x0.dtype)
     for group in optimizer.param_groups:
         group["lr"] = learning_rate(images_seen, config)
-    # Labelled regions: the profiler's time split (benchmarks/train_step.py); free when no profiler runs.
     with (
-        record_function("forward"),
+        region("forward"),
         torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
     ):
         terms = diffusion.training_losses(model, x0, t, noise, model_kwargs)
         loss = terms["loss"].mean()
-    with record_function("backward"):
+    with region("backward"):
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-    with record_function("optimizer"):
+    with region("optimizer"):
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         optimizer.step()
-    with record_function("ema"):
+    with region("ema"):
         if ema is not None:
             ema.update(model)
         sums, counts = quartile_sums(t, terms["loss"], diffusion.num_timesteps)

@@ -196,8 +196,11 @@ class SelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, channels, height, width = x.shape
-        qkv = self.qkv(self.norm(x)).reshape(batch, 3, channels, height * width)  # [B, 3, C, HW]
-        q, k, v = (qkv[:, i].transpose(1, 2).unsqueeze(1) for i in range(3))  # each [B, 1, HW, C]
+        qkv = self.qkv(self.norm(x)).flatten(2).transpose(1, 2)  # [B, HW, 3C]
+        # The fused kernels (flash, memory-efficient, cuDNN) need unit stride along the head dimension; an NCHW
+        # activation has stride HW there and sends SDPA to its math path (explicit bmm). One copy in NCHW, none in
+        # channels-last, where the copy is a no-op.
+        q, k, v = qkv.contiguous().unsqueeze(1).chunk(3, dim=-1)  # each [B, 1, HW, C], last-dim stride 1
         h = F.scaled_dot_product_attention(q, k, v)  # [B, 1, HW, C]
         h = h.squeeze(1).transpose(1, 2).reshape(batch, channels, height, width)
         return x + self.proj(h)

@@ -35,7 +35,7 @@ def run_cli(args, capsys):
         ("sample.method=euler", "sample.method: 'euler' is not one of ancestral, ddim"),
         ("model.preset=imagenet", "model.preset 'imagenet' is not one of"),
         ("train.use_gpu=maybe", "train.use_gpu: expected true or false"),
-        ("sample.compile=fast", "sample.compile: expected true or false"),
+        ("sample.compile_on_gpu=fast", "sample.compile_on_gpu: expected true or false"),
         ("evaluate.extractor=clip", "evaluate.extractor 'clip' is not one of: classifier, inception"),
         ("evaluate.extractor=inception", "needs evaluate.inception_weights_uri"),
         ("evaluate.inception_weights_sha256=xyz", "evaluate.inception_weights_sha256: expected 8 to 64 lowercase hex"),
@@ -62,9 +62,11 @@ def test_precision_is_bf16_on_gpus_and_float32_on_cpus_unless_switched():
     config = load_config(None, [])
     assert (config.sample.precision(use_gpu=False), config.sample.precision(use_gpu=True)) == ("fp32", "bf16")
     assert (config.train.precision(use_gpu=False), config.train.precision(use_gpu=True)) == ("fp32", "bf16")
-    fp32 = load_config(None, ["sample.bf16_on_gpu=false", "sample.compile=true", "train.bf16_on_gpu=false"])
-    assert fp32.sample.precision(use_gpu=True) == "fp32" and fp32.sample.compile
+    fp32 = load_config(None, ["sample.bf16_on_gpu=false", "sample.compile_on_cpu=true", "train.bf16_on_gpu=false"])
+    assert fp32.sample.precision(use_gpu=True) == "fp32" and fp32.sample.compiled(use_gpu=False)
     assert fp32.train.precision(use_gpu=True) == "fp32"
+    for section in (config.train, config.sample):  # torch.compile: on GPUs by default, not on CPUs
+        assert (section.compiled(use_gpu=False), section.compiled(use_gpu=True)) == (False, True)
     assert [autocast_dtype(config.sample.precision(use_gpu)) for use_gpu in (False, True)] == [None, torch.bfloat16]
     with pytest.raises(ValueError, match="precision 'fp16' is not one of fp32, bf16"):
         autocast_dtype("fp16")

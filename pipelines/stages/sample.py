@@ -14,7 +14,8 @@ from pipelines.sampling import SampleRequest, sample_to_shards
 
 def run(context: StageContext, prepare: PrepareOutputs, train: TrainOutputs) -> SampleOutputs:
     settings = context.config.sample
-    network = NetworkExecution(settings.precision(train.device is Device.GPU), settings.compile)
+    on_gpu = train.device is Device.GPU
+    network = NetworkExecution(settings.precision(on_gpu), settings.compiled(on_gpu))
     conditioning = None
     if train.num_classes is not None:
         names = list(prepare.class_names or ())  # the data's classes (a model may have more: model.num_classes)

@@ -34,6 +34,7 @@ def run(context: StageContext, prepare: PrepareOutputs, tune: TuneOutputs | None
         tracking_uri=context.tracking_uri,
         mlflow_run_id=context.mlflow_run_id,
         warm_start_uri=warm_start,
+        compile_cache_uri=context.store.cache_uri("compile", "train"),
     )
     train = config.train
     group = WorkerGroup(train.num_workers, train.cpus_per_worker, train.max_failures, train.startup_retries)

@@ -194,6 +194,7 @@ class TrialSpec:
     metrics: TrialMetrics  # with the run's network and diffusion; a trial puts in its own and its MLflow run
     num_classes: int | None  # the data set's classes (a conditional model's, unless model.num_classes)
     num_train: int  # images in the training split (data.loader decides per trial whether they are streamed)
+    compile_cache_uri: str  # torch.compile's artifacts, shared with other trials, runs and the train stage
 
     def trial_config(self, params: dict[str, Any]) -> PipelineConfig:
         """The trial's config: its parameters, trained for ``tune.trial_images`` with a report (a checkpoint) every
@@ -236,6 +237,7 @@ def run_trial(params: dict[str, Any], spec: TrialSpec) -> None:
         tracking_uri=spec.tracking_uri,
         mlflow_run_id=run_id,
         checkpoint_metrics=metrics,
+        compile_cache_uri=spec.compile_cache_uri,
     )
     trainer = make_trainer(job, spec.group, runtime_env(), callbacks=[TuneReportCallback()])
     try:
@@ -344,6 +346,7 @@ def trial_spec(context: StageContext, prepare: PrepareOutputs) -> TrialSpec:
         metrics=metrics,
         num_classes=prepare.num_classes,
         num_train=prepare.num_train,
+        compile_cache_uri=store.cache_uri("compile", "train"),
     )
 
 

@@ -40,6 +40,7 @@ class TrainJob:
         None  # a training state whose model and EMA weights start a fresh run (best tune trial)
     )
     checkpoint_metrics: CheckpointMetrics | None = None
+    compile_cache_uri: str | None = None  # a folder for torch.compile's artifacts, shared by runs (None: not kept)
 
     @property
     def precision(self) -> Precision:

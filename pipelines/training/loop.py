@@ -18,7 +18,7 @@ from pipelines.shards import read_split
 from pipelines.streaming import ImageStream
 from pipelines.training.hooks import Interval, Progress, record_divergence, report_checkpoint, save_outputs
 from pipelines.training.job import TrainJob
-from pipelines.training.state import TrainState, Worker, memory_format, start_state
+from pipelines.training.state import TrainState, Worker, memory_format, save_compile_cache, start_state
 
 
 def train_loop(job: TrainJob) -> None:
@@ -58,6 +58,7 @@ def train_loop(job: TrainJob) -> None:
                 autocast_dtype=autocast,
             )
         state.advance(train.batch_size)
+        save_compile_cache(job, worker, state)  # once, after the first compiled step
         totals.add(result)
         seen, done = state.images_seen, state.images_seen >= train.total_images
         if log.due(seen, done) or checkpoint.due(seen, done):

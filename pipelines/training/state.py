@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from ddpm_core.checkpoint import CheckpointError, load_snapshot, load_training_state, save_snapshot
+from ddpm_core.compile_cache import cache_file_uri, load_compiled, save_compiled
 from ddpm_core.diffusion import Variance
 from ddpm_core.ema import EMA
 from ddpm_core.storage import MANIFEST, filesystem
@@ -68,6 +69,7 @@ class TrainState:
     generator: torch.Generator  # this worker's batches, timesteps and noise, on its device
     images_seen: int = 0
     step: int = 0
+    unsaved_compile_cache: str | None = None  # where to store the compiled artifacts after the first step (rank 0)
 
     def advance(self, images: int) -> None:
         self.images_seen, self.step = self.images_seen + images, self.step + 1
@@ -100,13 +102,15 @@ def start_state(job: TrainJob, worker: Worker) -> TrainState:
     wrapped = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=options)
     ddp = isinstance(wrapped, DistributedDataParallel)  # with more than one worker
     network = cast(nn.Module, wrapped.module) if ddp else wrapped
-    step_model = cast(nn.Module, torch.compile(wrapped)) if job.train.compile else wrapped
+    compiled = job.train.compiled(worker.device.type == "cuda")
+    step_model = cast(nn.Module, torch.compile(wrapped)) if compiled else wrapped
     state = TrainState(
         network,
         step_model,
         EMA(network, job.train.optim.ema_decay, job.train.optim.ema_warmup),
         make_optimizer(network, job.train.optim),
         batch_generator(job.train.seed, worker.rank, 0, worker.device),
+        unsaved_compile_cache=load_compile_cache(job, worker) if compiled else None,
     )
     if restored is not None:
         state.ema.load_state_dict(restored["ema"])
@@ -231,6 +235,45 @@ def restore_random_state(
     state.generator = batch_generator(job.train.seed, worker.rank, state.images_seen, worker.device)
     found = "no random state" if saved is None else f"the random state of {len(saved)} workers"
     worker.say(f"the checkpoint holds {found}: the random streams restart from (seed, rank, images seen)")
+
+
+def compile_cache_uri(job: TrainJob, worker: Worker) -> str | None:
+    """This job's file of compiled artifacts: keyed by what the compiled step depends on (the network, precision,
+    layout and per-worker batch); None when the job keeps none."""
+    if job.compile_cache_uri is None:
+        return None
+    key = {
+        "unet": job.unet.to_dict(),
+        "learn_variance": job.diffusion.variance is Variance.LEARNED_RANGE,
+        "precision": job.precision.value,
+        "channels_last": job.train.channels_last,
+        "batch_per_worker": job.train.batch_size // worker.world_size,
+        "world_size": worker.world_size,
+    }
+    return cache_file_uri(job.compile_cache_uri, worker.device, key)
+
+
+def load_compile_cache(job: TrainJob, worker: Worker) -> str | None:
+    """Loads the compiled artifacts of an earlier worker start, or run, of this job; returns where rank 0 stores them
+    after the first step when there were none (None: loaded, or not this rank's job)."""
+    uri = compile_cache_uri(job, worker)
+    if uri is None:
+        return None
+    loaded = load_compiled(uri, job.storage_options)
+    if loaded:
+        worker.say(f"compile cache: loaded {loaded / 2**20:.1f} MiB of compiled artifacts from {uri}")
+        return None
+    return uri if worker.rank == 0 else None
+
+
+def save_compile_cache(job: TrainJob, worker: Worker, state: TrainState) -> None:
+    """After the first compiled step: stores what it compiled, for restarted workers and later runs."""
+    if state.unsaved_compile_cache is not None:
+        saved = save_compiled(state.unsaved_compile_cache, job.storage_options)
+        worker.say(
+            f"compile cache: saved {saved / 2**20:.1f} MiB of compiled artifacts to {state.unsaved_compile_cache}"
+        )
+        state.unsaved_compile_cache = None
 
 
 def memory_format(job: TrainJob) -> torch.memory_format:
