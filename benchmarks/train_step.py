@@ -45,6 +45,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing
 from common import device_name, synchronize, variant_switches, write_result
+from torch.autograd import DeviceType
 from torch.nn.parallel import DistributedDataParallel
 from torch.profiler import ProfilerActivity, profile
 from torch.utils.flop_counter import FlopCounterMode
@@ -183,18 +184,23 @@ def profiled(step: Step, steps: int, kernels: int) -> dict[str, object]:
         )
         found["communication_ms"] = micros / 1000 / steps
     if kernels:
-
-        def self_time(e) -> float:
-            return e.self_device_time_total if on_device else e.self_cpu_time_total
-
-        # kernels only on CUDA (the CPU-side launches have no device time); operators on the CPU
-        ranked = sorted((e for e in events if self_time(e) > 0), key=self_time, reverse=True)
-        total = sum(self_time(e) for e in ranked)
-        found["top_kernels"] = [
-            {"name": e.key[:160], "ms_per_step": self_time(e) / 1000 / steps, "share": self_time(e) / total}
-            for e in ranked[:kernels]
-        ]
+        found["top_kernels"] = heaviest(events, steps, kernels, on_device)
     return found
+
+
+def heaviest(events: list, steps: int, count: int, on_device: bool) -> list[dict[str, object]]:
+    """The ``count`` kernels (on CUDA: the device-side events, by their time) or operators (on the CPU: by self time)
+    that took longest, per step and as a share of all of them."""
+    if on_device:
+        timed = [(e.key, e.self_device_time_total) for e in events if e.device_type == DeviceType.CUDA]
+    else:
+        timed = [(e.key, e.self_cpu_time_total) for e in events]
+    ranked = sorted((entry for entry in timed if entry[1] > 0), key=lambda entry: entry[1], reverse=True)
+    total = sum(micros for _, micros in ranked)
+    return [
+        {"name": name[:160], "ms_per_step": micros / 1000 / steps, "share": micros / total}
+        for name, micros in ranked[:count]
+    ]
 
 
 def allocated(device: torch.device) -> int:

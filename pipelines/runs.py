@@ -1,5 +1,6 @@
 """Run layout on storage: ``{root}/{run_id}/{stage}/`` with a ``stage.json`` manifest written last, and
-``{root}/_cache/`` for what runs share (feature extractors, reference statistics, champions' snapshots)."""
+``{root}/_cache/`` for what runs share (feature extractors, reference statistics, champions' snapshots, compiled
+artifacts)."""
 
 from __future__ import annotations
 
