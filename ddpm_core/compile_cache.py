@@ -32,8 +32,8 @@ def cache_file_uri(directory_uri: str, device: torch.device, key: dict[str, Any]
 
 def load_compiled(uri: str, storage_options: dict[str, Any] | None = None) -> int:
     """Hot-loads the artifacts stored at ``uri`` into torch's compile caches, before the first compiled call; returns
-    their size in bytes, 0 when there are none. A file torch cannot read is reported and left alone: a cache never
-    stops training."""
+    their size in bytes, 0 when there are none. A file torch cannot read is reported and skipped: compiling starts
+    from scratch, as without a file (storage errors are raised, as for every other file of the run)."""
     fs, path = filesystem(uri, storage_options)
     if not fs.exists(path):
         return 0
