@@ -30,8 +30,8 @@ from ddpm_core.metrics import FeatureStatistics, frechet_distance_from_stats
 from ddpm_core.samplers import PerIndexNoise, SamplerConfig, sample
 from pipelines.config import Extractor, load_config
 from pipelines.contracts import EvaluateOutputs, PrepareOutputs, SampleOutputs, TrainOutputs
+from pipelines.evaluation.scoring import ExtractorSpec, build_extractor, load_reference
 from pipelines.runs import read_manifest
-from pipelines.scoring import ExtractorSpec, build_extractor, load_reference
 
 T = TypeVar("T")
 SAMPLERS = [  # method:steps[:spacing]

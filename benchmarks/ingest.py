@@ -31,8 +31,8 @@ import torch
 from common import cpu_name, write_result
 
 from ddpm_core.data import ImageDataset, random_batch, to_model_range
-from pipelines.shards import read_split, shard_images_for, split_layout, write_split
-from pipelines.streaming import ImageStream, Piece, StreamSpec, decode_piece
+from pipelines.data.shards import read_split, shard_images_for, split_layout, write_split
+from pipelines.data.streaming import ImageStream, Piece, StreamSpec, decode_piece
 
 H200_TRAIN_RATES = {"the pipeline's step at cifar10, bf16 (measured)": 2215, "issue 21's target": 5000}
 BUDGET_MB = 48.0

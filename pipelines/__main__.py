@@ -87,7 +87,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _figure(args: argparse.Namespace) -> int:
-    from pipelines.figures import interpolation_figure, progressive_figure, write_figure
+    from pipelines.generation.figures import interpolation_figure, progressive_figure, write_figure
     from pipelines.runs import RunStore
 
     config = load_config(args.config, [*args.overrides, f"run_id={args.run_id}"])

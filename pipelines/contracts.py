@@ -23,8 +23,8 @@ class PrepareOutputs:
     fingerprint: str  # SHA-256 of the data set's pixels and labels
     num_train: int
     num_holdout: int
-    shards_uri: str  # the training split (pipelines.shards)
-    holdout_uri: str  # the hold-out split (pipelines.shards)
+    shards_uri: str  # the training split (pipelines.data.shards)
+    holdout_uri: str  # the hold-out split (pipelines.data.shards)
     num_classes: int | None
     test_uri: str | None = None  # the data set's test split, when the NLL is scored on it
     extractor_uri: str | None = None  # the classifier feature network, when evaluation or the tune stage uses it

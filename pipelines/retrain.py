@@ -95,8 +95,8 @@ def decide_and_run(
 ) -> RetrainOutcome:
     """Skip when the data did not change since the champion was trained, else run the pipeline (warm-started from the
     champion when configured) and record what the register stage decided."""
-    from pipelines.champion import champion_snapshot_uri, current_champion
     from pipelines.dag import run_pipeline
+    from pipelines.registry.champion import champion_snapshot_uri, current_champion
     from pipelines.stages.prepare import data_storage_options
     from pipelines.tracking import Tracker
 

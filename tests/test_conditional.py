@@ -25,9 +25,10 @@ from ddpm_core.samplers import (
 from ddpm_core.training import drop_labels
 from ddpm_core.unet import UNet, unet_preset
 from pipelines.__main__ import main
-from pipelines.conditioning import ClassHits, sample_labels
 from pipelines.config import ConfigError
-from pipelines.shards import read_split, write_split
+from pipelines.data.shards import read_split, write_split
+from pipelines.evaluation.classes import ClassHits
+from pipelines.generation.classes import sample_labels
 from tests.test_data import random_images, write_cifar, write_png
 from tests.test_sampling import tiny_model
 

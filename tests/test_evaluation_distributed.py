@@ -14,9 +14,9 @@ from ddpm_core.features import ClassifierExtractor, save_classifier, train_class
 from ddpm_core.metrics import ClassProbabilityStatistics, FeatureStatistics
 from ddpm_core.storage import commit
 from pipelines.config import Extractor
+from pipelines.data.shards import sample_sources
+from pipelines.evaluation.scoring import ExtractorSpec, SummaryRequest, summarize
 from pipelines.execution import Device, Execution
-from pipelines.scoring import ExtractorSpec, SummaryRequest, summarize
-from pipelines.shards import sample_sources
 
 
 def test_three_shards_on_ray_workers_equal_one_process(local_ray, tmp_path):

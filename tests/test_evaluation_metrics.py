@@ -111,7 +111,7 @@ def test_published_reference_statistics_npz(tmp_path):
     import hashlib
 
     from ddpm_core.data import DataError
-    from pipelines.scoring import published_reference
+    from pipelines.evaluation.scoring import published_reference
 
     stats = FeatureStatistics.from_features(correlated_features(500, 8, 0))
     np.savez(tmp_path / "ref.npz", mu=stats.mean.numpy(), sigma=stats.covariance.numpy())

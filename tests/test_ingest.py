@@ -1,4 +1,4 @@
-"""Prepare on Ray Data (pipelines.ingest): a class-sorted folder of PNGs becomes shuffled training files and a
+"""Prepare on Ray Data (pipelines.data.ingest): a class-sorted folder of PNGs becomes shuffled training files and a
 hold-out split, split by image hash, fingerprinted in parallel, with unreadable files named or skipped; which
 sources are read in parts (ddpm_core.data.list_source); and the choice between driver and Ray Data."""
 
@@ -16,11 +16,11 @@ from PIL import Image
 from ddpm_core.data import DataError, ReadOptions, SourceKind, list_source
 from pipelines.config import load_config
 from pipelines.context import StageContext
-from pipelines.ingest import IngestPlan, UnitResult, convert_unit, fingerprint_of, held_out, image_hashes
+from pipelines.data.ingest import IngestPlan, UnitResult, convert_unit, fingerprint_of, held_out, image_hashes
+from pipelines.data.shards import read_split, split_layout
+from pipelines.data.streaming import ImageStream, StreamSpec
 from pipelines.runs import RunStore
-from pipelines.shards import read_split, split_layout
 from pipelines.stages import prepare
-from pipelines.streaming import ImageStream, StreamSpec
 
 CLASSES, PER_CLASS = 4, 150
 

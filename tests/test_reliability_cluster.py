@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-import pipelines.sampling as sampling
+import pipelines.generation.sampling as sampling
 from ddpm_core.checkpoint import WEIGHTS, save_snapshot
 from ddpm_core.diffusion import DiffusionConfig
 from ddpm_core.samplers import Method, SamplerConfig
@@ -16,7 +16,7 @@ from ddpm_core.storage import IncompleteError
 from ddpm_core.unet import UNet, unet_preset
 from pipelines.contracts import NetworkExecution
 from pipelines.execution import ClusterTooSmallError, Demand, Device, Execution, check_fits
-from pipelines.sampling import SampleRequest, sample_to_shards
+from pipelines.generation.sampling import SampleRequest, sample_to_shards
 
 
 @pytest.fixture

@@ -154,7 +154,7 @@ def rule(margin: float = 0.0, z: float = 1.96):
     ],
 )
 def test_promotion_rule_margin(fid, margin, rescored, promote, says):
-    from pipelines.champion import Champion
+    from pipelines.registry.champion import Champion
     from pipelines.stages.register import Challenger, decide
 
     champion = Champion("4", 3.0 if rescored else 2.5, "hash-a", "fp", "nightly-x", fid_stderr=0.01)
@@ -175,7 +175,7 @@ def test_promotion_rule_margin(fid, margin, rescored, promote, says):
     ],
 )
 def test_promotion_needs_more_than_the_combined_uncertainty(fid, stderr, champion_stderr, promote, says):
-    from pipelines.champion import Champion
+    from pipelines.registry.champion import Champion
     from pipelines.stages.register import Challenger, decide
 
     champion = Champion("4", 2.5, "hash-a", "fp", None, fid_stderr=champion_stderr)
@@ -186,7 +186,7 @@ def test_promotion_needs_more_than_the_combined_uncertainty(fid, stderr, champio
 def test_promotion_with_a_rescored_champion_uses_the_paired_stderr():
     """Both sets share their sample indices: the paired stderr of the difference decides, not the two intervals
     (which here overlap widely)."""
-    from pipelines.champion import Champion
+    from pipelines.registry.champion import Champion
     from pipelines.stages.register import Challenger, decide
 
     champion = Champion("4", 9.9, "hash-x", "fp", None, fid_stderr=0.5)
@@ -200,7 +200,7 @@ def test_promotion_with_a_rescored_champion_uses_the_paired_stderr():
 
 
 def test_promotion_rule_never_compares_across_protocols():
-    from pipelines.champion import Champion
+    from pipelines.registry.champion import Champion
     from pipelines.stages.register import Challenger, decide
 
     promote, reason = decide(Challenger(0.1, 0.01, "hash-b"), rule(), Champion("4", 2.5, "hash-a", "fp", None))

@@ -13,7 +13,7 @@ from ddpm_core.metrics import (
     kernel_inception_distance,
     polynomial_mmd2,
 )
-from pipelines.scoring import group_statistics, merge_groups
+from pipelines.evaluation.scoring import group_statistics, merge_groups
 
 DIM = 4
 MEAN = torch.tensor([0.3, -0.2, 0.1, 0.0], dtype=torch.float64)

@@ -1,4 +1,4 @@
-"""The streaming loader (pipelines.streaming): its epoch order (disjoint files per worker, every image once per
+"""The streaming loader (pipelines.data.streaming): its epoch order (disjoint files per worker, every image once per
 epoch, seeded), resumption at any position equal to the uninterrupted order, the same order through Ray Data as
 computed in one process, and the choice between resident and stream."""
 
@@ -8,8 +8,8 @@ import torch
 
 from ddpm_core.data import ImageDataset
 from pipelines.config import ConfigError, DataSection, Loader
-from pipelines.shards import read_first_images, read_images_at, split_layout, write_split
-from pipelines.streaming import (
+from pipelines.data.shards import read_first_images, read_images_at, split_layout, write_split
+from pipelines.data.streaming import (
     ImageStream,
     StreamSpec,
     choose_loader,

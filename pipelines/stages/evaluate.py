@@ -22,8 +22,6 @@ from ddpm_core.images import grid, rows_by_class, save_grid
 from ddpm_core.metrics import FidEstimate, kernel_inception_distance, precision_recall
 from ddpm_core.samplers import Method
 from ddpm_core.storage import verify_committed
-from pipelines.champion import champion_snapshot_uri, current_champion
-from pipelines.conditioning import ClassHits, class_hits, sweep_plot
 from pipelines.config import Extractor, NllSplit
 from pipelines.context import StageContext
 from pipelines.contracts import (
@@ -37,10 +35,17 @@ from pipelines.contracts import (
     Scores,
     TrainOutputs,
 )
-from pipelines.execution import Execution
-from pipelines.likelihood import NllResult, held_out_bits_per_dim
-from pipelines.sampling import SampleRequest, sample_to_shards
-from pipelines.scoring import (
+from pipelines.data.shards import (
+    ImageSource,
+    read_first_images,
+    read_images,
+    read_sample_labels,
+    sample_sources,
+    split_sources,
+)
+from pipelines.evaluation.classes import ClassHits, class_hits, sweep_plot
+from pipelines.evaluation.likelihood import NllResult, held_out_bits_per_dim
+from pipelines.evaluation.scoring import (
     ExtractorSpec,
     PublishedStatistics,
     Summary,
@@ -51,14 +56,9 @@ from pipelines.scoring import (
     reference_summary,
     summarize,
 )
-from pipelines.shards import (
-    ImageSource,
-    read_first_images,
-    read_images,
-    read_sample_labels,
-    sample_sources,
-    split_sources,
-)
+from pipelines.execution import Execution
+from pipelines.generation.sampling import SampleRequest, sample_to_shards
+from pipelines.registry.champion import champion_snapshot_uri, current_champion
 
 
 @dataclass(frozen=True)

@@ -1,9 +1,9 @@
 """prepare: validate the data set, split off a hold-out set (and read the test split when the NLL is scored on it),
-write the splits as shards for the workers (:mod:`pipelines.shards`), and make (or reuse, keyed by data
+write the splits as shards for the workers (:mod:`pipelines.data.shards`), and make (or reuse, keyed by data
 fingerprint) the classifier feature network when evaluation or the tune stage's proxy FID uses it.
 
 Runs on the job's driver before Ray starts, so bad data fails before any worker exists; a data set too large for the
-driver (``data.prepare_on``) is converted by Ray Data tasks instead (:mod:`pipelines.ingest`)."""
+driver (``data.prepare_on``) is converted by Ray Data tasks instead (:mod:`pipelines.data.ingest`)."""
 
 from __future__ import annotations
 
@@ -16,12 +16,10 @@ from ddpm_core.checkpoint import read_snapshot_config
 from ddpm_core.data import DataError, ImageDataset, SourceListing, list_source, load_dataset
 from ddpm_core.features import accuracy, extractor_id, load_classifier, save_classifier, train_classifier
 from ddpm_core.storage import IncompleteError, filesystem
-from pipelines.conditioning import sample_labels
 from pipelines.config import Extractor, Loader, NllSplit, PipelineConfig, PrepareOn
 from pipelines.context import StageContext
 from pipelines.contracts import PrepareOutputs
-from pipelines.execution import connect
-from pipelines.ingest import (
+from pipelines.data.ingest import (
     IngestPlan,
     UnitResult,
     commit_split,
@@ -31,8 +29,10 @@ from pipelines.ingest import (
     shuffle_to_shards,
     train_class_counts,
 )
-from pipelines.shards import shard_images_for, write_split
-from pipelines.streaming import choose_loader
+from pipelines.data.shards import shard_images_for, write_split
+from pipelines.data.streaming import choose_loader
+from pipelines.execution import connect
+from pipelines.generation.classes import sample_labels
 
 
 def run(context: StageContext) -> PrepareOutputs:
@@ -104,7 +104,7 @@ def choose_prepare_on(config: PipelineConfig, listing: SourceListing | None) -> 
 
 
 def prepare_on_ray_data(context: StageContext, listing: SourceListing, why: str) -> PrepareOutputs:
-    """The splits written by Ray Data tasks (:mod:`pipelines.ingest`): decoded a few files per task, split by image
+    """The splits written by Ray Data tasks (:mod:`pipelines.data.ingest`): decoded a few files per task, split by image
     hash, the training split shuffled over all of it, fingerprinted from the tasks' hashes."""
     config, options = context.config, context.store.options
     check_needs_no_memory(config, why)

@@ -18,10 +18,10 @@ import torch
 from mlflow.models import infer_signature
 
 from ddpm_core.storage import filesystem, verify_committed
-from pipelines.champion import Champion, current_champion
 from pipelines.config import RegisterSection
 from pipelines.context import StageContext
 from pipelines.contracts import EvaluateOutputs, PrepareOutputs, RegisterOutputs, TrainOutputs
+from pipelines.registry.champion import Champion, current_champion
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 # the pyfunc's params and defaults (method: ancestral, ddim, dpm_solver++_2m, heun; spacing: ddpm_core.samplers.Spacing)
@@ -84,9 +84,10 @@ def run(
 
 
 def log_model(context: StageContext, snapshot_uri: str, prepare: PrepareOutputs) -> tuple[str, str]:
-    """The snapshot as an MLflow pyfunc model (code: ``pipelines/serving.py`` + ``ddpm_core``) in this stage's run,
-    registered as a new version of ``register.model_name``; returns (version, logged model id). A conditional model's
-    signature takes a ``label`` column and a ``guidance_scale`` param (default: the scale it was evaluated with)."""
+    """The snapshot as an MLflow pyfunc model (code: ``pipelines/registry/serving.py`` + ``ddpm_core``) in this stage's
+    run, registered as a new version of ``register.model_name``; returns (version, logged model id). A conditional
+    model's signature takes a ``label`` column and a ``guidance_scale`` param (default: the scale it was evaluated
+    with)."""
     unet = context.config.model.unet(prepare.num_classes)
     verify_committed(snapshot_uri, context.store.options)  # never register a corrupt snapshot
     mlflow.set_tracking_uri(context.tracking_uri)
@@ -105,7 +106,7 @@ def log_model(context: StageContext, snapshot_uri: str, prepare: PrepareOutputs)
         with mlflow.start_run(run_id=context.mlflow_run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
-                python_model=str(PACKAGE_ROOT / "pipelines" / "serving.py"),
+                python_model=str(PACKAGE_ROOT / "pipelines" / "registry" / "serving.py"),
                 artifacts={"snapshot": local},
                 code_paths=[str(PACKAGE_ROOT / "ddpm_core")],
                 signature=signature,

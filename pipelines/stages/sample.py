@@ -1,15 +1,15 @@
-"""sample: draw ``sample.num_samples`` images from the EMA snapshot with Ray actors (:mod:`pipelines.sampling`), on
-the device kind training ran on; the shards are committed one by one, so a restarted stage skips finished ones. A
-class-conditional model draws ``sample.classes`` in turn (all, balanced, by default) with guidance scale
-``sample.guidance_scale``."""
+"""sample: draw ``sample.num_samples`` images from the EMA snapshot with Ray actors
+(:mod:`pipelines.generation.sampling`), on the device kind training ran on; the shards are committed one by one, so
+a restarted stage skips finished ones. A class-conditional model draws ``sample.classes`` in turn (all, balanced, by
+default) with guidance scale ``sample.guidance_scale``."""
 
 from __future__ import annotations
 
-from pipelines.conditioning import sample_labels
 from pipelines.context import StageContext
 from pipelines.contracts import Conditioning, NetworkExecution, PrepareOutputs, SampleOutputs, TrainOutputs
 from pipelines.execution import Device
-from pipelines.sampling import SampleRequest, sample_to_shards
+from pipelines.generation.classes import sample_labels
+from pipelines.generation.sampling import SampleRequest, sample_to_shards
 
 
 def run(context: StageContext, prepare: PrepareOutputs, train: TrainOutputs) -> SampleOutputs:

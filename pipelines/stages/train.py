@@ -8,8 +8,8 @@ from __future__ import annotations
 from pipelines.config import PipelineConfig, with_overrides
 from pipelines.context import StageContext
 from pipelines.contracts import PrepareOutputs, TrainedWith, TrainOutputs, TuneOutputs
+from pipelines.data.streaming import plan_stream
 from pipelines.execution import Device, check_fits, cluster_device
-from pipelines.streaming import plan_stream
 from pipelines.training.job import TrainJob
 from pipelines.training.trainer import WorkerGroup, fit, make_trainer, send_pending_metrics
 

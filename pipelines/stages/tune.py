@@ -35,10 +35,10 @@ from pipelines.config import ConfigError, Extractor, Loader, PipelineConfig, Sea
 from pipelines.config import TrialScheduler as SchedulerChoice
 from pipelines.context import StageContext
 from pipelines.contracts import PrepareOutputs, TrialResult, TuneOutputs
+from pipelines.data.shards import read_first_images
+from pipelines.data.streaming import choose_loader, plan_stream
+from pipelines.evaluation.scoring import ExtractorSpec, SummaryRequest, load_reference, reference_key, reference_summary
 from pipelines.execution import Device, check_fits, cluster_device, runtime_env, train_storage
-from pipelines.scoring import ExtractorSpec, SummaryRequest, load_reference, reference_key, reference_summary
-from pipelines.shards import read_first_images
-from pipelines.streaming import choose_loader, plan_stream
 from pipelines.training.job import TrainJob
 from pipelines.training.state import committed_checkpoints
 from pipelines.training.trainer import WorkerGroup, fit, make_trainer

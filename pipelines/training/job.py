@@ -11,8 +11,8 @@ from ddpm_core.diffusion import DiffusionConfig
 from ddpm_core.precision import Precision
 from ddpm_core.unet import UNetConfig
 from pipelines.config import TrainSection
+from pipelines.data.streaming import StreamSpec
 from pipelines.execution import Device
-from pipelines.streaming import StreamSpec
 
 
 class CheckpointMetrics(Protocol):
@@ -30,7 +30,7 @@ class TrainJob:
     diffusion: DiffusionConfig
     train: TrainSection  # batch, length and intervals in images, optimiser, seed, precision and fast-path switches
     device: Device
-    shards_uri: str  # the training split (pipelines.shards)
+    shards_uri: str  # the training split (pipelines.data.shards)
     stream: StreamSpec | None  # how the split is streamed (data.loader resolved to stream), None: held resident
     work_uri: str  # this execution's outputs (the properties below) and Ray Train's checkpoints
     storage_options: dict[str, Any]

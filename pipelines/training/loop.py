@@ -14,8 +14,8 @@ from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.precision import autocast_dtype
 from ddpm_core.training import RunningTotals, drop_labels, train_step
 from pipelines.advice import out_of_memory_advice
-from pipelines.shards import read_split
-from pipelines.streaming import ImageStream
+from pipelines.data.shards import read_split
+from pipelines.data.streaming import ImageStream
 from pipelines.training.hooks import Interval, Progress, record_divergence, report_checkpoint, save_outputs
 from pipelines.training.job import TrainJob
 from pipelines.training.state import TrainState, Worker, memory_format, save_compile_cache, start_state
@@ -139,7 +139,7 @@ class StreamedData(NamedTuple):
 
 def stream_from(job: TrainJob, worker: Worker, state: TrainState, per_worker: int) -> StreamedData:
     """This worker's stream from where its order stands after ``state.step`` steps, through the last step
-    (pipelines.streaming: the position is steps x images per worker, so a restarted group continues exactly)."""
+    (pipelines.data.streaming: the position is steps x images per worker, so a restarted group continues exactly)."""
     assert job.stream is not None
     steps_left = -(-(job.train.total_images - state.images_seen) // job.train.batch_size)
     start = state.step * per_worker

@@ -3,7 +3,7 @@ and the evaluate stage's for its baseline and champion sample sets.
 
 Image i uses the noise stream seeded by (seed, i), and from a class-conditional model the class
 ``classes[i mod K]``, so the images do not depend on the number of workers; each shard is committed with a manifest
-(:mod:`pipelines.shards`), and a restart skips the shards already committed."""
+(:mod:`pipelines.data.shards`), and a restart skips the shards already committed."""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ from ddpm_core.samplers import SamplerConfig
 from ddpm_core.storage import is_committed, verify_committed
 from pipelines.advice import out_of_memory_advice, slow_precision_advice
 from pipelines.contracts import Conditioning, NetworkExecution, SampleOutputs
+from pipelines.data.shards import sample_shard_uris, write_sample_shard
 from pipelines.execution import Demand, Execution, check_fits
-from pipelines.shards import sample_shard_uris, write_sample_shard
 
 LONG_SAMPLING_S = 12 * 3600  # a sampling plan that would take longer than this is announced as such
 

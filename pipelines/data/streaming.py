@@ -32,7 +32,7 @@ import ray.data
 import torch
 
 from pipelines.config import DataSection, Loader, TrainSection
-from pipelines.shards import ImageSource, SplitLayout, read_split_file, split_layout
+from pipelines.data.shards import ImageSource, SplitLayout, read_split_file, split_layout
 
 FILES_PER_TASK = 4  # files one Ray Data task decodes in turn (a task costs ~35 ms of scheduling on its own)
 

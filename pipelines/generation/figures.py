@@ -20,8 +20,8 @@ from ddpm_core.interpolation import interpolate
 from ddpm_core.samplers import Method, PerIndexNoise, SamplerConfig, null_conditioned, sample
 from pipelines.config import ConfigError, PipelineConfig
 from pipelines.contracts import PrepareOutputs, TrainOutputs
+from pipelines.data.shards import read_images_at, split_layout
 from pipelines.runs import RunStore
-from pipelines.shards import read_images_at, split_layout
 
 
 @dataclass(frozen=True)

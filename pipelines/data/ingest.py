@@ -9,7 +9,7 @@ run's data splits in Ray Data tasks that each hold a few source files, never the
    hashes, its image shape, its training images' class counts and its skipped files.
 2. **Shuffle** the staged training images with Ray Data's ``random_shuffle`` (a distributed shuffle that spills to
    disk) and write them in files of the split's size: every file is a uniform random subset of the split, as the
-   streaming loader requires (:mod:`pipelines.streaming`).
+   streaming loader requires (:mod:`pipelines.data.streaming`).
 3. **Commit** both splits' manifests (file checksums from the tasks) and remove the staging files.
 
 The fingerprint hashes the shape, the count and the sum modulo 2^256 of the per-image hashes: it is computed in
@@ -34,9 +34,9 @@ import ray.data
 
 from ddpm_core.data import DataError, ReadOptions, SourceKind, SourceListing, read_source_files
 from ddpm_core.storage import commit_written, filesystem, write_listed
+from pipelines.data.shards import npz_bytes
 from pipelines.execution import runtime_env
 from pipelines.failures import find
-from pipelines.shards import npz_bytes
 
 UNIT_FILES = 256  # image files per decode task (a tar or Parquet file is a task of its own)
 HASH_MODULUS = 2**256

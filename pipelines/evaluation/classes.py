@@ -1,5 +1,5 @@
-"""Class-conditional sample sets: which classes ``sample.classes`` names, and how often the data set's own classifier
-sees the class each image was asked for (conditional accuracy), counted by Ray tasks over the sample shards.
+"""Class-conditional sample sets: how often the data set's own classifier sees the class each image was asked for
+(conditional accuracy), counted by Ray tasks over the sample shards, and the guidance sweep's plot.
 
 The classifier is the one the prepare stage trains on the data set's labels (the classifier feature network), so its
 label order is the data's. Its hold-out accuracy (``extractor_holdout_accuracy``) bounds what the measurement can
@@ -15,29 +15,11 @@ from dataclasses import dataclass
 import numpy as np
 import ray
 
-from pipelines.config import ConfigError, Extractor
+from pipelines.config import Extractor
 from pipelines.contracts import GuidancePoint
+from pipelines.data.shards import read_images, read_sample_labels, sample_sources
+from pipelines.evaluation.scoring import ExtractorSpec, build_extractor
 from pipelines.execution import Execution
-from pipelines.scoring import ExtractorSpec, build_extractor
-from pipelines.shards import read_images, read_sample_labels, sample_sources
-
-
-def sample_labels(chosen: tuple[int | str, ...] | None, names: list[str], num_classes: int) -> tuple[int, ...]:
-    """``sample.classes`` as labels (each a class name or a label in 0..K-1); all classes when it is null."""
-    if chosen is None:
-        return tuple(range(num_classes))
-    labels = []
-    for item in chosen:
-        if isinstance(item, int) and 0 <= item < num_classes:
-            labels.append(item)
-        elif isinstance(item, str) and item in names:
-            labels.append(names.index(item))
-        else:
-            raise ConfigError(
-                f"sample.classes names {item!r}, which the data does not have: use labels 0..{num_classes - 1} or "
-                f"the class names {names}"
-            )
-    return tuple(labels)
 
 
 @dataclass(frozen=True)

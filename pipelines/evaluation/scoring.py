@@ -28,8 +28,8 @@ from ddpm_core.metrics import (
 )
 from ddpm_core.storage import IncompleteError, commit, filesystem, read_committed
 from pipelines.config import Extractor
+from pipelines.data.shards import ImageSource, read_images, split_sources
 from pipelines.execution import Execution
-from pipelines.shards import ImageSource, read_images, split_sources
 
 REFERENCE_FILE = "reference.pt"
 

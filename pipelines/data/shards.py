@@ -4,10 +4,10 @@ sampling actors. Both are committed directories (:mod:`ddpm_core.storage`) of ui
 - A **data split** (``prepare/shards``, ``prepare/holdout``, ``prepare/test``): ``shard-NNNNN.npz`` files of
   ``shard_images`` images each (the last one fewer; at most :data:`SHARD_IMAGES`, fewer for large images:
   :func:`shard_images_for`), each with ``images`` and ``labels`` when the data set has them, one manifest for all
-  (metadata: ``count``, ``shard_images``; a split written by Ray Data tasks, :mod:`pipelines.ingest`, has files of
+  (metadata: ``count``, ``shard_images``; a split written by Ray Data tasks, :mod:`pipelines.data.ingest`, has files of
   varied sizes and lists them: ``file_counts``). Prepare writes a training split of several files in a random order of
   the data, so every file is a uniform random subset of it (what the streaming loader's shuffle relies on:
-  :mod:`pipelines.streaming`).
+  :mod:`pipelines.data.streaming`).
 - A **sample shard** (``sample/<fingerprint>/shards/shard-NNNNN``): ``images.npy`` of the images with sample indices
   ``start..stop-1`` and, from a class-conditional model, ``labels.npy`` (int64 ``[n]``, the class each image was asked
   for); the manifest's metadata records ``start``, ``stop`` and ``seed``.
@@ -90,7 +90,7 @@ def split_layout(uri: str, storage_options: dict[str, Any]) -> SplitLayout:
     """The files of a data split and their image counts, from its manifest (no image is read)."""
     manifest = read_manifest(uri, storage_options)
     names, metadata = sorted(manifest["files"]), manifest["metadata"]
-    if "file_counts" in metadata:  # written by tasks (pipelines.ingest): each file's own count
+    if "file_counts" in metadata:  # written by tasks (pipelines.data.ingest): each file's own count
         counts = tuple(int(metadata["file_counts"][name]) for name in names)
     else:
         per_file, count = int(metadata.get("shard_images", SHARD_IMAGES)), int(metadata["count"])

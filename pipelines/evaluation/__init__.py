@@ -1,0 +1,1 @@
+"""Evaluation: feature summaries and reference statistics, FID and friends, the NLL bound, class accuracy."""

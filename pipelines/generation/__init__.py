@@ -1,0 +1,1 @@
+"""Generation: sampling snapshots into committed shards, the classes a conditional sample set draws, figures."""
