@@ -28,10 +28,11 @@ from ddpm_core.data import to_uint8
 from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.metrics import FeatureStatistics, frechet_distance_from_stats
 from ddpm_core.samplers import PerIndexNoise, SamplerConfig, sample
-from pipelines.config import Extractor, load_config
+from pipelines.config import Extractor
+from pipelines.config_file import load_config
 from pipelines.contracts import EvaluateOutputs, PrepareOutputs, SampleOutputs, TrainOutputs
 from pipelines.evaluation.scoring import ExtractorSpec, build_extractor, load_reference
-from pipelines.runs import read_manifest
+from pipelines.runs import RunStore
 
 T = TypeVar("T")
 SAMPLERS = [  # method:steps[:spacing]
@@ -44,8 +45,8 @@ SAMPLERS = [  # method:steps[:spacing]
 
 
 def outputs(run_root: Path, stage: str, kind: type[T]) -> T:
-    """A finished stage's outputs, typed."""
-    manifest = read_manifest(str(run_root / stage), kind)
+    """A finished stage's current outputs (the result the run's head names), typed."""
+    manifest = RunStore(str(run_root.parent), run_root.name).current_manifest(stage, kind)
     if manifest is None:
         raise SystemExit(f"{run_root}: the {stage} stage has not finished")
     return manifest.outputs

@@ -104,10 +104,11 @@ def covered_seconds(intervals: list[tuple[float, float]], window: tuple[float, f
 def split(
     run_root: Path, started: float, wall: float, ray_startup: float, intervals: list[tuple[str, float, float]]
 ) -> dict:
+    head = json.loads((run_root / "run.json").read_text())["stages"]  # the results this run used, by stage
     manifests = {
-        stage: json.loads((run_root / stage / "stage.json").read_text())
+        stage: json.loads((run_root / stage / head[stage][:16] / "stage.json").read_text())
         for stage in STAGES
-        if (run_root / stage / "stage.json").exists()
+        if stage in head
     }
     stage_seconds = {stage: m["finished_at"] - m["started_at"] for stage, m in manifests.items()}
     evaluate = manifests["evaluate"]

@@ -1,6 +1,7 @@
-"""Throughput of the pipeline's own training step (``ddpm_core.training.train_step`` with AdamW, gradient clipping
-and EMA, batches drawn from a device-resident data set by ``ddpm_core.data.random_batch`` as the trainer does), for each
-fast-path variant and batch size, with the numbers the performance targets are stated in:
+"""Throughput of the pipeline's own training step (built and taken by ``pipelines.training.step.step_parts`` and
+``step``, the code a training worker runs: ``ddpm_core.training.train_step`` with AdamW, its learning-rate warm-up,
+gradient clipping and EMA, batches drawn from a device-resident data set by ``ddpm_core.data.random_batch`` as the
+trainer does), for each fast-path variant and batch size, with the numbers the performance targets are stated in:
 
 - images/s (median over timed windows), and the step's FLOPs from torch's FLOP counter, so that
   MFU = achieved FLOP/s / ``--peak-tflops`` (given for the device and dtype: 790 for an H100/H200's dense bf16);
@@ -52,10 +53,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from ddpm_core.data import random_batch
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
-from ddpm_core.ema import EMA
 from ddpm_core.precision import Precision, autocast_dtype
-from ddpm_core.training import OptimConfig, RunningTotals, make_optimizer, train_step
+from ddpm_core.training import RunningTotals
 from ddpm_core.unet import UNet, unet_preset
+from pipelines.config import TrainSection
+from pipelines.training.step import StepState, step, step_parts
 
 REGIONS = ("data", "forward", "backward", "optimizer", "ema", "logging")
 SWITCHES = ("channels_last", "compile")  # a variant: "eager" (none) or switches joined by "+"
@@ -97,59 +99,53 @@ class RegionClock:
 
 
 class Step:
-    """One configured training step of the preset's U-Net on random data of the preset's shape, as the trainer runs
-    it: DDP-wrapped when a process group is up, statistics summed on the device and read every ``log_every`` steps,
-    its regions timed by ``self.clock`` while it records."""
+    """One configured training step of the preset's U-Net on random data of the preset's shape, built and taken by the
+    pipeline's own code (``pipelines.training.step.step_parts`` and ``step``, as a training worker does; the variant's
+    switches are the ``train`` section's), DDP-wrapped when a process group is up (Ray Train's ``prepare_model`` wraps
+    it the same way in the pipeline), statistics summed on the device and read every ``log_every`` steps, its regions
+    timed by ``self.clock`` while it records."""
 
     def __init__(self, preset: str, batch: int, device: torch.device, variant: str, dtype: str, log_every: int) -> None:
         config, switches = unet_preset(preset), variant_switches(variant, SWITCHES + DDP_SWITCHES)
-        torch.manual_seed(0)
-        self.memory_format = torch.channels_last if "channels_last" in switches else torch.contiguous_format
-        self.model = UNet(config).to(device).to(memory_format=self.memory_format)
-        self.distributed = dist.is_initialized()
-        self.wrapped = (
-            DistributedDataParallel(
-                self.model,
-                device_ids=[device] if device.type == "cuda" else None,
-                gradient_as_bucket_view="bucket_view" in switches,
-                static_graph="static_graph" in switches,
-            )
-            if self.distributed
-            else self.model
+        compiled = "compile" in switches
+        self.train = TrainSection(
+            channels_last="channels_last" in switches,
+            compile_on_cpu=compiled,
+            compile_on_gpu=compiled,
+            gradient_as_bucket_view="bucket_view" in switches,
         )
-        self.step_model = torch.compile(self.wrapped) if "compile" in switches else self.wrapped
+        self.distributed, self.wrapped = dist.is_initialized(), None
+
+        def wrap(model: torch.nn.Module, options: dict) -> torch.nn.Module:
+            if not self.distributed:
+                return model
+            ids = [device] if device.type == "cuda" else None
+            self.wrapped = DistributedDataParallel(model, ids, static_graph="static_graph" in switches, **options)
+            return self.wrapped
+
+        torch.manual_seed(0)
+        generator = torch.Generator(device=device).manual_seed(0)
+        self.state = StepState(*step_parts(UNet(config).to(device), self.train, device, wrap), generator)
+        self.memory_format = torch.channels_last if self.train.channels_last else torch.contiguous_format
         self.totals = RunningTotals(device, dist.all_reduce if self.distributed else None)
-        self.log_every, self.steps_done = log_every, 0
+        self.log_every = log_every
         self.diffusion = GaussianDiffusion.from_config(DiffusionConfig())
-        self.optim = OptimConfig(lr=1e-4, warmup_images=0)
-        self.optimizer = make_optimizer(self.model, self.optim)
-        self.ema = EMA(self.model, 0.9999, warmup=False)
         self.autocast = autocast_dtype(dtype)
-        self.generator = torch.Generator(device=device).manual_seed(0)
         shape = (max(4 * batch, 1024), config.in_channels, config.image_size, config.image_size)
-        self.data = torch.rand(shape, generator=self.generator, device=device) * 2 - 1  # [N, C, H, W] in [-1, 1]
+        self.data = torch.rand(shape, generator=generator, device=device) * 2 - 1  # [N, C, H, W] in [-1, 1]
         self.batch, self.device = batch, device  # batch: this process's share of the global batch
         self.clock = RegionClock(device)
 
     def __call__(self, sync_gradients: bool = True) -> None:
+        state = self.state
         with self.clock.region("data"):
-            x0, _ = random_batch(self.data, self.batch, self.generator, True, self.memory_format)
-        with contextlib.nullcontext() if sync_gradients else self.wrapped.no_sync():
-            result = train_step(
-                self.step_model,
-                self.diffusion,
-                self.optimizer,
-                x0,
-                self.optim,
-                10**9,
-                self.ema,
-                generator=self.generator,
-                autocast_dtype=self.autocast,
-                region=self.clock.region,
-            )
+            x0, _ = random_batch(self.data, self.batch, state.generator, True, self.memory_format)
+        unsynced = self.wrapped.no_sync() if self.wrapped is not None and not sync_gradients else None
+        with unsynced or contextlib.nullcontext():
+            result = step(state, self.diffusion, (x0, None), self.train, self.autocast, region=self.clock.region)
+        state.advance(self.batch)
         self.totals.add(result)
-        self.steps_done += 1
-        if self.steps_done % self.log_every == 0:
+        if state.step % self.log_every == 0:
             with self.clock.region("logging"):
                 window = self.totals.summed()
                 math.isfinite(window.loss_sum)
@@ -161,8 +157,8 @@ class Step:
         x = self.data[: self.batch]
         t = torch.randint(0, 1000, (self.batch,), device=self.device)
         with FlopCounterMode(display=False) as counter:
-            self.model(x, t).square().mean().backward()
-        self.optimizer.zero_grad(set_to_none=True)
+            self.state.model(x, t).square().mean().backward()
+        self.state.optimizer.zero_grad(set_to_none=True)
         return counter.get_total_flops() / self.batch
 
 
@@ -270,7 +266,7 @@ def measure(settings: Settings, batch: int, variant: str, flops_per_image: float
         "device": device.type,
         "variant": variant,
         "dtype": settings.dtype,
-        "params": sum(p.numel() for p in step.model.parameters()),
+        "params": sum(p.numel() for p in step.state.model.parameters()),
         "images_per_s": images_per_s,
         "window_images_per_s": rates,
         "gflop_per_image_fwd_bwd": flops / 1e9,

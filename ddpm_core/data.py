@@ -18,6 +18,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import io
+import json
 import pickle
 import posixpath
 import tarfile
@@ -76,13 +77,38 @@ class ImageDataset:
         return np.bincount(self.labels[indices], minlength=self.num_classes).tolist()
 
 
+HASH_MODULUS = 2**256
+
+
+def image_hashes(images: np.ndarray, labels: np.ndarray | None) -> list[bytes]:
+    """SHA-256 of each image's shape, pixels and label (``images`` ``[n, H, W, C]`` uint8, ``labels`` ``[n]``)."""
+    hashes = []
+    for number, image in enumerate(images):
+        digest = hashlib.sha256(repr(image.shape).encode() + np.ascontiguousarray(image).tobytes())
+        if labels is not None:
+            digest.update(int(labels[number]).to_bytes(8, "little", signed=True))
+        hashes.append(digest.digest())
+    return hashes
+
+
+def hash_sum(hashes: list[bytes]) -> int:
+    """The images' hashes summed modulo 2^256: what a set of images contributes to its fingerprint."""
+    return sum(int.from_bytes(digest, "big") for digest in hashes) % HASH_MODULUS
+
+
+def content_fingerprint(total: int, count: int, shape: tuple[int, ...], labelled: bool) -> str:
+    """A data set's fingerprint from the sum of its images' hashes (:func:`hash_sum`, of any grouping of the images,
+    added modulo 2^256), their number, shape ``[H, W, C]`` and whether they are labelled: it does not depend on the
+    images' order or on how the work was split, and changes with any pixel or label."""
+    head = json.dumps({"shape": list(shape), "count": count, "labelled": labelled, "hash": "sum-sha256"})
+    return hashlib.sha256(head.encode() + (total % HASH_MODULUS).to_bytes(32, "big")).hexdigest()
+
+
 def fingerprint(images: np.ndarray, labels: np.ndarray | None) -> str:
-    """Content hash of a data set: identical pixels and labels give the same fingerprint wherever they are stored."""
-    digest = hashlib.sha256(repr((images.shape, str(images.dtype))).encode())
-    digest.update(np.ascontiguousarray(images).tobytes())
-    if labels is not None:
-        digest.update(np.ascontiguousarray(labels.astype(np.int64)).tobytes())
-    return digest.hexdigest()
+    """Content hash of a data set (:func:`content_fingerprint` of all its images): identical pixels and labels give
+    the same fingerprint wherever and in whatever order they are stored."""
+    total = hash_sum(image_hashes(images, labels))
+    return content_fingerprint(total, len(images), tuple(int(n) for n in images.shape[1:]), labels is not None)
 
 
 @dataclass(frozen=True)
@@ -314,6 +340,34 @@ class SourceListing:
     @property
     def total_bytes(self) -> int:
         return sum(self.sizes)
+
+
+def source_identity(uri: str, storage_options: dict[str, Any] | None = None) -> str:
+    """A cheap identity of what a data URI holds now, from a listing alone (no file is read): the SHA-256 of its files'
+    paths, sizes and versions (the ETag, else the modification time, as the storage reports them). A file added,
+    removed or rewritten changes it; a built-in data set's is its name."""
+    if uri.startswith("builtin:"):
+        return hashlib.sha256(uri.encode()).hexdigest()
+    fs, path = filesystem(uri, storage_options)
+    try:
+        found = fs.find(path, detail=True) if fs.isdir(path) else {path: fs.info(path)}
+    except FileNotFoundError:
+        raise DataError(f"data URI {uri!r} does not exist") from None
+    except Exception as error:
+        raise DataError(f"data URI {uri!r} cannot be listed: {type(error).__name__}: {error}") from error
+    entries = sorted(
+        (posixpath.relpath(name, path) if name != path else "", int(info.get("size") or 0), _version(info))
+        for name, info in found.items()
+    )
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()
+
+
+def _version(info: dict[str, Any]) -> str:
+    """A file's version as its storage lists it: an S3 ETag, else a modification time."""
+    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified", "created"):
+        if info.get(key) is not None:
+            return str(info[key])
+    return ""
 
 
 def list_source(uri: str, storage_options: dict[str, Any] | None = None) -> SourceListing | None:

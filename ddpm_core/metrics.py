@@ -303,6 +303,12 @@ def polynomial_mmd2(real: torch.Tensor, fake: torch.Tensor) -> float:
     return float(within_real + within_fake - 2 * k_rf.mean())
 
 
+def kid_subset_size(requested: int, count: int) -> int:
+    """KID's subset size for sets of ``count`` images: ``requested``, at most half the set, so that the subsets
+    differ and their spread means something (subsets of the whole set would all be the same set)."""
+    return max(2, min(requested, count // 2))
+
+
 def kernel_inception_distance(
     real: torch.Tensor, fake: torch.Tensor, subset_size: int, subsets: int, seed: int = 0
 ) -> tuple[float, float]:

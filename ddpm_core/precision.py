@@ -18,6 +18,11 @@ class Precision(str, enum.Enum):
     FP32 = "fp32"  # no autocast: float32 throughout
     BF16 = "bf16"  # the network under bf16 autocast
 
+    @classmethod
+    def chosen(cls, use_gpu: bool, bf16_on_gpu: bool, bf16_on_cpu: bool) -> Precision:
+        """The precision that ``bf16_on_gpu`` / ``bf16_on_cpu`` switches choose on the device kind given."""
+        return cls.BF16 if (bf16_on_gpu if use_gpu else bf16_on_cpu) else cls.FP32
+
 
 AUTOCAST_DTYPES: dict[Precision, torch.dtype | None] = {Precision.FP32: None, Precision.BF16: torch.bfloat16}
 

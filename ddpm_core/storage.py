@@ -70,6 +70,21 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)  # one PUT: an object store shows the whole object or none
 
 
+def s3_options(endpoint_url: str | None, region: str | None) -> dict[str, Any]:
+    """fsspec options for S3 (credentials from the standard AWS environment variables): fail fast on an unreachable
+    endpoint (5 s to connect, 20 s for an answer); throttling and transient errors are retried twice over, botocore's
+    standard mode (3 attempts, exponential backoff: the AWS default) inside s3fs's own 5 tries of each call, which
+    rides out outages of several seconds. Callers add a total deadline where an endpoint may accept and never
+    answer."""
+    client: dict[str, Any] = {}
+    if endpoint_url:
+        client["endpoint_url"] = endpoint_url
+    if region:
+        client["region_name"] = region
+    retries = {"connect_timeout": 5, "read_timeout": 20, "retries": {"max_attempts": 3, "mode": "standard"}}
+    return {"client_kwargs": client, "config_kwargs": retries}
+
+
 def commit(
     uri: str,
     files: dict[str, bytes],

@@ -1,12 +1,21 @@
-"""ddpm-pipeline command line: ``python -m pipelines run|retrain|dag|status`` (also the ``ray job submit`` entrypoint).
+"""ddpm-pipeline command line: ``python -m pipelines run|retrain|dag|status|gc`` (also the ``ray job submit``
+entrypoint).
 
-  run      [--config FILE] [--from STAGE] [key=value ...]   run the DAG; finished stages are skipped
+  run      [--config FILE] [--from STAGE] [--allow-changes] [key=value ...]
+                                                          run the DAG; a stage whose inputs have a committed result
+                                                          is reused; an existing run id re-run with a config that
+                                                          changes results is refused unless --allow-changes
   retrain  [--config FILE] [--schedule-time ISO] [key=value ...]
                                                           one scheduled retraining: run id <run_id>-<schedule time>;
                                                           skipped when the data equals the champion's, else trained
                                                           (warm start from the champion), evaluated, promoted if better
   dag                                                     print the stage graph (text and Mermaid)
-  status   RUN_ID [--config FILE] [key=value ...]          each stage's state from its manifest, and a retrain decision
+  status   RUN_ID [--config FILE] [key=value ...]          per stage: a result that matches the run's config (or the
+                                                          config given), the results of other configs kept, and a
+                                                          retrain decision
+  gc       RUN_ID [--delete] [--config FILE] [key=value ...]
+                                                          the results no manifest of the run's config references,
+                                                          with sizes (a dry run), or --delete them
   interpolate RUN_ID [--pair I J] [--timesteps T ...] [--out PNG]
                                                           latent interpolation of two held-out images (paper Fig. 9)
   progressive RUN_ID [--samples N] [--frames F] [--out PNG]
@@ -31,21 +40,17 @@ import time
 
 from ddpm_core.data import DataError
 from ddpm_core.storage import StorageUnavailableError
-from pipelines.config import ConfigError, PipelineConfig, load_config
+from pipelines.config import ConfigError, PipelineConfig
+from pipelines.config_file import load_config
 from pipelines.context import StageStopped
 from pipelines.contracts import (
     EvaluateOutputs,
-    PrepareOutputs,
     RegisterOutputs,
-    SampleOutputs,
-    StageOutputs,
-    TrainOutputs,
-    TuneOutputs,
 )
 from pipelines.execution import ClusterTooSmallError
 from pipelines.lease import LeaseHeldError
 from pipelines.preflight import PreflightError
-from pipelines.typed import SchemaError
+from pipelines.runs import RunStore
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -56,6 +61,11 @@ def _parser() -> argparse.ArgumentParser:
     run = commands.add_parser("run", help="run the pipeline DAG")
     run.add_argument("--config", help="YAML config (default: the embedded digits quickstart)")
     run.add_argument("--from", dest="from_stage", help="re-run from this stage even if it is up to date")
+    run.add_argument(
+        "--allow-changes",
+        action="store_true",
+        help="re-run an existing run id with a config that changes its results (the earlier results are kept)",
+    )
     run.add_argument("overrides", nargs="*", help="section.key=value overrides")
     retrain = commands.add_parser("retrain", help="one scheduled retraining with champion/challenger promotion")
     retrain.add_argument("--config", help="YAML config (its run_id is the base of the scheduled run ids)")
@@ -66,6 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     status.add_argument("run_id")
     status.add_argument("--config")
     status.add_argument("overrides", nargs="*")
+    collect = commands.add_parser("gc", help="list (or --delete) results no manifest of the run's config references")
+    collect.add_argument("run_id")
+    collect.add_argument("--config")
+    collect.add_argument("--delete", action="store_true", help="remove them (default: a dry run that lists them)")
+    collect.add_argument("overrides", nargs="*")
     interpolation = commands.add_parser("interpolate", help="latent interpolation of two held-out images (Fig. 9)")
     interpolation.add_argument("run_id")
     interpolation.add_argument("--config")
@@ -88,7 +103,6 @@ def _parser() -> argparse.ArgumentParser:
 
 def _figure(args: argparse.Namespace) -> int:
     from pipelines.generation.figures import interpolation_figure, progressive_figure, write_figure
-    from pipelines.runs import RunStore
 
     config = load_config(args.config, [*args.overrides, f"run_id={args.run_id}"])
     if args.command == "interpolate":
@@ -101,7 +115,8 @@ def _figure(args: argparse.Namespace) -> int:
             raise ConfigError("--samples must be >= 1 and --frames >= 2")
         images, columns = progressive_figure(config, args.samples, args.frames, args.seed), args.frames
     out = (
-        args.out or f"{RunStore(config).root}/{'interpolation' if args.command == 'interpolate' else 'progressive'}.png"
+        args.out
+        or f"{RunStore.of(config).root}/{'interpolation' if args.command == 'interpolate' else 'progressive'}.png"
     )
     write_figure(images, columns, out, config)
     print(f"wrote {out}")
@@ -109,25 +124,25 @@ def _figure(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace) -> int:
-    from pipelines.dag import STAGES
+    from pipelines.dag import STAGES, external_for
+    from pipelines.inspection import stage_lines
+    from pipelines.plan import config_changes, plan
     from pipelines.retrain import read_decision
-    from pipelines.runs import RunStore
 
-    config = load_config(args.config, [*args.overrides, f"run_id={args.run_id}"])
-    store = RunStore(config)
-    print(f"run {config.run_id} at {store.root}")
-    for stage in STAGES:
-        try:
-            manifest = store.read_manifest(stage.name, stage.outputs)
-        except SchemaError as error:
-            print(f"  {stage.name:<9} unreadable manifest: {error}; the next run executes this stage again")
-            continue
-        if manifest is None:
-            print(f"  {stage.name:<9} {'not finished' if stage.enabled(config) else 'disabled'}")
-            continue
-        finished = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(manifest.finished_at))
-        print(f"  {stage.name:<9} complete {finished}  {stage_detail(manifest.outputs)}")
-    decision = read_decision(store)
+    given = load_config(args.config, [*args.overrides, f"run_id={args.run_id}"])
+    store = RunStore.of(given)
+    saved, decision = store.read_config(), read_decision(store)
+    if saved is None and decision is None:
+        raise ConfigError(no_run(args.run_id, store))
+    config = given if saved is None or asks_another_config(args) else saved
+    print(f"run {store.run_id} at {store.root}")
+    if saved is not None and config is not saved:
+        changes = [change for change in config_changes(saved, config) if not change.execution]
+        shown = "; ".join(map(str, changes)) if changes else "none"
+        print(f"  compared with the config given; its differences from the run's saved config: {shown}")
+    if saved is not None:
+        for line in stage_lines(store, plan(STAGES, config, external_for(config)), store.read_head()):
+            print(line)
     if decision is not None:
         scores = "".join(
             f", {label} FID {fid:.4f}"
@@ -138,41 +153,65 @@ def _status(args: argparse.Namespace) -> int:
     return 0
 
 
-def stage_detail(outputs: StageOutputs) -> str:
-    """One line on what a finished stage produced."""
-    if isinstance(outputs, PrepareOutputs):
-        return f"{outputs.num_train} train images, fingerprint {outputs.fingerprint[:12]}"
-    if isinstance(outputs, TuneOutputs):
-        return f"best of {outputs.trials} trials: {outputs.best_params}"
-    if isinstance(outputs, TrainOutputs):
-        return f"{outputs.images_seen} images seen"
-    if isinstance(outputs, SampleOutputs):
-        return f"{outputs.num_samples} samples in {len(outputs.shard_uris)} shards"
-    if isinstance(outputs, EvaluateOutputs):
-        scores = outputs.scores
-        stderr = f" +- {scores.fid_stderr:.3f}" if scores.fid_stderr is not None else ""
-        floor = f", real-data floor {scores.fid_floor:.3f}" if scores.fid_floor is not None else ""
-        untrained = f", untrained {scores.fid_untrained:.3f}" if scores.fid_untrained is not None else ""
-        return f"FID {scores.fid:.3f}{stderr}{floor}{untrained}"
-    return f"{outputs.model_name} v{outputs.version}; {outputs.reason}"
+def no_run(run_id: str, store: RunStore) -> str:
+    return (
+        f"there is no run {run_id!r} at {store.root}: check the run id and storage.root (give --config or "
+        "storage.root=... as for the run)"
+    )
+
+
+def run_config(args: argparse.Namespace) -> tuple[RunStore, PipelineConfig]:
+    """(where the command line places the run, the config the run was made with)."""
+    store = RunStore.of(load_config(args.config, [*args.overrides, f"run_id={args.run_id}"]))
+    saved = store.read_config()
+    if saved is None:
+        raise ConfigError(no_run(args.run_id, store))
+    return store, saved
+
+
+def asks_another_config(args: argparse.Namespace) -> bool:
+    """Whether the command line names a config to compare (a file, or overrides beyond where the run lives)."""
+    return bool(args.config) or any(not override.startswith(("storage.", "mlflow.")) for override in args.overrides)
+
+
+def _gc(args: argparse.Namespace) -> int:
+    from pipelines.dag import STAGES, external_for
+    from pipelines.inspection import garbage, remove, size_text
+    from pipelines.plan import plan
+    from pipelines.preflight import hold_run_root
+
+    store, saved = run_config(args)
+    items = garbage(store, plan(STAGES, saved, external_for(saved)), store.read_head())
+    print(f"run {store.run_id} at {store.root}: {len(items)} result(s) no manifest of its config references")
+    for item in items:
+        print(f"  {item.stage}/{item.folder}  {size_text(item.bytes)}")
+    total = size_text(sum(item.bytes for item in items))
+    if not args.delete:
+        print(f"{total} in all; a dry run: add --delete to remove them")
+        return 0
+    with hold_run_root(store, saved):
+        remove(store, items)
+    print(f"removed {total}")
+    return 0
 
 
 def _run(args: argparse.Namespace) -> int:
-    from pipelines.dag import check_config, check_from_stage, run_pipeline
+    from pipelines.dag import check_config, check_from_stage, check_run_config, external_for, run_pipeline
     from pipelines.preflight import hold_run_root
-    from pipelines.runs import RunStore
 
     config = load_config(args.config, args.overrides)
     check_config(config)
     check_from_stage(args.from_stage, config)
+    external = external_for(config)
+    check_run_config(config, args.allow_changes, external)
     started = time.time()
-    with hold_run_root(RunStore(config), config):
-        results = run_pipeline(config, args.from_stage)
+    with hold_run_root(RunStore.of(config), config):
+        results = run_pipeline(config, args.from_stage, external=external)
     print("\n== Done in %.0f s ==" % (time.time() - started))
     print(f"Run root:     {config.storage.resolved_root()}/{config.run_id}")
-    evaluation, prepared = results.outputs(EvaluateOutputs), results.outputs(PrepareOutputs)
-    if evaluation is not None and prepared is not None:
-        print_scores(evaluation, prepared, config)
+    evaluation = results.outputs(EvaluateOutputs)
+    if evaluation is not None:
+        print_scores(evaluation)
     registered = results.outputs(RegisterOutputs)
     if registered is not None:
         print(f"Model:        {registered.model_uri} ({registered.reason})")
@@ -192,55 +231,11 @@ def print_mlflow_ui(config: PipelineConfig) -> None:
         print(f"MLflow UI:    mlflow ui --backend-store-uri {uri}, then open {url}")
 
 
-def print_scores(evaluation: EvaluateOutputs, prepared: PrepareOutputs, config: PipelineConfig) -> None:
-    scores = evaluation.scores
+def print_scores(evaluation: EvaluateOutputs) -> None:
+    from pipelines.evaluation.report import as_summary, score_lines
+
     print(f"Sample grid:  {evaluation.grid_uri}")
-    print_fid(evaluation, prepared, config)
-    if scores.kid is not None and scores.kid_std is not None:
-        settings = config.evaluate
-        compared = min(evaluation.protocol.num_samples, prepared.num_train, settings.first_feature_images)
-        subset = settings.kid_subset(compared)
-        print(
-            f"KID:          {scores.kid:.5f} +- {scores.kid_std:.5f} "
-            f"(std over {settings.kid_subsets} subsets of {subset} images each; unbiased at any N)"
-        )
-    if scores.inception_score is not None and scores.inception_score_std is not None:
-        print(
-            f"Inception Score: {scores.inception_score:.3f} +- {scores.inception_score_std:.3f} "
-            f"(std over {config.evaluate.inception_score_splits} splits)"
-        )
-    if scores.precision is not None and scores.recall is not None:
-        print(
-            f"Precision / recall (k={config.evaluate.precision_recall_k}): {scores.precision:.3f} / {scores.recall:.3f}"
-        )
-    nll = evaluation.nll_protocol
-    if scores.nll_bpd is not None and scores.nll_bpd_stderr is not None and nll is not None:
-        timesteps = "all" if nll.timesteps is None else nll.timesteps
-        print(
-            f"NLL bound:    {scores.nll_bpd:.3f} +- {scores.nll_bpd_stderr:.3f} bits/dim "
-            f"({nll.num_images} {nll.split} images, timesteps: {timesteps})"
-        )
-
-
-def print_fid(evaluation: EvaluateOutputs, prepared: PrepareOutputs, config: PipelineConfig) -> None:
-    """The FID with its interval, the real-data floor at the same N and their ratio, FID_inf, and the ceiling."""
-    scores, count, pad = evaluation.scores, evaluation.protocol.num_samples, " " * 14
-    interval = ""
-    if scores.fid_stderr is not None:
-        low, high = scores.fid - 1.96 * scores.fid_stderr, scores.fid + 1.96 * scores.fid_stderr
-        interval = f" +- {scores.fid_stderr:.3f} (95%: {low:.3f}-{high:.3f}, jackknife)"
-    print(f"FID:          {scores.fid:.3f}{interval}  {count} samples, extractor {evaluation.protocol.extractor_id}")
-    if scores.fid_floor is not None:
-        ratio = f": model/floor {scores.fid_over_floor:.2f}x" if scores.fid_over_floor is not None else ""
-        print(
-            f"{pad}{scores.fid_floor:.3f}  real-data floor at {count} images (from {prepared.num_holdout} held-out "
-            f"images, whose FID is {scores.fid_holdout_vs_train:.3f} at N={prepared.num_holdout}){ratio}"
-        )
-    if scores.fid_inf is not None:
-        floor = f" (held-out real images: {scores.fid_holdout_inf:.3f})" if scores.fid_holdout_inf is not None else ""
-        print(f"{pad}{scores.fid_inf:.3f}  FID_inf, the jackknife's bias-corrected FID{floor}")
-    if scores.fid_untrained is not None:
-        print(f"{pad}{scores.fid_untrained:.3f}  untrained model, same protocol (the ceiling)")
+    print(as_summary(score_lines(evaluation)))
 
 
 def _retrain(args: argparse.Namespace) -> int:
@@ -279,7 +274,14 @@ def main(argv: list[str] | None = None) -> int:
 
             print(describe())
             return 0
-        commands = {"status": _status, "run": _run, "retrain": _retrain, "interpolate": _figure, "progressive": _figure}
+        commands = {
+            "status": _status,
+            "gc": _gc,
+            "run": _run,
+            "retrain": _retrain,
+            "interpolate": _figure,
+            "progressive": _figure,
+        }
         return commands[args.command](args)
     except (ConfigError, DataError, PreflightError, ClusterTooSmallError) as error:
         print(f"error: {error}", file=sys.stderr)

@@ -21,17 +21,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
-import yaml
-
 from ddpm_core.data import ReadOptions
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm_core.fields import allowed_values
 from ddpm_core.precision import Precision
 from ddpm_core.samplers import ODE_SOLVERS, Method, SamplerConfig, spaced_timesteps
+from ddpm_core.storage import s3_options
 from ddpm_core.training import OptimConfig
 from ddpm_core.unet import PRESETS, UNetConfig
 from ddpm_core.weights import check_sha256_spec
-from pipelines.typed import INLINE, SchemaError, from_plain, to_plain
+from pipelines.typed import EXECUTION, INLINE, SchemaError, from_plain, to_plain
 
 E = TypeVar("E", bound=enum.Enum)
 
@@ -66,11 +65,6 @@ def require_non_negative(section: str, values: dict[str, float]) -> None:
     for name, value in values.items():
         if value < 0:
             raise ConfigError(f"{section}.{name} must be >= 0, got {value}")
-
-
-def precision_name(use_gpu: bool, bf16_on_gpu: bool, bf16_on_cpu: bool) -> Precision:
-    """The precision of a section with ``bf16_on_gpu`` / ``bf16_on_cpu`` switches, on the device kind given."""
-    return Precision.BF16 if (bf16_on_gpu if use_gpu else bf16_on_cpu) else Precision.FP32
 
 
 class Extractor(str, enum.Enum):
@@ -149,8 +143,12 @@ class DataSection:
     prepare_on: PrepareOn = PrepareOn.AUTO
     memory_budget_mb: float = 4096.0  # auto: the most a worker may hold to keep its slice resident (resident_bytes)
     shard_mb: float = 64.0  # prepare writes shards of at most this size (and at most 10,000 images)
-    decode_cpus: float = 1.0  # stream: Ray CPUs of each Ray Data decode task (beside the training workers' CPUs)
-    prefetch_batches: int = 4  # stream: batches each worker's iterator keeps ready ahead of the step
+    decode_cpus: float = field(
+        default=1.0, metadata=EXECUTION
+    )  # stream: Ray CPUs of each Ray Data decode task (beside the training workers' CPUs)
+    prefetch_batches: int = field(
+        default=4, metadata=EXECUTION
+    )  # stream: batches each worker's iterator keeps ready ahead of the step
 
     def read_options(self) -> ReadOptions:
         skip = self.unreadable_images is UnreadableImages.SKIP
@@ -211,14 +209,16 @@ class ModelSection:
 class TrainSection:
     num_workers: int = 2  # Ray Train data-parallel workers
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
-    cpus_per_worker: float = 1.0
+    cpus_per_worker: float = field(default=1.0, metadata=EXECUTION)
     batch_size: int = 128  # global batch, split across workers
     total_images: int = 100_000  # training length in images (EDM's kimg)
     checkpoint_every_images: int = 25_000
     log_every_images: int = 5_000
     grid_every_images: int | None = 50_000  # sample grid to MLflow (0: only at the end; null: never)
-    max_failures: int = 2  # worker-group restarts from the last checkpoint
-    startup_retries: int = 10  # worker-group start attempts (60 s each): waits for autoscaling, never forever
+    max_failures: int = field(default=2, metadata=EXECUTION)  # worker-group restarts from the last checkpoint
+    startup_retries: int = field(
+        default=10, metadata=EXECUTION
+    )  # worker-group start attempts (60 s each): waits for autoscaling, never forever
     horizontal_flip: bool = False
     seed: int = 0
     class_dropout: float = 0.1  # conditional models: probability of training a label as the null class (CFG)
@@ -233,8 +233,8 @@ class TrainSection:
     bf16_on_gpu: bool = True
     bf16_on_cpu: bool = False
     channels_last: bool = False  # NHWC activations (tensor-core friendly convolutions on GPUs)
-    # torch.compile of the training step's U-Net (a one-off compilation per worker start): on GPU workers, where it
-    # ran 1.38x the eager bf16 step on an H200; off on CPUs (docs/benchmarks.md, "The fast path")
+    # torch.compile of the training step's U-Net (a one-off compilation per worker start): on GPU workers, off on CPUs
+    # (measured: docs/benchmarks.md, "The fast path")
     compile_on_gpu: bool = True
     compile_on_cpu: bool = False
     gradient_as_bucket_view: bool = True  # DDP's gradients as views into its all-reduce buckets (same numbers)
@@ -269,7 +269,7 @@ class TrainSection:
 
     def precision(self, use_gpu: bool) -> Precision:
         """The training workers' precision on the device kind given."""
-        return precision_name(use_gpu, self.bf16_on_gpu, self.bf16_on_cpu)
+        return Precision.chosen(use_gpu, self.bf16_on_gpu, self.bf16_on_cpu)
 
     def compiled(self, use_gpu: bool) -> bool:
         """Whether training workers compile the U-Net on the device kind given."""
@@ -293,8 +293,8 @@ class TuneSection:
     reduction_factor: int = 2
     max_concurrent_trials: int = 1
     workers_per_trial: int = 2
-    cpus_per_worker: float = 0.5
-    cpus_per_trial: float = 0.5  # the trial's own driver actor
+    cpus_per_worker: float = field(default=0.5, metadata=EXECUTION)
+    cpus_per_trial: float = field(default=0.5, metadata=EXECUTION)  # the trial's own driver actor
     bpd_images: int = 128  # held-out images of the bits/dim estimate
     bpd_timesteps: int = 8  # Monte Carlo timesteps per image
     proxy_fid_samples: int = 500  # 0 disables the proxy FID
@@ -342,7 +342,7 @@ MAX_SAMPLE_SHARDS = 10_000  # a plan with more is a mistake (50,000 CIFAR-10 ima
 class SampleSection:
     num_samples: int = 1_000
     batch_size: int = 250  # images per shard (one task)
-    num_workers: int = 2  # sampling actors (one per GPU on a GPU cluster)
+    num_workers: int = field(default=2, metadata=EXECUTION)  # sampling actors (one per GPU on a GPU cluster)
     # method, num_steps, eta, spacing, clip_denoised: sample.<field>
     sampler: SamplerConfig = field(
         default_factory=lambda: SamplerConfig(method=Method.DDIM, num_steps=100), metadata=INLINE
@@ -355,8 +355,8 @@ class SampleSection:
         True  # bf16 autocast of the U-Net in GPU sampling actors (the sampler's arithmetic stays float32)
     )
     bf16_on_cpu: bool = False  # the same in CPU sampling actors (docs/benchmarks.md, "bf16 on the CPU")
-    # torch.compile (inductor, weights frozen) of the U-Net in each sampling actor: on GPUs, where a compiled bf16
-    # denoising step ran 2.1x eager on an H200; off on CPUs, where a cold compilation outweighs a short run
+    # torch.compile (inductor, weights frozen) of the U-Net in each sampling actor: on GPUs, off on CPUs, where a cold
+    # compilation outweighs a short run (measured: docs/benchmarks.md, "The fast path")
     compile_on_gpu: bool = True
     compile_on_cpu: bool = False
 
@@ -377,7 +377,7 @@ class SampleSection:
 
     def precision(self, use_gpu: bool) -> Precision:
         """The sampling actors' precision on the device kind given (part of the FID protocol)."""
-        return precision_name(use_gpu, self.bf16_on_gpu, self.bf16_on_cpu)
+        return Precision.chosen(use_gpu, self.bf16_on_gpu, self.bf16_on_cpu)
 
     def compiled(self, use_gpu: bool) -> bool:
         """Whether sampling actors compile the U-Net on the device kind given."""
@@ -423,11 +423,6 @@ class EvaluateSection:
     def first_feature_images(self) -> int:
         """How many of the first real and generated images precision/recall and KID compare (0: both are off)."""
         return self.precision_recall_samples if self.precision_recall or self.kid else 0
-
-    def kid_subset(self, count: int) -> int:
-        """KID's subset size for sets of ``count`` images: ``kid_subset_size``, at most half the set, so that the
-        subsets differ and their spread means something (subsets of the whole set would all be the same set)."""
-        return max(2, min(self.kid_subset_size, count // 2))
 
     def __post_init__(self) -> None:
         coerce_choices(self, "evaluate", {"extractor": Extractor, "nll_split": NllSplit})
@@ -488,10 +483,18 @@ class RegisterSection:
 class RetrainSection:
     """Scheduled retraining (``python -m pipelines retrain``)."""
 
-    if_data_changed: bool = True  # skip (no training, no GPUs) when the data fingerprint equals the champion's
-    warm_start: bool = True  # initialise from the champion's weights (else from scratch)
-    lease_ttl_s: float = 120.0  # a crashed run's lease on its run root expires after this
-    lease_wait_s: float = 0.0  # how long a second run of the same run root waits before giving up
+    if_data_changed: bool = field(
+        default=True, metadata=EXECUTION
+    )  # skip (no training, no GPUs) when the data fingerprint equals the champion's
+    warm_start: bool = field(
+        default=True, metadata=EXECUTION
+    )  # initialise from the champion's weights (else from scratch)
+    lease_ttl_s: float = field(
+        default=120.0, metadata=EXECUTION
+    )  # a crashed run's lease on its run root expires after this
+    lease_wait_s: float = field(
+        default=0.0, metadata=EXECUTION
+    )  # how long a second run of the same run root waits before giving up
 
     def __post_init__(self) -> None:
         if self.lease_ttl_s < 10 or self.lease_wait_s < 0:
@@ -504,31 +507,22 @@ class ClusterSection:
 
     # True on a cluster that adds nodes on demand (KubeRay or `ray up` with an autoscaler): a stage that asks for more
     # than the cluster has now waits for nodes (at most train.startup_retries minutes) instead of failing at once.
-    autoscaling: bool = False
+    autoscaling: bool = field(default=False, metadata=EXECUTION)
 
 
 @dataclass(frozen=True)
 class StorageSection:
     root: str = "runs"  # fsspec URI or local path; a relative path is under the working directory
-    endpoint_url: str | None = None  # S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS default)
-    region: str | None = None
+    endpoint_url: str | None = field(
+        default=None, metadata=EXECUTION
+    )  # S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS default)
+    region: str | None = field(default=None, metadata=EXECUTION)
 
     def options(self) -> dict[str, Any]:
         """fsspec storage options (credentials come from the standard AWS environment variables)."""
         if not self.root.startswith("s3://"):
             return {}
-        client: dict[str, Any] = {}
-        endpoint = self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL")
-        if endpoint:
-            client["endpoint_url"] = endpoint
-        if self.region:
-            client["region_name"] = self.region
-        # Fail fast on an unreachable endpoint (5 s to connect, 20 s for an answer). Throttling and transient errors
-        # are retried twice over: botocore's standard mode (3 attempts, exponential backoff: the AWS default) inside
-        # s3fs's own 5 tries of each call, which rides out outages of several seconds. The run's first storage calls
-        # also have a total deadline (pipelines.preflight.STORAGE_DEADLINE_S): an endpoint may accept and never answer.
-        retries = {"connect_timeout": 5, "read_timeout": 20, "retries": {"max_attempts": 3, "mode": "standard"}}
-        return {"client_kwargs": client, "config_kwargs": retries}
+        return s3_options(self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL"), self.region)
 
     def resolved_root(self) -> str:
         if "://" in self.root:
@@ -625,53 +619,3 @@ class PipelineConfig:
         """The config as plain data, with the keys users write (the resolved ``config.yaml``, MLflow params)."""
         plain: dict[str, Any] = to_plain(self)
         return plain
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> PipelineConfig:
-    """Read a YAML config (or the embedded default when ``path`` is None), apply ``key=value`` overrides (values
-    parsed as YAML), and check everything."""
-    data: Any = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {str(path)!r} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text())
-        except yaml.YAMLError as error:
-            raise ConfigError(f"config file {str(path)!r} is not valid YAML: {error}") from None
-        if data is None:
-            data = {}
-        if not isinstance(data, dict):
-            raise ConfigError(
-                f"config file {str(path)!r} must hold a mapping of sections (e.g. 'train:'), got {data!r}"
-            )
-    for override in overrides:
-        key, sep, raw = override.partition("=")
-        if not sep or not key.strip():
-            raise ConfigError(f"override {override!r} must look like section.key=value")
-        set_dotted(data, key.strip(), yaml.safe_load(raw) if raw.strip() else None)
-    return from_plain(PipelineConfig, data, error=ConfigError)
-
-
-def with_overrides(config: PipelineConfig, overrides: dict[str, Any]) -> PipelineConfig:
-    """``config`` with dotted-key values replaced (e.g. the tune stage's best parameters), checked again."""
-    data = config.to_dict()
-    for key, value in overrides.items():
-        set_dotted(data, key, value)
-    return from_plain(PipelineConfig, data, error=ConfigError)
-
-
-def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    """``data[a][b][c] = value`` for ``dotted`` = ``a.b.c``, creating sections on the way."""
-    parts = dotted.split(".")
-    node = data
-    for part in parts[:-1]:
-        node = node.setdefault(part, {})
-        if not isinstance(node, dict):
-            raise ConfigError(f"override {dotted!r}: {part!r} is not a section")
-    node[parts[-1]] = value
-
-
-def save_resolved(config: PipelineConfig) -> str:
-    """The resolved config as YAML, as it is saved in the run root."""
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)

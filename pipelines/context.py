@@ -1,4 +1,5 @@
-"""What a stage receives from the runner besides its upstream stages' outputs, and how a stage stops on purpose."""
+"""What a stage receives from the runner besides its settings and its upstream stages' outputs (the execution
+context: where its result goes, its MLflow run, how its Ray work runs), and how a stage stops on purpose."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from dataclasses import dataclass
 
 from mlflow.tracking import MlflowClient
 
-from pipelines.config import PipelineConfig
 from pipelines.execution import Device, Execution, runtime_env
 from pipelines.runs import RunStore
 
@@ -19,22 +19,28 @@ class StageStopped(RuntimeError):
 
 @dataclass(frozen=True)
 class StageContext:
-    config: PipelineConfig
+    """How and where one stage execution runs; nothing here changes what it computes (that is its settings)."""
+
+    stage: str
     store: RunStore
+    fingerprint: str  # of this stage's inputs
     mlflow_run_id: str  # this stage's nested MLflow run
-    fingerprint: str  # of this stage's inputs: partial state (checkpoints, shards) is only resumed under the same one
     tracking_uri: str
     log: Callable[[str], None]  # a line in the job's output, prefixed with the stage's name
+    config_digest: str  # of the run config's inputs: provenance (a registered version is tagged with it)
+    autoscaling: bool = False  # cluster.autoscaling: a demand larger than the cluster waits for nodes
 
     @property
     def client(self) -> MlflowClient:
         return MlflowClient(self.tracking_uri)
 
-    def work_uri(self, stage: str) -> str:
-        """Where this stage execution keeps its resumable state (keyed by its input fingerprint)."""
-        return self.store.work_uri(stage, self.fingerprint)
+    @property
+    def result_uri(self) -> str:
+        """This execution's folder: its outputs and, while it runs, its resumable state (a crashed execution with the
+        same inputs resumes there; other inputs get another folder)."""
+        return self.store.result_uri(self.stage, self.fingerprint)
 
     def execution(self, device: Device) -> Execution:
         """How this stage's Ray tasks and actors run on ``device``: the run root's storage options, the environment
         forwarded from the driver, and whether the cluster autoscales."""
-        return Execution(self.store.options, runtime_env(), device, self.config.cluster.autoscaling)
+        return Execution(self.store.options, runtime_env(), device, self.autoscaling)

@@ -15,6 +15,7 @@ from ddpm_core.fields import coerce_enum_fields
 from ddpm_core.precision import Precision
 from ddpm_core.samplers import SamplerConfig
 from ddpm_core.training import OptimConfig
+from ddpm_core.unet import UNetConfig
 from pipelines.execution import Device
 
 
@@ -32,6 +33,14 @@ class PrepareOutputs:
     extractor_holdout_accuracy: float | None = None
     class_names: tuple[str, ...] | None = None  # by label (an .npz's labels name themselves: "0", "1", ...)
     class_counts: tuple[int, ...] | None = None  # training images per class
+    source_uri: str = ""  # data.uri, as read
+    source_listing: str = ""  # ddpm_core.data.source_identity of data.uri when read: its files' names, sizes, versions
+    source_split: str = "train"  # the split of a source that has several (CIFAR-10)
+    holdout_fraction: float = 0.0  # data.holdout_fraction, as applied
+
+    def described(self) -> str:
+        """Which images these are, in words (e.g. ``train minus 0.1 hold-out``)."""
+        return f"{self.source_split} minus {self.holdout_fraction:g} hold-out"
 
 
 @dataclass(frozen=True)
@@ -60,6 +69,8 @@ class TrainedWith:
 
     diffusion: DiffusionConfig
     train: OptimConfig
+    unet: UNetConfig  # the network, with the data's classes
+    preset: str  # the model.preset it was built from
 
 
 @dataclass(frozen=True)
@@ -183,6 +194,33 @@ class NllProtocol:
 
 
 @dataclass(frozen=True)
+class ScoreProtocol:
+    """How the scores beside FID were computed (``protocol.*`` params; the summaries say it beside each number)."""
+
+    fid_groups: int  # jackknife groups of the FID's standard error
+    holdout_images: int  # held-out real images the floor is extrapolated from
+    compared_images: int  # real and generated images each that precision/recall and KID compared
+    nfe: int  # network evaluations per sample of the sampler
+    inception_score_splits: int | None = None  # None: the Inception Score is off
+    precision_recall_k: int | None = None  # None: precision/recall is off
+    kid_subset_size: int | None = None  # None: KID is off
+    kid_subsets: int | None = None
+
+    def params(self) -> dict[str, Any]:
+        """The ``protocol.*`` params of the evaluate run."""
+        found = {
+            "protocol.fid.jackknife_groups": self.fid_groups,
+            "protocol.sampler.network_evaluations": self.nfe,  # follows from method and steps: logged, not hashed
+            "protocol.inception_score.splits": self.inception_score_splits,
+            "protocol.kid.subset_size": self.kid_subset_size,
+            "protocol.kid.subsets": self.kid_subsets,
+            "protocol.precision_recall.k": self.precision_recall_k,
+            "protocol.precision_recall.samples": self.compared_images if self.precision_recall_k else None,
+        }
+        return {key: value for key, value in found.items() if value is not None}
+
+
+@dataclass(frozen=True)
 class Scores:
     """The evaluate stage's numbers (docs/evaluation.md); each ``None`` when switched off or not applicable."""
 
@@ -227,6 +265,15 @@ class GuidancePoint:
 
 
 @dataclass(frozen=True)
+class ChampionRef:
+    """A registered model's champion as a run compares against it: resolved before the run starts and hashed into
+    the fingerprints of the stages that read it, so that a champion that changes re-runs them."""
+
+    model_name: str
+    version: str | None  # None: the model has no champion (other than a version this run registered)
+
+
+@dataclass(frozen=True)
 class EvaluateOutputs:
     scores: Scores
     protocol: FidProtocol
@@ -234,7 +281,8 @@ class EvaluateOutputs:
     nll_protocol: NllProtocol | None
     grid_uri: str
     reference_uri: str  # the cached reference statistics (pipelines.reference)
-    champion_version: str | None  # the champion re-scored in scores.fid_champion
+    rescored_champion: ChampionRef | None  # the champion re-scored in scores.fid_champion
+    score_protocol: ScoreProtocol
     guidance_sweep: tuple[GuidancePoint, ...] = ()
 
 
@@ -256,12 +304,13 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class StageManifest(Generic[T]):
-    """``{run root}/{stage}/stage.json``, written last: a stage is complete exactly when it exists."""
+    """``{run root}/{stage}/{fingerprint[:16]}/stage.json``, written last: a result exists exactly when it does."""
 
     stage: str
     status: str  # "complete"
-    fingerprint: str  # of the stage's inputs: config keys it reads and its upstream stages' execution ids
-    execution_id: str  # new at every execution: downstream fingerprints change when this stage re-ran
+    fingerprint: str  # of the stage's inputs: the hash of its settings and of its upstream stages' fingerprints
+    settings: dict[str, Any]  # the inputs it was computed from, as hashed (status says which keys differ)
+    upstream: dict[str, str]  # the fingerprints of the upstream results it read, by stage
     started_at: float
     finished_at: float
     mlflow_run_id: str

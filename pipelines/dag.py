@@ -1,28 +1,25 @@
 """The stage graph, declared once, and the runner that walks it on the job's driver.
 
-A stage is a function ``run(context, *upstream_outputs) -> outputs``: it receives the typed outputs of the stages it
-names as upstream, in that order (``None`` for a disabled one), and returns its own (:mod:`pipelines.contracts`),
-which the runner commits in the stage's ``stage.json``. A stage is skipped when its committed manifest has the
-fingerprint the stage would have now: a hash of the config keys it reads and of its upstream stages' execution
-ids. A changed config or a re-executed upstream stage therefore re-runs it and everything downstream;
-``from_stage`` forces that from a chosen stage. docs/pipeline.md says how to add a stage.
+A stage is a function ``run(context, settings, *upstream_outputs) -> outputs``: it receives its settings (built from
+the config by the stage's ``settings`` function, :mod:`pipelines.plan`), the typed outputs of the stages it names as
+upstream, in that order (``None`` for a disabled one), and the execution context; it returns its own outputs
+(:mod:`pipelines.contracts`), which the runner commits in ``{stage}/{fingerprint[:16]}/stage.json``. A stage whose
+fingerprint has a committed result is reused; changing a setting recomputes exactly the stages that read it and
+those downstream; ``from_stage`` forces that from a chosen stage. docs/pipeline.md says how to add a stage.
 """
 
 from __future__ import annotations
 
-import functools
-import hashlib
 import json
 import time
 import traceback
-import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from ddpm_core.data import DataError
 from ddpm_core.storage import MANIFEST, IncompleteError, StorageUnavailableError, filesystem
-from pipelines.config import ConfigError, PipelineConfig, save_resolved
+from pipelines.config import ConfigError, PipelineConfig
+from pipelines.config_file import save_resolved
 from pipelines.context import StageContext, StageStopped
 from pipelines.contracts import (
     EvaluateOutputs,
@@ -30,96 +27,81 @@ from pipelines.contracts import (
     RegisterOutputs,
     SampleOutputs,
     StageManifest,
-    StageOutputs,
     TrainOutputs,
     TuneOutputs,
 )
 from pipelines.execution import ClusterTooSmallError, check_outputs_outlive_the_job
+from pipelines.external import External, Resolver
 from pipelines.failures import find
-from pipelines.preflight import preflight
+from pipelines.plan import PlannedStage, Stage, config_changes, plan
+from pipelines.preflight import STORAGE_DEADLINE_S, preflight, within
 from pipelines.runs import RunStore, now
 from pipelines.stages import evaluate, prepare, register, sample, train, tune
-from pipelines.tracking import Tracker, flatten, git_commit
+from pipelines.tracking import Tracker, config_digest, flatten, git_commit
 from pipelines.typed import SchemaError, to_plain
 
 T = TypeVar("T")
-
-
-@dataclass(frozen=True)
-class Stage:
-    name: str
-    run: Callable[..., StageOutputs]  # run(context, *outputs of the upstream stages, in order)
-    outputs: type[StageOutputs]
-    upstream: tuple[str, ...]
-    config_keys: tuple[str, ...]  # the config sections or dotted keys it reads: part of its fingerprint
-    switch: str | None = None  # the boolean config key that enables an optional stage (e.g. tune.enabled)
-    description: str = ""
-    needs_ray: bool = True  # stages that do not are run before Ray is started, so bad input fails early
-    check: Callable[[PipelineConfig], None] | None = None  # config checks beyond the config's own, before anything runs
-
-    def enabled(self, config: PipelineConfig) -> bool:
-        return self.switch is None or bool(dotted(config.to_dict(), self.switch))
-
 
 STAGES: tuple[Stage, ...] = (
     Stage(
         "prepare",
         prepare.run,
+        prepare.settings,
         PrepareOutputs,
         (),
-        (
-            "data",
-            "model",
-            "evaluate.extractor",
-            "evaluate.classifier_epochs",
-            "evaluate.nll",
-            "evaluate.nll_split",
-            "tune.enabled",
-            "tune.proxy_fid_samples",
-        ),
         description="validate data, shards, domain classifier",
         needs_ray=False,
     ),
     Stage(
         "tune",
         tune.run,
+        tune.settings,
         TuneOutputs,
         ("prepare",),
-        ("model", "diffusion", "train", "tune"),
         "tune.enabled",
         "Ray Tune trials of the training loop, ASHA on held-out bits/dim",
         check=tune.check,
+        check_data=tune.check_data,
     ),
     Stage(
         "train",
         train.run,
+        train.settings,
         TrainOutputs,
         ("prepare", "tune"),
-        ("model", "diffusion", "train"),
         description="Ray Train DDP, checkpoints, EMA snapshot",
+        check_data=train.check_data,
     ),
     Stage(
         "sample",
         sample.run,
+        sample.settings,
         SampleOutputs,
         ("prepare", "train"),
-        ("sample",),
         description="Ray actors, per-index seeds, committed shards",
+        check_data=sample.check_data,
     ),
     Stage(
         "evaluate",
         evaluate.run,
+        evaluate.settings,
         EvaluateOutputs,
         ("prepare", "train", "sample"),
-        ("evaluate",),
-        description="FID, IS, precision/recall, NLL bound; also samples an untrained network and the champion",
+        description="FID, IS, precision/recall, NLL bound, class accuracy",
+        check_data=evaluate.check_data,
+        draws=(
+            "an untrained network's set, as the sample stage draws (evaluate.untrained_baseline): the ceiling",
+            "the registered champion's, the same way (evaluate.rescore_champion; the champion of register.model_name, "
+            "resolved before the run)",
+            "one set per guidance scale of a conditional model (evaluate.guidance_scales, evaluate.guidance_samples)",
+        ),
     ),
     Stage(
         "register",
         register.run,
+        register.settings,
         RegisterOutputs,
         ("prepare", "train", "evaluate"),
-        ("register",),
         "register.enabled",
         "MLflow model version, challenger/champion aliases",
         needs_ray=False,
@@ -197,37 +179,72 @@ def check_from_stage(from_stage: str | None, config: PipelineConfig) -> None:
         )
 
 
-def fingerprint(stage: Stage, config: PipelineConfig, manifests: dict[str, StageManifest[Any]]) -> str:
-    data = config.to_dict()
-    payload = {
-        "stage": stage.name,
-        "config": {key: dotted(data, key) for key in stage.config_keys},
-        "upstream": {name: manifests[name].execution_id for name in stage.upstream if name in manifests},
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+def external_for(config: PipelineConfig) -> Resolver:
+    """The state outside the config its stages read: the config's model registry and storage."""
+    return Resolver(config)
 
 
-def dotted(data: dict[str, Any], key: str) -> Any:
-    value: Any = data
-    for part in key.split("."):
-        value = value[part]
-    return value
+def missing_results(planned: dict[str, PlannedStage], store: RunStore) -> list[str]:
+    """The planned stages that have no committed result for their fingerprint: what running would compute."""
+    return [name for name, stage in planned.items() if committed(store, stage) is None]
 
 
-def stage_params(stage: Stage, config: PipelineConfig) -> dict[str, str]:
-    """The config a stage reads (its fingerprint's keys), as dotted MLflow params of its run."""
-    data, params = config.to_dict(), {}
-    for key in stage.config_keys:
-        value = dotted(data, key)
-        params.update(flatten(value, f"{key}.") if isinstance(value, dict) else flatten({key: value}))
-    return params
+def committed(store: RunStore, planned: PlannedStage) -> StageManifest[Any] | None:
+    """The committed result of a planned stage; one this version cannot read counts as none."""
+    try:
+        return store.read_manifest(planned.stage.name, planned.fingerprint, planned.stage.outputs)
+    except SchemaError:
+        return None
+
+
+def check_run_config(
+    config: PipelineConfig, allow_changes: bool, external: External, log: Callable[[str], None] = print
+) -> None:
+    """A run id has one config: a config that changes the inputs of stages the run has finished is refused (exit 2,
+    naming the keys and the stages it would recompute), before anything is written, unless ``allow_changes``.
+    A change that touches no finished stage (a run that stopped early, a fixed typo) or only execution settings
+    (CPUs, retries, endpoints) is taken and said."""
+    store = RunStore.of(config)
+    saved = saved_config(store)
+    changes = config_changes(saved, config) if saved is not None else []
+    inputs = [change for change in changes if not change.execution]
+    if saved is None or not changes:
+        return
+    planned = plan(STAGES, config, external)
+    before = plan(STAGES, saved, external_for(saved))  # the champion as the saved config resolves it
+    finished = [name for name, stage in before.items() if committed(store, stage) is not None]
+    touched = [n for n in finished if n not in planned or planned[n].fingerprint != before[n].fingerprint]
+    what = (
+        f"run {config.run_id} was made with another config ({store.root}/config.yaml): "
+        f"{'; '.join(map(str, inputs or changes))}. With this config, "
+        f"{', '.join(missing_results(planned, store)) or 'no stage'} would be computed"
+    )
+    if touched and not allow_changes:
+        raise ConfigError(
+            f"{what}. Add --allow-changes to do so (the earlier results stay, listed by `python -m pipelines status "
+            f"{config.run_id}`, until `python -m pipelines gc {config.run_id}`), or choose another run_id"
+        )
+    log(f"{what} ({'--allow-changes' if touched else 'no finished stage read these settings'})")
+
+
+def saved_config(store: RunStore) -> PipelineConfig | None:
+    """The config the run was made with, read within the storage deadline (a storage that cannot be read is named as
+    the preflight names it)."""
+    from pipelines.preflight import storage_error
+
+    try:
+        return within(STORAGE_DEADLINE_S, store.read_config)
+    except ConfigError:
+        raise
+    except Exception as error:
+        raise storage_error(store, error) from error
 
 
 def stage_description(stage: Stage, config: PipelineConfig) -> str:
     """The run description MLflow shows on a stage's run page (Markdown)."""
     return (
-        f"**{stage.name}** stage of pipeline run `{config.run_id}`: {stage.description}. Its params are the config "
-        f"it reads; the whole config is `config.yaml` on the parent run. See docs/pipeline.md."
+        f"**{stage.name}** stage of pipeline run `{config.run_id}`: {stage.description}. Its params are the settings "
+        f"it reads (its inputs); the whole config is `config.yaml` on the parent run. See docs/pipeline.md."
     )
 
 
@@ -250,6 +267,7 @@ def describe() -> str:
     for stage in STAGES:
         after = f" <- {', '.join(stage.upstream)}" if stage.upstream else ""
         lines.append(f"  {stage.name:<9}{after:<32} {stage.description}")
+        lines += [f"{'':<44}draws {drawn}" for drawn in stage.draws]
     lines += ["", "```mermaid", "flowchart LR"]
     for stage in STAGES:
         lines += [f"  {upstream} --> {stage.name}" for upstream in stage.upstream]
@@ -262,102 +280,141 @@ def run_pipeline(
     from_stage: str | None = None,
     log: Callable[[str], None] = print,
     parent_tags: dict[str, str] | None = None,
+    external: External | None = None,
+    until: str | None = None,
 ) -> Results:
-    """Run every enabled stage in order, skipping finished ones. ``parent_tags`` are added to the MLflow parent run
-    when it is created."""
+    """Run every enabled stage in order, reusing committed results, up to stage ``until`` (None: all).
+    ``parent_tags`` are added to the MLflow parent run when it is created; ``external`` answers what the stages ask
+    of the world outside the config (the config's registry and storage by default)."""
     check_from_stage(from_stage, config)
-    store = RunStore(config)
-    runner = Runner(config, store, preflight(store, config, log), log, parent_tags or {})
+    store = RunStore.of(config)
+    tracker = preflight(store, config, log)
+    planned = plan(STAGES, config, external or external_for(config))
+    runner = Runner(config, store, tracker, planned, log, parent_tags or {})
     forced = False
-    for stage in STAGES:
-        if stage.enabled(config):
-            forced = forced or stage.name == from_stage
-            runner.run_stage(stage, forced)
+    for name, stage in planned.items():
+        forced = forced or name == from_stage
+        runner.run_stage(stage, forced)
+        if name == "prepare":
+            runner.check_data(planned)
+        if name == until:
+            break
     return runner.finish()
 
 
 class Runner:
-    """Walks the stages of one run: skips the up-to-date ones, executes the others under nested MLflow runs."""
+    """Walks the planned stages of one run: reuses committed results, executes the others under nested MLflow runs,
+    and keeps the run's head (``run.json``) naming the result each stage now has."""
 
     def __init__(
         self,
         config: PipelineConfig,
         store: RunStore,
         tracker: Tracker,
+        planned: dict[str, PlannedStage],
         log: Callable[[str], None],
         parent_tags: dict[str, str],
     ) -> None:
-        self.config, self.store, self.tracker, self.log, self.parent_tags = config, store, tracker, log, parent_tags
+        self.config, self.store, self.tracker, self.planned = config, store, tracker, planned
+        self.log, self.parent_tags = log, parent_tags
         self.manifests: dict[str, StageManifest[Any]] = {}
         self.parent_id: str | None = None  # the MLflow parent run, created when the first stage executes
 
-    def run_stage(self, stage: Stage, forced: bool) -> None:
-        expected = fingerprint(stage, self.config, self.manifests)
-        existing = self.committed(stage)
-        if existing is not None and existing.status == "complete" and existing.fingerprint == expected and not forced:
+    def run_stage(self, planned: PlannedStage, forced: bool) -> None:
+        name = planned.stage.name
+        existing = None if forced else self.committed(planned)
+        if existing is not None:
             finished = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(existing.finished_at))
-            self.log(f"[{stage.name}] up to date (finished {finished}), skipped")
-            self.manifests[stage.name] = existing
-            return
-        self.manifests[stage.name] = self.execute(stage, expected, forced)
+            self.log(f"[{name}] up to date (result {planned.fingerprint[:16]}, finished {finished}), reused")
+            self.manifests[name] = existing
+        else:
+            self.manifests[name] = self.execute(planned, forced)
+        self.store.write_head({stage: manifest.fingerprint for stage, manifest in self.manifests.items()})
 
-    def committed(self, stage: Stage) -> StageManifest[Any] | None:
-        """The stage's committed manifest; one that this version cannot read counts as none (the stage re-runs)."""
+    def committed(self, planned: PlannedStage) -> StageManifest[Any] | None:
+        """The stage's committed result; one that this version cannot read counts as none (the stage re-runs)."""
         try:
-            return self.store.read_manifest(stage.name, stage.outputs)
+            return self.store.read_manifest(planned.stage.name, planned.fingerprint, planned.stage.outputs)
         except SchemaError as error:
-            self.log(f"[{stage.name}] its stage.json cannot be used ({error}); running it again")
+            self.log(f"[{planned.stage.name}] its stage.json cannot be used ({error}); running it again")
             return None
 
-    def execute(self, stage: Stage, fingerprint: str, forced: bool) -> StageManifest[Any]:
+    def check_data(self, planned: dict[str, PlannedStage]) -> None:
+        """What the later stages ask of the prepared data, before any of them runs."""
+        prepared = self.manifests["prepare"].outputs
+        for stage in planned.values():
+            if stage.stage.check_data is not None:
+                stage.stage.check_data(stage.settings, prepared, self.store.options)
+
+    def execute(self, planned: PlannedStage, forced: bool) -> StageManifest[Any]:
         from pipelines.execution import connect
 
+        stage, fingerprint = planned.stage, planned.fingerprint
         parent_id = self.parent()
         if stage.needs_ray:
             connect()
-        stage_run_id = self.tracker.stage_run(
-            parent_id, stage.name, stage_description(stage, self.config), stage_params(stage, self.config)
-        )
-        # From here on, neither this stage nor one computed from its old outputs reads as complete, even after a crash.
-        for name in (stage.name, *downstream(stage.name)):
-            self.store.remove_manifest(name)
+        description = stage_description(stage, self.config)
+        stage_run_id = self.tracker.stage_run(parent_id, stage.name, description, flatten(planned.hashed))
+        # From here on, this result does not read as complete until it is, even after a crash; a forced one (--from)
+        # starts afresh, and what was computed from its old outputs does not read as complete either.
+        self.store.remove_manifest(stage.name, fingerprint)
         if forced:
-            self.store.remove_work(stage.name, fingerprint)  # --from: recompute, do not resume partial state
-        self.log(f"[{stage.name}] running (MLflow run {stage_run_id})")
+            self.store.remove_result(stage.name, fingerprint)
+            self.forget(downstream(stage.name))
+        self.log(f"[{stage.name}] running (result {fingerprint[:16]}, MLflow run {stage_run_id})")
         started = now()
         context = StageContext(
-            self.config,
+            stage.name,
             self.store,
-            stage_run_id,
             fingerprint,
+            stage_run_id,
             self.tracker.tracking_uri,
-            functools.partial(self.log_stage, stage.name),
+            lambda message: self.log(f"[{stage.name}] {message}"),
+            config_digest(self.config),
+            self.config.cluster.autoscaling,
         )
         upstream = [self.manifests[name].outputs if name in self.manifests else None for name in stage.upstream]
         try:
-            outputs = stage.run(context, *upstream)
+            outputs = stage.run(context, planned.settings, *upstream)
         except BaseException as error:
-            self.tracker.finish(stage_run_id, ok=False)
-            self.tracker.finish(parent_id, ok=False)
-            recovered = self.forget_broken_output(error) if isinstance(error, Exception) else None
-            if recovered is not None:
-                self.log(f"[{stage.name}] stopped: {recovered}")
-                raise recovered from error
-            named = isinstance(error, NAMED_FAILURES)  # the message says what to do: no traceback
-            self.log(f"[{stage.name}] stopped" if named else f"[{stage.name}] failed:\n{traceback.format_exc()}")
-            raise
+            named = self.failed(stage.name, stage_run_id, error)
+            if named is error:
+                raise
+            raise named from error
         self.tracker.finish(stage_run_id, ok=True)
         manifest = StageManifest(
-            stage.name, "complete", fingerprint, uuid.uuid4().hex, started, now(), stage_run_id, outputs
+            stage.name,
+            "complete",
+            fingerprint,
+            planned.hashed,
+            planned.upstream,
+            started,
+            now(),
+            stage_run_id,
+            outputs,
         )
         self.store.write_manifest(manifest)
         if isinstance(outputs, PrepareOutputs):
             self.tracker.client.set_tag(parent_id, "ddpm.data_fingerprint", outputs.fingerprint)
         return manifest
 
+    def failed(self, name: str, stage_run_id: str, error: BaseException) -> BaseException:
+        """End the stage's and the parent's MLflow runs as failed; the error to raise (a broken committed output is
+        forgotten first, and then named)."""
+        self.tracker.finish(stage_run_id, ok=False)
+        if self.parent_id is not None:
+            self.tracker.finish(self.parent_id, ok=False)
+        recovered = self.forget_broken_output(error) if isinstance(error, Exception) else None
+        if recovered is not None:
+            self.log(f"[{name}] stopped: {recovered}")
+            return recovered
+        named = isinstance(error, NAMED_FAILURES)  # the message says what to do: no traceback
+        self.log(f"[{name}] stopped" if named else f"[{name}] failed:\n{traceback.format_exc()}")
+        return error
+
     def forget_broken_output(self, error: Exception) -> CorruptOutputError | None:
         """When ``error`` comes from reading a committed folder that is corrupt or gone: forget the folder (its
-        manifest) and the completion of the stage that made it and of every stage after it."""
+        manifest) and the result of the stage that made it and of every stage after it."""
         broken = find(error, IncompleteError)
         if broken is None or not broken.uri:
             return None
@@ -365,9 +422,7 @@ class Runner:
         if fs.exists(path):
             fs.rm_file(path)
         owner = self.producer_of(broken.uri)
-        forgotten = (owner, *downstream(owner)) if owner else ()
-        for name in forgotten:
-            self.store.remove_manifest(name)
+        self.forget((owner, *downstream(owner)) if owner else ())
         stages = (
             f"the {owner} stage and those after it are marked not done" if owner else "it is recomputed when needed"
         )
@@ -376,15 +431,19 @@ class Runner:
             "recompute them (committed work that is intact is kept)"
         )
 
+    def forget(self, stages: tuple[str, ...]) -> None:
+        """The committed results of ``stages`` for this config no longer read as complete."""
+        for name in stages:
+            if name in self.planned:
+                self.store.remove_manifest(name, self.planned[name].fingerprint)
+
     def producer_of(self, uri: str) -> str | None:
-        """The earliest finished stage whose folder holds ``uri`` or whose outputs name it."""
+        """The earliest finished stage whose result folder holds ``uri`` or whose outputs name it."""
         for name, manifest in self.manifests.items():
-            if uri.startswith(f"{self.store.stage_uri(name)}/") or uri in json.dumps(to_plain(manifest.outputs)):
+            folder = self.store.result_uri(name, manifest.fingerprint)
+            if uri.startswith(f"{folder}/") or uri in json.dumps(to_plain(manifest.outputs)):
                 return name
         return None
-
-    def log_stage(self, name: str, message: str) -> None:
-        self.log(f"[{name}] {message}")
 
     def parent(self) -> str:
         if self.parent_id is None:

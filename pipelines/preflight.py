@@ -125,7 +125,7 @@ def preflight(store: RunStore, config: PipelineConfig, log: Callable[[str], None
     """Before any stage: the run root is writable (the resolved config is written there), the Inception weights,
     when configured, are readable, verified and loadable, and MLflow answers."""
     try:
-        within(STORAGE_DEADLINE_S, store.save_config)
+        within(STORAGE_DEADLINE_S, lambda: store.save_config(config))
     except Exception as error:  # botocore / OS errors, an endpoint that does not answer: name the setting to fix
         raise storage_error(store, error) from error
     if config.evaluate.extractor is Extractor.INCEPTION:

@@ -8,13 +8,20 @@ import datetime as dt
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from ddpm_core.data import load_dataset
+from ddpm_core.data import source_identity
 from ddpm_core.storage import commit, read_committed
-from pipelines.config import ConfigError, PipelineConfig, with_overrides
-from pipelines.contracts import RegisterOutputs
+from pipelines.config import ConfigError, PipelineConfig
+from pipelines.config_file import with_overrides
+from pipelines.contracts import PrepareOutputs, RegisterOutputs
+from pipelines.registry.champion import Champion
 from pipelines.runs import RunStore
+from pipelines.tracking import Tracker
 from pipelines.typed import from_plain, to_plain
+
+if TYPE_CHECKING:
+    from pipelines.dag import Results
 
 DECISION_DIR, DECISION_FILE = "retrain", "decision.json"  # {run root}/retrain/decision.json, committed
 
@@ -79,7 +86,7 @@ def retrain(config: PipelineConfig, scheduled_at: dt.datetime, log: Callable[[st
     if not config.register.enabled:
         raise ConfigError("retrain needs register.enabled: the decision is a promotion in the model registry")
     config = with_overrides(config, {"run_id": scheduled_run_id(config.run_id, scheduled_at)})
-    store = RunStore(config)
+    store = RunStore.of(config)
     with hold_run_root(store, config, log):
         recorded = read_decision(store)
         if recorded is not None:  # this tick already ran to a decision: report it, change nothing
@@ -94,59 +101,89 @@ def decide_and_run(
     config: PipelineConfig, store: RunStore, scheduled_at: dt.datetime, log: Callable[[str], None]
 ) -> RetrainOutcome:
     """Skip when the data did not change since the champion was trained, else run the pipeline (warm-started from the
-    champion when configured) and record what the register stage decided."""
+    champion when configured) and record what the register stage decided. Whether the data changed is read from a
+    listing of its files (names, sizes, versions) and compared with the champion's; a changed listing runs prepare,
+    whose content fingerprint decides. No image is read on the driver either way."""
     from pipelines.dag import run_pipeline
     from pipelines.registry.champion import champion_snapshot_uri, current_champion
     from pipelines.stages.prepare import data_storage_options
-    from pipelines.tracking import Tracker
 
     tracker = Tracker(config)
-    name = config.register.model_name
-    champion = current_champion(tracker.client, name)
-    fingerprint = load_dataset(
-        config.data.uri, config.data.split.value, data_storage_options(config), config.data.read_options()
-    ).fingerprint
-    when = scheduled_at.isoformat()
-    base_tags = {
-        "ddpm.retrain.scheduled_at": when,
-        "ddpm.data_fingerprint": fingerprint,
+    champion = current_champion(tracker.client, config.register.model_name)
+    listing = source_identity(config.data.uri, data_storage_options(config.data, config.storage.options()))
+    schedule = Schedule(config, store, tracker, scheduled_at.isoformat(), log)
+    tags = {
+        "ddpm.retrain.scheduled_at": schedule.when,
+        "ddpm.data_listing": listing,
         "ddpm.retrain.champion_version": champion.version if champion else "none",
     }
-    if champion and config.retrain.if_data_changed and champion.data_fingerprint == fingerprint:
-        reason = f"data unchanged since champion v{champion.version} (fingerprint {fingerprint[:12]}); nothing trained"
-        parent = tracker.parent_run(
-            {**base_tags, "ddpm.retrain.decision": f"skipped: {reason}"},
-            f"Scheduled retrain `{config.run_id}` of `{name}`: skipped, {reason}.",
-        )
-        tracker.finish(parent, ok=True)
-        record_decision(store, RetrainDecision(config.run_id, "skipped", reason, None, champion.fid, when, fingerprint))
-        log(f"retrain: skipped: {reason}")
-        return RetrainOutcome(config.run_id, "skipped", reason, champion_fid=champion.fid)
-    if champion and config.retrain.warm_start:
-        snapshot = champion_snapshot_uri(store, tracker.tracking_uri, name, champion)
+    checks = champion is not None and config.retrain.if_data_changed
+    if champion is not None and checks and champion.data_listing == listing:
+        return schedule.skip(champion, f"the same files, sizes and versions (listing {listing[:12]}); none was read")
+    if champion is not None and config.retrain.warm_start:
+        snapshot = champion_snapshot_uri(store, tracker.tracking_uri, config.register.model_name, champion.version)
         config = with_overrides(config, {"train.init_from": snapshot})
-        log(f"retrain: data changed (fingerprint {fingerprint[:12]}); warm start from champion v{champion.version}")
-    results = run_pipeline(config, log=log, parent_tags=base_tags)
-    register = results.manifest(RegisterOutputs)
-    if register is None:
-        raise RuntimeError("retrain: the register stage did not run")
-    registered, register_run = register.outputs, register.mlflow_run_id
-    decision = RetrainDecision(
-        config.run_id,
-        "promoted" if registered.promoted else "kept",
-        registered.reason,
-        registered.challenger_fid,
-        registered.champion_fid,
-        when,
-        fingerprint,
-        registered.version,
-    )
-    tracker.client.set_tag(register_run, "ddpm.retrain.decision", f"{decision.decision}: {decision.reason}")
-    parent = tracker.parent_run(base_tags)
-    tracker.client.set_tag(parent, "ddpm.retrain.decision", f"{decision.decision}: {decision.reason}")
-    tracker.finish(parent, ok=True)
-    record_decision(store, decision)
-    log(f"retrain: {decision.decision}: {decision.reason}")
-    return RetrainOutcome(
-        decision.run_id, decision.decision, decision.reason, decision.challenger_fid, decision.champion_fid
-    )
+        log(f"retrain: warm start from champion v{champion.version}")
+    if champion is not None and checks:
+        prepared = run_pipeline(config, log=log, parent_tags=tags, until="prepare").outputs(PrepareOutputs)
+        if prepared is not None and prepared.fingerprint == champion.data_fingerprint:
+            return schedule.skip(
+                champion, f"its files changed but hold the same images (fingerprint {prepared.fingerprint[:12]})"
+            )
+    results = run_pipeline(config, log=log, parent_tags=tags)
+    return schedule.record(results, tags)
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """One schedule tick's run: where it records its decision."""
+
+    config: PipelineConfig
+    store: RunStore
+    tracker: Tracker
+    when: str  # the tick, ISO 8601
+    log: Callable[[str], None]
+
+    def skip(self, champion: Champion, why: str) -> RetrainOutcome:
+        """Nothing trained: the data is the champion's."""
+        reason = f"data unchanged since champion v{champion.version}: {why}; nothing trained"
+        name, run_id = self.config.register.model_name, self.config.run_id
+        parent = self.tracker.parent_run(
+            {"ddpm.retrain.scheduled_at": self.when, "ddpm.retrain.decision": f"skipped: {reason}"},
+            f"Scheduled retrain `{run_id}` of `{name}`: skipped, {reason}.",
+        )
+        self.tracker.client.set_tag(parent, "ddpm.retrain.decision", f"skipped: {reason}")
+        self.tracker.finish(parent, ok=True)
+        decision = RetrainDecision(
+            run_id, "skipped", reason, None, champion.fid, self.when, champion.data_fingerprint or ""
+        )
+        record_decision(self.store, decision)
+        self.log(f"retrain: skipped: {reason}")
+        return RetrainOutcome(run_id, "skipped", reason, champion_fid=champion.fid)
+
+    def record(self, results: Results, tags: dict[str, str]) -> RetrainOutcome:
+        """What the register stage decided, on the register and parent runs and in the run root."""
+        register, prepared = results.manifest(RegisterOutputs), results.outputs(PrepareOutputs)
+        if register is None or prepared is None:
+            raise RuntimeError("retrain: the register stage did not run")
+        registered = register.outputs
+        decision = RetrainDecision(
+            self.config.run_id,
+            "promoted" if registered.promoted else "kept",
+            registered.reason,
+            registered.challenger_fid,
+            registered.champion_fid,
+            self.when,
+            prepared.fingerprint,
+            registered.version,
+        )
+        said = f"{decision.decision}: {decision.reason}"
+        self.tracker.client.set_tag(register.mlflow_run_id, "ddpm.retrain.decision", said)
+        parent = self.tracker.parent_run(tags)
+        self.tracker.client.set_tag(parent, "ddpm.retrain.decision", said)
+        self.tracker.finish(parent, ok=True)
+        record_decision(self.store, decision)
+        self.log(f"retrain: {said}")
+        return RetrainOutcome(
+            decision.run_id, decision.decision, decision.reason, decision.challenger_fid, decision.champion_fid
+        )

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import getpass
+import hashlib
+import json
 import os
 import subprocess
 from collections.abc import Callable
@@ -17,8 +19,9 @@ from mlflow.entities import Run, RunStatus
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import PipelineConfig
+from pipelines.typed import to_plain
 
-RUN_ID_TAG, STAGE_TAG = "ddpm.run_id", "ddpm.stage"
+RUN_ID_TAG, STAGE_TAG, CONFIG_TAG = "ddpm.run_id", "ddpm.stage", "ddpm.config_sha256"
 # MLflow 3's UI opens an experiment of this kind in its model-training view (runs, charts, models), not GenAI's
 EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
 SECRET_MARKERS = ("password", "secret", "token", "key_id", "access_key", "credential")
@@ -77,6 +80,12 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+def config_digest(config: PipelineConfig) -> str:
+    """16 hex digits of the SHA-256 of the config's inputs (execution settings left out)."""
+    plain = to_plain(config, inputs_only=True)
+    return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
 def local_artifact_location(tracking_uri: str) -> str | None:
     """For a local SQLite store, artifacts go to ``mlruns/`` beside the database (MLflow's default is the current
     directory's ``mlruns/``); servers decide for themselves (None)."""
@@ -117,9 +126,14 @@ class Tracker:
         return runs[0] if runs else None
 
     def parent_run(self, tags: dict[str, str], description: str = "") -> str:
-        """The pipeline run's MLflow parent run, created on first use, reused (and reopened) afterwards; its params
-        are the config sections in force."""
-        existing = self._find(f"tags.`{RUN_ID_TAG}` = '{self.config.run_id}' and tags.`{STAGE_TAG}` = 'pipeline'")
+        """The pipeline run's MLflow parent run for this config, created on first use, reused (and reopened)
+        afterwards; its params are the config sections in force. A run id re-run with another config
+        (``--allow-changes``) gets a parent run of its own, as its params differ."""
+        digest = config_digest(self.config)
+        existing = self._find(
+            f"tags.`{RUN_ID_TAG}` = '{self.config.run_id}' and tags.`{STAGE_TAG}` = 'pipeline' "
+            f"and tags.`{CONFIG_TAG}` = '{digest}'"
+        )
         if existing:
             self.client.update_run(existing.info.run_id, status="RUNNING")
             return existing.info.run_id
@@ -129,6 +143,7 @@ class Tracker:
             tags={
                 RUN_ID_TAG: self.config.run_id,
                 STAGE_TAG: "pipeline",
+                CONFIG_TAG: digest,
                 **({"mlflow.note.content": description} if description else {}),
                 **source_tags(),
                 **tags,

@@ -7,6 +7,10 @@ Dataclasses check their own ranges and coerce their own enums in ``__post_init__
 
 A field declared with ``metadata=INLINE`` embeds a dataclass whose fields are written directly in the parent's
 mapping: the pipeline's ``train`` section embeds ``ddpm_core``'s ``OptimConfig`` so that users write ``train.lr``.
+
+A field declared with ``metadata=EXECUTION`` says *how* or *where* something runs, never *what* it computes (CPUs per
+worker, retries, the storage endpoint): :func:`to_plain` with ``inputs_only=True`` leaves such fields out, and that
+is what stage fingerprints hash (:mod:`pipelines.plan`). Every other field is an input of whatever reads it.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from ddpm_core.fields import FieldError
 
 T = TypeVar("T")
 INLINE: Mapping[str, bool] = types.MappingProxyType({"inline": True})
+EXECUTION: Mapping[str, bool] = types.MappingProxyType({"execution": True})
 
 
 class SchemaError(ValueError):
@@ -31,12 +36,15 @@ class SchemaError(ValueError):
     noun = "key"  # how an unknown key is called in messages
 
 
-def to_plain(value: Any) -> Any:
-    """Dataclasses as dicts (inline fields merged into their parent), enums as their values, tuples as lists."""
+def to_plain(value: Any, inputs_only: bool = False) -> Any:
+    """Dataclasses as dicts (inline fields merged into their parent), enums as their values, tuples as lists; with
+    ``inputs_only``, without the fields declared ``metadata=EXECUTION``."""
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         plain: dict[str, Any] = {}
         for spec in dataclasses.fields(value):
-            item = to_plain(getattr(value, spec.name))
+            if inputs_only and is_execution(spec):
+                continue
+            item = to_plain(getattr(value, spec.name), inputs_only)
             if _is_inline(spec):
                 plain.update(item)
             else:
@@ -45,10 +53,15 @@ def to_plain(value: Any) -> Any:
     if isinstance(value, enum.Enum):
         return value.value
     if isinstance(value, (list, tuple)):
-        return [to_plain(item) for item in value]
+        return [to_plain(item, inputs_only) for item in value]
     if isinstance(value, Mapping):
-        return {key: to_plain(item) for key, item in value.items()}
+        return {key: to_plain(item, inputs_only) for key, item in value.items()}
     return value
+
+
+def is_execution(spec: dataclasses.Field[Any]) -> bool:
+    """Whether a field says how or where something runs (``metadata=EXECUTION``), not what it computes."""
+    return bool(spec.metadata.get("execution"))
 
 
 def from_plain(

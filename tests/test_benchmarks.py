@@ -3,6 +3,7 @@ docs/benchmarks.md, never in a test). ``fid_vs_steps.py`` is run against a finis
 ``pipeline_overhead.py``'s reading of Ray's task records against the end-to-end run in test_pipeline_e2e."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -27,6 +28,33 @@ def run_without_ray_or_mlflow(script: str, *args: str) -> None:
         timeout=600,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
+
+
+def forward_gflop_per_image(preset: str) -> float:
+    """Forward GFLOPs per image of the preset's U-Net counted layer by layer from the shapes each layer sees, not with
+    torch's FLOP counter (which the benchmarks use): 2 x the multiply-adds of every convolution and linear layer. The
+    attention's two matmuls are left out (torch's counter has no formula for the CPU's fused attention kernel either;
+    at the digits preset's 4x4 attention they are 0.2% of the total)."""
+    import torch
+
+    from ddpm_core.unet import UNet, unet_preset
+
+    config = unet_preset(preset)
+    model, flops = UNet(config), []
+
+    def count(layer: torch.nn.Module, inputs: tuple, output: torch.Tensor) -> None:
+        if isinstance(layer, torch.nn.Conv2d):  # per output element: C_in / groups x kh x kw multiply-adds
+            flops.append(2 * layer.in_channels // layer.groups * math.prod(layer.kernel_size) * output.numel())
+        else:  # linear: in_features multiply-adds per output element
+            flops.append(2 * layer.in_features * output.numel())
+
+    for layer in model.modules():
+        if isinstance(layer, (torch.nn.Conv2d, torch.nn.Linear)):
+            layer.register_forward_hook(count)
+    batch = 2
+    with torch.no_grad():
+        model(torch.zeros(batch, config.in_channels, config.image_size, config.image_size), torch.zeros(batch).long())
+    return sum(flops) / batch / 1e9
 
 
 def test_train_step_benchmark_reports_throughput_flops_the_region_split_and_its_own_cost(tmp_path):
@@ -59,6 +87,7 @@ def test_train_step_benchmark_reports_throughput_flops_the_region_split_and_its_
         str(out),
     )
     result = json.loads(out.read_text())
+    forward_gflop = forward_gflop_per_image("digits")
     assert [(row["batch"], row["variant"]) for row in result["rows"]] == [
         (16, "eager"),
         (16, "channels_last"),
@@ -67,7 +96,12 @@ def test_train_step_benchmark_reports_throughput_flops_the_region_split_and_its_
     ]
     for row in result["rows"]:
         assert row["images_per_s"] > 0 and len(row["window_images_per_s"]) == 2
-        assert row["mfu"] == pytest.approx(row["achieved_tflops"] / 1.0)
+        # The FLOPs behind MFU: the backward pass of a convolution or linear layer costs twice its forward (input and
+        # weight gradients), less the first convolution's input gradient (one input channel: about 0.05% here).
+        assert row["gflop_per_image_fwd_bwd"] == pytest.approx(3 * forward_gflop, rel=0.01)
+        # MFU against the 1 TFLOP/s given as peak: a fraction, since no CPU runs this step at 1 TFLOP/s (a unit
+        # slip of GFLOP for TFLOP would put it far above 1)
+        assert 0 < row["mfu"] < 1
         assert row["warmup_s"] > 0 and row["overhead_s"] >= 0 and len(row["top_kernels"]) == 3
         assert sum(kernel["share"] for kernel in row["top_kernels"]) <= 1
         # every labelled region of the real training step was timed
@@ -112,10 +146,8 @@ def test_train_step_benchmark_in_data_parallel_processes_reports_communication(t
         assert row["batch"] == 32 and row["world_size"] == 2  # the global batch, 16 per process
         assert row["communication_ms"] > 0, "the profiler saw DDP's gradient all-reduces"
         assert row["logging_ms"] > 0 and row["images_per_s"] > 0 and row["images_per_s_without_gradient_sync"] > 0
-        step_ms = 1000 * row["batch"] / row["images_per_s"]
-        assert row["exposed_communication_ms"] == pytest.approx(
-            step_ms - 1000 * row["batch"] / row["images_per_s_without_gradient_sync"]
-        )
+        # a difference of two noisy step times on a shared CPU: reported, its sign and size not checkable here
+        assert math.isfinite(row["exposed_communication_ms"])
 
 
 def test_train_step_benchmark_rejects_unknown_and_single_process_ddp_variants(tmp_path):
@@ -178,14 +210,14 @@ def test_unet_throughput_times_ours_against_diffusers_at_matched_architecture(tm
         ("channels_last+bf16", "bf16"),
     ]
     assert result["matmul_gflops"] > 0 and result["matmul_gflops_bf16"] > 0
+    forward_gflop = forward_gflop_per_image("digits")
     for row in result["rows"]:
         assert row["ours_params"] == row["diffusers_params"], "the twin has our architecture"
         assert len(row["ours_train_window_img_s"]) == len(row["diffusers_sample_window_img_s"]) == 2
-        assert row["train_ratio"] == pytest.approx(row["ours_train_img_s"] / row["diffusers_train_img_s"])
-        assert row["sample_ratio"] == pytest.approx(row["ours_sample_img_s"] / row["diffusers_sample_img_s"])
-        assert row["ours_sample_gflops"] == pytest.approx(row["gflop_per_image_fwd"] * row["ours_sample_img_s"])
-        peak = result["matmul_gflops_bf16" if "bf16" in row["variant"] else "matmul_gflops"]
-        assert row["ours_sample_matmul_fraction"] == pytest.approx(row["ours_sample_gflops"] / peak)
+        assert row["train_ratio"] > 0 and row["sample_ratio"] > 0
+        # the FLOPs the denoising step's GFLOP/s rests on, against the layer-by-layer count
+        assert row["gflop_per_image_fwd"] == pytest.approx(forward_gflop, rel=0.01)
+        assert row["ours_sample_gflops"] > 0 and row["ours_sample_matmul_fraction"] > 0
 
 
 def test_the_cifar10_preset_costs_what_the_paper_model_costs():
@@ -198,7 +230,7 @@ def test_the_cifar10_preset_costs_what_the_paper_model_costs():
     from train_step import Step
 
     step = Step("cifar10", 2, torch.device("cpu"), "eager", "fp32", log_every=10)
-    assert sum(p.numel() for p in step.model.parameters()) / 1e6 == pytest.approx(35.7, abs=0.1)
+    assert sum(p.numel() for p in step.state.model.parameters()) / 1e6 == pytest.approx(35.7, abs=0.1)
     assert step.flops_per_image() / 1e9 == pytest.approx(36.3, rel=0.05)
 
 
@@ -212,11 +244,20 @@ def test_pipeline_overhead_split_accounts_for_the_whole_wall_time(tmp_path):
         "sample": (130.0, 150.0, {"sampling_seconds": 15.0}),
         "evaluate": (152.0, 182.0, {}),
     }
+    # The run's layout (pipelines/runs.py): {stage}/{fingerprint[:16]}/stage.json, run.json naming the current ones
+    head = {stage: f"{number:x}" * 64 for number, stage in enumerate(stages, 1)}
     for stage, (started, finished, outputs) in stages.items():
-        (tmp_path / stage).mkdir()
-        (tmp_path / stage / "stage.json").write_text(
+        (tmp_path / stage / head[stage][:16]).mkdir(parents=True)
+        (tmp_path / stage / head[stage][:16] / "stage.json").write_text(
             json.dumps({"started_at": started, "finished_at": finished, "outputs": outputs})
         )
+    # A result an earlier config left in the run: not the run's, so it must not count.
+    earlier = tmp_path / "train" / ("e" * 16)
+    earlier.mkdir()
+    earlier.joinpath("stage.json").write_text(
+        json.dumps({"started_at": 0.0, "finished_at": 500.0, "outputs": {"loop_seconds": 400.0}})
+    )
+    (tmp_path / "run.json").write_text(json.dumps({"stages": head}))
     # Ray tasks: two overlapping in evaluate (153-160 and 158-165: 12 s covered), one straddling its end (180-190: 2 s
     # inside), and sampling-stage actor methods outside evaluate's window, which must not count again.
     tasks = [("features", 153.0, 160.0), ("features", 158.0, 165.0), ("nll", 180.0, 190.0), ("run_shard", 131.0, 149.0)]
@@ -256,8 +297,8 @@ def test_sampling_benchmark_times_each_sampler_and_the_inception_features(tmp_pa
         "--dtype",
         "bf16",
         "--samplers",
-        "ddim:5=12",
-        "ancestral:20=8",
+        "ancestral:40=8",
+        "ddim:2=12",
         "--inception-weights",
         str(weights),
         "--inception-images",
@@ -267,11 +308,15 @@ def test_sampling_benchmark_times_each_sampler_and_the_inception_features(tmp_pa
     )
     result = json.loads(out.read_text())
     assert [(r["method"], r["steps"], r["num_samples"]) for r in result["rows"]] == [
-        ("ddim", 5, 12),
-        ("ancestral", 20, 8),
+        ("ancestral", 40, 8),
+        ("ddim", 2, 12),
     ]
     assert result["dtype"] == "bf16" and result["compile"] is False
-    assert all(r["images_per_s"] == pytest.approx(r["num_samples"] / r["seconds"]) for r in result["rows"])
+    # DDIM draws its 12 images with 4 network calls (batches of 8 and 4, 2 steps), ancestral sampling its 8 with 40
+    # (and pays the first calls' warm-up): 15x fewer calls per image, so more images per second (images/s that
+    # did not follow the work done, e.g. seconds per image, would order them the other way)
+    ancestral, ddim = result["rows"]
+    assert ddim["images_per_s"] > ancestral["images_per_s"] > 0, result["rows"]
     assert result["inception"]["num_images"] == 6 and result["inception"]["seconds"] > 0
 
 
@@ -292,8 +337,11 @@ def test_ingest_benchmark_measures_decoding_per_core(tmp_path):
     for size in ("32x32", "256x256"):
         row = rows[size]
         assert row["decode_task_img_per_s"] > 0 and row["to_float_img_per_s"] > 0
-        both = 1 / (1 / row["decode_task_img_per_s"] + 1 / row["to_float_img_per_s"])
-        assert row["decode_and_float_img_per_s"] == pytest.approx(both)
-    assert rows["32x32"]["cores_per_gpu"]["issue 21's target"] == pytest.approx(
-        5000 / rows["32x32"]["decode_task_img_per_s"]
-    )
+        # one core doing both in turn is slower than either alone, and at worst half as fast as the slower one
+        slower = min(row["decode_task_img_per_s"], row["to_float_img_per_s"])
+        assert slower / 2 <= row["decode_and_float_img_per_s"] < slower
+    # 64 times the pixels per image: fewer images per second on a core
+    assert rows["256x256"]["decode_task_img_per_s"] < rows["32x32"]["decode_task_img_per_s"]
+    cores = rows["32x32"]["cores_per_gpu"]  # the cores per GPU for each H200 training rate (2215 and 5000 img/s)
+    assert rows["256x256"]["cores_per_gpu"] is None
+    assert 0 < cores["the pipeline's step at cifar10, bf16 (measured)"] < cores["issue 21's target"]

@@ -1,7 +1,9 @@
 """Class-conditional generation (docs/conditional.md): labels from every reader into prepare's shards, label-aware
 batches and label dropout, classifier-free guidance in one batched forward pass that equals the two-pass formula,
 per-index classes that do not depend on how indices are split over workers, and the bad inputs that fail before Ray
-starts (exit code 2, naming the key or file). The pipeline end to end is in tests/test_pipeline_e2e.py."""
+starts (exit code 2, naming the key or file; what the later stages ask of the prepared data is checked right after
+the prepare stage, so only prepare may have finished then). The pipeline end to end is in
+tests/test_pipeline_e2e.py."""
 
 import time
 
@@ -26,9 +28,11 @@ from ddpm_core.training import drop_labels
 from ddpm_core.unet import UNet, unet_preset
 from pipelines.__main__ import main
 from pipelines.config import ConfigError
+from pipelines.dag import STAGES
 from pipelines.data.shards import read_split, write_split
 from pipelines.evaluation.classes import ClassHits
 from pipelines.generation.classes import sample_labels
+from tests.run_files import completed
 from tests.test_data import random_images, write_cifar, write_png
 from tests.test_sampling import tiny_model
 
@@ -90,10 +94,19 @@ def test_a_sample_index_gets_the_same_class_and_image_however_indices_are_split(
     torch.testing.assert_close(one_worker, two_workers, rtol=1e-5, atol=1e-5)
 
 
-def test_null_conditioned_is_the_model_at_the_null_class():
+def test_null_conditioned_is_the_unconditional_term_of_guidance_and_no_real_class():
+    """What a label-free score (the NLL bound, a proxy FID) measures of a conditional model is the unconditional model
+    that guidance subtracts: Eq. 6 at w = -1, ``0 eps(x, y) + eps(x)``, leaves it alone whatever the labels. The null
+    class is a class of its own (label ``num_classes``): its prediction is none of the real classes'."""
     model, x, t = tiny_model(num_classes=4), torch.randn(3, 1, 8, 8), torch.tensor([1, 2, 3])
     with torch.no_grad():
-        torch.testing.assert_close(null_conditioned(model, 4)(x, t), model(x, t, class_labels=torch.full((3,), 4)))
+        unconditional = null_conditioned(model, 4)(x, t)  # [3, 1, 8, 8]
+        for labels in (torch.tensor([0, 2, 3]), torch.tensor([1, 1, 1])):
+            guided = classifier_free_guidance(model, -1.0, null_class=4, channels=1)(x, t, labels)
+            torch.testing.assert_close(guided, unconditional, rtol=1e-5, atol=1e-5)
+        for real in range(4):
+            conditional = model(x, t, class_labels=torch.full((3,), real))
+            assert (conditional - unconditional).abs().max() > 1e-3, real  # far above the tolerance above
 
 
 def test_batches_keep_each_image_with_its_label_and_dropout_uses_the_null_class():
@@ -183,31 +196,52 @@ def bad_conditional_inputs(tmp_path):
     save_snapshot(str(tmp_path / "plain"), UNet(plain), plain, DiffusionConfig())
 
 
+NOTHING, PREPARED = (), ("prepare",)  # the stages that may have finished when the run stops
+
+
 @pytest.mark.parametrize(
-    "overrides, message",
+    "overrides, message, may_finish",
     [
         (
             ["data.uri={tmp}/unlabelled.npy"],
             "model.conditional needs class labels, and data.uri '{tmp}/unlabelled.npy'",
+            NOTHING,
         ),
-        (["data.uri={tmp}/float.npz"], "float.npz: 'labels' must be a 1-D integer array"),
-        (["data.uri={tmp}/short.npz"], "short.npz: labels must have shape [40] to match the images"),
-        (["data.uri={tmp}/twelve.npz", "model.num_classes=10"], "has 12 classes (labels 0..11), more than model.num"),
-        (["sample.classes=[seven]"], "sample.classes names 'seven', which the data does not have"),
-        (["sample.classes=[10]"], "sample.classes names 10, which the data does not have: use labels 0..9"),
-        (["sample.guidance_scale=-1"], "sample.guidance_scale must be >= 0, got -1.0"),
-        (["evaluate.guidance_scales=[0, -2]"], "evaluate.guidance_scales must all be >= 0"),
-        (["train.init_from={tmp}/five"], "train.init_from '{tmp}/five' is a model of 5 classes, but this run's model"),
-        (["train.init_from={tmp}/plain"], "train.init_from '{tmp}/plain' holds an unconditional U-Net"),
-        (["model.overrides.num_classes=10"], "model.overrides.num_classes: set model.conditional=true instead"),
-        (["model.conditional=false", "evaluate.guidance_scales=[1]"], "evaluate.guidance_scales needs a class-cond"),
+        (["data.uri={tmp}/float.npz"], "float.npz: 'labels' must be a 1-D integer array", NOTHING),
+        (["data.uri={tmp}/short.npz"], "short.npz: labels must have shape [40] to match the images", NOTHING),
+        (
+            ["data.uri={tmp}/twelve.npz", "model.num_classes=10"],
+            "has 12 classes (labels 0..11), more than model.num",
+            NOTHING,
+        ),
+        (["sample.classes=[seven]"], "sample.classes names 'seven', which the data does not have", PREPARED),
+        (["sample.classes=[10]"], "sample.classes names 10, which the data does not have: use labels 0..9", PREPARED),
+        (["sample.guidance_scale=-1"], "sample.guidance_scale must be >= 0, got -1.0", NOTHING),
+        (["evaluate.guidance_scales=[0, -2]"], "evaluate.guidance_scales must all be >= 0", NOTHING),
+        (
+            ["train.init_from={tmp}/five"],
+            "train.init_from '{tmp}/five' is a model of 5 classes, but this run's model",
+            PREPARED,
+        ),
+        (["train.init_from={tmp}/plain"], "train.init_from '{tmp}/plain' holds an unconditional U-Net", NOTHING),
+        (
+            ["model.overrides.num_classes=10"],
+            "model.overrides.num_classes: set model.conditional=true instead",
+            NOTHING,
+        ),
+        (
+            ["model.conditional=false", "evaluate.guidance_scales=[1]"],
+            "evaluate.guidance_scales needs a class-cond",
+            NOTHING,
+        ),
     ],
 )
-def test_bad_conditional_input_fails_before_ray_starts(tmp_path, local, capsys, overrides, message):
+def test_bad_conditional_input_fails_before_ray_starts(tmp_path, local, capsys, overrides, message, may_finish):
     bad_conditional_inputs(tmp_path)
     started = time.time()
     code = main(["run", *local, *(item.format(tmp=tmp_path) for item in overrides)])
     err = capsys.readouterr().err
     assert code == 2 and message.format(tmp=tmp_path) in err and "Traceback" not in err, err
     assert not ray.is_initialized() and time.time() - started < 60
-    assert not (tmp_path / "runs" / "quickstart" / "prepare" / "stage.json").exists()
+    run_root = tmp_path / "runs" / "quickstart"
+    assert {stage.name for stage in STAGES if completed(run_root, stage.name)} <= set(may_finish)

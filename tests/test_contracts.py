@@ -1,5 +1,6 @@
-"""The pipeline's shape holds: stages receive exactly their upstream stages' typed outputs, every contract survives
-its trip through ``stage.json``, no stage reads another's outputs by string key, and no function grows long."""
+"""The pipeline's shape holds: stages receive exactly their settings (what their ``settings`` function builds) and
+their upstream stages' typed outputs, every contract survives its trip through ``stage.json``, no source spells the
+old string-keyed way of reading another stage's outputs (a lint), and no function grows long."""
 
 import ast
 import dataclasses
@@ -13,8 +14,11 @@ from ddpm_core.diffusion import DiffusionConfig
 from ddpm_core.precision import Precision
 from ddpm_core.samplers import Method, SamplerConfig
 from ddpm_core.training import OptimConfig
-from pipelines.config import ConfigError, PipelineConfig, load_config
+from ddpm_core.unet import unet_preset
+from pipelines.config import ConfigError, PipelineConfig
+from pipelines.config_file import load_config
 from pipelines.contracts import (
+    ChampionRef,
     Conditioning,
     EvaluateOutputs,
     FidProtocol,
@@ -25,6 +29,7 @@ from pipelines.contracts import (
     ReferenceSet,
     RegisterOutputs,
     SampleOutputs,
+    ScoreProtocol,
     Scores,
     StageManifest,
     TrainedWith,
@@ -42,7 +47,16 @@ SOURCES = sorted([*(REPO / "ddpm_core").rglob("*.py"), *(REPO / "pipelines").rgl
 
 EXAMPLES = [
     PrepareOutputs(
-        "f" * 64, 1617, 180, "runs/q/prepare/shards", "runs/q/prepare/holdout", 10, None, "x", "classifier-1", 0.9
+        "f" * 64,
+        1617,
+        180,
+        "runs/q/prepare/0123456789abcdef/shards",
+        "runs/q/prepare/0123456789abcdef/holdout",
+        10,
+        None,
+        "x",
+        "classifier-1",
+        0.9,
     ),
     TuneOutputs(
         {"train.lr": 0.002},
@@ -57,7 +71,13 @@ EXAMPLES = [
         ),
     ),
     TrainOutputs(
-        "s", "i", 2048, Device.CPU, 12.5, None, TrainedWith(DiffusionConfig(num_timesteps=100), OptimConfig(lr=1e-3))
+        "s",
+        "i",
+        2048,
+        Device.CPU,
+        12.5,
+        None,
+        TrainedWith(DiffusionConfig(num_timesteps=100), OptimConfig(lr=1e-3), unet_preset("digits"), "digits"),
     ),
     SampleOutputs(
         ("a", "b"),
@@ -85,10 +105,23 @@ EXAMPLES = [
         "grid.png",
         "ref",
         None,
+        ScoreProtocol(10, 180, 200, 10, inception_score_splits=10, precision_recall_k=3),
     ),
     RegisterOutputs("ddpm-digits", "2", False, "champion kept", "1", 0.5, 0.4, "models:/ddpm-digits/2"),
     # A class-conditional run's outputs
-    PrepareOutputs("f" * 64, 12, 2, "s", "h", 3, class_names=("cat", "dog", "emu"), class_counts=(4, 4, 4)),
+    PrepareOutputs(
+        "f" * 64,
+        12,
+        2,
+        "s",
+        "h",
+        3,
+        class_names=("cat", "dog", "emu"),
+        class_counts=(4, 4, 4),
+        source_uri="s3://bucket/pets",
+        source_split="train",
+        holdout_fraction=0.1,
+    ),
     SampleOutputs(
         ("a",),
         20,
@@ -101,7 +134,7 @@ EXAMPLES = [
         Conditioning((2, 0), 1.5, null_class=3),
     ),
     EvaluateOutputs(
-        Scores(0.5, conditional_accuracy=0.97),
+        Scores(0.5, fid_champion=0.6, conditional_accuracy=0.97),
         FidProtocol(
             20,
             SamplerConfig(),
@@ -116,18 +149,22 @@ EXAMPLES = [
         None,
         "grid.png",
         "ref",
-        None,
+        ChampionRef("ddpm-digits-cond", "3"),
+        ScoreProtocol(10, 2, 20, 10),
         (GuidancePoint(0.0, 10, 2.5, 0.7), GuidancePoint(4.0, 10, 3.5, 0.99)),
     ),
 ]
 
 
-def test_every_stage_receives_its_upstream_outputs_and_returns_its_own():
+def test_every_stage_receives_its_settings_and_upstream_outputs_and_returns_its_own():
     kinds = {stage.name: stage.outputs for stage in STAGES}
     optional = {stage.name for stage in STAGES if stage.switch is not None}
     for stage in STAGES:
         hints = typing.get_type_hints(stage.run)
-        parameters = list(hints)[1:-1]  # after the context, before "return"
+        settings = typing.get_type_hints(stage.settings)["return"]  # what the stage's settings function builds
+        assert hints[list(hints)[1]] is settings, stage.name  # after the context: the settings, never the config
+        assert dataclasses.is_dataclass(settings) and settings.__dataclass_params__.frozen, stage.name
+        parameters = list(hints)[2:-1]  # after the context and the settings, before "return"
         expected = [kinds[name] | None if name in optional else kinds[name] for name in stage.upstream]
         assert [hints[name] for name in parameters] == expected, stage.name
         assert hints["return"] is stage.outputs, stage.name
@@ -136,7 +173,8 @@ def test_every_stage_receives_its_upstream_outputs_and_returns_its_own():
 
 @pytest.mark.parametrize("outputs", EXAMPLES, ids=lambda outputs: type(outputs).__name__)
 def test_stage_outputs_survive_stage_json(outputs, tmp_path):
-    manifest = StageManifest("s", "complete", "fp", "e", 1.0, 2.0, "run", outputs)
+    settings, upstream = {"train": {"lr": 0.001, "seed": 0}, "classes": [0, 1]}, {"prepare": "a" * 64}
+    manifest = StageManifest("s", "complete", "fp", settings, upstream, 1.0, 2.0, "run", outputs)
     (tmp_path / "stage.json").write_text(json.dumps(to_plain(manifest)))
     assert read_manifest(str(tmp_path), type(outputs)) == manifest
 
@@ -212,7 +250,14 @@ def test_the_training_loop_reads_in_a_screen():
     assert body <= 60, body
 
 
-def test_no_stage_reads_outputs_by_string_key():
+def test_lint_no_source_uses_the_string_keyed_stage_outputs_api():
+    """A lint rule, not a check of behaviour: no line of ddpm_core/ or pipelines/ spells one of the ways the
+    pre-redesign code (before commit 1e260f8) handed stages each other's outputs by string key: a manifest's
+    ``["outputs"]`` dict, the context's ``upstream[stage]`` manifests, or ``output_of(stage, key)``. It catches
+    those spellings returning (comments and strings included), nothing else: a stage that read another's typed
+    ``stage.json`` through ``context.store`` would pass it. That every stage's ``run`` takes its upstream stages'
+    typed outputs as parameters is checked by
+    test_every_stage_receives_its_settings_and_upstream_outputs_and_returns_its_own."""
     offenders = [
         f"{path.relative_to(REPO)}:{number}"
         for path in SOURCES
@@ -230,5 +275,7 @@ def test_contracts_are_frozen():
         FidProtocol,
         TrainedWith,
         NllProtocol,
+        ChampionRef,
+        ScoreProtocol,
     ):
         assert dataclasses.fields(kind) and kind.__dataclass_params__.frozen, kind

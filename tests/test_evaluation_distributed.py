@@ -1,8 +1,11 @@
-"""Feature statistics computed over shards by separate Ray worker processes equal the single-process statistics to
-float64 rounding; so do the Inception Score statistics and the precision/recall features."""
+"""Feature statistics computed over shards by Ray tasks in worker processes (one task per shard) equal the
+single-process statistics to float64 rounding; so do the Inception Score statistics and the precision/recall
+features."""
 
 import io
 import os
+import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -19,7 +22,38 @@ from pipelines.evaluation.scoring import ExtractorSpec, SummaryRequest, summariz
 from pipelines.execution import Device, Execution
 
 
-def test_three_shards_on_ray_workers_equal_one_process(local_ray, tmp_path):
+@pytest.fixture(scope="module")
+def ray_with_state_api():
+    """conftest's local Ray instance (2 CPUs), with the dashboard that Ray's state API (``ray.util.state``) reads task
+    records from; shut down at the end of the module as conftest's is."""
+    temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay short
+    ray.init(
+        num_cpus=2, include_dashboard=True, _temp_dir=temp_dir, runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}}
+    )
+    yield
+    ray.shutdown()
+
+
+def finished_tasks(function_name: str, count: int, timeout_s: float = 60.0) -> list:
+    """Ray's records of the tasks of ``function_name`` (workers report task events about once a second), once
+    ``count`` of them have finished."""
+    from ray.util.state import list_tasks
+
+    address = ray.get_runtime_context().gcs_address  # this test's cluster, whatever else runs on the machine
+    deadline = time.monotonic() + timeout_s
+    while True:
+        tasks = list_tasks(
+            address=address,
+            filters=[("func_or_class_name", "=", function_name)],
+            detail=True,
+            raise_on_missing_output=True,
+        )
+        if sum(task.state == "FINISHED" for task in tasks) >= count or time.monotonic() > deadline:
+            return tasks
+        time.sleep(0.5)
+
+
+def test_three_shards_on_ray_workers_equal_one_process(ray_with_state_api, tmp_path):
     dataset = load_dataset("builtin:digits")
     images = dataset.images[:900]
     model = train_classifier(images, dataset.labels[:900], epochs=1)
@@ -36,10 +70,13 @@ def test_three_shards_on_ray_workers_equal_one_process(local_ray, tmp_path):
     spec = ExtractorSpec(Extractor.CLASSIFIER, extractor_uri)
     request = SummaryRequest(spec, len(images), inception_splits=10, keep_first=900)
     distributed = summarize(sample_sources(shard_uris, {}), request, Execution({}, {}, Device.CPU))
-    pids = ray.get([ray.remote(lambda: os.getpid()).remote() for _ in range(3)])
-    assert os.getpid() not in pids  # the tasks ran in worker processes, not here
+    # summarize ran one summarize_source task per shard (this module runs no other), each to completion in a Ray
+    # worker process, not in this driver
+    tasks = finished_tasks("summarize_source", len(shard_uris))
+    assert [task.state for task in tasks] == ["FINISHED"] * len(shard_uris), tasks
+    assert all(task.type == "NORMAL_TASK" and task.worker_pid not in (None, os.getpid()) for task in tasks), tasks
 
-    # The merge adds nothing but float64 rounding: the three workers' merged sums equal one pass over the same
+    # The merge adds nothing but float64 rounding: the three tasks' merged sums equal one pass over the same
     # features (returned here in index order).
     single = FeatureStatistics.from_features(distributed.first_features)
     assert distributed.fid.count == single.count == 900

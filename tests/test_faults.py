@@ -16,6 +16,7 @@ import psutil
 import pytest
 from mlflow.tracking import MlflowClient
 
+from tests import run_files
 from tests.conftest import free_port
 from tests.services import BIN, _stop, _wait_http
 
@@ -106,8 +107,9 @@ def test_killed_worker_then_killed_driver_resume_from_checkpoints(tmp_path):
         first.wait(timeout=30)
     # At most one interval (and a log step) repeated.
     assert killed_at - CHECKPOINT_EVERY - 512 <= restarted_at <= killed_at
-    assert json.loads((tmp_path / "runs/faults/prepare/stage.json").read_text())["status"] == "complete"
-    assert not (tmp_path / "runs/faults/train/stage.json").exists()  # the killed stage is not marked complete
+    run_root = tmp_path / "runs/faults"
+    assert run_files.manifest(run_root, "prepare")["status"] == "complete"
+    assert not run_files.completed(run_root, "train")  # the killed stage is not marked complete
 
     # Phase 2: resume training; SIGKILL the driver again as soon as the first sample shard is committed.
     second_log = tmp_path / "second.log"
@@ -129,14 +131,14 @@ def test_killed_worker_then_killed_driver_resume_from_checkpoints(tmp_path):
     resumed_at = int(output.split("resumed from checkpoint at ")[1].split()[0])
     assert restarted_at < resumed_at < TOTAL
     committed_before = len(list(tmp_path.glob("runs/faults/sample/*/shards/shard-*/manifest.json")))
-    assert 1 <= committed_before < SAMPLES // SHARD and not (tmp_path / "runs/faults/sample/stage.json").exists()
+    assert 1 <= committed_before < SAMPLES // SHARD and not run_files.completed(run_root, "sample")
 
     # Phase 3: the re-run skips training and the committed shards, samples the rest, and finishes.
     third = subprocess.run(args, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert third.returncode == 0, third.stdout[-4000:] + third.stderr[-4000:]
     assert "[train] up to date" in third.stdout
     assert f"sample: {committed_before} of {SAMPLES // SHARD} shards already committed, skipping them" in third.stdout
-    assert_samples_equal_an_uninterrupted_sampling(tmp_path / "runs/faults")
+    assert_samples_equal_an_uninterrupted_sampling(run_root)
 
     # benchmarks/fid_vs_steps.py, run on this finished run with its own sampler, reproduces the run's logged FID.
     out = tmp_path / "fid_vs_steps.json"
@@ -145,7 +147,7 @@ def test_killed_worker_then_killed_driver_resume_from_checkpoints(tmp_path):
             sys.executable,
             "benchmarks/fid_vs_steps.py",
             "--run-root",
-            str(tmp_path / "runs/faults"),
+            str(run_root),
             "--samplers",
             "ddim:50",
             "ddim:10",
@@ -168,7 +170,7 @@ def test_killed_worker_then_killed_driver_resume_from_checkpoints(tmp_path):
         benchmark["rows"][1]["fid"] != pytest.approx(benchmark["run_fid"], rel=1e-2)
         and (tmp_path / "fid.png").stat().st_size > 10_000
     )
-    manifest = json.loads((tmp_path / "runs/faults/train/stage.json").read_text())
+    manifest = run_files.manifest(run_root, "train")
     assert manifest["status"] == "complete" and manifest["outputs"]["images_seen"] == TOTAL
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
@@ -210,8 +212,8 @@ def assert_samples_equal_an_uninterrupted_sampling(run_root: Path) -> None:
     from ddpm_core.samplers import PerIndexNoise, SamplerConfig, sample
     from ddpm_core.storage import read_committed
 
-    outputs = json.loads((run_root / "sample/stage.json").read_text())["outputs"]
-    snapshot = load_snapshot(json.loads((run_root / "train/stage.json").read_text())["outputs"]["snapshot_uri"], {})
+    outputs = run_files.outputs(run_root, "sample")
+    snapshot = load_snapshot(run_files.outputs(run_root, "train")["snapshot_uri"], {})
     model, diffusion = snapshot.build_model(), GaussianDiffusion.from_config(snapshot.diffusion)
     shape = (snapshot.unet.in_channels, snapshot.unet.image_size, snapshot.unet.image_size)
     indices = []
@@ -268,7 +270,6 @@ def _progress_during_outage(log: str, total: int) -> list[int]:
     return [int(n) for n in re.findall(rf"train: (\d+)/{total} images", log[start : end if end >= 0 else len(log)])]
 
 
-@pytest.mark.slow  # ~120 s; `make test-all` runs it (CI keeps the killed-worker/driver and streaming restarts)
 def test_training_survives_an_mlflow_outage(tmp_path):
     """The tracking server crashes (SIGKILL) early in training and stays down until the trainer has noticed and
     trained on past at least one more log step; it then comes back on the same address and database. The run must
@@ -321,7 +322,7 @@ def test_training_survives_an_mlflow_outage(tmp_path):
         during = _progress_during_outage(output, total)
         assert len(set(during)) >= 2 and during == sorted(during), f"training went on while MLflow was down: {during}"
         client = MlflowClient(f"http://127.0.0.1:{port}")
-        manifest = json.loads((tmp_path / "runs/outage/train/stage.json").read_text())
+        manifest = run_files.manifest(tmp_path / "runs/outage", "train")
         assert client.get_run(manifest["mlflow_run_id"]).info.status == "FINISHED"
         steps = sorted({m.step for m in client.get_metric_history(manifest["mlflow_run_id"], "loss")})
         assert steps == list(range(every, total + 1, every)), "every logged step landed, none lost to the outage"
@@ -360,7 +361,7 @@ def test_a_diverging_run_stops_once_with_advice_and_no_retries(tmp_path):
     assert run.stdout.count("train: worker group of 2 started") == 1, "Ray Train must not retry a diverged run"
     assert "train: worker group of 2 started at 0 images, fp32, DDP with gradient_as_bucket_view=True" in run.stdout
     assert "Traceback" not in run.stderr
-    assert not (tmp_path / "runs/diverge/train/stage.json").exists()
+    assert not run_files.completed(tmp_path / "runs/diverge", "train")
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("diverge").experiment_id])
     assert {r.data.tags["ddpm.stage"]: r.info.status for r in runs} == {

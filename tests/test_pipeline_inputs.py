@@ -8,7 +8,9 @@ import torch
 
 from ddpm_core.precision import autocast_dtype, cpu_has_native_bf16
 from pipelines.__main__ import main
-from pipelines.config import ConfigError, load_config
+from pipelines.config import ConfigError
+from pipelines.config_file import load_config
+from tests.run_files import completed
 
 
 @pytest.fixture
@@ -111,8 +113,7 @@ def test_missing_data_uri_fails_before_ray_starts(tmp_path, local, capsys):
     code, err = run_cli([*local, f"data.uri={tmp_path / 'missing'}"], capsys)
     assert code == 2 and "does not exist" in err and str(tmp_path / "missing") in err
     assert not ray.is_initialized()
-    prepare_manifest = tmp_path / "runs" / "quickstart" / "prepare" / "stage.json"
-    assert not prepare_manifest.exists()  # nothing recorded as complete
+    assert not completed(tmp_path / "runs" / "quickstart", "prepare")  # nothing recorded as complete
 
 
 def test_corrupt_data_fails_before_ray_starts(tmp_path, local, capsys):

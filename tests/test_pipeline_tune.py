@@ -2,13 +2,14 @@
 with two DDP workers, 1 CPU in all), ASHA stopping weak trials on held-out bits/dim, the best configuration flowing
 into train, and nested MLflow trial runs."""
 
-import json
 import os
 import subprocess
 import sys
 from pathlib import Path
 
 from mlflow.tracking import MlflowClient
+
+from tests import run_files
 
 REPO = Path(__file__).resolve().parents[1]
 SPACE = "{diffusion.schedule: {grid: [linear, cosine]}, train.lr: {grid: [1.0e-5, 2.0e-3]}}"
@@ -53,7 +54,7 @@ def test_tune_stage_picks_the_best_trial_by_bits_per_dim_and_train_uses_it(tmp_p
     (tmp_path / "run.log").write_text(result.stdout + result.stderr)
     assert result.returncode == 0, result.stdout[-5000:] + result.stderr[-5000:]
 
-    tune = json.loads((tmp_path / "runs/tuned/tune/stage.json").read_text())["outputs"]
+    tune = run_files.outputs(tmp_path / "runs/tuned", "tune")
     trials = tune["trial_results"]
     assert tune["trials"] == 4 and len(trials) == 4
     assert tune["stopped_early"] >= 1  # ASHA stopped a weak trial at its first rung
@@ -64,7 +65,7 @@ def test_tune_stage_picks_the_best_trial_by_bits_per_dim_and_train_uses_it(tmp_p
     assert tune["best_params"]["train.lr"] == 2.0e-3  # a learning rate of 1e-5 cannot compete in 4k images
     assert all(t["fid"] is not None for t in finished)  # the proxy FID at each finished trial's end
 
-    train = json.loads((tmp_path / "runs/tuned/train/stage.json").read_text())["outputs"]
+    train = run_files.outputs(tmp_path / "runs/tuned", "train")
     assert train["config"]["diffusion"]["schedule"] == tune["best_params"]["diffusion.schedule"]
     assert train["config"]["train"]["lr"] == tune["best_params"]["train.lr"]
     assert "warm start from" in result.stdout + result.stderr

@@ -21,7 +21,12 @@ from ddpm_core.checkpoint import save_snapshot
 from ddpm_core.diffusion import DiffusionConfig
 from ddpm_core.unet import UNet, unet_preset
 from pipelines.__main__ import main
+from pipelines.config_file import load_config
+from pipelines.dag import STAGES, external_for
+from pipelines.plan import plan
 from pipelines.preflight import MLFLOW_DEADLINE_S, STORAGE_DEADLINE_S
+from pipelines.runs import RunStore
+from tests.run_files import completed
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,12 +86,15 @@ def test_a_truncated_npz_is_named(tmp_path, local, capsys):
 
 
 def test_a_data_set_too_small_for_the_scores_fails_in_prepare(tmp_path, local, capsys):
+    """What the scores need of the splits is checked as soon as prepare has made them, before any Ray work: only the
+    prepare stage may have finished."""
     np.savez(tmp_path / "three.npz", images=np.zeros((3, 8, 8, 1), np.uint8), labels=np.arange(3))
     code, err, _, _ = run_cli([*local, f"data.uri={tmp_path / 'three.npz'}"], capsys)
     assert code == 2 and "leaves 3 training and 0 hold-out images" in err
     assert "precision/recall's k-nearest neighbours" in err and "the NLL bound (evaluate.nll" in err
     assert not ray.is_initialized()
-    assert not (tmp_path / "runs" / "quickstart" / "prepare" / "stage.json").exists()
+    run_root = tmp_path / "runs" / "quickstart"
+    assert not [stage.name for stage in STAGES if stage.name != "prepare" and completed(run_root, stage.name)]
 
 
 def test_init_from_must_name_a_snapshot_of_this_model(tmp_path, local, capsys):
@@ -94,7 +102,8 @@ def test_init_from_must_name_a_snapshot_of_this_model(tmp_path, local, capsys):
     assert code == 2 and f"train.init_from '{tmp_path / 'nowhere'}' is not a usable snapshot" in err
     other = unet_preset("digits", base_channels=16)
     save_snapshot(str(tmp_path / "other"), UNet(other), other, DiffusionConfig())
-    code, err, _, _ = run_cli([*local, f"train.init_from={tmp_path / 'other'}"], capsys)
+    # another run id: the first attempt saved its config as quickstart's, and a run id keeps one config
+    code, err, _, _ = run_cli([*local, "run_id=other-model", f"train.init_from={tmp_path / 'other'}"], capsys)
     assert code == 2 and "holds a U-Net with config" in err and "warm-start only from the same model" in err
     assert not ray.is_initialized()
 
@@ -157,16 +166,23 @@ def test_outputs_inside_a_job_working_directory_are_refused(tmp_path, monkeypatc
     assert not ray.is_initialized()
 
 
-def test_status_takes_overrides_after_its_options_and_names_an_unreadable_manifest(tmp_path, capsys):
-    (tmp_path / "runs" / "r1" / "prepare").mkdir(parents=True)
-    (tmp_path / "runs" / "r1" / "prepare" / "stage.json").write_text('{"stage": "prep')  # truncated
+def test_status_takes_overrides_after_its_options_and_counts_an_unreadable_manifest_as_no_result(tmp_path, capsys):
+    """A truncated stage.json of the run's config counts as no result: status says the stage is not computed (the
+    next run executes it again)."""
     (tmp_path / "c.yaml").write_text("run_id: r1\n")
-    code, _, out, _ = run_cli(
-        ["r1", "--config", str(tmp_path / "c.yaml"), f"storage.root={tmp_path / 'runs'}"], capsys, "status"
-    )
+    # status resolves the registry's champion (an input of evaluate and register): a store of the test's own
+    where = [f"storage.root={tmp_path / 'runs'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    config = load_config(tmp_path / "c.yaml", where)
+    RunStore.of(config).save_config(config)  # the run exists: its config is saved
+    planned = plan(STAGES, config, external_for(config))
+    prepare = tmp_path / "runs" / "r1" / "prepare" / planned["prepare"].fingerprint[:16]
+    prepare.mkdir(parents=True)
+    (prepare / "stage.json").write_text('{"stage": "prep')  # truncated
+    code, _, out, _ = run_cli(["r1", "--config", str(tmp_path / "c.yaml"), *where], capsys, "status")
     assert code == 0 and f"run r1 at {tmp_path / 'runs' / 'r1'}" in out
-    assert "prepare   unreadable manifest:" in out and "stage.json is not readable JSON" in out
-    assert "tune      disabled" in out and "train     not finished" in out
+    assert f"prepare   not computed for this config (result {prepare.name})" in out
+    assert "tune      disabled" in out
+    assert f"train     not computed for this config (result {planned['train'].fingerprint[:16]})" in out
     with pytest.raises(SystemExit):
         main(["status", "r1", "--bogus"])
     assert "unrecognized arguments: --bogus" in capsys.readouterr().err
@@ -194,4 +210,4 @@ def test_more_training_workers_than_the_cluster_has_fail_in_seconds(tmp_path):
         run.stderr,
     ), run.stderr
     assert "Traceback" not in run.stderr and time.time() - started < 60
-    assert not (tmp_path / "runs" / "big" / "train" / "stage.json").exists()
+    assert not completed(tmp_path / "runs" / "big", "train")

@@ -3,7 +3,6 @@ configs/celebahq256.yaml shrunk to one step, four samples of two DDIM steps and 
 ``python -m pipelines run`` on local Ray and a local MLflow store. Slow (minutes of CPU for a 114M-parameter U-Net at
 256x256); run with ``make test-all``."""
 
-import json
 import os
 import subprocess
 import sys
@@ -12,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+
+from tests import run_files
 
 REPO = Path(__file__).resolve().parents[1]
 SHRUNK = [
@@ -71,11 +72,11 @@ def test_the_256_preset_runs_through_the_whole_dag(tmp_path):
     (tmp_path / "job.log").write_text(result.stdout + result.stderr)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
     run = tmp_path / "runs" / "celebahq256-ddpm"
-    prepare = json.loads((run / "prepare" / "stage.json").read_text())["outputs"]
+    prepare = run_files.outputs(run, "prepare")
     assert prepare["num_train"] + prepare["num_holdout"] == 40 and prepare["class_names"] == ["horizontal", "vertical"]
-    sample = json.loads((run / "sample" / "stage.json").read_text())["outputs"]
+    sample = run_files.outputs(run, "sample")
     images = np.concatenate([np.load(Path(uri) / "images.npy") for uri in sample["shard_uris"]])
     assert images.shape == (4, 256, 256, 3) and images.dtype == np.uint8
-    evaluation = json.loads((run / "evaluate" / "stage.json").read_text())["outputs"]["scores"]
+    evaluation = run_files.outputs(run, "evaluate")["scores"]
     assert np.isfinite(evaluation["fid"]) and evaluation["fid_stderr"] is not None
     assert "models:/ddpm-celebahq256/1" in result.stdout

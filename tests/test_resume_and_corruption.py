@@ -2,7 +2,8 @@
 process with its own local Ray): a driver killed mid-training resumes to the very weights an uninterrupted run
 reaches, even when its latest checkpoint was corrupted meanwhile (it falls back to the one before); a corrupt sample
 shard or snapshot is found where it is read, forgotten with what was computed from it, and recomputed by the next
-plain run; a full disk is a named storage failure, and the run resumes once there is room."""
+plain run; a re-run with changed inputs that fails leaves no result of the new inputs and keeps the earlier config's;
+a full disk is a named storage failure, and the run resumes once there is room."""
 
 import hashlib
 import json
@@ -15,6 +16,9 @@ import time
 from pathlib import Path
 
 import pytest
+
+from tests.run_files import completed, result_dir
+from tests.run_files import outputs as stage_outputs
 
 REPO = Path(__file__).resolve().parents[1]
 TOTAL, EVERY, BATCH = 6144, 2048, 128
@@ -57,7 +61,7 @@ def run(root: Path, run_id: str, *extra: str) -> subprocess.CompletedProcess:
 
 
 def outputs(run_root: Path, stage: str) -> dict:
-    return json.loads((run_root / stage / "stage.json").read_text())["outputs"]
+    return stage_outputs(run_root, stage)
 
 
 def sha256(path: Path) -> str:
@@ -124,8 +128,8 @@ def test_a_corrupt_sample_shard_is_forgotten_and_recomputed(finished):
     assert f"{shard}: size or SHA-256 does not match the manifest" in failed.stderr
     assert "the sample stage and those after it are marked not done" in failed.stderr
     assert "run the same command again" in failed.stderr and "Traceback" not in failed.stderr
-    assert not (run_root / "sample/stage.json").exists() and not (run_root / "evaluate/stage.json").exists()
-    assert (run_root / "train/stage.json").exists()
+    assert not completed(run_root, "sample") and not completed(run_root, "evaluate")
+    assert completed(run_root, "train")
 
     again = run(finished, "straight")
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
@@ -133,20 +137,27 @@ def test_a_corrupt_sample_shard_is_forgotten_and_recomputed(finished):
     assert sha256(shard) == original, "the recomputed shard equals the one that was corrupted"
 
     # A truncated stage manifest: that stage runs again, nothing before it.
-    manifest = run_root / "evaluate/stage.json"
+    manifest = result_dir(run_root, "evaluate") / "stage.json"
     manifest.write_text(manifest.read_text()[:100])
     again = run(finished, "straight")
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     assert "[evaluate] its stage.json cannot be used" in again.stdout and "[sample] up to date" in again.stdout
     assert json.loads(manifest.read_text())["status"] == "complete"
 
-    # A re-executed stage first forgets the stages computed from its old outputs, even when it then fails.
-    failed = run(finished, "straight", "--from", "sample", "sample.batch_size=1", "sample.num_workers=64")
+    # A stage re-executed with changed inputs fails: no result of the new inputs reads as complete, for it or for the
+    # stages after it; the results of the config before are kept under their own fingerprints ...
+    kept = {stage: completed(run_root, stage) for stage in ("sample", "evaluate")}
+    changed = ("--allow-changes", "--from", "sample", "sample.batch_size=1", "sample.num_workers=64")
+    failed = run(finished, "straight", *changed)
     assert failed.returncode == 2 and "20 sampling actors need more than this cluster has" in failed.stderr
-    assert not (run_root / "sample/stage.json").exists() and not (run_root / "evaluate/stage.json").exists()
+    assert {stage: completed(run_root, stage) for stage in kept} == kept and all(kept.values())
+    # ... and going back to that config reuses them: nothing is computed again.
+    back = run(finished, "straight", "--allow-changes")
+    assert back.returncode == 0, back.stdout[-4000:] + back.stderr[-4000:]
+    assert "[sample] up to date" in back.stdout and "[evaluate] up to date" in back.stdout
+    assert "] running (result" not in back.stdout, back.stdout[-4000:]
 
 
-@pytest.mark.slow  # ~60 s; the detection half runs in CI (test_reliability_cluster)
 def test_a_corrupt_snapshot_is_forgotten_and_rewritten_from_the_last_checkpoint(finished):
     run_root = finished / "runs/straight"
     snapshot = Path(outputs(run_root, "train")["snapshot_uri"]) / "model.safetensors"
@@ -156,7 +167,7 @@ def test_a_corrupt_snapshot_is_forgotten_and_rewritten_from_the_last_checkpoint(
     assert failed.returncode == 5, failed.stdout[-4000:] + failed.stderr[-4000:]
     assert "model.safetensors: size or SHA-256 does not match" in failed.stderr
     assert "the train stage and those after it are marked not done" in failed.stderr
-    assert not (run_root / "train/stage.json").exists()
+    assert not completed(run_root, "train")
 
     again = run(finished, "straight")
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
@@ -164,7 +175,6 @@ def test_a_corrupt_snapshot_is_forgotten_and_rewritten_from_the_last_checkpoint(
     assert sha256(snapshot) == original
 
 
-@pytest.mark.slow  # ~110 s: two runs of the pipeline; `make test-all` runs it
 def test_a_full_disk_is_a_named_storage_failure_and_the_run_resumes_when_there_is_room(tmp_path):
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs (the full disk) needs root")

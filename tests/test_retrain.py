@@ -1,8 +1,11 @@
 """Scheduled retraining against a real ``mlflow server``, each run a separate ``python -m pipelines retrain`` process
-with its own local Ray: two runs of one schedule tick at once (exactly one proceeds), no champion -> promoted,
-unchanged data -> skipped without training, changed data -> warm start, the champion re-scored under the same
-protocol and the promotion margin applied (the champion kept; the promotion rule itself is tested below)."""
+with its own local Ray, on a folder prepared by Ray Data tasks: two runs of one schedule tick at once (exactly one
+proceeds), no champion -> promoted, unchanged data -> skipped from a listing of the files without reading any image
+(their bytes are replaced, sizes and times kept, and nothing notices), files rewritten with the same images -> prepare
+runs and finds the same fingerprint -> skipped without training, changed data -> warm start, the champion re-scored
+under the same protocol and the promotion margin applied (the champion kept; the promotion rule is tested below)."""
 
+import contextlib
 import json
 import os
 import subprocess
@@ -15,6 +18,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from ddpm_core.data import load_dataset
+from pipelines.contracts import ChampionRef
 from tests.services import mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
@@ -33,6 +37,7 @@ TINY = [
     "register.model_name=ddpm-nightly",
     "mlflow.experiment=nightly",
     "retrain.lease_ttl_s=60",
+    "data.prepare_on=ray_data",
 ]
 
 
@@ -73,6 +78,21 @@ def retrain(tmp_path: Path, tracking_uri: str, tick: str, *overrides: str, wait:
     return process.returncode, output
 
 
+@contextlib.contextmanager
+def unreadable_images(folder: Path):
+    """Every image file's bytes replaced by zeros of the same size, with its modification time kept; restored after."""
+    kept = {path: (path.read_bytes(), path.stat()) for path in folder.rglob("*.png")}
+    for path, (data, stat) in kept.items():
+        path.write_bytes(bytes(len(data)))
+        os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    try:
+        yield
+    finally:
+        for path, (data, stat) in kept.items():
+            path.write_bytes(data)
+            os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+
 def decision(tmp_path: Path, run_id: str) -> dict:
     return json.loads((tmp_path / "runs" / run_id / "retrain" / "decision.json").read_text())
 
@@ -95,9 +115,11 @@ def test_retrain_schedule(tmp_path):
         champion = client.get_model_version_by_alias("ddpm-nightly", "champion")
         assert champion.version == "1" and len(client.search_model_versions("name='ddpm-nightly'")) == 1
 
-        # (2) the next night, same data: skipped, nothing trained, no new version, the skip recorded in MLflow
-        code, output = retrain(tmp_path, tracking_uri, "2026-11-21T02:00Z")
-        assert code == 0 and "skipped: data unchanged since champion v1" in output, output
+        # (2) the next night, same data: skipped, nothing trained, no new version, the skip recorded in MLflow; no
+        # image is read to decide: every file's bytes are replaced (sizes and times kept) while it decides
+        with unreadable_images(tmp_path / "data"):
+            code, output = retrain(tmp_path, tracking_uri, "2026-11-21T02:00Z")
+        assert code == 0 and "skipped: data unchanged since champion v1: the same files" in output, output
         assert "[train]" not in output and "Started a local Ray instance" not in output
         assert not (tmp_path / "runs" / "nightly-20261121T0200Z" / "train").exists()
         assert len(client.search_model_versions("name='ddpm-nightly'")) == 1
@@ -120,6 +142,15 @@ def test_retrain_schedule(tmp_path):
             timeout=120,
         )
         assert "retrain   skipped: data unchanged" in status.stdout
+
+        # (2b) the files are rewritten with the same images: the listing differs, prepare (on Ray Data) finds the
+        # champion's fingerprint, and nothing is trained
+        for path in sorted((tmp_path / "data").rglob("*.png"))[:5]:
+            path.write_bytes(path.read_bytes())
+        code, output = retrain(tmp_path, tracking_uri, "2026-11-21T03:00Z")
+        assert code == 0 and "its files changed but hold the same images" in output, output[-3000:]
+        assert "[prepare] running" in output and "[train]" not in output
+        assert len(client.search_model_versions("name='ddpm-nightly'")) == 1
 
         # (3) a new image lands: trained, warm-started from the champion, the champion re-scored under this run's
         # protocol, and the promotion margin applied to the two scores: with a margin no FID can clear, the champion
@@ -147,9 +178,11 @@ def rule(margin: float = 0.0, z: float = 1.96):
 @pytest.mark.parametrize(
     "fid, margin, rescored, promote, says",
     [
-        (2.0, 0.0, ("4", 2.5), True, "FID 2.0000 < champion v4's 2.5000 (re-scored under this run's protocol)"),
-        (2.45, 0.1, ("4", 2.5), False, "improvement 0.0500 <= margin 0.1"),
-        (2.3, 0.1, ("4", 2.5), True, "< champion v4's 2.5000"),
+        (2.0, 0.0, ("m", "4", 2.5), True, "FID 2.0000 < champion v4's 2.5000 (re-scored under this run's protocol)"),
+        (2.45, 0.1, ("m", "4", 2.5), False, "improvement 0.0500 <= margin 0.1"),
+        (2.3, 0.1, ("m", "4", 2.5), True, "< champion v4's 2.5000"),
+        # re-scored: version 4 of another model, so not this champion; its recorded FID (same protocol) decides
+        (2.45, 0.0, ("other", "4", 2.0), True, "2.4500 < champion v4's 3.0000 (recorded under the same protocol)"),
         (2.0, 0.0, None, True, "recorded under the same protocol"),  # no re-score: the recorded FID, same protocol hash
     ],
 )
@@ -157,8 +190,9 @@ def test_promotion_rule_margin(fid, margin, rescored, promote, says):
     from pipelines.registry.champion import Champion
     from pipelines.stages.register import Challenger, decide
 
-    champion = Champion("4", 3.0 if rescored else 2.5, "hash-a", "fp", "nightly-x", fid_stderr=0.01)
-    challenger = Challenger(fid, 0.01, "hash-a", rescored, 0.01 if rescored else None)
+    champion = Champion("m", "4", 3.0 if rescored else 2.5, "hash-a", "fp", "nightly-x", None, fid_stderr=0.01)
+    rescore = ((ChampionRef(*rescored[:2]), rescored[2]), 0.01) if rescored else (None, None)
+    challenger = Challenger(fid, 0.01, "hash-a", *rescore)
     decided, reason = decide(challenger, rule(margin), champion)
     assert decided is promote and says in reason
 
@@ -178,7 +212,7 @@ def test_promotion_needs_more_than_the_combined_uncertainty(fid, stderr, champio
     from pipelines.registry.champion import Champion
     from pipelines.stages.register import Challenger, decide
 
-    champion = Champion("4", 2.5, "hash-a", "fp", None, fid_stderr=champion_stderr)
+    champion = Champion("m", "4", 2.5, "hash-a", "fp", None, None, fid_stderr=champion_stderr)
     decided, reason = decide(Challenger(fid, stderr, "hash-a"), rule(), champion)
     assert decided is promote and says in reason
 
@@ -189,20 +223,22 @@ def test_promotion_with_a_rescored_champion_uses_the_paired_stderr():
     from pipelines.registry.champion import Champion
     from pipelines.stages.register import Challenger, decide
 
-    champion = Champion("4", 9.9, "hash-x", "fp", None, fid_stderr=0.5)
-    challenger = Challenger(2.4, 0.5, "hash-a", ("4", 2.5), difference_stderr=0.02)
+    champion = Champion("m", "4", 9.9, "hash-x", "fp", None, None, fid_stderr=0.5)
+    challenger = Challenger(2.4, 0.5, "hash-a", (ChampionRef("m", "4"), 2.5), difference_stderr=0.02)
     promote, reason = decide(challenger, rule(), champion)
     assert promote and "1.96 x stderr 0.0200 = 0.0392 (paired jackknife on shared sample indices)" in reason
-    promote, reason = decide(Challenger(2.47, 0.5, "hash-a", ("4", 2.5), 0.02), rule(), champion)
+    promote, reason = decide(Challenger(2.47, 0.5, "hash-a", (ChampionRef("m", "4"), 2.5), 0.02), rule(), champion)
     assert not promote and "improvement 0.0300 > margin 0 and <= 1.96 x stderr 0.0200" in reason
     # z = 0 restores the bare margin rule
-    assert decide(Challenger(2.47, 0.5, "hash-a", ("4", 2.5), 0.02), rule(z=0.0), champion)[0]
+    assert decide(Challenger(2.47, 0.5, "hash-a", (ChampionRef("m", "4"), 2.5), 0.02), rule(z=0.0), champion)[0]
 
 
 def test_promotion_rule_never_compares_across_protocols():
     from pipelines.registry.champion import Champion
     from pipelines.stages.register import Challenger, decide
 
-    promote, reason = decide(Challenger(0.1, 0.01, "hash-b"), rule(), Champion("4", 2.5, "hash-a", "fp", None))
+    promote, reason = decide(
+        Challenger(0.1, 0.01, "hash-b"), rule(), Champion("m", "4", 2.5, "hash-a", "fp", None, None)
+    )
     assert not promote and "another protocol" in reason
     assert decide(Challenger(5.0, 0.01, "hash-b"), rule(), None) == (True, "no champion yet")

@@ -68,10 +68,13 @@ def test_streamed_training_from_s3_resumes_exactly_after_a_killed_worker(tmp_pat
     assert f"from image {steps_done * BATCH // 2} of each worker's order ({steps_left} steps left)" in text
 
     fs = s3fs.S3FileSystem(**options)
-    stage = json.loads(fs.cat_file(f"{bucket}/runs/stream/train/stage.json"))
+    # run.json names each stage's current result folder in the bucket: {stage}/{fingerprint[:16]}
+    head = json.loads(fs.cat_file(f"{bucket}/runs/stream/run.json"))["stages"]
+    result = {stage: f"{bucket}/runs/stream/{stage}/{fingerprint[:16]}" for stage, fingerprint in head.items()}
+    stage = json.loads(fs.cat_file(f"{result['train']}/stage.json"))
     assert stage["status"] == "complete" and stage["outputs"]["images_seen"] == TOTAL  # exact through the restart
-    assert len([name for name in fs.ls(f"{bucket}/runs/stream/prepare/shards") if name.endswith(".npz")]) == 51
-    assert json.loads(fs.cat_file(f"{bucket}/runs/stream/evaluate/stage.json"))["status"] == "complete"
+    assert len([name for name in fs.ls(f"{result['prepare']}/shards") if name.endswith(".npz")]) == 51
+    assert json.loads(fs.cat_file(f"{result['evaluate']}/stage.json"))["status"] == "complete"
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("stream").experiment_id

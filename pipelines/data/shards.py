@@ -102,13 +102,21 @@ def split_layout(uri: str, storage_options: dict[str, Any]) -> SplitLayout:
 
 def read_first_images(uri: str, count: int | None, storage_options: dict[str, Any]) -> np.ndarray:
     """The first ``count`` images ``[n, H, W, C]`` of a data split (None: all), reading only the files they are in."""
+    return read_first(uri, count, storage_options)[0]
+
+
+def read_first(uri: str, count: int | None, storage_options: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
+    """The first ``count`` images ``[n, H, W, C]`` of a data split (None: all) and their labels ``[n]`` (None when
+    the split has none), reading only the files they are in."""
     layout, parts, held = split_layout(uri, storage_options), [], 0
     for source in layout.sources:
         if count is not None and held >= count:
             break
-        parts.append(read_images(source, storage_options)[: None if count is None else count - held])
-        held += len(parts[-1])
-    return np.concatenate(parts)
+        arrays = read_split_file(source, storage_options)
+        parts.append({name: array[: None if count is None else count - held] for name, array in arrays.items()})
+        held += len(parts[-1]["images"])
+    labels = np.concatenate([part["labels"] for part in parts]) if "labels" in parts[0] else None
+    return np.concatenate([part["images"] for part in parts]), labels
 
 
 def read_images_at(layout: SplitLayout, indices: list[int], storage_options: dict[str, Any]) -> np.ndarray:

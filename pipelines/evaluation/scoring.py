@@ -88,10 +88,18 @@ def build_extractor(spec: ExtractorSpec, storage_options: dict[str, object]) -> 
 
 @ray.remote
 def summarize_source(source: ImageSource, request: SummaryRequest, storage_options: dict[str, object]) -> Summary:
-    """The summary of one file's images; its first features are those with indices below ``request.keep_first``."""
-    images = read_images(source, storage_options)
+    """The summary of one file's images (a Ray task of :func:`summarize`)."""
+    return summary_of(read_images(source, storage_options), source.first_index, request, storage_options)
+
+
+def summary_of(
+    images: np.ndarray, first_index: int, request: SummaryRequest, storage_options: dict[str, object]
+) -> Summary:
+    """The summary of images ``[n, H, W, C]`` uint8 whose global indices start at ``first_index``, in this process
+    (a Ray task's work, and the tune stage's proxy FID on a trial's rank 0); its first features are those with
+    indices below ``request.keep_first``."""
     features, logits = build_extractor(request.spec, storage_options)(images)  # [n, d], [n, K]
-    indices = torch.arange(source.first_index, source.first_index + len(images))  # [n]
+    indices = torch.arange(first_index, first_index + len(images))  # [n]
     inception = None
     if request.inception_splits:
         inception = ClassProbabilityStatistics.empty(request.num_samples, request.inception_splits, logits.shape[1])

@@ -33,7 +33,7 @@ class TrainedModel:
 
 def trained_model(store: RunStore) -> TrainedModel:
     """The run's EMA snapshot, ready to sample on this machine's CPU."""
-    train = store.read_manifest("train", TrainOutputs)
+    train = store.current_manifest("train", TrainOutputs)
     if train is None:
         raise ConfigError(f"run {store.root}: the train stage has not finished (see `python -m pipelines status`)")
     snapshot = load_snapshot(train.outputs.snapshot_uri, store.options)
@@ -48,7 +48,7 @@ def trained_model(store: RunStore) -> TrainedModel:
 
 def holdout_images(store: RunStore, indices: Sequence[int]) -> np.ndarray:
     """Held-out images ``[n, H, W, C]`` uint8 by index (the training split when there is no hold-out)."""
-    prepare = store.read_manifest("prepare", PrepareOutputs)
+    prepare = store.current_manifest("prepare", PrepareOutputs)
     if prepare is None:
         raise ConfigError(f"run {store.root}: the prepare stage has not finished")
     uri = prepare.outputs.holdout_uri if prepare.outputs.num_holdout else prepare.outputs.shards_uri
@@ -65,7 +65,7 @@ def interpolation_figure(
     """Rows of Fig. 9: for each t, the first source, ``columns`` decoded mixtures (w from 0 to 1) and the second
     source; ``[len(timesteps) * (columns + 2), H, W, C]`` uint8. Every row uses the same encoding and reverse-process
     noise, so the rows differ only by t."""
-    store = RunStore(config)
+    store = RunStore.of(config)
     trained = trained_model(store)
     last = trained.diffusion.num_timesteps - 1
     if any(not 0 <= t <= last for t in timesteps):
@@ -86,7 +86,7 @@ def progressive_figure(config: PipelineConfig, count: int, frames: int, seed: in
     """Rows of Fig. 6: for each of ``count`` samples (indices 0..count-1 of ``seed``), the predicted x_0 at
     ``frames`` evenly spaced steps of the 1000-step reverse process, the last being the sample;
     ``[count * frames, H, W, C]`` uint8."""
-    trained = trained_model(RunStore(config))
+    trained = trained_model(RunStore.of(config))
     steps = trained.diffusion.num_timesteps
     every = max(1, steps // (frames - 1)) if frames > 1 else steps
     noise = PerIndexNoise(seed, range(count))

@@ -14,17 +14,18 @@ import json
 import os
 import tempfile
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from ddpm_core.checkpoint import read_snapshot_config
 from ddpm_core.images import grid, rows_by_class, save_grid
-from ddpm_core.metrics import FidEstimate, kernel_inception_distance, precision_recall
-from ddpm_core.samplers import Method
+from ddpm_core.metrics import FidEstimate, kernel_inception_distance, kid_subset_size, precision_recall
 from ddpm_core.storage import verify_committed
-from pipelines.config import Extractor, NllSplit
+from pipelines.config import EvaluateSection, Extractor, NllSplit, PipelineConfig
 from pipelines.context import StageContext
 from pipelines.contracts import (
+    ChampionRef,
     EvaluateOutputs,
     FidProtocol,
     GuidancePoint,
@@ -32,9 +33,11 @@ from pipelines.contracts import (
     PrepareOutputs,
     ReferenceSet,
     SampleOutputs,
+    ScoreProtocol,
     Scores,
     TrainOutputs,
 )
+from pipelines.data.checks import require_images
 from pipelines.data.shards import (
     ImageSource,
     read_first_images,
@@ -45,6 +48,7 @@ from pipelines.data.shards import (
 )
 from pipelines.evaluation.classes import ClassHits, class_hits, sweep_plot
 from pipelines.evaluation.likelihood import NllResult, held_out_bits_per_dim
+from pipelines.evaluation.report import as_sentence, score_lines
 from pipelines.evaluation.scoring import (
     ExtractorSpec,
     PublishedStatistics,
@@ -57,8 +61,9 @@ from pipelines.evaluation.scoring import (
     summarize,
 )
 from pipelines.execution import Execution
+from pipelines.external import External
 from pipelines.generation.sampling import SampleRequest, sample_to_shards
-from pipelines.registry.champion import champion_snapshot_uri, current_champion
+from pipelines.registry.champion import champion_snapshot_uri
 
 
 @dataclass(frozen=True)
@@ -95,7 +100,7 @@ class Scorer:
 
 @dataclass(frozen=True)
 class RescoredChampion:
-    version: str
+    champion: ChampionRef
     fid: FidEstimate  # its sample set's, drawn with this run's indices, seed and sampler
     difference: FidEstimate  # this run's FID minus the champion's, with the paired jackknife's standard error
 
@@ -128,17 +133,49 @@ class Comparisons:
         )
 
 
-def run(context: StageContext, prepare: PrepareOutputs, train: TrainOutputs, sample: SampleOutputs) -> EvaluateOutputs:
-    scorer = make_scorer(context, prepare, context.execution(train.device))
+@dataclass(frozen=True)
+class EvaluateSettings:
+    evaluate: EvaluateSection
+    champion: ChampionRef | None  # the registered champion to re-score beside this run's model (None: none asked)
+
+
+def settings(config: PipelineConfig, external: External) -> EvaluateSettings:
+    rescore = config.evaluate.rescore_champion and config.register.enabled
+    return EvaluateSettings(config.evaluate, external.champion(config.register.model_name) if rescore else None)
+
+
+def check_data(settings: EvaluateSettings, prepare: PrepareOutputs, storage_options: dict[str, Any]) -> None:
+    """The splits hold enough images for the scores asked for."""
+    section = settings.evaluate
+    needs = {"the FID's covariance (2 images)": prepare.num_train >= 2}
+    if section.precision_recall:
+        k = section.precision_recall_k
+        needs[f"precision/recall's k-nearest neighbours (more than evaluate.precision_recall_k={k})"] = (
+            prepare.num_train > k
+        )
+    if section.nll and section.nll_split is NllSplit.HOLDOUT:
+        needs["the NLL bound (evaluate.nll, at least 1 hold-out image)"] = prepare.num_holdout >= 1
+    require_images(prepare, needs)
+
+
+def run(
+    context: StageContext,
+    settings: EvaluateSettings,
+    prepare: PrepareOutputs,
+    train: TrainOutputs,
+    sample: SampleOutputs,
+) -> EvaluateOutputs:
+    section = settings.evaluate
+    scorer = make_scorer(context, section, prepare, context.execution(train.device))
     context.log(f"evaluate: features of {sample.num_samples} samples with {scorer.network.extractor_id}")
-    scores, ours, pr_count = sample_set_scores(context, scorer, sample)
+    scores, ours, pr_count = sample_set_scores(section, scorer, sample)
     if sample.conditioning is not None:
         hits = conditional_hits(context, prepare, sample.shard_uris, scorer.execution)
         log_class_accuracy(context, hits, list(prepare.class_names or ()))
         scores = dataclasses.replace(scores, conditional_accuracy=hits.accuracy)
-    sweep = guidance_sweep(context, prepare, train, sample, scorer)
-    compared = comparisons(context, prepare, train, sample, scorer, ours)
-    nll, nll_protocol = held_out_nll(context, prepare, train, sample)
+    sweep = guidance_sweep(context, section, (prepare, train, sample), scorer)
+    compared = comparisons(context, settings, (prepare, train, sample), scorer, ours)
+    nll, nll_protocol = held_out_nll(context, section, prepare, train, sample)
     scores = dataclasses.replace(
         compared.apply(scores, sample.num_samples),
         nll_bpd=nll.bits_per_dim if nll else None,
@@ -151,7 +188,7 @@ def run(context: StageContext, prepare: PrepareOutputs, train: TrainOutputs, sam
         precision=sample.execution.precision,
         extractor_id=scorer.network.extractor_id,
         extractor_weights_sha256=scorer.network.weights_sha256,
-        reference=reference_set(context, prepare, scorer),
+        reference=reference_set(prepare, scorer),
         conditioning=sample.conditioning,
     )
     outputs = EvaluateOutputs(
@@ -159,21 +196,41 @@ def run(context: StageContext, prepare: PrepareOutputs, train: TrainOutputs, sam
         protocol=protocol,
         protocol_hash=protocol_hash(protocol),
         nll_protocol=nll_protocol,
-        grid_uri=save_sample_grid(context, sample),
+        grid_uri=save_sample_grid(context, section.grid_size, sample),
         reference_uri=scorer.reference_uri,
-        champion_version=compared.champion.version if compared.champion else None,
+        rescored_champion=compared.champion.champion if compared.champion else None,
+        score_protocol=score_protocol(section, (prepare, train, sample), pr_count),
         guidance_sweep=sweep,
     )
-    log_to_mlflow(context, outputs, pr_count)
-    context.log(summary_line(outputs))
+    log_to_mlflow(context, section.extractor, outputs)
+    context.log(f"evaluate: {as_sentence(score_lines(outputs))}")
     return outputs
 
 
-def make_scorer(context: StageContext, prepare: PrepareOutputs, execution: Execution) -> Scorer:
+def score_protocol(
+    section: EvaluateSection, upstream: tuple[PrepareOutputs, TrainOutputs, SampleOutputs], compared: int
+) -> ScoreProtocol:
+    """How the scores were computed; ``compared``: the images of each set precision/recall and KID compared."""
+    prepare, train, sample = upstream
+    steps = sample.sampler.num_steps or train.config.diffusion.num_timesteps
+    return ScoreProtocol(
+        fid_groups=min(section.fid_groups, sample.num_samples),
+        holdout_images=prepare.num_holdout,
+        compared_images=compared,
+        nfe=sample.sampler.method.network_evaluations(steps),
+        inception_score_splits=section.inception_score_splits if section.inception_score else None,
+        precision_recall_k=section.precision_recall_k if section.precision_recall else None,
+        kid_subset_size=kid_subset_size(section.kid_subset_size, compared) if section.kid else None,
+        kid_subsets=section.kid_subsets if section.kid else None,
+    )
+
+
+def make_scorer(
+    context: StageContext, settings: EvaluateSection, prepare: PrepareOutputs, execution: Execution
+) -> Scorer:
     """The feature network and the training split's reference statistics (from the cache, or computed into it);
     the published statistics too when ``evaluate.reference_stats_uri`` names some."""
-    settings = context.config.evaluate
-    network = feature_network(context, prepare)
+    network = feature_network(context, settings, prepare)
     uri = context.store.cache_uri("reference", reference_key(prepare.fingerprint, network.extractor_id))
     metadata = {"extractor_id": network.extractor_id, "data_fingerprint": prepare.fingerprint}
     reference = reference_summary(
@@ -192,11 +249,13 @@ def make_scorer(context: StageContext, prepare: PrepareOutputs, execution: Execu
     return Scorer(network, reference, uri, published, execution, settings.fid_groups)
 
 
-def sample_set_scores(context: StageContext, scorer: Scorer, sample: SampleOutputs) -> tuple[Scores, FidEstimate, int]:
+def sample_set_scores(
+    settings: EvaluateSection, scorer: Scorer, sample: SampleOutputs
+) -> tuple[Scores, FidEstimate, int]:
     """FID (with its jackknife stderr and FID_inf), Inception Score, precision/recall and KID of the sample set; its
     FID estimate (for the paired comparison with the champion); and how many images of each set precision/recall
     and KID compared (equal set sizes, as in Kynkaanniemi et al. 2019)."""
-    settings, options = context.config.evaluate, scorer.execution.storage_options
+    options = scorer.execution.storage_options
     splits = settings.inception_score_splits if settings.inception_score else 0
     request = scorer.request(sample.num_samples, splits, settings.first_feature_images)
     generated = summarize(sample_sources(sample.shard_uris, options), request, scorer.execution)
@@ -208,7 +267,9 @@ def sample_set_scores(context: StageContext, scorer: Scorer, sample: SampleOutpu
     )
     kid: tuple[float | None, float | None] = (None, None)
     if settings.kid:
-        kid = kernel_inception_distance(real, fake, settings.kid_subset(count), settings.kid_subsets, sample.seed)
+        kid = kernel_inception_distance(
+            real, fake, kid_subset_size(settings.kid_subset_size, count), settings.kid_subsets, sample.seed
+        )
     fid = scorer.estimate(generated)
     scores = Scores(
         fid.value,
@@ -245,12 +306,16 @@ def log_class_accuracy(context: StageContext, hits: ClassHits, names: list[str])
 
 
 def guidance_sweep(
-    context: StageContext, prepare: PrepareOutputs, train: TrainOutputs, sample: SampleOutputs, scorer: Scorer
+    context: StageContext,
+    settings: EvaluateSection,
+    upstream: tuple[PrepareOutputs, TrainOutputs, SampleOutputs],
+    scorer: Scorer,
 ) -> tuple[GuidancePoint, ...]:
     """FID and conditional accuracy at each ``evaluate.guidance_scales`` w, on the first ``guidance_samples`` images
     (same seed, sampler and classes as the sample set), logged with the trade-off plot. These FIDs are of smaller sets
     than the sample set's: compare them with each other, not with ``fid``."""
-    settings, conditioning = context.config.evaluate, sample.conditioning
+    prepare, train, sample = upstream
+    conditioning = sample.conditioning
     if conditioning is None or not settings.guidance_scales:
         return ()
     count = min(settings.guidance_samples, sample.num_samples)
@@ -258,7 +323,7 @@ def guidance_sweep(
     for scale in settings.guidance_scales:
         context.log(f"evaluate: guidance sweep, w = {scale:g} on {count} images")
         request = dataclasses.replace(
-            SampleRequest.like(sample, train.snapshot_uri, f"{context.work_uri('evaluate')}/guidance_w{scale:g}"),
+            SampleRequest.like(sample, train.snapshot_uri, f"{context.result_uri}/guidance_w{scale:g}"),
             num_samples=count,
             conditioning=conditioning.with_scale(scale),
         )
@@ -287,9 +352,8 @@ def log_guidance_sweep(context: StageContext, points: list[GuidancePoint]) -> No
     context.log(f"evaluate: guidance sweep ({points[0].num_samples} images each): {table}")
 
 
-def feature_network(context: StageContext, prepare: PrepareOutputs) -> FeatureNetwork:
+def feature_network(context: StageContext, settings: EvaluateSection, prepare: PrepareOutputs) -> FeatureNetwork:
     """The configured feature network: prepare's classifier, or Inception with verified weights."""
-    settings = context.config.evaluate
     if settings.extractor is Extractor.CLASSIFIER:
         if prepare.extractor_uri is None or prepare.extractor_id is None:
             raise RuntimeError("evaluate.extractor=classifier, but the prepare stage made no classifier")
@@ -304,25 +368,24 @@ def feature_network(context: StageContext, prepare: PrepareOutputs) -> FeatureNe
 
 def comparisons(
     context: StageContext,
-    prepare: PrepareOutputs,
-    train: TrainOutputs,
-    sample: SampleOutputs,
+    settings: EvaluateSettings,
+    upstream: tuple[PrepareOutputs, TrainOutputs, SampleOutputs],
     scorer: Scorer,
     ours: FidEstimate,
 ) -> Comparisons:
-    settings, options = context.config.evaluate, scorer.execution.storage_options
+    (prepare, train, sample), options = upstream, scorer.execution.storage_options
     holdout = (
         scorer.fid(split_sources(prepare.holdout_uri, options), prepare.num_holdout)
         if prepare.num_holdout >= 2
         else None
     )
     untrained = None
-    if settings.untrained_baseline:
+    if settings.evaluate.untrained_baseline:
         context.log("evaluate: sampling an untrained network under the same protocol for the baseline FID")
         untrained = scorer.estimate(
             summary_of_snapshot(context, scorer, sample, train.initial_snapshot_uri, "untrained_shards")
         )
-    return Comparisons(holdout, untrained, rescore_champion(context, scorer, sample, ours))
+    return Comparisons(holdout, untrained, rescore_champion(context, settings.champion, scorer, sample, ours))
 
 
 def summary_of_snapshot(
@@ -330,47 +393,43 @@ def summary_of_snapshot(
 ) -> Summary:
     """The feature summary of another snapshot's images, sampled like the sample stage's (same indices, seed,
     sampler, precision) into this stage's work folder."""
-    request = SampleRequest.like(sample, snapshot_uri, f"{context.work_uri('evaluate')}/{folder}")
+    request = SampleRequest.like(sample, snapshot_uri, f"{context.result_uri}/{folder}")
     uris, _ = sample_to_shards(request, scorer.execution, context.log)
     return scorer.summarize(sample_sources(uris, scorer.execution.storage_options), sample.num_samples)
 
 
 def rescore_champion(
-    context: StageContext, scorer: Scorer, sample: SampleOutputs, ours: FidEstimate
+    context: StageContext, champion: ChampionRef | None, scorer: Scorer, sample: SampleOutputs, ours: FidEstimate
 ) -> RescoredChampion | None:
     """The registered champion's FID under exactly this run's protocol, so that the register stage compares like
     with like even when the data (and so the reference statistics) changed; and the difference of the two FIDs with
     the paired jackknife's standard error (both sets share their sample indices, so their errors correlate)."""
-    config = context.config
-    if not (config.evaluate.rescore_champion and config.register.enabled):
+    if champion is None or champion.version is None:
         return None
-    champion = current_champion(context.client, config.register.model_name)
-    if champion is None:
-        return None
-    snapshot_uri = champion_snapshot_uri(context.store, context.tracking_uri, config.register.model_name, champion)
+    name, version = champion.model_name, champion.version
+    snapshot_uri = champion_snapshot_uri(context.store, context.tracking_uri, name, version)
     classes = read_snapshot_config(snapshot_uri, scorer.execution.storage_options)[0].num_classes
     our_classes = sample.conditioning.null_class if sample.conditioning is not None else None
     if classes != our_classes:
         context.log(
-            f"evaluate: champion v{champion.version} of {config.register.model_name} is a model of "
+            f"evaluate: champion v{version} of {name} is a model of "
             f"{classes or 'no'} classes and this one of {our_classes or 'no'}: it cannot draw this run's sample set, "
             "so it is not re-scored (nor compared)"
         )
         return None
-    context.log(
-        f"evaluate: re-scoring champion v{champion.version} of {config.register.model_name} under this protocol"
-    )
-    theirs = scorer.estimate(
-        summary_of_snapshot(context, scorer, sample, snapshot_uri, f"champion_v{champion.version}_shards")
-    )
-    return RescoredChampion(champion.version, theirs, ours.minus(theirs))
+    context.log(f"evaluate: re-scoring champion v{version} of {name} under this protocol")
+    theirs = scorer.estimate(summary_of_snapshot(context, scorer, sample, snapshot_uri, f"champion_v{version}_shards"))
+    return RescoredChampion(champion, theirs, ours.minus(theirs))
 
 
 def held_out_nll(
-    context: StageContext, prepare: PrepareOutputs, train: TrainOutputs, sample: SampleOutputs
+    context: StageContext,
+    settings: EvaluateSection,
+    prepare: PrepareOutputs,
+    train: TrainOutputs,
+    sample: SampleOutputs,
 ) -> tuple[NllResult | None, NllProtocol | None]:
     """The NLL bound of the held-out (or test) images, and how it was estimated."""
-    settings = context.config.evaluate
     if not settings.nll:
         return None, None
     uri = prepare.holdout_uri if settings.nll_split is NllSplit.HOLDOUT else prepare.test_uri
@@ -389,14 +448,13 @@ def held_out_nll(
     return held_out_bits_per_dim(train.snapshot_uri, images, protocol, context.execution(train.device)), protocol
 
 
-def reference_set(context: StageContext, prepare: PrepareOutputs, scorer: Scorer) -> ReferenceSet:
+def reference_set(prepare: PrepareOutputs, scorer: Scorer) -> ReferenceSet:
     if scorer.published is not None:
         return ReferenceSet("published", reference_sha256=scorer.published.sha256)
-    data = context.config.data
     return ReferenceSet(
         "training split",
         reference_data_fingerprint=prepare.fingerprint,
-        reference_split=f"{data.split.value} minus {data.holdout_fraction:g} hold-out",
+        reference_split=prepare.described(),
         reference_count=scorer.reference.fid.count,
     )
 
@@ -405,27 +463,14 @@ def protocol_hash(protocol: FidProtocol) -> str:
     return hashlib.sha256(json.dumps(protocol.flat(), sort_keys=True).encode()).hexdigest()[:16]
 
 
-def log_to_mlflow(context: StageContext, outputs: EvaluateOutputs, pr_count: int) -> None:
+def log_to_mlflow(context: StageContext, extractor: Extractor, outputs: EvaluateOutputs) -> None:
     """The scores as metrics, the protocol as ``protocol.*`` params, its hash and the extractor as tags."""
-    settings, client, run_id = context.config.evaluate, context.client, context.mlflow_run_id
+    client, run_id = context.client, context.mlflow_run_id
     for key, value in outputs.scores.present().items():
         client.log_metric(run_id, key, value)
     params = {f"protocol.{key}": value for key, value in outputs.protocol.flat().items() if key != "sampler"}
-    sampler = outputs.protocol.sampler
-    params.update({f"protocol.sampler.{key}": value for key, value in sampler.to_dict().items()})
-    # NFE follows from method and steps, so it is logged beside the protocol, not hashed into it
-    params["protocol.sampler.network_evaluations"] = sampler.method.network_evaluations(
-        sampler.num_steps or context.config.diffusion.num_timesteps
-    )
-    if settings.inception_score:
-        params["protocol.inception_score.splits"] = settings.inception_score_splits
-    params["protocol.fid.jackknife_groups"] = min(settings.fid_groups, outputs.protocol.num_samples)
-    if settings.kid:
-        params["protocol.kid.subset_size"] = settings.kid_subset(pr_count)
-        params["protocol.kid.subsets"] = settings.kid_subsets
-    if settings.precision_recall:
-        params["protocol.precision_recall.k"] = settings.precision_recall_k
-        params["protocol.precision_recall.samples"] = pr_count  # real and generated each
+    params.update({f"protocol.sampler.{key}": value for key, value in outputs.protocol.sampler.to_dict().items()})
+    params.update(outputs.score_protocol.params())
     if outputs.nll_protocol is not None:
         params.update({f"protocol.{key}": value for key, value in outputs.nll_protocol.params().items()})
     params["protocol.reference_uri"] = outputs.reference_uri
@@ -434,16 +479,16 @@ def log_to_mlflow(context: StageContext, outputs: EvaluateOutputs, pr_count: int
     client.set_tag(run_id, "fid.protocol_hash", outputs.protocol_hash)
     description = (
         "Inception-v3 pool3 (torch-fidelity port of the TF 2015-12-05 graph)"
-        if settings.extractor is Extractor.INCEPTION
+        if extractor is Extractor.INCEPTION
         else "CNN classifier trained on the data set's labels"
     )
     client.set_tag(run_id, "fid.extractor", f"{outputs.protocol.extractor_id} ({description})")
 
 
-def save_sample_grid(context: StageContext, sample: SampleOutputs) -> str:
+def save_sample_grid(context: StageContext, size: int, sample: SampleOutputs) -> str:
     """The first ``evaluate.grid_size`` samples as a PNG grid in the run root and as an MLflow artifact; a conditional
     sample set's has one row per class (at most ten images each)."""
-    size, options = context.config.evaluate.grid_size, context.store.options
+    options = context.store.options
     conditioning = sample.conditioning
     classes = len(set(conditioning.classes)) if conditioning else 0
     columns = min(10, max(1, size // classes)) if classes else 10
@@ -454,41 +499,10 @@ def save_sample_grid(context: StageContext, sample: SampleOutputs) -> str:
     if conditioning is not None:  # [n, H, W, C] -> one row of `columns` images per class
         labels = np.concatenate([read_sample_labels(uri, options) for uri in uris])[:wanted]
         images = rows_by_class(images, labels, columns)
-    grid_uri = f"{context.store.stage_uri('evaluate')}/samples.png"
+    grid_uri = f"{context.result_uri}/samples.png"
     save_grid(images, grid_uri, columns=columns, storage_options=options)
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "samples.png")
         grid(images, columns=columns).save(path)
         context.client.log_artifact(context.mlflow_run_id, path)
     return grid_uri
-
-
-def summary_line(outputs: EvaluateOutputs) -> str:
-    scores, protocol = outputs.scores, outputs.protocol
-    guided = f", guidance w={protocol.conditioning.guidance_scale:g}" if protocol.conditioning is not None else ""
-    sampler = protocol.sampler
-    steps = sampler.num_steps
-    nfe = f", {sampler.method.network_evaluations(steps)} NFE" if sampler.method is Method.HEUN and steps else ""
-    stderr = f" +- {scores.fid_stderr:.3f}" if scores.fid_stderr is not None else ""
-    parts = [
-        f"FID {scores.fid:.3f}{stderr} ({protocol.num_samples} samples, {sampler.method.value} "
-        f"{sampler.num_steps} steps{nfe}{guided}, extractor {protocol.extractor_id})"
-    ]
-    labels = {
-        "fid_inf": "FID_inf",
-        "fid_floor": "real-data floor at equal N",
-        "fid_over_floor": "FID / floor",
-        "kid": "KID",
-        "fid_untrained": "untrained network FID",
-        "fid_holdout_vs_train": "hold-out real images FID",
-        "fid_champion": "champion FID (re-scored)",
-        "fid_minus_champion": "FID - champion's",
-        "inception_score": "IS",
-        "precision": "precision",
-        "recall": "recall",
-        "nll_bpd": "NLL bits/dim",
-        "conditional_accuracy": "conditional accuracy",
-    }
-    present = scores.present()
-    parts += [f"{label} {present[key]:.4g}" for key, label in labels.items() if key in present]
-    return "evaluate: " + "; ".join(parts)

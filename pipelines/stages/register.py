@@ -18,13 +18,23 @@ import torch
 from mlflow.models import infer_signature
 
 from ddpm_core.storage import filesystem, verify_committed
-from pipelines.config import RegisterSection
-from pipelines.context import StageContext
-from pipelines.contracts import EvaluateOutputs, PrepareOutputs, RegisterOutputs, TrainOutputs
-from pipelines.registry.champion import Champion, current_champion
+from pipelines.config import PipelineConfig, RegisterSection
+from pipelines.context import StageContext, StageStopped
+from pipelines.contracts import ChampionRef, EvaluateOutputs, PrepareOutputs, RegisterOutputs, TrainOutputs
+from pipelines.evaluation.report import as_markdown, score_lines
+from pipelines.external import External
+from pipelines.registry.champion import (
+    COMPARED_WITH_TAG,
+    CONFIG_TAG,
+    Champion,
+    champion_version,
+    current_champion,
+)
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
-# the pyfunc's params and defaults (method: ancestral, ddim, dpm_solver++_2m, heun; spacing: ddpm_core.samplers.Spacing)
+Upstream = tuple[PrepareOutputs, TrainOutputs, EvaluateOutputs]
+# the pyfunc's params and defaults (method: ancestral, ddim, dpm_solver++_2m, heun; spacing: a samplers.Spacing).
+# pipelines/registry/serving.py holds the same: it is logged as the model's code, which imports no pipeline module
 SAMPLING_PARAMS = {
     "seed": 0,
     "method": "ddim",
@@ -35,41 +45,36 @@ SAMPLING_PARAMS = {
 }
 
 
+@dataclass(frozen=True)
+class RegisterSettings:
+    register: RegisterSection
+    champion: ChampionRef  # the champion this run's model is compared with, resolved before the run
+
+
+def settings(config: PipelineConfig, external: External) -> RegisterSettings:
+    return RegisterSettings(config.register, external.champion(config.register.model_name))
+
+
 def run(
-    context: StageContext, prepare: PrepareOutputs, train: TrainOutputs, evaluate: EvaluateOutputs
+    context: StageContext,
+    settings: RegisterSettings,
+    prepare: PrepareOutputs,
+    train: TrainOutputs,
+    evaluate: EvaluateOutputs,
 ) -> RegisterOutputs:
-    name = context.config.register.model_name
-    client = context.client
-    version, model_id = log_model(context, train.snapshot_uri, prepare)
-    champion = current_champion(client, name)  # before this version takes any alias
-    scores = evaluate.scores
-    tags = {
-        "fid": scores.fid,
-        "fid_stderr": scores.fid_stderr,
-        "fid_inf": scores.fid_inf,
-        "fid_floor": scores.fid_floor,
-        "kid": scores.kid,
-        "protocol_hash": evaluate.protocol_hash,
-        "ddpm.run_id": context.config.run_id,
-        "extractor_id": evaluate.protocol.extractor_id,
-        "data_fingerprint": prepare.fingerprint,
-    }
-    if evaluate.protocol.conditioning is not None:
-        tags["guidance_scale"] = evaluate.protocol.conditioning.guidance_scale
-        tags["conditional_accuracy"] = evaluate.scores.conditional_accuracy
-    for key, value in tags.items():
-        if value is None:
-            continue
-        client.set_model_version_tag(name, version, key, str(value))
+    name, client = settings.register.model_name, context.client
+    champion = compared_champion(context, settings.champion)  # before this version takes any alias
+    version, model_id = log_model(context, name, (prepare, train, evaluate))
+    tag_version(context, (name, version), prepare, evaluate, settings.champion)
     client.set_registered_model_alias(name, "challenger", version)
     challenger = Challenger.of(evaluate)
-    promote, reason = decide(challenger, context.config.register, champion)
+    promote, reason = decide(challenger, settings.register, champion)
     if promote:
         client.set_registered_model_alias(name, "champion", version)
     decision = ("promoted to champion: " if promote else "champion kept: ") + reason
     client.set_tag(context.mlflow_run_id, "registry.decision", decision)
     client.set_model_version_tag(name, version, "registry.decision", decision)
-    describe_version(context, prepare, evaluate, version, model_id, decision)
+    describe_version(context, (name, version, model_id), (prepare, train, evaluate), decision)
     context.log(f"register: {name} v{version} -> challenger" + (", champion" if promote else "") + f" ({reason})")
     return RegisterOutputs(
         model_name=name,
@@ -83,17 +88,62 @@ def run(
     )
 
 
-def log_model(context: StageContext, snapshot_uri: str, prepare: PrepareOutputs) -> tuple[str, str]:
+def compared_champion(context: StageContext, resolved: ChampionRef) -> Champion | None:
+    """The champion resolved before the run (this stage's input), after checking that the alias has not moved to
+    another run's version since: a decision against a champion that is no longer one would be wrong."""
+    client, name = context.client, resolved.model_name
+    now = current_champion(client, name)
+    if now is not None and now.version != resolved.version and now.run_id != context.store.run_id:
+        raise StageStopped(
+            f"the champion of {name} changed while this run ran (v{resolved.version or ' none'} when it started, "
+            f"v{now.version} now): run the same command again to compare with v{now.version}"
+        )
+    return champion_version(client, name, resolved.version) if resolved.version else None
+
+
+def tag_version(
+    context: StageContext,
+    version: tuple[str, str],
+    prepare: PrepareOutputs,
+    evaluate: EvaluateOutputs,
+    compared_with: ChampionRef,
+) -> None:
+    """The version's scores, protocol, data and provenance as tags (what a later run reads of its champion)."""
+    scores = evaluate.scores
+    tags = {
+        "fid": scores.fid,
+        "fid_stderr": scores.fid_stderr,
+        "fid_inf": scores.fid_inf,
+        "fid_floor": scores.fid_floor,
+        "kid": scores.kid,
+        "protocol_hash": evaluate.protocol_hash,
+        "ddpm.run_id": context.store.run_id,
+        "extractor_id": evaluate.protocol.extractor_id,
+        "data_fingerprint": prepare.fingerprint,
+        "data_listing": prepare.source_listing,
+        COMPARED_WITH_TAG: compared_with.version or "none",
+        CONFIG_TAG: context.config_digest,
+    }
+    if evaluate.protocol.conditioning is not None:
+        tags["guidance_scale"] = evaluate.protocol.conditioning.guidance_scale
+        tags["conditional_accuracy"] = evaluate.scores.conditional_accuracy
+    for key, value in tags.items():
+        if value is not None:
+            context.client.set_model_version_tag(*version, key, str(value))
+
+
+def log_model(context: StageContext, name: str, upstream: Upstream) -> tuple[str, str]:
     """The snapshot as an MLflow pyfunc model (code: ``pipelines/registry/serving.py`` + ``ddpm_core``) in this stage's
     run, registered as a new version of ``register.model_name``; returns (version, logged model id). A conditional
     model's signature takes a ``label`` column and a ``guidance_scale`` param (default: the scale it was evaluated
     with)."""
-    unet = context.config.model.unet(prepare.num_classes)
+    prepare, train, evaluate = upstream
+    unet, snapshot_uri, conditioning = train.config.unet, train.snapshot_uri, evaluate.protocol.conditioning
     verify_committed(snapshot_uri, context.store.options)  # never register a corrupt snapshot
     mlflow.set_tracking_uri(context.tracking_uri)
     params, example, model_config = dict(SAMPLING_PARAMS), pd.DataFrame({"index": [0, 1]}), None
-    if unet.num_classes is not None:
-        guidance = context.config.sample.guidance_scale
+    if unet.num_classes is not None and conditioning is not None:
+        guidance = conditioning.guidance_scale
         params["guidance_scale"] = guidance
         example["label"] = [0, unet.num_classes - 1]
         model_config = {"guidance_scale": guidance, "class_names": list(prepare.class_names or ())}
@@ -111,7 +161,7 @@ def log_model(context: StageContext, snapshot_uri: str, prepare: PrepareOutputs)
                 code_paths=[str(PACKAGE_ROOT / "ddpm_core")],
                 signature=signature,
                 model_config=model_config,
-                registered_model_name=context.config.register.model_name,
+                registered_model_name=name,
                 pip_requirements=[
                     f"torch=={torch.__version__.split('+')[0]}",
                     "numpy",
@@ -128,7 +178,7 @@ def log_model(context: StageContext, snapshot_uri: str, prepare: PrepareOutputs)
 def stage_run_links(context: StageContext) -> dict[str, str]:
     """UI links (relative to the MLflow UI's root) to this pipeline run's parent, train and evaluate runs."""
     run = context.client.get_run(context.mlflow_run_id)
-    experiment, run_id = run.info.experiment_id, context.config.run_id
+    experiment, run_id = run.info.experiment_id, context.store.run_id
     view = "?workflowType=machine_learning"  # MLflow 3's UI: the model-training view, not GenAI's
     links = {"pipeline": f"#/experiments/{experiment}/runs/{run.data.tags['mlflow.parentRunId']}{view}"}
     for stage in ("train", "evaluate"):
@@ -144,52 +194,37 @@ def stage_run_links(context: StageContext) -> dict[str, str]:
     return links
 
 
-def version_description(
-    context: StageContext, prepare: PrepareOutputs, evaluate: EvaluateOutputs, decision: str
-) -> str:
+def version_description(context: StageContext, upstream: Upstream, decision: str) -> str:
     """Markdown for the model version page: data, architecture, sampler, the headline scores with their
     uncertainty and floor, the decision, and links to the runs that hold the curves and the scores."""
-    config, scores, protocol = context.config, evaluate.scores, evaluate.protocol
-    sampler = protocol.sampler
+    prepare, train, evaluate = upstream
+    diffusion = train.config.diffusion
     lines = [
-        f"DDPM on `{config.data.uri}` (fingerprint `{prepare.fingerprint[:12]}`, {prepare.num_train:,} training "
-        f"images): U-Net preset `{config.model.preset}`"
-        + (f", class-conditional ({prepare.num_classes} classes)" if config.model.conditional else "")
-        + f", {config.diffusion.num_timesteps} steps {config.diffusion.schedule.value} schedule, "
-        f"{config.train.total_images:,} training images.",
+        f"DDPM on `{prepare.source_uri}` (fingerprint `{prepare.fingerprint[:12]}`, {prepare.num_train:,} training "
+        f"images): U-Net preset `{train.config.preset}`"
+        + (f", class-conditional ({train.num_classes} classes)" if train.num_classes else "")
+        + f", {diffusion.num_timesteps} steps {diffusion.schedule.value} schedule, "
+        f"{train.images_seen:,} training images.",
         "",
-        f"**FID {scores.fid:.4f}**"
-        + (f" ± {scores.fid_stderr:.4f} (jackknife stderr)" if scores.fid_stderr is not None else "")
-        + f" on {protocol.num_samples:,} samples ({sampler.method.value}, {sampler.num_steps} steps, seed "
-        f"{protocol.seed}), extractor `{protocol.extractor_id}`.",
+        *as_markdown(score_lines(evaluate)),
     ]
-    if scores.fid_floor is not None and scores.fid_over_floor is not None:
-        lines.append(
-            f"Real-data floor at the same N: {scores.fid_floor:.4f} (the model is {scores.fid_over_floor:.2f}x it)."
-        )
-    if scores.kid is not None and scores.kid_std is not None:
-        lines.append(f"KID {scores.kid:.5f} ± {scores.kid_std:.5f}.")
     links = " · ".join(f"[{name} run]({url})" for name, url in stage_run_links(context).items())
     lines += ["", f"Registry: {decision}", "", f"Runs: {links}"]
     return "\n".join(lines)
 
 
 def describe_version(
-    context: StageContext,
-    prepare: PrepareOutputs,
-    evaluate: EvaluateOutputs,
-    version: str,
-    model_id: str,
-    decision: str,
+    context: StageContext, registered: tuple[str, str, str], upstream: Upstream, decision: str
 ) -> None:
     """Descriptions on the version and (once) the registered model; the scores and sampling protocol on the logged
-    model, so its page shows them beside the register run's."""
-    client, name = context.client, context.config.register.model_name
-    client.update_model_version(name, version, version_description(context, prepare, evaluate, decision))
+    model, so its page shows them beside the register run's. ``registered``: (model name, version, model id)."""
+    (name, version, model_id), client = registered, context.client
+    prepare, _, evaluate = upstream
+    client.update_model_version(name, version, version_description(context, upstream, decision))
     if not client.get_registered_model(name).description:
         client.update_registered_model(
             name,
-            f"DDPM image diffusion models trained by ddpm-pipeline on `{context.config.data.uri}`. Alias `champion`: "
+            f"DDPM image diffusion models trained by ddpm-pipeline on `{prepare.source_uri}`. Alias `champion`: "
             "the version to serve; `challenger`: the latest. Each version's description has its scores, their "
             "uncertainty and links to its runs.",
         )
@@ -206,15 +241,15 @@ class Challenger:
     fid: float
     fid_stderr: float | None  # jackknife standard error
     protocol_hash: str
-    rescored: tuple[str, float] | None = None  # (version, FID) of the champion re-scored under this protocol
+    rescored: tuple[ChampionRef, float] | None = None  # the champion re-scored under this protocol, and its FID
     difference_stderr: float | None = None  # paired jackknife stderr of fid minus the re-scored champion's
 
     @classmethod
     def of(cls, evaluate: EvaluateOutputs) -> Challenger:
         scores = evaluate.scores
         rescored = None
-        if evaluate.champion_version is not None and scores.fid_champion is not None:
-            rescored = (evaluate.champion_version, scores.fid_champion)
+        if evaluate.rescored_champion is not None and scores.fid_champion is not None:
+            rescored = (evaluate.rescored_champion, scores.fid_champion)
         return cls(scores.fid, scores.fid_stderr, evaluate.protocol_hash, rescored, scores.fid_minus_champion_stderr)
 
 
@@ -231,7 +266,7 @@ class Evidence:
 def evidence(challenger: Challenger, champion: Champion) -> Evidence | None:
     """The champion re-scored in this run (paired with the challenger's samples), else its recorded FID when the
     protocol hash matches (independent sets: the standard errors add in quadrature); None when not comparable."""
-    if challenger.rescored is not None and challenger.rescored[0] == champion.version:
+    if challenger.rescored is not None and challenger.rescored[0] == ChampionRef(champion.model_name, champion.version):
         return Evidence(
             challenger.rescored[1],
             "re-scored under this run's protocol",

@@ -5,45 +5,65 @@ default) with guidance scale ``sample.guidance_scale``."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import Any
+
+from pipelines.config import PipelineConfig, SampleSection
 from pipelines.context import StageContext
 from pipelines.contracts import Conditioning, NetworkExecution, PrepareOutputs, SampleOutputs, TrainOutputs
 from pipelines.execution import Device
+from pipelines.external import External
 from pipelines.generation.classes import sample_labels
 from pipelines.generation.sampling import SampleRequest, sample_to_shards
 
 
-def run(context: StageContext, prepare: PrepareOutputs, train: TrainOutputs) -> SampleOutputs:
-    settings = context.config.sample
+@dataclass(frozen=True)
+class SampleSettings:
+    sample: SampleSection
+
+
+def settings(config: PipelineConfig, external: External) -> SampleSettings:
+    return SampleSettings(config.sample)
+
+
+def check_data(settings: SampleSettings, prepare: PrepareOutputs, storage_options: dict[str, Any]) -> None:
+    """``sample.classes`` names classes the data has."""
+    if settings.sample.classes is not None and prepare.num_classes is not None:
+        sample_labels(settings.sample.classes, list(prepare.class_names or ()), prepare.num_classes)
+
+
+def run(context: StageContext, settings: SampleSettings, prepare: PrepareOutputs, train: TrainOutputs) -> SampleOutputs:
+    sample = settings.sample
     on_gpu = train.device is Device.GPU
-    network = NetworkExecution(settings.precision(on_gpu), settings.compiled(on_gpu))
+    network = NetworkExecution(sample.precision(on_gpu), sample.compiled(on_gpu))
     conditioning = None
     if train.num_classes is not None:
         names = list(prepare.class_names or ())  # the data's classes (a model may have more: model.num_classes)
-        classes = sample_labels(settings.classes, names, len(names))
-        conditioning = Conditioning(classes, settings.guidance_scale, null_class=train.num_classes)
+        classes = sample_labels(sample.classes, names, len(names))
+        conditioning = Conditioning(classes, sample.guidance_scale, null_class=train.num_classes)
         context.log(
-            f"sample: {len(classes)} classes in turn, guidance scale w = {settings.guidance_scale:g} (0: unguided)"
+            f"sample: {len(classes)} classes in turn, guidance scale w = {sample.guidance_scale:g} (0: unguided)"
         )
     request = SampleRequest(
         snapshot_uri=train.snapshot_uri,
-        out_uri=f"{context.work_uri('sample')}/shards",
-        num_samples=settings.num_samples,
-        shard_size=settings.batch_size,
-        num_workers=settings.num_workers,
-        sampler=settings.sampler,
-        seed=settings.seed,
+        out_uri=f"{context.result_uri}/shards",
+        num_samples=sample.num_samples,
+        shard_size=sample.batch_size,
+        num_workers=sample.num_workers,
+        sampler=sample.sampler,
+        seed=sample.seed,
         network=network,
         conditioning=conditioning,
     )
     shard_uris, sampling_seconds = sample_to_shards(request, context.execution(train.device), context.log)
-    context.client.log_metric(context.mlflow_run_id, "num_samples", settings.num_samples)
+    context.client.log_metric(context.mlflow_run_id, "num_samples", sample.num_samples)
     return SampleOutputs(
         shard_uris=tuple(shard_uris),
-        num_samples=settings.num_samples,
-        shard_size=settings.batch_size,
-        num_workers=settings.num_workers,
-        sampler=settings.sampler,
-        seed=settings.seed,
+        num_samples=sample.num_samples,
+        shard_size=sample.batch_size,
+        num_workers=sample.num_workers,
+        sampler=sample.sampler,
+        seed=sample.seed,
         execution=network,
         sampling_seconds=sampling_seconds,
         conditioning=conditioning,

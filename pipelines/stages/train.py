@@ -5,45 +5,84 @@ resumes from the latest one. The loop itself is :func:`pipelines.training.loop.t
 
 from __future__ import annotations
 
-from pipelines.config import PipelineConfig, with_overrides
+from dataclasses import dataclass, field
+from typing import Any
+
+from ddpm_core.checkpoint import read_snapshot_config
+from ddpm_core.data import DataError
+from pipelines.config import PipelineConfig
 from pipelines.context import StageContext
 from pipelines.contracts import PrepareOutputs, TrainedWith, TrainOutputs, TuneOutputs
 from pipelines.data.streaming import plan_stream
 from pipelines.execution import Device, check_fits, cluster_device
+from pipelines.external import External
 from pipelines.training.job import TrainJob
+from pipelines.training.recipe import TrainingRecipe
 from pipelines.training.trainer import WorkerGroup, fit, make_trainer, send_pending_metrics
+from pipelines.typed import INLINE
 
 
-def run(context: StageContext, prepare: PrepareOutputs, tune: TuneOutputs | None) -> TrainOutputs:
-    config = tuned_config(context.config, tune)
-    device = cluster_device(config.train.use_gpu)
-    warm_start = tune.best_checkpoint_uri if tune is not None and config.tune.warm_start else None
-    unet = config.model.unet(prepare.num_classes)
+@dataclass(frozen=True)
+class TrainSettings:
+    """What training reads: the recipe (the tune stage's choices arrive as its outputs) and whether it starts from
+    the best trial's weights."""
+
+    recipe: TrainingRecipe = field(metadata=INLINE)  # model.*, diffusion.*, train.*, data.*
+    warm_start_from_trial: bool = False  # tune.warm_start, with the tune stage on
+
+
+def settings(config: PipelineConfig, external: External) -> TrainSettings:
+    return TrainSettings(TrainingRecipe.of(config), config.tune.enabled and config.tune.warm_start)
+
+
+def check_data(settings: TrainSettings, prepare: PrepareOutputs, storage_options: dict[str, Any]) -> None:
+    """A ``train.init_from`` snapshot has as many classes as this run's conditional model (the data's, unless
+    ``model.num_classes``)."""
+    model, uri = settings.recipe.model, settings.recipe.train.init_from
+    if not (model.conditional and uri):
+        return
+    classes = model.num_classes or prepare.num_classes
+    found, _ = read_snapshot_config(uri, storage_options if uri.startswith("s3://") else {})
+    if found.num_classes != classes:
+        raise DataError(
+            f"train.init_from {uri!r} is a model of {found.num_classes or 'no'} classes, but this run's model has "
+            f"{classes} (data.uri {prepare.source_uri!r}, model.num_classes): warm-start from a model of the same "
+            "classes"
+        )
+
+
+def run(
+    context: StageContext, settings: TrainSettings, prepare: PrepareOutputs, tune: TuneOutputs | None
+) -> TrainOutputs:
+    recipe = settings.recipe if tune is None else settings.recipe.with_overrides(tune.best_params)
+    train = recipe.train
+    device = cluster_device(train.use_gpu)
+    warm_start = tune.best_checkpoint_uri if tune is not None and settings.warm_start_from_trial else None
+    unet = recipe.model.unet(prepare.num_classes)
     split, values = (prepare.shards_uri, prepare.num_train), unet.in_channels * unet.image_size**2
-    stream, why = plan_stream(config.data, config.train, split, values, config.train.num_workers, context.store.options)
+    stream, why = plan_stream(recipe.data, train, split, values, train.num_workers, context.store.options)
     context.log(f"train: {'stream' if stream else 'resident'} data loader ({why})")
     job = TrainJob(
         unet=unet,
-        diffusion=config.diffusion,
-        train=config.train,
+        diffusion=recipe.diffusion,
+        train=train,
         device=device,
         shards_uri=prepare.shards_uri,
         stream=stream,
-        work_uri=context.work_uri("train"),
+        work_uri=context.result_uri,
         storage_options=context.store.options,
         tracking_uri=context.tracking_uri,
         mlflow_run_id=context.mlflow_run_id,
         warm_start_uri=warm_start,
         compile_cache_uri=context.store.cache_uri("compile", "train"),
     )
-    train = config.train
     group = WorkerGroup(train.num_workers, train.cpus_per_worker, train.max_failures, train.startup_retries)
     execution = context.execution(device)
     demand = group.demand(
         device,
         f"{train.num_workers} training workers",
         "train.num_workers / train.cpus_per_worker",
-        decode_cpus=config.data.decode_cpus if stream else 0.0,
+        decode_cpus=recipe.data.decode_cpus if stream else 0.0,
     )
     check_fits(demand, execution, context.log)
     conditional = (
@@ -63,11 +102,6 @@ def run(context: StageContext, prepare: PrepareOutputs, tune: TuneOutputs | None
         device=device,
         loop_seconds=reported.get("loop_seconds"),
         checkpoint_path=result.checkpoint.path if result.checkpoint else None,
-        config=TrainedWith(diffusion=config.diffusion, train=train.optim),
+        config=TrainedWith(diffusion=recipe.diffusion, train=train.optim, unet=unet, preset=recipe.model.preset),
         num_classes=job.unet.num_classes,
     )
-
-
-def tuned_config(config: PipelineConfig, tune: TuneOutputs | None) -> PipelineConfig:
-    """The config to train with: the tune stage's best parameters applied, when a tune stage ran."""
-    return config if tune is None else with_overrides(config, tune.best_params)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,23 +28,35 @@ from torch import nn
 
 from ddpm_core.data import to_model_range, to_uint8
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
-from ddpm_core.features import extract_features, load_classifier
-from ddpm_core.metrics import FeatureStatistics, frechet_distance_from_stats
 from ddpm_core.samplers import Method, Model, PerIndexNoise, SamplerConfig, null_conditioned, sample
 from ddpm_core.unet import UNetConfig
-from pipelines.config import ConfigError, Extractor, Loader, PipelineConfig, SearchAlgorithm, with_overrides
+from pipelines.config import ConfigError, Extractor, Loader, PipelineConfig, SearchAlgorithm, TuneSection
 from pipelines.config import TrialScheduler as SchedulerChoice
+from pipelines.config_file import with_overrides
 from pipelines.context import StageContext
 from pipelines.contracts import PrepareOutputs, TrialResult, TuneOutputs
+from pipelines.data.checks import require_images
 from pipelines.data.shards import read_first_images
 from pipelines.data.streaming import choose_loader, plan_stream
-from pipelines.evaluation.scoring import ExtractorSpec, SummaryRequest, load_reference, reference_key, reference_summary
+from pipelines.evaluation.scoring import (
+    ExtractorSpec,
+    SummaryRequest,
+    fid_estimate,
+    load_reference,
+    reference_key,
+    reference_summary,
+    summary_of,
+)
 from pipelines.execution import Device, check_fits, cluster_device, runtime_env, train_storage
+from pipelines.external import External
 from pipelines.training.job import TrainJob
+from pipelines.training.recipe import TUNABLE_SECTIONS, TrainingRecipe
 from pipelines.training.state import committed_checkpoints
 from pipelines.training.trainer import WorkerGroup, fit, make_trainer
+from pipelines.typed import INLINE
 
 TRIAL_ID_TAG = "ddpm.trial_id"
+PROXY_FID_GROUPS = 10  # jackknife groups of the proxy FID's sample set (as evaluate.fid_groups)
 
 
 class Distribution(str, enum.Enum):
@@ -70,22 +83,42 @@ class Dimension:
         return tune.uniform(low, high) if self.distribution is Distribution.UNIFORM else tune.loguniform(low, high)
 
 
+@dataclass(frozen=True)
+class TuneSettings:
+    """What the search reads: its own section, and the training recipe every trial starts from."""
+
+    tune: TuneSection
+    recipe: TrainingRecipe = field(metadata=INLINE)  # model.*, diffusion.*, train.*, data.*
+
+
+def settings(config: PipelineConfig, external: External) -> TuneSettings:
+    return TuneSettings(config.tune, TrainingRecipe.of(config))
+
+
 def check(config: PipelineConfig) -> None:
-    """The search space, before anything runs (the runner calls this for enabled stages)."""
-    search_space(config)
+    """The search space, before anything runs (the runner calls this for enabled stages): every value it can
+    produce checked as a whole config, so that cross-section rules hold too."""
+    search_space(config.tune, lambda key, value: with_overrides(config, {key: value}))
 
 
-def search_space(config: PipelineConfig) -> dict[str, Dimension]:
-    """``tune.space`` parsed, with every value it can produce checked as a config: candidate lists in full, and both
-    ends of each range."""
-    if not config.tune.space:
+def check_data(settings: TuneSettings, prepare: PrepareOutputs, storage_options: dict[str, Any]) -> None:
+    """Trials are ranked on held-out images."""
+    require_images(
+        prepare, {"the tune stage's held-out bits/dim (at least 1 hold-out image)": prepare.num_holdout >= 1}
+    )
+
+
+def search_space(section: TuneSection, apply: Callable[[str, Any], object]) -> dict[str, Dimension]:
+    """``tune.space`` parsed, with every value it can produce checked by ``apply(key, value)``: candidate lists in
+    full, and both ends of each range."""
+    if not section.space:
         raise ConfigError(
             "tune.space is empty: name at least one config key to search, e.g. train.lr: {loguniform: [1e-4, 1e-3]}"
         )
-    return {key: dimension(config, key, spec) for key, spec in config.tune.space.items()}
+    return {key: dimension(section, key, spec, apply) for key, spec in section.space.items()}
 
 
-def dimension(config: PipelineConfig, key: str, spec: Any) -> Dimension:
+def dimension(section: TuneSection, key: str, spec: Any, apply: Callable[[str, Any], object]) -> Dimension:
     where = f"tune.space.{key}"
     names = [distribution.value for distribution in Distribution]
     if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in names:
@@ -96,11 +129,15 @@ def dimension(config: PipelineConfig, key: str, spec: Any) -> Dimension:
         raise ConfigError(f"{where}.{name}: expected a non-empty list, got {values!r}")
     if distribution in (Distribution.UNIFORM, Distribution.LOGUNIFORM):
         values = range_bounds(f"{where}.{name}", distribution, values)
-    if (distribution is Distribution.GRID) != (config.tune.search_alg is SearchAlgorithm.GRID):
+    if (distribution is Distribution.GRID) != (section.search_alg is SearchAlgorithm.GRID):
         raise ConfigError(f"{where}: use 'grid' with tune.search_alg=grid and choice/uniform/loguniform otherwise")
+    if key.split(".", 1)[0] not in TUNABLE_SECTIONS:
+        raise ConfigError(
+            f"{where}: only keys of {', '.join(TUNABLE_SECTIONS)} are searched (what a trial trains with)"
+        )
     for value in values:
         try:
-            with_overrides(config, {key: value})
+            apply(key, value)
         except ConfigError as error:
             raise ConfigError(f"{where}: value {value!r} is not a valid config: {error}") from None
     return Dimension(distribution, tuple(values))
@@ -166,23 +203,28 @@ class TrialMetrics:
         return metrics
 
     def proxy_fid(self, network: Model, diffusion: GaussianDiffusion, device: torch.device) -> float:
+        """FID of a small DDIM sample against the training split's cached reference statistics, scored as the
+        evaluate stage scores (:func:`pipelines.evaluation.scoring.summary_of`, :func:`fid_estimate`)."""
         if self.extractor_uri is None or self.reference_uri is None:
             raise RuntimeError("tune: the proxy FID needs the classifier and its reference statistics")
         shape = (self.unet.in_channels, self.unet.image_size, self.unet.image_size)
         noise = PerIndexNoise(0, range(self.proxy_fid_samples), device)
         sampler = SamplerConfig(method=Method.DDIM, num_steps=self.proxy_fid_steps)
         samples = sample(network, diffusion, shape, noise, sampler).samples  # [n, C, H, W]
-        extractor, _ = load_classifier(self.extractor_uri, self.storage_options)
-        features = extract_features(extractor, to_uint8(samples))  # [n, d]
-        reference = load_reference(self.reference_uri, self.storage_options).fid
-        return frechet_distance_from_stats(FeatureStatistics.from_features(features), reference)
+        request = SummaryRequest(
+            ExtractorSpec(Extractor.CLASSIFIER, self.extractor_uri), self.proxy_fid_samples, groups=PROXY_FID_GROUPS
+        )
+        summary = summary_of(to_uint8(samples), 0, request, self.storage_options)
+        return fid_estimate(summary, load_reference(self.reference_uri, self.storage_options), None).value
 
 
 @dataclass(frozen=True)
 class TrialSpec:
     """What every trial of one search shares (each trial adds its parameters)."""
 
-    config: PipelineConfig  # the run's config; a trial applies its parameters and the trial length to it
+    recipe: TrainingRecipe  # the run's; a trial applies its parameters and the trial length to it
+    tune: TuneSection
+    run_id: str  # the pipeline run's
     shards_uri: str
     work_uri: str  # trials live under {work_uri}/trials/{trial id}
     storage_options: dict[str, Any]
@@ -196,15 +238,14 @@ class TrialSpec:
     num_train: int  # images in the training split (data.loader decides per trial whether they are streamed)
     compile_cache_uri: str  # torch.compile's artifacts, shared with other trials, runs and the train stage
 
-    def trial_config(self, params: dict[str, Any]) -> PipelineConfig:
-        """The trial's config: its parameters, trained for ``tune.trial_images`` with a report (a checkpoint) every
+    def trial_recipe(self, params: dict[str, Any]) -> TrainingRecipe:
+        """The trial's recipe: its parameters, trained for ``tune.trial_images`` with a report (a checkpoint) every
         ``tune.report_every_images`` and no sample grids."""
-        every = self.config.tune.report_every_images
-        return with_overrides(
-            self.config,
+        every = self.tune.report_every_images
+        return self.recipe.with_overrides(
             {
                 **params,
-                "train.total_images": self.config.tune.trial_images,
+                "train.total_images": self.tune.trial_images,
                 "train.checkpoint_every_images": every,
                 "train.log_every_images": every,
                 "train.grid_every_images": 0,
@@ -215,20 +256,18 @@ class TrialSpec:
 def run_trial(params: dict[str, Any], spec: TrialSpec) -> None:
     """One trial, running in its own Tune actor: a short Ray Train run under a nested MLflow run."""
     trial_id = tune.get_context().get_trial_id()
-    config = spec.trial_config(params)
+    recipe = spec.trial_recipe(params)
     client = MlflowClient(spec.tracking_uri)
     run_id = trial_run(client, spec, trial_id, params)
     work_uri = f"{spec.work_uri}/trials/{trial_id}"
-    metrics = dataclasses.replace(
-        spec.metrics, unet=config.model.unet(spec.num_classes), diffusion=config.diffusion, mlflow_run_id=run_id
-    )
-    unet = config.model.unet(spec.num_classes)
+    unet = recipe.model.unet(spec.num_classes)
+    metrics = dataclasses.replace(spec.metrics, unet=unet, diffusion=recipe.diffusion, mlflow_run_id=run_id)
     split, values = (spec.shards_uri, spec.num_train), unet.in_channels * unet.image_size**2
-    stream, _ = plan_stream(config.data, config.train, split, values, spec.group.num_workers, spec.storage_options)
+    stream, _ = plan_stream(recipe.data, recipe.train, split, values, spec.group.num_workers, spec.storage_options)
     job = TrainJob(
         unet=unet,
-        diffusion=config.diffusion,
-        train=config.train,
+        diffusion=recipe.diffusion,
+        train=recipe.train,
         device=spec.device,
         shards_uri=spec.shards_uri,
         stream=stream,
@@ -264,7 +303,7 @@ def trial_run(client: MlflowClient, spec: TrialSpec, trial_id: str, params: dict
             tags={
                 TRIAL_ID_TAG: trial_id,
                 "mlflow.parentRunId": spec.parent_run_id,
-                "ddpm.run_id": spec.config.run_id,
+                "ddpm.run_id": spec.run_id,
                 "ddpm.stage": "tune-trial",
             },
         ).info.run_id
@@ -273,37 +312,37 @@ def trial_run(client: MlflowClient, spec: TrialSpec, trial_id: str, params: dict
     return run_id
 
 
-def run(context: StageContext, prepare: PrepareOutputs) -> TuneOutputs:
-    settings = context.config.tune
-    space = search_space(context.config)
-    spec = trial_spec(context, prepare)
+def run(context: StageContext, settings: TuneSettings, prepare: PrepareOutputs) -> TuneOutputs:
+    section, recipe = settings.tune, settings.recipe
+    space = search_space(section, lambda key, value: recipe.with_overrides({key: value}))
+    spec = trial_spec(context, settings, prepare)
     unet = spec.metrics.unet
     values = unet.in_channels * unet.image_size**2
-    loader, why = choose_loader(context.config.data, prepare.num_train, values, spec.group.num_workers)
+    loader, why = choose_loader(recipe.data, prepare.num_train, values, spec.group.num_workers)
     context.log(f"tune: trials use the {loader.value} data loader ({why})")
     one_trial = spec.group.demand(
         spec.device,
         "a tuning trial's actor and its training workers",
         "tune.workers_per_trial / tune.cpus_per_worker / tune.cpus_per_trial",
-        extra_cpus=settings.cpus_per_trial,
-        decode_cpus=context.config.data.decode_cpus if loader is Loader.STREAM else 0.0,
+        extra_cpus=section.cpus_per_trial,
+        decode_cpus=recipe.data.decode_cpus if loader is Loader.STREAM else 0.0,
     )
     check_fits(one_trial, context.execution(spec.device), context.log)
     tuner = make_tuner(context, spec, space)
-    context.log(f"tune: {settings.search_alg.value} search over {sorted(space)}, ranking by {settings.metric.value}")
+    context.log(f"tune: {section.search_alg.value} search over {sorted(space)}, ranking by {section.metric.value}")
     outputs = search_outcome(tuner.fit(), space, spec)
     close_trial_runs(context, spec, outputs)
     context.log(
         f"tune: best of {outputs.trials} trials ({outputs.stopped_early} stopped early): {outputs.best_params} "
-        f"with {settings.metric.value} {outputs.best_metric[settings.metric.value]:.4f}"
+        f"with {section.metric.value} {outputs.best_metric[section.metric.value]:.4f}"
     )
     return outputs
 
 
-def trial_spec(context: StageContext, prepare: PrepareOutputs) -> TrialSpec:
+def trial_spec(context: StageContext, tune_settings: TuneSettings, prepare: PrepareOutputs) -> TrialSpec:
     """What the trials share; computes (or reuses) the reference statistics of the proxy FID first."""
-    config, settings, store = context.config, context.config.tune, context.store
-    device = cluster_device(config.train.use_gpu)
+    settings, recipe, store = tune_settings.tune, tune_settings.recipe, context.store
+    device = cluster_device(recipe.train.use_gpu)
     reference_uri = None
     if settings.proxy_fid and prepare.extractor_uri is not None and prepare.extractor_id is not None:
         reference_uri = store.cache_uri("reference", reference_key(prepare.fingerprint, prepare.extractor_id))
@@ -317,8 +356,8 @@ def trial_spec(context: StageContext, prepare: PrepareOutputs) -> TrialSpec:
             lambda line: context.log(f"tune: {line}"),
         )
     metrics = TrialMetrics(
-        unet=config.model.unet(prepare.num_classes),
-        diffusion=config.diffusion,
+        unet=recipe.model.unet(prepare.num_classes),
+        diffusion=recipe.diffusion,
         holdout_uri=prepare.holdout_uri,
         bpd_images=settings.bpd_images,
         bpd_timesteps=settings.bpd_timesteps,
@@ -331,12 +370,14 @@ def trial_spec(context: StageContext, prepare: PrepareOutputs) -> TrialSpec:
         mlflow_run_id="",  # each trial puts in its own
     )
     group = WorkerGroup(
-        settings.workers_per_trial, settings.cpus_per_worker, config.train.max_failures, config.train.startup_retries
+        settings.workers_per_trial, settings.cpus_per_worker, recipe.train.max_failures, recipe.train.startup_retries
     )
     return TrialSpec(
-        config=config,
+        recipe=recipe,
+        tune=settings,
+        run_id=store.run_id,
         shards_uri=prepare.shards_uri,
-        work_uri=context.work_uri("tune"),
+        work_uri=context.result_uri,
         storage_options=store.options,
         device=device,
         group=group,
@@ -352,7 +393,7 @@ def trial_spec(context: StageContext, prepare: PrepareOutputs) -> TrialSpec:
 
 def make_tuner(context: StageContext, spec: TrialSpec, space: dict[str, Dimension]) -> tune.Tuner:
     """The search over ``space``, or the interrupted one restored from its storage."""
-    settings = context.config.tune
+    settings = spec.tune
     trainable = tune.with_resources(
         tune.with_parameters(run_trial, spec=spec),
         {"cpu": settings.cpus_per_trial, **({"gpu": 0} if spec.device is Device.GPU else {})},
@@ -370,15 +411,14 @@ def make_tuner(context: StageContext, spec: TrialSpec, space: dict[str, Dimensio
         tune_config=tune.TuneConfig(
             num_samples=settings.num_samples,
             max_concurrent_trials=settings.max_concurrent_trials,
-            scheduler=trial_scheduler(context.config),
+            scheduler=trial_scheduler(settings),
             search_alg=search_algorithm(settings.search_alg),
         ),
         run_config=tune.RunConfig(name="search", storage_path=storage_path, storage_filesystem=storage_filesystem),
     )
 
 
-def trial_scheduler(config: PipelineConfig) -> TrialScheduler:
-    settings = config.tune
+def trial_scheduler(settings: TuneSection) -> TrialScheduler:
     if settings.scheduler is SchedulerChoice.NONE:
         return FIFOScheduler()
     return ASHAScheduler(
@@ -430,7 +470,7 @@ def reported_trials(results: ResultGrid) -> list[Reported]:
 def search_outcome(results: ResultGrid, space: dict[str, Dimension], spec: TrialSpec) -> TuneOutputs:
     """The best trial by ``tune.metric``, compared at equal training length: among the trials that ran to the end,
     when any did."""
-    settings = spec.config.tune
+    settings = spec.tune
     metric, length = settings.metric.value, settings.trial_images
     reported = reported_trials(results)
     ranked = [trial for trial in reported if metric in trial.metrics]
@@ -462,7 +502,7 @@ def search_outcome(results: ResultGrid, space: dict[str, Dimension], spec: Trial
 def close_trial_runs(context: StageContext, spec: TrialSpec, outputs: TuneOutputs) -> None:
     """End the trials' MLflow runs (Tune ends a trial's actor, on an ASHA stop or at max_t, before the trial can),
     tag the best one, and log the search's result on the tune stage's run."""
-    client, settings = context.client, context.config.tune
+    client, settings = context.client, spec.tune
     reached = {trial.trial_id: trial.images_seen >= settings.trial_images for trial in outputs.trial_results}
     for trial_run in client.search_runs([spec.experiment_id], f"tags.`mlflow.parentRunId` = '{context.mlflow_run_id}'"):
         trial_id = trial_run.data.tags.get(TRIAL_ID_TAG, "")

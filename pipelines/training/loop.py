@@ -12,13 +12,14 @@ from torch.profiler import record_function
 from ddpm_core.data import random_batch, to_model_range
 from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.precision import autocast_dtype
-from ddpm_core.training import RunningTotals, drop_labels, train_step
+from ddpm_core.training import RunningTotals, drop_labels
 from pipelines.advice import out_of_memory_advice
 from pipelines.data.shards import read_split
 from pipelines.data.streaming import ImageStream
 from pipelines.training.hooks import Interval, Progress, record_divergence, report_checkpoint, save_outputs
 from pipelines.training.job import TrainJob
 from pipelines.training.state import TrainState, Worker, memory_format, save_compile_cache, start_state
+from pipelines.training.step import step
 
 
 def train_loop(job: TrainJob) -> None:
@@ -45,18 +46,7 @@ def train_loop(job: TrainJob) -> None:
         with record_function("data"):
             batch, conditioning = batches.draw(state.generator, layout)  # [B_r, C, H, W]
         with out_of_memory_advice(*oom_advice):
-            result = train_step(
-                state.step_model,
-                diffusion,
-                state.optimizer,
-                batch,
-                train.optim,
-                state.images_seen,
-                state.ema,
-                conditioning,
-                generator=state.generator,
-                autocast_dtype=autocast,
-            )
+            result = step(state, diffusion, (batch, conditioning), train, autocast)
         state.advance(train.batch_size)
         save_compile_cache(job, worker, state)  # once, after the first compiled step
         totals.add(result)

@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import numpy as np
 import ray.train
@@ -14,17 +14,15 @@ import ray.train.torch
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 
 from ddpm_core.checkpoint import CheckpointError, load_snapshot, load_training_state, save_snapshot
 from ddpm_core.compile_cache import cache_file_uri, load_compiled, save_compiled
 from ddpm_core.diffusion import Variance
-from ddpm_core.ema import EMA
 from ddpm_core.storage import MANIFEST, filesystem
-from ddpm_core.training import make_optimizer
 from ddpm_core.unet import UNet, UNetConfig
 from pipelines.advice import slow_precision_advice
 from pipelines.training.job import TrainJob
+from pipelines.training.step import StepState, step_parts
 
 
 @dataclass(frozen=True)
@@ -59,20 +57,10 @@ class WeightSource(enum.Enum):
 
 
 @dataclass
-class TrainState:
-    """The training state of one worker; ``images_seen`` counts the images of all workers."""
+class TrainState(StepState):
+    """The training state of one worker (what a step touches, and what a checkpoint adds)."""
 
-    model: nn.Module  # the bare network, whose weights DDP keeps in sync
-    step_model: nn.Module  # what a training step calls: the DDP wrapper, compiled when asked
-    ema: EMA
-    optimizer: torch.optim.Optimizer
-    generator: torch.Generator  # this worker's batches, timesteps and noise, on its device
-    images_seen: int = 0
-    step: int = 0
     unsaved_compile_cache: str | None = None  # where to store the compiled artifacts after the first step (rank 0)
-
-    def advance(self, images: int) -> None:
-        self.images_seen, self.step = self.images_seen + images, self.step + 1
 
     def to_checkpoint(self, job: TrainJob, random_states: list[list[torch.Tensor]]) -> dict[str, Any]:
         """The training state as ``ddpm_core.checkpoint.save_training_state`` stores it, with every worker's
@@ -97,28 +85,21 @@ def start_state(job: TrainJob, worker: Worker) -> TrainState:
     if worker.rank == 0 and checkpoint is None:
         save_snapshot(job.initial_snapshot_uri, model, job.unet, job.diffusion, {"images_seen": 0}, job.storage_options)
     source, restored = starting_weights(job, worker, model, checkpoint)
-    model = model.to(memory_format=memory_format(job))
-    options = {"gradient_as_bucket_view": job.train.gradient_as_bucket_view}
-    wrapped = ray.train.torch.prepare_model(model, parallel_strategy_kwargs=options)
-    ddp = isinstance(wrapped, DistributedDataParallel)  # with more than one worker
-    network = cast(nn.Module, wrapped.module) if ddp else wrapped
+    parts = step_parts(model, job.train, worker.device, prepare_for_ray_train)
     compiled = job.train.compiled(worker.device.type == "cuda")
-    step_model = cast(nn.Module, torch.compile(wrapped)) if compiled else wrapped
     state = TrainState(
-        network,
-        step_model,
-        EMA(network, job.train.optim.ema_decay, job.train.optim.ema_warmup),
-        make_optimizer(network, job.train.optim),
+        *parts,
         batch_generator(job.train.seed, worker.rank, 0, worker.device),
         unsaved_compile_cache=load_compile_cache(job, worker) if compiled else None,
     )
+    ddp = worker.world_size > 1  # prepare_model wraps the network in DDP
     if restored is not None:
         state.ema.load_state_dict(restored["ema"])
     if source is WeightSource.RESUMED and restored is not None:
         state.optimizer.load_state_dict(restored["optimizer"])
         state.images_seen, state.step = int(restored["images_seen"]), int(restored["step"])
         restore_random_state(job, worker, state, restored.get("random_states"))
-    wrapping = f", DDP with gradient_as_bucket_view={wrapped.gradient_as_bucket_view}" if ddp else ""
+    wrapping = f", DDP with gradient_as_bucket_view={job.train.gradient_as_bucket_view}" if ddp else ""
     worker.say(
         f"worker group of {worker.world_size} started at {state.images_seen} images, {job.precision.value}{wrapping}"
     )
@@ -126,6 +107,11 @@ def start_state(job: TrainJob, worker: Worker) -> TrainState:
     if advice:
         worker.say(advice)
     return state
+
+
+def prepare_for_ray_train(model: nn.Module, options: dict[str, Any]) -> nn.Module:
+    """Ray Train's placement of the network on this worker's device, wrapped in DDP in a group of several."""
+    return ray.train.torch.prepare_model(model, parallel_strategy_kwargs=options)
 
 
 def starting_weights(

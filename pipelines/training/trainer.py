@@ -68,10 +68,18 @@ def make_trainer(
                 max_failures=group.max_failures,  # type: ignore[call-arg]
                 controller_failure_limit=group.startup_retries,
             ),
-            worker_runtime_env=runtime_env,
+            worker_runtime_env=without_print_patch(runtime_env),
             callbacks=callbacks or [],
         ),
     )
+
+
+def without_print_patch(runtime_env: dict[str, Any]) -> dict[str, Any]:
+    """The workers' runtime environment with Ray Train's print patch off: it sends each ``print`` both to the
+    worker's (redirected) stdout and to a logger that prints it again, so every progress line reached the job's
+    output twice."""
+    env_vars = {**runtime_env.get("env_vars", {}), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
+    return {**runtime_env, "env_vars": env_vars}
 
 
 def fit(trainer: TorchTrainer, job: TrainJob) -> Result:

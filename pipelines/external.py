@@ -1,0 +1,40 @@
+"""The state outside the config that stages read, resolved before a run and hashed into the fingerprints of the
+stages that read it (:mod:`pipelines.plan`): the registered champion a run compares against, and what a data URI
+holds now (a listing of its files: names, sizes, versions). A champion that moves, or a data file added, removed or
+rewritten, re-runs exactly what depends on it."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from ddpm_core.data import source_identity
+from pipelines.config import PipelineConfig
+from pipelines.contracts import ChampionRef
+from pipelines.registry.champion import MlflowRegistry
+from pipelines.tracking import config_digest
+
+
+class External(Protocol):
+    """What settings functions may ask of the world outside the config."""
+
+    def champion(self, model_name: str) -> ChampionRef: ...
+
+    def data_listing(self, uri: str) -> str: ...
+
+
+class Resolver:
+    """The config's model registry and storage, each question answered once per process."""
+
+    def __init__(self, config: PipelineConfig) -> None:
+        self.registry = MlflowRegistry(config.mlflow.resolved_tracking_uri(), config.run_id, config_digest(config))
+        self.storage_options = config.storage.options()
+        self.listings: dict[str, str] = {}
+
+    def champion(self, model_name: str) -> ChampionRef:
+        return self.registry.champion(model_name)
+
+    def data_listing(self, uri: str) -> str:
+        """:func:`ddpm_core.data.source_identity` of ``uri`` (the run root's storage options for data on S3 too)."""
+        if uri not in self.listings:
+            self.listings[uri] = source_identity(uri, self.storage_options if uri.startswith("s3://") else {})
+        return self.listings[uri]
