@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -107,4 +108,5 @@ def test_a_second_run_of_a_compiled_job_loads_what_the_first_compiled(tmp_path):
         return [line for line in log.splitlines() if pattern in line][-1].split(pattern, 1)[1]
 
     assert last("2560/2560 images, loss ", first).split(",")[0] == last("2560/2560 images, loss ", second).split(",")[0]
-    assert last("FID:", first).split()[0] == last("FID:", second).split()[0]
+    fids = [re.search(r"^FID: +([0-9.]+)", log, re.MULTILINE) for log in logs]  # the summary's first line
+    assert fids[0] and fids[1] and fids[0][1] == fids[1][1]
