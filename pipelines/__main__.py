@@ -141,7 +141,8 @@ def _status(args: argparse.Namespace) -> int:
         shown = "; ".join(map(str, changes)) if changes else "none"
         print(f"  compared with the config given; its differences from the run's saved config: {shown}")
     if saved is not None:
-        for line in stage_lines(store, plan(STAGES, config, external_for(config)), store.read_head()):
+        external = external_for(config, given)
+        for line in stage_lines(store, plan(STAGES, config, external), store.read_head()):
             print(line)
     if decision is not None:
         scores = "".join(
@@ -160,13 +161,14 @@ def no_run(run_id: str, store: RunStore) -> str:
     )
 
 
-def run_config(args: argparse.Namespace) -> tuple[RunStore, PipelineConfig]:
-    """(where the command line places the run, the config the run was made with)."""
-    store = RunStore.of(load_config(args.config, [*args.overrides, f"run_id={args.run_id}"]))
+def run_config(args: argparse.Namespace) -> tuple[PipelineConfig, RunStore, PipelineConfig]:
+    """(the config the command line gives, where it places the run, the config the run was made with)."""
+    given = load_config(args.config, [*args.overrides, f"run_id={args.run_id}"])
+    store = RunStore.of(given)
     saved = store.read_config()
     if saved is None:
         raise ConfigError(no_run(args.run_id, store))
-    return store, saved
+    return given, store, saved
 
 
 def asks_another_config(args: argparse.Namespace) -> bool:
@@ -180,8 +182,9 @@ def _gc(args: argparse.Namespace) -> int:
     from pipelines.plan import plan
     from pipelines.preflight import hold_run_root
 
-    store, saved = run_config(args)
-    items = garbage(store, plan(STAGES, saved, external_for(saved)), store.read_head())
+    given, store, saved = run_config(args)
+    external = external_for(saved, given)
+    items = garbage(store, plan(STAGES, saved, external), store.read_head())
     print(f"run {store.run_id} at {store.root}: {len(items)} result(s) no manifest of its config references")
     for item in items:
         print(f"  {item.stage}/{item.folder}  {size_text(item.bytes)}")
@@ -221,9 +224,10 @@ def _run(args: argparse.Namespace) -> int:
 
 def print_mlflow_ui(config: PipelineConfig) -> None:
     """Where the runs are: the runs view in MLflow's model-training mode (a local store needs ``mlflow ui`` first)."""
+    from pipelines.redaction import redact
     from pipelines.tracking import Tracker
 
-    uri = config.mlflow.resolved_tracking_uri()
+    uri = redact(config.mlflow.resolved_tracking_uri())
     url = Tracker(config).runs_view_url()
     if uri.startswith(("http://", "https://")):
         print(f"MLflow UI:    {url}")

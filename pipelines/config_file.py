@@ -10,6 +10,7 @@ from typing import Any
 import yaml
 
 from pipelines.config import ConfigError, PipelineConfig
+from pipelines.redaction import redacted
 from pipelines.typed import from_plain
 
 
@@ -60,4 +61,4 @@ def set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
 
 def save_resolved(config: PipelineConfig) -> str:
     """The resolved config as YAML, as it is saved in the run root."""
-    return yaml.safe_dump(config.to_dict(), sort_keys=False)
+    return yaml.safe_dump(redacted(config.to_dict()), sort_keys=False)

@@ -179,9 +179,11 @@ def check_from_stage(from_stage: str | None, config: PipelineConfig) -> None:
         )
 
 
-def external_for(config: PipelineConfig) -> Resolver:
-    """The state outside the config its stages read: the config's model registry and storage."""
-    return Resolver(config)
+def external_for(config: PipelineConfig, live: PipelineConfig | None = None) -> Resolver:
+    """The state outside the config its stages read: the config's model registry and storage. ``live``: the config
+    of this command, whose tracking URI serves when ``config`` is a saved copy whose URI's password was redacted."""
+    redacted_away = ":***@" in config.mlflow.resolved_tracking_uri()
+    return Resolver(config, live.mlflow.resolved_tracking_uri() if live is not None and redacted_away else None)
 
 
 def missing_results(planned: dict[str, PlannedStage], store: RunStore) -> list[str]:
@@ -211,7 +213,7 @@ def check_run_config(
     if saved is None or not changes:
         return
     planned = plan(STAGES, config, external)
-    before = plan(STAGES, saved, external_for(saved))  # the champion as the saved config resolves it
+    before = plan(STAGES, saved, external_for(saved, config))  # the champion as the saved config resolves it
     finished = [name for name, stage in before.items() if committed(store, stage) is not None]
     touched = [n for n in finished if n not in planned or planned[n].fingerprint != before[n].fingerprint]
     what = (

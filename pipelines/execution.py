@@ -16,19 +16,29 @@ import ray
 from ddpm_core.storage import filesystem
 from pipelines.config import ConfigError, PipelineConfig
 
-# Variables that workers need and do not inherit from the driver (Ray starts them from the raylet's environment).
+# Settings that workers need and do not inherit from the driver (Ray starts them from the raylet's environment),
+# passed in every task's runtime environment. Ray writes runtime environments to its logs in plain text: none of
+# these is a secret.
 FORWARDED_ENV = (
-    "AWS_ACCESS_KEY_ID",
-    "AWS_SECRET_ACCESS_KEY",
-    "AWS_SESSION_TOKEN",
     "AWS_ENDPOINT_URL",
     "AWS_DEFAULT_REGION",
     "AWS_REGION",
+    "MLFLOW_S3_ENDPOINT_URL",
+    "MLFLOW_TRACKING_INSECURE_TLS",
+)
+# MLflow prints run links with the tracking URI, user info (a password) and all, unless told not to: the pipeline
+# prints its own, redacted
+QUIET_URLS = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+# Credentials are never put in a runtime environment's env_vars. Workers read them from their node's environment
+# (an instance role or a secret mount on a real cluster); when the driver has them, they reach the job's workers
+# through a worker-process setup hook (connect), which Ray keeps pickled with the job and never writes as text.
+SECRET_ENV = (
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+    "AWS_SESSION_TOKEN",
     "MLFLOW_TRACKING_USERNAME",
     "MLFLOW_TRACKING_PASSWORD",
     "MLFLOW_TRACKING_TOKEN",
-    "MLFLOW_S3_ENDPOINT_URL",
-    "MLFLOW_TRACKING_INSECURE_TLS",
 )
 
 
@@ -127,17 +137,29 @@ def forwarded_env() -> dict[str, str]:
 
 
 def runtime_env() -> dict[str, Any]:
-    return {"env_vars": forwarded_env()}
+    return {"env_vars": {**forwarded_env(), **QUIET_URLS}}
 
 
 def connect() -> None:
-    """Join the cluster this job runs on (``ray job submit`` sets RAY_ADDRESS), else start a local instance."""
+    """Join the cluster this job runs on (``ray job submit`` sets RAY_ADDRESS), else start a local instance; the
+    driver's credentials go to the job's workers through a setup hook, not through logged env_vars."""
     if ray.is_initialized():
         return
-    if os.environ.get("RAY_ADDRESS"):
-        ray.init(address=os.environ["RAY_ADDRESS"], log_to_driver=True)
-    else:
-        ray.init(log_to_driver=True)
+    credentials = {name: os.environ[name] for name in SECRET_ENV if name in os.environ}
+    job_env: dict[str, Any] = {"env_vars": dict(QUIET_URLS)}  # every worker of the job, Tune's trial actors included
+    if credentials:
+        job_env["worker_process_setup_hook"] = credentials_hook(credentials)
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True, runtime_env=job_env)
+
+
+def credentials_hook(credentials: dict[str, str]) -> Callable[[], None]:
+    """A worker-process setup hook that sets ``credentials`` in a worker's environment, unless its node set them."""
+
+    def set_credentials() -> None:
+        for name, value in credentials.items():
+            os.environ.setdefault(name, value)
+
+    return set_credentials
 
 
 def cluster_device(use_gpu: bool | None) -> Device:

@@ -25,8 +25,10 @@ class External(Protocol):
 class Resolver:
     """The config's model registry and storage, each question answered once per process."""
 
-    def __init__(self, config: PipelineConfig) -> None:
-        self.registry = MlflowRegistry(config.mlflow.resolved_tracking_uri(), config.run_id, config_digest(config))
+    def __init__(self, config: PipelineConfig, tracking_uri: str | None = None) -> None:
+        """``tracking_uri``: the registry's address when not the config's (a saved config holds it redacted)."""
+        uri = tracking_uri or config.mlflow.resolved_tracking_uri()
+        self.registry = MlflowRegistry(uri, config.run_id, config_digest(config))
         self.storage_options = config.storage.options()
         self.listings: dict[str, str] = {}
 

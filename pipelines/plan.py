@@ -25,6 +25,7 @@ from typing import Any
 from pipelines.config import PipelineConfig
 from pipelines.contracts import PrepareOutputs, StageOutputs
 from pipelines.external import External
+from pipelines.redaction import redacted
 from pipelines.typed import INLINE, is_execution, to_plain
 
 SettingsBuilder = Callable[[PipelineConfig, External], Any]
@@ -120,7 +121,7 @@ class Change:
 
 def config_changes(before: PipelineConfig, after: PipelineConfig) -> list[Change]:
     """The leaf keys whose values differ between two configs."""
-    old, new = to_plain(before), to_plain(after)
+    old, new = redacted(to_plain(before)), redacted(to_plain(after))  # a saved config holds redacted URIs
     return [
         Change(key, dotted(old, key), dotted(new, key), is_execution(spec))
         for key, spec, _ in leaf_fields(PipelineConfig)

@@ -9,6 +9,7 @@ import ssl
 import threading
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable
 from concurrent.futures import Future
@@ -18,6 +19,7 @@ from typing import TypeVar
 from ddpm_core.checkpoint import CheckpointError, read_snapshot_config
 from pipelines.config import Extractor, PipelineConfig
 from pipelines.lease import Lease, LeaseHeldError, acquire
+from pipelines.redaction import redact
 from pipelines.runs import RunStore
 from pipelines.tracking import Tracker
 from pipelines.training.state import init_from_mismatch
@@ -33,9 +35,22 @@ class PreflightError(RuntimeError):
 
 def storage_error(store: RunStore, error: Exception) -> PreflightError:
     return PreflightError(
-        f"storage.root {store.storage_root!r} is not writable ({type(error).__name__}: {error}). Check storage.root, "
-        "storage.endpoint_url and the AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY environment variables."
+        f"storage.root {redact(store.storage_root)!r} is not writable ({type(error).__name__}: {redact(str(error))}). "
+        "Check storage.root, storage.endpoint_url and the AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY environment "
+        "variables."
     )
+
+
+def refusal(error: Exception) -> str:
+    """Why a tracking server could not be used, in words: an authentication failure said as such."""
+    text = redact(str(error))
+    status = getattr(getattr(error, "response", None), "status_code", None) or getattr(
+        error, "get_http_status_code", None
+    )
+    code = status() if callable(status) else status
+    if code in (401, 403) or any(marker in text for marker in ("401", "403", "Unauthorized", "Forbidden")):
+        return f"authentication failed (the server answered {code or 'unauthorized'}: {text[:300]})"
+    return f"{type(error).__name__}: {text}"
 
 
 def hold_run_root(store: RunStore, config: PipelineConfig, log: Callable[[str], None] = print) -> Lease:
@@ -105,7 +120,7 @@ def probe_mlflow(uri: str, log: Callable[[str], None]) -> None:
     deadline = time.time() + MLFLOW_DEADLINE_S
     while True:
         try:
-            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=5, context=context).close()
+            urllib.request.urlopen(f"{without_userinfo(uri).rstrip('/')}/health", timeout=5, context=context).close()
             return
         except urllib.error.HTTPError:  # it answered
             return
@@ -114,11 +129,17 @@ def probe_mlflow(uri: str, log: Callable[[str], None]) -> None:
             left = deadline - time.time()
             if left <= 0:
                 raise PreflightError(
-                    f"MLflow at {uri!r} does not answer ({reason}) after {MLFLOW_DEADLINE_S:g} s of attempts: check "
-                    "mlflow.tracking_uri (or MLFLOW_TRACKING_URI) and that the tracking server runs"
+                    f"MLflow at {redact(uri)!r} does not answer ({reason}) after {MLFLOW_DEADLINE_S:g} s of attempts: "
+                    "check mlflow.tracking_uri (or MLFLOW_TRACKING_URI) and that the tracking server runs"
                 ) from None
-            log(f"MLflow at {uri} does not answer ({reason}); trying again for up to {left:.0f} s")
+            log(f"MLflow at {redact(uri)} does not answer ({reason}); trying again for up to {left:.0f} s")
             time.sleep(min(5.0, left))
+
+
+def without_userinfo(uri: str) -> str:
+    """``uri`` without ``user:password@`` (the health endpoint needs no credentials, and urllib takes none there)."""
+    parts = urllib.parse.urlsplit(uri)
+    return urllib.parse.urlunsplit(parts._replace(netloc=parts.netloc.rsplit("@", 1)[-1]))
 
 
 def preflight(store: RunStore, config: PipelineConfig, log: Callable[[str], None] = print) -> Tracker:
@@ -150,6 +171,6 @@ def preflight(store: RunStore, config: PipelineConfig, log: Callable[[str], None
         return within(MLFLOW_DEADLINE_S, lambda: Tracker(config))
     except Exception as error:
         raise PreflightError(
-            f"MLflow at {config.mlflow.resolved_tracking_uri()!r} cannot be used ({type(error).__name__}: "
-            f"{error}). Check mlflow.tracking_uri and MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."
+            f"MLflow at {redact(config.mlflow.resolved_tracking_uri())!r} cannot be used: {refusal(error)}. Check "
+            "mlflow.tracking_uri and MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD."
         ) from error

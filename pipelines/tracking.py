@@ -19,6 +19,8 @@ from mlflow.entities import Run, RunStatus
 from mlflow.tracking import MlflowClient
 
 from pipelines.config import PipelineConfig
+from pipelines.execution import QUIET_URLS
+from pipelines.redaction import redact, redacted
 from pipelines.typed import to_plain
 
 RUN_ID_TAG, STAGE_TAG, CONFIG_TAG = "ddpm.run_id", "ddpm.stage", "ddpm.config_sha256"
@@ -76,13 +78,13 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
         if isinstance(value, dict) and value:
             flat.update(flatten(value, f"{name}."))
         else:
-            flat[name] = str(value)[:500]
+            flat[name] = redact(str(value))[:500]
     return flat
 
 
 def config_digest(config: PipelineConfig) -> str:
     """16 hex digits of the SHA-256 of the config's inputs (execution settings left out)."""
-    plain = to_plain(config, inputs_only=True)
+    plain = redacted(to_plain(config, inputs_only=True))  # the same for a config read back from a saved copy
     return hashlib.sha256(json.dumps(plain, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -96,6 +98,7 @@ def local_artifact_location(tracking_uri: str) -> str | None:
 
 class Tracker:
     def __init__(self, config: PipelineConfig) -> None:
+        os.environ.update(QUIET_URLS)  # no MLflow run link with the tracking URI's password (pipelines.execution)
         self.config = config
         self.tracking_uri = config.mlflow.resolved_tracking_uri()
         self.client = MlflowClient(self.tracking_uri)
@@ -117,7 +120,7 @@ class Tracker:
         """The experiment's runs in the UI's model-training view: on the tracking server, or on ``mlflow ui``'s
         default address for a local store."""
         base = self.tracking_uri if self.tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-        return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
+        return f"{redact(base).rstrip('/')}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
 
     def _find(self, filter_string: str) -> Run | None:
         runs = self.client.search_runs(

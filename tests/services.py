@@ -14,6 +14,7 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from dataclasses import dataclass
 from pathlib import Path
 
 from tests.conftest import free_port
@@ -94,9 +95,17 @@ def mlflow_server(workdir: Path, artifacts_destination: str, env: dict[str, str]
         _stop(process)
 
 
+@dataclass(frozen=True)
+class RayHead:
+    dashboard: str  # http://127.0.0.1:PORT: the job submission address
+    gcs: str  # 127.0.0.1:PORT: what a driver's RAY_ADDRESS names
+    temp_dir: Path  # the session's folder, its logs included
+
+
 @contextlib.contextmanager
 def ray_head(workdir: Path, env: dict[str, str], num_cpus: int = 2):
-    """``ray start --head --block`` with token authentication; yields (dashboard address, env for clients)."""
+    """``ray start --head --block`` with token authentication; yields (dashboard address, env for clients, the head:
+    :class:`RayHead`)."""
     port, dashboard_port = free_port(), free_port()
     env = {
         **env,
@@ -126,7 +135,7 @@ def ray_head(workdir: Path, env: dict[str, str], num_cpus: int = 2):
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
         _wait_http(f"{address}/api/version", process, 120, log)
-        yield address, env
+        yield address, env, RayHead(address, f"127.0.0.1:{port}", Path(temp_dir))
     finally:
         _stop(process)
         shutil.rmtree(temp_dir, ignore_errors=True)

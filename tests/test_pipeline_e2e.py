@@ -92,10 +92,19 @@ def test_pipeline_via_ray_job_submit_with_mlflow_server_and_s3(tmp_path, s3_buck
             mlflow_server(
                 tmp_path, f"s3://{bucket}/mlflow", env, admin=("pipeline", SECRETS["mlflow"])
             ) as tracking_uri,
-            ray_head(tmp_path, env) as (address, ray_env),
+            # the cluster's tracking URI carries the MLflow password in its user info too (MLFLOW_TRACKING_URI: a
+            # command-line override would be in Ray's own record of the job's entrypoint)
+            ray_head(tmp_path, {**env, "MLFLOW_TRACKING_URI": with_password(tracking_uri)}) as (address, ray_env, head),
         ):
             run_pipeline_twice(
-                tmp_path, bucket, options, address, ray_env, tracking_uri, s3_proxy.url, credentials, monkeypatch
+                tmp_path,
+                bucket,
+                options,
+                (address, ray_env, head),
+                tracking_uri,
+                s3_proxy.url,
+                credentials,
+                monkeypatch,
             )
     assert s3_proxy.injected["throttled"] >= 10, s3_proxy.injected
 
@@ -167,7 +176,12 @@ def assert_the_registry_leads_to_the_scores(tracking_uri: str, credentials: dict
     assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in kind
 
 
-def run_pipeline_twice(tmp_path, bucket, options, address, ray_env, tracking_uri, s3_url, credentials, monkeypatch):
+def with_password(uri: str) -> str:
+    return uri.replace("http://", f"http://pipeline:{SECRETS['mlflow']}@")
+
+
+def run_pipeline_twice(tmp_path, bucket, options, cluster, tracking_uri, s3_url, credentials, monkeypatch):
+    address, ray_env, ray_head_node = cluster
     for headers in ({}, {"Authorization": "Basic " + base64.b64encode(b"pipeline:wrong-password").decode()}):
         request = urllib.request.Request(
             f"{tracking_uri}/api/2.0/mlflow/experiments/search?max_results=1", headers=headers
@@ -179,7 +193,6 @@ def run_pipeline_twice(tmp_path, bucket, options, address, ray_env, tracking_uri
         *TINY,
         f"storage.root=s3://{bucket}/runs",
         f"storage.endpoint_url={s3_url}",
-        f"mlflow.tracking_uri={tracking_uri}",
     ]
     first = submit(address, ray_env, overrides, tmp_path / "job1.log")
     assert first.returncode == 0, first.stdout[-6000:] + first.stderr[-3000:]
@@ -256,8 +269,22 @@ def run_pipeline_twice(tmp_path, bucket, options, address, ray_env, tracking_uri
     blobs = {path: s3.cat_file(path) for path in s3.find(bucket)}  # run root, caches and MLflow artifacts
     blobs["mlflow.db"] = (tmp_path / "mlflow.db").read_bytes()  # params, tags, metrics of every run
     blobs["basic_auth.db"] = (tmp_path / "basic_auth.db").read_bytes()  # users: a salted hash, never the password
-    blobs.update({log.name: log.read_bytes() for log in tmp_path.glob("job*.log")})
+    blobs.update({str(log): log.read_bytes() for log in tmp_path.rglob("*.log")})  # the jobs' output, the servers'
     leaks = [
         (name, where) for name, secret in secrets.items() for where, blob in blobs.items() if secret.encode() in blob
     ]
     assert len(blobs) > 50 and not leaks, leaks
+    # Ray's session folder, its logs included (runtime_env_agent.log writes every runtime environment in plain text):
+    # none of the credentials the pipeline had (Ray's own token is Ray's business there)
+    ray_files = [
+        path
+        for path in ray_head_node.temp_dir.rglob("*")
+        if path.is_file() and not path.is_socket() and "_ray_pkg_" not in str(path)  # (this repo, this file included)
+    ]
+    leaks = [
+        (name, str(path))
+        for name, secret in SECRETS.items()
+        for path in ray_files
+        if secret.encode() in path.read_bytes()
+    ]
+    assert len(ray_files) > 20 and not leaks, leaks

@@ -15,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from ddpm_core.checkpoint import load_snapshot, save_snapshot
 from ddpm_core.storage import is_committed
 from pipelines.contracts import ChampionRef
+from pipelines.redaction import redact
 from pipelines.runs import RunStore
 
 COMPARED_WITH_TAG = "ddpm.compared_with"  # on a version: the champion version it was compared with ("none": none)
@@ -53,8 +54,9 @@ class MlflowRegistry:
                 version = within(MLFLOW_DEADLINE_S, lambda: self.resolve(model_name))
             except (TimeoutError, MlflowException, OSError) as error:
                 raise PreflightError(
-                    f"the model registry at {self.tracking_uri!r} did not say which version of {model_name!r} is the "
-                    f"champion ({type(error).__name__}: {error}): check mlflow.tracking_uri and that the server runs"
+                    f"the model registry at {redact(self.tracking_uri)!r} did not say which version of "
+                    f"{model_name!r} is the champion ({type(error).__name__}: {redact(str(error))}): check "
+                    "mlflow.tracking_uri and that the server runs"
                 ) from error
             self.found[model_name] = ChampionRef(model_name, version)
         return self.found[model_name]
