@@ -30,7 +30,7 @@ from typing import Any
 import fsspec
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from ddpm_core.storage import filesystem
 
@@ -446,6 +446,46 @@ def _read_image_folder(
     return (images, None, None), skipped
 
 
+class UnsupportedImageError(DataError):
+    """An image the pipeline cannot represent without changing what it shows: refused, never altered quietly."""
+
+
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # 16-bit grayscale (PNG opens as "I" or "I;16")
+
+
+def image_array(image: Image.Image, path: str) -> np.ndarray:
+    """An image as uint8 ``[H, W]`` (grayscale) or ``[H, W, 3]`` (colour), as it is meant to be seen: turned by its
+    EXIF orientation; 16-bit grayscale scaled to 8 bits (v / 257, rounded: mid-gray stays mid-gray); palette and
+    bilevel images expanded; an alpha channel dropped only when every pixel is opaque. Anything else (transparent
+    pixels, CMYK, floating-point or 32-bit data) raises :class:`UnsupportedImageError` naming the file and mode."""
+    image = ImageOps.exif_transpose(image)
+    mode = image.mode
+    if mode in SIXTEEN_BIT_MODES:
+        values = np.asarray(image, dtype=np.int64)
+        if values.min() < 0 or values.max() > 65535:
+            raise UnsupportedImageError(f"{path}: mode {mode} with values outside 0..65535 (32-bit data): not read")
+        return np.round(values / 257.0).astype(np.uint8)
+    if mode == "1":
+        return np.asarray(image.convert("L"))
+    if "transparency" in image.info or mode in ("P", "PA"):
+        image = image.convert("LA" if mode in ("L", "LA") else "RGBA")
+    if image.mode in ("LA", "RGBA"):
+        if np.asarray(image.getchannel("A")).min() < 255:
+            raise UnsupportedImageError(
+                f"{path}: mode {mode} with transparent pixels: the pipeline reads opaque images only (flatten them "
+                "onto a background first)"
+            )
+        return np.asarray(image.convert("L" if image.mode == "LA" else "RGB"))
+    if image.mode == "L":
+        return np.asarray(image)
+    if image.mode in ("RGB", "YCbCr"):
+        return np.asarray(image.convert("RGB"))
+    raise UnsupportedImageError(
+        f"{path}: mode {mode} is not read (grayscale, RGB, palette, 16-bit grayscale and opaque alpha are): convert "
+        "the images to RGB first (CMYK with its colour profile)"
+    )
+
+
 def _decode_images(contents: dict[str, bytes], uri: str, read: ReadOptions) -> tuple[np.ndarray, list[str]]:
     """Decode images to ``[N, H, W, C]`` uint8 (grayscale stays 1 channel, everything else becomes RGB; each
     center-cropped and resized when ``read.image_size`` says so), and the paths decoded, in order. An unreadable
@@ -455,7 +495,9 @@ def _decode_images(contents: dict[str, bytes], uri: str, read: ReadOptions) -> t
         try:
             with Image.open(io.BytesIO(data)) as image:
                 image.load()
-                array = np.asarray(image.convert("L" if image.mode in ("1", "L", "I;16", "I") else "RGB"))
+                array = image_array(image, path)  # [H, W] or [H, W, 3] uint8
+        except UnsupportedImageError:
+            raise
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as error:
             if read.skip_unreadable:
                 continue

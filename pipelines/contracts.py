@@ -42,6 +42,12 @@ class PrepareOutputs:
         """Which images these are, in words (e.g. ``train minus 0.1 hold-out``)."""
         return f"{self.source_split} minus {self.holdout_fraction:g} hold-out"
 
+    @property
+    def data_source(self) -> str:
+        """Which data set this is, whatever its current files: ``<data.uri>#<split>`` (models of the same data set are
+        compared for promotion; a data set that grew is still the same one)."""
+        return f"{self.source_uri}#{self.source_split}"
+
 
 @dataclass(frozen=True)
 class TrialResult:

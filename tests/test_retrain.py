@@ -233,6 +233,18 @@ def test_promotion_with_a_rescored_champion_uses_the_paired_stderr():
     assert decide(Challenger(2.47, 0.5, "hash-a", (ChampionRef("m", "4"), 2.5), 0.02), rule(z=0.0), champion)[0]
 
 
+def test_promotion_rule_never_compares_models_of_different_data_sets():
+    from pipelines.registry.champion import Champion
+    from pipelines.stages.register import Challenger, decide
+
+    champion = Champion("m", "4", 9.0, "hash-a", "fp", None, None, data_source="s3://a/images#train")
+    better = Challenger(0.1, 0.01, "hash-a", data_source="s3://b/images#train")
+    promote, reason = decide(better, rule(), champion)
+    assert not promote and "trained on other data (s3://a/images#train; this model: s3://b/images#train)" in reason
+    same = Challenger(0.1, 0.01, "hash-a", data_source="s3://a/images#train")  # the same data set, grown or not
+    assert decide(same, rule(), champion)[0]
+
+
 def test_promotion_rule_never_compares_across_protocols():
     from pipelines.registry.champion import Champion
     from pipelines.stages.register import Challenger, decide

@@ -154,3 +154,28 @@ def test_renaming_the_model_compares_with_the_new_names_champion(workdir, capsys
     registered = outputs(workdir / "runs" / "reuse", "register")
     assert registered["model_name"] == "reuse-b" and registered["previous_champion"] == "1"
     assert "re-scored under this run's protocol" in registered["reason"], json.dumps(registered)
+
+
+def test_a_model_of_another_data_set_is_registered_but_never_compared(workdir, capsys):
+    """The same model name, another data folder: the new version is registered, the champion (trained on the
+    built-in digits) is neither re-scored nor compared, and the decision says why."""
+    from PIL import Image
+
+    from ddpm_core.data import load_dataset
+
+    digits, folder = load_dataset("builtin:digits"), workdir / "folder"
+    for index in range(300):
+        (folder / str(digits.labels[index])).mkdir(parents=True, exist_ok=True)
+        Image.fromarray(digits.images[index, ..., 0]).save(folder / str(digits.labels[index]) / f"{index:04d}.png")
+    overrides = (
+        "run_id=reuse-folder",
+        "register.model_name=reuse-b",
+        f"data.uri={folder}",
+        "register.promotion_margin=0",
+    )
+    code, out, _ = cli(capsys, "run", *args(workdir, *overrides))
+    assert code == 0, out
+    assert "trained on other data (builtin:digits#train; this run: " in out and "re-scoring" not in out
+    registered = outputs(workdir / "runs" / "reuse-folder", "register")
+    assert not registered["promoted"] and registered["previous_champion"] == "1"
+    assert "a model of another data set is registered, never compared or promoted" in registered["reason"]

@@ -19,6 +19,7 @@ from pipelines.redaction import redact
 from pipelines.runs import RunStore
 
 COMPARED_WITH_TAG = "ddpm.compared_with"  # on a version: the champion version it was compared with ("none": none)
+DATA_SOURCE_TAG = "data_source"  # on a version: the data set it was trained on, "<data.uri>#<split>"
 CONFIG_TAG = "ddpm.config_sha256"  # on a version: the digest of the inputs of the run config that registered it
 
 
@@ -34,6 +35,7 @@ class Champion:
     fid_stderr: float | None = None  # recorded since the jackknife interval (None on older versions)
     compared_with: str | None = None  # the champion version this one was compared with when registered
     data_listing: str | None = None  # the listing identity of the data it was trained on (ddpm_core.data)
+    data_source: str | None = None  # the data set it was trained on: data.uri and split (DATA_SOURCE_TAG)
 
 
 class MlflowRegistry:
@@ -109,6 +111,7 @@ def champion_of(version: ModelVersion) -> Champion:
         float(tags["fid_stderr"]) if "fid_stderr" in tags else None,
         tags.get(COMPARED_WITH_TAG),
         tags.get("data_listing"),
+        tags.get(DATA_SOURCE_TAG),
     )
 
 

@@ -63,7 +63,7 @@ from pipelines.evaluation.scoring import (
 from pipelines.execution import Execution
 from pipelines.external import External
 from pipelines.generation.sampling import SampleRequest, sample_to_shards
-from pipelines.registry.champion import champion_snapshot_uri
+from pipelines.registry.champion import champion_snapshot_uri, champion_version
 
 
 @dataclass(frozen=True)
@@ -385,7 +385,23 @@ def comparisons(
         untrained = scorer.estimate(
             summary_of_snapshot(context, scorer, sample, train.initial_snapshot_uri, "untrained_shards")
         )
-    return Comparisons(holdout, untrained, rescore_champion(context, settings.champion, scorer, sample, ours))
+    champion = settings.champion if same_data(context, settings.champion, prepare.data_source) else None
+    return Comparisons(holdout, untrained, rescore_champion(context, champion, scorer, sample, ours))
+
+
+def same_data(context: StageContext, champion: ChampionRef | None, data_source: str) -> bool:
+    """Whether the champion was trained on this data set (or records none): only then is it re-scored, as only then
+    does the register stage compare the two (a model of other data is registered, never compared)."""
+    if champion is None or champion.version is None:
+        return False
+    found = champion_version(context.client, champion.model_name, champion.version)
+    if found is None or found.data_source is None or found.data_source == data_source:
+        return True
+    context.log(
+        f"evaluate: champion v{champion.version} of {champion.model_name} was trained on other data "
+        f"({found.data_source}; this run: {data_source}): not re-scored, and register will not compare them"
+    )
+    return False
 
 
 def summary_of_snapshot(

@@ -26,6 +26,7 @@ from pipelines.external import External
 from pipelines.registry.champion import (
     COMPARED_WITH_TAG,
     CONFIG_TAG,
+    DATA_SOURCE_TAG,
     Champion,
     champion_version,
     current_champion,
@@ -67,7 +68,7 @@ def run(
     version, model_id = log_model(context, name, (prepare, train, evaluate))
     tag_version(context, (name, version), prepare, evaluate, settings.champion)
     client.set_registered_model_alias(name, "challenger", version)
-    challenger = Challenger.of(evaluate)
+    challenger = Challenger.of(evaluate, prepare.data_source)
     promote, reason = decide(challenger, settings.register, champion)
     if promote:
         client.set_registered_model_alias(name, "champion", version)
@@ -121,6 +122,7 @@ def tag_version(
         "extractor_id": evaluate.protocol.extractor_id,
         "data_fingerprint": prepare.fingerprint,
         "data_listing": prepare.source_listing,
+        DATA_SOURCE_TAG: prepare.data_source,
         COMPARED_WITH_TAG: compared_with.version or "none",
         CONFIG_TAG: context.config_digest,
     }
@@ -243,14 +245,16 @@ class Challenger:
     protocol_hash: str
     rescored: tuple[ChampionRef, float] | None = None  # the champion re-scored under this protocol, and its FID
     difference_stderr: float | None = None  # paired jackknife stderr of fid minus the re-scored champion's
+    data_source: str | None = None  # the data set it was trained on (PrepareOutputs.data_source)
 
     @classmethod
-    def of(cls, evaluate: EvaluateOutputs) -> Challenger:
+    def of(cls, evaluate: EvaluateOutputs, data_source: str) -> Challenger:
         scores = evaluate.scores
         rescored = None
         if evaluate.rescored_champion is not None and scores.fid_champion is not None:
             rescored = (evaluate.rescored_champion, scores.fid_champion)
-        return cls(scores.fid, scores.fid_stderr, evaluate.protocol_hash, rescored, scores.fid_minus_champion_stderr)
+        stderr = scores.fid_minus_champion_stderr
+        return cls(scores.fid, scores.fid_stderr, evaluate.protocol_hash, rescored, stderr, data_source)
 
 
 @dataclass(frozen=True)
@@ -284,12 +288,23 @@ def evidence(challenger: Challenger, champion: Champion) -> Evidence | None:
     return Evidence(champion.fid, "recorded under the same protocol", combined, "independent sets, in quadrature")
 
 
+def other_data(challenger: Challenger, champion: Champion) -> bool:
+    """Whether the two models were trained on different data sets (a champion that records none is compared)."""
+    known = champion.data_source is not None and challenger.data_source is not None
+    return known and champion.data_source != challenger.data_source
+
+
 def decide(challenger: Challenger, rule: RegisterSection, champion: Champion | None) -> tuple[bool, str]:
     """(promote?, reason). The challenger must lower the champion's FID, under the same protocol, by more than
     ``rule.promotion_margin`` *and* by more than ``rule.promotion_z`` standard errors of the difference (a one-sided
     test at z; 1.96: 2.5% chance of promoting an equal model by noise). The reason states both numbers."""
     if champion is None:
         return True, "no champion yet"
+    if other_data(challenger, champion):
+        return False, (
+            f"champion v{champion.version} was trained on other data ({champion.data_source}; this model: "
+            f"{challenger.data_source}): a model of another data set is registered, never compared or promoted"
+        )
     found = evidence(challenger, champion)
     if found is None:
         return (
