@@ -27,7 +27,8 @@ to change), 5 storage failed mid-run, is full, or held a corrupt file (run the s
 committed work that is intact is skipped).
 
 Without --config the embedded default runs: builtin:digits, local Ray, MLflow in ./mlflow.db, storage in ./runs.
-Environment: RAY_ADDRESS (set by `ray job submit`), RAY_AUTH_MODE=token with ~/.ray/auth_token on clusters with
+Environment: RAY_ADDRESS (set by `ray job submit`; unset: a local Ray of the job's own; `auto`: the cluster this
+host runs), RAY_AUTH_MODE=token with ~/.ray/auth_token on clusters with
 token authentication, MLFLOW_TRACKING_URI / MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, AWS_ACCESS_KEY_ID /
 AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL for s3:// storage. Secrets are read from the environment only.
 """
@@ -35,8 +36,11 @@ AWS_SECRET_ACCESS_KEY / AWS_ENDPOINT_URL for s3:// storage. Secrets are read fro
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 from ddpm_core.data import DataError
 from ddpm_core.storage import StorageUnavailableError
@@ -105,22 +109,61 @@ def _figure(args: argparse.Namespace) -> int:
     from pipelines.generation.figures import interpolation_figure, progressive_figure, write_figure
 
     config = load_config(args.config, [*args.overrides, f"run_id={args.run_id}"])
+    check_figure_options(args)
+    if args.out:
+        check_writable(args.out, "--out")
+    name = "interpolation" if args.command == "interpolate" else "progressive"
+    out = args.out or f"{RunStore.of(config).root}/{name}.png"
     if args.command == "interpolate":
-        if args.columns < 2:
-            raise ConfigError("--columns must be >= 2 (w = 0 and w = 1)")
         images = interpolation_figure(config, (args.pair[0], args.pair[1]), args.timesteps, args.columns, args.seed)
         columns = args.columns + 2
     else:
-        if args.samples < 1 or args.frames < 2:
-            raise ConfigError("--samples must be >= 1 and --frames >= 2")
         images, columns = progressive_figure(config, args.samples, args.frames, args.seed), args.frames
-    out = (
-        args.out
-        or f"{RunStore.of(config).root}/{'interpolation' if args.command == 'interpolate' else 'progressive'}.png"
-    )
     write_figure(images, columns, out, config)
     print(f"wrote {out}")
     return 0
+
+
+def check_figure_options(args: argparse.Namespace) -> None:
+    """The options of ``interpolate`` / ``progressive`` that can be checked before the snapshot is read."""
+    if args.command == "interpolate":
+        if args.columns < 2:
+            raise ConfigError("--columns must be >= 2 (w = 0 and w = 1)")
+        negative = [index for index in args.pair if index < 0]
+        if negative:
+            raise ConfigError(
+                f"--pair takes two hold-out image indices counted from 0, got {args.pair[0]} {args.pair[1]} "
+                f"({negative[0]} is negative)"
+            )
+    elif args.samples < 1 or args.frames < 2:
+        raise ConfigError("--samples must be >= 1 and --frames >= 2")
+
+
+def check_writable(uri: str, option: str) -> None:
+    """A local output file can be written: its folder exists (made when missing and makeable) and takes a new file,
+    and the file, if there, is a file that can be replaced; else a :class:`ConfigError` naming ``option``. Other
+    URIs are written as they are (their storage is checked when written)."""
+    if "://" in uri and not uri.startswith("file://"):
+        return
+    path = Path(uri.removeprefix("file://")).expanduser()
+    if path.is_dir():
+        raise ConfigError(f"{option} {uri!r} is a folder: give a file name, e.g. {str(path / 'figure.png')!r}")
+    folder = path.parent
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        there = next((p for p in (folder, *folder.parents) if p.exists()), None)  # a file in the way?
+        why = f"{there} is a file" if there is not None and not there.is_dir() else error.strerror or str(error)
+        raise ConfigError(f"{option} {uri!r}: its folder {str(folder)!r} cannot be made ({why})") from None
+    try:
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=f".{path.name}.", suffix=".probe"):
+            pass
+        if path.exists() and not os.access(path, os.W_OK):
+            raise PermissionError(f"{path} is read-only")
+    except OSError as error:
+        raise ConfigError(
+            f"{option} {uri!r} cannot be written ({error.strerror or error}): give a path in a folder you can write to"
+        ) from None
 
 
 def _status(args: argparse.Namespace) -> int:

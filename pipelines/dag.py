@@ -34,7 +34,7 @@ from pipelines.execution import ClusterTooSmallError, check_outputs_outlive_the_
 from pipelines.external import External, Resolver
 from pipelines.failures import find
 from pipelines.plan import PlannedStage, Stage, config_changes, plan
-from pipelines.preflight import STORAGE_DEADLINE_S, preflight, within
+from pipelines.preflight import STORAGE_DEADLINE_S, check_tracking_store, preflight, within
 from pipelines.runs import RunStore, now
 from pipelines.stages import evaluate, prepare, register, sample, train, tune
 from pipelines.tracking import Tracker, config_digest, flatten, git_commit
@@ -157,9 +157,10 @@ def downstream(name: str) -> tuple[str, ...]:
 
 
 def check_config(config: PipelineConfig) -> None:
-    """The checks of the enabled stages (e.g. tune's search space), and that the run's outputs outlive a job
-    submission, so that bad input fails before anything runs."""
+    """The checks of the enabled stages (e.g. tune's search space), that the run's outputs outlive a job
+    submission and that a SQLite tracking store is a file, so that bad input fails before anything runs."""
     check_outputs_outlive_the_job(config)
+    check_tracking_store(config)
     for stage in STAGES:
         if stage.enabled(config) and stage.check is not None:
             stage.check(config)
@@ -292,6 +293,8 @@ def run_pipeline(
     store = RunStore.of(config)
     tracker = preflight(store, config, log)
     planned = plan(STAGES, config, external or external_for(config))
+    if from_stage is not None:
+        announce_missing_before(from_stage, planned, store, log)
     runner = Runner(config, store, tracker, planned, log, parent_tags or {})
     forced = False
     for name, stage in planned.items():
@@ -302,6 +305,19 @@ def run_pipeline(
         if name == until:
             break
     return runner.finish()
+
+
+def announce_missing_before(
+    from_stage: str, planned: dict[str, PlannedStage], store: RunStore, log: Callable[[str], None]
+) -> None:
+    """``--from STAGE`` re-executes that stage and those after it; the stages before it that have no committed result
+    for this config run first, as in any run: said in one line, so that a run that does more than asked is not
+    silent about it."""
+    names = list(planned)
+    missing = [name for name in names[: names.index(from_stage)] if committed(store, planned[name]) is None]
+    if missing:
+        has, run = ("has", "runs") if len(missing) == 1 else ("have", "run")
+        log(f"--from {from_stage}: {', '.join(missing)} {has} no result for this config yet and {run} first")
 
 
 class Runner:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import enum
 import json
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -141,25 +141,39 @@ def runtime_env() -> dict[str, Any]:
 
 
 def connect() -> None:
-    """Join the cluster this job runs on (``ray job submit`` sets RAY_ADDRESS), else start a local instance; the
-    driver's credentials go to the job's workers through a setup hook, not through logged env_vars."""
+    """Join the cluster RAY_ADDRESS names (``ray job submit`` sets it), else start a local instance for this job
+    (:func:`ray_address`). Every worker of the job runs :func:`worker_setup`: the driver's credentials reach it
+    through the hook, not through logged env_vars, and Ray's state API finds the worker's own cluster."""
     if ray.is_initialized():
         return
     credentials = {name: os.environ[name] for name in SECRET_ENV if name in os.environ}
-    job_env: dict[str, Any] = {"env_vars": dict(QUIET_URLS)}  # every worker of the job, Tune's trial actors included
-    if credentials:
-        job_env["worker_process_setup_hook"] = credentials_hook(credentials)
-    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True, runtime_env=job_env)
+    job_env: dict[str, Any] = {  # every worker of the job, Tune's trial actors and Ray Train's own actors included
+        "env_vars": dict(QUIET_URLS),
+        "worker_process_setup_hook": worker_setup(credentials),
+    }
+    ray.init(address=ray_address(os.environ), log_to_driver=True, runtime_env=job_env)
 
 
-def credentials_hook(credentials: dict[str, str]) -> Callable[[], None]:
-    """A worker-process setup hook that sets ``credentials`` in a worker's environment, unless its node set them."""
+def ray_address(environ: Mapping[str, str]) -> str:
+    """Where this job's Ray runs: the cluster RAY_ADDRESS names, else ``"local"``, a new instance of its own. Ray's
+    default (``address=None``) joins the instance whose address ``ray start`` left in
+    ``/tmp/ray/ray_current_cluster`` (warning "Found multiple active Ray instances" when more run on the host), which
+    may be another user's, or gone; the job never joins an instance it was not told to."""
+    return environ.get("RAY_ADDRESS", "").strip() or "local"
 
-    def set_credentials() -> None:
+
+def worker_setup(credentials: dict[str, str]) -> Callable[[], None]:
+    """A worker-process setup hook: it sets ``credentials`` in a worker's environment (unless its node set them), and
+    RAY_ADDRESS to the worker's own cluster (unless set). Ray's state API, which Ray Train's placement-group cleaner
+    calls in its own actor, otherwise looks for the cluster among the host's processes, and raises "Found multiple
+    active Ray instances" when a second pipeline's local instance runs on the host."""
+
+    def set_up() -> None:
         for name, value in credentials.items():
             os.environ.setdefault(name, value)
+        os.environ.setdefault("RAY_ADDRESS", ray.get_runtime_context().gcs_address)
 
-    return set_credentials
+    return set_up
 
 
 def cluster_device(use_gpu: bool | None) -> Device:

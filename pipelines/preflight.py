@@ -14,10 +14,11 @@ import urllib.request
 from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
+from pathlib import Path
 from typing import TypeVar
 
 from ddpm_core.checkpoint import CheckpointError, read_snapshot_config
-from pipelines.config import Extractor, PipelineConfig
+from pipelines.config import ConfigError, Extractor, PipelineConfig
 from pipelines.lease import Lease, LeaseHeldError, acquire
 from pipelines.redaction import redact
 from pipelines.runs import RunStore
@@ -134,6 +135,29 @@ def probe_mlflow(uri: str, log: Callable[[str], None]) -> None:
                 ) from None
             log(f"MLflow at {redact(uri)} does not answer ({reason}); trying again for up to {left:.0f} s")
             time.sleep(min(5.0, left))
+
+
+def check_tracking_store(config: PipelineConfig) -> None:
+    """A SQLite tracking URI names a database file, not a folder (SQLite cannot open a folder, and MLflow retries the
+    open until the tracking deadline, which read as a server that does not answer); checked before anything runs."""
+    uri = config.mlflow.resolved_tracking_uri()
+    path = sqlite_path(uri)
+    if path is None or not path.is_dir():
+        return
+    key = "mlflow.tracking_uri" if config.mlflow.tracking_uri else "MLFLOW_TRACKING_URI"
+    raise ConfigError(
+        f"{key} {redact(uri)!r} names a folder, {str(path)!r}, not a SQLite database file: name a file, e.g. "
+        f"sqlite:///{path.absolute() / 'mlflow.db'} (MLflow creates it), or a tracking server's http(s):// URI"
+    )
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a ``sqlite:///`` URI (relative to the working directory unless the path after the
+    third slash is absolute); None for other URIs and an in-memory database."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    path = uri.removeprefix("sqlite:///").split("?", 1)[0]
+    return Path(path) if path and path != ":memory:" else None
 
 
 def without_userinfo(uri: str) -> str:

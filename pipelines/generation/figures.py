@@ -55,7 +55,10 @@ def holdout_images(store: RunStore, indices: Sequence[int]) -> np.ndarray:
     layout = split_layout(uri, store.options)
     wrong = [index for index in indices if not 0 <= index < layout.count]
     if wrong:
-        raise DataError(f"image index {wrong[0]} is outside the {layout.count} held-out images of {store.root}")
+        raise DataError(
+            f"--pair: image index {wrong[0]} is outside the {layout.count} held-out images of {store.root} "
+            f"(0 to {layout.count - 1})"
+        )
     return read_images_at(layout, list(indices), store.options)  # only the files holding them
 
 
@@ -66,11 +69,11 @@ def interpolation_figure(
     source; ``[len(timesteps) * (columns + 2), H, W, C]`` uint8. Every row uses the same encoding and reverse-process
     noise, so the rows differ only by t."""
     store = RunStore.of(config)
+    sources = holdout_images(store, pair)  # [2, H, W, C]
     trained = trained_model(store)
     last = trained.diffusion.num_timesteps - 1
     if any(not 0 <= t <= last for t in timesteps):
         raise ConfigError(f"--timesteps must lie in [0, {last}], got {list(timesteps)}")
-    sources = holdout_images(store, pair)  # [2, H, W, C]
     first, second = to_model_range(sources)  # [C, H, W] each
     encoding = torch.randn(trained.shape, generator=torch.Generator().manual_seed(seed))  # [C, H, W]
     weights = np.linspace(0.0, 1.0, columns).tolist()

@@ -286,14 +286,18 @@ def split_file_images(settings: PrepareSettings, image_shape: tuple[int, ...], n
 
 
 def check_fits_model(image_shape: tuple[int, ...], num_classes: int | None, settings: PrepareSettings) -> None:
+    """The data's images ``[H, W, C]`` are the size and channel count the model takes; else a ``DataError`` with the
+    fixes that fit the mismatch (:func:`pipelines.advice.model_fit_advice`)."""
+    from pipelines.advice import model_fit_advice
+
     unet, model = settings.model.unet(num_classes), settings.model
     height, width, channels = image_shape
     if (height, width, channels) != (unet.image_size, unet.image_size, unet.in_channels):
+        overridden = f" with model.overrides {model.overrides}" if model.overrides else ""
         raise DataError(
             f"data.uri {settings.data.uri!r} has {height}x{width} images with {channels} channel(s), "
-            f"but model.preset {model.preset!r} expects {unet.image_size}x{unet.image_size} "
-            f"with {unet.in_channels}; choose a matching preset, set model.overrides, or resize the images with "
-            f"data.image_size: {unet.image_size}"
+            f"but model.preset {model.preset!r}{overridden} expects {unet.image_size}x{unet.image_size} "
+            f"with {unet.in_channels}: {model_fit_advice((height, width, channels), model.preset, unet)}"
         )
 
 
