@@ -3,6 +3,9 @@
 Object stores have no atomic rename, so a directory counts as complete only when its ``manifest.json`` exists and
 every file it lists has the recorded size and checksum. On local disks each file is additionally written under a
 temporary name and renamed, so no file ever appears half-written under its final name.
+
+Every filesystem is made by :func:`filesystem`, which gives each remote protocol its deadlines unless the caller set
+them (:func:`resolved_options`), and :func:`reach` is the announced, bounded first contact with a remote host.
 """
 
 from __future__ import annotations
@@ -10,9 +13,16 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
+import re
+import threading
 import time
+import urllib.parse
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from concurrent.futures import TimeoutError as FutureTimeout
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -54,8 +64,10 @@ def storage_failures_named(uri: str, action: str) -> Iterator[None]:
 
 
 def filesystem(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
-    """The fsspec filesystem and path of a URI (``file://``, ``s3://``, ``memory://``, or a plain local path)."""
-    fs, path = fsspec.core.url_to_fs(uri, **(storage_options or {}))
+    """The fsspec filesystem and path of a URI (``file://``, ``s3://``, ``http(s)://``, ``memory://``, or a plain
+    local path), with the options :func:`resolved_options` makes of ``storage_options`` (per protocol, deadlines
+    filled in)."""
+    fs, path = fsspec.core.url_to_fs(uri, **resolved_options(uri, storage_options))
     return fs, path.rstrip("/")
 
 
@@ -71,18 +83,14 @@ def write_bytes(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
 
 
 def s3_options(endpoint_url: str | None, region: str | None) -> dict[str, Any]:
-    """fsspec options for S3 (credentials from the standard AWS environment variables): fail fast on an unreachable
-    endpoint (5 s to connect, 20 s for an answer); throttling and transient errors are retried twice over, botocore's
-    standard mode (3 attempts, exponential backoff: the AWS default) inside s3fs's own 5 tries of each call, which
-    rides out outages of several seconds. Callers add a total deadline where an endpoint may accept and never
-    answer."""
+    """fsspec options for S3 (credentials from the standard AWS environment variables) with the deadlines that
+    :func:`filesystem` gives every S3 URL anyway (:func:`s3_deadlines`)."""
     client: dict[str, Any] = {}
     if endpoint_url:
         client["endpoint_url"] = endpoint_url
     if region:
         client["region_name"] = region
-    retries = {"connect_timeout": 5, "read_timeout": 20, "retries": {"max_attempts": 3, "mode": "standard"}}
-    return {"client_kwargs": client, "config_kwargs": retries}
+    return {"client_kwargs": client, "config_kwargs": s3_deadlines()}
 
 
 def commit(
@@ -177,3 +185,224 @@ def read_committed(
             )
         files[name] = data
     return files, manifest["metadata"]
+
+
+# Deadlines of every remote call (the same for the run root, data, snapshots and weights). No request waits longer
+# than CONNECT_TIMEOUT_S for a connection or READ_TIMEOUT_S for the next bytes of an answer. S3: botocore's standard
+# retry mode (S3_ATTEMPTS attempts, exponential backoff: the AWS default) inside s3fs's own 5 tries of each call, which
+# rides out outages of several seconds and bounds a call at 5 x S3_ATTEMPTS x (connect + read). HTTP(S): no retries
+# (fsspec makes none), at most HTTP_TOTAL_S per request (aiohttp's own total, kept so a large file may take minutes).
+CONNECT_TIMEOUT_S = 5.0
+READ_TIMEOUT_S = 20.0
+S3_ATTEMPTS = 3
+HTTP_TOTAL_S = 300.0
+LOCAL_PROTOCOLS = frozenset({"file", "local", "memory"})
+
+
+def s3_deadlines() -> dict[str, Any]:
+    """botocore ``Config`` arguments (s3fs's ``config_kwargs``) of an S3 call's deadlines and retries."""
+    return {
+        "connect_timeout": CONNECT_TIMEOUT_S,
+        "read_timeout": READ_TIMEOUT_S,
+        "retries": {"max_attempts": S3_ATTEMPTS, "mode": "standard"},
+    }
+
+
+def protocol_names(uri: str) -> tuple[str, ...]:
+    """Every name of the protocol of ``uri`` (``("s3", "s3a")``, ``("http", "https")``; ``("file",)`` for a plain
+    path), the first its canonical one."""
+    protocol = fsspec.core.split_protocol(uri)[0] or "file"
+    try:
+        names = fsspec.get_filesystem_class(protocol).protocol
+    except (ValueError, ImportError):  # unknown or not installed: url_to_fs names the problem
+        return (protocol,)
+    names = (names,) if isinstance(names, str) else tuple(names)
+    return names if protocol in names else (protocol, *names)
+
+
+def with_deadlines(names: tuple[str, ...], options: dict[str, Any]) -> dict[str, Any]:
+    """``options`` for a filesystem of the protocol ``names`` with the deadlines of its client added where the caller
+    did not set them (S3: botocore's connect/read timeouts and retries; HTTP: an aiohttp ``ClientTimeout``)."""
+    if "s3" in names:
+        return {**options, "config_kwargs": {**s3_deadlines(), **(options.get("config_kwargs") or {})}}
+    if "http" in names:
+        import aiohttp  # fsspec's HTTP filesystem needs it anyway
+
+        timeout = aiohttp.ClientTimeout(total=HTTP_TOTAL_S, sock_connect=CONNECT_TIMEOUT_S, sock_read=READ_TIMEOUT_S)
+        return {**options, "client_kwargs": {"timeout": timeout, **(options.get("client_kwargs") or {})}}
+    return options
+
+
+def resolved_options(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The options :func:`filesystem` opens ``uri`` with. ``storage_options`` may hold entries keyed by protocol
+    (fsspec's convention for chained URLs), e.g. ``{"s3": {...}}`` from ``StorageSection.options``: the entry of the
+    URI's protocol applies (over the plain keys), the others are left out, so one set of options serves every URL a
+    run touches. Then each remote protocol gets its deadlines unless the caller set them (:func:`with_deadlines`)."""
+    given = dict(storage_options or {})
+    keyed = {k: v for k, v in given.items() if isinstance(v, dict) and k in fsspec.available_protocols()}
+    if "::" in uri:  # a chained URL: fsspec hands each layer its protocol's entry
+        for bit in uri.split("::"):
+            bit = bit if "://" in bit else f"{bit}://"  # as fsspec reads a layer named without a path
+            protocol, names = fsspec.core.split_protocol(bit)[0] or "file", protocol_names(bit)
+            entry = next((keyed[name] for name in (protocol, *names) if name in keyed), {})
+            given[protocol] = with_deadlines(names, entry)
+        return given
+    names = protocol_names(uri)
+    plain = {k: v for k, v in given.items() if k not in keyed}
+    entry = next((keyed[name] for name in names if name in keyed), {})
+    return with_deadlines(names, {**plain, **entry})
+
+
+# The first contact with a remote host (listing data.uri, opening train.init_from, reading the run's config): a host
+# that accepts connections and never answers is named after FIRST_CONTACT.total_s, with each attempt announced.
+ANNOUNCE_AFTER_S = 2.0  # an attempt that has not answered by then is announced
+ANSWERS = (FileNotFoundError, PermissionError, IsADirectoryError, NotADirectoryError, FileExistsError)
+_USERINFO = re.compile(r"(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*://)[^/@\s]*@")
+
+
+@dataclass(frozen=True)
+class Contact:
+    """How long the first contact with a remote host may take: ``attempts`` tries of ``attempt_s`` each, ``pause_s``
+    apart."""
+
+    attempts: int = 3
+    attempt_s: float = 8.0
+    pause_s: float = 1.0
+
+    @property
+    def total_s(self) -> float:
+        """The bounded total of every attempt and pause."""
+        return self.attempts * self.attempt_s + (self.attempts - 1) * self.pause_s
+
+
+FIRST_CONTACT = Contact()
+_answered: set[tuple[str, str]] = set()  # (protocol, host) of the hosts that answered a first contact in this process
+
+
+class StorageUnreachableError(StorageUnavailableError):
+    """A remote host that did not answer the first contact within its bounded total (:func:`reach`); ``host`` is
+    its address without credentials."""
+
+    def __init__(self, message: str, host: str = "") -> None:
+        super().__init__(message)
+        self.host = host
+
+    def __reduce__(self) -> tuple[type[StorageUnreachableError], tuple[str, str]]:  # keeps host across processes
+        return type(self), (str(self), self.host)
+
+
+def without_userinfo(text: str) -> str:
+    """``text`` with the ``user:password@`` of every URI in it left out."""
+    return _USERINFO.sub(lambda match: match["scheme"], text)
+
+
+def is_remote(uri: str) -> bool:
+    """Whether ``uri`` is read over a network (not a local path, ``file://``, ``memory://`` or ``builtin:``)."""
+    return fsspec.core.split_protocol(uri)[0] not in (None, *LOCAL_PROTOCOLS)
+
+
+def host_of(uri: str, storage_options: dict[str, Any] | None = None) -> str:
+    """The host a remote URI's calls go to, without credentials: an S3 URL's endpoint (its storage options, else
+    ``AWS_ENDPOINT_URL_S3`` / ``AWS_ENDPOINT_URL``, else AWS's), the host and port of any other URL."""
+    names = protocol_names(uri)
+    address = uri
+    if "s3" in names:
+        options = resolved_options(uri, storage_options)
+        address = (
+            (options.get("client_kwargs") or {}).get("endpoint_url")
+            or options.get("endpoint_url")
+            or os.environ.get("AWS_ENDPOINT_URL_S3")
+            or os.environ.get("AWS_ENDPOINT_URL")
+            or "https://s3.amazonaws.com"
+        )
+    netloc = urllib.parse.urlsplit(address).netloc.rsplit("@", 1)[-1]
+    return netloc if "s3" in names or "http" in names else f"{names[0]}://{netloc}"
+
+
+def unanswered(error: BaseException) -> bool:
+    """Whether ``error`` (or an error it was raised from) says the host did not answer: a timeout, a refused or
+    dropped connection; not an answer such as "no such file" or "access denied"."""
+    seen: BaseException | None = error
+    while seen is not None:
+        if isinstance(seen, OSError) and not isinstance(seen, ANSWERS):
+            return True
+        if any(cls.__name__.endswith("ConnectionError") for cls in type(seen).__mro__):  # botocore's, not OSErrors
+            return True
+        seen = seen.__cause__
+    return False
+
+
+def describe(error: BaseException) -> str:
+    """An error in one short line, without credentials: the error it was raised from when it wraps one (fsspec's
+    HTTP filesystem says "file not found" for a host that does not answer)."""
+    shown = error.__cause__ if isinstance(error, ANSWERS) and error.__cause__ is not None else error
+    return without_userinfo(f"{type(shown).__name__}: {shown}")[:300]
+
+
+def _attempt(action: Callable[[], Any], seconds: float, slow: Callable[[], None]) -> Exception | None:
+    """``action()`` in a daemon thread (an unanswered call cannot be cancelled; it ends with its client's own
+    deadlines): None when it returned within ``seconds``, else its error or a ``TimeoutError``. ``slow()`` is called
+    when it has not ended after :data:`ANNOUNCE_AFTER_S`."""
+    future: Future[None] = Future()
+
+    def run() -> None:
+        try:
+            action()
+            future.set_result(None)
+        except Exception as error:
+            future.set_exception(error)
+
+    threading.Thread(target=run, name="reach", daemon=True).start()
+    first = min(ANNOUNCE_AFTER_S, seconds)
+    for wait in (first, seconds - first):
+        try:
+            future.result(timeout=wait)
+            return None
+        except FutureTimeout:
+            if wait == first:
+                slow()
+        except Exception as error:
+            return error
+    return TimeoutError(f"no answer within {seconds:g} s")
+
+
+def reach(
+    uri: str,
+    storage_options: dict[str, Any] | None = None,
+    log: Callable[[str], None] = print,
+    contact: Contact | None = None,
+) -> None:
+    """The first contact with the host of a remote ``uri`` (one ``info`` call), bounded and announced: an attempt
+    that has not answered after a few seconds, and each retry, is logged as "waiting for HOST (attempt n of m)"; a
+    host that never answers raises :class:`StorageUnreachableError` naming it after ``contact.total_s``. Any answer
+    (even "no such file": the caller's own call says what it means) ends the contact, and a host that answered once
+    is not probed again in this process. Local URIs return at once. ``contact``: :data:`FIRST_CONTACT` when None."""
+    contact = contact or FIRST_CONTACT
+    target = uri.split("::")[-1]  # the innermost layer of a chained URL holds the data
+    if not is_remote(target):
+        return
+    host = host_of(target, storage_options)
+    key = (protocol_names(target)[0], host)
+    if key in _answered:
+        return
+    fs, path = filesystem(target, storage_options)
+    attempts, error, started = contact.attempts, None, time.monotonic()
+    slow = f"waiting for {host} (attempt 1 of {attempts}, up to {contact.attempt_s:g} s each)"
+    for attempt in range(1, attempts + 1):
+        if error is not None:
+            log(f"waiting for {host} (attempt {attempt} of {attempts}; the last: {describe(error)})")
+        announce = (lambda: log(slow)) if attempt == 1 else (lambda: None)
+        error = _attempt(lambda: fs.info(path), contact.attempt_s, announce)
+        if error is None or (isinstance(error, ANSWERS) and not unanswered(error)):
+            _answered.add(key)
+            return
+        if not unanswered(error):  # e.g. no credentials, a server error: the caller's own call reports it
+            return
+        if attempt < attempts:
+            time.sleep(contact.pause_s)
+    assert error is not None
+    raise StorageUnreachableError(
+        f"{host} does not answer: {attempts} attempts over {time.monotonic() - started:.0f} s (each given "
+        f"{contact.attempt_s:g} s, {contact.total_s:g} s in all); the last: {describe(error)}",
+        host,
+    )

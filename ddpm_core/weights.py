@@ -9,10 +9,11 @@ import hashlib
 import os
 import re
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from ddpm_core.storage import filesystem
+from ddpm_core.storage import StorageUnreachableError, filesystem, reach, without_userinfo
 
 DEFAULT_CACHE = Path(os.environ.get("DDPM_WEIGHTS_CACHE", Path.home() / ".cache" / "ddpm-pipeline" / "weights"))
 _HEX = re.compile(r"^[0-9a-f]{8,64}$")
@@ -44,18 +45,24 @@ def fetch_verified(
     how_to_provide: str,
     storage_options: dict[str, Any] | None = None,
     cache_dir: str | Path = DEFAULT_CACHE,
+    log: Callable[[str], None] = print,
 ) -> tuple[Path, str]:
     """Local path of the weights at ``uri`` whose SHA-256 starts with ``sha256``, and their full SHA-256.
 
     The cached copy ``<cache_dir>/<full sha256>/<file name>`` is reused when present; otherwise the file is copied to
     a temporary name, hashed, and moved into place only when the digest matches. ``how_to_provide`` ends the error
-    raised when the file is missing.
+    raised when the file is missing. The first contact with a remote host is bounded and each wait is announced
+    through ``log`` (:func:`ddpm_core.storage.reach`).
     """
     expected = check_sha256_spec(sha256, "sha256")
     name = Path(uri.rstrip("/")).name
     cache_dir = Path(cache_dir)
     for candidate in cache_dir.glob(f"{expected}*/{name}") if cache_dir.is_dir() else ():
         return candidate, candidate.parent.name
+    try:
+        reach(uri, storage_options, log)
+    except StorageUnreachableError as error:
+        raise WeightsError(f"weights URI {without_userinfo(uri)!r} cannot be read: {error}. {how_to_provide}") from None
     try:
         fs, path = filesystem(uri, storage_options)
         exists = fs.exists(path)

@@ -39,11 +39,12 @@ import argparse
 import os
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 from ddpm_core.data import DataError
-from ddpm_core.storage import StorageUnavailableError
+from ddpm_core.storage import StorageUnavailableError, StorageUnreachableError
 from pipelines.config import ConfigError, PipelineConfig
 from pipelines.config_file import load_config
 from pipelines.context import StageStopped
@@ -52,6 +53,7 @@ from pipelines.contracts import (
     RegisterOutputs,
 )
 from pipelines.execution import ClusterTooSmallError
+from pipelines.interruption import STOP, Interrupted
 from pipelines.lease import LeaseHeldError
 from pipelines.preflight import PreflightError
 from pipelines.runs import RunStore
@@ -315,6 +317,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if threading.current_thread() is threading.main_thread():
+        STOP.install()  # Ctrl-C and SIGTERM stop cleanly, resumably (pipelines.interruption)
     try:
         if args.command == "dag":
             from pipelines.dag import describe
@@ -339,9 +343,24 @@ def main(argv: list[str] | None = None) -> int:
     except StageStopped as error:
         print(f"error: {error}", file=sys.stderr)
         return 4
+    except StorageUnreachableError as error:  # a host that never answered its first contact: as the preflight says
+        print(f"error: {error}", file=sys.stderr)
+        return 2
     except StorageUnavailableError as error:  # also when raised in a Ray task (RayTaskError subclasses it)
         print(f"error: {error}", file=sys.stderr)
         return 5
+    except Interrupted as stopped:
+        stop_ray_work()
+        print(f"{stopped}: exit {stopped.exit_code}; run the same command to resume", file=sys.stderr)
+        return stopped.exit_code
+
+
+def stop_ray_work() -> None:
+    """End what this process started on Ray: its local instance, or on a cluster its job's actors and tasks (Ray
+    ends a driver's non-detached actors when it disconnects)."""
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import os
 import re
 from dataclasses import dataclass, field
@@ -205,6 +206,15 @@ class ModelSection:
         return dataclasses.replace(unet, num_classes=classes)
 
 
+# The most of each event a training run may make (train.<key>: limit, what one is); a plan with more is a mistake.
+# cifar10.yaml makes 80 checkpoints, 16 grids and 800 log points in its 102.4M images.
+MAX_TRAINING_EVENTS = {
+    "checkpoint_every_images": (10_000, "checkpoints (each a committed copy of the whole training state)"),
+    "grid_every_images": (10_000, "sample grids (each 64 images sampled, logged to MLflow)"),
+    "log_every_images": (1_000_000, "log points (each an all-reduce and a row of MLflow metrics)"),
+}
+
+
 @dataclass(frozen=True)
 class TrainSection:
     num_workers: int = 2  # Ray Train data-parallel workers
@@ -238,6 +248,8 @@ class TrainSection:
     compile_on_gpu: bool = True
     compile_on_cpu: bool = False
     gradient_as_bucket_view: bool = True  # DDP's gradients as views into its all-reduce buckets (same numbers)
+    # go ahead with a plan estimated to train longer than LONG_RUN_DAYS (check_training_length), which is refused
+    allow_long_run: bool = field(default=False, metadata=EXECUTION)
 
     def __post_init__(self) -> None:
         require_positive(
@@ -267,6 +279,24 @@ class TrainSection:
         if not 0.0 <= self.class_dropout < 1.0:
             raise ConfigError(f"train.class_dropout must lie in [0, 1), got {self.class_dropout}")
 
+    def check_events(self) -> None:
+        """At most :data:`MAX_TRAINING_EVENTS` checkpoints, sample grids and log points (checked after the length of
+        the run, :func:`check_training_length`): an interval is rounded up to whole steps (at most one event per
+        step), so a run makes ``ceil(total_images / max(every, batch_size))``."""
+        for key, every in (
+            ("checkpoint_every_images", self.checkpoint_every_images),
+            ("grid_every_images", self.grid_every_images or 0),
+            ("log_every_images", self.log_every_images),
+        ):
+            limit, what = MAX_TRAINING_EVENTS[key]
+            events = -(-self.total_images // max(every, self.batch_size)) if every else 1
+            if events > limit:
+                raise ConfigError(
+                    f"train.{key} {every} makes {events:,} {what} in train.total_images {self.total_images:,} "
+                    f"(train.batch_size {self.batch_size}): at most {limit:,} are allowed; use train.{key} >= "
+                    f"{-(-self.total_images // limit):,}"
+                )
+
     def precision(self, use_gpu: bool) -> Precision:
         """The training workers' precision on the device kind given."""
         return Precision.chosen(use_gpu, self.bf16_on_gpu, self.bf16_on_cpu)
@@ -274,6 +304,82 @@ class TrainSection:
     def compiled(self, use_gpu: bool) -> bool:
         """Whether training workers compile the U-Net on the device kind given."""
         return self.compile_on_gpu if use_gpu else self.compile_on_cpu
+
+
+LONG_RUN_DAYS = 30.0  # a training plan estimated to take longer is refused, unless train.allow_long_run
+# Optimistic bounds, so that the estimate is a lower bound on the time a plan takes (docs/pipeline.md, "Plans checked
+# before the first stage"). No training worker computes faster than PEAK_FLOPS (above the dense bf16 peak of every
+# accelerator: H100/H200 0.99, B200 2.25 PFLOP/s), and no optimizer step (forward, backward, all-reduce, AdamW, EMA)
+# takes less than MIN_STEP_S (the fastest step measured: 37 ms, batch 128 of the cifar10 preset at 3,436 img/s on
+# an H200, docs/benchmarks.md).
+PEAK_FLOPS = 2.5e15
+MIN_STEP_S = 1e-3
+# Up to this many images per worker the FLOPs are not counted (a count takes up to a second): refusing such a plan
+# would take over PEAK_FLOPS * LONG_RUN_DAYS / 1e8 = 65 TFLOP per image, 43x the image256 preset's 1.5 TFLOP.
+COUNTED_ABOVE_IMAGES_PER_WORKER = 10**8
+FASTEST_MEASURED = "3,436 img/s per H200 at the cifar10 preset, batch 128, docs/benchmarks.md"
+FASTEST_STEP_S = 128 / 3_436
+
+
+@functools.cache
+def training_flops_per_image(unet: UNetConfig) -> float:
+    """FLOPs of one training image through the U-Net: three times its forward pass (the backward pass costs about
+    twice the forward, Kaplan et al. 2020, Sec. 2.1), counted by torch's FLOP counter on the meta device (no memory,
+    no arithmetic). The cifar10 preset: 37.3 GFLOP, as ``benchmarks/train_step.py`` counts a whole step."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from ddpm_core.unet import UNet
+
+    config = dataclasses.replace(unet, num_classes=None)  # a class embedding is one row per image: negligible
+    with torch.device("meta"):
+        network = UNet(config)
+        images = torch.empty(1, config.in_channels, config.image_size, config.image_size)
+        timesteps = torch.zeros(1, dtype=torch.long)
+    with FlopCounterMode(display=False) as counter:
+        network(images, timesteps)
+    return 3.0 * float(counter.get_total_flops())
+
+
+def check_training_length(train: TrainSection, model: ModelSection) -> None:
+    """Refuse a plan estimated to train longer than :data:`LONG_RUN_DAYS`, unless ``train.allow_long_run``.
+
+    The estimate is a lower bound: ``max(steps * MIN_STEP_S, images per worker * FLOP per image / PEAK_FLOPS)``,
+    with ``steps = ceil(total_images / batch_size)`` and the FLOPs of the model counted
+    (:func:`training_flops_per_image`), so a plan refused here could not finish in time on any hardware."""
+    if train.allow_long_run:
+        return
+    total, batch, workers = train.total_images, train.batch_size, train.num_workers
+    steps, limit_s = -(-total // batch), LONG_RUN_DAYS * 86_400
+    estimates = [
+        (
+            steps * MIN_STEP_S,
+            f"{steps:,} optimizer steps (train.total_images / train.batch_size {batch}) at {MIN_STEP_S * 1e3:g} ms "
+            f"each, {FASTEST_STEP_S / MIN_STEP_S:.0f} times faster than the fastest step measured ({FASTEST_MEASURED})",
+            int(limit_s / MIN_STEP_S) * batch,
+            "raise train.batch_size or lower train.total_images",
+        )
+    ]
+    if total / workers > COUNTED_ABOVE_IMAGES_PER_WORKER:
+        flops = training_flops_per_image(model.unet(model.num_classes or 1))
+        estimates.append(
+            (
+                total / workers * flops / PEAK_FLOPS,
+                f"{total / workers:,.0f} images per worker (train.num_workers {workers}) of {flops / 1e9:,.1f} GFLOP "
+                f"each (the U-Net of model.preset {model.preset!r}, forward and backward, counted) at "
+                f"{PEAK_FLOPS / 1e15:g} PFLOP/s per worker, above every accelerator's bf16 peak; the fastest rate "
+                f"measured is {FASTEST_MEASURED}",
+                int(limit_s * PEAK_FLOPS / flops) * workers,
+                "lower train.total_images or spread it over more workers (train.num_workers)",
+            )
+        )
+    seconds, source, _, advice = max(estimates)
+    if seconds > limit_s:
+        raise ConfigError(
+            f"train.total_images {total:,} would train for at least {seconds / 86_400:,.0f} days, an optimistic "
+            f"estimate from {source}. At most {min(fit for _, _, fit, _ in estimates):,} images fit in "
+            f"{LONG_RUN_DAYS:g} days by that estimate: {advice}, or set train.allow_long_run=true to go ahead"
+        )
 
 
 @dataclass(frozen=True)
@@ -519,10 +625,11 @@ class StorageSection:
     region: str | None = field(default=None, metadata=EXECUTION)
 
     def options(self) -> dict[str, Any]:
-        """fsspec storage options (credentials come from the standard AWS environment variables)."""
-        if not self.root.startswith("s3://"):
-            return {}
-        return s3_options(self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL"), self.region)
+        """fsspec storage options of every URL the run touches, keyed by protocol (credentials come from the standard
+        AWS environment variables): ``storage.endpoint_url`` / ``storage.region`` apply to every ``s3://`` URL (the
+        root, ``data.uri``, ``train.init_from``, weights and reference URIs), whatever the root is.
+        :func:`ddpm_core.storage.filesystem` takes the entry of a URL's protocol and adds its deadlines."""
+        return {"s3": s3_options(self.endpoint_url or os.environ.get("AWS_ENDPOINT_URL"), self.region)}
 
     def resolved_root(self) -> str:
         if "://" in self.root:
@@ -584,6 +691,8 @@ class PipelineConfig:
             raise ConfigError(
                 f"run_id {self.run_id!r} must be 1-128 letters, digits, '.', '_' or '-' (no path separators)"
             )
+        check_training_length(self.train, self.model)
+        self.train.check_events()
         num_timesteps, num_samples = self.diffusion.num_timesteps, self.sample.num_samples
         check_sampler(self.sample.sampler, self.diffusion)
         if self.tune.enabled and self.data.holdout_fraction <= 0:

@@ -33,6 +33,7 @@ from pipelines.contracts import (
 from pipelines.execution import ClusterTooSmallError, check_outputs_outlive_the_job
 from pipelines.external import External, Resolver
 from pipelines.failures import find
+from pipelines.interruption import Interrupted
 from pipelines.plan import PlannedStage, Stage, config_changes, plan
 from pipelines.preflight import STORAGE_DEADLINE_S, check_tracking_store, preflight, within
 from pipelines.runs import RunStore, now
@@ -297,13 +298,18 @@ def run_pipeline(
         announce_missing_before(from_stage, planned, store, log)
     runner = Runner(config, store, tracker, planned, log, parent_tags or {})
     forced = False
-    for name, stage in planned.items():
-        forced = forced or name == from_stage
-        runner.run_stage(stage, forced)
-        if name == "prepare":
-            runner.check_data(planned)
-        if name == until:
-            break
+    try:
+        for name, stage in planned.items():
+            forced = forced or name == from_stage
+            runner.run_stage(stage, forced)
+            if name == "prepare":
+                runner.check_data(planned)
+            if name == until:
+                break
+    except Interrupted:
+        if runner.parent_id is not None:
+            tracker.kill(runner.parent_id)  # and any stage run a signal left running
+        raise
     return runner.finish()
 
 
@@ -417,8 +423,12 @@ class Runner:
         return manifest
 
     def failed(self, name: str, stage_run_id: str, error: BaseException) -> BaseException:
-        """End the stage's and the parent's MLflow runs as failed; the error to raise (a broken committed output is
-        forgotten first, and then named)."""
+        """End the stage's and the parent's MLflow runs as failed (killed, when a signal stopped the run); the error
+        to raise (a broken committed output is forgotten first, and then named)."""
+        if isinstance(error, Interrupted):
+            self.tracker.kill(stage_run_id)
+            self.log(f"[{name}] {error}; its MLflow runs are marked KILLED, its committed work is kept")
+            return error
         self.tracker.finish(stage_run_id, ok=False)
         if self.parent_id is not None:
             self.tracker.finish(self.parent_id, ok=False)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 import json
 import os
+import signal
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -151,7 +152,9 @@ def connect() -> None:
         "env_vars": dict(QUIET_URLS),
         "worker_process_setup_hook": worker_setup(credentials),
     }
+    ours = signal.getsignal(signal.SIGTERM)
     ray.init(address=ray_address(os.environ), log_to_driver=True, runtime_env=job_env)
+    signal.signal(signal.SIGTERM, ours)  # ray.init sets sys.exit as the driver's (pipelines.interruption stops cleanly)
 
 
 def ray_address(environ: Mapping[str, str]) -> str:

@@ -36,7 +36,12 @@ class Resolver:
         return self.registry.champion(model_name)
 
     def data_listing(self, uri: str) -> str:
-        """:func:`ddpm_core.data.source_identity` of ``uri`` (the run root's storage options for data on S3 too)."""
+        """:func:`ddpm_core.data.source_identity` of ``data.uri`` (the storage options apply per protocol:
+        ``storage.endpoint_url`` to data on S3 too, whatever the root). The first contact with a remote host is
+        bounded and each wait announced; a host that never answers fails naming ``data.uri``."""
+        from pipelines.preflight import reach_named  # it imports the training modules
+
         if uri not in self.listings:
-            self.listings[uri] = source_identity(uri, self.storage_options if uri.startswith("s3://") else {})
+            reach_named("data.uri", uri, self.storage_options)
+            self.listings[uri] = source_identity(uri, self.storage_options)
         return self.listings[uri]

@@ -15,9 +15,10 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from concurrent.futures import TimeoutError as FutureTimeout
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from ddpm_core.checkpoint import CheckpointError, read_snapshot_config
+from ddpm_core.storage import StorageUnreachableError, protocol_names, reach
 from pipelines.config import ConfigError, Extractor, PipelineConfig
 from pipelines.lease import Lease, LeaseHeldError, acquire
 from pipelines.redaction import redact
@@ -54,15 +55,31 @@ def refusal(error: Exception) -> str:
     return f"{type(error).__name__}: {text}"
 
 
+def reach_named(key: str, uri: str, options: dict[str, Any], log: Callable[[str], None] = print) -> None:
+    """The first contact with the host of the URL ``uri`` that config key ``key`` gives
+    (:func:`ddpm_core.storage.reach`: each wait announced, a bounded total); a host that never answers is a
+    :class:`PreflightError` naming the key, the URL and the host."""
+    try:
+        reach(uri, options, log)
+    except StorageUnreachableError as error:
+        endpoint = " and storage.endpoint_url (or AWS_ENDPOINT_URL)" if "s3" in protocol_names(uri) else ""
+        raise PreflightError(
+            f"{key} {redact(uri)!r}: {redact(str(error))}. Check {key}{endpoint}, and that {error.host} is up and "
+            "reachable from here"
+        ) from None
+
+
 def hold_run_root(store: RunStore, config: PipelineConfig, log: Callable[[str], None] = print) -> Lease:
     """The lease on the run root (see :mod:`pipelines.lease`), renewed in the background until released; an
     unusable storage fails here as a :class:`PreflightError`, a live holder as ``LeaseHeldError``."""
     retrain = config.retrain
+
+    def take() -> Lease:
+        reach(store.root, store.options, log)  # each wait announced; it ends before the deadline below
+        return acquire(store.root, store.options, retrain.lease_ttl_s, retrain.lease_wait_s, log=log)
+
     try:
-        lease = within(
-            STORAGE_DEADLINE_S + retrain.lease_wait_s,
-            lambda: acquire(store.root, store.options, retrain.lease_ttl_s, retrain.lease_wait_s, log=log),
-        )
+        lease = within(STORAGE_DEADLINE_S + retrain.lease_wait_s, take)
     except LeaseHeldError:
         raise
     except Exception as error:
@@ -70,10 +87,12 @@ def hold_run_root(store: RunStore, config: PipelineConfig, log: Callable[[str], 
     return lease.keep_alive()
 
 
-def check_init_from(config: PipelineConfig) -> None:
-    """``train.init_from`` names a committed snapshot of this run's U-Net (read before any worker starts)."""
+def check_init_from(config: PipelineConfig, log: Callable[[str], None] = print) -> None:
+    """``train.init_from`` names a committed snapshot of this run's U-Net (read before any worker starts); its host's
+    first answer is waited for as :func:`reach_named` says."""
     uri = config.train.init_from or ""
-    options = config.storage.options() if uri.startswith("s3://") else {}
+    options = config.storage.options()
+    reach_named("train.init_from", uri, options, log)
     try:
         unet, _ = within(STORAGE_DEADLINE_S, lambda: read_snapshot_config(uri, options))
     except (CheckpointError, TimeoutError) as error:
@@ -184,12 +203,13 @@ def preflight(store: RunStore, config: PipelineConfig, log: Callable[[str], None
                 config.evaluate.inception_weights_sha256,
                 HOW_TO_PROVIDE,
                 store.options,
+                log=log,
             )
             tensors_only_copy(path)
         except (WeightsError, ImportError) as error:
-            raise PreflightError(f"evaluate.extractor=inception: {error}") from error
+            raise PreflightError(f"evaluate.extractor=inception: {redact(str(error))}") from error
     if config.train.init_from:
-        check_init_from(config)
+        check_init_from(config, log)
     probe_mlflow(config.mlflow.resolved_tracking_uri(), log)
     try:
         return within(MLFLOW_DEADLINE_S, lambda: Tracker(config))

@@ -105,12 +105,13 @@ def decide_and_run(
     listing of its files (names, sizes, versions) and compared with the champion's; a changed listing runs prepare,
     whose content fingerprint decides. No image is read on the driver either way."""
     from pipelines.dag import run_pipeline
+    from pipelines.preflight import reach_named
     from pipelines.registry.champion import champion_snapshot_uri, current_champion
-    from pipelines.stages.prepare import data_storage_options
 
     tracker = Tracker(config)
     champion = current_champion(tracker.client, config.register.model_name)
-    listing = source_identity(config.data.uri, data_storage_options(config.data, config.storage.options()))
+    reach_named("data.uri", config.data.uri, config.storage.options(), log)
+    listing = source_identity(config.data.uri, config.storage.options())
     schedule = Schedule(config, store, tracker, scheduled_at.isoformat(), log)
     tags = {
         "ddpm.retrain.scheduled_at": schedule.when,

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from ddpm_core.storage import filesystem, storage_failures_named, write_bytes
+from ddpm_core.storage import filesystem, reach, storage_failures_named, write_bytes
 from pipelines.config import ConfigError, PipelineConfig
 from pipelines.config_file import save_resolved
 from pipelines.contracts import StageManifest
@@ -36,7 +36,7 @@ class RunStore:
 
     storage_root: str  # the resolved storage.root (fsspec URI or absolute path)
     run_id: str
-    options: dict[str, Any] = field(default_factory=dict)  # fsspec storage options of the root
+    options: dict[str, Any] = field(default_factory=dict)  # fsspec storage options (StorageSection.options)
 
     @classmethod
     def of(cls, config: PipelineConfig) -> RunStore:
@@ -104,7 +104,9 @@ class RunStore:
         write_bytes(fs, path, save_resolved(config).encode())
 
     def read_config(self) -> PipelineConfig | None:
-        """The run's config as saved by its last run; None for a new run id."""
+        """The run's config as saved by its last run; None for a new run id. The first contact with a remote root is
+        bounded, each wait announced (:func:`ddpm_core.storage.reach`)."""
+        reach(self.root, self.options)
         fs, path = filesystem(f"{self.root}/{RUN_CONFIG}", self.options)
         try:
             text = fs.cat_file(path).decode()

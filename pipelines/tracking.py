@@ -180,6 +180,16 @@ class Tracker:
     def finish(self, run_id: str, ok: bool) -> None:
         self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
 
+    def kill(self, run_id: str) -> None:
+        """End ``run_id`` and its nested runs still running (a stage's, Tune's trials) as KILLED: a signal stopped
+        them, and MLflow would otherwise show them running forever."""
+        running = self.client.search_runs(
+            [self.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}' and attributes.status = 'RUNNING'"
+        )
+        for run in running:
+            self.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
+        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+
 
 class BufferedMetricLogger:
     """Metrics of one MLflow run that survive a tracking-server outage: a batch that cannot be sent is kept, and

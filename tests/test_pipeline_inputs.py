@@ -26,7 +26,7 @@ def run_cli(args, capsys):
 @pytest.mark.parametrize(
     "override, message",
     [
-        ("train.lrr=1", "unknown config key 'train.lrr'; allowed keys under train: batch_size"),
+        ("train.lrr=1", "unknown config key 'train.lrr'; allowed keys under train: allow_long_run, batch_size"),
         ("sampler.steps=10", "unknown config key 'sampler'"),
         ("train.lr=abc", "train.lr: expected a number, got 'abc'"),
         ("train.lr=-1", "train.lr is out of range"),

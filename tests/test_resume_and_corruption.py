@@ -5,6 +5,7 @@ shard or snapshot is found where it is read, forgotten with what was computed fr
 plain run; a re-run with changed inputs that fails leaves no result of the new inputs and keeps the earlier config's;
 a full disk is a named storage failure, and the run resumes once there is room."""
 
+import contextlib
 import hashlib
 import json
 import os
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from mlflow.tracking import MlflowClient
 
 from tests.run_files import completed, result_dir
 from tests.run_files import outputs as stage_outputs
@@ -116,6 +118,111 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights_past_a_corrupt_checkp
     straight = Path(outputs(root / "runs/straight", "train")["snapshot_uri"]) / "model.safetensors"
     killed = Path(outputs(root / "runs/killed", "train")["snapshot_uri"]) / "model.safetensors"
     assert sha256(killed) == sha256(straight), "a resumed run draws what an uninterrupted one draws"
+
+
+def start(root: Path, run_id: str, log_path: Path) -> subprocess.Popen:
+    with open(log_path, "w") as log:
+        return subprocess.Popen(
+            command(root, run_id), cwd=REPO, env=ENV, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def wait_for(process: subprocess.Popen, log_path: Path, ready) -> None:
+    deadline = time.time() + 300
+    while not ready(log_path.read_text()):
+        assert process.poll() is None and time.time() < deadline, log_path.read_text()[-3000:]
+        time.sleep(0.05)
+
+
+def descendants(pid: int) -> set[int]:
+    """The processes under ``pid`` (its local Ray instance: GCS, raylet, workers), from /proc."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError, ValueError, IndexError):
+            parents[int(stat.parent.name)] = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+    found, frontier = set(), {pid}
+    while frontier:
+        frontier = {child for child, parent in parents.items() if parent in frontier} - found
+        found |= frontier
+    return found
+
+
+def alive(pids: set[int]) -> set[int]:
+    return {pid for pid in pids if Path(f"/proc/{pid}").exists() and "(Z)" not in status_of(pid)}
+
+
+def status_of(pid: int) -> str:
+    with contextlib.suppress(OSError):
+        return next(line for line in Path(f"/proc/{pid}/status").read_text().splitlines() if line.startswith("State"))
+    return ""
+
+
+def mlflow_statuses(root: Path, run_id: str) -> dict[str, list[str]]:
+    """Each MLflow run of the pipeline run ``run_id`` by name, with its statuses (oldest first)."""
+    client = MlflowClient(f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("resume")
+    runs = client.search_runs([experiment.experiment_id], f"tags.`ddpm.run_id` = '{run_id}'", order_by=["start_time"])
+    statuses: dict[str, list[str]] = {}
+    for run in runs:
+        statuses.setdefault(run.info.run_name, []).append(run.info.status)
+    return statuses
+
+
+def test_sigterm_in_training_checkpoints_the_next_step_exits_143_and_resumes_to_the_uninterrupted_weights(finished):
+    root, log_path = finished, finished / "sigterm.log"
+    process = start(root, "sigterm", log_path)
+    progress = lambda text: max([0, *(int(n) for n in re.findall(rf"train: (\d+)/{TOTAL} images", text))])
+    wait_for(process, log_path, lambda text: progress(text) > EVERY)  # between two scheduled checkpoints
+    started = descendants(process.pid)
+    assert started, "the driver's local Ray instance"
+    signalled = time.time()
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 143, log_path.read_text()[-4000:]
+    took, said = time.time() - signalled, log_path.read_text()
+    assert took < 30 and "stopping (SIGTERM): checkpointing at the next step, then exiting" in said
+    assert "Traceback" not in said, said[-4000:]
+    stopped = int(re.search(r"stopped on request at (\d+) images", said).group(1))
+    assert stopped < TOTAL and f"train: stopped at {stopped} images; the checkpoint there is recorded" in said
+    deadline = time.time() + 30
+    while alive(started) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not alive(started), f"processes the run started are left: {alive(started)}"
+    statuses = mlflow_statuses(root, "sigterm")
+    assert statuses["sigterm"] == ["KILLED"] and statuses["sigterm/train"] == ["KILLED"], statuses
+    assert statuses["sigterm/prepare"] == ["FINISHED"], statuses
+
+    resumed = run(root, "sigterm")
+    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
+    assert f"resumed from checkpoint at {stopped} images" in resumed.stdout + resumed.stderr
+    straight = Path(outputs(root / "runs/straight", "train")["snapshot_uri"]) / "model.safetensors"
+    again = Path(outputs(root / "runs/sigterm", "train")["snapshot_uri"]) / "model.safetensors"
+    assert sha256(again) == sha256(straight), "the resumed run reaches the uninterrupted run's EMA weights"
+    assert mlflow_statuses(root, "sigterm")["sigterm"] == ["FINISHED"]  # the same parent run, finished now
+
+
+def test_ctrl_c_stops_sampling_at_once_and_a_second_ctrl_c_does_not_wait_for_the_checkpoint(finished):
+    root, log_path = finished, finished / "sigint.log"
+    process = start(root, "sigint", log_path)
+    wait_for(process, log_path, lambda text: re.search(rf"train: \d+/{TOTAL} images", text))
+    process.send_signal(signal.SIGINT)
+    wait_for(process, log_path, lambda text: "stopping (SIGINT)" in text)
+    process.send_signal(signal.SIGINT)  # (signals that arrive together are one signal to Python)
+    assert process.wait(timeout=20) == 130, log_path.read_text()[-4000:]
+    said = log_path.read_text()
+    assert "stopped by SIGINT: exit 130" in said and "Traceback" not in said, said[-4000:]
+    statuses = mlflow_statuses(root, "sigint")
+    assert statuses["sigint"] == ["KILLED"] and statuses["sigint/train"] == ["KILLED"], statuses
+
+    process = start(root, "sigint", log_path)  # trains to the end, then is stopped while it samples
+    wait_for(process, log_path, lambda text: "[sample] running" in text)
+    process.send_signal(signal.SIGINT)
+    assert process.wait(timeout=30) == 130, log_path.read_text()[-4000:]
+    said = log_path.read_text()
+    assert "stopping (SIGINT): committed work is kept; run the same command to resume" in said
+    assert "Traceback" not in said, said[-4000:]
+    statuses = mlflow_statuses(root, "sigint")
+    assert statuses["sigint/train"] == ["KILLED", "FINISHED"] and statuses["sigint/sample"] == ["KILLED"], statuses
+    assert statuses["sigint"] == ["KILLED"] and completed(root / "runs/sigint", "train")
 
 
 def test_a_corrupt_sample_shard_is_forgotten_and_recomputed(finished):

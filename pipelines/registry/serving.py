@@ -14,6 +14,13 @@ param (w of Ho & Salimans 2022, Eq. 6; 0 is unguided; the default is the one the
 ``params={"progressive_frames": F}`` returns, for each image in turn, F predictions of x_0 along its chain (Ho et al.
 2020, Sec. 4.3), the last being the sample: uint8 ``[n * F, H, W, C]``.
 
+Rows are sampled ``batch_size`` at a time (default 64) and the batches concatenated, so that memory is bounded by the
+batch, not the request: 100,000 rows no longer hold 100,000 images' activations at once. Set it when loading,
+``mlflow.pyfunc.load_model(uri, model_config={"batch_size": 256})`` (any registered version), or per request with
+``params={"batch_size": 256}`` where the model's signature lists that param. Each row's noise comes from its own
+generator seeded by (seed, index) (:class:`ddpm_core.samplers.PerIndexNoise`), so the images do not depend on the
+batch size: bit-identical on the CPU (tests/test_plan_checks.py); a GPU may pick other kernels per batch shape.
+
 Loading any MLflow pyfunc model executes its code (this file and ``ddpm_core``); the weights themselves are
 safetensors and run nothing. Load registered models only from a registry you trust.
 """
@@ -27,6 +34,25 @@ import numpy as np
 import pandas as pd
 from mlflow.pyfunc import PythonModel, PythonModelContext
 
+BATCH_SIZE = 64  # rows sampled at once, unless the model config or the request's params say otherwise
+DEFAULTS = {
+    "seed": 0,
+    "method": "ddim",
+    "num_steps": 50,
+    "eta": 0.0,
+    "spacing": "linspace",
+    "progressive_frames": 0,
+}
+
+
+def positive_batch_size(value: Any, where: str) -> int:
+    """``batch_size`` as a positive int (an int or a string of digits); else a ``ValueError`` naming where it was
+    set."""
+    text = str(value).strip()
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer, str)) or not text.isdigit() or int(text) < 1:
+        raise ValueError(f"batch_size ({where}) must be a positive integer (rows sampled at once), got {value!r}")
+    return int(text)
+
 
 class DDPMSampler(PythonModel):
     def load_context(self, context: PythonModelContext) -> None:
@@ -38,38 +64,51 @@ class DDPMSampler(PythonModel):
         self.diffusion = GaussianDiffusion.from_config(snapshot.diffusion)
         self.shape = (snapshot.unet.in_channels, snapshot.unet.image_size, snapshot.unet.image_size)
         self.num_classes = snapshot.unet.num_classes
-        self.guidance_scale = float((context.model_config or {}).get("guidance_scale", 0.0))
+        model_config = context.model_config or {}
+        self.guidance_scale = float(model_config.get("guidance_scale", 0.0))
+        self.batch_size = positive_batch_size(model_config.get("batch_size", BATCH_SIZE), "model_config")
 
     def predict(
         self, context: PythonModelContext, model_input: pd.DataFrame, params: dict[str, Any] | None = None
     ) -> np.ndarray:
         """``model_input["index"]``: sample indices (and ``["label"]``: classes, conditional models); params: seed,
         method (ddim|ancestral|dpm_solver++_2m|heun), num_steps, eta (ddim), spacing (linspace|leading|trailing|
-        log_snr|karras), progressive_frames (0: the samples only), and guidance_scale (conditional models)."""
+        log_snr|karras), progressive_frames (0: the samples only), guidance_scale (conditional models) and batch_size
+        (rows sampled at once; the model config's, else 64). The rows are sampled batch after batch and the images
+        concatenated in row order: the same images as one batch of all rows, in memory bounded by the batch."""
+        settings = {**DEFAULTS, **(params or {})}
+        batch_size = (
+            positive_batch_size(settings["batch_size"], "params") if "batch_size" in settings else self.batch_size
+        )
+        indices = [int(i) for i in model_input["index"]]
+        network, labels = self.model, None
+        if self.num_classes is not None:
+            network, labels = self.guided(model_input, float(settings.get("guidance_scale", self.guidance_scale)))
+        batches = [
+            self.sample_rows(
+                network,
+                indices[start : start + batch_size],
+                None if labels is None else labels[start : start + batch_size],
+                settings,
+            )
+            for start in range(0, max(len(indices), 1), batch_size)
+        ]
+        return np.concatenate(batches) if len(batches) > 1 else batches[0]
+
+    def sample_rows(self, network: Any, indices: list[int], labels: Any, settings: dict[str, Any]) -> np.ndarray:
+        """The images of one batch of rows: uint8 ``[n, H, W, C]``, or ``[n * F, H, W, C]`` with progressive frames
+        (each image's F predictions of x_0, Ho et al. 2020, Sec. 4.3, image after image)."""
         from ddpm_core.data import to_uint8
         from ddpm_core.samplers import PerIndexNoise, SamplerConfig, sample
 
-        defaults = {
-            "seed": 0,
-            "method": "ddim",
-            "num_steps": 50,
-            "eta": 0.0,
-            "spacing": "linspace",
-            "progressive_frames": 0,
-        }
-        settings = {**defaults, **(params or {})}
-        indices = [int(i) for i in model_input["index"]]
         config = SamplerConfig(
             method=settings["method"],
             num_steps=int(settings["num_steps"]) or None,
             eta=float(settings["eta"]),
             spacing=settings["spacing"],
         )
-        noise = PerIndexNoise(int(settings["seed"]), indices)
-        network, kwargs = self.model, None
-        if self.num_classes is not None:
-            network, labels = self.guided(model_input, float(settings.get("guidance_scale", self.guidance_scale)))
-            kwargs = {"class_labels": labels}
+        noise = PerIndexNoise(int(settings["seed"]), indices)  # row i's noise depends on (seed, index i) alone
+        kwargs = None if labels is None else {"class_labels": labels}
         frames = int(settings["progressive_frames"])
         steps = config.num_steps or self.diffusion.num_timesteps
         every = max(1, steps // max(frames - 1, 1)) if frames > 0 else None

@@ -84,7 +84,7 @@ class Prepared:
 
 def run(context: StageContext, settings: PrepareSettings) -> PrepareOutputs:
     data, options = settings.data, context.store.options
-    listing = list_source(data.uri, data_storage_options(data, options))
+    listing = list_source(data.uri, options)
     for split in (*SPLITS, "test", "staging"):  # an interrupted attempt's files
         remove_folder(f"{context.result_uri}/{split}", options)
     on_ray_data, why = choose_prepare_on(data, listing)
@@ -120,7 +120,7 @@ def run(context: StageContext, settings: PrepareSettings) -> PrepareOutputs:
 def prepare_on_driver(context: StageContext, settings: PrepareSettings) -> Prepared:
     """The whole data set read in this process, split by content (:mod:`pipelines.data.splits`) and written."""
     data, options = settings.data, context.store.options
-    dataset = load_dataset(data.uri, data.split.value, data_storage_options(data, options), data.read_options())
+    dataset = load_dataset(data.uri, data.split.value, options, data.read_options())
     check_conditioning(settings, dataset.num_classes)
     shape = tuple(int(n) for n in dataset.images.shape[1:])
     check_fits_model(shape, dataset.num_classes, settings)
@@ -193,7 +193,7 @@ def prepare_on_ray_data(context: StageContext, settings: PrepareSettings, listin
         data.read_options(),
         data.holdout_fraction,
         context.result_uri,
-        data_storage_options(data, options),
+        options,  # the storage options of every URL: data.uri's and the run root's
         options,
     )
     connect()
@@ -261,11 +261,6 @@ def unit_shape(results: list[UnitResult], uri: str) -> tuple[int, ...]:
     return tuple(next(iter(shapes)))
 
 
-def data_storage_options(data: DataSection, root_options: dict[str, Any]) -> dict[str, Any]:
-    """The storage options for ``data.uri``: the run root's when the data is on S3 too."""
-    return root_options if data.uri.startswith("s3://") else {}
-
-
 def report_skipped(context: StageContext, skipped: tuple[str, ...]) -> None:
     """Unreadable image files left out (data.unreadable_images=skip): counted, listed, and named in the log."""
     client, run_id = context.client, context.mlflow_run_id
@@ -331,7 +326,7 @@ def check_split_sizes(data: DataSection, num_train: int, num_holdout: int) -> No
 def test_split(settings: PrepareSettings, train_dataset: ImageDataset, options: dict[str, Any]) -> ImageDataset:
     """The data set's test split, for the NLL on it: must exist and differ from the training data."""
     data = settings.data
-    dataset = load_dataset(data.uri, "test", data_storage_options(data, options), data.read_options())
+    dataset = load_dataset(data.uri, "test", options, data.read_options())
     if dataset.fingerprint == train_dataset.fingerprint:
         raise DataError(
             f"evaluate.nll_split=test: data.uri {data.uri!r} has no separate test split (only "

@@ -10,6 +10,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -143,12 +144,15 @@ def log_model(context: StageContext, name: str, upstream: Upstream) -> tuple[str
     unet, snapshot_uri, conditioning = train.config.unet, train.snapshot_uri, evaluate.protocol.conditioning
     verify_committed(snapshot_uri, context.store.options)  # never register a corrupt snapshot
     mlflow.set_tracking_uri(context.tracking_uri)
-    params, example, model_config = dict(SAMPLING_PARAMS), pd.DataFrame({"index": [0, 1]}), None
+    params, example = dict(SAMPLING_PARAMS), pd.DataFrame({"index": [0, 1]})
+    # Rows the pyfunc samples at once (pipelines/registry/serving.py's default); logged so that a loader may set it
+    # (load_model(uri, model_config={"batch_size": N}): MLflow takes no model_config where none was logged).
+    model_config: dict[str, Any] = {"batch_size": 64}
     if unet.num_classes is not None and conditioning is not None:
         guidance = conditioning.guidance_scale
         params["guidance_scale"] = guidance
         example["label"] = [0, unet.num_classes - 1]
-        model_config = {"guidance_scale": guidance, "class_names": list(prepare.class_names or ())}
+        model_config.update(guidance_scale=guidance, class_names=list(prepare.class_names or ()))
     with tempfile.TemporaryDirectory() as directory:
         local = os.path.join(directory, "snapshot")
         fs, path = filesystem(snapshot_uri, context.store.options)

@@ -5,6 +5,7 @@ resumes from the latest one. The loop itself is :func:`pipelines.training.loop.t
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -16,8 +17,10 @@ from pipelines.contracts import PrepareOutputs, TrainedWith, TrainOutputs, TuneO
 from pipelines.data.streaming import plan_stream
 from pipelines.execution import Device, check_fits, cluster_device
 from pipelines.external import External
+from pipelines.interruption import STOP
 from pipelines.training.job import TrainJob
 from pipelines.training.recipe import TrainingRecipe
+from pipelines.training.stopping import request_stop
 from pipelines.training.trainer import WorkerGroup, fit, make_trainer, send_pending_metrics
 from pipelines.typed import INLINE
 
@@ -42,7 +45,7 @@ def check_data(settings: TrainSettings, prepare: PrepareOutputs, storage_options
     if not (model.conditional and uri):
         return
     classes = model.num_classes or prepare.num_classes
-    found, _ = read_snapshot_config(uri, storage_options if uri.startswith("s3://") else {})
+    found, _ = read_snapshot_config(uri, storage_options)  # per protocol: the s3 entry applies to s3:// only
     if found.num_classes != classes:
         raise DataError(
             f"train.init_from {uri!r} is a model of {found.num_classes or 'no'} classes, but this run's model has "
@@ -92,7 +95,12 @@ def run(
         f"train: {train.num_workers} worker(s), {'GPU (NCCL' if device is Device.GPU else 'CPU (gloo'}, "
         f"{job.precision.value}), {train.total_images} images, batch {train.batch_size}{conditional}"
     )
-    result = fit(make_trainer(job, group, execution.runtime_env), job)
+    with STOP.safe_point(lambda: ask_to_stop(job)):
+        result = fit(make_trainer(job, group, execution.runtime_env), job)
+    if STOP.requested:
+        stopped_at = (result.metrics or {}).get("images_seen", "?")
+        context.log(f"train: stopped at {stopped_at} images; the checkpoint there is recorded and a re-run resumes")
+        STOP.check()
     send_pending_metrics(job, context.client, context.log)
     reported = result.metrics or {}  # the final checkpoint report of the final attempt
     return TrainOutputs(
@@ -105,3 +113,9 @@ def run(
         config=TrainedWith(diffusion=recipe.diffusion, train=train.optim, unet=unet, preset=recipe.model.preset),
         num_classes=job.unet.num_classes,
     )
+
+
+def ask_to_stop(job: TrainJob) -> None:
+    """A signal's safe point: the workers checkpoint at their next step and leave (asked from a thread of its own, as
+    this runs in a signal handler)."""
+    threading.Thread(target=request_stop, args=(job, "a signal to the driver"), daemon=True).start()

@@ -67,6 +67,12 @@ class TrainJob:
         return f"{self.work_uri}/diverged"
 
     @property
+    def stop_uri(self) -> str:
+        """Written by the driver when a signal asks the run to stop: the workers checkpoint at the next step and
+        leave (pipelines.training.stopping)."""
+        return f"{self.work_uri}/stop"
+
+    @property
     def trainer_uri(self) -> str:
         """Ray Train's storage for this job (checkpoints under ``trainer/checkpoint_*``)."""
         return f"{self.work_uri}/ray"

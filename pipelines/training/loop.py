@@ -20,6 +20,7 @@ from pipelines.training.hooks import Interval, Progress, record_divergence, repo
 from pipelines.training.job import TrainJob
 from pipelines.training.state import TrainState, Worker, memory_format, save_compile_cache, start_state
 from pipelines.training.step import step
+from pipelines.training.stopping import StopWatch
 
 
 def train_loop(job: TrainJob) -> None:
@@ -42,6 +43,7 @@ def train_loop(job: TrainJob) -> None:
     if grids is not None and state.images_seen == 0 and train.grid_every_images:
         grids.log_grid(state.ema.model, diffusion, 0)  # the untrained network: the slider starts at step 0
     oom_advice = step_oom_advice(job, worker, per_worker)
+    stop = StopWatch(job, worker)
     while state.images_seen < train.total_images:
         with record_function("data"):
             batch, conditioning = batches.draw(state.generator, layout)  # [B_r, C, H, W]
@@ -68,9 +70,17 @@ def train_loop(job: TrainJob) -> None:
             if grids is not None:
                 grids.log_grid(state.ema.model, diffusion, seen)
             grid.passed(seen)
-        if checkpoint.due(seen, done):
+        reported = checkpoint.due(seen, done)
+        if reported:
             report_checkpoint(job, worker, state, time.time() - started, done)
             checkpoint.passed(seen)
+        if not done and stop.agreed():  # asked to stop: this step's checkpoint, then leave (no snapshot)
+            if not reported:
+                report_checkpoint(job, worker, state, time.time() - started, False)
+            worker.say(f"stopped on request at {seen} images (step {state.step}); checkpoint recorded")
+            if progress is not None:
+                progress.close()
+            return
     save_outputs(job, worker, state, progress)
 
 

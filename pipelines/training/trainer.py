@@ -5,9 +5,10 @@ from __future__ import annotations
 
 import functools
 import json
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
@@ -22,6 +23,9 @@ from pipelines.failures import find, storage_full
 from pipelines.training.hooks import DIVERGED, PENDING_METRICS
 from pipelines.training.job import TrainJob
 from pipelines.training.loop import train_loop
+from pipelines.training.stopping import clear_stop
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -88,8 +92,9 @@ def fit(trainer: TorchTrainer, job: TrainJob) -> Result:
     fs, diverged_path = filesystem(job.diverged_uri, job.storage_options)
     if fs.exists(diverged_path):  # from an earlier attempt with these settings
         fs.rm(diverged_path, recursive=True)
+    clear_stop(job)
     try:
-        result = trainer.fit()  # Train V2 raises the workers' error (TrainingFailedError) rather than returning it
+        result = off_the_main_thread(trainer.fit)  # raises the workers' error (TrainingFailedError), not returns it
     except Exception as error:
         named = named_failure(error, job)
         if named is None:
@@ -98,6 +103,28 @@ def fit(trainer: TorchTrainer, job: TrainJob) -> Result:
     if is_committed(job.diverged_uri, job.storage_options):
         raise StageStopped(read_committed(job.diverged_uri, [DIVERGED], job.storage_options)[0][DIVERGED].decode())
     return result
+
+
+def off_the_main_thread(call: Callable[[], T]) -> T:
+    """``call()`` in a thread of its own, waited for here: Ray Train V2's ``fit()`` replaces the main thread's SIGINT
+    handler with one that aborts the run and exits 1, so the pipeline's (pipelines.interruption: checkpoint, then
+    exit 130) would never run. A signal still reaches the main thread while it waits."""
+    outcome: list[T] = []
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            outcome.append(call())
+        except BaseException as error:  # handed to the waiting thread, which raises it
+            failure.append(error)
+
+    thread = threading.Thread(target=target, name="ray-train-fit", daemon=True)  # ends with Ray at an interrupt
+    thread.start()
+    while thread.is_alive():
+        thread.join(timeout=1.0)  # short waits: the main thread runs signal handlers between them
+    if failure:
+        raise failure[0]
+    return outcome[0]
 
 
 def named_failure(error: BaseException, job: TrainJob) -> Exception | None:
