@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 
-.PHONY: install quickstart lint test test-all bench
+.PHONY: install quickstart lint browser test test-all bench
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -21,7 +21,11 @@ lint: $(VENV)/.installed
 	$(PY) -m ruff format --check .
 	$(PY) -m mypy
 
-test: lint
+# The browser test (tests/test_mlflow_ui.py) drives the system's Chromium; Playwright downloads no browser.
+browser:
+	command -v chromium >/dev/null || (apt-get update -qq && apt-get install -y -qq --no-install-recommends chromium)
+
+test: lint browser
 	$(PY) -m pytest
 
 test-all: $(VENV)/.installed

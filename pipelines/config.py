@@ -31,7 +31,7 @@ from ddpm_core.storage import s3_options
 from ddpm_core.training import OptimConfig
 from ddpm_core.unet import PRESETS, UNetConfig
 from ddpm_core.weights import check_sha256_spec
-from pipelines.typed import EXECUTION, INLINE, SchemaError, from_plain, to_plain
+from pipelines.typed import EXECUTION, INLINE, RESOLVED, SchemaError, from_plain, to_plain
 
 E = TypeVar("E", bound=enum.Enum)
 
@@ -507,23 +507,27 @@ class EvaluateSection:
     inception_score_splits: int = 10
     precision_recall: bool = True  # improved precision/recall (Kynkaanniemi et al. 2019) on the same features
     precision_recall_k: int = 3
-    precision_recall_samples: int = (
-        10_000  # at most this many real and as many generated images (the first of each set)
-    )
+    precision_recall_samples: int = field(
+        default=10_000, metadata=RESOLVED
+    )  # at most this many real and as many generated images (the first of each set)
     kid: bool = True  # kernel inception distance on the same first images as precision/recall
-    kid_subset_size: int = 1000  # images of each set per KID subset (at most half of the smaller set)
+    kid_subset_size: int = field(
+        default=1000, metadata=RESOLVED
+    )  # images of each set per KID subset (at most half of the smaller set)
     kid_subsets: int = 100  # random subsets KID is averaged over (its std is over these)
-    fid_groups: int = 10  # index-contiguous groups of the delete-a-group jackknife (FID stderr and FID_inf)
+    fid_groups: int = field(
+        default=10, metadata=RESOLVED
+    )  # index-contiguous groups of the delete-a-group jackknife (FID stderr and FID_inf)
     nll: bool = True  # NLL bound in bits/dim of held-out real images
     nll_split: NllSplit = NllSplit.HOLDOUT
-    nll_images: int | None = None  # None: the whole split
+    nll_images: int | None = field(default=None, metadata=RESOLVED)  # None: the whole split
     nll_timesteps: int | None = None  # None: all T terms of the bound; K: unbiased estimate from K random timesteps
     nll_batch_size: int = 100
     grid_size: int = 100  # images in the sample grid artifact
     untrained_baseline: bool = True  # also sample and score an untrained network under the same protocol
     rescore_champion: bool = True  # also sample and score the registered champion under this run's protocol
     guidance_scales: tuple[float, ...] = ()  # conditional models: FID and class accuracy at each w (a smaller set)
-    guidance_samples: int = 500  # images per guidance scale of the sweep
+    guidance_samples: int = field(default=500, metadata=RESOLVED)  # images per guidance scale of the sweep
 
     @property
     def first_feature_images(self) -> int:

@@ -226,6 +226,10 @@ class ScoreProtocol:
         return {key: value for key, value in found.items() if value is not None}
 
 
+FID_Z95 = 1.96  # the normal quantile of a two-sided 95% interval
+FID_INTERVAL_METHOD = "normal 95%: fid ± 1.96 * the delete-a-group jackknife stderr"
+
+
 @dataclass(frozen=True)
 class Scores:
     """The evaluate stage's numbers (docs/evaluation.md); each ``None`` when switched off or not applicable."""
@@ -259,6 +263,20 @@ class Scores:
         """The scores that were computed, by name (MLflow metric keys)."""
         return {name: value for name, value in vars(self).items() if value is not None}
 
+    def fid_interval(self) -> tuple[float, float] | None:
+        """The FID's 95% interval: ``fid`` ± 1.96 jackknife standard errors (normal approximation; None without a
+        standard error)."""
+        if self.fid_stderr is None:
+            return None
+        return self.fid - FID_Z95 * self.fid_stderr, self.fid + FID_Z95 * self.fid_stderr
+
+    def metrics(self) -> dict[str, float]:
+        """What the evaluate run logs: the computed scores and the FID interval's bounds (``fid_ci_low``,
+        ``fid_ci_high``)."""
+        interval = self.fid_interval()
+        bounds = {"fid_ci_low": interval[0], "fid_ci_high": interval[1]} if interval is not None else {}
+        return {**self.present(), **bounds}
+
 
 @dataclass(frozen=True)
 class GuidancePoint:
@@ -290,6 +308,7 @@ class EvaluateOutputs:
     rescored_champion: ChampionRef | None  # the champion re-scored in scores.fid_champion
     score_protocol: ScoreProtocol
     guidance_sweep: tuple[GuidancePoint, ...] = ()
+    scores_run_id: str = ""  # the evaluate run that holds these scores as metrics (their one home in MLflow)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from ddpm_core.data import DataError
 from ddpm_core.storage import MANIFEST, IncompleteError, StorageUnavailableError, filesystem
 from pipelines.config import ConfigError, PipelineConfig
 from pipelines.config_file import save_resolved
-from pipelines.context import StageContext, StageStopped
+from pipelines.context import StageContext, StageStopped, params_that_ran
 from pipelines.contracts import (
     EvaluateOutputs,
     PrepareOutputs,
@@ -30,6 +30,7 @@ from pipelines.contracts import (
     TrainOutputs,
     TuneOutputs,
 )
+from pipelines.evaluation.report import link_scores
 from pipelines.execution import ClusterTooSmallError, check_outputs_outlive_the_job
 from pipelines.external import External, Resolver
 from pipelines.failures import find
@@ -39,7 +40,7 @@ from pipelines.preflight import STORAGE_DEADLINE_S, check_tracking_store, prefli
 from pipelines.runs import RunStore, now
 from pipelines.stages import evaluate, prepare, register, sample, train, tune
 from pipelines.tracking import Tracker, config_digest, flatten, git_commit
-from pipelines.typed import SchemaError, to_plain
+from pipelines.typed import SchemaError, resolved_keys, to_plain
 
 T = TypeVar("T")
 
@@ -111,19 +112,6 @@ STAGES: tuple[Stage, ...] = (
 STAGE_NAMES = tuple(stage.name for stage in STAGES)
 # Failures whose message says what to change; the CLI prints it alone (docs/reliability.md lists the exit codes).
 NAMED_FAILURES = (StageStopped, ConfigError, DataError, ClusterTooSmallError, StorageUnavailableError)
-SUMMARY_METRICS = (
-    "fid",
-    "fid_stderr",
-    "fid_floor",
-    "fid_over_floor",
-    "kid",
-    "fid_untrained",
-    "fid_holdout_vs_train",
-    "inception_score",
-    "precision",
-    "recall",
-    "nll_bpd",
-)
 
 
 class CorruptOutputError(StorageUnavailableError):
@@ -261,8 +249,8 @@ def pipeline_description(config: PipelineConfig) -> str:
         f"{config.train.total_images:,} training images, {config.sample.num_samples:,} samples "
         f"({sampler.method.value}, {sampler.num_steps or config.diffusion.num_timesteps} steps), "
         f"scored with the `{config.evaluate.extractor.value}` extractor. Stages: {stages}; each is a nested run. "
-        "The summary scores are this run's metrics; training curves are on the train run, the scores with their "
-        "protocol on the evaluate run."
+        "Training curves are on the train run; the scores, with their intervals and protocol, on the evaluate run "
+        "only (linked below when it has run, and by the tag ddpm.scores_run_id)."
     )
 
 
@@ -378,7 +366,8 @@ class Runner:
         if stage.needs_ray:
             connect()
         description = stage_description(stage, self.config)
-        stage_run_id = self.tracker.stage_run(parent_id, stage.name, description, flatten(planned.hashed))
+        params, resolved = self.stage_params(planned)
+        stage_run_id = self.tracker.stage_run(parent_id, stage.name, description, params)
         # From here on, this result does not read as complete until it is, even after a crash; a forced one (--from)
         # starts afresh, and what was computed from its old outputs does not read as complete either.
         self.store.remove_manifest(stage.name, fingerprint)
@@ -405,6 +394,8 @@ class Runner:
             if named is error:
                 raise
             raise named from error
+        finally:
+            self.tracker.log_params(stage_run_id, params_that_ran(resolved, context.ran_with))
         self.tracker.finish(stage_run_id, ok=True)
         manifest = StageManifest(
             stage.name,
@@ -421,6 +412,17 @@ class Runner:
         if isinstance(outputs, PrepareOutputs):
             self.tracker.client.set_tag(parent_id, "ddpm.data_fingerprint", outputs.fingerprint)
         return manifest
+
+    def stage_params(self, planned: PlannedStage) -> tuple[dict[str, str], dict[str, str]]:
+        """A stage run's params, as they run: its settings with the tune stage's choices in place of the config's
+        values (the config's under ``<key>.configured``); and, apart, the settings it resolves while it runs
+        (``metadata=RESOLVED``), logged when it ends."""
+        params = flatten(planned.hashed)
+        resolved = {key: params.pop(key) for key in sorted(resolved_keys(planned.settings)) if key in params}
+        tune = self.manifests.get("tune")
+        chosen = tune.outputs.best_params if tune is not None and isinstance(tune.outputs, TuneOutputs) else {}
+        params.update(params_that_ran({key: params[key] for key in chosen if key in params}, chosen))
+        return params, resolved
 
     def failed(self, name: str, stage_run_id: str, error: BaseException) -> BaseException:
         """End the stage's and the parent's MLflow runs as failed (killed, when a signal stopped the run); the error
@@ -483,13 +485,11 @@ class Runner:
         return self.parent_id
 
     def finish(self) -> Results:
-        """The summary scores on the parent run, which ends; returns what the run produced."""
+        """The parent run, which ends, points to the run that holds the scores; returns what the run produced."""
         results = Results(self.manifests)
         if self.parent_id is not None:
-            evaluation = results.outputs(EvaluateOutputs)
-            scores = evaluation.scores.present() if evaluation is not None else {}
-            for key in SUMMARY_METRICS:
-                if key in scores:
-                    self.tracker.client.log_metric(self.parent_id, key, scores[key])
+            evaluation = results.manifest(EvaluateOutputs)
+            if evaluation is not None:
+                link_scores(self.tracker.client, self.parent_id, evaluation.mlflow_run_id, evaluation.outputs)
             self.tracker.finish(self.parent_id, ok=True)
         return results

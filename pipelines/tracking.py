@@ -10,6 +10,7 @@ import hashlib
 import json
 import os
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ from mlflow.tracking import MlflowClient
 from pipelines.config import PipelineConfig
 from pipelines.execution import QUIET_URLS
 from pipelines.redaction import redact, redacted
-from pipelines.typed import to_plain
+from pipelines.typed import resolved_keys, to_plain
 
 RUN_ID_TAG, STAGE_TAG, CONFIG_TAG = "ddpm.run_id", "ddpm.stage", "ddpm.config_sha256"
 # MLflow 3's UI opens an experiment of this kind in its model-training view (runs, charts, models), not GenAI's
@@ -59,13 +60,21 @@ def source_tags() -> dict[str, str]:
 
 def in_force(config_dict: dict[str, Any], retraining: bool) -> dict[str, Any]:
     """The config sections that act in this run: ``tune`` only when tuning, ``register`` only when registering,
-    ``retrain`` only in a scheduled retrain (the full config stays an artifact of the parent run)."""
+    ``retrain`` only in a scheduled retrain (the full config stays an artifact of the parent run); without the
+    settings a stage resolves while it runs (``metadata=RESOLVED``: its own run logs the value that ran)."""
     off = {
         "tune": not config_dict["tune"]["enabled"],
         "register": not config_dict["register"]["enabled"],
         "retrain": not retraining,
     }
-    return {key: value for key, value in config_dict.items() if not off.get(key, False)}
+    sections = {key: value for key, value in config_dict.items() if not off.get(key, False)}
+    resolved = resolved_keys(PipelineConfig)
+    return {
+        key: {name: item for name, item in value.items() if f"{key}.{name}" not in resolved}
+        if isinstance(value, dict)
+        else value
+        for key, value in sections.items()
+    }
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -96,6 +105,46 @@ def local_artifact_location(tracking_uri: str) -> str | None:
     return (Path(tracking_uri.removeprefix("sqlite:///")).resolve().parent / "mlruns").as_uri()
 
 
+# The runs table as the pipeline's users open it (MLflow 3.17's shared view state: an experiment tag
+# mlflow.sharedViewState.<key> holding {name, createdAt, updatedAt, state}, opened with ?viewStateShareKey=<key>).
+SHARED_VIEW_TAG = "mlflow.sharedViewState."
+RUNS_VIEW_KEY, RUNS_VIEW_NAME = "ddpm-scores", "DDPM scores"
+RUNS_VIEW_METRICS = (
+    "fid",
+    "fid_ci_low",
+    "fid_ci_high",
+    "fid_over_floor",
+    "kid",
+    "kid_std",
+    "inception_score",
+    "precision",
+    "recall",
+    "nll_bpd",
+    "conditional_accuracy",
+    "loss",
+    "images_per_second",
+)
+
+
+def runs_view_state() -> dict[str, Any]:
+    """Columns (the stage, duration, each score with its interval, training's loss and rate), the runs of one
+    pipeline run grouped together (tag ``ddpm.run_id``) in the order they started (the DAG's), all runs shown."""
+    columns = [f"tags.`{STAGE_TAG}`", "attributes.`Duration`", *(f"metrics.`{name}`" for name in RUNS_VIEW_METRICS)]
+    return {
+        "searchFilter": "",
+        "orderByKey": "attributes.start_time",
+        "orderByAsc": True,
+        "startTime": "ALL",
+        "lifecycleFilter": "Active",
+        "modelVersionFilter": "All Runs",
+        "datasetsFilter": [],
+        "selectedColumns": columns,
+        "columnOrder": columns,
+        "groupBy": {"aggregateFunction": "min", "groupByKeys": [{"mode": "tag", "groupByData": RUN_ID_TAG}]},
+        "runsHiddenMode": "SHOW_ALL",
+    }
+
+
 class Tracker:
     def __init__(self, config: PipelineConfig) -> None:
         os.environ.update(QUIET_URLS)  # no MLflow run link with the tracking URI's password (pipelines.execution)
@@ -115,12 +164,26 @@ class Tracker:
         if experiment is not None and not any(key in experiment.tags for key in EXPERIMENT_KIND):
             for key, value in EXPERIMENT_KIND.items():  # an experiment made before: set it, unless someone chose
                 self.client.set_experiment_tag(self.experiment_id, key, value)
+        self.write_runs_view()
+
+    def write_runs_view(self) -> None:
+        """The experiment's saved runs view (:func:`runs_view_state`), rewritten when the pipeline's columns change."""
+        key = f"{SHARED_VIEW_TAG}{RUNS_VIEW_KEY}"
+        experiment = self.client.get_experiment(self.experiment_id)
+        state = json.dumps(runs_view_state(), sort_keys=True)
+        saved = json.loads(experiment.tags.get(key, "{}") or "{}")
+        if saved.get("state") == state:
+            return
+        now = int(time.time() * 1000)
+        view = {"name": RUNS_VIEW_NAME, "createdAt": saved.get("createdAt", now), "updatedAt": now, "state": state}
+        self.client.set_experiment_tag(self.experiment_id, key, json.dumps(view))
 
     def runs_view_url(self) -> str:
-        """The experiment's runs in the UI's model-training view: on the tracking server, or on ``mlflow ui``'s
-        default address for a local store."""
+        """The experiment's saved runs view in the UI's model-training view: on the tracking server, or on ``mlflow
+        ui``'s default address for a local store. (No search setting may ride along: the UI then ignores the view.)"""
         base = self.tracking_uri if self.tracking_uri.startswith(("http://", "https://")) else "http://127.0.0.1:5000"
-        return f"{redact(base).rstrip('/')}/#/experiments/{self.experiment_id}/runs?workflowType=machine_learning"
+        view = f"viewStateShareKey={RUNS_VIEW_KEY}&workflowType=machine_learning"
+        return f"{redact(base).rstrip('/')}/#/experiments/{self.experiment_id}/runs?{view}"
 
     def _find(self, filter_string: str) -> Run | None:
         runs = self.client.search_runs(

@@ -11,6 +11,11 @@ mapping: the pipeline's ``train`` section embeds ``ddpm_core``'s ``OptimConfig``
 A field declared with ``metadata=EXECUTION`` says *how* or *where* something runs, never *what* it computes (CPUs per
 worker, retries, the storage endpoint): :func:`to_plain` with ``inputs_only=True`` leaves such fields out, and that
 is what stage fingerprints hash (:mod:`pipelines.plan`). Every other field is an input of whatever reads it.
+
+A field declared with ``metadata=RESOLVED`` is a request that the stage reading it resolves while it runs (a size
+capped by the data it meets, e.g. ``evaluate.kid_subset_size``): it is an input like any other, but MLflow shows the
+value that ran, logged by the stage run when it ends (:func:`resolved_keys`; the config's value beside it, under
+``<key>.configured``, only when the two differ), and the parent run leaves it out.
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from ddpm_core.fields import FieldError
 T = TypeVar("T")
 INLINE: Mapping[str, bool] = types.MappingProxyType({"inline": True})
 EXECUTION: Mapping[str, bool] = types.MappingProxyType({"execution": True})
+RESOLVED: Mapping[str, bool] = types.MappingProxyType({"resolved": True})
 
 
 class SchemaError(ValueError):
@@ -62,6 +68,23 @@ def to_plain(value: Any, inputs_only: bool = False) -> Any:
 def is_execution(spec: dataclasses.Field[Any]) -> bool:
     """Whether a field says how or where something runs (``metadata=EXECUTION``), not what it computes."""
     return bool(spec.metadata.get("execution"))
+
+
+def resolved_keys(cls: Any, prefix: str = "") -> set[str]:
+    """The dotted keys (as :func:`to_plain` and ``pipelines.tracking.flatten`` write them) of the fields declared
+    ``metadata=RESOLVED`` in the dataclass ``cls`` (a class or an instance) and the dataclasses it holds."""
+    cls = cls if isinstance(cls, type) else type(cls)
+    found: set[str] = set()
+    hints = typing.get_type_hints(cls)
+    for spec in dataclasses.fields(cls):
+        if spec.metadata.get("resolved"):
+            found.add(f"{prefix}{spec.name}")
+        nested = [
+            hint for hint in (hints[spec.name], *typing.get_args(hints[spec.name])) if dataclasses.is_dataclass(hint)
+        ]
+        for hint in nested:
+            found |= resolved_keys(hint, prefix if _is_inline(spec) else f"{prefix}{spec.name}.")
+    return found
 
 
 def from_plain(

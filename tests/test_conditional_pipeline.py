@@ -97,12 +97,57 @@ def test_accuracy_sweep_and_protocol_are_logged(finished):
     run = client.get_run(run_files.manifest(finished / "runs/quickstart-cond", "evaluate")["mlflow_run_id"])
     assert run.data.metrics["conditional_accuracy"] == pytest.approx(accuracy)
     assert run.data.params["protocol.guidance_scale"] == "2.0"
-    sweep = client.get_metric_history(run.info.run_id, "guidance_sweep.fid")
-    assert [point.step for point in sweep] == [0, 1]
+    assert not any(key.startswith("guidance_sweep.") for key in run.data.metrics)  # a table, not a step axis
     artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
     assert {"samples.png", "guidance_sweep.png", "guidance_sweep.json", "class_accuracy.json"} <= artifacts
+    assert {"guidance_sweep_table.json", "class_accuracy_table.json"} <= artifacts
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "guidance_sweep_table.json")).read_text())
+    rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
+    assert [row["guidance_scale"] for row in rows] == [0.0, 2.0]
+    assert [row["fid"] for row in rows] == pytest.approx([point["fid"] for point in evaluate["guidance_sweep"]])
+    table = json.loads(Path(client.download_artifacts(run.info.run_id, "class_accuracy_table.json")).read_text())
+    assert len(table["data"]) == 10 and {"class", "accuracy", "requested"} <= set(table["columns"])
     said = (finished / "job.log").read_text()
     assert "conditional accuracy" in said and "guidance sweep (30 images each): w=0:" in said
+
+
+def test_mlflow_holds_each_score_once_with_its_interval_and_what_ran(finished):
+    """One home per score (the evaluate run; the parent, the register run and the logged model link to it), the FID
+    interval logged, params as they ran (not the config's where the stage capped them), no section that is off,
+    and the training data as a dataset input of the runs that read it."""
+    client = MlflowClient(f"sqlite:///{finished / 'mlflow.db'}")
+    root = finished / "runs/quickstart-cond"
+    home = run_files.manifest(root, "evaluate")["mlflow_run_id"]
+    experiment = client.get_run(home).info.experiment_id
+    runs = client.search_runs([experiment], "tags.`ddpm.run_id` = 'quickstart-cond'")
+    by_stage = {run.data.tags["ddpm.stage"]: run for run in runs}
+    scores = client.get_run(home).data.metrics
+    assert scores["fid_ci_low"] < scores["fid"] < scores["fid_ci_high"]
+    for key in scores:
+        assert [run.data.tags["ddpm.stage"] for run in runs if key in run.data.metrics] == ["evaluate"], key
+    for stage in ("pipeline", "register"):
+        assert by_stage[stage].data.tags["ddpm.scores_run_id"] == home
+        assert f"runs/{home}?workflowType=machine_learning" in by_stage[stage].data.tags["mlflow.note.content"]
+    version = client.get_model_version_by_alias("ddpm-digits-cond", "champion")
+    assert version.tags["ddpm.scores_run_id"] == home and f"runs/{home}" in version.description
+    model = client.get_logged_model(version.model_id or version.source.removeprefix("models:/"))  # models:/m-...
+    assert {metric.run_id for metric in model.metrics or []} == {home} and "fid" in {m.key for m in model.metrics}
+
+    evaluate = by_stage["evaluate"].data.params
+    ran = run_files.outputs(root, "evaluate")["score_protocol"]["kid_subset_size"]
+    assert evaluate["evaluate.kid_subset_size"] == str(ran) == evaluate["protocol.kid.subset_size"]
+    assert evaluate["evaluate.kid_subset_size.configured"] == "1000"  # 60 samples: subsets of at most 30
+    assert "evaluate.guidance_samples.configured" not in evaluate  # 30 asked, 30 ran
+    assert "evaluate.kid_subset_size" not in by_stage["pipeline"].data.params  # the stage run's, as it ran
+    assert not [key for run in runs for key in run.data.params if key.startswith("tune.")]
+
+    fingerprint = run_files.outputs(root, "prepare")["fingerprint"]
+    for stage in ("prepare", "train", "register"):
+        (found,) = client.get_run(by_stage[stage].info.run_id).inputs.dataset_inputs
+        assert found.dataset.name == "digits" and found.dataset.digest == fingerprint[:36], stage
+        assert [(tag.key, tag.value) for tag in found.tags] == [("mlflow.data.context", "training")]
+    (found,) = client.get_run(home).inputs.dataset_inputs  # the FID's reference statistics are of this data
+    assert found.dataset.digest == fingerprint[:36] and found.tags[0].value == "fid_reference"
 
 
 def test_the_registered_model_draws_the_classes_asked_for(finished):

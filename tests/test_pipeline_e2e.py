@@ -137,15 +137,20 @@ def rest(tracking_uri: str, credentials: dict[str, str], path: str) -> dict:
 
 
 def assert_the_registry_leads_to_the_scores(tracking_uri: str, credentials: dict[str, str], by_stage: dict) -> None:
-    """From the champion, through MLflow's REST API: the version's source run holds the scores with their
-    uncertainty; its description links the train and evaluate runs, which exist; the logged model carries the scores;
+    """From the champion, through MLflow's REST API: the version's source run names the scores' one home, the
+    evaluate run, which holds them with their uncertainty and interval (the source run and the parent hold none);
+    its description links the train and evaluate runs, which exist; the logged model lists the evaluate run's scores;
     runs have descriptions and the standard source tags; the train run has its hyperparameters, optimizer steps
     beside images seen, a sample grid at step 0 and system metrics; the parent logs only the sections in force; the
     experiment opens in the model-training view."""
     version = rest(tracking_uri, credentials, "registered-models/alias?name=ddpm-e2e&alias=champion")["model_version"]
     source = rest(tracking_uri, credentials, f"runs/get?run_id={version['run_id']}")["run"]
-    metrics = {metric["key"] for metric in source["data"]["metrics"]}
-    assert {"fid", "fid_stderr", "fid_inf", "fid_floor", "kid", "kid_std"} <= metrics, metrics
+    home = by_stage["evaluate"].info.run_id
+    assert {"key": "ddpm.scores_run_id", "value": home} in source["data"]["tags"]
+    assert not source["data"].get("metrics") and not by_stage["pipeline"].data.metrics  # one home per score
+    metrics = by_stage["evaluate"].data.metrics
+    assert {"fid", "fid_stderr", "fid_ci_low", "fid_ci_high", "fid_inf", "fid_floor", "kid", "kid_std"} <= set(metrics)
+    assert metrics["fid_ci_low"] < metrics["fid"] < metrics["fid_ci_high"]
     experiment = source["info"]["experiment_id"]
     for stage in ("train", "evaluate"):
         assert f"[{stage} run](#/experiments/{experiment}/runs/{by_stage[stage].info.run_id}" in version["description"]
@@ -157,6 +162,7 @@ def assert_the_registry_leads_to_the_scores(tracking_uri: str, credentials: dict
     assert version["source"].startswith("models:/m-")  # the logged model: its page shows the scores too
     logged = rest(tracking_uri, credentials, f"logged-models/{version['source'].removeprefix('models:/')}")["model"]
     assert {"fid", "fid_stderr"} <= {metric["key"] for metric in logged["data"]["metrics"]}
+    assert {metric["run_id"] for metric in logged["data"]["metrics"]} == {home}
     commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     for stage, run in by_stage.items():
         tags = run.data.tags

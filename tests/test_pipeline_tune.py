@@ -9,6 +9,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
+from pipelines.config import PipelineConfig
 from tests import run_files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -80,3 +81,6 @@ def test_tune_stage_picks_the_best_trial_by_bits_per_dim_and_train_uses_it(tmp_p
     assert all(len(client.get_metric_history(run.info.run_id, "bpd")) >= 2 for run in trial_runs)
     assert sum(run.data.tags.get("ddpm.best_trial") == "true" for run in trial_runs) == 1
     assert tune_run.data.params["best.train.lr"] == "0.002"
+    (train_run,) = client.search_runs([experiment.experiment_id], "tags.`ddpm.stage` = 'train'")
+    assert train_run.data.params["train.lr"] == "0.002"  # what ran, the config's value beside it
+    assert train_run.data.params["train.lr.configured"] == str(PipelineConfig().train.optim.lr)

@@ -71,27 +71,38 @@ def class_hits(shard_uris: tuple[str, ...], classifier_uri: str, num_classes: in
 
 
 def sweep_plot(points: Sequence[GuidancePoint]) -> bytes:
-    """PNG of the guidance trade-off: FID against conditional accuracy, one point per guidance scale w."""
+    """PNG of the guidance sweep: FID and conditional accuracy against the guidance scale w (left), and the
+    trade-off, FID against accuracy with one point per w (right)."""
     import matplotlib
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    figure, axes = pyplot.subplots(figsize=(5, 4), dpi=120)
+    figure, (by_scale, trade_off) = pyplot.subplots(1, 2, figsize=(10, 4), dpi=120)
+    scales = [point.guidance_scale for point in points]
     accuracy = [point.conditional_accuracy for point in points]
     fid = [point.fid for point in points]
-    axes.plot(accuracy, fid, "o-", color="tab:blue")
+    fid_label = f"FID ({points[0].num_samples} samples)"
+    by_scale.plot(scales, fid, "o-", color="tab:blue")
+    by_scale.set_xlabel("guidance scale w")
+    by_scale.set_ylabel(fid_label, color="tab:blue")
+    twin = by_scale.twinx()
+    twin.plot(scales, accuracy, "s--", color="tab:orange")
+    twin.set_ylabel("conditional accuracy", color="tab:orange")
+    by_scale.set_title("FID and class accuracy against w")
+    by_scale.grid(alpha=0.3)
+    trade_off.plot(accuracy, fid, "o-", color="tab:blue")
     for point in points:
-        axes.annotate(
+        trade_off.annotate(
             f"w={point.guidance_scale:g}",
             (point.conditional_accuracy, point.fid),
             xytext=(4, 4),
             textcoords="offset points",
         )
-    axes.set_xlabel("conditional accuracy (data set's classifier)")
-    axes.set_ylabel(f"FID ({points[0].num_samples} samples)")
-    axes.set_title("Classifier-free guidance: quality against class fidelity")
-    axes.grid(alpha=0.3)
+    trade_off.set_xlabel("conditional accuracy (data set's classifier)")
+    trade_off.set_ylabel(fid_label)
+    trade_off.set_title("Quality against class fidelity")
+    trade_off.grid(alpha=0.3)
     buffer = io.BytesIO()
     figure.tight_layout()
     figure.savefig(buffer, format="png")

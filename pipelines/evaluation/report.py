@@ -1,12 +1,23 @@
 """The evaluate stage's scores in words, written once: the command line's summary, the evaluate stage's log line and
 the registered version's description all render :func:`score_lines`. A new score is added here, beside its
-computation and its declaration in :class:`pipelines.contracts.Scores`."""
+computation and its declaration in :class:`pipelines.contracts.Scores`.
+
+Numbers are written to what they mean (the metrics keep every digit): an FID to 3 significant digits with its 95%
+interval to the same decimals, a value with a spread (± a standard error or deviation) to the spread's second
+significant digit."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
+from mlflow.tracking import MlflowClient
+
 from pipelines.contracts import EvaluateOutputs
+
+# Every score has one home, the evaluate run; the parent run, the register run and the model version carry this tag
+# with its run id, and a link to it in their descriptions
+SCORES_RUN_TAG = "ddpm.scores_run_id"
 
 
 @dataclass(frozen=True)
@@ -15,36 +26,68 @@ class Line:
     text: str  # the number, its uncertainty and how it was measured
 
 
+def decimals(value: float, digits: int) -> int:
+    """The decimals that write ``value`` to ``digits`` significant digits (none for its integer part)."""
+    if value == 0 or not math.isfinite(value):
+        return digits - 1
+    return min(12, max(0, digits - 1 - math.floor(math.log10(abs(value)))))
+
+
+def significant(value: float, digits: int = 3) -> str:
+    """``value`` to ``digits`` significant digits, in fixed notation: 0.63171 -> 0.632, 40.013 -> 40.0."""
+    return f"{value:.{decimals(value, digits)}f}"
+
+
+def with_spread(value: float, spread: float) -> str:
+    """``value ± spread``, both to the spread's second significant digit: 0.00172, 0.00182 -> 0.0017 ± 0.0018."""
+    places = decimals(spread, 2)
+    return f"{value:.{places}f} ± {spread:.{places}f}"
+
+
+def fid_text(evaluation: EvaluateOutputs) -> str:
+    """The FID to 3 significant digits, with its 95% interval to the same decimals and the standard error."""
+    scores, details = evaluation.scores, evaluation.score_protocol
+    interval = scores.fid_interval()
+    if interval is None or scores.fid_stderr is None:
+        return significant(scores.fid)
+    places = decimals(scores.fid, 3)
+    low, high = (f"{bound:.{places}f}" for bound in interval)
+    stderr = significant(scores.fid_stderr, 2)
+    groups = details.fid_groups
+    return f"{scores.fid:.{places}f} (95% interval {low} to {high}; stderr {stderr}, jackknife over {groups} groups)"
+
+
 def score_lines(evaluation: EvaluateOutputs) -> list[Line]:
     """Each computed score with its interval and protocol, the FID first and its references after it."""
     scores, protocol, details = evaluation.scores, evaluation.protocol, evaluation.score_protocol
     count, sampler = protocol.num_samples, protocol.sampler
     guided = f", guidance w={protocol.conditioning.guidance_scale:g}" if protocol.conditioning is not None else ""
-    interval = ""
-    if scores.fid_stderr is not None:
-        low, high = scores.fid - 1.96 * scores.fid_stderr, scores.fid + 1.96 * scores.fid_stderr
-        interval = f" ± {scores.fid_stderr:.3f} (95%: {low:.3f}-{high:.3f}, jackknife over {details.fid_groups} groups)"
     lines = [
         Line(
             "FID",
-            f"{scores.fid:.3f}{interval} on {count:,} samples ({sampler.method.value}, {details.nfe} network "
+            f"{fid_text(evaluation)} on {count:,} samples ({sampler.method.value}, {details.nfe} network "
             f"evaluations{guided}), extractor {protocol.extractor_id}",
         )
     ]
     if scores.fid_floor is not None and scores.fid_holdout_vs_train is not None:
-        ratio = f"; the model is {scores.fid_over_floor:.2f}x it" if scores.fid_over_floor is not None else ""
+        ratio = f"; the model is {scores.fid_over_floor:.2g}x it" if scores.fid_over_floor is not None else ""
         if scores.fid_floor <= 0:  # FID_inf + k / N, both from the hold-out's own jackknife: noisy on few images
             ratio = "; at or below 0: too few held-out images to resolve it (no ratio)"
         lines.append(
             Line(
                 "real-data floor",
-                f"{scores.fid_floor:.3f} at {count:,} images (from {details.holdout_images:,} held-out images, whose "
-                f"FID is {scores.fid_holdout_vs_train:.3f} at N={details.holdout_images:,}){ratio}",
+                f"{significant(scores.fid_floor)} at {count:,} images (from {details.holdout_images:,} held-out "
+                f"images, whose FID is {significant(scores.fid_holdout_vs_train)} at N={details.holdout_images:,})"
+                f"{ratio}",
             )
         )
     if scores.fid_inf is not None:
-        held = f" (held-out real images: {scores.fid_holdout_inf:.3f})" if scores.fid_holdout_inf is not None else ""
-        lines.append(Line("FID_inf", f"{scores.fid_inf:.3f}, the jackknife's bias-corrected FID{held}"))
+        held = (
+            f" (held-out real images: {significant(scores.fid_holdout_inf)})"
+            if scores.fid_holdout_inf is not None
+            else ""
+        )
+        lines.append(Line("FID_inf", f"{significant(scores.fid_inf)}, the jackknife's bias-corrected FID{held}"))
     lines += comparison_lines(evaluation) + other_lines(evaluation)
     return lines
 
@@ -53,16 +96,18 @@ def comparison_lines(evaluation: EvaluateOutputs) -> list[Line]:
     """The untrained network (the ceiling) and the re-scored champion, under the same protocol."""
     scores, lines = evaluation.scores, []
     if scores.fid_untrained is not None:
-        lines.append(Line("untrained FID", f"{scores.fid_untrained:.3f}, the same protocol (the ceiling)"))
+        lines.append(Line("untrained FID", f"{significant(scores.fid_untrained)}, the same protocol (the ceiling)"))
     champion = evaluation.rescored_champion
     if champion is not None and scores.fid_champion is not None:
         difference = ""
         if scores.fid_minus_champion is not None and scores.fid_minus_champion_stderr is not None:
-            difference = f"; FID - champion's {scores.fid_minus_champion:+.3f} ± {scores.fid_minus_champion_stderr:.3f}"
+            difference = (
+                f"; FID - champion's {with_spread(scores.fid_minus_champion, scores.fid_minus_champion_stderr)}"
+            )
         lines.append(
             Line(
                 "champion FID",
-                f"{scores.fid_champion:.3f}, {champion.model_name} v{champion.version} re-scored under this "
+                f"{significant(scores.fid_champion)}, {champion.model_name} v{champion.version} re-scored under this "
                 f"protocol{difference} (paired jackknife)",
             )
         )
@@ -76,20 +121,20 @@ def other_lines(evaluation: EvaluateOutputs) -> list[Line]:
         lines.append(
             Line(
                 "KID",
-                f"{scores.kid:.5f} ± {scores.kid_std:.5f} (std over {details.kid_subsets} subsets of "
+                f"{with_spread(scores.kid, scores.kid_std)} (std over {details.kid_subsets} subsets of "
                 f"{details.kid_subset_size} images each; unbiased at any N)",
             )
         )
     if scores.inception_score is not None and scores.inception_score_std is not None:
         splits = details.inception_score_splits
         lines.append(
-            Line("IS", f"{scores.inception_score:.3f} ± {scores.inception_score_std:.3f} (std over {splits} splits)")
+            Line("IS", f"{with_spread(scores.inception_score, scores.inception_score_std)} (std over {splits} splits)")
         )
     if scores.precision is not None and scores.recall is not None:
         lines.append(
             Line(
                 "precision/recall",
-                f"{scores.precision:.3f} / {scores.recall:.3f} (k={details.precision_recall_k}, "
+                f"{scores.precision:.2f} / {scores.recall:.2f} (k={details.precision_recall_k}, "
                 f"{details.compared_images:,} images of each set)",
             )
         )
@@ -99,12 +144,12 @@ def other_lines(evaluation: EvaluateOutputs) -> list[Line]:
         lines.append(
             Line(
                 "NLL bound",
-                f"{scores.nll_bpd:.3f} ± {scores.nll_bpd_stderr:.3f} bits/dim ({nll.num_images:,} {nll.split} images, "
-                f"timesteps: {timesteps})",
+                f"{with_spread(scores.nll_bpd, scores.nll_bpd_stderr)} bits/dim ({nll.num_images:,} {nll.split} "
+                f"images, timesteps: {timesteps})",
             )
         )
     if scores.conditional_accuracy is not None:
-        lines.append(Line("class accuracy", f"{scores.conditional_accuracy:.4f} (the data set's classifier)"))
+        lines.append(Line("class accuracy", f"{scores.conditional_accuracy:.2f} (the data set's classifier)"))
     return lines
 
 
@@ -122,3 +167,22 @@ def as_sentence(lines: list[Line]) -> str:
 def as_markdown(lines: list[Line]) -> list[str]:
     """Markdown lines for MLflow descriptions."""
     return [f"- **{line.label}** {line.text}" for line in lines]
+
+
+def run_link(experiment_id: str, run_id: str, text: str) -> str:
+    """A Markdown link to a run's page, relative to the MLflow UI's root, in its model-training view."""
+    return f"[{text}](#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning)"
+
+
+def link_scores(client: MlflowClient, run_id: str, home: str, evaluation: EvaluateOutputs) -> None:
+    """Every score has one home, the evaluate run ``home`` (metrics with their intervals and protocol): ``run_id``
+    gets the tag ``ddpm.scores_run_id`` and, ending its description, the headline FID in words with a link there
+    (replacing the line an earlier execution wrote)."""
+    experiment = client.get_run(home).info.experiment_id
+    fid = score_lines(evaluation)[0]
+    link = run_link(experiment, home, "evaluate run")
+    line = f"Scores: {fid.label} {fid.text}. Every score, with its interval and protocol, is on the {link}."
+    note = client.get_run(run_id).data.tags.get("mlflow.note.content", "")
+    kept = [part for part in note.split("\n\n") if part and not part.startswith("Scores: ")]
+    client.set_tag(run_id, SCORES_RUN_TAG, home)
+    client.set_tag(run_id, "mlflow.note.content", "\n\n".join([*kept, line]))

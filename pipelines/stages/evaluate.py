@@ -13,10 +13,12 @@ import hashlib
 import json
 import os
 import tempfile
+import time
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+from mlflow.entities import Metric, Param
 
 from ddpm_core.checkpoint import read_snapshot_config
 from ddpm_core.images import grid, rows_by_class, save_grid
@@ -25,6 +27,7 @@ from ddpm_core.storage import verify_committed
 from pipelines.config import EvaluateSection, Extractor, NllSplit, PipelineConfig
 from pipelines.context import StageContext
 from pipelines.contracts import (
+    FID_INTERVAL_METHOD,
     ChampionRef,
     EvaluateOutputs,
     FidProtocol,
@@ -38,6 +41,7 @@ from pipelines.contracts import (
     TrainOutputs,
 )
 from pipelines.data.checks import require_images
+from pipelines.data.recorded import REFERENCE, log_training_data
 from pipelines.data.shards import (
     ImageSource,
     read_first_images,
@@ -63,6 +67,7 @@ from pipelines.evaluation.scoring import (
 from pipelines.execution import Execution
 from pipelines.external import External
 from pipelines.generation.sampling import SampleRequest, sample_to_shards
+from pipelines.redaction import redact
 from pipelines.registry.champion import champion_snapshot_uri, champion_version
 
 
@@ -201,8 +206,12 @@ def run(
         rescored_champion=compared.champion.champion if compared.champion else None,
         score_protocol=score_protocol(section, (prepare, train, sample), pr_count),
         guidance_sweep=sweep,
+        scores_run_id=context.mlflow_run_id,
     )
+    context.ran_with.update(settings_that_ran(section, outputs))
     log_to_mlflow(context, section.extractor, outputs)
+    if outputs.protocol.reference.reference == "training split":  # the data the FIDs are measured against
+        log_training_data(context.client, context.mlflow_run_id, prepare, REFERENCE)
     context.log(f"evaluate: {as_sentence(score_lines(outputs))}")
     return outputs
 
@@ -223,6 +232,22 @@ def score_protocol(
         kid_subset_size=kid_subset_size(section.kid_subset_size, compared) if section.kid else None,
         kid_subsets=section.kid_subsets if section.kid else None,
     )
+
+
+def settings_that_ran(section: EvaluateSection, outputs: EvaluateOutputs) -> dict[str, Any]:
+    """The values that ran of the settings declared ``metadata=RESOLVED`` (capped by the images there were), by
+    param key: the stage run logs these, not the config's requests (``pipelines.context.params_that_ran``)."""
+    details, nll = outputs.score_protocol, outputs.nll_protocol
+    ran: dict[str, Any] = {"evaluate.fid_groups": details.fid_groups}
+    if section.first_feature_images:
+        ran["evaluate.precision_recall_samples"] = details.compared_images
+    if details.kid_subset_size is not None:
+        ran["evaluate.kid_subset_size"] = details.kid_subset_size
+    if nll is not None:
+        ran["evaluate.nll_images"] = nll.num_images
+    if outputs.guidance_sweep:
+        ran["evaluate.guidance_samples"] = outputs.guidance_sweep[0].num_samples
+    return ran
 
 
 def make_scorer(
@@ -295,9 +320,19 @@ def conditional_hits(
 
 
 def log_class_accuracy(context: StageContext, hits: ClassHits, names: list[str]) -> None:
-    """Per-class conditional accuracy as ``class_accuracy.json``, and the worst class in the job's output."""
+    """Per-class conditional accuracy as ``class_accuracy.json`` and as a table (``class_accuracy_table.json``: the
+    run's artifact view shows it as one), and the worst class in the job's output."""
     per_class = hits.per_class(names)
     context.client.log_dict(context.mlflow_run_id, per_class, "class_accuracy.json")
+    labels = [label for label in range(len(names)) if hits.requested[label] > 0]
+    table = {
+        "class": [names[label] for label in labels],
+        "label": labels,
+        "requested": [int(hits.requested[label]) for label in labels],
+        "recognised": [int(hits.recognised[label]) for label in labels],
+        "accuracy": [per_class[names[label]] for label in labels],
+    }
+    context.client.log_table(context.mlflow_run_id, table, "class_accuracy_table.json")
     worst = min(per_class, key=per_class.__getitem__)
     context.log(
         f"evaluate: conditional accuracy {hits.accuracy:.4f} over {int(hits.requested.sum())} samples "
@@ -336,20 +371,19 @@ def guidance_sweep(
 
 
 def log_guidance_sweep(context: StageContext, points: list[GuidancePoint]) -> None:
-    """The sweep as metrics (step = position in the sweep), a JSON table and the FID-against-accuracy plot."""
+    """The sweep as a table (``guidance_sweep_table.json``, one row per w; not as metrics, whose charts would put the
+    sweep's position on a step axis), as JSON, and as a plot of FID and accuracy against w beside the trade-off."""
     client, run_id = context.client, context.mlflow_run_id
-    for step, point in enumerate(points):
-        client.log_metric(run_id, "guidance_sweep.w", point.guidance_scale, step=step)
-        client.log_metric(run_id, "guidance_sweep.fid", point.fid, step=step)
-        client.log_metric(run_id, "guidance_sweep.conditional_accuracy", point.conditional_accuracy, step=step)
+    table = {name: [getattr(point, name) for point in points] for name in GuidancePoint.__dataclass_fields__}
+    client.log_table(run_id, table, "guidance_sweep_table.json")
     client.log_dict(run_id, {"points": [vars(point) for point in points]}, "guidance_sweep.json")
     with tempfile.TemporaryDirectory() as directory:
         path = os.path.join(directory, "guidance_sweep.png")
         with open(path, "wb") as file:
             file.write(sweep_plot(points))
         client.log_artifact(run_id, path)
-    table = ", ".join(f"w={p.guidance_scale:g}: FID {p.fid:.3f} acc {p.conditional_accuracy:.3f}" for p in points)
-    context.log(f"evaluate: guidance sweep ({points[0].num_samples} images each): {table}")
+    said = ", ".join(f"w={p.guidance_scale:g}: FID {p.fid:.3g} acc {p.conditional_accuracy:.2f}" for p in points)
+    context.log(f"evaluate: guidance sweep ({points[0].num_samples} images each): {said}")
 
 
 def feature_network(context: StageContext, settings: EvaluateSection, prepare: PrepareOutputs) -> FeatureNetwork:
@@ -482,16 +516,18 @@ def protocol_hash(protocol: FidProtocol) -> str:
 def log_to_mlflow(context: StageContext, extractor: Extractor, outputs: EvaluateOutputs) -> None:
     """The scores as metrics, the protocol as ``protocol.*`` params, its hash and the extractor as tags."""
     client, run_id = context.client, context.mlflow_run_id
-    for key, value in outputs.scores.present().items():
-        client.log_metric(run_id, key, value)
+    logged_at = int(time.time() * 1000)  # one timestamp: register links these very entries to the logged model
+    metrics = [Metric(key, value, logged_at, 0) for key, value in outputs.scores.metrics().items()]
+    client.log_batch(run_id, metrics=metrics)
     params = {f"protocol.{key}": value for key, value in outputs.protocol.flat().items() if key != "sampler"}
     params.update({f"protocol.sampler.{key}": value for key, value in outputs.protocol.sampler.to_dict().items()})
     params.update(outputs.score_protocol.params())
     if outputs.nll_protocol is not None:
         params.update({f"protocol.{key}": value for key, value in outputs.nll_protocol.params().items()})
     params["protocol.reference_uri"] = outputs.reference_uri
-    for key, value in params.items():
-        client.log_param(run_id, key, str(value))
+    if outputs.scores.fid_interval() is not None:
+        params["protocol.fid.interval"] = FID_INTERVAL_METHOD  # how fid_ci_low and fid_ci_high were computed
+    client.log_batch(run_id, params=[Param(key, redact(str(value))) for key, value in params.items()])
     client.set_tag(run_id, "fid.protocol_hash", outputs.protocol_hash)
     description = (
         "Inception-v3 pool3 (torch-fidelity port of the TF 2015-12-05 graph)"

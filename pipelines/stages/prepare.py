@@ -29,6 +29,7 @@ from pipelines.config import DataSection, Extractor, Loader, ModelSection, NllSp
 from pipelines.context import StageContext
 from pipelines.contracts import PrepareOutputs
 from pipelines.data.ingest import IngestPlan, UnitResult, decode_units, remove_staging, write_splits
+from pipelines.data.recorded import log_training_data
 from pipelines.data.shards import read_first, shard_images_for
 from pipelines.data.splits import SPLITS, commit_split, split_by_content, write_in_memory
 from pipelines.data.streaming import choose_loader
@@ -238,11 +239,13 @@ def remove_folder(uri: str, options: dict[str, Any]) -> None:
 
 
 def log_data(context: StageContext, outputs: PrepareOutputs, skipped: tuple[str, ...]) -> None:
-    """The data set's fingerprint and split sizes on the stage's MLflow run, and the unreadable files left out."""
+    """The data set's fingerprint and split sizes on the stage's MLflow run, the data as its dataset input
+    (``pipelines.data.recorded``), and the unreadable files left out."""
     if skipped:
         report_skipped(context, skipped)
     client, run_id = context.client, context.mlflow_run_id
     client.log_param(run_id, "data.fingerprint", outputs.fingerprint)
+    log_training_data(client, run_id, outputs)
     client.log_metric(run_id, "num_train_images", outputs.num_train)
     client.log_metric(run_id, "num_holdout_images", outputs.num_holdout)
 

@@ -16,13 +16,16 @@ import mlflow
 import numpy as np
 import pandas as pd
 import torch
+from mlflow.entities import Dataset, Metric
 from mlflow.models import infer_signature
+from mlflow.tracking import MlflowClient
 
 from ddpm_core.storage import filesystem, verify_committed
 from pipelines.config import PipelineConfig, RegisterSection
 from pipelines.context import StageContext, StageStopped
 from pipelines.contracts import ChampionRef, EvaluateOutputs, PrepareOutputs, RegisterOutputs, TrainOutputs
-from pipelines.evaluation.report import as_markdown, score_lines
+from pipelines.data.recorded import log_training_data, training_dataset
+from pipelines.evaluation.report import SCORES_RUN_TAG, as_markdown, link_scores, score_lines
 from pipelines.external import External
 from pipelines.registry.champion import (
     COMPARED_WITH_TAG,
@@ -181,13 +184,16 @@ def log_model(context: StageContext, name: str, upstream: Upstream) -> tuple[str
     return str(info.registered_model_version), info.model_id
 
 
-def stage_run_links(context: StageContext) -> dict[str, str]:
-    """UI links (relative to the MLflow UI's root) to this pipeline run's parent, train and evaluate runs."""
+def stage_run_links(context: StageContext, scores_run_id: str = "") -> dict[str, str]:
+    """UI links (relative to the MLflow UI's root) to this pipeline run's parent, train and evaluate runs (the
+    evaluate run ``scores_run_id`` when given, else the latest of the pipeline run)."""
     run = context.client.get_run(context.mlflow_run_id)
     experiment, run_id = run.info.experiment_id, context.store.run_id
     view = "?workflowType=machine_learning"  # MLflow 3's UI: the model-training view, not GenAI's
     links = {"pipeline": f"#/experiments/{experiment}/runs/{run.data.tags['mlflow.parentRunId']}{view}"}
-    for stage in ("train", "evaluate"):
+    if scores_run_id:
+        links["evaluate"] = f"#/experiments/{experiment}/runs/{scores_run_id}{view}"
+    for stage in ("train", "evaluate")[: 1 if scores_run_id else 2]:
         found = context.client.search_runs(
             [experiment],
             f"tags.`ddpm.run_id` = '{run_id}' and tags.`ddpm.stage` = '{stage}'",
@@ -214,7 +220,13 @@ def version_description(context: StageContext, upstream: Upstream, decision: str
         "",
         *as_markdown(score_lines(evaluate)),
     ]
-    links = " · ".join(f"[{name} run]({url})" for name, url in stage_run_links(context).items())
+    found = stage_run_links(context, evaluate.scores_run_id)
+    links = " · ".join(f"[{name} run]({url})" for name, url in found.items())
+    if "evaluate" in found:
+        lines += [
+            "",
+            f"Every score, with its interval and protocol, is a metric of the [evaluate run]({found['evaluate']}).",
+        ]
     lines += ["", f"Registry: {decision}", "", f"Runs: {links}"]
     return "\n".join(lines)
 
@@ -222,8 +234,10 @@ def version_description(context: StageContext, upstream: Upstream, decision: str
 def describe_version(
     context: StageContext, registered: tuple[str, str, str], upstream: Upstream, decision: str
 ) -> None:
-    """Descriptions on the version and (once) the registered model; the scores and sampling protocol on the logged
-    model, so its page shows them beside the register run's. ``registered``: (model name, version, model id)."""
+    """Descriptions on the version and (once) the registered model; the scores' one home, the evaluate run, named on
+    the version and this run (tag ``ddpm.scores_run_id``, a link in their descriptions) and linked to the logged
+    model (:func:`link_model_scores`); the sampling protocol as the logged model's params; the training data as this
+    run's dataset input. ``registered``: (model name, version, model id)."""
     (name, version, model_id), client = registered, context.client
     prepare, _, evaluate = upstream
     client.update_model_version(name, version, version_description(context, upstream, decision))
@@ -234,10 +248,35 @@ def describe_version(
             "the version to serve; `challenger`: the latest. Each version's description has its scores, their "
             "uncertainty and links to its runs.",
         )
+    home = scores_run(context, evaluate)
+    link_model_scores(client, home, model_id, training_dataset(prepare))
+    link_scores(client, context.mlflow_run_id, home, evaluate)
+    client.set_model_version_tag(name, version, SCORES_RUN_TAG, home)
+    log_training_data(client, context.mlflow_run_id, prepare)  # what the registered model was trained on
     mlflow.set_tracking_uri(context.tracking_uri)
-    mlflow.log_metrics(evaluate.scores.present(), run_id=context.mlflow_run_id, model_id=model_id)
     protocol = {f"protocol.{key}": str(value) for key, value in evaluate.protocol.flat().items()}
     mlflow.log_model_params({**protocol, "protocol_hash": evaluate.protocol_hash}, model_id=model_id)
+
+
+def scores_run(context: StageContext, evaluate: EvaluateOutputs) -> str:
+    """The evaluate run that holds the scores (the latest evaluate run of this pipeline run for outputs committed
+    before they named it)."""
+    if evaluate.scores_run_id:
+        return evaluate.scores_run_id
+    url = stage_run_links(context)["evaluate"]
+    return url.split("/runs/", 1)[1].split("/", 1)[0].split("?", 1)[0]
+
+
+def link_model_scores(client: MlflowClient, home: str, model_id: str, dataset: Dataset) -> None:
+    """The logged model's metrics, without a second copy of any score: each of the evaluate run's score entries is
+    logged again with the same key, value, timestamp and step, now naming the model (and the data its FID is
+    measured against). MLflow keeps one entry per (key, value, timestamp, step) in a run, so the evaluate run's
+    history is unchanged, while the model's page lists the scores with the evaluate run as their source."""
+    entries = []
+    for key in client.get_run(home).data.metrics:
+        last = client.get_metric_history(home, key)[-1]
+        entries.append(Metric(key, last.value, last.timestamp, last.step, model_id, dataset.name, dataset.digest))
+    client.log_batch(home, metrics=entries)
 
 
 @dataclass(frozen=True)

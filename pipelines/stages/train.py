@@ -14,6 +14,7 @@ from ddpm_core.data import DataError
 from pipelines.config import PipelineConfig
 from pipelines.context import StageContext
 from pipelines.contracts import PrepareOutputs, TrainedWith, TrainOutputs, TuneOutputs
+from pipelines.data.recorded import log_training_data
 from pipelines.data.streaming import plan_stream
 from pipelines.execution import Device, check_fits, cluster_device
 from pipelines.external import External
@@ -65,6 +66,7 @@ def run(
     split, values = (prepare.shards_uri, prepare.num_train), unet.in_channels * unet.image_size**2
     stream, why = plan_stream(recipe.data, train, split, values, train.num_workers, context.store.options)
     context.log(f"train: {'stream' if stream else 'resident'} data loader ({why})")
+    log_training_data(context.client, context.mlflow_run_id, prepare)  # the data as this run's dataset input
     job = TrainJob(
         unet=unet,
         diffusion=recipe.diffusion,
