@@ -5,11 +5,7 @@ attempt and fails within a bounded total naming the config key and the host, and
 data on S3 (a moto server) when the run root is local."""
 
 import io
-import socket
-import threading
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 
 import aiohttp
 import boto3
@@ -26,33 +22,9 @@ from pipelines.contracts import PrepareOutputs
 from pipelines.dag import run_pipeline
 from pipelines.preflight import STORAGE_DEADLINE_S
 from tests.run_files import completed
+from tests.services import silent_server
 
 SHORT = Contact(attempts=3, attempt_s=2.5, pause_s=0.5)  # 8.5 s in all, for the tests that need not show the default
-
-
-@contextmanager
-def silent_server() -> Iterator[str]:
-    """``127.0.0.1:PORT`` of a TCP listener that accepts connections and never answers; closed on exit."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    accepted: list[socket.socket] = []
-
-    def accept() -> None:
-        while True:
-            try:
-                accepted.append(listener.accept()[0])
-            except OSError:
-                return
-
-    threading.Thread(target=accept, daemon=True).start()
-    try:
-        yield f"127.0.0.1:{listener.getsockname()[1]}"
-        assert accepted, "nothing connected to the silent server"
-    finally:
-        listener.close()
-        for connection in accepted:
-            connection.close()
 
 
 def run_cli(args: list[str], capsys: pytest.CaptureFixture[str]) -> tuple[int, str, str, float]:

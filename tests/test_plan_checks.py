@@ -195,3 +195,11 @@ def test_a_conditional_pyfunc_gives_the_same_images_in_batches(tmp_path):
     common = {"num_steps": 3, "guidance_scale": 1.5}
     whole = model.predict(rows, params={**common, "batch_size": 7})
     assert np.array_equal(model.predict(rows, params={**common, "batch_size": 3}), whole)
+
+
+def test_the_pyfunc_and_its_signature_have_the_same_sampling_defaults():
+    """serving.py is the model's own code and imports no pipeline module, so register.py states the defaults again
+    for the signature: the two must not drift."""
+    from pipelines.stages.register import SAMPLING_PARAMS
+
+    assert SAMPLING_PARAMS == DEFAULTS

@@ -6,10 +6,8 @@ import io
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 
@@ -27,6 +25,7 @@ from pipelines.plan import plan
 from pipelines.preflight import MLFLOW_DEADLINE_S, STORAGE_DEADLINE_S
 from pipelines.runs import RunStore
 from tests.run_files import completed
+from tests.services import silent_server
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -108,40 +107,16 @@ def test_init_from_must_name_a_snapshot_of_this_model(tmp_path, local, capsys):
     assert not ray.is_initialized()
 
 
-def silent_server() -> tuple[socket.socket, list[socket.socket]]:
-    """A TCP listener that accepts connections and never answers."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(16)
-    accepted: list[socket.socket] = []
-
-    def accept() -> None:
-        while True:
-            try:
-                accepted.append(listener.accept()[0])
-            except OSError:
-                return
-
-    threading.Thread(target=accept, daemon=True).start()
-    return listener, accepted
-
-
 def test_a_storage_endpoint_that_never_answers_fails_within_the_deadline(tmp_path, capsys):
-    listener, accepted = silent_server()
-    try:
-        endpoint = f"http://127.0.0.1:{listener.getsockname()[1]}"
+    with silent_server() as host:  # which asserts that something connected to it
         args = [
             "storage.root=s3://bucket/runs",
-            f"storage.endpoint_url={endpoint}",
+            f"storage.endpoint_url=http://{host}",
             f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         ]
         code, err, _, seconds = run_cli(args, capsys)
-    finally:
-        listener.close()
-        for connection in accepted:
-            connection.close()
     assert code == 2 and "storage.root 's3://bucket/runs' is not writable" in err and "no answer within" in err
-    assert accepted and seconds < STORAGE_DEADLINE_S + 15, seconds
+    assert seconds < STORAGE_DEADLINE_S + 15, seconds
     assert not ray.is_initialized()
 
 
