@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import io
 import math
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 
 from ddpm_core.storage import filesystem, write_bytes
 
@@ -26,6 +27,22 @@ def grid(images: np.ndarray, columns: int | None = None, padding: int = 1, min_c
         top, left = padding + row * cell_h, padding + column * cell_w
         canvas[top : top + height * scale, left : left + width * scale] = big
     return Image.fromarray(canvas[..., 0] if channels == 1 else canvas)
+
+
+def labelled_rows(rows: Sequence[Image.Image], labels: Sequence[str], padding: int = 4) -> Image.Image:
+    """Stack picture strips top to bottom, each with its label to its left (e.g. the images seen when a strip of
+    samples was drawn): one picture of how samples change over training. Strips of unequal widths are left-aligned."""
+    font = ImageFont.load_default()
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_width = max(int(measure.textlength(label, font=font)) for label in labels) + 2 * padding
+    width = label_width + max(row.width for row in rows)
+    canvas = Image.new("RGB", (width, sum(row.height for row in rows)), "white")
+    draw, top = ImageDraw.Draw(canvas), 0
+    for row, label in zip(rows, labels, strict=True):
+        canvas.paste(row.convert("RGB"), (label_width, top))
+        draw.text((padding, top + row.height // 2), label, fill="black", font=font, anchor="lm")
+        top += row.height
+    return canvas
 
 
 def rows_by_class(images: np.ndarray, labels: np.ndarray, columns: int) -> np.ndarray:

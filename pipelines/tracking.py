@@ -241,7 +241,13 @@ class Tracker:
             self.client.log_batch(run_id, params=items[start : start + 100])
 
     def finish(self, run_id: str, ok: bool) -> None:
-        self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED))
+        """End ``run_id`` and the nested runs it left running (training's sample grids) as FINISHED or FAILED."""
+        status = RunStatus.to_string(RunStatus.FINISHED if ok else RunStatus.FAILED)
+        for run in self.client.search_runs(
+            [self.experiment_id], f"tags.`mlflow.parentRunId` = '{run_id}' and attributes.status = 'RUNNING'"
+        ):
+            self.client.set_terminated(run.info.run_id, status)
+        self.client.set_terminated(run_id, status)
 
     def kill(self, run_id: str) -> None:
         """End ``run_id`` and its nested runs still running (a stage's, Tune's trials) as KILLED: a signal stopped
@@ -252,6 +258,37 @@ class Tracker:
         for run in running:
             self.client.set_terminated(run.info.run_id, RunStatus.to_string(RunStatus.KILLED))
         self.client.set_terminated(run_id, RunStatus.to_string(RunStatus.KILLED))
+
+
+def run_link(experiment_id: str, run_id: str, text: str, tab: str = "") -> str:
+    """A Markdown link to a run's page (or one of its tabs: ``model-metrics``, ``artifacts``), relative to the MLflow
+    UI's root, in its model-training view."""
+    page = f"#/experiments/{experiment_id}/runs/{run_id}" + (f"/{tab}" if tab else "")
+    return f"[{text}]({page}?workflowType=machine_learning)"
+
+
+def set_note_part(client: MlflowClient, run_id: str, opening: str, part: str) -> None:
+    """Put ``part`` (a paragraph starting with ``opening``: a link to where a user goes next) first in a run's
+    description, where the UI's collapsed description shows it, replacing the paragraph an earlier execution wrote."""
+    note = client.get_run(run_id).data.tags.get("mlflow.note.content", "")
+    kept = [paragraph for paragraph in note.split("\n\n") if paragraph and not paragraph.startswith(opening)]
+    client.set_tag(run_id, "mlflow.note.content", "\n\n".join([part, *kept]))
+
+
+def nested_run(client: MlflowClient, parent_id: str, suffix: str, stage: str, description: str) -> str:
+    """A run under ``parent_id``, named after it with ``/suffix``, without params (the parent holds them): MLflow's
+    image cards print every param of their run above the picture, so pictures get a run of their own. It ends with
+    its parent (:meth:`Tracker.finish`)."""
+    parent = client.get_run(parent_id)
+    tags = {
+        RUN_ID_TAG: parent.data.tags.get(RUN_ID_TAG, ""),
+        STAGE_TAG: stage,
+        "mlflow.parentRunId": parent_id,
+        "mlflow.note.content": description,
+        **source_tags(),
+    }
+    name = f"{parent.info.run_name}/{suffix}"
+    return client.create_run(parent.info.experiment_id, run_name=name, tags=tags).info.run_id
 
 
 class BufferedMetricLogger:

@@ -368,4 +368,5 @@ def test_a_diverging_run_stops_once_with_advice_and_no_retries(tmp_path):
         "pipeline": "FAILED",
         "prepare": "FINISHED",
         "train": "FAILED",
+        "train samples": "FAILED",  # the grids' run ends with its stage's
     }

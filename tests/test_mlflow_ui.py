@@ -236,3 +236,19 @@ def test_the_printed_link_opens_the_scores_view_and_every_page_stays_in_model_tr
     expect(page.get_by_text("images_per_second").first).to_be_visible()
     walk.in_model_training_view("the train run's charts")
     walk.shot("06_train_charts")
+
+    # Samples as training went: the train run's description leads to its sample grids' run (no params, so the image
+    # card shows the grid, not text), whose card holds a grid per step; the composite has one row per grid.
+    page.get_by_role("tab", name="Overview").click()
+    grids = follow(page, page.get_by_role("link", name="sample grids run").first)
+    expect(grids.get_by_role("tab", name="Model metrics")).to_be_visible()
+    Walk(grids, []).in_model_training_view("the sample grids run")
+    card_image = grids.locator("img[src*='get-artifact']").first
+    expect(card_image).to_be_visible()
+    assert card_image.evaluate("image => image.naturalWidth") >= 8 * 32, "the samples card shows no grid"
+    expect(grids.get_by_text("No image logged at this step")).to_have_count(0)
+    Walk(grids, walk.folders).shot("07_training_samples")
+    grids.get_by_role("tab", name="Artifacts").click()
+    grids.get_by_text("samples_over_training.png", exact=True).first.click()
+    expect(grids.get_by_role("img", name="samples_over_training.png")).to_be_visible()
+    Walk(grids, walk.folders).shot("08_samples_over_training")

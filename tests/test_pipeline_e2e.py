@@ -19,6 +19,7 @@ import pandas as pd
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipelines.training.grids import COMPOSITE
 from tests.services import BIN, FaultyS3Proxy, mlflow_server, ray_head
 
 REPO = Path(__file__).resolve().parents[1]
@@ -212,13 +213,16 @@ def run_pipeline_twice(tmp_path, bucket, options, cluster, tracking_uri, s3_url,
     experiment = client.get_experiment_by_name("e2e")
     runs = client.search_runs([experiment.experiment_id])
     by_stage = {run.data.tags["ddpm.stage"]: run for run in runs}
-    assert sorted(by_stage) == ["evaluate", "pipeline", "prepare", "register", "sample", "train"]
-    parent = by_stage["pipeline"]
+    assert sorted(by_stage) == ["evaluate", "pipeline", "prepare", "register", "sample", "train", "train samples"]
+    parent, grids = by_stage["pipeline"], by_stage["train samples"]
     assert all(
         run.data.tags.get("mlflow.parentRunId") == parent.info.run_id
         for name, run in by_stage.items()
-        if name != "pipeline"
+        if name not in ("pipeline", "train samples")
     )
+    assert grids.data.tags["mlflow.parentRunId"] == by_stage["train"].info.run_id and not grids.data.params
+    assert grids.info.status == "FINISHED" and "sample grids run" in by_stage["train"].data.tags["mlflow.note.content"]
+    assert {artifact.path for artifact in client.list_artifacts(grids.info.run_id)} >= {"images", COMPOSITE}
     assert parent.info.status == "FINISHED" and parent.data.tags["ddpm.data_fingerprint"]
     evaluation = by_stage["evaluate"].data
     assert np.isfinite(evaluation.metrics["fid"])

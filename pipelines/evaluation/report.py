@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from mlflow.tracking import MlflowClient
 
 from pipelines.contracts import EvaluateOutputs
+from pipelines.tracking import run_link, set_note_part
 
 # Every score has one home, the evaluate run; the parent run, the register run and the model version carry this tag
 # with its run id, and a link to it in their descriptions
@@ -169,11 +170,6 @@ def as_markdown(lines: list[Line]) -> list[str]:
     return [f"- **{line.label}** {line.text}" for line in lines]
 
 
-def run_link(experiment_id: str, run_id: str, text: str) -> str:
-    """A Markdown link to a run's page, relative to the MLflow UI's root, in its model-training view."""
-    return f"[{text}](#/experiments/{experiment_id}/runs/{run_id}?workflowType=machine_learning)"
-
-
 def link_scores(client: MlflowClient, run_id: str, home: str, evaluation: EvaluateOutputs) -> None:
     """Every score has one home, the evaluate run ``home`` (metrics with their intervals and protocol): ``run_id``
     gets the tag ``ddpm.scores_run_id`` and, ending its description, the headline FID in words with a link there
@@ -182,7 +178,5 @@ def link_scores(client: MlflowClient, run_id: str, home: str, evaluation: Evalua
     fid = score_lines(evaluation)[0]
     link = run_link(experiment, home, "evaluate run")
     line = f"Scores: {fid.label} {fid.text}. Every score, with its interval and protocol, is on the {link}."
-    note = client.get_run(run_id).data.tags.get("mlflow.note.content", "")
-    kept = [part for part in note.split("\n\n") if part and not part.startswith("Scores: ")]
     client.set_tag(run_id, SCORES_RUN_TAG, home)
-    client.set_tag(run_id, "mlflow.note.content", "\n\n".join([*kept, line]))
+    set_note_part(client, run_id, "Scores: ", line)

@@ -11,7 +11,7 @@ from typing import Any
 
 from ddpm_core.checkpoint import read_snapshot_config
 from ddpm_core.data import DataError
-from pipelines.config import PipelineConfig
+from pipelines.config import PipelineConfig, TrainSection
 from pipelines.context import StageContext
 from pipelines.contracts import PrepareOutputs, TrainedWith, TrainOutputs, TuneOutputs
 from pipelines.data.recorded import log_training_data
@@ -19,6 +19,8 @@ from pipelines.data.streaming import plan_stream
 from pipelines.execution import Device, check_fits, cluster_device
 from pipelines.external import External
 from pipelines.interruption import STOP
+from pipelines.tracking import nested_run, run_link, set_note_part
+from pipelines.training.grids import COMPOSITE, log_samples_over_training
 from pipelines.training.job import TrainJob
 from pipelines.training.recipe import TrainingRecipe
 from pipelines.training.stopping import request_stop
@@ -80,6 +82,7 @@ def run(
         mlflow_run_id=context.mlflow_run_id,
         warm_start_uri=warm_start,
         compile_cache_uri=context.store.cache_uri("compile", "train"),
+        grids_run_id=grids_run(context, train),
     )
     group = WorkerGroup(train.num_workers, train.cpus_per_worker, train.max_failures, train.startup_retries)
     execution = context.execution(device)
@@ -104,6 +107,7 @@ def run(
         context.log(f"train: stopped at {stopped_at} images; the checkpoint there is recorded and a re-run resumes")
         STOP.check()
     send_pending_metrics(job, context.client, context.log)
+    log_samples_over_training(job, context.client)
     reported = result.metrics or {}  # the final checkpoint report of the final attempt
     return TrainOutputs(
         snapshot_uri=job.snapshot_uri,
@@ -115,6 +119,24 @@ def run(
         config=TrainedWith(diffusion=recipe.diffusion, train=train.optim, unet=unet, preset=recipe.model.preset),
         num_classes=job.unet.num_classes,
     )
+
+
+def grids_run(context: StageContext, train: TrainSection) -> str | None:
+    """The sample grids' own MLflow run under the train run (None without grids; see
+    :func:`pipelines.tracking.nested_run`), and a paragraph in the train run's description leading there."""
+    if train.grid_every_images is None:
+        return None
+    every = f"at 0 images and every {train.grid_every_images:,}" if train.grid_every_images else "at the end"
+    description = (
+        f"Sample grids of the EMA network {every}, the same noise each time. *Model metrics*, the **samples** card: "
+        f"its slider is the images seen. *Artifacts*, `{COMPOSITE}`: one row of each grid, oldest at the top."
+    )
+    client = context.client
+    run_id = nested_run(client, context.mlflow_run_id, "samples", "train samples", description)
+    link = run_link(client.get_run(run_id).info.experiment_id, run_id, "sample grids run", tab="model-metrics")
+    opening = "Samples during training: "
+    set_note_part(client, context.mlflow_run_id, opening, f"{opening}the {link} (a step slider, and `{COMPOSITE}`).")
+    return run_id
 
 
 def ask_to_stop(job: TrainJob) -> None:

@@ -24,6 +24,7 @@ from ddpm_core.samplers import Method, PerIndexNoise, SamplerConfig, balanced_cl
 from ddpm_core.storage import commit
 from ddpm_core.training import OptimConfig, learning_rate
 from pipelines.tracking import BufferedMetricLogger
+from pipelines.training.grids import save_strip
 from pipelines.training.job import TrainJob
 from pipelines.training.state import TrainState, Worker, gather_random_states
 
@@ -109,7 +110,9 @@ class Progress:
         if labels is not None:
             pixels = rows_by_class(pixels, labels.numpy(), columns=8)
         try:
-            self.client.log_image(self.job.mlflow_run_id, grid(pixels, columns=8), key="samples", step=images_seen)
+            save_strip(self.job, pixels, 8, images_seen)
+            run_id = self.job.grids_run_id or self.job.mlflow_run_id
+            self.client.log_image(run_id, grid(pixels, columns=8), key="samples", step=images_seen)
         except Exception as error:  # a progress picture is not worth stopping training for
             print(f"train: sample grid at {images_seen} images not logged ({type(error).__name__})", flush=True)
 

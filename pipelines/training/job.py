@@ -41,6 +41,7 @@ class TrainJob:
     )
     checkpoint_metrics: CheckpointMetrics | None = None
     compile_cache_uri: str | None = None  # a folder for torch.compile's artifacts, shared by runs (None: not kept)
+    grids_run_id: str | None = None  # the MLflow run of the sample grids (None: mlflow_run_id's)
 
     @property
     def precision(self) -> Precision:
@@ -60,6 +61,11 @@ class TrainJob:
     def pending_metrics_uri(self) -> str:
         """Metrics that could not reach MLflow during an outage, for the driver to send."""
         return f"{self.work_uri}/pending_metrics"
+
+    @property
+    def grid_strips_uri(self) -> str:
+        """One strip of each sample grid, for the picture of samples over training (pipelines.training.grids)."""
+        return f"{self.work_uri}/grid_strips"
 
     @property
     def diverged_uri(self) -> str:
