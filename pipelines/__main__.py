@@ -245,11 +245,13 @@ def _gc(args: argparse.Namespace) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     from pipelines.dag import check_config, check_from_stage, check_run_config, external_for, run_pipeline
+    from pipelines.nodes import join_cluster
     from pipelines.preflight import hold_run_root
 
     config = load_config(args.config, args.overrides)
     check_config(config)
     check_from_stage(args.from_stage, config)
+    join_cluster(config)  # a cluster RAY_ADDRESS names, checked against the config before anything is written
     external = external_for(config)
     check_run_config(config, args.allow_changes, external)
     started = time.time()
@@ -289,10 +291,12 @@ def print_scores(evaluation: EvaluateOutputs) -> None:
 
 def _retrain(args: argparse.Namespace) -> int:
     from pipelines.dag import check_config
+    from pipelines.nodes import join_cluster
     from pipelines.retrain import parse_schedule_time, retrain
 
     config = load_config(args.config, args.overrides)
     check_config(config)
+    join_cluster(config)
     try:
         scheduled_at = parse_schedule_time(args.schedule_time)
     except ValueError as error:

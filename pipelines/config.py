@@ -90,6 +90,15 @@ class Loader(str, enum.Enum):
     AUTO = "auto"  # resident when a worker's resident slice fits data.memory_budget_mb, else stream
 
 
+class Placement(str, enum.Enum):
+    """How Ray places the training workers over the nodes (Ray's placement-group strategies)."""
+
+    PACK = "PACK"  # as few nodes as possible (Ray's default)
+    SPREAD = "SPREAD"  # over as many nodes as can hold one, where there is room
+    STRICT_SPREAD = "STRICT_SPREAD"  # each worker on a node of its own, or the group does not start
+    STRICT_PACK = "STRICT_PACK"  # all on one node, or the group does not start
+
+
 class PrepareOn(str, enum.Enum):
     """Where prepare reads the data set and writes its splits (docs/pipeline.md, "Preparing data at scale")."""
 
@@ -226,6 +235,9 @@ class TrainSection:
     log_every_images: int = 5_000
     grid_every_images: int | None = 50_000  # sample grid to MLflow (0: only at the end; null: never)
     max_failures: int = field(default=2, metadata=EXECUTION)  # worker-group restarts from the last checkpoint
+    # how Ray places the workers' bundles: PACK (as few nodes as possible), SPREAD (over nodes where it can),
+    # STRICT_SPREAD (one worker per node, or none start)
+    placement: Placement = field(default=Placement.PACK, metadata=EXECUTION)
     startup_retries: int = field(
         default=10, metadata=EXECUTION
     )  # worker-group start attempts (60 s each): waits for autoscaling, never forever
@@ -272,6 +284,8 @@ class TrainSection:
                 "seed": self.seed,
             },
         )
+        placement = str(getattr(self.placement, "value", self.placement)).upper()  # Ray's names, in any case
+        object.__setattr__(self, "placement", choose("train.placement", Placement, placement))
         if self.batch_size % self.num_workers:
             raise ConfigError(
                 f"train.batch_size {self.batch_size} must be a multiple of train.num_workers {self.num_workers}"
@@ -627,6 +641,9 @@ class StorageSection:
         default=None, metadata=EXECUTION
     )  # S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS default)
     region: str | None = field(default=None, metadata=EXECUTION)
+    # True when storage.root (and every other local path the config names) is one mount that every node of the
+    # cluster sees (NFS, a shared volume): a local root on a cluster of several nodes is refused otherwise
+    shared_filesystem: bool = field(default=False, metadata=EXECUTION)
 
     def options(self) -> dict[str, Any]:
         """fsspec storage options of every URL the run touches, keyed by protocol (credentials come from the standard

@@ -64,10 +64,10 @@ class Execution:
         return self.device is Device.GPU
 
     def options(self) -> dict[str, Any]:
-        """``.options(...)`` of a Ray task or actor: a GPU each on a GPU cluster, else a CPU, and the runtime
-        environment."""
+        """``.options(...)`` of a Ray task or actor: a GPU each on a GPU cluster, else a CPU, the runtime environment,
+        and spread over the nodes that have room (Ray's default packs them onto the nodes it tried first)."""
         resources = {"num_gpus": 1} if self.use_gpu else {"num_cpus": 1}
-        return {**resources, "runtime_env": self.runtime_env}
+        return {**resources, "runtime_env": self.runtime_env, "scheduling_strategy": "SPREAD"}
 
 
 @dataclass(frozen=True)

@@ -4,6 +4,7 @@ session so that stopping it stops everything it spawned (and nothing else on the
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import secrets
 import shutil
@@ -23,6 +24,31 @@ from pathlib import Path
 from tests.conftest import free_port
 
 BIN = Path(sys.executable).parent
+REPO = Path(__file__).resolve().parents[1]
+# what `ray job submit --working-dir` leaves out of the upload
+JOB_EXCLUDES = {"excludes": [".venv", ".git", "runs", "outputs", "*.db"]}
+
+
+def start_job(address: str, env: dict[str, str], overrides: list[str], log: Path) -> subprocess.Popen:
+    """``ray job submit`` of ``python -m pipelines run --config configs/digits.yaml OVERRIDES`` to the cluster at
+    ``address`` (its dashboard), the repository as working directory; the job's output streams into ``log``."""
+    command = [
+        *(str(BIN / "ray"), "job", "submit", "--address", address, "--working-dir", str(REPO)),
+        *("--runtime-env-json", json.dumps(JOB_EXCLUDES)),
+        *("--", "python", "-m", "pipelines", "run", "--config", "configs/digits.yaml", *overrides),
+    ]
+    with open(log, "w") as output:
+        return subprocess.Popen(command, env=env, stdout=output, stderr=subprocess.STDOUT, text=True)
+
+
+def submit(address: str, env: dict[str, str], overrides: list[str], log: Path) -> subprocess.CompletedProcess:
+    """:func:`start_job` and wait (at most 15 minutes); its output in ``stdout``."""
+    process = start_job(address, env, overrides, log)
+    try:
+        process.wait(timeout=900)
+    finally:
+        process.kill()
+    return subprocess.CompletedProcess(process.args, process.returncode, log.read_text(), "")
 
 
 def _wait_http(url: str, process: subprocess.Popen, seconds: float, log: Path) -> None:

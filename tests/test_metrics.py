@@ -66,3 +66,21 @@ def test_statistics_reject_mismatched_features():
         stats.update(torch.zeros(3, 5))
     with pytest.raises(ValueError, match="at least 2 samples"):
         _ = FeatureStatistics.from_features(torch.zeros(1, 4)).covariance
+
+
+def test_the_frechet_distance_is_the_same_bits_whatever_the_thread_count():
+    """BLAS splits products and eigendecompositions by thread count, which changes the last bits: a driver with more
+    cores must not report another FID for the same statistics (tests/test_multinode.py compares runs to the bit)."""
+    generator = torch.Generator().manual_seed(0)
+    a = torch.randn(2000, 256, generator=generator, dtype=torch.float64)  # [n, d]
+    b = torch.randn(2000, 256, generator=generator, dtype=torch.float64) + 0.1  # [n, d]
+    threads = torch.get_num_threads()
+    try:
+        values = set()
+        for count in (1, 2, 3):
+            torch.set_num_threads(count)
+            values.add(frechet_distance(a.mean(0), torch.cov(a.T), b.mean(0), torch.cov(b.T)))
+        assert len(values) == 1, values
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.get_num_threads() == threads

@@ -20,7 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 from pipelines.training.grids import COMPOSITE
-from tests.services import BIN, FaultyS3Proxy, mlflow_server, ray_head
+from tests.services import FaultyS3Proxy, mlflow_server, ray_head, submit
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -42,32 +42,6 @@ TINY = [
 
 
 SECRETS = {"aws": "fake-secret-aws-9c41d7e2b8", "mlflow": "fake-secret-mlflow-5b7e0a13f6"}
-
-
-def submit(address: str, env: dict[str, str], overrides: list[str], log: Path) -> subprocess.CompletedProcess:
-    runtime_env = {"excludes": [".venv", ".git", "runs", "outputs", "*.db"]}
-    command = [
-        str(BIN / "ray"),
-        "job",
-        "submit",
-        "--address",
-        address,
-        "--working-dir",
-        str(REPO),
-        "--runtime-env-json",
-        json.dumps(runtime_env),
-        "--",
-        "python",
-        "-m",
-        "pipelines",
-        "run",
-        "--config",
-        "configs/digits.yaml",
-        *overrides,
-    ]
-    result = subprocess.run(command, env=env, capture_output=True, text=True, timeout=900)
-    log.write_text(result.stdout + result.stderr)
-    return result
 
 
 def test_pipeline_via_ray_job_submit_with_mlflow_server_and_s3(tmp_path, s3_bucket, s3_endpoint, monkeypatch):
@@ -142,8 +116,8 @@ def assert_the_registry_leads_to_the_scores(tracking_uri: str, credentials: dict
     evaluate run, which holds them with their uncertainty and interval (the source run and the parent hold none);
     its description links the train and evaluate runs, which exist; the logged model lists the evaluate run's scores;
     runs have descriptions and the standard source tags; the train run has its hyperparameters, optimizer steps
-    beside images seen, a sample grid at step 0 and system metrics; the parent logs only the sections in force; the
-    experiment opens in the model-training view."""
+    beside images seen and system metrics, its grids' run a sample grid at step 0; the parent logs only the sections
+    in force; the experiment opens in the model-training view."""
     version = rest(tracking_uri, credentials, "registered-models/alias?name=ddpm-e2e&alias=champion")["model_version"]
     source = rest(tracking_uri, credentials, f"runs/get?run_id={version['run_id']}")["run"]
     home = by_stage["evaluate"].info.run_id
@@ -177,7 +151,8 @@ def assert_the_registry_leads_to_the_scores(tracking_uri: str, credentials: dict
     assert "optimizer_steps" in train.metrics and any(key.startswith("system/cpu") for key in train.metrics)
     parent = by_stage["pipeline"].data.params
     assert "train.total_images" in parent and not any(key.startswith(("tune.", "retrain.")) for key in parent)
-    images = rest(tracking_uri, credentials, f"artifacts/list?run_id={by_stage['train'].info.run_id}&path=images")
+    grids = by_stage["train samples"].info.run_id  # the grids' own run, under the train run
+    images = rest(tracking_uri, credentials, f"artifacts/list?run_id={grids}&path=images")
     assert any("+step+0+" in item["path"] for item in images.get("files", [])), images  # the untrained network
     kind = rest(tracking_uri, credentials, f"experiments/get?experiment_id={experiment}")["experiment"]["tags"]
     assert {"key": "mlflow.experimentKind", "value": "custom_model_development"} in kind

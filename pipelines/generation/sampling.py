@@ -22,6 +22,9 @@ from pipelines.data.shards import sample_shard_uris, write_sample_shard
 from pipelines.execution import Demand, Execution, check_fits
 
 LONG_SAMPLING_S = 12 * 3600  # a sampling plan that would take longer than this is announced as such
+# A sampling actor whose process or node dies is restarted (on any node with room) and its shard re-run from the
+# start: a shard is committed whole or not at all, and image i depends only on (seed, i)
+ACTOR_RESTARTS = 3
 
 
 @dataclass(frozen=True)
@@ -118,7 +121,9 @@ def sample_to_shards(
     resource = "GPU" if execution.use_gpu else "CPU"
     check_fits(Demand(f"{actors} sampling actors", {resource: float(actors)}, "sample.num_workers"), execution, log)
     workers = [
-        SampleWorker.options(**execution.options()).remote(request, execution.storage_options)  # type: ignore[attr-defined]
+        SampleWorker.options(  # type: ignore[attr-defined]
+            **execution.options(), max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS
+        ).remote(request, execution.storage_options)
         for _ in range(actors)
     ]
     pool = ray.util.ActorPool(workers)

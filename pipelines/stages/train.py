@@ -19,6 +19,7 @@ from pipelines.data.streaming import plan_stream
 from pipelines.execution import Device, check_fits, cluster_device
 from pipelines.external import External
 from pipelines.interruption import STOP
+from pipelines.nodes import check_strict_spread
 from pipelines.tracking import nested_run, run_link, set_note_part
 from pipelines.training.grids import COMPOSITE, log_samples_over_training
 from pipelines.training.job import TrainJob
@@ -84,7 +85,9 @@ def run(
         compile_cache_uri=context.store.cache_uri("compile", "train"),
         grids_run_id=grids_run(context, train),
     )
-    group = WorkerGroup(train.num_workers, train.cpus_per_worker, train.max_failures, train.startup_retries)
+    group = WorkerGroup(
+        train.num_workers, train.cpus_per_worker, train.max_failures, train.startup_retries, train.placement
+    )
     execution = context.execution(device)
     demand = group.demand(
         device,
@@ -93,6 +96,7 @@ def run(
         decode_cpus=recipe.data.decode_cpus if stream else 0.0,
     )
     check_fits(demand, execution, context.log)
+    check_strict_spread(train.placement, group.bundle(device), train.num_workers, execution, context.log)
     conditional = (
         f", {job.unet.num_classes} classes (label dropout {train.class_dropout:g})" if job.unet.num_classes else ""
     )

@@ -369,8 +369,9 @@ def trial_spec(context: StageContext, tune_settings: TuneSettings, prepare: Prep
         tracking_uri=context.tracking_uri,
         mlflow_run_id="",  # each trial puts in its own
     )
+    train = recipe.train
     group = WorkerGroup(
-        settings.workers_per_trial, settings.cpus_per_worker, recipe.train.max_failures, recipe.train.startup_retries
+        settings.workers_per_trial, settings.cpus_per_worker, train.max_failures, train.startup_retries, train.placement
     )
     return TrialSpec(
         recipe=recipe,
@@ -414,7 +415,13 @@ def make_tuner(context: StageContext, spec: TrialSpec, space: dict[str, Dimensio
             scheduler=trial_scheduler(settings),
             search_alg=search_algorithm(settings.search_alg),
         ),
-        run_config=tune.RunConfig(name="search", storage_path=storage_path, storage_filesystem=storage_filesystem),
+        run_config=tune.RunConfig(
+            name="search",
+            storage_path=storage_path,
+            storage_filesystem=storage_filesystem,
+            # a trial whose actor (or node) died runs again; its trainer resumes from the trial's last checkpoint
+            failure_config=tune.FailureConfig(max_failures=spec.recipe.train.max_failures),
+        ),
     )
 
 

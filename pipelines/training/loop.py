@@ -20,7 +20,7 @@ from pipelines.training.hooks import Interval, Progress, record_divergence, repo
 from pipelines.training.job import TrainJob
 from pipelines.training.state import TrainState, Worker, memory_format, save_compile_cache, start_state
 from pipelines.training.step import step
-from pipelines.training.stopping import StopWatch
+from pipelines.training.stopping import LAST_CALL_S, Agreed, StopWatch
 
 
 def train_loop(job: TrainJob) -> None:
@@ -74,14 +74,29 @@ def train_loop(job: TrainJob) -> None:
         if reported:
             report_checkpoint(job, worker, state, time.time() - started, done)
             checkpoint.passed(seen)
-        if not done and stop.agreed():  # asked to stop: this step's checkpoint, then leave (no snapshot)
+        agreed = stop.agreed() if not done else None
+        if agreed is not None and agreed.stop:  # asked to stop: this step's checkpoint, then leave (no snapshot)
             if not reported:
                 report_checkpoint(job, worker, state, time.time() - started, False)
             worker.say(f"stopped on request at {seen} images (step {state.step}); checkpoint recorded")
             if progress is not None:
                 progress.close()
             return
+        if agreed is not None and (preemption := preemption_checkpoint_due(stop, agreed)) and not reported:
+            report_checkpoint(job, worker, state, time.time() - started, False)  # where the restarted group resumes
+            worker.say(f"{preemption}: checkpoint recorded at {seen} images (step {state.step})")
     save_outputs(job, worker, state, progress)
+
+
+def preemption_checkpoint_due(stop: StopWatch, agreed: Agreed) -> str:
+    """Why this step is checkpointed for a preemption ("": it is not): a notice just came, or its deadline is near."""
+    if agreed.last_call:
+        return f"preemption in {LAST_CALL_S:.0f} s or less (last call)"
+    if not agreed.look_for_preemption or (notice := stop.preemption_notice()) is None:
+        return ""
+    nodes = ", ".join(node[:8] for node in notice.preempted_node_ids)
+    left = f", {notice.deadline_ms / 1000 - time.time():.0f} s left" if notice.deadline_ms else ""
+    return f"node {nodes} is being preempted{left}"
 
 
 def step_oom_advice(job: TrainJob, worker: Worker, per_worker: int) -> tuple[str, str]:

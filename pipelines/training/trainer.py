@@ -17,6 +17,7 @@ from ray.train.torch import TorchTrainer
 
 from ddpm_core.checkpoint import CheckpointError
 from ddpm_core.storage import IncompleteError, StorageUnavailableError, filesystem, is_committed, read_committed
+from pipelines.config import Placement
 from pipelines.context import StageStopped
 from pipelines.execution import Demand, Device, train_storage
 from pipelines.failures import find, storage_full
@@ -36,6 +37,11 @@ class WorkerGroup:
     cpus_per_worker: float
     max_failures: int  # restarts from the last checkpoint after a worker fails
     startup_retries: int  # worker-group start attempts (60 s each) before failing
+    placement: Placement = Placement.PACK  # how the workers' bundles spread over the nodes
+
+    def bundle(self, device: Device) -> dict[str, float]:
+        """One worker's resources."""
+        return {"CPU": self.cpus_per_worker, **({"GPU": 1.0} if device is Device.GPU else {})}
 
     def demand(
         self, device: Device, what: str, settings: str, extra_cpus: float = 0.0, decode_cpus: float = 0.0
@@ -58,10 +64,15 @@ def make_trainer(
     re-run with the same job resumes from the latest)."""
     storage_path, storage_filesystem = train_storage(job.trainer_uri, job.storage_options)
     use_gpu = job.device is Device.GPU
-    resources = {"CPU": group.cpus_per_worker, **({"GPU": 1} if use_gpu else {})}
+    resources = group.bundle(job.device)
     return TorchTrainer(
         functools.partial(train_loop, job),
-        scaling_config=ScalingConfig(num_workers=group.num_workers, use_gpu=use_gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(
+            num_workers=group.num_workers,
+            use_gpu=use_gpu,
+            resources_per_worker=resources,
+            placement_strategy=group.placement.value,
+        ),
         # ray.train re-exports Train V2's RunConfig and FailureConfig at run time; mypy sees the V1 classes.
         run_config=RunConfig(
             name="trainer",

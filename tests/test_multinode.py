@@ -1,0 +1,303 @@
+"""A Ray cluster of several nodes: what the config must give every node (checked when the job joins the cluster,
+before any stage), and where Ray places the training workers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from pipelines.config import ConfigError, Placement
+from pipelines.config_file import load_config
+from pipelines.nodes import ClusterShape, check_reach
+from tests.cluster import FAST_HEALTH_CHECKS, RayCluster, ray_cluster
+from tests.services import REPO, mlflow_server, start_job, submit
+
+ONE = ClusterShape(nodes=1, hosts=1, resources=({"CPU": 2.0},))
+THREE = ClusterShape(nodes=3, hosts=1, resources=({"CPU": 1.0},) * 3)  # the tests' cluster: three nodes, one host
+MACHINES = ClusterShape(nodes=3, hosts=3, resources=({"CPU": 1.0},) * 3)
+SERVER = "mlflow.tracking_uri=http://mlflow.internal:5000"
+S3 = ["storage.root=s3://bucket/runs", "storage.endpoint_url=http://minio.internal:9000", SERVER]
+
+
+def refused(shape: ClusterShape, overrides: list[str], autoscaling: bool = False) -> str:
+    with pytest.raises(ConfigError) as caught:
+        check_reach(load_config(None, overrides), shape, autoscaling)
+    return str(caught.value)
+
+
+def test_one_node_takes_local_paths_and_sqlite():
+    check_reach(load_config(None, ["storage.root=/tmp/runs", "mlflow.tracking_uri=sqlite:////tmp/m.db"]), ONE, False)
+
+
+def test_a_local_root_on_several_nodes_is_refused_naming_the_key_and_both_fixes():
+    message = refused(THREE, ["storage.root=/tmp/runs", SERVER])
+    assert "3 nodes" in message and "storage.root '/tmp/runs' is a local path" in message
+    assert "s3://" in message and "storage.shared_filesystem: true" in message
+    assert "mlflow" not in message.split("\n", 1)[1]  # only what is wrong is named
+    # an autoscaling cluster of one node adds nodes: the same rule
+    assert "storage.root" in refused(ONE, ["storage.root=/tmp/runs", SERVER], autoscaling=True)
+
+
+def test_a_declared_shared_mount_is_taken_but_a_sqlite_store_and_memory_never():
+    shared = ["storage.root=/mnt/nfs/runs", "storage.shared_filesystem=true", "data.uri=/mnt/nfs/digits"]
+    check_reach(load_config(None, [*shared, SERVER]), THREE, False)
+    message = refused(THREE, [*shared, "mlflow.tracking_uri=sqlite:////mnt/nfs/mlflow.db"])
+    assert "mlflow.tracking_uri" in message and "tracking server" in message and "storage.root" not in message
+    assert "lives in this process" in refused(THREE, ["storage.root=memory://runs", "storage.shared_filesystem=true"])
+
+
+def test_every_local_path_a_worker_opens_is_named():
+    message = refused(
+        THREE,
+        [*S3, "data.uri=/data/images", "train.init_from=/models/snap", "evaluate.inception_weights_uri=/w/pt.pth"],
+    )
+    for key in ("data.uri '/data/images'", "train.init_from '/models/snap'", "evaluate.inception_weights_uri"):
+        assert key in message, message
+    assert "data.prepare_on=driver" in message
+    # read on the driver, written to storage.root: fine
+    check_reach(load_config(None, [*S3, "data.uri=/data/images", "data.prepare_on=driver"]), THREE, False)
+    check_reach(load_config(None, [*S3, "data.uri=builtin:digits"]), THREE, False)  # bundled: on every node
+
+
+def test_loopback_addresses_are_refused_only_across_machines():
+    loopback = ["storage.root=s3://bucket/runs", "storage.endpoint_url=http://127.0.0.1:9000", SERVER]
+    check_reach(load_config(None, loopback), THREE, False)  # three nodes of one machine share its loopback
+    message = refused(MACHINES, loopback)
+    assert "on 3 machines" in message and "storage.endpoint_url (or AWS_ENDPOINT_URL) names 127.0.0.1" in message
+
+
+def test_placement_takes_rays_names_in_any_case_and_refuses_others():
+    assert load_config(None, []).train.placement is Placement.PACK
+    assert load_config(None, ["train.placement=strict_spread"]).train.placement is Placement.STRICT_SPREAD
+    with pytest.raises(ConfigError, match="train.placement 'WIDE' is not one of: PACK, SPREAD, STRICT_SPREAD"):
+        load_config(None, ["train.placement=wide"])
+
+
+# --- a real cluster: a head and two worker nodes on this machine, storage on S3 (moto), MLflow's server ------------
+
+COMMON = [
+    "train.total_images=4096",
+    "train.checkpoint_every_images=1024",
+    "train.log_every_images=512",
+    "train.grid_every_images=0",
+    "train.num_workers=2",
+    "train.cpus_per_worker=0.5",
+    "sample.num_samples=200",
+    "sample.batch_size=50",
+    "sample.num_workers=2",
+    "sample.num_steps=10",
+    "evaluate.classifier_epochs=2",
+    "evaluate.untrained_baseline=false",
+    "evaluate.nll=false",
+    "register.enabled=false",
+    "mlflow.experiment=multinode",
+]
+# a SIGTERMed node drains for 20 s (Ray's default 30 s), and Ray Train looks for drains every second (default 5 s)
+DRAIN = {"RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "20", "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1"}
+PROGRESS = re.compile(r"train: (\d+)/4096 images")
+
+
+@dataclass
+class World:
+    bucket: str
+    s3: Any  # an s3fs filesystem on the moto server
+    env: dict[str, str]  # clients' environment: S3 credentials and endpoint, the tracking server
+    overrides: list[str]  # COMMON, storage and tracking
+    cluster: RayCluster
+    workdir: Path
+
+    def run_root(self, run_id: str) -> str:
+        return f"{self.bucket}/runs/{run_id}"
+
+    def outputs(self, run_id: str, stage: str) -> dict[str, Any]:
+        fingerprint = json.loads(self.s3.cat_file(f"{self.run_root(run_id)}/run.json"))["stages"][stage]
+        stage_json = f"{self.run_root(run_id)}/{stage}/{fingerprint[:16]}/stage.json"
+        return json.loads(self.s3.cat_file(stage_json))["outputs"]
+
+    def result(self, run_id: str) -> dict[str, Any]:
+        """What must not depend on where the work ran: the stages' fingerprints, the EMA snapshot's hash, the FID
+        and every sample shard's images."""
+        self.s3.invalidate_cache()
+        snapshot = self.outputs(run_id, "train")["snapshot_uri"].removeprefix("s3://")
+        shards = self.outputs(run_id, "sample")["shard_uris"]
+        return {
+            "stages": json.loads(self.s3.cat_file(f"{self.run_root(run_id)}/run.json"))["stages"],
+            "snapshot_sha256": hashlib.sha256(self.s3.cat_file(f"{snapshot}/model.safetensors")).hexdigest(),
+            "fid": self.outputs(run_id, "evaluate")["scores"]["fid"],
+            "shards": [
+                hashlib.sha256(self.s3.cat_file(f"{uri.removeprefix('s3://')}/images.npy")).hexdigest()
+                for uri in shards
+            ],
+        }
+
+    def actors(self, class_name: str) -> list[dict[str, Any]]:
+        """The state API's actors of ``class_name`` (alive and dead) of this cluster."""
+        return self._state(
+            f"actors?detail=true&limit=10000&filter_keys=class_name&filter_predicates=%3D&filter_values={class_name}"
+        )
+
+    def tasks(self, name: str) -> list[dict[str, Any]]:
+        return self._state(f"tasks?detail=true&limit=10000&filter_keys=name&filter_predicates=%3D&filter_values={name}")
+
+    def _state(self, query: str) -> list[dict[str, Any]]:
+        request = urllib.request.Request(
+            f"{self.cluster.dashboard}/api/v0/{query}",
+            headers={"Authorization": f"Bearer {self.cluster.env['RAY_AUTH_TOKEN']}"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return json.load(answer)["data"]["result"]["result"]
+
+
+@pytest.fixture(scope="module")
+def world(s3_endpoint, tmp_path_factory) -> Iterator[World]:
+    """A bucket, MLflow's server (artifacts on S3), the run ``single`` done on one node (the job's own local Ray
+    instance), and a cluster of a head and two worker nodes of 1 CPU each, with fast node-death detection."""
+    import boto3
+    import s3fs
+
+    workdir = tmp_path_factory.mktemp("multinode")
+    bucket = f"multinode-{uuid.uuid4().hex[:8]}"
+    credentials = {
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+    }
+    boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        **{"region_name": "us-east-1", "aws_access_key_id": "testing", "aws_secret_access_key": "testing"},
+    ).create_bucket(Bucket=bucket)
+    env = {**os.environ, **credentials, "AWS_ENDPOINT_URL": s3_endpoint, "MLFLOW_S3_ENDPOINT_URL": s3_endpoint}
+    for name in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI"):
+        env.pop(name, None)
+    s3 = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=s3_endpoint)
+    with mlflow_server(workdir, f"s3://{bucket}/mlflow", env) as tracking_uri:
+        overrides = [*COMMON, f"storage.root=s3://{bucket}/runs", f"mlflow.tracking_uri={tracking_uri}"]
+        single = subprocess.run(
+            [sys.executable, "-m", "pipelines", "run", "--config", "configs/digits.yaml", *overrides, "run_id=single"],
+            cwd=REPO,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert single.returncode == 0, single.stdout[-4000:] + single.stderr[-4000:]
+        nodes_env = {**env, **DRAIN}
+        with ray_cluster(workdir, nodes_env, nodes=(1, 1), head_cpus=1, head_env=FAST_HEALTH_CHECKS) as cluster:
+            yield World(bucket, s3, env, overrides, cluster, workdir)
+
+
+def node_of_each(records: list[dict[str, Any]]) -> set[str]:
+    return {record["node_id"] for record in records if record.get("node_id")}
+
+
+def test_three_nodes_with_spread_workers_give_the_one_node_result(world):
+    """``ray job submit`` to the head; the two training workers on two nodes (train.placement=SPREAD), sampling
+    actors and evaluation tasks on more than one node; fingerprints, snapshot, FID and shards as on one node."""
+    cluster = world.cluster
+    assert len(cluster.nodes) == 3 and len({node.node_id for node in cluster.nodes}) == 3
+    job = submit(
+        cluster.dashboard,
+        cluster.env,
+        [*world.overrides, "run_id=multi", "train.placement=SPREAD"],
+        world.workdir / "multi.log",
+    )
+    assert job.returncode == 0, job.stdout[-6000:]
+    assert world.result("multi") == world.result("single")
+    assert len(node_of_each(world.actors("RayTrainWorker"))) == 2  # SPREAD: one worker per node
+    assert len(node_of_each(world.actors("SampleWorker"))) == 2
+    assert len(node_of_each(world.tasks("summarize_source"))) >= 2
+
+
+def test_a_node_lost_in_training_resumes_on_the_rest_to_the_same_weights(world):
+    """A worker node killed (SIGKILL of every process of it) after the first checkpoint, while it runs a training
+    worker: Ray Train restarts the worker group on the nodes left, from the last checkpoint, and the run ends with
+    the EMA snapshot, FID and shards of the uninterrupted run."""
+    cluster = world.cluster
+    log = world.workdir / "lost.log"
+    job = start_job(cluster.dashboard, cluster.env, [*world.overrides, "run_id=lost", "train.placement=SPREAD"], log)
+    try:
+        deadline = time.time() + 600
+        while max([0, *map(int, PROGRESS.findall(log.read_text()))]) < 2560:  # past the 2nd checkpoint
+            assert job.poll() is None and time.time() < deadline, log.read_text()[-4000:]
+            time.sleep(0.2)
+        running = {actor["node_id"] for actor in world.actors("RayTrainWorker") if actor["state"] == "ALIVE"}
+        victim = next(node for node in cluster.workers if node.node_id in running)
+        cluster.kill(victim)
+        job.wait(timeout=900)
+    finally:
+        job.kill()
+    output = log.read_text()
+    assert job.returncode == 0, output[-6000:]
+    restarts = re.findall(r"train: worker group of 2 started at (\d+) images", output)
+    assert len(restarts) == 2 and int(restarts[1]) in (1024, 2048, 3072), restarts  # from a checkpoint, not 0
+    assert world.result("lost") == world.result("single")
+    cluster.add_node()  # the cluster as it was, for whatever runs next
+
+
+def test_a_preempted_node_costs_the_last_seconds_not_a_checkpoint_interval(world):
+    """SIGTERM to a worker node's ``ray start`` (what Kubernetes sends a pod, and a spot reclaim's shutdown): Ray
+    drains the node with a deadline (DRAIN_S here, 30 s by default), Ray Train tells the workers, and they checkpoint
+    at once and again LAST_CALL_S before the deadline; the group restarts on the other nodes from that last
+    checkpoint. A hard kill at the same moment would go back to the last scheduled checkpoint (every 16,384 images
+    here): the images lost each way are printed for the record."""
+    cluster, total, every = world.cluster, 65536, 16384
+    log = world.workdir / "preempted.log"
+    overrides = [*world.overrides, "run_id=preempted", "train.placement=SPREAD", f"train.total_images={total}"]
+    job = start_job(cluster.dashboard, cluster.env, [*overrides, f"train.checkpoint_every_images={every}"], log)
+    progress = re.compile(rf"train: (\d+)/{total} images")
+    try:
+        deadline = time.time() + 600
+        while max([0, *map(int, progress.findall(log.read_text()))]) < 2560:
+            assert job.poll() is None and time.time() < deadline, log.read_text()[-4000:]
+            time.sleep(0.2)
+        running = {actor["node_id"] for actor in world.actors("RayTrainWorker") if actor["state"] == "ALIVE"}
+        victim = next(node for node in cluster.workers if node.node_id in running)
+        cluster.terminate(victim)  # ray start only: the node drains itself
+        job.wait(timeout=900)
+    finally:
+        job.kill()
+    output = log.read_text()
+    assert job.returncode == 0, output[-6000:]
+    noticed = re.search(r"is being preempted, \d+ s left: checkpoint recorded at (\d+) images", output)
+    last_call = re.search(r"\(last call\): checkpoint recorded at (\d+) images", output)
+    assert noticed and last_call, output[-6000:]
+    restarted_at = [int(n) for n in re.findall(r"worker group of 2 started at (\d+) images", output)]
+    assert restarted_at[1:] == [int(last_call[1])], (restarted_at, last_call[0])
+    before_restart = output[: output.index(f"worker group of 2 started at {restarted_at[1]} images")]
+    reached = max(map(int, progress.findall(before_restart)))  # the last progress line of the drained group
+    scheduled = (reached // every) * every  # where a hard kill at that moment would have resumed
+    print(
+        f"preemption: trained to >= {reached} images; resumed at {restarted_at[1]} (lost <= "
+        f"{reached - restarted_at[1]}); a hard kill would have resumed at {scheduled} (lost {reached - scheduled})"
+    )
+    assert restarted_at[1] > scheduled  # less lost than a hard kill
+    cluster.add_node()
+
+
+def test_a_local_root_on_the_cluster_is_refused_before_any_stage(world, tmp_path):
+    """The driver joins the three-node cluster (RAY_ADDRESS) and refuses a local run root and a SQLite store at once,
+    exit code 2, naming both keys and their fixes; no run folder, no MLflow store, no Ray work."""
+    args = [
+        *(sys.executable, "-m", "pipelines", "run", "--config", "configs/digits.yaml", *COMMON),
+        *(f"storage.root={tmp_path / 'runs'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"),
+    ]
+    run = subprocess.run(args, cwd=REPO, env=world.cluster.env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 2, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "this Ray cluster has 3 nodes" in run.stderr and "storage.shared_filesystem: true" in run.stderr
+    assert "mlflow.tracking_uri" in run.stderr and "Traceback" not in run.stderr
+    assert not (tmp_path / "runs").exists() and not (tmp_path / "mlflow.db").exists()
+    assert "[prepare]" not in run.stdout
