@@ -31,7 +31,7 @@ from ddpm_core.storage import s3_options
 from ddpm_core.training import OptimConfig
 from ddpm_core.unet import PRESETS, UNetConfig
 from ddpm_core.weights import check_sha256_spec
-from pipelines.typed import EXECUTION, INLINE, RESOLVED, SchemaError, from_plain, to_plain
+from pipelines.typed import EXECUTION, INLINE, RESOLVED, WORKER_PATH, SchemaError, from_plain, to_plain
 
 E = TypeVar("E", bound=enum.Enum)
 
@@ -142,7 +142,7 @@ class TrialScheduler(str, enum.Enum):
 
 @dataclass(frozen=True)
 class DataSection:
-    uri: str = "builtin:digits"  # any ddpm_core.data URI (file://, s3://, builtin:digits)
+    uri: str = field(default="builtin:digits", metadata=WORKER_PATH)  # file://, s3://, builtin:digits, ...
     split: DataSplit = DataSplit.TRAIN  # CIFAR-10 split
     holdout_fraction: float = 0.1  # share of images kept out of training (FID floor, held-out NLL)
     image_size: int | None = None  # center-crop and resize every image to this square size (None: images as read)
@@ -249,7 +249,8 @@ class TrainSection:
         default_factory=lambda: OptimConfig(lr=1e-3, warmup_images=10_000, ema_decay=0.999, ema_warmup=True),
         metadata=INLINE,
     )
-    init_from: str | None = None  # snapshot URI whose weights start training (the retrain warm start)
+    # snapshot URI whose weights start training (the retrain warm start)
+    init_from: str | None = field(default=None, metadata=WORKER_PATH)
     # bf16 autocast of the U-Net (the loss, gradients and AdamW stay float32) on GPU workers, and on CPU workers only
     # when asked: it pays only with native bf16 units and costs quality (docs/benchmarks.md, "bf16 on the CPU")
     bf16_on_gpu: bool = True
@@ -510,7 +511,8 @@ class EvaluateSection:
 
     extractor: Extractor = Extractor.CLASSIFIER
     classifier_epochs: int = 15
-    inception_weights_uri: str | None = None  # fsspec URI or path of pt_inception-2015-12-05-6726825d.pth
+    # fsspec URI or path of pt_inception-2015-12-05-6726825d.pth
+    inception_weights_uri: str | None = field(default=None, metadata=WORKER_PATH)
     inception_weights_sha256: str = (
         "6726825d"  # its SHA-256, or a prefix (the one in the official file name by default)
     )
@@ -636,7 +638,8 @@ class ClusterSection:
 
 @dataclass(frozen=True)
 class StorageSection:
-    root: str = "runs"  # fsspec URI or local path; a relative path is under the working directory
+    # fsspec URI or local path; a relative path is under the working directory
+    root: str = field(default="runs", metadata=WORKER_PATH)
     endpoint_url: str | None = field(
         default=None, metadata=EXECUTION
     )  # S3-compatible endpoint (else AWS_ENDPOINT_URL / AWS default)

@@ -4,6 +4,7 @@ to start from, the MLflow store), and a placement that needs a node per worker h
 
 from __future__ import annotations
 
+import functools
 import os
 import urllib.parse
 from collections.abc import Callable
@@ -14,6 +15,7 @@ import ray
 from ddpm_core.storage import is_remote
 from pipelines.config import ConfigError, PipelineConfig, Placement, PrepareOn
 from pipelines.execution import ClusterTooSmallError, Execution, connect, ray_address
+from pipelines.typed import marked_keys
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1", "0.0.0.0")
 SHARED = "storage.shared_filesystem: true"
@@ -68,33 +70,36 @@ def check_reach(config: PipelineConfig, shape: ClusterShape, autoscaling: bool) 
 
 
 def unreachable_paths(config: PipelineConfig) -> list[str]:
-    """Local paths of the config that workers on other nodes would open (none, on a declared shared mount, but a
-    ``memory://`` root: it lives in one process)."""
+    """Local paths among the config's fields marked ``metadata=WORKER_PATH`` (what workers open; found by the
+    mark, not by a list kept here): none on a declared shared mount, but a ``memory://`` root, which lives in one
+    process. ``data.uri`` only when Ray Data may read it (``data.prepare_on`` other than driver)."""
     root = config.storage.root
     if root.startswith("memory:"):
         return [f"storage.root {root!r} lives in this process only: use an object store (s3://...)"]
     if config.storage.shared_filesystem:
         return []
-    found = []
-    if node_local(root):
-        found.append(
-            f"storage.root {root!r} is a local path: use an s3:// (or other object store) URI, or, if it is a "
-            f"mount every node shares (NFS), say so with {SHARED}"
-        )
-    data = config.data
-    if node_local(data.uri) and data.prepare_on is not PrepareOn.DRIVER:
-        found.append(
-            f"data.uri {data.uri!r} is a local path and data.prepare_on={data.prepare_on.value} may read it in Ray "
-            f"Data tasks on other nodes: set data.prepare_on=driver (the driver reads it and writes the splits to "
-            f"storage.root), put the data on an object store, or declare {SHARED}"
-        )
-    for key, uri in (
-        ("train.init_from", config.train.init_from),
-        ("evaluate.inception_weights_uri", config.evaluate.inception_weights_uri),
-    ):
-        if uri and node_local(uri):
-            found.append(f"{key} {uri!r} is a local path: put it on an object store, or declare {SHARED}")
+    plain = config.to_dict()
+    found: list[str] = []
+    for key in sorted(marked_keys(PipelineConfig, "worker_path")):
+        value = functools.reduce(lambda section, name: section.get(name) or {}, key.split("."), plain)
+        if isinstance(value, str) and value and node_local(value) and not read_on_the_driver(key, config):
+            found.append(f"{key} {value!r} is a local path: {FIXES.get(key, FIX)}")
     return found
+
+
+def read_on_the_driver(key: str, config: PipelineConfig) -> bool:
+    """``data.uri`` with ``data.prepare_on=driver``: the driver reads it and writes the splits to storage.root."""
+    return key == "data.uri" and config.data.prepare_on is PrepareOn.DRIVER
+
+
+FIX = f"put it on an object store (s3://...), or, if it is on a mount every node shares (NFS), declare {SHARED}"
+FIXES = {
+    "storage.root": f"use an s3:// (or other object store) URI, or, if it is a mount every node shares (NFS), say so "
+    f"with {SHARED}",
+    "data.uri": "Ray Data tasks on other nodes may read it (data.prepare_on is not driver): set "
+    "data.prepare_on=driver (the driver reads it and writes the splits to storage.root), put the data on an object "
+    f"store, or declare {SHARED}",
+}
 
 
 def unreachable_tracking(config: PipelineConfig) -> list[str]:

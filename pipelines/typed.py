@@ -34,6 +34,8 @@ T = TypeVar("T")
 INLINE: Mapping[str, bool] = types.MappingProxyType({"inline": True})
 EXECUTION: Mapping[str, bool] = types.MappingProxyType({"execution": True})
 RESOLVED: Mapping[str, bool] = types.MappingProxyType({"resolved": True})
+# a path or URI that Ray workers (on any node) open: pipelines.nodes checks that every node reaches it
+WORKER_PATH: Mapping[str, bool] = types.MappingProxyType({"worker_path": True})
 
 
 class SchemaError(ValueError):
@@ -70,20 +72,26 @@ def is_execution(spec: dataclasses.Field[Any]) -> bool:
     return bool(spec.metadata.get("execution"))
 
 
-def resolved_keys(cls: Any, prefix: str = "") -> set[str]:
+def resolved_keys(cls: Any) -> set[str]:
     """The dotted keys (as :func:`to_plain` and ``pipelines.tracking.flatten`` write them) of the fields declared
     ``metadata=RESOLVED`` in the dataclass ``cls`` (a class or an instance) and the dataclasses it holds."""
+    return marked_keys(cls, "resolved")
+
+
+def marked_keys(cls: Any, mark: str, prefix: str = "") -> set[str]:
+    """The dotted keys (as :func:`to_plain` writes them) of the fields whose metadata holds ``mark`` (e.g.
+    ``"resolved"``, ``"worker_path"``) in the dataclass ``cls`` (a class or an instance) and those it holds."""
     cls = cls if isinstance(cls, type) else type(cls)
     found: set[str] = set()
     hints = typing.get_type_hints(cls)
     for spec in dataclasses.fields(cls):
-        if spec.metadata.get("resolved"):
+        if spec.metadata.get(mark):
             found.add(f"{prefix}{spec.name}")
         nested = [
             hint for hint in (hints[spec.name], *typing.get_args(hints[spec.name])) if dataclasses.is_dataclass(hint)
         ]
         for hint in nested:
-            found |= resolved_keys(hint, prefix if _is_inline(spec) else f"{prefix}{spec.name}.")
+            found |= marked_keys(hint, mark, prefix if _is_inline(spec) else f"{prefix}{spec.name}.")
     return found
 
 

@@ -19,9 +19,10 @@ from typing import Any
 
 import pytest
 
-from pipelines.config import ConfigError, Placement
+from pipelines.config import ConfigError, PipelineConfig, Placement
 from pipelines.config_file import load_config
 from pipelines.nodes import ClusterShape, check_reach
+from pipelines.typed import marked_keys
 from tests.cluster import FAST_HEALTH_CHECKS, RayCluster, ray_cluster
 from tests.services import REPO, mlflow_server, start_job, submit
 
@@ -70,6 +71,17 @@ def test_every_local_path_a_worker_opens_is_named():
     # read on the driver, written to storage.root: fine
     check_reach(load_config(None, [*S3, "data.uri=/data/images", "data.prepare_on=driver"]), THREE, False)
     check_reach(load_config(None, [*S3, "data.uri=builtin:digits"]), THREE, False)  # bundled: on every node
+
+
+def test_the_paths_workers_open_are_found_by_their_mark():
+    """What the check reads comes from the config's fields marked ``metadata=WORKER_PATH``, not a list in
+    pipelines/nodes.py: a new field that workers open is checked once it is marked."""
+    assert marked_keys(PipelineConfig, "worker_path") == {
+        "storage.root",
+        "data.uri",
+        "train.init_from",
+        "evaluate.inception_weights_uri",
+    }
 
 
 def test_loopback_addresses_are_refused_only_across_machines():
