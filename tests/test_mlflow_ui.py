@@ -227,6 +227,8 @@ def test_the_printed_link_opens_the_scores_view_and_every_page_stays_in_model_tr
     walk.click_link(MODEL)
     expect(page.get_by_role("link", name="Version 1", exact=True)).to_be_visible()
     walk.in_model_training_view("the registered model")
+    # the versions table shows a description's first line unrendered: it is plain text, the FID with its interval
+    expect(page.get_by_text(re.compile(r"^FID [0-9.]+ \(95% interval")).first).to_be_visible()
     walk.shot("05_registered_model")
 
     # Training as it went: the train run's charts (loss, rate, learning rate, EMA decay, ...).

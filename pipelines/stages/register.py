@@ -113,14 +113,12 @@ def tag_version(
     evaluate: EvaluateOutputs,
     compared_with: ChampionRef,
 ) -> None:
-    """The version's scores, protocol, data and provenance as tags (what a later run reads of its champion)."""
+    """What a later run reads of its champion, as tags: the FID and its standard error (the promotion test's inputs,
+    at full precision; every score is on the evaluate run), the protocol, the data and the provenance."""
     scores = evaluate.scores
     tags = {
         "fid": scores.fid,
         "fid_stderr": scores.fid_stderr,
-        "fid_inf": scores.fid_inf,
-        "fid_floor": scores.fid_floor,
-        "kid": scores.kid,
         "protocol_hash": evaluate.protocol_hash,
         "ddpm.run_id": context.store.run_id,
         "extractor_id": evaluate.protocol.extractor_id,
@@ -211,7 +209,10 @@ def version_description(context: StageContext, upstream: Upstream, decision: str
     uncertainty and floor, the decision, and links to the runs that hold the curves and the scores."""
     prepare, train, evaluate = upstream
     diffusion = train.config.diffusion
+    fid = score_lines(evaluate)[0]
     lines = [
+        f"{fid.label} {fid.text}",  # plain text: the versions table shows a description's first line unrendered
+        "",
         f"DDPM on `{prepare.source_uri}` (fingerprint `{prepare.fingerprint[:12]}`, {prepare.num_train:,} training "
         f"images): U-Net preset `{train.config.preset}`"
         + (f", class-conditional ({train.num_classes} classes)" if train.num_classes else "")
