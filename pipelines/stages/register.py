@@ -219,7 +219,7 @@ def version_description(context: StageContext, upstream: Upstream, decision: str
         + f", {diffusion.num_timesteps} steps {diffusion.schedule.value} schedule, "
         f"{train.images_seen:,} training images.",
         "",
-        *as_markdown(score_lines(evaluate)),
+        *as_markdown(score_lines(evaluate)[1:]),  # the FID is the first line
     ]
     found = stage_run_links(context, evaluate.scores_run_id)
     links = " · ".join(f"[{name} run]({url})" for name, url in found.items())

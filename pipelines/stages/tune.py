@@ -415,13 +415,7 @@ def make_tuner(context: StageContext, spec: TrialSpec, space: dict[str, Dimensio
             scheduler=trial_scheduler(settings),
             search_alg=search_algorithm(settings.search_alg),
         ),
-        run_config=tune.RunConfig(
-            name="search",
-            storage_path=storage_path,
-            storage_filesystem=storage_filesystem,
-            # a trial whose actor (or node) died runs again; its trainer resumes from the trial's last checkpoint
-            failure_config=tune.FailureConfig(max_failures=spec.recipe.train.max_failures),
-        ),
+        run_config=tune.RunConfig(name="search", storage_path=storage_path, storage_filesystem=storage_filesystem),
     )
 
 
