@@ -34,7 +34,7 @@ from pipelines.evaluation.report import link_scores
 from pipelines.execution import ClusterTooSmallError, check_outputs_outlive_the_job
 from pipelines.external import External, Resolver
 from pipelines.failures import find
-from pipelines.interruption import Interrupted
+from pipelines.interruption import Interrupted, unwrapped
 from pipelines.plan import PlannedStage, Stage, config_changes, plan
 from pipelines.preflight import STORAGE_DEADLINE_S, check_tracking_store, preflight, within
 from pipelines.runs import RunStore, now
@@ -389,11 +389,11 @@ class Runner:
         upstream = [self.manifests[name].outputs if name in self.manifests else None for name in stage.upstream]
         try:
             outputs = stage.run(context, planned.settings, *upstream)
-        except BaseException as error:
-            named = self.failed(stage.name, stage_run_id, error)
-            if named is error:
+        except BaseException as caught:
+            named = self.failed(stage.name, stage_run_id, unwrapped(caught))
+            if named is caught:
                 raise
-            raise named from error
+            raise named from caught
         finally:
             self.tracker.log_params(stage_run_id, params_that_ran(resolved, context.ran_with))
         self.tracker.finish(stage_run_id, ok=True)

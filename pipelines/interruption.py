@@ -22,6 +22,14 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 GRACE_S = 20.0  # how long the first signal waits for a stage's safe point before stopping at once
 
 
+def unwrapped(error: BaseException) -> BaseException:
+    """``error``, or the :class:`Interrupted` behind it: a signal that arrives while Ray waits in its C code (e.g.
+    ``ray.wait``) has our handler's exception wrapped in a ``SystemError`` ("returned a result with an exception
+    set"), the Interrupted as its cause."""
+    cause = error.__cause__ or error.__context__
+    return cause if isinstance(error, SystemError) and isinstance(cause, Interrupted) else error
+
+
 class Interrupted(BaseException):  # like KeyboardInterrupt: no `except Exception` takes it for a failure
     """The run was stopped by a signal; ``exit_code`` is the shell's 128 + signal number (130, 143)."""
 
