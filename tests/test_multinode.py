@@ -23,7 +23,7 @@ from pipelines.config import ConfigError, PipelineConfig, Placement
 from pipelines.config_file import load_config
 from pipelines.nodes import ClusterShape, check_reach
 from pipelines.typed import marked_keys
-from tests.cluster import FAST_HEALTH_CHECKS, RayCluster, ray_cluster
+from tests.cluster import FAST_HEALTH_CHECKS, ClusterNode, RayCluster, ray_cluster
 from tests.services import REPO, mlflow_server, start_job, submit
 
 ONE = ClusterShape(nodes=1, hosts=1, resources=({"CPU": 2.0},))
@@ -155,6 +155,18 @@ class World:
             ],
         }
 
+    def training_node_past(
+        self, job: subprocess.Popen, log: Path, progress: re.Pattern[str], images: int
+    ) -> ClusterNode:
+        """Once the job's log shows training past ``images``, a worker node (not the head) that runs a training
+        worker."""
+        deadline = time.time() + 600
+        while max([0, *map(int, progress.findall(log.read_text()))]) < images:
+            assert job.poll() is None and time.time() < deadline, log.read_text()[-4000:]
+            time.sleep(0.2)
+        running = {actor["node_id"] for actor in self.actors("RayTrainWorker") if actor["state"] == "ALIVE"}
+        return next(node for node in self.cluster.workers if node.node_id in running)
+
     def actors(self, class_name: str) -> list[dict[str, Any]]:
         """The state API's actors of ``class_name`` (alive and dead) of this cluster."""
         return self._state(
@@ -242,13 +254,7 @@ def test_a_node_lost_in_training_resumes_on_the_rest_to_the_same_weights(world):
     log = world.workdir / "lost.log"
     job = start_job(cluster.dashboard, cluster.env, [*world.overrides, "run_id=lost", "train.placement=SPREAD"], log)
     try:
-        deadline = time.time() + 600
-        while max([0, *map(int, PROGRESS.findall(log.read_text()))]) < 2560:  # past the 2nd checkpoint
-            assert job.poll() is None and time.time() < deadline, log.read_text()[-4000:]
-            time.sleep(0.2)
-        running = {actor["node_id"] for actor in world.actors("RayTrainWorker") if actor["state"] == "ALIVE"}
-        victim = next(node for node in cluster.workers if node.node_id in running)
-        cluster.kill(victim)
+        cluster.kill(world.training_node_past(job, log, PROGRESS, 2560))  # past the 2nd checkpoint
         job.wait(timeout=900)
     finally:
         job.kill()
@@ -272,13 +278,7 @@ def test_a_preempted_node_costs_the_last_seconds_not_a_checkpoint_interval(world
     job = start_job(cluster.dashboard, cluster.env, [*overrides, f"train.checkpoint_every_images={every}"], log)
     progress = re.compile(rf"train: (\d+)/{total} images")
     try:
-        deadline = time.time() + 600
-        while max([0, *map(int, progress.findall(log.read_text()))]) < 2560:
-            assert job.poll() is None and time.time() < deadline, log.read_text()[-4000:]
-            time.sleep(0.2)
-        running = {actor["node_id"] for actor in world.actors("RayTrainWorker") if actor["state"] == "ALIVE"}
-        victim = next(node for node in cluster.workers if node.node_id in running)
-        cluster.terminate(victim)  # ray start only: the node drains itself
+        cluster.terminate(world.training_node_past(job, log, progress, 2560))  # ray start only: the node drains
         job.wait(timeout=900)
     finally:
         job.kill()
