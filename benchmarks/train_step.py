@@ -57,7 +57,7 @@ from ddpm_core.precision import Precision, autocast_dtype
 from ddpm_core.training import RunningTotals
 from ddpm_core.unet import UNet, unet_preset
 from pipelines.config import TrainSection
-from pipelines.training.step import StepState, step, step_parts
+from pipelines.training.step import Share, StepState, device_generator, step, step_parts
 
 REGIONS = ("data", "forward", "backward", "optimizer", "ema", "logging")
 SWITCHES = ("channels_last", "compile")  # a variant: "eager" (none) or switches joined by "+"
@@ -125,7 +125,8 @@ class Step:
 
         torch.manual_seed(0)
         generator = torch.Generator(device=device).manual_seed(0)
-        self.state = StepState(*step_parts(UNet(config).to(device), self.train, device, wrap), generator)
+        share = Share(0, generator, device_generator(device).get_state())  # the whole batch: one share
+        self.state = StepState(*step_parts(UNet(config).to(device), self.train, device, wrap), [share])
         self.memory_format = torch.channels_last if self.train.channels_last else torch.contiguous_format
         self.totals = RunningTotals(device, dist.all_reduce if self.distributed else None)
         self.log_every = log_every
@@ -139,10 +140,10 @@ class Step:
     def __call__(self, sync_gradients: bool = True) -> None:
         state = self.state
         with self.clock.region("data"):
-            x0, _ = random_batch(self.data, self.batch, state.generator, True, self.memory_format)
+            x0, _ = random_batch(self.data, self.batch, state.shares[0].generator, True, self.memory_format)
         unsynced = self.wrapped.no_sync() if self.wrapped is not None and not sync_gradients else None
         with unsynced or contextlib.nullcontext():
-            result = step(state, self.diffusion, (x0, None), self.train, self.autocast, region=self.clock.region)
+            result = step(state, self.diffusion, [(x0, None)], self.train, self.autocast, region=self.clock.region)
         state.advance(self.batch)
         self.totals.add(result)
         if state.step % self.log_every == 0:

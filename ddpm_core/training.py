@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -73,12 +74,14 @@ def quartile_sums(t: torch.Tensor, values: torch.Tensor, num_timesteps: int) -> 
 
 @dataclass
 class StepResult:
-    """Device tensors (no host synchronisation): read them only at logging intervals."""
+    """Device tensors (no host synchronisation): read them only at logging intervals. A worker that takes several
+    micro-batches in a step sums their statistics, so that means over a window weight every micro-batch alike."""
 
-    loss: torch.Tensor  # [] mean loss
-    grad_norm: torch.Tensor  # [] global gradient norm before clipping
+    loss: torch.Tensor  # [] the mean loss of each micro-batch, summed
+    grad_norm: torch.Tensor  # [] global gradient norm before clipping, times micro_batches
     quartile_loss_sum: torch.Tensor  # [4]
     quartile_count: torch.Tensor  # [4]
+    micro_batches: int = 1  # how many equal micro-batches ``loss`` sums the means of (``grad_norm`` is times this)
 
 
 @dataclass(frozen=True)
@@ -86,7 +89,7 @@ class WindowTotals:
     """The summed statistics of one logging window, on the host: what :meth:`RunningTotals.summed` returns."""
 
     loss_sum: float  # non-finite once any step on any worker diverged
-    steps: float
+    steps: float  # micro-batches summed over workers and steps (one per worker and step in a fixed group)
     grad_norm_sum: float
     quartile_loss_sums: tuple[float, ...]  # [4]
     quartile_counts: tuple[float, ...]  # [4]
@@ -112,7 +115,8 @@ class RunningTotals:
     must then call :meth:`summed` at the same steps."""
 
     def __init__(self, device: torch.device, reduce: Callable[[torch.Tensor], Any] | None = None) -> None:
-        # loss sum, steps, grad-norm sum, per-quartile loss sums [4], per-quartile counts [4]
+        # loss sum, micro-batches (one per worker and step in a fixed group), grad-norm sum,
+        # per-quartile loss sums [4], per-quartile counts [4]
         self.sums = torch.zeros(11, dtype=torch.float64, device=device)  # [11]
         self.one = torch.ones(1, dtype=torch.float64, device=device)  # [1]
         self.reduce = reduce
@@ -121,7 +125,7 @@ class RunningTotals:
         self.sums += torch.cat(
             [
                 result.loss.double().reshape(1),
-                self.one,
+                self.one * result.micro_batches,
                 result.grad_norm.double().reshape(1),
                 result.quartile_loss_sum,
                 result.quartile_count,
@@ -162,12 +166,29 @@ def train_step(
     ``record_function`` by default (free when no profiler runs), or a benchmark's clock.
     """
     model.train()
+    optimizer.zero_grad(set_to_none=True)
+    part = accumulate_gradients(model, diffusion, x0, model_kwargs, generator, autocast_dtype, 1.0, region)
+    grad_norm = apply_update(model, optimizer, config, images_seen, ema, region)
+    return dataclasses.replace(part, grad_norm=grad_norm)
+
+
+def accumulate_gradients(
+    model: nn.Module,
+    diffusion: GaussianDiffusion,
+    x0: torch.Tensor,
+    model_kwargs: dict[str, Any] | None,
+    generator: torch.Generator | None,
+    autocast_dtype: torch.dtype | None,
+    scale: float,
+    region: Callable[[str], AbstractContextManager[Any]] = record_function,
+) -> StepResult:
+    """The loss of Algorithm 1 on one micro-batch ``x0`` ``[b, C, H, W]``, its gradient times ``scale`` added to the
+    parameters' ``.grad``: a global batch split into micro-batches of equal size ``b`` is the same gradient when each
+    is scaled by its share of the batch (1 / micro-batches). The result's ``grad_norm`` is zero (no update yet)."""
     batch = x0.shape[0]
     draw_on = generator.device if generator is not None else x0.device  # a CUDA generator: no host round trip
     t = torch.randint(0, diffusion.num_timesteps, (batch,), generator=generator, device=draw_on).to(x0.device)
     noise = torch.randn(x0.shape, generator=generator, device=draw_on).to(x0.device, x0.dtype)
-    for group in optimizer.param_groups:
-        group["lr"] = learning_rate(images_seen, config)
     with (
         region("forward"),
         torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
@@ -175,14 +196,28 @@ def train_step(
         terms = diffusion.training_losses(model, x0, t, noise, model_kwargs)
         loss = terms["loss"].mean()
     with region("backward"):
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss if scale == 1.0 else loss * scale).backward()
+    sums, counts = quartile_sums(t, terms["loss"], diffusion.num_timesteps)
+    return StepResult(loss.detach(), torch.zeros((), device=loss.device), sums, counts)
+
+
+def apply_update(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: OptimConfig,
+    images_seen: int,
+    ema: EMA | None,
+    region: Callable[[str], AbstractContextManager[Any]] = record_function,
+) -> torch.Tensor:
+    """The update of Algorithm 1 from the accumulated gradients: clip their global norm, an AdamW step at the warm-up
+    learning rate of ``images_seen``, then the EMA; returns the norm before clipping ``[]``."""
     with region("optimizer"):
+        for group in optimizer.param_groups:
+            group["lr"] = learning_rate(images_seen, config)
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         optimizer.step()
     with region("ema"):
         if ema is not None:
             ema.update(model)
-        sums, counts = quartile_sums(t, terms["loss"], diffusion.num_timesteps)
-    return StepResult(loss.detach(), grad_norm.detach(), sums, counts)
+    return grad_norm.detach()

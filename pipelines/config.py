@@ -226,7 +226,11 @@ MAX_TRAINING_EVENTS = {
 
 @dataclass(frozen=True)
 class TrainSection:
-    num_workers: int = 2  # Ray Train data-parallel workers
+    # Ray Train data-parallel workers: a number, or [min, max] for elastic training (Ray Train's elastic worker group:
+    # it goes on with as few as min when capacity is lost and grows back to max, restarting from the last checkpoint)
+    num_workers: int | tuple[int, int] = 2
+    # elastic training: how often a running group looks for capacity to grow into (Ray's resize monitor)
+    elastic_resize_interval_s: float = field(default=60.0, metadata=EXECUTION)
     use_gpu: bool | None = None  # None: use GPUs when the cluster has them
     cpus_per_worker: float = field(default=1.0, metadata=EXECUTION)
     batch_size: int = 128  # global batch, split across workers
@@ -265,10 +269,10 @@ class TrainSection:
     allow_long_run: bool = field(default=False, metadata=EXECUTION)
 
     def __post_init__(self) -> None:
+        self.check_num_workers()
         require_positive(
             "train",
             {
-                "num_workers": self.num_workers,
                 "batch_size": self.batch_size,
                 "total_images": self.total_images,
                 "cpus_per_worker": self.cpus_per_worker,
@@ -287,10 +291,38 @@ class TrainSection:
         )
         placement = str(getattr(self.placement, "value", self.placement)).upper()  # Ray's names, in any case
         object.__setattr__(self, "placement", choose("train.placement", Placement, placement))
-        if self.batch_size % self.num_workers:
+        if self.batch_size % self.max_workers:
             raise ConfigError(
-                f"train.batch_size {self.batch_size} must be a multiple of train.num_workers {self.num_workers}"
+                f"train.batch_size {self.batch_size} must be a multiple of train.num_workers {self.max_workers} (its "
+                "maximum: the global batch is split into that many equal shares)"
             )
+        if self.elastic_resize_interval_s < 0:
+            raise ConfigError(f"train.elastic_resize_interval_s must be >= 0, got {self.elastic_resize_interval_s}")
+
+    def check_num_workers(self) -> None:
+        """``train.num_workers``: a positive number, or ``[min, max]`` with 1 <= min <= max (stored as a tuple)."""
+        value = self.num_workers
+        if isinstance(value, (list, tuple)):
+            if len(value) != 2 or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                raise ConfigError(
+                    f"train.num_workers: expected a number or [min, max] of two integers, got {list(value)}"
+                )
+            if not 1 <= value[0] <= value[1]:
+                raise ConfigError(f"train.num_workers [min, max] needs 1 <= min <= max, got {list(value)}")
+            object.__setattr__(self, "num_workers", (value[0], value[1]))
+        elif value < 1:
+            raise ConfigError(f"train.num_workers must be >= 1, got {value}")
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the group has, and the number of equal shares the global batch is split into: the
+        data-parallel layout that the training's result depends on, whatever size the group has at a moment."""
+        return self.num_workers[1] if isinstance(self.num_workers, tuple) else self.num_workers
+
+    @property
+    def min_workers(self) -> int:
+        """The fewest workers training goes on with (``max_workers`` unless elastic)."""
+        return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
         if not 0.0 <= self.class_dropout < 1.0:
             raise ConfigError(f"train.class_dropout must lie in [0, 1), got {self.class_dropout}")
 
@@ -364,7 +396,7 @@ def check_training_length(train: TrainSection, model: ModelSection) -> None:
     (:func:`training_flops_per_image`), so a plan refused here could not finish in time on any hardware."""
     if train.allow_long_run:
         return
-    total, batch, workers = train.total_images, train.batch_size, train.num_workers
+    total, batch, workers = train.total_images, train.batch_size, train.max_workers
     steps, limit_s = -(-total // batch), LONG_RUN_DAYS * 86_400
     estimates = [
         (

@@ -85,7 +85,7 @@ def finished(tmp_path_factory) -> Path:
     return root
 
 
-def test_a_killed_run_resumes_to_the_uninterrupted_weights_past_a_corrupt_checkpoint(finished):
+def test_a_killed_run_resumes_to_the_uninterrupted_weights_past_a_corrupt_checkpoint_and_record(finished):
     root = finished
     log_path = root / "killed.log"
     with open(log_path, "w") as log:
@@ -108,13 +108,16 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights_past_a_corrupt_checkp
     )
     assert len(checkpoints) == 2, checkpoints
     flip_a_byte(checkpoints[-1] / "training_state.pt")  # the latest is corrupt: the run must fall back to the other
+    record = checkpoints[0].parent / "checkpoint_manager_snapshot.json"  # Ray Train's, rewritten in place
+    record.write_bytes(record.read_bytes()[:0])  # truncated, as a full disk leaves it: Ray Train would not start
     earlier_step = json.loads((checkpoints[0] / "manifest.json").read_text())["metadata"]["step"]
 
     resumed = run(root, "killed")
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
     said = resumed.stdout + resumed.stderr
     assert "the latest checkpoint cannot be read" in said and "resuming from the one before it" in said
-    assert f"resumed from checkpoint at {earlier_step * BATCH} images" in said
+    assert "checkpoint record" in said and "is unreadable; set aside" in said
+    assert f"resumed from the latest readable committed checkpoint at {earlier_step * BATCH} images" in said
     straight = Path(outputs(root / "runs/straight", "train")["snapshot_uri"]) / "model.safetensors"
     killed = Path(outputs(root / "runs/killed", "train")["snapshot_uri"]) / "model.safetensors"
     assert sha256(killed) == sha256(straight), "a resumed run draws what an uninterrupted one draws"

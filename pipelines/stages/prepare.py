@@ -67,7 +67,7 @@ def stream_workers(config: PipelineConfig) -> int | None:
     if config.data.loader is Loader.RESIDENT:
         return None
     tune = config.tune
-    return max(config.train.num_workers, tune.workers_per_trial if tune.enabled else 0)
+    return max(config.train.max_workers, tune.workers_per_trial if tune.enabled else 0)
 
 
 @dataclass(frozen=True)

@@ -67,7 +67,7 @@ def run(
     warm_start = tune.best_checkpoint_uri if tune is not None and settings.warm_start_from_trial else None
     unet = recipe.model.unet(prepare.num_classes)
     split, values = (prepare.shards_uri, prepare.num_train), unet.in_channels * unet.image_size**2
-    stream, why = plan_stream(recipe.data, train, split, values, train.num_workers, context.store.options)
+    stream, why = plan_stream(recipe.data, train, split, values, train.max_workers, context.store.options)
     context.log(f"train: {'stream' if stream else 'resident'} data loader ({why})")
     log_training_data(context.client, context.mlflow_run_id, prepare)  # the data as this run's dataset input
     job = TrainJob(
@@ -86,22 +86,28 @@ def run(
         grids_run_id=grids_run(context, train),
     )
     group = WorkerGroup(
-        train.num_workers, train.cpus_per_worker, train.max_failures, train.startup_retries, train.placement
+        train.max_workers,
+        train.cpus_per_worker,
+        train.max_failures,
+        train.startup_retries,
+        train.placement,
+        train.min_workers,
+        train.elastic_resize_interval_s,
     )
     execution = context.execution(device)
     demand = group.demand(
         device,
-        f"{train.num_workers} training workers",
+        f"{train.min_workers} training workers",
         "train.num_workers / train.cpus_per_worker",
         decode_cpus=recipe.data.decode_cpus if stream else 0.0,
     )
     check_fits(demand, execution, context.log)
-    check_strict_spread(train.placement, group.bundle(device), train.num_workers, execution, context.log)
+    check_strict_spread(train.placement, group.bundle(device), train.min_workers, execution, context.log)
     conditional = (
         f", {job.unet.num_classes} classes (label dropout {train.class_dropout:g})" if job.unet.num_classes else ""
     )
     context.log(
-        f"train: {train.num_workers} worker(s), {'GPU (NCCL' if device is Device.GPU else 'CPU (gloo'}, "
+        f"train: {workers_line(train)}, {'GPU (NCCL' if device is Device.GPU else 'CPU (gloo'}, "
         f"{job.precision.value}), {train.total_images} images, batch {train.batch_size}{conditional}"
     )
     with STOP.safe_point(lambda: ask_to_stop(job)):
@@ -147,3 +153,11 @@ def ask_to_stop(job: TrainJob) -> None:
     """A signal's safe point: the workers checkpoint at their next step and leave (asked from a thread of its own, as
     this runs in a signal handler)."""
     threading.Thread(target=request_stop, args=(job, "a signal to the driver"), daemon=True).start()
+
+
+def workers_line(train: TrainSection) -> str:
+    """The worker group, as the job's output says it: "2 worker(s)", or an elastic group's range and shares."""
+    if train.min_workers == train.max_workers:
+        return f"{train.max_workers} worker(s)"
+    shares = f"the batch in {train.max_workers} shares of {train.batch_size // train.max_workers}"
+    return f"{train.min_workers} to {train.max_workers} workers (elastic, {shares})"

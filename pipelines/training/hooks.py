@@ -9,6 +9,7 @@ import os
 import resource
 import tempfile
 import time
+import uuid
 
 import ray.train
 from mlflow.entities import Metric
@@ -153,13 +154,20 @@ def report_checkpoint(job: TrainJob, worker: Worker, state: TrainState, loop_sec
     metrics = {"images_seen": state.images_seen, "step": state.step, "loop_seconds": loop_seconds}
     if worker.rank == 0 and job.checkpoint_metrics is not None:
         metrics.update(job.checkpoint_metrics(state.ema.model, state.images_seen, done))
-    random_states = gather_random_states(worker, state.generator)  # as the next step will find them
+    random_states = gather_random_states(worker, state.shares)  # as the next step will find them
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if worker.rank == 0:
             save_training_state(directory, state.to_checkpoint(job, random_states))
             checkpoint = ray.train.Checkpoint.from_directory(directory)
-        ray.train.report(metrics, checkpoint=checkpoint)
+        ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=checkpoint_name(state.step))
+
+
+def checkpoint_name(step: int) -> str:
+    """A checkpoint's folder name: names sort by step, not by a node's clock (the nodes' clocks of a cluster differ,
+    and rank 0 moves between nodes). Two checkpoints of one step (the steps after an unreadable checkpoint, trained
+    again) hold the same state, since training is deterministic; the suffix keeps their folders apart."""
+    return f"checkpoint_{step:010d}_{uuid.uuid4().hex[:8]}"
 
 
 def divergence_message(images_seen: int, step: int, optim: OptimConfig) -> str:

@@ -19,7 +19,7 @@ from pipelines.data.streaming import ImageStream
 from pipelines.training.hooks import Interval, Progress, record_divergence, report_checkpoint, save_outputs
 from pipelines.training.job import TrainJob
 from pipelines.training.state import TrainState, Worker, memory_format, save_compile_cache, start_state
-from pipelines.training.step import step
+from pipelines.training.step import Batch, Share, step
 from pipelines.training.stopping import LAST_CALL_S, Agreed, StopWatch
 
 
@@ -27,10 +27,10 @@ def train_loop(job: TrainJob) -> None:
     """Train until ``train.total_images`` images (all workers together) were seen: draw a batch from this worker's
     resident slice of the data or its stream, take a step (Algorithm 1, the EMA update), and at their intervals in
     images check the loss on every rank, log metrics and sample grids (rank 0), and report a checkpoint."""
-    worker = Worker.current()
+    worker = Worker.current(job.train.max_workers)
     state = start_state(job, worker)
-    per_worker, started = job.train.batch_size // worker.world_size, time.time()
-    batches = Batches(job, worker, state, per_worker)
+    micro, started = job.train.batch_size // worker.share_count, time.time()  # images per share and step
+    batches = Batches(job, worker, state, micro)
     diffusion = GaussianDiffusion.from_config(job.diffusion)
     totals = RunningTotals(worker.device, worker.all_reduce)
     progress = Progress(job, state.images_seen) if worker.rank == 0 else None
@@ -42,13 +42,13 @@ def train_loop(job: TrainJob) -> None:
     grids = progress if train.grid_every_images is not None else None  # null: no sample grids at all
     if grids is not None and state.images_seen == 0 and train.grid_every_images:
         grids.log_grid(state.ema.model, diffusion, 0)  # the untrained network: the slider starts at step 0
-    oom_advice = step_oom_advice(job, worker, per_worker)
+    oom_advice = step_oom_advice(job, worker, micro)
     stop = StopWatch(job, worker)
     while state.images_seen < train.total_images:
         with record_function("data"):
-            batch, conditioning = batches.draw(state.generator, layout)  # [B_r, C, H, W]
+            micro_batches = batches.draw(state.shares, layout)  # one [b, C, H, W] per share
         with out_of_memory_advice(*oom_advice):
-            result = step(state, diffusion, (batch, conditioning), train, autocast)
+            result = step(state, diffusion, micro_batches, train, autocast)
         state.advance(train.batch_size)
         save_compile_cache(job, worker, state)  # once, after the first compiled step
         totals.add(result)
@@ -99,38 +99,47 @@ def preemption_checkpoint_due(stop: StopWatch, agreed: Agreed) -> str:
     return f"node {nodes} is being preempted{left}"
 
 
-def step_oom_advice(job: TrainJob, worker: Worker, per_worker: int) -> tuple[str, str]:
+def step_oom_advice(job: TrainJob, worker: Worker, micro: int) -> tuple[str, str]:
     """Where a training step ran out of memory, and what to change (``out_of_memory_advice``)."""
     train = job.train
     return (
-        f"a training step on {worker.device} ({per_worker} images per worker)",
+        f"a training step on {worker.device} ({len(worker.shares)} micro-batch(es) of {micro} images per worker)",
         f"lower train.batch_size (now {train.batch_size}), spread it over more workers (train.num_workers, "
         f"now {worker.world_size}), or choose a smaller model (model.preset / model.overrides)",
     )
 
 
 class Batches:
-    """This worker's training batches, from its resident slice or its stream (``TrainJob.stream``), and the time the
-    loop waited for them."""
+    """This worker's training batches, one micro-batch per share it takes (from the share's resident slice or stream,
+    ``TrainJob.stream``), and the time the loop waited for them."""
 
-    def __init__(self, job: TrainJob, worker: Worker, state: TrainState, per_worker: int) -> None:
-        self.job, self.size, self.waited = job, per_worker, 0.0
-        self.data = resident_slice(job, worker) if job.stream is None else stream_from(job, worker, state, per_worker)
+    def __init__(self, job: TrainJob, worker: Worker, state: TrainState, micro: int) -> None:
+        self.job, self.size, self.waited = job, micro, 0.0
+        self.data = [
+            resident_slice(job, share, worker) if job.stream is None else stream_from(job, share, worker, state, micro)
+            for share in worker.shares
+        ]
 
-    def draw(
-        self, generator: torch.Generator, layout: torch.memory_format
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor] | None]:
-        """A batch ``[size, C, H, W]`` in [-1, 1] on the device (drawn there from the resident slice, or the stream's
-        next), and for a class-conditional model its labels ``[size]``, each replaced by the null class with
+    def draw(self, shares: list[Share], layout: torch.memory_format) -> list[Batch]:
+        """A micro-batch per share, each drawn with the share's generator (:meth:`draw_one`)."""
+        asked = time.perf_counter()
+        drawn = [self.draw_one(data, share.generator, layout) for data, share in zip(self.data, shares, strict=True)]
+        self.waited += time.perf_counter() - asked
+        return drawn
+
+    def draw_one(
+        self, data: ResidentData | StreamedData, generator: torch.Generator, layout: torch.memory_format
+    ) -> Batch:
+        """A micro-batch ``[size, C, H, W]`` in [-1, 1] on the device (drawn there from the resident slice, or the
+        stream's next), and for a class-conditional model its labels ``[size]``, each replaced by the null class with
         probability ``train.class_dropout`` (Ho & Salimans 2022, Algorithm 1)."""
-        job, data, asked = self.job, self.data, time.perf_counter()
+        job = self.job
         if isinstance(data, StreamedData):
             pixels, labels = data.stream.next(data.device)  # [size, H, W, C] uint8, flipped by the decode tasks
             images = to_model_range(pixels).contiguous(memory_format=layout)
         else:
             flip = job.train.horizontal_flip
             images, labels = random_batch(data.images, self.size, generator, flip, layout, data.labels)
-        self.waited += time.perf_counter() - asked
         if labels is None or job.unet.num_classes is None:
             return images, None
         dropped = drop_labels(labels, job.unet.num_classes, job.train.class_dropout, generator)
@@ -152,22 +161,23 @@ class StreamedData(NamedTuple):
     device: torch.device
 
 
-def stream_from(job: TrainJob, worker: Worker, state: TrainState, per_worker: int) -> StreamedData:
-    """This worker's stream from where its order stands after ``state.step`` steps, through the last step
-    (pipelines.data.streaming: the position is steps x images per worker, so a restarted group continues exactly)."""
+def stream_from(job: TrainJob, share: int, worker: Worker, state: TrainState, micro: int) -> StreamedData:
+    """Share ``share``'s stream from where its order stands after ``state.step`` steps, through the last step
+    (pipelines.data.streaming: the position is steps x images per share, so a restarted group of any size continues
+    exactly)."""
     assert job.stream is not None
     steps_left = -(-(job.train.total_images - state.images_seen) // job.train.batch_size)
-    start = state.step * per_worker
-    stream = ImageStream(job.stream, worker.rank, worker.world_size, start, steps_left * per_worker, per_worker)
-    worker.say(f"streaming the training split from image {start} of each worker's order ({steps_left} steps left)")
+    start = state.step * micro
+    stream = ImageStream(job.stream, share, worker.share_count, start, steps_left * micro, micro)
+    worker.say(f"streaming the training split from image {start} of each share's order ({steps_left} steps left)")
     return StreamedData(stream, worker.device)
 
 
-def resident_slice(job: TrainJob, worker: Worker) -> ResidentData:
-    """This worker's share of the training split (every world-size-th image from its rank), held on its device with
-    its labels when the model is class-conditional: a step draws both there, with no host work."""
+def resident_slice(job: TrainJob, share: int, worker: Worker) -> ResidentData:
+    """Share ``share``'s part of the training split (every share-count-th image from its index), held on the worker's
+    device with its labels when the model is class-conditional: a step draws both there, with no host work."""
     images, labels = read_split(job.shards_uri, job.storage_options)
-    mine = slice(worker.rank, None, worker.world_size)
+    mine = slice(share, None, worker.share_count)
     resident = to_model_range(images[mine]).to(worker.device)
     if job.unet.num_classes is None:
         return ResidentData(resident, None)

@@ -22,7 +22,7 @@ from ddpm_core.storage import MANIFEST, filesystem
 from ddpm_core.unet import UNet, UNetConfig
 from pipelines.advice import slow_precision_advice
 from pipelines.training.job import TrainJob
-from pipelines.training.step import StepState, step_parts
+from pipelines.training.step import Share, StepState, step_parts
 
 
 @dataclass(frozen=True)
@@ -33,13 +33,17 @@ class Worker:
     world_size: int
     device: torch.device
     all_reduce: Callable[[torch.Tensor], Any] | None  # sums a tensor over the group in place (None: one worker)
+    share_count: int  # the global batch's shares (train.max_workers): one per worker in a group of the most workers
+    shares: tuple[int, ...]  # the shares this worker takes: rank, rank + world size, ...
 
     @classmethod
-    def current(cls) -> Worker:
+    def current(cls, share_count: int) -> Worker:
+        """This process in its group, taking every world-size-th of ``share_count`` shares from its rank."""
         context = ray.train.get_context()
-        world = context.get_world_size()
+        world, rank = context.get_world_size(), context.get_world_rank()
         reduce = dist.all_reduce if world > 1 and dist.is_initialized() else None
-        return cls(context.get_world_rank(), world, ray.train.torch.get_device(), reduce)
+        device = ray.train.torch.get_device()
+        return cls(rank, world, device, reduce, share_count, tuple(range(rank, share_count, world)))
 
     def say(self, message: str) -> None:
         """A line in the job's output, from rank 0 only."""
@@ -89,7 +93,8 @@ def start_state(job: TrainJob, worker: Worker) -> TrainState:
     compiled = job.train.compiled(worker.device.type == "cuda")
     state = TrainState(
         *parts,
-        batch_generator(job.train.seed, worker.rank, 0, worker.device),
+        shares=fresh_shares(job.train.seed, worker, 0),
+        gradient_scale=worker.world_size / worker.share_count,
         unsaved_compile_cache=load_compile_cache(job, worker) if compiled else None,
     )
     ddp = worker.world_size > 1  # prepare_model wraps the network in DDP
@@ -100,8 +105,10 @@ def start_state(job: TrainJob, worker: Worker) -> TrainState:
         state.images_seen, state.step = int(restored["images_seen"]), int(restored["step"])
         restore_random_state(job, worker, state, restored.get("random_states"))
     wrapping = f", DDP with gradient_as_bucket_view={job.train.gradient_as_bucket_view}" if ddp else ""
+    shares = f", {len(worker.shares)} shares of the batch per worker" if len(worker.shares) > 1 else ""
     worker.say(
-        f"worker group of {worker.world_size} started at {state.images_seen} images, {job.precision.value}{wrapping}"
+        f"worker group of {worker.world_size} started at {state.images_seen} images, "
+        f"{job.precision.value}{wrapping}{shares}"
     )
     advice = slow_precision_advice(job.precision, worker.device.type, "train.bf16_on_cpu")
     if advice:
@@ -125,6 +132,12 @@ def starting_weights(
         model.load_state_dict(state["model"])
         say(f"resumed from checkpoint at {int(state['images_seen'])} images (step {int(state['step'])})")
         return WeightSource.RESUMED, state
+    committed = committed_checkpoints(job.trainer_uri, job.storage_options)
+    if committed:  # Ray Train's record of them was unreadable and set aside (trainer.set_aside_unreadable_record)
+        state = readable_state(job, worker, committed, None)
+        model.load_state_dict(state["model"])
+        say(f"resumed from the latest readable committed checkpoint at {int(state['images_seen'])} images")
+        return WeightSource.RESUMED, state
     if job.warm_start_uri:
         state = load_training_state(job.warm_start_uri, job.storage_options)
         model.load_state_dict(state["model"])
@@ -145,22 +158,33 @@ def resumable_state(job: TrainJob, worker: Worker, checkpoint: ray.train.Checkpo
             return load_training_state(directory)
     except CheckpointError as error:
         latest = checkpoint.path.rstrip("/").rsplit("/", 1)[-1]
-        for uri in reversed(committed_checkpoints(job.trainer_uri, job.storage_options)):
-            if uri.rsplit("/", 1)[-1] >= latest:  # names sort by time: only earlier ones
-                continue
-            try:
-                state = load_training_state(uri, job.storage_options)
-            except CheckpointError:
-                continue
+        committed = committed_checkpoints(job.trainer_uri, job.storage_options)
+        earlier = [uri for uri in committed if uri.rsplit("/", 1)[-1] < latest]  # names sort by step (checkpoint_name)
+        return readable_state(job, worker, earlier, error)
+
+
+def readable_state(
+    job: TrainJob, worker: Worker, committed: list[str], error: CheckpointError | None
+) -> dict[str, Any]:
+    """The training state of the newest of the ``committed`` checkpoints that can be read (``error``: why the one
+    Ray Train chose could not); the job's output names it."""
+    for uri in reversed(committed):
+        try:
+            state = load_training_state(uri, job.storage_options)
+        except CheckpointError as unreadable:
+            error = error or unreadable
+            continue
+        if error is not None:
             worker.say(f"the latest checkpoint cannot be read ({error}); resuming from the one before it, {uri}")
-            return state
-        raise CheckpointError(
-            f"{error}; no earlier checkpoint can be read either: run again with --from train to train from the start"
-        ) from None
+        return state
+    raise CheckpointError(
+        f"{error}; no earlier checkpoint can be read either: run again with --from train to train from the start"
+    )
 
 
 def committed_checkpoints(trainer_uri: str, storage_options: dict[str, Any]) -> list[str]:
-    """The committed Ray Train checkpoints under a job's ``trainer_uri``, oldest first, as URIs."""
+    """The committed Ray Train checkpoints under a job's ``trainer_uri``, by step (``hooks.checkpoint_name``), as
+    URIs."""
     fs, path = filesystem(f"{trainer_uri}/trainer", storage_options)
     fs.invalidate_cache(path)
     folders = sorted(manifest.rsplit("/", 1)[0] for manifest in fs.glob(f"{path}/checkpoint_*/{MANIFEST}"))
@@ -186,41 +210,36 @@ def init_from_mismatch(uri: str, found: UNetConfig, expected: UNetConfig) -> str
     )
 
 
-def device_generator(device: torch.device) -> torch.Generator:
-    """The device's default generator: what dropout draws from."""
-    if device.type == "cuda":
-        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
-    return torch.default_generator
+def share_random_state(share: Share) -> list[torch.Tensor]:
+    """A share's random state: its batch generator's, and its dropout stream's."""
+    return [share.generator.get_state(), share.dropout_state]
 
 
-def random_state(worker: Worker, generator: torch.Generator) -> list[torch.Tensor]:
-    """This worker's random state: its batch generator's and its device's default generator's."""
-    return [generator.get_state(), device_generator(worker.device).get_state()]
-
-
-def gather_random_states(worker: Worker, generator: torch.Generator) -> list[list[torch.Tensor]]:
-    """Every worker's :func:`random_state`, by rank (a collective: every rank calls it at the same step)."""
-    mine = random_state(worker, generator)
+def gather_random_states(worker: Worker, shares: list[Share]) -> list[list[torch.Tensor]]:
+    """Every share's :func:`share_random_state`, by share (a collective: every rank calls it at the same step)."""
+    mine = [(share.index, share_random_state(share)) for share in shares]
     if worker.all_reduce is None:
-        return [mine]
+        return [state for _, state in sorted(mine, key=lambda item: item[0])]
     everyone: list[Any] = [None] * worker.world_size
     dist.all_gather_object(everyone, mine)
-    return everyone
+    return [state for _, state in sorted((item for part in everyone for item in part), key=lambda item: item[0])]
 
 
 def restore_random_state(
     job: TrainJob, worker: Worker, state: TrainState, saved: list[list[torch.Tensor]] | None
 ) -> None:
-    """Continue the random streams where the checkpoint left them; a checkpoint without them (or from another number
-    of workers) restarts the streams from (seed, rank, images seen), so the data order after it differs."""
-    if saved is not None and len(saved) == worker.world_size:
-        generator_state, device_state = saved[worker.rank]
-        state.generator.set_state(generator_state)
-        device_generator(worker.device).set_state(device_state)
+    """Continue every share's random streams where the checkpoint left them, whatever the group's size then and now;
+    a checkpoint without them (or from another number of shares) restarts the streams from (seed, share, images
+    seen), so the data order after it differs."""
+    if saved is not None and len(saved) == worker.share_count:
+        for share in state.shares:
+            generator_state, dropout_state = saved[share.index]
+            share.generator.set_state(generator_state)
+            share.dropout_state = dropout_state
         return
-    state.generator = batch_generator(job.train.seed, worker.rank, state.images_seen, worker.device)
-    found = "no random state" if saved is None else f"the random state of {len(saved)} workers"
-    worker.say(f"the checkpoint holds {found}: the random streams restart from (seed, rank, images seen)")
+    state.shares = fresh_shares(job.train.seed, worker, state.images_seen)
+    found = "no random state" if saved is None else f"the random state of {len(saved)} shares"
+    worker.say(f"the checkpoint holds {found}: the random streams restart from (seed, share, images seen)")
 
 
 def compile_cache_uri(job: TrainJob, worker: Worker) -> str | None:
@@ -233,7 +252,7 @@ def compile_cache_uri(job: TrainJob, worker: Worker) -> str | None:
         "learn_variance": job.diffusion.variance is Variance.LEARNED_RANGE,
         "precision": job.precision.value,
         "channels_last": job.train.channels_last,
-        "batch_per_worker": job.train.batch_size // worker.world_size,
+        "batch_per_worker": job.train.batch_size // worker.share_count,  # a micro-batch
         "world_size": worker.world_size,
     }
     return cache_file_uri(job.compile_cache_uri, worker.device, key)
@@ -266,9 +285,24 @@ def memory_format(job: TrainJob) -> torch.memory_format:
     return torch.channels_last if job.train.channels_last else torch.contiguous_format
 
 
-def batch_generator(seed: int, rank: int, images_seen: int, device: torch.device) -> torch.Generator:
-    """Per-rank RNG on the training device, seeded by (seed, rank, images seen); batches, timesteps and noise are
-    drawn where they are used. A resumed run continues the checkpoint's stream instead
-    (:func:`restore_random_state`)."""
-    state = np.random.SeedSequence([seed, rank, images_seen]).generate_state(1, dtype=np.uint64)[0]
+def fresh_shares(seed: int, worker: Worker, images_seen: int) -> list[Share]:
+    """This worker's shares with their random streams started from (seed, share, images seen)."""
+    return [
+        Share(
+            index,
+            seeded_generator((seed, index, images_seen), worker.device),
+            seeded_generator((seed, index, images_seen, DROPOUT_STREAM), worker.device).get_state(),
+        )
+        for index in worker.shares
+    ]
+
+
+DROPOUT_STREAM = 1  # the extra seed word of a share's dropout stream (its batch stream has none)
+
+
+def seeded_generator(words: tuple[int, ...], device: torch.device) -> torch.Generator:
+    """A generator on ``device`` seeded from ``words`` (e.g. seed, share, images seen) through NumPy's SeedSequence:
+    streams of nearby words are independent. Batches, timesteps and noise are drawn where they are used; a resumed
+    run continues the checkpoint's streams instead (:func:`restore_random_state`)."""
+    state = np.random.SeedSequence(list(words)).generate_state(1, dtype=np.uint64)[0]
     return torch.Generator(device=device).manual_seed(int(state) & 0x7FFF_FFFF_FFFF_FFFF)

@@ -4,8 +4,8 @@ so that ``benchmarks/train_step.py`` times this same step on machines that have 
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, cast
 
@@ -16,8 +16,36 @@ from torch.profiler import record_function
 
 from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.ema import EMA
-from ddpm_core.training import StepResult, make_optimizer, train_step
+from ddpm_core.training import StepResult, accumulate_gradients, apply_update, make_optimizer
 from pipelines.config import TrainSection
+
+
+def device_generator(device: torch.device) -> torch.Generator:
+    """The device's default generator: what dropout draws from."""
+    if device.type == "cuda":
+        return torch.cuda.default_generators[device.index if device.index is not None else torch.cuda.current_device()]
+    return torch.default_generator
+
+
+@dataclass
+class Share:
+    """One of the global batch's ``train.max_workers`` equal shares: its own data slice and random streams, whichever
+    worker takes it. A group of fewer workers (elastic training) takes several shares per worker, one micro-batch
+    each, so that a step is the same computation at any group size."""
+
+    index: int  # 0 .. max_workers - 1: which slice of the data and which random streams
+    generator: torch.Generator  # its batches, timesteps and noise, on the worker's device
+    dropout_state: torch.Tensor  # the device default generator's state (what dropout draws) after its last turn
+
+    @contextmanager
+    def turn(self, device: torch.device) -> Iterator[None]:
+        """Dropout draws from this share's stream while the block runs (the device's default generator)."""
+        default = device_generator(device)
+        default.set_state(self.dropout_state)
+        try:
+            yield
+        finally:
+            self.dropout_state = default.get_state()
 
 
 @dataclass
@@ -28,7 +56,8 @@ class StepState:
     step_model: nn.Module  # what a training step calls: the DDP wrapper, compiled when asked
     ema: EMA
     optimizer: torch.optim.Optimizer
-    generator: torch.Generator  # this worker's batches, timesteps and noise, on its device
+    shares: list[Share]  # the shares of the global batch this worker takes, in order
+    gradient_scale: float = 1.0  # group size / shares: the all-reduce's mean over workers becomes one over shares
     images_seen: int = 0
     step: int = 0
 
@@ -54,27 +83,59 @@ def step_parts(
     return network, step_model, ema, make_optimizer(network, train.optim)
 
 
+Batch = tuple[torch.Tensor, dict[str, torch.Tensor] | None]  # images [b, C, H, W] in [-1, 1], conditioning
+
+
 def step(
     state: StepState,
     diffusion: GaussianDiffusion,
-    batch: tuple[torch.Tensor, dict[str, torch.Tensor] | None],
+    batches: Sequence[Batch],
     train: TrainSection,
     autocast: torch.dtype | None,
     region: Callable[[str], AbstractContextManager[Any]] = record_function,
 ) -> StepResult:
-    """One training step of ``state`` on ``batch`` (images ``[B, C, H, W]`` in [-1, 1], and a conditional model's
-    labels): Algorithm 1 with the EMA update (``ddpm_core.training.train_step``); ``region`` labels its parts."""
-    images, conditioning = batch
-    return train_step(
-        state.step_model,
-        diffusion,
-        state.optimizer,
-        images,
-        train.optim,
-        state.images_seen,
-        state.ema,
-        conditioning,
-        generator=state.generator,
-        autocast_dtype=autocast,
-        region=region,
+    """One training step of ``state``: Algorithm 1 (Ho et al. 2020) on one micro-batch per share (``batches[i]`` is
+    ``state.shares[i]``'s, each with its own random streams), their gradients accumulated with the all-reduce only
+    after the last, then one update with the EMA (``ddpm_core.training``); ``region`` labels its parts."""
+    device = batches[0][0].device
+    state.step_model.train()
+    state.optimizer.zero_grad(set_to_none=True)
+    results = []
+    for index, (share, (images, conditioning)) in enumerate(zip(state.shares, batches, strict=True)):
+        last = index == len(batches) - 1
+        with share.turn(device), nullcontext() if last else no_sync(state.step_model):
+            results.append(
+                accumulate_gradients(
+                    state.step_model,
+                    diffusion,
+                    images,
+                    conditioning,
+                    share.generator,
+                    autocast,
+                    state.gradient_scale,
+                    region,
+                )
+            )
+    grad_norm = apply_update(state.model, state.optimizer, train.optim, state.images_seen, state.ema, region)
+    return summed(results, grad_norm)
+
+
+def no_sync(step_model: nn.Module) -> AbstractContextManager[Any]:
+    """DDP's gradient all-reduce skipped while the block runs (a micro-batch before the last); nothing to skip for a
+    worker alone."""
+    ddp = getattr(step_model, "_orig_mod", step_model)  # torch.compile's wrapper holds the DDP module
+    return ddp.no_sync() if isinstance(ddp, DistributedDataParallel) else nullcontext()
+
+
+def summed(results: list[StepResult], grad_norm: torch.Tensor) -> StepResult:
+    """The statistics of a step's micro-batches, summed (:class:`ddpm_core.training.StepResult`)."""
+    if len(results) == 1:
+        first = results[0]
+        return StepResult(first.loss, grad_norm, first.quartile_loss_sum, first.quartile_count)
+    return StepResult(
+        torch.stack([result.loss.double() for result in results]).sum(),  # as the window sums them
+        grad_norm * len(results),
+        torch.stack([result.quartile_loss_sum for result in results]).sum(0),
+        torch.stack([result.quartile_count for result in results]).sum(0),
+        len(results),
     )

@@ -14,6 +14,7 @@ from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
 from ray.train.torch import TorchTrainer
+from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAME
 
 from ddpm_core.checkpoint import CheckpointError
 from ddpm_core.storage import IncompleteError, StorageUnavailableError, filesystem, is_committed, read_committed
@@ -33,11 +34,21 @@ T = TypeVar("T")
 class WorkerGroup:
     """The Ray Train worker group of one training run."""
 
-    num_workers: int
+    num_workers: int  # the most workers (the shares of the global batch)
     cpus_per_worker: float
     max_failures: int  # restarts from the last checkpoint after a worker fails
     startup_retries: int  # worker-group start attempts (60 s each) before failing
     placement: Placement = Placement.PACK  # how the workers' bundles spread over the nodes
+    min_workers: int | None = None  # elastic: the fewest workers the group goes on with (None: fixed size)
+    resize_interval_s: float = 60.0  # elastic: how often a running group looks for capacity to grow into
+
+    @property
+    def elastic(self) -> bool:
+        return self.min_workers is not None and self.min_workers < self.num_workers
+
+    def scaling(self) -> int | tuple[int, int]:
+        """Ray Train's ``num_workers``: the number, or ``(min, max)`` for its elastic worker group."""
+        return (self.min_workers or self.num_workers, self.num_workers) if self.elastic else self.num_workers
 
     def bundle(self, device: Device) -> dict[str, float]:
         """One worker's resources."""
@@ -46,12 +57,13 @@ class WorkerGroup:
     def demand(
         self, device: Device, what: str, settings: str, extra_cpus: float = 0.0, decode_cpus: float = 0.0
     ) -> Demand:
-        """What the whole group needs at once (plus ``extra_cpus``, e.g. a Tune trial's own actor, and a streamed
-        split's decode task of ``decode_cpus``)."""
+        """What the group needs at once to start (all its workers, or an elastic group's fewest), plus ``extra_cpus``
+        (e.g. a Tune trial's own actor) and a streamed split's decode task of ``decode_cpus``."""
         if decode_cpus:
             what, settings = f"{what} and a Ray Data decode task", f"{settings} / data.decode_cpus"
-        cpus = {"CPU": self.num_workers * self.cpus_per_worker + extra_cpus + decode_cpus}
-        return Demand(what, {**cpus, **({"GPU": float(self.num_workers)} if device is Device.GPU else {})}, settings)
+        workers = self.min_workers if self.elastic and self.min_workers else self.num_workers
+        cpus = {"CPU": workers * self.cpus_per_worker + extra_cpus + decode_cpus}
+        return Demand(what, {**cpus, **({"GPU": float(workers)} if device is Device.GPU else {})}, settings)
 
 
 def make_trainer(
@@ -67,11 +79,13 @@ def make_trainer(
     resources = group.bundle(job.device)
     return TorchTrainer(
         functools.partial(train_loop, job),
+        # ray.train re-exports Train V2's ScalingConfig at run time (elastic (min, max) and its resize monitor)
         scaling_config=ScalingConfig(
-            num_workers=group.num_workers,
+            num_workers=group.scaling(),  # type: ignore[arg-type]
             use_gpu=use_gpu,
             resources_per_worker=resources,
             placement_strategy=group.placement.value,
+            elastic_resize_monitor_interval_s=group.resize_interval_s,  # type: ignore[call-arg]
         ),
         # ray.train re-exports Train V2's RunConfig and FailureConfig at run time; mypy sees the V1 classes.
         run_config=RunConfig(
@@ -104,6 +118,7 @@ def fit(trainer: TorchTrainer, job: TrainJob) -> Result:
     if fs.exists(diverged_path):  # from an earlier attempt with these settings
         fs.rm(diverged_path, recursive=True)
     clear_stop(job)
+    set_aside_unreadable_record(job)
     try:
         result = off_the_main_thread(trainer.fit)  # raises the workers' error (TrainingFailedError), not returns it
     except Exception as error:
@@ -114,6 +129,20 @@ def fit(trainer: TorchTrainer, job: TrainJob) -> Result:
     if is_committed(job.diverged_uri, job.storage_options):
         raise StageStopped(read_committed(job.diverged_uri, [DIVERGED], job.storage_options)[0][DIVERGED].decode())
     return result
+
+
+def set_aside_unreadable_record(job: TrainJob) -> None:
+    """Ray Train's record of a run's checkpoints (a JSON file it rewrites in place, not atomically) renamed aside
+    when a full disk or a crash left it unreadable: Ray Train would refuse to start. The workers then resume from the
+    newest readable committed checkpoint themselves (``state.starting_weights``)."""
+    fs, path = filesystem(f"{job.trainer_uri}/trainer/{CHECKPOINT_MANAGER_SNAPSHOT_FILENAME}", job.storage_options)
+    try:
+        json.loads(fs.cat_file(path))
+    except FileNotFoundError:
+        return
+    except ValueError:  # empty, truncated or garbled
+        fs.mv(path, f"{path}.unreadable")
+        print(f"train: Ray Train's checkpoint record {path} is unreadable; set aside, resuming from the checkpoints")
 
 
 def off_the_main_thread(call: Callable[[], T]) -> T:

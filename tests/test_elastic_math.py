@@ -1,0 +1,82 @@
+"""Elastic training's promise: a step whose global batch is split into equal shares, each with its own data slice
+and random streams (batches, timesteps, noise, dropout), is the same computation on any number of workers. A group
+shrunk from two workers to one takes both shares on the one worker (gradients accumulated, the all-reduce's mean
+replaced by the shares' weights): the weights, the EMA and the logged loss equal the two-worker group's."""
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing
+from torch.nn.parallel import DistributedDataParallel
+
+from ddpm_core.data import random_batch
+from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
+from ddpm_core.training import OptimConfig, RunningTotals
+from ddpm_core.unet import UNet, UNetConfig
+from pipelines.config import TrainSection
+from pipelines.training.state import DROPOUT_STREAM, seeded_generator
+from pipelines.training.step import Share, StepState, step, step_parts
+from tests.conftest import free_port
+
+TINY = UNetConfig(
+    image_size=8,
+    in_channels=1,
+    base_channels=16,
+    channel_mult=(1, 2),
+    num_res_blocks=1,
+    attention_resolutions=(4,),
+    dropout=0.3,  # dropout draws from each share's own stream
+    norm_groups=8,
+)
+SHARES, MICRO, STEPS = 2, 4, 4
+
+
+def train_on(rank: int, world: int, port: int, out: str) -> None:
+    """``STEPS`` steps of a group of ``world`` workers over ``SHARES`` shares; rank 0 saves the result."""
+    torch.set_num_threads(1)  # the same kernels' summation order in every process
+    if world > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    device = torch.device("cpu")
+    train = TrainSection(
+        num_workers=(1, SHARES), batch_size=SHARES * MICRO, optim=OptimConfig(lr=1e-3, warmup_images=0, ema_decay=0.9)
+    )
+    torch.manual_seed(0)
+
+    def wrap(model: torch.nn.Module, options: dict) -> torch.nn.Module:
+        return DistributedDataParallel(model, **options) if world > 1 else model
+
+    parts = step_parts(UNet(TINY), train, device, wrap)
+    shares = [
+        Share(i, seeded_generator((0, i, 0), device), seeded_generator((0, i, 0, DROPOUT_STREAM), device).get_state())
+        for i in range(rank, SHARES, world)
+    ]
+    state = StepState(*parts, shares, gradient_scale=world / SHARES)
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig(num_timesteps=100))
+    data = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1  # [64, 1, 8, 8]
+    totals = RunningTotals(device, dist.all_reduce if world > 1 else None)
+    for _ in range(STEPS):
+        layout = torch.contiguous_format
+        batches = [
+            (random_batch(data[share.index :: SHARES], MICRO, share.generator, True, layout)[0], None)
+            for share in state.shares
+        ]
+        totals.add(step(state, diffusion, batches, train, None))
+        state.advance(train.batch_size)
+    window = totals.summed()
+    if rank == 0:
+        saved = {"model": state.model.state_dict(), "ema": state.ema.model.state_dict(), "means": window.means()}
+        torch.save(saved, out)
+    if world > 1:
+        dist.destroy_process_group()
+
+
+def test_one_worker_taking_both_shares_equals_two_workers(tmp_path):
+    alone, pair = tmp_path / "alone.pt", tmp_path / "pair.pt"
+    torch.multiprocessing.spawn(train_on, args=(1, 0, str(alone)), nprocs=1)
+    torch.multiprocessing.spawn(train_on, args=(2, free_port(), str(pair)), nprocs=2)
+    one, two = torch.load(alone), torch.load(pair)
+    for part in ("model", "ema"):
+        assert one[part].keys() == two[part].keys()
+        unequal = [name for name in one[part] if not torch.equal(one[part][name], two[part][name])]
+        assert not unequal, f"{part}: {len(unequal)} tensors differ, e.g. {unequal[:3]}"
+    assert one["means"] == two["means"], "the logged loss, gradient norm and quartile losses are the same numbers"
+    assert one["means"]["loss"] > 0 and one["means"]["grad_norm"] > 0
