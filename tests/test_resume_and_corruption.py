@@ -103,6 +103,7 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights_past_a_corrupt_checkp
         os.killpg(process.pid, signal.SIGKILL)  # the driver and the local Ray instance it started
         process.wait(timeout=30)
     assert progress() < TOTAL, "killed after training ended: lengthen the run"
+    ray_processes_gone()  # a dying controller may still write its record: change nothing before it is gone
     checkpoints = sorted(
         path.parent for path in (root / "runs/killed/train").glob("*/ray/trainer/checkpoint_*/manifest.json")
     )
@@ -115,12 +116,30 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights_past_a_corrupt_checkp
     resumed = run(root, "killed")
     assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
     said = resumed.stdout + resumed.stderr
+    (root / "resumed.log").write_text(said)  # the whole output, for a failure's reader
     assert "the latest checkpoint cannot be read" in said and "resuming from the one before it" in said
     assert "checkpoint record" in said and "is unreadable; set aside" in said
     assert f"resumed from the latest readable committed checkpoint at {earlier_step * BATCH} images" in said
     straight = Path(outputs(root / "runs/straight", "train")["snapshot_uri"]) / "model.safetensors"
     killed = Path(outputs(root / "runs/killed", "train")["snapshot_uri"]) / "model.safetensors"
     assert sha256(killed) == sha256(straight), "a resumed run draws what an uninterrupted one draws"
+
+
+def ray_processes_gone(timeout: float = 60) -> None:
+    """Waits until no Ray process (GCS, raylet, workers) runs on this machine: the killed run's outlive its driver
+    for a moment (they notice the GCS is gone)."""
+    deadline = time.time() + timeout
+    while True:
+        running = []
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            with contextlib.suppress(OSError):
+                text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                if "gcs_server" in text or "raylet" in text or text.startswith("ray::"):
+                    running.append(text[:80])
+        if not running:
+            return
+        assert time.time() < deadline, running
+        time.sleep(0.5)
 
 
 def start(root: Path, run_id: str, log_path: Path) -> subprocess.Popen:

@@ -142,7 +142,10 @@ def set_aside_unreadable_record(job: TrainJob) -> None:
         return
     except ValueError:  # empty, truncated or garbled
         fs.mv(path, f"{path}.unreadable")
-        print(f"train: Ray Train's checkpoint record {path} is unreadable; set aside, resuming from the checkpoints")
+        print(
+            f"train: Ray Train's checkpoint record {path} is unreadable; set aside, resuming from the checkpoints",
+            flush=True,
+        )
 
 
 def off_the_main_thread(call: Callable[[], T]) -> T:
