@@ -415,8 +415,8 @@ def test_elastic_training_shrinks_to_one_worker_grows_back_and_ends_with_the_fix
     leave capacity for one worker (the head's CPU), and Ray Train's elastic group goes on with it from the last
     checkpoint instead of waiting; a node added then is found by the resize monitor (every 5 s here) and the group
     grows back to two. The global batch is the same two shares throughout (one worker takes both, its gradients
-    accumulated), so the weights, the FID, the sample shards and every logged loss equal the fixed two-worker run's:
-    no tolerance is needed (the run-to-run noise of the loss between seeds is in docs/reliability.md)."""
+    accumulated), so the weights, the FID, the sample shards and every logged loss equal the fixed two-worker run's
+    exactly: the tolerance is zero, below any run-to-run noise."""
     cluster = world.cluster
     log = world.workdir / "elastic.log"
     overrides = [*world.overrides, "run_id=elastic", "train.num_workers=[1, 2]", "train.cpus_per_worker=1"]
