@@ -63,9 +63,9 @@ def test_streamed_training_from_s3_resumes_exactly_after_a_killed_worker(tmp_pat
     assert "train: stream data loader (data.loader=auto chose stream: 0.3 MiB per worker" in text
     resumed_at = int(text.split("resumed from checkpoint at ")[1].split()[0])
     assert CHECKPOINT_EVERY <= resumed_at < TOTAL and resumed_at % CHECKPOINT_EVERY == 0
-    # Each worker continues its order at (steps done) x (images per worker), not at its start.
+    # Each share continues its order at (steps done) x (images per share), not at its start.
     steps_done, steps_left = resumed_at // BATCH, (TOTAL - resumed_at) // BATCH
-    assert f"from image {steps_done * BATCH // 2} of each worker's order ({steps_left} steps left)" in text
+    assert f"from image {steps_done * BATCH // 2} of each share's order ({steps_left} steps left)" in text
 
     fs = s3fs.S3FileSystem(**options)
     # run.json names each stage's current result folder in the bucket: {stage}/{fingerprint[:16]}
