@@ -3,6 +3,8 @@ and random streams (batches, timesteps, noise, dropout), is the same computation
 shrunk from two workers to one takes both shares on the one worker (gradients accumulated, the all-reduce's mean
 replaced by the shares' weights): the weights, the EMA and the logged loss equal the two-worker group's."""
 
+import dataclasses
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing
@@ -11,22 +13,14 @@ from torch.nn.parallel import DistributedDataParallel
 from ddpm_core.data import random_batch
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm_core.training import OptimConfig, RunningTotals
-from ddpm_core.unet import UNet, UNetConfig
+from ddpm_core.unet import UNet
 from pipelines.config import TrainSection
-from pipelines.training.state import DROPOUT_STREAM, seeded_generator
-from pipelines.training.step import Share, StepState, step, step_parts
+from pipelines.training.state import Worker, fresh_shares
+from pipelines.training.step import StepState, step, step_parts
 from tests.conftest import free_port
+from tests.test_sampling import TINY as SAMPLING_TINY
 
-TINY = UNetConfig(
-    image_size=8,
-    in_channels=1,
-    base_channels=16,
-    channel_mult=(1, 2),
-    num_res_blocks=1,
-    attention_resolutions=(4,),
-    dropout=0.3,  # dropout draws from each share's own stream
-    norm_groups=8,
-)
+TINY = dataclasses.replace(SAMPLING_TINY, dropout=0.3)  # dropout draws from each share's own stream
 SHARES, MICRO, STEPS = 2, 4, 4
 
 
@@ -45,14 +39,12 @@ def train_on(rank: int, world: int, port: int, out: str) -> None:
         return DistributedDataParallel(model, **options) if world > 1 else model
 
     parts = step_parts(UNet(TINY), train, device, wrap)
-    shares = [
-        Share(i, seeded_generator((0, i, 0), device), seeded_generator((0, i, 0, DROPOUT_STREAM), device).get_state())
-        for i in range(rank, SHARES, world)
-    ]
-    state = StepState(*parts, shares, gradient_scale=world / SHARES)
+    reduce = dist.all_reduce if world > 1 else None
+    worker = Worker(rank, world, device, reduce, SHARES, tuple(range(rank, SHARES, world)))  # as Worker.current
+    state = StepState(*parts, fresh_shares(0, worker, 0), gradient_scale=world / SHARES)
     diffusion = GaussianDiffusion.from_config(DiffusionConfig(num_timesteps=100))
     data = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1  # [64, 1, 8, 8]
-    totals = RunningTotals(device, dist.all_reduce if world > 1 else None)
+    totals = RunningTotals(device, reduce)
     for _ in range(STEPS):
         layout = torch.contiguous_format
         batches = [

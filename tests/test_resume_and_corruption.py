@@ -101,9 +101,9 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights_past_a_corrupt_checkp
             time.sleep(0.05)
     finally:
         os.killpg(process.pid, signal.SIGKILL)  # the driver and the local Ray instance it started
+        kill_ray_processes()  # and its workers, which run in sessions of their own: the whole machine crashed
         process.wait(timeout=30)
     assert progress() < TOTAL, "killed after training ended: lengthen the run"
-    ray_processes_gone()  # a dying controller may still write its record: change nothing before it is gone
     checkpoints = sorted(
         path.parent for path in (root / "runs/killed/train").glob("*/ray/trainer/checkpoint_*/manifest.json")
     )
@@ -125,21 +125,29 @@ def test_a_killed_run_resumes_to_the_uninterrupted_weights_past_a_corrupt_checkp
     assert sha256(killed) == sha256(straight), "a resumed run draws what an uninterrupted one draws"
 
 
-def ray_processes_gone(timeout: float = 60) -> None:
-    """Waits until no Ray process (GCS, raylet, workers) runs on this machine: the killed run's outlive its driver
-    for a moment (they notice the GCS is gone)."""
+def kill_ray_processes(timeout: float = 60) -> None:
+    """SIGKILLs every Ray process (GCS, raylet, workers) on this machine and waits until they are gone: a killed
+    run's workers and controller, left alone, would go on for a moment (training, writing checkpoints and Ray Train's
+    record) until they notice that the GCS is gone."""
     deadline = time.time() + timeout
-    while True:
-        running = []
-        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+    while running := ray_processes():
+        for pid in running:
             with contextlib.suppress(OSError):
-                text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
-                if "gcs_server" in text or "raylet" in text or text.startswith("ray::"):
-                    running.append(text[:80])
-        if not running:
-            return
+                os.kill(pid, signal.SIGKILL)
         assert time.time() < deadline, running
-        time.sleep(0.5)
+        time.sleep(0.2)
+
+
+def ray_processes() -> list[int]:
+    """The process ids of the Ray processes on this machine (zombies left out)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            pid = int(cmdline.parent.name)
+            if ("gcs_server" in text or "raylet" in text or text.startswith("ray::")) and alive({pid}):
+                found.append(pid)
+    return found
 
 
 def start(root: Path, run_id: str, log_path: Path) -> subprocess.Popen:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import torch
@@ -115,10 +116,11 @@ class Batches:
 
     def __init__(self, job: TrainJob, worker: Worker, state: TrainState, micro: int) -> None:
         self.job, self.size, self.waited = job, micro, 0.0
-        self.data = [
-            resident_slice(job, share, worker) if job.stream is None else stream_from(job, share, worker, state, micro)
-            for share in worker.shares
-        ]
+        self.data: Sequence[ResidentData | StreamedData] = (
+            resident_slices(job, worker)
+            if job.stream is None
+            else [stream_from(job, share, worker, state, micro) for share in worker.shares]
+        )
 
     def draw(self, shares: list[Share], layout: torch.memory_format) -> list[Batch]:
         """A micro-batch per share, each drawn with the share's generator (:meth:`draw_one`)."""
@@ -173,14 +175,20 @@ def stream_from(job: TrainJob, share: int, worker: Worker, state: TrainState, mi
     return StreamedData(stream, worker.device)
 
 
-def resident_slice(job: TrainJob, share: int, worker: Worker) -> ResidentData:
-    """Share ``share``'s part of the training split (every share-count-th image from its index), held on the worker's
-    device with its labels when the model is class-conditional: a step draws both there, with no host work."""
+def resident_slices(job: TrainJob, worker: Worker) -> list[ResidentData]:
+    """The training split, read once, and each of this worker's shares' part of it (every share-count-th image from
+    the share's index), held on the worker's device with its labels when the model is class-conditional: a step
+    draws both there, with no host work."""
     images, labels = read_split(job.shards_uri, job.storage_options)
-    mine = slice(share, None, worker.share_count)
-    resident = to_model_range(images[mine]).to(worker.device)
     if job.unet.num_classes is None:
-        return ResidentData(resident, None)
-    if labels is None:
+        labels = None
+    elif labels is None:
         raise ValueError(f"{job.shards_uri}: a class-conditional model needs labels, and the split has none")
-    return ResidentData(resident, torch.as_tensor(labels[mine], dtype=torch.long).to(worker.device))
+    device, slices = worker.device, [slice(share, None, worker.share_count) for share in worker.shares]
+    return [
+        ResidentData(
+            to_model_range(images[mine]).to(device),
+            None if labels is None else torch.as_tensor(labels[mine], dtype=torch.long).to(device),
+        )
+        for mine in slices
+    ]

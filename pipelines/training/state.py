@@ -218,10 +218,10 @@ def share_random_state(share: Share) -> list[torch.Tensor]:
 def gather_random_states(worker: Worker, shares: list[Share]) -> list[list[torch.Tensor]]:
     """Every share's :func:`share_random_state`, by share (a collective: every rank calls it at the same step)."""
     mine = [(share.index, share_random_state(share)) for share in shares]
-    if worker.all_reduce is None:
-        return [state for _, state in sorted(mine, key=lambda item: item[0])]
-    everyone: list[Any] = [None] * worker.world_size
-    dist.all_gather_object(everyone, mine)
+    everyone: list[Any] = [mine]
+    if worker.all_reduce is not None:
+        everyone = [None] * worker.world_size
+        dist.all_gather_object(everyone, mine)
     return [state for _, state in sorted((item for part in everyone for item in part), key=lambda item: item[0])]
 
 

@@ -61,7 +61,7 @@ class WorkerGroup:
         (e.g. a Tune trial's own actor) and a streamed split's decode task of ``decode_cpus``."""
         if decode_cpus:
             what, settings = f"{what} and a Ray Data decode task", f"{settings} / data.decode_cpus"
-        workers = self.min_workers if self.elastic and self.min_workers else self.num_workers
+        workers = self.min_workers or self.num_workers
         cpus = {"CPU": workers * self.cpus_per_worker + extra_cpus + decode_cpus}
         return Demand(what, {**cpus, **({"GPU": float(workers)} if device is Device.GPU else {})}, settings)
 
