@@ -1,4 +1,5 @@
-"""Checkpoints: round trips through memory:// and S3 (moto server), commit semantics, and safe loading."""
+"""Checkpoints: round trips through memory:// and S3 (moto server), commit semantics, safe loading, and which one a
+restarted worker group resumes from."""
 
 import io
 import os
@@ -7,6 +8,7 @@ import uuid
 
 import fsspec
 import pytest
+import ray.train
 import torch
 
 from ddpm_core.checkpoint import CheckpointError, load_snapshot, load_training_state, save_snapshot, save_training_state
@@ -15,6 +17,11 @@ from ddpm_core.ema import EMA
 from ddpm_core.storage import IncompleteError, commit, is_committed, read_committed
 from ddpm_core.training import OptimConfig, make_optimizer, train_step
 from ddpm_core.unet import UNet, unet_preset
+from pipelines.config import TrainSection
+from pipelines.execution import Device
+from pipelines.training.hooks import checkpoint_name
+from pipelines.training.job import TrainJob
+from pipelines.training.state import Worker, newest_checkpoint_state
 
 
 def trained_state(steps=2):
@@ -175,3 +182,37 @@ def test_a_writer_killed_mid_commit_leaves_nothing_that_reads_as_complete(tmp_pa
     commit(uri, {"state.bin": b"ok"})
     assert read_committed(uri)[0] == {"state.bin": b"ok"}
     assert sorted(os.listdir(tmp_path / "ckpt")) == ["manifest.json", "state.bin"]
+
+
+def committed_steps(tmp_path, steps):
+    """A job whose trainer folder holds a committed training state for each of ``steps`` (Ray Train's layout,
+    ``hooks.checkpoint_name``), and the folder of each."""
+    job = TrainJob(
+        *(unet_preset("digits"), DiffusionConfig(num_timesteps=100), TrainSection(), Device.CPU, "", None),
+        *(str(tmp_path), {}, "", ""),
+    )
+    folders = {}
+    for step in steps:
+        folders[step] = tmp_path / "ray" / "trainer" / checkpoint_name(step)
+        save_training_state(str(folders[step]), {"model": {}, "step": step, "images_seen": 128 * step})
+    return job, folders
+
+
+def test_a_restarted_group_resumes_from_the_newest_committed_checkpoint_even_one_ray_train_never_registered(
+    tmp_path, capsys
+):
+    """A worker uploads its checkpoint before Ray Train's controller takes the report, so a group that goes in
+    between (a preempted node past its last call) leaves a newer checkpoint than Ray Train's latest: the restart
+    takes it, the run being deterministic; an unreadable newer one is passed over, and Ray Train's latest is used
+    when nothing newer is there."""
+    job, folders = committed_steps(tmp_path, [16, 128, 256])
+    worker = Worker(0, 1, torch.device("cpu"), None, 1, (0,))
+    registered = ray.train.Checkpoint(str(folders[128]))
+    state, how = newest_checkpoint_state(job, worker, registered)
+    assert state["step"] == 256 and how == f", the newest committed one (Ray Train's latest is {folders[128].name})"
+    (folders[256] / "training_state.pt").write_bytes(b"torn")
+    state, _ = newest_checkpoint_state(job, worker, registered)
+    assert state["step"] == 128 and "the latest checkpoint cannot be read" in capsys.readouterr().out
+    assert newest_checkpoint_state(job, worker, ray.train.Checkpoint(str(folders[256])))[0]["step"] == 128
+    assert newest_checkpoint_state(job, worker, None)[0]["step"] == 128  # Ray Train's record set aside
+    assert newest_checkpoint_state(committed_steps(tmp_path / "fresh", [])[0], worker, None) is None

@@ -127,16 +127,11 @@ def starting_weights(
     """Load the starting weights into ``model`` from the first source that applies (:class:`WeightSource`); returns
     the source and the training state it came with (resume and warm start), which holds the EMA and optimizer."""
     say = worker.say
-    if checkpoint is not None:
-        state = resumable_state(job, worker, checkpoint)
+    resumed = newest_checkpoint_state(job, worker, checkpoint)
+    if resumed is not None:
+        state, how = resumed
         model.load_state_dict(state["model"])
-        say(f"resumed from checkpoint at {int(state['images_seen'])} images (step {int(state['step'])})")
-        return WeightSource.RESUMED, state
-    committed = committed_checkpoints(job.trainer_uri, job.storage_options)
-    if committed:  # Ray Train's record of them was unreadable and set aside (trainer.set_aside_unreadable_record)
-        state = readable_state(job, worker, committed, None)
-        model.load_state_dict(state["model"])
-        say(f"resumed from the latest readable committed checkpoint at {int(state['images_seen'])} images")
+        say(f"resumed from checkpoint at {int(state['images_seen'])} images (step {int(state['step'])}){how}")
         return WeightSource.RESUMED, state
     if job.warm_start_uri:
         state = load_training_state(job.warm_start_uri, job.storage_options)
@@ -148,6 +143,27 @@ def starting_weights(
         say(f"initial weights from {job.train.init_from}")
         return WeightSource.INIT_SNAPSHOT, None
     return WeightSource.FRESH, None
+
+
+def newest_checkpoint_state(
+    job: TrainJob, worker: Worker, registered: ray.train.Checkpoint | None
+) -> tuple[dict[str, Any], str] | None:
+    """The training state of the job's newest readable checkpoint and how it was found (None: the job has none).
+
+    That is Ray Train's latest (``registered``) unless a newer one was committed that Ray Train never registered: a
+    worker uploads its checkpoint before its report waits in a queue for the controller, so a group that goes in
+    between (a preempted node's workers, trained on past their last call) leaves one; and when Ray Train's record was
+    unreadable and set aside (``trainer.set_aside_unreadable_record``), none is registered. Training is
+    deterministic, so every committed checkpoint of the job is a state its run went through."""
+    committed = committed_checkpoints(job.trainer_uri, job.storage_options)
+    latest = registered.path.rstrip("/").rsplit("/", 1)[-1] if registered is not None else ""
+    newer = [uri for uri in committed if uri.rsplit("/", 1)[-1] > latest]  # names sort by step (checkpoint_name)
+    if registered is not None and not newer:
+        return resumable_state(job, worker, registered), ""
+    if not committed:
+        return None
+    how = "record was set aside" if registered is None else f"latest is {latest}"
+    return readable_state(job, worker, committed, None), f", the newest committed one (Ray Train's {how})"
 
 
 def resumable_state(job: TrainJob, worker: Worker, checkpoint: ray.train.Checkpoint) -> dict[str, Any]:
