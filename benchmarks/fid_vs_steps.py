@@ -72,7 +72,7 @@ def score(run_root: Path, num_samples: int, batch_size: int, samplers: list[str]
     rows = []
     for name in samplers:
         method, steps, *spacing = name.split(":")
-        config = SamplerConfig(method=method, num_steps=int(steps), spacing=spacing[0] if spacing else "linspace")
+        config = SamplerConfig(method=method, num_steps=int(steps), spacing=spacing[0] if spacing else None)
         started = time.perf_counter()
         batches = []
         for start in range(0, num_samples, batch_size):
@@ -86,7 +86,7 @@ def score(run_root: Path, num_samples: int, batch_size: int, samplers: list[str]
             {
                 "method": method,
                 "steps": int(steps),
-                "spacing": config.spacing.value,
+                "spacing": config.timestep_spacing.value,
                 "nfe": config.method.network_evaluations(int(steps)),
                 "num_samples": num_samples,
                 "sampling_s": seconds,

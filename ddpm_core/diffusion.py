@@ -13,12 +13,15 @@ import enum
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
 from ddpm_core.fields import FieldError, coerce_enum_fields
 from ddpm_core.schedules import Schedule, make_betas
+
+if TYPE_CHECKING:
+    from ddpm_core.loss_weighting import LossWeighting
 
 Model = Callable[..., torch.Tensor]
 
@@ -172,6 +175,7 @@ class GaussianDiffusion:
         )
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
+        self._snr_tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # SNR [T] by device and dtype
 
     @classmethod
     def from_config(cls, config: DiffusionConfig) -> GaussianDiffusion:
@@ -184,6 +188,16 @@ class GaussianDiffusion:
         """``coefficients[t]`` as ``[B, 1, ..., 1]`` in ``like``'s dtype and device."""
         values = coefficients.to(like.device)[t.to(like.device)].to(like.dtype)
         return values.reshape(-1, *([1] * (like.ndim - 1)))
+
+    def snr(self, t: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """SNR(t) = abar_t / (1 - abar_t) (Kingma et al. 2021) at the indices ``t`` ``[B]``: ``[B]`` in ``like``'s
+        dtype and device. The table is copied to a device once, so that indexing it there adds no host
+        synchronisation."""
+        key = (like.device, like.dtype)
+        if key not in self._snr_tables:
+            snr = self.alphas_cumprod / (1.0 - self.alphas_cumprod)  # [T] float64
+            self._snr_tables[key] = snr.to(like.dtype).to(like.device)
+        return self._snr_tables[key][t.to(like.device)]
 
     def model_timesteps(self, t: torch.Tensor) -> torch.Tensor:
         """The original-schedule timestep the network sees for index ``t`` (identity unless respaced)."""
@@ -342,12 +356,15 @@ class GaussianDiffusion:
         t: torch.Tensor,
         noise: torch.Tensor | None = None,
         model_kwargs: dict[str, Any] | None = None,
+        weighting: LossWeighting | None = None,
     ) -> dict[str, torch.Tensor]:
         """Per-example training losses ``{"loss", "mse", "vb"}``, each ``[B]``.
 
         ``mse`` is L_simple (Eq. 14) for the configured target; ``vb`` is L_t in bits/dim; the VLB loss is the
         unbiased one-sample estimate ``T * L_t`` of sum_t L_t; the hybrid loss is ``mse + lambda * T * L_t`` with the
         mean detached inside the bound (Nichol & Dhariwal 2021, Sec. 3.1), so only the variance learns from it.
+        ``weighting`` multiplies the ``mse`` inside ``loss`` (SIMPLE and HYBRID; VLB is unchanged) by
+        :func:`ddpm_core.loss_weighting.loss_weights` at SNR(t); ``terms["mse"]`` stays unweighted.
         """
         noise = torch.randn_like(x0) if noise is None else noise
         x_t = self.q_sample(x0, t, noise)
@@ -355,17 +372,24 @@ class GaussianDiffusion:
         # Losses in at least float32, also when the network ran under bf16 autocast.
         output = output.to(torch.promote_types(x0.dtype, torch.float32))
         prediction, variance_values = self.split_output(output, x_t)
-        mse = mean_flat((self.training_target(x0, t, noise) - prediction) ** 2)
+        mse = mean_flat((self.training_target(x0, t, noise) - prediction) ** 2)  # [B]
         terms = {"mse": mse}
+        weighted_mse = mse if weighting is None else mse * self._loss_weights(weighting, t, mse)  # [B]
         if self.loss is Loss.SIMPLE:
-            terms["loss"] = mse
+            terms["loss"] = weighted_mse
             return terms
         frozen = prediction.detach() if self.loss is Loss.HYBRID else prediction
         vb_output = frozen if variance_values is None else torch.cat([frozen, variance_values], dim=1)
         terms["vb"] = self.vlb_terms_bits(vb_output, x0, x_t, t)
         scaled_vb = self.num_timesteps * terms["vb"]
-        terms["loss"] = scaled_vb if self.loss is Loss.VLB else mse + self.vlb_weight * scaled_vb
+        terms["loss"] = scaled_vb if self.loss is Loss.VLB else weighted_mse + self.vlb_weight * scaled_vb
         return terms
+
+    def _loss_weights(self, weighting: LossWeighting, t: torch.Tensor, mse: torch.Tensor) -> torch.Tensor:
+        """The weights ``[B]`` of the per-example ``mse`` ``[B]`` at the timesteps ``t`` ``[B]``."""
+        from ddpm_core.loss_weighting import loss_weights  # imported here: that module imports Prediction from this
+
+        return loss_weights(weighting, self.snr(t, mse), self.prediction)
 
     @torch.no_grad()
     def bits_per_dim(

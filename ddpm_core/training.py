@@ -15,6 +15,7 @@ from torch.profiler import record_function
 from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.ema import EMA
 from ddpm_core.fields import check_ranges
+from ddpm_core.loss_weighting import LossWeighting
 
 
 @dataclass(frozen=True)
@@ -157,6 +158,8 @@ def train_step(
     generator: torch.Generator | None = None,
     autocast_dtype: torch.dtype | None = None,
     region: Callable[[str], AbstractContextManager[Any]] = record_function,
+    *,
+    weighting: LossWeighting | None = None,
 ) -> StepResult:
     """Algorithm 1: t ~ U{0..T-1}, eps ~ N(0, I), a gradient step on the configured loss, then the EMA update.
 
@@ -167,7 +170,9 @@ def train_step(
     """
     model.train()
     optimizer.zero_grad(set_to_none=True)
-    part = accumulate_gradients(model, diffusion, x0, model_kwargs, generator, autocast_dtype, 1.0, region)
+    part = accumulate_gradients(
+        model, diffusion, x0, model_kwargs, generator, autocast_dtype, 1.0, region, weighting=weighting
+    )
     grad_norm = apply_update(model, optimizer, config, images_seen, ema, region)
     return dataclasses.replace(part, grad_norm=grad_norm)
 
@@ -181,10 +186,14 @@ def accumulate_gradients(
     autocast_dtype: torch.dtype | None,
     scale: float,
     region: Callable[[str], AbstractContextManager[Any]] = record_function,
+    *,
+    weighting: LossWeighting | None = None,
 ) -> StepResult:
     """The loss of Algorithm 1 on one micro-batch ``x0`` ``[b, C, H, W]``, its gradient times ``scale`` added to the
     parameters' ``.grad``: a global batch split into micro-batches of equal size ``b`` is the same gradient when each
-    is scaled by its share of the batch (1 / micro-batches). The result's ``grad_norm`` is zero (no update yet)."""
+    is scaled by its share of the batch (1 / micro-batches). The result's ``grad_norm`` is zero (no update yet).
+    ``weighting`` reweights the loss per timestep (:meth:`GaussianDiffusion.training_losses`); the result's loss and
+    quartile sums are of the weighted loss."""
     batch = x0.shape[0]
     draw_on = generator.device if generator is not None else x0.device  # a CUDA generator: no host round trip
     t = torch.randint(0, diffusion.num_timesteps, (batch,), generator=generator, device=draw_on).to(x0.device)
@@ -193,7 +202,7 @@ def accumulate_gradients(
         region("forward"),
         torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
     ):
-        terms = diffusion.training_losses(model, x0, t, noise, model_kwargs)
+        terms = diffusion.training_losses(model, x0, t, noise, model_kwargs, weighting)
         loss = terms["loss"].mean()
     with region("backward"):
         (loss if scale == 1.0 else loss * scale).backward()

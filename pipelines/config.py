@@ -23,8 +23,10 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from ddpm_core.data import ReadOptions
-from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
+from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion, Prediction
 from ddpm_core.fields import allowed_values
+from ddpm_core.loss_weighting import LossWeighting, Weighting
+from ddpm_core.phema import MAX_SIGMA_REL
 from ddpm_core.precision import Precision
 from ddpm_core.samplers import ODE_SOLVERS, Method, SamplerConfig, spaced_timesteps
 from ddpm_core.storage import s3_options
@@ -221,6 +223,7 @@ MAX_TRAINING_EVENTS = {
     "checkpoint_every_images": (10_000, "checkpoints (each a committed copy of the whole training state)"),
     "grid_every_images": (10_000, "sample grids (each 64 images sampled, logged to MLflow)"),
     "log_every_images": (1_000_000, "log points (each an all-reduce and a row of MLflow metrics)"),
+    "ema_snapshot_every_images": (1_000, "post-hoc EMA snapshots (each a committed copy of every profile's weights)"),
 }
 
 
@@ -247,7 +250,16 @@ class TrainSection:
     )  # worker-group start attempts (60 s each): waits for autoscaling, never forever
     horizontal_flip: bool = False
     seed: int = 0
+    # the per-timestep weight of the denoising loss (ddpm_core.loss_weighting): none (L_simple), min_snr (Hang et al.
+    # 2023: w = min(SNR(t), train.snr_gamma)) or truncated_snr (Salimans & Ho 2022: w = max(SNR(t), 1))
+    loss_weighting: Weighting = Weighting.NONE
+    snr_gamma: float = 5.0
     class_dropout: float = 0.1  # conditional models: probability of training a label as the null class (CFG)
+    # post-hoc EMA (Karras et al. 2024, Sec. 3): the sigma_rel of the power-function EMAs tracked during training, e.g.
+    # [0.05, 0.10], each in (0, 0.2887] (ddpm_core.phema.MAX_SIGMA_REL); empty: off (train.ema_decay's EMA is the
+    # snapshot's either way)
+    ema_profiles: tuple[float, ...] = ()
+    ema_snapshot_every_images: int = 0  # how often the profiles are stored (needed with train.ema_profiles)
     # lr, warmup_images, grad_clip, weight_decay, ema_decay, ema_warmup: train.<field>
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=1e-3, warmup_images=10_000, ema_decay=0.999, ema_warmup=True),
@@ -289,6 +301,9 @@ class TrainSection:
                 "seed": self.seed,
             },
         )
+        coerce_choices(self, "train", {"loss_weighting": Weighting})
+        if not 0 < self.snr_gamma < float("inf"):
+            raise ConfigError(f"train.snr_gamma must be a positive number (min-SNR's clipping), got {self.snr_gamma}")
         placement = str(getattr(self.placement, "value", self.placement)).upper()  # Ray's names, in any case
         object.__setattr__(self, "placement", choose("train.placement", Placement, placement))
         if self.batch_size % self.max_workers:
@@ -298,6 +313,14 @@ class TrainSection:
             )
         if self.elastic_resize_interval_s < 0:
             raise ConfigError(f"train.elastic_resize_interval_s must be >= 0, got {self.elastic_resize_interval_s}")
+        if not 0.0 <= self.class_dropout < 1.0:
+            raise ConfigError(f"train.class_dropout must lie in [0, 1), got {self.class_dropout}")
+        self.check_ema_profiles()
+
+    @property
+    def weighting(self) -> LossWeighting:
+        """The loss weighting the training step applies."""
+        return LossWeighting(self.loss_weighting, self.snr_gamma)
 
     def check_num_workers(self) -> None:
         """``train.num_workers``: a positive number, or ``[min, max]`` with 1 <= min <= max (stored as a tuple)."""
@@ -323,8 +346,30 @@ class TrainSection:
     def min_workers(self) -> int:
         """The fewest workers training goes on with (``max_workers`` unless elastic)."""
         return self.num_workers[0] if isinstance(self.num_workers, tuple) else self.num_workers
-        if not 0.0 <= self.class_dropout < 1.0:
-            raise ConfigError(f"train.class_dropout must lie in [0, 1), got {self.class_dropout}")
+
+    def check_ema_profiles(self) -> None:
+        """``train.ema_profiles``: distinct widths in ``(0, MAX_SIGMA_REL]`` (Karras et al. 2024, Eq. 123: gamma >= 0),
+        stored every ``train.ema_snapshot_every_images`` (> 0, at most ``train.total_images``); no interval without
+        them."""
+        profiles, every = self.ema_profiles, self.ema_snapshot_every_images
+        bad = [width for width in profiles if not 0.0 < width <= MAX_SIGMA_REL]
+        if bad:
+            raise ConfigError(
+                f"train.ema_profiles: each sigma_rel must lie in (0, {MAX_SIGMA_REL:.4f}] (a power-function EMA's "
+                f"relative width, Karras et al. 2024), got {bad[0]} in {list(profiles)}; e.g. [0.05, 0.10]"
+            )
+        if len(set(profiles)) != len(profiles):
+            raise ConfigError(f"train.ema_profiles: each sigma_rel once, got {list(profiles)}")
+        if profiles and not 0 < every <= self.total_images:
+            raise ConfigError(
+                f"train.ema_snapshot_every_images must be > 0 and at most train.total_images ({self.total_images:,}) "
+                f"with train.ema_profiles {list(profiles)}, got {every}: the profiles are stored that often"
+            )
+        if every and not profiles:
+            raise ConfigError(
+                f"train.ema_snapshot_every_images {every} stores nothing without train.ema_profiles (e.g. [0.05, "
+                "0.10]); set both, or neither"
+            )
 
     def check_events(self) -> None:
         """At most :data:`MAX_TRAINING_EVENTS` checkpoints, sample grids and log points (checked after the length of
@@ -334,6 +379,7 @@ class TrainSection:
             ("checkpoint_every_images", self.checkpoint_every_images),
             ("grid_every_images", self.grid_every_images or 0),
             ("log_every_images", self.log_every_images),
+            ("ema_snapshot_every_images", self.ema_snapshot_every_images),
         ):
             limit, what = MAX_TRAINING_EVENTS[key]
             events = -(-self.total_images // max(every, self.batch_size)) if every else 1
@@ -576,6 +622,10 @@ class EvaluateSection:
     rescore_champion: bool = True  # also sample and score the registered champion under this run's protocol
     guidance_scales: tuple[float, ...] = ()  # conditional models: FID and class accuracy at each w (a smaller set)
     guidance_samples: int = field(default=500, metadata=RESOLVED)  # images per guidance scale of the sweep
+    memorization: bool = True  # copy rate: samples nearer one training image than its runner-up (Carlini et al. 2023)
+    copy_false_positive_rate: float = 0.01  # share of held-out real images the copy threshold may flag
+    coverage: bool = True  # labelled data: the samples' class histogram against the training split's (TVD)
+    coverage_resamples: int = 1000  # bootstrap resamples of the TVD's interval
 
     @property
     def first_feature_images(self) -> int:
@@ -607,9 +657,15 @@ class EvaluateSection:
                     "guidance_samples",
                     "kid_subset_size",
                     "kid_subsets",
+                    "coverage_resamples",
                 )
             },
         )
+        if not 0.0 < self.copy_false_positive_rate < 1.0:
+            raise ConfigError(
+                "evaluate.copy_false_positive_rate must be in (0, 1) (the share of held-out real images the copy "
+                f"threshold may flag, e.g. 0.01), got {self.copy_false_positive_rate}"
+            )
         if self.nll_images is not None and self.nll_images <= 0:
             raise ConfigError(f"evaluate.nll_images must be null (the whole split) or > 0, got {self.nll_images}")
         negative = [scale for scale in self.guidance_scales if scale < 0]
@@ -627,9 +683,14 @@ class RegisterSection:
     model_name: str = "ddpm-digits"  # the MLflow registered model
     promotion_margin: float = 0.0  # promote only when FID < champion's FID - margin (both under the same protocol)
     promotion_z: float = 1.96  # ... and the improvement exceeds this many standard errors of the FID difference
+    max_copy_rate: float | None = 0.05  # never promote a model whose copy rate exceeds this (null: no ceiling)
 
     def __post_init__(self) -> None:
         require_non_negative("register", {"promotion_margin": self.promotion_margin, "promotion_z": self.promotion_z})
+        if self.max_copy_rate is not None and not 0.0 <= self.max_copy_rate <= 1.0:
+            raise ConfigError(
+                f"register.max_copy_rate must be null (no ceiling) or a share in [0, 1], got {self.max_copy_rate}"
+            )
         if not self.model_name.strip() or any(character in self.model_name for character in "/:"):
             raise ConfigError(
                 f"register.model_name {self.model_name!r} must be a non-empty name without '/' or ':' "
@@ -703,6 +764,21 @@ class MlflowSection:
         return uri or f"sqlite:///{Path('mlflow.db').resolve()}"
 
 
+def check_loss_weighting(weighting: Weighting, diffusion: DiffusionConfig) -> None:
+    """Truncated-SNR weighting on an eps-predicting network weights its error by max(SNR, 1) / SNR, which is
+    1 / SNR(T) at the noisiest step: refused where that exceeds 1,000 (2.5e4 on the linear schedule of T = 1000)."""
+    if weighting is not Weighting.TRUNCATED_SNR or diffusion.prediction is not Prediction.EPS:
+        return
+    abar = float(GaussianDiffusion.from_config(diffusion).alphas_cumprod[-1])
+    largest = (1 - abar) / abar
+    if largest > 1_000:
+        raise ConfigError(
+            f"train.loss_weighting truncated_snr with diffusion.prediction eps weights the noisiest step's error by "
+            f"1/SNR = {largest:,.0f} (steps with SNR >= 1 by 1): train a v- or x0-predicting network "
+            "(diffusion.prediction=v, as Salimans & Ho 2022 do) or use train.loss_weighting=min_snr"
+        )
+
+
 def check_sampler(sampler: SamplerConfig, diffusion: DiffusionConfig) -> None:
     """The sampler fits the schedule: its steps are distinct timesteps of it, and only DDIM takes eta."""
     steps, num_timesteps = sampler.num_steps, diffusion.num_timesteps
@@ -713,13 +789,12 @@ def check_sampler(sampler: SamplerConfig, diffusion: DiffusionConfig) -> None:
             f"sample.eta {sampler.eta:g} applies to sample.method=ddim only ({sampler.method.value} is "
             f"{'a deterministic ODE solver' if sampler.method in ODE_SOLVERS else 'stochastic by itself'}); set it to 0"
         )
-    if steps is not None and sampler.spacing.needs_schedule:
+    spacing = sampler.timestep_spacing
+    if steps is not None and spacing.needs_schedule:
         try:
-            spaced_timesteps(
-                num_timesteps, steps, sampler.spacing, GaussianDiffusion.from_config(diffusion).alphas_cumprod
-            )
+            spaced_timesteps(num_timesteps, steps, spacing, GaussianDiffusion.from_config(diffusion).alphas_cumprod)
         except ValueError as error:
-            raise ConfigError(f"sample.spacing {sampler.spacing.value}: {error}") from None
+            raise ConfigError(f"sample.spacing {spacing.value}: {error}") from None
 
 
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
@@ -751,6 +826,7 @@ class PipelineConfig:
         self.train.check_events()
         num_timesteps, num_samples = self.diffusion.num_timesteps, self.sample.num_samples
         check_sampler(self.sample.sampler, self.diffusion)
+        check_loss_weighting(self.train.loss_weighting, self.diffusion)
         if self.tune.enabled and self.data.holdout_fraction <= 0:
             raise ConfigError("tune.enabled needs data.holdout_fraction > 0: trials are ranked on held-out images")
         evaluate = self.evaluate

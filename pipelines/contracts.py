@@ -12,6 +12,7 @@ from typing import Any, Generic, TypeVar
 
 from ddpm_core.diffusion import DiffusionConfig
 from ddpm_core.fields import coerce_enum_fields
+from ddpm_core.memorization import CopyRate
 from ddpm_core.precision import Precision
 from ddpm_core.samplers import SamplerConfig
 from ddpm_core.training import OptimConfig
@@ -102,6 +103,9 @@ class TrainOutputs:
     checkpoint_path: str | None  # the last Ray Train checkpoint
     config: TrainedWith
     num_classes: int | None = None  # a class-conditional model's classes (label num_classes is the null class)
+    # the committed post-hoc EMA snapshots (pipelines.training.posthoc), one folder per time; None: train.ema_profiles
+    # was empty
+    posthoc_uri: str | None = None
 
     def __post_init__(self) -> None:
         coerce_enum_fields(self, "train", {"device": Device})
@@ -297,6 +301,100 @@ class ChampionRef:
     version: str | None  # None: the model has no champion (other than a version this run registered)
 
 
+COPY_CRITERION = "d1 / d2 < threshold: nearest over second-nearest training image (Carlini et al. 2023)"
+COPY_INTERVAL_METHOD = "Wilson score 95%"
+COVERAGE_INTERVAL_METHOD = "percentile bootstrap 95% over resampled samples"
+
+
+@dataclass(frozen=True)
+class ClosestPair:
+    """A sample and its nearest training image, among the samples most like copies (smallest ratio)."""
+
+    sample_index: int  # in the sample set
+    training_index: int  # in the training split
+    ratio: float  # d1 / d2 in the extractor's feature space
+
+
+@dataclass(frozen=True)
+class MemorizationScore:
+    """The copy rate of the sample set (Carlini et al. 2023; Somepalli et al. 2023; docs/evaluation.md): the share of
+    samples whose nearest training image is much nearer than the second nearest (``d1 / d2`` below a threshold
+    calibrated on held-out real images at ``false_positive_rate``), in the extractor's feature space and in pixels,
+    each with its Wilson interval; and the held-out images' own rate under a threshold calibrated without them."""
+
+    feature_space: str  # the extractor id (the pixel space is the other)
+    false_positive_rate: float  # evaluate.copy_false_positive_rate
+    heldout_images: int  # the calibration set
+    training_images: int  # searched for each sample's two nearest
+    threshold: float  # of d1 / d2, in the feature space
+    threshold_pixels: float
+    copy_rate: CopyRate  # samples, feature space
+    copy_rate_pixels: CopyRate
+    heldout_rate: CopyRate  # the false-positive check: each half of the held-out images under the other's threshold
+    heldout_rate_pixels: CopyRate
+    closest_pairs: tuple[ClosestPair, ...]  # smallest ratio first (feature space)
+    closest_pairs_uri: str = ""  # the side-by-side PNG in the stage's result folder
+
+    def metrics(self) -> dict[str, float]:
+        """``copy_rate``, ``copy_rate_ci_low``, ``copy_rate_ci_high`` and the same for ``copy_rate_pixels``,
+        ``copy_rate_heldout`` and ``copy_rate_heldout_pixels``; the two thresholds."""
+        found = {"copy_threshold": self.threshold, "copy_threshold_pixels": self.threshold_pixels}
+        for key, rate in (
+            ("copy_rate", self.copy_rate),
+            ("copy_rate_pixels", self.copy_rate_pixels),
+            ("copy_rate_heldout", self.heldout_rate),
+            ("copy_rate_heldout_pixels", self.heldout_rate_pixels),
+        ):
+            found.update({key: rate.rate, f"{key}_ci_low": rate.low, f"{key}_ci_high": rate.high})
+        return found
+
+    def params(self) -> dict[str, Any]:
+        """The ``protocol.memorization.*`` params."""
+        return {
+            "protocol.memorization.criterion": COPY_CRITERION,
+            "protocol.memorization.feature_space": f"{self.feature_space} and pixels",
+            "protocol.memorization.false_positive_rate": self.false_positive_rate,
+            "protocol.memorization.heldout_images": self.heldout_images,
+            "protocol.memorization.training_images": self.training_images,
+            "protocol.memorization.interval": COPY_INTERVAL_METHOD,
+        }
+
+
+@dataclass(frozen=True)
+class ClassCoverage:
+    """Mode coverage of an unconditional sample set: the data set's classifier's histogram of the samples against the
+    training split's label histogram, as total variation distance with a bootstrap interval, and per-class recall."""
+
+    tvd: float  # 0.5 * sum_k |q_k - p_k|
+    tvd_low: float
+    tvd_high: float
+    tvd_floor: float  # the mean TVD of as many images drawn from the training histogram itself (sampling noise)
+    resamples: int
+    seed: int
+    num_samples: int
+    class_names: tuple[str, ...]
+    training_share: tuple[float, ...]  # p_k, by label
+    sample_share: tuple[float, ...]  # q_k, by label
+    recall: tuple[float, ...]  # min(1, q_k / p_k): how much of each class's expected share is present
+
+    def metrics(self) -> dict[str, float]:
+        return {
+            "coverage_tvd": self.tvd,
+            "coverage_tvd_ci_low": self.tvd_low,
+            "coverage_tvd_ci_high": self.tvd_high,
+            "coverage_tvd_floor": self.tvd_floor,
+            "coverage_min_recall": min(self.recall),
+        }
+
+    def params(self) -> dict[str, Any]:
+        return {
+            "protocol.coverage.classifier": "the data set's classifier (prepare stage), top-1",
+            "protocol.coverage.interval": COVERAGE_INTERVAL_METHOD,
+            "protocol.coverage.resamples": self.resamples,
+            "protocol.coverage.seed": self.seed,
+        }
+
+
 @dataclass(frozen=True)
 class EvaluateOutputs:
     scores: Scores
@@ -309,6 +407,19 @@ class EvaluateOutputs:
     score_protocol: ScoreProtocol
     guidance_sweep: tuple[GuidancePoint, ...] = ()
     scores_run_id: str = ""  # the evaluate run that holds these scores as metrics (their one home in MLflow)
+    memorization: MemorizationScore | None = None  # None: off or not computable (memorization_skipped says why)
+    memorization_skipped: str | None = None
+    coverage: ClassCoverage | None = None  # None: off or not computable (coverage_skipped says why)
+    coverage_skipped: str | None = None
+
+    def metrics(self) -> dict[str, float]:
+        """Every number the evaluate run logs as a metric: the scores, the copy rates and the coverage."""
+        found = self.scores.metrics()
+        if self.memorization is not None:
+            found.update(self.memorization.metrics())
+        if self.coverage is not None:
+            found.update(self.coverage.metrics())
+        return found
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from tests.config_trace import ReadTrace
 LOCATION = ("run_id", "storage.root", "mlflow.tracking_uri", "mlflow.experiment")  # where the run lives
 BASES = {
     "quickstart": (),
+    "ddim": ("sample.method=ddim", "sample.num_steps=50"),  # sample.eta applies to DDIM only
     "tuned": ("tune.enabled=true", "tune.space={train.lr: {choice: [0.001, 0.002]}}", "tune.warm_start=true"),
     "tuned-conditional": (
         "tune.enabled=true",
@@ -41,6 +42,12 @@ BASES = {
         "model.conditional=true",
     ),
     "conditional": ("model.conditional=true", "evaluate.guidance_scales=[0.0, 2.0]", "sample.classes=[0, 1]"),
+    "tuned-posthoc-ema": (
+        "tune.enabled=true",
+        "tune.space={train.lr: {choice: [0.001, 0.002]}}",
+        "train.ema_profiles=[0.05, 0.1]",
+        "train.ema_snapshot_every_images=25000",
+    ),
     "streamed-inception": (
         "data.loader=stream",
         "evaluate.extractor=inception",
@@ -57,6 +64,7 @@ SPECIAL = {  # values for keys whose type alone does not give a valid different 
     "tune.space": [{"train.lr": {"choice": [0.001, 0.003]}}, {"diffusion.schedule": {"choice": ["linear", "cosine"]}}],
     "diffusion.schedule_params": [{"beta_start": 0.0002}],
     "evaluate.guidance_scales": [(0.5,), (0.0, 3.0)],
+    "train.ema_profiles": [(0.05,), (0.1, 0.2), ()],
     "sample.classes": [(0,), (1, 2), None],
     "evaluate.inception_weights_sha256": ["6726825d6726825d"],
     "data.uri": ["/data/images", "s3://bucket/images"],

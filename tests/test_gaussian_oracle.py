@@ -59,7 +59,7 @@ def run_sampler(schedule, prediction, variance, method, steps, eta, seed):
     config = SamplerConfig(method=method, num_steps=steps, eta=eta, clip_denoised=False)
     noise = GeneratorNoise(NUM_SAMPLES, torch.Generator().manual_seed(seed), dtype=torch.float64)
     result = sample(model, base, SHAPE, noise, config, dtype=torch.float64)
-    visited = spaced_timesteps(1000, steps or 1000, config.spacing)
+    visited = spaced_timesteps(1000, steps or 1000, config.timestep_spacing)
     assert result.timesteps == list(reversed(visited))
     return result.samples, exact_output_moments(base, visited, method, variance, eta)
 

@@ -10,6 +10,7 @@
    implementations) at float64 precision, for every parameterisation.
 """
 
+import dataclasses
 import math
 
 import pytest
@@ -200,6 +201,24 @@ def test_solvers_keep_per_index_noise_and_guidance_working():
     for method in (Method.DPM_SOLVER_PP_2M, Method.HEUN):
         split = torch.cat([draw(range(2), method), draw(range(2, 5), method)])
         torch.testing.assert_close(draw(range(5), method), split, rtol=1e-5, atol=1e-5)
+
+
+def test_naming_a_method_alone_gives_the_spacing_measured_best_for_it():
+    """The ODE solvers take trailing spacing unless another is named (DPM-Solver++ with linspace or log-SNR spacing
+    loses to DDIM-50 on digits: docs/benchmarks.md); DDIM and the ancestral sampler keep linspace. The spacing in a
+    sampler's record (its protocol and fingerprint) is the one used, named or not."""
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig(num_timesteps=100))
+    expected = {Method.DPM_SOLVER_PP_2M: Spacing.TRAILING, Method.HEUN: Spacing.TRAILING}
+    for method in Method:
+        default, named = SamplerConfig(method=method, num_steps=10), SamplerConfig(method, 10, spacing="leading")
+        assert default.timestep_spacing is expected.get(method, Spacing.LINSPACE)
+        assert default.to_dict()["spacing"] == default.timestep_spacing.value
+        assert named.timestep_spacing is Spacing.LEADING
+        noise = PerIndexNoise(0, range(1))
+        visited = sample(tiny_model(), diffusion, (1, 8, 8), noise, default).timesteps
+        assert visited == list(reversed(spaced_timesteps(100, 10, default.timestep_spacing)))
+    dpm = SamplerConfig(method=Method.DPM_SOLVER_PP_2M, num_steps=20)
+    assert dataclasses.replace(dpm, method=Method.DDIM).timestep_spacing is Spacing.LINSPACE  # follows the method
 
 
 @pytest.mark.parametrize(

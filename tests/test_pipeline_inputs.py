@@ -37,6 +37,9 @@ def run_cli(args, capsys):
         ("train.num_workers=[1, 2, 4]", "train.num_workers: expected a number or [min, max] of two integers"),
         ("train.num_workers=[1, 3]", "train.batch_size 128 must be a multiple of train.num_workers 3 (its maximum"),
         ("train.elastic_resize_interval_s=-1", "train.elastic_resize_interval_s must be >= 0"),
+        ("train.loss_weighting=min-snr", "train.loss_weighting 'min-snr' is not one of: none, min_snr, truncated_snr"),
+        ("train.snr_gamma=0", "train.snr_gamma must be a positive number (min-SNR's clipping), got 0"),
+        ("train.loss_weighting=truncated_snr", "by 1/SNR = 24,777 (steps with SNR >= 1 by 1): train a v- or x0-"),
         ("run_id=../escape", "no path separators"),
         ("sample.method=euler", "sample.method: 'euler' is not one of ancestral, ddim"),
         ("model.preset=imagenet", "model.preset 'imagenet' is not one of"),
@@ -202,6 +205,10 @@ def test_dag_command_prints_text_and_mermaid(capsys):
         (
             "{diffusion.schedule: {choice: [linear, warp]}}",
             "value 'warp' is not a valid config: diffusion.schedule: 'warp' is not one of",
+        ),
+        (
+            "{train.loss_weighting: {choice: [none, min_snr, truncated_snr]}}",  # eps-prediction (the default)
+            "value 'truncated_snr' is not a valid config: train.loss_weighting truncated_snr with diffusion.prediction",
         ),
         ("{train.lr: {normal: [0.001, 0.1]}}", "expected one of {choice: [...], grid: [...]"),
         ("{train.lr: {grid: [0.001]}}", "use 'grid' with tune.search_alg=grid"),

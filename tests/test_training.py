@@ -1,4 +1,5 @@
-"""EMA, learning-rate warm-up, per-quartile losses, and a short real training run on the bundled digits."""
+"""EMA, learning-rate warm-up, per-quartile losses, the loss weighting of the pipeline's step, and a short real
+training run on the bundled digits."""
 
 import json
 import math
@@ -9,10 +10,16 @@ import torch.distributed as dist
 import torch.multiprocessing
 
 from ddpm_core.demo import train_and_sample
+from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm_core.ema import EMA
 from ddpm_core.samplers import SamplerConfig
 from ddpm_core.training import OptimConfig, RunningTotals, StepResult, drop_labels, learning_rate, quartile_sums
+from ddpm_core.unet import UNet
+from pipelines.config import TrainSection
+from pipelines.training.state import Worker, fresh_shares
+from pipelines.training.step import StepState, step, step_parts
 from tests.conftest import free_port
+from tests.test_sampling import TINY as SAMPLING_TINY
 
 
 def test_ema_update_is_the_exponential_average():
@@ -136,3 +143,30 @@ def test_an_allocation_failure_names_the_settings_to_change():
         out_of_memory_advice("a training step", "lower train.batch_size"),
     ):
         raise RuntimeError("unrelated")
+
+
+@pytest.mark.parametrize("weighting", ["none", "min_snr"])
+def test_the_training_step_weights_the_loss_as_train_loss_weighting_says(weighting):
+    """The pipeline's step (pipelines.training.step) trains on the weighted loss ``train.loss_weighting`` names: its
+    loss is the batch mean of the per-example MSE times min(SNR(t), gamma) / SNR(t) for an eps-predicting network
+    (Hang et al. 2023), with t and the noise drawn from the share's stream as the step draws them. (gamma 0.5: most
+    of the 100 steps have an SNR above it, so the weights differ from 1.)"""
+    train = TrainSection(
+        num_workers=1, batch_size=8, loss_weighting=weighting, snr_gamma=0.5, optim=OptimConfig(warmup_images=0)
+    )
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig(num_timesteps=100))
+    torch.manual_seed(0)
+    device = torch.device("cpu")
+    parts = step_parts(UNet(SAMPLING_TINY), train, device, lambda model, options: model)
+    state = StepState(*parts, fresh_shares(0, Worker(0, 1, device, None, 1, (0,)), 0), gradient_scale=1.0)
+    x0 = torch.rand(8, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1  # [8, 1, 8, 8]
+    generator = torch.Generator().set_state(state.shares[0].generator.get_state())  # the step's draws, replayed
+    t = torch.randint(0, 100, (8,), generator=generator)  # [8]
+    noise = torch.randn(x0.shape, generator=generator)  # [8, 1, 8, 8]
+    with torch.no_grad():
+        mse = diffusion.training_losses(state.model, x0, t, noise)["mse"]  # [8], unweighted
+    snr = diffusion.alphas_cumprod[t] / (1 - diffusion.alphas_cumprod[t])  # [8] float64
+    weights = snr.clamp(max=0.5) / snr if weighting == "min_snr" else torch.ones_like(snr)
+    assert weighting == "none" or (weights < 0.9).any(), weights
+    result = step(state, diffusion, [(x0, None)], train, None)
+    assert result.loss.item() == pytest.approx((mse.double() * weights).mean().item(), rel=1e-5)

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 from mlflow.tracking import MlflowClient
 
+from ddpm_core.memorization import CopyRate
 from pipelines.contracts import EvaluateOutputs
 from pipelines.tracking import run_link, set_note_part
 
@@ -89,7 +90,7 @@ def score_lines(evaluation: EvaluateOutputs) -> list[Line]:
             else ""
         )
         lines.append(Line("FID_inf", f"{significant(scores.fid_inf)}, the jackknife's bias-corrected FID{held}"))
-    lines += comparison_lines(evaluation) + other_lines(evaluation)
+    lines += comparison_lines(evaluation) + other_lines(evaluation) + diversity_lines(evaluation)
     return lines
 
 
@@ -151,6 +152,37 @@ def other_lines(evaluation: EvaluateOutputs) -> list[Line]:
         )
     if scores.conditional_accuracy is not None:
         lines.append(Line("class accuracy", f"{scores.conditional_accuracy:.2f} (the data set's classifier)"))
+    return lines
+
+
+def rate_text(rate: CopyRate) -> str:
+    """A share with its 95% interval: ``0.012 (95% interval 0.006 to 0.021; 12 of 1,000)``."""
+    return f"{rate.rate:.3f} (95% interval {rate.low:.3f} to {rate.high:.3f}; {rate.count:,} of {rate.total:,})"
+
+
+def diversity_lines(evaluation: EvaluateOutputs) -> list[Line]:
+    """The copy rate in both spaces with the held-out images' own (the false-positive check), and class coverage."""
+    lines, memorized, coverage = [], evaluation.memorization, evaluation.coverage
+    if memorized is not None:
+        lines.append(
+            Line(
+                "copy rate",
+                f"{rate_text(memorized.copy_rate)} in {memorized.feature_space}'s features, "
+                f"{rate_text(memorized.copy_rate_pixels)} in pixels (samples whose nearest of "
+                f"{memorized.training_images:,} training images is much nearer than the second; threshold at a "
+                f"{memorized.false_positive_rate:g} false-positive rate on {memorized.heldout_images:,} held-out "
+                f"images, which score {memorized.heldout_rate.rate:.3f} out of sample)",
+            )
+        )
+    if coverage is not None:
+        lines.append(
+            Line(
+                "class coverage",
+                f"TVD {significant(coverage.tvd)} (95% bootstrap interval {significant(coverage.tvd_low)} to "
+                f"{significant(coverage.tvd_high)}; a perfect model's {coverage.num_samples:,} samples: "
+                f"{significant(coverage.tvd_floor)}), lowest class recall {min(coverage.recall):.2f}",
+            )
+        )
     return lines
 
 

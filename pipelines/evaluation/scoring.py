@@ -26,9 +26,10 @@ from ddpm_core.metrics import (
     fid_jackknife,
     split_boundaries,
 )
-from ddpm_core.storage import IncompleteError, commit, filesystem, read_committed
+from ddpm_core.storage import IncompleteError, commit, filesystem, read_committed, read_manifest
 from pipelines.config import Extractor
-from pipelines.data.shards import ImageSource, read_images, split_sources
+from pipelines.data.shards import ImageSource, read_images, split_layout, split_sources
+from pipelines.evaluation.memorization import FEATURES_FILE, SetNeighbours, TrainingSet, set_neighbours
 from pipelines.execution import Execution
 
 REFERENCE_FILE = "reference.pt"
@@ -49,6 +50,7 @@ class Summary:
     inception: ClassProbabilityStatistics | None  # None when the Inception Score is off
     first_features: torch.Tensor  # [min(N, limit), d] features of the images with the lowest indices, in index order
     groups: dict[int, FeatureStatistics] = field(default_factory=dict)  # jackknife group -> its images' statistics
+    neighbours: SetNeighbours | None = None  # each image's two nearest training images, in index order (if asked)
 
     def group_list(self) -> list[FeatureStatistics]:
         """The jackknife groups' statistics in group order (every group must hold images)."""
@@ -73,6 +75,7 @@ class SummaryRequest:
     inception_splits: int = 0  # 0: no Inception Score statistics
     keep_first: int = 0  # keep the features of the images with indices below this (precision/recall)
     groups: int = 0  # index-contiguous jackknife groups of [0, num_samples) (0: none)
+    neighbours: TrainingSet | None = None  # search each image's two nearest training images (the copy rate)
 
 
 def build_extractor(spec: ExtractorSpec, storage_options: dict[str, object]) -> FeatureExtractor:
@@ -105,7 +108,9 @@ def summary_of(
         inception = ClassProbabilityStatistics.empty(request.num_samples, request.inception_splits, logits.shape[1])
         inception.update(logits, indices)
     groups = group_statistics(features, indices, request.num_samples, request.groups) if request.groups else {}
-    return Summary(FeatureStatistics.from_features(features), inception, features[indices < request.keep_first], groups)
+    neighbours = set_neighbours(images, features, request.neighbours, storage_options) if request.neighbours else None
+    first = features[indices < request.keep_first]  # [min(n, keep_first - first_index), d]
+    return Summary(FeatureStatistics.from_features(features), inception, first, groups, neighbours)
 
 
 def group_statistics(
@@ -142,8 +147,10 @@ def summarize(sources: list[ImageSource], request: SummaryRequest, execution: Ex
     groups: dict[int, FeatureStatistics] = {}
     for part in parts:
         groups = merge_groups(groups, part.groups)
-    in_index_order = sorted(zip(sources, parts, strict=True), key=lambda pair: pair[0].first_index)
-    return Summary(fid, inception, torch.cat([part.first_features for _, part in in_index_order]), groups)
+    in_index_order = [part for _, part in sorted(zip(sources, parts, strict=True), key=lambda p: p[0].first_index)]
+    found = [part.neighbours for part in in_index_order if part.neighbours is not None]
+    neighbours = SetNeighbours.cat(found) if found else None
+    return Summary(fid, inception, torch.cat([part.first_features for part in in_index_order]), groups, neighbours)
 
 
 def reference_key(data_fingerprint: str, extractor_id: str) -> str:
@@ -228,3 +235,32 @@ def published_reference(uri: str, storage_options: dict[str, object]) -> Publish
         torch.from_numpy(sigma).to(torch.float64),
         hashlib.sha256(data).hexdigest(),
     )
+
+
+@ray.remote
+def features_of_source(source: ImageSource, spec: ExtractorSpec, storage_options: dict[str, object]) -> bytes:
+    """The features ``[n, d]`` float32 of one file's images, as ``.npy`` bytes (a Ray task of
+    :func:`training_features`)."""
+    features, _ = build_extractor(spec, storage_options)(read_images(source, storage_options))  # [n, d]
+    buffer = io.BytesIO()
+    np.save(buffer, features.to(torch.float32).numpy())
+    return buffer.getvalue()
+
+
+def training_features(
+    cache_uri: str, train_uri: str, spec: ExtractorSpec, execution: Execution, log: Callable[[str], None]
+) -> TrainingSet:
+    """The training split's files and the committed cache of their features, one ``features-NNNNN.npy`` per file
+    (computed by one Ray task per file the first time, then reused for the data fingerprint and extractor of
+    ``cache_uri``): what the copy rate's neighbour search reads, block by block."""
+    layout = split_layout(train_uri, execution.storage_options)
+    try:
+        read_manifest(cache_uri, execution.storage_options)
+        log(f"reusing training features {cache_uri}")
+    except IncompleteError:
+        log(f"computing the features of the training split ({len(layout.sources)} files) into {cache_uri}")
+        task, options = features_of_source.options(**execution.options()), execution.storage_options
+        parts: list[bytes] = ray.get([task.remote(source, spec, options) for source in layout.sources])
+        files = {FEATURES_FILE.format(number): data for number, data in enumerate(parts)}
+        commit(cache_uri, files, {"count": layout.count}, execution.storage_options)
+    return TrainingSet(layout.sources, cache_uri, layout.count)

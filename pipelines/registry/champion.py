@@ -24,6 +24,16 @@ CONFIG_TAG = "ddpm.config_sha256"  # on a version: the digest of the inputs of t
 
 
 @dataclass(frozen=True)
+class CopyRateTags:
+    """A version's copy rate and its 95% interval, as tagged (``copy_rate``, ``copy_rate_ci_low``,
+    ``copy_rate_ci_high``)."""
+
+    rate: float
+    low: float
+    high: float
+
+
+@dataclass(frozen=True)
 class Champion:
     model_name: str
     version: str
@@ -36,6 +46,7 @@ class Champion:
     compared_with: str | None = None  # the champion version this one was compared with when registered
     data_listing: str | None = None  # the listing identity of the data it was trained on (ddpm_core.data)
     data_source: str | None = None  # the data set it was trained on: data.uri and split (DATA_SOURCE_TAG)
+    copy_rate: CopyRateTags | None = None  # recorded since memorization was scored (None on older versions)
 
 
 class MlflowRegistry:
@@ -112,7 +123,15 @@ def champion_of(version: ModelVersion) -> Champion:
         tags.get(COMPARED_WITH_TAG),
         tags.get("data_listing"),
         tags.get(DATA_SOURCE_TAG),
+        copy_rate_of(tags),
     )
+
+
+def copy_rate_of(tags: dict[str, str]) -> CopyRateTags | None:
+    """The copy rate a version was tagged with, or None (a version registered before it was scored)."""
+    if not {"copy_rate", "copy_rate_ci_low", "copy_rate_ci_high"} <= tags.keys():
+        return None
+    return CopyRateTags(float(tags["copy_rate"]), float(tags["copy_rate_ci_low"]), float(tags["copy_rate_ci_high"]))
 
 
 def champion_snapshot_uri(store: RunStore, tracking_uri: str, model_name: str, version: str) -> str:

@@ -40,7 +40,7 @@ DEFAULTS = {
     "method": "ddim",
     "num_steps": 50,
     "eta": 0.0,
-    "spacing": "linspace",
+    "spacing": "",  # "": the method's own (ddpm_core.samplers.Method.default_spacing)
     "progressive_frames": 0,
 }
 
@@ -73,9 +73,10 @@ class DDPMSampler(PythonModel):
     ) -> np.ndarray:
         """``model_input["index"]``: sample indices (and ``["label"]``: classes, conditional models); params: seed,
         method (ddim|ancestral|dpm_solver++_2m|heun), num_steps, eta (ddim), spacing (linspace|leading|trailing|
-        log_snr|karras), progressive_frames (0: the samples only), guidance_scale (conditional models) and batch_size
-        (rows sampled at once; the model config's, else 64). The rows are sampled batch after batch and the images
-        concatenated in row order: the same images as one batch of all rows, in memory bounded by the batch."""
+        log_snr|karras; default: the method's own), progressive_frames (0: the samples only), guidance_scale
+        (conditional models) and batch_size (rows sampled at once; the model config's, else 64). The rows are sampled
+        batch after batch and the images concatenated in row order: the same images as one batch of all rows, in
+        memory bounded by the batch."""
         settings = {**DEFAULTS, **(params or {})}
         batch_size = (
             positive_batch_size(settings["batch_size"], "params") if "batch_size" in settings else self.batch_size
@@ -105,7 +106,7 @@ class DDPMSampler(PythonModel):
             method=settings["method"],
             num_steps=int(settings["num_steps"]) or None,
             eta=float(settings["eta"]),
-            spacing=settings["spacing"],
+            spacing=settings["spacing"] or None,
         )
         noise = PerIndexNoise(int(settings["seed"]), indices)  # row i's noise depends on (seed, index i) alone
         kwargs = None if labels is None else {"class_labels": labels}

@@ -4,7 +4,11 @@ that produced them (docs/evaluation.md).
 
 Besides the sample stage's images, this stage samples two more sets under the same protocol (same indices, seed,
 sampler and precision): an untrained network's (``evaluate.untrained_baseline``: the ceiling) and the registered
-champion's (``evaluate.rescore_champion``: so that the register stage compares like with like)."""
+champion's (``evaluate.rescore_champion``: so that the register stage compares like with like).
+
+It also scores memorization (the copy rate, Carlini et al. 2023) and, for labelled data, mode coverage (the class
+histogram's total variation distance): :mod:`pipelines.evaluation.memorization` and
+:mod:`pipelines.evaluation.coverage`."""
 
 from __future__ import annotations
 
@@ -19,19 +23,22 @@ from typing import Any
 
 import numpy as np
 from mlflow.entities import Metric, Param
+from PIL import Image
 
 from ddpm_core.checkpoint import read_snapshot_config
-from ddpm_core.images import grid, rows_by_class, save_grid
+from ddpm_core.images import grid, labelled_rows, rows_by_class, save_grid
 from ddpm_core.metrics import FidEstimate, kernel_inception_distance, kid_subset_size, precision_recall
-from ddpm_core.storage import verify_committed
+from ddpm_core.storage import filesystem, verify_committed, write_bytes
 from pipelines.config import EvaluateSection, Extractor, NllSplit, PipelineConfig
 from pipelines.context import StageContext
 from pipelines.contracts import (
     FID_INTERVAL_METHOD,
     ChampionRef,
+    ClassCoverage,
     EvaluateOutputs,
     FidProtocol,
     GuidancePoint,
+    MemorizationScore,
     NllProtocol,
     PrepareOutputs,
     ReferenceSet,
@@ -44,14 +51,19 @@ from pipelines.data.checks import require_images
 from pipelines.data.recorded import REFERENCE, log_training_data
 from pipelines.data.shards import (
     ImageSource,
+    SplitLayout,
     read_first_images,
     read_images,
+    read_images_at,
     read_sample_labels,
     sample_sources,
+    split_layout,
     split_sources,
 )
 from pipelines.evaluation.classes import ClassHits, class_hits, sweep_plot
+from pipelines.evaluation.coverage import class_counts, class_coverage, coverage_table
 from pipelines.evaluation.likelihood import NllResult, held_out_bits_per_dim
+from pipelines.evaluation.memorization import TrainingSet, memorization_score, pair_caption, pair_strips
 from pipelines.evaluation.report import as_sentence, score_lines
 from pipelines.evaluation.scoring import (
     ExtractorSpec,
@@ -63,6 +75,7 @@ from pipelines.evaluation.scoring import (
     reference_key,
     reference_summary,
     summarize,
+    training_features,
 )
 from pipelines.execution import Execution
 from pipelines.external import External
@@ -88,13 +101,19 @@ class Scorer:
     published: PublishedStatistics | None  # FIDs are against these when given
     execution: Execution
     groups: int  # jackknife groups of every scored set (evaluate.fid_groups)
+    training: TrainingSet | None = None  # the copy rate's neighbour search (None: memorization not scored)
 
-    def request(self, num_images: int, inception_splits: int = 0, keep_first: int = 0) -> SummaryRequest:
+    def request(
+        self, num_images: int, inception_splits: int = 0, keep_first: int = 0, neighbours: bool = False
+    ) -> SummaryRequest:
+        """What every task of a set's summary computes; ``neighbours``: also each image's two nearest training
+        images, in the same tasks as its features (when this scorer searches them)."""
         groups = min(self.groups, num_images)
-        return SummaryRequest(self.network.spec, num_images, inception_splits, keep_first, groups)
+        searched = self.training if neighbours else None
+        return SummaryRequest(self.network.spec, num_images, inception_splits, keep_first, groups, searched)
 
-    def summarize(self, sources: list[ImageSource], num_images: int) -> Summary:
-        return summarize(sources, self.request(num_images), self.execution)
+    def summarize(self, sources: list[ImageSource], num_images: int, neighbours: bool = False) -> Summary:
+        return summarize(sources, self.request(num_images, neighbours=neighbours), self.execution)
 
     def estimate(self, summary: Summary) -> FidEstimate:
         return fid_estimate(summary, self.reference, self.published)
@@ -163,6 +182,27 @@ def check_data(settings: EvaluateSettings, prepare: PrepareOutputs, storage_opti
     require_images(prepare, needs)
 
 
+@dataclass(frozen=True)
+class SampleSetScores:
+    """The sample set's scores, its FID estimate (for the paired comparison with the champion), how many images of
+    each set precision/recall and KID compared, and its summary (features' statistics and neighbours)."""
+
+    scores: Scores
+    fid: FidEstimate
+    compared: int
+    summary: Summary
+
+
+@dataclass(frozen=True)
+class Diversity:
+    """Memorization and mode coverage, or why each was not scored."""
+
+    memorization: MemorizationScore | None
+    memorization_skipped: str | None
+    coverage: ClassCoverage | None
+    coverage_skipped: str | None
+
+
 def run(
     context: StageContext,
     settings: EvaluateSettings,
@@ -170,23 +210,50 @@ def run(
     train: TrainOutputs,
     sample: SampleOutputs,
 ) -> EvaluateOutputs:
-    section = settings.evaluate
+    section, upstream = settings.evaluate, (prepare, train, sample)
     scorer = make_scorer(context, section, prepare, context.execution(train.device))
     context.log(f"evaluate: features of {sample.num_samples} samples with {scorer.network.extractor_id}")
-    scores, ours, pr_count = sample_set_scores(section, scorer, sample)
+    ours = sample_set_scores(section, scorer, sample)
+    scores = ours.scores
     if sample.conditioning is not None:
         hits = conditional_hits(context, prepare, sample.shard_uris, scorer.execution)
         log_class_accuracy(context, hits, list(prepare.class_names or ()))
         scores = dataclasses.replace(scores, conditional_accuracy=hits.accuracy)
-    sweep = guidance_sweep(context, section, (prepare, train, sample), scorer)
-    compared = comparisons(context, settings, (prepare, train, sample), scorer, ours)
+    sweep = guidance_sweep(context, section, upstream, scorer)
+    holdout = holdout_summary(scorer, prepare)
+    compared = comparisons(context, settings, upstream, scorer, ours.fid, holdout)
     nll, nll_protocol = held_out_nll(context, section, prepare, train, sample)
     scores = dataclasses.replace(
         compared.apply(scores, sample.num_samples),
         nll_bpd=nll.bits_per_dim if nll else None,
         nll_bpd_stderr=nll.stderr if nll else None,
     )
-    protocol = FidProtocol(
+    diversity = diversity_scores(context, section, (prepare, sample), scorer, (ours.summary, holdout))
+    protocol = fid_protocol(prepare, sample, scorer)
+    outputs = EvaluateOutputs(
+        scores=scores,
+        protocol=protocol,
+        protocol_hash=protocol_hash(protocol),
+        nll_protocol=nll_protocol,
+        grid_uri=save_sample_grid(context, section.grid_size, sample),
+        reference_uri=scorer.reference_uri,
+        rescored_champion=compared.champion.champion if compared.champion else None,
+        score_protocol=score_protocol(section, upstream, ours.compared),
+        guidance_sweep=sweep,
+        scores_run_id=context.mlflow_run_id,
+        **vars(diversity),
+    )
+    context.ran_with.update(settings_that_ran(section, outputs))
+    log_to_mlflow(context, section.extractor, outputs)
+    if outputs.protocol.reference.reference == "training split":  # the data the FIDs are measured against
+        log_training_data(context.client, context.mlflow_run_id, prepare, REFERENCE)
+    context.log(f"evaluate: {as_sentence(score_lines(outputs))}")
+    return outputs
+
+
+def fid_protocol(prepare: PrepareOutputs, sample: SampleOutputs, scorer: Scorer) -> FidProtocol:
+    """Everything that must match for two FIDs to compare."""
+    return FidProtocol(
         num_samples=sample.num_samples,
         sampler=sample.sampler,
         seed=sample.seed,
@@ -196,24 +263,114 @@ def run(
         reference=reference_set(prepare, scorer),
         conditioning=sample.conditioning,
     )
-    outputs = EvaluateOutputs(
-        scores=scores,
-        protocol=protocol,
-        protocol_hash=protocol_hash(protocol),
-        nll_protocol=nll_protocol,
-        grid_uri=save_sample_grid(context, section.grid_size, sample),
-        reference_uri=scorer.reference_uri,
-        rescored_champion=compared.champion.champion if compared.champion else None,
-        score_protocol=score_protocol(section, (prepare, train, sample), pr_count),
-        guidance_sweep=sweep,
-        scores_run_id=context.mlflow_run_id,
+
+
+def diversity_scores(
+    context: StageContext,
+    section: EvaluateSection,
+    upstream: tuple[PrepareOutputs, SampleOutputs],
+    scorer: Scorer,
+    summaries: tuple[Summary, Summary | None],
+) -> Diversity:
+    """The copy rate (from the neighbours the sample set's and the held-out set's summaries found) with its closest
+    pairs logged, and the class coverage with its table logged; each with the reason it was skipped, if it was."""
+    prepare, sample = upstream
+    memorized, memorization_skipped = None, memorization_skip_reason(section, prepare)
+    samples, holdout = summaries
+    if samples.neighbours is not None and holdout is not None and holdout.neighbours is not None:
+        memorized = memorization_score(
+            samples.neighbours,
+            holdout.neighbours,
+            section.copy_false_positive_rate,
+            scorer.network.extractor_id,
+            scorer.training.count if scorer.training else 0,
+        )
+        memorized = dataclasses.replace(memorized, closest_pairs_uri=log_closest_pairs(context, memorized, upstream))
+    coverage, coverage_skipped = None, coverage_skip_reason(section, prepare, sample)
+    if coverage_skipped is None:
+        coverage = mode_coverage(section, prepare, sample, scorer.execution)
+        log_coverage(context, coverage)
+    for what, reason in (("memorization", memorization_skipped), ("coverage", coverage_skipped)):
+        if reason is not None:
+            context.log(f"evaluate: {what} not scored: {reason}")
+            context.client.set_tag(context.mlflow_run_id, f"{what}.skipped", reason)
+    return Diversity(memorized, memorization_skipped, coverage, coverage_skipped)
+
+
+def memorization_skip_reason(section: EvaluateSection, prepare: PrepareOutputs) -> str | None:
+    """Why the copy rate is not scored (None: it is)."""
+    if not section.memorization:
+        return "evaluate.memorization is off"
+    if prepare.num_holdout < 2:
+        return (
+            f"its threshold is calibrated on held-out real images, and there are {prepare.num_holdout} "
+            f"(data.holdout_fraction {prepare.holdout_fraction:g}; at least 2 are needed)"
+        )
+    return None
+
+
+def coverage_skip_reason(section: EvaluateSection, prepare: PrepareOutputs, sample: SampleOutputs) -> str | None:
+    """Why mode coverage is not scored (None: it is)."""
+    if not section.coverage:
+        return "evaluate.coverage is off"
+    if sample.conditioning is not None:
+        return "a class-conditional model draws the classes it is asked for: its class accuracy is the score"
+    if prepare.class_counts is None or prepare.class_names is None:
+        return "the data has no class labels"
+    if prepare.extractor_uri is None:
+        return (
+            "it needs the data set's classifier, which the prepare stage trains for evaluate.extractor=classifier "
+            "(this run's is inception)"
+        )
+    return None
+
+
+def mode_coverage(
+    section: EvaluateSection, prepare: PrepareOutputs, sample: SampleOutputs, execution: Execution
+) -> ClassCoverage:
+    """The samples' class histogram by the data set's classifier against the training split's labels."""
+    assert prepare.extractor_uri is not None and prepare.class_counts is not None and prepare.class_names is not None
+    sources = sample_sources(sample.shard_uris, execution.storage_options)
+    counts = class_counts(sources, prepare.extractor_uri, len(prepare.class_counts), execution)  # [K]
+    return class_coverage(counts, prepare.class_counts, prepare.class_names, section.coverage_resamples, sample.seed)
+
+
+def log_coverage(context: StageContext, coverage: ClassCoverage) -> None:
+    """The per-class table (``coverage_table.json``) and a line with the TVD and the class seen least."""
+    context.client.log_table(context.mlflow_run_id, coverage_table(coverage), "coverage_table.json")
+    lowest = min(range(len(coverage.recall)), key=coverage.recall.__getitem__)
+    context.log(
+        f"evaluate: class coverage TVD {coverage.tvd:.4f} (95% bootstrap {coverage.tvd_low:.4f} to "
+        f"{coverage.tvd_high:.4f}; a perfect model's {coverage.num_samples} samples: {coverage.tvd_floor:.4f}); "
+        f"lowest recall: class {coverage.class_names[lowest]!r} {coverage.recall[lowest]:.2f}"
     )
-    context.ran_with.update(settings_that_ran(section, outputs))
-    log_to_mlflow(context, section.extractor, outputs)
-    if outputs.protocol.reference.reference == "training split":  # the data the FIDs are measured against
-        log_training_data(context.client, context.mlflow_run_id, prepare, REFERENCE)
-    context.log(f"evaluate: {as_sentence(score_lines(outputs))}")
-    return outputs
+
+
+def log_closest_pairs(
+    context: StageContext, memorized: MemorizationScore, upstream: tuple[PrepareOutputs, SampleOutputs]
+) -> str:
+    """The closest pairs side by side, each row labelled with its ratio, as ``closest_pairs.png`` in the result
+    folder and the artifact ``memorization/closest_pairs.png`` (their list: ``memorization/closest_pairs.json``);
+    returns the PNG's URI."""
+    (prepare, sample), options, pairs = upstream, context.store.options, memorized.closest_pairs
+    sources = sample_sources(sample.shard_uris, options)
+    starts = [source.first_index for source in sources]
+    counts = tuple(stop - start for start, stop in zip(starts, [*starts[1:], sample.num_samples], strict=True))
+    samples = read_images_at(SplitLayout(tuple(sources), counts), [p.sample_index for p in pairs], options)
+    training = read_images_at(split_layout(prepare.shards_uri, options), [p.training_index for p in pairs], options)
+    rows = [Image.fromarray(strip) for strip in pair_strips(samples, training, pairs)]
+    picture = labelled_rows(rows, [pair_caption(pair, rank) for rank, pair in enumerate(pairs, 1)])
+    uri = f"{context.result_uri}/closest_pairs.png"
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "closest_pairs.png")
+        picture.save(path)
+        fs, remote = filesystem(uri, options)
+        with open(path, "rb") as file:
+            write_bytes(fs, remote, file.read())
+        context.client.log_artifact(context.mlflow_run_id, path, "memorization")
+    listed = {"pairs": [vars(pair) for pair in pairs], "feature_space": memorized.feature_space}
+    context.client.log_dict(context.mlflow_run_id, listed, "memorization/closest_pairs.json")
+    return uri
 
 
 def score_protocol(
@@ -271,18 +428,23 @@ def make_scorer(
         if settings.reference_stats_uri
         else None
     )
-    return Scorer(network, reference, uri, published, execution, settings.fid_groups)
+    training = None
+    if memorization_skip_reason(settings, prepare) is None:
+        cache = context.store.cache_uri("training_features", reference_key(prepare.fingerprint, network.extractor_id))
+        training = training_features(
+            cache, prepare.shards_uri, network.spec, execution, lambda line: context.log(f"evaluate: {line}")
+        )
+    return Scorer(network, reference, uri, published, execution, settings.fid_groups, training)
 
 
-def sample_set_scores(
-    settings: EvaluateSection, scorer: Scorer, sample: SampleOutputs
-) -> tuple[Scores, FidEstimate, int]:
+def sample_set_scores(settings: EvaluateSection, scorer: Scorer, sample: SampleOutputs) -> SampleSetScores:
     """FID (with its jackknife stderr and FID_inf), Inception Score, precision/recall and KID of the sample set; its
-    FID estimate (for the paired comparison with the champion); and how many images of each set precision/recall
-    and KID compared (equal set sizes, as in Kynkaanniemi et al. 2019)."""
+    FID estimate (for the paired comparison with the champion); how many images of each set precision/recall and
+    KID compared (equal set sizes, as in Kynkaanniemi et al. 2019); and its summary, with each sample's two nearest
+    training images when the scorer searches them (the copy rate)."""
     options = scorer.execution.storage_options
     splits = settings.inception_score_splits if settings.inception_score else 0
-    request = scorer.request(sample.num_samples, splits, settings.first_feature_images)
+    request = scorer.request(sample.num_samples, splits, settings.first_feature_images, neighbours=True)
     generated = summarize(sample_sources(sample.shard_uris, options), request, scorer.execution)
     count = min(len(scorer.reference.first_features), len(generated.first_features))
     real, fake = scorer.reference.first_features[:count], generated.first_features[:count]  # [count, d] each
@@ -307,7 +469,7 @@ def sample_set_scores(
         kid=kid[0],
         kid_std=kid[1],
     )
-    return scores, fid, count
+    return SampleSetScores(scores, fid, count, generated)
 
 
 def conditional_hits(
@@ -406,13 +568,11 @@ def comparisons(
     upstream: tuple[PrepareOutputs, TrainOutputs, SampleOutputs],
     scorer: Scorer,
     ours: FidEstimate,
+    holdout_set: Summary | None,
 ) -> Comparisons:
-    (prepare, train, sample), options = upstream, scorer.execution.storage_options
-    holdout = (
-        scorer.fid(split_sources(prepare.holdout_uri, options), prepare.num_holdout)
-        if prepare.num_holdout >= 2
-        else None
-    )
+    """FIDs of the held-out images (from their summary), of an untrained network and of the champion."""
+    prepare, train, sample = upstream
+    holdout = scorer.estimate(holdout_set) if holdout_set is not None else None
     untrained = None
     if settings.evaluate.untrained_baseline:
         context.log("evaluate: sampling an untrained network under the same protocol for the baseline FID")
@@ -421,6 +581,15 @@ def comparisons(
         )
     champion = settings.champion if same_data(context, settings.champion, prepare.data_source) else None
     return Comparisons(holdout, untrained, rescore_champion(context, champion, scorer, sample, ours))
+
+
+def holdout_summary(scorer: Scorer, prepare: PrepareOutputs) -> Summary | None:
+    """The held-out real images' summary (the floor's FID; with their neighbours, the copy threshold's
+    calibration), or None with fewer than 2 of them."""
+    if prepare.num_holdout < 2:
+        return None
+    sources = split_sources(prepare.holdout_uri, scorer.execution.storage_options)
+    return scorer.summarize(sources, prepare.num_holdout, neighbours=True)
 
 
 def same_data(context: StageContext, champion: ChampionRef | None, data_source: str) -> bool:
@@ -517,7 +686,7 @@ def log_to_mlflow(context: StageContext, extractor: Extractor, outputs: Evaluate
     """The scores as metrics, the protocol as ``protocol.*`` params, its hash and the extractor as tags."""
     client, run_id = context.client, context.mlflow_run_id
     logged_at = int(time.time() * 1000)  # one timestamp: register links these very entries to the logged model
-    metrics = [Metric(key, value, logged_at, 0) for key, value in outputs.scores.metrics().items()]
+    metrics = [Metric(key, value, logged_at, 0) for key, value in outputs.metrics().items()]
     client.log_batch(run_id, metrics=metrics)
     params = {f"protocol.{key}": value for key, value in outputs.protocol.flat().items() if key != "sampler"}
     params.update({f"protocol.sampler.{key}": value for key, value in outputs.protocol.sampler.to_dict().items()})
@@ -525,6 +694,9 @@ def log_to_mlflow(context: StageContext, extractor: Extractor, outputs: Evaluate
     if outputs.nll_protocol is not None:
         params.update({f"protocol.{key}": value for key, value in outputs.nll_protocol.params().items()})
     params["protocol.reference_uri"] = outputs.reference_uri
+    for found in (outputs.memorization, outputs.coverage):
+        if found is not None:
+            params.update(found.params())
     if outputs.scores.fid_interval() is not None:
         params["protocol.fid.interval"] = FID_INTERVAL_METHOD  # how fid_ci_low and fid_ci_high were computed
     client.log_batch(run_id, params=[Param(key, redact(str(value))) for key, value in params.items()])

@@ -20,6 +20,7 @@ from mlflow.entities import Dataset, Metric
 from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
+from ddpm_core.memorization import CopyRate
 from ddpm_core.storage import filesystem, verify_committed
 from pipelines.config import PipelineConfig, RegisterSection
 from pipelines.context import StageContext, StageStopped
@@ -45,7 +46,7 @@ SAMPLING_PARAMS = {
     "method": "ddim",
     "num_steps": 50,
     "eta": 0.0,
-    "spacing": "linspace",
+    "spacing": "",  # "": the method's own (ddpm_core.samplers.Method.default_spacing)
     "progressive_frames": 0,
 }
 
@@ -76,7 +77,7 @@ def run(
     promote, reason = decide(challenger, settings.register, champion)
     if promote:
         client.set_registered_model_alias(name, "champion", version)
-    decision = ("promoted to champion: " if promote else "champion kept: ") + reason
+    decision = ("promoted to champion: " if promote else "champion kept: " if champion else "not promoted: ") + reason
     client.set_tag(context.mlflow_run_id, "registry.decision", decision)
     client.set_model_version_tag(name, version, "registry.decision", decision)
     describe_version(context, (name, version, model_id), (prepare, train, evaluate), decision)
@@ -131,6 +132,9 @@ def tag_version(
     if evaluate.protocol.conditioning is not None:
         tags["guidance_scale"] = evaluate.protocol.conditioning.guidance_scale
         tags["conditional_accuracy"] = evaluate.scores.conditional_accuracy
+    if evaluate.memorization is not None:  # the copy-rate gate's input (pipelines.registry.champion.copy_rate_of)
+        copies = evaluate.memorization.copy_rate
+        tags.update(copy_rate=copies.rate, copy_rate_ci_low=copies.low, copy_rate_ci_high=copies.high)
     for key, value in tags.items():
         if value is not None:
             context.client.set_model_version_tag(*version, key, str(value))
@@ -290,6 +294,7 @@ class Challenger:
     rescored: tuple[ChampionRef, float] | None = None  # the champion re-scored under this protocol, and its FID
     difference_stderr: float | None = None  # paired jackknife stderr of fid minus the re-scored champion's
     data_source: str | None = None  # the data set it was trained on (PrepareOutputs.data_source)
+    copy_rate: CopyRate | None = None  # its copy rate in the extractor's feature space (None: not scored)
 
     @classmethod
     def of(cls, evaluate: EvaluateOutputs, data_source: str) -> Challenger:
@@ -298,7 +303,8 @@ class Challenger:
         if evaluate.rescored_champion is not None and scores.fid_champion is not None:
             rescored = (evaluate.rescored_champion, scores.fid_champion)
         stderr = scores.fid_minus_champion_stderr
-        return cls(scores.fid, scores.fid_stderr, evaluate.protocol_hash, rescored, stderr, data_source)
+        copies = evaluate.memorization.copy_rate if evaluate.memorization is not None else None
+        return cls(scores.fid, scores.fid_stderr, evaluate.protocol_hash, rescored, stderr, data_source, copies)
 
 
 @dataclass(frozen=True)
@@ -338,10 +344,39 @@ def other_data(challenger: Challenger, champion: Champion) -> bool:
     return known and champion.data_source != challenger.data_source
 
 
+def copy_gate(challenger: Challenger, rule: RegisterSection, champion: Champion | None) -> str | None:
+    """Why the challenger may not be promoted whatever its FID (None: the gate passes): its copy rate (Carlini et al.
+    2023) is above ``register.max_copy_rate``, or significantly above the champion's (its 95% Wilson interval's lower
+    end above the champion's upper end; compared only under the same protocol, on the same data, and with a champion
+    that records a copy rate: an older champion is held to the ceiling alone)."""
+    copies = challenger.copy_rate
+    if copies is None:
+        return None
+    rate = (
+        f"copy rate {copies.rate:.3f} (95% interval {copies.low:.3f} to {copies.high:.3f}, {copies.count} of "
+        f"{copies.total} samples)"
+    )
+    if rule.max_copy_rate is not None and copies.rate > rule.max_copy_rate:
+        return f"{rate} is above register.max_copy_rate {rule.max_copy_rate:g}: not promoted whatever its FID"
+    theirs = champion.copy_rate if champion is not None else None
+    if champion is None or theirs is None or other_data(challenger, champion):
+        return None
+    if champion.protocol_hash == challenger.protocol_hash and copies.low > theirs.high:
+        return (
+            f"{rate} is significantly above champion v{champion.version}'s {theirs.rate:.3f} (interval "
+            f"{theirs.low:.3f} to {theirs.high:.3f}): not promoted whatever its FID"
+        )
+    return None
+
+
 def decide(challenger: Challenger, rule: RegisterSection, champion: Champion | None) -> tuple[bool, str]:
-    """(promote?, reason). The challenger must lower the champion's FID, under the same protocol, by more than
-    ``rule.promotion_margin`` *and* by more than ``rule.promotion_z`` standard errors of the difference (a one-sided
-    test at z; 1.96: 2.5% chance of promoting an equal model by noise). The reason states both numbers."""
+    """(promote?, reason). A challenger that copies its training images (:func:`copy_gate`) is never promoted.
+    Otherwise it must lower the champion's FID, under the same protocol, by more than ``rule.promotion_margin``
+    *and* by more than ``rule.promotion_z`` standard errors of the difference (a one-sided test at z; 1.96: 2.5%
+    chance of promoting an equal model by noise). The reason states both numbers."""
+    refused = copy_gate(challenger, rule, champion)
+    if refused is not None:
+        return False, refused
     if champion is None:
         return True, "no champion yet"
     if other_data(challenger, champion):

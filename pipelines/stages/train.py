@@ -1,7 +1,8 @@
 """train: data-parallel DDPM training with Ray Train (DDP over NCCL with bf16 autocast on GPUs, gloo and fp32 on
 CPUs; ``train.bf16_on_gpu`` / ``train.bf16_on_cpu``). Progress is counted in images; checkpoints of the full training
 state are reported to Ray Train every ``train.checkpoint_every_images``, and a re-run (or a worker-group restart)
-resumes from the latest one. The loop itself is :func:`pipelines.training.loop.train_loop`."""
+resumes from the latest one. With ``train.ema_profiles``, rank 0 also keeps post-hoc EMA profiles and commits their
+snapshots (:mod:`pipelines.training.posthoc`). The loop itself is :func:`pipelines.training.loop.train_loop`."""
 
 from __future__ import annotations
 
@@ -128,6 +129,7 @@ def run(
         checkpoint_path=result.checkpoint.path if result.checkpoint else None,
         config=TrainedWith(diffusion=recipe.diffusion, train=train.optim, unet=unet, preset=recipe.model.preset),
         num_classes=job.unet.num_classes,
+        posthoc_uri=job.posthoc_uri if train.ema_profiles else None,
     )
 
 

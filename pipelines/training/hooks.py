@@ -1,5 +1,6 @@
 """What the training loop does every N images besides stepping: rank 0's metrics and sample grids (MLflow, and the
-job's output), checkpoint reports to Ray Train, stopping on a diverged loss, and the outputs at the end."""
+job's output), its post-hoc EMA snapshots, checkpoint reports to Ray Train, stopping on a diverged loss, and the
+outputs at the end."""
 
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ from ddpm_core.training import OptimConfig, learning_rate
 from pipelines.tracking import BufferedMetricLogger
 from pipelines.training.grids import save_strip
 from pipelines.training.job import TrainJob
+from pipelines.training.posthoc import commit_snapshots
 from pipelines.training.state import TrainState, Worker, gather_random_states
 
 PENDING_METRICS = "metrics.json"
@@ -146,6 +148,17 @@ def system_metrics(job: TrainJob) -> SystemMetricsMonitor | None:
         return None
     monitor.start()
     return monitor
+
+
+def commit_profiles(job: TrainJob, state: TrainState, done: bool) -> None:
+    """Rank 0 commits the post-hoc EMA profiles' snapshots (Karras et al. 2024, Sec. 3.2) when this step passed a
+    multiple of ``train.ema_snapshot_every_images``, and at the end; nothing on other ranks or when off. Called before
+    the step's checkpoint, so that a checkpoint's run has committed every snapshot time up to it."""
+    if state.profiles is None:
+        return
+    every, seen = job.train.ema_snapshot_every_images, state.images_seen
+    if done or seen // every > (seen - job.train.batch_size) // every:
+        commit_snapshots(job.posthoc_uri, state.profiles.snapshot(seen), job.storage_options)
 
 
 def report_checkpoint(job: TrainJob, worker: Worker, state: TrainState, loop_seconds: float, done: bool) -> None:

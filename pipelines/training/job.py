@@ -53,6 +53,11 @@ class TrainJob:
         return f"{self.work_uri}/snapshot"
 
     @property
+    def posthoc_uri(self) -> str:
+        """The post-hoc EMA profiles' snapshots, one committed folder per time (pipelines.training.posthoc)."""
+        return f"{self.work_uri}/posthoc"
+
+    @property
     def initial_snapshot_uri(self) -> str:
         """The untrained network at ``train.seed``: the evaluate stage's baseline."""
         return f"{self.work_uri}/initial_snapshot"

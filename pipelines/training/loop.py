@@ -17,7 +17,14 @@ from ddpm_core.training import RunningTotals, drop_labels
 from pipelines.advice import out_of_memory_advice
 from pipelines.data.shards import read_split
 from pipelines.data.streaming import ImageStream
-from pipelines.training.hooks import Interval, Progress, record_divergence, report_checkpoint, save_outputs
+from pipelines.training.hooks import (
+    Interval,
+    Progress,
+    commit_profiles,
+    record_divergence,
+    report_checkpoint,
+    save_outputs,
+)
 from pipelines.training.job import TrainJob
 from pipelines.training.state import TrainState, Worker, memory_format, save_compile_cache, start_state
 from pipelines.training.step import Batch, Share, step
@@ -26,8 +33,9 @@ from pipelines.training.stopping import LAST_CALL_S, Agreed, StopWatch
 
 def train_loop(job: TrainJob) -> None:
     """Train until ``train.total_images`` images (all workers together) were seen: draw a batch from this worker's
-    resident slice of the data or its stream, take a step (Algorithm 1, the EMA update), and at their intervals in
-    images check the loss on every rank, log metrics and sample grids (rank 0), and report a checkpoint."""
+    resident slice of the data or its stream, take a step (Algorithm 1, the EMA updates), and at their intervals in
+    images check the loss on every rank, log metrics and sample grids and commit post-hoc EMA snapshots (rank 0),
+    and report a checkpoint."""
     worker = Worker.current(job.train.max_workers)
     state = start_state(job, worker)
     micro, started = job.train.batch_size // worker.share_count, time.time()  # images per share and step
@@ -71,6 +79,7 @@ def train_loop(job: TrainJob) -> None:
             if grids is not None:
                 grids.log_grid(state.ema.model, diffusion, seen)
             grid.passed(seen)
+        commit_profiles(job, state, done)  # rank 0's post-hoc EMA snapshots, when due
         reported = checkpoint.due(seen, done)
         if reported:
             report_checkpoint(job, worker, state, time.time() - started, done)

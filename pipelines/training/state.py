@@ -18,6 +18,7 @@ from torch import nn
 from ddpm_core.checkpoint import CheckpointError, load_snapshot, load_training_state, save_snapshot
 from ddpm_core.compile_cache import cache_file_uri, load_compiled, save_compiled
 from ddpm_core.diffusion import Variance
+from ddpm_core.phema import PowerEMA
 from ddpm_core.storage import MANIFEST, filesystem
 from ddpm_core.unet import UNet, UNetConfig
 from pipelines.advice import slow_precision_advice
@@ -68,7 +69,9 @@ class TrainState(StepState):
 
     def to_checkpoint(self, job: TrainJob, random_states: list[list[torch.Tensor]]) -> dict[str, Any]:
         """The training state as ``ddpm_core.checkpoint.save_training_state`` stores it, with every worker's
-        random state (:func:`random_state`, by rank), so that a resumed run draws what an uninterrupted one would."""
+        random state (:func:`random_state`, by rank), so that a resumed run draws what an uninterrupted one would, and
+        the post-hoc EMA profiles when kept (rank 0's, the one that checkpoints), so that they continue exactly."""
+        profiles = {} if self.profiles is None else {"posthoc": self.profiles.state_dict()}
         return {
             "model": self.model.state_dict(),
             "ema": self.ema.state_dict(),
@@ -77,6 +80,7 @@ class TrainState(StepState):
             "images_seen": self.images_seen,
             "random_states": random_states,
             "config": {"unet": job.unet.to_dict(), "diffusion": job.diffusion.to_dict()},
+            **profiles,
         }
 
 
@@ -96,6 +100,7 @@ def start_state(job: TrainJob, worker: Worker) -> TrainState:
         shares=fresh_shares(job.train.seed, worker, 0),
         gradient_scale=worker.world_size / worker.share_count,
         unsaved_compile_cache=load_compile_cache(job, worker) if compiled else None,
+        profiles=start_profiles(job, worker, parts[0], restored if source is WeightSource.RESUMED else None),
     )
     ddp = worker.world_size > 1  # prepare_model wraps the network in DDP
     if restored is not None:
@@ -114,6 +119,26 @@ def start_state(job: TrainJob, worker: Worker) -> TrainState:
     if advice:
         worker.say(advice)
     return state
+
+
+def start_profiles(
+    job: TrainJob, worker: Worker, network: nn.Module, resumed: dict[str, Any] | None
+) -> PowerEMA | None:
+    """Rank 0's post-hoc EMA profiles of ``network`` (``train.ema_profiles``; Karras et al. 2024, Sec. 3.1), continued
+    from the ``resumed`` training state's, else started afresh (the first update weighs the trained weights 1,
+    Eq. 127: a warm start's count of images restarts at 0); None on other ranks (their weights are rank 0's) or when
+    off."""
+    if worker.rank != 0 or not job.train.ema_profiles:
+        return None
+    profiles = PowerEMA(network, job.train.ema_profiles)
+    if resumed is not None:
+        if "posthoc" not in resumed:
+            raise CheckpointError(
+                f"the checkpoint at {int(resumed['images_seen'])} images holds no post-hoc EMA profiles, which "
+                f"train.ema_profiles {list(job.train.ema_profiles)} needs: run again with --from train"
+            )
+        profiles.load_state_dict(resumed["posthoc"])
+    return profiles
 
 
 def prepare_for_ray_train(model: nn.Module, options: dict[str, Any]) -> nn.Module:
@@ -201,10 +226,16 @@ def readable_state(
 def committed_checkpoints(trainer_uri: str, storage_options: dict[str, Any]) -> list[str]:
     """The committed Ray Train checkpoints under a job's ``trainer_uri``, by step (``hooks.checkpoint_name``), as
     URIs."""
-    fs, path = filesystem(f"{trainer_uri}/trainer", storage_options)
+    return committed_folders(f"{trainer_uri}/trainer", "checkpoint_*", storage_options)
+
+
+def committed_folders(parent_uri: str, pattern: str, storage_options: dict[str, Any]) -> list[str]:
+    """The committed folders (those with a manifest) under ``parent_uri`` whose names match the glob ``pattern``,
+    sorted by name, as URIs."""
+    fs, path = filesystem(parent_uri, storage_options)
     fs.invalidate_cache(path)
-    folders = sorted(manifest.rsplit("/", 1)[0] for manifest in fs.glob(f"{path}/checkpoint_*/{MANIFEST}"))
-    protocol = trainer_uri.split("://", 1)[0] + "://" if "://" in trainer_uri else ""
+    folders = sorted(manifest.rsplit("/", 1)[0] for manifest in fs.glob(f"{path}/{pattern}/{MANIFEST}"))
+    protocol = parent_uri.split("://", 1)[0] + "://" if "://" in parent_uri else ""
     return [protocol + folder for folder in folders]
 
 

@@ -16,6 +16,7 @@ from torch.profiler import record_function
 
 from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.ema import EMA
+from ddpm_core.phema import PowerEMA
 from ddpm_core.training import StepResult, accumulate_gradients, apply_update, make_optimizer
 from pipelines.config import TrainSection
 
@@ -60,6 +61,7 @@ class StepState:
     gradient_scale: float = 1.0  # group size / shares: the all-reduce's mean over workers becomes one over shares
     images_seen: int = 0
     step: int = 0
+    profiles: PowerEMA | None = None  # the post-hoc EMA profiles (train.ema_profiles), kept by rank 0 only
 
     def advance(self, images: int) -> None:
         self.images_seen, self.step = self.images_seen + images, self.step + 1
@@ -96,7 +98,8 @@ def step(
 ) -> StepResult:
     """One training step of ``state``: Algorithm 1 (Ho et al. 2020) on one micro-batch per share (``batches[i]`` is
     ``state.shares[i]``'s, each with its own random streams), their gradients accumulated with the all-reduce only
-    after the last, then one update with the EMA (``ddpm_core.training``); ``region`` labels its parts."""
+    after the last, then one update with the EMA (``ddpm_core.training``) and of the post-hoc EMA profiles, if kept
+    (Karras et al. 2024, Eq. 127: the images seen after this step); ``region`` labels its parts."""
     device = batches[0][0].device
     state.step_model.train()
     state.optimizer.zero_grad(set_to_none=True)
@@ -114,9 +117,13 @@ def step(
                     autocast,
                     state.gradient_scale,
                     region,
+                    weighting=train.weighting,
                 )
             )
     grad_norm = apply_update(state.model, state.optimizer, train.optim, state.images_seen, state.ema, region)
+    if state.profiles is not None:
+        with region("ema"):
+            state.profiles.update(state.model, state.images_seen + train.batch_size, train.batch_size)
     return summed(results, grad_norm)
 
 

@@ -1,0 +1,198 @@
+"""Post-hoc EMA in the pipeline (Karras et al. 2024, Sec. 3; the math is tested in tests/test_phema.py): a real run
+with ``train.ema_profiles`` commits one snapshot folder per interval passed and at the end, and the EMA
+reconstructed at a tracked width is that profile's last snapshot; a run resumed from a checkpoint continues the
+profiles bit for bit through the worker's own restore path, and keeps the snapshot folders already committed; bad
+settings are refused before anything runs, with exit code 2 and the key named."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import ray.train
+import torch
+
+from ddpm_core.checkpoint import load_training_state, save_training_state
+from ddpm_core.data import random_batch
+from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
+from ddpm_core.training import OptimConfig
+from pipelines.__main__ import main
+from pipelines.config import TrainSection
+from pipelines.contracts import TrainedWith, TrainOutputs
+from pipelines.execution import Device
+from pipelines.training import state as state_module
+from pipelines.training.hooks import checkpoint_name, commit_profiles
+from pipelines.training.job import TrainJob
+from pipelines.training.posthoc import posthoc_snapshot, read_snapshots
+from pipelines.training.state import TrainState, Worker, gather_random_states, start_state
+from pipelines.training.step import step
+from pipelines.typed import from_plain
+from tests.run_files import outputs, result_dir
+from tests.test_bad_inputs import TINY
+from tests.test_sampling import TINY as TINY_UNET
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+PROFILES = (0.05, 0.10)
+TOTAL, EVERY = 1536, 500  # batch 128: the intervals are passed at 512, 1024 and 1536 images (the end)
+RUN = (  # tests/test_bad_inputs.py's smallest run of every stage, longer, with post-hoc EMA (later overrides win)
+    *TINY,
+    f"train.total_images={TOTAL}",
+    "train.checkpoint_every_images=768",
+    "train.log_every_images=768",
+    "train.grid_every_images=null",
+    f"train.ema_profiles=[{PROFILES[0]}, {PROFILES[1]}]",
+    f"train.ema_snapshot_every_images={EVERY}",
+)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    """The root of a finished run with post-hoc EMA profiles."""
+    root = tmp_path_factory.mktemp("posthoc")
+    location = [f"storage.root={root / 'runs'}", f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}"]
+    command = [sys.executable, "-m", "pipelines", "run", "run_id=posthoc", *RUN, *location]
+    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return root / "runs" / "posthoc"
+
+
+def test_a_run_with_profiles_commits_their_snapshots_and_reconstructs_a_tracked_width(finished):
+    run_root = finished
+    train = from_plain(TrainOutputs, outputs(run_root, "train"))
+    assert train.posthoc_uri == str(result_dir(run_root, "train") / "posthoc") and train.images_seen == TOTAL
+    folders = sorted(path.parent.name for path in Path(train.posthoc_uri).glob("*/manifest.json"))
+    assert folders == [f"{images:015d}" for images in (512, 1024, 1536)]
+    snapshots = read_snapshots(train.posthoc_uri, {})
+    assert [(snap.images_seen, snap.sigma_rel) for snap in snapshots] == [
+        (images, width) for images in (512, 1024, 1536) for width in PROFILES
+    ]
+    tracked = snapshots[-1].state_dict  # sigma_rel 0.10 at the end, as rank 0 tracked it
+    reconstructed = posthoc_snapshot(train, PROFILES[1], {})
+    assert reconstructed.keys() == tracked.keys()
+    for key, value in tracked.items():
+        torch.testing.assert_close(reconstructed[key], value, rtol=1e-5, atol=1e-6, msg=key)
+        assert reconstructed[key].dtype == value.dtype == torch.float32
+    final = json.loads((Path(train.checkpoint_path or "") / "manifest.json").read_text())["metadata"]
+    saved = load_training_state(train.checkpoint_path or "")["posthoc"]  # the checkpoint's profiles, at the end
+    assert final["step"] == TOTAL // 128 and saved["images_seen"] == TOTAL
+    assert all(torch.equal(saved["emas"][1][key], value) for key, value in tracked.items())
+
+
+def test_the_sweep_benchmark_scores_reconstructions_under_the_runs_protocol(finished, tmp_path):
+    """benchmarks/posthoc_ema.py on the finished run: one row per width, and the run's own snapshot, scored under the
+    run's sampler, seed and N, reproduces the run's logged FID."""
+    out, picture = tmp_path / "posthoc_ema.json", tmp_path / "posthoc_ema.png"
+    command = [sys.executable, "benchmarks/posthoc_ema.py", "--run-root", str(finished), "--sigma-rels", "0.03", "0.1"]
+    env = {**ENV, "OMP_NUM_THREADS": "1"}  # one thread, like a sampling actor: the same images
+    subprocess.run([*command, "--out", str(out), "--plot", str(picture)], cwd=REPO, check=True, timeout=300, env=env)
+    result = json.loads(out.read_text())
+    assert [row["sigma_rel"] for row in result["rows"]] == [0.03, 0.1] and result["ema_profiles"] == list(PROFILES)
+    assert result["baseline"]["fid"] == pytest.approx(result["run_fid"], rel=1e-4)
+    assert result["best_sigma_rel"] in (0.03, 0.1) and picture.stat().st_size > 10_000
+
+
+BATCH, STEPS, RESUME_AT = 8, 12, 5  # the checkpoint after step 5; snapshots every 20 images (every 2.5 steps)
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread, as a Ray worker of 1 CPU has (two threads on a busy 2-core host cost seconds a step)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def tiny_job(work: Path) -> TrainJob:
+    optim = OptimConfig(lr=1e-3, warmup_images=0, ema_decay=0.9)
+    train = TrainSection(
+        num_workers=1,
+        batch_size=BATCH,
+        total_images=BATCH * STEPS,
+        ema_profiles=PROFILES,
+        ema_snapshot_every_images=20,
+        optim=optim,
+    )
+    return TrainJob(TINY_UNET, DiffusionConfig(num_timesteps=100), train, Device.CPU, "", None, str(work), {}, "", "")
+
+
+def train_steps(job: TrainJob, worker: Worker, state: TrainState, until: int, checkpoint_at: int | None) -> None:
+    """The loop's steps on fixed data (a step, the post-hoc snapshots when due, a checkpoint as rank 0 reports it)."""
+    data = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1  # [64, 1, 8, 8] in [-1, 1]
+    diffusion = GaussianDiffusion.from_config(job.diffusion)
+    while state.step < until:
+        batches = [(random_batch(data, BATCH, share.generator, True)[0], None) for share in state.shares]
+        step(state, diffusion, batches, job.train, None)
+        state.advance(BATCH)
+        commit_profiles(job, state, state.step == STEPS)
+        if state.step == checkpoint_at:
+            folder = f"{job.trainer_uri}/trainer/{checkpoint_name(state.step)}"
+            save_training_state(folder, state.to_checkpoint(job, gather_random_states(worker, state.shares)))
+
+
+def test_a_resumed_run_continues_the_profiles_bit_for_bit_and_keeps_committed_snapshots(
+    tmp_path, monkeypatch, one_thread
+):
+    """The worker's own start (``state.start_state``: the newest committed checkpoint, its profiles) with Ray Train's
+    session replaced by a single process: an uninterrupted run, checkpointed after step 5, and a run resumed there
+    in the same folder (as after a crash past the later snapshots) reach the same profiles and weights."""
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)  # none registered: the committed one is found
+    monkeypatch.setattr(state_module, "prepare_for_ray_train", lambda model, options: model)
+    job, worker = tiny_job(tmp_path), Worker(0, 1, torch.device("cpu"), None, 1, (0,))
+    straight = start_state(job, worker)
+    train_steps(job, worker, straight, STEPS, RESUME_AT)
+    manifests = {path: path.stat().st_mtime_ns for path in (tmp_path / "posthoc").glob("*/manifest.json")}
+    assert sorted(path.parent.name for path in manifests) == [f"{n:015d}" for n in (24, 40, 64, 80, 96)]
+
+    resumed = start_state(job, worker)
+    assert resumed.profiles is not None and resumed.profiles.images_seen == RESUME_AT * BATCH == resumed.images_seen
+    train_steps(job, worker, resumed, STEPS, None)
+    assert straight.profiles is not None and resumed.profiles.images_seen == straight.profiles.images_seen
+    for mine, theirs in zip(resumed.profiles.emas, straight.profiles.emas, strict=True):
+        assert all(
+            torch.equal(a, b) for a, b in zip(mine.state_dict().values(), theirs.state_dict().values(), strict=True)
+        )
+    assert all(torch.equal(a, b) for a, b in zip(resumed.model.parameters(), straight.model.parameters(), strict=True))
+    assert {path: path.stat().st_mtime_ns for path in manifests} == manifests, "committed snapshots were rewritten"
+
+    trained_with = TrainedWith(job.diffusion, job.train.optim, job.unet, "tiny")
+    train = TrainOutputs("", "", BATCH * STEPS, Device.CPU, None, None, trained_with, posthoc_uri=job.posthoc_uri)
+    reconstructed = posthoc_snapshot(train, PROFILES[0], {})
+    for key, value in straight.profiles.emas[0].state_dict().items():
+        torch.testing.assert_close(reconstructed[key], value, rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_other_ranks_keep_no_profiles_and_a_run_without_them_checkpoints_none(tmp_path, monkeypatch, one_thread):
+    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)
+    monkeypatch.setattr(state_module, "prepare_for_ray_train", lambda model, options: model)
+    job = tiny_job(tmp_path)
+    other = start_state(job, Worker(1, 2, torch.device("cpu"), None, 2, (1,)))
+    assert other.profiles is None
+    plain = dataclasses.replace(job, train=dataclasses.replace(job.train, ema_profiles=(), ema_snapshot_every_images=0))
+    alone = start_state(plain, Worker(0, 1, torch.device("cpu"), None, 1, (0,)))
+    assert alone.profiles is None and "posthoc" not in alone.to_checkpoint(plain, [])
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["train.ema_profiles=[0.05, 0.1]"], "train.ema_snapshot_every_images must be > 0"),
+        (["train.ema_profiles=[0.05, 0.1]", "train.ema_snapshot_every_images=200000"], "at most train.total_images"),
+        (["train.ema_profiles=[0.05, 0.5]", "train.ema_snapshot_every_images=1000"], "train.ema_profiles: each"),
+        (["train.ema_profiles=[0.0]", "train.ema_snapshot_every_images=1000"], "train.ema_profiles: each"),
+        (["train.ema_profiles=[0.1, 0.1]", "train.ema_snapshot_every_images=1000"], "train.ema_profiles: each"),
+        (["train.ema_snapshot_every_images=1000"], "train.ema_snapshot_every_images 1000 stores nothing"),
+        (["train.ema_profiles=[0.1]", "train.ema_snapshot_every_images=1", "train.total_images=10000000"], "1,000"),
+    ],
+)
+def test_bad_post_hoc_ema_settings_exit_2_naming_the_key(overrides, named, tmp_path, capsys):
+    location = [f"storage.root={tmp_path / 'runs'}", f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}"]
+    assert main(["run", *overrides, *location]) == 2
+    assert named in capsys.readouterr().err
+    assert not (tmp_path / "runs").exists()
