@@ -28,7 +28,7 @@ from ddpm_core.metrics import (
 )
 from ddpm_core.storage import IncompleteError, commit, filesystem, read_committed, read_manifest
 from pipelines.config import Extractor
-from pipelines.data.shards import ImageSource, read_images, split_layout, split_sources
+from pipelines.data.shards import ImageSource, SplitLayout, read_images, split_layout, split_sources
 from pipelines.evaluation.memorization import FEATURES_FILE, SetNeighbours, TrainingSet, set_neighbours
 from pipelines.execution import Execution
 
@@ -252,8 +252,11 @@ def training_features(
 ) -> TrainingSet:
     """The training split's files and the committed cache of their features, one ``features-NNNNN.npy`` per file
     (computed by one Ray task per file the first time, then reused for the data fingerprint and extractor of
-    ``cache_uri``): what the copy rate's neighbour search reads, block by block."""
+    ``cache_uri`` and the split's files): what the copy rate's neighbour search reads, block by block. The same
+    images can be split into files of other sizes (a streamed run's prepare writes smaller ones), so the cache is
+    kept per layout."""
     layout = split_layout(train_uri, execution.storage_options)
+    cache_uri = f"{cache_uri}-{layout_key(layout)}"
     try:
         read_manifest(cache_uri, execution.storage_options)
         log(f"reusing training features {cache_uri}")
@@ -264,3 +267,8 @@ def training_features(
         files = {FEATURES_FILE.format(number): data for number, data in enumerate(parts)}
         commit(cache_uri, files, {"count": layout.count}, execution.storage_options)
     return TrainingSet(layout.sources, cache_uri, layout.count)
+
+
+def layout_key(layout: SplitLayout) -> str:
+    """A short hash of how many images each file of a split holds, in order."""
+    return hashlib.sha256(",".join(map(str, layout.counts)).encode()).hexdigest()[:8]
