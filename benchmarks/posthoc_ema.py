@@ -5,9 +5,9 @@ Reads the run's committed post-hoc EMA snapshots once, reconstructs the power-fu
 candidate at the end of training by least squares (``ddpm_core.phema.reconstruct``, Appendix C.3), and scores each
 exactly as benchmarks/fid_vs_steps.py scores a sampler: the same N images (indices 0..N-1, noise seeded by
 (seed, index)), the run's sampler and sample seed unless given, its cached reference statistics and feature network.
-The run's own snapshot (the fixed-decay EMA of ``train.ema_decay``) is scored the same way as a baseline; with the
-run's sampler, seed and N it reproduces the run's logged FID, which checks that this script measures what the
-pipeline reports. Writes JSON and a plot of FID against sigma_rel.
+The run's own snapshot (the EMA it sampled: ``train.ema_decay``'s, or the ``train.ema_sigma_rel`` it tracked or
+chose) is scored the same way as a baseline; with the run's sampler, seed and N it reproduces the run's logged FID,
+which checks that this script measures what the pipeline reports. Writes JSON and a plot of FID against sigma_rel.
 
     python benchmarks/posthoc_ema.py --run-root runs/quickstart --out benchmarks/results/posthoc_ema_digits.json \\
         --plot docs/images/posthoc_ema_digits.png
@@ -69,8 +69,8 @@ def sweep(run_root: Path, scorer: Scorer, sigma_rels: list[float]) -> tuple[list
         raise SystemExit(f"{run_root}: trained without train.ema_profiles; no post-hoc EMA to sweep")
     snapshot, snapshots = load_snapshot(train.snapshot_uri), read_snapshots(train.posthoc_uri, {})
     baseline_fid, _ = scorer.fid(snapshot, snapshot.state_dict)
-    baseline = {"ema": "fixed decay (train.ema_decay)", "fid": baseline_fid}
-    print(f"fixed-decay EMA (the run's snapshot): FID {baseline_fid:8.3f}", flush=True)
+    baseline = {"ema": train.ema_described(), "fid": baseline_fid}
+    print(f"the run's snapshot ({baseline['ema']}): FID {baseline_fid:8.3f}", flush=True)
     rows = []
     for sigma_rel in sigma_rels:
         weights = reconstruct(snapshots, sigma_rel, train.images_seen)

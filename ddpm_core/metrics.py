@@ -231,8 +231,8 @@ class FidEstimate:
     standard error is ``sqrt((G - 1) / G * sum_g (theta_(g) - theta_bar)^2)`` and the bias-corrected estimate
     ``G theta - (G - 1) theta_bar`` removes the 1/N term of the bias exactly. FID's small-sample bias is, to first
     order, that term (``E ||mu_hat - mu_r||^2 = ||mu - mu_r||^2 + tr(Sigma) / N``; Chong & Forsyth 2020 fit
-    ``FID_N = FID_inf + k / N``), so ``unbiased`` estimates their FID_inf from one set and ``at(n)`` the FID the same
-    distribution would score with n images. Scores of sets of different sizes are comparable only through these.
+    ``FID_N = FID_inf + k / N``), so ``unbiased`` estimates their FID_inf from one set. Scores of sets of different
+    sizes are comparable only through it, or for real images through :meth:`real_floor_at`.
     """
 
     value: float  # FID of all N images
@@ -249,10 +249,20 @@ class FidEstimate:
         """The normal-approximation interval ``value -/+ z stderr`` (95% for z = 1.96)."""
         return self.value - z * self.stderr, self.value + z * self.stderr
 
-    def at(self, count: int) -> float:
-        """The expected FID of ``count`` images of the same distribution: ``FID_inf + k / count`` with the slope
-        ``k = N (value - unbiased)`` of this set's own bias."""
-        return self.unbiased + (self.value - self.unbiased) * self.count / count
+    def real_floor_at(self, count: int, reference_count: int | None) -> tuple[float, float]:
+        """The FID ``count`` real images would score against the reference, with its standard error, for a set of
+        real images of the reference's own distribution (a hold-out against the training split).
+
+        Two samples of one distribution have FID_inf = 0, and the first-order bias of both sets' means and
+        covariances gives ``E[FID] = k (1/n + 1/m)`` for n images against m in the reference (the mean term exactly:
+        ``E ||mu_a - mu_b||^2 = tr(Sigma) (1/n + 1/m)``; Chong & Forsyth 2020 for the 1/N law), so
+        ``floor(N) = value (1/N + 1/m) / (1/n + 1/m)``: one measured value scaled, not extrapolated along the
+        jackknife's ``FID_inf + k / N`` with ``k = n (value - unbiased)``, a slope that a small set cannot resolve.
+        ``reference_count`` None (published statistics): 1/m = 0.
+        """
+        inverse_m = 0.0 if reference_count is None else 1.0 / reference_count
+        factor = (1.0 / count + inverse_m) / (1.0 / self.count + inverse_m)
+        return self.value * factor, self.stderr * factor
 
     def minus(self, other: FidEstimate) -> FidEstimate:
         """``self - other`` with a paired jackknife: group g of both sets must hold the same sample indices (same

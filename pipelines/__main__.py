@@ -51,6 +51,7 @@ from pipelines.context import StageStopped
 from pipelines.contracts import (
     EvaluateOutputs,
     RegisterOutputs,
+    TrainOutputs,
 )
 from pipelines.execution import ClusterTooSmallError
 from pipelines.interruption import STOP, Interrupted
@@ -259,6 +260,9 @@ def _run(args: argparse.Namespace) -> int:
         results = run_pipeline(config, args.from_stage, external=external)
     print("\n== Done in %.0f s ==" % (time.time() - started))
     print(f"Run root:     {config.storage.resolved_root()}/{config.run_id}")
+    trained = results.outputs(TrainOutputs)
+    if trained is not None:
+        print(f"Sampled:      the {trained.ema_described()}")
     evaluation = results.outputs(EvaluateOutputs)
     if evaluation is not None:
         print_scores(evaluation)

@@ -260,6 +260,10 @@ class TrainSection:
     # snapshot's either way)
     ema_profiles: tuple[float, ...] = ()
     ema_snapshot_every_images: int = 0  # how often the profiles are stored (needed with train.ema_profiles)
+    # the EMA that is sampled and scored (pipelines.training.ema_choice): null: train.ema_decay's; a number: the
+    # power-function EMA of that relative width, tracked in training (tune can search it); a list of candidates: each
+    # reconstructed after training from the train.ema_profiles snapshots, and the one of the lowest held-out bits/dim
+    ema_sigma_rel: float | tuple[float, ...] | None = None
     # lr, warmup_images, grad_clip, weight_decay, ema_decay, ema_warmup: train.<field>
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=1e-3, warmup_images=10_000, ema_decay=0.999, ema_warmup=True),
@@ -316,6 +320,7 @@ class TrainSection:
         if not 0.0 <= self.class_dropout < 1.0:
             raise ConfigError(f"train.class_dropout must lie in [0, 1), got {self.class_dropout}")
         self.check_ema_profiles()
+        self.check_ema_sigma_rel()
 
     @property
     def weighting(self) -> LossWeighting:
@@ -370,6 +375,34 @@ class TrainSection:
                 f"train.ema_snapshot_every_images {every} stores nothing without train.ema_profiles (e.g. [0.05, "
                 "0.10]); set both, or neither"
             )
+
+    def check_ema_sigma_rel(self) -> None:
+        """``train.ema_sigma_rel``: widths in ``(0, MAX_SIGMA_REL]``, each once; several (a post-hoc choice) need
+        ``train.ema_profiles`` to reconstruct them from. One width in a list is stored as the number."""
+        widths = self.ema_candidates
+        bad = [width for width in widths if not 0.0 < width <= MAX_SIGMA_REL]
+        if bad or len(set(widths)) != len(widths) or (self.ema_sigma_rel is not None and not widths):
+            raise ConfigError(
+                f"train.ema_sigma_rel: a number or a list of distinct numbers in (0, {MAX_SIGMA_REL:.4f}] (the EMA's "
+                f"relative width, Karras et al. 2024), got {self.ema_sigma_rel!r}; e.g. 0.1 or [0.05, 0.1, 0.15]"
+            )
+        if len(widths) > 1 and not self.ema_profiles:
+            raise ConfigError(
+                f"train.ema_sigma_rel {list(widths)} chooses among EMAs reconstructed after training, which needs "
+                "train.ema_profiles (e.g. [0.05, 0.10]) and train.ema_snapshot_every_images; or give one number"
+            )
+        object.__setattr__(self, "ema_sigma_rel", None if not widths else widths[0] if len(widths) == 1 else widths)
+
+    @property
+    def ema_candidates(self) -> tuple[float, ...]:
+        """The EMA widths ``train.ema_sigma_rel`` names (none: ``train.ema_decay``'s EMA)."""
+        value = self.ema_sigma_rel
+        return () if value is None else tuple(value) if isinstance(value, (tuple, list)) else (value,)
+
+    @property
+    def tracked_sigma_rel(self) -> float | None:
+        """The width of the power-function EMA tracked in training instead of ``train.ema_decay``'s (one is named)."""
+        return self.ema_sigma_rel if isinstance(self.ema_sigma_rel, float) else None
 
     def check_events(self) -> None:
         """At most :data:`MAX_TRAINING_EVENTS` checkpoints, sample grids and log points (checked after the length of
@@ -829,6 +862,11 @@ class PipelineConfig:
         check_loss_weighting(self.train.loss_weighting, self.diffusion)
         if self.tune.enabled and self.data.holdout_fraction <= 0:
             raise ConfigError("tune.enabled needs data.holdout_fraction > 0: trials are ranked on held-out images")
+        if len(self.train.ema_candidates) > 1 and self.data.holdout_fraction <= 0:
+            raise ConfigError(
+                f"train.ema_sigma_rel {list(self.train.ema_candidates)} needs data.holdout_fraction > 0: the "
+                "candidates are scored on held-out images (or give one number)"
+            )
         evaluate = self.evaluate
         if evaluate.nll and evaluate.nll_split is NllSplit.HOLDOUT and self.data.holdout_fraction <= 0:
             raise ConfigError(

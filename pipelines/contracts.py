@@ -94,6 +94,16 @@ class Conditioning:
 
 
 @dataclass(frozen=True)
+class EmaCandidate:
+    """One EMA width of a post-hoc sweep and its held-out score (:mod:`pipelines.training.ema_choice`)."""
+
+    sigma_rel: float
+    bits_per_dim: float  # the NLL bound of the hold-out images (mean over images), the choice's score
+    stderr: float  # of that mean (Monte Carlo over timesteps); the candidates share timesteps and noise
+    images: int  # hold-out images scored
+
+
+@dataclass(frozen=True)
 class TrainOutputs:
     snapshot_uri: str  # EMA weights + configs (ddpm_core.checkpoint snapshot)
     initial_snapshot_uri: str  # the untrained network at the training seed (evaluate's baseline)
@@ -106,9 +116,20 @@ class TrainOutputs:
     # the committed post-hoc EMA snapshots (pipelines.training.posthoc), one folder per time; None: train.ema_profiles
     # was empty
     posthoc_uri: str | None = None
+    # the EMA whose weights snapshot_uri holds: a power-function EMA's relative width (train.ema_sigma_rel, tracked or
+    # chosen by the sweep); None: train.ema_decay's
+    ema_sigma_rel: float | None = None
+    ema_sweep: tuple[EmaCandidate, ...] = ()  # the post-hoc candidates and their scores, when several were named
 
     def __post_init__(self) -> None:
         coerce_enum_fields(self, "train", {"device": Device})
+
+    def ema_described(self) -> str:
+        """The sampled EMA, in words."""
+        if self.ema_sigma_rel is None:
+            return f"EMA of decay {self.config.train.ema_decay:g}"
+        how = f"chosen of {len(self.ema_sweep)} on held-out bits/dim" if self.ema_sweep else "tracked in training"
+        return f"power-function EMA, sigma_rel {self.ema_sigma_rel:g} ({how})"
 
 
 @dataclass(frozen=True)
@@ -255,7 +276,10 @@ class Scores:
     fid_inf: float | None = None  # jackknife bias-corrected fid: an estimate of FID as N -> infinity
     fid_holdout_stderr: float | None = None
     fid_holdout_inf: float | None = None
-    fid_floor: float | None = None  # the hold-out's FID at the sample set's N (its own 1/N bias, extrapolated)
+    # the FID of real images at the sample set's N: the hold-out's, scaled by (1/N + 1/m) / (1/n + 1/m) (n hold-out
+    # images, m reference images; ddpm_core.metrics.FidEstimate.real_floor_at), and its standard error
+    fid_floor: float | None = None
+    fid_floor_stderr: float | None = None
     fid_over_floor: float | None = None  # fid / fid_floor: how far the model is from real data at equal N
     kid: float | None = None  # kernel inception distance on the same features (unbiased at any N)
     kid_std: float | None = None  # its standard deviation over subsets

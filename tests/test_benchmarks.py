@@ -345,3 +345,24 @@ def test_ingest_benchmark_measures_decoding_per_core(tmp_path):
     cores = rows["32x32"]["cores_per_gpu"]  # the cores per GPU for each H200 training rate (2215 and 5000 img/s)
     assert rows["256x256"]["cores_per_gpu"] is None
     assert 0 < cores["the pipeline's step at cifar10, bf16 (measured)"] < cores["issue 21's target"]
+
+
+def test_nearest_neighbours_benchmark_times_ours_and_records_faiss_or_its_absence(tmp_path):
+    """benchmarks/nearest_neighbours.py on tiny sizes (faiss-cpu is not a dependency: without it only ours is timed,
+    and the result says faiss was unavailable); a size over the flop limit is listed as skipped, not timed."""
+    out = tmp_path / "nn.json"
+    sizes = ["--queries", "40", "--references", "30", "--dims", "8", "600", "--repeats", "1", "--max-gflop", "0.001"]
+    subprocess.run(
+        [sys.executable, "benchmarks/nearest_neighbours.py", *sizes, "--out", str(out)],
+        cwd=REPO,
+        check=True,
+        timeout=300,
+    )
+    result = json.loads(out.read_text())
+    (row,) = result["rows"]
+    assert (row["n"], row["m"], row["d"]) == (40, 30, 8) and row["ours_s"] > 0
+    assert len(result["skipped"]) == 1 and "600" in json.dumps(result["skipped"])
+    if result["faiss"]["available"]:
+        assert row["agreement"] == 1.0 and row["faiss_s"] > 0
+    else:
+        assert "faiss_s" not in row and result["faiss"]["error"]

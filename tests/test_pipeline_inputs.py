@@ -40,6 +40,11 @@ def run_cli(args, capsys):
         ("train.loss_weighting=min-snr", "train.loss_weighting 'min-snr' is not one of: none, min_snr, truncated_snr"),
         ("train.snr_gamma=0", "train.snr_gamma must be a positive number (min-SNR's clipping), got 0"),
         ("train.loss_weighting=truncated_snr", "by 1/SNR = 24,777 (steps with SNR >= 1 by 1): train a v- or x0-"),
+        ("train.ema_sigma_rel=0.5", "train.ema_sigma_rel: a number or a list of distinct numbers in (0, 0.2887]"),
+        ("train.ema_sigma_rel=[0.1, 0.1]", "train.ema_sigma_rel: a number or a list of distinct numbers in (0, 0."),
+        ("train.ema_sigma_rel=[]", "train.ema_sigma_rel: a number or a list of distinct numbers in (0, 0.2887]"),
+        ("train.ema_sigma_rel=fast", "train.ema_sigma_rel: expected a number, got 'fast'"),
+        ("train.ema_sigma_rel=[0.05, 0.1]", "chooses among EMAs reconstructed after training, which needs train.ema_"),
         ("run_id=../escape", "no path separators"),
         ("sample.method=euler", "sample.method: 'euler' is not one of ancestral, ddim"),
         ("model.preset=imagenet", "model.preset 'imagenet' is not one of"),
@@ -210,6 +215,10 @@ def test_dag_command_prints_text_and_mermaid(capsys):
             "{train.loss_weighting: {choice: [none, min_snr, truncated_snr]}}",  # eps-prediction (the default)
             "value 'truncated_snr' is not a valid config: train.loss_weighting truncated_snr with diffusion.prediction",
         ),
+        (
+            "{train.ema_sigma_rel: {choice: [[0.05, 0.1], 0.2]}}",
+            "tune.space.train.ema_sigma_rel: value [0.05, 0.1] is a post-hoc choice after training, which a trial",
+        ),
         ("{train.lr: {normal: [0.001, 0.1]}}", "expected one of {choice: [...], grid: [...]"),
         ("{train.lr: {grid: [0.001]}}", "use 'grid' with tune.search_alg=grid"),
     ],
@@ -225,6 +234,12 @@ def test_tune_needs_held_out_images(local, capsys):
         [*local, "tune.enabled=true", "tune.space={train.lr: {choice: [0.001]}}", "data.holdout_fraction=0"], capsys
     )
     assert code == 2 and "tune.enabled needs data.holdout_fraction > 0" in err
+
+
+def test_a_post_hoc_ema_choice_needs_held_out_images(local, capsys):
+    posthoc = ["train.ema_profiles=[0.05, 0.1]", "train.ema_snapshot_every_images=5000"]
+    code, err = run_cli([*local, *posthoc, "train.ema_sigma_rel=[0.05, 0.1]", "data.holdout_fraction=0"], capsys)
+    assert code == 2 and "needs data.holdout_fraction > 0: the candidates are scored on held-out images" in err
 
 
 def test_missing_inception_weights_fail_before_any_stage(tmp_path, local, capsys):

@@ -16,14 +16,16 @@ from pathlib import Path
 import pytest
 import ray.train
 import torch
+from mlflow.tracking import MlflowClient
 
-from ddpm_core.checkpoint import load_training_state, save_training_state
-from ddpm_core.data import random_batch
+from ddpm_core.checkpoint import Snapshot, load_snapshot, load_training_state, save_training_state
+from ddpm_core.data import random_batch, to_model_range
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm_core.training import OptimConfig
 from pipelines.__main__ import main
 from pipelines.config import TrainSection
-from pipelines.contracts import TrainedWith, TrainOutputs
+from pipelines.contracts import PrepareOutputs, TrainedWith, TrainOutputs
+from pipelines.data.shards import read_first_images
 from pipelines.execution import Device
 from pipelines.training import state as state_module
 from pipelines.training.hooks import checkpoint_name, commit_profiles
@@ -39,6 +41,7 @@ from tests.test_sampling import TINY as TINY_UNET
 REPO = Path(__file__).resolve().parents[1]
 ENV = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
 PROFILES = (0.05, 0.10)
+CANDIDATES = (0.03, 0.1, 0.2)  # the EMAs the run chooses among after training, on held-out bits/dim
 TOTAL, EVERY = 1536, 500  # batch 128: the intervals are passed at 512, 1024 and 1536 images (the end)
 RUN = (  # tests/test_bad_inputs.py's smallest run of every stage, longer, with post-hoc EMA (later overrides win)
     *TINY,
@@ -48,6 +51,7 @@ RUN = (  # tests/test_bad_inputs.py's smallest run of every stage, longer, with 
     "train.grid_every_images=null",
     f"train.ema_profiles=[{PROFILES[0]}, {PROFILES[1]}]",
     f"train.ema_snapshot_every_images={EVERY}",
+    f"train.ema_sigma_rel=[{', '.join(map(str, CANDIDATES))}]",
 )
 
 
@@ -84,6 +88,37 @@ def test_a_run_with_profiles_commits_their_snapshots_and_reconstructs_a_tracked_
     assert all(torch.equal(saved["emas"][1][key], value) for key, value in tracked.items())
 
 
+def test_the_run_samples_the_candidate_ema_of_the_lowest_held_out_bits_per_dim(finished):
+    """``train.ema_sigma_rel`` candidates: each reconstructed and scored on the hold-out split (a score recomputed
+    here from the reconstruction and the NLL bound's estimate), the lowest one's weights are the snapshot the run
+    samples, and the sweep is in the train run as a table, a plot and a tag."""
+    train = from_plain(TrainOutputs, outputs(finished, "train"))
+    prepare = from_plain(PrepareOutputs, outputs(finished, "prepare"))
+    scores = {candidate.sigma_rel: candidate.bits_per_dim for candidate in train.ema_sweep}
+    assert list(scores) == list(CANDIDATES) and len(set(scores.values())) == len(CANDIDATES)
+    assert train.ema_sigma_rel == min(scores, key=scores.__getitem__)
+    assert train.snapshot_uri == str(result_dir(finished, "train") / "chosen_snapshot")
+    sampled = load_snapshot(train.snapshot_uri)
+    assert sampled.metadata["ema_sigma_rel"] == train.ema_sigma_rel
+    chosen = posthoc_snapshot(train, train.ema_sigma_rel, {})
+    assert all(torch.equal(sampled.state_dict[key], value) for key, value in chosen.items())
+
+    widest = posthoc_snapshot(train, CANDIDATES[-1], {})
+    network = Snapshot(sampled.unet, sampled.diffusion, widest, {}).build_model()
+    images = to_model_range(read_first_images(prepare.holdout_uri, None, {}))  # [n, C, H, W]
+    diffusion = GaussianDiffusion.from_config(sampled.diffusion)
+    estimate = diffusion.bits_per_dim_estimate(network, images, 32, generator=torch.Generator().manual_seed(0))
+    assert train.ema_sweep[-1].images == len(images) == prepare.num_holdout
+    assert train.ema_sweep[-1].bits_per_dim == pytest.approx(estimate["total"].mean().item(), rel=1e-5)
+
+    client = MlflowClient(f"sqlite:///{finished.parents[1] / 'mlflow.db'}")
+    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+    (run,) = client.search_runs(experiments, "tags.`ddpm.stage` = 'train'")
+    assert run.data.tags["ema.chosen_sigma_rel"] == f"{train.ema_sigma_rel:g}"
+    logged = {artifact.path for artifact in client.list_artifacts(run.info.run_id)}
+    assert {"ema_sweep.png", "ema_sweep_table.json"} <= logged
+
+
 def test_the_sweep_benchmark_scores_reconstructions_under_the_runs_protocol(finished, tmp_path):
     """benchmarks/posthoc_ema.py on the finished run: one row per width, and the run's own snapshot, scored under the
     run's sampler, seed and N, reproduces the run's logged FID."""
@@ -95,6 +130,23 @@ def test_the_sweep_benchmark_scores_reconstructions_under_the_runs_protocol(fini
     assert [row["sigma_rel"] for row in result["rows"]] == [0.03, 0.1] and result["ema_profiles"] == list(PROFILES)
     assert result["baseline"]["fid"] == pytest.approx(result["run_fid"], rel=1e-4)
     assert result["best_sigma_rel"] in (0.03, 0.1) and picture.stat().st_size > 10_000
+
+
+def test_the_quality_per_compute_benchmark_reproduces_the_runs_fid_and_floor(finished, tmp_path):
+    """benchmarks/quality_per_compute.py: the run's snapshot under its own sampler, seed and N scores the run's FID,
+    its floor is the run's, and a post-hoc width is another row; the interval over seeds brackets the mean."""
+    sampled, evaluated = outputs(finished, "sample"), outputs(finished, "evaluate")
+    sampler = f"{sampled['sampler']['method']}:{sampled['sampler']['num_steps']}"
+    out, seeds = tmp_path / "quality.json", [str(sampled["seed"]), "7"]
+    variants = [f"run={finished}:{sampler}", f"posthoc={finished}:{sampler}:0.2"]
+    command = [sys.executable, "benchmarks/quality_per_compute.py", "--variant", *variants, "--seeds", *seeds]
+    command += ["--samples", str(sampled["num_samples"]), "--out", str(out)]
+    subprocess.run(command, cwd=REPO, check=True, timeout=300, env={**ENV, "OMP_NUM_THREADS": "1"})
+    run, posthoc = json.loads(out.read_text())["rows"]
+    assert run["fids"][0] == pytest.approx(evaluated["scores"]["fid"], rel=1e-4)
+    assert run["floor"] == pytest.approx(evaluated["scores"]["fid_floor"], rel=1e-9)
+    assert run["fid_ci_low"] < run["fid_mean"] < run["fid_ci_high"] and run["fids"][0] != run["fids"][1]
+    assert posthoc["ema"] == "post-hoc sigma_rel 0.2" and posthoc["fids"] != run["fids"]
 
 
 BATCH, STEPS, RESUME_AT = 8, 12, 5  # the checkpoint after step 5; snapshots every 20 images (every 2.5 steps)

@@ -12,6 +12,7 @@ import torch.multiprocessing
 from ddpm_core.demo import train_and_sample
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm_core.ema import EMA
+from ddpm_core.phema import PowerEMA, sigma_rel_to_gamma
 from ddpm_core.samplers import SamplerConfig
 from ddpm_core.training import OptimConfig, RunningTotals, StepResult, drop_labels, learning_rate, quartile_sums
 from ddpm_core.unet import UNet
@@ -45,6 +46,43 @@ def test_ema_warmup_follows_tensorflow_num_updates():
     assert decays == pytest.approx([1 / 10, 2 / 11, 3 / 12])
     ema.num_updates = 10**6
     assert ema.current_decay() == 0.9999
+
+
+def test_an_ema_of_a_sigma_rel_is_the_power_function_ema_of_that_width():
+    """``EMA(sigma_rel=...)`` (``train.ema_sigma_rel``, tracked in training) averages as ddpm_core.phema.PowerEMA
+    does at a constant batch (Karras et al. 2024, Eq. 127), resumes only as an EMA of the same width, and ignores
+    the fixed decay."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    ema, power = EMA(model, decay=0.5, warmup=False, sigma_rel=0.1), PowerEMA(model, (0.1,))
+    for step_index in range(1, 41):
+        with torch.no_grad():
+            for parameter in model.parameters():
+                parameter.add_(torch.randn_like(parameter))
+        ema.update(model)
+        power.update(model, step_index * 16, 16)
+    for ours, reference in zip(ema.model.parameters(), power.emas[0].parameters(), strict=True):
+        torch.testing.assert_close(ours, reference, rtol=1e-6, atol=1e-7)
+    assert ema.current_decay() == pytest.approx((1 - 1 / 41) ** (sigma_rel_to_gamma(0.1) + 1))
+    resumed = EMA(torch.nn.Linear(3, 2), sigma_rel=0.1)
+    resumed.load_state_dict(ema.state_dict())
+    assert resumed.num_updates == 40 and torch.equal(resumed.model.weight, ema.model.weight)
+    with pytest.raises(ValueError, match="sigma_rel 0.1, this one of 0.2"):
+        EMA(torch.nn.Linear(3, 2), sigma_rel=0.2).load_state_dict(ema.state_dict())
+    with pytest.raises(ValueError, match="sigma_rel 0.1, this one of None"):
+        EMA(torch.nn.Linear(3, 2)).load_state_dict(ema.state_dict())
+
+
+def test_the_pipelines_step_tracks_the_ema_train_ema_sigma_rel_names():
+    network = torch.nn.Linear(2, 2)
+    parts = step_parts(network, TrainSection(num_workers=1, ema_sigma_rel=[0.07]), torch.device("cpu"), no_wrap)
+    assert parts[2].sigma_rel == 0.07 and parts[2].gamma == pytest.approx(sigma_rel_to_gamma(0.07))
+    fixed = step_parts(network, TrainSection(num_workers=1), torch.device("cpu"), no_wrap)[2]
+    assert fixed.sigma_rel is None and fixed.decay == 0.999
+
+
+def no_wrap(model: torch.nn.Module, options: dict) -> torch.nn.Module:
+    return model
 
 
 def test_learning_rate_warms_up_linearly_in_images():

@@ -72,17 +72,7 @@ def score_lines(evaluation: EvaluateOutputs) -> list[Line]:
         )
     ]
     if scores.fid_floor is not None and scores.fid_holdout_vs_train is not None:
-        ratio = f"; the model is {scores.fid_over_floor:.2g}x it" if scores.fid_over_floor is not None else ""
-        if scores.fid_floor <= 0:  # FID_inf + k / N, both from the hold-out's own jackknife: noisy on few images
-            ratio = "; at or below 0: too few held-out images to resolve it (no ratio)"
-        lines.append(
-            Line(
-                "real-data floor",
-                f"{significant(scores.fid_floor)} at {count:,} images (from {details.holdout_images:,} held-out "
-                f"images, whose FID is {significant(scores.fid_holdout_vs_train)} at N={details.holdout_images:,})"
-                f"{ratio}",
-            )
-        )
+        lines.append(Line("real-data floor", floor_text(evaluation)))
     if scores.fid_inf is not None:
         held = (
             f" (held-out real images: {significant(scores.fid_holdout_inf)})"
@@ -92,6 +82,20 @@ def score_lines(evaluation: EvaluateOutputs) -> list[Line]:
         lines.append(Line("FID_inf", f"{significant(scores.fid_inf)}, the jackknife's bias-corrected FID{held}"))
     lines += comparison_lines(evaluation) + other_lines(evaluation) + diversity_lines(evaluation)
     return lines
+
+
+def floor_text(evaluation: EvaluateOutputs) -> str:
+    """The real-data floor at the sample set's N, how it was carried from the hold-out's N, and the model's ratio."""
+    scores, details, count = evaluation.scores, evaluation.score_protocol, evaluation.protocol.num_samples
+    floor, held = scores.fid_floor or 0.0, details.holdout_images
+    spread = with_spread(floor, scores.fid_floor_stderr) if scores.fid_floor_stderr else significant(floor)
+    m = evaluation.protocol.reference.reference_count
+    against = f"{m:,} reference images" if m else "published statistics (m taken as infinite)"
+    ratio = f"; the model is {scores.fid_over_floor:.2g}x it" if scores.fid_over_floor is not None else ""
+    return (
+        f"{spread} at {count:,} images ({held:,} held-out images score {significant(scores.fid_holdout_vs_train or 0)}"
+        f" against {against}, scaled by (1/N + 1/m) / (1/n + 1/m)){ratio}"
+    )
 
 
 def comparison_lines(evaluation: EvaluateOutputs) -> list[Line]:

@@ -137,11 +137,11 @@ class Comparisons:
     untrained: FidEstimate | None  # an untrained network (the ceiling)
     champion: RescoredChampion | None  # the registered champion
 
-    def apply(self, scores: Scores, num_samples: int) -> Scores:
-        """``scores`` with these comparisons filled in; the floor is the hold-out's FID extrapolated to the sample
-        set's size (FID falls as N grows: only equal sizes compare)."""
+    def apply(self, scores: Scores, num_samples: int, reference_count: int | None) -> Scores:
+        """``scores`` with these comparisons filled in; the floor is the hold-out's FID carried to the sample set's
+        size against a reference of ``reference_count`` images (FID falls as N grows: only equal sizes compare)."""
         holdout, champion = self.holdout, self.champion
-        floor = holdout.at(num_samples) if holdout is not None else None
+        floor, floor_stderr = holdout.real_floor_at(num_samples, reference_count) if holdout else (None, None)
         return dataclasses.replace(
             scores,
             fid_untrained=self.untrained.value if self.untrained else None,
@@ -149,6 +149,7 @@ class Comparisons:
             fid_holdout_stderr=holdout.stderr if holdout else None,
             fid_holdout_inf=holdout.unbiased if holdout else None,
             fid_floor=floor,
+            fid_floor_stderr=floor_stderr,
             fid_over_floor=scores.fid / floor if floor is not None and floor > 0 else None,
             fid_champion=champion.fid.value if champion else None,
             fid_champion_stderr=champion.fid.stderr if champion else None,
@@ -224,7 +225,7 @@ def run(
     compared = comparisons(context, settings, upstream, scorer, ours.fid, holdout)
     nll, nll_protocol = held_out_nll(context, section, prepare, train, sample)
     scores = dataclasses.replace(
-        compared.apply(scores, sample.num_samples),
+        compared.apply(scores, sample.num_samples, None if scorer.published else scorer.reference.fid.count),
         nll_bpd=nll.bits_per_dim if nll else None,
         nll_bpd_stderr=nll.stderr if nll else None,
     )

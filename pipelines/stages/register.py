@@ -21,6 +21,7 @@ from mlflow.models import infer_signature
 from mlflow.tracking import MlflowClient
 
 from ddpm_core.memorization import CopyRate
+from ddpm_core.samplers import SamplerConfig
 from ddpm_core.storage import filesystem, verify_committed
 from pipelines.config import PipelineConfig, RegisterSection
 from pipelines.context import StageContext, StageStopped
@@ -39,7 +40,8 @@ from pipelines.registry.champion import (
 
 PACKAGE_ROOT = Path(__file__).resolve().parents[2]
 Upstream = tuple[PrepareOutputs, TrainOutputs, EvaluateOutputs]
-# the pyfunc's params and defaults (method: ancestral, ddim, dpm_solver++_2m, heun; spacing: a samplers.Spacing).
+# the pyfunc's params (method: ancestral, ddim, dpm_solver++_2m, heun; spacing: a samplers.Spacing); a logged model's
+# sampling defaults are the evaluated sampler's (sampler_defaults).
 # pipelines/registry/serving.py holds the same: it is logged as the model's code, which imports no pipeline module
 SAMPLING_PARAMS = {
     "seed": 0,
@@ -149,7 +151,8 @@ def log_model(context: StageContext, name: str, upstream: Upstream) -> tuple[str
     unet, snapshot_uri, conditioning = train.config.unet, train.snapshot_uri, evaluate.protocol.conditioning
     verify_committed(snapshot_uri, context.store.options)  # never register a corrupt snapshot
     mlflow.set_tracking_uri(context.tracking_uri)
-    params, example = dict(SAMPLING_PARAMS), pd.DataFrame({"index": [0, 1]})
+    params = {**SAMPLING_PARAMS, **sampler_defaults(evaluate.protocol.sampler)}
+    example = pd.DataFrame({"index": [0, 1]})
     # Rows the pyfunc samples at once (pipelines/registry/serving.py's default); logged so that a loader may set it
     # (load_model(uri, model_config={"batch_size": N}): MLflow takes no model_config where none was logged).
     model_config: dict[str, Any] = {"batch_size": 64}
@@ -184,6 +187,16 @@ def log_model(context: StageContext, name: str, upstream: Upstream) -> tuple[str
                 ],
             )
     return str(info.registered_model_version), info.model_id
+
+
+def sampler_defaults(sampler: SamplerConfig) -> dict[str, Any]:
+    """The pyfunc's sampling defaults: the sampler its scores were measured with (a caller's params override them)."""
+    return {
+        "method": sampler.method.value,
+        "num_steps": sampler.num_steps or 0,  # 0: every one of the T steps
+        "eta": sampler.eta,
+        "spacing": sampler.timestep_spacing.value,
+    }
 
 
 def stage_run_links(context: StageContext, scores_run_id: str = "") -> dict[str, str]:

@@ -14,7 +14,7 @@ from ddpm_core.checkpoint import read_snapshot_config
 from ddpm_core.data import DataError
 from pipelines.config import PipelineConfig, TrainSection
 from pipelines.context import StageContext
-from pipelines.contracts import PrepareOutputs, TrainedWith, TrainOutputs, TuneOutputs
+from pipelines.contracts import EmaCandidate, PrepareOutputs, TrainedWith, TrainOutputs, TuneOutputs
 from pipelines.data.recorded import log_training_data
 from pipelines.data.streaming import plan_stream
 from pipelines.execution import Device, check_fits, cluster_device
@@ -22,6 +22,7 @@ from pipelines.external import External
 from pipelines.interruption import STOP
 from pipelines.nodes import check_strict_spread
 from pipelines.tracking import nested_run, run_link, set_note_part
+from pipelines.training.ema_choice import EmaSweep, best_of, choose_ema, log_sweep
 from pipelines.training.grids import COMPOSITE, log_samples_over_training
 from pipelines.training.job import TrainJob
 from pipelines.training.recipe import TrainingRecipe
@@ -120,17 +121,44 @@ def run(
     send_pending_metrics(job, context.client, context.log)
     log_samples_over_training(job, context.client)
     reported = result.metrics or {}  # the final checkpoint report of the final attempt
+    images_seen = int(reported["images_seen"])
+    sweep = ema_sweep(context, job, prepare, images_seen, execution.runtime_env)
     return TrainOutputs(
-        snapshot_uri=job.snapshot_uri,
+        snapshot_uri=job.chosen_snapshot_uri if sweep else job.snapshot_uri,
         initial_snapshot_uri=job.initial_snapshot_uri,
-        images_seen=int(reported["images_seen"]),
+        images_seen=images_seen,
         device=device,
         loop_seconds=reported.get("loop_seconds"),
         checkpoint_path=result.checkpoint.path if result.checkpoint else None,
         config=TrainedWith(diffusion=recipe.diffusion, train=train.optim, unet=unet, preset=recipe.model.preset),
         num_classes=job.unet.num_classes,
         posthoc_uri=job.posthoc_uri if train.ema_profiles else None,
+        ema_sigma_rel=best_of(sweep).sigma_rel if sweep else train.tracked_sigma_rel,
+        ema_sweep=sweep,
     )
+
+
+def ema_sweep(
+    context: StageContext, job: TrainJob, prepare: PrepareOutputs, images_seen: int, runtime_env: dict[str, Any]
+) -> tuple[EmaCandidate, ...]:
+    """With several ``train.ema_sigma_rel`` candidates, each reconstructed and scored on the hold-out split, the best
+    one's snapshot committed and the sweep logged to the train run (:mod:`pipelines.training.ema_choice`)."""
+    candidates = job.train.ema_candidates
+    if len(candidates) < 2:
+        return ()
+    context.log(f"train: post-hoc EMA, scoring sigma_rel {list(candidates)} on {prepare.num_holdout} held-out images")
+    sweep = EmaSweep(
+        job.snapshot_uri,
+        job.posthoc_uri,
+        images_seen,
+        candidates,
+        prepare.holdout_uri,
+        job.chosen_snapshot_uri,
+        context.store.options,
+    )
+    scored = choose_ema(sweep, job.device, runtime_env)
+    log_sweep(context.client, context.mlflow_run_id, scored, job.train.ema_profiles, context.log)
+    return scored
 
 
 def grids_run(context: StageContext, train: TrainSection) -> str | None:

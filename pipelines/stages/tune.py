@@ -49,6 +49,7 @@ from pipelines.evaluation.scoring import (
 )
 from pipelines.execution import Device, check_fits, cluster_device, runtime_env, train_storage
 from pipelines.external import External
+from pipelines.training.ema_choice import held_out_bits_per_dim
 from pipelines.training.job import TrainJob
 from pipelines.training.recipe import TUNABLE_SECTIONS, TrainingRecipe
 from pipelines.training.state import committed_checkpoints
@@ -136,6 +137,11 @@ def dimension(section: TuneSection, key: str, spec: Any, apply: Callable[[str, A
             f"{where}: only keys of {', '.join(TUNABLE_SECTIONS)} are searched (what a trial trains with)"
         )
     for value in values:
+        if key == "train.ema_sigma_rel" and isinstance(value, list) and len(value) > 1:
+            raise ConfigError(
+                f"{where}: value {value!r} is a post-hoc choice after training, which a trial does not make: search "
+                "single widths (a trial tracks that EMA and is scored on it), e.g. {choice: [0.05, 0.1, 0.15]}"
+            )
         try:
             apply(key, value)
         except ConfigError as error:
@@ -186,13 +192,8 @@ class TrialMetrics:
         if self.held_out is None:
             images = read_first_images(self.holdout_uri, self.bpd_images, self.storage_options)
             self.held_out = to_model_range(images).to(device)
-        estimate = diffusion.bits_per_dim_estimate(
-            network, self.held_out, self.bpd_timesteps, generator=torch.Generator().manual_seed(0)
-        )
-        metrics = {
-            "bpd": estimate["total"].mean().item(),
-            "bpd_stderr": estimate["stderr"].pow(2).sum().sqrt().item() / len(self.held_out),
-        }
+        bpd, stderr = held_out_bits_per_dim(ema_model, diffusion, self.held_out, self.bpd_timesteps, classes)
+        metrics = {"bpd": bpd, "bpd_stderr": stderr}
         if done and self.proxy_fid_samples:
             metrics["fid"] = self.proxy_fid(network, diffusion, device)
         stamp = int(time.time() * 1000)

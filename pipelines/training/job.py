@@ -53,6 +53,11 @@ class TrainJob:
         return f"{self.work_uri}/snapshot"
 
     @property
+    def chosen_snapshot_uri(self) -> str:
+        """The EMA chosen among ``train.ema_sigma_rel``'s candidates after training (pipelines.training.ema_choice)."""
+        return f"{self.work_uri}/chosen_snapshot"
+
+    @property
     def posthoc_uri(self) -> str:
         """The post-hoc EMA profiles' snapshots, one committed folder per time (pipelines.training.posthoc)."""
         return f"{self.work_uri}/posthoc"

@@ -81,7 +81,7 @@ def step_parts(
     wrapped = wrap(model, {"gradient_as_bucket_view": train.gradient_as_bucket_view})
     network = cast(nn.Module, wrapped.module) if isinstance(wrapped, DistributedDataParallel) else wrapped
     step_model = cast(nn.Module, torch.compile(wrapped)) if train.compiled(device.type == "cuda") else wrapped
-    ema = EMA(network, train.optim.ema_decay, train.optim.ema_warmup)
+    ema = EMA(network, train.optim.ema_decay, train.optim.ema_warmup, train.tracked_sigma_rel)
     return network, step_model, ema, make_optimizer(network, train.optim)
 
 

@@ -1,0 +1,129 @@
+"""Quality per compute: FID over the real-data floor for training recipes of one budget (docs/benchmarks.md,
+"Quality per compute"), each on several noise seeds.
+
+A variant is ``label=run_root:sampler[:ema]``: a finished pipeline run (one training recipe at its images and time),
+a sampler (``method:steps``, the method's default spacing), and the EMA to sample (``fixed``: the run's snapshot;
+a number: that sigma_rel reconstructed from the run's post-hoc snapshots, ``ddpm_core.phema``). Each variant samples
+the same N images per seed (indices 0..N-1, noise seeded by (seed, index)) and is scored as the evaluate stage scores
+(the run's cached reference statistics and feature network, as benchmarks/posthoc_ema.py). The floor is the run's
+own: its hold-out FID carried to N against the reference's m images (``FidEstimate.real_floor_at``). Writes JSON with
+each seed's FID and each variant's mean, the t-interval over seeds, and mean / floor.
+
+    python benchmarks/quality_per_compute.py --seeds 1 2 3 --out benchmarks/results/quality_per_compute_digits.json \\
+        --variant "L_simple, DDIM-50=runs/base:ddim:50" "+ DPM-Solver++-20=runs/base:dpm_solver++_2m:20" ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+import torch
+from common import write_result
+from fid_vs_steps import outputs
+from posthoc_ema import Scorer
+
+from ddpm_core.checkpoint import load_snapshot
+from ddpm_core.metrics import FidEstimate
+from ddpm_core.phema import reconstruct
+from ddpm_core.samplers import SamplerConfig
+from pipelines.config_file import load_config
+from pipelines.contracts import EvaluateOutputs, TrainOutputs
+from pipelines.training.posthoc import read_snapshots
+
+T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # Student t
+
+
+def parse_variant(text: str) -> tuple[str, Path, SamplerConfig, float | None]:
+    """``label=run_root:method:steps[:ema]`` -> (label, run root, sampler, sigma_rel or None for the snapshot)."""
+    label, spec = text.split("=", 1)
+    root, method, steps, *ema = spec.split(":")
+    sigma_rel = None if not ema or ema[0] == "fixed" else float(ema[0])
+    return label, Path(root), SamplerConfig(method=method, num_steps=int(steps)), sigma_rel
+
+
+def floor_of(run_root: Path, num_samples: int) -> float:
+    """The run's real-data floor at ``num_samples`` (its hold-out FID carried to N; the evaluate stage's own)."""
+    evaluated = outputs(run_root, "evaluate", EvaluateOutputs)
+    scores, held = evaluated.scores, evaluated.score_protocol.holdout_images
+    if scores.fid_holdout_vs_train is None:
+        raise SystemExit(f"{run_root}: its evaluate stage scored no hold-out images (no floor)")
+    holdout = FidEstimate(scores.fid_holdout_vs_train, scores.fid_holdout_stderr or 0.0, 0.0, held, ())
+    return holdout.real_floor_at(num_samples, evaluated.protocol.reference.reference_count)[0]
+
+
+def weights_of(run_root: Path, sigma_rel: float | None) -> dict[str, torch.Tensor]:
+    train = outputs(run_root, "train", TrainOutputs)
+    if sigma_rel is None:
+        return load_snapshot(train.snapshot_uri).state_dict
+    if train.posthoc_uri is None:
+        raise SystemExit(f"{run_root}: trained without train.ema_profiles; no post-hoc EMA of {sigma_rel}")
+    return reconstruct(read_snapshots(train.posthoc_uri, {}), sigma_rel, train.images_seen)
+
+
+def interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and its 95% t-interval over seeds."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, math.nan, math.nan
+    half = T_975[len(values) - 1] * statistics.stdev(values) / math.sqrt(len(values))
+    return mean, mean - half, mean + half
+
+
+def measure(variant: str, seeds: list[int], num_samples: int, batch_size: int | None) -> dict[str, Any]:
+    label, run_root, sampler, sigma_rel = parse_variant(variant)
+    config = load_config(str(run_root / "config.yaml"), [])
+    batch_size = batch_size or config.sample.batch_size
+    snapshot = load_snapshot(outputs(run_root, "train", TrainOutputs).snapshot_uri)
+    weights = weights_of(run_root, sigma_rel)
+    fids, seconds = [], []
+    for seed in seeds:
+        fid, took = Scorer(run_root, sampler, seed, num_samples, batch_size).fid(snapshot, weights)
+        fids.append(fid)
+        seconds.append(took)
+        print(f"{label:40s} seed {seed}: FID {fid:.3f} ({took:.1f} s)", flush=True)
+    mean, low, high = interval(fids)
+    floor = floor_of(run_root, num_samples)
+    return {
+        "label": label,
+        "run_id": config.run_id,
+        "loss_weighting": config.train.loss_weighting.value,
+        "train_images": outputs(run_root, "train", TrainOutputs).images_seen,
+        "ema": "snapshot" if sigma_rel is None else f"post-hoc sigma_rel {sigma_rel:g}",
+        "sampler": sampler.to_dict(),
+        "nfe": sampler.method.network_evaluations(sampler.num_steps),
+        "seeds": seeds,
+        "fids": fids,
+        "fid_mean": mean,
+        "fid_ci_low": low,
+        "fid_ci_high": high,
+        "floor": floor,
+        "fid_over_floor": mean / floor,
+        "fid_over_floor_ci": [low / floor, high / floor],
+        "sampling_s_mean": statistics.fmean(seconds),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variant", nargs="+", required=True, help="label=run_root:method:steps[:fixed|sigma_rel]")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--samples", type=int, default=1000)
+    parser.add_argument("--batch-size", type=int, default=None, help="default: each run's sample.batch_size")
+    parser.add_argument("--out", type=Path, required=True)
+    args = parser.parse_args()
+    rows = [measure(variant, args.seeds, args.samples, args.batch_size) for variant in args.variant]
+    result = {"benchmark": "quality_per_compute", "torch": torch.__version__, "threads": torch.get_num_threads()}
+    write_result(args.out, {**result, "num_samples": args.samples, "rows": rows})
+    for row in rows:
+        print(
+            f"{row['label']:40s} FID {row['fid_mean']:.3f} ({row['fid_ci_low']:.3f}-{row['fid_ci_high']:.3f}), "
+            f"floor {row['floor']:.3f}, {row['fid_over_floor']:.2f}x"
+        )
+
+
+if __name__ == "__main__":
+    main()

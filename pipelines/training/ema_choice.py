@@ -1,0 +1,154 @@
+"""The EMA a run samples when ``train.ema_sigma_rel`` names several candidates (Karras et al. 2024, "Analyzing and
+Improving the Training Dynamics of Diffusion Models", Sec. 3.2): after training, the power-function EMA of each
+candidate width is reconstructed from the committed post-hoc snapshots (Appendix C.3,
+:func:`pipelines.training.posthoc.posthoc_snapshot`) and scored on the hold-out split by the NLL bound in bits/dim
+(Ho et al. 2020, Eq. 5; the Monte Carlo estimate the tune stage ranks trials by). Every candidate sees the same
+images, timesteps and noise, so their differences are paired; the lowest becomes the run's snapshot, and the sweep
+goes to the train run as a table and a plot. It runs as a Ray task on the training device."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import ray
+import torch
+
+from ddpm_core.checkpoint import Snapshot, load_snapshot, save_snapshot
+from ddpm_core.data import to_model_range
+from ddpm_core.diffusion import GaussianDiffusion
+from ddpm_core.phema import reconstruct
+from ddpm_core.samplers import null_conditioned
+from pipelines.contracts import EmaCandidate
+from pipelines.data.shards import read_first_images
+from pipelines.execution import Device
+from pipelines.training.posthoc import read_snapshots
+
+HELD_OUT_IMAGES = 512  # the most hold-out images each candidate is scored on
+HELD_OUT_TIMESTEPS = 32  # Monte Carlo timesteps per image (the bound's estimate: tune.bpd_timesteps' kind)
+SCORE_SEED = 0  # the timesteps and noise every candidate shares
+
+
+@dataclass(frozen=True)
+class EmaSweep:
+    """What the choice reads: the run's snapshot (for its network and configs), its post-hoc snapshots, the
+    candidates, and the hold-out split they are scored on."""
+
+    snapshot_uri: str  # train.ema_decay's EMA at the end (the network's configs come from it)
+    posthoc_uri: str
+    images_seen: int  # the end of training, where the EMAs are reconstructed
+    candidates: tuple[float, ...]  # train.ema_sigma_rel
+    holdout_uri: str
+    chosen_uri: str  # where the chosen EMA's snapshot is committed
+    storage_options: dict[str, Any]
+
+
+def held_out_bits_per_dim(
+    network: torch.nn.Module,
+    diffusion: GaussianDiffusion,
+    images: torch.Tensor,
+    timesteps: int,
+    num_classes: int | None,
+) -> tuple[float, float]:
+    """The NLL bound of ``images`` ``[n, C, H, W]`` in [-1, 1] in bits/dim, its mean over images and that mean's
+    standard error (Ho et al. 2020, Eq. 5; :meth:`GaussianDiffusion.bits_per_dim_estimate` with ``timesteps`` uniform
+    timesteps per image, drawn from the seed :data:`SCORE_SEED`). A conditional model is scored as its unconditional
+    (null-class) model."""
+    model = null_conditioned(network, num_classes) if num_classes is not None else network
+    with torch.no_grad():
+        estimate = diffusion.bits_per_dim_estimate(
+            model, images, timesteps, generator=torch.Generator().manual_seed(SCORE_SEED)
+        )
+    return estimate["total"].mean().item(), estimate["stderr"].pow(2).sum().sqrt().item() / len(images)
+
+
+def score_candidates(sweep: EmaSweep) -> tuple[EmaCandidate, ...]:
+    """Each candidate's reconstructed EMA, scored on the hold-out split; the best one's snapshot is committed to
+    ``sweep.chosen_uri`` with its width in the metadata. Runs where it is called (a Ray task: :func:`choose_ema`)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    snapshot = load_snapshot(sweep.snapshot_uri, sweep.storage_options)
+    snapshots = read_snapshots(sweep.posthoc_uri, sweep.storage_options)
+    pixels = read_first_images(sweep.holdout_uri, HELD_OUT_IMAGES, sweep.storage_options)
+    images = to_model_range(pixels).to(device)  # [n, C, H, W] in [-1, 1]
+    diffusion = GaussianDiffusion.from_config(snapshot.diffusion)
+    scored, weights = [], {}
+    for sigma_rel in sweep.candidates:
+        weights[sigma_rel] = reconstruct(snapshots, sigma_rel, sweep.images_seen)
+        network = Snapshot(snapshot.unet, snapshot.diffusion, weights[sigma_rel], {}).build_model().to(device)
+        bpd, stderr = held_out_bits_per_dim(network, diffusion, images, HELD_OUT_TIMESTEPS, snapshot.unet.num_classes)
+        scored.append(EmaCandidate(sigma_rel, bpd, stderr, len(images)))
+    best = best_of(scored)
+    chosen = Snapshot(snapshot.unet, snapshot.diffusion, weights[best.sigma_rel], {}).build_model()
+    metadata = {**snapshot.metadata, "ema_sigma_rel": best.sigma_rel, "ema": "post-hoc, chosen on held-out bits/dim"}
+    save_snapshot(sweep.chosen_uri, chosen, snapshot.unet, snapshot.diffusion, metadata, sweep.storage_options)
+    return tuple(scored)
+
+
+def choose_ema(sweep: EmaSweep, device: Device, runtime_env: dict[str, Any]) -> tuple[EmaCandidate, ...]:
+    """:func:`score_candidates` as a Ray task on one CPU, or one GPU where training ran on GPUs."""
+    task = ray.remote(score_candidates).options(
+        num_cpus=1, num_gpus=1 if device is Device.GPU else 0, runtime_env=runtime_env, max_retries=2
+    )
+    scored: tuple[EmaCandidate, ...] = ray.get(task.remote(sweep))
+    return scored
+
+
+def best_of(candidates: Sequence[EmaCandidate]) -> EmaCandidate:
+    return min(candidates, key=lambda candidate: candidate.bits_per_dim)
+
+
+def sweep_plot(candidates: Sequence[EmaCandidate], profiles: Sequence[float]) -> bytes:
+    """PNG of held-out bits/dim against the EMA width (bars: two standard errors; green: the profiles tracked in
+    training, from which every other width is reconstructed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    figure, axis = pyplot.subplots(figsize=(6, 4), dpi=120)
+    widths = [candidate.sigma_rel for candidate in candidates]
+    axis.errorbar(
+        widths,
+        [candidate.bits_per_dim for candidate in candidates],
+        yerr=[2 * candidate.stderr for candidate in candidates],
+        fmt="o-",
+        capsize=3,
+        label="reconstructed EMA",
+    )
+    best = best_of(candidates)
+    axis.plot([best.sigma_rel], [best.bits_per_dim], "r*", markersize=14, label=f"chosen: {best.sigma_rel:g}")
+    for width in profiles:
+        axis.axvline(width, color="tab:green", alpha=0.3, linewidth=3)
+    axis.set_xlabel("EMA length sigma_rel (green: the profiles tracked in training)")
+    axis.set_ylabel(f"held-out NLL bound, bits/dim ({candidates[0].images} images)")
+    axis.set_title("Post-hoc EMA sweep (Karras et al. 2024); lower is better", fontsize=9)
+    axis.grid(alpha=0.3)
+    axis.legend(fontsize=8)
+    figure.tight_layout()
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "ema_sweep.png")
+        figure.savefig(path)
+        pyplot.close(figure)
+        with open(path, "rb") as file:
+            return file.read()
+
+
+def log_sweep(
+    client: Any, run_id: str, candidates: Sequence[EmaCandidate], profiles: Sequence[float], log: Callable[[str], None]
+) -> None:
+    """The sweep in the train run: ``ema_sweep_table.json`` (one row per width), ``ema_sweep.png``, and the chosen
+    width as the ``ema.chosen_sigma_rel`` tag."""
+    table = {name: [getattr(candidate, name) for candidate in candidates] for name in EmaCandidate.__dataclass_fields__}
+    client.log_table(run_id, table, "ema_sweep_table.json")
+    with tempfile.TemporaryDirectory() as directory:
+        path = os.path.join(directory, "ema_sweep.png")
+        with open(path, "wb") as file:
+            file.write(sweep_plot(candidates, profiles))
+        client.log_artifact(run_id, path)
+    best = best_of(candidates)
+    client.set_tag(run_id, "ema.chosen_sigma_rel", f"{best.sigma_rel:g}")
+    said = ", ".join(f"{c.sigma_rel:g}: {c.bits_per_dim:.4f}" for c in candidates)
+    log(f"train: post-hoc EMA sweep, held-out bits/dim by sigma_rel: {said}; sampling the EMA of {best.sigma_rel:g}")
