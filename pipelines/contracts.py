@@ -101,6 +101,8 @@ class EmaCandidate:
     bits_per_dim: float  # the NLL bound of the hold-out images (mean over images), the choice's score
     stderr: float  # of that mean (Monte Carlo over timesteps); the candidates share timesteps and noise
     images: int  # hold-out images scored
+    minus_chosen: float = 0.0  # bits_per_dim minus the chosen width's, paired per image
+    minus_chosen_stderr: float = 0.0  # its standard error over the images
 
 
 @dataclass(frozen=True)

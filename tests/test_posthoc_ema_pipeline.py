@@ -97,6 +97,9 @@ def test_the_run_samples_the_candidate_ema_of_the_lowest_held_out_bits_per_dim(f
     scores = {candidate.sigma_rel: candidate.bits_per_dim for candidate in train.ema_sweep}
     assert list(scores) == list(CANDIDATES) and len(set(scores.values())) == len(CANDIDATES)
     assert train.ema_sigma_rel == min(scores, key=scores.__getitem__)
+    for candidate in train.ema_sweep:  # the paired differences the sweep's plot shows
+        assert candidate.minus_chosen == pytest.approx(candidate.bits_per_dim - scores[train.ema_sigma_rel], abs=1e-5)
+        assert (candidate.minus_chosen_stderr == 0) == (candidate.sigma_rel == train.ema_sigma_rel)
     assert train.snapshot_uri == str(result_dir(finished, "train") / "chosen_snapshot")
     sampled = load_snapshot(train.snapshot_uri)
     assert sampled.metadata["ema_sigma_rel"] == train.ema_sigma_rel
