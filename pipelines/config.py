@@ -354,8 +354,8 @@ class TrainSection:
 
     def check_ema_profiles(self) -> None:
         """``train.ema_profiles``: distinct widths in ``(0, MAX_SIGMA_REL]`` (Karras et al. 2024, Eq. 123: gamma >= 0),
-        stored every ``train.ema_snapshot_every_images`` (> 0, at most ``train.total_images``); no interval without
-        them."""
+        stored every ``train.ema_snapshot_every_images`` (> 0; one longer than the run stores the end only, as a
+        shortened run of a config written for a longer one does); no interval without them."""
         profiles, every = self.ema_profiles, self.ema_snapshot_every_images
         bad = [width for width in profiles if not 0.0 < width <= MAX_SIGMA_REL]
         if bad:
@@ -365,10 +365,10 @@ class TrainSection:
             )
         if len(set(profiles)) != len(profiles):
             raise ConfigError(f"train.ema_profiles: each sigma_rel once, got {list(profiles)}")
-        if profiles and not 0 < every <= self.total_images:
+        if profiles and every <= 0:
             raise ConfigError(
-                f"train.ema_snapshot_every_images must be > 0 and at most train.total_images ({self.total_images:,}) "
-                f"with train.ema_profiles {list(profiles)}, got {every}: the profiles are stored that often"
+                f"train.ema_snapshot_every_images must be > 0 with train.ema_profiles {list(profiles)}, got {every}: "
+                "the profiles are stored that often (and at the end)"
             )
         if every and not profiles:
             raise ConfigError(

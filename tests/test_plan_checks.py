@@ -29,6 +29,9 @@ QUIET = (
     "train.checkpoint_every_images=10000000000000",
     "train.grid_every_images=0",
     "train.log_every_images=10000000000000",
+    "train.ema_profiles=[]",  # no post-hoc EMA snapshots (their limit is tested in tests/test_posthoc_ema_pipeline.py)
+    "train.ema_snapshot_every_images=0",
+    "train.ema_sigma_rel=null",
 )
 
 

@@ -117,7 +117,7 @@ def test_allowed_changes_recompute_exactly_the_stages_that_read_the_key(workdir,
     run_root = workdir / "runs" / "reuse"
     assert len(completed(run_root, "train")) == 2 and len(completed(run_root, "prepare")) == 1
 
-    code, out, _ = cli(capsys, "status", "reuse", *args(workdir)[2:])  # compared with the first config
+    code, out, _ = cli(capsys, "status", "reuse", *args(workdir))  # compared with the first config
     assert code == 0
     assert "train.lr 0.002 -> 0.001" in out
     assert "kept " in out and "train.lr 0.002 (now 0.001)" in out

@@ -246,6 +246,7 @@ def run(
     )
     context.ran_with.update(settings_that_ran(section, outputs))
     log_to_mlflow(context, section.extractor, outputs)
+    context.client.set_tag(context.mlflow_run_id, "model.ema", train.ema_described())  # which weights were scored
     if outputs.protocol.reference.reference == "training split":  # the data the FIDs are measured against
         log_training_data(context.client, context.mlflow_run_id, prepare, REFERENCE)
     context.log(f"evaluate: {as_sentence(score_lines(outputs))}")

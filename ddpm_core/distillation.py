@@ -1,0 +1,104 @@
+"""Progressive distillation (Salimans & Ho 2022, "Progressive Distillation for Fast Sampling of Diffusion Models",
+Algorithm 2) on the discrete schedule of :class:`ddpm_core.diffusion.GaussianDiffusion`.
+
+A student of N deterministic (DDIM, eta = 0) steps learns to do in one step what its teacher does in two: from
+``x_t`` the teacher takes DDIM steps ``t -> m -> s`` (Song et al. 2021, Eq. 12), and the student's target is the
+``x~`` whose single DDIM step ``t -> s`` lands exactly where the teacher's two did (Algorithm 2,
+``x~ = (z'' - (sigma''/sigma) z_t) / (alpha'' - (sigma''/sigma) alpha_t)`` with ``alpha = sqrt(abar)``,
+``sigma = sqrt(1 - abar)``). The loss is the x_0-space error weighted by ``max(SNR(t), 1)``, the paper's "truncated
+SNR" weighting (Sec. 4). Each round halves N, the student of one round becoming the teacher of the next.
+
+The student's grid has N steps ending at the clean image: step i starts at timestep ``starts[i]``, passes the
+teacher's midpoint ``mids[i]`` and ends at ``ends[i]`` (-1: the clean image, where ``abar = 1``). The 2N points of
+the teacher's grid are evenly spaced, the first at T - 1 (trailing spacing: the noisiest step starts from pure
+noise's level).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+
+from ddpm_core.diffusion import GaussianDiffusion
+from ddpm_core.samplers import Model
+
+CLEAN = -1  # the grid index of the clean image (abar = 1)
+
+
+class StudentGrid(NamedTuple):
+    """Per student step ``[N]``, from the noisiest: its start, the teacher's midpoint, its end (CLEAN at the last)."""
+
+    starts: torch.Tensor  # [N] int64
+    mids: torch.Tensor  # [N] int64
+    ends: torch.Tensor  # [N] int64
+
+
+def student_grid(num_timesteps: int, student_steps: int) -> StudentGrid:
+    """The student's N steps on a T-step schedule: the teacher's 2N timesteps ``round((k + 1) T / 2N) - 1``,
+    k = 2N-1 .. 0, taken in pairs."""
+    if not 1 <= student_steps <= num_timesteps // 2:
+        raise ValueError(
+            f"student_steps must lie in [1, {num_timesteps // 2}] for T = {num_timesteps}, got {student_steps}"
+        )
+    count = 2 * student_steps
+    teacher = [round((k + 1) * num_timesteps / count) - 1 for k in reversed(range(count))]  # noisiest first
+    grid = [*teacher, CLEAN]
+    starts, mids, ends = grid[0:-1:2], grid[1::2], grid[2::2]
+    return StudentGrid(torch.tensor(starts), torch.tensor(mids), torch.tensor(ends))
+
+
+def abar_at(diffusion: GaussianDiffusion, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """``abar`` at grid indices ``[B]`` (CLEAN: 1), as ``[B, 1, ..., 1]`` in ``like``'s dtype and device."""
+    table = torch.cat([diffusion.alphas_cumprod, torch.ones(1, dtype=torch.float64)])  # [T + 1]: index -1 is 1
+    return diffusion._gather(table, index, like)
+
+
+def ddim_to(x_t: torch.Tensor, x0_hat: torch.Tensor, abar_t: torch.Tensor, abar_s: torch.Tensor) -> torch.Tensor:
+    """One deterministic DDIM step from noise level ``abar_t`` to ``abar_s`` given the x_0 estimate (Song et al.
+    2021, Eq. 12 with sigma = 0): ``sqrt(abar_s) x0_hat + sqrt(1 - abar_s) eps_hat``,
+    ``eps_hat = (x_t - sqrt(abar_t) x0_hat) / sqrt(1 - abar_t)``. ``[B, C, H, W]``."""
+    eps_hat = (x_t - abar_t.sqrt() * x0_hat) / (1 - abar_t).sqrt()
+    return abar_s.sqrt() * x0_hat + (1 - abar_s).sqrt() * eps_hat
+
+
+def single_step_x0(x_t: torch.Tensor, x_s: torch.Tensor, abar_t: torch.Tensor, abar_s: torch.Tensor) -> torch.Tensor:
+    """The x_0 estimate whose DDIM step from ``x_t`` lands on ``x_s`` (Salimans & Ho 2022, Algorithm 2):
+    ``(x_s - r x_t) / (sqrt(abar_s) - r sqrt(abar_t))`` with ``r = sqrt((1 - abar_s) / (1 - abar_t))``; at the clean
+    end (``abar_s = 1``) it is ``x_s`` itself. ``[B, C, H, W]``."""
+    ratio = ((1 - abar_s) / (1 - abar_t)).sqrt()
+    return (x_s - ratio * x_t) / (abar_s.sqrt() - ratio * abar_t.sqrt())
+
+
+def teacher_x0(
+    diffusion: GaussianDiffusion, teacher: Model, x: torch.Tensor, t: torch.Tensor, kwargs: dict[str, Any]
+) -> torch.Tensor:
+    """The teacher's x_0 estimate at timestep indices ``t`` ``[B]`` (unclipped), from its configured prediction."""
+    return diffusion.p_mean_variance(teacher(x, diffusion.model_timesteps(t), **kwargs), x, t).pred_x0
+
+
+@torch.no_grad()
+def distillation_target(
+    diffusion: GaussianDiffusion,
+    teacher: Model,
+    x_t: torch.Tensor,
+    steps: StudentGrid,
+    kwargs: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """The student's x_0 target for the states ``x_t`` ``[B, C, H, W]`` at ``steps.starts`` (each row its own
+    step, ``[B]`` each): the teacher's two DDIM steps start -> mid -> end, then :func:`single_step_x0`."""
+    kwargs = kwargs or {}
+    abar_t, abar_m, abar_s = (abar_at(diffusion, index, x_t) for index in steps)
+    x_m = ddim_to(x_t, teacher_x0(diffusion, teacher, x_t, steps.starts, kwargs), abar_t, abar_m)
+    x0_m = teacher_x0(diffusion, teacher, x_m, steps.mids, kwargs)
+    return single_step_x0(x_t, ddim_to(x_m, x0_m, abar_m, abar_s), abar_t, abar_s)
+
+
+def distillation_loss(
+    diffusion: GaussianDiffusion, student_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, target: torch.Tensor
+) -> torch.Tensor:
+    """Per-example loss ``[B]``: ``max(SNR(t), 1) * mean ||x~ - x0_hat||^2`` with the student's x_0 estimate from its
+    configured prediction (Salimans & Ho 2022, Sec. 4, "truncated SNR" weighting)."""
+    x0_hat = diffusion.p_mean_variance(student_output, x_t, t).pred_x0
+    weight = diffusion.snr(t, x_t).clamp(min=1.0)  # [B]
+    return weight * (target - x0_hat).pow(2).flatten(1).mean(1)

@@ -1,0 +1,110 @@
+"""Progressive distillation's targets and loss (ddpm_core.distillation; Salimans & Ho 2022, Algorithm 2) against
+closed forms on Gaussian data, whose exact denoiser makes every DDIM step an affine map (tests/oracles.py)."""
+
+import math
+
+import pytest
+import torch
+
+from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion, Prediction
+from ddpm_core.distillation import (
+    CLEAN,
+    StudentGrid,
+    abar_at,
+    ddim_to,
+    distillation_loss,
+    distillation_target,
+    student_grid,
+)
+from tests.oracles import gaussian_oracle
+
+MEAN, STD, T = 0.3, 0.6, 1000
+
+
+def diffusion_for(prediction: Prediction) -> GaussianDiffusion:
+    return GaussianDiffusion.from_config(DiffusionConfig(num_timesteps=T, prediction=prediction))
+
+
+def ddim_coefficient(abar_from: float, abar_to: float) -> float:
+    """The exact denoiser's DDIM step maps ``x - sqrt(abar_from) m`` to ``c (x - sqrt(abar_from) m)`` about the
+    moved mean ``sqrt(abar_to) m``, with ``c = (sqrt(abar_to abar_from) s^2 + sqrt((1 - abar_to)(1 - abar_from)))
+    / (abar_from s^2 + 1 - abar_from)`` (Eq. 12 with E[x_0 | x_t] substituted; derived by hand)."""
+    variance = abar_from * STD**2 + 1 - abar_from
+    return (math.sqrt(abar_to * abar_from) * STD**2 + math.sqrt((1 - abar_to) * (1 - abar_from))) / variance
+
+
+def test_the_student_grid_pairs_the_teachers_evenly_spaced_steps():
+    four, one = student_grid(1000, 4), student_grid(1000, 1)
+    assert [part.tolist() for part in four] == [[999, 749, 499, 249], [874, 624, 374, 124], [749, 499, 249, CLEAN]]
+    assert [part.tolist() for part in one] == [[999], [499], [CLEAN]]
+    with pytest.raises(ValueError, match="student_steps must lie in"):
+        student_grid(10, 6)
+
+
+@pytest.mark.parametrize("prediction", list(Prediction))
+def test_the_target_is_the_closed_form_of_two_exact_ddim_steps_and_one_step_lands_there(prediction):
+    """For every student step of a 4-step grid: the target equals the hand-derived affine map of x_t (two exact-
+    denoiser DDIM steps composed, then Algorithm 2's inversion), a single DDIM step with it reaches the teacher's
+    two-step point, and a student predicting it in any parameterisation has zero loss."""
+    diffusion, grid = diffusion_for(prediction), student_grid(T, 4)
+    teacher = gaussian_oracle(diffusion, MEAN, STD, prediction)
+    generator = torch.Generator().manual_seed(0)
+    x_t = torch.randn(4, 1, 3, 3, generator=generator, dtype=torch.float64) * 1.3  # row i: student step i
+    target = distillation_target(diffusion, teacher, x_t, grid)
+    abar = torch.cat([diffusion.alphas_cumprod, torch.ones(1, dtype=torch.float64)])
+    for row, (start, mid, end) in enumerate(zip(*grid, strict=True)):
+        a_t, a_m, a_s = (float(abar[int(index)]) for index in (start, mid, end))
+        centred = x_t[row] - math.sqrt(a_t) * MEAN
+        x_s = math.sqrt(a_s) * MEAN + ddim_coefficient(a_t, a_m) * ddim_coefficient(a_m, a_s) * centred
+        ratio = math.sqrt((1 - a_s) / (1 - a_t))
+        expected = (x_s - ratio * x_t[row]) / (math.sqrt(a_s) - ratio * math.sqrt(a_t))
+        torch.testing.assert_close(target[row], expected, rtol=1e-10, atol=1e-12)
+        one_step = ddim_to(
+            x_t[row : row + 1],
+            target[row : row + 1],
+            torch.tensor(a_t, dtype=torch.float64),
+            torch.tensor(a_s, dtype=torch.float64),
+        )
+        torch.testing.assert_close(one_step[0], x_s, rtol=1e-10, atol=1e-12)
+
+    t = grid.starts
+    x0_student = target  # the student's output in its own parameterisation, from the target x_0
+    eps = diffusion.eps_from_x0(x_t, t, x0_student)
+    output = {Prediction.EPS: eps, Prediction.X0: x0_student, Prediction.V: diffusion.v_target(x0_student, t, eps)}
+    loss = distillation_loss(diffusion, output[prediction], x_t, t, target)
+    assert loss.shape == (4,) and loss.abs().max().item() < 1e-20
+
+
+def test_the_loss_weights_the_x0_error_by_truncated_snr():
+    diffusion, grid = diffusion_for(Prediction.X0), student_grid(T, 4)
+    x_t = torch.randn(4, 1, 2, 2, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    target, error = torch.zeros_like(x_t), torch.full_like(x_t, 0.1)
+    loss = distillation_loss(diffusion, target + error, x_t, grid.starts, target)
+    snr = diffusion.alphas_cumprod[grid.starts] / (1 - diffusion.alphas_cumprod[grid.starts])
+    torch.testing.assert_close(loss, snr.clamp(min=1.0) * 0.01, rtol=1e-12, atol=0)
+    assert snr[0] < 1 < snr[-1]  # both sides of the truncation are exercised
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_a_student_that_meets_its_targets_samples_what_the_teacher_samples_in_twice_the_steps(steps):
+    """The defining property of a round: N student DDIM steps, each predicting its target, end on the teacher's
+    2N-step DDIM sample from the same noise (the same teacher grid), to float64 rounding."""
+    diffusion = diffusion_for(Prediction.EPS)
+    teacher, grid = gaussian_oracle(diffusion, MEAN, STD, Prediction.EPS), student_grid(T, steps)
+    noise = torch.randn(6, 1, 2, 2, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    x_teacher = noise
+    for start, mid, end in zip(*grid, strict=True):
+        for here, there in ((start, mid), (mid, end)):
+            index = torch.full((6,), int(here))
+            x0 = diffusion.p_mean_variance(teacher(x_teacher, index), x_teacher, index).pred_x0
+            x_teacher = ddim_to(
+                x_teacher, x0, abar_at(diffusion, index, noise), abar_at(diffusion, there.expand(6), noise)
+            )
+    x_student = noise
+    for start, mid, end in zip(*grid, strict=True):
+        rows = StudentGrid(start.expand(6), mid.expand(6), end.expand(6))
+        target = distillation_target(diffusion, teacher, x_student, rows)
+        x_student = ddim_to(
+            x_student, target, abar_at(diffusion, rows.starts, noise), abar_at(diffusion, rows.ends, noise)
+        )
+    torch.testing.assert_close(x_student, x_teacher, rtol=1e-10, atol=1e-12)
