@@ -8,6 +8,10 @@ A student of N deterministic (DDIM, eta = 0) steps learns to do in one step what
 ``sigma = sqrt(1 - abar)``). The loss is the x_0-space error weighted by ``max(SNR(t), 1)``, the paper's "truncated
 SNR" weighting (Sec. 4). Each round halves N, the student of one round becoming the teacher of the next.
 
+Consistency distillation (Song et al. 2023, "Consistency Models", Algorithm 2) is the second method: a student
+``f(x_t, t)`` with the skip scalings of Eq. 5 (the boundary condition ``f(x, t_min) = x`` holds by construction) is
+regressed onto its EMA target network's output one teacher DDIM step earlier.
+
 The student's grid has N steps ending at the clean image: step i starts at timestep ``starts[i]``, passes the
 teacher's midpoint ``mids[i]`` and ends at ``ends[i]`` (-1: the clean image, where ``abar = 1``). The 2N points of
 the teacher's grid are evenly spaced, the first at T - 1 (trailing spacing: the noisiest step starts from pure
@@ -16,6 +20,7 @@ noise's level).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
@@ -102,3 +107,59 @@ def distillation_loss(
     x0_hat = diffusion.p_mean_variance(student_output, x_t, t).pred_x0
     weight = diffusion.snr(t, x_t).clamp(min=1.0)  # [B]
     return weight * (target - x0_hat).pow(2).flatten(1).mean(1)
+
+
+# ------------------------------------------------------------------------------------------ consistency distillation
+SIGMA_DATA = 0.5  # the data's standard deviation the skip scalings assume (Song et al. 2023, App. C; EDM's)
+
+
+def ve_sigma(abar: torch.Tensor) -> torch.Tensor:
+    """The variance-exploding noise level of a VP state: ``x_t / sqrt(abar) = x_0 + sigma eps`` with
+    ``sigma = sqrt((1 - abar) / abar)`` (Song et al. 2021, "Score-Based Generative Modeling", Sec. 3.4)."""
+    return ((1 - abar) / abar).sqrt()
+
+
+def consistency_scalings(sigma: torch.Tensor, sigma_min: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(c_skip, c_out)`` of a consistency model ``f(x, sigma) = c_skip x + c_out F(x, sigma)`` (Song et al. 2023,
+    Eq. 5 and App. C): ``c_skip = s_d^2 / ((sigma - sigma_min)^2 + s_d^2)``, ``c_out = s_d (sigma - sigma_min) /
+    sqrt(s_d^2 + sigma^2)``, so that ``f(x, sigma_min) = x`` (the boundary condition) for any network F."""
+    offset = sigma - sigma_min
+    return SIGMA_DATA**2 / (offset**2 + SIGMA_DATA**2), SIGMA_DATA * offset / (SIGMA_DATA**2 + sigma**2).sqrt()
+
+
+def consistency_x0(
+    diffusion: GaussianDiffusion, network_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """A consistency student's x_0 estimate at timestep indices ``t`` ``[B]`` from its raw output ``F``
+    ``[B, C, H, W]``: :func:`consistency_scalings` applied to the VE state ``x_t / sqrt(abar_t)``, with timestep 0
+    as the boundary (its output there is that state, whatever F)."""
+    abar = abar_at(diffusion, t, x_t)
+    sigma = ve_sigma(abar)
+    sigma_min = ve_sigma(abar_at(diffusion, torch.zeros_like(t), x_t))
+    c_skip, c_out = consistency_scalings(sigma, sigma_min)
+    return c_skip * x_t / abar.sqrt() + c_out * network_output
+
+
+@torch.no_grad()
+def consistency_target(
+    diffusion: GaussianDiffusion,
+    teacher: Model,
+    target_x0: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    x_next: torch.Tensor,
+    t_next: torch.Tensor,
+    t: torch.Tensor,
+    kwargs: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """Consistency distillation's target for states ``x_next`` at the later timesteps ``t_next`` ``[B]`` (Song et
+    al. 2023, Algorithm 2): one teacher DDIM step to ``t`` (the ODE solver Phi), then the target network's (the EMA
+    student's) x_0 estimate there, ``target_x0(x, t)``. The student's ``consistency_x0`` at ``(x_next, t_next)`` is
+    regressed onto it (:func:`consistency_loss`)."""
+    kwargs = kwargs or {}
+    x0_teacher = teacher_x0(diffusion, teacher, x_next, t_next, kwargs)
+    x_t = ddim_to(x_next, x0_teacher, abar_at(diffusion, t_next, x_next), abar_at(diffusion, t, x_next))
+    return target_x0(x_t, t)
+
+
+def consistency_loss(student_x0: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Per-example squared L2 distance ``[B]`` (Song et al. 2023, Eq. 7 with d = L2 and lambda = 1)."""
+    return (student_x0 - target).pow(2).flatten(1).mean(1)

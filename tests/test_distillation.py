@@ -1,5 +1,6 @@
-"""Progressive distillation's targets and loss (ddpm_core.distillation; Salimans & Ho 2022, Algorithm 2) against
-closed forms on Gaussian data, whose exact denoiser makes every DDIM step an affine map (tests/oracles.py)."""
+"""Progressive distillation's targets and loss (ddpm_core.distillation; Salimans & Ho 2022, Algorithm 2) and
+consistency distillation's (Song et al. 2023, Algorithm 2) against closed forms on Gaussian data, whose exact
+denoiser makes every DDIM step an affine map (tests/oracles.py)."""
 
 import math
 
@@ -11,10 +12,15 @@ from ddpm_core.distillation import (
     CLEAN,
     StudentGrid,
     abar_at,
+    consistency_loss,
+    consistency_scalings,
+    consistency_target,
+    consistency_x0,
     ddim_to,
     distillation_loss,
     distillation_target,
     student_grid,
+    ve_sigma,
 )
 from tests.oracles import gaussian_oracle
 
@@ -108,3 +114,42 @@ def test_a_student_that_meets_its_targets_samples_what_the_teacher_samples_in_tw
             x_student, target, abar_at(diffusion, rows.starts, noise), abar_at(diffusion, rows.ends, noise)
         )
     torch.testing.assert_close(x_student, x_teacher, rtol=1e-10, atol=1e-12)
+
+
+def test_the_consistency_boundary_holds_for_any_network_output():
+    """f(x, t_min) = x (Song et al. 2023, Eq. 5): at timestep 0 the student's x_0 estimate is the VE state
+    x / sqrt(abar_0) whatever the network outputs; away from it the skip weight falls towards 0."""
+    diffusion = diffusion_for(Prediction.EPS)
+    x = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    output = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    at_zero = consistency_x0(diffusion, output, x, torch.zeros(3, dtype=torch.long))
+    torch.testing.assert_close(at_zero, x / diffusion.alphas_cumprod[0].sqrt(), rtol=1e-12, atol=0)
+    sigmas = ve_sigma(diffusion.alphas_cumprod[[0, 100, 999]])
+    c_skip, c_out = consistency_scalings(sigmas, sigmas[0])
+    assert c_skip[0] == 1 and c_out[0] == 0 and c_skip[2] < 1e-3 < c_skip[1] < 1
+    torch.testing.assert_close(c_out[2], torch.tensor(0.5, dtype=torch.float64), rtol=1e-3, atol=0)
+
+
+def test_the_consistency_target_of_the_exact_fixed_point_is_the_fixed_point_itself():
+    """On Gaussian data the fixed point of consistency distillation with a DDIM teacher, f*(x, t_n) = the DDIM steps
+    from t_n down to timestep 0 (as the VE state there), is affine in x with the product of the steps' coefficients
+    (derived by hand). Its target one teacher step earlier equals its own value, so a student equal to it has zero
+    loss; a student one step's coefficient off does not."""
+    diffusion = diffusion_for(Prediction.EPS)
+    teacher = gaussian_oracle(diffusion, MEAN, STD, Prediction.EPS)
+    grid = [999, 749, 499, 249, 99, 0]
+    abar = [float(diffusion.alphas_cumprod[index]) for index in grid]
+
+    def fixed_point(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        n = grid.index(int(t[0]))
+        coefficient = math.prod(ddim_coefficient(abar[k], abar[k + 1]) for k in range(n, len(grid) - 1))
+        state = math.sqrt(abar[-1]) * MEAN + coefficient * (x - math.sqrt(abar[n]) * MEAN)  # at timestep 0
+        return state / math.sqrt(abar[-1])
+
+    x = torch.randn(5, 1, 2, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    for n in range(len(grid) - 1):
+        t_next, t = torch.full((5,), grid[n]), torch.full((5,), grid[n + 1])
+        target = consistency_target(diffusion, teacher, fixed_point, x, t_next, t)
+        assert consistency_loss(fixed_point(x, t_next), target).max().item() < 1e-24
+        off = fixed_point(x, t_next) * 1.01
+        assert consistency_loss(off, target).min().item() > 1e-8
