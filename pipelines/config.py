@@ -264,6 +264,10 @@ class TrainSection:
     # power-function EMA of that relative width, tracked in training (tune can search it); a list of candidates: each
     # reconstructed after training from the train.ema_profiles snapshots, and the one of the lowest held-out bits/dim
     ema_sigma_rel: float | tuple[float, ...] | None = None
+    # what each candidate is scored on: the first hold-out images (at most this many) and the uniform timesteps per
+    # image of the bound's Monte Carlo estimate (as evaluate.nll_images / evaluate.nll_timesteps)
+    ema_choice_images: int = 512
+    ema_choice_timesteps: int = 32
     # lr, warmup_images, grad_clip, weight_decay, ema_decay, ema_warmup: train.<field>
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=1e-3, warmup_images=10_000, ema_decay=0.999, ema_warmup=True),
@@ -294,6 +298,7 @@ class TrainSection:
                 "cpus_per_worker": self.cpus_per_worker,
                 "checkpoint_every_images": self.checkpoint_every_images,
                 "log_every_images": self.log_every_images,
+                "ema_choice_images": self.ema_choice_images,
             },
         )
         require_non_negative(
@@ -866,6 +871,11 @@ class PipelineConfig:
             raise ConfigError(
                 f"train.ema_sigma_rel {list(self.train.ema_candidates)} needs data.holdout_fraction > 0: the "
                 "candidates are scored on held-out images (or give one number)"
+            )
+        if not 2 <= self.train.ema_choice_timesteps <= num_timesteps:
+            raise ConfigError(
+                f"train.ema_choice_timesteps must be in [2, {num_timesteps}] (a Monte Carlo estimate with a standard "
+                f"error), got {self.train.ema_choice_timesteps}"
             )
         evaluate = self.evaluate
         if evaluate.nll and evaluate.nll_split is NllSplit.HOLDOUT and self.data.holdout_fraction <= 0:

@@ -77,6 +77,21 @@ def _stop(process: subprocess.Popen) -> None:
         process.wait(timeout=10)
 
 
+def run_in_session(command: list[str], timeout: float, **options) -> subprocess.CompletedProcess:
+    """``subprocess.run(command, capture_output=True, text=True, timeout=timeout, **options)`` in a process session of
+    its own, which is stopped whole (the pipeline's local Ray with it, not only the first process) when it runs past
+    ``timeout`` or the test stops waiting for any other reason: nothing of it runs on into the next test."""
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, **options
+    )
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except BaseException:
+        _stop(process)
+        raise
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
 @contextlib.contextmanager
 def mlflow_server(workdir: Path, artifacts_destination: str, env: dict[str, str], admin: tuple[str, str] | None = None):
     """``mlflow server`` with a SQLite backend and proxied artifacts at ``artifacts_destination``; yields its URL.

@@ -86,6 +86,8 @@ def test_a_second_run_of_a_compiled_job_loads_what_the_first_compiled(tmp_path):
         "train.total_images=2560",
         "sample.num_samples=200",
         "evaluate.nll_images=20",
+        "train.ema_choice_images=64",  # the post-hoc EMA choice on a small budget
+        "train.ema_choice_timesteps=4",
     ]
     logs = []
     for run_id in ("first", "second"):

@@ -181,6 +181,8 @@ def local(tmp_path):
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
         "model.conditional=true",
         "evaluate.classifier_epochs=1",
+        "train.ema_choice_images=64",  # the post-hoc EMA choice on a small budget
+        "train.ema_choice_timesteps=4",
     ]
 
 

@@ -82,6 +82,8 @@ def test_killed_worker_then_killed_driver_resume_from_checkpoints(tmp_path):
         f"sample.batch_size={SHARD}",
         "sample.num_steps=50",
         "evaluate.classifier_epochs=1",
+        "train.ema_choice_images=64",  # the post-hoc EMA choice on a small budget
+        "train.ema_choice_timesteps=4",
         "evaluate.untrained_baseline=false",
         "evaluate.nll=false",
         "register.enabled=false",
@@ -291,6 +293,8 @@ def test_training_survives_an_mlflow_outage(tmp_path):
         "sample.batch_size=50",
         "sample.num_steps=5",
         "evaluate.classifier_epochs=1",
+        "train.ema_choice_images=64",  # the post-hoc EMA choice on a small budget
+        "train.ema_choice_timesteps=4",
         "evaluate.untrained_baseline=false",
         "evaluate.nll=false",
         "register.enabled=false",

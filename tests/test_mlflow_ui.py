@@ -38,6 +38,8 @@ TINY = [
     "sample.batch_size=20",
     "sample.num_steps=5",
     "evaluate.classifier_epochs=1",
+    "train.ema_choice_images=64",  # the post-hoc EMA choice on a small budget
+    "train.ema_choice_timesteps=4",
     "evaluate.untrained_baseline=false",
     "evaluate.nll=false",
 ]

@@ -43,6 +43,8 @@ def test_tune_stage_picks_the_best_trial_by_bits_per_dim_and_train_uses_it(tmp_p
         "sample.batch_size=50",
         "sample.num_steps=5",
         "evaluate.classifier_epochs=2",
+        "train.ema_choice_images=64",  # the post-hoc EMA choice on a small budget
+        "train.ema_choice_timesteps=4",
         "evaluate.untrained_baseline=false",
         "evaluate.nll=false",
         "register.enabled=false",

@@ -43,6 +43,7 @@ ENV = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
 PROFILES = (0.05, 0.10)
 CANDIDATES = (0.03, 0.1, 0.2)  # the EMAs the run chooses among after training, on held-out bits/dim
 TOTAL, EVERY = 1536, 500  # batch 128: the intervals are passed at 512, 1024 and 1536 images (the end)
+CHOICE_IMAGES, CHOICE_TIMESTEPS = 40, 8  # what each candidate is scored on: fewer images than the hold-out split's
 RUN = (  # tests/test_bad_inputs.py's smallest run of every stage, longer, with post-hoc EMA (later overrides win)
     *TINY,
     f"train.total_images={TOTAL}",
@@ -52,6 +53,8 @@ RUN = (  # tests/test_bad_inputs.py's smallest run of every stage, longer, with 
     f"train.ema_profiles=[{PROFILES[0]}, {PROFILES[1]}]",
     f"train.ema_snapshot_every_images={EVERY}",
     f"train.ema_sigma_rel=[{', '.join(map(str, CANDIDATES))}]",
+    f"train.ema_choice_images={CHOICE_IMAGES}",
+    f"train.ema_choice_timesteps={CHOICE_TIMESTEPS}",
 )
 
 
@@ -108,10 +111,11 @@ def test_the_run_samples_the_candidate_ema_of_the_lowest_held_out_bits_per_dim(f
 
     widest = posthoc_snapshot(train, CANDIDATES[-1], {})
     network = Snapshot(sampled.unet, sampled.diffusion, widest, {}).build_model()
-    images = to_model_range(read_first_images(prepare.holdout_uri, None, {}))  # [n, C, H, W]
+    images = to_model_range(read_first_images(prepare.holdout_uri, CHOICE_IMAGES, {}))  # [n, C, H, W]
     diffusion = GaussianDiffusion.from_config(sampled.diffusion)
-    estimate = diffusion.bits_per_dim_estimate(network, images, 32, generator=torch.Generator().manual_seed(0))
-    assert train.ema_sweep[-1].images == len(images) == prepare.num_holdout
+    generator = torch.Generator().manual_seed(0)
+    estimate = diffusion.bits_per_dim_estimate(network, images, CHOICE_TIMESTEPS, generator=generator)
+    assert train.ema_sweep[-1].images == len(images) == CHOICE_IMAGES < prepare.num_holdout
     assert train.ema_sweep[-1].bits_per_dim == pytest.approx(estimate["total"].mean().item(), rel=1e-5)
 
     client = MlflowClient(f"sqlite:///{finished.parents[1] / 'mlflow.db'}")

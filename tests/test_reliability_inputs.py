@@ -172,6 +172,8 @@ def test_more_training_workers_than_the_cluster_has_fail_in_seconds(tmp_path):
         "run_id=big",
         "train.num_workers=64",
         "evaluate.classifier_epochs=1",
+        "train.ema_choice_images=64",  # the post-hoc EMA choice on a small budget
+        "train.ema_choice_timesteps=4",
         f"storage.root={tmp_path / 'runs'}",
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
     ]

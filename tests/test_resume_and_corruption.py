@@ -21,6 +21,7 @@ from mlflow.tracking import MlflowClient
 
 from tests.run_files import completed, result_dir
 from tests.run_files import outputs as stage_outputs
+from tests.services import run_in_session
 
 REPO = Path(__file__).resolve().parents[1]
 TOTAL, EVERY, BATCH = 6144, 2048, 128
@@ -34,6 +35,8 @@ TINY = [
     "sample.batch_size=10",
     "sample.num_steps=5",
     "evaluate.classifier_epochs=1",
+    "train.ema_choice_images=64",  # the post-hoc EMA choice on a small budget
+    "train.ema_choice_timesteps=4",
     "evaluate.untrained_baseline=false",
     "evaluate.nll=false",
     "evaluate.inception_score=false",
@@ -59,7 +62,7 @@ def command(root: Path, run_id: str, *extra: str) -> list[str]:
 
 
 def run(root: Path, run_id: str, *extra: str) -> subprocess.CompletedProcess:
-    return subprocess.run(command(root, run_id, *extra), cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+    return run_in_session(command(root, run_id, *extra), timeout=600, cwd=REPO, env=ENV)
 
 
 def outputs(run_root: Path, stage: str) -> dict:
@@ -320,7 +323,7 @@ def test_a_full_disk_is_a_named_storage_failure_and_the_run_resumes_when_there_i
     subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16m", "tmpfs", str(disk)], check=True)
     try:
         args = [*command(tmp_path, "full", "train.max_failures=0"), f"storage.root={disk}"]
-        full = subprocess.run(args, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+        full = run_in_session(args, timeout=600, cwd=REPO, env=ENV)
         assert full.returncode == 5, full.stdout[-4000:] + full.stderr[-4000:]
         said = "error: training stopped: no room left on a disk it writes to (No space left on device)"
         assert any(line.startswith(said) for line in full.stderr.splitlines()), full.stderr[-3000:]
@@ -328,7 +331,7 @@ def test_a_full_disk_is_a_named_storage_failure_and_the_run_resumes_when_there_i
         assert not any(line.startswith("Traceback") for line in full.stderr.splitlines()), full.stderr[-3000:]
         assert not list(disk.rglob("*.partial")), "no temporary lease files stay behind"
         subprocess.run(["mount", "-o", "remount,size=256m", str(disk)], check=True)  # room again
-        again = subprocess.run(args, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+        again = run_in_session(args, timeout=600, cwd=REPO, env=ENV)
         assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
         assert "[prepare] up to date" in again.stdout and "resumed from checkpoint at" in again.stdout
     finally:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from ddpm_core.data import load_dataset
 from pipelines.contracts import ChampionRef
-from tests.services import mlflow_server
+from tests.services import _stop, mlflow_server
 
 REPO = Path(__file__).resolve().parents[1]
 TINY = [
@@ -32,6 +32,8 @@ TINY = [
     "sample.batch_size=100",
     "sample.num_steps=10",
     "evaluate.classifier_epochs=2",
+    "train.ema_choice_images=64",  # the post-hoc EMA choice on a small budget
+    "train.ema_choice_timesteps=4",
     "evaluate.untrained_baseline=false",
     "evaluate.nll=false",
     "register.model_name=ddpm-nightly",
@@ -71,11 +73,23 @@ def retrain(tmp_path: Path, tracking_uri: str, tick: str, *overrides: str, wait:
         stderr=subprocess.STDOUT,
         text=True,
         env={**os.environ, "RAY_ADDRESS": ""},
+        start_new_session=True,  # stopped as a group (its local Ray with it) when the test gives up on it
     )
     if not wait:
         return process
-    output, _ = process.communicate(timeout=900)
+    output = finish(process)
     return process.returncode, output
+
+
+def finish(process: subprocess.Popen) -> str:
+    """The output of a :func:`retrain` process, which is stopped with its whole process group if it does not end in
+    15 minutes or the test stops waiting for any other reason (nothing of it runs on into the next test)."""
+    try:
+        output, _ = process.communicate(timeout=900)
+    except BaseException:
+        _stop(process)
+        raise
+    return output
 
 
 @contextlib.contextmanager
@@ -105,7 +119,10 @@ def test_retrain_schedule(tmp_path):
 
         # (1) two jobs for the same tick at once: one holds the run root's lease, the other exits 3 naming it
         first, second = (retrain(tmp_path, tracking_uri, "2026-11-20T02:00Z", wait=False) for _ in range(2))
-        outputs = [process.communicate(timeout=900)[0] for process in (first, second)]
+        try:
+            outputs = [finish(process) for process in (first, second)]
+        finally:
+            _stop(second)
         codes = sorted([first.returncode, second.returncode])
         assert codes == [0, 3], outputs
         winner, loser = (outputs[0], outputs[1]) if first.returncode == 0 else (outputs[1], outputs[0])

@@ -38,6 +38,8 @@ def test_streamed_training_from_s3_resumes_exactly_after_a_killed_worker(tmp_pat
         "sample.batch_size=50",
         "sample.num_steps=20",
         "evaluate.classifier_epochs=1",
+        "train.ema_choice_images=64",  # the post-hoc EMA choice on a small budget
+        "train.ema_choice_timesteps=4",
         "evaluate.untrained_baseline=false",
         "evaluate.nll=false",
         "evaluate.precision_recall=false",

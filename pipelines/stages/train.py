@@ -146,13 +146,19 @@ def ema_sweep(
     candidates = job.train.ema_candidates
     if len(candidates) < 2:
         return ()
-    context.log(f"train: post-hoc EMA, scoring sigma_rel {list(candidates)} on {prepare.num_holdout} held-out images")
+    images = min(job.train.ema_choice_images, prepare.num_holdout)
+    context.log(
+        f"train: post-hoc EMA, scoring sigma_rel {list(candidates)} on {images} held-out images "
+        f"({job.train.ema_choice_timesteps} timesteps each)"
+    )
     sweep = EmaSweep(
         job.snapshot_uri,
         job.posthoc_uri,
         images_seen,
         candidates,
         prepare.holdout_uri,
+        job.train.ema_choice_images,
+        job.train.ema_choice_timesteps,
         job.chosen_snapshot_uri,
         context.store.options,
     )

@@ -8,6 +8,7 @@ goes to the train run as a table and a plot. It runs as a Ray task on the traini
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -27,8 +28,6 @@ from pipelines.data.shards import read_first_images
 from pipelines.execution import Device
 from pipelines.training.posthoc import read_snapshots
 
-HELD_OUT_IMAGES = 512  # the most hold-out images each candidate is scored on
-HELD_OUT_TIMESTEPS = 32  # Monte Carlo timesteps per image (the bound's estimate: tune.bpd_timesteps' kind)
 SCORE_SEED = 0  # the timesteps and noise every candidate shares
 
 
@@ -42,6 +41,8 @@ class EmaSweep:
     images_seen: int  # the end of training, where the EMAs are reconstructed
     candidates: tuple[float, ...]  # train.ema_sigma_rel
     holdout_uri: str
+    images: int  # the most hold-out images each candidate is scored on (train.ema_choice_images)
+    timesteps: int  # Monte Carlo timesteps per image (train.ema_choice_timesteps)
     chosen_uri: str  # where the chosen EMA's snapshot is committed
     storage_options: dict[str, Any]
 
@@ -82,14 +83,14 @@ def score_candidates(sweep: EmaSweep) -> tuple[EmaCandidate, ...]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     snapshot = load_snapshot(sweep.snapshot_uri, sweep.storage_options)
     snapshots = read_snapshots(sweep.posthoc_uri, sweep.storage_options)
-    pixels = read_first_images(sweep.holdout_uri, HELD_OUT_IMAGES, sweep.storage_options)
+    pixels = read_first_images(sweep.holdout_uri, sweep.images, sweep.storage_options)
     images = to_model_range(pixels).to(device)  # [n, C, H, W] in [-1, 1]
     diffusion = GaussianDiffusion.from_config(snapshot.diffusion)
     estimates, weights = {}, {}
     for sigma_rel in sweep.candidates:
         weights[sigma_rel] = reconstruct(snapshots, sigma_rel, sweep.images_seen)
         network = Snapshot(snapshot.unet, snapshot.diffusion, weights[sigma_rel], {}).build_model().to(device)
-        estimates[sigma_rel] = held_out_bits(network, diffusion, images, HELD_OUT_TIMESTEPS, snapshot.unet.num_classes)
+        estimates[sigma_rel] = held_out_bits(network, diffusion, images, sweep.timesteps, snapshot.unet.num_classes)
     best = min(estimates, key=lambda sigma_rel: estimates[sigma_rel]["total"].mean().item())
     chosen = Snapshot(snapshot.unet, snapshot.diffusion, weights[best], {}).build_model()
     metadata = {**snapshot.metadata, "ema_sigma_rel": best, "ema": "post-hoc, chosen on held-out bits/dim"}
@@ -156,12 +157,10 @@ def sweep_plot(candidates: Sequence[EmaCandidate], profiles: Sequence[float]) ->
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
-    with tempfile.TemporaryDirectory() as directory:
-        path = os.path.join(directory, "ema_sweep.png")
-        figure.savefig(path)
-        pyplot.close(figure)
-        with open(path, "rb") as file:
-            return file.read()
+    png = io.BytesIO()
+    figure.savefig(png, format="png")
+    pyplot.close(figure)
+    return png.getvalue()
 
 
 def log_sweep(
