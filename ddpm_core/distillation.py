@@ -109,6 +109,30 @@ def distillation_loss(
     return weight * (target - x0_hat).pow(2).flatten(1).mean(1)
 
 
+def progressive_loss(
+    diffusion: GaussianDiffusion,
+    student: Model,
+    teacher: Model,
+    x0: torch.Tensor,
+    student_steps: int,
+    generator: torch.Generator | None = None,
+    kwargs: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """Algorithm 2's loss on clean images ``x0`` ``[B, C, H, W]`` (Salimans & Ho 2022): each image at a uniform step
+    of the ``student_steps``-step grid, noised to that step's start (Ho et al. 2020, Eq. 4), its target from the
+    teacher's two DDIM steps (:func:`distillation_target`), and the student's truncated-SNR-weighted x_0 error
+    (:func:`distillation_loss`). Per example, ``[B]``; the step indices and the noise come from ``generator``."""
+    kwargs = kwargs or {}
+    grid = student_grid(diffusion.num_timesteps, student_steps)
+    index = torch.randint(0, student_steps, (x0.shape[0],), generator=generator)  # [B] a student step per image
+    steps = StudentGrid(*(part[index].to(x0.device) for part in grid))
+    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    x_t = diffusion.q_sample(x0, steps.starts, noise)  # [B, C, H, W]
+    target = distillation_target(diffusion, teacher, x_t, steps, kwargs)
+    output = student(x_t, diffusion.model_timesteps(steps.starts), **kwargs)
+    return distillation_loss(diffusion, output, x_t, steps.starts, target)
+
+
 # ------------------------------------------------------------------------------------------ consistency distillation
 SIGMA_DATA = 0.5  # the data's standard deviation the skip scalings assume (Song et al. 2023, App. C; EDM's)
 

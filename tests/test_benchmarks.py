@@ -178,6 +178,8 @@ def test_train_step_benchmark_rejects_unknown_and_single_process_ddp_variants(tm
     assert not (tmp_path / "never.json").exists()
 
 
+# six minutes on 2 cores (both networks in every variant at the benchmark's batch sizes): in make test-all
+@pytest.mark.slow
 def test_unet_throughput_times_ours_against_diffusers_at_matched_architecture(tmp_path):
     out = tmp_path / "unet_throughput.json"
     subprocess.run(

@@ -77,6 +77,8 @@ def test_the_cache_file_is_keyed_by_torch_the_device_and_the_job():
     assert one != cache_file_uri("s3://bucket/_cache/compile/train", cpu, {"unet": {"base_channels": 32}, "batch": 32})
 
 
+# two whole compiled runs, minutes of inductor on 2 cores (in make test-all); the load path is tested above in seconds
+@pytest.mark.slow
 def test_a_second_run_of_a_compiled_job_loads_what_the_first_compiled(tmp_path):
     """The whole DAG twice with train.compile_on_cpu (2,560 images): the first run's rank 0 saves the compiled
     artifacts under {storage.root}/_cache/compile/train/, the second run's workers load them, and the training is the

@@ -19,6 +19,7 @@ from ddpm_core.distillation import (
     ddim_to,
     distillation_loss,
     distillation_target,
+    progressive_loss,
     student_grid,
     ve_sigma,
 )
@@ -114,6 +115,32 @@ def test_a_student_that_meets_its_targets_samples_what_the_teacher_samples_in_tw
             x_student, target, abar_at(diffusion, rows.starts, noise), abar_at(diffusion, rows.ends, noise)
         )
     torch.testing.assert_close(x_student, x_teacher, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("steps", [1, 4])
+def test_a_minibatch_loss_is_zero_only_for_the_student_that_does_the_teachers_two_steps_in_one(steps):
+    """Algorithm 2 on a minibatch of Gaussian images: the student that predicts, at each step's start, the x_0 of the
+    exact teacher's two-step map scores zero at every step drawn; the teacher itself as the student (a round not yet
+    trained) scores above zero, and the loss reaches the student's parameters."""
+    diffusion = diffusion_for(Prediction.X0)
+    teacher, grid = gaussian_oracle(diffusion, MEAN, STD, Prediction.X0), student_grid(T, steps)
+
+    def distilled(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        row = (grid.starts[None, :] == t[:, None]).long().argmax(dim=1)  # [B] the student step starting at t
+        return distillation_target(diffusion, teacher, x, StudentGrid(*(part[row] for part in grid)))
+
+    x0 = MEAN + STD * torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    exact = progressive_loss(diffusion, distilled, teacher, x0, steps, torch.Generator().manual_seed(4))
+    assert exact.shape == (64,) and exact.abs().max() < 1e-20
+    scale = torch.ones((), dtype=torch.float64, requires_grad=True)  # a one-parameter student: the teacher, scaled
+
+    def undistilled(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return scale * teacher(x, t)
+
+    loss = progressive_loss(diffusion, undistilled, teacher, x0, steps, torch.Generator().manual_seed(4))
+    assert loss.mean() > 1e-4
+    loss.mean().backward()
+    assert scale.grad is not None and scale.grad.abs() > 0
 
 
 def test_the_consistency_boundary_holds_for_any_network_output():

@@ -347,6 +347,8 @@ def test_a_node_lost_while_sampling_loses_no_image_and_duplicates_none(world):
     cluster.add_node()
 
 
+# another cluster run (make test-all): a streamed resume is in CI in tests/test_streaming_pipeline.py, node loss above
+@pytest.mark.slow
 def test_streamed_data_is_decoded_on_other_nodes_and_a_lost_node_resumes_at_the_exact_position(world):
     """``data.loader=stream``: the Ray Data decode tasks of each share's stream run on nodes other than the training
     workers' (Ray Data spreads its tasks); a worker node killed mid-training (its worker's stream with it) resumes
@@ -377,6 +379,8 @@ def test_streamed_data_is_decoded_on_other_nodes_and_a_lost_node_resumes_at_the_
     cluster.add_node()
 
 
+# a measurement of lost work, minutes (in make test-all); node loss and resume are in CI above
+@pytest.mark.slow
 def test_a_preempted_node_costs_the_last_seconds_not_a_checkpoint_interval(world):
     """SIGTERM to a worker node's ``ray start`` (what Kubernetes sends a pod, and a spot reclaim's shutdown): Ray
     drains the node with a deadline (20 s here, 30 s by default), Ray Train tells the workers, and they checkpoint
