@@ -7,7 +7,8 @@ import enum
 import json
 import os
 import signal
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,6 +51,9 @@ class Device(str, enum.Enum):
     GPU = "gpu"
 
 
+RELEASE_DEADLINE_S = 10.0  # how long a stage waits for the resources of the actors it stopped
+
+
 @dataclass(frozen=True)
 class Execution:
     """How a stage's Ray work runs (not what it computes)."""
@@ -68,6 +72,17 @@ class Execution:
         and spread over the nodes that have room (Ray's default packs them onto the nodes it tried first)."""
         resources = {"num_gpus": 1} if self.use_gpu else {"num_cpus": 1}
         return {**resources, "runtime_env": self.runtime_env, "scheduling_strategy": "SPREAD"}
+
+    def release(self, actors: Sequence[Any], deadline_s: float = RELEASE_DEADLINE_S) -> None:
+        """Stop ``actors`` (each made with :meth:`options`) and wait, at most ``deadline_s``, until the cluster shows
+        their CPUs or GPUs free again: ``ray.kill`` only asks, and a stage that starts Ray work at once would
+        otherwise find them taken and place all of it on the nodes that happen to have room."""
+        for actor in actors:
+            ray.kill(actor, no_restart=True)
+        resource, held = ("GPU" if self.use_gpu else "CPU"), float(len(actors))
+        deadline = time.monotonic() + deadline_s
+        while ray.available_resources().get(resource, 0.0) < held and time.monotonic() < deadline:
+            time.sleep(0.05)
 
 
 @dataclass(frozen=True)

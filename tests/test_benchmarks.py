@@ -1,6 +1,7 @@
 """The benchmark scripts run and measure what they claim (tiny sizes on the CPU; the numbers themselves belong in
-docs/benchmarks.md, never in a test). ``fid_vs_steps.py`` is run against a finished pipeline run in test_faults, and
-``pipeline_overhead.py``'s reading of Ray's task records against the end-to-end run in test_pipeline_e2e."""
+docs/benchmarks.md, never in a test). ``fid_vs_steps.py`` is run against a finished pipeline run in
+test_resume_and_corruption, and ``pipeline_overhead.py``'s reading of Ray's task records against the end-to-end run in
+test_pipeline_e2e."""
 
 import json
 import math

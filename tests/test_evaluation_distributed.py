@@ -90,3 +90,22 @@ def test_three_shards_on_ray_workers_equal_one_process(ray_with_state_api, tmp_p
     inception = ClassProbabilityStatistics.empty(900, 10, logits.shape[1])
     inception.update(logits, torch.arange(900))
     assert distributed.inception.inception_score() == pytest.approx(inception.inception_score(), rel=1e-6)
+
+
+@ray.remote
+class Holder:
+    def ready(self) -> bool:
+        return True
+
+
+def test_actors_a_stage_releases_leave_their_cpus_free_for_the_next_stages_tasks(ray_with_state_api):
+    """``ray.kill`` only asks: a stage that ends with it hands the next one a cluster whose CPUs still look taken, and
+    the next stage's tasks, spread over the nodes with room, land on one node (seen in the three-node test)."""
+    execution = Execution({}, {}, Device.CPU)
+    actors = [Holder.options(**execution.options()).remote() for _ in range(2)]  # type: ignore[attr-defined]
+    assert ray.get([actor.ready.remote() for actor in actors]) == [True, True]
+    assert ray.available_resources().get("CPU", 0.0) == 0.0
+    started = time.monotonic()
+    execution.release(actors)
+    assert ray.available_resources().get("CPU", 0.0) == 2.0
+    assert time.monotonic() - started < 5

@@ -140,6 +140,5 @@ def sample_to_shards(
                 f"sample: warning: at this rate the remaining {todo_images - done_images} images take about "
                 f"{eta / 3600:.0f} h: lower sample.num_samples or sample.num_steps, or add actors (sample.num_workers)"
             )
-    for worker in workers:
-        ray.kill(worker)
+    execution.release(workers)  # their CPUs or GPUs free for the evaluate stage's tasks, spread over the nodes
     return [uri for uri, _, _ in shards], busy / len(workers)
