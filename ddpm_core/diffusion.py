@@ -169,10 +169,10 @@ class GaussianDiffusion:
         self.sqrt_recipm1_alphas_cumprod = (1.0 / self.alphas_cumprod - 1.0).sqrt()
         # Posterior q(x_{t-1} | x_t, x_0), Ho et al. 2020, Eq. 6-7.
         self.posterior_variance = betas * (1.0 - self.alphas_cumprod_prev) / (1.0 - self.alphas_cumprod)  # beta~_t
-        # beta~ is 0 at t=0: clip its log to beta~_1 as the official code does.
-        self.posterior_log_variance_clipped = torch.log(
-            torch.cat([self.posterior_variance[1:2], self.posterior_variance[1:]])
-        )
+        # beta~ is 0 at t=0: clip its log to beta~_1 as the official code does. A one-step schedule (a sampler
+        # respaced to a single step) has no beta~_1: its one step takes beta_0, the fixed_large choice there.
+        self.first_variance = self.posterior_variance[1:2] if len(betas) > 1 else betas[:1]  # [1]
+        self.posterior_log_variance_clipped = torch.log(torch.cat([self.first_variance, self.posterior_variance[1:]]))
         self.posterior_mean_coef1 = betas * self.alphas_cumprod_prev.sqrt() / (1.0 - self.alphas_cumprod)
         self.posterior_mean_coef2 = (1.0 - self.alphas_cumprod_prev) * self.alphas.sqrt() / (1.0 - self.alphas_cumprod)
         self._snr_tables: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}  # SNR [T] by device and dtype
@@ -305,7 +305,7 @@ class GaussianDiffusion:
             log_variance = self._gather(self.posterior_log_variance_clipped, t, x_t).expand_as(x_t)
         elif self.variance is Variance.FIXED_LARGE:
             # beta_t, with beta~_1 at t=0 so that the decoder's variance is the posterior's (as in the official code).
-            large = torch.log(torch.cat([self.posterior_variance[1:2], self.betas[1:]]))
+            large = torch.log(torch.cat([self.first_variance, self.betas[1:]]))
             log_variance = self._gather(large, t, x_t).expand_as(x_t)
         else:
             assert variance_values is not None

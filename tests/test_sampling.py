@@ -130,3 +130,25 @@ def test_sampler_config_rejects_bad_values():
         SamplerConfig(method="ddim", eta=1.5)
     with pytest.raises(ValueError, match="sampler.num_steps"):
         SamplerConfig(num_steps=0)
+
+
+class HalfInput(torch.nn.Module):
+    """A fixed eps-prediction network: eps_hat(x, t) = x / 2."""
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return x / 2
+
+
+@pytest.mark.parametrize("variance", list(Variance)[:2])
+@pytest.mark.parametrize("method", ["ddim", "ancestral", "dpm_solver++_2m", "heun"])
+def test_one_step_sampling_returns_the_clipped_x0_estimate_from_pure_noise(method, variance):
+    """A sampler respaced to one step (a one-step distilled student's) takes one network evaluation at the noisiest
+    trailing timestep and returns its x_0 estimate, clipped: a one-step schedule has no beta~_1 to clip to."""
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig(num_timesteps=1000, variance=variance))
+    config = SamplerConfig(method=method, num_steps=1, spacing="trailing")
+    result = sample(HalfInput(), diffusion, (1, 4, 4), PerIndexNoise(3, range(5)), config)
+    x_T = PerIndexNoise(3, range(5))((1, 4, 4))  # [5, 1, 4, 4]
+    abar = diffusion.alphas_cumprod[-1].item()
+    expected = ((x_T - (1 - abar) ** 0.5 * x_T / 2) / abar**0.5).clamp(-1, 1)  # Eq. 4 inverted at t = T - 1
+    assert result.timesteps == [999]
+    torch.testing.assert_close(result.samples, expected, rtol=1e-5, atol=1e-5)
