@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from tests.conftest import free_port
+from tests.services import wait_accepts_jobs
 
 BIN = Path(sys.executable).parent
 LABEL = "cluster-node"
@@ -101,6 +102,9 @@ class RayCluster:
         )
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.load(response)["data"]["result"]["result"]
+
+    def wait_accepts_jobs(self, timeout: float = 120) -> None:
+        wait_accepts_jobs(self.dashboard, self.env["RAY_AUTH_TOKEN"], timeout)
 
     def states(self) -> dict[str, str]:
         """{node name: "ALIVE"/"DEAD"} for the nodes this cluster started (latest registration of each name)."""
@@ -282,8 +286,9 @@ def ray_cluster(
 ) -> Iterator[RayCluster]:
     """A head (``head_cpus`` logical CPUs, resource/label ``head``) and one worker node per entry of ``nodes`` (a
     :class:`NodeSpec` or a CPU count), all on 127.0.0.1 with token authentication (as ``services.ray_head``); yields
-    a :class:`RayCluster` once every node is ALIVE. ``head_env`` is added to the head's environment only: the GCS
-    reads its ``RAY_health_check_*`` settings there. Every node is SIGKILLed on exit and the temp dir removed."""
+    a :class:`RayCluster` once every node is ALIVE and the head takes jobs. ``head_env`` is added to the head's
+    environment only: the GCS reads its ``RAY_health_check_*`` settings there. Every node is SIGKILLed on exit and
+    the temp dir removed."""
     workdir = Path(workdir)
     port, dashboard_port = free_port(), free_port()
     node_env = {
@@ -321,6 +326,7 @@ def ray_cluster(
             # folder) by probing which exist, so two nodes starting at once pick the same and one raylet aborts with
             # "bind: Address already in use" (its ray start then fails after 30 s: "timed out during startup").
             cluster.add_node(spec if isinstance(spec, NodeSpec) else NodeSpec(num_cpus=spec), timeout=timeout)
+        cluster.wait_accepts_jobs(timeout)
         yield cluster
     finally:
         for node in reversed(cluster.nodes):

@@ -147,6 +147,27 @@ class RayHead:
 
 
 @contextlib.contextmanager
+def wait_accepts_jobs(dashboard: str, token: str, timeout: float = 120) -> None:
+    """Waits until the head's job agent takes a job (a trivial one): the dashboard answers a submission with
+    "No available agent to submit job, please try again later" until the agent has registered, and gives up on it
+    after 10 s, which a loaded machine can exceed."""
+    request = urllib.request.Request(
+        f"{dashboard}/api/jobs/",
+        data=json.dumps({"entrypoint": "true"}).encode(),
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    )
+    deadline = time.time() + timeout
+    while True:
+        try:
+            with urllib.request.urlopen(request, timeout=30):
+                return
+        except urllib.error.HTTPError as error:
+            said = error.read().decode(errors="replace")
+            if "No available agent" not in said or time.time() > deadline:
+                raise RuntimeError(f"the cluster takes no job: {error.code} {said}") from error
+        time.sleep(1)
+
+
 def ray_head(workdir: Path, env: dict[str, str], num_cpus: int = 2):
     """``ray start --head --block`` with token authentication; yields (dashboard address, env for clients, the head:
     :class:`RayHead`)."""
@@ -179,6 +200,7 @@ def ray_head(workdir: Path, env: dict[str, str], num_cpus: int = 2):
     address = f"http://127.0.0.1:{dashboard_port}"
     try:
         _wait_http(f"{address}/api/version", process, 120, log)
+        wait_accepts_jobs(address, env["RAY_AUTH_TOKEN"])
         yield address, env, RayHead(address, f"127.0.0.1:{port}", Path(temp_dir))
     finally:
         _stop(process)

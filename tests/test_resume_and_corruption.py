@@ -8,6 +8,7 @@ a full disk is a named storage failure, and the run resumes once there is room."
 import contextlib
 import hashlib
 import json
+import math
 import os
 import re
 import signal
@@ -107,6 +108,30 @@ def test_fid_vs_steps_reproduces_the_runs_logged_fid_and_scores_other_samplers(f
     assert benchmark["rows"][0]["fid"] == pytest.approx(benchmark["run_fid"], rel=1e-4)
     assert benchmark["rows"][1]["fid"] != pytest.approx(benchmark["run_fid"], rel=1e-2)
     assert (finished / "fid.png").stat().st_size > 10_000
+
+
+def test_the_distillation_benchmark_distills_round_by_round_and_scores_students_beside_the_teacher(finished):
+    """benchmarks/progressive_distillation.py on the finished run, tiny: two rounds (2 steps, then 1), each student
+    scored at its own NFE on every seed, the teacher at DDIM-50 and at each student's NFE with two solvers."""
+    out = finished / "distillation.json"
+    command = [sys.executable, "benchmarks/progressive_distillation.py", "--run-root", str(finished / "runs/straight")]
+    sizes = ["--first-student", "2", "--last-student", "1", "--images-per-round", "100", "--batch-size", "50"]
+    scoring = ["--seeds", "1", "2", "--samples", "20", "--sample-batch", "10", "--out", str(out)]
+    subprocess.run([*command, *sizes, *scoring], cwd=REPO, env=ENV, check=True, timeout=300)
+    result = json.loads(out.read_text())
+    students = result["students"]
+    assert [(row["nfe"], row["images_total"]) for row in students] == [(2, 100), (1, 200)]
+    assert [(row["nfe"], row["label"].split()[1]) for row in result["teacher"]] == [
+        (50, "ddim-50"),
+        (2, "ddim-2"),
+        (2, "dpm_solver++_2m-2"),
+        (1, "ddim-1"),
+        (1, "dpm_solver++_2m-1"),
+    ]
+    for row in [*students, *result["teacher"]]:
+        assert len(row["fids"]) == 2 and all(math.isfinite(fid) and fid > 0 for fid in row["fids"]), row
+    assert all(len(row["losses"]) == 2 and math.isfinite(row["losses"][0]) for row in students)  # one per step here
+    assert result["floor"] > 0
 
 
 def test_a_killed_run_resumes_to_the_uninterrupted_weights_past_a_corrupt_checkpoint_and_record(finished):
