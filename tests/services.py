@@ -146,7 +146,6 @@ class RayHead:
     temp_dir: Path  # the session's folder, its logs included
 
 
-@contextlib.contextmanager
 def wait_accepts_jobs(dashboard: str, token: str, timeout: float = 120) -> None:
     """Waits until the head's job agent takes a job (a trivial one): the dashboard answers a submission with
     "No available agent to submit job, please try again later" until the agent has registered, and gives up on it
@@ -168,6 +167,7 @@ def wait_accepts_jobs(dashboard: str, token: str, timeout: float = 120) -> None:
         time.sleep(1)
 
 
+@contextlib.contextmanager
 def ray_head(workdir: Path, env: dict[str, str], num_cpus: int = 2):
     """``ray start --head --block`` with token authentication; yields (dashboard address, env for clients, the head:
     :class:`RayHead`)."""
