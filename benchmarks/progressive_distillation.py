@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -33,11 +34,29 @@ from quality_per_compute import floor_of, interval
 
 from ddpm_core.checkpoint import Snapshot, load_snapshot
 from ddpm_core.data import random_batch, to_model_range
-from ddpm_core.diffusion import GaussianDiffusion
+from ddpm_core.diffusion import GaussianDiffusion, Prediction
 from ddpm_core.distillation import progressive_loss
 from ddpm_core.samplers import SamplerConfig
 from pipelines.contracts import PrepareOutputs, TrainOutputs
 from pipelines.data.shards import read_split
+
+
+class AsPrediction(torch.nn.Module):
+    """A teacher whose outputs are in ``source``'s parameterisation, answering in ``target``'s: its x_0 and eps
+    estimates (``p_mean_variance``, unclipped), then ``x_0``, ``eps`` or ``v = sqrt(abar) eps - sqrt(1 - abar) x_0``
+    (Salimans & Ho 2022, Sec. 4). The timesteps it is called with are the schedule's indices (not respaced)."""
+
+    def __init__(self, network: torch.nn.Module, source: GaussianDiffusion, target: Prediction) -> None:
+        super().__init__()
+        self.network, self.source, self.target = network, source, target
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        moments = self.source.p_mean_variance(self.network(x, t, **kwargs), x, t)
+        if self.target is Prediction.X0:
+            return moments.pred_x0
+        if self.target is Prediction.EPS:
+            return moments.pred_eps
+        return self.source.v_target(moments.pred_x0, t, moments.pred_eps)
 
 
 def learning_rate(peak: float, step: int, steps: int) -> float:
@@ -47,16 +66,18 @@ def learning_rate(peak: float, step: int, steps: int) -> float:
 
 def distill_round(
     teacher: torch.nn.Module,
+    initial: torch.nn.Module,
     diffusion: GaussianDiffusion,
     images: torch.Tensor,
     student_steps: int,
     args: argparse.Namespace,
     seed: int,
 ) -> tuple[torch.nn.Module, float, list[float]]:
-    """One round: a copy of ``teacher`` trained for ``args.images_per_round`` images (``images`` ``[N, C, H, W]`` in
-    [-1, 1]) to take ``student_steps`` steps. Returns the student, the seconds and the mean loss per tenth."""
+    """One round: a copy of ``initial`` (the teacher's network) trained for ``args.images_per_round`` images
+    (``images`` ``[N, C, H, W]`` in [-1, 1]) to take ``student_steps`` steps of ``diffusion``'s parameterisation.
+    Returns the student, the seconds and the mean loss per tenth."""
     teacher.eval()
-    student = copy.deepcopy(teacher).train()
+    student = copy.deepcopy(initial).train()
     optimizer = torch.optim.AdamW(student.parameters(), lr=args.lr, weight_decay=0.0)
     generator = torch.Generator().manual_seed(seed)
     steps = -(-args.images_per_round // args.batch_size)
@@ -127,27 +148,41 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--sample-batch", type=int, default=250)
+    parser.add_argument(
+        "--student-prediction",
+        choices=["teacher", "eps", "x0", "v"],
+        default="teacher",
+        help="what the student's network predicts (initialised from the teacher's weights whatever it predicts)",
+    )
+    parser.add_argument("--skip-teacher", action="store_true", help="score the students only")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     run_root = args.run_root
     snapshot = load_snapshot(outputs(run_root, "train", TrainOutputs).snapshot_uri)
     images_uint8, _ = read_split(outputs(run_root, "prepare", PrepareOutputs).shards_uri, {})  # [N, H, W, C]
     images = to_model_range(torch.from_numpy(images_uint8))  # [N, C, H, W] in [-1, 1]
-    diffusion = GaussianDiffusion.from_config(snapshot.diffusion)
-    teacher = snapshot.build_model()
+    network = snapshot.build_model()
+    prediction = snapshot.diffusion.prediction if args.student_prediction == "teacher" else args.student_prediction
+    student_snapshot = Snapshot(snapshot.unet, replace(snapshot.diffusion, prediction=Prediction(prediction)), {}, {})
+    diffusion = GaussianDiffusion.from_config(student_snapshot.diffusion)
+    teacher: torch.nn.Module = AsPrediction(
+        network, GaussianDiffusion.from_config(snapshot.diffusion), diffusion.prediction
+    )
     result: dict[str, Any] = {"benchmark": "progressive_distillation", "torch": torch.__version__, **vars(args)}
     result.update(run_root=str(run_root), out=str(args.out), threads=torch.get_num_threads())
+    result.update(teacher_prediction=snapshot.diffusion.prediction.value, student_prediction=diffusion.prediction.value)
     result["floor"] = floor_of(run_root, args.samples)
-    result["teacher"] = teacher_rows(run_root, snapshot, teacher, args)
-    result["students"], spent = [], 0
+    result["teacher"] = [] if args.skip_teacher else teacher_rows(run_root, snapshot, network, args)
+    result["students"], spent, initial = [], 0, network
     for round_index, steps in enumerate(student_counts(args)):
-        student, seconds, losses = distill_round(teacher, diffusion, images, steps, args, seed=round_index)
+        student, seconds, losses = distill_round(teacher, initial, diffusion, images, steps, args, seed=round_index)
         spent += -(-args.images_per_round // args.batch_size) * args.batch_size
         sampler = SamplerConfig("ddim", steps, spacing="trailing")
-        row = score(scorers(run_root, sampler, args), snapshot, student, f"student {steps} steps ({spent} images)")
+        label = f"student {steps} steps ({spent} images)"
+        row = score(scorers(run_root, sampler, args), student_snapshot, student, label)
         result["students"].append({"nfe": steps, "images_total": spent, "seconds": seconds, "losses": losses, **row})
         write_result(args.out, result)
-        teacher = student
+        teacher = initial = student
     write_result(args.out, result)
 
 

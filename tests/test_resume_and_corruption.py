@@ -131,7 +131,15 @@ def test_the_distillation_benchmark_distills_round_by_round_and_scores_students_
     for row in [*students, *result["teacher"]]:
         assert len(row["fids"]) == 2 and all(math.isfinite(fid) and fid > 0 for fid in row["fids"]), row
     assert all(len(row["losses"]) == 2 and math.isfinite(row["losses"][0]) for row in students)  # one per step here
-    assert result["floor"] > 0
+    assert result["floor"] > 0 and (result["teacher_prediction"], result["student_prediction"]) == ("eps", "eps")
+
+    # A v-prediction student of the eps teacher: the teacher's answers converted to v, the students scored as v.
+    subprocess.run(
+        [*command, *sizes, *scoring, "--student-prediction", "v", "--skip-teacher"], cwd=REPO, env=ENV, check=True
+    )
+    result = json.loads(out.read_text())
+    assert result["student_prediction"] == "v" and result["teacher"] == [] and len(result["students"]) == 2
+    assert all(math.isfinite(fid) for row in result["students"] for fid in row["fids"])
 
 
 def test_a_killed_run_resumes_to_the_uninterrupted_weights_past_a_corrupt_checkpoint_and_record(finished):
