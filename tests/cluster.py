@@ -103,9 +103,6 @@ class RayCluster:
         with urllib.request.urlopen(request, timeout=10) as response:
             return json.load(response)["data"]["result"]["result"]
 
-    def wait_accepts_jobs(self, timeout: float = 120) -> None:
-        wait_accepts_jobs(self.dashboard, self.env["RAY_AUTH_TOKEN"], timeout)
-
     def states(self) -> dict[str, str]:
         """{node name: "ALIVE"/"DEAD"} for the nodes this cluster started (latest registration of each name)."""
         found: dict[str, tuple[int, str]] = {}
@@ -326,7 +323,7 @@ def ray_cluster(
             # folder) by probing which exist, so two nodes starting at once pick the same and one raylet aborts with
             # "bind: Address already in use" (its ray start then fails after 30 s: "timed out during startup").
             cluster.add_node(spec if isinstance(spec, NodeSpec) else NodeSpec(num_cpus=spec), timeout=timeout)
-        cluster.wait_accepts_jobs(timeout)
+        wait_accepts_jobs(cluster.dashboard, cluster.env["RAY_AUTH_TOKEN"], timeout)
         yield cluster
     finally:
         for node in reversed(cluster.nodes):
