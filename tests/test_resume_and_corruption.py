@@ -135,7 +135,11 @@ def test_the_distillation_benchmark_distills_round_by_round_and_scores_students_
 
     # A v-prediction student of the eps teacher: the teacher's answers converted to v, the students scored as v.
     subprocess.run(
-        [*command, *sizes, *scoring, "--student-prediction", "v", "--skip-teacher"], cwd=REPO, env=ENV, check=True
+        [*command, *sizes, *scoring, "--student-prediction", "v", "--skip-teacher"],
+        cwd=REPO,
+        env=ENV,
+        check=True,
+        timeout=300,
     )
     result = json.loads(out.read_text())
     assert result["student_prediction"] == "v" and result["teacher"] == [] and len(result["students"]) == 2
