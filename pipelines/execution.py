@@ -52,6 +52,9 @@ class Device(str, enum.Enum):
 
 
 RELEASE_DEADLINE_S = 10.0  # how long a stage waits for the resources of the actors it stopped
+# An actor whose process or node dies is restarted (on any node with room) and its call re-run: every call returns or
+# commits a whole result that depends only on its arguments, so a re-run changes nothing
+ACTOR_RESTARTS = 3
 
 
 @dataclass(frozen=True)
@@ -73,15 +76,29 @@ class Execution:
         resources = {"num_gpus": 1} if self.use_gpu else {"num_cpus": 1}
         return {**resources, "runtime_env": self.runtime_env, "scheduling_strategy": "SPREAD"}
 
+    def actor_options(self) -> dict[str, Any]:
+        """:meth:`options` of an actor that a dead process or node restarts, its calls re-run (:data:`ACTOR_RESTARTS`).
+        A stage's many short calls go to actors rather than tasks: Ray hands a queued task to a worker that just
+        finished one, so short tasks end up on the node whose worker started first, whatever the strategy says."""
+        return {**self.options(), "max_restarts": ACTOR_RESTARTS, "max_task_retries": ACTOR_RESTARTS}
+
+    @property
+    def resource(self) -> str:
+        """The Ray resource one task or actor of :meth:`options` holds a unit of."""
+        return "GPU" if self.use_gpu else "CPU"
+
+    def free_slots(self) -> int:
+        """How many actors of :meth:`options` the cluster has room for now."""
+        return int(ray.available_resources().get(self.resource, 0.0))
+
     def release(self, actors: Sequence[Any], deadline_s: float = RELEASE_DEADLINE_S) -> None:
         """Stop ``actors`` (each made with :meth:`options`) and wait, at most ``deadline_s``, until the cluster shows
         their CPUs or GPUs free again: ``ray.kill`` only asks, and a stage that starts Ray work at once would
         otherwise find them taken and place all of it on the nodes that happen to have room."""
         for actor in actors:
             ray.kill(actor, no_restart=True)
-        resource, held = ("GPU" if self.use_gpu else "CPU"), float(len(actors))
-        deadline = time.monotonic() + deadline_s
-        while ray.available_resources().get(resource, 0.0) < held and time.monotonic() < deadline:
+        held, deadline = float(len(actors)), time.monotonic() + deadline_s
+        while ray.available_resources().get(self.resource, 0.0) < held and time.monotonic() < deadline:
             time.sleep(0.05)
 
 

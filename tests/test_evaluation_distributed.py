@@ -1,4 +1,4 @@
-"""Feature statistics computed over shards by Ray tasks in worker processes (one task per shard) equal the
+"""Feature statistics computed over shards by a pool of Ray actors in worker processes (one call per shard) equal the
 single-process statistics to float64 rounding; so do the Inception Score statistics and the precision/recall
 features."""
 
@@ -53,6 +53,15 @@ def finished_tasks(function_name: str, count: int, timeout_s: float = 60.0) -> l
         time.sleep(0.5)
 
 
+def feature_actors() -> list:
+    """Ray's records of this test cluster's feature actors (a killed actor's last task events may lack its process
+    id; its actor record keeps it)."""
+    from ray.util.state import list_actors
+
+    address = ray.get_runtime_context().gcs_address
+    return list_actors(address=address, filters=[("class_name", "=", "FeatureWorker")], detail=True)
+
+
 def test_three_shards_on_ray_workers_equal_one_process(ray_with_state_api, tmp_path):
     dataset = load_dataset("builtin:digits")
     images = dataset.images[:900]
@@ -70,11 +79,15 @@ def test_three_shards_on_ray_workers_equal_one_process(ray_with_state_api, tmp_p
     spec = ExtractorSpec(Extractor.CLASSIFIER, extractor_uri)
     request = SummaryRequest(spec, len(images), inception_splits=10, keep_first=900)
     distributed = summarize(sample_sources(shard_uris, {}), request, Execution({}, {}, Device.CPU))
-    # summarize ran one summarize_source task per shard (this module runs no other), each to completion in a Ray
-    # worker process, not in this driver
-    tasks = finished_tasks("summarize_source", len(shard_uris))
-    assert [task.state for task in tasks] == ["FINISHED"] * len(shard_uris), tasks
-    assert all(task.type == "NORMAL_TASK" and task.worker_pid not in (None, os.getpid()) for task in tasks), tasks
+    # summarize called FeatureWorker.summarize once per shard (this module calls it nowhere else), each to
+    # completion in a Ray worker process, not in this driver, on a pool of one actor per free CPU (two: each loaded
+    # the extractor once); the actors' CPUs are free again when it returns
+    tasks = finished_tasks("FeatureWorker.summarize", len(shard_uris))
+    assert [(task.state, task.type) for task in tasks] == [("FINISHED", "ACTOR_TASK")] * len(shard_uris), tasks
+    actors = feature_actors()
+    assert {task.actor_id for task in tasks} == {actor.actor_id for actor in actors} and len(actors) == 2, actors
+    assert all(actor.pid not in (None, os.getpid()) for actor in actors), actors
+    assert ray.available_resources().get("CPU", 0.0) == 2.0
 
     # The merge adds nothing but float64 rounding: the three tasks' merged sums equal one pass over the same
     # features (returned here in index order).

@@ -294,7 +294,7 @@ def test_three_nodes_with_spread_workers_give_the_one_node_result(world):
     assert world.result("multi") == world.result("single")
     assert len(node_of_each(world.actors("RayTrainWorker"))) == 2  # SPREAD: one worker per node
     assert len(node_of_each(world.actors("SampleWorker"))) == 2
-    assert len(node_of_each(world.tasks("summarize_source"))) >= 2
+    assert len(node_of_each(world.tasks("FeatureWorker.summarize"))) >= 2
 
 
 def test_a_node_lost_in_training_resumes_on_the_rest_to_the_same_weights(world):

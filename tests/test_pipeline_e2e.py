@@ -96,7 +96,8 @@ def assert_ray_records_the_evaluate_tasks(address: str, ray_env: dict[str, str],
     intervals = executed_intervals(address, ray_env)
     window = (evaluate_run.start_time / 1000, evaluate_run.end_time / 1000)
     inside = {name for name, start, end in intervals if window[0] <= start and end <= window[1]}
-    assert {"summarize_source", "chunk_bits_per_dim"} <= inside and "SampleWorker.run_shard" not in inside, inside
+    assert {"FeatureWorker.summarize", "chunk_bits_per_dim"} <= inside, inside
+    assert "SampleWorker.run_shard" not in inside, inside
     assert any(name == "SampleWorker.run_shard" and end <= window[0] for name, _, end in intervals)
     assert 0 < covered_seconds([(start, end) for _, start, end in intervals], window) < window[1] - window[0]
 

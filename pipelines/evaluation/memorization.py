@@ -1,7 +1,7 @@
 """The copy rate of a sample set (Carlini et al. 2023, "Extracting Training Data from Diffusion Models"; Somepalli et
 al. 2023, "Diffusion Art or Digital Forgery?"), as the evaluate stage computes it with :mod:`ddpm_core.memorization`.
 
-Each Ray task of the evaluate stage's feature summaries (:func:`pipelines.evaluation.scoring.summary_of`) that is
+Each call of the evaluate stage's feature summaries (:func:`pipelines.evaluation.scoring.summary_of`) that is
 asked for neighbours searches, for its shard's images, the two nearest training images, block by block over the
 training split's files: in the extractor's feature space (the training split's features, cached once per data set
 and extractor by :func:`pipelines.evaluation.scoring.training_features`) and in pixel space. The driver concatenates

@@ -1,4 +1,5 @@
-"""Feature summaries of image shards, computed by Ray tasks (one GPU each on a GPU cluster) and merged exactly:
+"""Feature summaries of image shards, computed by a pool of Ray actors that each load the feature network once (one
+GPU each on a GPU cluster) and merged exactly:
 FID statistics as float64 sums, Inception Score statistics as per-split sums keyed by global sample index, and the
 features of the first images for precision/recall. Every result is independent of the number of workers.
 
@@ -9,9 +10,10 @@ tune stage's proxy FID.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -90,18 +92,54 @@ def build_extractor(spec: ExtractorSpec, storage_options: dict[str, object]) -> 
 
 
 @ray.remote
-def summarize_source(source: ImageSource, request: SummaryRequest, storage_options: dict[str, object]) -> Summary:
-    """The summary of one file's images (a Ray task of :func:`summarize`)."""
-    return summary_of(read_images(source, storage_options), source.first_index, request, storage_options)
+class FeatureWorker:
+    """Holds one feature network, loaded once for every file it is given (not once per file), and summarizes image
+    files with it."""
+
+    def __init__(self, spec: ExtractorSpec, storage_options: dict[str, object]) -> None:
+        self.extractor = build_extractor(spec, storage_options)
+        self.storage_options = storage_options
+
+    def summarize(self, source: ImageSource, request: SummaryRequest) -> Summary:
+        """The summary of one file's images."""
+        images = read_images(source, self.storage_options)  # [n, H, W, C] uint8
+        return summary_of(self.extractor, images, source.first_index, request, self.storage_options)
+
+    def features(self, source: ImageSource) -> bytes:
+        """The features ``[n, d]`` float32 of one file's images, as ``.npy`` bytes."""
+        features, _ = self.extractor(read_images(source, self.storage_options))  # [n, d]
+        buffer = io.BytesIO()
+        np.save(buffer, features.to(torch.float32).numpy())
+        return buffer.getvalue()
+
+
+@contextlib.contextmanager
+def feature_workers(spec: ExtractorSpec, files: int, execution: Execution) -> Iterator[ray.util.ActorPool]:
+    """A pool of :class:`FeatureWorker` actors spread over the nodes, one per CPU (or GPU) free in the cluster, at
+    least one and at most one per file; when the block ends they are stopped and their resources are free again."""
+    count = max(1, min(files, execution.free_slots()))
+    options = execution.actor_options()
+    workers = [FeatureWorker.options(**options).remote(spec, execution.storage_options) for _ in range(count)]  # type: ignore[attr-defined]
+    try:
+        yield ray.util.ActorPool(workers)
+    except BaseException:
+        for worker in workers:  # an interrupted block does not wait for their resources
+            ray.kill(worker, no_restart=True)
+        raise
+    execution.release(workers)
 
 
 def summary_of(
-    images: np.ndarray, first_index: int, request: SummaryRequest, storage_options: dict[str, object]
+    extractor: FeatureExtractor,
+    images: np.ndarray,
+    first_index: int,
+    request: SummaryRequest,
+    storage_options: dict[str, object],
 ) -> Summary:
     """The summary of images ``[n, H, W, C]`` uint8 whose global indices start at ``first_index``, in this process
-    (a Ray task's work, and the tune stage's proxy FID on a trial's rank 0); its first features are those with
-    indices below ``request.keep_first``."""
-    features, logits = build_extractor(request.spec, storage_options)(images)  # [n, d], [n, K]
+    (a :class:`FeatureWorker`'s work, and the tune stage's proxy FID on a trial's rank 0), by the extractor that
+    ``request.spec`` names; its first features are those with indices below ``request.keep_first``."""
+    features, logits = extractor(images)  # [n, d], [n, K]
     indices = torch.arange(first_index, first_index + len(images))  # [n]
     inception = None
     if request.inception_splits:
@@ -131,12 +169,8 @@ def merge_groups(a: dict[int, FeatureStatistics], b: dict[int, FeatureStatistics
 
 def summarize(sources: list[ImageSource], request: SummaryRequest, execution: Execution) -> Summary:
     """Summaries of every source in parallel, merged in the order given (so the float64 sums are reproducible)."""
-    parts: list[Summary] = ray.get(
-        [
-            summarize_source.options(**execution.options()).remote(source, request, execution.storage_options)
-            for source in sources
-        ]
-    )
+    with feature_workers(request.spec, len(sources), execution) as pool:
+        parts: list[Summary] = list(pool.map(lambda worker, source: worker.summarize.remote(source, request), sources))
     fid = parts[0].fid
     for part in parts[1:]:
         fid = fid.merge(part.fid)
@@ -237,21 +271,11 @@ def published_reference(uri: str, storage_options: dict[str, object]) -> Publish
     )
 
 
-@ray.remote
-def features_of_source(source: ImageSource, spec: ExtractorSpec, storage_options: dict[str, object]) -> bytes:
-    """The features ``[n, d]`` float32 of one file's images, as ``.npy`` bytes (a Ray task of
-    :func:`training_features`)."""
-    features, _ = build_extractor(spec, storage_options)(read_images(source, storage_options))  # [n, d]
-    buffer = io.BytesIO()
-    np.save(buffer, features.to(torch.float32).numpy())
-    return buffer.getvalue()
-
-
 def training_features(
     cache_uri: str, train_uri: str, spec: ExtractorSpec, execution: Execution, log: Callable[[str], None]
 ) -> TrainingSet:
     """The training split's files and the committed cache of their features, one ``features-NNNNN.npy`` per file
-    (computed by one Ray task per file the first time, then reused for the data fingerprint and extractor of
+    (computed by the feature workers the first time, then reused for the data fingerprint and extractor of
     ``cache_uri`` and the split's files): what the copy rate's neighbour search reads, block by block. The same
     images can be split into files of other sizes (a streamed run's prepare writes smaller ones), so the cache is
     kept per layout."""
@@ -262,8 +286,10 @@ def training_features(
         log(f"reusing training features {cache_uri}")
     except IncompleteError:
         log(f"computing the features of the training split ({len(layout.sources)} files) into {cache_uri}")
-        task, options = features_of_source.options(**execution.options()), execution.storage_options
-        parts: list[bytes] = ray.get([task.remote(source, spec, options) for source in layout.sources])
+        with feature_workers(spec, len(layout.sources), execution) as pool:
+            parts: list[bytes] = list(
+                pool.map(lambda worker, source: worker.features.remote(source), list(layout.sources))
+            )
         files = {FEATURES_FILE.format(number): data for number, data in enumerate(parts)}
         commit(cache_uri, files, {"count": layout.count}, execution.storage_options)
     return TrainingSet(layout.sources, cache_uri, layout.count)

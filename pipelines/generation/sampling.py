@@ -22,9 +22,6 @@ from pipelines.data.shards import sample_shard_uris, write_sample_shard
 from pipelines.execution import Demand, Execution, check_fits
 
 LONG_SAMPLING_S = 12 * 3600  # a sampling plan that would take longer than this is announced as such
-# A sampling actor whose process or node dies is restarted (on any node with room) and its shard re-run from the
-# start: a shard is committed whole or not at all, and image i depends only on (seed, i)
-ACTOR_RESTARTS = 3
 
 
 @dataclass(frozen=True)
@@ -118,12 +115,12 @@ def sample_to_shards(
         return [uri for uri, _, _ in shards], 0.0
     verify_committed(request.snapshot_uri, execution.storage_options)  # here, not as a failure inside every actor
     actors = min(request.num_workers, len(pending))
-    resource = "GPU" if execution.use_gpu else "CPU"
-    check_fits(Demand(f"{actors} sampling actors", {resource: float(actors)}, "sample.num_workers"), execution, log)
+    demand = Demand(f"{actors} sampling actors", {execution.resource: float(actors)}, "sample.num_workers")
+    check_fits(demand, execution, log)
+    # a dead actor is restarted and its shard re-run from the start: a shard is committed whole or not at all, and
+    # image i depends only on (seed, i)
     workers = [
-        SampleWorker.options(  # type: ignore[attr-defined]
-            **execution.options(), max_restarts=ACTOR_RESTARTS, max_task_retries=ACTOR_RESTARTS
-        ).remote(request, execution.storage_options)
+        SampleWorker.options(**execution.actor_options()).remote(request, execution.storage_options)  # type: ignore[attr-defined]
         for _ in range(actors)
     ]
     pool = ray.util.ActorPool(workers)

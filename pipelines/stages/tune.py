@@ -41,6 +41,7 @@ from pipelines.data.streaming import choose_loader, plan_stream
 from pipelines.evaluation.scoring import (
     ExtractorSpec,
     SummaryRequest,
+    build_extractor,
     fid_estimate,
     load_reference,
     reference_key,
@@ -215,7 +216,8 @@ class TrialMetrics:
         request = SummaryRequest(
             ExtractorSpec(Extractor.CLASSIFIER, self.extractor_uri), self.proxy_fid_samples, groups=PROXY_FID_GROUPS
         )
-        summary = summary_of(to_uint8(samples), 0, request, self.storage_options)
+        extractor = build_extractor(request.spec, self.storage_options)
+        summary = summary_of(extractor, to_uint8(samples), 0, request, self.storage_options)
         return fid_estimate(summary, load_reference(self.reference_uri, self.storage_options), None).value
 
 
