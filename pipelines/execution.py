@@ -3,12 +3,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import json
 import os
 import signal
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -90,6 +91,19 @@ class Execution:
     def free_slots(self) -> int:
         """How many actors of :meth:`options` the cluster has room for now."""
         return int(ray.available_resources().get(self.resource, 0.0))
+
+    @contextlib.contextmanager
+    def actor_pool(self, actor_class: Any, count: int, *args: Any) -> Iterator[ray.util.ActorPool]:
+        """``count`` actors ``actor_class.remote(*args)`` made with :meth:`actor_options`, as a pool; when the block
+        ends they are :meth:`release`d, and when it raises they are stopped without waiting for their resources."""
+        actors = [actor_class.options(**self.actor_options()).remote(*args) for _ in range(count)]
+        try:
+            yield ray.util.ActorPool(actors)
+        except BaseException:
+            for actor in actors:
+                ray.kill(actor, no_restart=True)
+            raise
+        self.release(actors)
 
     def release(self, actors: Sequence[Any], deadline_s: float = RELEASE_DEADLINE_S) -> None:
         """Stop ``actors`` (each made with :meth:`options`) and wait, at most ``deadline_s``, until the cluster shows

@@ -10,15 +10,16 @@ tune stage's proxy FID.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import io
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 
 import numpy as np
 import ray
 import torch
+from ray.util import ActorPool
 
 from ddpm_core.features import FeatureExtractor
 from ddpm_core.metrics import (
@@ -113,20 +114,11 @@ class FeatureWorker:
         return buffer.getvalue()
 
 
-@contextlib.contextmanager
-def feature_workers(spec: ExtractorSpec, files: int, execution: Execution) -> Iterator[ray.util.ActorPool]:
+def feature_workers(spec: ExtractorSpec, files: int, execution: Execution) -> AbstractContextManager[ActorPool]:
     """A pool of :class:`FeatureWorker` actors spread over the nodes, one per CPU (or GPU) free in the cluster, at
     least one and at most one per file; when the block ends they are stopped and their resources are free again."""
     count = max(1, min(files, execution.free_slots()))
-    options = execution.actor_options()
-    workers = [FeatureWorker.options(**options).remote(spec, execution.storage_options) for _ in range(count)]  # type: ignore[attr-defined]
-    try:
-        yield ray.util.ActorPool(workers)
-    except BaseException:
-        for worker in workers:  # an interrupted block does not wait for their resources
-            ray.kill(worker, no_restart=True)
-        raise
-    execution.release(workers)
+    return execution.actor_pool(FeatureWorker, count, spec, execution.storage_options)
 
 
 def summary_of(

@@ -118,12 +118,15 @@ def sample_to_shards(
     demand = Demand(f"{actors} sampling actors", {execution.resource: float(actors)}, "sample.num_workers")
     check_fits(demand, execution, log)
     # a dead actor is restarted and its shard re-run from the start: a shard is committed whole or not at all, and
-    # image i depends only on (seed, i)
-    workers = [
-        SampleWorker.options(**execution.actor_options()).remote(request, execution.storage_options)  # type: ignore[attr-defined]
-        for _ in range(actors)
-    ]
-    pool = ray.util.ActorPool(workers)
+    # image i depends only on (seed, i); when the pool ends their CPUs or GPUs are free for the evaluate stage
+    with execution.actor_pool(SampleWorker, actors, request, execution.storage_options) as pool:
+        busy = run_shards(pool, pending, log)
+    return [uri for uri, _, _ in shards], busy / actors
+
+
+def run_shards(pool: ray.util.ActorPool, pending: list[tuple[str, int, int]], log: Callable[[str], None]) -> float:
+    """Each pending shard ``(uri, start, stop)`` sampled by the pool's actors, with progress and the ETA logged;
+    returns the seconds spent inside the sampler, summed over shards."""
     start, done_images, todo_images, busy = time.time(), 0, sum(stop - begin for _, begin, stop in pending), 0.0
     warned = False
     for finished, seconds in pool.map_unordered(lambda worker, shard: worker.run_shard.remote(*shard), pending):
@@ -137,5 +140,4 @@ def sample_to_shards(
                 f"sample: warning: at this rate the remaining {todo_images - done_images} images take about "
                 f"{eta / 3600:.0f} h: lower sample.num_samples or sample.num_steps, or add actors (sample.num_workers)"
             )
-    execution.release(workers)  # their CPUs or GPUs free for the evaluate stage's tasks, spread over the nodes
-    return [uri for uri, _, _ in shards], busy / len(workers)
+    return busy
