@@ -35,28 +35,10 @@ from quality_per_compute import floor_of, interval
 from ddpm_core.checkpoint import Snapshot, load_snapshot
 from ddpm_core.data import random_batch, to_model_range
 from ddpm_core.diffusion import GaussianDiffusion, Prediction
-from ddpm_core.distillation import progressive_loss
+from ddpm_core.distillation import Reparameterized, progressive_loss
 from ddpm_core.samplers import SamplerConfig
 from pipelines.contracts import PrepareOutputs, TrainOutputs
 from pipelines.data.shards import read_split
-
-
-class AsPrediction(torch.nn.Module):
-    """A teacher whose outputs are in ``source``'s parameterisation, answering in ``target``'s: its x_0 and eps
-    estimates (``p_mean_variance``, unclipped), then ``x_0``, ``eps`` or ``v = sqrt(abar) eps - sqrt(1 - abar) x_0``
-    (Salimans & Ho 2022, Sec. 4). The timesteps it is called with are the schedule's indices (not respaced)."""
-
-    def __init__(self, network: torch.nn.Module, source: GaussianDiffusion, target: Prediction) -> None:
-        super().__init__()
-        self.network, self.source, self.target = network, source, target
-
-    def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        moments = self.source.p_mean_variance(self.network(x, t, **kwargs), x, t)
-        if self.target is Prediction.X0:
-            return moments.pred_x0
-        if self.target is Prediction.EPS:
-            return moments.pred_eps
-        return self.source.v_target(moments.pred_x0, t, moments.pred_eps)
 
 
 def learning_rate(peak: float, step: int, steps: int) -> float:
@@ -165,7 +147,7 @@ def main() -> None:
     prediction = snapshot.diffusion.prediction if args.student_prediction == "teacher" else args.student_prediction
     student_snapshot = Snapshot(snapshot.unet, replace(snapshot.diffusion, prediction=Prediction(prediction)), {}, {})
     diffusion = GaussianDiffusion.from_config(student_snapshot.diffusion)
-    teacher: torch.nn.Module = AsPrediction(
+    teacher: torch.nn.Module = Reparameterized(
         network, GaussianDiffusion.from_config(snapshot.diffusion), diffusion.prediction
     )
     result: dict[str, Any] = {"benchmark": "progressive_distillation", "torch": torch.__version__, **vars(args)}

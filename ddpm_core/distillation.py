@@ -21,12 +21,15 @@ noise's level).
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any, NamedTuple
 
 import torch
+from torch.profiler import record_function
 
-from ddpm_core.diffusion import GaussianDiffusion
-from ddpm_core.samplers import Model
+from ddpm_core.diffusion import GaussianDiffusion, Prediction
+from ddpm_core.samplers import Method, Model, SamplerConfig, Spacing
+from ddpm_core.training import StepResult
 
 CLEAN = -1  # the grid index of the clean image (abar = 1)
 
@@ -51,6 +54,12 @@ def student_grid(num_timesteps: int, student_steps: int) -> StudentGrid:
     grid = [*teacher, CLEAN]
     starts, mids, ends = grid[0:-1:2], grid[1::2], grid[2::2]
     return StudentGrid(torch.tensor(starts), torch.tensor(mids), torch.tensor(ends))
+
+
+def student_sampler(student_steps: int) -> SamplerConfig:
+    """How a student is sampled: deterministic DDIM (eta = 0) at its steps, on the trailing grid, whose timesteps are
+    :func:`student_grid`'s starts (``round((i + 1) T / N) - 1``): the grid it was distilled on."""
+    return SamplerConfig(method=Method.DDIM, num_steps=student_steps, spacing=Spacing.TRAILING)
 
 
 def abar_at(diffusion: GaussianDiffusion, index: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -124,13 +133,58 @@ def progressive_loss(
     (:func:`distillation_loss`). Per example, ``[B]``; the step indices and the noise come from ``generator``."""
     kwargs = kwargs or {}
     grid = student_grid(diffusion.num_timesteps, student_steps)
-    index = torch.randint(0, student_steps, (x0.shape[0],), generator=generator)  # [B] a student step per image
-    steps = StudentGrid(*(part[index].to(x0.device) for part in grid))
-    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype).to(x0.device)
+    draw_on = generator.device if generator is not None else x0.device  # a CUDA generator: no host round trip
+    index = torch.randint(0, student_steps, (x0.shape[0],), generator=generator, device=draw_on)  # [B] a step each
+    steps = StudentGrid(*(part.to(draw_on)[index].to(x0.device) for part in grid))
+    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=draw_on).to(x0.device)
     x_t = diffusion.q_sample(x0, steps.starts, noise)  # [B, C, H, W]
     target = distillation_target(diffusion, teacher, x_t, steps, kwargs)
     output = student(x_t, diffusion.model_timesteps(steps.starts), **kwargs)
     return distillation_loss(diffusion, output, x_t, steps.starts, target)
+
+
+def accumulate_progressive(
+    diffusion: GaussianDiffusion,
+    student: Model,
+    teacher: Model,
+    x0: torch.Tensor,
+    student_steps: int,
+    conditioning: dict[str, Any] | None,
+    generator: torch.Generator | None,
+    autocast_dtype: torch.dtype | None,
+    scale: float,
+    region: Callable[[str], AbstractContextManager[Any]] = record_function,
+) -> StepResult:
+    """:func:`progressive_loss` on one micro-batch ``x0`` ``[b, C, H, W]``, its mean's gradient times ``scale`` (the
+    micro-batch's share of the global batch) added to the student's ``.grad``, as
+    :func:`ddpm_core.training.accumulate_gradients` does for Algorithm 1 of Ho et al. (2020); no per-quartile
+    statistics (the result's counts are zero)."""
+    device_type = x0.device.type
+    with region("forward"), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        loss = progressive_loss(diffusion, student, teacher, x0, student_steps, generator, conditioning).mean()
+    with region("backward"):
+        (loss if scale == 1.0 else loss * scale).backward()
+    zeros = torch.zeros(4, dtype=torch.float64, device=x0.device)  # [4]
+    return StepResult(loss.detach(), torch.zeros((), device=x0.device), zeros, zeros.clone())
+
+
+class Reparameterized(torch.nn.Module):
+    """A network trained to predict in ``source``'s parameterisation, answering in ``target``'s: its x_0 and eps
+    estimates (``p_mean_variance``, unclipped), then ``x_0``, ``eps`` or ``v = sqrt(abar) eps - sqrt(1 - abar) x_0``
+    (Salimans & Ho 2022, Sec. 4). So an eps teacher can teach a v student; the timesteps it is called with are the
+    schedule's indices (``source`` is not respaced). ``[B, C, H, W]`` in and out."""
+
+    def __init__(self, network: torch.nn.Module, source: GaussianDiffusion, target: Prediction) -> None:
+        super().__init__()
+        self.network, self.source, self.target = network, source, target
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        moments = self.source.p_mean_variance(self.network(x, t, **kwargs), x, t)
+        if self.target is Prediction.X0:
+            return moments.pred_x0
+        if self.target is Prediction.EPS:
+            return moments.pred_eps
+        return self.source.v_target(moments.pred_x0, t, moments.pred_eps)
 
 
 # ------------------------------------------------------------------------------------------ consistency distillation

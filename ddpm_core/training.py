@@ -217,12 +217,13 @@ def apply_update(
     images_seen: int,
     ema: EMA | None,
     region: Callable[[str], AbstractContextManager[Any]] = record_function,
+    lr: float | None = None,
 ) -> torch.Tensor:
-    """The update of Algorithm 1 from the accumulated gradients: clip their global norm, an AdamW step at the warm-up
-    learning rate of ``images_seen``, then the EMA; returns the norm before clipping ``[]``."""
+    """The update of Algorithm 1 from the accumulated gradients: clip their global norm, an AdamW step at ``lr``
+    (None: the warm-up learning rate of ``images_seen``), then the EMA; returns the norm before clipping ``[]``."""
     with region("optimizer"):
         for group in optimizer.param_groups:
-            group["lr"] = learning_rate(images_seen, config)
+            group["lr"] = learning_rate(images_seen, config) if lr is None else lr
         max_norm = config.grad_clip if config.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm)
         optimizer.step()

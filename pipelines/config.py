@@ -572,6 +572,63 @@ class TuneSection:
         return self.enabled and self.proxy_fid_samples > 0
 
 
+class DistillMethod(str, enum.Enum):
+    # Salimans & Ho 2022, Algorithm 2: each round halves the steps (consistency distillation's losses are in
+    # ddpm_core.distillation; its stage method is not built yet)
+    PROGRESSIVE = "progressive"
+
+
+@dataclass(frozen=True)
+class DistillSection:
+    """A few-step student distilled from the trained model (the distill stage; docs/distillation.md). With it on, the
+    sample stage draws from the student (DDIM at ``distill.steps`` on their trailing grid), evaluate scores it beside
+    its teacher and register registers it as ``<register.model_name>-<steps>step``."""
+
+    enabled: bool = False
+    method: DistillMethod = DistillMethod.PROGRESSIVE
+    steps: int = 4  # the final student's sampling steps (its NFE)
+    teacher_steps: int = 32  # the DDIM steps the first round's student halves: 32 -> rounds of 16, 8 and 4 steps
+    images_per_round: int = 33_280  # training images of each round (3 rounds: 99,840, the quickstart teacher's budget)
+    batch_size: int = 128  # global batch, split over train.num_workers (train.max_workers shares)
+    lr: float = 8e-4  # AdamW's learning rate at the start of each round, annealed linearly to 0 (their App. E)
+    # what the student's network predicts (initialised from its teacher's weights whatever the teacher predicts):
+    # v or x0 (Salimans & Ho 2022, Sec. 4; an eps student's x_0 estimate is unstable at the few steps of a student)
+    prediction: Prediction = Prediction.V
+    checkpoint_every_images: int = field(default=8_320, metadata=EXECUTION)
+    log_every_images: int = field(default=2_560, metadata=EXECUTION)
+
+    def __post_init__(self) -> None:
+        coerce_choices(self, "distill", {"method": DistillMethod, "prediction": Prediction})
+        require_positive(
+            "distill",
+            {
+                name: getattr(self, name)
+                for name in ("steps", "images_per_round", "batch_size", "lr", "checkpoint_every_images")
+            },
+        )
+        require_positive("distill", {"log_every_images": self.log_every_images})
+        if self.prediction is Prediction.EPS:
+            raise ConfigError(
+                "distill.prediction eps: a few-step student's x_0 estimate from eps blows up at high noise (Salimans & "
+                "Ho 2022, Sec. 4); use v (the default) or x0"
+            )
+        ratio = self.teacher_steps // self.steps if self.teacher_steps > self.steps else 0
+        if ratio < 2 or self.teacher_steps != self.steps * ratio or ratio & (ratio - 1):
+            raise ConfigError(
+                f"distill.teacher_steps {self.teacher_steps} must be distill.steps {self.steps} times a power of two "
+                f"(2, 4, 8, ...): each round halves the steps, e.g. teacher_steps={2 * self.steps}"
+            )
+
+    @property
+    def rounds(self) -> tuple[int, ...]:
+        """The students' steps, round by round: half the teacher's, then half again, down to ``steps``."""
+        counts, steps = [], self.teacher_steps // 2
+        while steps >= self.steps:
+            counts.append(steps)
+            steps //= 2
+        return tuple(counts)
+
+
 MAX_SAMPLE_SHARDS = 10_000  # a plan with more is a mistake (50,000 CIFAR-10 images at batch 250 are 200 shards)
 
 
@@ -835,6 +892,29 @@ def check_sampler(sampler: SamplerConfig, diffusion: DiffusionConfig) -> None:
             raise ConfigError(f"sample.spacing {spacing.value}: {error}") from None
 
 
+def check_distill(distill: DistillSection, train: TrainSection, num_timesteps: int) -> None:
+    """The rounds fit the schedule (the first student's steps are pairs of distinct timesteps) and the batch splits
+    into the training workers' shares."""
+    if not distill.enabled:
+        return
+    if distill.teacher_steps > num_timesteps:
+        raise ConfigError(
+            f"distill.teacher_steps {distill.teacher_steps} exceeds diffusion.num_timesteps {num_timesteps}"
+        )
+    if distill.batch_size % train.max_workers:
+        raise ConfigError(
+            f"distill.batch_size {distill.batch_size} must be a multiple of train.num_workers {train.max_workers} "
+            "(its maximum: the global batch is split into that many equal shares, as in training)"
+        )
+
+
+def registered_model_name(config: PipelineConfig) -> str:
+    """The registered model this run's model is a version of: ``register.model_name``, or for a distilled student
+    ``<register.model_name>-<distill.steps>step``, so that students are compared only with students of their NFE."""
+    name = config.register.model_name
+    return f"{name}-{config.distill.steps}step" if config.distill.enabled else name
+
+
 RUN_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 
 
@@ -846,6 +926,7 @@ class PipelineConfig:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     tune: TuneSection = field(default_factory=TuneSection)
     train: TrainSection = field(default_factory=TrainSection)
+    distill: DistillSection = field(default_factory=DistillSection)
     sample: SampleSection = field(default_factory=SampleSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
     register: RegisterSection = field(default_factory=RegisterSection)
@@ -865,6 +946,7 @@ class PipelineConfig:
         num_timesteps, num_samples = self.diffusion.num_timesteps, self.sample.num_samples
         check_sampler(self.sample.sampler, self.diffusion)
         check_loss_weighting(self.train.loss_weighting, self.diffusion)
+        check_distill(self.distill, self.train, num_timesteps)
         if self.tune.enabled and self.data.holdout_fraction <= 0:
             raise ConfigError("tune.enabled needs data.holdout_fraction > 0: trials are ranked on held-out images")
         if len(self.train.ema_candidates) > 1 and self.data.holdout_fraction <= 0:

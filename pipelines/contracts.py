@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
 from ddpm_core.diffusion import DiffusionConfig
+from ddpm_core.distillation import student_sampler
 from ddpm_core.fields import coerce_enum_fields
 from ddpm_core.memorization import CopyRate
 from ddpm_core.precision import Precision
@@ -135,6 +136,38 @@ class TrainOutputs:
 
 
 @dataclass(frozen=True)
+class DistillRound:
+    """One round of progressive distillation: a student of ``steps`` DDIM steps trained from its teacher."""
+
+    steps: int
+    teacher_snapshot_uri: str
+    snapshot_uri: str  # the student's weights (its snapshot's metadata names method, steps and teacher)
+    images_seen: int
+    loop_seconds: float | None  # the round's final attempt, checkpoints included
+    mlflow_run_id: str  # the round's run (its loss and learning-rate curves), nested in the distill stage's
+
+
+@dataclass(frozen=True)
+class DistillOutputs:
+    """The distill stage's student: what the sample stage draws from with :attr:`sampler`, scored and registered in
+    place of its teacher (``train.snapshot_uri``)."""
+
+    snapshot_uri: str  # the last round's student
+    steps: int  # its sampling steps: its NFE
+    method: str
+    teacher_snapshot_uri: str  # the trained model the first round started from
+    rounds: tuple[DistillRound, ...]
+    images_seen: int  # training images of all rounds together (the teacher's cost is train's images_seen)
+    loop_seconds: float | None  # of all rounds together (None: a round's is unknown)
+    config: TrainedWith  # the student's network and diffusion (its prediction), and the rounds' optimiser
+
+    @property
+    def sampler(self) -> SamplerConfig:
+        """The student's sampler: deterministic DDIM at its steps, on the trailing grid it was distilled on."""
+        return student_sampler(self.steps)
+
+
+@dataclass(frozen=True)
 class NetworkExecution:
     """How sampling actors run the network (not what they compute)."""
 
@@ -156,6 +189,7 @@ class SampleOutputs:
     execution: NetworkExecution
     sampling_seconds: float  # inside the sampler, summed over shards, divided by the number of actors
     conditioning: Conditioning | None = None  # class-conditional: each shard also holds labels.npy
+    snapshot_uri: str = ""  # the weights the set was drawn from: train's, or the distill stage's student
 
 
 @dataclass(frozen=True)
@@ -422,6 +456,20 @@ class ClassCoverage:
 
 
 @dataclass(frozen=True)
+class NfePoint:
+    """One model and sampler on the FID-against-NFE curve of a distilled student and its teacher
+    (:mod:`pipelines.evaluation.distilled`), under the sample set's protocol."""
+
+    model: str  # "student" or "teacher"
+    sampler: str  # method (spacing)
+    steps: int
+    nfe: int
+    fid: float
+    fid_stderr: float | None
+    snapshot_uri: str
+
+
+@dataclass(frozen=True)
 class EvaluateOutputs:
     scores: Scores
     protocol: FidProtocol
@@ -437,6 +485,7 @@ class EvaluateOutputs:
     memorization_skipped: str | None = None
     coverage: ClassCoverage | None = None  # None: off or not computable (coverage_skipped says why)
     coverage_skipped: str | None = None
+    nfe_curve: tuple[NfePoint, ...] = ()  # a distilled student's FID against NFE beside its teacher's
 
     def metrics(self) -> dict[str, float]:
         """Every number the evaluate run logs as a metric: the scores, the copy rates and the coverage."""
@@ -460,7 +509,9 @@ class RegisterOutputs:
     model_uri: str
 
 
-StageOutputs = PrepareOutputs | TuneOutputs | TrainOutputs | SampleOutputs | EvaluateOutputs | RegisterOutputs
+StageOutputs = (
+    PrepareOutputs | TuneOutputs | TrainOutputs | DistillOutputs | SampleOutputs | EvaluateOutputs | RegisterOutputs
+)
 T = TypeVar("T")
 
 

@@ -22,6 +22,7 @@ from pipelines.config import ConfigError, PipelineConfig
 from pipelines.config_file import save_resolved
 from pipelines.context import StageContext, StageStopped, params_that_ran
 from pipelines.contracts import (
+    DistillOutputs,
     EvaluateOutputs,
     PrepareOutputs,
     RegisterOutputs,
@@ -38,7 +39,7 @@ from pipelines.interruption import Interrupted, unwrapped
 from pipelines.plan import PlannedStage, Stage, config_changes, plan
 from pipelines.preflight import STORAGE_DEADLINE_S, check_tracking_store, preflight, within
 from pipelines.runs import RunStore, now
-from pipelines.stages import evaluate, prepare, register, sample, train, tune
+from pipelines.stages import distill, evaluate, prepare, register, sample, train, tune
 from pipelines.tracking import Tracker, config_digest, flatten, git_commit
 from pipelines.typed import SchemaError, resolved_keys, to_plain
 
@@ -75,11 +76,20 @@ STAGES: tuple[Stage, ...] = (
         check_data=train.check_data,
     ),
     Stage(
+        "distill",
+        distill.run,
+        distill.settings,
+        DistillOutputs,
+        ("prepare", "train"),
+        "distill.enabled",
+        "progressive distillation into a few-step student, rounds on Ray Train",
+    ),
+    Stage(
         "sample",
         sample.run,
         sample.settings,
         SampleOutputs,
-        ("prepare", "train"),
+        ("prepare", "train", "distill"),
         description="Ray actors, per-index seeds, committed shards",
         check_data=sample.check_data,
     ),
@@ -88,7 +98,7 @@ STAGES: tuple[Stage, ...] = (
         evaluate.run,
         evaluate.settings,
         EvaluateOutputs,
-        ("prepare", "train", "sample"),
+        ("prepare", "train", "sample", "distill"),
         description="FID, IS, precision/recall, NLL bound, class accuracy",
         check_data=evaluate.check_data,
         draws=(
@@ -96,6 +106,8 @@ STAGES: tuple[Stage, ...] = (
             "the registered champion's, the same way (evaluate.rescore_champion; the champion of register.model_name, "
             "resolved before the run)",
             "one set per guidance scale of a conditional model (evaluate.guidance_scales, evaluate.guidance_samples)",
+            "a distilled student's teacher at each round's steps with DDIM and DPM-Solver++(2M) and at sample.method/"
+            "num_steps, and each earlier round's student (distill.enabled)",
         ),
     ),
     Stage(
@@ -103,7 +115,7 @@ STAGES: tuple[Stage, ...] = (
         register.run,
         register.settings,
         RegisterOutputs,
-        ("prepare", "train", "evaluate"),
+        ("prepare", "train", "evaluate", "distill"),
         "register.enabled",
         "MLflow model version, challenger/champion aliases",
         needs_ray=False,
@@ -243,11 +255,13 @@ def stage_description(stage: Stage, config: PipelineConfig) -> str:
 def pipeline_description(config: PipelineConfig) -> str:
     """The parent run's description: what was trained on what, and where the scores are."""
     stages = " -> ".join(stage.name for stage in STAGES if stage.enabled(config))
-    sampler = config.sample.sampler
+    sampler, distill = config.sample.sampler, config.distill
+    drawn = f"{sampler.method.value}, {sampler.num_steps or config.diffusion.num_timesteps} steps"
+    if distill.enabled:
+        drawn = f"from a {distill.steps}-step student distilled from it ({distill.method.value}), DDIM"
     return (
         f"DDPM pipeline run `{config.run_id}` on `{config.data.uri}`: U-Net preset `{config.model.preset}`, "
-        f"{config.train.total_images:,} training images, {config.sample.num_samples:,} samples "
-        f"({sampler.method.value}, {sampler.num_steps or config.diffusion.num_timesteps} steps), "
+        f"{config.train.total_images:,} training images, {config.sample.num_samples:,} samples ({drawn}), "
         f"scored with the `{config.evaluate.extractor.value}` extractor. Stages: {stages}; each is a nested run. "
         "Training curves are on the train run; the scores, with their intervals and protocol, on the evaluate run "
         "only (linked below when it has run, and by the tag ddpm.scores_run_id)."
@@ -258,8 +272,8 @@ def describe() -> str:
     lines = ["Stages (in order):"]
     for stage in STAGES:
         after = f" <- {', '.join(stage.upstream)}" if stage.upstream else ""
-        lines.append(f"  {stage.name:<9}{after:<32} {stage.description}")
-        lines += [f"{'':<44}draws {drawn}" for drawn in stage.draws]
+        lines.append(f"  {stage.name:<9}{after:<40} {stage.description}")
+        lines += [f"{'':<52}draws {drawn}" for drawn in stage.draws]
     lines += ["", "```mermaid", "flowchart LR"]
     for stage in STAGES:
         lines += [f"  {upstream} --> {stage.name}" for upstream in stage.upstream]

@@ -93,7 +93,14 @@ def size_text(count: int) -> str:
 
 def stage_detail(outputs: StageOutputs) -> str:
     """One line on what a finished stage produced."""
-    from pipelines.contracts import EvaluateOutputs, PrepareOutputs, SampleOutputs, TrainOutputs, TuneOutputs
+    from pipelines.contracts import (
+        DistillOutputs,
+        EvaluateOutputs,
+        PrepareOutputs,
+        SampleOutputs,
+        TrainOutputs,
+        TuneOutputs,
+    )
 
     if isinstance(outputs, PrepareOutputs):
         return f"{outputs.num_train} train images, fingerprint {outputs.fingerprint[:12]}"
@@ -101,6 +108,8 @@ def stage_detail(outputs: StageOutputs) -> str:
         return f"best of {outputs.trials} trials: {outputs.best_params}"
     if isinstance(outputs, TrainOutputs):
         return f"{outputs.images_seen} images seen"
+    if isinstance(outputs, DistillOutputs):
+        return f"a {outputs.steps}-step student from {outputs.images_seen} images ({len(outputs.rounds)} rounds)"
     if isinstance(outputs, SampleOutputs):
         return f"{outputs.num_samples} samples in {len(outputs.shard_uris)} shards"
     if isinstance(outputs, EvaluateOutputs):

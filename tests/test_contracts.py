@@ -20,10 +20,13 @@ from pipelines.config_file import load_config
 from pipelines.contracts import (
     ChampionRef,
     Conditioning,
+    DistillOutputs,
+    DistillRound,
     EvaluateOutputs,
     FidProtocol,
     GuidancePoint,
     NetworkExecution,
+    NfePoint,
     NllProtocol,
     PrepareOutputs,
     ReferenceSet,
@@ -78,6 +81,23 @@ EXAMPLES = [
         12.5,
         None,
         TrainedWith(DiffusionConfig(num_timesteps=100), OptimConfig(lr=1e-3), unet_preset("digits"), "digits"),
+    ),
+    DistillOutputs(
+        "runs/q/distill/0123456789abcdef/round_1_2steps/snapshot",
+        2,
+        "progressive",
+        "runs/q/train/0123456789abcdef/snapshot",
+        tuple(
+            DistillRound(
+                steps, teacher, f"runs/q/distill/0123456789abcdef/round_{i}_{steps}steps/snapshot", 512, 9.5, "r"
+            )
+            for i, (steps, teacher) in enumerate([(4, "runs/q/train/0123456789abcdef/snapshot"), (2, "round_0")])
+        ),
+        1024,
+        19.0,
+        TrainedWith(
+            DiffusionConfig(num_timesteps=100, prediction="v"), OptimConfig(lr=8e-4), unet_preset("digits"), "digits"
+        ),
     ),
     SampleOutputs(
         ("a", "b"),
@@ -277,5 +297,7 @@ def test_contracts_are_frozen():
         NllProtocol,
         ChampionRef,
         ScoreProtocol,
+        DistillRound,
+        NfePoint,
     ):
         assert dataclasses.fields(kind) and kind.__dataclass_params__.frozen, kind

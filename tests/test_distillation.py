@@ -3,6 +3,7 @@ consistency distillation's (Song et al. 2023, Algorithm 2) against closed forms 
 denoiser makes every DDIM step an affine map (tests/oracles.py)."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ import torch
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion, Prediction
 from ddpm_core.distillation import (
     CLEAN,
+    Reparameterized,
     StudentGrid,
     abar_at,
     consistency_loss,
@@ -21,8 +23,13 @@ from ddpm_core.distillation import (
     distillation_target,
     progressive_loss,
     student_grid,
+    student_sampler,
     ve_sigma,
 )
+from ddpm_core.samplers import Method, spaced_timesteps
+from pipelines.config import ConfigError, registered_model_name
+from pipelines.config_file import load_config
+from pipelines.training.objective import Progressive
 from tests.oracles import gaussian_oracle
 
 MEAN, STD, T = 0.3, 0.6, 1000
@@ -180,3 +187,64 @@ def test_the_consistency_target_of_the_exact_fixed_point_is_the_fixed_point_itse
         assert consistency_loss(fixed_point(x, t_next), target).max().item() < 1e-24
         off = fixed_point(x, t_next) * 1.01
         assert consistency_loss(off, target).min().item() > 1e-8
+
+
+# ------------------------------------------------------------------------------- the distill stage's building blocks
+@pytest.mark.parametrize("steps", [1, 2, 4, 16, 500])
+def test_a_student_samples_on_the_grid_it_was_distilled_on(steps):
+    """The sample stage draws a student with ``student_sampler`` (DDIM, trailing spacing): its timesteps are exactly
+    the starts of the student's distillation grid."""
+    sampler = student_sampler(steps)
+    drawn = spaced_timesteps(T, steps, sampler.timestep_spacing)
+    assert sorted(drawn, reverse=True) == student_grid(T, steps).starts.tolist()
+    assert sampler.method is Method.DDIM and sampler.eta == 0.0
+
+
+@pytest.mark.parametrize("target", [Prediction.X0, Prediction.V])
+def test_a_teacher_answers_in_the_students_parameterisation(target):
+    """``Reparameterized``: an eps network's x_0 and eps estimates, returned as the student predicts (v = sqrt(abar)
+    eps - sqrt(1 - abar) x_0, Salimans & Ho 2022, Sec. 4), so the two share every distillation target."""
+    source = diffusion_for(Prediction.EPS)
+    torch.manual_seed(0)
+    network = torch.nn.Conv2d(1, 1, 3, padding=1).double()
+    x, t = torch.randn(5, 1, 4, 4, dtype=torch.float64), torch.tensor([0, 10, 300, 700, 999])
+    eps = network(x)
+    x0 = source.p_mean_variance(eps, x, t).pred_x0
+    expected = x0 if target is Prediction.X0 else source.v_target(x0, t, eps)
+    answered = Reparameterized(lambda x_, t_: network(x_), source, target)(x, t)  # type: ignore[arg-type]
+    torch.testing.assert_close(answered, expected, rtol=0, atol=1e-12)
+    assert diffusion_for(target).p_mean_variance(answered, x, t).pred_x0.allclose(x0, atol=1e-10)
+
+
+def test_a_round_anneals_its_learning_rate_linearly_to_zero():
+    """Salimans & Ho 2022, App. E: the round's learning rate starts at its peak and falls linearly to 0."""
+    objective = Progressive(diffusion_for(Prediction.V), torch.nn.Identity(), 4, 8e-4, 1000)
+    assert [objective.learning_rate(seen) for seen in (0, 250, 500, 1000, 1200)] == pytest.approx(
+        [8e-4, 6e-4, 4e-4, 0.0, 0.0]
+    )
+
+
+@pytest.mark.parametrize(
+    ("overrides", "named"),
+    [
+        (["distill.teacher_steps=12"], "distill.teacher_steps 12 must be distill.steps 4 times a power of two"),
+        (["distill.teacher_steps=4"], "distill.teacher_steps 4 must be distill.steps 4 times a power of two"),
+        (["distill.prediction=eps"], "distill.prediction eps"),
+        (["distill.method=consistency"], "distill.method 'consistency' is not one of"),
+        (["distill.teacher_steps=2048"], "distill.teacher_steps 2048 exceeds diffusion.num_timesteps 1000"),
+        (["distill.batch_size=127"], "distill.batch_size 127 must be a multiple of train.num_workers 2"),
+    ],
+)
+def test_distill_settings_that_cannot_run_fail_before_anything_runs(overrides, named):
+    with pytest.raises(ConfigError, match=re.escape(named)):
+        load_config("configs/digits-distill.yaml", overrides)
+
+
+def test_the_default_rounds_fit_the_teachers_training_budget():
+    """configs/digits-distill.yaml: rounds of 16, 8 and 4 steps within the teacher's 100,000 training images (issue
+    33's budget), and the student is registered under a name of its own NFE."""
+    config = load_config("configs/digits-distill.yaml")
+    assert config.distill.rounds == (16, 8, 4)
+    assert len(config.distill.rounds) * config.distill.images_per_round <= config.train.total_images
+    assert registered_model_name(config) == "ddpm-digits-v-4step"
+    assert registered_model_name(load_config("configs/digits.yaml")) == "ddpm-digits"

@@ -1,20 +1,24 @@
 """Elastic training's promise: a step whose global batch is split into equal shares, each with its own data slice
 and random streams (batches, timesteps, noise, dropout), is the same computation on any number of workers. A group
 shrunk from two workers to one takes both shares on the one worker (gradients accumulated, the all-reduce's mean
-replaced by the shares' weights): the weights, the EMA and the logged loss equal the two-worker group's."""
+replaced by the shares' weights): the weights, the EMA and the logged loss equal the two-worker group's. The same
+holds for a distill round's objective (progressive distillation against a frozen teacher)."""
 
 import dataclasses
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing
 from torch.nn.parallel import DistributedDataParallel
 
 from ddpm_core.data import random_batch
-from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
+from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion, Prediction
+from ddpm_core.distillation import Reparameterized
 from ddpm_core.training import OptimConfig, RunningTotals
 from ddpm_core.unet import UNet
 from pipelines.config import TrainSection
+from pipelines.training.objective import Objective, Progressive
 from pipelines.training.state import Worker, fresh_shares
 from pipelines.training.step import StepState, step, step_parts
 from tests.conftest import free_port
@@ -24,8 +28,17 @@ TINY = dataclasses.replace(SAMPLING_TINY, dropout=0.3)  # dropout draws from eac
 SHARES, MICRO, STEPS = 2, 4, 4
 
 
-def train_on(rank: int, world: int, port: int, out: str) -> None:
-    """``STEPS`` steps of a group of ``world`` workers over ``SHARES`` shares; rank 0 saves the result."""
+def progressive(diffusion: GaussianDiffusion, train: TrainSection) -> Progressive:
+    """A distill round's objective: a 2-step v student of a frozen eps teacher (its own seeded weights)."""
+    torch.manual_seed(7)
+    teacher = Reparameterized(UNet(TINY).eval().requires_grad_(False), diffusion, Prediction.V)
+    student = GaussianDiffusion.from_config(DiffusionConfig(num_timesteps=100, prediction=Prediction.V))
+    return Progressive(student, teacher, 2, train.optim.lr, STEPS * train.batch_size)
+
+
+def train_on(rank: int, world: int, port: int, out: str, distill: bool) -> None:
+    """``STEPS`` steps of a group of ``world`` workers over ``SHARES`` shares (with ``distill``, of a distill round's
+    objective); rank 0 saves the result."""
     torch.set_num_threads(1)  # the same kernels' summation order in every process
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -43,6 +56,7 @@ def train_on(rank: int, world: int, port: int, out: str) -> None:
     worker = Worker(rank, world, device, reduce, SHARES, tuple(range(rank, SHARES, world)))  # as Worker.current
     state = StepState(*parts, fresh_shares(0, worker, 0), gradient_scale=world / SHARES)
     diffusion = GaussianDiffusion.from_config(DiffusionConfig(num_timesteps=100))
+    objective: Objective | None = progressive(diffusion, train) if distill else None
     data = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1  # [64, 1, 8, 8]
     totals = RunningTotals(device, reduce)
     for _ in range(STEPS):
@@ -51,7 +65,7 @@ def train_on(rank: int, world: int, port: int, out: str) -> None:
             (random_batch(data[share.index :: SHARES], MICRO, share.generator, True, layout)[0], None)
             for share in state.shares
         ]
-        totals.add(step(state, diffusion, batches, train, None))
+        totals.add(step(state, diffusion, batches, train, None, objective=objective))
         state.advance(train.batch_size)
     window = totals.summed()
     if rank == 0:
@@ -61,10 +75,11 @@ def train_on(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def test_one_worker_taking_both_shares_equals_two_workers(tmp_path):
+@pytest.mark.parametrize("distill", [False, True], ids=["training", "distill round"])
+def test_one_worker_taking_both_shares_equals_two_workers(tmp_path, distill):
     alone, pair = tmp_path / "alone.pt", tmp_path / "pair.pt"
-    torch.multiprocessing.spawn(train_on, args=(1, 0, str(alone)), nprocs=1)
-    torch.multiprocessing.spawn(train_on, args=(2, free_port(), str(pair)), nprocs=2)
+    torch.multiprocessing.spawn(train_on, args=(1, 0, str(alone), distill), nprocs=1)
+    torch.multiprocessing.spawn(train_on, args=(2, free_port(), str(pair), distill), nprocs=2)
     one, two = torch.load(alone), torch.load(pair)
     for part in ("model", "ema"):
         assert one[part].keys() == two[part].keys()

@@ -20,6 +20,7 @@ from pipelines.runs import RunStore
 
 COMPARED_WITH_TAG = "ddpm.compared_with"  # on a version: the champion version it was compared with ("none": none)
 DATA_SOURCE_TAG = "data_source"  # on a version: the data set it was trained on, "<data.uri>#<split>"
+SNAPSHOT_TAG = "snapshot_uri"  # on a version: the committed snapshot its weights were logged from
 CONFIG_TAG = "ddpm.config_sha256"  # on a version: the digest of the inputs of the run config that registered it
 
 

@@ -6,6 +6,9 @@ Besides the sample stage's images, this stage samples two more sets under the sa
 sampler and precision): an untrained network's (``evaluate.untrained_baseline``: the ceiling) and the registered
 champion's (``evaluate.rescore_champion``: so that the register stage compares like with like).
 
+With the distill stage on, the sample set is the distilled student's; the teacher is drawn beside it at the
+student's NFEs and with its own sampler, as a FID-against-NFE table and plot (:mod:`pipelines.evaluation.distilled`).
+
 It also scores memorization (the copy rate, Carlini et al. 2023) and, for labelled data, mode coverage (the class
 histogram's total variation distance): :mod:`pipelines.evaluation.memorization` and
 :mod:`pipelines.evaluation.coverage`."""
@@ -14,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import tempfile
@@ -28,17 +32,20 @@ from PIL import Image
 from ddpm_core.checkpoint import read_snapshot_config
 from ddpm_core.images import grid, labelled_rows, rows_by_class, save_grid
 from ddpm_core.metrics import FidEstimate, kernel_inception_distance, kid_subset_size, precision_recall
+from ddpm_core.samplers import SamplerConfig
 from ddpm_core.storage import filesystem, verify_committed, write_bytes
-from pipelines.config import EvaluateSection, Extractor, NllSplit, PipelineConfig
+from pipelines.config import EvaluateSection, Extractor, NllSplit, PipelineConfig, registered_model_name
 from pipelines.context import StageContext
 from pipelines.contracts import (
     FID_INTERVAL_METHOD,
     ChampionRef,
     ClassCoverage,
+    DistillOutputs,
     EvaluateOutputs,
     FidProtocol,
     GuidancePoint,
     MemorizationScore,
+    NfePoint,
     NllProtocol,
     PrepareOutputs,
     ReferenceSet,
@@ -56,12 +63,23 @@ from pipelines.data.shards import (
     read_images,
     read_images_at,
     read_sample_labels,
+    sample_shard_uris,
     sample_sources,
     split_layout,
     split_sources,
 )
 from pipelines.evaluation.classes import ClassHits, class_hits, sweep_plot
 from pipelines.evaluation.coverage import class_counts, class_coverage, coverage_table
+from pipelines.evaluation.distilled import (
+    SIDE_BY_SIDE_IMAGES,
+    TEACHER_OWN,
+    TEACHER_SOLVERS,
+    nfe_plot,
+    nfe_points,
+    nfe_table,
+    side_by_side,
+    teacher_folder,
+)
 from pipelines.evaluation.likelihood import NllResult, held_out_bits_per_dim
 from pipelines.evaluation.memorization import TrainingSet, memorization_score, pair_caption, pair_strips
 from pipelines.evaluation.report import as_sentence, score_lines
@@ -162,11 +180,13 @@ class Comparisons:
 class EvaluateSettings:
     evaluate: EvaluateSection
     champion: ChampionRef | None  # the registered champion to re-score beside this run's model (None: none asked)
+    teacher_sampler: SamplerConfig | None = None  # a distilled student's teacher's own sampler (sample.*), drawn beside
 
 
 def settings(config: PipelineConfig, external: External) -> EvaluateSettings:
     rescore = config.evaluate.rescore_champion and config.register.enabled
-    return EvaluateSettings(config.evaluate, external.champion(config.register.model_name) if rescore else None)
+    champion = external.champion(registered_model_name(config)) if rescore else None
+    return EvaluateSettings(config.evaluate, champion, config.sample.sampler if config.distill.enabled else None)
 
 
 def check_data(settings: EvaluateSettings, prepare: PrepareOutputs, storage_options: dict[str, Any]) -> None:
@@ -210,6 +230,7 @@ def run(
     prepare: PrepareOutputs,
     train: TrainOutputs,
     sample: SampleOutputs,
+    distill: DistillOutputs | None,
 ) -> EvaluateOutputs:
     section, upstream = settings.evaluate, (prepare, train, sample)
     scorer = make_scorer(context, section, prepare, context.execution(train.device))
@@ -223,7 +244,8 @@ def run(
     sweep = guidance_sweep(context, section, upstream, scorer)
     holdout = holdout_summary(scorer, prepare)
     compared = comparisons(context, settings, upstream, scorer, ours.fid, holdout)
-    nll, nll_protocol = held_out_nll(context, section, prepare, train, sample)
+    nll, nll_protocol = held_out_nll(context, section, prepare, train, sample) if distill is None else (None, None)
+    curve = nfe_curve(context, settings, scorer, (train, sample, distill), ours.fid)
     scores = dataclasses.replace(
         compared.apply(scores, sample.num_samples, None if scorer.published else scorer.reference.fid.count),
         nll_bpd=nll.bits_per_dim if nll else None,
@@ -242,11 +264,13 @@ def run(
         score_protocol=score_protocol(section, upstream, ours.compared),
         guidance_sweep=sweep,
         scores_run_id=context.mlflow_run_id,
+        nfe_curve=curve,
         **vars(diversity),
     )
     context.ran_with.update(settings_that_ran(section, outputs))
     log_to_mlflow(context, section.extractor, outputs)
-    context.client.set_tag(context.mlflow_run_id, "model.ema", train.ema_described())  # which weights were scored
+    scored = train.ema_described() if distill is None else f"{distill.steps}-step student ({distill.method})"
+    context.client.set_tag(context.mlflow_run_id, "model.ema", scored)  # which weights were scored
     if outputs.protocol.reference.reference == "training split":  # the data the FIDs are measured against
         log_training_data(context.client, context.mlflow_run_id, prepare, REFERENCE)
     context.log(f"evaluate: {as_sentence(score_lines(outputs))}")
@@ -522,7 +546,9 @@ def guidance_sweep(
     for scale in settings.guidance_scales:
         context.log(f"evaluate: guidance sweep, w = {scale:g} on {count} images")
         request = dataclasses.replace(
-            SampleRequest.like(sample, train.snapshot_uri, f"{context.result_uri}/guidance_w{scale:g}"),
+            SampleRequest.like(
+                sample, sample.snapshot_uri or train.snapshot_uri, f"{context.result_uri}/guidance_w{scale:g}"
+            ),
             num_samples=count,
             conditioning=conditioning.with_scale(scale),
         )
@@ -610,11 +636,17 @@ def same_data(context: StageContext, champion: ChampionRef | None, data_source: 
 
 
 def summary_of_snapshot(
-    context: StageContext, scorer: Scorer, sample: SampleOutputs, snapshot_uri: str, folder: str
+    context: StageContext,
+    scorer: Scorer,
+    sample: SampleOutputs,
+    snapshot_uri: str,
+    folder: str,
+    sampler: SamplerConfig | None = None,
 ) -> Summary:
     """The feature summary of another snapshot's images, sampled like the sample stage's (same indices, seed,
-    sampler, precision) into this stage's work folder."""
+    precision; the same sampler unless ``sampler``) into this stage's work folder."""
     request = SampleRequest.like(sample, snapshot_uri, f"{context.result_uri}/{folder}")
+    request = request if sampler is None else dataclasses.replace(request, sampler=sampler)
     uris, _ = sample_to_shards(request, scorer.execution, context.log)
     return scorer.summarize(sample_sources(uris, scorer.execution.storage_options), sample.num_samples)
 
@@ -641,6 +673,60 @@ def rescore_champion(
     context.log(f"evaluate: re-scoring champion v{version} of {name} under this protocol")
     theirs = scorer.estimate(summary_of_snapshot(context, scorer, sample, snapshot_uri, f"champion_v{version}_shards"))
     return RescoredChampion(champion, theirs, ours.minus(theirs))
+
+
+def nfe_curve(
+    context: StageContext,
+    settings: EvaluateSettings,
+    scorer: Scorer,
+    models: tuple[TrainOutputs, SampleOutputs, DistillOutputs | None],
+    student_fid: FidEstimate,
+) -> tuple[NfePoint, ...]:
+    """A distilled student's FID against NFE beside its teacher's (:mod:`pipelines.evaluation.distilled`), logged as
+    a table, JSON and a plot; () without the distill stage."""
+    _, sample, distill = models
+    if distill is None or settings.teacher_sampler is None:
+        return ()
+    steps = ", ".join(str(done.steps) for done in distill.rounds)
+    context.log(
+        f"evaluate: the teacher and the earlier students at {steps} NFE; no NLL bound (a distilled student models "
+        "its few-step grid, not every timestep of the bound)"
+    )
+
+    def score(snapshot_uri: str, sampler: SamplerConfig, folder: str) -> FidEstimate:
+        return scorer.estimate(summary_of_snapshot(context, scorer, sample, snapshot_uri, folder, sampler))
+
+    points = nfe_points(distill, settings.teacher_sampler, student_fid, score)
+    log_side_by_side(context, sample, distill.steps, settings.teacher_sampler)
+    client, run_id = context.client, context.mlflow_run_id
+    client.log_table(run_id, nfe_table(points), "fid_vs_nfe_table.json")
+    client.log_dict(run_id, {"points": [dataclasses.asdict(p) for p in points]}, "fid_vs_nfe.json")
+    client.log_image(run_id, Image.open(io.BytesIO(nfe_plot(points, sample.num_samples))), "fid_vs_nfe.png")
+    said = "; ".join(f"{p.model} {p.sampler} {p.nfe} NFE: {p.fid:.3f}" for p in points)
+    context.log(f"evaluate: FID against NFE: {said}")
+    return points
+
+
+def log_side_by_side(context: StageContext, sample: SampleOutputs, steps: int, teacher: SamplerConfig) -> None:
+    """The first images of the student and of its teacher's sets, the same noise in every row
+    (``student_vs_teacher.png``, in the result folder and on the run)."""
+    options, count = context.store.options, min(SIDE_BY_SIDE_IMAGES, sample.num_samples)
+
+    def first(uri: str) -> np.ndarray:
+        return read_images(sample_sources([uri], options)[0], options)[:count]
+
+    def drawn(folder: str) -> np.ndarray:
+        return first(sample_shard_uris(f"{context.result_uri}/{folder}", sample.num_samples, sample.shard_size)[0][0])
+
+    strips = [
+        (f"teacher, {teacher.method.value}-{teacher.num_steps}", drawn(TEACHER_OWN)),
+        (f"student, {steps} steps", first(sample.shard_uris[0])),
+        *((f"teacher, {m.value}-{steps}", drawn(teacher_folder(m, steps))) for m in TEACHER_SOLVERS),
+    ]
+    picture, buffer = side_by_side(strips), io.BytesIO()
+    picture.save(buffer, format="PNG")
+    write_bytes(*filesystem(f"{context.result_uri}/student_vs_teacher.png", options), buffer.getvalue())
+    context.client.log_image(context.mlflow_run_id, picture, "student_vs_teacher.png")
 
 
 def held_out_nll(

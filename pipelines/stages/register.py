@@ -1,8 +1,8 @@
-"""register: log the EMA snapshot as an MLflow pyfunc model, register a version, set alias ``challenger``, and
-move alias ``champion`` to it when its FID beats the current champion's by more than ``register.promotion_margin``
-under the same protocol (the champion re-scored by evaluate in this run, or its recorded FID when the protocol hash
-matches), or when there is no champion. A champion scored under another protocol is never compared: the decision
-says so."""
+"""register: log the EMA snapshot (or the distill stage's student, as a version of ``<register.model_name>-<N>step``)
+as an MLflow pyfunc model, register a version, set alias ``challenger``, and move alias ``champion`` to it when its FID
+beats the current champion's by more than ``register.promotion_margin`` under the same protocol (the champion
+re-scored by evaluate in this run, or its recorded FID when the protocol hash matches), or when there is no champion.
+A champion scored under another protocol is never compared: the decision says so."""
 
 from __future__ import annotations
 
@@ -23,9 +23,17 @@ from mlflow.tracking import MlflowClient
 from ddpm_core.memorization import CopyRate
 from ddpm_core.samplers import SamplerConfig
 from ddpm_core.storage import filesystem, verify_committed
-from pipelines.config import PipelineConfig, RegisterSection
+from ddpm_core.unet import UNetConfig
+from pipelines.config import PipelineConfig, RegisterSection, registered_model_name
 from pipelines.context import StageContext, StageStopped
-from pipelines.contracts import ChampionRef, EvaluateOutputs, PrepareOutputs, RegisterOutputs, TrainOutputs
+from pipelines.contracts import (
+    ChampionRef,
+    DistillOutputs,
+    EvaluateOutputs,
+    PrepareOutputs,
+    RegisterOutputs,
+    TrainOutputs,
+)
 from pipelines.data.recorded import log_training_data, training_dataset
 from pipelines.evaluation.report import SCORES_RUN_TAG, as_markdown, link_scores, score_lines
 from pipelines.external import External
@@ -33,6 +41,7 @@ from pipelines.registry.champion import (
     COMPARED_WITH_TAG,
     CONFIG_TAG,
     DATA_SOURCE_TAG,
+    SNAPSHOT_TAG,
     Champion,
     champion_version,
     current_champion,
@@ -60,7 +69,7 @@ class RegisterSettings:
 
 
 def settings(config: PipelineConfig, external: External) -> RegisterSettings:
-    return RegisterSettings(config.register, external.champion(config.register.model_name))
+    return RegisterSettings(config.register, external.champion(registered_model_name(config)))
 
 
 def run(
@@ -69,11 +78,16 @@ def run(
     prepare: PrepareOutputs,
     train: TrainOutputs,
     evaluate: EvaluateOutputs,
+    distill: DistillOutputs | None,
 ) -> RegisterOutputs:
-    name, client = settings.register.model_name, context.client
+    name, client = settings.champion.model_name, context.client  # a student's: <register.model_name>-<N>step
     champion = compared_champion(context, settings.champion)  # before this version takes any alias
-    version, model_id = log_model(context, name, (prepare, train, evaluate))
+    model = registered_snapshot(train, distill)
+    version, model_id = log_model(context, name, prepare, model, evaluate)
     tag_version(context, (name, version), prepare, evaluate, settings.champion)
+    client.set_model_version_tag(name, version, SNAPSHOT_TAG, model.snapshot_uri)
+    if distill is not None:
+        tag_student(context, (name, version), settings.register.model_name, distill)
     client.set_registered_model_alias(name, "challenger", version)
     challenger = Challenger.of(evaluate, prepare.data_source)
     promote, reason = decide(challenger, settings.register, champion)
@@ -82,7 +96,7 @@ def run(
     decision = ("promoted to champion: " if promote else "champion kept: " if champion else "not promoted: ") + reason
     client.set_tag(context.mlflow_run_id, "registry.decision", decision)
     client.set_model_version_tag(name, version, "registry.decision", decision)
-    describe_version(context, (name, version, model_id), (prepare, train, evaluate), decision)
+    describe_version(context, (name, version, model_id), (prepare, train, evaluate), decision + model.note)
     context.log(f"register: {name} v{version} -> challenger" + (", champion" if promote else "") + f" ({reason})")
     return RegisterOutputs(
         model_name=name,
@@ -94,6 +108,50 @@ def run(
         champion_fid=challenger.rescored[1] if challenger.rescored else (champion.fid if champion else None),
         model_uri=f"models:/{name}/{version}",
     )
+
+
+@dataclass(frozen=True)
+class RegisteredSnapshot:
+    """The weights a version holds: the train stage's EMA snapshot, or the distill stage's student."""
+
+    snapshot_uri: str
+    unet: UNetConfig
+    note: str  # a sentence for the version's description ("": the trained model itself)
+
+
+def registered_snapshot(train: TrainOutputs, distill: DistillOutputs | None) -> RegisteredSnapshot:
+    if distill is None:
+        return RegisteredSnapshot(train.snapshot_uri, train.config.unet, "")
+    note = (
+        f"\n\nA {distill.steps}-step student, distilled ({distill.method}) from `{distill.teacher_snapshot_uri}` in "
+        f"{distill.images_seen:,} images (its teacher trained on {train.images_seen:,}); it samples with DDIM at "
+        f"{distill.steps} steps by default."
+    )
+    return RegisteredSnapshot(distill.snapshot_uri, distill.config.unet, note)
+
+
+def tag_student(context: StageContext, version: tuple[str, str], teacher_model: str, distill: DistillOutputs) -> None:
+    """A student's provenance as tags: its NFE, method, teacher snapshot, and the teacher's registered version (the
+    version of ``register.model_name`` holding the same snapshot, registered by a run with distillation off)."""
+    teacher = teacher_version(context.client, teacher_model, distill.teacher_snapshot_uri)
+    tags = {
+        "nfe": distill.sampler.method.network_evaluations(distill.steps),
+        "method": distill.method,
+        "teacher_snapshot": distill.teacher_snapshot_uri,
+        "teacher_version": f"{teacher_model}/{teacher}" if teacher else "none (the teacher is not registered)",
+    }
+    for key, value in tags.items():
+        context.client.set_model_version_tag(*version, key, str(value))
+
+
+def teacher_version(client: MlflowClient, name: str, snapshot_uri: str) -> str | None:
+    """The newest version of ``name`` whose weights are ``snapshot_uri`` (its ``snapshot_uri`` tag), if any."""
+    try:
+        versions = client.search_model_versions(f"name = '{name}'")
+    except mlflow.exceptions.MlflowException:
+        return None
+    found = [v.version for v in versions if v.tags.get(SNAPSHOT_TAG) == snapshot_uri]
+    return max(found, key=int) if found else None
 
 
 def compared_champion(context: StageContext, resolved: ChampionRef) -> Champion | None:
@@ -142,13 +200,14 @@ def tag_version(
             context.client.set_model_version_tag(*version, key, str(value))
 
 
-def log_model(context: StageContext, name: str, upstream: Upstream) -> tuple[str, str]:
+def log_model(
+    context: StageContext, name: str, prepare: PrepareOutputs, model: RegisteredSnapshot, evaluate: EvaluateOutputs
+) -> tuple[str, str]:
     """The snapshot as an MLflow pyfunc model (code: ``pipelines/registry/serving.py`` + ``ddpm_core``) in this stage's
-    run, registered as a new version of ``register.model_name``; returns (version, logged model id). A conditional
-    model's signature takes a ``label`` column and a ``guidance_scale`` param (default: the scale it was evaluated
-    with)."""
-    prepare, train, evaluate = upstream
-    unet, snapshot_uri, conditioning = train.config.unet, train.snapshot_uri, evaluate.protocol.conditioning
+    run, registered as a new version of ``name``; returns (version, logged model id). Its sampling defaults are the
+    evaluated sampler's (a student's: DDIM at its steps). A conditional model's signature takes a ``label`` column and
+    a ``guidance_scale`` param (default: the scale it was evaluated with)."""
+    unet, snapshot_uri, conditioning = model.unet, model.snapshot_uri, evaluate.protocol.conditioning
     verify_committed(snapshot_uri, context.store.options)  # never register a corrupt snapshot
     mlflow.set_tracking_uri(context.tracking_uri)
     params = {**SAMPLING_PARAMS, **sampler_defaults(evaluate.protocol.sampler)}

@@ -1,7 +1,10 @@
 """sample: draw ``sample.num_samples`` images from the EMA snapshot with Ray actors
 (:mod:`pipelines.generation.sampling`), on the device kind training ran on; the shards are committed one by one, so
 a restarted stage skips finished ones. A class-conditional model draws ``sample.classes`` in turn (all, balanced, by
-default) with guidance scale ``sample.guidance_scale``."""
+default) with guidance scale ``sample.guidance_scale``.
+
+With the distill stage on, the images are the student's, drawn with its own sampler (DDIM at ``distill.steps`` on
+their trailing grid); ``sample.method`` and ``num_steps`` are then the teacher's, which evaluate draws beside it."""
 
 from __future__ import annotations
 
@@ -10,7 +13,14 @@ from typing import Any
 
 from pipelines.config import PipelineConfig, SampleSection
 from pipelines.context import StageContext
-from pipelines.contracts import Conditioning, NetworkExecution, PrepareOutputs, SampleOutputs, TrainOutputs
+from pipelines.contracts import (
+    Conditioning,
+    DistillOutputs,
+    NetworkExecution,
+    PrepareOutputs,
+    SampleOutputs,
+    TrainOutputs,
+)
 from pipelines.execution import Device
 from pipelines.external import External
 from pipelines.generation.classes import sample_labels
@@ -32,8 +42,19 @@ def check_data(settings: SampleSettings, prepare: PrepareOutputs, storage_option
         sample_labels(settings.sample.classes, list(prepare.class_names or ()), prepare.num_classes)
 
 
-def run(context: StageContext, settings: SampleSettings, prepare: PrepareOutputs, train: TrainOutputs) -> SampleOutputs:
+def run(
+    context: StageContext,
+    settings: SampleSettings,
+    prepare: PrepareOutputs,
+    train: TrainOutputs,
+    distill: DistillOutputs | None,
+) -> SampleOutputs:
     sample = settings.sample
+    snapshot_uri, sampler = (
+        (train.snapshot_uri, sample.sampler) if distill is None else (distill.snapshot_uri, distill.sampler)
+    )
+    if distill is not None:
+        context.log(f"sample: the {distill.steps}-step student of the distill stage, DDIM on its trailing grid")
     on_gpu = train.device is Device.GPU
     network = NetworkExecution(sample.precision(on_gpu), sample.compiled(on_gpu))
     conditioning = None
@@ -45,12 +66,12 @@ def run(context: StageContext, settings: SampleSettings, prepare: PrepareOutputs
             f"sample: {len(classes)} classes in turn, guidance scale w = {sample.guidance_scale:g} (0: unguided)"
         )
     request = SampleRequest(
-        snapshot_uri=train.snapshot_uri,
+        snapshot_uri=snapshot_uri,
         out_uri=f"{context.result_uri}/shards",
         num_samples=sample.num_samples,
         shard_size=sample.batch_size,
         num_workers=sample.num_workers,
-        sampler=sample.sampler,
+        sampler=sampler,
         seed=sample.seed,
         network=network,
         conditioning=conditioning,
@@ -62,9 +83,10 @@ def run(context: StageContext, settings: SampleSettings, prepare: PrepareOutputs
         num_samples=sample.num_samples,
         shard_size=sample.batch_size,
         num_workers=sample.num_workers,
-        sampler=sample.sampler,
+        sampler=sampler,
         seed=sample.seed,
         execution=network,
         sampling_seconds=sampling_seconds,
         conditioning=conditioning,
+        snapshot_uri=snapshot_uri,
     )

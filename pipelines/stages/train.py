@@ -6,7 +6,6 @@ snapshots (:mod:`pipelines.training.posthoc`). The loop itself is :func:`pipelin
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,7 +25,7 @@ from pipelines.training.ema_choice import EmaSweep, best_of, choose_ema, log_swe
 from pipelines.training.grids import COMPOSITE, log_samples_over_training
 from pipelines.training.job import TrainJob
 from pipelines.training.recipe import TrainingRecipe
-from pipelines.training.stopping import request_stop
+from pipelines.training.stopping import ask_to_stop
 from pipelines.training.trainer import WorkerGroup, fit, make_trainer, send_pending_metrics
 from pipelines.typed import INLINE
 
@@ -87,15 +86,7 @@ def run(
         compile_cache_uri=context.store.cache_uri("compile", "train"),
         grids_run_id=grids_run(context, train),
     )
-    group = WorkerGroup(
-        train.max_workers,
-        train.cpus_per_worker,
-        train.max_failures,
-        train.startup_retries,
-        train.placement,
-        train.min_workers,
-        train.elastic_resize_interval_s,
-    )
+    group = WorkerGroup.of(train)
     execution = context.execution(device)
     demand = group.demand(
         device,
@@ -183,12 +174,6 @@ def grids_run(context: StageContext, train: TrainSection) -> str | None:
     opening = "Samples during training: "
     set_note_part(client, context.mlflow_run_id, opening, f"{opening}the {link} (a step slider, and `{COMPOSITE}`).")
     return run_id
-
-
-def ask_to_stop(job: TrainJob) -> None:
-    """A signal's safe point: the workers checkpoint at their next step and leave (asked from a thread of its own, as
-    this runs in a signal handler)."""
-    threading.Thread(target=request_stop, args=(job, "a signal to the driver"), daemon=True).start()
 
 
 def workers_line(train: TrainSection) -> str:

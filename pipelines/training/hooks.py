@@ -24,7 +24,7 @@ from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.images import grid, rows_by_class
 from ddpm_core.samplers import Method, PerIndexNoise, SamplerConfig, balanced_classes, sample
 from ddpm_core.storage import commit
-from ddpm_core.training import OptimConfig, learning_rate
+from ddpm_core.training import OptimConfig
 from pipelines.tracking import BufferedMetricLogger
 from pipelines.training.grids import save_strip
 from pipelines.training.job import TrainJob
@@ -72,15 +72,15 @@ class Progress:
         self.window_started, self.window_images_seen = time.time(), images_seen
         self.system = system_metrics(job)
 
-    def log_metrics(self, means: dict[str, float], state: TrainState, data_wait_seconds: float) -> None:
-        """The window's mean step statistics, the learning rate, the EMA decay, the training rate, the share of the
-        window spent waiting for data, and this worker's peak memory."""
+    def log_metrics(self, means: dict[str, float], state: TrainState, data_wait_seconds: float, lr: float) -> None:
+        """The window's mean step statistics, the learning rate ``lr`` of the next step, the EMA decay, the training
+        rate, the share of the window spent waiting for data, and this worker's peak memory."""
         now = time.time()
         elapsed = max(now - self.window_started, 1e-9)
         rate = (state.images_seen - self.window_images_seen) / elapsed
         values = {
             **means,
-            "lr": learning_rate(state.images_seen, self.job.train.optim),
+            "lr": lr,
             "images_per_second": rate,
             "data_wait_fraction": min(1.0, data_wait_seconds / elapsed),
             "worker_peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # Linux: KiB
@@ -209,7 +209,7 @@ def save_outputs(job: TrainJob, worker: Worker, state: TrainState, progress: Pro
         state.ema.model,
         job.unet,
         job.diffusion,
-        {"images_seen": state.images_seen, "step": state.step},
+        {"images_seen": state.images_seen, "step": state.step, **job.snapshot_metadata},
         job.storage_options,
     )
     if progress is not None:

@@ -13,6 +13,7 @@ from ddpm_core.unet import UNetConfig
 from pipelines.config import TrainSection
 from pipelines.data.streaming import StreamSpec
 from pipelines.execution import Device
+from pipelines.training.objective import DistillTarget
 
 
 class CheckpointMetrics(Protocol):
@@ -42,10 +43,26 @@ class TrainJob:
     checkpoint_metrics: CheckpointMetrics | None = None
     compile_cache_uri: str | None = None  # a folder for torch.compile's artifacts, shared by runs (None: not kept)
     grids_run_id: str | None = None  # the MLflow run of the sample grids (None: mlflow_run_id's)
+    distill: DistillTarget | None = None  # a distill round's teacher and steps (None: training, Algorithm 1)
 
     @property
     def precision(self) -> Precision:
         return self.train.precision(self.device is Device.GPU)
+
+    @property
+    def snapshot_metadata(self) -> dict[str, Any]:
+        """What the final snapshot records beside its images seen: a distilled student's method, steps and teacher
+        (its sampler: DDIM at those steps on their trailing grid, ``pipelines.generation.distilled``)."""
+        if self.distill is None:
+            return {}
+        target = self.distill
+        return {
+            "distilled": {
+                "method": target.method,
+                "steps": target.student_steps,
+                "teacher": target.teacher_snapshot_uri,
+            }
+        }
 
     @property
     def snapshot_uri(self) -> str:

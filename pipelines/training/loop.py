@@ -1,4 +1,5 @@
-"""The training loop every Ray Train worker runs: DDPM's Algorithm 1 (Ho et al. 2020) on data-parallel workers."""
+"""The training loop every Ray Train worker runs: DDPM's Algorithm 1 (Ho et al. 2020) on data-parallel workers, or
+a distill round's objective (:mod:`pipelines.training.objective`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ import torch
 from torch.profiler import record_function
 
 from ddpm_core.data import random_batch, to_model_range
-from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.precision import autocast_dtype
 from ddpm_core.training import RunningTotals, drop_labels
 from pipelines.advice import out_of_memory_advice
@@ -26,6 +26,7 @@ from pipelines.training.hooks import (
     save_outputs,
 )
 from pipelines.training.job import TrainJob
+from pipelines.training.objective import objective_of
 from pipelines.training.state import TrainState, Worker, memory_format, save_compile_cache, start_state
 from pipelines.training.step import Batch, Share, step
 from pipelines.training.stopping import LAST_CALL_S, Agreed, StopWatch
@@ -40,7 +41,7 @@ def train_loop(job: TrainJob) -> None:
     state = start_state(job, worker)
     micro, started = job.train.batch_size // worker.share_count, time.time()  # images per share and step
     batches = Batches(job, worker, state, micro)
-    diffusion = GaussianDiffusion.from_config(job.diffusion)
+    objective = objective_of(job.diffusion, job.train, job.distill, worker.device, job.storage_options)
     totals = RunningTotals(worker.device, worker.all_reduce)
     progress = Progress(job, state.images_seen) if worker.rank == 0 else None
     train, autocast, layout = job.train, autocast_dtype(job.precision), memory_format(job)
@@ -50,14 +51,14 @@ def train_loop(job: TrainJob) -> None:
     )
     grids = progress if train.grid_every_images is not None else None  # null: no sample grids at all
     if grids is not None and state.images_seen == 0 and train.grid_every_images:
-        grids.log_grid(state.ema.model, diffusion, 0)  # the untrained network: the slider starts at step 0
+        grids.log_grid(state.ema.model, objective.diffusion, 0)  # the untrained network: the slider starts at step 0
     oom_advice = step_oom_advice(job, worker, micro)
     stop = StopWatch(job, worker)
     while state.images_seen < train.total_images:
         with record_function("data"):
             micro_batches = batches.draw(state.shares, layout)  # one [b, C, H, W] per share
         with out_of_memory_advice(*oom_advice):
-            result = step(state, diffusion, micro_batches, train, autocast)
+            result = step(state, objective.diffusion, micro_batches, train, autocast, objective=objective)
         state.advance(train.batch_size)
         save_compile_cache(job, worker, state)  # once, after the first compiled step
         totals.add(result)
@@ -73,11 +74,11 @@ def train_loop(job: TrainJob) -> None:
             means, waited = window.means(), batches.take_wait()
             totals.restart()
             if progress is not None:
-                progress.log_metrics(means, state, waited)
+                progress.log_metrics(means, state, waited, objective.learning_rate(seen))
             log.passed(seen)
         if grid.due(seen, done):
             if grids is not None:
-                grids.log_grid(state.ema.model, diffusion, seen)
+                grids.log_grid(state.ema.model, objective.diffusion, seen)
             grid.passed(seen)
         commit_profiles(job, state, done)  # rank 0's post-hoc EMA snapshots, when due
         reported = checkpoint.due(seen, done)

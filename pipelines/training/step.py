@@ -17,8 +17,9 @@ from torch.profiler import record_function
 from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.ema import EMA
 from ddpm_core.phema import PowerEMA
-from ddpm_core.training import StepResult, accumulate_gradients, apply_update, make_optimizer
+from ddpm_core.training import StepResult, apply_update, make_optimizer
 from pipelines.config import TrainSection
+from pipelines.training.objective import Denoising, Objective
 
 
 def device_generator(device: torch.device) -> torch.Generator:
@@ -95,11 +96,14 @@ def step(
     train: TrainSection,
     autocast: torch.dtype | None,
     region: Callable[[str], AbstractContextManager[Any]] = record_function,
+    objective: Objective | None = None,
 ) -> StepResult:
-    """One training step of ``state``: Algorithm 1 (Ho et al. 2020) on one micro-batch per share (``batches[i]`` is
-    ``state.shares[i]``'s, each with its own random streams), their gradients accumulated with the all-reduce only
-    after the last, then one update with the EMA (``ddpm_core.training``) and of the post-hoc EMA profiles, if kept
-    (Karras et al. 2024, Eq. 127: the images seen after this step); ``region`` labels its parts."""
+    """One training step of ``state``: ``objective``'s loss (None: Algorithm 1 of Ho et al. 2020 on ``diffusion``) on
+    one micro-batch per share (``batches[i]`` is ``state.shares[i]``'s, each with its own random streams), their
+    gradients accumulated with the all-reduce only after the last, then one update at the objective's learning rate
+    with the EMA (``ddpm_core.training``) and of the post-hoc EMA profiles, if kept (Karras et al. 2024, Eq. 127: the
+    images seen after this step); ``region`` labels its parts."""
+    chosen: Objective = objective if objective is not None else Denoising(diffusion, train)
     device = batches[0][0].device
     state.step_model.train()
     state.optimizer.zero_grad(set_to_none=True)
@@ -108,19 +112,12 @@ def step(
         last = index == len(batches) - 1
         with share.turn(device), nullcontext() if last else no_sync(state.step_model):
             results.append(
-                accumulate_gradients(
-                    state.step_model,
-                    diffusion,
-                    images,
-                    conditioning,
-                    share.generator,
-                    autocast,
-                    state.gradient_scale,
-                    region,
-                    weighting=train.weighting,
+                chosen.accumulate(
+                    state.step_model, images, conditioning, share.generator, autocast, state.gradient_scale, region
                 )
             )
-    grad_norm = apply_update(state.model, state.optimizer, train.optim, state.images_seen, state.ema, region)
+    lr = chosen.learning_rate(state.images_seen)
+    grad_norm = apply_update(state.model, state.optimizer, train.optim, state.images_seen, state.ema, region, lr)
     if state.profiles is not None:
         with region("ema"):
             state.profiles.update(state.model, state.images_seen + train.batch_size, train.batch_size)

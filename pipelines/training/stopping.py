@@ -39,6 +39,12 @@ def request_stop(job: TrainJob, why: str) -> None:
     commit(job.stop_uri, {REQUESTED: why.encode()}, {}, job.storage_options)
 
 
+def ask_to_stop(job: TrainJob) -> None:
+    """A signal's safe point: the workers checkpoint at their next step and leave (asked from a thread of its own, as
+    this runs in a signal handler)."""
+    threading.Thread(target=request_stop, args=(job, "a signal to the driver"), daemon=True).start()
+
+
 def clear_stop(job: TrainJob) -> None:
     """Remove a marker an earlier, stopped attempt left, before the workers start."""
     fs, path = filesystem(job.stop_uri, job.storage_options)

@@ -18,7 +18,7 @@ from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAM
 
 from ddpm_core.checkpoint import CheckpointError
 from ddpm_core.storage import IncompleteError, StorageUnavailableError, filesystem, is_committed, read_committed
-from pipelines.config import Placement
+from pipelines.config import Placement, TrainSection
 from pipelines.context import StageStopped
 from pipelines.execution import Demand, Device, train_storage
 from pipelines.failures import find, storage_full
@@ -41,6 +41,19 @@ class WorkerGroup:
     placement: Placement = Placement.PACK  # how the workers' bundles spread over the nodes
     min_workers: int | None = None  # elastic: the fewest workers the group goes on with (None: fixed size)
     resize_interval_s: float = 60.0  # elastic: how often a running group looks for capacity to grow into
+
+    @classmethod
+    def of(cls, train: TrainSection) -> WorkerGroup:
+        """The group ``train`` configures (``train.num_workers``, a number or ``[min, max]``, and how it runs)."""
+        return cls(
+            train.max_workers,
+            train.cpus_per_worker,
+            train.max_failures,
+            train.startup_retries,
+            train.placement,
+            train.min_workers,
+            train.elastic_resize_interval_s,
+        )
 
     @property
     def elastic(self) -> bool:
