@@ -32,6 +32,7 @@ from pipelines.config import Extractor
 from pipelines.config_file import load_config
 from pipelines.contracts import EvaluateOutputs, PrepareOutputs, SampleOutputs, TrainOutputs
 from pipelines.evaluation.scoring import ExtractorSpec, build_extractor, load_reference
+from pipelines.figures import png_bytes, subplots
 from pipelines.runs import RunStore
 
 T = TypeVar("T")
@@ -103,12 +104,7 @@ def score(run_root: Path, num_samples: int, batch_size: int, samplers: list[str]
 
 
 def plot(rows: list[dict], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4), dpi=120)
+    figure, axis = subplots(figsize=(6, 4), dpi=120)
     lines: dict[tuple[str, str], list[dict]] = {}
     for row in rows:
         lines.setdefault((row["method"], row["spacing"]), []).append(row)
@@ -122,9 +118,8 @@ def plot(rows: list[dict], title: str, path: Path) -> None:
     axis.set_title(title, fontsize=9)
     axis.grid(True, which="both", alpha=0.3)
     axis.legend(fontsize=8)
-    figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    path.write_bytes(png_bytes(figure))
 
 
 def main() -> None:

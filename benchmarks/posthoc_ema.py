@@ -34,6 +34,7 @@ from ddpm_core.samplers import PerIndexNoise, SamplerConfig, sample
 from pipelines.config_file import load_config
 from pipelines.contracts import EvaluateOutputs, SampleOutputs, TrainOutputs
 from pipelines.evaluation.scoring import build_extractor, load_reference
+from pipelines.figures import png_bytes, subplots
 from pipelines.training.posthoc import read_snapshots
 
 SIGMA_RELS = (0.02, 0.03, 0.04, 0.05, 0.07, 0.10, 0.13, 0.16, 0.20, 0.25)  # EDM2's Fig. 5 spans 0.01..0.25
@@ -81,12 +82,7 @@ def sweep(run_root: Path, scorer: Scorer, sigma_rels: list[float]) -> tuple[list
 
 
 def plot(rows: list[dict[str, Any]], baseline: dict[str, Any], tracked: list[float], title: str, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(6, 4), dpi=120)
+    figure, axis = subplots(figsize=(6, 4), dpi=120)
     axis.plot([row["sigma_rel"] for row in rows], [row["fid"] for row in rows], "o-", label="post-hoc EMA")
     axis.axhline(baseline["fid"], color="gray", linestyle="--", label=baseline["ema"])
     for width in tracked:
@@ -96,9 +92,8 @@ def plot(rows: list[dict[str, Any]], baseline: dict[str, Any], tracked: list[flo
     axis.set_title(title, fontsize=9)
     axis.grid(True, alpha=0.3)
     axis.legend(fontsize=8)
-    figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(path)
+    path.write_bytes(png_bytes(figure))
 
 
 def main() -> None:

@@ -17,7 +17,8 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
-from ddpm_core.diffusion import DiffusionConfig, Variance
+from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion, Variance
+from ddpm_core.distillation import ConsistencyFunction
 from ddpm_core.storage import commit, read_committed
 from ddpm_core.unet import UNet, UNetConfig
 
@@ -59,7 +60,21 @@ class Snapshot:
     state_dict: dict[str, torch.Tensor]
     metadata: dict[str, Any]
 
-    def build_model(self) -> UNet:
+    @property
+    def consistency_student(self) -> bool:
+        """Whether the weights are a consistency-distilled student's (``metadata["distilled"]["method"]``), whose
+        network is read through the skip scalings (:class:`ddpm_core.distillation.ConsistencyFunction`)."""
+        return self.metadata.get("distilled", {}).get("method") == "consistency"
+
+    def build_model(self) -> torch.nn.Module:
+        """The network as samplers call it, in eval mode: :meth:`build_network`, read as a consistency model where the
+        snapshot is a consistency student (answering in its diffusion's prediction either way)."""
+        network = self.build_network()
+        if not self.consistency_student:
+            return network
+        return ConsistencyFunction(network, GaussianDiffusion.from_config(self.diffusion)).eval()
+
+    def build_network(self) -> UNet:
         """The U-Net with the snapshot's weights, in eval mode. Raises :class:`CheckpointError` on a mismatch."""
         model = UNet(self.unet, learn_variance=self.diffusion.variance is Variance.LEARNED_RANGE)
         try:

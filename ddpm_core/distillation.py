@@ -143,29 +143,36 @@ def progressive_loss(
     return distillation_loss(diffusion, output, x_t, steps.starts, target)
 
 
-def accumulate_progressive(
-    diffusion: GaussianDiffusion,
-    student: Model,
-    teacher: Model,
-    x0: torch.Tensor,
-    student_steps: int,
-    conditioning: dict[str, Any] | None,
-    generator: torch.Generator | None,
+def accumulate_loss(
+    per_example: Callable[[], torch.Tensor],
+    like: torch.Tensor,
     autocast_dtype: torch.dtype | None,
     scale: float,
     region: Callable[[str], AbstractContextManager[Any]] = record_function,
 ) -> StepResult:
-    """:func:`progressive_loss` on one micro-batch ``x0`` ``[b, C, H, W]``, its mean's gradient times ``scale`` (the
-    micro-batch's share of the global batch) added to the student's ``.grad``, as
-    :func:`ddpm_core.training.accumulate_gradients` does for Algorithm 1 of Ho et al. (2020); no per-quartile
-    statistics (the result's counts are zero)."""
-    device_type = x0.device.type
+    """A distillation loss on one micro-batch: ``per_example()`` ``[b]`` (e.g. :func:`progressive_loss`) under
+    autocast, its mean's gradient times ``scale`` (the micro-batch's share of the global batch) added to the student's
+    ``.grad``, as :func:`ddpm_core.training.accumulate_gradients` does for Algorithm 1 of Ho et al. (2020); no
+    per-quartile statistics (the result's counts are zero). ``like``: the micro-batch, for its device."""
+    device_type = like.device.type
     with region("forward"), torch.autocast(device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None):
-        loss = progressive_loss(diffusion, student, teacher, x0, student_steps, generator, conditioning).mean()
+        loss = per_example().mean()
     with region("backward"):
         (loss if scale == 1.0 else loss * scale).backward()
-    zeros = torch.zeros(4, dtype=torch.float64, device=x0.device)  # [4]
-    return StepResult(loss.detach(), torch.zeros((), device=x0.device), zeros, zeros.clone())
+    zeros = torch.zeros(4, dtype=torch.float64, device=like.device)  # [4]
+    return StepResult(loss.detach(), torch.zeros((), device=like.device), zeros, zeros.clone())
+
+
+def in_parameterisation(
+    diffusion: GaussianDiffusion, prediction: Prediction, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+) -> torch.Tensor:
+    """The network output of ``prediction`` whose x_0 estimate at ``(x_t, t)`` is ``x0``: ``x0`` itself, the implied
+    ``eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)`` (Ho et al. 2020, Eq. 4), or ``v = sqrt(abar) eps - sqrt(1 - abar)
+    x0`` (Salimans & Ho 2022, Sec. 4). ``[B, C, H, W]``."""
+    if prediction is Prediction.X0:
+        return x0
+    eps = diffusion.eps_from_x0(x_t, t, x0)
+    return eps if prediction is Prediction.EPS else diffusion.v_target(x0, t, eps)
 
 
 class Reparameterized(torch.nn.Module):
@@ -180,15 +187,13 @@ class Reparameterized(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         moments = self.source.p_mean_variance(self.network(x, t, **kwargs), x, t)
-        if self.target is Prediction.X0:
-            return moments.pred_x0
         if self.target is Prediction.EPS:
-            return moments.pred_eps
-        return self.source.v_target(moments.pred_x0, t, moments.pred_eps)
+            return moments.pred_eps  # the network's own, where it predicts eps
+        return in_parameterisation(self.source, self.target, moments.pred_x0, x, t)
 
 
 # ------------------------------------------------------------------------------------------ consistency distillation
-SIGMA_DATA = 0.5  # the data's standard deviation the skip scalings assume (Song et al. 2023, App. C; EDM's)
+BOUNDARY_WIDTH = 0.005  # w: the skip scaling's width in VE sigma, a fraction of the linear schedule's first 30 steps
 
 
 def ve_sigma(abar: torch.Tensor) -> torch.Tensor:
@@ -197,25 +202,65 @@ def ve_sigma(abar: torch.Tensor) -> torch.Tensor:
     return ((1 - abar) / abar).sqrt()
 
 
-def consistency_scalings(sigma: torch.Tensor, sigma_min: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(c_skip, c_out)`` of a consistency model ``f(x, sigma) = c_skip x + c_out F(x, sigma)`` (Song et al. 2023,
-    Eq. 5 and App. C): ``c_skip = s_d^2 / ((sigma - sigma_min)^2 + s_d^2)``, ``c_out = s_d (sigma - sigma_min) /
-    sqrt(s_d^2 + sigma^2)``, so that ``f(x, sigma_min) = x`` (the boundary condition) for any network F."""
+def consistency_scalings(
+    sigma: torch.Tensor, sigma_min: torch.Tensor, width: float = BOUNDARY_WIDTH
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(c_skip, c_out)`` of a consistency model ``f(x, sigma) = c_skip x + c_out x0_hat(x, sigma)``:
+    ``c_skip = w^2 / ((sigma - sigma_min)^2 + w^2)``, ``c_out = (sigma - sigma_min) / sqrt((sigma - sigma_min)^2 +
+    w^2)``. This is Song et al. (2023)'s Eq. 5 boundary form (``c_skip(sigma_min) = 1``, ``c_out(sigma_min) = 0``, so
+    ``f(x, sigma_min) = x`` for any network) with the network's x_0 estimate in place of EDM's unit-variance output F,
+    hence ``c_out -> 1`` rather than ``sigma_data``, as Latent Consistency Models do (Luo et al. 2023, Sec. 4.2). A
+    width far below the grid's first step makes f the network's own x_0 estimate past the boundary, so a student
+    initialised from its teacher starts as the teacher's x_0 estimate."""
     offset = sigma - sigma_min
-    return SIGMA_DATA**2 / (offset**2 + SIGMA_DATA**2), SIGMA_DATA * offset / (SIGMA_DATA**2 + sigma**2).sqrt()
+    return width**2 / (offset**2 + width**2), offset / (offset**2 + width**2).sqrt()
 
 
 def consistency_x0(
-    diffusion: GaussianDiffusion, network_output: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    diffusion: GaussianDiffusion, x0_hat: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
 ) -> torch.Tensor:
-    """A consistency student's x_0 estimate at timestep indices ``t`` ``[B]`` from its raw output ``F``
-    ``[B, C, H, W]``: :func:`consistency_scalings` applied to the VE state ``x_t / sqrt(abar_t)``, with timestep 0
-    as the boundary (its output there is that state, whatever F)."""
+    """The consistency function ``f(x_t, t)`` ``[B, C, H, W]`` at timestep indices ``t`` ``[B]`` of ``diffusion``'s
+    own schedule, from the network's x_0 estimate ``x0_hat``: :func:`consistency_scalings` applied to the VE state
+    ``x_t / sqrt(abar_t)``, timestep 0 being the boundary (there f is that state, whatever the network)."""
     abar = abar_at(diffusion, t, x_t)
     sigma = ve_sigma(abar)
     sigma_min = ve_sigma(abar_at(diffusion, torch.zeros_like(t), x_t))
     c_skip, c_out = consistency_scalings(sigma, sigma_min)
-    return c_skip * x_t / abar.sqrt() + c_out * network_output
+    return c_skip * x_t / abar.sqrt() + c_out * x0_hat
+
+
+class ConsistencyFunction(torch.nn.Module):
+    """A network read as a consistency model (Song et al. 2023, Eq. 5): its x_0 estimate in ``diffusion``'s
+    prediction, through :func:`consistency_x0`. Called like the network, it answers in that prediction (the output
+    whose x_0 estimate is f), so samplers, the NLL bound and the served model read a consistency student as any
+    network of its diffusion; :meth:`x0` is f itself. ``diffusion`` is the network's, not respaced: it is called with
+    the schedule's own timesteps. ``[B, C, H, W]`` in and out (learned-variance channels passed through)."""
+
+    def __init__(self, network: Model, diffusion: GaussianDiffusion) -> None:
+        super().__init__()
+        self.network, self.diffusion = network, diffusion
+
+    def x0(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        x0_hat = self.diffusion.p_mean_variance(self.network(x, t, **kwargs), x, t).pred_x0
+        return consistency_x0(self.diffusion, x0_hat, x, t)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        output = self.network(x, t, **kwargs)
+        _, variance = self.diffusion.split_output(output, x)
+        x0_hat = self.diffusion.p_mean_variance(output, x, t).pred_x0
+        answer = in_parameterisation(
+            self.diffusion, self.diffusion.prediction, consistency_x0(self.diffusion, x0_hat, x, t), x, t
+        )
+        return answer if variance is None else torch.cat([answer, variance], dim=1)
+
+
+def consistency_grid(num_timesteps: int, grid_steps: int) -> torch.Tensor:
+    """The N + 1 timesteps ``[N + 1]`` of consistency distillation, increasing: the boundary (timestep 0), then the
+    N trailing ones ``round(k T / N) - 1``, k = 1..N, so that a student sampled with DDIM at any divisor of N steps
+    on the trailing grid starts from points it was trained at."""
+    if not 1 <= grid_steps <= num_timesteps // 2:
+        raise ValueError(f"grid_steps must lie in [1, {num_timesteps // 2}] for T = {num_timesteps}, got {grid_steps}")
+    return torch.tensor([0, *(round(k * num_timesteps / grid_steps) - 1 for k in range(1, grid_steps + 1))])
 
 
 @torch.no_grad()
@@ -241,3 +286,27 @@ def consistency_target(
 def consistency_loss(student_x0: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     """Per-example squared L2 distance ``[B]`` (Song et al. 2023, Eq. 7 with d = L2 and lambda = 1)."""
     return (student_x0 - target).pow(2).flatten(1).mean(1)
+
+
+def consistency_distillation_loss(
+    diffusion: GaussianDiffusion,
+    student: ConsistencyFunction,
+    target: ConsistencyFunction,
+    teacher: Model,
+    x0: torch.Tensor,
+    grid: torch.Tensor,
+    generator: torch.Generator | None = None,
+    kwargs: dict[str, Any] | None = None,
+) -> torch.Tensor:
+    """Algorithm 2 of Song et al. (2023) on clean images ``x0`` ``[B, C, H, W]``: each image at a uniform interval
+    n of ``grid`` (:func:`consistency_grid`), noised to ``t_{n+1}`` (Ho et al. 2020, Eq. 4); the student's f there
+    against the target network's f at the teacher's DDIM step to ``t_n`` (:func:`consistency_target`), without
+    gradient through the target. Per example, ``[B]``; the intervals and the noise come from ``generator``."""
+    kwargs = kwargs or {}
+    draw_on = generator.device if generator is not None else x0.device
+    n = torch.randint(0, len(grid) - 1, (x0.shape[0],), generator=generator, device=draw_on)  # [B] an interval each
+    t, t_next = grid.to(draw_on)[n].to(x0.device), grid.to(draw_on)[n + 1].to(x0.device)  # [B] each
+    noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device=draw_on).to(x0.device)
+    x_next = diffusion.q_sample(x0, t_next, noise)  # [B, C, H, W]
+    aim = consistency_target(diffusion, teacher, lambda x, at: target.x0(x, at, **kwargs), x_next, t_next, t, kwargs)
+    return consistency_loss(student.x0(x_next, t_next, **kwargs), aim)

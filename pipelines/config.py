@@ -573,9 +573,8 @@ class TuneSection:
 
 
 class DistillMethod(str, enum.Enum):
-    # Salimans & Ho 2022, Algorithm 2: each round halves the steps (consistency distillation's losses are in
-    # ddpm_core.distillation; its stage method is not built yet)
-    PROGRESSIVE = "progressive"
+    PROGRESSIVE = "progressive"  # Salimans & Ho 2022, Algorithm 2: each round halves the steps
+    CONSISTENCY = "consistency"  # Song et al. 2023, Algorithm 2: one round along the teacher's DDIM trajectories
 
 
 @dataclass(frozen=True)
@@ -587,13 +586,18 @@ class DistillSection:
     enabled: bool = False
     method: DistillMethod = DistillMethod.PROGRESSIVE
     steps: int = 4  # the final student's sampling steps (its NFE)
-    teacher_steps: int = 32  # the DDIM steps the first round's student halves: 32 -> rounds of 16, 8 and 4 steps
+    # progressive: the DDIM steps the first round's student halves (32 -> rounds of 16, 8 and 4 steps); consistency:
+    # N, the teacher's DDIM steps along which the student learns to map every point to the trajectory's end
+    teacher_steps: int = 32
     images_per_round: int = 33_280  # training images of each round (3 rounds: 99,840, the quickstart teacher's budget)
     batch_size: int = 128  # global batch, split over train.num_workers (train.max_workers shares)
     lr: float = 8e-4  # AdamW's learning rate at the start of each round, annealed linearly to 0 (their App. E)
     # what the student's network predicts (initialised from its teacher's weights whatever the teacher predicts):
     # v or x0 (Salimans & Ho 2022, Sec. 4; an eps student's x_0 estimate is unstable at the few steps of a student)
     prediction: Prediction = Prediction.V
+    # consistency: the decay mu of the target network theta^-, the EMA of the student's weights (Song et al. 2023,
+    # Algorithm 2; 0.95 for their CIFAR-10 distillation); the student's snapshot is that EMA
+    target_ema: float = 0.95
     checkpoint_every_images: int = field(default=8_320, metadata=EXECUTION)
     log_every_images: int = field(default=2_560, metadata=EXECUTION)
 
@@ -612,6 +616,15 @@ class DistillSection:
                 "distill.prediction eps: a few-step student's x_0 estimate from eps blows up at high noise (Salimans & "
                 "Ho 2022, Sec. 4); use v (the default) or x0"
             )
+        if not 0.0 <= self.target_ema < 1.0:
+            raise ConfigError(f"distill.target_ema must lie in [0, 1), got {self.target_ema}")
+        if self.method is DistillMethod.CONSISTENCY:
+            if self.teacher_steps % self.steps:
+                raise ConfigError(
+                    f"distill.teacher_steps {self.teacher_steps} must be a multiple of distill.steps {self.steps} "
+                    "for consistency distillation: the student is sampled at points of the grid it was trained on"
+                )
+            return
         ratio = self.teacher_steps // self.steps if self.teacher_steps > self.steps else 0
         if ratio < 2 or self.teacher_steps != self.steps * ratio or ratio & (ratio - 1):
             raise ConfigError(
@@ -621,7 +634,10 @@ class DistillSection:
 
     @property
     def rounds(self) -> tuple[int, ...]:
-        """The students' steps, round by round: half the teacher's, then half again, down to ``steps``."""
+        """The students' steps, round by round: half the teacher's, then half again, down to ``steps``; consistency
+        distillation's one round, sampled at ``steps``."""
+        if self.method is DistillMethod.CONSISTENCY:
+            return (self.steps,)
         counts, steps = [], self.teacher_steps // 2
         while steps >= self.steps:
             counts.append(steps)
@@ -900,6 +916,12 @@ def check_distill(distill: DistillSection, train: TrainSection, num_timesteps: i
     if distill.teacher_steps > num_timesteps:
         raise ConfigError(
             f"distill.teacher_steps {distill.teacher_steps} exceeds diffusion.num_timesteps {num_timesteps}"
+        )
+    if distill.method is DistillMethod.CONSISTENCY and distill.teacher_steps > num_timesteps // 2:
+        raise ConfigError(
+            f"distill.teacher_steps {distill.teacher_steps} exceeds {num_timesteps // 2}, half of "
+            f"diffusion.num_timesteps {num_timesteps}: consistency distillation's grid would repeat the boundary "
+            "timestep 0"
         )
     if distill.batch_size % train.max_workers:
         raise ConfigError(

@@ -137,7 +137,7 @@ class TrainOutputs:
 
 @dataclass(frozen=True)
 class DistillRound:
-    """One round of progressive distillation: a student of ``steps`` DDIM steps trained from its teacher."""
+    """One round of distillation: a student sampled in ``steps`` DDIM steps, trained from its teacher."""
 
     steps: int
     teacher_snapshot_uri: str

@@ -82,7 +82,7 @@ STAGES: tuple[Stage, ...] = (
         DistillOutputs,
         ("prepare", "train"),
         "distill.enabled",
-        "progressive distillation into a few-step student, rounds on Ray Train",
+        "distillation into a few-step student (progressive or consistency), rounds on Ray Train",
     ),
     Stage(
         "sample",

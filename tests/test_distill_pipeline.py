@@ -167,3 +167,48 @@ def test_the_distill_benchmark_gathers_each_seeds_curve_and_the_costs(straight):
     costs = result["costs"]
     assert (costs["distill_images"], costs["teacher_images"]) == (2 * ROUND, 3072)
     assert costs["distill_stage_seconds"] > costs["distill_loop_seconds"] > 0 and costs["teacher_loop_seconds"] > 0
+
+
+def test_a_consistency_student_of_the_same_teacher_is_drawn_in_one_step_through_its_skip_scalings(straight):
+    """``distill.method=consistency`` on the same run (prepare and train reused; last in this module, since it moves
+    the run's head): one round against the teacher's 8-step DDIM trajectories, whose student samples, scores and
+    serves in one network evaluation through its consistency function, and is registered as a 1-step student."""
+    from ddpm_core.checkpoint import load_snapshot
+    from ddpm_core.distillation import ConsistencyFunction
+
+    consistency = ["distill.method=consistency", "distill.steps=1", "distill.target_ema=0.9"]
+    changed = [*command(straight, "straight"), *consistency, "--allow-changes"]
+    result = run_in_session(changed, timeout=900, cwd=straight, env=ENV)
+    said = result.stdout + result.stderr
+    (straight / "consistency.log").write_text(said)
+    assert result.returncode == 0, said[-4000:]
+    assert "[train] up to date" in said and "one round along the teacher's 8-step DDIM trajectories" in said
+    run_root = straight / "runs/straight"
+    distilled = outputs(run_root, "distill")
+    assert distilled["method"] == "consistency" and [r["steps"] for r in distilled["rounds"]] == [1]
+    assert distilled["images_seen"] == ROUND and distilled["config"]["train"]["ema_decay"] == 0.9
+    student = load_snapshot(distilled["snapshot_uri"])
+    assert student.metadata["distilled"]["method"] == "consistency"
+    assert isinstance(student.build_model(), ConsistencyFunction)
+    teacher = Path(distilled["teacher_snapshot_uri"]) / "model.safetensors"
+    assert sha256(Path(distilled["snapshot_uri"]) / "model.safetensors") != sha256(teacher)
+
+    sampler = outputs(run_root, "sample")["sampler"]
+    assert (sampler["method"], sampler["num_steps"], sampler["spacing"]) == ("ddim", 1, "trailing")
+    scored = outputs(run_root, "evaluate")
+    curve = {(p["model"], p["sampler"], p["nfe"]): p["fid"] for p in scored["nfe_curve"]}
+    assert set(curve) == {
+        ("student", "ddim (trailing)", 1),
+        ("teacher", "ddim (trailing)", 1),
+        ("teacher", "dpm_solver++_2m (trailing)", 1),
+        ("teacher", "ddim (linspace)", 5),
+    }, sorted(curve)
+    assert all(math.isfinite(fid) and fid > 0 for fid in curve.values())
+
+    client = MlflowClient(f"sqlite:///{straight / 'mlflow.db'}")
+    version = client.get_model_version("ddpm-digits-v-1step", "1")
+    assert (version.tags["nfe"], version.tags["method"]) == ("1", "consistency")
+    mlflow.set_tracking_uri(f"sqlite:///{straight / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/ddpm-digits-v-1step/1")
+    images = model.predict(pd.DataFrame({"index": range(4)}))
+    assert images.shape == (4, 8, 8, 1) and images.std() > 0

@@ -8,12 +8,17 @@ import re
 import pytest
 import torch
 
+from ddpm_core.checkpoint import load_snapshot, save_snapshot
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion, Prediction
 from ddpm_core.distillation import (
+    BOUNDARY_WIDTH,
     CLEAN,
+    ConsistencyFunction,
     Reparameterized,
     StudentGrid,
     abar_at,
+    consistency_distillation_loss,
+    consistency_grid,
     consistency_loss,
     consistency_scalings,
     consistency_target,
@@ -27,6 +32,7 @@ from ddpm_core.distillation import (
     ve_sigma,
 )
 from ddpm_core.samplers import Method, spaced_timesteps
+from ddpm_core.unet import UNet, UNetConfig
 from pipelines.config import ConfigError, registered_model_name
 from pipelines.config_file import load_config
 from pipelines.training.objective import Progressive
@@ -152,41 +158,127 @@ def test_a_minibatch_loss_is_zero_only_for_the_student_that_does_the_teachers_tw
 
 def test_the_consistency_boundary_holds_for_any_network_output():
     """f(x, t_min) = x (Song et al. 2023, Eq. 5): at timestep 0 the student's x_0 estimate is the VE state
-    x / sqrt(abar_0) whatever the network outputs; away from it the skip weight falls towards 0."""
+    x / sqrt(abar_0) whatever the network's estimate; past the boundary the skip weight falls to 0 and f becomes the
+    network's own estimate (c_out -> 1), already at the first point of a 32-step grid."""
     diffusion = diffusion_for(Prediction.EPS)
     x = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
-    output = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
-    at_zero = consistency_x0(diffusion, output, x, torch.zeros(3, dtype=torch.long))
+    estimate = torch.randn(3, 1, 2, 2, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    at_zero = consistency_x0(diffusion, estimate, x, torch.zeros(3, dtype=torch.long))
     torch.testing.assert_close(at_zero, x / diffusion.alphas_cumprod[0].sqrt(), rtol=1e-12, atol=0)
-    sigmas = ve_sigma(diffusion.alphas_cumprod[[0, 100, 999]])
+    first = int(consistency_grid(T, 32)[1])
+    sigmas = ve_sigma(diffusion.alphas_cumprod[[0, 1, first, 999]])
     c_skip, c_out = consistency_scalings(sigmas, sigmas[0])
-    assert c_skip[0] == 1 and c_out[0] == 0 and c_skip[2] < 1e-3 < c_skip[1] < 1
-    torch.testing.assert_close(c_out[2], torch.tensor(0.5, dtype=torch.float64), rtol=1e-3, atol=0)
+    assert c_skip[0] == 1 and c_out[0] == 0 and 0.1 < c_skip[1] < 0.9  # a smooth boundary, one timestep wide
+    assert c_skip[2] < 0.01 and c_out[2] > 0.99 and c_skip[3] < 1e-8
+    at_width = consistency_scalings(torch.tensor(0.3 + BOUNDARY_WIDTH), torch.tensor(0.3))  # offset = w: by hand
+    torch.testing.assert_close(at_width, (torch.tensor(0.5), torch.tensor(0.5**0.5)))
 
 
-def test_the_consistency_target_of_the_exact_fixed_point_is_the_fixed_point_itself():
+def test_the_consistency_grid_holds_the_students_sampling_points():
+    """The boundary, then the trailing grid: a student sampled with DDIM at any divisor of N steps on the trailing
+    spacing starts from points it was trained at."""
+    assert consistency_grid(1000, 4).tolist() == [0, 249, 499, 749, 999]
+    grid = set(consistency_grid(T, 32).tolist())
+    for steps in (1, 2, 4, 8, 16, 32):
+        assert set(spaced_timesteps(T, steps, student_sampler(steps).timestep_spacing)) <= grid
+    for steps in (1, 2, 3, 5):  # up to T / 2 the points are distinct and after the boundary
+        grid = consistency_grid(10, steps)
+        assert grid[0] == 0 and bool((grid[1:] > grid[:-1]).all())
+    with pytest.raises(ValueError, match="grid_steps must lie in"):
+        consistency_grid(10, 6)
+
+
+@pytest.mark.parametrize("prediction", list(Prediction))
+def test_a_consistency_student_answers_in_its_networks_parameterisation(prediction):
+    """``ConsistencyFunction`` called like the network returns the output whose x_0 estimate (the diffusion's own
+    reading) is f; at the boundary that is the VE state, whatever the network."""
+    diffusion = diffusion_for(prediction)
+    torch.manual_seed(0)
+    network = torch.nn.Conv2d(1, 1, 3, padding=1).double()
+    student = ConsistencyFunction(lambda x_, t_: network(x_), diffusion)
+    x, t = torch.randn(5, 1, 4, 4, dtype=torch.float64), torch.tensor([0, 1, 300, 700, 999])
+    answer = student(x, t)
+    f = student.x0(x, t)
+    torch.testing.assert_close(diffusion.p_mean_variance(answer, x, t).pred_x0, f, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(f[0], x[0] / diffusion.alphas_cumprod[0].sqrt(), rtol=1e-12, atol=0)
+
+
+def exact_consistency_function(diffusion: GaussianDiffusion, grid: list[int]) -> torch.nn.Module:
     """On Gaussian data the fixed point of consistency distillation with a DDIM teacher, f*(x, t_n) = the DDIM steps
     from t_n down to timestep 0 (as the VE state there), is affine in x with the product of the steps' coefficients
-    (derived by hand). Its target one teacher step earlier equals its own value, so a student equal to it has zero
-    loss; a student one step's coefficient off does not."""
-    diffusion = diffusion_for(Prediction.EPS)
-    teacher = gaussian_oracle(diffusion, MEAN, STD, Prediction.EPS)
-    grid = [999, 749, 499, 249, 99, 0]
+    (derived by hand): returned as an x0-predicting "network" whose estimate the skip scalings turn into f*."""
     abar = [float(diffusion.alphas_cumprod[index]) for index in grid]
 
     def fixed_point(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        n = grid.index(int(t[0]))
-        coefficient = math.prod(ddim_coefficient(abar[k], abar[k + 1]) for k in range(n, len(grid) - 1))
-        state = math.sqrt(abar[-1]) * MEAN + coefficient * (x - math.sqrt(abar[n]) * MEAN)  # at timestep 0
-        return state / math.sqrt(abar[-1])
+        rows = []
+        for x_row, t_row in zip(x, t.tolist(), strict=True):
+            n = grid.index(t_row)
+            coefficient = math.prod(ddim_coefficient(abar[k], abar[k - 1]) for k in range(n, 0, -1))
+            state = math.sqrt(abar[0]) * MEAN + coefficient * (x_row - math.sqrt(abar[n]) * MEAN)  # at timestep 0
+            rows.append(state / math.sqrt(abar[0]))
+        return torch.stack(rows)
 
-    x = torch.randn(5, 1, 2, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
-    for n in range(len(grid) - 1):
-        t_next, t = torch.full((5,), grid[n]), torch.full((5,), grid[n + 1])
-        target = consistency_target(diffusion, teacher, fixed_point, x, t_next, t)
-        assert consistency_loss(fixed_point(x, t_next), target).max().item() < 1e-24
-        off = fixed_point(x, t_next) * 1.01
-        assert consistency_loss(off, target).min().item() > 1e-8
+    class Network(torch.nn.Module):
+        def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            sigma = ve_sigma(abar_at(diffusion, t, x))
+            c_skip, c_out = consistency_scalings(sigma, ve_sigma(abar_at(diffusion, torch.zeros_like(t), x)))
+            estimate = (fixed_point(x, t) - c_skip * x / abar_at(diffusion, t, x).sqrt()) / c_out
+            return torch.where(t.reshape(-1, 1, 1, 1) == 0, torch.zeros_like(x), estimate)  # f is x there anyway
+
+    return Network()
+
+
+def test_the_consistency_target_of_the_exact_fixed_point_is_the_fixed_point_itself():
+    """The exact consistency function of the DDIM teacher's trajectories (Gaussian data): its target one teacher step
+    earlier equals its own value at every interval, so as student and target network it has zero loss
+    (:func:`consistency_distillation_loss` on a minibatch, Song et al. 2023, Algorithm 2); a student 1% off does
+    not, and the loss reaches its parameter."""
+    diffusion = diffusion_for(Prediction.X0)
+    teacher = gaussian_oracle(diffusion, MEAN, STD, Prediction.X0)
+    grid = consistency_grid(T, 8)
+    exact = ConsistencyFunction(exact_consistency_function(diffusion, grid.tolist()), diffusion)
+    x = torch.randn(8, 1, 2, 2, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    t, t_next = grid[:-1], grid[1:]  # every interval, one row each
+    target = consistency_target(diffusion, teacher, exact.x0, x, t_next, t)
+    assert consistency_loss(exact.x0(x, t_next), target).max().item() < 1e-24
+
+    x0 = MEAN + STD * torch.randn(64, 1, 2, 2, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    loss = consistency_distillation_loss(diffusion, exact, exact, teacher, x0, grid, torch.Generator().manual_seed(7))
+    assert loss.shape == (64,) and loss.max().item() < 1e-24
+    scale = torch.ones((), dtype=torch.float64, requires_grad=True)
+    network = exact.network
+    off = ConsistencyFunction(lambda x_, t_: network(x_, t_) * (1 + 0.01 * scale), diffusion)
+    loss = consistency_distillation_loss(diffusion, off, exact, teacher, x0, grid, torch.Generator().manual_seed(7))
+    assert loss.mean() > 1e-8
+    loss.mean().backward()
+    assert scale.grad is not None and scale.grad.abs() > 0
+
+
+def test_a_consistency_snapshot_is_sampled_through_its_skip_scalings(tmp_path):
+    """A student's snapshot marked ``distilled.method: consistency`` builds as its consistency function (what samplers,
+    the served model and evaluate call); its network, and any other snapshot, builds as the bare U-Net."""
+    unet = UNetConfig(
+        image_size=8,
+        in_channels=1,
+        base_channels=8,
+        channel_mult=(1,),
+        num_res_blocks=1,
+        attention_resolutions=(),
+        norm_groups=4,
+    )
+    config = DiffusionConfig(num_timesteps=T, prediction=Prediction.V)
+    network = UNet(unet)
+    for method, wrapped in (("consistency", True), ("progressive", False)):
+        uri = str(tmp_path / method)
+        save_snapshot(uri, network, unet, config, {"distilled": {"method": method, "steps": 1, "teacher": "t"}})
+        snapshot = load_snapshot(uri)
+        assert isinstance(snapshot.build_model(), ConsistencyFunction) is wrapped
+        assert isinstance(snapshot.build_network(), UNet)
+    x, t = torch.randn(2, 1, 8, 8), torch.tensor([0, 999])
+    with torch.no_grad():
+        student = load_snapshot(str(tmp_path / "consistency")).build_model()
+        f = student.x0(x, t)  # type: ignore[operator]
+    torch.testing.assert_close(f[0], x[0] / GaussianDiffusion.from_config(config).alphas_cumprod[0].float().sqrt())
 
 
 # ------------------------------------------------------------------------------- the distill stage's building blocks
@@ -218,7 +310,7 @@ def test_a_teacher_answers_in_the_students_parameterisation(target):
 
 def test_a_round_anneals_its_learning_rate_linearly_to_zero():
     """Salimans & Ho 2022, App. E: the round's learning rate starts at its peak and falls linearly to 0."""
-    objective = Progressive(diffusion_for(Prediction.V), torch.nn.Identity(), 4, 8e-4, 1000)
+    objective = Progressive(diffusion_for(Prediction.V), torch.nn.Identity(), 8e-4, 1000, 4)
     assert [objective.learning_rate(seen) for seen in (0, 250, 500, 1000, 1200)] == pytest.approx(
         [8e-4, 6e-4, 4e-4, 0.0, 0.0]
     )
@@ -230,7 +322,13 @@ def test_a_round_anneals_its_learning_rate_linearly_to_zero():
         (["distill.teacher_steps=12"], "distill.teacher_steps 12 must be distill.steps 4 times a power of two"),
         (["distill.teacher_steps=4"], "distill.teacher_steps 4 must be distill.steps 4 times a power of two"),
         (["distill.prediction=eps"], "distill.prediction eps"),
-        (["distill.method=consistency"], "distill.method 'consistency' is not one of"),
+        (["distill.method=rectified_flow"], "distill.method 'rectified_flow' is not one of"),
+        (
+            ["distill.method=consistency", "distill.steps=3"],
+            "distill.teacher_steps 32 must be a multiple of distill.steps 3 for consistency distillation",
+        ),
+        (["distill.method=consistency", "distill.target_ema=1"], "distill.target_ema must lie in [0, 1), got 1"),
+        (["distill.method=consistency", "distill.teacher_steps=512"], "distill.teacher_steps 512 exceeds 500"),
         (["distill.teacher_steps=2048"], "distill.teacher_steps 2048 exceeds diffusion.num_timesteps 1000"),
         (["distill.batch_size=127"], "distill.batch_size 127 must be a multiple of train.num_workers 2"),
     ],

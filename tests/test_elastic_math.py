@@ -2,7 +2,8 @@
 and random streams (batches, timesteps, noise, dropout), is the same computation on any number of workers. A group
 shrunk from two workers to one takes both shares on the one worker (gradients accumulated, the all-reduce's mean
 replaced by the shares' weights): the weights, the EMA and the logged loss equal the two-worker group's. The same
-holds for a distill round's objective (progressive distillation against a frozen teacher)."""
+holds for a distill round's objectives (progressive distillation against a frozen teacher; consistency distillation
+against the teacher and the student's EMA, its target network)."""
 
 import dataclasses
 
@@ -14,11 +15,11 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ddpm_core.data import random_batch
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion, Prediction
-from ddpm_core.distillation import Reparameterized
+from ddpm_core.distillation import Reparameterized, consistency_grid
 from ddpm_core.training import OptimConfig, RunningTotals
 from ddpm_core.unet import UNet
 from pipelines.config import TrainSection
-from pipelines.training.objective import Objective, Progressive
+from pipelines.training.objective import Consistency, Objective, Progressive
 from pipelines.training.state import Worker, fresh_shares
 from pipelines.training.step import StepState, step, step_parts
 from tests.conftest import free_port
@@ -28,17 +29,20 @@ TINY = dataclasses.replace(SAMPLING_TINY, dropout=0.3)  # dropout draws from eac
 SHARES, MICRO, STEPS = 2, 4, 4
 
 
-def progressive(diffusion: GaussianDiffusion, train: TrainSection) -> Progressive:
-    """A distill round's objective: a 2-step v student of a frozen eps teacher (its own seeded weights)."""
+def distill_objective(method: str, diffusion: GaussianDiffusion, train: TrainSection) -> Objective:
+    """A distill round's objective for a v student of a frozen eps teacher (its own seeded weights): progressive to
+    2 steps, or consistency along the teacher's 10-step DDIM trajectories."""
     torch.manual_seed(7)
     teacher = Reparameterized(UNet(TINY).eval().requires_grad_(False), diffusion, Prediction.V)
     student = GaussianDiffusion.from_config(DiffusionConfig(num_timesteps=100, prediction=Prediction.V))
-    return Progressive(student, teacher, 2, train.optim.lr, STEPS * train.batch_size)
+    if method == "consistency":
+        return Consistency(student, teacher, train.optim.lr, STEPS * train.batch_size, consistency_grid(100, 10))
+    return Progressive(student, teacher, train.optim.lr, STEPS * train.batch_size, 2)
 
 
-def train_on(rank: int, world: int, port: int, out: str, distill: bool) -> None:
-    """``STEPS`` steps of a group of ``world`` workers over ``SHARES`` shares (with ``distill``, of a distill round's
-    objective); rank 0 saves the result."""
+def train_on(rank: int, world: int, port: int, out: str, distill: str | None) -> None:
+    """``STEPS`` steps of a group of ``world`` workers over ``SHARES`` shares (with ``distill``, of that distill
+    method's objective); rank 0 saves the result."""
     torch.set_num_threads(1)  # the same kernels' summation order in every process
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -56,7 +60,7 @@ def train_on(rank: int, world: int, port: int, out: str, distill: bool) -> None:
     worker = Worker(rank, world, device, reduce, SHARES, tuple(range(rank, SHARES, world)))  # as Worker.current
     state = StepState(*parts, fresh_shares(0, worker, 0), gradient_scale=world / SHARES)
     diffusion = GaussianDiffusion.from_config(DiffusionConfig(num_timesteps=100))
-    objective: Objective | None = progressive(diffusion, train) if distill else None
+    objective = distill_objective(distill, diffusion, train) if distill else None
     data = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1  # [64, 1, 8, 8]
     totals = RunningTotals(device, reduce)
     for _ in range(STEPS):
@@ -75,7 +79,7 @@ def train_on(rank: int, world: int, port: int, out: str, distill: bool) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("distill", [False, True], ids=["training", "distill round"])
+@pytest.mark.parametrize("distill", [None, "progressive", "consistency"], ids=["training", "progressive", "cd"])
 def test_one_worker_taking_both_shares_equals_two_workers(tmp_path, distill):
     alone, pair = tmp_path / "alone.pt", tmp_path / "pair.pt"
     torch.multiprocessing.spawn(train_on, args=(1, 0, str(alone), distill), nprocs=1)

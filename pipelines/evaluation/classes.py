@@ -8,7 +8,6 @@ resolve: a conditional accuracy near it means the classes are as recognisable as
 
 from __future__ import annotations
 
-import io
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -20,6 +19,7 @@ from pipelines.contracts import GuidancePoint
 from pipelines.data.shards import read_images, read_sample_labels, sample_sources
 from pipelines.evaluation.scoring import ExtractorSpec, build_extractor
 from pipelines.execution import Execution
+from pipelines.figures import png_bytes, subplots
 
 
 @dataclass(frozen=True)
@@ -73,12 +73,7 @@ def class_hits(shard_uris: tuple[str, ...], classifier_uri: str, num_classes: in
 def sweep_plot(points: Sequence[GuidancePoint]) -> bytes:
     """PNG of the guidance sweep: FID and conditional accuracy against the guidance scale w (left), and the
     trade-off, FID against accuracy with one point per w (right)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    figure, (by_scale, trade_off) = pyplot.subplots(1, 2, figsize=(10, 4), dpi=120)
+    figure, (by_scale, trade_off) = subplots(1, 2, figsize=(10, 4), dpi=120)
     scales = [point.guidance_scale for point in points]
     accuracy = [point.conditional_accuracy for point in points]
     fid = [point.fid for point in points]
@@ -103,8 +98,4 @@ def sweep_plot(points: Sequence[GuidancePoint]) -> bytes:
     trade_off.set_ylabel(fid_label)
     trade_off.set_title("Quality against class fidelity")
     trade_off.grid(alpha=0.3)
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png")
-    pyplot.close(figure)
-    return buffer.getvalue()
+    return png_bytes(figure)

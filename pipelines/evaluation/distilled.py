@@ -9,7 +9,6 @@ the teacher's best solver at 4 NFE and against its many-step FID."""
 
 from __future__ import annotations
 
-import io
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -20,6 +19,7 @@ from ddpm_core.images import grid, labelled_rows
 from ddpm_core.metrics import FidEstimate
 from ddpm_core.samplers import Method, SamplerConfig, Spacing
 from pipelines.contracts import DistillOutputs, NfePoint
+from pipelines.figures import png_bytes, subplots
 
 TEACHER_SOLVERS = (Method.DDIM, Method.DPM_SOLVER_PP_2M)
 TEACHER_OWN = "teacher_configured_shards"  # the folder of the teacher's set drawn with its own sampler
@@ -81,12 +81,7 @@ def nfe_table(points: Sequence[NfePoint]) -> dict[str, list[object]]:
 
 def nfe_plot(points: Sequence[NfePoint], num_samples: int) -> bytes:
     """PNG of FID against NFE (log axes): one line per model and sampler, with +-1 standard error bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    figure, axes = pyplot.subplots(figsize=(6.5, 4.2), dpi=120)
+    figure, axes = subplots(figsize=(6.5, 4.2), dpi=120)
     for label in dict.fromkeys(f"{p.model}, {p.sampler}" for p in points):
         line = sorted((p for p in points if f"{p.model}, {p.sampler}" == label), key=lambda p: p.nfe)
         errors = [p.fid_stderr or 0.0 for p in line]
@@ -99,8 +94,4 @@ def nfe_plot(points: Sequence[NfePoint], num_samples: int) -> bytes:
     axes.set_title("Distilled student and its teacher")
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
-    buffer = io.BytesIO()
-    figure.tight_layout()
-    figure.savefig(buffer, format="png")
-    pyplot.close(figure)
-    return buffer.getvalue()
+    return png_bytes(figure)

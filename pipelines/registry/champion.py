@@ -148,7 +148,7 @@ def champion_snapshot_uri(store: RunStore, tracking_uri: str, model_name: str, v
         snapshot = load_snapshot(os.path.join(local, "artifacts", "snapshot"))
         save_snapshot(
             uri,
-            snapshot.build_model(),
+            snapshot.build_network(),  # the weights as stored (a consistency student stays one by its metadata)
             snapshot.unet,
             snapshot.diffusion,
             {**snapshot.metadata, "champion_version": version},

@@ -1,7 +1,11 @@
-"""distill: progressive distillation of the trained model into a few-step sampler (Salimans & Ho 2022, Algorithm 2;
-docs/distillation.md). Round after round, a student initialised from its teacher learns to do in one DDIM step what
-the teacher does in two (``ddpm_core.distillation``); the student of a round is the teacher of the next, from
-``distill.teacher_steps`` / 2 steps down to ``distill.steps``.
+"""distill: the trained model distilled into a few-step sampler (docs/distillation.md; ``ddpm_core.distillation``).
+
+- ``progressive`` (Salimans & Ho 2022, Algorithm 2): round after round, a student initialised from its teacher
+  learns to do in one DDIM step what the teacher does in two; the student of a round is the teacher of the next,
+  from ``distill.teacher_steps`` / 2 steps down to ``distill.steps``.
+- ``consistency`` (Song et al. 2023, Algorithm 2): one round, in which a student initialised from the teacher
+  learns to map every point of the teacher's ``distill.teacher_steps``-step DDIM trajectories to their end, against
+  its own EMA (the target network); it is sampled at ``distill.steps``.
 
 Each round is a Ray Train job of the training loop with the distillation objective
 (:mod:`pipelines.training.objective`): DDP workers, the global batch split into the same shares whatever the group's
@@ -18,18 +22,16 @@ from typing import Any
 
 from ddpm_core.storage import commit, is_committed, read_committed
 from ddpm_core.training import OptimConfig
-from pipelines.config import DataSection, DistillSection, PipelineConfig, TrainSection
+from pipelines.config import DataSection, DistillMethod, DistillSection, PipelineConfig, TrainSection
 from pipelines.context import StageContext
 from pipelines.contracts import DistillOutputs, DistillRound, PrepareOutputs, TrainedWith, TrainOutputs
 from pipelines.data.streaming import plan_stream
-from pipelines.execution import check_fits
 from pipelines.external import External
 from pipelines.interruption import STOP
 from pipelines.tracking import nested_run
 from pipelines.training.job import TrainJob
 from pipelines.training.objective import DistillTarget
-from pipelines.training.stopping import ask_to_stop
-from pipelines.training.trainer import WorkerGroup, fit, make_trainer, send_pending_metrics
+from pipelines.training.trainer import run_job
 
 ROUND_RECORD = "round.json"
 
@@ -55,13 +57,14 @@ def run(
     diffusion = dataclasses.replace(train.config.diffusion, prediction=distill.prediction)
     student = dataclasses.replace(train.config, diffusion=diffusion, train=round_optim(settings))
     context.log(
-        f"distill: {distill.method.value}, rounds of {', '.join(map(str, distill.rounds))} steps, "
+        f"distill: {distill.method.value}, {plan_line(distill)}, "
         f"{distill.images_per_round:,} images each, a {distill.prediction.value}-predicting student from "
         f"{train.snapshot_uri}"
     )
     teacher, rounds = train.snapshot_uri, []
     for index, steps in enumerate(distill.rounds):
-        done = distill_round(context, settings, (prepare, train, student), index, DistillTarget(teacher, steps))
+        target = DistillTarget(teacher, steps, distill.method, distill.teacher_steps)
+        done = distill_round(context, settings, (prepare, train, student), index, target)
         rounds.append(done)
         teacher = done.snapshot_uri
     outputs = DistillOutputs(
@@ -78,11 +81,22 @@ def run(
     return outputs
 
 
+def plan_line(distill: DistillSection) -> str:
+    """The rounds in words, for the stage's log."""
+    if distill.method is DistillMethod.CONSISTENCY:
+        return f"one round along the teacher's {distill.teacher_steps}-step DDIM trajectories"
+    return f"rounds of {', '.join(map(str, distill.rounds))} steps"
+
+
 def round_optim(settings: DistillSettings) -> OptimConfig:
     """A round's AdamW: ``distill.lr`` from the first step (the objective anneals it to 0), training's gradient
-    clipping, no weight decay, and no EMA (decay 0: the snapshot holds the student's weights, as in Salimans & Ho
-    2022)."""
-    return OptimConfig(lr=settings.distill.lr, warmup_images=0, grad_clip=settings.train.optim.grad_clip, ema_decay=0.0)
+    clipping and no weight decay. Progressive keeps no EMA (decay 0: the snapshot holds the student's weights, as in
+    Salimans & Ho 2022); consistency keeps the target network's, ``distill.target_ema`` from the first step."""
+    distill = settings.distill
+    decay = distill.target_ema if distill.method is DistillMethod.CONSISTENCY else 0.0
+    return OptimConfig(
+        lr=distill.lr, warmup_images=0, grad_clip=settings.train.optim.grad_clip, ema_decay=decay, ema_warmup=False
+    )
 
 
 def round_section(settings: DistillSettings, teacher_uri: str) -> TrainSection:
@@ -127,7 +141,7 @@ def distill_round(
         context.mlflow_run_id,
         f"round_{index + 1}",
         "distill round",
-        f"Round {index + 1} of progressive distillation: a {target.student_steps}-step student of "
+        f"Round {index + 1} of {target.method.value} distillation: a {target.student_steps}-step student of "
         f"`{target.teacher_snapshot_uri}`. Its loss and learning rate are this run's metrics.",
     )
     job = TrainJob(
@@ -143,36 +157,27 @@ def distill_round(
         mlflow_run_id=run_id,
         distill=target,
     )
-    done = train_round(context, job, index)
+    done = train_round(context, job, index, settings.data.decode_cpus if stream else 0.0)
     commit(record_uri, {ROUND_RECORD: json.dumps(dataclasses.asdict(done)).encode()}, {"kind": "round"}, options)
     return done
 
 
-def train_round(context: StageContext, job: TrainJob, index: int) -> DistillRound:
+def train_round(context: StageContext, job: TrainJob, index: int, decode_cpus: float) -> DistillRound:
     """Round ``index``'s Ray Train job on the train stage's worker group; a signal checkpoints it and stops."""
-    section = job.train
-    group = WorkerGroup.of(section)
-    execution = context.execution(job.device)
-    check_fits(
-        group.demand(job.device, f"{section.min_workers} distillation workers", "train.num_workers"),
-        execution,
-        context.log,
-    )
-    assert job.distill is not None
+    section, target = job.train, job.distill
+    assert target is not None
     context.log(
-        f"distill: round {index + 1}, a {job.distill.student_steps}-step student, {section.total_images:,} images, "
+        f"distill: round {index + 1}, a {target.student_steps}-step student, {section.total_images:,} images, "
         f"batch {section.batch_size}, lr {section.optim.lr:g} annealed to 0"
     )
-    with STOP.safe_point(lambda: ask_to_stop(job)):
-        result = fit(make_trainer(job, group, execution.runtime_env), job)
+    result = run_job(context, job, "distillation workers", decode_cpus)
     if STOP.requested:
         context.log(f"distill: round {index + 1} stopped; its checkpoint is recorded and a re-run resumes")
         STOP.check()
-    send_pending_metrics(job, context.client, context.log)
     reported: dict[str, Any] = result.metrics or {}
     return DistillRound(
-        steps=job.distill.student_steps,
-        teacher_snapshot_uri=job.distill.teacher_snapshot_uri,
+        steps=target.student_steps,
+        teacher_snapshot_uri=target.teacher_snapshot_uri,
         snapshot_uri=job.snapshot_uri,
         images_seen=int(reported["images_seen"]),
         loop_seconds=reported.get("loop_seconds"),

@@ -720,7 +720,7 @@ def log_side_by_side(context: StageContext, sample: SampleOutputs, steps: int, t
 
     strips = [
         (f"teacher, {teacher.method.value}-{teacher.num_steps}", drawn(TEACHER_OWN)),
-        (f"student, {steps} steps", first(sample.shard_uris[0])),
+        (f"student, {steps} step{'' if steps == 1 else 's'}", first(sample.shard_uris[0])),
         *((f"teacher, {m.value}-{steps}", drawn(teacher_folder(m, steps))) for m in TEACHER_SOLVERS),
     ]
     picture, buffer = side_by_side(strips), io.BytesIO()

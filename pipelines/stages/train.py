@@ -16,17 +16,15 @@ from pipelines.context import StageContext
 from pipelines.contracts import EmaCandidate, PrepareOutputs, TrainedWith, TrainOutputs, TuneOutputs
 from pipelines.data.recorded import log_training_data
 from pipelines.data.streaming import plan_stream
-from pipelines.execution import Device, check_fits, cluster_device
+from pipelines.execution import Device, cluster_device
 from pipelines.external import External
 from pipelines.interruption import STOP
-from pipelines.nodes import check_strict_spread
 from pipelines.tracking import nested_run, run_link, set_note_part
 from pipelines.training.ema_choice import EmaSweep, best_of, choose_ema, log_sweep
 from pipelines.training.grids import COMPOSITE, log_samples_over_training
 from pipelines.training.job import TrainJob
 from pipelines.training.recipe import TrainingRecipe
-from pipelines.training.stopping import ask_to_stop
-from pipelines.training.trainer import WorkerGroup, fit, make_trainer, send_pending_metrics
+from pipelines.training.trainer import run_job
 from pipelines.typed import INLINE
 
 
@@ -86,16 +84,6 @@ def run(
         compile_cache_uri=context.store.cache_uri("compile", "train"),
         grids_run_id=grids_run(context, train),
     )
-    group = WorkerGroup.of(train)
-    execution = context.execution(device)
-    demand = group.demand(
-        device,
-        f"{train.min_workers} training workers",
-        "train.num_workers / train.cpus_per_worker",
-        decode_cpus=recipe.data.decode_cpus if stream else 0.0,
-    )
-    check_fits(demand, execution, context.log)
-    check_strict_spread(train.placement, group.bundle(device), train.min_workers, execution, context.log)
     conditional = (
         f", {job.unet.num_classes} classes (label dropout {train.class_dropout:g})" if job.unet.num_classes else ""
     )
@@ -103,17 +91,15 @@ def run(
         f"train: {workers_line(train)}, {'GPU (NCCL' if device is Device.GPU else 'CPU (gloo'}, "
         f"{job.precision.value}), {train.total_images} images, batch {train.batch_size}{conditional}"
     )
-    with STOP.safe_point(lambda: ask_to_stop(job)):
-        result = fit(make_trainer(job, group, execution.runtime_env), job)
+    result = run_job(context, job, "training workers", recipe.data.decode_cpus if stream else 0.0)
     if STOP.requested:
         stopped_at = (result.metrics or {}).get("images_seen", "?")
         context.log(f"train: stopped at {stopped_at} images; the checkpoint there is recorded and a re-run resumes")
         STOP.check()
-    send_pending_metrics(job, context.client, context.log)
     log_samples_over_training(job, context.client)
     reported = result.metrics or {}  # the final checkpoint report of the final attempt
     images_seen = int(reported["images_seen"])
-    sweep = ema_sweep(context, job, prepare, images_seen, execution.runtime_env)
+    sweep = ema_sweep(context, job, prepare, images_seen, context.execution(device).runtime_env)
     return TrainOutputs(
         snapshot_uri=job.chosen_snapshot_uri if sweep else job.snapshot_uri,
         initial_snapshot_uri=job.initial_snapshot_uri,

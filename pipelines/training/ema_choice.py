@@ -8,7 +8,6 @@ goes to the train run as a table and a plot. It runs as a Ray task on the traini
 
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 from collections.abc import Callable, Sequence
@@ -26,6 +25,7 @@ from ddpm_core.samplers import null_conditioned
 from pipelines.contracts import EmaCandidate
 from pipelines.data.shards import read_first_images
 from pipelines.execution import Device
+from pipelines.figures import png_bytes, subplots
 from pipelines.training.posthoc import read_snapshots
 
 SCORE_SEED = 0  # the timesteps and noise every candidate shares
@@ -89,10 +89,10 @@ def score_candidates(sweep: EmaSweep) -> tuple[EmaCandidate, ...]:
     estimates, weights = {}, {}
     for sigma_rel in sweep.candidates:
         weights[sigma_rel] = reconstruct(snapshots, sigma_rel, sweep.images_seen)
-        network = Snapshot(snapshot.unet, snapshot.diffusion, weights[sigma_rel], {}).build_model().to(device)
+        network = Snapshot(snapshot.unet, snapshot.diffusion, weights[sigma_rel], {}).build_network().to(device)
         estimates[sigma_rel] = held_out_bits(network, diffusion, images, sweep.timesteps, snapshot.unet.num_classes)
     best = min(estimates, key=lambda sigma_rel: estimates[sigma_rel]["total"].mean().item())
-    chosen = Snapshot(snapshot.unet, snapshot.diffusion, weights[best], {}).build_model()
+    chosen = Snapshot(snapshot.unet, snapshot.diffusion, weights[best], {}).build_network()
     metadata = {**snapshot.metadata, "ema_sigma_rel": best, "ema": "post-hoc, chosen on held-out bits/dim"}
     save_snapshot(sweep.chosen_uri, chosen, snapshot.unet, snapshot.diffusion, metadata, sweep.storage_options)
     return tuple(candidate(sigma_rel, estimate, estimates[best]) for sigma_rel, estimate in estimates.items())
@@ -129,12 +129,7 @@ def best_of(candidates: Sequence[EmaCandidate]) -> EmaCandidate:
 def sweep_plot(candidates: Sequence[EmaCandidate], profiles: Sequence[float]) -> bytes:
     """PNG of held-out bits/dim against the EMA width (bars: two standard errors; green: the profiles tracked in
     training, from which every other width is reconstructed)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    from matplotlib import pyplot
-
-    figure, axis = pyplot.subplots(figsize=(6, 4), dpi=120)
+    figure, axis = subplots(figsize=(6, 4), dpi=120)
     widths = [c.sigma_rel for c in candidates]
     axis.errorbar(
         widths,
@@ -156,11 +151,7 @@ def sweep_plot(candidates: Sequence[EmaCandidate], profiles: Sequence[float]) ->
     )
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8)
-    figure.tight_layout()
-    png = io.BytesIO()
-    figure.savefig(png, format="png")
-    pyplot.close(figure)
-    return png.getvalue()
+    return png_bytes(figure)
 
 
 def log_sweep(

@@ -52,7 +52,8 @@ class TrainJob:
     @property
     def snapshot_metadata(self) -> dict[str, Any]:
         """What the final snapshot records beside its images seen: a distilled student's method, steps and teacher
-        (its sampler: DDIM at those steps on their trailing grid, ``pipelines.generation.distilled``)."""
+        (its sampler: DDIM at those steps on their trailing grid, ``ddpm_core.distillation.student_sampler``; a
+        consistency student's network is read through its skip scalings, ``Snapshot.build_model``)."""
         if self.distill is None:
             return {}
         target = self.distill

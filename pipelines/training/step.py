@@ -113,7 +113,14 @@ def step(
         with share.turn(device), nullcontext() if last else no_sync(state.step_model):
             results.append(
                 chosen.accumulate(
-                    state.step_model, images, conditioning, share.generator, autocast, state.gradient_scale, region
+                    state.step_model,
+                    images,
+                    conditioning,
+                    share.generator,
+                    autocast,
+                    state.gradient_scale,
+                    region,
+                    state.ema.model,
                 )
             )
     lr = chosen.learning_rate(state.images_seen)

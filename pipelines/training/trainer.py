@@ -19,13 +19,15 @@ from ray.train.v2._internal.constants import CHECKPOINT_MANAGER_SNAPSHOT_FILENAM
 from ddpm_core.checkpoint import CheckpointError
 from ddpm_core.storage import IncompleteError, StorageUnavailableError, filesystem, is_committed, read_committed
 from pipelines.config import Placement, TrainSection
-from pipelines.context import StageStopped
-from pipelines.execution import Demand, Device, train_storage
+from pipelines.context import StageContext, StageStopped
+from pipelines.execution import Demand, Device, check_fits, train_storage
 from pipelines.failures import find, storage_full
+from pipelines.interruption import STOP
+from pipelines.nodes import check_strict_spread
 from pipelines.training.hooks import DIVERGED, PENDING_METRICS
 from pipelines.training.job import TrainJob
 from pipelines.training.loop import train_loop
-from pipelines.training.stopping import clear_stop
+from pipelines.training.stopping import ask_to_stop, clear_stop
 
 T = TypeVar("T")
 
@@ -122,6 +124,24 @@ def without_print_patch(runtime_env: dict[str, Any]) -> dict[str, Any]:
     output twice."""
     env_vars = {**runtime_env.get("env_vars", {}), "RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}
     return {**runtime_env, "env_vars": env_vars}
+
+
+def run_job(context: StageContext, job: TrainJob, workers: str, decode_cpus: float = 0.0) -> Result:
+    """``job`` on its worker group, from the driver: fail early when the cluster can never hold the group (and a
+    streamed split's decode task of ``decode_cpus``) or a strict spread, fit, and send the metrics the workers kept
+    during an MLflow outage. ``workers`` names them in messages ("training workers"). Returns the final report; when
+    a signal stopped the job (``STOP.requested``), the report of the checkpoint it stopped at, and the caller says
+    where and calls ``STOP.check()``."""
+    group, train = WorkerGroup.of(job.train), job.train
+    execution = context.execution(job.device)
+    what, keys = f"{train.min_workers} {workers}", "train.num_workers / train.cpus_per_worker"
+    check_fits(group.demand(job.device, what, keys, decode_cpus=decode_cpus), execution, context.log)
+    check_strict_spread(train.placement, group.bundle(job.device), train.min_workers, execution, context.log)
+    with STOP.safe_point(lambda: ask_to_stop(job)):
+        result = fit(make_trainer(job, group, execution.runtime_env), job)
+    if not STOP.requested:
+        send_pending_metrics(job, context.client, context.log)
+    return result
 
 
 def fit(trainer: TorchTrainer, job: TrainJob) -> Result:
