@@ -124,8 +124,8 @@ def registered_snapshot(train: TrainOutputs, distill: DistillOutputs | None) -> 
         return RegisteredSnapshot(train.snapshot_uri, train.config.unet, "")
     note = (
         f"\n\nA {distill.steps}-step student, distilled ({distill.method}) from `{distill.teacher_snapshot_uri}` in "
-        f"{distill.images_seen:,} images (its teacher trained on {train.images_seen:,}); it samples with DDIM at "
-        f"{distill.steps} steps by default."
+        f"{distill.images_seen:,} images (its teacher trained on {train.images_seen:,}); by default it samples in "
+        f"{distill.steps} DDIM step{'' if distill.steps == 1 else 's'}."
     )
     return RegisteredSnapshot(distill.snapshot_uri, distill.config.unet, note)
 
