@@ -164,14 +164,19 @@ def accumulate_loss(
 
 
 def in_parameterisation(
-    diffusion: GaussianDiffusion, prediction: Prediction, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+    diffusion: GaussianDiffusion,
+    prediction: Prediction,
+    x0: torch.Tensor,
+    x_t: torch.Tensor,
+    t: torch.Tensor,
+    eps: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """The network output of ``prediction`` whose x_0 estimate at ``(x_t, t)`` is ``x0``: ``x0`` itself, the implied
-    ``eps = (x_t - sqrt(abar) x0) / sqrt(1 - abar)`` (Ho et al. 2020, Eq. 4), or ``v = sqrt(abar) eps - sqrt(1 - abar)
-    x0`` (Salimans & Ho 2022, Sec. 4). ``[B, C, H, W]``."""
+    """The network output of ``prediction`` whose x_0 estimate at ``(x_t, t)`` is ``x0``: ``x0`` itself, ``eps`` (by
+    default the implied ``(x_t - sqrt(abar) x0) / sqrt(1 - abar)``, Ho et al. 2020, Eq. 4), or ``v = sqrt(abar) eps -
+    sqrt(1 - abar) x0`` (Salimans & Ho 2022, Sec. 4). ``[B, C, H, W]``."""
     if prediction is Prediction.X0:
         return x0
-    eps = diffusion.eps_from_x0(x_t, t, x0)
+    eps = diffusion.eps_from_x0(x_t, t, x0) if eps is None else eps
     return eps if prediction is Prediction.EPS else diffusion.v_target(x0, t, eps)
 
 
@@ -187,9 +192,7 @@ class Reparameterized(torch.nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         moments = self.source.p_mean_variance(self.network(x, t, **kwargs), x, t)
-        if self.target is Prediction.EPS:
-            return moments.pred_eps  # the network's own, where it predicts eps
-        return in_parameterisation(self.source, self.target, moments.pred_x0, x, t)
+        return in_parameterisation(self.source, self.target, moments.pred_x0, x, t, moments.pred_eps)
 
 
 # ------------------------------------------------------------------------------------------ consistency distillation
@@ -241,16 +244,16 @@ class ConsistencyFunction(torch.nn.Module):
         self.network, self.diffusion = network, diffusion
 
     def x0(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
-        x0_hat = self.diffusion.p_mean_variance(self.network(x, t, **kwargs), x, t).pred_x0
-        return consistency_x0(self.diffusion, x0_hat, x, t)
+        return self.skipped(self.network(x, t, **kwargs), x, t)
+
+    def skipped(self, output: torch.Tensor, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """f from the network's ``output`` at ``(x, t)``: its x_0 estimate through :func:`consistency_x0`."""
+        return consistency_x0(self.diffusion, self.diffusion.p_mean_variance(output, x, t).pred_x0, x, t)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         output = self.network(x, t, **kwargs)
         _, variance = self.diffusion.split_output(output, x)
-        x0_hat = self.diffusion.p_mean_variance(output, x, t).pred_x0
-        answer = in_parameterisation(
-            self.diffusion, self.diffusion.prediction, consistency_x0(self.diffusion, x0_hat, x, t), x, t
-        )
+        answer = in_parameterisation(self.diffusion, self.diffusion.prediction, self.skipped(output, x, t), x, t)
         return answer if variance is None else torch.cat([answer, variance], dim=1)
 
 
