@@ -8,8 +8,8 @@ reconstructions decode the posterior's mean. The floor is the FID of 1,000 train
 held-out set. Intervals are the jackknife's (10 groups of 100). The autoencoder's step is
 :func:`ddpm_core.autoencoder.autoencoder_train_step`, the same one the autoencoder stage takes.
 
-    python benchmarks/autoencoder_rfid.py --blocks 32 64 64 --latent-channels 4 --images 100000 --seeds 1 2 3 \\
-        --out benchmarks/results/autoencoder_rfid_mnist.json
+    python benchmarks/autoencoder_rfid.py --images 40000 --seeds 1 2 3 \\
+        --grid docs/images/autoencoder_mnist_reconstructions.png --out benchmarks/results/autoencoder_rfid_mnist.json
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from ddpm_core.autoencoder import (
 )
 from ddpm_core.data import load_dataset, to_model_range
 from ddpm_core.features import ClassifierExtractor, train_classifier
+from ddpm_core.images import grid, labelled_rows
 from ddpm_core.metrics import FeatureStatistics, FidEstimate, fid_jackknife
 from ddpm_core.training import OptimConfig, make_optimizer
 
@@ -81,13 +82,14 @@ def one_seed(
     extractor: ClassifierExtractor,
     args: argparse.Namespace,
     seed: int,
-) -> dict:
-    """Train one autoencoder and score its held-out reconstructions."""
+) -> tuple[dict, np.ndarray]:
+    """Train one autoencoder and score its held-out reconstructions; the row and the reconstructions (uint8)."""
     train_x, held_x, held_u8 = data
     model, seconds = train(config, train_x, args, seed)
     reconstructions, means = reconstruct(model, held_x)
-    rfid = fid_against(extractor, to_uint8(reconstructions), held_u8)
-    return {
+    reconstructed_u8 = to_uint8(reconstructions)
+    rfid = fid_against(extractor, reconstructed_u8, held_u8)
+    row = {
         "seed": seed,
         "train_s": seconds,
         "rfid": rfid.value,
@@ -97,6 +99,13 @@ def one_seed(
         "latent_std": float(means.std()),
         "scaling_factor": latent_scaling_factor(means),
     }
+    return row, reconstructed_u8
+
+
+def save_pairs(originals: np.ndarray, reconstructions: np.ndarray, path: Path, count: int = 16) -> None:
+    """The first ``count`` held-out images above their reconstructions, as one labelled PNG."""
+    rows = [grid(originals[:count], count), grid(reconstructions[:count], count)]
+    labelled_rows(rows, ["held-out", "reconstructed"]).save(path)
 
 
 def main() -> None:
@@ -110,6 +119,7 @@ def main() -> None:
     parser.add_argument("--kl-weight", type=float, default=1e-6)
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--classifier-epochs", type=int, default=3, help="the feature extractor's training epochs")
+    parser.add_argument("--grid", type=Path, default=None, help="PNG: held-out images, reconstructions")
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     dataset = load_dataset("builtin:mnist")
@@ -133,16 +143,18 @@ def main() -> None:
         "autoencoder": config.to_diffusers(),
         "params": sum(p.numel() for p in KLAutoencoder(config).parameters()),
         "latent_shape": list(config.latent_shape(1, 32)),
-        "args": {k: v for k, v in vars(args).items() if k != "out"},
+        "args": {k: v for k, v in vars(args).items() if k not in ("out", "grid")},
         "floor": {"fid": floor.value, "stderr": floor.stderr},
         "threads": torch.get_num_threads(),
     }
     rows: list[dict] = []
     for seed in args.seeds:
-        rows.append(one_seed(config, data, extractor, args, seed))
+        row, reconstructions = one_seed(config, data, extractor, args, seed)
+        rows.append(row)
+        if args.grid is not None and seed == args.seeds[0]:
+            save_pairs(held_u8, reconstructions, args.grid)
         rfids = [row["rfid"] for row in rows]
         write_result(args.out, {**header, "rows": rows, "rfid_mean": statistics.fmean(rfids)})
-        row = rows[-1]
         print(f"seed {seed}: rFID {row['rfid']:.3f} (floor {floor.value:.3f}), {row['train_s']:.0f} s", flush=True)
 
 

@@ -232,7 +232,9 @@ def test_the_cifar10_preset_costs_what_the_paper_model_costs():
     sys.path.insert(0, str(REPO / "benchmarks"))
     from train_step import Step
 
-    step = Step("cifar10", 2, torch.device("cpu"), "eager", "fp32", log_every=10)
+    from ddpm_core.unet import unet_preset
+
+    step = Step(unet_preset("cifar10"), 2, torch.device("cpu"), "eager", "fp32", log_every=10)
     assert sum(p.numel() for p in step.state.model.parameters()) / 1e6 == pytest.approx(35.7, abs=0.1)
     assert step.flops_per_image() / 1e9 == pytest.approx(36.3, rel=0.05)
 
@@ -397,9 +399,13 @@ def test_autoencoder_rfid_benchmark_scores_reconstructions_against_the_real_floo
     run_without_ray_or_mlflow(
         "benchmarks/autoencoder_rfid.py",
         *("--blocks", "32", "32", "--images", "64", "--batch", "32", "--seeds", "1", "--classifier-epochs", "1"),
-        *("--out", str(out)),
+        *("--grid", str(tmp_path / "pairs.png"), "--out", str(out)),
     )
     result = json.loads(out.read_text())
+    from PIL import Image
+
+    pairs = Image.open(tmp_path / "pairs.png")
+    assert pairs.height == 2 * (32 + 2) and pairs.width > 16 * 33, "two rows of 16 digits, 32 px each"
     assert result["latent_shape"] == [4, 16, 16] and result["data"] == "builtin:mnist"
     (row,) = result["rows"]
     # two steps of an untrained autoencoder reconstruct far worse than real images score against each other
