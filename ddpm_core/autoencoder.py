@@ -140,12 +140,13 @@ class DiagonalGaussian:
         return cls(mean, logvar.clamp(-30.0, 20.0))
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
-        """``z = mean + exp(logvar / 2) * noise`` (the reparameterisation trick, Kingma & Welling 2014, Eq. 10)."""
+        """``z = mean + exp(logvar / 2) * noise`` (the reparameterisation trick, Kingma & Welling 2014, Sec. 2.4)."""
         noise = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
         return self.mean + torch.exp(0.5 * self.logvar) * noise
 
     def kl(self) -> torch.Tensor:
-        """``KL(q || N(0, I))`` per example, in nats: ``0.5 * sum(mean^2 + var - 1 - logvar)``; ``[B]``."""
+        """``KL(q || N(0, I))`` per example, in nats: ``0.5 * sum(mean^2 + var - 1 - logvar)`` (Kingma & Welling 2014,
+        App. B); ``[B]``."""
         return 0.5 * (self.mean.square() + self.logvar.exp() - 1.0 - self.logvar).flatten(1).sum(dim=1)
 
 
