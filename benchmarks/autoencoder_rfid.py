@@ -29,7 +29,7 @@ from ddpm_core.autoencoder import (
     autoencoder_train_step,
     latent_scaling_factor,
 )
-from ddpm_core.data import load_dataset, to_model_range
+from ddpm_core.data import load_dataset, to_model_range, to_uint8
 from ddpm_core.features import ClassifierExtractor, train_classifier
 from ddpm_core.images import grid, labelled_rows
 from ddpm_core.metrics import FeatureStatistics, FidEstimate, fid_jackknife
@@ -37,11 +37,6 @@ from ddpm_core.training import OptimConfig, make_optimizer
 
 HELD_OUT = 1000
 GROUPS = 10
-
-
-def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """``[N, C, H, W]`` in [-1, 1] -> uint8 ``[N, H, W, C]``."""
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
 
 
 def fid_against(extractor: ClassifierExtractor, images: np.ndarray, reference: np.ndarray) -> FidEstimate:
@@ -89,13 +84,14 @@ def one_seed(
     reconstructions, means = reconstruct(model, held_x)
     reconstructed_u8 = to_uint8(reconstructions)
     rfid = fid_against(extractor, reconstructed_u8, held_u8)
+    error = reconstructions.clamp(-1, 1) - held_x  # [N, C, H, W]
     row = {
         "seed": seed,
         "train_s": seconds,
         "rfid": rfid.value,
         "rfid_stderr": rfid.stderr,
-        "l1": float((reconstructions.clamp(-1, 1) - held_x).abs().mean()),
-        "psnr_db": float(10 * torch.log10(4 / (reconstructions.clamp(-1, 1) - held_x).square().mean())),
+        "l1": float(error.abs().mean()),
+        "psnr_db": float(10 * torch.log10(4 / error.square().mean())),
         "latent_std": float(means.std()),
         "scaling_factor": latent_scaling_factor(means),
     }
