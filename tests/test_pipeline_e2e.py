@@ -98,7 +98,8 @@ def assert_ray_records_the_evaluate_tasks(address: str, ray_env: dict[str, str],
     inside = {name for name, start, end in intervals if window[0] <= start and end <= window[1]}
     assert {"FeatureWorker.summarize", "chunk_bits_per_dim"} <= inside, inside
     assert "SampleWorker.run_shard" not in inside, inside
-    assert any(name == "SampleWorker.run_shard" and end <= window[0] for name, _, end in intervals)
+    sampled = [(start, end) for name, start, end in intervals if name == "SampleWorker.run_shard"]
+    assert sampled and all(end <= window[0] for _, end in sampled), (sampled, window)
     assert 0 < covered_seconds([(start, end) for _, start, end in intervals], window) < window[1] - window[0]
 
 
