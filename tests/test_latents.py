@@ -1,0 +1,121 @@
+"""Latent files (pipelines.data.latents): a data split encoded by a pool of Ray Data actors into the posterior's mean
+and log-variance, equal to the autoencoder's own encoding of each image; the scaling factor equal to a Monte-Carlo
+estimate from posterior samples; and an encoding killed part-way resumed without re-encoding a committed file."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from ddpm_core.autoencoder import AutoencoderConfig, KLAutoencoder
+from ddpm_core.autoencoder_weights import load_autoencoder, save_autoencoder
+from ddpm_core.data import ImageDataset, to_model_range
+from ddpm_core.storage import MANIFEST, read_manifest
+from pipelines.data.latents import Encoding, encode_split, file_uri, read_latent_file
+from pipelines.data.shards import read_split, write_split
+from tests.cluster import session_pids
+from tests.services import run_in_session
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def split_to_encode(tmp_path: Path, images: int, per_file: int, blocks: tuple[int, ...]) -> Encoding:
+    """A random autoencoder saved as a diffusers folder and a labelled split of random 32x32 RGB images."""
+    torch.manual_seed(0)
+    config = AutoencoderConfig(
+        in_channels=3, out_channels=3, block_out_channels=blocks, layers_per_block=1, latent_channels=4
+    )
+    sha256 = save_autoencoder(KLAutoencoder(config).eval(), str(tmp_path / "vae"))
+    rng = np.random.default_rng(0)
+    pixels, labels = rng.integers(0, 256, (images, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, images)
+    dataset = ImageDataset(pixels, labels, fingerprint="random", source="random")
+    write_split(str(tmp_path / "shards"), dataset, np.arange(images), {}, shard_images=per_file)
+    encoding = Encoding(
+        split_uri=str(tmp_path / "shards"),
+        data_fingerprint="f" * 64,
+        autoencoder_uri=str(tmp_path / "vae"),
+        autoencoder_sha256=sha256,
+        cache_root=str(tmp_path / "cache"),
+        storage_options={},
+        batch=7,  # not a divisor of the files' sizes: the result may not depend on it
+        actors=2,
+    )
+    return encoding
+
+
+def test_the_actors_store_each_images_posterior_and_the_scaling_factor_is_exact(local_ray, tmp_path):
+    encoding = split_to_encode(tmp_path, images=60, per_file=10, blocks=(32, 64))
+    split = encode_split(encoding, log=lambda _: None)
+    assert (split.count, split.shape, split.encoded_now) == (60, (4, 16, 16), 6)
+
+    model, identity = load_autoencoder(encoding.autoencoder_uri, encoding.autoencoder_sha256, log=lambda _: None)
+    assert split.autoencoder_identity == identity
+    images, labels = read_split(encoding.split_uri, {})
+    files = [read_latent_file(split, n, {}) for n in range(6)]
+    means, logvars = np.concatenate([f["mean"] for f in files]), np.concatenate([f["logvar"] for f in files])
+    with torch.inference_mode():
+        posterior = model.encode(to_model_range(images))
+    np.testing.assert_allclose(means, posterior.mean.numpy(), atol=1e-5)
+    np.testing.assert_allclose(logvars, posterior.logvar.numpy(), atol=1e-5)
+    np.testing.assert_array_equal(np.concatenate([f["labels"] for f in files]), labels)
+
+    pids = {read_manifest(file_uri(split.uri, n))["metadata"]["encoded_by"]["pid"] for n in range(6)}
+    assert len(pids) == 2, pids  # two actors encoded them, not the driver
+    assert os.getpid() not in pids
+
+    generator = torch.Generator().manual_seed(1)  # 1/std of posterior samples, as LDM estimates it
+    draws = torch.stack([posterior.sample(generator) for _ in range(200)])  # [200, 60, 4, 16, 16]
+    assert split.scaling_factor == pytest.approx(1.0 / draws.double().std().item(), rel=2e-3)
+    assert encode_split(encoding, log=lambda _: None).encoded_now == 0  # committed: reused
+
+
+DRIVER = """
+import dataclasses, json, sys
+from pipelines.data.latents import Encoding, encode_split
+from pipelines.execution import connect
+connect()
+split = encode_split(Encoding(**json.loads(sys.argv[1])), log=lambda _: None)
+print(json.dumps(dataclasses.asdict(split)))
+"""
+
+
+def committed_files(folder: Path) -> dict[str, float]:
+    """file-NNNNN -> its commit time, for every latent file committed under ``folder``."""
+    return {
+        path.parent.name: json.loads(path.read_text())["committed_at"] for path in folder.glob(f"*/file-*/{MANIFEST}")
+    }
+
+
+def test_a_killed_encoding_resumes_without_encoding_a_committed_file_again(tmp_path):
+    encoding = split_to_encode(tmp_path, images=16 * 24, per_file=24, blocks=(64, 128, 128))
+    argument = json.dumps(encoding.__dict__)
+    command = [sys.executable, "-c", DRIVER, argument]
+    latents = tmp_path / "cache" / "latents"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop("RAY_ADDRESS", None)
+    first = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    while len(committed_files(latents)) < 2 and first.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    os.killpg(first.pid, signal.SIGKILL)  # the driver, its local Ray and the encoders
+    for pid in session_pids(first.pid):
+        os.kill(pid, signal.SIGKILL)
+    first.wait(timeout=30)
+    before = committed_files(latents)
+    assert 2 <= len(before) < 16, before  # killed part-way
+
+    second = run_in_session(command, timeout=300, cwd=REPO, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    split = json.loads(second.stdout.strip().splitlines()[-1])
+    assert split["encoded_now"] == 16 - len(before)
+    after = committed_files(latents)
+    assert len(after) == 16 and all(after[name] == when for name, when in before.items())
