@@ -10,6 +10,8 @@ held-out set. Intervals are the jackknife's (10 groups of 100). The autoencoder'
 
     python benchmarks/autoencoder_rfid.py --images 40000 --seeds 1 2 3 \\
         --grid docs/images/autoencoder_mnist_reconstructions.png --out benchmarks/results/autoencoder_rfid_mnist.json
+
+``--save DIR`` writes the first seed's autoencoder as a diffusers folder, for ``autoencoder.weights_uri``.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from ddpm_core.autoencoder import (
     autoencoder_train_step,
     latent_scaling_factor,
 )
+from ddpm_core.autoencoder_weights import save_autoencoder
 from ddpm_core.data import load_dataset, to_model_range, to_uint8
 from ddpm_core.features import ClassifierExtractor, train_classifier
 from ddpm_core.images import grid, labelled_rows
@@ -77,8 +80,9 @@ def one_seed(
     extractor: ClassifierExtractor,
     args: argparse.Namespace,
     seed: int,
-) -> tuple[dict, np.ndarray]:
-    """Train one autoencoder and score its held-out reconstructions; the row and the reconstructions (uint8)."""
+) -> tuple[dict, np.ndarray, KLAutoencoder]:
+    """Train one autoencoder and score its held-out reconstructions; the row, the reconstructions (uint8) and the
+    autoencoder."""
     train_x, held_x, held_u8 = data
     model, seconds = train(config, train_x, args, seed)
     reconstructions, means = reconstruct(model, held_x)
@@ -95,7 +99,7 @@ def one_seed(
         "latent_std": float(means.std()),
         "scaling_factor": latent_scaling_factor(means),
     }
-    return row, reconstructed_u8
+    return row, reconstructed_u8, model
 
 
 def save_pairs(originals: np.ndarray, reconstructions: np.ndarray, path: Path, count: int = 16) -> None:
@@ -116,6 +120,9 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--classifier-epochs", type=int, default=3, help="the feature extractor's training epochs")
     parser.add_argument("--grid", type=Path, default=None, help="PNG: held-out images, reconstructions")
+    parser.add_argument(
+        "--save", type=Path, default=None, help="folder: the first seed's autoencoder, as a diffusers AutoencoderKL"
+    )
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args()
     dataset = load_dataset("builtin:mnist")
@@ -139,16 +146,19 @@ def main() -> None:
         "autoencoder": config.to_diffusers(),
         "params": sum(p.numel() for p in KLAutoencoder(config).parameters()),
         "latent_shape": list(config.latent_shape(1, 32)),
-        "args": {k: v for k, v in vars(args).items() if k not in ("out", "grid")},
+        "args": {k: v for k, v in vars(args).items() if k not in ("out", "grid", "save")},
         "floor": {"fid": floor.value, "stderr": floor.stderr},
         "threads": torch.get_num_threads(),
     }
     rows: list[dict] = []
     for seed in args.seeds:
-        row, reconstructions = one_seed(config, data, extractor, args, seed)
+        row, reconstructions, model = one_seed(config, data, extractor, args, seed)
         rows.append(row)
         if args.grid is not None and seed == args.seeds[0]:
             save_pairs(held_u8, reconstructions, args.grid)
+        if args.save is not None and seed == args.seeds[0]:
+            row["saved_sha256"] = save_autoencoder(model, str(args.save))
+            print(f"seed {seed}: saved to {args.save} (weights SHA-256 {row['saved_sha256']})", flush=True)
         rfids = [row["rfid"] for row in rows]
         write_result(args.out, {**header, "rows": rows, "rfid_mean": statistics.fmean(rfids)})
         print(f"seed {seed}: rFID {row['rfid']:.3f} (floor {floor.value:.3f}), {row['train_s']:.0f} s", flush=True)

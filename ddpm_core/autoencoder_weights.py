@@ -8,13 +8,16 @@ weights' digest, so that the same weights under another scaling factor are anoth
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import safetensors.torch
+import torch
 
 from ddpm_core.autoencoder import AutoencoderConfig, KLAutoencoder
 from ddpm_core.fields import FieldError
@@ -98,3 +101,46 @@ def save_autoencoder(model: KLAutoencoder, uri: str, storage_options: dict[str, 
         write_bytes(fs, f"{path}/{WEIGHTS_FILE}", weights)
         write_bytes(fs, f"{path}/{CONFIG_FILE}", config)
     return hashlib.sha256(weights).hexdigest()
+
+
+@dataclass(frozen=True)
+class LatentSpace:
+    """Where a latent diffusion model's data live: the latents ``scaling_factor * (z - shift_factor)`` of the
+    autoencoder in the folder ``autoencoder_uri`` (weights verified by ``autoencoder_sha256``), Rombach et al. 2022,
+    Sec. 3 and 4.3.2. A snapshot of such a model records it (``Snapshot.latent_space``), so whatever samples the
+    snapshot decodes its samples into images."""
+
+    autoencoder_uri: str
+    autoencoder_sha256: str  # the weights file's full SHA-256
+    autoencoder_identity: str  # autoencoder_identity() of the folder
+    scaling_factor: float  # the folder's config's, or 1/std of the data's latents
+    shift_factor: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> LatentSpace:
+        return cls(**data)
+
+    def latents(self, z: torch.Tensor) -> torch.Tensor:
+        """The diffusion model's data from the autoencoder's latents ``z [B, c, h, w]``."""
+        return self.scaling_factor * (z - self.shift_factor)
+
+    def decoder(
+        self,
+        storage_options: dict[str, Any] | None = None,
+        folder: str | None = None,
+        log: Callable[[str], None] = print,
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """A function from the model's samples ``[B, c, h, w]`` to images ``[B, C, H, W]`` in [-1, 1] (clipped):
+        the autoencoder's decoder, loaded from ``autoencoder_uri`` (or a copy of its folder at ``folder``) and
+        verified; on the samples' device, without gradients."""
+        model, _ = load_autoencoder(folder or self.autoencoder_uri, self.autoencoder_sha256, storage_options, log=log)
+
+        def decode(samples: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                z = samples.float() / self.scaling_factor + self.shift_factor  # [B, c, h, w]
+                return model.to(samples.device).decode(z).clamp(-1.0, 1.0)
+
+        return decode

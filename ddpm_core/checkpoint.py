@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import io
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
+from ddpm_core.autoencoder_weights import LatentSpace
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion, Variance
 from ddpm_core.distillation import ConsistencyFunction
 from ddpm_core.storage import commit, read_committed
@@ -65,6 +67,23 @@ class Snapshot:
         """Whether the weights are a consistency-distilled student's (``metadata["distilled"]["method"]``), whose
         network is read through the skip scalings (:class:`ddpm_core.distillation.ConsistencyFunction`)."""
         return self.metadata.get("distilled", {}).get("method") == "consistency"
+
+    @property
+    def latent_space(self) -> LatentSpace | None:
+        """A latent diffusion model's latent space (``metadata["latent"]``); None for a model of pixels."""
+        latent = self.metadata.get("latent")
+        return None if latent is None else LatentSpace.from_dict(latent)
+
+    def image_decoder(
+        self, storage_options: dict[str, Any] | None = None, folder: str | None = None
+    ) -> Callable[[torch.Tensor], torch.Tensor]:
+        """From the model's samples ``[B, C', H', W']`` to images ``[B, C, H, W]`` in [-1, 1]: the identity for a model
+        of pixels, the autoencoder's decoder for a latent one (:meth:`LatentSpace.decoder`; ``folder``: a local copy of
+        the autoencoder's folder)."""
+        space = self.latent_space
+        if space is None:
+            return lambda samples: samples
+        return space.decoder(storage_options, folder, log=lambda _: None)
 
     def build_model(self) -> torch.nn.Module:
         """The network as samplers call it, in eval mode: :meth:`build_network`, read as a consistency model where the

@@ -680,6 +680,21 @@ def random_horizontal_flip(x: torch.Tensor, generator: torch.Generator | None = 
     return torch.where(flip.to(x.device)[:, None, None, None], x.flip(-1), x)
 
 
+def random_posterior_batch(
+    mean: torch.Tensor,
+    logvar: torch.Tensor,
+    size: int,
+    generator: torch.Generator,
+    labels: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``size`` latents: posteriors ``N(mean, diag(exp(logvar)))`` (``[N, c, h, w]`` each) drawn with replacement,
+    and one fresh sample ``mean + exp(logvar / 2) * noise`` of each (Rombach et al. 2022, Sec. 3.1; Kingma & Welling
+    2014, Sec. 2.4), all on the tensors' device; their labels ``[size]`` when given."""
+    chosen = torch.randint(0, len(mean), (size,), generator=generator, device=mean.device)  # [size]
+    noise = torch.randn(mean[chosen].shape, generator=generator, device=mean.device)  # [size, c, h, w]
+    return mean[chosen] + torch.exp(0.5 * logvar[chosen]) * noise, (labels[chosen] if labels is not None else None)
+
+
 def random_batch(
     data: torch.Tensor,
     size: int,

@@ -217,6 +217,72 @@ class ModelSection:
         return dataclasses.replace(unet, num_classes=classes)
 
 
+@dataclass(frozen=True)
+class AutoencoderSection:
+    """Latent diffusion (Rombach et al. 2022; docs/latent.md): with ``weights_uri``, the diffusion model works on the
+    latents of this autoencoder, a diffusers ``AutoencoderKL`` folder, and its samples are decoded into images."""
+
+    weights_uri: str | None = field(default=None, metadata=WORKER_PATH)  # the folder (config.json + safetensors)
+    weights_sha256: str | None = None  # the safetensors file's SHA-256, or a prefix of at least 8 hex digits
+    scaling_factor: float | None = None  # the latents' scale (None: 1/std of the training split's latents, as LDM)
+    encode_batch: int = field(default=64, metadata=EXECUTION)  # images per encoder forward pass in prepare
+    encode_actors: int = field(default=2, metadata=EXECUTION)  # Ray Data actors encoding the training split
+
+    @property
+    def latent(self) -> bool:
+        return self.weights_uri is not None
+
+    def __post_init__(self) -> None:
+        require_positive("autoencoder", {"encode_batch": self.encode_batch, "encode_actors": self.encode_actors})
+        if self.scaling_factor is not None and not self.scaling_factor > 0:
+            raise ConfigError(f"autoencoder.scaling_factor must be > 0 or null (estimated), got {self.scaling_factor}")
+        if self.weights_uri is None:
+            return
+        if self.weights_sha256 is None:
+            raise ConfigError(
+                "autoencoder.weights_uri needs autoencoder.weights_sha256: the SHA-256 (or its first 8+ hex digits) of "
+                "the folder's diffusion_pytorch_model.safetensors, as `sha256sum` prints it"
+            )
+        try:
+            check_sha256_spec(self.weights_sha256, "autoencoder.weights_sha256")
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+
+
+def check_latent(config: PipelineConfig) -> None:
+    """What a latent model (``autoencoder.weights_uri``) cannot be combined with yet, each named with its reason."""
+    if not config.autoencoder.latent:
+        return
+    refused = {
+        "evaluate.nll": (
+            config.evaluate.nll,
+            "the bound of a latent model is in nats of latents, not comparable with pixel bits/dim; set "
+            "evaluate.nll=false",
+        ),
+        "tune.enabled": (config.tune.enabled, "trials are ranked by pixel bits/dim; set tune.enabled=false"),
+        "distill.enabled": (config.distill.enabled, "distillation of latent models is not built; set it false"),
+        "train.ema_sigma_rel": (
+            len(config.train.ema_candidates) > 1,
+            "candidates are scored by held-out pixel bits/dim; give one number",
+        ),
+        "train.horizontal_flip": (
+            config.train.horizontal_flip,
+            "a flipped latent is not the latent of the flipped image; set it false",
+        ),
+        "data.loader": (
+            config.data.loader is Loader.STREAM,
+            "the latents are held resident by the training workers; use data.loader=auto or resident",
+        ),
+        "sample.clip_denoised": (
+            config.sample.sampler.clip_denoised,
+            "latents are not bounded by [-1, 1], and clipping each predicted x_0 to it distorts them; set it false",
+        ),
+    }
+    for key, (on, why) in refused.items():
+        if on:
+            raise ConfigError(f"{key} with autoencoder.weights_uri (a latent model): {why}")
+
+
 # The most of each event a training run may make (train.<key>: limit, what one is); a plan with more is a mistake.
 # cifar10.yaml makes 80 checkpoints, 16 grids and 800 log points in its 102.4M images.
 MAX_TRAINING_EVENTS = {
@@ -949,6 +1015,7 @@ class PipelineConfig:
     tune: TuneSection = field(default_factory=TuneSection)
     train: TrainSection = field(default_factory=TrainSection)
     distill: DistillSection = field(default_factory=DistillSection)
+    autoencoder: AutoencoderSection = field(default_factory=AutoencoderSection)
     sample: SampleSection = field(default_factory=SampleSection)
     evaluate: EvaluateSection = field(default_factory=EvaluateSection)
     register: RegisterSection = field(default_factory=RegisterSection)
@@ -969,6 +1036,7 @@ class PipelineConfig:
         check_sampler(self.sample.sampler, self.diffusion)
         check_loss_weighting(self.train.loss_weighting, self.diffusion)
         check_distill(self.distill, self.train, num_timesteps)
+        check_latent(self)
         if self.tune.enabled and self.data.holdout_fraction <= 0:
             raise ConfigError("tune.enabled needs data.holdout_fraction > 0: trials are ranked on held-out images")
         if len(self.train.ema_candidates) > 1 and self.data.holdout_fraction <= 0:

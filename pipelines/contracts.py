@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
+from ddpm_core.autoencoder_weights import LatentSpace
 from ddpm_core.diffusion import DiffusionConfig
 from ddpm_core.distillation import student_sampler
 from ddpm_core.fields import coerce_enum_fields
@@ -19,6 +20,17 @@ from ddpm_core.samplers import SamplerConfig
 from ddpm_core.training import OptimConfig
 from ddpm_core.unet import UNetConfig
 from pipelines.execution import Device
+
+
+@dataclass(frozen=True)
+class LatentOutputs:
+    """The training split's latents (:mod:`pipelines.data.latents`) and the latent space they are in."""
+
+    uri: str  # the committed folder of latent files
+    shape: tuple[int, int, int]  # [c, h, w]
+    count: int
+    space: LatentSpace  # the autoencoder and the scaling factor: a snapshot of the model records it
+    image_shape: tuple[int, int, int]  # [H, W, C] of the images the latents decode to
 
 
 @dataclass(frozen=True)
@@ -39,6 +51,7 @@ class PrepareOutputs:
     source_listing: str = ""  # ddpm_core.data.source_identity of data.uri when read: its files' names, sizes, versions
     source_split: str = "train"  # the split of a source that has several (CIFAR-10)
     holdout_fraction: float = 0.0  # data.holdout_fraction, as applied
+    latent: LatentOutputs | None = None  # a latent model's (autoencoder.weights_uri): the encoded training split
 
     def described(self) -> str:
         """Which images these are, in words (e.g. ``train minus 0.1 hold-out``)."""

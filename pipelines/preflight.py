@@ -111,6 +111,20 @@ def check_init_from(config: PipelineConfig, log: Callable[[str], None] = print) 
         raise PreflightError(init_from_mismatch(uri, unet, expected))
 
 
+def check_autoencoder(config: PipelineConfig, options: dict[str, Any], log: Callable[[str], None] = print) -> None:
+    """A latent model's autoencoder loads: its folder read with deadlines, its weights verified by SHA-256 and
+    against its config (``load_autoencoder``; the weights stay cached for the stages)."""
+    from ddpm_core.autoencoder_weights import load_autoencoder
+    from ddpm_core.weights import WeightsError
+
+    autoencoder = config.autoencoder
+    assert autoencoder.weights_uri is not None and autoencoder.weights_sha256 is not None
+    try:
+        load_autoencoder(autoencoder.weights_uri, autoencoder.weights_sha256, options, log=log)
+    except WeightsError as error:
+        raise PreflightError(f"autoencoder.weights_uri: {redact(str(error))}") from error
+
+
 def within(seconds: float, action: Callable[[], T]) -> T:
     """``action()``, or ``TimeoutError`` when it has not returned after ``seconds`` (it goes on in a daemon thread,
     which ends with the process): for the first calls to a storage or tracking server, which may accept a
@@ -186,8 +200,8 @@ def without_userinfo(uri: str) -> str:
 
 
 def preflight(store: RunStore, config: PipelineConfig, log: Callable[[str], None] = print) -> Tracker:
-    """Before any stage: the run root is writable (the resolved config is written there), the Inception weights,
-    when configured, are readable, verified and loadable, and MLflow answers."""
+    """Before any stage: the run root is writable (the resolved config is written there), the Inception weights and a
+    latent model's autoencoder, when configured, are readable, verified and loadable, and MLflow answers."""
     try:
         within(STORAGE_DEADLINE_S, lambda: store.save_config(config))
     except Exception as error:  # botocore / OS errors, an endpoint that does not answer: name the setting to fix
@@ -210,6 +224,8 @@ def preflight(store: RunStore, config: PipelineConfig, log: Callable[[str], None
             raise PreflightError(f"evaluate.extractor=inception: {redact(str(error))}") from error
     if config.train.init_from:
         check_init_from(config, log)
+    if config.autoencoder.latent:
+        check_autoencoder(config, store.options, log)
     probe_mlflow(config.mlflow.resolved_tracking_uri(), log)
     try:
         return within(MLFLOW_DEADLINE_S, lambda: Tracker(config))

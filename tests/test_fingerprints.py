@@ -58,6 +58,13 @@ BASES = {
         "evaluate.nll_split=test",
     ),
     "distilled": ("distill.enabled=true", "diffusion.prediction=v", "sample.method=ddim", "sample.num_steps=50"),
+    "latent": (
+        "autoencoder.weights_uri=/weights/vae",
+        "autoencoder.weights_sha256=0123456789abcdef",
+        "evaluate.nll=false",  # each refused with a latent model (pipelines.config.check_latent)
+        "train.ema_sigma_rel=0.05",
+        "sample.clip_denoised=false",
+    ),
 }
 SPECIAL = {  # values for keys whose type alone does not give a valid different value
     "model.preset": ["cifar10", "image64"],
@@ -73,6 +80,7 @@ SPECIAL = {  # values for keys whose type alone does not give a valid different 
     "distill.teacher_steps": [8, 64],
     "distill.batch_size": [64, 256],  # a multiple of train.num_workers
     "distill.prediction": ["x0"],  # an eps student is refused
+    "autoencoder.weights_sha256": ["fedcba9876543210"],
 }
 
 

@@ -17,8 +17,8 @@ import pytest
 import torch
 
 from ddpm_core.autoencoder import AutoencoderConfig, KLAutoencoder
-from ddpm_core.autoencoder_weights import load_autoencoder, save_autoencoder
-from ddpm_core.data import ImageDataset, to_model_range
+from ddpm_core.autoencoder_weights import LatentSpace, load_autoencoder, save_autoencoder
+from ddpm_core.data import ImageDataset, random_posterior_batch, to_model_range
 from ddpm_core.storage import MANIFEST, read_manifest
 from pipelines.data.latents import Encoding, encode_split, file_uri, read_latent_file
 from pipelines.data.shards import read_split, write_split
@@ -44,7 +44,7 @@ def split_to_encode(tmp_path: Path, images: int, per_file: int, blocks: tuple[in
         data_fingerprint="f" * 64,
         autoencoder_uri=str(tmp_path / "vae"),
         autoencoder_sha256=sha256,
-        cache_root=str(tmp_path / "cache"),
+        latents_root=str(tmp_path / "latents"),
         storage_options={},
         batch=7,  # not a divisor of the files' sizes: the result may not depend on it
         actors=2,
@@ -60,7 +60,7 @@ def test_the_actors_store_each_images_posterior_and_the_scaling_factor_is_exact(
     model, identity = load_autoencoder(encoding.autoencoder_uri, encoding.autoencoder_sha256, log=lambda _: None)
     assert split.autoencoder_identity == identity
     images, labels = read_split(encoding.split_uri, {})
-    files = [read_latent_file(split, n, {}) for n in range(6)]
+    files = [read_latent_file(split.uri, n, {}) for n in range(6)]
     means, logvars = np.concatenate([f["mean"] for f in files]), np.concatenate([f["logvar"] for f in files])
     with torch.inference_mode():
         posterior = model.encode(to_model_range(images))
@@ -99,7 +99,7 @@ def test_a_killed_encoding_resumes_without_encoding_a_committed_file_again(tmp_p
     encoding = split_to_encode(tmp_path, images=16 * 24, per_file=24, blocks=(64, 128, 128))
     argument = json.dumps(encoding.__dict__)
     command = [sys.executable, "-c", DRIVER, argument]
-    latents = tmp_path / "cache" / "latents"
+    latents = tmp_path / "latents"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     env.pop("RAY_ADDRESS", None)
     first = subprocess.Popen(command, cwd=REPO, env=env, start_new_session=True, stdout=subprocess.DEVNULL)
@@ -119,3 +119,33 @@ def test_a_killed_encoding_resumes_without_encoding_a_committed_file_again(tmp_p
     assert split["encoded_now"] == 16 - len(before)
     after = committed_files(latents)
     assert len(after) == 16 and all(after[name] == when for name, when in before.items())
+
+
+def test_a_training_draw_is_a_fresh_sample_of_the_chosen_posterior_with_its_label():
+    mean = torch.tensor([0.0, 100.0, 200.0]).reshape(3, 1, 1, 1).expand(3, 2, 2, 2).contiguous()  # [3, 2, 2, 2]
+    logvar = torch.log(torch.tensor([0.25, 1.0, 4.0])).reshape(3, 1, 1, 1).expand(3, 2, 2, 2).contiguous()
+    labels = torch.tensor([7, 8, 9])
+    z, drawn = random_posterior_batch(mean, logvar, 30_000, torch.Generator().manual_seed(0), labels)
+    assert z.shape == (30_000, 2, 2, 2)
+    chosen = (z[:, 0, 0, 0] / 100).round().long()  # the posteriors lie 100 apart: each draw shows its own
+    assert drawn is not None and torch.equal(drawn, labels[chosen])
+    for index in range(3):
+        mine = z[chosen == index]  # [n_i, 2, 2, 2]
+        assert len(mine) > 9_000  # drawn uniformly
+        se = (4.0 ** (index - 1)) ** 0.5 / len(mine) ** 0.5
+        assert abs(mine.mean().item() - 100 * index) < 5 * se  # the posterior's mean ...
+        assert mine.var().item() == pytest.approx(4.0 ** (index - 1), rel=0.05)  # ... and its variance: fresh noise
+        assert mine[:, 0, 0, 0].std() > 0 and not torch.equal(mine[:, 0, 0, 0], mine[:, 1, 1, 1])
+
+
+def test_a_snapshots_latent_space_decodes_as_the_autoencoder_does(tmp_path):
+    torch.manual_seed(0)
+    config = AutoencoderConfig(in_channels=3, out_channels=3, block_out_channels=(32, 32), latent_channels=4)
+    model = KLAutoencoder(config).eval()
+    sha256 = save_autoencoder(model, str(tmp_path / "vae"))
+    space = LatentSpace(str(tmp_path / "vae"), sha256, "identity", scaling_factor=0.4, shift_factor=0.1)
+    z = torch.randn(2, 4, 8, 8)
+    decoded = space.decoder(log=lambda _: None)(space.latents(z))  # [2, 3, 16, 16]
+    with torch.no_grad():
+        expected = model.decode(z).clamp(-1, 1)
+    torch.testing.assert_close(decoded, expected, rtol=0, atol=1e-5)

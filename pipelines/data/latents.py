@@ -52,7 +52,7 @@ class Encoding:
     data_fingerprint: str
     autoencoder_uri: str
     autoencoder_sha256: str
-    cache_root: str  # the store's cache folder; the latents go to latents_uri(cache_root, ...)
+    latents_root: str  # the folder of every split's latents: this one's goes to latents_uri(latents_root, ...)
     storage_options: dict[str, Any]
     batch: int = 64
     actors: int = 2
@@ -92,8 +92,8 @@ class LatentSplit:
     encoded_now: int  # files this call encoded (the others were committed by an earlier one)
 
 
-def latents_uri(cache_root: str, data_fingerprint: str, autoencoder_identity: str) -> str:
-    return f"{cache_root}/latents/{data_fingerprint[:16]}-{autoencoder_identity[:16]}"
+def latents_uri(latents_root: str, data_fingerprint: str, autoencoder_identity: str) -> str:
+    return f"{latents_root}/{data_fingerprint[:16]}-{autoencoder_identity[:16]}"
 
 
 def file_uri(folder: str, number: int) -> str:
@@ -150,7 +150,7 @@ def encode_split(encoding: Encoding, log: Callable[[str], None] = print) -> Late
     committed encoded by ``encoding.actors`` Ray Data actors, then the folder committed with the scaling factor."""
     options = encoding.storage_options
     _, identity = load_autoencoder(encoding.autoencoder_uri, encoding.autoencoder_sha256, options, log=log)
-    folder = latents_uri(encoding.cache_root, encoding.data_fingerprint, identity)
+    folder = latents_uri(encoding.latents_root, encoding.data_fingerprint, identity)
     if is_committed(folder, options):
         log(f"latents: reusing {folder}")
         return committed_split(folder, options, encoded_now=0)
@@ -175,7 +175,7 @@ def run_encoders(encoding: Encoding, folder: str, numbers: list[int]) -> None:
         FileEncoder,
         fn_constructor_args=(encoding, folder),
         batch_size=1,
-        concurrency=actors,
+        compute=ray.data.ActorPoolStrategy(size=actors),
         num_cpus=1,
         runtime_env=runtime_env(),
     )
@@ -209,6 +209,13 @@ def committed_split(folder: str, options: dict[str, Any], encoded_now: int) -> L
     )
 
 
-def read_latent_file(split: LatentSplit, number: int, options: dict[str, Any]) -> dict[str, np.ndarray]:
+def read_latent_file(folder: str, number: int, options: dict[str, Any]) -> dict[str, np.ndarray]:
     """One latent file: ``mean`` and ``logvar`` float32 ``[n, c, h, w]`` and, when the split has them, ``labels``."""
-    return read_split_file(ImageSource(file_uri(split.uri, number), LATENT_FILE, 0), options)
+    return read_split_file(ImageSource(file_uri(folder, number), LATENT_FILE, 0), options)
+
+
+def read_latents(folder: str, options: dict[str, Any]) -> dict[str, np.ndarray]:
+    """Every latent file of a committed folder, concatenated in the split's order (:func:`read_latent_file`)."""
+    files = int(read_manifest(folder, options)["metadata"]["files"])
+    parts = [read_latent_file(folder, number, options) for number in range(files)]
+    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}

@@ -6,7 +6,7 @@ grids. A class-conditional model is drawn as its null-class (unconditional) mode
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,7 +28,9 @@ from pipelines.runs import RunStore
 class TrainedModel:
     network: Model  # unconditional: the network itself; conditional: its null-class model
     diffusion: GaussianDiffusion
-    shape: tuple[int, int, int]  # (C, H, W)
+    shape: tuple[int, int, int]  # (C, H, W) of the network's data: images, or a latent model's latents
+    to_images: Callable[[torch.Tensor], torch.Tensor]  # the network's data -> images in [-1, 1]
+    latent: bool
 
 
 def trained_model(store: RunStore) -> TrainedModel:
@@ -42,7 +44,11 @@ def trained_model(store: RunStore) -> TrainedModel:
     model = null_conditioned(network, classes) if classes is not None else network
     unet = snapshot.unet
     return TrainedModel(
-        model, GaussianDiffusion.from_config(snapshot.diffusion), (unet.in_channels, unet.image_size, unet.image_size)
+        model,
+        GaussianDiffusion.from_config(snapshot.diffusion),
+        (unet.in_channels, unet.image_size, unet.image_size),
+        snapshot.image_decoder(store.options),
+        snapshot.latent_space is not None,
     )
 
 
@@ -71,6 +77,11 @@ def interpolation_figure(
     store = RunStore.of(config)
     sources = holdout_images(store, pair)  # [2, H, W, C]
     trained = trained_model(store)
+    if trained.latent:
+        raise ConfigError(
+            f"run {store.root} trained a latent model: interpolating held-out images needs their latents, which this "
+            "figure does not encode yet (the progressive figure works)"
+        )
     last = trained.diffusion.num_timesteps - 1
     if any(not 0 <= t <= last for t in timesteps):
         raise ConfigError(f"--timesteps must lie in [0, {last}], got {list(timesteps)}")
@@ -93,12 +104,11 @@ def progressive_figure(config: PipelineConfig, count: int, frames: int, seed: in
     steps = trained.diffusion.num_timesteps
     every = max(1, steps // (frames - 1)) if frames > 1 else steps
     noise = PerIndexNoise(seed, range(count))
-    result = sample(
-        trained.network, trained.diffusion, trained.shape, noise, SamplerConfig(Method.ANCESTRAL), record_x0_every=every
-    )
+    sampler = SamplerConfig(Method.ANCESTRAL, clip_denoised=not trained.latent)  # latents are not in [-1, 1]
+    result = sample(trained.network, trained.diffusion, trained.shape, noise, sampler, record_x0_every=every)
     assert result.pred_x0 is not None
     chosen = result.pred_x0[np.linspace(0, len(result.pred_x0) - 1, frames).round().astype(int)]  # [F, n, C, H, W]
-    return np.concatenate([to_uint8(chosen[:, index]) for index in range(count)])
+    return np.concatenate([to_uint8(trained.to_images(chosen[:, index])) for index in range(count)])
 
 
 def write_figure(images: np.ndarray, columns: int, uri: str, config: PipelineConfig) -> None:

@@ -79,6 +79,7 @@ class SampleWorker:
             )
         self.diffusion = GaussianDiffusion.from_config(snapshot.diffusion)
         self.shape = (snapshot.unet.in_channels, snapshot.unet.image_size, snapshot.unet.image_size)
+        self.to_images = snapshot.image_decoder(storage_options)  # a latent model's decoder, else the identity
         self.request, self.storage_options = request, storage_options
 
     def run_shard(self, uri: str, start: int, stop: int) -> tuple[int, float]:
@@ -95,7 +96,7 @@ class SampleWorker:
         ):
             noise = PerIndexNoise(self.request.seed, range(start, stop), self.device)
             result = sample(self.model, self.diffusion, self.shape, noise, self.request.sampler, kwargs)
-        images = to_uint8(result.samples)  # [n, H, W, C] uint8
+        images = to_uint8(self.to_images(result.samples))  # [n, H, W, C] uint8
         seconds = time.perf_counter() - started
         shard_labels = None if labels is None else labels.numpy()
         write_sample_shard(uri, images, start, self.request.seed, self.storage_options, shard_labels)

@@ -63,6 +63,9 @@ class DDPMSampler(PythonModel):
         self.model = snapshot.build_model()
         self.diffusion = GaussianDiffusion.from_config(snapshot.diffusion)
         self.shape = (snapshot.unet.in_channels, snapshot.unet.image_size, snapshot.unet.image_size)
+        # a latent model's decoder, from the autoencoder folder logged with it (verified by its SHA-256)
+        self.to_images = snapshot.image_decoder(folder=context.artifacts.get("autoencoder"))
+        self.latent = snapshot.latent_space is not None
         self.num_classes = snapshot.unet.num_classes
         model_config = context.model_config or {}
         self.guidance_scale = float(model_config.get("guidance_scale", 0.0))
@@ -107,6 +110,7 @@ class DDPMSampler(PythonModel):
             num_steps=int(settings["num_steps"]) or None,
             eta=float(settings["eta"]),
             spacing=settings["spacing"] or None,
+            clip_denoised=not self.latent,  # a latent model's x_0 is not bounded by [-1, 1]
         )
         noise = PerIndexNoise(int(settings["seed"]), indices)  # row i's noise depends on (seed, index i) alone
         kwargs = None if labels is None else {"class_labels": labels}
@@ -115,9 +119,9 @@ class DDPMSampler(PythonModel):
         every = max(1, steps // max(frames - 1, 1)) if frames > 0 else None
         result = sample(network, self.diffusion, self.shape, noise, config, kwargs, record_x0_every=every)
         if result.pred_x0 is None:
-            return to_uint8(result.samples)
+            return to_uint8(self.to_images(result.samples))
         chosen = result.pred_x0[np.linspace(0, len(result.pred_x0) - 1, frames).round().astype(int)]  # [F, n, C, H, W]
-        return to_uint8(chosen.transpose(0, 1).flatten(0, 1))  # [n * F, H, W, C], image after image
+        return to_uint8(self.to_images(chosen.transpose(0, 1).flatten(0, 1)))  # [n * F, H, W, C], image after image
 
     def guided(self, model_input: pd.DataFrame, guidance_scale: float) -> tuple[Any, Any]:
         """The guided network and the labels ``[n]`` of a conditional model's request, checked."""

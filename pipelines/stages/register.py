@@ -30,6 +30,7 @@ from pipelines.contracts import (
     ChampionRef,
     DistillOutputs,
     EvaluateOutputs,
+    LatentOutputs,
     PrepareOutputs,
     RegisterOutputs,
     TrainOutputs,
@@ -221,16 +222,14 @@ def log_model(
         example["label"] = [0, unet.num_classes - 1]
         model_config.update(guidance_scale=guidance, class_names=list(prepare.class_names or ()))
     with tempfile.TemporaryDirectory() as directory:
-        local = os.path.join(directory, "snapshot")
-        fs, path = filesystem(snapshot_uri, context.store.options)
-        fs.get(f"{path}/", local, recursive=True)
-        output = np.zeros((2, unet.image_size, unet.image_size, unet.in_channels), np.uint8)
+        artifacts = copied_artifacts(directory, snapshot_uri, prepare.latent, context.store.options)
+        output = np.zeros((2, *image_shape(unet, prepare.latent)), np.uint8)
         signature = infer_signature(example, output, params=params)
         with mlflow.start_run(run_id=context.mlflow_run_id):
             info = mlflow.pyfunc.log_model(
                 name="model",
                 python_model=str(PACKAGE_ROOT / "pipelines" / "registry" / "serving.py"),
-                artifacts={"snapshot": local},
+                artifacts=artifacts,
                 code_paths=[str(PACKAGE_ROOT / "ddpm_core")],
                 signature=signature,
                 model_config=model_config,
@@ -246,6 +245,29 @@ def log_model(
                 ],
             )
     return str(info.registered_model_version), info.model_id
+
+
+def copied_artifacts(
+    directory: str, snapshot_uri: str, latent: LatentOutputs | None, options: dict[str, Any]
+) -> dict[str, str]:
+    """The pyfunc's artifacts, copied into ``directory``: the snapshot, and a latent model's autoencoder folder (its
+    decoder turns the samples into images), so that the registered model needs nothing outside itself."""
+    sources = {"snapshot": snapshot_uri}
+    if latent is not None:
+        sources["autoencoder"] = latent.space.autoencoder_uri
+    artifacts = {}
+    for name, uri in sources.items():
+        artifacts[name] = os.path.join(directory, name)
+        fs, path = filesystem(uri, options)
+        fs.get(f"{path.rstrip('/')}/", artifacts[name], recursive=True)
+    return artifacts
+
+
+def image_shape(unet: UNetConfig, latent: LatentOutputs | None) -> tuple[int, int, int]:
+    """``[H, W, C]`` of the images the pyfunc returns: the U-Net's, or a latent model's decoded images."""
+    if latent is None:
+        return (unet.image_size, unet.image_size, unet.in_channels)
+    return latent.image_shape
 
 
 def sampler_defaults(sampler: SamplerConfig) -> dict[str, Any]:

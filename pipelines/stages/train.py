@@ -66,7 +66,10 @@ def run(
     warm_start = tune.best_checkpoint_uri if tune is not None and settings.warm_start_from_trial else None
     unet = recipe.model.unet(prepare.num_classes)
     split, values = (prepare.shards_uri, prepare.num_train), unet.in_channels * unet.image_size**2
-    stream, why = plan_stream(recipe.data, train, split, values, train.max_workers, context.store.options)
+    if prepare.latent is None:
+        stream, why = plan_stream(recipe.data, train, split, values, train.max_workers, context.store.options)
+    else:
+        stream, why = None, f"the {prepare.latent.count} posteriors of a latent model's latents, {prepare.latent.uri}"
     context.log(f"train: {'stream' if stream else 'resident'} data loader ({why})")
     log_training_data(context.client, context.mlflow_run_id, prepare)  # the data as this run's dataset input
     job = TrainJob(
@@ -83,6 +86,7 @@ def run(
         warm_start_uri=warm_start,
         compile_cache_uri=context.store.cache_uri("compile", "train"),
         grids_run_id=grids_run(context, train),
+        latent=prepare.latent,
     )
     conditional = (
         f", {job.unet.num_classes} classes (label dropout {train.class_dropout:g})" if job.unet.num_classes else ""

@@ -71,6 +71,7 @@ class Progress:
         )
         self.window_started, self.window_images_seen = time.time(), images_seen
         self.system = system_metrics(job)
+        self.to_images = job.image_decoder()  # the grids' samples -> images: a latent model's decoder
 
     def log_metrics(self, means: dict[str, float], state: TrainState, data_wait_seconds: float, lr: float) -> None:
         """The window's mean step statistics, the learning rate ``lr`` of the next step, the EMA decay, the training
@@ -106,10 +107,12 @@ class Progress:
         count = 8 * len(classes) if classes else GRID_IMAGES
         labels = balanced_classes(range(count), classes) if classes else None  # [count]
         noise = PerIndexNoise(self.job.train.seed, range(count), device)
-        sampler = SamplerConfig(method=Method.DDIM, num_steps=min(50, diffusion.num_timesteps))
+        steps, clip = min(50, diffusion.num_timesteps), self.job.latent is None  # latents are not in [-1, 1]
+        sampler = SamplerConfig(method=Method.DDIM, num_steps=steps, clip_denoised=clip)
         kwargs = None if labels is None else {"class_labels": labels.to(device)}
         shape = (unet.in_channels, unet.image_size, unet.image_size)
-        pixels = to_uint8(sample(ema_model, diffusion, shape, noise, sampler, kwargs).samples)  # [count, H, W, C]
+        samples = sample(ema_model, diffusion, shape, noise, sampler, kwargs).samples  # [count, C', H', W']
+        pixels = to_uint8(self.to_images(samples))  # [count, H, W, C]
         if labels is not None:
             pixels = rows_by_class(pixels, labels.numpy(), columns=8)
         try:

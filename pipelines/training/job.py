@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import torch
 from torch import nn
 
 from ddpm_core.diffusion import DiffusionConfig
 from ddpm_core.precision import Precision
 from ddpm_core.unet import UNetConfig
 from pipelines.config import TrainSection
+from pipelines.contracts import LatentOutputs
 from pipelines.data.streaming import StreamSpec
 from pipelines.execution import Device
 from pipelines.training.objective import DistillTarget
@@ -44,26 +47,35 @@ class TrainJob:
     compile_cache_uri: str | None = None  # a folder for torch.compile's artifacts, shared by runs (None: not kept)
     grids_run_id: str | None = None  # the MLflow run of the sample grids (None: mlflow_run_id's)
     distill: DistillTarget | None = None  # a distill round's teacher and steps (None: training, Algorithm 1)
+    latent: LatentOutputs | None = None  # a latent model's training data (None: the images of shards_uri)
 
     @property
     def precision(self) -> Precision:
         return self.train.precision(self.device is Device.GPU)
 
     @property
+    def latent_metadata(self) -> dict[str, Any]:
+        """What every snapshot of a latent model records: its latent space, so that whatever samples it decodes its
+        samples (``Snapshot.image_decoder``); empty for a model of pixels."""
+        return {} if self.latent is None else {"latent": self.latent.space.to_dict()}
+
+    @property
     def snapshot_metadata(self) -> dict[str, Any]:
-        """What the final snapshot records beside its images seen: a distilled student's method, steps and teacher
-        (its sampler: DDIM at those steps on their trailing grid, ``ddpm_core.distillation.student_sampler``; a
-        consistency student's network is read through its skip scalings, ``Snapshot.build_model``)."""
+        """What the final snapshot records beside its images seen: :attr:`latent_metadata`, and a distilled student's
+        method, steps and teacher (its sampler: DDIM at those steps on their trailing grid,
+        ``ddpm_core.distillation.student_sampler``; a consistency student's network is read through its skip
+        scalings, ``Snapshot.build_model``)."""
         if self.distill is None:
-            return {}
+            return self.latent_metadata
         target = self.distill
-        return {
-            "distilled": {
-                "method": target.method,
-                "steps": target.student_steps,
-                "teacher": target.teacher_snapshot_uri,
-            }
-        }
+        distilled = {"method": target.method, "steps": target.student_steps, "teacher": target.teacher_snapshot_uri}
+        return {**self.latent_metadata, "distilled": distilled}
+
+    def image_decoder(self) -> Callable[[torch.Tensor], torch.Tensor]:
+        """From the network's samples to images in [-1, 1]: the identity, or a latent model's decoder."""
+        if self.latent is None:
+            return lambda samples: samples
+        return self.latent.space.decoder(self.storage_options, log=lambda _: None)
 
     @property
     def snapshot_uri(self) -> str:

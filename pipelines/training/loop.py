@@ -11,10 +11,11 @@ from typing import NamedTuple
 import torch
 from torch.profiler import record_function
 
-from ddpm_core.data import random_batch, to_model_range
+from ddpm_core.data import random_batch, random_posterior_batch, to_model_range
 from ddpm_core.precision import autocast_dtype
 from ddpm_core.training import RunningTotals, drop_labels
 from pipelines.advice import out_of_memory_advice
+from pipelines.data.latents import read_latents
 from pipelines.data.shards import read_split
 from pipelines.data.streaming import ImageStream
 from pipelines.training.hooks import (
@@ -149,6 +150,9 @@ class Batches:
         if isinstance(data, StreamedData):
             pixels, labels = data.stream.next(data.device)  # [size, H, W, C] uint8, flipped by the decode tasks
             images = to_model_range(pixels).contiguous(memory_format=layout)
+        elif data.logvar is not None and job.latent is not None:  # a latent model: a fresh draw of each posterior
+            z, labels = random_posterior_batch(data.images, data.logvar, self.size, generator, data.labels)
+            images = job.latent.space.latents(z).contiguous(memory_format=layout)  # [size, c, h, w]
         else:
             flip = job.train.horizontal_flip
             images, labels = random_batch(data.images, self.size, generator, flip, layout, data.labels)
@@ -164,8 +168,9 @@ class Batches:
 
 
 class ResidentData(NamedTuple):
-    images: torch.Tensor  # [N_r, C, H, W] in [-1, 1], on the worker's device
+    images: torch.Tensor  # [N_r, C, H, W] in [-1, 1], on the worker's device; a latent model: posterior means
     labels: torch.Tensor | None  # [N_r] int64 on the same device: a class-conditional model's
+    logvar: torch.Tensor | None = None  # a latent model's posterior log-variances, [N_r, c, h, w]
 
 
 class StreamedData(NamedTuple):
@@ -188,8 +193,17 @@ def stream_from(job: TrainJob, share: int, worker: Worker, state: TrainState, mi
 def resident_slices(job: TrainJob, worker: Worker) -> list[ResidentData]:
     """The training split, read once, and each of this worker's shares' part of it (every share-count-th image from
     the share's index), held on the worker's device with its labels when the model is class-conditional: a step
-    draws both there, with no host work."""
-    images, labels = read_split(job.shards_uri, job.storage_options)
+    draws both there, with no host work. A latent model holds the posteriors of its latents instead of images."""
+    if job.latent is not None:
+        latents = read_latents(job.latent.uri, job.storage_options)
+        data, logvar, labels = (
+            torch.as_tensor(latents["mean"]),
+            torch.as_tensor(latents["logvar"]),
+            latents.get("labels"),
+        )
+    else:
+        images, labels = read_split(job.shards_uri, job.storage_options)
+        data, logvar = to_model_range(images), None
     if job.unet.num_classes is None:
         labels = None
     elif labels is None:
@@ -197,8 +211,9 @@ def resident_slices(job: TrainJob, worker: Worker) -> list[ResidentData]:
     device, slices = worker.device, [slice(share, None, worker.share_count) for share in worker.shares]
     return [
         ResidentData(
-            to_model_range(images[mine]).to(device),
+            data[mine].to(device),
             None if labels is None else torch.as_tensor(labels[mine], dtype=torch.long).to(device),
+            None if logvar is None else logvar[mine].to(device),
         )
         for mine in slices
     ]

@@ -91,7 +91,8 @@ def start_state(job: TrainJob, worker: Worker) -> TrainState:
     model = UNet(job.unet, learn_variance=job.diffusion.variance is Variance.LEARNED_RANGE)
     checkpoint = ray.train.get_checkpoint()
     if worker.rank == 0 and checkpoint is None:
-        save_snapshot(job.initial_snapshot_uri, model, job.unet, job.diffusion, {"images_seen": 0}, job.storage_options)
+        metadata = {"images_seen": 0, **job.latent_metadata}
+        save_snapshot(job.initial_snapshot_uri, model, job.unet, job.diffusion, metadata, job.storage_options)
     source, restored = starting_weights(job, worker, model, checkpoint)
     parts = step_parts(model, job.train, worker.device, prepare_for_ray_train)
     compiled = job.train.compiled(worker.device.type == "cuda")

@@ -1,0 +1,173 @@
+"""A latent model through the whole pipeline (issue 34): ``python -m pipelines run`` on the digits with
+``autoencoder.weights_uri`` naming a diffusers-format autoencoder folder. Prepare encodes the training split, training
+draws from its posteriors, the sample stage's images are the snapshot's latents decoded, and the registered pyfunc
+carries the decoder. Also what a latent model refuses, before Ray starts."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+import ray
+import torch
+from mlflow.tracking import MlflowClient
+
+from ddpm_core.autoencoder import AutoencoderConfig, KLAutoencoder
+from ddpm_core.autoencoder_weights import save_autoencoder
+from ddpm_core.checkpoint import load_snapshot
+from ddpm_core.data import to_uint8
+from ddpm_core.diffusion import GaussianDiffusion
+from ddpm_core.samplers import PerIndexNoise, SamplerConfig, sample
+from pipelines.__main__ import main
+from pipelines.data.latents import read_latents
+from tests import run_files
+
+REPO = Path(__file__).resolve().parents[1]
+ENV = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+TINY = [
+    "run_id=latent",
+    "train.total_images=2048",
+    "train.warmup_images=256",
+    "train.checkpoint_every_images=1024",
+    "train.grid_every_images=1024",
+    "train.log_every_images=512",
+    "train.ema_snapshot_every_images=512",
+    "train.ema_sigma_rel=0.05",  # one width: candidates are ranked by pixel bits/dim
+    "sample.num_samples=40",
+    "sample.batch_size=20",
+    "evaluate.classifier_epochs=1",
+    "evaluate.nll=false",  # the bound of a latent model is not pixel bits/dim
+    "evaluate.untrained_baseline=false",
+    "evaluate.inception_score=false",
+    "evaluate.precision_recall=false",
+    "evaluate.kid=false",
+    "model.overrides={image_size: 4, in_channels: 3}",  # the latents: 8x8 digits, f = 2, 3 channels
+    "sample.clip_denoised=false",  # latents are not bounded by [-1, 1]
+]
+
+
+def autoencoder_folder(folder: Path) -> str:
+    """A randomly initialised f = 2 autoencoder of 1-channel images into 3-channel latents, in diffusers' format;
+    returns its weights' SHA-256."""
+    torch.manual_seed(0)
+    config = AutoencoderConfig(
+        in_channels=1, out_channels=1, block_out_channels=(32, 32), layers_per_block=1, latent_channels=3
+    )
+    return save_autoencoder(KLAutoencoder(config).eval(), str(folder))
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("latent")
+    sha256 = autoencoder_folder(root / "vae")
+    args = [
+        sys.executable,
+        "-m",
+        "pipelines",
+        "run",
+        "--config",
+        str(REPO / "configs" / "digits.yaml"),
+        *TINY,
+        f"autoencoder.weights_uri={root / 'vae'}",
+        f"autoencoder.weights_sha256={sha256[:12]}",
+        f"storage.root={root / 'runs'}",
+        f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
+    ]
+    result = subprocess.run(args, cwd=root, env=ENV, capture_output=True, text=True, timeout=900)
+    (root / "job.log").write_text(result.stdout + result.stderr)
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return root
+
+
+def outputs(root: Path, stage: str) -> dict:
+    return run_files.outputs(root / "runs" / "latent", stage)
+
+
+def test_prepare_encodes_the_training_split_and_records_the_latent_space(finished):
+    latent = outputs(finished, "prepare")["latent"]
+    assert latent["shape"] == [3, 4, 4] and latent["image_shape"] == [8, 8, 1]
+    assert latent["count"] == outputs(finished, "prepare")["num_train"]
+    posteriors = read_latents(latent["uri"], {})
+    assert posteriors["mean"].shape == (latent["count"], 3, 4, 4) and len(posteriors["labels"]) == latent["count"]
+    draws = posteriors["mean"] + np.exp(0.5 * posteriors["logvar"]) * np.random.default_rng(0).standard_normal(
+        posteriors["mean"].shape
+    )
+    assert latent["space"]["scaling_factor"] == pytest.approx(1 / draws.std(), rel=0.01)  # not configured: 1/std
+
+    client = MlflowClient(f"sqlite:///{finished / 'mlflow.db'}")
+    prepare_run = client.get_run(run_files.manifest(finished / "runs" / "latent", "prepare")["mlflow_run_id"])
+    assert prepare_run.data.params["latent.shape"] == "3x4x4"
+    assert prepare_run.data.params["autoencoder.identity"] == latent["space"]["autoencoder_identity"]
+    assert prepare_run.data.metrics["latent_scaling_factor"] == pytest.approx(latent["space"]["scaling_factor"])
+
+
+def snapshot_images(snapshot_uri: str, sampler: SamplerConfig, seed: int, indices: range) -> np.ndarray:
+    """Images ``indices`` of ``seed`` sampled from the snapshot and decoded, here, from its recorded latent space."""
+    snapshot = load_snapshot(snapshot_uri)
+    diffusion = GaussianDiffusion.from_config(snapshot.diffusion)
+    shape = (snapshot.unet.in_channels, snapshot.unet.image_size, snapshot.unet.image_size)
+    latents = sample(snapshot.build_model(), diffusion, shape, PerIndexNoise(seed, indices), sampler).samples
+    assert latents.shape == (len(indices), 3, 4, 4)
+    return to_uint8(snapshot.image_decoder()(latents))
+
+
+def test_the_sample_stage_decodes_the_snapshots_latents(finished):
+    sampled, latent = outputs(finished, "sample"), outputs(finished, "prepare")["latent"]
+    snapshot = load_snapshot(sampled["snapshot_uri"])
+    assert snapshot.metadata["latent"] == latent["space"]  # the snapshot knows its decoder
+    first = np.load(Path(sampled["shard_uris"][0]) / "images.npy")
+    assert first.shape == (20, 8, 8, 1) and first.dtype == np.uint8
+    sampler = SamplerConfig(**sampled["sampler"])
+    np.testing.assert_array_equal(
+        first[:3], snapshot_images(sampled["snapshot_uri"], sampler, sampled["seed"], range(3))
+    )
+
+
+def test_the_registered_model_carries_its_decoder(finished):
+    sampled = outputs(finished, "sample")
+    sampler = SamplerConfig(method="ddim", num_steps=10, spacing="trailing", clip_denoised=False)
+    expected = snapshot_images(sampled["snapshot_uri"], sampler, 5, range(3))
+    shutil.rmtree(finished / "vae")  # the registered model needs nothing outside itself
+    mlflow.set_tracking_uri(f"sqlite:///{finished / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/ddpm-digits@champion")
+    params = {"seed": 5, "method": "ddim", "num_steps": 10, "spacing": "trailing"}
+    images = model.predict(pd.DataFrame({"index": range(3)}), params=params)
+    assert images.shape == (3, 8, 8, 1) and images.dtype == np.uint8
+    np.testing.assert_array_equal(images, expected)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["evaluate.nll=true"], "evaluate.nll with autoencoder.weights_uri"),
+        (["tune.enabled=true"], "tune.enabled with autoencoder.weights_uri"),
+        (["train.horizontal_flip=true"], "train.horizontal_flip with autoencoder.weights_uri"),
+        (["sample.clip_denoised=true"], "sample.clip_denoised with autoencoder.weights_uri"),
+        (["autoencoder.weights_sha256=null"], "autoencoder.weights_uri needs autoencoder.weights_sha256"),
+        (["model.overrides={image_size: 8, in_channels: 1}"], "set model.overrides.image_size=4"),
+        (["autoencoder.weights_sha256=0123456789ab"], "SHA-256"),
+    ],
+)
+def test_what_a_latent_model_refuses_before_ray_starts(tmp_path, capsys, overrides, message):
+    sha256 = autoencoder_folder(tmp_path / "vae")
+    args = [
+        "run",
+        "--config",
+        str(REPO / "configs" / "digits.yaml"),
+        *TINY,
+        f"autoencoder.weights_uri={tmp_path / 'vae'}",
+        f"autoencoder.weights_sha256={sha256}",
+        f"storage.root={tmp_path / 'runs'}",
+        f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        *overrides,
+    ]
+    assert main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not ray.is_initialized()
