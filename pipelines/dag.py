@@ -52,7 +52,7 @@ STAGES: tuple[Stage, ...] = (
         prepare.settings,
         PrepareOutputs,
         (),
-        description="validate data, shards, domain classifier",
+        description="validate data, shards, a latent model's latents, domain classifier",
         needs_ray=False,
     ),
     Stage(
