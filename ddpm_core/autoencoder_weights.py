@@ -111,7 +111,7 @@ class LatentSpace:
     snapshot decodes its samples into images."""
 
     autoencoder_uri: str
-    autoencoder_sha256: str  # the weights file's full SHA-256
+    autoencoder_sha256: str  # the weights file's SHA-256 or a prefix of it, as configured (the identity pins all of it)
     autoencoder_identity: str  # autoencoder_identity() of the folder
     scaling_factor: float  # the folder's config's, or 1/std of the data's latents
     shift_factor: float = 0.0
