@@ -71,6 +71,9 @@ def test_every_local_path_a_worker_opens_is_named():
     for key in ("data.uri '/data/images'", "train.init_from '/models/snap'", "evaluate.inception_weights_uri"):
         assert key in message, message
     assert "data.prepare_on=driver" in message
+    latent = ["autoencoder.weights_sha256=0123456789ab", "evaluate.nll=false", "train.ema_sigma_rel=0.05"]
+    message = refused(THREE, [*S3, *latent, "sample.clip_denoised=false", "autoencoder.weights_uri=/w/vae"])
+    assert "autoencoder.weights_uri '/w/vae'" in message, message
     # read on the driver, written to storage.root: fine
     check_reach(load_config(None, [*S3, "data.uri=/data/images", "data.prepare_on=driver"]), THREE, False)
     check_reach(load_config(None, [*S3, "data.uri=builtin:digits"]), THREE, False)  # bundled: on every node
@@ -84,6 +87,7 @@ def test_the_paths_workers_open_are_found_by_their_mark():
         "data.uri",
         "train.init_from",
         "evaluate.inception_weights_uri",
+        "autoencoder.weights_uri",
     }
 
 
