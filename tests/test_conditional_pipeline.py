@@ -3,9 +3,6 @@
 chosen classes."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -38,28 +35,11 @@ TINY = [
     "evaluate.guidance_scales=[0, 2]",
     "evaluate.guidance_samples=30",
 ]
-ENV = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
 
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("conditional")
-    args = [
-        sys.executable,
-        "-m",
-        "pipelines",
-        "run",
-        "--config",
-        str(REPO / "configs" / "digits-cond.yaml"),
-        *TINY,
-        f"storage.root={root / 'runs'}",
-        f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
-    ]
-    # The working directory is the test's: MLflow's local artifact store (./mlruns) lands there, not in the repo.
-    result = subprocess.run(args, cwd=root, env=ENV, capture_output=True, text=True, timeout=900)
-    (root / "job.log").write_text(result.stdout + result.stderr)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return root
+    return run_files.finished_run(tmp_path_factory.mktemp("conditional"), "digits-cond.yaml", TINY)
 
 
 def outputs(root: Path, stage: str) -> dict:

@@ -5,10 +5,7 @@ carries the decoder. Also what a latent model refuses, before Ray starts."""
 
 from __future__ import annotations
 
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import mlflow
@@ -30,7 +27,6 @@ from pipelines.data.latents import read_latents
 from tests import run_files
 
 REPO = Path(__file__).resolve().parents[1]
-ENV = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
 TINY = [
     "run_id=latent",
     "train.total_images=2048",
@@ -67,23 +63,8 @@ def autoencoder_folder(folder: Path) -> str:
 def finished(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("latent")
     sha256 = autoencoder_folder(root / "vae")
-    args = [
-        sys.executable,
-        "-m",
-        "pipelines",
-        "run",
-        "--config",
-        str(REPO / "configs" / "digits.yaml"),
-        *TINY,
-        f"autoencoder.weights_uri={root / 'vae'}",
-        f"autoencoder.weights_sha256={sha256[:12]}",
-        f"storage.root={root / 'runs'}",
-        f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
-    ]
-    result = subprocess.run(args, cwd=root, env=ENV, capture_output=True, text=True, timeout=900)
-    (root / "job.log").write_text(result.stdout + result.stderr)
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return root
+    weights = [f"autoencoder.weights_uri={root / 'vae'}", f"autoencoder.weights_sha256={sha256[:12]}"]
+    return run_files.finished_run(root, "digits.yaml", [*TINY, *weights])
 
 
 def outputs(root: Path, stage: str) -> dict:
