@@ -335,6 +335,13 @@ class Scores:
     fid_champion_stderr: float | None = None
     fid_minus_champion: float | None = None  # fid - fid_champion on the same sample indices
     fid_minus_champion_stderr: float | None = None  # its paired jackknife standard error
+    # a latent model's floor (docs/latent.md): rFID, the held-out images reconstructed by its autoencoder against
+    # the originals (Rombach et al. 2022, Table 8); and, against the reference, the reconstructions' FID minus the
+    # originals' on the same indices: what the autoencoder adds to any of its samples' FID at the hold-out's N
+    rfid: float | None = None
+    rfid_stderr: float | None = None
+    fid_reconstructed_minus_holdout: float | None = None
+    fid_reconstructed_minus_holdout_stderr: float | None = None  # its paired jackknife standard error
 
     def present(self) -> dict[str, float]:
         """The scores that were computed, by name (MLflow metric keys)."""

@@ -5,7 +5,6 @@ carries the decoder. Also what a latent model refuses, before Ray starts."""
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import mlflow
@@ -17,13 +16,16 @@ import torch
 from mlflow.tracking import MlflowClient
 
 from ddpm_core.autoencoder import AutoencoderConfig, KLAutoencoder
-from ddpm_core.autoencoder_weights import save_autoencoder
+from ddpm_core.autoencoder_weights import load_autoencoder, save_autoencoder
 from ddpm_core.checkpoint import load_snapshot
-from ddpm_core.data import to_uint8
+from ddpm_core.data import to_model_range, to_uint8
 from ddpm_core.diffusion import GaussianDiffusion
+from ddpm_core.features import ClassifierExtractor, load_classifier
+from ddpm_core.metrics import FeatureStatistics, frechet_distance_from_stats
 from ddpm_core.samplers import PerIndexNoise, SamplerConfig, sample
 from pipelines.__main__ import main
 from pipelines.data.latents import read_latents
+from pipelines.data.shards import read_split
 from tests import run_files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -115,13 +117,42 @@ def test_the_registered_model_carries_its_decoder(finished):
     sampled = outputs(finished, "sample")
     sampler = SamplerConfig(method="ddim", num_steps=10, spacing="trailing", clip_denoised=False)
     expected = snapshot_images(sampled["snapshot_uri"], sampler, 5, range(3))
-    shutil.rmtree(finished / "vae")  # the registered model needs nothing outside itself
     mlflow.set_tracking_uri(f"sqlite:///{finished / 'mlflow.db'}")
-    model = mlflow.pyfunc.load_model("models:/ddpm-digits@champion")
-    params = {"seed": 5, "method": "ddim", "num_steps": 10, "spacing": "trailing"}
-    images = model.predict(pd.DataFrame({"index": range(3)}), params=params)
+    (finished / "vae").rename(finished / "vae-away")  # the registered model needs nothing outside itself
+    try:
+        model = mlflow.pyfunc.load_model("models:/ddpm-digits@champion")
+        params = {"seed": 5, "method": "ddim", "num_steps": 10, "spacing": "trailing"}
+        images = model.predict(pd.DataFrame({"index": range(3)}), params=params)
+    finally:
+        (finished / "vae-away").rename(finished / "vae")
     assert images.shape == (3, 8, 8, 1) and images.dtype == np.uint8
     np.testing.assert_array_equal(images, expected)
+
+
+def test_evaluate_scores_the_autoencoders_reconstructions_as_the_floor(finished):
+    """rFID and the autoencoder's excess, recomputed here from the hold-out split, the autoencoder folder and the
+    prepare stage's classifier, with no pipeline code between them."""
+    prepared, scores = outputs(finished, "prepare"), outputs(finished, "evaluate")["scores"]
+    originals, _ = read_split(prepared["holdout_uri"], {})  # [n, 8, 8, 1] uint8
+    model, _ = load_autoencoder(str(finished / "vae"), prepared["latent"]["space"]["autoencoder_sha256"])
+    with torch.no_grad():
+        x = to_model_range(originals)  # [n, 1, 8, 8]
+        reconstructed = to_uint8(model.decode(model.encode(x).mean).clamp(-1, 1))  # [n, 8, 8, 1]
+    shard = run_files.result_dir(finished / "runs" / "latent", "evaluate") / "reconstructions" / "shard-00000"
+    np.testing.assert_array_equal(np.load(shard / "images.npy")[:50], reconstructed[:50])
+
+    extractor = ClassifierExtractor(load_classifier(prepared["extractor_uri"])[0])
+    held, rebuilt = (FeatureStatistics.from_features(extractor(images)[0]) for images in (originals, reconstructed))
+    reference = FeatureStatistics.from_features(extractor(read_split(prepared["shards_uri"], {})[0])[0])
+    assert scores["rfid"] == pytest.approx(frechet_distance_from_stats(rebuilt, held), rel=1e-4, abs=1e-6)
+    excess = frechet_distance_from_stats(rebuilt, reference) - frechet_distance_from_stats(held, reference)
+    assert scores["fid_reconstructed_minus_holdout"] == pytest.approx(excess, rel=1e-4, abs=1e-6)
+    # a random autoencoder's reconstructions are far from the digits, and the paired interval says so
+    assert scores["fid_reconstructed_minus_holdout"] > 3 * scores["fid_reconstructed_minus_holdout_stderr"] > 0
+
+    client = MlflowClient(f"sqlite:///{finished / 'mlflow.db'}")
+    metrics = client.get_run(outputs(finished, "evaluate")["scores_run_id"]).data.metrics
+    assert metrics["rfid"] == pytest.approx(scores["rfid"]) and "rfid_stderr" in metrics
 
 
 @pytest.mark.parametrize(

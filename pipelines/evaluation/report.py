@@ -73,6 +73,8 @@ def score_lines(evaluation: EvaluateOutputs) -> list[Line]:
     ]
     if scores.fid_floor is not None and scores.fid_holdout_vs_train is not None:
         lines.append(Line("real-data floor", floor_text(evaluation)))
+    if scores.rfid is not None:
+        lines.append(Line("rFID", rfid_text(evaluation)))
     if scores.fid_inf is not None:
         held = (
             f" (held-out real images: {significant(scores.fid_holdout_inf)})"
@@ -96,6 +98,20 @@ def floor_text(evaluation: EvaluateOutputs) -> str:
         f"{spread} at {count:,} images ({held:,} held-out images score {significant(scores.fid_holdout_vs_train or 0)}"
         f" against {against}, scaled by (1/N + 1/m) / (1/n + 1/m)){ratio}"
     )
+
+
+def rfid_text(evaluation: EvaluateOutputs) -> str:
+    """A latent model's rFID at the hold-out's N, and what its autoencoder adds to a FID against the reference."""
+    scores, held = evaluation.scores, evaluation.score_protocol.holdout_images
+    rfid = with_spread(scores.rfid or 0.0, scores.rfid_stderr) if scores.rfid_stderr else significant(scores.rfid or 0)
+    text = f"{rfid}: the {held:,} held-out images reconstructed by the autoencoder, against the originals"
+    excess, stderr = scores.fid_reconstructed_minus_holdout, scores.fid_reconstructed_minus_holdout_stderr
+    if excess is not None and stderr is not None:
+        text += (
+            f"; against the reference they score {with_spread(excess, stderr)} above the originals (paired "
+            "jackknife): what the autoencoder adds to the real-data floor"
+        )
+    return text
 
 
 def comparison_lines(evaluation: EvaluateOutputs) -> list[Line]:

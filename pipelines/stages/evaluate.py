@@ -82,6 +82,7 @@ from pipelines.evaluation.distilled import (
 )
 from pipelines.evaluation.likelihood import NllResult, held_out_bits_per_dim
 from pipelines.evaluation.memorization import TrainingSet, memorization_score, pair_caption, pair_strips
+from pipelines.evaluation.reconstruction import reconstructed_sources
 from pipelines.evaluation.report import as_sentence, score_lines
 from pipelines.evaluation.scoring import (
     ExtractorSpec,
@@ -148,18 +149,28 @@ class RescoredChampion:
 
 
 @dataclass(frozen=True)
+class Reconstruction:
+    """A latent model's autoencoder scored on the held-out images (:func:`reconstruction_fid`)."""
+
+    rfid: FidEstimate  # the reconstructions against the originals (Rombach et al. 2022, Table 8)
+    excess: FidEstimate  # the reconstructions' FID minus the originals', both against the reference (paired)
+
+
+@dataclass(frozen=True)
 class Comparisons:
     """FIDs of other image sets under the sample set's protocol: where the model sits between floor and ceiling."""
 
     holdout: FidEstimate | None  # held-out real images (the floor)
     untrained: FidEstimate | None  # an untrained network (the ceiling)
     champion: RescoredChampion | None  # the registered champion
+    reconstruction: Reconstruction | None = None  # a latent model's floor: its autoencoder's
 
     def apply(self, scores: Scores, num_samples: int, reference_count: int | None) -> Scores:
         """``scores`` with these comparisons filled in; the floor is the hold-out's FID carried to the sample set's
         size against a reference of ``reference_count`` images (FID falls as N grows: only equal sizes compare)."""
-        holdout, champion = self.holdout, self.champion
+        holdout, champion, reconstruction = self.holdout, self.champion, self.reconstruction
         floor, floor_stderr = holdout.real_floor_at(num_samples, reference_count) if holdout else (None, None)
+        rfid, excess = (reconstruction.rfid, reconstruction.excess) if reconstruction else (None, None)
         return dataclasses.replace(
             scores,
             fid_untrained=self.untrained.value if self.untrained else None,
@@ -173,6 +184,10 @@ class Comparisons:
             fid_champion_stderr=champion.fid.stderr if champion else None,
             fid_minus_champion=champion.difference.value if champion else None,
             fid_minus_champion_stderr=champion.difference.stderr if champion else None,
+            rfid=rfid.value if rfid else None,
+            rfid_stderr=rfid.stderr if rfid else None,
+            fid_reconstructed_minus_holdout=excess.value if excess else None,
+            fid_reconstructed_minus_holdout_stderr=excess.stderr if excess else None,
         )
 
 
@@ -608,7 +623,25 @@ def comparisons(
             summary_of_snapshot(context, scorer, sample, train.initial_snapshot_uri, "untrained_shards")
         )
     champion = settings.champion if same_data(context, settings.champion, prepare.data_source) else None
-    return Comparisons(holdout, untrained, rescore_champion(context, champion, scorer, sample, ours))
+    rescored = rescore_champion(context, champion, scorer, sample, ours)
+    return Comparisons(holdout, untrained, rescored, reconstruction_fid(context, scorer, prepare, holdout_set))
+
+
+def reconstruction_fid(
+    context: StageContext, scorer: Scorer, prepare: PrepareOutputs, holdout_set: Summary | None
+) -> Reconstruction | None:
+    """A latent model's floor (:mod:`pipelines.evaluation.reconstruction`): its held-out images reconstructed by the
+    autoencoder, scored against the originals (rFID) and against this protocol's reference beside the originals
+    (None: a pixel model, or fewer than 2 held-out images)."""
+    if prepare.latent is None or holdout_set is None:
+        return None
+    folder = f"{context.result_uri}/reconstructions"
+    sources = reconstructed_sources(prepare.latent.space, prepare.holdout_uri, folder, scorer.execution, context.log)
+    reconstructed = scorer.summarize(sources, prepare.num_holdout)
+    rfid = fid_estimate(reconstructed, holdout_set, None)
+    # the same hold-out indices in both sets: the paired jackknife counts their correlated errors
+    excess = scorer.estimate(reconstructed).minus(scorer.estimate(holdout_set))
+    return Reconstruction(rfid, excess)
 
 
 def holdout_summary(scorer: Scorer, prepare: PrepareOutputs) -> Summary | None:
