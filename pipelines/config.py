@@ -22,9 +22,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
+from ddpm_core.autoencoder import AutoencoderConfig
 from ddpm_core.data import ReadOptions
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion, Prediction
-from ddpm_core.fields import allowed_values
+from ddpm_core.fields import FieldError, allowed_values
 from ddpm_core.loss_weighting import LossWeighting, Weighting
 from ddpm_core.phema import MAX_SIGMA_REL
 from ddpm_core.precision import Precision
@@ -205,10 +206,14 @@ class ModelSection:
             )
         self.unet(self.num_classes or 1)  # the overrides fit the U-Net
 
+    def unconditional_unet(self) -> UNetConfig:
+        """The preset with the overrides applied, checked as ``model.overrides.<field>``, before any classes."""
+        return from_plain(UNetConfig, self.overrides, "model.overrides", PRESETS[self.preset], ConfigError)
+
     def unet(self, data_classes: int | None = None) -> UNetConfig:
         """The preset with the overrides applied, checked as ``model.overrides.<field>``; a conditional model gets
         ``model.num_classes`` classes, else the data set's ``data_classes``."""
-        unet = from_plain(UNetConfig, self.overrides, "model.overrides", PRESETS[self.preset], ConfigError)
+        unet = self.unconditional_unet()
         if not self.conditional:
             return unet
         classes = self.num_classes or data_classes
@@ -219,25 +224,73 @@ class ModelSection:
 
 @dataclass(frozen=True)
 class AutoencoderSection:
-    """Latent diffusion (Rombach et al. 2022; docs/latent.md): with ``weights_uri``, the diffusion model works on the
-    latents of this autoencoder, a diffusers ``AutoencoderKL`` folder, and its samples are decoded into images."""
+    """Latent diffusion (Rombach et al. 2022; docs/latent.md): the diffusion model works on the latents of an
+    autoencoder and its samples are decoded into images. The autoencoder is a diffusers ``AutoencoderKL`` folder at
+    ``weights_uri``, or with ``train`` one the ``autoencoder`` stage trains on the training split (App. G's
+    KL-regularised first stage, :mod:`ddpm_core.autoencoder`)."""
 
     weights_uri: str | None = field(default=None, metadata=WORKER_PATH)  # the folder (config.json + safetensors)
     weights_sha256: str | None = None  # the safetensors file's SHA-256, or a prefix of at least 8 hex digits
+    train: bool = False  # train the autoencoder in the pipeline (the autoencoder stage) instead of weights_uri
+    block_out_channels: tuple[int, ...] = (32, 64, 64)  # train: widths, one level each; f = 2^(levels - 1)
+    layers_per_block: int = 1  # train: ResNet blocks per encoder level
+    latent_channels: int = 4  # train: c, the latents' channels
+    images: int = 40_000  # train: training images, all workers together
+    batch_size: int = 32  # train: the global batch, split over the workers
+    learning_rate: float = 1e-3  # train: AdamW's, after a linear warm-up over the first 5% of images
+    kl_weight: float = 1e-6  # train: the KL term's weight (LDM's "KL-reg")
+    seed: int = 0  # train: initial weights, batches and posterior draws
+    checkpoint_every_images: int = 10_000  # train: a resumable checkpoint this often
+    num_workers: int = field(default=1, metadata=EXECUTION)  # train: Ray Train DDP workers
     scaling_factor: float | None = None  # the latents' scale (None: 1/std of the training split's latents, as LDM)
-    encode_batch: int = field(default=64, metadata=EXECUTION)  # images per encoder forward pass in prepare
+    encode_batch: int = field(default=64, metadata=EXECUTION)  # images per encoder forward pass
     encode_actors: int = field(default=2, metadata=EXECUTION)  # Ray Data actors encoding the training split
 
     @property
     def latent(self) -> bool:
-        return self.weights_uri is not None
+        """Whether the diffusion model is a latent one (the autoencoder stage runs)."""
+        return self.weights_uri is not None or self.train
 
     def __post_init__(self) -> None:
-        require_positive("autoencoder", {"encode_batch": self.encode_batch, "encode_actors": self.encode_actors})
+        object.__setattr__(self, "block_out_channels", tuple(int(c) for c in self.block_out_channels))
+        require_positive(
+            "autoencoder",
+            {
+                "encode_batch": self.encode_batch,
+                "encode_actors": self.encode_actors,
+                "layers_per_block": self.layers_per_block,
+                "latent_channels": self.latent_channels,
+                "images": self.images,
+                "batch_size": self.batch_size,
+                "learning_rate": self.learning_rate,
+                "checkpoint_every_images": self.checkpoint_every_images,
+                "num_workers": self.num_workers,
+            },
+        )
+        require_non_negative("autoencoder", {"kl_weight": self.kl_weight})
         if self.scaling_factor is not None and not self.scaling_factor > 0:
             raise ConfigError(f"autoencoder.scaling_factor must be > 0 or null (estimated), got {self.scaling_factor}")
-        if self.weights_uri is None:
-            return
+        if self.train:
+            self.check_trained()
+        elif self.weights_uri is not None:
+            self.check_weights()
+
+    def check_trained(self) -> None:
+        if self.weights_uri is not None:
+            raise ConfigError(
+                "autoencoder.train with autoencoder.weights_uri: train one, or load the folder; set one of them"
+            )
+        if self.batch_size % self.num_workers:
+            raise ConfigError(
+                f"autoencoder.batch_size={self.batch_size} is not a multiple of autoencoder.num_workers="
+                f"{self.num_workers}: each worker takes an equal part of the global batch"
+            )
+        try:
+            self.architecture(1)
+        except FieldError as error:
+            raise ConfigError(str(error)) from None
+
+    def check_weights(self) -> None:
         if self.weights_sha256 is None:
             raise ConfigError(
                 "autoencoder.weights_uri needs autoencoder.weights_sha256: the SHA-256 (or its first 8+ hex digits) of "
@@ -248,9 +301,28 @@ class AutoencoderSection:
         except ValueError as error:
             raise ConfigError(str(error)) from None
 
+    def architecture(self, channels: int) -> AutoencoderConfig:
+        """The network ``train`` trains, for images of ``channels`` channels (GroupNorm groups: 32, or the
+        narrowest width when that is smaller)."""
+        groups = min(32, *self.block_out_channels) if self.block_out_channels else 32
+        return AutoencoderConfig(
+            in_channels=channels,
+            out_channels=channels,
+            block_out_channels=self.block_out_channels,
+            layers_per_block=self.layers_per_block,
+            latent_channels=self.latent_channels,
+            norm_num_groups=groups,
+        )
+
+    @property
+    def source(self) -> str:
+        """The key that makes the model a latent one, for messages."""
+        return "autoencoder.train" if self.train else "autoencoder.weights_uri"
+
 
 def check_latent(config: PipelineConfig) -> None:
-    """What a latent model (``autoencoder.weights_uri``) cannot be combined with yet, each named with its reason."""
+    """What a latent model (``autoencoder.weights_uri`` or ``autoencoder.train``) cannot be combined with yet, each
+    named with its reason."""
     if not config.autoencoder.latent:
         return
     refused = {
@@ -280,7 +352,7 @@ def check_latent(config: PipelineConfig) -> None:
     }
     for key, (on, why) in refused.items():
         if on:
-            raise ConfigError(f"{key} with autoencoder.weights_uri (a latent model): {why}")
+            raise ConfigError(f"{key} with {config.autoencoder.source} (a latent model): {why}")
 
 
 # The most of each event a training run may make (train.<key>: limit, what one is); a plan with more is a mistake.

@@ -34,6 +34,19 @@ class LatentOutputs:
 
 
 @dataclass(frozen=True)
+class AutoencoderOutputs:
+    """A latent model's first stage (pipelines.stages.autoencoder): the training split's latents in the space of the
+    autoencoder it trained or loaded, and the hold-out split reconstructed by it (its floor)."""
+
+    latent: LatentOutputs
+    trained: bool  # autoencoder.train: the stage trained the folder of latent.space.autoencoder_uri
+    images_seen: int | None  # the images it trained on (None: loaded from autoencoder.weights_uri)
+    reconstruction_uris: tuple[str, ...]  # the hold-out split reconstructed, one sample shard per hold-out file
+    rfid: float | None = None  # the reconstructions against the originals, in the domain classifier's features
+    rfid_stderr: float | None = None  # its jackknife standard error
+
+
+@dataclass(frozen=True)
 class PrepareOutputs:
     fingerprint: str  # SHA-256 of the data set's pixels and labels
     num_train: int
@@ -51,7 +64,6 @@ class PrepareOutputs:
     source_listing: str = ""  # ddpm_core.data.source_identity of data.uri when read: its files' names, sizes, versions
     source_split: str = "train"  # the split of a source that has several (CIFAR-10)
     holdout_fraction: float = 0.0  # data.holdout_fraction, as applied
-    latent: LatentOutputs | None = None  # a latent model's (autoencoder.weights_uri): the encoded training split
 
     def described(self) -> str:
         """Which images these are, in words (e.g. ``train minus 0.1 hold-out``)."""
@@ -530,7 +542,14 @@ class RegisterOutputs:
 
 
 StageOutputs = (
-    PrepareOutputs | TuneOutputs | TrainOutputs | DistillOutputs | SampleOutputs | EvaluateOutputs | RegisterOutputs
+    PrepareOutputs
+    | AutoencoderOutputs
+    | TuneOutputs
+    | TrainOutputs
+    | DistillOutputs
+    | SampleOutputs
+    | EvaluateOutputs
+    | RegisterOutputs
 )
 T = TypeVar("T")
 

@@ -22,6 +22,7 @@ from pipelines.config import ConfigError, PipelineConfig
 from pipelines.config_file import save_resolved
 from pipelines.context import StageContext, StageStopped, params_that_ran
 from pipelines.contracts import (
+    AutoencoderOutputs,
     DistillOutputs,
     EvaluateOutputs,
     PrepareOutputs,
@@ -39,7 +40,7 @@ from pipelines.interruption import Interrupted, unwrapped
 from pipelines.plan import PlannedStage, Stage, config_changes, plan
 from pipelines.preflight import STORAGE_DEADLINE_S, check_tracking_store, preflight, within
 from pipelines.runs import RunStore, now
-from pipelines.stages import distill, evaluate, prepare, register, sample, train, tune
+from pipelines.stages import autoencoder, distill, evaluate, prepare, register, sample, train, tune
 from pipelines.tracking import Tracker, config_digest, flatten, git_commit
 from pipelines.typed import SchemaError, resolved_keys, to_plain
 
@@ -52,8 +53,18 @@ STAGES: tuple[Stage, ...] = (
         prepare.settings,
         PrepareOutputs,
         (),
-        description="validate data, shards, a latent model's latents, domain classifier",
+        description="validate data, shards, domain classifier",
         needs_ray=False,
+    ),
+    Stage(
+        "autoencoder",
+        autoencoder.run,
+        autoencoder.settings,
+        AutoencoderOutputs,
+        ("prepare",),
+        "autoencoder.latent",
+        "a latent model's autoencoder (trained on Ray Train, or loaded), latents, hold-out reconstructions",
+        check_data=autoencoder.check_data,
     ),
     Stage(
         "tune",
@@ -71,7 +82,7 @@ STAGES: tuple[Stage, ...] = (
         train.run,
         train.settings,
         TrainOutputs,
-        ("prepare", "tune"),
+        ("prepare", "autoencoder", "tune"),
         description="Ray Train DDP, checkpoints, EMA snapshot",
         check_data=train.check_data,
     ),
@@ -98,7 +109,7 @@ STAGES: tuple[Stage, ...] = (
         evaluate.run,
         evaluate.settings,
         EvaluateOutputs,
-        ("prepare", "train", "sample", "distill"),
+        ("prepare", "autoencoder", "train", "sample", "distill"),
         description="FID, IS, precision/recall, NLL bound, class accuracy",
         check_data=evaluate.check_data,
         draws=(
@@ -115,7 +126,7 @@ STAGES: tuple[Stage, ...] = (
         register.run,
         register.settings,
         RegisterOutputs,
-        ("prepare", "train", "evaluate", "distill"),
+        ("prepare", "autoencoder", "train", "evaluate", "distill"),
         "register.enabled",
         "MLflow model version, challenger/champion aliases",
         needs_ray=False,
@@ -176,7 +187,7 @@ def check_from_stage(from_stage: str | None, config: PipelineConfig) -> None:
     stage = STAGES[STAGE_NAMES.index(from_stage)]
     if not stage.enabled(config):
         raise ConfigError(
-            f"--from {from_stage}: the {from_stage} stage is disabled in this config ({stage.switch}=false); "
+            f"--from {from_stage}: the {from_stage} stage is disabled in this config ({stage.switch} is false); "
             f"enable it or choose another stage"
         )
 

@@ -94,6 +94,7 @@ def size_text(count: int) -> str:
 def stage_detail(outputs: StageOutputs) -> str:
     """One line on what a finished stage produced."""
     from pipelines.contracts import (
+        AutoencoderOutputs,
         DistillOutputs,
         EvaluateOutputs,
         PrepareOutputs,
@@ -104,6 +105,10 @@ def stage_detail(outputs: StageOutputs) -> str:
 
     if isinstance(outputs, PrepareOutputs):
         return f"{outputs.num_train} train images, fingerprint {outputs.fingerprint[:12]}"
+    if isinstance(outputs, AutoencoderOutputs):
+        made = f"trained on {outputs.images_seen} images" if outputs.trained else "loaded"
+        rfid = f", rFID {outputs.rfid:.3f}" if outputs.rfid is not None else ""
+        return f"autoencoder {made}, {outputs.latent.count} latents {outputs.latent.shape}{rfid}"
     if isinstance(outputs, TuneOutputs):
         return f"best of {outputs.trials} trials: {outputs.best_params}"
     if isinstance(outputs, TrainOutputs):

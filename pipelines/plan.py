@@ -38,7 +38,9 @@ class Stage:
     settings: SettingsBuilder  # the one function that builds what the stage reads from the config
     outputs: type[StageOutputs]
     upstream: tuple[str, ...]
-    switch: str | None = None  # the boolean config key that enables an optional stage (e.g. tune.enabled)
+    # what enables an optional stage: a boolean config key (e.g. tune.enabled) or a section's boolean property
+    # (autoencoder.latent: autoencoder.weights_uri or autoencoder.train)
+    switch: str | None = None
     description: str = ""
     needs_ray: bool = True  # stages that do not are run before Ray is started, so bad input fails early
     check: Callable[[PipelineConfig], None] | None = None  # config checks beyond the config's own, before anything runs

@@ -224,7 +224,7 @@ def preflight(store: RunStore, config: PipelineConfig, log: Callable[[str], None
             raise PreflightError(f"evaluate.extractor=inception: {redact(str(error))}") from error
     if config.train.init_from:
         check_init_from(config, log)
-    if config.autoencoder.latent:
+    if config.autoencoder.weights_uri is not None:
         check_autoencoder(config, store.options, log)
     probe_mlflow(config.mlflow.resolved_tracking_uri(), log)
     try:

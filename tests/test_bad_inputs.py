@@ -291,7 +291,8 @@ def test_from_a_stage_whose_upstream_stages_have_no_result_says_they_run_first(t
     assert line in result.stdout, result.stdout[-3000:]
     assert result.stdout.index(line) < result.stdout.index("[prepare] running")
     run_root = tiny_run.root / "quickstart"
-    assert all(completed(run_root, stage.name) for stage in STAGES if stage.name not in ("tune", "distill", "register"))
+    optional = ("autoencoder", "tune", "distill", "register")
+    assert all(completed(run_root, stage.name) for stage in STAGES if stage.name not in optional)
 
 
 def test_a_second_pipelines_local_ray_on_the_host_is_no_error(tiny_run):

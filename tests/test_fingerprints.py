@@ -65,10 +65,16 @@ BASES = {
         "train.ema_sigma_rel=0.05",
         "sample.clip_denoised=false",
     ),
+    "latent-trained": (
+        "autoencoder.train=true",
+        "evaluate.nll=false",
+        "train.ema_sigma_rel=0.05",
+        "sample.clip_denoised=false",
+    ),
 }
 SPECIAL = {  # values for keys whose type alone does not give a valid different value
     "model.preset": ["cifar10", "image64"],
-    "model.overrides": [{"dropout": 0.2}, {"base_channels": 32}],
+    "model.overrides": [{"dropout": 0.2}, {"base_channels": 32}, {"image_size": 4, "in_channels": 4}],
     "tune.space": [{"train.lr": {"choice": [0.001, 0.003]}}, {"diffusion.schedule": {"choice": ["linear", "cosine"]}}],
     "diffusion.schedule_params": [{"beta_start": 0.0002}],
     "evaluate.guidance_scales": [(0.5,), (0.0, 3.0)],
@@ -76,6 +82,7 @@ SPECIAL = {  # values for keys whose type alone does not give a valid different 
     "sample.classes": [(0,), (1, 2), None],
     "evaluate.inception_weights_sha256": ["6726825d6726825d"],
     "data.uri": ["/data/images", "s3://bucket/images"],
+    "autoencoder.block_out_channels": [(32, 32), (32, 64, 64, 64)],
     "distill.steps": [2, 8],  # distill.teacher_steps (32) over a power of two
     "distill.teacher_steps": [8, 64],
     "distill.batch_size": [64, 256],  # a multiple of train.num_workers
@@ -124,7 +131,8 @@ def readers_of(config: PipelineConfig) -> dict[str, frozenset[str]]:
     found = {}
     for stage in STAGES:
         if stage.name in held:
-            keys = trace.read_in(stage.name) | held[stage.name] | ({stage.switch} if stage.switch else set())
+            switch = trace.read_in(f"switch of {stage.name}")  # the keys its switch reads (a key, or a property's)
+            keys = trace.read_in(stage.name) | held[stage.name] | switch
             found[stage.name] = frozenset(keys - trace.execution)
     return found
 

@@ -69,12 +69,29 @@ def finished(tmp_path_factory) -> Path:
     return run_files.finished_run(root, "digits.yaml", [*TINY, *weights])
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> Path:
+    """The pipeline with ``autoencoder.train``: the autoencoder stage trains an f = 2 autoencoder on two Ray Train
+    workers (DDP) before the latent model is trained on its latents."""
+    root = tmp_path_factory.mktemp("trained")
+    training = [
+        "autoencoder.train=true",
+        "autoencoder.block_out_channels=[32, 32]",
+        "autoencoder.latent_channels=3",
+        "autoencoder.images=2048",
+        "autoencoder.checkpoint_every_images=1024",
+        "autoencoder.num_workers=2",
+        "register.enabled=false",
+    ]
+    return run_files.finished_run(root, "digits.yaml", [*TINY, *training])
+
+
 def outputs(root: Path, stage: str) -> dict:
     return run_files.outputs(root / "runs" / "latent", stage)
 
 
-def test_prepare_encodes_the_training_split_and_records_the_latent_space(finished):
-    latent = outputs(finished, "prepare")["latent"]
+def test_the_autoencoder_stage_encodes_the_training_split_and_records_the_latent_space(finished):
+    latent = outputs(finished, "autoencoder")["latent"]
     assert latent["shape"] == [3, 4, 4] and latent["image_shape"] == [8, 8, 1]
     assert latent["count"] == outputs(finished, "prepare")["num_train"]
     posteriors = read_latents(latent["uri"], {})
@@ -85,10 +102,10 @@ def test_prepare_encodes_the_training_split_and_records_the_latent_space(finishe
     assert latent["space"]["scaling_factor"] == pytest.approx(1 / draws.std(), rel=0.01)  # not configured: 1/std
 
     client = MlflowClient(f"sqlite:///{finished / 'mlflow.db'}")
-    prepare_run = client.get_run(run_files.manifest(finished / "runs" / "latent", "prepare")["mlflow_run_id"])
-    assert prepare_run.data.params["latent.shape"] == "3x4x4"
-    assert prepare_run.data.params["autoencoder.identity"] == latent["space"]["autoencoder_identity"]
-    assert prepare_run.data.metrics["latent_scaling_factor"] == pytest.approx(latent["space"]["scaling_factor"])
+    stage_run = client.get_run(run_files.manifest(finished / "runs" / "latent", "autoencoder")["mlflow_run_id"])
+    assert stage_run.data.params["latent.shape"] == "3x4x4"
+    assert stage_run.data.params["autoencoder.identity"] == latent["space"]["autoencoder_identity"]
+    assert stage_run.data.metrics["latent_scaling_factor"] == pytest.approx(latent["space"]["scaling_factor"])
 
 
 def snapshot_images(snapshot_uri: str, sampler: SamplerConfig, seed: int, indices: range) -> np.ndarray:
@@ -102,7 +119,7 @@ def snapshot_images(snapshot_uri: str, sampler: SamplerConfig, seed: int, indice
 
 
 def test_the_sample_stage_decodes_the_snapshots_latents(finished):
-    sampled, latent = outputs(finished, "sample"), outputs(finished, "prepare")["latent"]
+    sampled, latent = outputs(finished, "sample"), outputs(finished, "autoencoder")["latent"]
     snapshot = load_snapshot(sampled["snapshot_uri"])
     assert snapshot.metadata["latent"] == latent["space"]  # the snapshot knows its decoder
     first = np.load(Path(sampled["shard_uris"][0]) / "images.npy")
@@ -133,12 +150,13 @@ def test_evaluate_scores_the_autoencoders_reconstructions_as_the_floor(finished)
     """rFID and the autoencoder's excess, recomputed here from the hold-out split, the autoencoder folder and the
     prepare stage's classifier, with no pipeline code between them."""
     prepared, scores = outputs(finished, "prepare"), outputs(finished, "evaluate")["scores"]
+    space = outputs(finished, "autoencoder")["latent"]["space"]
     originals, _ = read_split(prepared["holdout_uri"], {})  # [n, 8, 8, 1] uint8
-    model, _ = load_autoencoder(str(finished / "vae"), prepared["latent"]["space"]["autoencoder_sha256"])
+    model, _ = load_autoencoder(str(finished / "vae"), space["autoencoder_sha256"])
     with torch.no_grad():
         x = to_model_range(originals)  # [n, 1, 8, 8]
         reconstructed = to_uint8(model.decode(model.encode(x).mean).clamp(-1, 1))  # [n, 8, 8, 1]
-    shard = run_files.result_dir(finished / "runs" / "latent", "evaluate") / "reconstructions" / "shard-00000"
+    shard = run_files.result_dir(finished / "runs" / "latent", "autoencoder") / "reconstructions" / "shard-00000"
     np.testing.assert_array_equal(np.load(shard / "images.npy")[:50], reconstructed[:50])
 
     extractor = ClassifierExtractor(load_classifier(prepared["extractor_uri"])[0])
@@ -153,6 +171,27 @@ def test_evaluate_scores_the_autoencoders_reconstructions_as_the_floor(finished)
     client = MlflowClient(f"sqlite:///{finished / 'mlflow.db'}")
     metrics = client.get_run(outputs(finished, "evaluate")["scores_run_id"]).data.metrics
     assert metrics["rfid"] == pytest.approx(scores["rfid"]) and "rfid_stderr" in metrics
+
+
+def test_the_autoencoder_stage_trains_one_with_ray_train_and_the_latent_model_uses_it(trained):
+    stage = outputs(trained, "autoencoder")
+    space = stage["latent"]["space"]
+    assert stage["trained"] and stage["images_seen"] == 2048
+    folder = run_files.result_dir(trained / "runs" / "latent", "autoencoder") / "autoencoder"
+    assert space["autoencoder_uri"] == str(folder) and (folder / "config.json").is_file()  # a diffusers folder
+    model, identity = load_autoencoder(str(folder), space["autoencoder_sha256"])
+    assert identity == space["autoencoder_identity"] and model.config.latent_channels == 3
+
+    client = MlflowClient(f"sqlite:///{trained / 'mlflow.db'}")
+    run_id = run_files.manifest(trained / "runs" / "latent", "autoencoder")["mlflow_run_id"]
+    stage_run = client.get_run(run_id)
+    assert stage_run.data.metrics["autoencoder_workers"] == 2  # the world size Ray Train reported
+    l1 = [m.value for m in client.get_metric_history(run_id, "autoencoder_l1")]
+    assert len(l1) >= 2 and l1[-1] < 0.7 * l1[0]  # it learned to reconstruct
+    assert "reconstructions.png" in {a.path for a in client.list_artifacts(run_id)}
+    # the stage's rFID (the domain classifier's features) is the evaluate stage's, on the same reconstructions
+    assert stage["rfid"] == pytest.approx(outputs(trained, "evaluate")["scores"]["rfid"], rel=1e-6)
+    assert load_snapshot(outputs(trained, "sample")["snapshot_uri"]).metadata["latent"] == space
 
 
 @pytest.mark.parametrize(

@@ -262,7 +262,7 @@ def test_nll_on_a_test_split_needs_one(local, capsys):
 
 def test_an_unknown_from_stage_fails_before_anything(tmp_path, local, capsys):
     code, err = run_cli([*local, "--from", "trian"], capsys)
-    assert code == 2 and "--from 'trian' is not a stage; stages: prepare, tune, train" in err
+    assert code == 2 and "--from 'trian' is not a stage; stages: prepare, autoencoder, tune, train" in err
     assert not ray.is_initialized() and not (tmp_path / "runs").exists()
 
 

@@ -72,7 +72,7 @@ def test_a_config_file_holding_a_scalar_is_named(tmp_path, local, capsys):
 
 def test_from_a_disabled_stage_is_refused(local, capsys):
     code, err, _, _ = run_cli([*local, "--from", "tune"], capsys)
-    assert code == 2 and "--from tune: the tune stage is disabled in this config (tune.enabled=false)" in err
+    assert code == 2 and "--from tune: the tune stage is disabled in this config (tune.enabled is false)" in err
 
 
 def test_a_truncated_npz_is_named(tmp_path, local, capsys):

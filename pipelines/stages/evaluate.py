@@ -38,6 +38,7 @@ from pipelines.config import EvaluateSection, Extractor, NllSplit, PipelineConfi
 from pipelines.context import StageContext
 from pipelines.contracts import (
     FID_INTERVAL_METHOD,
+    AutoencoderOutputs,
     ChampionRef,
     ClassCoverage,
     DistillOutputs,
@@ -82,7 +83,6 @@ from pipelines.evaluation.distilled import (
 )
 from pipelines.evaluation.likelihood import NllResult, held_out_bits_per_dim
 from pipelines.evaluation.memorization import TrainingSet, memorization_score, pair_caption, pair_strips
-from pipelines.evaluation.reconstruction import reconstructed_sources
 from pipelines.evaluation.report import as_sentence, score_lines
 from pipelines.evaluation.scoring import (
     ExtractorSpec,
@@ -243,6 +243,7 @@ def run(
     context: StageContext,
     settings: EvaluateSettings,
     prepare: PrepareOutputs,
+    autoencoder: AutoencoderOutputs | None,
     train: TrainOutputs,
     sample: SampleOutputs,
     distill: DistillOutputs | None,
@@ -259,6 +260,7 @@ def run(
     sweep = guidance_sweep(context, section, upstream, scorer)
     holdout = holdout_summary(scorer, prepare)
     compared = comparisons(context, settings, upstream, scorer, ours.fid, holdout)
+    compared = dataclasses.replace(compared, reconstruction=reconstruction_fid(scorer, autoencoder, holdout))
     nll, nll_protocol = held_out_nll(context, section, prepare, train, sample) if distill is None else (None, None)
     curve = nfe_curve(context, settings, scorer, (train, sample, distill), ours.fid)
     scores = dataclasses.replace(
@@ -623,21 +625,19 @@ def comparisons(
             summary_of_snapshot(context, scorer, sample, train.initial_snapshot_uri, "untrained_shards")
         )
     champion = settings.champion if same_data(context, settings.champion, prepare.data_source) else None
-    rescored = rescore_champion(context, champion, scorer, sample, ours)
-    return Comparisons(holdout, untrained, rescored, reconstruction_fid(context, scorer, prepare, holdout_set))
+    return Comparisons(holdout, untrained, rescore_champion(context, champion, scorer, sample, ours))
 
 
 def reconstruction_fid(
-    context: StageContext, scorer: Scorer, prepare: PrepareOutputs, holdout_set: Summary | None
+    scorer: Scorer, autoencoder: AutoencoderOutputs | None, holdout_set: Summary | None
 ) -> Reconstruction | None:
-    """A latent model's floor (:mod:`pipelines.evaluation.reconstruction`): its held-out images reconstructed by the
-    autoencoder, scored against the originals (rFID) and against this protocol's reference beside the originals
-    (None: a pixel model, or fewer than 2 held-out images)."""
-    if prepare.latent is None or holdout_set is None:
+    """A latent model's floor: the autoencoder stage's reconstructions of the held-out images, scored against the
+    originals (rFID) and against this protocol's reference beside the originals (None: a pixel model, or fewer than
+    2 held-out images)."""
+    if autoencoder is None or holdout_set is None:
         return None
-    folder = f"{context.result_uri}/reconstructions"
-    sources = reconstructed_sources(prepare.latent.space, prepare.holdout_uri, folder, scorer.execution, context.log)
-    reconstructed = scorer.summarize(sources, prepare.num_holdout)
+    sources = sample_sources(autoencoder.reconstruction_uris, scorer.execution.storage_options)
+    reconstructed = scorer.summarize(sources, holdout_set.fid.count)
     rfid = fid_estimate(reconstructed, holdout_set, None)
     # the same hold-out indices in both sets: the paired jackknife counts their correlated errors
     excess = scorer.estimate(reconstructed).minus(scorer.estimate(holdout_set))

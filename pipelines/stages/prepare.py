@@ -15,7 +15,6 @@ from typing import Any
 
 import numpy as np
 
-from ddpm_core.autoencoder_weights import LatentSpace, read_config
 from ddpm_core.data import (
     DataError,
     ImageDataset,
@@ -25,11 +24,8 @@ from ddpm_core.data import (
     load_dataset,
 )
 from ddpm_core.features import accuracy, extractor_id, load_classifier, save_classifier, train_classifier
-from ddpm_core.fields import FieldError
 from ddpm_core.storage import IncompleteError, filesystem
-from ddpm_core.unet import UNetConfig
 from pipelines.config import (
-    AutoencoderSection,
     DataSection,
     Extractor,
     Loader,
@@ -39,9 +35,8 @@ from pipelines.config import (
     PrepareOn,
 )
 from pipelines.context import StageContext
-from pipelines.contracts import LatentOutputs, PrepareOutputs
+from pipelines.contracts import PrepareOutputs
 from pipelines.data.ingest import IngestPlan, UnitResult, decode_units, remove_staging, write_splits
-from pipelines.data.latents import Encoding, LatentSplit, encode_split
 from pipelines.data.recorded import log_training_data
 from pipelines.data.shards import read_first, shard_images_for
 from pipelines.data.splits import SPLITS, commit_split, split_by_content, write_in_memory
@@ -60,7 +55,7 @@ class PrepareSettings:
     nll_test_split: bool  # the NLL is scored on the data set's own test split: write it too
     stream_workers: int | None  # the most workers that may stream the training split (None: data.loader=resident)
     source_listing: str  # what data.uri holds now, from a listing of its files (names, sizes, versions)
-    autoencoder: AutoencoderSection  # with weights_uri: the training split is encoded into latents
+    latent: bool  # a latent model's images need not fit the U-Net (its latents do: the autoencoder stage checks)
 
 
 def settings(config: PipelineConfig, external: External) -> PrepareSettings:
@@ -73,7 +68,7 @@ def settings(config: PipelineConfig, external: External) -> PrepareSettings:
         nll_test_split=evaluate.nll and evaluate.nll_split is NllSplit.TEST,
         stream_workers=stream_workers(config),
         source_listing=external.data_listing(config.data.uri),
-        autoencoder=config.autoencoder,
+        latent=config.autoencoder.latent,
     )
 
 
@@ -128,8 +123,6 @@ def run(context: StageContext, settings: PrepareSettings) -> PrepareOutputs:
         holdout_fraction=data.holdout_fraction,
     )
     log_data(context, outputs, prepared.skipped)
-    if settings.autoencoder.latent:
-        outputs = dataclasses.replace(outputs, latent=encode_latents(context, settings.autoencoder, outputs))
     if settings.classifier_epochs is None:
         return outputs
     return with_extractor(context, outputs, feature_extractor(context, settings.classifier_epochs, outputs))
@@ -303,14 +296,13 @@ def split_file_images(settings: PrepareSettings, image_shape: tuple[int, ...], n
 def check_fits_model(
     image_shape: tuple[int, ...], num_classes: int | None, settings: PrepareSettings, options: dict[str, Any]
 ) -> None:
-    """The data's images ``[H, W, C]`` (a latent model: their latents) are the size and channel count the model
-    takes; else a ``DataError`` with the fixes that fit the mismatch (:func:`pipelines.advice.model_fit_advice`)."""
+    """The data's images ``[H, W, C]`` are the size and channel count a pixel model takes; else a ``DataError`` with
+    the fixes that fit the mismatch (:func:`pipelines.advice.model_fit_advice`)."""
     from pipelines.advice import model_fit_advice
 
     unet, model = settings.model.unet(num_classes), settings.model
-    if settings.autoencoder.latent:
-        check_fits_latent(image_shape, unet, settings, options)
-        return
+    if settings.latent:
+        return  # the autoencoder stage checks that the U-Net takes the latents (pipelines.stages.autoencoder)
     height, width, channels = image_shape
     if (height, width, channels) != (unet.image_size, unet.image_size, unet.in_channels):
         overridden = f" with model.overrides {model.overrides}" if model.overrides else ""
@@ -319,73 +311,6 @@ def check_fits_model(
             f"but model.preset {model.preset!r}{overridden} expects {unet.image_size}x{unet.image_size} "
             f"with {unet.in_channels}: {model_fit_advice((height, width, channels), model.preset, unet)}"
         )
-
-
-def check_fits_latent(
-    image_shape: tuple[int, ...], unet: UNetConfig, settings: PrepareSettings, options: dict[str, Any]
-) -> None:
-    """The autoencoder (its folder's config, read with a deadline; the preflight verified its weights) takes the
-    data's images, and the U-Net takes its latents ``[c, H/f, W/f]``."""
-    uri = settings.autoencoder.weights_uri
-    assert uri is not None
-    height, width, channels = image_shape
-    config = read_config(uri, options, log=lambda _: None)
-    try:
-        if height != width:
-            raise FieldError("autoencoder", "image_size", f": the images are {height}x{width}, not square")
-        latent = config.latent_shape(channels, height)
-    except FieldError as error:
-        raise DataError(f"autoencoder.weights_uri {uri!r} does not take the images of data.uri: {error}") from None
-    if (latent[0], latent[1]) != (unet.in_channels, unet.image_size):
-        raise DataError(
-            f"the autoencoder at {uri!r} turns the {height}x{width}x{channels} images into {latent[1]}x{latent[2]} "
-            f"latents with {latent[0]} channels, but model.preset {settings.model.preset!r} with model.overrides "
-            f"{settings.model.overrides} expects {unet.image_size}x{unet.image_size} with {unet.in_channels}: set "
-            f"model.overrides.image_size={latent[1]} and model.overrides.in_channels={latent[0]}"
-        )
-
-
-def encode_latents(context: StageContext, autoencoder: AutoencoderSection, outputs: PrepareOutputs) -> LatentOutputs:
-    """The training split encoded by the autoencoder (:mod:`pipelines.data.latents`: Ray Data actors, files committed
-    one by one and reused by a re-run), the scaling factor chosen, and both logged to the stage's run."""
-    assert autoencoder.weights_uri is not None and autoencoder.weights_sha256 is not None
-    connect()
-    encoding = Encoding(
-        outputs.shards_uri,
-        outputs.fingerprint,
-        autoencoder.weights_uri,
-        autoencoder.weights_sha256,
-        context.store.cache_uri("latents", "").rstrip("/"),
-        context.store.options,
-        autoencoder.encode_batch,
-        autoencoder.encode_actors,
-    )
-    split = encode_split(encoding, context.log)
-    space = latent_space(autoencoder, split, context.store.options)
-    client, run_id = context.client, context.mlflow_run_id
-    client.log_param(run_id, "autoencoder.identity", split.autoencoder_identity)
-    client.log_param(run_id, "latent.shape", "x".join(str(n) for n in split.shape))
-    client.log_metric(run_id, "latent_scaling_factor", space.scaling_factor)
-    client.log_metric(run_id, "latent_scaling_factor_estimated", split.scaling_factor)
-    context.log(
-        f"prepare: {split.count} latents {split.shape} in {split.uri} ({split.encoded_now} files encoded now), "
-        f"scaling factor {space.scaling_factor:.4g}"
-    )
-    height, width, channels = read_first(outputs.shards_uri, 1, context.store.options)[0].shape[1:]
-    return LatentOutputs(split.uri, split.shape, split.count, space, (height, width, channels))
-
-
-def latent_space(autoencoder: AutoencoderSection, split: LatentSplit, options: dict[str, Any]) -> LatentSpace:
-    """The latent space of the encoded split: ``autoencoder.scaling_factor``, else the split's 1/std."""
-    assert autoencoder.weights_uri is not None and autoencoder.weights_sha256 is not None
-    config = read_config(autoencoder.weights_uri, options, log=lambda _: None)
-    return LatentSpace(
-        autoencoder.weights_uri,
-        autoencoder.weights_sha256,
-        split.autoencoder_identity,
-        autoencoder.scaling_factor or split.scaling_factor,
-        config.shift_factor,
-    )
 
 
 def check_conditioning(settings: PrepareSettings, num_classes: int | None) -> None:

@@ -27,6 +27,7 @@ from ddpm_core.unet import UNetConfig
 from pipelines.config import PipelineConfig, RegisterSection, registered_model_name
 from pipelines.context import StageContext, StageStopped
 from pipelines.contracts import (
+    AutoencoderOutputs,
     ChampionRef,
     DistillOutputs,
     EvaluateOutputs,
@@ -77,6 +78,7 @@ def run(
     context: StageContext,
     settings: RegisterSettings,
     prepare: PrepareOutputs,
+    autoencoder: AutoencoderOutputs | None,
     train: TrainOutputs,
     evaluate: EvaluateOutputs,
     distill: DistillOutputs | None,
@@ -84,7 +86,8 @@ def run(
     name, client = settings.champion.model_name, context.client  # a student's: <register.model_name>-<N>step
     champion = compared_champion(context, settings.champion)  # before this version takes any alias
     model = registered_snapshot(train, distill)
-    version, model_id = log_model(context, name, prepare, model, evaluate)
+    latent = autoencoder.latent if autoencoder is not None else None
+    version, model_id = log_model(context, name, (prepare, latent), model, evaluate)
     tag_version(context, (name, version), prepare, evaluate, settings.champion)
     client.set_model_version_tag(name, version, SNAPSHOT_TAG, model.snapshot_uri)
     if distill is not None:
@@ -202,13 +205,19 @@ def tag_version(
 
 
 def log_model(
-    context: StageContext, name: str, prepare: PrepareOutputs, model: RegisteredSnapshot, evaluate: EvaluateOutputs
+    context: StageContext,
+    name: str,
+    data: tuple[PrepareOutputs, LatentOutputs | None],
+    model: RegisteredSnapshot,
+    evaluate: EvaluateOutputs,
 ) -> tuple[str, str]:
     """The snapshot as an MLflow pyfunc model (code: ``pipelines/registry/serving.py`` + ``ddpm_core``) in this stage's
     run, registered as a new version of ``name``; returns (version, logged model id). Its sampling defaults are the
     evaluated sampler's (a student's: DDIM at its steps). A conditional model's signature takes a ``label`` column and
-    a ``guidance_scale`` param (default: the scale it was evaluated with)."""
+    a ``guidance_scale`` param (default: the scale it was evaluated with). ``data``: the prepared data and a latent
+    model's latents."""
     unet, snapshot_uri, conditioning = model.unet, model.snapshot_uri, evaluate.protocol.conditioning
+    prepare, latent = data  # a latent model's latents: the pyfunc decodes with their autoencoder
     verify_committed(snapshot_uri, context.store.options)  # never register a corrupt snapshot
     mlflow.set_tracking_uri(context.tracking_uri)
     params = {**SAMPLING_PARAMS, **sampler_defaults(evaluate.protocol.sampler)}
@@ -222,8 +231,8 @@ def log_model(
         example["label"] = [0, unet.num_classes - 1]
         model_config.update(guidance_scale=guidance, class_names=list(prepare.class_names or ()))
     with tempfile.TemporaryDirectory() as directory:
-        artifacts = copied_artifacts(directory, snapshot_uri, prepare.latent, context.store.options)
-        output = np.zeros((2, *image_shape(unet, prepare.latent)), np.uint8)
+        artifacts = copied_artifacts(directory, snapshot_uri, latent, context.store.options)
+        output = np.zeros((2, *image_shape(unet, latent)), np.uint8)
         signature = infer_signature(example, output, params=params)
         with mlflow.start_run(run_id=context.mlflow_run_id):
             info = mlflow.pyfunc.log_model(

@@ -13,7 +13,7 @@ from ddpm_core.checkpoint import read_snapshot_config
 from ddpm_core.data import DataError
 from pipelines.config import PipelineConfig, TrainSection
 from pipelines.context import StageContext
-from pipelines.contracts import EmaCandidate, PrepareOutputs, TrainedWith, TrainOutputs, TuneOutputs
+from pipelines.contracts import AutoencoderOutputs, EmaCandidate, PrepareOutputs, TrainedWith, TrainOutputs, TuneOutputs
 from pipelines.data.recorded import log_training_data
 from pipelines.data.streaming import plan_stream
 from pipelines.execution import Device, cluster_device
@@ -58,7 +58,11 @@ def check_data(settings: TrainSettings, prepare: PrepareOutputs, storage_options
 
 
 def run(
-    context: StageContext, settings: TrainSettings, prepare: PrepareOutputs, tune: TuneOutputs | None
+    context: StageContext,
+    settings: TrainSettings,
+    prepare: PrepareOutputs,
+    autoencoder: AutoencoderOutputs | None,
+    tune: TuneOutputs | None,
 ) -> TrainOutputs:
     recipe = settings.recipe if tune is None else settings.recipe.with_overrides(tune.best_params)
     train = recipe.train
@@ -66,10 +70,11 @@ def run(
     warm_start = tune.best_checkpoint_uri if tune is not None and settings.warm_start_from_trial else None
     unet = recipe.model.unet(prepare.num_classes)
     split, values = (prepare.shards_uri, prepare.num_train), unet.in_channels * unet.image_size**2
-    if prepare.latent is None:
+    latent = autoencoder.latent if autoencoder is not None else None
+    if latent is None:
         stream, why = plan_stream(recipe.data, train, split, values, train.max_workers, context.store.options)
     else:
-        stream, why = None, f"the {prepare.latent.count} posteriors of a latent model's latents, {prepare.latent.uri}"
+        stream, why = None, f"the {latent.count} posteriors of a latent model's latents, {latent.uri}"
     context.log(f"train: {'stream' if stream else 'resident'} data loader ({why})")
     log_training_data(context.client, context.mlflow_run_id, prepare)  # the data as this run's dataset input
     job = TrainJob(
@@ -86,7 +91,7 @@ def run(
         warm_start_uri=warm_start,
         compile_cache_uri=context.store.cache_uri("compile", "train"),
         grids_run_id=grids_run(context, train),
-        latent=prepare.latent,
+        latent=latent,
     )
     conditional = (
         f", {job.unet.num_classes} classes (label dropout {train.class_dropout:g})" if job.unet.num_classes else ""

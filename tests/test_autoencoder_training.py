@@ -1,0 +1,71 @@
+"""The autoencoder stage's training loop on Ray Train (:mod:`pipelines.training.autoencoder`): a stop asked for by
+the driver (what a signal does) checkpoints the step it is seen at and saves nothing, and the same job run again
+resumes from that checkpoint to exactly the weights of a run that was never stopped."""
+
+from __future__ import annotations
+
+import hashlib
+import threading
+from pathlib import Path
+
+import numpy as np
+import torch
+from mlflow.tracking import MlflowClient
+
+from ddpm_core.autoencoder_weights import load_autoencoder
+from ddpm_core.data import load_dataset
+from ddpm_core.storage import commit, is_committed
+from pipelines.config import AutoencoderSection
+from pipelines.data.shards import write_split
+from pipelines.training.autoencoder import STOP_FILE, AutoencoderJob, fit, make_trainer
+
+SECTION = AutoencoderSection(
+    train=True,
+    block_out_channels=(32, 32),
+    latent_channels=3,
+    images=320,
+    batch_size=32,
+    checkpoint_every_images=160,
+)
+
+
+def job_in(root: Path, tracking: str) -> AutoencoderJob:
+    """A job of :data:`SECTION` on the split beside ``root``, logging to a fresh MLflow run."""
+    client = MlflowClient(tracking)
+    experiment = client.get_experiment_by_name("autoencoder") or client.get_experiment(
+        client.create_experiment("autoencoder")
+    )
+    run_id = client.create_run(experiment.experiment_id).info.run_id
+    shards = str(root.parent / "shards")
+    return AutoencoderJob(SECTION.architecture(1), SECTION, shards, str(root), {}, tracking, run_id)
+
+
+def trained(job: AutoencoderJob) -> dict[str, torch.Tensor]:
+    """``job`` run to its end; the saved folder's weights."""
+    result = fit(make_trainer(job, {}), job)
+    assert result.metrics["images_seen"] == SECTION.images and result.metrics["world_size"] == 1
+    weights = Path(job.folder_uri, "diffusion_pytorch_model.safetensors").read_bytes()
+    model, _ = load_autoencoder(job.folder_uri, hashlib.sha256(weights).hexdigest())
+    return model.state_dict()
+
+
+def test_a_stopped_run_resumes_to_the_weights_of_one_never_stopped(tmp_path, local_ray):
+    write_split(str(tmp_path / "shards"), load_dataset("builtin:digits"), np.arange(256), {})
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    whole = trained(job_in(tmp_path / "whole", tracking))
+
+    stopped = job_in(tmp_path / "stopped", tracking)
+    # what a signal's safe point does: commit the marker while the workers run (fit removes an earlier one first)
+    asking = threading.Timer(1.0, commit, (stopped.stop_uri, {STOP_FILE: b"a test"}, {}, {}))
+    asking.start()
+    first = fit(make_trainer(stopped, {}), stopped)
+    asking.join()
+    assert 0 < first.metrics["images_seen"] < SECTION.images  # checkpointed where the stop was seen
+    assert first.checkpoint is not None and not Path(stopped.folder_uri).exists()  # nothing saved as if finished
+
+    resumed = trained(stopped)  # the same job again: Ray Train hands the group the stopped run's checkpoint
+    assert not is_committed(stopped.stop_uri, {})
+    resumed_at = MlflowClient(tracking).get_run(stopped.mlflow_run_id).data.metrics["autoencoder_resumed_at_images"]
+    assert resumed_at == first.metrics["images_seen"]  # it went on from the checkpoint, not from the start
+    for name, tensor in whole.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
