@@ -1,14 +1,17 @@
 """The autoencoder stage's training loop on Ray Train (:mod:`pipelines.training.autoencoder`): a stop asked for by
 the driver (what a signal does) checkpoints the step it is seen at and saves nothing, and the same job run again
-resumes from that checkpoint to exactly the weights of a run that was never stopped."""
+resumes from that checkpoint to exactly the weights of a run that was never stopped; a diverged loss stops the run
+with what to change."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import threading
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
@@ -16,6 +19,7 @@ from ddpm_core.autoencoder_weights import load_autoencoder
 from ddpm_core.data import load_dataset
 from ddpm_core.storage import commit, is_committed
 from pipelines.config import AutoencoderSection
+from pipelines.context import StageStopped
 from pipelines.data.shards import write_split
 from pipelines.training.autoencoder import STOP_FILE, AutoencoderJob, fit, make_trainer
 
@@ -69,3 +73,12 @@ def test_a_stopped_run_resumes_to_the_weights_of_one_never_stopped(tmp_path, loc
     assert resumed_at == first.metrics["images_seen"]  # it went on from the checkpoint, not from the start
     for name, tensor in whole.items():
         torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
+
+
+def test_a_diverged_run_stops_with_what_to_change_and_saves_nothing(tmp_path, local_ray):
+    write_split(str(tmp_path / "shards"), load_dataset("builtin:digits"), np.arange(64), {})
+    job = job_in(tmp_path / "diverging", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    job = dataclasses.replace(job, section=dataclasses.replace(SECTION, learning_rate=1e12))
+    with pytest.raises(StageStopped, match=r"diverged: the loss became non-finite by \d+ images\. Lower autoencoder"):
+        fit(make_trainer(job, {}), job)
+    assert not Path(job.folder_uri).exists()

@@ -204,6 +204,15 @@ def test_the_autoencoder_stage_trains_one_with_ray_train_and_the_latent_model_us
         (["autoencoder.weights_sha256=null"], "autoencoder.weights_uri needs autoencoder.weights_sha256"),
         (["model.overrides={image_size: 8, in_channels: 1}"], "set model.overrides.image_size=4"),
         (["autoencoder.weights_sha256=0123456789ab"], "SHA-256"),
+        (["autoencoder.train=true"], "autoencoder.train with autoencoder.weights_uri"),
+        (
+            ["autoencoder.weights_uri=null", "autoencoder.train=true", "autoencoder.block_out_channels=[32, 32, 32]"],
+            "the autoencoder of autoencoder.train turns the 8x8x1 images into 2x2 latents",
+        ),
+        (
+            ["autoencoder.weights_uri=null", "autoencoder.train=true", "autoencoder.block_out_channels=[48, 64]"],
+            "autoencoder.block_out_channels: [48] are not multiples of norm_num_groups=32",
+        ),
     ],
 )
 def test_what_a_latent_model_refuses_before_ray_starts(tmp_path, capsys, overrides, message):

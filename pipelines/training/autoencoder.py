@@ -29,15 +29,17 @@ from torch import nn
 from ddpm_core.autoencoder import AutoencoderConfig, KLAutoencoder, autoencoder_train_step
 from ddpm_core.autoencoder_weights import save_autoencoder
 from ddpm_core.data import to_model_range
-from ddpm_core.storage import commit, filesystem, is_committed
+from ddpm_core.storage import commit, filesystem, is_committed, read_committed
 from ddpm_core.training import OptimConfig, make_optimizer
 from pipelines.config import AutoencoderSection
+from pipelines.context import StageStopped
 from pipelines.data.shards import read_split
 from pipelines.execution import Device, train_storage
 from pipelines.training.trainer import off_the_main_thread, without_print_patch
 
 STATE_FILE = "autoencoder_state.pt"
 STOP_FILE = "requested.txt"
+DIVERGED_FILE = "diverged.txt"
 LOG_EVERY_STEPS = 50
 POLL_S = 0.5  # how often rank 0 looks for the driver's stop marker
 
@@ -69,7 +71,13 @@ class AutoencoderJob:
 
     @property
     def stop_uri(self) -> str:
+        """Committed by the driver when a signal asks the workers to checkpoint and leave."""
         return f"{self.work_uri}/stop"
+
+    @property
+    def diverged_uri(self) -> str:
+        """Committed by rank 0 when the loss became non-finite: what to change."""
+        return f"{self.work_uri}/diverged"
 
     @property
     def trainer_uri(self) -> str:
@@ -77,8 +85,8 @@ class AutoencoderJob:
 
 
 class StopFlag:
-    """Rank 0 looks for the driver's stop marker in a background thread; every rank learns of it at the same step
-    through one all-reduce, so that all of them checkpoint that step and leave."""
+    """Rank 0 looks for the driver's stop marker in a background thread; every rank learns of it, and of a
+    non-finite loss on any rank, at the same step through one all-reduce, so that all of them act at that step."""
 
     def __init__(self, job: AutoencoderJob, rank: int, world: int) -> None:
         self.job, self.world, self.seen = job, world, threading.Event()
@@ -91,11 +99,12 @@ class StopFlag:
                 self.seen.set()
             time.sleep(POLL_S)
 
-    def agreed(self) -> bool:
-        flag = torch.tensor([1.0 if self.seen.is_set() else 0.0])
+    def agreed(self, loss: torch.Tensor) -> tuple[bool, bool]:
+        """(stop asked, some rank's ``loss`` non-finite), the same on every rank."""
+        flags = torch.tensor([float(self.seen.is_set()), float(not torch.isfinite(loss).item())])
         if self.world > 1:
-            dist.all_reduce(flag)
-        return bool(flag.item() > 0)
+            dist.all_reduce(flags)
+        return bool(flags[0] > 0), bool(flags[1] > 0)
 
 
 def autoencoder_loop(job: AutoencoderJob) -> None:
@@ -124,13 +133,28 @@ def autoencoder_loop(job: AutoencoderJob) -> None:
         seen, step = seen + section.batch_size, step + 1
         if client is not None and (step == 1 or step % LOG_EVERY_STEPS == 0 or seen >= section.images):
             log_terms(client, job.mlflow_run_id, terms, seen, step)
-        stopping = stop.agreed()
+        stopping, diverged = stop.agreed(terms["loss"])
+        if diverged:  # no checkpoint of diverged weights: the last one stays the newest
+            if rank == 0:
+                record_divergence(job, seen)
+            return
         if seen // every > (seen - section.batch_size) // every or seen >= section.images or stopping:
             report(network, optimizer, (seen, step), rank, world)
         if stopping:
             return
     if rank == 0:
         save_autoencoder(network.eval(), job.folder_uri, job.storage_options)
+
+
+def record_divergence(job: AutoencoderJob, seen: int) -> None:
+    """What to change when the loss became non-finite by ``seen`` images, committed for the driver to raise."""
+    section = job.section
+    message = (
+        f"autoencoder training diverged: the loss became non-finite by {seen} images. Lower autoencoder.learning_rate "
+        f"(now {section.learning_rate}) or autoencoder.kl_weight (now {section.kl_weight}); the last checkpoint is "
+        "kept, but resuming with the same settings would diverge again"
+    )
+    commit(job.diverged_uri, {DIVERGED_FILE: message.encode()}, {}, job.storage_options)
 
 
 def hash_seed(seed: int, step: int, rank: int) -> int:
@@ -207,12 +231,17 @@ def bundle(gpu: bool) -> dict[str, float]:
 
 
 def fit(trainer: TorchTrainer, job: AutoencoderJob) -> Result:
-    """``trainer.fit()`` off the main thread (Ray Train V2 takes over its SIGINT handler), after removing a stop
-    marker an earlier, stopped attempt left."""
-    fs, path = filesystem(job.stop_uri, job.storage_options)
-    if fs.exists(path):
-        fs.rm(path, recursive=True)
-    return off_the_main_thread(trainer.fit)
+    """``trainer.fit()`` off the main thread (Ray Train V2 takes over its SIGINT handler), after removing the markers
+    an earlier attempt left; :class:`StageStopped` with what to change when the loss diverged."""
+    for uri in (job.stop_uri, job.diverged_uri):
+        fs, path = filesystem(uri, job.storage_options)
+        if fs.exists(path):
+            fs.rm(path, recursive=True)
+    result = off_the_main_thread(trainer.fit)
+    if is_committed(job.diverged_uri, job.storage_options):
+        message = read_committed(job.diverged_uri, [DIVERGED_FILE], job.storage_options)[0][DIVERGED_FILE]
+        raise StageStopped(message.decode())
+    return result
 
 
 def ask_to_stop(job: AutoencoderJob) -> None:
