@@ -55,7 +55,7 @@ def reconstructed_sources(
     targets = [f"{folder}/shard-{number:05d}" for number in range(len(sources))]
     todo = [(source, uri) for source, uri in zip(sources, targets, strict=True) if not is_committed(uri, options)]
     if todo:
-        log(f"evaluate: reconstructing {len(todo)} hold-out file(s) through the autoencoder for rFID")
+        log(f"autoencoder: reconstructing {len(todo)} hold-out file(s) for the reconstruction grid and rFID")
         count = max(1, min(len(todo), execution.free_slots()))
         with execution.actor_pool(Reconstructor, count, space, options) as pool:
             list(pool.map(lambda actor, job: actor.reconstruct.remote(*job), todo))

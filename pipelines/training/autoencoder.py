@@ -23,7 +23,7 @@ import torch
 import torch.distributed as dist
 from mlflow.tracking import MlflowClient
 from ray.train import CheckpointConfig, FailureConfig, Result, RunConfig, ScalingConfig
-from ray.train.torch import TorchTrainer, prepare_model
+from ray.train.torch import TorchTrainer
 from torch import nn
 
 from ddpm_core.autoencoder import AutoencoderConfig, KLAutoencoder, autoencoder_train_step
@@ -35,6 +35,7 @@ from pipelines.config import AutoencoderSection
 from pipelines.context import StageStopped
 from pipelines.data.shards import read_split
 from pipelines.execution import Device, train_storage
+from pipelines.training.state import prepare_for_ray_train
 from pipelines.training.trainer import off_the_main_thread, without_print_patch
 
 STATE_FILE = "autoencoder_state.pt"
@@ -119,7 +120,7 @@ def autoencoder_loop(job: AutoencoderJob) -> None:
     network = KLAutoencoder(job.network).to(device)
     optimizer = make_optimizer(network, job.optim)
     seen, step = resume(network, optimizer, device)
-    model = prepare_model(network) if world > 1 else network
+    model = prepare_for_ray_train(network, {"gradient_as_bucket_view": True}) if world > 1 else network
     client = MlflowClient(job.tracking_uri) if rank == 0 else None
     if client is not None and seen > 0:  # where a re-run (or a restarted group) picked up
         client.log_metric(job.mlflow_run_id, "autoencoder_resumed_at_images", seen, step=step)
@@ -140,10 +141,18 @@ def autoencoder_loop(job: AutoencoderJob) -> None:
             return
         if seen // every > (seen - section.batch_size) // every or seen >= section.images or stopping:
             report(network, optimizer, (seen, step), rank, world)
+            if rank == 0:
+                say_progress(seen, section.images, terms)
         if stopping:
             return
     if rank == 0:
         save_autoencoder(network.eval(), job.folder_uri, job.storage_options)
+
+
+def say_progress(seen: int, total: int, terms: dict[str, torch.Tensor]) -> None:
+    """A line in the job's output at each checkpoint (rank 0's step L1, per pixel)."""
+    l1 = float(terms["l1"].mean())
+    print(f"autoencoder: {seen:,} of {total:,} images, L1 {l1:.4f}, checkpoint recorded", flush=True)
 
 
 def record_divergence(job: AutoencoderJob, seen: int) -> None:

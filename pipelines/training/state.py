@@ -4,6 +4,7 @@ progress) with the one function that decides where the starting weights come fro
 from __future__ import annotations
 
 import enum
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -143,7 +144,12 @@ def start_profiles(
 
 
 def prepare_for_ray_train(model: nn.Module, options: dict[str, Any]) -> nn.Module:
-    """Ray Train's placement of the network on this worker's device, wrapped in DDP in a group of several."""
+    """Ray Train's placement of the network on this worker's device, wrapped in DDP in a group of several.
+
+    A 1x1 convolution's weight gradient ``[o, i, 1, 1]`` comes with strides that differ from its bucket view's only
+    along the two size-1 dimensions, which address no memory; DDP compares strides literally and would warn, in
+    every job's output, of a slowdown that cannot happen."""
+    warnings.filterwarnings("ignore", message="Grad strides do not match bucket view strides")
     return ray.train.torch.prepare_model(model, parallel_strategy_kwargs=options)
 
 
