@@ -139,7 +139,7 @@ def evaluated(world: World, name: str, images: np.ndarray) -> EvaluateOutputs:
     sample = as_samples(world, name, images)
     settings = evaluate.settings(world.config, NoChampion())
     context = world.context("evaluate", name.ljust(64, "0"))
-    return evaluate.run(context, settings, world.prepared, world.train, sample, None)
+    return evaluate.run(context, settings, world.prepared, None, world.train, sample, None)
 
 
 def test_bad_settings_fail_before_ray_starts_naming_the_key(capsys):
@@ -177,7 +177,8 @@ def test_a_model_that_returns_training_images_is_flagged_and_refused_promotion(w
     assert coverage.tvd_low <= coverage.tvd_floor <= coverage.tvd_high
 
     settings = register.settings(world.config, NoChampion())
-    registered = register.run(world.context("register", "r" * 64), settings, world.prepared, world.train, outputs, None)
+    context = world.context("register", "r" * 64)
+    registered = register.run(context, settings, world.prepared, None, world.train, outputs, None)
     assert not registered.promoted and "register.max_copy_rate 0.05" in registered.reason
     name = registered.model_name
     version = world.client.get_model_version(name, registered.version)

@@ -96,11 +96,7 @@ def run(context: StageContext, settings: AutoencoderSettings, prepare: PrepareOu
         assert section.weights_uri is not None and section.weights_sha256 is not None
         folder, sha256 = section.weights_uri, section.weights_sha256
     latent = encode_latents(context, section, (folder, sha256), prepare)
-    execution = context.execution(device)
-    reconstructions = reconstructed_sources(
-        latent.space, prepare.holdout_uri, f"{context.result_uri}/reconstructions", execution, context.log
-    )
-    log_reconstruction_grid(context, prepare, reconstructions)
+    reconstructions = holdout_reconstructions(context, latent.space, prepare, device)
     rfid = stage_rfid(context, prepare, reconstructions, device)
     return AutoencoderOutputs(
         latent=latent,
@@ -194,6 +190,20 @@ def latent_space(
     return LatentSpace(
         folder, sha256, split.autoencoder_identity, section.scaling_factor or split.scaling_factor, config.shift_factor
     )
+
+
+def holdout_reconstructions(
+    context: StageContext, space: LatentSpace, prepare: PrepareOutputs, device: Device
+) -> list[ImageSource]:
+    """The hold-out split reconstructed through the autoencoder, one committed shard per file, and the grid of the
+    first ones logged; none without hold-out images (``data.holdout_fraction`` 0)."""
+    if prepare.num_holdout == 0:
+        context.log("autoencoder: no held-out images (data.holdout_fraction is 0): no reconstructions, no rFID")
+        return []
+    folder, execution = f"{context.result_uri}/reconstructions", context.execution(device)
+    reconstructions = reconstructed_sources(space, prepare.holdout_uri, folder, execution, context.log)
+    log_reconstruction_grid(context, prepare, reconstructions)
+    return reconstructions
 
 
 def log_reconstruction_grid(context: StageContext, prepare: PrepareOutputs, reconstructions: list[ImageSource]) -> None:

@@ -134,7 +134,7 @@ def prepare_on_driver(context: StageContext, settings: PrepareSettings) -> Prepa
     dataset = load_dataset(data.uri, data.split.value, options, data.read_options())
     check_conditioning(settings, dataset.num_classes)
     shape = tuple(int(n) for n in dataset.images.shape[1:])
-    check_fits_model(shape, dataset.num_classes, settings, options)
+    check_fits_model(shape, dataset.num_classes, settings)
     content = split_by_content(dataset.images, dataset.labels, data.holdout_fraction)
     train_idx, holdout_idx = np.flatnonzero(~content.holdout), np.flatnonzero(content.holdout)
     check_split_sizes(data, len(train_idx), len(holdout_idx))
@@ -216,7 +216,7 @@ def prepare_on_ray_data(context: StageContext, settings: PrepareSettings, listin
         tuple(str(k) for k in range(max(r.max_label for r in results) + 1)) if labelled else None
     )
     check_conditioning(settings, len(names) if names else None)
-    check_fits_model(shape, len(names) if names else None, settings, options)
+    check_fits_model(shape, len(names) if names else None, settings)
     check_split_sizes(data, num_train, num_holdout)
     entries = write_splits(plan, results, split_file_images(settings, shape, num_train), labelled)
     for split in SPLITS:
@@ -293,16 +293,14 @@ def split_file_images(settings: PrepareSettings, image_shape: tuple[int, ...], n
     return min(per_file, -(-num_train // workers)) if loader is Loader.STREAM else per_file
 
 
-def check_fits_model(
-    image_shape: tuple[int, ...], num_classes: int | None, settings: PrepareSettings, options: dict[str, Any]
-) -> None:
+def check_fits_model(image_shape: tuple[int, ...], num_classes: int | None, settings: PrepareSettings) -> None:
     """The data's images ``[H, W, C]`` are the size and channel count a pixel model takes; else a ``DataError`` with
     the fixes that fit the mismatch (:func:`pipelines.advice.model_fit_advice`)."""
     from pipelines.advice import model_fit_advice
 
-    unet, model = settings.model.unet(num_classes), settings.model
     if settings.latent:
         return  # the autoencoder stage checks that the U-Net takes the latents (pipelines.stages.autoencoder)
+    unet, model = settings.model.unet(num_classes), settings.model
     height, width, channels = image_shape
     if (height, width, channels) != (unet.image_size, unet.image_size, unet.in_channels):
         overridden = f" with model.overrides {model.overrides}" if model.overrides else ""
@@ -349,7 +347,7 @@ def test_split(settings: PrepareSettings, train_dataset: ImageDataset, options: 
             f"evaluate.nll_split=test: data.uri {data.uri!r} has no separate test split (only "
             "CIFAR-10 archives do); use evaluate.nll_split=holdout with data.holdout_fraction > 0"
         )
-    check_fits_model(dataset.images.shape[1:], dataset.num_classes, settings, options)
+    check_fits_model(dataset.images.shape[1:], dataset.num_classes, settings)
     return dataset
 
 
