@@ -89,13 +89,13 @@ def network(section: AutoencoderSection, channels: int, storage_options: dict[st
 def run(context: StageContext, settings: AutoencoderSettings, prepare: PrepareOutputs) -> AutoencoderOutputs:
     section = settings.autoencoder
     images_seen = None
-    device = cluster_device(settings.use_gpu)
+    device, shape = cluster_device(settings.use_gpu), image_shape(prepare, context.store.options)
     if section.train:
-        folder, sha256, images_seen = train(context, section, prepare, device)
+        folder, sha256, images_seen = train(context, section, (prepare, shape[2]), device)
     else:
         assert section.weights_uri is not None and section.weights_sha256 is not None
         folder, sha256 = section.weights_uri, section.weights_sha256
-    latent = encode_latents(context, section, (folder, sha256), prepare)
+    latent = encode_latents(context, section, (folder, sha256), (prepare, shape))
     reconstructions = holdout_reconstructions(context, latent.space, prepare, device)
     rfid = stage_rfid(context, prepare, reconstructions, device)
     return AutoencoderOutputs(
@@ -109,12 +109,12 @@ def run(context: StageContext, settings: AutoencoderSettings, prepare: PrepareOu
 
 
 def train(
-    context: StageContext, section: AutoencoderSection, prepare: PrepareOutputs, device: Device
+    context: StageContext, section: AutoencoderSection, data: tuple[PrepareOutputs, int], device: Device
 ) -> tuple[str, str, int]:
-    """The autoencoder trained on Ray Train (:mod:`pipelines.training.autoencoder`): its folder, the weights file's
-    SHA-256 and the images it saw. A signal stops it at the next step with a checkpoint a re-run resumes from."""
-    options = context.store.options
-    channels = image_shape(prepare, options)[2]
+    """The autoencoder trained on Ray Train (:mod:`pipelines.training.autoencoder`) on the prepared training split of
+    images of ``channels`` channels (``data``): its folder, the weights file's SHA-256 and the images it saw. A
+    signal stops it at the next step with a checkpoint a re-run resumes from."""
+    (prepare, channels), options = data, context.store.options
     job = AutoencoderJob(
         section.architecture(channels),
         section,
@@ -152,11 +152,15 @@ def train(
 
 
 def encode_latents(
-    context: StageContext, section: AutoencoderSection, weights: tuple[str, str], prepare: PrepareOutputs
+    context: StageContext,
+    section: AutoencoderSection,
+    weights: tuple[str, str],
+    data: tuple[PrepareOutputs, tuple[int, int, int]],
 ) -> LatentOutputs:
-    """The training split encoded by the autoencoder (:mod:`pipelines.data.latents`: Ray Data actors, files committed
-    one by one and reused by a re-run), the scaling factor chosen, and both logged to the stage's run."""
-    folder, sha256 = weights
+    """The training split (``data``: the prepared splits and their images' ``[H, W, C]``) encoded by the autoencoder
+    (:mod:`pipelines.data.latents`: Ray Data actors, files committed one by one and reused by a re-run), the scaling
+    factor chosen, and both logged to the stage's run."""
+    (folder, sha256), (prepare, shape) = weights, data
     encoding = Encoding(
         prepare.shards_uri,
         prepare.fingerprint,
@@ -178,7 +182,7 @@ def encode_latents(
         f"autoencoder: {split.count} latents {split.shape} in {split.uri} ({split.encoded_now} files encoded now), "
         f"scaling factor {space.scaling_factor:.4g}"
     )
-    return LatentOutputs(split.uri, split.shape, split.count, space, image_shape(prepare, context.store.options))
+    return LatentOutputs(split.uri, split.shape, split.count, space, shape)
 
 
 def latent_space(

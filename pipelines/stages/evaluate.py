@@ -260,7 +260,8 @@ def run(
     sweep = guidance_sweep(context, section, upstream, scorer)
     holdout = holdout_summary(scorer, prepare)
     compared = comparisons(context, settings, upstream, scorer, ours.fid, holdout)
-    compared = dataclasses.replace(compared, reconstruction=reconstruction_fid(scorer, autoencoder, holdout))
+    reconstruction = reconstruction_fid(scorer, autoencoder, holdout, compared.holdout)
+    compared = dataclasses.replace(compared, reconstruction=reconstruction)
     nll, nll_protocol = held_out_nll(context, section, prepare, train, sample) if distill is None else (None, None)
     curve = nfe_curve(context, settings, scorer, (train, sample, distill), ours.fid)
     scores = dataclasses.replace(
@@ -629,18 +630,22 @@ def comparisons(
 
 
 def reconstruction_fid(
-    scorer: Scorer, autoencoder: AutoencoderOutputs | None, holdout_set: Summary | None
+    scorer: Scorer,
+    autoencoder: AutoencoderOutputs | None,
+    holdout_set: Summary | None,
+    holdout: FidEstimate | None,
 ) -> Reconstruction | None:
     """A latent model's floor: the autoencoder stage's reconstructions of the held-out images, scored against the
     originals (rFID) and against this protocol's reference beside the originals (None: a pixel model, or fewer than
-    2 held-out images)."""
-    if autoencoder is None or holdout_set is None:
+    2 held-out images). ``holdout``: the originals' FID against the reference, already estimated from their summary
+    ``holdout_set``."""
+    if autoencoder is None or holdout_set is None or holdout is None:
         return None
     sources = sample_sources(autoencoder.reconstruction_uris, scorer.execution.storage_options)
     reconstructed = scorer.summarize(sources, holdout_set.fid.count)
     rfid = fid_estimate(reconstructed, holdout_set, None)
     # the same hold-out indices in both sets: the paired jackknife counts their correlated errors
-    excess = scorer.estimate(reconstructed).minus(scorer.estimate(holdout_set))
+    excess = scorer.estimate(reconstructed).minus(holdout)
     return Reconstruction(rfid, excess)
 
 
