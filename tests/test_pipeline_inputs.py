@@ -266,12 +266,22 @@ def test_an_unknown_from_stage_fails_before_anything(tmp_path, local, capsys):
     assert not ray.is_initialized() and not (tmp_path / "runs").exists()
 
 
+# what a shipped config asks the user to set on the command line (the hash of their own copy of a model)
+USER_PINNED = {"celebahq256-latent.yaml": ["autoencoder.weights_sha256=0123456789abcdef"]}
+
+
 @pytest.mark.parametrize("path", sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")))
 def test_every_shipped_config_passes_the_checks_made_before_ray(path):
     """The configs in configs/ load, and their stages' checks pass (what `python -m pipelines run` checks before
-    anything runs; their data and weights are not read here)."""
+    anything runs; their data and weights are not read here), given what they ask the user to set."""
     from pipelines.dag import check_config
 
-    config = load_config(path, [])
+    config = load_config(path, USER_PINNED.get(path.name, []))
     check_config(config)
     assert config.model.unet(config.model.num_classes or 10).image_size in (8, 32, 256)
+
+
+@pytest.mark.parametrize("name", sorted(USER_PINNED))
+def test_a_config_that_asks_for_a_hash_refuses_to_run_without_it(name):
+    with pytest.raises(ConfigError, match="needs autoencoder.weights_sha256"):
+        load_config(Path(__file__).resolve().parents[1] / "configs" / name, [])

@@ -52,8 +52,8 @@ def generated_folder(root: Path, per_class: int = 20) -> Path:
     return root
 
 
-@pytest.mark.slow
-def test_the_256_preset_runs_through_the_whole_dag(tmp_path):
+def run_pipeline(config: str, tmp_path: Path, *overrides: str) -> subprocess.CompletedProcess[str]:
+    """``python -m pipelines run`` of ``configs/<config>`` shrunk, on the generated images, in ``tmp_path``."""
     data = generated_folder(tmp_path / "images")
     args = [
         sys.executable,
@@ -61,8 +61,9 @@ def test_the_256_preset_runs_through_the_whole_dag(tmp_path):
         "pipelines",
         "run",
         "--config",
-        str(REPO / "configs" / "celebahq256.yaml"),
+        str(REPO / "configs" / config),
         *SHRUNK,
+        *overrides,
         f"data.uri={data}",
         f"storage.root={tmp_path / 'runs'}",
         f"mlflow.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
@@ -71,12 +72,67 @@ def test_the_256_preset_runs_through_the_whole_dag(tmp_path):
     result = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=1800)
     (tmp_path / "job.log").write_text(result.stdout + result.stderr)
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
+    return result
+
+
+def sampled_images(run: Path) -> np.ndarray:
+    sample = run_files.outputs(run, "sample")
+    return np.concatenate([np.load(Path(uri) / "images.npy") for uri in sample["shard_uris"]])
+
+
+@pytest.mark.slow
+def test_the_256_preset_runs_through_the_whole_dag(tmp_path):
+    result = run_pipeline("celebahq256.yaml", tmp_path)
     run = tmp_path / "runs" / "celebahq256-ddpm"
     prepare = run_files.outputs(run, "prepare")
     assert prepare["num_train"] + prepare["num_holdout"] == 40 and prepare["class_names"] == ["horizontal", "vertical"]
-    sample = run_files.outputs(run, "sample")
-    images = np.concatenate([np.load(Path(uri) / "images.npy") for uri in sample["shard_uris"]])
+    images = sampled_images(run)
     assert images.shape == (4, 256, 256, 3) and images.dtype == np.uint8
     evaluation = run_files.outputs(run, "evaluate")["scores"]
     assert np.isfinite(evaluation["fid"]) and evaluation["fid_stderr"] is not None
     assert "models:/ddpm-celebahq256/1" in result.stdout
+
+
+def stable_diffusion_shaped_vae(folder: Path) -> str:
+    """A randomly initialised AutoencoderKL of Stable Diffusion's VAE architecture (f = 8, 4 latent channels, 83.7M
+    parameters), saved by diffusers; the first 16 hex digits of its weights' SHA-256."""
+    import torch
+    from diffusers import AutoencoderKL
+
+    from ddpm_core.autoencoder_weights import WEIGHTS_FILE
+    from ddpm_core.weights import file_sha256
+
+    torch.manual_seed(0)
+    AutoencoderKL(
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        block_out_channels=(128, 256, 512, 512),
+        layers_per_block=2,
+        latent_channels=4,
+        sample_size=256,
+        scaling_factor=0.18215,
+    ).save_pretrained(folder, safe_serialization=True)
+    return file_sha256(folder / WEIGHTS_FILE)[:16]
+
+
+@pytest.mark.slow
+def test_the_256_latent_preset_runs_through_the_whole_dag(tmp_path):
+    """configs/celebahq256-latent.yaml: the cifar10 U-Net on the 4x32x32 latents of an f = 8 autoencoder, decoded to
+    256x256 samples."""
+    digest = stable_diffusion_shaped_vae(tmp_path / "vae")
+    result = run_pipeline(
+        "celebahq256-latent.yaml",
+        tmp_path,
+        f"autoencoder.weights_uri={tmp_path / 'vae'}",
+        f"autoencoder.weights_sha256={digest}",
+        "autoencoder.encode_actors=1",
+        "autoencoder.encode_batch=8",
+    )
+    run = tmp_path / "runs" / "celebahq256-latent"
+    latent = run_files.outputs(run, "autoencoder")["latent"]
+    assert latent["space"]["scaling_factor"] == 0.18215 and latent["shape"] == [4, 32, 32]
+    images = sampled_images(run)
+    assert images.shape == (4, 256, 256, 3) and images.dtype == np.uint8
+    evaluation = run_files.outputs(run, "evaluate")["scores"]
+    assert np.isfinite(evaluation["fid"]) and evaluation["rfid"] is not None
+    assert "models:/ddpm-celebahq256-latent/1" in result.stdout
