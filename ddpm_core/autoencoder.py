@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ddpm_core.discriminator import Adversary, adversarial_terms, discriminator_step
 from ddpm_core.ema import EMA
 from ddpm_core.fields import FieldError, check_ranges
 from ddpm_core.training import OptimConfig, apply_update
@@ -366,17 +367,28 @@ def autoencoder_train_step(
     kl_weight: float,
     generator: torch.Generator | None = None,
     ema: EMA | None = None,
+    adversary: Adversary | None = None,
 ) -> dict[str, torch.Tensor]:
     """One step on :func:`autoencoder_loss` for images ``x [B, C, H, W]`` in [-1, 1]: a latent sampled from
     ``q(z | x)`` with ``generator``, decoded, the gradient applied as the diffusion model's is (warm-up learning rate,
-    clipping, AdamW, EMA: :func:`ddpm_core.training.apply_update`). Returns the loss terms, detached."""
+    clipping, AdamW, EMA: :func:`ddpm_core.training.apply_update`). With an ``adversary`` past its warm-up, the loss
+    adds the adaptively weighted adversarial term (Esser et al. 2021, Eq. 7) and the discriminator then takes a step
+    on the same reconstructions (:mod:`ddpm_core.discriminator`). Returns the loss terms, detached; ``loss`` is the
+    whole objective."""
     model.train()
     optimizer.zero_grad(set_to_none=True)
     reconstruction, posterior = model(x, generator)
     terms = autoencoder_loss(x, reconstruction, posterior, kl_weight)
+    active = adversary if adversary is not None and adversary.active(images_seen) else None
+    if active is not None:
+        terms |= adversarial_terms(model, active, terms["loss"], reconstruction)
+        terms["loss"] = terms["loss"] + terms["adaptive_weight"] * terms["adversarial"]
     terms["loss"].backward()
     grad_norm = apply_update(model, optimizer, optim, images_seen, ema)
-    return {**{name: value.detach() for name, value in terms.items()}, "grad_norm": grad_norm}
+    detached = {name: value.detach() for name, value in terms.items()}
+    if active is not None:
+        detached |= discriminator_step(active, x, reconstruction, optim.grad_clip)
+    return {**detached, "grad_norm": grad_norm}
 
 
 def latent_scaling_factor(latents: torch.Tensor) -> float:

@@ -25,6 +25,7 @@ from typing import Any, TypeVar
 from ddpm_core.autoencoder import AutoencoderConfig
 from ddpm_core.data import ReadOptions
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion, Prediction
+from ddpm_core.discriminator import DiscriminatorConfig
 from ddpm_core.fields import FieldError, allowed_values
 from ddpm_core.loss_weighting import LossWeighting, Weighting
 from ddpm_core.phema import MAX_SIGMA_REL
@@ -241,6 +242,9 @@ class AutoencoderSection:
     kl_weight: float = 1e-6  # train: the KL term's weight (LDM's "KL-reg")
     seed: int = 0  # train: initial weights, batches and posterior draws
     checkpoint_every_images: int = 10_000  # train: a resumable checkpoint this often
+    discriminator_start_images: int | None = None  # train: images before the patch discriminator joins (null: none)
+    discriminator_weight: float = 0.5  # train: the factor of its adaptive weight (LDM's disc_weight)
+    discriminator_layers: int = 3  # train: its stride-2 layers (3: pix2pix's 70x70 patches)
     num_workers: int = field(default=1, metadata=EXECUTION)  # train: Ray Train DDP workers
     scaling_factor: float | None = None  # the latents' scale (None: 1/std of the training split's latents, as LDM)
     encode_batch: int = field(default=64, metadata=EXECUTION)  # images per encoder forward pass
@@ -265,15 +269,23 @@ class AutoencoderSection:
                 "learning_rate": self.learning_rate,
                 "checkpoint_every_images": self.checkpoint_every_images,
                 "num_workers": self.num_workers,
+                "discriminator_weight": self.discriminator_weight,
+                "discriminator_layers": self.discriminator_layers,
             },
         )
         require_non_negative("autoencoder", {"kl_weight": self.kl_weight})
+        if self.discriminator_start_images is not None:
+            require_non_negative("autoencoder", {"discriminator_start_images": self.discriminator_start_images})
         if self.scaling_factor is not None and not self.scaling_factor > 0:
             raise ConfigError(f"autoencoder.scaling_factor must be > 0 or null (estimated), got {self.scaling_factor}")
         if self.train:
             self.check_trained()
         elif self.weights_uri is not None:
             self.check_weights()
+        if self.discriminator_start_images is not None and not self.train:
+            raise ConfigError(
+                "autoencoder.discriminator_start_images trains a discriminator: it needs autoencoder.train"
+            )
 
     def check_trained(self) -> None:
         if self.weights_uri is not None:
@@ -289,6 +301,21 @@ class AutoencoderSection:
             self.architecture(1)
         except FieldError as error:
             raise ConfigError(str(error)) from None
+        start = self.discriminator_start_images
+        if start is not None and start >= self.images:
+            raise ConfigError(
+                f"autoencoder.discriminator_start_images={start} is not below autoencoder.images={self.images}: the "
+                "discriminator would never join; lower it, or set it null to train without one"
+            )
+
+    @property
+    def discriminator(self) -> DiscriminatorConfig | None:
+        """LDM's patch discriminator after ``discriminator_start_images`` (None: L1 + KL only)."""
+        if self.discriminator_start_images is None:
+            return None
+        return DiscriminatorConfig(
+            self.discriminator_start_images, self.discriminator_weight, layers=self.discriminator_layers
+        )
 
     def check_weights(self) -> None:
         if self.weights_sha256 is None:

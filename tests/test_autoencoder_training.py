@@ -1,7 +1,7 @@
 """The autoencoder stage's training loop on Ray Train (:mod:`pipelines.training.autoencoder`): a stop asked for by
 the driver (what a signal does) checkpoints the step it is seen at and saves nothing, and the same job run again
-resumes from that checkpoint to exactly the weights of a run that was never stopped; a diverged loss stops the run
-with what to change."""
+resumes from that checkpoint to exactly the weights of a run that was never stopped (the patch discriminator, which
+joins at the second step, with them); a diverged loss stops the run with what to change."""
 
 from __future__ import annotations
 
@@ -30,6 +30,8 @@ SECTION = AutoencoderSection(
     images=320,
     batch_size=32,
     checkpoint_every_images=160,
+    discriminator_start_images=32,  # from the second step: checkpoints hold the discriminator and its optimizer too
+    discriminator_layers=1,  # 2x2 patches of the 8x8 digits
 )
 
 
@@ -56,7 +58,10 @@ def trained(job: AutoencoderJob) -> dict[str, torch.Tensor]:
 def test_a_stopped_run_resumes_to_the_weights_of_one_never_stopped(tmp_path, local_ray):
     write_split(str(tmp_path / "shards"), load_dataset("builtin:digits"), np.arange(256), {})
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    whole = trained(job_in(tmp_path / "whole", tracking))
+    whole_job = job_in(tmp_path / "whole", tracking)
+    whole = trained(whole_job)
+    logged = MlflowClient(tracking).get_run(whole_job.mlflow_run_id).data.metrics
+    assert {"discriminator_hinge_loss", "autoencoder_adaptive_weight", "autoencoder_adversarial"} <= set(logged)
 
     stopped = job_in(tmp_path / "stopped", tracking)
     # what a signal's safe point does: commit the marker while the workers run (fit removes an earlier one first)

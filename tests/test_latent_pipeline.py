@@ -72,7 +72,7 @@ def finished(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """The pipeline with ``autoencoder.train``: the autoencoder stage trains an f = 2 autoencoder on two Ray Train
-    workers (DDP) before the latent model is trained on its latents."""
+    workers (DDP), with LDM's patch discriminator from half way, before the latent model is trained on its latents."""
     root = tmp_path_factory.mktemp("trained")
     training = [
         "autoencoder.train=true",
@@ -81,6 +81,8 @@ def trained(tmp_path_factory) -> Path:
         "autoencoder.images=2048",
         "autoencoder.checkpoint_every_images=1024",
         "autoencoder.num_workers=2",
+        "autoencoder.discriminator_start_images=1024",  # the patch discriminator for the second half, under DDP
+        "autoencoder.discriminator_layers=1",
         "register.enabled=false",
     ]
     return run_files.finished_run(root, "digits.yaml", [*TINY, *training])
@@ -188,6 +190,8 @@ def test_the_autoencoder_stage_trains_one_with_ray_train_and_the_latent_model_us
     assert stage_run.data.metrics["autoencoder_workers"] == 2  # the world size Ray Train reported
     l1 = [m.value for m in client.get_metric_history(run_id, "autoencoder_l1")]
     assert len(l1) >= 2 and l1[-1] < 0.7 * l1[0]  # it learned to reconstruct
+    hinge = client.get_metric_history(run_id, "discriminator_hinge_loss")
+    assert hinge and min(m.step for m in hinge) > 1024 // 32  # logged once the discriminator joined, not before
     assert "reconstructions.png" in {a.path for a in client.list_artifacts(run_id)}
     # the stage's rFID (the domain classifier's features) is the evaluate stage's, on the same reconstructions
     assert stage["rfid"] == pytest.approx(outputs(trained, "evaluate")["scores"]["rfid"], rel=1e-6)
@@ -213,6 +217,16 @@ def test_the_autoencoder_stage_trains_one_with_ray_train_and_the_latent_model_us
             ["autoencoder.weights_uri=null", "autoencoder.train=true", "autoencoder.block_out_channels=[48, 64]"],
             "autoencoder.block_out_channels: [48] are not multiples of norm_num_groups=32",
         ),
+        (["autoencoder.discriminator_start_images=0"], "autoencoder.discriminator_start_images trains a discrim"),
+        (
+            ["autoencoder.weights_uri=null", "autoencoder.train=true", "autoencoder.discriminator_start_images=40000"],
+            "autoencoder.discriminator_start_images=40000 is not below autoencoder.images=40000",
+        ),
+        (
+            ["autoencoder.weights_uri=null", "autoencoder.train=true", "autoencoder.discriminator_start_images=0"],
+            "autoencoder.discriminator_layers=3 needs images of at least 24 pixels a side",
+        ),
+        (["autoencoder.discriminator_weight=0"], "autoencoder.discriminator_weight must be > 0"),
     ],
 )
 def test_what_a_latent_model_refuses_before_ray_starts(tmp_path, capsys, overrides, message):

@@ -62,12 +62,24 @@ def check_data(settings: AutoencoderSettings, prepare: PrepareOutputs, storage_o
         latent = network(section, channels, storage_options).latent_shape(channels, height)
     except FieldError as error:
         raise DataError(f"the autoencoder {where} does not take the images of data.uri: {error}") from None
+    check_discriminator(section, height)
     if (latent[0], latent[1]) != (in_channels, size):
         raise DataError(
             f"the autoencoder {where} turns the {height}x{width}x{channels} images into {latent[1]}x{latent[2]} "
             f"latents with {latent[0]} channels, but the U-Net of model.preset and model.overrides expects "
             f"{size}x{size} with {in_channels}: set model.overrides.image_size={latent[1]} and "
             f"model.overrides.in_channels={latent[0]}"
+        )
+
+
+def check_discriminator(section: AutoencoderSection, size: int) -> None:
+    """The patch discriminator's ``discriminator_layers`` stride-2 layers and its two 4x4 ones leave at least one
+    patch of the ``size``-pixel images."""
+    layers = section.discriminator_layers
+    if section.discriminator_start_images is not None and size // 2**layers < 3:
+        raise DataError(
+            f"autoencoder.discriminator_layers={layers} needs images of at least {3 * 2**layers} pixels a side (one "
+            f"patch after its {layers} halvings and two 4x4 convolutions); the images are {size}: lower it"
         )
 
 

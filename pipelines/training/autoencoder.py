@@ -2,10 +2,13 @@
 Sec. 3.1 and App. G; :func:`ddpm_core.autoencoder.autoencoder_train_step`) with DDP over ``autoencoder.num_workers``
 workers, checkpoints reported to Ray Train every ``autoencoder.checkpoint_every_images`` (a re-run of the same job
 resumes from the latest), and a stop the driver asks for (a signal) honoured at the next step with a checkpoint.
+With ``autoencoder.discriminator_start_images``, LDM's patch discriminator joins after that many images
+(:mod:`ddpm_core.discriminator`); it is checkpointed with the autoencoder and left out of the saved folder.
 
 Every step draws one global batch of ``autoencoder.batch_size`` training images with a generator seeded by
 (``seed``, step), and each worker takes every ``world``-th of them: the batches, and so the trained weights up to
-floating-point summation order, do not depend on the worker count. A worker's posterior draws are seeded by (``seed``,
+floating-point summation order, do not depend on the worker count (with a discriminator they do: each worker weighs
+the adversarial term by its own gradients, as LDM's workers do). A worker's posterior draws are seeded by (``seed``,
 step, rank)."""
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from torch import nn
 from ddpm_core.autoencoder import AutoencoderConfig, KLAutoencoder, autoencoder_train_step
 from ddpm_core.autoencoder_weights import save_autoencoder
 from ddpm_core.data import to_model_range
+from ddpm_core.discriminator import Adversary, PatchDiscriminator, make_discriminator_optimizer
 from ddpm_core.storage import commit, filesystem, is_committed, read_committed
 from ddpm_core.training import OptimConfig, make_optimizer
 from pipelines.config import AutoencoderSection
@@ -42,6 +46,14 @@ STATE_FILE = "autoencoder_state.pt"
 STOP_FILE = "requested.txt"
 DIVERGED_FILE = "diverged.txt"
 LOG_EVERY_STEPS = 50
+# step terms -> MLflow metrics, once the discriminator has joined
+ADVERSARIAL_METRICS = {
+    "discriminator": "discriminator_hinge_loss",
+    "logits_real": "discriminator_logits_real",  # mean logit on real images
+    "logits_fake": "discriminator_logits_fake",  # and on reconstructions
+    "adversarial": "autoencoder_adversarial",  # -E[D(x_hat)]
+    "adaptive_weight": "autoencoder_adaptive_weight",  # Esser et al. 2021, Eq. 7, times discriminator_weight
+}
 POLL_S = 0.5  # how often rank 0 looks for the driver's stop marker
 
 
@@ -119,8 +131,10 @@ def autoencoder_loop(job: AutoencoderJob) -> None:
     torch.manual_seed(section.seed)  # identical initial weights on every rank
     network = KLAutoencoder(job.network).to(device)
     optimizer = make_optimizer(network, job.optim)
-    seen, step = resume(network, optimizer, device)
-    model = prepare_for_ray_train(network, {"gradient_as_bucket_view": True}) if world > 1 else network
+    adversary = make_adversary(job, world, device)
+    state = training_state(network, optimizer, adversary)
+    seen, step = resume(state, device)
+    model = ddp(network, world)
     client = MlflowClient(job.tracking_uri) if rank == 0 else None
     if client is not None and seen > 0:  # where a re-run (or a restarted group) picked up
         client.log_metric(job.mlflow_run_id, "autoencoder_resumed_at_images", seen, step=step)
@@ -130,7 +144,16 @@ def autoencoder_loop(job: AutoencoderJob) -> None:
         picked = torch.randint(0, len(data), (section.batch_size,), generator=batch_generator)  # [B]
         mine = data[picked[rank::world].to(device)]  # [B / world, C, H, W]
         noise = torch.Generator(device).manual_seed(hash_seed(section.seed, step, rank))
-        terms = autoencoder_train_step(model, optimizer, mine, job.optim, seen, section.kl_weight, noise)  # type: ignore[arg-type]
+        terms = autoencoder_train_step(
+            model,  # type: ignore[arg-type]
+            optimizer,
+            mine,
+            job.optim,
+            seen,
+            section.kl_weight,
+            noise,
+            adversary=adversary,
+        )
         seen, step = seen + section.batch_size, step + 1
         if client is not None and (step == 1 or step % LOG_EVERY_STEPS == 0 or seen >= section.images):
             log_terms(client, job.mlflow_run_id, terms, seen, step)
@@ -140,7 +163,7 @@ def autoencoder_loop(job: AutoencoderJob) -> None:
                 record_divergence(job, seen)
             return
         if seen // every > (seen - section.batch_size) // every or seen >= section.images or stopping:
-            report(network, optimizer, (seen, step), rank, world)
+            report(state, (seen, step), rank, world)
             if rank == 0:
                 say_progress(seen, section.images, terms)
         if stopping:
@@ -171,43 +194,72 @@ def hash_seed(seed: int, step: int, rank: int) -> int:
     return (seed * 1_000_003 + step) * 1_009 + rank + 1
 
 
-def resume(network: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device) -> tuple[int, int]:
+def make_adversary(job: AutoencoderJob, world: int, device: torch.device) -> Adversary | None:
+    """LDM's patch discriminator and its optimizer, when ``autoencoder.discriminator_start_images`` is set (seeded
+    by ``autoencoder.seed`` after the autoencoder: the same on every rank)."""
+    config = job.section.discriminator
+    if config is None:
+        return None
+    module = PatchDiscriminator(job.network.in_channels, config).to(device)
+    optimizer = make_discriminator_optimizer(module, job.section.learning_rate)
+    return Adversary(ddp(module, world), module, optimizer, config)
+
+
+def ddp(network: nn.Module, world: int) -> nn.Module:
+    """``network`` wrapped by DDP on several workers (its gradients as views into the all-reduce buckets)."""
+    return prepare_for_ray_train(network, {"gradient_as_bucket_view": True}) if world > 1 else network
+
+
+def training_state(
+    network: nn.Module, optimizer: torch.optim.Optimizer, adversary: Adversary | None
+) -> dict[str, nn.Module | torch.optim.Optimizer]:
+    """What a checkpoint holds, by name: the autoencoder and its optimizer, and the discriminator and its optimizer
+    when there is one."""
+    state: dict[str, nn.Module | torch.optim.Optimizer] = {"model": network, "optimizer": optimizer}
+    if adversary is not None:
+        state |= {"discriminator": adversary.module, "discriminator_optimizer": adversary.optimizer}
+    return state
+
+
+def resume(state: dict[str, nn.Module | torch.optim.Optimizer], device: torch.device) -> tuple[int, int]:
     """The images seen and steps taken at the latest checkpoint Ray Train hands this group (0, 0 when none), with
-    the network's and optimizer's state restored from it."""
+    every part of the training ``state`` restored from it."""
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is None:
         return 0, 0
     with checkpoint.as_directory() as directory:
-        state = torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=True)
-    network.load_state_dict(state["model"])
-    optimizer.load_state_dict(state["optimizer"])
-    return int(state["images_seen"]), int(state["step"])
+        saved = torch.load(Path(directory) / STATE_FILE, map_location=device, weights_only=True)
+    for name, part in state.items():
+        part.load_state_dict(saved[name])
+    return int(saved["images_seen"]), int(saved["step"])
 
 
 def report(
-    network: nn.Module, optimizer: torch.optim.Optimizer, progress: tuple[int, int], rank: int, world: int
+    state: dict[str, nn.Module | torch.optim.Optimizer], progress: tuple[int, int], rank: int, world: int
 ) -> None:
     """Every rank reports (Ray Train's barrier) the images seen and steps taken (``progress``) and the group's size;
-    rank 0 adds the state a restarted group resumes from."""
+    rank 0 adds the training ``state`` a restarted group resumes from."""
     seen, step = progress
     metrics = {"images_seen": seen, "step": step, "world_size": world}
     with tempfile.TemporaryDirectory() as directory:
         checkpoint = None
         if rank == 0:
-            state = {"model": network.state_dict(), "optimizer": optimizer.state_dict(), "images_seen": seen}
-            torch.save({**state, "step": step}, Path(directory) / STATE_FILE)
+            saved = {name: part.state_dict() for name, part in state.items()}
+            torch.save({**saved, "images_seen": seen, "step": step}, Path(directory) / STATE_FILE)
             checkpoint = ray.train.Checkpoint.from_directory(directory)
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_dir_name=f"checkpoint_{step:010d}")
 
 
 def log_terms(client: MlflowClient, run_id: str, terms: dict[str, torch.Tensor], seen: int, step: int) -> None:
-    """The step's mean L1 (per pixel), KL (nats per image) and gradient norm, at ``step``."""
+    """The step's mean L1 (per pixel), KL (nats per image) and gradient norm, and the adversarial terms once the
+    discriminator has joined, at ``step``."""
     values = {
         "autoencoder_l1": float(terms["l1"].mean()),
         "autoencoder_kl": float(terms["kl"].mean()),
         "autoencoder_grad_norm": float(terms["grad_norm"]),
         "autoencoder_images_seen": float(seen),
     }
+    values |= {metric: float(terms[term]) for term, metric in ADVERSARIAL_METRICS.items() if term in terms}
     for name, value in values.items():
         client.log_metric(run_id, name, value, step=step)
 
