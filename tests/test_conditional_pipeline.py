@@ -22,6 +22,7 @@ TINY = [
     "train.log_every_images=1024",
     "train.grid_every_images=3072",
     "train.warmup_images=512",
+    "train.ema_snapshot_every_images=1024",
     "sample.num_samples=60",
     "sample.batch_size=25",
     "sample.num_steps=10",
