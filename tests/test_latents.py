@@ -4,6 +4,7 @@ estimate from posterior samples; and an encoding killed part-way resumed without
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -21,7 +22,7 @@ from ddpm_core.autoencoder_weights import LatentSpace, load_autoencoder, save_au
 from ddpm_core.data import ImageDataset, random_posterior_batch, to_model_range
 from ddpm_core.storage import MANIFEST, read_manifest
 from pipelines.data.latents import Encoding, encode_split, file_uri, read_latent_file
-from pipelines.data.shards import read_split, write_split
+from pipelines.data.shards import read_split, split_identity, write_split
 from tests.cluster import session_pids
 from tests.services import run_in_session
 
@@ -41,7 +42,6 @@ def split_to_encode(tmp_path: Path, images: int, per_file: int, blocks: tuple[in
     write_split(str(tmp_path / "shards"), dataset, np.arange(images), {}, shard_images=per_file)
     encoding = Encoding(
         split_uri=str(tmp_path / "shards"),
-        data_fingerprint="f" * 64,
         autoencoder_uri=str(tmp_path / "vae"),
         autoencoder_sha256=sha256,
         latents_root=str(tmp_path / "latents"),
@@ -76,6 +76,23 @@ def test_the_actors_store_each_images_posterior_and_the_scaling_factor_is_exact(
     draws = torch.stack([posterior.sample(generator) for _ in range(200)])  # [200, 60, 4, 16, 16]
     assert split.scaling_factor == pytest.approx(1.0 / draws.double().std().item(), rel=2e-3)
     assert encode_split(encoding, log=lambda _: None).encoded_now == 0  # committed: reused
+
+
+def test_another_split_of_the_same_images_gets_its_own_latents(local_ray, tmp_path):
+    """The folder is keyed by the split's own identity, not the data set's: the same images split another way (as a
+    changed data.holdout_fraction does) are encoded again, and the same split written again is the same split."""
+    encoding = split_to_encode(tmp_path, images=20, per_file=10, blocks=(32, 32))
+    first = encode_split(encoding, log=lambda _: None)
+    images, labels = read_split(encoding.split_uri, {})
+    dataset = ImageDataset(images, labels, fingerprint="random", source="random")
+    write_split(str(tmp_path / "again"), dataset, np.arange(20), {}, shard_images=10)
+    write_split(str(tmp_path / "smaller"), dataset, np.arange(15), {}, shard_images=10)
+    again = encode_split(dataclasses.replace(encoding, split_uri=str(tmp_path / "again")), log=lambda _: None)
+    smaller = encode_split(dataclasses.replace(encoding, split_uri=str(tmp_path / "smaller")), log=lambda _: None)
+    assert (again.uri, again.encoded_now) == (first.uri, 0)
+    assert smaller.uri != first.uri
+    assert (smaller.count, smaller.encoded_now) == (15, 2)
+    assert split_identity(str(tmp_path / "smaller"), {}) != split_identity(encoding.split_uri, {})
 
 
 DRIVER = """

@@ -9,7 +9,8 @@ was trained to invert, not the narrower one of the means, and no single noise dr
 price is twice the bytes of the means alone.
 
 **Where, and resumption.** The latents of one split under one autoencoder live in a folder keyed by both identities
-(:func:`latents_uri`: the data's fingerprint and :func:`ddpm_core.autoencoder_weights.autoencoder_identity`), each
+(:func:`latents_uri`: the split's own identity, :func:`pipelines.data.shards.split_identity`, and
+:func:`ddpm_core.autoencoder_weights.autoencoder_identity`), each
 file a committed directory ``file-NNNNN`` of its own. An encoding that is killed leaves the files it committed, and
 the next one encodes only the others. The folder's own manifest is committed last, once every file is there.
 
@@ -38,7 +39,7 @@ from ddpm_core.autoencoder_weights import load_autoencoder
 from ddpm_core.data import to_model_range
 from ddpm_core.storage import commit, is_committed, read_manifest
 from pipelines.data.ingest import quiet_ray_data
-from pipelines.data.shards import ImageSource, npz_bytes, read_split_file, split_layout
+from pipelines.data.shards import ImageSource, npz_bytes, read_split_file, split_identity, split_layout
 from pipelines.execution import runtime_env
 
 LATENT_FILE = "latents.npz"
@@ -49,7 +50,6 @@ class Encoding:
     """One split to encode with one autoencoder, and how: ``batch`` images per forward pass, ``actors`` encoders."""
 
     split_uri: str
-    data_fingerprint: str
     autoencoder_uri: str
     autoencoder_sha256: str
     latents_root: str  # the folder of every split's latents: this one's goes to latents_uri(latents_root, ...)
@@ -92,8 +92,9 @@ class LatentSplit:
     encoded_now: int  # files this call encoded (the others were committed by an earlier one)
 
 
-def latents_uri(latents_root: str, data_fingerprint: str, autoencoder_identity: str) -> str:
-    return f"{latents_root}/{data_fingerprint[:16]}-{autoencoder_identity[:16]}"
+def latents_uri(latents_root: str, split: str, autoencoder_identity: str) -> str:
+    """The folder of the latents of the split whose identity is ``split`` under one autoencoder."""
+    return f"{latents_root}/{split[:16]}-{autoencoder_identity[:16]}"
 
 
 def file_uri(folder: str, number: int) -> str:
@@ -150,7 +151,7 @@ def encode_split(encoding: Encoding, log: Callable[[str], None] = print) -> Late
     committed encoded by ``encoding.actors`` Ray Data actors, then the folder committed with the scaling factor."""
     options = encoding.storage_options
     _, identity = load_autoencoder(encoding.autoencoder_uri, encoding.autoencoder_sha256, options, log=log)
-    folder = latents_uri(encoding.latents_root, encoding.data_fingerprint, identity)
+    folder = latents_uri(encoding.latents_root, split_identity(encoding.split_uri, options), identity)
     if is_committed(folder, options):
         log(f"latents: reusing {folder}")
         return committed_split(folder, options, encoded_now=0)

@@ -16,8 +16,10 @@ sampling actors. Both are committed directories (:mod:`ddpm_core.storage`) of ui
 from __future__ import annotations
 
 import bisect
+import hashlib
 import io
 import itertools
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -98,6 +100,17 @@ def split_layout(uri: str, storage_options: dict[str, Any]) -> SplitLayout:
     starts = [0, *itertools.accumulate(counts)][: len(counts)]
     sources = tuple(ImageSource(uri, name, start) for name, start in zip(names, starts, strict=True))
     return SplitLayout(sources, counts)
+
+
+def split_identity(uri: str, storage_options: dict[str, Any]) -> str:
+    """The identity of a committed data split, from its manifest alone: the SHA-256 of its files' names and SHA-256s.
+    What is computed from a split and cached across runs (its latents, its reference statistics, the classifier
+    trained on it) is keyed by it, not by the data set's fingerprint: the same images split another way
+    (``data.holdout_fraction``) or cut into other files are another split, and the same split written again is the
+    same one (a file's bytes depend only on its images)."""
+    files = read_manifest(uri, storage_options)["files"]
+    listed = sorted((name, entry["sha256"]) for name, entry in files.items())
+    return hashlib.sha256(json.dumps(listed).encode()).hexdigest()
 
 
 def read_first_images(uri: str, count: int | None, storage_options: dict[str, Any]) -> np.ndarray:

@@ -15,6 +15,7 @@ import io
 from collections.abc import Callable, Mapping
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import ray
@@ -31,7 +32,7 @@ from ddpm_core.metrics import (
 )
 from ddpm_core.storage import IncompleteError, commit, filesystem, read_committed, read_manifest
 from pipelines.config import Extractor
-from pipelines.data.shards import ImageSource, SplitLayout, read_images, split_layout, split_sources
+from pipelines.data.shards import ImageSource, SplitLayout, read_images, split_identity, split_layout, split_sources
 from pipelines.evaluation.memorization import FEATURES_FILE, SetNeighbours, TrainingSet, set_neighbours
 from pipelines.execution import Execution
 
@@ -179,9 +180,10 @@ def summarize(sources: list[ImageSource], request: SummaryRequest, execution: Ex
     return Summary(fid, inception, torch.cat([part.first_features for part in in_index_order]), groups, neighbours)
 
 
-def reference_key(data_fingerprint: str, extractor_id: str) -> str:
-    """The cache key of the training split's reference statistics."""
-    return f"{data_fingerprint[:16]}-{extractor_id}"
+def reference_key(train_uri: str, extractor_id: str, storage_options: dict[str, Any]) -> str:
+    """The cache key of the training split's reference statistics: the split's own identity
+    (:func:`pipelines.data.shards.split_identity`) and the feature network's."""
+    return f"{split_identity(train_uri, storage_options)[:16]}-{extractor_id}"
 
 
 def save_reference(

@@ -175,7 +175,6 @@ def encode_latents(
     (folder, sha256), (prepare, shape) = weights, data
     encoding = Encoding(
         prepare.shards_uri,
-        prepare.fingerprint,
         folder,
         sha256,
         context.store.cache_uri("latents", "").rstrip("/"),

@@ -457,7 +457,8 @@ def make_scorer(
     """The feature network and the training split's reference statistics (from the cache, or computed into it);
     the published statistics too when ``evaluate.reference_stats_uri`` names some."""
     network = feature_network(context, settings, prepare)
-    uri = context.store.cache_uri("reference", reference_key(prepare.fingerprint, network.extractor_id))
+    key = reference_key(prepare.shards_uri, network.extractor_id, context.store.options)
+    uri = context.store.cache_uri("reference", key)
     metadata = {"extractor_id": network.extractor_id, "data_fingerprint": prepare.fingerprint}
     reference = reference_summary(
         uri,
@@ -474,7 +475,7 @@ def make_scorer(
     )
     training = None
     if memorization_skip_reason(settings, prepare) is None:
-        cache = context.store.cache_uri("training_features", reference_key(prepare.fingerprint, network.extractor_id))
+        cache = context.store.cache_uri("training_features", key)
         training = training_features(
             cache, prepare.shards_uri, network.spec, execution, lambda line: context.log(f"evaluate: {line}")
         )

@@ -38,7 +38,7 @@ from pipelines.context import StageContext
 from pipelines.contracts import PrepareOutputs
 from pipelines.data.ingest import IngestPlan, UnitResult, decode_units, remove_staging, write_splits
 from pipelines.data.recorded import log_training_data
-from pipelines.data.shards import read_first, shard_images_for
+from pipelines.data.shards import read_first, shard_images_for, split_identity
 from pipelines.data.splits import SPLITS, commit_split, split_by_content, write_in_memory
 from pipelines.data.streaming import choose_loader
 from pipelines.execution import connect
@@ -356,7 +356,7 @@ CLASSIFIER_IMAGES = 100_000  # ... and at most this many: the training split's f
 
 
 def feature_extractor(context: StageContext, epochs: int, outputs: PrepareOutputs) -> tuple[str, dict[str, Any]]:
-    """(URI, metadata) of the classifier for this data fingerprint: reused from the cache, or trained on the written
+    """(URI, metadata) of the classifier of this training split: reused from the cache, or trained on the written
     training split (its first images, whichever path wrote it) and committed there."""
     if outputs.num_classes is None:
         raise DataError(
@@ -364,7 +364,8 @@ def feature_extractor(context: StageContext, epochs: int, outputs: PrepareOutput
             f"labels, and data.uri {outputs.source_uri!r} has none (use class sub-folders or an .npz with 'labels')"
         )
     options = context.store.options
-    uri = context.store.cache_uri("extractors", f"{outputs.fingerprint[:16]}-classifier-e{epochs}")
+    trained_on = split_identity(outputs.shards_uri, options)[:16]  # the training split's, not the data set's
+    uri = context.store.cache_uri("extractors", f"{trained_on}-classifier-e{epochs}")
     try:
         _, metadata = load_classifier(uri, options)
         context.log(f"prepare: reusing feature extractor {metadata['extractor_id']} from {uri}")

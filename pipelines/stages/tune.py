@@ -348,7 +348,8 @@ def trial_spec(context: StageContext, tune_settings: TuneSettings, prepare: Prep
     device = cluster_device(recipe.train.use_gpu)
     reference_uri = None
     if settings.proxy_fid and prepare.extractor_uri is not None and prepare.extractor_id is not None:
-        reference_uri = store.cache_uri("reference", reference_key(prepare.fingerprint, prepare.extractor_id))
+        key = reference_key(prepare.shards_uri, prepare.extractor_id, store.options)
+        reference_uri = store.cache_uri("reference", key)
         spec = ExtractorSpec(Extractor.CLASSIFIER, prepare.extractor_uri)
         reference_summary(
             reference_uri,
