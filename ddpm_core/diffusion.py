@@ -108,6 +108,14 @@ def normal_kl(mean1: torch.Tensor, logvar1: torch.Tensor, mean2: torch.Tensor, l
     return 0.5 * (-1.0 + logvar2 - logvar1 + torch.exp(logvar1 - logvar2) + (mean1 - mean2) ** 2 * torch.exp(-logvar2))
 
 
+def gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """Elementwise log-density (nats) of continuous data ``x`` under ``N(mean, exp(log_scale)^2)``: the decoder term
+    ``-log p(x_0 | x_1)`` of a model of continuous data, such as an autoencoder's latents (Rombach et al. 2022), where
+    Eq. 13's 8-bit bins do not apply. A density, so the bound it enters is in bits/dim of a continuous variable (a
+    differential entropy's units: it may be negative, and it is not comparable with the 8-bit data's)."""
+    return -0.5 * (math.log(2.0 * math.pi) + 2.0 * log_scale + (x - mean) ** 2 * torch.exp(-2.0 * log_scale))
+
+
 def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
     """Elementwise log-probability (nats) of 8-bit data ``x`` scaled to [-1, 1] under the discretised Gaussian
     decoder of Ho et al. 2020, Eq. 13: the Gaussian's mass on the pixel's bin ``[x - 1/255, x + 1/255]``, with the
@@ -331,16 +339,16 @@ class GaussianDiffusion:
 
     # ------------------------------------------------------------------ losses and the bound
     def vlb_terms_bits(
-        self, output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor
+        self, output: torch.Tensor, x0: torch.Tensor, x_t: torch.Tensor, t: torch.Tensor, continuous: bool = False
     ) -> torch.Tensor:
         """L_{t-1} of Ho et al. 2020, Eq. 5, per example in bits/dim ``[B]``: KL(q(x_{t-1}|x_t,x_0) || p(x_{t-1}|x_t))
-        for t > 0, and the discretised decoder NLL -log p(x_0|x_1) (Eq. 13) at t = 0."""
+        for t > 0, and the decoder NLL -log p(x_0|x_1) at t = 0: discretised to 8-bit bins (Eq. 13), or for
+        ``continuous`` data (latents) the Gaussian's density (:func:`gaussian_log_likelihood`)."""
         true_mean, _, true_log_variance = self.q_posterior(x0, x_t, t)
         model = self.p_mean_variance(output, x_t, t, clip_denoised=False)
         kl = mean_flat(normal_kl(true_mean, true_log_variance, model.mean, model.log_variance)) / math.log(2.0)
-        decoder_nll = -mean_flat(
-            discretized_gaussian_log_likelihood(x0, model.mean, 0.5 * model.log_variance)
-        ) / math.log(2.0)
+        likelihood = gaussian_log_likelihood if continuous else discretized_gaussian_log_likelihood
+        decoder_nll = -mean_flat(likelihood(x0, model.mean, 0.5 * model.log_variance)) / math.log(2.0)
         return torch.where(t == 0, decoder_nll, kl)
 
     def prior_bits(self, x0: torch.Tensor) -> torch.Tensor:
@@ -398,13 +406,15 @@ class GaussianDiffusion:
         x0: torch.Tensor,
         model_kwargs: dict[str, Any] | None = None,
         generator: torch.Generator | None = None,
+        continuous: bool = False,
     ) -> dict[str, torch.Tensor]:
         """The full variational bound in bits/dim (Ho et al. 2020, Eq. 5), every one of the T terms plus the prior:
-        ``{"total": [B], "terms": [B, T], "prior": [B]}``. Each term draws its own x_t ~ q(x_t | x_0)."""
+        ``{"total": [B], "terms": [B, T], "prior": [B]}``. Each term draws its own x_t ~ q(x_t | x_0). ``continuous``:
+        the data are continuous (latents), and the decoder term is a density (:meth:`vlb_terms_bits`)."""
         terms = torch.zeros(x0.shape[0], self.num_timesteps, dtype=x0.dtype, device=x0.device)
         for step in range(self.num_timesteps):
             t = torch.full((x0.shape[0],), step, dtype=torch.long, device=x0.device)
-            terms[:, step] = self._vlb_term_at(model, x0, t, model_kwargs, generator)
+            terms[:, step] = self._vlb_term_at(model, x0, t, model_kwargs, generator, continuous)
         prior = self.prior_bits(x0)
         return {"total": terms.sum(dim=1) + prior, "terms": terms, "prior": prior}
 
@@ -416,18 +426,19 @@ class GaussianDiffusion:
         num_samples: int,
         model_kwargs: dict[str, Any] | None = None,
         generator: torch.Generator | None = None,
+        continuous: bool = False,
     ) -> dict[str, torch.Tensor]:
         """Unbiased Monte Carlo estimate of :meth:`bits_per_dim` from ``num_samples`` uniform timesteps per example:
         ``L_T + T * mean_k L_{t_k}``. Returns ``{"total": [B], "stderr": [B]}``; ``stderr`` is the standard error of
         the per-example estimate (sample std of ``T * L_{t_k}`` over sqrt(K)), so a batch mean has standard error
-        ``sqrt(sum stderr^2) / B``."""
+        ``sqrt(sum stderr^2) / B``. ``continuous``: as in :meth:`bits_per_dim`."""
         if num_samples < 2:
             raise ValueError(f"num_samples must be >= 2 to estimate a standard error, got {num_samples}")
         batch = x0.shape[0]
         samples = torch.zeros(batch, num_samples, dtype=x0.dtype, device=x0.device)
         for k in range(num_samples):
             t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device="cpu").to(x0.device)
-            samples[:, k] = self.num_timesteps * self._vlb_term_at(model, x0, t, model_kwargs, generator)
+            samples[:, k] = self.num_timesteps * self._vlb_term_at(model, x0, t, model_kwargs, generator, continuous)
         total = self.prior_bits(x0) + samples.mean(dim=1)
         stderr = samples.std(dim=1, unbiased=True) / math.sqrt(num_samples)
         return {"total": total, "stderr": stderr}
@@ -439,8 +450,10 @@ class GaussianDiffusion:
         t: torch.Tensor,
         model_kwargs: dict[str, Any] | None,
         generator: torch.Generator | None,
+        continuous: bool,
     ) -> torch.Tensor:
+        """``L_t`` ``[B]`` of one draw ``x_t ~ q(x_t | x_0)``."""
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device="cpu").to(x0.device)
         x_t = self.q_sample(x0, t, noise)
         output = model(x_t, self.model_timesteps(t), **(model_kwargs or {}))
-        return self.vlb_terms_bits(output.to(x0.dtype), x0, x_t, t)
+        return self.vlb_terms_bits(output.to(x0.dtype), x0, x_t, t, continuous)

@@ -358,12 +358,7 @@ def check_latent(config: PipelineConfig) -> None:
             "the bound of a latent model is in nats of latents, not comparable with pixel bits/dim; set "
             "evaluate.nll=false",
         ),
-        "tune.enabled": (config.tune.enabled, "trials are ranked by pixel bits/dim; set tune.enabled=false"),
         "distill.enabled": (config.distill.enabled, "distillation of latent models is not built; set it false"),
-        "train.ema_sigma_rel": (
-            len(config.train.ema_candidates) > 1,
-            "candidates are scored by held-out pixel bits/dim; give one number",
-        ),
         "train.horizontal_flip": (
             config.train.horizontal_flip,
             "a flipped latent is not the latent of the flipped image; set it false",

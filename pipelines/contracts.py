@@ -44,6 +44,9 @@ class AutoencoderOutputs:
     reconstruction_uris: tuple[str, ...]  # the hold-out split reconstructed, one sample shard per hold-out file
     rfid: float | None = None  # the reconstructions against the originals, in the domain classifier's features
     rfid_stderr: float | None = None  # its jackknife standard error
+    # the hold-out split's latents in the same space (None: no hold-out images): what a latent model's held-out
+    # bound is scored on (the post-hoc EMA choice, the tune stage's trials)
+    holdout_latent: LatentOutputs | None = None
 
 
 @dataclass(frozen=True)
@@ -124,11 +127,12 @@ class EmaCandidate:
     """One EMA width of a post-hoc sweep and its held-out score (:mod:`pipelines.training.ema_choice`)."""
 
     sigma_rel: float
-    bits_per_dim: float  # the NLL bound of the hold-out images (mean over images), the choice's score
+    bits_per_dim: float  # the NLL bound of the hold-out examples (mean over them), the choice's score, in unit
     stderr: float  # of that mean (Monte Carlo over timesteps); the candidates share timesteps and noise
-    images: int  # hold-out images scored
-    minus_chosen: float = 0.0  # bits_per_dim minus the chosen width's, paired per image
-    minus_chosen_stderr: float = 0.0  # its standard error over the images
+    images: int  # hold-out examples scored (images, or a latent model's latents)
+    minus_chosen: float = 0.0  # bits_per_dim minus the chosen width's, paired per example
+    minus_chosen_stderr: float = 0.0  # its standard error over the examples
+    unit: str = "bits/dim"  # a latent model's: "latent bits/dim" (a density's, not comparable with pixel bits/dim)
 
 
 @dataclass(frozen=True)

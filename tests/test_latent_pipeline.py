@@ -37,7 +37,9 @@ TINY = [
     "train.grid_every_images=1024",
     "train.log_every_images=512",
     "train.ema_snapshot_every_images=512",
-    "train.ema_sigma_rel=0.05",  # one width: candidates are ranked by pixel bits/dim
+    "train.ema_sigma_rel=[0.05, 0.10]",  # two candidates, ranked on the hold-out latents
+    "train.ema_choice_images=64",
+    "train.ema_choice_timesteps=8",
     "sample.num_samples=40",
     "sample.batch_size=20",
     "evaluate.classifier_epochs=1",
@@ -61,6 +63,23 @@ def autoencoder_folder(folder: Path) -> str:
     return save_autoencoder(KLAutoencoder(config).eval(), str(folder))
 
 
+# Two trials on the latents, ranked on the hold-out latents' bound; the proxy FID decodes their samples.
+TUNE = [
+    "tune.enabled=true",
+    "tune.search_alg=grid",
+    "tune.space={train.lr: {grid: [1.0e-5, 2.0e-3]}}",
+    "tune.num_samples=1",
+    "tune.trial_images=1024",
+    "tune.report_every_images=512",
+    "tune.grace_period_images=1024",
+    "tune.proxy_fid_samples=50",
+    "tune.proxy_fid_steps=5",
+    "tune.warm_start=true",
+    "tune.cpus_per_worker=0.25",
+    "tune.max_concurrent_trials=2",
+]
+
+
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("latent")
@@ -72,7 +91,8 @@ def finished(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     """The pipeline with ``autoencoder.train``: the autoencoder stage trains an f = 2 autoencoder on two Ray Train
-    workers (DDP), with LDM's patch discriminator from half way, before the latent model is trained on its latents."""
+    workers (DDP), with LDM's patch discriminator from half way; the tune stage's trials train on its latents, and
+    the latent model is trained on them from the best trial."""
     root = tmp_path_factory.mktemp("trained")
     training = [
         "autoencoder.train=true",
@@ -84,6 +104,7 @@ def trained(tmp_path_factory) -> Path:
         "autoencoder.discriminator_start_images=1024",  # the patch discriminator for the second half, under DDP
         "autoencoder.discriminator_layers=1",
         "register.enabled=false",
+        *TUNE,
     ]
     return run_files.finished_run(root, "digits.yaml", [*TINY, *training])
 
@@ -198,11 +219,36 @@ def test_the_autoencoder_stage_trains_one_with_ray_train_and_the_latent_model_us
     assert load_snapshot(outputs(trained, "sample")["snapshot_uri"]).metadata["latent"] == space
 
 
+def test_the_post_hoc_ema_of_a_latent_model_is_chosen_on_its_hold_out_latents(finished):
+    """Both candidates scored on the same hold-out latents (a bound in latent bits/dim, of a continuous variable), and
+    the lower one's EMA is the snapshot the sample stage drew from."""
+    stage = outputs(finished, "autoencoder")
+    holdout = stage["holdout_latent"]
+    assert holdout["count"] == outputs(finished, "prepare")["num_holdout"]
+    assert holdout["space"] == stage["latent"]["space"] and holdout["uri"] != stage["latent"]["uri"]
+    sweep = outputs(finished, "train")["ema_sweep"]
+    assert [c["sigma_rel"] for c in sweep] == [0.05, 0.10]
+    assert {c["unit"] for c in sweep} == {"latent bits/dim"} and {c["images"] for c in sweep} == {64}
+    best = min(sweep, key=lambda c: c["bits_per_dim"])
+    snapshot = load_snapshot(outputs(finished, "sample")["snapshot_uri"])
+    assert snapshot.metadata["ema_sigma_rel"] == best["sigma_rel"]
+    assert snapshot.metadata["ema"] == "post-hoc, chosen on held-out latent bits/dim"
+
+
+def test_the_tune_stage_ranks_trials_of_a_latent_model_on_its_hold_out_latents(trained):
+    tune = outputs(trained, "tune")
+    finished_trials = [t for t in tune["trial_results"] if t["images_seen"] == 1024]
+    assert tune["trials"] == 2 and finished_trials
+    assert tune["best_metric"]["bpd"] == min(t["bpd"] for t in finished_trials)
+    assert tune["best_params"]["train.lr"] == 2.0e-3  # 1e-5 learns next to nothing in 1,024 latents
+    assert all(t["fid"] is not None and np.isfinite(t["fid"]) for t in finished_trials)  # decoded samples scored
+    assert outputs(trained, "train")["config"]["train"]["lr"] == 2.0e-3
+
+
 @pytest.mark.parametrize(
     "overrides, message",
     [
         (["evaluate.nll=true"], "evaluate.nll with autoencoder.weights_uri"),
-        (["tune.enabled=true"], "tune.enabled with autoencoder.weights_uri"),
         (["train.horizontal_flip=true"], "train.horizontal_flip with autoencoder.weights_uri"),
         (["sample.clip_denoised=true"], "sample.clip_denoised with autoencoder.weights_uri"),
         (["autoencoder.weights_sha256=null"], "autoencoder.weights_uri needs autoencoder.weights_sha256"),

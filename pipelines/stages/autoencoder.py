@@ -108,6 +108,7 @@ def run(context: StageContext, settings: AutoencoderSettings, prepare: PrepareOu
         assert section.weights_uri is not None and section.weights_sha256 is not None
         folder, sha256 = section.weights_uri, section.weights_sha256
     latent = encode_latents(context, section, (folder, sha256), (prepare, shape))
+    holdout_latent = encode_holdout(context, section, latent, prepare)
     reconstructions = holdout_reconstructions(context, latent.space, prepare, device)
     rfid = stage_rfid(context, prepare, reconstructions, device)
     return AutoencoderOutputs(
@@ -117,6 +118,7 @@ def run(context: StageContext, settings: AutoencoderSettings, prepare: PrepareOu
         reconstruction_uris=tuple(source.uri for source in reconstructions),
         rfid=rfid[0] if rfid else None,
         rfid_stderr=rfid[1] if rfid else None,
+        holdout_latent=holdout_latent,
     )
 
 
@@ -194,6 +196,28 @@ def encode_latents(
         f"scaling factor {space.scaling_factor:.4g}"
     )
     return LatentOutputs(split.uri, split.shape, split.count, space, shape)
+
+
+def encode_holdout(
+    context: StageContext, section: AutoencoderSection, latent: LatentOutputs, prepare: PrepareOutputs
+) -> LatentOutputs | None:
+    """The hold-out split encoded like the training split, in the training split's latent space (its scaling
+    factor): what a latent model's held-out bound is scored on. None without hold-out images."""
+    if prepare.num_holdout == 0:
+        return None
+    space = latent.space
+    encoding = Encoding(
+        prepare.holdout_uri,
+        space.autoencoder_uri,
+        space.autoencoder_sha256,
+        context.store.cache_uri("latents", "").rstrip("/"),
+        context.store.options,
+        section.encode_batch,
+        section.encode_actors,
+    )
+    split = encode_split(encoding, context.log)
+    context.log(f"autoencoder: {split.count} held-out latents in {split.uri} ({split.encoded_now} files encoded now)")
+    return LatentOutputs(split.uri, split.shape, split.count, space, latent.image_shape)
 
 
 def latent_space(

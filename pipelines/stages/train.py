@@ -13,7 +13,15 @@ from ddpm_core.checkpoint import read_snapshot_config
 from ddpm_core.data import DataError
 from pipelines.config import PipelineConfig, TrainSection
 from pipelines.context import StageContext
-from pipelines.contracts import AutoencoderOutputs, EmaCandidate, PrepareOutputs, TrainedWith, TrainOutputs, TuneOutputs
+from pipelines.contracts import (
+    AutoencoderOutputs,
+    EmaCandidate,
+    LatentOutputs,
+    PrepareOutputs,
+    TrainedWith,
+    TrainOutputs,
+    TuneOutputs,
+)
 from pipelines.data.recorded import log_training_data
 from pipelines.data.streaming import plan_stream
 from pipelines.execution import Device, cluster_device
@@ -108,7 +116,8 @@ def run(
     log_samples_over_training(job, context.client)
     reported = result.metrics or {}  # the final checkpoint report of the final attempt
     images_seen = int(reported["images_seen"])
-    sweep = ema_sweep(context, job, prepare, images_seen, context.execution(device).runtime_env)
+    holdout_latent = autoencoder.holdout_latent if autoencoder is not None else None
+    sweep = ema_sweep(context, job, (prepare, holdout_latent), images_seen, context.execution(device).runtime_env)
     return TrainOutputs(
         snapshot_uri=job.chosen_snapshot_uri if sweep else job.snapshot_uri,
         initial_snapshot_uri=job.initial_snapshot_uri,
@@ -125,16 +134,21 @@ def run(
 
 
 def ema_sweep(
-    context: StageContext, job: TrainJob, prepare: PrepareOutputs, images_seen: int, runtime_env: dict[str, Any]
+    context: StageContext,
+    job: TrainJob,
+    holdout: tuple[PrepareOutputs, LatentOutputs | None],
+    images_seen: int,
+    runtime_env: dict[str, Any],
 ) -> tuple[EmaCandidate, ...]:
-    """With several ``train.ema_sigma_rel`` candidates, each reconstructed and scored on the hold-out split, the best
-    one's snapshot committed and the sweep logged to the train run (:mod:`pipelines.training.ema_choice`)."""
-    candidates = job.train.ema_candidates
+    """With several ``train.ema_sigma_rel`` candidates, each reconstructed and scored on the hold-out split
+    (``holdout``: the prepared splits, and a latent model's hold-out latents), the best one's snapshot committed and
+    the sweep logged to the train run (:mod:`pipelines.training.ema_choice`)."""
+    candidates, (prepare, holdout_latent) = job.train.ema_candidates, holdout
     if len(candidates) < 2:
         return ()
-    images = min(job.train.ema_choice_images, prepare.num_holdout)
+    images, kind = min(job.train.ema_choice_images, prepare.num_holdout), "latents" if holdout_latent else "images"
     context.log(
-        f"train: post-hoc EMA, scoring sigma_rel {list(candidates)} on {images} held-out images "
+        f"train: post-hoc EMA, scoring sigma_rel {list(candidates)} on {images} held-out {kind} "
         f"({job.train.ema_choice_timesteps} timesteps each)"
     )
     sweep = EmaSweep(
@@ -143,6 +157,7 @@ def ema_sweep(
         images_seen,
         candidates,
         prepare.holdout_uri,
+        holdout_latent,
         job.train.ema_choice_images,
         job.train.ema_choice_timesteps,
         job.chosen_snapshot_uri,

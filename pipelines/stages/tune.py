@@ -26,7 +26,7 @@ from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import ASHAScheduler, FIFOScheduler, TrialScheduler
 from torch import nn
 
-from ddpm_core.data import to_model_range, to_uint8
+from ddpm_core.data import to_uint8
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm_core.samplers import Method, Model, PerIndexNoise, SamplerConfig, null_conditioned, sample
 from ddpm_core.unet import UNetConfig
@@ -34,9 +34,8 @@ from pipelines.config import ConfigError, Extractor, Loader, PipelineConfig, Sea
 from pipelines.config import TrialScheduler as SchedulerChoice
 from pipelines.config_file import with_overrides
 from pipelines.context import StageContext
-from pipelines.contracts import PrepareOutputs, TrialResult, TuneOutputs
+from pipelines.contracts import AutoencoderOutputs, LatentOutputs, PrepareOutputs, TrialResult, TuneOutputs
 from pipelines.data.checks import require_images
-from pipelines.data.shards import read_first_images
 from pipelines.data.streaming import choose_loader, plan_stream
 from pipelines.evaluation.scoring import (
     ExtractorSpec,
@@ -50,7 +49,7 @@ from pipelines.evaluation.scoring import (
 )
 from pipelines.execution import Device, check_fits, cluster_device, runtime_env, train_storage
 from pipelines.external import External
-from pipelines.training.ema_choice import held_out_bits_per_dim
+from pipelines.training.ema_choice import HeldOut, held_out_bits_per_dim, read_held_out
 from pipelines.training.job import TrainJob
 from pipelines.training.recipe import TUNABLE_SECTIONS, TrainingRecipe
 from pipelines.training.state import committed_checkpoints
@@ -174,6 +173,7 @@ class TrialMetrics:
     unet: UNetConfig  # the trial's network ...
     diffusion: DiffusionConfig  # ... and diffusion
     holdout_uri: str
+    holdout_latent: LatentOutputs | None  # a latent model's hold-out latents: the bound is scored on them instead
     bpd_images: int
     bpd_timesteps: int
     proxy_fid_samples: int  # 0: no proxy FID
@@ -183,7 +183,7 @@ class TrialMetrics:
     storage_options: dict[str, Any]
     tracking_uri: str
     mlflow_run_id: str  # the trial's run
-    held_out: torch.Tensor | None = field(default=None, repr=False)  # [bpd_images, C, H, W], read at the first report
+    held_out: HeldOut | None = field(default=None, repr=False)  # bpd_images examples, read at the first report
 
     def __call__(self, ema_model: nn.Module, images_seen: int, done: bool) -> dict[str, float]:
         device = next(ema_model.parameters()).device
@@ -191,8 +191,8 @@ class TrialMetrics:
         network = null_conditioned(ema_model, classes) if classes is not None else ema_model
         diffusion = GaussianDiffusion.from_config(self.diffusion)
         if self.held_out is None:
-            images = read_first_images(self.holdout_uri, self.bpd_images, self.storage_options)
-            self.held_out = to_model_range(images).to(device)
+            held_out = read_held_out(self.holdout_uri, self.holdout_latent, self.bpd_images, self.storage_options)
+            self.held_out = held_out.to(device)
         bpd, stderr = held_out_bits_per_dim(ema_model, diffusion, self.held_out, self.bpd_timesteps, classes)
         metrics = {"bpd": bpd, "bpd_stderr": stderr}
         if done and self.proxy_fid_samples:
@@ -205,14 +205,18 @@ class TrialMetrics:
         return metrics
 
     def proxy_fid(self, network: Model, diffusion: GaussianDiffusion, device: torch.device) -> float:
-        """FID of a small DDIM sample against the training split's cached reference statistics, scored as the
-        evaluate stage scores (:func:`pipelines.evaluation.scoring.summary_of`, :func:`fid_estimate`)."""
+        """FID of a small DDIM sample (a latent model's decoded) against the training split's cached reference
+        statistics, scored as the evaluate stage scores (:func:`pipelines.evaluation.scoring.summary_of`,
+        :func:`fid_estimate`)."""
         if self.extractor_uri is None or self.reference_uri is None:
             raise RuntimeError("tune: the proxy FID needs the classifier and its reference statistics")
         shape = (self.unet.in_channels, self.unet.image_size, self.unet.image_size)
         noise = PerIndexNoise(0, range(self.proxy_fid_samples), device)
-        sampler = SamplerConfig(method=Method.DDIM, num_steps=self.proxy_fid_steps)
-        samples = sample(network, diffusion, shape, noise, sampler).samples  # [n, C, H, W]
+        latent = self.holdout_latent
+        sampler = SamplerConfig(method=Method.DDIM, num_steps=self.proxy_fid_steps, clip_denoised=latent is None)
+        samples = sample(network, diffusion, shape, noise, sampler).samples  # [n, C, H, W]; a latent model's latents
+        if latent is not None:  # decoded into images, as the sample stage decodes them
+            samples = latent.space.decoder(self.storage_options, log=lambda _: None)(samples)  # [n, C', H', W']
         request = SummaryRequest(
             ExtractorSpec(Extractor.CLASSIFIER, self.extractor_uri), self.proxy_fid_samples, groups=PROXY_FID_GROUPS
         )
@@ -239,6 +243,7 @@ class TrialSpec:
     metrics: TrialMetrics  # with the run's network and diffusion; a trial puts in its own and its MLflow run
     num_classes: int | None  # the data set's classes (a conditional model's, unless model.num_classes)
     num_train: int  # images in the training split (data.loader decides per trial whether they are streamed)
+    latent: LatentOutputs | None  # a latent model's training latents (held resident by each trial's workers)
     compile_cache_uri: str  # torch.compile's artifacts, shared with other trials, runs and the train stage
 
     def trial_recipe(self, params: dict[str, Any]) -> TrainingRecipe:
@@ -266,7 +271,9 @@ def run_trial(params: dict[str, Any], spec: TrialSpec) -> None:
     unet = recipe.model.unet(spec.num_classes)
     metrics = dataclasses.replace(spec.metrics, unet=unet, diffusion=recipe.diffusion, mlflow_run_id=run_id)
     split, values = (spec.shards_uri, spec.num_train), unet.in_channels * unet.image_size**2
-    stream, _ = plan_stream(recipe.data, recipe.train, split, values, spec.group.num_workers, spec.storage_options)
+    stream = None
+    if spec.latent is None:
+        stream, _ = plan_stream(recipe.data, recipe.train, split, values, spec.group.num_workers, spec.storage_options)
     job = TrainJob(
         unet=unet,
         diffusion=recipe.diffusion,
@@ -280,6 +287,7 @@ def run_trial(params: dict[str, Any], spec: TrialSpec) -> None:
         mlflow_run_id=run_id,
         checkpoint_metrics=metrics,
         compile_cache_uri=spec.compile_cache_uri,
+        latent=spec.latent,
     )
     trainer = make_trainer(job, spec.group, runtime_env(), callbacks=[TuneReportCallback()])
     try:
@@ -315,13 +323,20 @@ def trial_run(client: MlflowClient, spec: TrialSpec, trial_id: str, params: dict
     return run_id
 
 
-def run(context: StageContext, settings: TuneSettings, prepare: PrepareOutputs) -> TuneOutputs:
+def run(
+    context: StageContext, settings: TuneSettings, prepare: PrepareOutputs, autoencoder: AutoencoderOutputs | None
+) -> TuneOutputs:
+    """Ray Tune trials of the training loop, ranked on the held-out bound (a latent model's: on its hold-out
+    latents, :mod:`pipelines.training.ema_choice`) or the proxy FID."""
     section, recipe = settings.tune, settings.recipe
     space = search_space(section, lambda key, value: recipe.with_overrides({key: value}))
-    spec = trial_spec(context, settings, prepare)
+    spec = trial_spec(context, settings, (prepare, autoencoder))
     unet = spec.metrics.unet
     values = unet.in_channels * unet.image_size**2
-    loader, why = choose_loader(recipe.data, prepare.num_train, values, spec.group.num_workers)
+    if spec.latent is None:
+        loader, why = choose_loader(recipe.data, prepare.num_train, values, spec.group.num_workers)
+    else:
+        loader, why = Loader.RESIDENT, f"the {spec.latent.count} posteriors of a latent model's latents"
     context.log(f"tune: trials use the {loader.value} data loader ({why})")
     one_trial = spec.group.demand(
         spec.device,
@@ -332,7 +347,8 @@ def run(context: StageContext, settings: TuneSettings, prepare: PrepareOutputs) 
     )
     check_fits(one_trial, context.execution(spec.device), context.log)
     tuner = make_tuner(context, spec, space)
-    context.log(f"tune: {section.search_alg.value} search over {sorted(space)}, ranking by {section.metric.value}")
+    on = " (bpd: of the hold-out latents, in latent bits/dim)" if spec.latent is not None else ""
+    context.log(f"tune: {section.search_alg.value} search over {sorted(space)}, ranking by {section.metric.value}{on}")
     outputs = search_outcome(tuner.fit(), space, spec)
     close_trial_runs(context, spec, outputs)
     context.log(
@@ -342,9 +358,13 @@ def run(context: StageContext, settings: TuneSettings, prepare: PrepareOutputs) 
     return outputs
 
 
-def trial_spec(context: StageContext, tune_settings: TuneSettings, prepare: PrepareOutputs) -> TrialSpec:
-    """What the trials share; computes (or reuses) the reference statistics of the proxy FID first."""
+def trial_spec(
+    context: StageContext, tune_settings: TuneSettings, upstream: tuple[PrepareOutputs, AutoencoderOutputs | None]
+) -> TrialSpec:
+    """What the trials share (``upstream``: the prepared splits, and a latent model's autoencoder stage); computes (or
+    reuses) the reference statistics of the proxy FID first."""
     settings, recipe, store = tune_settings.tune, tune_settings.recipe, context.store
+    prepare, autoencoder = upstream
     device = cluster_device(recipe.train.use_gpu)
     reference_uri = None
     if settings.proxy_fid and prepare.extractor_uri is not None and prepare.extractor_id is not None:
@@ -363,6 +383,7 @@ def trial_spec(context: StageContext, tune_settings: TuneSettings, prepare: Prep
         unet=recipe.model.unet(prepare.num_classes),
         diffusion=recipe.diffusion,
         holdout_uri=prepare.holdout_uri,
+        holdout_latent=autoencoder.holdout_latent if autoencoder is not None else None,
         bpd_images=settings.bpd_images,
         bpd_timesteps=settings.bpd_timesteps,
         proxy_fid_samples=settings.proxy_fid_samples,
@@ -393,6 +414,7 @@ def trial_spec(context: StageContext, tune_settings: TuneSettings, prepare: Prep
         num_classes=prepare.num_classes,
         num_train=prepare.num_train,
         compile_cache_uri=store.cache_uri("compile", "train"),
+        latent=autoencoder.latent if autoencoder is not None else None,
     )
 
 

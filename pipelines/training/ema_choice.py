@@ -2,9 +2,12 @@
 Improving the Training Dynamics of Diffusion Models", Sec. 3.2): after training, the power-function EMA of each
 candidate width is reconstructed from the committed post-hoc snapshots (Appendix C.3,
 :func:`pipelines.training.posthoc.posthoc_snapshot`) and scored on the hold-out split by the NLL bound in bits/dim
-(Ho et al. 2020, Eq. 5; the Monte Carlo estimate the tune stage ranks trials by). Every candidate sees the same
-images, timesteps and noise, so their differences are paired; the lowest becomes the run's snapshot, and the sweep
-goes to the train run as a table and a plot. It runs as a Ray task on the training device."""
+(Ho et al. 2020, Eq. 5; the Monte Carlo estimate the tune stage ranks trials by). A latent model is scored on the
+hold-out split's latents (one posterior sample of each), with the decoder term a density: bits per latent dimension
+of a continuous variable, a score for ranking networks of one latent space, not comparable with pixel bits/dim.
+Every candidate sees the same examples, timesteps and noise, so their differences are paired; the lowest becomes the
+run's snapshot, and the sweep goes to the train run as a table and a plot. It runs as a Ray task on the training
+device."""
 
 from __future__ import annotations
 
@@ -22,7 +25,8 @@ from ddpm_core.data import to_model_range
 from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.phema import reconstruct
 from ddpm_core.samplers import null_conditioned
-from pipelines.contracts import EmaCandidate
+from pipelines.contracts import EmaCandidate, LatentOutputs
+from pipelines.data.latents import held_out_latents
 from pipelines.data.shards import read_first_images
 from pipelines.execution import Device
 from pipelines.figures import png_bytes, subplots
@@ -41,40 +45,68 @@ class EmaSweep:
     images_seen: int  # the end of training, where the EMAs are reconstructed
     candidates: tuple[float, ...]  # train.ema_sigma_rel
     holdout_uri: str
+    holdout_latent: LatentOutputs | None  # a latent model's: the hold-out split's latents, scored instead
     images: int  # the most hold-out images each candidate is scored on (train.ema_choice_images)
     timesteps: int  # Monte Carlo timesteps per image (train.ema_choice_timesteps)
     chosen_uri: str  # where the chosen EMA's snapshot is committed
     storage_options: dict[str, Any]
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """The examples a network's held-out bound is scored on, in its data space: images ``[n, C, H, W]`` in [-1, 1],
+    or a latent model's latents ``[n, c, h, w]`` (``continuous``)."""
+
+    data: torch.Tensor
+    continuous: bool
+
+    @property
+    def unit(self) -> str:
+        return "latent bits/dim" if self.continuous else "bits/dim"
+
+    def to(self, device: torch.device) -> HeldOut:
+        return HeldOut(self.data.to(device), self.continuous)
+
+
+def read_held_out(
+    holdout_uri: str, latent: LatentOutputs | None, count: int, storage_options: dict[str, Any]
+) -> HeldOut:
+    """The first ``count`` held-out examples: the hold-out split's images, or a latent model's hold-out latents
+    (:func:`pipelines.data.latents.held_out_latents`, the posterior samples drawn from :data:`SCORE_SEED`)."""
+    if latent is not None:
+        return HeldOut(held_out_latents(latent, count, SCORE_SEED, storage_options), continuous=True)
+    return HeldOut(to_model_range(read_first_images(holdout_uri, count, storage_options)), continuous=False)
+
+
 def held_out_bits(
     network: torch.nn.Module,
     diffusion: GaussianDiffusion,
-    images: torch.Tensor,
+    held_out: HeldOut,
     timesteps: int,
     num_classes: int | None,
 ) -> dict[str, torch.Tensor]:
-    """The NLL bound of each of ``images`` ``[n, C, H, W]`` in [-1, 1] in bits/dim, ``{"total": [n], "stderr": [n]}``
-    (Ho et al. 2020, Eq. 5; :meth:`GaussianDiffusion.bits_per_dim_estimate` with ``timesteps`` uniform timesteps per
-    image, drawn from the seed :data:`SCORE_SEED`: every network sees the same ones). A conditional model is scored
-    as its unconditional (null-class) model."""
+    """The NLL bound of each held-out example in bits/dim, ``{"total": [n], "stderr": [n]}`` (Ho et al. 2020, Eq. 5;
+    :meth:`GaussianDiffusion.bits_per_dim_estimate` with ``timesteps`` uniform timesteps per example, drawn from the
+    seed :data:`SCORE_SEED`: every network sees the same ones; a latent model's with the continuous decoder term). A
+    conditional model is scored as its unconditional (null-class) model."""
     model = null_conditioned(network, num_classes) if num_classes is not None else network
+    generator = torch.Generator().manual_seed(SCORE_SEED)
     with torch.no_grad():
         return diffusion.bits_per_dim_estimate(
-            model, images, timesteps, generator=torch.Generator().manual_seed(SCORE_SEED)
+            model, held_out.data, timesteps, generator=generator, continuous=held_out.continuous
         )
 
 
 def held_out_bits_per_dim(
     network: torch.nn.Module,
     diffusion: GaussianDiffusion,
-    images: torch.Tensor,
+    held_out: HeldOut,
     timesteps: int,
     num_classes: int | None,
 ) -> tuple[float, float]:
-    """:func:`held_out_bits`' mean over the images, and that mean's Monte Carlo standard error."""
-    estimate = held_out_bits(network, diffusion, images, timesteps, num_classes)
-    return estimate["total"].mean().item(), estimate["stderr"].pow(2).sum().sqrt().item() / len(images)
+    """:func:`held_out_bits`' mean over the examples, and that mean's Monte Carlo standard error."""
+    estimate = held_out_bits(network, diffusion, held_out, timesteps, num_classes)
+    return estimate["total"].mean().item(), estimate["stderr"].pow(2).sum().sqrt().item() / len(held_out.data)
 
 
 def score_candidates(sweep: EmaSweep) -> tuple[EmaCandidate, ...]:
@@ -83,24 +115,28 @@ def score_candidates(sweep: EmaSweep) -> tuple[EmaCandidate, ...]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     snapshot = load_snapshot(sweep.snapshot_uri, sweep.storage_options)
     snapshots = read_snapshots(sweep.posthoc_uri, sweep.storage_options)
-    pixels = read_first_images(sweep.holdout_uri, sweep.images, sweep.storage_options)
-    images = to_model_range(pixels).to(device)  # [n, C, H, W] in [-1, 1]
+    held_out = read_held_out(sweep.holdout_uri, sweep.holdout_latent, sweep.images, sweep.storage_options).to(device)
     diffusion = GaussianDiffusion.from_config(snapshot.diffusion)
     estimates, weights = {}, {}
     for sigma_rel in sweep.candidates:
         weights[sigma_rel] = reconstruct(snapshots, sigma_rel, sweep.images_seen)
         network = Snapshot(snapshot.unet, snapshot.diffusion, weights[sigma_rel], {}).build_network().to(device)
-        estimates[sigma_rel] = held_out_bits(network, diffusion, images, sweep.timesteps, snapshot.unet.num_classes)
+        estimates[sigma_rel] = held_out_bits(network, diffusion, held_out, sweep.timesteps, snapshot.unet.num_classes)
     best = min(estimates, key=lambda sigma_rel: estimates[sigma_rel]["total"].mean().item())
     chosen = Snapshot(snapshot.unet, snapshot.diffusion, weights[best], {}).build_network()
-    metadata = {**snapshot.metadata, "ema_sigma_rel": best, "ema": "post-hoc, chosen on held-out bits/dim"}
+    metadata = {**snapshot.metadata, "ema_sigma_rel": best, "ema": f"post-hoc, chosen on held-out {held_out.unit}"}
     save_snapshot(sweep.chosen_uri, chosen, snapshot.unet, snapshot.diffusion, metadata, sweep.storage_options)
-    return tuple(candidate(sigma_rel, estimate, estimates[best]) for sigma_rel, estimate in estimates.items())
+    scores = {sigma_rel: (estimate, estimates[best]) for sigma_rel, estimate in estimates.items()}
+    return tuple(candidate(sigma_rel, paired, held_out.unit) for sigma_rel, paired in scores.items())
 
 
-def candidate(sigma_rel: float, estimate: dict[str, torch.Tensor], best: dict[str, torch.Tensor]) -> EmaCandidate:
-    """One width's score, and its paired difference from the chosen width's: per image, on the same timesteps and
-    noise, so the difference's standard error (over images) is far below either score's own."""
+def candidate(
+    sigma_rel: float, paired: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]], unit: str
+) -> EmaCandidate:
+    """One width's score, and its paired difference from the chosen width's (``paired``: the estimates of both):
+    per example, on the same timesteps and noise, so the difference's standard error (over examples) is far below
+    either score's own."""
+    estimate, best = paired
     totals = estimate["total"]  # [n]
     difference = totals - best["total"]  # [n]
     return EmaCandidate(
@@ -110,6 +146,7 @@ def candidate(sigma_rel: float, estimate: dict[str, torch.Tensor], best: dict[st
         images=len(totals),
         minus_chosen=difference.mean().item(),
         minus_chosen_stderr=difference.std().item() / len(totals) ** 0.5,
+        unit=unit,
     )
 
 
@@ -127,8 +164,8 @@ def best_of(candidates: Sequence[EmaCandidate]) -> EmaCandidate:
 
 
 def sweep_plot(candidates: Sequence[EmaCandidate], profiles: Sequence[float]) -> bytes:
-    """PNG of held-out bits/dim against the EMA width (bars: two standard errors; green: the profiles tracked in
-    training, from which every other width is reconstructed)."""
+    """PNG of the held-out bound (bits/dim, or a latent model's latent bits/dim) against the EMA width (bars: two
+    standard errors; green: the profiles tracked in training, from which every other width is reconstructed)."""
     figure, axis = subplots(figsize=(6, 4), dpi=120)
     widths = [c.sigma_rel for c in candidates]
     axis.errorbar(
@@ -144,9 +181,10 @@ def sweep_plot(candidates: Sequence[EmaCandidate], profiles: Sequence[float]) ->
     for width in profiles:
         axis.axvline(width, color="tab:green", alpha=0.3, linewidth=3)
     axis.set_xlabel("EMA length sigma_rel (green: the profiles tracked in training)")
-    axis.set_ylabel(f"held-out bits/dim minus the chosen's ({candidates[0].images} images)")
+    unit = candidates[0].unit
+    axis.set_ylabel(f"held-out {unit} minus the chosen's ({candidates[0].images} examples)")
     axis.set_title(
-        f"Post-hoc EMA sweep (Karras et al. 2024); the chosen scores {best.bits_per_dim:.4f} bits/dim; lower is better",
+        f"Post-hoc EMA sweep (Karras et al. 2024); the chosen scores {best.bits_per_dim:.4f} {unit}; lower is better",
         fontsize=9,
     )
     axis.grid(alpha=0.3)
@@ -169,4 +207,5 @@ def log_sweep(
     best = best_of(candidates)
     client.set_tag(run_id, "ema.chosen_sigma_rel", f"{best.sigma_rel:g}")
     said = ", ".join(f"{c.sigma_rel:g}: {c.bits_per_dim:.4f}" for c in candidates)
-    log(f"train: post-hoc EMA sweep, held-out bits/dim by sigma_rel: {said}; sampling the EMA of {best.sigma_rel:g}")
+    unit = candidates[0].unit
+    log(f"train: post-hoc EMA sweep, held-out {unit} by sigma_rel: {said}; sampling the EMA of {best.sigma_rel:g}")
