@@ -17,11 +17,18 @@ from mlflow.tracking import MlflowClient
 
 from ddpm_core.autoencoder_weights import load_autoencoder
 from ddpm_core.data import load_dataset
-from ddpm_core.storage import commit, is_committed
+from ddpm_core.storage import commit, is_committed, read_committed
 from pipelines.config import AutoencoderSection
 from pipelines.context import StageStopped
 from pipelines.data.shards import write_split
-from pipelines.training.autoencoder import STOP_FILE, AutoencoderJob, fit, make_trainer
+from pipelines.training.autoencoder import (
+    DIVERGED_FILE,
+    STOP_FILE,
+    AutoencoderJob,
+    fit,
+    make_trainer,
+    record_divergence,
+)
 
 SECTION = AutoencoderSection(
     train=True,
@@ -87,3 +94,14 @@ def test_a_diverged_run_stops_with_what_to_change_and_saves_nothing(tmp_path, lo
     with pytest.raises(StageStopped, match=r"diverged: the loss became non-finite by \d+ images\. Lower autoencoder"):
         fit(make_trainer(job, {}), job)
     assert not Path(job.folder_uri).exists()
+
+
+@pytest.mark.parametrize("seen, named", [(32, False), (64, True)])
+def test_the_divergence_message_names_the_discriminator_once_it_has_joined(tmp_path, seen, named):
+    """The discriminator joins after 32 images (SECTION): a loss that diverges later names its weight too."""
+    job = job_in(tmp_path / "job", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    record_divergence(job, seen)
+    files, _ = read_committed(job.diverged_uri, None, {})
+    message = files[DIVERGED_FILE].decode()
+    assert f"non-finite by {seen} images" in message and "autoencoder.learning_rate" in message
+    assert ("autoencoder.discriminator_weight (now 0.5" in message) == named

@@ -181,10 +181,17 @@ def say_progress(seen: int, total: int, terms: dict[str, torch.Tensor]) -> None:
 def record_divergence(job: AutoencoderJob, seen: int) -> None:
     """What to change when the loss became non-finite by ``seen`` images, committed for the driver to raise."""
     section = job.section
+    adversarial = section.discriminator_start_images is not None and seen > section.discriminator_start_images
+    discriminator = (
+        f", or autoencoder.discriminator_weight (now {section.discriminator_weight}: the discriminator joined at "
+        f"{section.discriminator_start_images} images)"
+        if adversarial
+        else ""
+    )
     message = (
         f"autoencoder training diverged: the loss became non-finite by {seen} images. Lower autoencoder.learning_rate "
-        f"(now {section.learning_rate}) or autoencoder.kl_weight (now {section.kl_weight}); the last checkpoint is "
-        "kept, but resuming with the same settings would diverge again"
+        f"(now {section.learning_rate}) or autoencoder.kl_weight (now {section.kl_weight}){discriminator}; the last "
+        "checkpoint is kept, but resuming with the same settings would diverge again"
     )
     commit(job.diverged_uri, {DIVERGED_FILE: message.encode()}, {}, job.storage_options)
 
