@@ -42,11 +42,12 @@ class AutoencoderOutputs:
     trained: bool  # autoencoder.train: the stage trained the folder of latent.space.autoencoder_uri
     images_seen: int | None  # the images it trained on (None: loaded from autoencoder.weights_uri)
     reconstruction_uris: tuple[str, ...]  # the hold-out split reconstructed, one sample shard per hold-out file
+    # the hold-out split's latents in the same space (None: no hold-out images): what a latent model's held-out
+    # bound is scored on (the post-hoc EMA choice, the tune stage's trials); required, so that a result committed
+    # before it existed is not read (the stage runs again)
+    holdout_latent: LatentOutputs | None
     rfid: float | None = None  # the reconstructions against the originals, in the domain classifier's features
     rfid_stderr: float | None = None  # its jackknife standard error
-    # the hold-out split's latents in the same space (None: no hold-out images): what a latent model's held-out
-    # bound is scored on (the post-hoc EMA choice, the tune stage's trials)
-    holdout_latent: LatentOutputs | None = None
 
 
 @dataclass(frozen=True)
