@@ -46,8 +46,10 @@ def interpolate(
     weights: Sequence[float],
     noise: NoiseSource,
     encoding_noise: torch.Tensor,
+    clip_denoised: bool = True,
 ) -> torch.Tensor:
-    """Decoded mixtures ``[len(weights), C, H, W]`` of two images ``first``, ``second`` ``[C, H, W]`` in [-1, 1]:
+    """Decoded mixtures ``[len(weights), C, H, W]`` of two images ``first``, ``second`` ``[C, H, W]`` in [-1, 1]
+    (or of two latents of a latent model, with ``clip_denoised`` off: they are not bounded by [-1, 1]):
     ``x_t = sqrt(abar_t) x_0 + sqrt(1 - abar_t) eps`` with the same ``encoding_noise`` eps ``[C, H, W]`` for both
     (Ho et al. 2020, Eq. 4), ``(1 - w) x_t + w x'_t`` for each w of ``weights``, then :func:`reverse_process` from
     ``timestep``. ``noise`` draws the reverse process's noise for a batch of ``len(weights)`` (use one seed for every
@@ -59,4 +61,4 @@ def interpolate(
         -1, 1, 1, 1
     )  # [W, 1, 1, 1]
     mixtures = (1 - mix) * latents[0] + mix * latents[1]  # [W, C, H, W]
-    return reverse_process(model, diffusion, mixtures, timestep, noise)
+    return reverse_process(model, diffusion, mixtures, timestep, noise, clip_denoised)

@@ -5,6 +5,7 @@ carries the decoder. Also what a latent model refuses, before Ray starts."""
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import mlflow
@@ -24,8 +25,10 @@ from ddpm_core.features import ClassifierExtractor, load_classifier
 from ddpm_core.metrics import FeatureStatistics, frechet_distance_from_stats
 from ddpm_core.samplers import PerIndexNoise, SamplerConfig, sample
 from pipelines.__main__ import main
+from pipelines.config_file import load_config
 from pipelines.data.latents import read_latents
 from pipelines.data.shards import read_split
+from pipelines.generation.figures import interpolation_figure
 from tests import run_files
 
 REPO = Path(__file__).resolve().parents[1]
@@ -233,6 +236,33 @@ def test_the_post_hoc_ema_of_a_latent_model_is_chosen_on_its_hold_out_latents(fi
     snapshot = load_snapshot(outputs(finished, "sample")["snapshot_uri"])
     assert snapshot.metadata["ema_sigma_rel"] == best["sigma_rel"]
     assert snapshot.metadata["ema"] == "post-hoc, chosen on held-out latent bits/dim"
+
+
+def test_the_interpolation_figure_mixes_the_held_out_latents_and_decodes_them(finished, capsys):
+    """Fig. 9 of a latent model: the sources are held-out images, the mixtures their latents' (as the autoencoder
+    stage encoded them) drawn and decoded; at t = 0 and w = 0 the reverse process only denoises the first latent, so
+    the tile is that latent decoded. The command writes the PNG."""
+    sha256 = hashlib.sha256((finished / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
+    weights = [f"autoencoder.weights_uri={finished / 'vae'}", f"autoencoder.weights_sha256={sha256[:12]}"]
+    config = load_config(REPO / "configs" / "digits.yaml", [*TINY, *weights, f"storage.root={finished / 'runs'}"])
+    figure = interpolation_figure(config, (0, 1), [0, 500], 3, seed=0)  # [2 rows * (3 + 2), 8, 8, 1]
+    holdout, _ = read_split(outputs(finished, "prepare")["holdout_uri"], {})
+    assert figure.shape == (10, 8, 8, 1)
+    np.testing.assert_array_equal(figure[[0, 4, 5, 9]], holdout[[0, 1, 0, 1]])  # the sources at each row's ends
+    latent = outputs(finished, "autoencoder")["holdout_latent"]
+    mean = torch.as_tensor(read_latents(latent["uri"], {})["mean"][:1])  # [1, 3, 4, 4]
+    snapshot = load_snapshot(outputs(finished, "sample")["snapshot_uri"])
+    decoded = to_uint8(snapshot.image_decoder()(snapshot.latent_space.latents(mean)))  # [1, 8, 8, 1]
+    assert np.abs(figure[1].astype(int) - decoded[0].astype(int)).max() <= 8
+    assert not np.array_equal(figure[1], figure[3])  # w = 0 and w = 1 draw different images
+
+    out = finished / "interpolation.png"
+    args = ["interpolate", "latent", "--config", str(REPO / "configs" / "digits.yaml"), "--out", str(out)]
+    assert (
+        main([*args, "--timesteps", "0", "500", "--columns", "3", *TINY, *weights, f"storage.root={finished / 'runs'}"])
+        == 0
+    )
+    assert out.is_file()
 
 
 def test_the_tune_stage_ranks_trials_of_a_latent_model_on_its_hold_out_latents(trained):

@@ -1,11 +1,13 @@
 """The paper's figures of a finished run, from its EMA snapshot: latent interpolation between two held-out images
 (Ho et al. 2020, Sec. 4.4, Fig. 9) and progressive decoding, the predicted x_0 along the reverse chain (Sec. 4.3,
 Fig. 6). ``python -m pipelines interpolate RUN_ID`` and ``python -m pipelines progressive RUN_ID`` write them as PNG
-grids. A class-conditional model is drawn as its null-class (unconditional) model.
+grids. A class-conditional model is drawn as its null-class (unconditional) model. A latent model (Rombach et al.
+2022) interpolates the held-out images' latents, as the autoencoder stage encoded them, and decodes what it draws.
 """
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -19,7 +21,8 @@ from ddpm_core.images import save_grid
 from ddpm_core.interpolation import interpolate
 from ddpm_core.samplers import Method, PerIndexNoise, SamplerConfig, null_conditioned, sample
 from pipelines.config import ConfigError, PipelineConfig
-from pipelines.contracts import PrepareOutputs, TrainOutputs
+from pipelines.contracts import AutoencoderOutputs, PrepareOutputs, TrainOutputs
+from pipelines.data.latents import read_latent_file
 from pipelines.data.shards import read_images_at, split_layout
 from pipelines.runs import RunStore
 
@@ -52,13 +55,17 @@ def trained_model(store: RunStore) -> TrainedModel:
     )
 
 
-def holdout_images(store: RunStore, indices: Sequence[int]) -> np.ndarray:
-    """Held-out images ``[n, H, W, C]`` uint8 by index (the training split when there is no hold-out)."""
+def held_out_split(store: RunStore) -> str:
+    """The split the figures draw sources from: the hold-out split, or the training split when there is none."""
     prepare = store.current_manifest("prepare", PrepareOutputs)
     if prepare is None:
         raise ConfigError(f"run {store.root}: the prepare stage has not finished")
-    uri = prepare.outputs.holdout_uri if prepare.outputs.num_holdout else prepare.outputs.shards_uri
-    layout = split_layout(uri, store.options)
+    return prepare.outputs.holdout_uri if prepare.outputs.num_holdout else prepare.outputs.shards_uri
+
+
+def holdout_images(store: RunStore, indices: Sequence[int]) -> np.ndarray:
+    """Held-out images ``[n, H, W, C]`` uint8 by index (the training split when there is no hold-out)."""
+    layout = split_layout(held_out_split(store), store.options)
     wrong = [index for index in indices if not 0 <= index < layout.count]
     if wrong:
         raise DataError(
@@ -66,6 +73,23 @@ def holdout_images(store: RunStore, indices: Sequence[int]) -> np.ndarray:
             f"(0 to {layout.count - 1})"
         )
     return read_images_at(layout, list(indices), store.options)  # only the files holding them
+
+
+def holdout_latents(store: RunStore, indices: Sequence[int]) -> torch.Tensor:
+    """A latent model's latents of the held-out images at ``indices`` (those of :func:`holdout_images`): each
+    posterior's mean, as the autoencoder stage encoded it (one latent file per file of the split), in the model's
+    space (its scaling factor). ``[n, c, h, w]``."""
+    autoencoder = store.current_manifest("autoencoder", AutoencoderOutputs)
+    if autoencoder is None:
+        raise ConfigError(f"run {store.root}: the autoencoder stage has not finished")
+    outputs = autoencoder.outputs
+    latent = outputs.holdout_latent if outputs.holdout_latent is not None else outputs.latent
+    starts = [source.first_index for source in split_layout(held_out_split(store), store.options).sources]
+    means = []
+    for index in indices:
+        number = bisect.bisect_right(starts, index) - 1  # the file holding it
+        means.append(read_latent_file(latent.uri, number, store.options)["mean"][index - starts[number]])
+    return latent.space.latents(torch.as_tensor(np.stack(means)))
 
 
 def interpolation_figure(
@@ -77,22 +101,20 @@ def interpolation_figure(
     store = RunStore.of(config)
     sources = holdout_images(store, pair)  # [2, H, W, C]
     trained = trained_model(store)
-    if trained.latent:
-        raise ConfigError(
-            f"run {store.root} trained a latent model: interpolating held-out images needs their latents, which this "
-            "figure does not encode yet (the progressive figure works)"
-        )
     last = trained.diffusion.num_timesteps - 1
     if any(not 0 <= t <= last for t in timesteps):
         raise ConfigError(f"--timesteps must lie in [0, {last}], got {list(timesteps)}")
-    first, second = to_model_range(sources)  # [C, H, W] each
+    # [C, H, W] each: the images in [-1, 1], or a latent model's latents of them
+    first, second = holdout_latents(store, pair) if trained.latent else to_model_range(sources)
     encoding = torch.randn(trained.shape, generator=torch.Generator().manual_seed(seed))  # [C, H, W]
     weights = np.linspace(0.0, 1.0, columns).tolist()
     rows = []
     for t in timesteps:
         noise = PerIndexNoise(seed, range(columns))
-        mixtures = interpolate(trained.network, trained.diffusion, first, second, t, weights, noise, encoding)
-        rows.append(np.concatenate([sources[:1], to_uint8(mixtures), sources[1:]]))
+        mixtures = interpolate(
+            trained.network, trained.diffusion, first, second, t, weights, noise, encoding, not trained.latent
+        )
+        rows.append(np.concatenate([sources[:1], to_uint8(trained.to_images(mixtures)), sources[1:]]))
     return np.concatenate(rows)
 
 
