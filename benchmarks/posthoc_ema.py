@@ -30,7 +30,7 @@ from ddpm_core.data import to_uint8
 from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.metrics import FeatureStatistics, frechet_distance_from_stats
 from ddpm_core.phema import reconstruct, sigma_rel_to_gamma
-from ddpm_core.samplers import PerIndexNoise, SamplerConfig, sample
+from ddpm_core.samplers import PerIndexNoise, SamplerConfig, autoguidance, sample
 from pipelines.config_file import load_config
 from pipelines.contracts import EvaluateOutputs, SampleOutputs, TrainOutputs
 from pipelines.evaluation.scoring import build_extractor, load_reference
@@ -49,9 +49,18 @@ class Scorer:
         self.reference = load_reference(outputs(run_root, "evaluate", EvaluateOutputs).reference_uri, {})
         self.extractor = build_extractor(extractor_spec(run_root), {})
 
-    def fid(self, snapshot: Snapshot, state_dict: dict[str, torch.Tensor]) -> tuple[float, float]:
-        """(FID, seconds of sampling) of the snapshot's network with ``state_dict``'s weights."""
+    def fid(
+        self,
+        snapshot: Snapshot,
+        state_dict: dict[str, torch.Tensor],
+        guide: tuple[dict[str, torch.Tensor], float] | None = None,
+    ) -> tuple[float, float]:
+        """(FID, seconds of sampling) of the snapshot's network with ``state_dict``'s weights; with ``guide`` (the
+        guiding network's weights and the weight w), autoguided by it (``ddpm_core.samplers.autoguidance``)."""
         model = Snapshot(snapshot.unet, snapshot.diffusion, state_dict, {}).build_model().to(self.device)
+        if guide is not None:
+            weaker = Snapshot(snapshot.unet, snapshot.diffusion, guide[0], {}).build_model().to(self.device)
+            model = autoguidance(model, weaker, guide[1], snapshot.unet.in_channels)
         diffusion = GaussianDiffusion.from_config(snapshot.diffusion)
         shape = (snapshot.unet.in_channels, snapshot.unet.image_size, snapshot.unet.image_size)
         started, batches = time.perf_counter(), []

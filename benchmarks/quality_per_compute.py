@@ -1,13 +1,17 @@
 """Quality per compute: FID over the real-data floor for training recipes of one budget (docs/benchmarks.md,
 "Quality per compute"), each on several noise seeds.
 
-A variant is ``label=run_root:sampler[:ema]``: a finished pipeline run (one training recipe at its images and time),
-a sampler (``method:steps``, the method's default spacing), and the EMA to sample (``fixed``: the run's snapshot;
-a number: that sigma_rel reconstructed from the run's post-hoc snapshots, ``ddpm_core.phema``). Each variant samples
-the same N images per seed (indices 0..N-1, noise seeded by (seed, index)) and is scored as the evaluate stage scores
-(the run's cached reference statistics and feature network, as benchmarks/posthoc_ema.py). The floor is the run's
-own: its hold-out FID carried to N against the reference's m images (``FidEstimate.real_floor_at``). Writes JSON with
-each seed's FID and each variant's mean, the t-interval over seeds, and mean / floor.
+A variant is ``label=run_root:sampler[:ema[:guide]]``: a finished pipeline run (one training recipe at its images and
+time), a sampler (``method:steps``, the method's default spacing), the EMA to sample (``fixed``: the run's snapshot;
+a number: that sigma_rel reconstructed from the run's post-hoc snapshots, ``ddpm_core.phema``), and optionally
+autoguidance by an earlier EMA of the same run (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of
+Itself"): ``IMAGESxW``, the same width reconstructed at IMAGES images seen, guiding with weight W
+(``ddpm_core.samplers.autoguidance``). No training is added: the guide comes from the snapshots the run stored.
+Each variant samples the same N images per seed (indices 0..N-1, noise seeded by (seed, index)) and is scored as the
+evaluate stage scores (the run's cached reference statistics and feature network, as benchmarks/posthoc_ema.py). The
+floor is the run's own: its hold-out FID carried to N against the reference's m images
+(``FidEstimate.real_floor_at``). Writes JSON with each seed's FID and each variant's mean, the t-interval over seeds,
+and mean / floor.
 
     python benchmarks/quality_per_compute.py --seeds 1 2 3 --out benchmarks/results/quality_per_compute_digits.json \\
         --variant "L_simple, DDIM-50=runs/base:ddim:50" "+ DPM-Solver++-20=runs/base:dpm_solver++_2m:20" ...
@@ -37,12 +41,19 @@ from pipelines.training.posthoc import read_snapshots
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # Student t
 
 
-def parse_variant(text: str) -> tuple[str, Path, SamplerConfig, float | None]:
-    """``label=run_root:method:steps[:ema]`` -> (label, run root, sampler, sigma_rel or None for the snapshot)."""
+def parse_variant(text: str) -> tuple[str, Path, SamplerConfig, float | None, tuple[int, float] | None]:
+    """``label=run_root:method:steps[:ema[:IMAGESxW]]`` -> (label, run root, sampler, sigma_rel or None for the
+    snapshot, (guide's images, guidance weight) or None)."""
     label, spec = text.split("=", 1)
-    root, method, steps, *ema = spec.split(":")
-    sigma_rel = None if not ema or ema[0] == "fixed" else float(ema[0])
-    return label, Path(root), SamplerConfig(method=method, num_steps=int(steps)), sigma_rel
+    root, method, steps, *rest = spec.split(":")
+    sigma_rel = None if not rest or rest[0] == "fixed" else float(rest[0])
+    guide = None
+    if len(rest) > 1:
+        if sigma_rel is None:
+            raise SystemExit(f"{text}: autoguidance needs a post-hoc EMA width (a number, not 'fixed')")
+        images, weight = rest[1].split("x")
+        guide = (int(images), float(weight))
+    return label, Path(root), SamplerConfig(method=method, num_steps=int(steps)), sigma_rel, guide
 
 
 def floor_of(run_root: Path, num_samples: int) -> float:
@@ -55,13 +66,14 @@ def floor_of(run_root: Path, num_samples: int) -> float:
     return holdout.real_floor_at(num_samples, evaluated.protocol.reference.reference_count)[0]
 
 
-def weights_of(run_root: Path, sigma_rel: float | None) -> dict[str, torch.Tensor]:
+def weights_of(run_root: Path, sigma_rel: float | None, images: int | None = None) -> dict[str, torch.Tensor]:
+    """The run's snapshot's weights, or the post-hoc EMA of ``sigma_rel`` at ``images`` (default: the end)."""
     train = outputs(run_root, "train", TrainOutputs)
     if sigma_rel is None:
         return load_snapshot(train.snapshot_uri).state_dict
     if train.posthoc_uri is None:
         raise SystemExit(f"{run_root}: trained without train.ema_profiles; no post-hoc EMA of {sigma_rel}")
-    return reconstruct(read_snapshots(train.posthoc_uri, {}), sigma_rel, train.images_seen)
+    return reconstruct(read_snapshots(train.posthoc_uri, {}), sigma_rel, images or train.images_seen)
 
 
 def interval(values: list[float]) -> tuple[float, float, float]:
@@ -74,14 +86,15 @@ def interval(values: list[float]) -> tuple[float, float, float]:
 
 
 def measure(variant: str, seeds: list[int], num_samples: int, batch_size: int | None) -> dict[str, Any]:
-    label, run_root, sampler, sigma_rel = parse_variant(variant)
+    label, run_root, sampler, sigma_rel, guide = parse_variant(variant)
     config = load_config(str(run_root / "config.yaml"), [])
     batch_size = batch_size or config.sample.batch_size
     snapshot = load_snapshot(outputs(run_root, "train", TrainOutputs).snapshot_uri)
     weights = weights_of(run_root, sigma_rel)
+    guiding = None if guide is None else (weights_of(run_root, sigma_rel, guide[0]), guide[1])
     fids, seconds = [], []
     for seed in seeds:
-        fid, took = Scorer(run_root, sampler, seed, num_samples, batch_size).fid(snapshot, weights)
+        fid, took = Scorer(run_root, sampler, seed, num_samples, batch_size).fid(snapshot, weights, guiding)
         fids.append(fid)
         seconds.append(took)
         print(f"{label:40s} seed {seed}: FID {fid:.3f} ({took:.1f} s)", flush=True)
@@ -93,8 +106,9 @@ def measure(variant: str, seeds: list[int], num_samples: int, batch_size: int | 
         "loss_weighting": config.train.loss_weighting.value,
         "train_images": outputs(run_root, "train", TrainOutputs).images_seen,
         "ema": "snapshot" if sigma_rel is None else f"post-hoc sigma_rel {sigma_rel:g}",
+        "autoguidance": None if guide is None else {"guide_images": guide[0], "weight": guide[1]},
         "sampler": sampler.to_dict(),
-        "nfe": sampler.method.network_evaluations(sampler.num_steps),
+        "nfe": sampler.method.network_evaluations(sampler.num_steps) * (1 if guide is None or guide[1] == 1 else 2),
         "seeds": seeds,
         "fids": fids,
         "fid_mean": mean,
@@ -109,7 +123,9 @@ def measure(variant: str, seeds: list[int], num_samples: int, batch_size: int | 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", nargs="+", required=True, help="label=run_root:method:steps[:fixed|sigma_rel]")
+    parser.add_argument(
+        "--variant", nargs="+", required=True, help="label=run_root:method:steps[:fixed|sigma_rel[:IMAGESxW]]"
+    )
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--samples", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=None, help="default: each run's sample.batch_size")

@@ -388,6 +388,23 @@ def classifier_free_guidance(model: Model, guidance_scale: float, null_class: in
     return guided
 
 
+def autoguidance(model: Model, guide: Model, weight: float, channels: int) -> Model:
+    """Guide a model by a weaker version of itself (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version
+    of Itself", Eq. 1): ``pred = guide + weight * (model - guide)`` on the first ``channels`` output channels, the
+    learned-variance channels taken from ``model``. The weights sum to one, so the combination of eps, x_0 or v
+    predictions is the paper's combination of denoisers. ``weight`` 1 is ``model`` alone (one call per step); the
+    paper's guide is a smaller or shorter-trained model of the same data, e.g. an earlier EMA of the same run."""
+    if weight == 1:
+        return model
+
+    def guided(x: torch.Tensor, t: torch.Tensor, **kwargs: Any) -> torch.Tensor:  # [B, C, H, W], [B] -> [B, C_out, ...]
+        good, bad = model(x, t, **kwargs), guide(x, t, **kwargs)  # [B, C_out, H, W] each
+        mean = bad[:, :channels] + weight * (good[:, :channels] - bad[:, :channels])
+        return torch.cat([mean, good[:, channels:]], dim=1)
+
+    return guided
+
+
 def null_conditioned(model: Model, null_class: int) -> Model:
     """A class-conditional model called with the null class for every image: the unconditional model that label
     dropout trains alongside the conditional one (Ho & Salimans 2022, Sec. 3.2). What a score that takes no labels

@@ -1,0 +1,35 @@
+"""Autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself", Eq. 1): the paper
+combines denoisers, ``D_w = D_guide + w (D_model - D_guide)``; ddpm_core combines the network's predictions. The
+weights sum to one, so for eps and v predictions the two are the same denoiser, checked here against x_0 computed
+from each network alone."""
+
+import pytest
+import torch
+
+from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
+from ddpm_core.samplers import autoguidance
+from tests.test_sampling import tiny_model
+
+
+@pytest.mark.parametrize("prediction", ["eps", "v"])
+@pytest.mark.parametrize("weight", [0.5, 1.5, 2.5])
+def test_guided_predictions_are_the_papers_combination_of_denoisers(prediction, weight):
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig(num_timesteps=100, prediction=prediction))
+    model, guide = tiny_model(seed=0), tiny_model(seed=1)
+    x, t = torch.randn(3, 1, 8, 8, generator=torch.Generator().manual_seed(2)), torch.tensor([3, 40, 97])  # x_t, t
+    to_x0 = diffusion.x0_from_eps if prediction == "eps" else diffusion.x0_from_v
+    with torch.no_grad():
+        good, bad = to_x0(x, t, model(x, t)), to_x0(x, t, guide(x, t))  # D_model, D_guide: [3, 1, 8, 8]
+        guided = to_x0(x, t, autoguidance(model, guide, weight, channels=1)(x, t))
+    torch.testing.assert_close(guided, bad + weight * (good - bad), rtol=1e-5, atol=1e-5)
+    assert (good - bad).abs().max() > 1e-3  # the two networks differ: the test can tell the weights apart
+
+
+def test_weight_one_is_the_model_alone_and_labels_reach_both_networks():
+    model, guide = tiny_model(seed=0, num_classes=3), tiny_model(seed=1, num_classes=3)
+    assert autoguidance(model, guide, 1.0, channels=1) is model  # one network call per step
+    x, t, labels = torch.randn(2, 1, 8, 8), torch.tensor([5, 50]), torch.tensor([0, 2])
+    with torch.no_grad():
+        guided = autoguidance(model, guide, 2.0, channels=1)(x, t, class_labels=labels)
+        expected = 2.0 * model(x, t, class_labels=labels) - guide(x, t, class_labels=labels)
+    torch.testing.assert_close(guided, expected, rtol=1e-5, atol=1e-5)
