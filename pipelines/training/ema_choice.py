@@ -182,9 +182,9 @@ def sweep_plot(candidates: Sequence[EmaCandidate], profiles: Sequence[float]) ->
         axis.axvline(width, color="tab:green", alpha=0.3, linewidth=3)
     axis.set_xlabel("EMA length sigma_rel (green: the profiles tracked in training)")
     unit = candidates[0].unit
-    axis.set_ylabel(f"held-out {unit} minus the chosen's ({candidates[0].images} examples)")
+    axis.set_ylabel(f"held-out {unit} minus the chosen's\n({candidates[0].images} examples)")
     axis.set_title(
-        f"Post-hoc EMA sweep (Karras et al. 2024); the chosen scores {best.bits_per_dim:.4f} {unit}; lower is better",
+        f"Post-hoc EMA sweep (Karras et al. 2024)\nthe chosen scores {best.bits_per_dim:.4f} {unit}; lower is better",
         fontsize=9,
     )
     axis.grid(alpha=0.3)
