@@ -107,13 +107,17 @@ class Execution:
 
     def release(self, actors: Sequence[Any], deadline_s: float = RELEASE_DEADLINE_S) -> None:
         """Stop ``actors`` (each made with :meth:`options`) and wait, at most ``deadline_s``, until the cluster shows
-        their CPUs or GPUs free again: ``ray.kill`` only asks, and a stage that starts Ray work at once would
-        otherwise find them taken and place all of it on the nodes that happen to have room."""
+        their CPUs or GPUs free again: stopping only asks, and a stage that starts Ray work at once would otherwise
+        find them taken and place all of it on the nodes that happen to have room. Each actor is asked to exit
+        (``__ray_terminate__``: its worker sends its buffered task events on the way out, so Ray's state API and
+        dashboard see its last calls start and end; ``ray.kill`` drops them), and killed if it has not by then."""
         for actor in actors:
-            ray.kill(actor, no_restart=True)
+            actor.__ray_terminate__.remote()
         held, deadline = float(len(actors)), time.monotonic() + deadline_s
         while ray.available_resources().get(self.resource, 0.0) < held and time.monotonic() < deadline:
             time.sleep(0.05)
+        for actor in actors:
+            ray.kill(actor, no_restart=True)  # one still alive past the deadline; an exited actor is left as it is
 
 
 @dataclass(frozen=True)

@@ -122,3 +122,30 @@ def test_actors_a_stage_releases_leave_their_cpus_free_for_the_next_stages_tasks
     execution.release(actors)
     assert ray.available_resources().get("CPU", 0.0) == 2.0
     assert time.monotonic() - started < 5
+
+
+@ray.remote
+class Called:
+    def ready(self) -> bool:
+        return True
+
+
+def test_a_released_actors_last_calls_are_recorded_with_their_start(ray_with_state_api):
+    """Ray's state API (what benchmarks/pipeline_overhead.py and the dashboard read) learns when a call started from
+    the actor's worker, which sends its task events once a second: ``ray.kill`` right after the last call dropped
+    them (the e2e test then saw no sample call at all), an actor asked to exit sends them first."""
+    from ray.util.state import list_tasks
+
+    execution = Execution({}, {}, Device.CPU)
+    for _ in range(3):
+        actors = [Called.options(**execution.options()).remote() for _ in range(2)]  # type: ignore[attr-defined]
+        assert ray.get([actor.ready.remote() for actor in actors]) == [True, True]
+        execution.release(actors)
+    address, deadline = ray.get_runtime_context().gcs_address, time.monotonic() + 30
+    while True:  # the caller reports FINISHED about once a second too
+        calls = [task for task in list_tasks(address=address, detail=True, limit=1000) if task.name == "Called.ready"]
+        settled = len(calls) == 6 and all(task.start_time_ms and task.state == "FINISHED" for task in calls)
+        if settled or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert [(bool(task.start_time_ms), task.state) for task in calls] == [(True, "FINISHED")] * 6

@@ -95,7 +95,7 @@ def finished(tmp_path_factory) -> Path:
 def trained(tmp_path_factory) -> Path:
     """The pipeline with ``autoencoder.train``: the autoencoder stage trains an f = 2 autoencoder on two Ray Train
     workers (DDP), with LDM's patch discriminator from half way; the tune stage's trials train on its latents, and
-    the latent model is trained on them from the best trial."""
+    the latent model, class-conditional, is trained on them from the best trial."""
     root = tmp_path_factory.mktemp("trained")
     training = [
         "autoencoder.train=true",
@@ -107,6 +107,8 @@ def trained(tmp_path_factory) -> Path:
         "autoencoder.discriminator_start_images=1024",  # the patch discriminator for the second half, under DDP
         "autoencoder.discriminator_layers=1",
         "register.enabled=false",
+        "model.conditional=true",  # the digits' labels ride in the latent files to training and sampling
+        "train.class_dropout=0.1",
         *TUNE,
     ]
     return run_files.finished_run(root, "digits.yaml", [*TINY, *training])
@@ -220,6 +222,19 @@ def test_the_autoencoder_stage_trains_one_with_ray_train_and_the_latent_model_us
     # the stage's rFID (the domain classifier's features) is the evaluate stage's, on the same reconstructions
     assert stage["rfid"] == pytest.approx(outputs(trained, "evaluate")["scores"]["rfid"], rel=1e-6)
     assert load_snapshot(outputs(trained, "sample")["snapshot_uri"]).metadata["latent"] == space
+
+
+def test_a_class_conditional_latent_model_samples_and_scores_its_classes(trained):
+    """The labels stored beside the latents train a conditional model; the sample stage asks each class in turn,
+    decodes, and evaluate scores the classes (its accuracy at this budget is not tested, only that it is scored)."""
+    sample = outputs(trained, "sample")
+    assert outputs(trained, "train")["num_classes"] == 10 and sample["conditioning"]["classes"] == list(range(10))
+    snapshot = load_snapshot(sample["snapshot_uri"])
+    assert snapshot.unet.num_classes == 10 and snapshot.latent_space is not None
+    for uri in sample["shard_uris"]:
+        images, labels = np.load(Path(uri) / "images.npy"), np.load(Path(uri) / "labels.npy")
+        assert images.shape[1:] == (8, 8, 1) and len(labels) == len(images)  # decoded images, one label each
+    assert 0.0 <= outputs(trained, "evaluate")["scores"]["conditional_accuracy"] <= 1.0
 
 
 def test_the_post_hoc_ema_of_a_latent_model_is_chosen_on_its_hold_out_latents(finished):
