@@ -174,17 +174,8 @@ def encode_latents(
     """The training split (``data``: the prepared splits and their images' ``[H, W, C]``) encoded by the autoencoder
     (:mod:`pipelines.data.latents`: Ray Data actors, files committed one by one and reused by a re-run), the scaling
     factor chosen, and both logged to the stage's run."""
-    (folder, sha256), (prepare, shape) = weights, data
-    encoding = Encoding(
-        prepare.shards_uri,
-        folder,
-        sha256,
-        context.store.cache_uri("latents", "").rstrip("/"),
-        context.store.options,
-        section.encode_batch,
-        section.encode_actors,
-    )
-    split = encode_split(encoding, context.log)
+    prepare, shape = data
+    split = encode_split(encoding_of(context, section, prepare.shards_uri, weights), context.log)
     space = latent_space(section, weights, split, context.store.options)
     client, run_id = context.client, context.mlflow_run_id
     client.log_param(run_id, "autoencoder.identity", split.autoencoder_identity)
@@ -206,18 +197,22 @@ def encode_holdout(
     if prepare.num_holdout == 0:
         return None
     space = latent.space
-    encoding = Encoding(
-        prepare.holdout_uri,
-        space.autoencoder_uri,
-        space.autoencoder_sha256,
-        context.store.cache_uri("latents", "").rstrip("/"),
-        context.store.options,
-        section.encode_batch,
-        section.encode_actors,
-    )
-    split = encode_split(encoding, context.log)
+    weights = (space.autoencoder_uri, space.autoencoder_sha256)
+    split = encode_split(encoding_of(context, section, prepare.holdout_uri, weights), context.log)
     context.log(f"autoencoder: {split.count} held-out latents in {split.uri} ({split.encoded_now} files encoded now)")
     return LatentOutputs(split.uri, split.shape, split.count, space, latent.image_shape)
+
+
+def encoding_of(
+    context: StageContext, section: AutoencoderSection, split_uri: str, weights: tuple[str, str]
+) -> Encoding:
+    """How one split is encoded by the autoencoder folder and SHA-256 of ``weights``: into the run store's latent
+    cache, with ``autoencoder.encode_batch`` and ``autoencoder.encode_actors``."""
+    folder, sha256 = weights
+    latents_root = context.store.cache_uri("latents", "").rstrip("/")
+    return Encoding(
+        split_uri, folder, sha256, latents_root, context.store.options, section.encode_batch, section.encode_actors
+    )
 
 
 def latent_space(
