@@ -19,14 +19,17 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ddpm_core.autoencoder_weights import LatentSpace
-from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion, Variance
+from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion, Model, Variance
 from ddpm_core.distillation import ConsistencyFunction
+from ddpm_core.samplers import autoguidance
 from ddpm_core.storage import commit, read_committed
 from ddpm_core.unet import UNet, UNetConfig
 
 TRAINING_STATE = "training_state.pt"
 WEIGHTS = "model.safetensors"
+GUIDE_WEIGHTS = "guide.safetensors"
 CONFIG = "config.json"
+AUTOGUIDANCE = "autoguidance"  # the metadata key of a snapshot stored with a guide: its weight and provenance
 
 
 class CheckpointError(ValueError):
@@ -53,6 +56,18 @@ def load_training_state(uri: str, storage_options: dict[str, Any] | None = None)
         raise CheckpointError(f"{uri}/{TRAINING_STATE} is not a loadable training state: {error}") from error
 
 
+@dataclass(frozen=True)
+class Guide:
+    """A weaker version of a snapshot's model that guides it (autoguidance: Karras et al. 2024, "Guiding a Diffusion
+    Model with a Bad Version of Itself", Eq. 1): the same network with other weights, e.g. an earlier EMA of the same
+    run, stored beside the model's weights (``guide.safetensors``) so that whoever samples the snapshot samples the
+    guided model."""
+
+    state_dict: dict[str, torch.Tensor]
+    weight: float  # w of ``pred = guide + w (model - guide)``; 1: the model alone
+    provenance: dict[str, Any]  # how the guide was made (JSON; in the snapshot's metadata beside the weight)
+
+
 @dataclass
 class Snapshot:
     """An inference snapshot: everything needed to rebuild the network and the diffusion and to sample."""
@@ -61,6 +76,7 @@ class Snapshot:
     diffusion: DiffusionConfig
     state_dict: dict[str, torch.Tensor]
     metadata: dict[str, Any]
+    guide: Guide | None = None  # autoguidance by a weaker model, applied by :meth:`sampling_model`
 
     @property
     def consistency_student(self) -> bool:
@@ -93,11 +109,26 @@ class Snapshot:
             return network
         return ConsistencyFunction(network, GaussianDiffusion.from_config(self.diffusion)).eval()
 
-    def build_network(self) -> UNet:
-        """The U-Net with the snapshot's weights, in eval mode. Raises :class:`CheckpointError` on a mismatch."""
+    def sampling_model(
+        self, prepare: Callable[[torch.nn.Module], Model] = lambda network: network, weight: float | None = None
+    ) -> Model:
+        """What samplers call: :meth:`build_model`, guided by the snapshot's :class:`Guide` where it has one (Karras et
+        al. 2024, Eq. 1, at the stored weight or ``weight``; 1: unguided, one network call per step). ``prepare``
+        readies each network for sampling (device, precision, compilation)."""
+        model = prepare(self.build_model())
+        if self.guide is None:
+            return model
+        weight = self.guide.weight if weight is None else weight
+        if weight == 1:
+            return model
+        return autoguidance(model, prepare(self.build_network(self.guide.state_dict)), weight, self.unet.in_channels)
+
+    def build_network(self, state_dict: dict[str, torch.Tensor] | None = None) -> UNet:
+        """The U-Net with the snapshot's weights (or ``state_dict``: its guide's), in eval mode. Raises
+        :class:`CheckpointError` on a mismatch."""
         model = UNet(self.unet, learn_variance=self.diffusion.variance is Variance.LEARNED_RANGE)
         try:
-            model.load_state_dict(self.state_dict)
+            model.load_state_dict(self.state_dict if state_dict is None else state_dict)
         except RuntimeError as error:
             raise CheckpointError(f"snapshot weights do not fit its U-Net config: {error}") from error
         return model.eval()
@@ -110,16 +141,22 @@ def save_snapshot(
     diffusion: DiffusionConfig,
     metadata: dict[str, Any] | None = None,
     storage_options: dict[str, Any] | None = None,
+    guide: Guide | None = None,
 ) -> None:
-    """Commit an inference snapshot: ``model.safetensors`` (weights) and ``config.json`` (configs + metadata)."""
-    weights = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
-    config = {"unet": unet.to_dict(), "diffusion": diffusion.to_dict(), "metadata": metadata or {}}
-    commit(
-        uri,
-        {WEIGHTS: save_safetensors(weights), CONFIG: json.dumps(config, indent=2).encode()},
-        {"kind": "snapshot"},
-        storage_options,
-    )
+    """Commit an inference snapshot: ``model.safetensors`` (weights) and ``config.json`` (configs + metadata); with a
+    ``guide``, also ``guide.safetensors``, its weight and provenance under ``metadata["autoguidance"]``."""
+    metadata = {name: value for name, value in (metadata or {}).items() if name != AUTOGUIDANCE}
+    files = {WEIGHTS: save_safetensors(tensors_of(model.state_dict()))}
+    if guide is not None:
+        metadata[AUTOGUIDANCE] = {"weight": guide.weight, **guide.provenance}
+        files[GUIDE_WEIGHTS] = save_safetensors(tensors_of(guide.state_dict))
+    config = {"unet": unet.to_dict(), "diffusion": diffusion.to_dict(), "metadata": metadata}
+    commit(uri, {**files, CONFIG: json.dumps(config, indent=2).encode()}, {"kind": "snapshot"}, storage_options)
+
+
+def tensors_of(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A state dict as safetensors stores it: detached, on the CPU, contiguous."""
+    return {name: tensor.detach().cpu().contiguous() for name, tensor in state_dict.items()}
 
 
 def read_snapshot_config(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[UNetConfig, DiffusionConfig]:
@@ -136,18 +173,24 @@ def read_snapshot_config(uri: str, storage_options: dict[str, Any] | None = None
 
 
 def load_snapshot(uri: str, storage_options: dict[str, Any] | None = None) -> Snapshot:
-    """Load a committed inference snapshot (safetensors + JSON only)."""
+    """Load a committed inference snapshot (safetensors + JSON only), with its guide where it has one."""
     try:
-        files, _ = read_committed(uri, [WEIGHTS, CONFIG], storage_options)
+        files, _ = read_committed(uri, None, storage_options)
     except FileNotFoundError as error:
         raise CheckpointError(f"cannot load snapshot: {error}") from error
     try:
         config = json.loads(files[CONFIG])
+        metadata = config.get("metadata", {})
+        guide = None
+        if AUTOGUIDANCE in metadata:
+            provenance = {name: value for name, value in metadata[AUTOGUIDANCE].items() if name != "weight"}
+            guide = Guide(load_safetensors(files[GUIDE_WEIGHTS]), float(metadata[AUTOGUIDANCE]["weight"]), provenance)
         return Snapshot(
             UNetConfig.from_dict(config["unet"]),
             DiffusionConfig.from_dict(config["diffusion"]),
             load_safetensors(files[WEIGHTS]),
-            config.get("metadata", {}),
+            metadata,
+            guide,
         )
     except (KeyError, TypeError, ValueError) as error:
         raise CheckpointError(f"{uri}: snapshot config or weights are invalid: {error}") from error

@@ -6,9 +6,10 @@ from each network alone."""
 import pytest
 import torch
 
+from ddpm_core.checkpoint import Guide, load_snapshot, save_snapshot
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm_core.samplers import autoguidance
-from tests.test_sampling import tiny_model
+from tests.test_sampling import TINY, tiny_model
 
 
 @pytest.mark.parametrize("prediction", ["eps", "v"])
@@ -33,3 +34,31 @@ def test_weight_one_is_the_model_alone_and_labels_reach_both_networks():
         guided = autoguidance(model, guide, 2.0, channels=1)(x, t, class_labels=labels)
         expected = 2.0 * model(x, t, class_labels=labels) - guide(x, t, class_labels=labels)
     torch.testing.assert_close(guided, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_a_snapshot_stores_its_guide_and_samples_guided(tmp_path):
+    """A snapshot committed with a :class:`Guide` loads with it; :meth:`Snapshot.sampling_model` is the autoguided
+    model at the stored weight (or another; 1: the model alone), and a snapshot saved again without the guide loses
+    its weight too (no metadata promising weights that are not there)."""
+    model, guide = tiny_model(seed=0), tiny_model(seed=1)
+    diffusion, provenance = DiffusionConfig(num_timesteps=100), {"guide_images": 300, "guide_sigma_rel": 0.05}
+    uri = str(tmp_path / "guided")
+    save_snapshot(
+        uri, model, TINY, diffusion, {"ema_sigma_rel": 0.05}, None, Guide(guide.state_dict(), 1.5, provenance)
+    )
+    loaded = load_snapshot(uri)
+    assert loaded.guide is not None and loaded.guide.weight == 1.5 and loaded.guide.provenance == provenance
+    assert loaded.metadata["autoguidance"] == {"weight": 1.5, **provenance}
+    assert all(torch.equal(loaded.guide.state_dict[key], value) for key, value in guide.state_dict().items())
+    x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(3)), torch.tensor([7, 70])
+    with torch.no_grad():
+        good, bad = model(x, t), guide(x, t)  # [2, 1, 8, 8] each
+        torch.testing.assert_close(loaded.sampling_model()(x, t), bad + 1.5 * (good - bad), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            loaded.sampling_model(weight=3.0)(x, t), bad + 3 * (good - bad), rtol=1e-5, atol=1e-5
+        )
+        torch.testing.assert_close(loaded.sampling_model(weight=1.0)(x, t), good)
+    again = str(tmp_path / "again")
+    save_snapshot(again, loaded.build_network(), loaded.unet, loaded.diffusion, loaded.metadata)
+    plain = load_snapshot(again)
+    assert plain.guide is None and "autoguidance" not in plain.metadata and plain.metadata["ema_sigma_rel"] == 0.05
