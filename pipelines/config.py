@@ -821,6 +821,11 @@ class SampleSection:
     # conditional models (docs/conditional.md): w of Ho & Salimans (2022), Eq. 6; 0 is the conditional model unguided
     guidance_scale: float = 1.0
     classes: tuple[int | str, ...] | None = None  # names or labels to draw, image i of class i mod K (None: all)
+    # autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself", Eq. 1): the model
+    # guided by its own sampled EMA width reconstructed at an earlier point of the run, pred = guide + w (model -
+    # guide), two network calls per step; 1: off (docs/benchmarks.md, "Autoguidance by an earlier EMA of the same run")
+    autoguidance_weight: float = 1.0
+    autoguidance_guide_at: float = 0.3  # the guide's point: this fraction of the run's training images
     bf16_on_gpu: bool = (
         True  # bf16 autocast of the U-Net in GPU sampling actors (the sampler's arithmetic stays float32)
     )
@@ -837,6 +842,16 @@ class SampleSection:
         require_non_negative("sample", {"seed": self.seed, "guidance_scale": self.guidance_scale})
         if self.classes is not None and not self.classes:
             raise ConfigError("sample.classes must name at least one class, or be null (all classes, balanced)")
+        if not self.autoguidance_weight >= 1:
+            raise ConfigError(
+                f"sample.autoguidance_weight must be >= 1 (1: off; the guide's pull is reversed above 1, e.g. 1.5), "
+                f"got {self.autoguidance_weight}"
+            )
+        if not 0 < self.autoguidance_guide_at < 1:
+            raise ConfigError(
+                "sample.autoguidance_guide_at must lie in (0, 1): the fraction of the run's training images at which "
+                f"the guide's EMA is reconstructed (e.g. 0.3), got {self.autoguidance_guide_at}"
+            )
         shards = -(-self.num_samples // self.batch_size)
         if shards > MAX_SAMPLE_SHARDS:
             raise ConfigError(
@@ -844,6 +859,10 @@ class SampleSection:
                 f"(each a committed folder, and a network call of batch_size images): at most {MAX_SAMPLE_SHARDS} are "
                 f"allowed; use sample.batch_size >= {-(-self.num_samples // MAX_SAMPLE_SHARDS)}"
             )
+
+    @property
+    def autoguided(self) -> bool:
+        return self.autoguidance_weight != 1
 
     def precision(self, use_gpu: bool) -> Precision:
         """The sampling actors' precision on the device kind given (part of the FID protocol)."""
@@ -1090,6 +1109,32 @@ def check_distill(distill: DistillSection, train: TrainSection, num_timesteps: i
         )
 
 
+def check_autoguidance(sample: SampleSection, train: TrainSection, distill: DistillSection) -> None:
+    """Autoguidance's guide is the sampled EMA width reconstructed at ``sample.autoguidance_guide_at`` of the run from
+    the post-hoc snapshots: it needs them, a power-function EMA width, and a snapshot at or before that point."""
+    if not sample.autoguided:
+        return
+    key = f"sample.autoguidance_weight {sample.autoguidance_weight:g}"
+    if distill.enabled:
+        raise ConfigError(
+            f"{key} guides the trained model, not a distilled student: set it to 1 or distill.enabled=false"
+        )
+    if not train.ema_profiles or not train.ema_candidates:
+        raise ConfigError(
+            f"{key} guides the model by its own EMA at an earlier point of the run, reconstructed from post-hoc "
+            "snapshots: set train.ema_profiles (e.g. [0.05, 0.10]), train.ema_snapshot_every_images and "
+            "train.ema_sigma_rel (e.g. [0.05, 0.10])"
+        )
+    guide_images = sample.autoguidance_guide_at * train.total_images
+    if train.ema_snapshot_every_images > guide_images:
+        raise ConfigError(
+            f"sample.autoguidance_guide_at {sample.autoguidance_guide_at:g} puts the guide at {guide_images:,.0f} "
+            f"images, before the first post-hoc snapshot (train.ema_snapshot_every_images "
+            f"{train.ema_snapshot_every_images:,}): raise the fraction, store snapshots more often, or set "
+            "sample.autoguidance_weight=1 (off)"
+        )
+
+
 def registered_model_name(config: PipelineConfig) -> str:
     """The registered model this run's model is a version of: ``register.model_name``, or for a distilled student
     ``<register.model_name>-<distill.steps>step``, so that students are compared only with students of their NFE."""
@@ -1130,6 +1175,7 @@ class PipelineConfig:
         check_sampler(self.sample.sampler, self.diffusion)
         check_loss_weighting(self.train.loss_weighting, self.diffusion)
         check_distill(self.distill, self.train, num_timesteps)
+        check_autoguidance(self.sample, self.train, self.distill)
         check_latent(self)
         if self.tune.enabled and self.data.holdout_fraction <= 0:
             raise ConfigError("tune.enabled needs data.holdout_fraction > 0: trials are ranked on held-out images")

@@ -124,6 +124,26 @@ class Conditioning:
 
 
 @dataclass(frozen=True)
+class Autoguidance:
+    """How a sample set's model is guided by a weaker version of itself (Karras et al. 2024, "Guiding a Diffusion
+    Model with a Bad Version of Itself", Eq. 1): ``pred = guide + weight * (model - guide)``, the guide being the
+    model's own EMA width reconstructed at an earlier point of the same run. The guide is part of the sampled
+    generator (its weights are stored in the sampled snapshot, :class:`ddpm_core.checkpoint.Guide`), like the EMA
+    width, not of the FID protocol."""
+
+    weight: float
+    guide_at: float  # the guide's point as a fraction of the run's training images (sample.autoguidance_guide_at)
+    guide_images: int  # ... in images seen
+    guide_sigma_rel: float  # the guide's EMA width: the sampled one
+
+    def described(self) -> str:
+        return (
+            f"autoguided (w = {self.weight:g}) by its EMA sigma_rel {self.guide_sigma_rel:g} at "
+            f"{self.guide_images:,} images ({self.guide_at:.0%} of the run)"
+        )
+
+
+@dataclass(frozen=True)
 class EmaCandidate:
     """One EMA width of a post-hoc sweep and its held-out score (:mod:`pipelines.training.ema_choice`)."""
 
@@ -219,7 +239,9 @@ class SampleOutputs:
     execution: NetworkExecution
     sampling_seconds: float  # inside the sampler, summed over shards, divided by the number of actors
     conditioning: Conditioning | None = None  # class-conditional: each shard also holds labels.npy
-    snapshot_uri: str = ""  # the weights the set was drawn from: train's, or the distill stage's student
+    # the weights the set was drawn from: train's, the distill stage's student, or train's with an autoguidance guide
+    snapshot_uri: str = ""
+    autoguidance: Autoguidance | None = None  # the guide stored in snapshot_uri (sample.autoguidance_weight)
 
 
 @dataclass(frozen=True)
@@ -302,9 +324,11 @@ class ScoreProtocol:
     precision_recall_k: int | None = None  # None: precision/recall is off
     kid_subset_size: int | None = None  # None: KID is off
     kid_subsets: int | None = None
+    autoguidance: Autoguidance | None = None  # the sampled model's guide (part of the model: logged, not hashed)
 
     def params(self) -> dict[str, Any]:
         """The ``protocol.*`` params of the evaluate run."""
+        guide = self.autoguidance
         found = {
             "protocol.fid.jackknife_groups": self.fid_groups,
             "protocol.sampler.network_evaluations": self.nfe,  # follows from method and steps: logged, not hashed
@@ -313,6 +337,9 @@ class ScoreProtocol:
             "protocol.kid.subsets": self.kid_subsets,
             "protocol.precision_recall.k": self.precision_recall_k,
             "protocol.precision_recall.samples": self.compared_images if self.precision_recall_k else None,
+            "protocol.autoguidance.weight": guide.weight if guide else None,
+            "protocol.autoguidance.guide_images": guide.guide_images if guide else None,
+            "protocol.autoguidance.guide_sigma_rel": guide.guide_sigma_rel if guide else None,
         }
         return {key: value for key, value in found.items() if value is not None}
 

@@ -115,7 +115,7 @@ STAGES: tuple[Stage, ...] = (
         draws=(
             "an untrained network's set, as the sample stage draws (evaluate.untrained_baseline): the ceiling",
             "the registered champion's, the same way (evaluate.rescore_champion; the champion of register.model_name, "
-            "resolved before the run)",
+            "resolved before the run; guided by its own autoguidance guide where it was registered with one)",
             "one set per guidance scale of a conditional model (evaluate.guidance_scales, evaluate.guidance_samples)",
             "a distilled student's teacher at each round's steps with DDIM and DPM-Solver++(2M) and at sample.method/"
             "num_steps, and each earlier round's student (distill.enabled)",
@@ -126,7 +126,7 @@ STAGES: tuple[Stage, ...] = (
         register.run,
         register.settings,
         RegisterOutputs,
-        ("prepare", "autoencoder", "train", "evaluate", "distill"),
+        ("prepare", "autoencoder", "train", "sample", "evaluate", "distill"),
         "register.enabled",
         "MLflow model version, challenger/champion aliases",
         needs_ray=False,

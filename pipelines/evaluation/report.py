@@ -64,6 +64,8 @@ def score_lines(evaluation: EvaluateOutputs) -> list[Line]:
     scores, protocol, details = evaluation.scores, evaluation.protocol, evaluation.score_protocol
     count, sampler = protocol.num_samples, protocol.sampler
     guided = f", guidance w={protocol.conditioning.guidance_scale:g}" if protocol.conditioning is not None else ""
+    if details.autoguidance is not None:
+        guided += f"; {details.autoguidance.described()}"
     lines = [
         Line(
             "FID",

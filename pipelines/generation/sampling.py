@@ -70,7 +70,9 @@ class SampleWorker:
         if advice:
             print(f"sample: {advice}", flush=True)
         autocast = autocast_dtype(request.network.precision)
-        self.model = fast_sampling_network(snapshot.build_model().to(self.device), autocast, request.network.compile)
+        self.model = snapshot.sampling_model(  # guided by a weaker model where the snapshot stores one: 2 calls a step
+            lambda network: fast_sampling_network(network.to(self.device), autocast, request.network.compile)
+        )
         conditioning = request.conditioning
         if conditioning is not None:  # one network call of 2B images per step when guided
             channels = snapshot.unet.in_channels

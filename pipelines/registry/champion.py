@@ -153,5 +153,6 @@ def champion_snapshot_uri(store: RunStore, tracking_uri: str, model_name: str, v
             snapshot.diffusion,
             {**snapshot.metadata, "champion_version": version},
             store.options,
+            snapshot.guide,  # a champion sampled with autoguidance is re-scored with its own guide
         )
     return uri

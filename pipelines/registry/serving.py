@@ -60,7 +60,8 @@ class DDPMSampler(PythonModel):
         from ddpm_core.diffusion import GaussianDiffusion
 
         snapshot = load_snapshot(context.artifacts["snapshot"])
-        self.model = snapshot.build_model()
+        self.snapshot = snapshot  # a snapshot stored with an autoguidance guide samples guided (autoguidance_weight)
+        self.model = snapshot.sampling_model()
         self.diffusion = GaussianDiffusion.from_config(snapshot.diffusion)
         self.shape = (snapshot.unet.in_channels, snapshot.unet.image_size, snapshot.unet.image_size)
         # a latent model's decoder, from the autoencoder folder logged with it (verified by its SHA-256)
@@ -77,7 +78,8 @@ class DDPMSampler(PythonModel):
         """``model_input["index"]``: sample indices (and ``["label"]``: classes, conditional models); params: seed,
         method (ddim|ancestral|dpm_solver++_2m|heun), num_steps, eta (ddim), spacing (linspace|leading|trailing|
         log_snr|karras; default: the method's own), progressive_frames (0: the samples only), guidance_scale
-        (conditional models) and batch_size (rows sampled at once; the model config's, else 64). The rows are sampled
+        (conditional models), autoguidance_weight (a model registered with an autoguidance guide; default: its
+        own) and batch_size (rows sampled at once; the model config's, else 64). The rows are sampled
         batch after batch and the images concatenated in row order: the same images as one batch of all rows, in
         memory bounded by the batch."""
         settings = {**DEFAULTS, **(params or {})}
@@ -85,9 +87,10 @@ class DDPMSampler(PythonModel):
             positive_batch_size(settings["batch_size"], "params") if "batch_size" in settings else self.batch_size
         )
         indices = [int(i) for i in model_input["index"]]
-        network, labels = self.model, None
+        network, labels = self.autoguided(settings.get("autoguidance_weight")), None
         if self.num_classes is not None:
-            network, labels = self.guided(model_input, float(settings.get("guidance_scale", self.guidance_scale)))
+            scale = float(settings.get("guidance_scale", self.guidance_scale))
+            network, labels = self.guided(network, model_input, scale)
         batches = [
             self.sample_rows(
                 network,
@@ -123,8 +126,20 @@ class DDPMSampler(PythonModel):
         chosen = result.pred_x0[np.linspace(0, len(result.pred_x0) - 1, frames).round().astype(int)]  # [F, n, C, H, W]
         return to_uint8(self.to_images(chosen.transpose(0, 1).flatten(0, 1)))  # [n * F, H, W, C], image after image
 
-    def guided(self, model_input: pd.DataFrame, guidance_scale: float) -> tuple[Any, Any]:
-        """The guided network and the labels ``[n]`` of a conditional model's request, checked."""
+    def autoguided(self, weight: Any) -> Any:
+        """The network as sampled: guided by the snapshot's autoguidance guide at its weight, or at ``weight`` (1: the
+        model alone; a model stored without a guide takes no weight)."""
+        guide = self.snapshot.guide
+        if weight is None or (guide is not None and float(weight) == guide.weight):
+            return self.model
+        if guide is None:
+            raise ValueError("autoguidance_weight: this model was registered without an autoguidance guide")
+        if not float(weight) >= 1:
+            raise ValueError(f"autoguidance_weight must be >= 1 (1: unguided), got {weight!r}")
+        return self.snapshot.sampling_model(weight=float(weight))
+
+    def guided(self, network: Any, model_input: pd.DataFrame, guidance_scale: float) -> tuple[Any, Any]:
+        """The classifier-free guided ``network`` and the labels ``[n]`` of a conditional model's request, checked."""
         import torch
 
         from ddpm_core.samplers import classifier_free_guidance
@@ -135,8 +150,7 @@ class DDPMSampler(PythonModel):
             raise ValueError(f"label: classes of this model are 0..{num_classes - 1}, got {labels.tolist()}")
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0 (0: no guidance), got {guidance_scale}")
-        network = classifier_free_guidance(self.model, guidance_scale, num_classes, self.shape[0])
-        return network, labels
+        return classifier_free_guidance(network, guidance_scale, num_classes, self.shape[0]), labels
 
 
 mlflow.models.set_model(DDPMSampler())

@@ -427,11 +427,12 @@ def score_protocol(
         fid_groups=min(section.fid_groups, sample.num_samples),
         holdout_images=prepare.num_holdout,
         compared_images=compared,
-        nfe=sample.sampler.method.network_evaluations(steps),
+        nfe=sample.sampler.method.network_evaluations(steps) * (1 if sample.autoguidance is None else 2),
         inception_score_splits=section.inception_score_splits if section.inception_score else None,
         precision_recall_k=section.precision_recall_k if section.precision_recall else None,
         kid_subset_size=kid_subset_size(section.kid_subset_size, compared) if section.kid else None,
         kid_subsets=section.kid_subsets if section.kid else None,
+        autoguidance=sample.autoguidance,
     )
 
 

@@ -28,12 +28,14 @@ from pipelines.config import PipelineConfig, RegisterSection, registered_model_n
 from pipelines.context import StageContext, StageStopped
 from pipelines.contracts import (
     AutoencoderOutputs,
+    Autoguidance,
     ChampionRef,
     DistillOutputs,
     EvaluateOutputs,
     LatentOutputs,
     PrepareOutputs,
     RegisterOutputs,
+    SampleOutputs,
     TrainOutputs,
 )
 from pipelines.data.recorded import log_training_data, training_dataset
@@ -80,12 +82,13 @@ def run(
     prepare: PrepareOutputs,
     autoencoder: AutoencoderOutputs | None,
     train: TrainOutputs,
+    sample: SampleOutputs,
     evaluate: EvaluateOutputs,
     distill: DistillOutputs | None,
 ) -> RegisterOutputs:
     name, client = settings.champion.model_name, context.client  # a student's: <register.model_name>-<N>step
     champion = compared_champion(context, settings.champion)  # before this version takes any alias
-    model = registered_snapshot(train, distill)
+    model = registered_snapshot(train, sample, distill)
     latent = autoencoder.latent if autoencoder is not None else None
     version, model_id = log_model(context, name, (prepare, latent), model, evaluate)
     tag_version(context, (name, version), prepare, evaluate, settings.champion)
@@ -116,14 +119,24 @@ def run(
 
 @dataclass(frozen=True)
 class RegisteredSnapshot:
-    """The weights a version holds: the train stage's EMA snapshot, or the distill stage's student."""
+    """The weights a version holds: the sampled ones (the train stage's EMA snapshot, with its autoguidance guide where
+    the sample stage added one), or the distill stage's student."""
 
     snapshot_uri: str
     unet: UNetConfig
     note: str  # a sentence for the version's description ("": the trained model itself)
+    autoguidance: Autoguidance | None = None
 
 
-def registered_snapshot(train: TrainOutputs, distill: DistillOutputs | None) -> RegisteredSnapshot:
+def registered_snapshot(
+    train: TrainOutputs, sample: SampleOutputs, distill: DistillOutputs | None
+) -> RegisteredSnapshot:
+    if distill is None and sample.autoguidance is not None:
+        note = (
+            f"\n\nSampled {sample.autoguidance.described()}: the guide's weights are stored beside the model's, and "
+            "the `autoguidance_weight` param sets w (1: unguided, one network call per step instead of two)."
+        )
+        return RegisteredSnapshot(sample.snapshot_uri, train.config.unet, note, sample.autoguidance)
     if distill is None:
         return RegisteredSnapshot(train.snapshot_uri, train.config.unet, "")
     note = (
@@ -225,6 +238,8 @@ def log_model(
     # Rows the pyfunc samples at once (pipelines/registry/serving.py's default); logged so that a loader may set it
     # (load_model(uri, model_config={"batch_size": N}): MLflow takes no model_config where none was logged).
     model_config: dict[str, Any] = {"batch_size": 64}
+    if model.autoguidance is not None:
+        params["autoguidance_weight"] = model.autoguidance.weight
     if unet.num_classes is not None and conditioning is not None:
         guidance = conditioning.guidance_scale
         params["guidance_scale"] = guidance

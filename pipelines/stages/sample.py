@@ -1,7 +1,9 @@
 """sample: draw ``sample.num_samples`` images from the EMA snapshot with Ray actors
 (:mod:`pipelines.generation.sampling`), on the device kind training ran on; the shards are committed one by one, so
 a restarted stage skips finished ones. A class-conditional model draws ``sample.classes`` in turn (all, balanced, by
-default) with guidance scale ``sample.guidance_scale``.
+default) with guidance scale ``sample.guidance_scale``. With ``sample.autoguidance_weight`` (not 1), the model is
+guided by its own EMA at an earlier point of the run (:mod:`pipelines.generation.guides`): the stage commits the
+model's snapshot with that guide in its result folder, and samples, and hands on, that snapshot.
 
 With the distill stage on, the images are the student's, drawn with its own sampler (DDIM at ``distill.steps`` on
 their trailing grid); ``sample.method`` and ``num_steps`` are then the teacher's, which evaluate draws beside it."""
@@ -24,6 +26,7 @@ from pipelines.contracts import (
 from pipelines.execution import Device
 from pipelines.external import External
 from pipelines.generation.classes import sample_labels
+from pipelines.generation.guides import autoguidance_of, guided_snapshot
 from pipelines.generation.sampling import SampleRequest, sample_to_shards
 
 
@@ -55,6 +58,12 @@ def run(
     )
     if distill is not None:
         context.log(f"sample: the {distill.steps}-step student of the distill stage, DDIM on its trailing grid")
+    autoguidance = autoguidance_of(sample, train)  # None with distillation (the config refuses both)
+    if autoguidance is not None:
+        execution = context.execution(train.device)
+        uri = f"{context.result_uri}/guided_snapshot"
+        snapshot_uri = guided_snapshot(train, autoguidance, uri, execution.storage_options, execution.runtime_env)
+        context.log(f"sample: the model {autoguidance.described()}")
     on_gpu = train.device is Device.GPU
     network = NetworkExecution(sample.precision(on_gpu), sample.compiled(on_gpu))
     conditioning = None
@@ -89,4 +98,5 @@ def run(
         sampling_seconds=sampling_seconds,
         conditioning=conditioning,
         snapshot_uri=snapshot_uri,
+        autoguidance=autoguidance,
     )

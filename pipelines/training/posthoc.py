@@ -75,13 +75,16 @@ def read_snapshots(posthoc_uri: str, storage_options: dict[str, Any]) -> list[Po
     return snapshots
 
 
-def posthoc_snapshot(train: TrainOutputs, sigma_rel: float, storage_options: dict[str, Any]) -> dict[str, torch.Tensor]:
-    """The state dict of the power-function EMA of width ``sigma_rel`` at the end of training, reconstructed by least
-    squares from the run's committed snapshots (Karras et al. 2024, Appendix C.3; :func:`ddpm_core.phema.reconstruct`).
-    Floating tensors are float32; it loads into the network of ``train.snapshot_uri``."""
+def posthoc_snapshot(
+    train: TrainOutputs, sigma_rel: float, storage_options: dict[str, Any], images: int | None = None
+) -> dict[str, torch.Tensor]:
+    """The state dict of the power-function EMA of width ``sigma_rel`` at the end of training (or at ``images`` seen:
+    autoguidance's guide), reconstructed by least squares from the run's committed snapshots (Karras et al. 2024,
+    Appendix C.3; :func:`ddpm_core.phema.reconstruct`). Floating tensors are float32; it loads into the network of
+    ``train.snapshot_uri``."""
     if train.posthoc_uri is None:
         raise ValueError("this run kept no post-hoc EMA profiles: train with train.ema_profiles (e.g. [0.05, 0.10])")
     snapshots = read_snapshots(train.posthoc_uri, storage_options)
     if not snapshots:
         raise ValueError(f"{train.posthoc_uri}: no committed post-hoc EMA snapshots")
-    return reconstruct(snapshots, sigma_rel, train.images_seen)
+    return reconstruct(snapshots, sigma_rel, train.images_seen if images is None else images)
