@@ -57,7 +57,13 @@ BASES = {
         "evaluate.reference_stats_uri=/stats/cifar10.npz",
         "evaluate.nll_split=test",
     ),
-    "distilled": ("distill.enabled=true", "diffusion.prediction=v", "sample.method=ddim", "sample.num_steps=50"),
+    "distilled": (
+        "distill.enabled=true",
+        "diffusion.prediction=v",
+        "sample.method=ddim",
+        "sample.num_steps=50",
+        "sample.autoguidance_weight=1",  # a student is not autoguided (the quickstart's model is)
+    ),
     "latent": (
         "autoencoder.weights_uri=/weights/vae",
         "autoencoder.weights_sha256=0123456789abcdef",

@@ -45,6 +45,7 @@ TINY = [
     "train.ema_choice_timesteps=8",
     "sample.num_samples=40",
     "sample.batch_size=20",
+    "sample.num_steps=20",
     "evaluate.classifier_epochs=1",
     "evaluate.nll=false",  # the bound of a latent model is not pixel bits/dim
     "evaluate.untrained_baseline=false",
@@ -141,7 +142,8 @@ def snapshot_images(snapshot_uri: str, sampler: SamplerConfig, seed: int, indice
     snapshot = load_snapshot(snapshot_uri)
     diffusion = GaussianDiffusion.from_config(snapshot.diffusion)
     shape = (snapshot.unet.in_channels, snapshot.unet.image_size, snapshot.unet.image_size)
-    latents = sample(snapshot.build_model(), diffusion, shape, PerIndexNoise(seed, indices), sampler).samples
+    model = snapshot.sampling_model()  # with the quickstart's autoguidance: guided by the guide stored beside it
+    latents = sample(model, diffusion, shape, PerIndexNoise(seed, indices), sampler).samples
     assert latents.shape == (len(indices), 3, 4, 4)
     return to_uint8(snapshot.image_decoder()(latents))
 

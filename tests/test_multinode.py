@@ -363,6 +363,7 @@ def test_streamed_data_is_decoded_on_other_nodes_and_a_lost_node_resumes_at_the_
     of the uninterrupted streamed run."""
     cluster, total = world.cluster, 8192  # streaming is slower: a shorter run
     streamed = [*world.overrides, "data.loader=stream", "data.decode_cpus=0.5", f"train.total_images={total}"]
+    streamed.append("sample.autoguidance_weight=1")  # the guide point would precede the first post-hoc snapshot
     reference = submit(cluster.dashboard, cluster.env, [*streamed, "run_id=streamed"], world.workdir / "streamed.log")
     assert reference.returncode == 0, reference.stdout[-6000:]
     trainers = world.job_actors("RayTrainWorker", reference.stdout)

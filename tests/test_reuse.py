@@ -30,6 +30,7 @@ TINY = [
     "evaluate.classifier_epochs=1",
     "train.ema_choice_images=64",  # the post-hoc EMA choice on a small budget
     "train.ema_choice_timesteps=4",
+    "sample.autoguidance_weight=1",  # the guide point would precede every post-hoc snapshot of so short a run
     "evaluate.untrained_baseline=false",
     "evaluate.nll_images=16",
     "evaluate.nll_timesteps=4",
