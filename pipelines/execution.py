@@ -110,9 +110,11 @@ class Execution:
         their CPUs or GPUs free again: stopping only asks, and a stage that starts Ray work at once would otherwise
         find them taken and place all of it on the nodes that happen to have room. Each actor is asked to exit
         (``__ray_terminate__``: its worker sends its buffered task events on the way out, so Ray's state API and
-        dashboard see its last calls start and end; ``ray.kill`` drops them), and killed if it has not by then."""
+        dashboard see its last calls start and end; ``ray.kill`` drops them), and killed if it has not by then. The
+        request is not retried: the actor's exit ends it, which a retried call would report to the driver's log as a
+        failed task."""
         for actor in actors:
-            actor.__ray_terminate__.remote()
+            actor.__ray_terminate__.options(max_task_retries=0).remote()
         held, deadline = float(len(actors)), time.monotonic() + deadline_s
         while ray.available_resources().get(self.resource, 0.0) < held and time.monotonic() < deadline:
             time.sleep(0.05)

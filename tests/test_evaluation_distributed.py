@@ -4,8 +4,11 @@ features."""
 
 import io
 import os
+import subprocess
+import sys
 import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -20,6 +23,8 @@ from pipelines.config import Extractor
 from pipelines.data.shards import sample_sources
 from pipelines.evaluation.scoring import ExtractorSpec, SummaryRequest, summarize
 from pipelines.execution import Device, Execution
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -149,3 +154,33 @@ def test_a_released_actors_last_calls_are_recorded_with_their_start(ray_with_sta
             break
         time.sleep(0.5)
     assert [(bool(task.start_time_ms), task.state) for task in calls] == [(True, "FINISHED")] * 6
+
+
+RELEASE_SCRIPT = """
+import time, ray
+from pipelines.execution import Device, Execution
+
+@ray.remote
+class Called:
+    def ready(self) -> bool:
+        return True
+
+ray.init(num_cpus=2, include_dashboard=False, log_to_driver=True)
+with Execution({}, {}, Device.CPU).actor_pool(Called, 2) as pool:
+    assert list(pool.map(lambda actor, _: actor.ready.remote(), range(4))) == [True] * 4
+time.sleep(3)  # the raylet's messages reach the driver's log in batches
+print("released", flush=True)
+"""
+
+
+def test_a_release_writes_no_failed_task_to_the_drivers_log(tmp_path):
+    """A stage's actor pool, restartable (``max_task_retries``) as the sample and evaluate stages make it, released:
+    its exit requests are not retried, so the driver's log (what a user of the quickstart reads) shows no "Task
+    ...__ray_terminate__ failed ... will be retried" line for an exit that went as asked."""
+    env = {key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"}
+    result = subprocess.run(
+        [sys.executable, "-c", RELEASE_SCRIPT], cwd=REPO, env=env, capture_output=True, text=True, timeout=120
+    )
+    said = result.stdout + result.stderr
+    assert result.returncode == 0 and "released" in result.stdout, said[-3000:]
+    assert "__ray_terminate__" not in said and "failed" not in said, said[-3000:]
