@@ -40,7 +40,6 @@ TINY = [
     "evaluate.classifier_epochs=1",
     "train.ema_choice_images=64",  # the post-hoc EMA choice on a small budget
     "train.ema_choice_timesteps=4",
-    "train.ema_snapshot_every_images=512",  # the quickstart's autoguidance: its guide from the snapshot at 512
     "evaluate.untrained_baseline=false",
     "evaluate.nll=false",
 ]
