@@ -134,12 +134,12 @@ def as_samples(world: World, name: str, images: np.ndarray) -> SampleOutputs:
     )
 
 
-def evaluated(world: World, name: str, images: np.ndarray) -> EvaluateOutputs:
-    """The evaluate stage's outputs for a "model" whose samples are ``images``."""
+def evaluated(world: World, name: str, images: np.ndarray) -> tuple[SampleOutputs, EvaluateOutputs]:
+    """The sample set of a "model" whose samples are ``images``, and the evaluate stage's outputs for it."""
     sample = as_samples(world, name, images)
     settings = evaluate.settings(world.config, NoChampion())
     context = world.context("evaluate", name.ljust(64, "0"))
-    return evaluate.run(context, settings, world.prepared, None, world.train, sample, None)
+    return sample, evaluate.run(context, settings, world.prepared, None, world.train, sample, None)
 
 
 def test_bad_settings_fail_before_ray_starts_naming_the_key(capsys):
@@ -155,7 +155,7 @@ def test_bad_settings_fail_before_ray_starts_naming_the_key(capsys):
 
 
 def test_a_model_that_returns_training_images_is_flagged_and_refused_promotion(world):
-    outputs = evaluated(world, "copies", world.images)  # every training image, once
+    sample, outputs = evaluated(world, "copies", world.images)  # every training image, once
     memorized = outputs.memorization
     assert memorized is not None and outputs.memorization_skipped is None
     assert memorized.copy_rate.total == len(world.images) and memorized.copy_rate.low >= 0.95
@@ -178,7 +178,7 @@ def test_a_model_that_returns_training_images_is_flagged_and_refused_promotion(w
 
     settings = register.settings(world.config, NoChampion())
     context = world.context("register", "r" * 64)
-    registered = register.run(context, settings, world.prepared, None, world.train, outputs, None)
+    registered = register.run(context, settings, world.prepared, None, world.train, sample, outputs, None)
     assert not registered.promoted and "register.max_copy_rate 0.05" in registered.reason
     name = registered.model_name
     version = world.client.get_model_version(name, registered.version)
@@ -189,7 +189,7 @@ def test_a_model_that_returns_training_images_is_flagged_and_refused_promotion(w
 
 
 def test_held_out_real_images_score_near_zero(world):
-    outputs = evaluated(world, "holdout", world.holdout)
+    _, outputs = evaluated(world, "holdout", world.holdout)
     memorized = outputs.memorization
     assert memorized is not None and memorized.copy_rate.total == len(world.holdout)
     assert memorized.copy_rate.rate <= 0.02 and memorized.copy_rate.high <= 0.1
