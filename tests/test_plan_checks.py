@@ -32,6 +32,7 @@ QUIET = (
     "train.ema_profiles=[]",  # no post-hoc EMA snapshots (their limit is tested in tests/test_posthoc_ema_pipeline.py)
     "train.ema_snapshot_every_images=0",
     "train.ema_sigma_rel=null",
+    "sample.autoguidance_weight=1",  # the quickstart's guide is one of those snapshots
 )
 
 
