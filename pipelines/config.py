@@ -844,8 +844,8 @@ class SampleSection:
             raise ConfigError("sample.classes must name at least one class, or be null (all classes, balanced)")
         if not self.autoguidance_weight >= 1:
             raise ConfigError(
-                f"sample.autoguidance_weight must be >= 1 (1: off; the guide's pull is reversed above 1, e.g. 1.5), "
-                f"got {self.autoguidance_weight}"
+                "sample.autoguidance_weight must be >= 1 (1: off; above 1 each step moves away from the guide, "
+                f"e.g. 1.25), got {self.autoguidance_weight}"
             )
         if not 0 < self.autoguidance_guide_at < 1:
             raise ConfigError(
