@@ -32,11 +32,10 @@ from posthoc_ema import Scorer
 
 from ddpm_core.checkpoint import load_snapshot
 from ddpm_core.metrics import FidEstimate
-from ddpm_core.phema import reconstruct
 from ddpm_core.samplers import SamplerConfig
 from pipelines.config_file import load_config
 from pipelines.contracts import EvaluateOutputs, TrainOutputs
-from pipelines.training.posthoc import read_snapshots
+from pipelines.training.posthoc import posthoc_snapshot
 
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # Student t
 
@@ -73,7 +72,7 @@ def weights_of(run_root: Path, sigma_rel: float | None, images: int | None = Non
         return load_snapshot(train.snapshot_uri).state_dict
     if train.posthoc_uri is None:
         raise SystemExit(f"{run_root}: trained without train.ema_profiles; no post-hoc EMA of {sigma_rel}")
-    return reconstruct(read_snapshots(train.posthoc_uri, {}), sigma_rel, images or train.images_seen)
+    return posthoc_snapshot(train, sigma_rel, {}, images)
 
 
 def interval(values: list[float]) -> tuple[float, float, float]:
