@@ -28,9 +28,11 @@ class Method(str, enum.Enum):
     DPM_SOLVER_PP_2M = "dpm_solver++_2m"  # Lu et al. 2022b, Algorithm 2 (second order, multistep): one per step
     HEUN = "heun"  # Karras et al. 2022, Algorithm 1 (second order): two per step, one at the last
 
-    def network_evaluations(self, steps: int) -> int:
-        """NFE of a sample visiting ``steps`` timesteps."""
-        return 2 * steps - 1 if self is Method.HEUN else steps
+    def network_evaluations(self, steps: int, guided: bool = False) -> int:
+        """NFE of a sample visiting ``steps`` timesteps; ``guided``: each call evaluates a model and its autoguidance
+        guide (``autoguidance``), two networks."""
+        calls = 2 * steps - 1 if self is Method.HEUN else steps
+        return 2 * calls if guided else calls
 
     @property
     def default_spacing(self) -> Spacing:

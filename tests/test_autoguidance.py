@@ -8,7 +8,7 @@ import torch
 
 from ddpm_core.checkpoint import Guide, load_snapshot, save_snapshot
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
-from ddpm_core.samplers import autoguidance
+from ddpm_core.samplers import Method, autoguidance
 from tests.test_sampling import TINY, tiny_model
 
 
@@ -34,6 +34,14 @@ def test_weight_one_is_the_model_alone_and_labels_reach_both_networks():
         guided = autoguidance(model, guide, 2.0, channels=1)(x, t, class_labels=labels)
         expected = 2.0 * model(x, t, class_labels=labels) - guide(x, t, class_labels=labels)
     torch.testing.assert_close(guided, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("method", "alone"), [(Method.ANCESTRAL, 250), (Method.DPM_SOLVER_PP_2M, 250), (Method.HEUN, 499)]
+)
+def test_a_guided_sample_counts_both_networks_calls(method, alone):
+    assert method.network_evaluations(250) == alone
+    assert method.network_evaluations(250, guided=True) == 2 * alone
 
 
 def test_a_snapshot_stores_its_guide_and_samples_guided(tmp_path):

@@ -427,7 +427,7 @@ def score_protocol(
         fid_groups=min(section.fid_groups, sample.num_samples),
         holdout_images=prepare.num_holdout,
         compared_images=compared,
-        nfe=sample.sampler.method.network_evaluations(steps) * (1 if sample.autoguidance is None else 2),
+        nfe=sample.sampler.method.network_evaluations(steps, guided=sample.autoguidance is not None),
         inception_score_splits=section.inception_score_splits if section.inception_score else None,
         precision_recall_k=section.precision_recall_k if section.precision_recall else None,
         kid_subset_size=kid_subset_size(section.kid_subset_size, compared) if section.kid else None,
