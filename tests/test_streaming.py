@@ -6,9 +6,12 @@ import numpy as np
 import pytest
 import torch
 
+from ddpm_core.autoencoder_weights import LatentSpace
 from ddpm_core.data import ImageDataset
-from pipelines.config import ConfigError, DataSection, Loader
-from pipelines.data.shards import read_first_images, read_images_at, split_layout, write_split
+from ddpm_core.unet import UNetConfig
+from pipelines.config import ConfigError, DataSection, Loader, TrainSection
+from pipelines.contracts import LatentOutputs
+from pipelines.data.shards import first_rows, read_first_images, read_images_at, split_layout, write_split
 from pipelines.data.streaming import (
     ImageStream,
     StreamSpec,
@@ -16,7 +19,9 @@ from pipelines.data.streaming import (
     decode_piece,
     epoch_files,
     pieces,
+    plan_stream,
     resident_bytes,
+    training_loader,
 )
 
 NUM_IMAGES, PER_FILE, SEED = 230, 20, 7  # 12 files, the last one of 10 images
@@ -63,6 +68,19 @@ def test_parts_of_a_split_are_read_from_the_files_that_hold_them(tmp_path):
     assert len(read_first_images(uri, None, {})) == NUM_IMAGES
     wanted = [229, 0, 21, 20]
     assert identities(read_images_at(split_layout(uri, {}), wanted, {}))[0].tolist() == wanted
+
+
+def test_the_first_rows_read_no_file_past_the_ones_that_hold_them():
+    read = []
+
+    def files():  # three files of 20 rows, each read when asked for
+        for number in range(3):
+            read.append(number)
+            yield {"mean": np.arange(20 * number, 20 * (number + 1)), "logvar": np.zeros(20)}
+
+    rows = first_rows(files(), 40)
+    assert rows["mean"].tolist() == list(range(40)) and rows["logvar"].shape == (40,) and read == [0, 1]
+    assert len(first_rows(files(), None)["mean"]) == 60 and first_rows(files(), 21)["mean"][-1] == 20
 
 
 def test_in_each_epoch_the_workers_read_disjoint_files_and_all_of_them():
@@ -137,6 +155,16 @@ def test_auto_holds_a_slice_resident_when_it_fits_the_budget_and_streams_otherwi
     assert loader is Loader.STREAM and "data.memory_budget_mb" in why
     assert choose_loader(DataSection(loader="resident", memory_budget_mb=1), 45_000, values, 2)[0] is Loader.RESIDENT
     assert choose_loader(DataSection(loader="stream"), 10, values, 2)[0] is Loader.STREAM
+
+
+def test_a_latent_model_holds_its_latents_resident_whatever_the_images_would_need():
+    unet = UNetConfig(image_size=32, in_channels=3)
+    latent = LatentOutputs("mem://latents", (4, 8, 8), 45_000, LatentSpace("mem://vae", "ab", "cd", 0.18), (32, 32, 3))
+    streamed = DataSection(loader="stream")
+    assert training_loader(streamed, 45_000, unet, 2, None)[0] is Loader.STREAM
+    loader, why = training_loader(streamed, 45_000, unet, 2, latent)
+    assert loader is Loader.RESIDENT and "45000 posteriors" in why and "mem://latents" in why
+    assert plan_stream(streamed, TrainSection(), ("mem://images", 45_000), unet, 2, {}, latent)[0] is None
 
 
 @pytest.mark.parametrize(

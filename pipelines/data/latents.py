@@ -40,7 +40,14 @@ from ddpm_core.data import to_model_range
 from ddpm_core.storage import commit, is_committed, read_manifest
 from pipelines.contracts import LatentOutputs
 from pipelines.data.ingest import quiet_ray_data
-from pipelines.data.shards import ImageSource, npz_bytes, read_split_file, split_identity, split_layout
+from pipelines.data.shards import (
+    ImageSource,
+    first_rows,
+    npz_bytes,
+    read_split_file,
+    split_identity,
+    split_layout,
+)
 from pipelines.execution import runtime_env
 
 LATENT_FILE = "latents.npz"
@@ -220,15 +227,9 @@ def held_out_latents(latent: LatentOutputs, count: int, seed: int, options: dict
     """The first ``count`` latents of a committed folder (a hold-out split's) as the diffusion model sees them:
     one sample of each posterior, ``z = mean + exp(logvar / 2) * noise`` with the noise drawn from ``seed`` (the same
     for every network scored on them), in ``latent.space`` (its scaling). float32 ``[n, c, h, w]`` on the CPU."""
-    files, parts, held = int(read_manifest(latent.uri, options)["metadata"]["files"]), [], 0
-    for number in range(files):
-        if held >= count:
-            break
-        part = read_latent_file(latent.uri, number, options)
-        parts.append({key: part[key][: count - held] for key in ("mean", "logvar")})
-        held += len(parts[-1]["mean"])
-    mean = torch.as_tensor(np.concatenate([part["mean"] for part in parts]))  # [n, c, h, w]
-    logvar = torch.as_tensor(np.concatenate([part["logvar"] for part in parts]))  # [n, c, h, w]
+    files = int(read_manifest(latent.uri, options)["metadata"]["files"])
+    held = first_rows((read_latent_file(latent.uri, number, options) for number in range(files)), count)
+    mean, logvar = torch.as_tensor(held["mean"]), torch.as_tensor(held["logvar"])  # [n, c, h, w] each
     noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(seed))  # [n, c, h, w]
     return latent.space.latents(mean + torch.exp(0.5 * logvar) * noise)
 

@@ -20,6 +20,7 @@ import hashlib
 import io
 import itertools
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -121,15 +122,21 @@ def read_first_images(uri: str, count: int | None, storage_options: dict[str, An
 def read_first(uri: str, count: int | None, storage_options: dict[str, Any]) -> tuple[np.ndarray, np.ndarray | None]:
     """The first ``count`` images ``[n, H, W, C]`` of a data split (None: all) and their labels ``[n]`` (None when
     the split has none), reading only the files they are in."""
-    layout, parts, held = split_layout(uri, storage_options), [], 0
-    for source in layout.sources:
+    files = (read_split_file(source, storage_options) for source in split_layout(uri, storage_options).sources)
+    arrays = first_rows(files, count)
+    return arrays["images"], arrays.get("labels")
+
+
+def first_rows(files: Iterator[dict[str, np.ndarray]], count: int | None) -> dict[str, np.ndarray]:
+    """The first ``count`` rows (None: all) of a split's files, given in order, each named array concatenated. Reads
+    no further file once ``count`` rows are held, so a caller passes the files as a generator that reads them."""
+    parts, held = [], 0
+    for arrays in files:
+        parts.append({name: array[: None if count is None else count - held] for name, array in arrays.items()})
+        held += len(next(iter(parts[-1].values())))
         if count is not None and held >= count:
             break
-        arrays = read_split_file(source, storage_options)
-        parts.append({name: array[: None if count is None else count - held] for name, array in arrays.items()})
-        held += len(parts[-1]["images"])
-    labels = np.concatenate([part["labels"] for part in parts]) if "labels" in parts[0] else None
-    return np.concatenate([part["images"] for part in parts]), labels
+    return {name: np.concatenate([part[name] for part in parts]) for name in parts[0]}
 
 
 def read_images_at(layout: SplitLayout, indices: list[int], storage_options: dict[str, Any]) -> np.ndarray:

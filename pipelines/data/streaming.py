@@ -25,14 +25,18 @@ import dataclasses
 import functools
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import ray.data
 import torch
 
+from ddpm_core.unet import UNetConfig
 from pipelines.config import DataSection, Loader, TrainSection
 from pipelines.data.shards import ImageSource, SplitLayout, read_split_file, split_layout
+
+if TYPE_CHECKING:
+    from pipelines.contracts import LatentOutputs
 
 FILES_PER_TASK = 4  # files one Ray Data task decodes in turn (a task costs ~35 ms of scheduling on its own)
 
@@ -182,18 +186,29 @@ def choose_loader(data: DataSection, num_images: int, image_values: int, world_s
     return chosen, f"data.loader=auto chose {chosen.value}: {budget}"
 
 
+def training_loader(
+    data: DataSection, num_images: int, unet: UNetConfig, workers: int, latent: LatentOutputs | None
+) -> tuple[Loader, str]:
+    """The loader of ``workers`` workers training ``unet`` on ``num_images`` images (:func:`choose_loader`), or on a
+    latent model's ``latent`` posteriors, which are always held resident; and why, in words."""
+    if latent is not None:
+        return Loader.RESIDENT, f"the {latent.count} posteriors of a latent model's latents, {latent.uri}"
+    return choose_loader(data, num_images, unet.in_channels * unet.image_size**2, workers)
+
+
 def plan_stream(
     data: DataSection,
     train: TrainSection,
     split: tuple[str, int],
-    image_values: int,
+    unet: UNetConfig,
     workers: int,
     storage_options: dict[str, Any],
+    latent: LatentOutputs | None = None,
 ) -> tuple[StreamSpec | None, str]:
-    """How ``workers`` training workers get the training split ``(URI, images)``: a :class:`StreamSpec`, or None to
-    hold it resident (:func:`choose_loader`), and why, in words."""
+    """How ``workers`` workers training ``unet`` get the training split ``(URI, images)`` (or a latent model's
+    ``latent``): a :class:`StreamSpec`, or None to hold it resident (:func:`training_loader`), and why, in words."""
     uri, num_images = split
-    loader, why = choose_loader(data, num_images, image_values, workers)
+    loader, why = training_loader(data, num_images, unet, workers, latent)
     if loader is Loader.RESIDENT:
         return None, why
     layout = split_layout(uri, storage_options)

@@ -134,8 +134,8 @@ def distill_round(
         context.log(f"distill: round {index + 1} ({target.student_steps} steps) is committed, reused")
         return DistillRound(**json.loads(read_committed(record_uri, [ROUND_RECORD], options)[0][ROUND_RECORD]))
     section = round_section(settings, target.teacher_snapshot_uri)
-    split, values = (prepare.shards_uri, prepare.num_train), student.unet.in_channels * student.unet.image_size**2
-    stream, _ = plan_stream(settings.data, section, split, values, section.max_workers, options)
+    split = (prepare.shards_uri, prepare.num_train)
+    stream, _ = plan_stream(settings.data, section, split, student.unet, section.max_workers, options)
     run_id = nested_run(
         context.client,
         context.mlflow_run_id,

@@ -77,12 +77,8 @@ def run(
     device = cluster_device(train.use_gpu)
     warm_start = tune.best_checkpoint_uri if tune is not None and settings.warm_start_from_trial else None
     unet = recipe.model.unet(prepare.num_classes)
-    split, values = (prepare.shards_uri, prepare.num_train), unet.in_channels * unet.image_size**2
-    latent = autoencoder.latent if autoencoder is not None else None
-    if latent is None:
-        stream, why = plan_stream(recipe.data, train, split, values, train.max_workers, context.store.options)
-    else:
-        stream, why = None, f"the {latent.count} posteriors of a latent model's latents, {latent.uri}"
+    split, latent = (prepare.shards_uri, prepare.num_train), autoencoder.latent if autoencoder is not None else None
+    stream, why = plan_stream(recipe.data, train, split, unet, train.max_workers, context.store.options, latent)
     context.log(f"train: {'stream' if stream else 'resident'} data loader ({why})")
     log_training_data(context.client, context.mlflow_run_id, prepare)  # the data as this run's dataset input
     job = TrainJob(

@@ -36,7 +36,7 @@ from pipelines.config_file import with_overrides
 from pipelines.context import StageContext
 from pipelines.contracts import AutoencoderOutputs, LatentOutputs, PrepareOutputs, TrialResult, TuneOutputs
 from pipelines.data.checks import require_images
-from pipelines.data.streaming import choose_loader, plan_stream
+from pipelines.data.streaming import plan_stream, training_loader
 from pipelines.evaluation.scoring import (
     ExtractorSpec,
     SummaryRequest,
@@ -270,10 +270,8 @@ def run_trial(params: dict[str, Any], spec: TrialSpec) -> None:
     work_uri = f"{spec.work_uri}/trials/{trial_id}"
     unet = recipe.model.unet(spec.num_classes)
     metrics = dataclasses.replace(spec.metrics, unet=unet, diffusion=recipe.diffusion, mlflow_run_id=run_id)
-    split, values = (spec.shards_uri, spec.num_train), unet.in_channels * unet.image_size**2
-    stream = None
-    if spec.latent is None:
-        stream, _ = plan_stream(recipe.data, recipe.train, split, values, spec.group.num_workers, spec.storage_options)
+    split, workers = (spec.shards_uri, spec.num_train), spec.group.num_workers
+    stream, _ = plan_stream(recipe.data, recipe.train, split, unet, workers, spec.storage_options, spec.latent)
     job = TrainJob(
         unet=unet,
         diffusion=recipe.diffusion,
@@ -332,11 +330,7 @@ def run(
     space = search_space(section, lambda key, value: recipe.with_overrides({key: value}))
     spec = trial_spec(context, settings, (prepare, autoencoder))
     unet = spec.metrics.unet
-    values = unet.in_channels * unet.image_size**2
-    if spec.latent is None:
-        loader, why = choose_loader(recipe.data, prepare.num_train, values, spec.group.num_workers)
-    else:
-        loader, why = Loader.RESIDENT, f"the {spec.latent.count} posteriors of a latent model's latents"
+    loader, why = training_loader(recipe.data, prepare.num_train, unet, spec.group.num_workers, spec.latent)
     context.log(f"tune: trials use the {loader.value} data loader ({why})")
     one_trial = spec.group.demand(
         spec.device,
