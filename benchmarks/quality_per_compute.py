@@ -6,7 +6,8 @@ time), a sampler (``method:steps``, the method's default spacing), the EMA to sa
 a number: that sigma_rel reconstructed from the run's post-hoc snapshots, ``ddpm_core.phema``), and optionally
 autoguidance by an earlier EMA of the same run (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of
 Itself"): ``IMAGESxW``, the same width reconstructed at IMAGES images seen, guiding with weight W
-(``ddpm_core.samplers.autoguidance``). No training is added: the guide comes from the snapshots the run stored.
+(``ddpm_core.samplers.autoguidance``); ``IMAGESxW@S`` reconstructs the guide at width S instead. No training is
+added: the guide comes from the snapshots the run stored.
 Each variant samples the same N images per seed (indices 0..N-1, noise seeded by (seed, index)) and is scored as the
 evaluate stage scores (the run's cached reference statistics and feature network, as benchmarks/posthoc_ema.py). The
 floor is the run's own: its hold-out FID carried to N against the reference's m images
@@ -23,7 +24,7 @@ import argparse
 import math
 import statistics
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from common import write_result
@@ -40,9 +41,17 @@ from pipelines.training.posthoc import posthoc_snapshot
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # Student t
 
 
-def parse_variant(text: str) -> tuple[str, Path, SamplerConfig, float | None, tuple[int, float] | None]:
-    """``label=run_root:method:steps[:ema[:IMAGESxW]]`` -> (label, run root, sampler, sigma_rel or None for the
-    snapshot, (guide's images, guidance weight) or None)."""
+class GuideSpec(NamedTuple):
+    """Autoguidance of a variant: the guide's EMA at ``guide_images`` images seen, of width ``guide_sigma_rel``."""
+
+    guide_images: int
+    weight: float
+    guide_sigma_rel: float
+
+
+def parse_variant(text: str) -> tuple[str, Path, SamplerConfig, float | None, GuideSpec | None]:
+    """``label=run_root:method:steps[:ema[:IMAGESxW[@S]]]`` -> (label, run root, sampler, sigma_rel or None for the
+    snapshot, the guide (its width S: the model's unless named) or None)."""
     label, spec = text.split("=", 1)
     root, method, steps, *rest = spec.split(":")
     sigma_rel = None if not rest or rest[0] == "fixed" else float(rest[0])
@@ -50,8 +59,9 @@ def parse_variant(text: str) -> tuple[str, Path, SamplerConfig, float | None, tu
     if len(rest) > 1:
         if sigma_rel is None:
             raise SystemExit(f"{text}: autoguidance needs a post-hoc EMA width (a number, not 'fixed')")
-        images, weight = rest[1].split("x")
-        guide = (int(images), float(weight))
+        point, _, guide_width = rest[1].partition("@")
+        images, weight = point.split("x")
+        guide = GuideSpec(int(images), float(weight), float(guide_width) if guide_width else sigma_rel)
     return label, Path(root), SamplerConfig(method=method, num_steps=int(steps)), sigma_rel, guide
 
 
@@ -90,7 +100,7 @@ def measure(variant: str, seeds: list[int], num_samples: int, batch_size: int | 
     batch_size = batch_size or config.sample.batch_size
     snapshot = load_snapshot(outputs(run_root, "train", TrainOutputs).snapshot_uri)
     weights = weights_of(run_root, sigma_rel)
-    guiding = None if guide is None else (weights_of(run_root, sigma_rel, guide[0]), guide[1])
+    guiding = None if guide is None else (weights_of(run_root, guide.guide_sigma_rel, guide.guide_images), guide.weight)
     fids, seconds = [], []
     for seed in seeds:
         fid, took = Scorer(run_root, sampler, seed, num_samples, batch_size).fid(snapshot, weights, guiding)
@@ -105,9 +115,9 @@ def measure(variant: str, seeds: list[int], num_samples: int, batch_size: int | 
         "loss_weighting": config.train.loss_weighting.value,
         "train_images": outputs(run_root, "train", TrainOutputs).images_seen,
         "ema": "snapshot" if sigma_rel is None else f"post-hoc sigma_rel {sigma_rel:g}",
-        "autoguidance": None if guide is None else {"guide_images": guide[0], "weight": guide[1]},
+        "autoguidance": None if guide is None else guide._asdict(),
         "sampler": sampler.to_dict(),
-        "nfe": sampler.method.network_evaluations(sampler.num_steps) * (1 if guide is None or guide[1] == 1 else 2),
+        "nfe": sampler.method.network_evaluations(sampler.num_steps, guided=guide is not None and guide.weight != 1),
         "seeds": seeds,
         "fids": fids,
         "fid_mean": mean,
@@ -123,7 +133,10 @@ def measure(variant: str, seeds: list[int], num_samples: int, batch_size: int | 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument(
-        "--variant", nargs="+", required=True, help="label=run_root:method:steps[:fixed|sigma_rel[:IMAGESxW]]"
+        "--variant",
+        nargs="+",
+        required=True,
+        help="label=run_root:method:steps[:fixed|sigma_rel[:IMAGESxW[@GUIDE_SIGMA_REL]]]",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--samples", type=int, default=1000)

@@ -147,24 +147,27 @@ def test_the_sweep_benchmark_scores_reconstructions_under_the_runs_protocol(fini
 def test_the_quality_per_compute_benchmark_reproduces_the_runs_fid_and_floor(finished, tmp_path):
     """benchmarks/quality_per_compute.py: the run's snapshot under its own sampler, seed and N scores the run's FID,
     its floor is the run's, and a post-hoc width is another row; the interval over seeds brackets the mean.
-    Autoguidance by the same width at half the run: weight 1 is the model alone, weight 2 another sample set."""
+    Autoguidance by the same width at half the run: weight 1 is the model alone, weight 2 another sample set, and a
+    guide of another width (``@0.1``) yet another."""
     sampled, evaluated = outputs(finished, "sample"), outputs(finished, "evaluate")
     sampler = f"{sampled['sampler']['method']}:{sampled['sampler']['num_steps']}"
     out, seeds = tmp_path / "quality.json", [str(sampled["seed"]), "7"]
     half = outputs(finished, "train")["images_seen"] // 2
     variants = [f"run={finished}:{sampler}", f"posthoc={finished}:{sampler}:0.2"]
     variants += [f"w1={finished}:{sampler}:0.2:{half}x1", f"w2={finished}:{sampler}:0.2:{half}x2"]
+    variants += [f"narrow={finished}:{sampler}:0.2:{half}x2@0.1"]
     command = [sys.executable, "benchmarks/quality_per_compute.py", "--variant", *variants, "--seeds", *seeds]
     command += ["--samples", str(sampled["num_samples"]), "--out", str(out)]
     subprocess.run(command, cwd=REPO, check=True, timeout=300, env={**ENV, "OMP_NUM_THREADS": "1"})
-    run, posthoc, weight_one, weight_two = json.loads(out.read_text())["rows"]
+    run, posthoc, weight_one, weight_two, narrow = json.loads(out.read_text())["rows"]
     assert run["fids"][0] == pytest.approx(evaluated["scores"]["fid"], rel=1e-4)
     assert run["floor"] == pytest.approx(evaluated["scores"]["fid_floor"], rel=1e-9)
     assert run["fid_ci_low"] < run["fid_mean"] < run["fid_ci_high"] and run["fids"][0] != run["fids"][1]
     assert posthoc["ema"] == "post-hoc sigma_rel 0.2" and posthoc["fids"] != run["fids"]
     assert weight_one["fids"] == posthoc["fids"] and weight_one["nfe"] == posthoc["nfe"]
     assert weight_two["fids"] != posthoc["fids"] and weight_two["nfe"] == 2 * posthoc["nfe"]
-    assert weight_two["autoguidance"] == {"guide_images": half, "weight": 2.0}
+    assert weight_two["autoguidance"] == {"guide_images": half, "weight": 2.0, "guide_sigma_rel": 0.2}
+    assert narrow["autoguidance"]["guide_sigma_rel"] == 0.1 and narrow["fids"] != weight_two["fids"]
 
 
 BATCH, STEPS, RESUME_AT = 8, 12, 5  # the checkpoint after step 5; snapshots every 20 images (every 2.5 steps)
