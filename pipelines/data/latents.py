@@ -227,15 +227,14 @@ def held_out_latents(latent: LatentOutputs, count: int, seed: int, options: dict
     """The first ``count`` latents of a committed folder (a hold-out split's) as the diffusion model sees them:
     one sample of each posterior, ``z = mean + exp(logvar / 2) * noise`` with the noise drawn from ``seed`` (the same
     for every network scored on them), in ``latent.space`` (its scaling). float32 ``[n, c, h, w]`` on the CPU."""
-    files = int(read_manifest(latent.uri, options)["metadata"]["files"])
-    held = first_rows((read_latent_file(latent.uri, number, options) for number in range(files)), count)
+    held = read_latents(latent.uri, options, count)
     mean, logvar = torch.as_tensor(held["mean"]), torch.as_tensor(held["logvar"])  # [n, c, h, w] each
     noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(seed))  # [n, c, h, w]
     return latent.space.latents(mean + torch.exp(0.5 * logvar) * noise)
 
 
-def read_latents(folder: str, options: dict[str, Any]) -> dict[str, np.ndarray]:
-    """Every latent file of a committed folder, concatenated in the split's order (:func:`read_latent_file`)."""
+def read_latents(folder: str, options: dict[str, Any], count: int | None = None) -> dict[str, np.ndarray]:
+    """The first ``count`` latents (None: all) of a committed folder, in the split's order, reading only the files
+    they are in (:func:`read_latent_file`, :func:`pipelines.data.shards.first_rows`)."""
     files = int(read_manifest(folder, options)["metadata"]["files"])
-    parts = [read_latent_file(folder, number, options) for number in range(files)]
-    return {key: np.concatenate([part[key] for part in parts]) for key in parts[0]}
+    return first_rows((read_latent_file(folder, number, options) for number in range(files)), count)
