@@ -76,6 +76,10 @@ class DiffusionConfig:
                 "variance",
                 "=learned_range needs loss=vlb or hybrid: L_simple gives the variance no gradient",
             )
+        try:  # unknown or out-of-range schedule parameters fail with the config, not at the first training step
+            make_betas(self.schedule, self.num_timesteps, **self.schedule_params)
+        except (ValueError, TypeError) as error:
+            raise FieldError("diffusion", "schedule_params", f": {error}") from None
 
     def to_dict(self) -> dict[str, Any]:
         return {

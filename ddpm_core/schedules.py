@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import math
+from collections.abc import Callable
 
 import torch
 
@@ -53,12 +54,24 @@ def sigmoid_betas(num_timesteps: int, beta_start: float | None = None, beta_end:
     return torch.sigmoid(torch.linspace(-6.0, 6.0, num_timesteps, dtype=torch.float64)) * (end - start) + start
 
 
-def cosine_betas(num_timesteps: int, offset: float = 0.008, max_beta: float = MAX_BETA) -> torch.Tensor:
+def cosine_betas(
+    num_timesteps: int, offset: float = 0.008, max_beta: float = MAX_BETA, logsnr_shift: float = 0.0
+) -> torch.Tensor:
     """Cosine schedule (Nichol & Dhariwal 2021, Eq. 17): ``alpha_bar(t) = cos((t/T + s) / (1 + s) * pi/2)^2``,
-    ``beta_t = min(1 - alpha_bar(t) / alpha_bar(t-1), max_beta)``. Returns ``[T]`` float64."""
+    ``beta_t = min(1 - alpha_bar(t) / alpha_bar(t-1), max_beta)``. ``logsnr_shift`` adds a constant to log SNR(t) =
+    log(alpha_bar / (1 - alpha_bar)) at every t (Hoogeboom et al. 2023, Sec. 3.1, the shifted cosine schedule: positive
+    is less noise at each t; they shift by 2 log(64 / d) for d x d images). Returns ``[T]`` float64."""
 
-    def alpha_bar(step: float) -> float:
+    def f(step: float) -> float:
         return math.cos((step / num_timesteps + offset) / (1 + offset) * math.pi / 2) ** 2
+
+    def alpha_bar(step: float) -> float:  # up to the factor f(0), which the betas' ratios cancel when unshifted
+        if logsnr_shift == 0.0:
+            return f(step)
+        unshifted = f(step) / f(0)
+        if unshifted in (0.0, 1.0):
+            return unshifted
+        return 1.0 / (1.0 + (1.0 - unshifted) / unshifted * math.exp(-logsnr_shift))  # sigmoid(log SNR + shift)
 
     betas = [min(1.0 - alpha_bar(i + 1) / alpha_bar(i), max_beta) for i in range(num_timesteps)]
     return torch.tensor(betas, dtype=torch.float64)
@@ -68,7 +81,7 @@ def make_betas(schedule: Schedule | str, num_timesteps: int, **params: float) ->
     """Betas ``[T]`` (float64) of a named schedule; ``params`` are that schedule's keyword arguments."""
     if num_timesteps < 2:
         raise ValueError(f"num_timesteps must be >= 2, got {num_timesteps}")
-    builders = {
+    builders: dict[Schedule, Callable[..., torch.Tensor]] = {
         Schedule.LINEAR: linear_betas,
         Schedule.COSINE: cosine_betas,
         Schedule.QUADRATIC: quadratic_betas,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Callable
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
@@ -24,6 +25,9 @@ class OptimConfig:
 
     lr: float = 2e-4  # Adam learning rate after warm-up
     warmup_images: int = 640_000  # linear lr warm-up length in images (5,000 steps x batch 128)
+    # inverse square-root decay after this many images (Karras et al. 2024): lr * sqrt(t_ref / t) once t > t_ref;
+    # 0: constant after the warm-up (the paper's). It needs no run length, so a resumed or extended run keeps it.
+    lr_decay_images: int = 0
     grad_clip: float = 1.0  # max global gradient norm (<= 0 disables clipping)
     weight_decay: float = 0.0  # AdamW decoupled weight decay
     ema_decay: float = 0.9999
@@ -35,6 +39,7 @@ class OptimConfig:
             {
                 "lr": (self.lr > 0, self.lr),
                 "warmup_images": (self.warmup_images >= 0, self.warmup_images),
+                "lr_decay_images": (self.lr_decay_images >= 0, self.lr_decay_images),
                 "weight_decay": (self.weight_decay >= 0, self.weight_decay),
                 "ema_decay": (0 <= self.ema_decay < 1, self.ema_decay),
             },
@@ -42,10 +47,11 @@ class OptimConfig:
 
 
 def learning_rate(images_seen: int, config: OptimConfig) -> float:
-    """Linear warm-up from 0 to ``config.lr`` over ``warmup_images`` images, then constant."""
-    if config.warmup_images <= 0:
-        return config.lr
-    return config.lr * min(1.0, images_seen / config.warmup_images)
+    """Linear warm-up from 0 to ``config.lr`` over ``warmup_images`` images, then constant, or with
+    ``lr_decay_images`` = t_ref > 0 falling as ``lr / sqrt(max(t / t_ref, 1))`` (Karras et al. 2024's decay)."""
+    warmup = 1.0 if config.warmup_images <= 0 else min(1.0, images_seen / config.warmup_images)
+    decay = 1.0 if config.lr_decay_images <= 0 else math.sqrt(min(1.0, config.lr_decay_images / max(images_seen, 1)))
+    return config.lr * warmup * decay
 
 
 def make_optimizer(model: nn.Module, config: OptimConfig) -> torch.optim.Optimizer:

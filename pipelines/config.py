@@ -428,7 +428,7 @@ class TrainSection:
     # image of the bound's Monte Carlo estimate (as evaluate.nll_images / evaluate.nll_timesteps)
     ema_choice_images: int = 512
     ema_choice_timesteps: int = 32
-    # lr, warmup_images, grad_clip, weight_decay, ema_decay, ema_warmup: train.<field>
+    # lr, warmup_images, lr_decay_images, grad_clip, weight_decay, ema_decay, ema_warmup: train.<field>
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=1e-3, warmup_images=10_000, ema_decay=0.999, ema_warmup=True),
         metadata=INLINE,

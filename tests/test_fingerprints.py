@@ -82,7 +82,7 @@ SPECIAL = {  # values for keys whose type alone does not give a valid different 
     "model.preset": ["cifar10", "image64"],
     "model.overrides": [{"dropout": 0.2}, {"base_channels": 32}, {"image_size": 4, "in_channels": 4}],
     "tune.space": [{"train.lr": {"choice": [0.001, 0.003]}}, {"diffusion.schedule": {"choice": ["linear", "cosine"]}}],
-    "diffusion.schedule_params": [{"beta_start": 0.0002}],
+    "diffusion.schedule_params": [{"beta_start": 0.0002}, {"logsnr_shift": 0.5}],  # a linear, a cosine parameter
     "evaluate.guidance_scales": [(0.5,), (0.0, 3.0)],
     "train.ema_profiles": [(0.05,), (0.1, 0.2), ()],
     "sample.classes": [(0,), (1, 2), None],

@@ -67,3 +67,17 @@ def test_bad_schedule_input_is_rejected_with_a_clear_message():
         make_betas("cosine", 1000, beta_start=0.1)
     with pytest.raises(ValueError, match="outside"):
         make_betas("linear", 1000, beta_start=0.5, beta_end=1.5)
+
+
+def test_a_log_snr_shift_moves_every_steps_log_snr_by_that_constant():
+    """Hoogeboom et al. 2023, Sec. 3.1: log SNR(t) + shift at every t (up to the last step's 0.999 clip)."""
+
+    def log_snr(betas: torch.Tensor) -> torch.Tensor:
+        abar = torch.cumprod(1 - betas, 0)
+        return torch.log(abar / (1 - abar))
+
+    plain = log_snr(make_betas("cosine", 1000))
+    for shift in (-1.5, 0.7, 2.0):
+        shifted = log_snr(make_betas("cosine", 1000, logsnr_shift=shift))
+        torch.testing.assert_close(shifted[:-1] - plain[:-1], torch.full((999,), shift, dtype=torch.float64))
+    torch.testing.assert_close(make_betas("cosine", 1000, logsnr_shift=0.0), make_betas("cosine", 1000))

@@ -92,6 +92,16 @@ def test_learning_rate_warms_up_linearly_in_images():
     assert learning_rate(5000, config) == pytest.approx(2e-4)
 
 
+def test_learning_rate_decays_as_the_inverse_square_root_after_its_reference():
+    config = OptimConfig(lr=1e-3, warmup_images=1000, lr_decay_images=4000)
+    assert learning_rate(500, config) == pytest.approx(5e-4)  # the warm-up is unchanged
+    assert learning_rate(4000, config) == pytest.approx(1e-3)  # constant up to t_ref
+    assert learning_rate(16000, config) == pytest.approx(5e-4)  # lr / sqrt(16000 / 4000)
+    assert learning_rate(400_000, config) == pytest.approx(1e-4)
+    with pytest.raises(ValueError, match="lr_decay_images"):
+        OptimConfig(lr_decay_images=-1)
+
+
 def test_quartile_sums_and_label_dropout():
     t = torch.tensor([0, 249, 250, 999, 998])
     sums, counts = quartile_sums(t, torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0]), 1000)
