@@ -78,7 +78,7 @@ class DiffusionConfig:
             )
         try:  # unknown or out-of-range schedule parameters fail with the config, not at the first training step
             make_betas(self.schedule, self.num_timesteps, **self.schedule_params)
-        except (ValueError, TypeError) as error:
+        except ValueError as error:  # make_betas turns a builder's TypeError (an unknown parameter) into one
             raise FieldError("diffusion", "schedule_params", f": {error}") from None
 
     def to_dict(self) -> dict[str, Any]:
