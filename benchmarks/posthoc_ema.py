@@ -19,8 +19,9 @@ from __future__ import annotations
 import argparse
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from common import device_name, write_result
 from fid_vs_steps import extractor_spec, outputs
@@ -31,6 +32,7 @@ from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.metrics import FeatureStatistics, frechet_distance_from_stats
 from ddpm_core.phema import reconstruct, sigma_rel_to_gamma
 from ddpm_core.samplers import PerIndexNoise, SamplerConfig, autoguidance, sample
+from pipelines.config import Extractor
 from pipelines.config_file import load_config
 from pipelines.contracts import EvaluateOutputs, SampleOutputs, TrainOutputs
 from pipelines.evaluation.scoring import build_extractor, load_reference
@@ -40,6 +42,15 @@ from pipelines.training.posthoc import read_snapshots
 SIGMA_RELS = (0.02, 0.03, 0.04, 0.05, 0.07, 0.10, 0.13, 0.16, 0.20, 0.25)  # EDM2's Fig. 5 spans 0.01..0.25
 
 
+class Score(NamedTuple):
+    """One sample set's FID, its sampling time, and (where the run's extractor is the data set's classifier) the
+    top-1 class of each sample, counted ``[K]``: what the evaluate stage's mode coverage reads."""
+
+    fid: float
+    seconds: float
+    class_counts: np.ndarray | None
+
+
 class Scorer:
     """FID of N images of a network under one protocol (sampler, seed, N, batch), as the evaluate stage scores them."""
 
@@ -47,16 +58,18 @@ class Scorer:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.sampler, self.seed, self.num_samples, self.batch_size = sampler, seed, num_samples, batch_size
         self.reference = load_reference(outputs(run_root, "evaluate", EvaluateOutputs).reference_uri, {})
-        self.extractor = build_extractor(extractor_spec(run_root), {})
+        spec = extractor_spec(run_root)
+        self.extractor = build_extractor(spec, {})
+        self.classifies = spec.kind is Extractor.CLASSIFIER  # its logits are the data set's classes
 
     def fid(
         self,
         snapshot: Snapshot,
         state_dict: dict[str, torch.Tensor],
         guide: tuple[dict[str, torch.Tensor], float] | None = None,
-    ) -> tuple[float, float]:
-        """(FID, seconds of sampling) of the snapshot's network with ``state_dict``'s weights; with ``guide`` (the
-        guiding network's weights and the weight w), autoguided by it (``ddpm_core.samplers.autoguidance``)."""
+    ) -> Score:
+        """The score of the snapshot's network with ``state_dict``'s weights; with ``guide`` (the guiding network's
+        weights and the weight w), autoguided by it (``ddpm_core.samplers.autoguidance``)."""
         model = Snapshot(snapshot.unet, snapshot.diffusion, state_dict, {}).build_model().to(self.device)
         if guide is not None:
             weaker = Snapshot(snapshot.unet, snapshot.diffusion, guide[0], {}).build_model().to(self.device)
@@ -68,8 +81,10 @@ class Scorer:
             noise = PerIndexNoise(self.seed, range(start, min(start + self.batch_size, self.num_samples)), self.device)
             batches.append(sample(model, diffusion, shape, noise, self.sampler).samples)
         seconds = time.perf_counter() - started
-        features, _ = self.extractor(to_uint8(torch.cat(batches)))  # from [N, C, H, W] in [-1, 1]
-        return frechet_distance_from_stats(FeatureStatistics.from_features(features), self.reference.fid), seconds
+        features, logits = self.extractor(to_uint8(torch.cat(batches)))  # from [N, C, H, W] in [-1, 1]
+        fid = frechet_distance_from_stats(FeatureStatistics.from_features(features), self.reference.fid)
+        counts = np.bincount(logits.argmax(dim=1).numpy(), minlength=logits.shape[1]) if self.classifies else None
+        return Score(fid, seconds, counts)
 
 
 def sweep(run_root: Path, scorer: Scorer, sigma_rels: list[float]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -78,13 +93,13 @@ def sweep(run_root: Path, scorer: Scorer, sigma_rels: list[float]) -> tuple[list
     if train.posthoc_uri is None:
         raise SystemExit(f"{run_root}: trained without train.ema_profiles; no post-hoc EMA to sweep")
     snapshot, snapshots = load_snapshot(train.snapshot_uri), read_snapshots(train.posthoc_uri, {})
-    baseline_fid, _ = scorer.fid(snapshot, snapshot.state_dict)
+    baseline_fid = scorer.fid(snapshot, snapshot.state_dict).fid
     baseline = {"ema": train.ema_described(), "fid": baseline_fid}
     print(f"the run's snapshot ({baseline['ema']}): FID {baseline_fid:8.3f}", flush=True)
     rows = []
     for sigma_rel in sigma_rels:
         weights = reconstruct(snapshots, sigma_rel, train.images_seen)
-        fid, seconds = scorer.fid(snapshot, weights)
+        fid, seconds, _ = scorer.fid(snapshot, weights)
         rows.append({"sigma_rel": sigma_rel, "gamma": sigma_rel_to_gamma(sigma_rel), "fid": fid, "sampling_s": seconds})
         print(f"sigma_rel {sigma_rel:5.3f} (gamma {rows[-1]['gamma']:7.2f}): FID {fid:8.3f}  ({seconds:6.1f} s)")
     return rows, baseline

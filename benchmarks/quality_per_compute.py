@@ -12,7 +12,8 @@ Each variant samples the same N images per seed (indices 0..N-1, noise seeded by
 evaluate stage scores (the run's cached reference statistics and feature network, as benchmarks/posthoc_ema.py). The
 floor is the run's own: its hold-out FID carried to N against the reference's m images
 (``FidEstimate.real_floor_at``). Writes JSON with each seed's FID and each variant's mean, the t-interval over seeds,
-and mean / floor.
+and mean / floor; where the run's extractor is the data set's classifier, also each seed's class coverage TVD (the
+evaluate stage's mode coverage; over training runs the digits' FID follows it, docs/benchmarks.md).
 
     python benchmarks/quality_per_compute.py --seeds 1 2 3 --out benchmarks/results/quality_per_compute_digits.json \\
         --variant "L_simple, DDIM-50=runs/base:ddim:50" "+ DPM-Solver++-20=runs/base:dpm_solver++_2m:20" ...
@@ -26,6 +27,7 @@ import statistics
 from pathlib import Path
 from typing import Any, NamedTuple
 
+import numpy as np
 import torch
 from common import write_result
 from fid_vs_steps import outputs
@@ -35,7 +37,8 @@ from ddpm_core.checkpoint import load_snapshot
 from ddpm_core.metrics import FidEstimate
 from ddpm_core.samplers import SamplerConfig
 from pipelines.config_file import load_config
-from pipelines.contracts import EvaluateOutputs, TrainOutputs
+from pipelines.contracts import EvaluateOutputs, PrepareOutputs, TrainOutputs
+from pipelines.evaluation.coverage import total_variation
 from pipelines.training.posthoc import posthoc_snapshot
 
 T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}  # Student t
@@ -94,6 +97,17 @@ def interval(values: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
+def class_tvds(run_root: Path, counts: list[np.ndarray | None]) -> list[float] | None:
+    """Each sample set's class coverage TVD from the run's training split (the evaluate stage's mode coverage,
+    ``pipelines.evaluation.coverage``): None where the run's extractor is not the data set's classifier or its data
+    has no labels."""
+    training = outputs(run_root, "prepare", PrepareOutputs).class_counts
+    if training is None or any(count is None for count in counts):
+        return None
+    p = np.asarray(training, dtype=np.float64) / sum(training)  # [K]
+    return [float(total_variation(count / count.sum(), p)) for count in counts if count is not None]
+
+
 def measure(variant: str, seeds: list[int], num_samples: int, batch_size: int | None) -> dict[str, Any]:
     label, run_root, sampler, sigma_rel, guide = parse_variant(variant)
     config = load_config(str(run_root / "config.yaml"), [])
@@ -101,12 +115,12 @@ def measure(variant: str, seeds: list[int], num_samples: int, batch_size: int | 
     snapshot = load_snapshot(outputs(run_root, "train", TrainOutputs).snapshot_uri)
     weights = weights_of(run_root, sigma_rel)
     guiding = None if guide is None else (weights_of(run_root, guide.guide_sigma_rel, guide.guide_images), guide.weight)
-    fids, seconds = [], []
+    scores = []
     for seed in seeds:
-        fid, took = Scorer(run_root, sampler, seed, num_samples, batch_size).fid(snapshot, weights, guiding)
-        fids.append(fid)
-        seconds.append(took)
-        print(f"{label:40s} seed {seed}: FID {fid:.3f} ({took:.1f} s)", flush=True)
+        scores.append(Scorer(run_root, sampler, seed, num_samples, batch_size).fid(snapshot, weights, guiding))
+        print(f"{label:40s} seed {seed}: FID {scores[-1].fid:.3f} ({scores[-1].seconds:.1f} s)", flush=True)
+    fids = [score.fid for score in scores]
+    tvds = class_tvds(run_root, [score.class_counts for score in scores])
     mean, low, high = interval(fids)
     floor = floor_of(run_root, num_samples)
     return {
@@ -126,7 +140,9 @@ def measure(variant: str, seeds: list[int], num_samples: int, batch_size: int | 
         "floor": floor,
         "fid_over_floor": mean / floor,
         "fid_over_floor_ci": [low / floor, high / floor],
-        "sampling_s_mean": statistics.fmean(seconds),
+        "class_tvds": tvds,
+        "class_tvd_mean": None if tvds is None else statistics.fmean(tvds),
+        "sampling_s_mean": statistics.fmean(score.seconds for score in scores),
     }
 
 

@@ -436,16 +436,54 @@ class GaussianDiffusion:
         ``L_T + T * mean_k L_{t_k}``. Returns ``{"total": [B], "stderr": [B]}``; ``stderr`` is the standard error of
         the per-example estimate (sample std of ``T * L_{t_k}`` over sqrt(K)), so a batch mean has standard error
         ``sqrt(sum stderr^2) / B``. ``continuous``: as in :meth:`bits_per_dim`."""
-        if num_samples < 2:
-            raise ValueError(f"num_samples must be >= 2 to estimate a standard error, got {num_samples}")
-        batch = x0.shape[0]
-        samples = torch.zeros(batch, num_samples, dtype=x0.dtype, device=x0.device)
-        for k in range(num_samples):
-            t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device="cpu").to(x0.device)
-            samples[:, k] = self.num_timesteps * self._vlb_term_at(model, x0, t, model_kwargs, generator, continuous)
+        samples = self._at_uniform_timesteps(  # [B, K]
+            lambda t: self.num_timesteps * self._vlb_term_at(model, x0, t, model_kwargs, generator, continuous),
+            x0,
+            num_samples,
+            generator,
+        )
         total = self.prior_bits(x0) + samples.mean(dim=1)
         stderr = samples.std(dim=1, unbiased=True) / math.sqrt(num_samples)
         return {"total": total, "stderr": stderr}
+
+    @torch.no_grad()
+    def loss_estimate(
+        self,
+        model: Model,
+        x0: torch.Tensor,
+        num_samples: int,
+        model_kwargs: dict[str, Any] | None = None,
+        generator: torch.Generator | None = None,
+        weighting: LossWeighting | None = None,
+    ) -> dict[str, torch.Tensor]:
+        """The training objective of each example of ``x0`` ``[B, ...]`` (:meth:`training_losses`' ``loss``: Eq. 14,
+        weighted by ``weighting``) averaged over ``num_samples`` draws of a uniform timestep and its noise: held-out
+        data's validation loss. Returns ``{"total": [B], "stderr": [B]}`` as :meth:`bits_per_dim_estimate` does."""
+
+        def loss_at(t: torch.Tensor) -> torch.Tensor:
+            noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device="cpu").to(x0.device)
+            return self.training_losses(model, x0, t, noise, model_kwargs, weighting)["loss"]  # [B]
+
+        samples = self._at_uniform_timesteps(loss_at, x0, num_samples, generator)  # [B, K]
+        return {"total": samples.mean(dim=1), "stderr": samples.std(dim=1, unbiased=True) / math.sqrt(num_samples)}
+
+    def _at_uniform_timesteps(
+        self,
+        term: Callable[[torch.Tensor], torch.Tensor],
+        x0: torch.Tensor,
+        num_samples: int,
+        generator: torch.Generator | None,
+    ) -> torch.Tensor:
+        """``term(t)`` ``[B]`` at ``num_samples`` uniform timesteps ``t`` ``[B]`` per example, ``[B, K]``: the draws
+        of a Monte Carlo estimate over timesteps, with at least two for its standard error."""
+        if num_samples < 2:
+            raise ValueError(f"num_samples must be >= 2 to estimate a standard error, got {num_samples}")
+        batch = x0.shape[0]
+        samples = torch.zeros(batch, num_samples, dtype=x0.dtype, device=x0.device)  # [B, K]
+        for k in range(num_samples):
+            t = torch.randint(0, self.num_timesteps, (batch,), generator=generator, device="cpu").to(x0.device)
+            samples[:, k] = term(t)
+        return samples
 
     def _vlb_term_at(
         self,

@@ -125,6 +125,13 @@ class NllSplit(str, enum.Enum):
     TEST = "test"  # the data set's own test split (CIFAR-10)
 
 
+class EmaChoice(str, enum.Enum):
+    """What the post-hoc EMA candidates are scored on, on the hold-out split (pipelines.training.ema_choice)."""
+
+    BITS_PER_DIM = "bits_per_dim"  # the NLL bound (Ho et al. 2020, Eq. 5): dominated by the least noisy steps
+    LOSS = "loss"  # the training objective (Eq. 14 weighted by train.loss_weighting): a validation loss
+
+
 class SearchAlgorithm(str, enum.Enum):
     RANDOM = "random"
     GRID = "grid"
@@ -422,10 +429,13 @@ class TrainSection:
     ema_snapshot_every_images: int = 0  # how often the profiles are stored (needed with train.ema_profiles)
     # the EMA that is sampled and scored (pipelines.training.ema_choice): null: train.ema_decay's; a number: the
     # power-function EMA of that relative width, tracked in training (tune can search it); a list of candidates: each
-    # reconstructed after training from the train.ema_profiles snapshots, and the one of the lowest held-out bits/dim
+    # reconstructed after training from the train.ema_profiles snapshots, and the one of the lowest held-out
+    # train.ema_choice score
     ema_sigma_rel: float | tuple[float, ...] | None = None
+    # that score: bits_per_dim (the NLL bound) or loss (the training objective, weighted as trained)
+    ema_choice: EmaChoice = EmaChoice.BITS_PER_DIM
     # what each candidate is scored on: the first hold-out images (at most this many) and the uniform timesteps per
-    # image of the bound's Monte Carlo estimate (as evaluate.nll_images / evaluate.nll_timesteps)
+    # image of the score's Monte Carlo estimate (as evaluate.nll_images / evaluate.nll_timesteps)
     ema_choice_images: int = 512
     ema_choice_timesteps: int = 32
     # lr, warmup_images, lr_decay_images, grad_clip, weight_decay, ema_decay, ema_warmup: train.<field>
@@ -470,7 +480,7 @@ class TrainSection:
                 "seed": self.seed,
             },
         )
-        coerce_choices(self, "train", {"loss_weighting": Weighting})
+        coerce_choices(self, "train", {"loss_weighting": Weighting, "ema_choice": EmaChoice})
         if not 0 < self.snr_gamma < float("inf"):
             raise ConfigError(f"train.snr_gamma must be a positive number (min-SNR's clipping), got {self.snr_gamma}")
         placement = str(getattr(self.placement, "value", self.placement)).upper()  # Ray's names, in any case

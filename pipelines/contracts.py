@@ -148,12 +148,14 @@ class EmaCandidate:
     """One EMA width of a post-hoc sweep and its held-out score (:mod:`pipelines.training.ema_choice`)."""
 
     sigma_rel: float
-    bits_per_dim: float  # the NLL bound of the hold-out examples (mean over them), the choice's score, in unit
+    score: float  # train.ema_choice's score of the hold-out examples (mean over them), in unit; lower is better
     stderr: float  # of that mean (Monte Carlo over timesteps); the candidates share timesteps and noise
     images: int  # hold-out examples scored (images, or a latent model's latents)
-    minus_chosen: float = 0.0  # bits_per_dim minus the chosen width's, paired per example
+    minus_chosen: float = 0.0  # score minus the chosen width's, paired per example
     minus_chosen_stderr: float = 0.0  # its standard error over the examples
-    unit: str = "bits/dim"  # a latent model's: "latent bits/dim" (a density's, not comparable with pixel bits/dim)
+    # "bits/dim" (the NLL bound); a latent model's "latent bits/dim" (a density's, not comparable with pixel
+    # bits/dim); or the training objective's, e.g. "min_snr-weighted loss"
+    unit: str = "bits/dim"
 
 
 @dataclass(frozen=True)
@@ -181,7 +183,11 @@ class TrainOutputs:
         """The sampled EMA, in words."""
         if self.ema_sigma_rel is None:
             return f"EMA of decay {self.config.train.ema_decay:g}"
-        how = f"chosen of {len(self.ema_sweep)} on held-out bits/dim" if self.ema_sweep else "tracked in training"
+        how = (
+            f"chosen of {len(self.ema_sweep)} on held-out {self.ema_sweep[0].unit}"
+            if self.ema_sweep
+            else "tracked in training"
+        )
         return f"power-function EMA, sigma_rel {self.ema_sigma_rel:g} ({how})"
 
 

@@ -49,6 +49,7 @@ def run_cli(args, capsys):
         ("train.ema_sigma_rel=fast", "train.ema_sigma_rel: expected a number, got 'fast'"),
         ("train.ema_sigma_rel=[0.05, 0.1]", "chooses among EMAs reconstructed after training, which needs train.ema_"),
         ("train.ema_choice_images=0", "train.ema_choice_images must be > 0, got 0"),
+        ("train.ema_choice=fid", "train.ema_choice 'fid' is not one of: bits_per_dim, loss"),
         ("train.ema_choice_timesteps=1", "train.ema_choice_timesteps must be in [2, 1000] (a Monte Carlo estimate"),
         ("run_id=../escape", "no path separators"),
         ("sample.method=euler", "sample.method: 'euler' is not one of ancestral, ddim"),

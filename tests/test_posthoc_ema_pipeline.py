@@ -20,14 +20,16 @@ from mlflow.tracking import MlflowClient
 
 from ddpm_core.checkpoint import Snapshot, load_snapshot, load_training_state, save_training_state
 from ddpm_core.data import random_batch, to_model_range
-from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
+from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion, Prediction, Variance
+from ddpm_core.loss_weighting import LossWeighting, Weighting
 from ddpm_core.training import OptimConfig
 from pipelines.__main__ import main
-from pipelines.config import TrainSection
+from pipelines.config import EmaChoice, TrainSection
 from pipelines.contracts import PrepareOutputs, TrainedWith, TrainOutputs
 from pipelines.data.shards import read_first_images
 from pipelines.execution import Device
 from pipelines.training import state as state_module
+from pipelines.training.ema_choice import EmaSweep, score_candidates
 from pipelines.training.hooks import checkpoint_name, commit_profiles
 from pipelines.training.job import TrainJob
 from pipelines.training.posthoc import posthoc_snapshot, read_snapshots
@@ -97,11 +99,11 @@ def test_the_run_samples_the_candidate_ema_of_the_lowest_held_out_bits_per_dim(f
     samples, and the sweep is in the train run as a table, a plot and a tag."""
     train = from_plain(TrainOutputs, outputs(finished, "train"))
     prepare = from_plain(PrepareOutputs, outputs(finished, "prepare"))
-    scores = {candidate.sigma_rel: candidate.bits_per_dim for candidate in train.ema_sweep}
+    scores = {candidate.sigma_rel: candidate.score for candidate in train.ema_sweep}
     assert list(scores) == list(CANDIDATES) and len(set(scores.values())) == len(CANDIDATES)
     assert train.ema_sigma_rel == min(scores, key=scores.__getitem__)
     for candidate in train.ema_sweep:  # the paired differences the sweep's plot shows
-        assert candidate.minus_chosen == pytest.approx(candidate.bits_per_dim - scores[train.ema_sigma_rel], abs=1e-5)
+        assert candidate.minus_chosen == pytest.approx(candidate.score - scores[train.ema_sigma_rel], abs=1e-5)
         assert (candidate.minus_chosen_stderr == 0) == (candidate.sigma_rel == train.ema_sigma_rel)
     assert train.snapshot_uri == str(result_dir(finished, "train") / "chosen_snapshot")
     sampled = load_snapshot(train.snapshot_uri)
@@ -116,7 +118,7 @@ def test_the_run_samples_the_candidate_ema_of_the_lowest_held_out_bits_per_dim(f
     generator = torch.Generator().manual_seed(0)
     estimate = diffusion.bits_per_dim_estimate(network, images, CHOICE_TIMESTEPS, generator=generator)
     assert train.ema_sweep[-1].images == len(images) == CHOICE_IMAGES < prepare.num_holdout
-    assert train.ema_sweep[-1].bits_per_dim == pytest.approx(estimate["total"].mean().item(), rel=1e-5)
+    assert train.ema_sweep[-1].score == pytest.approx(estimate["total"].mean().item(), rel=1e-5)
 
     client = MlflowClient(f"sqlite:///{finished.parents[1] / 'mlflow.db'}")
     experiments = [experiment.experiment_id for experiment in client.search_experiments()]
@@ -144,9 +146,47 @@ def test_the_sweep_benchmark_scores_reconstructions_under_the_runs_protocol(fini
     assert result["best_sigma_rel"] in (0.03, 0.1) and picture.stat().st_size > 10_000
 
 
+def test_scored_by_the_training_objective_the_candidates_rank_by_their_held_out_weighted_loss(finished, tmp_path):
+    """``train.ema_choice=loss``: each candidate's score is the training objective on the hold-out images, here
+    min-SNR-5 (Hang et al. 2023), recomputed from its definition on the same draws of t and noise,
+    ``min(SNR(t), 5) / SNR(t) * mean |eps - eps_theta(x_t, t)|^2`` (Eq. 14 with ``x_t`` of Eq. 4); the lowest
+    candidate's EMA is the snapshot committed."""
+    train = from_plain(TrainOutputs, outputs(finished, "train"))
+    prepare = from_plain(PrepareOutputs, outputs(finished, "prepare"))
+    weighting, chosen_uri = LossWeighting(Weighting.MIN_SNR, 5.0), str(tmp_path / "chosen")
+    sweep = EmaSweep(
+        train.snapshot_uri, train.posthoc_uri or "", train.images_seen, CANDIDATES, EmaChoice.LOSS, weighting,
+        prepare.holdout_uri, None, CHOICE_IMAGES, CHOICE_TIMESTEPS, chosen_uri, {},
+    )  # fmt: skip
+    scored = score_candidates(sweep)
+    scores = {candidate.sigma_rel: candidate.score for candidate in scored}
+    assert {candidate.unit for candidate in scored} == {"min_snr-weighted loss"} and len(set(scores.values())) == 3
+    assert load_snapshot(chosen_uri).metadata["ema_sigma_rel"] == min(scores, key=scores.__getitem__)
+    described = dataclasses.replace(train, ema_sweep=scored).ema_described()  # the summary's "Sampled:" line
+    assert described.endswith("(chosen of 3 on held-out min_snr-weighted loss)"), described
+
+    snapshot = load_snapshot(train.snapshot_uri)
+    assert snapshot.diffusion.prediction is Prediction.EPS and snapshot.diffusion.variance is not Variance.LEARNED_RANGE
+    network = Snapshot(snapshot.unet, snapshot.diffusion, posthoc_snapshot(train, CANDIDATES[-1], {}), {}).build_model()
+    x0 = to_model_range(read_first_images(prepare.holdout_uri, CHOICE_IMAGES, {}))  # [n, C, H, W]
+    diffusion, generator = GaussianDiffusion.from_config(snapshot.diffusion), torch.Generator().manual_seed(0)
+    draws = []
+    for _ in range(CHOICE_TIMESTEPS):
+        t = torch.randint(0, diffusion.num_timesteps, (len(x0),), generator=generator)  # [n]
+        noise = torch.randn(x0.shape, generator=generator)  # [n, C, H, W]
+        alpha_bar = diffusion.alphas_cumprod[t].float().view(-1, 1, 1, 1)  # [n, 1, 1, 1]
+        x_t = alpha_bar.sqrt() * x0 + (1 - alpha_bar).sqrt() * noise
+        with torch.no_grad():
+            error = (noise - network(x_t, diffusion.model_timesteps(t))).pow(2).mean(dim=(1, 2, 3))  # [n]
+        snr = (alpha_bar / (1 - alpha_bar)).flatten()  # [n]
+        draws.append(snr.clamp(max=5.0) / snr * error)
+    assert scores[CANDIDATES[-1]] == pytest.approx(torch.stack(draws).mean().item(), rel=1e-4)
+
+
 def test_the_quality_per_compute_benchmark_reproduces_the_runs_fid_and_floor(finished, tmp_path):
-    """benchmarks/quality_per_compute.py: the run's snapshot under its own sampler, seed and N scores the run's FID,
-    its floor is the run's, and a post-hoc width is another row; the interval over seeds brackets the mean.
+    """benchmarks/quality_per_compute.py: the run's snapshot under its own sampler, seed and N scores the run's FID
+    and class coverage TVD, its floor is the run's, and a post-hoc width is another row; the interval over seeds
+    brackets the mean.
     Autoguidance by the same width at half the run: weight 1 is the model alone, weight 2 another sample set, and a
     guide of another width (``@0.1``) yet another."""
     sampled, evaluated = outputs(finished, "sample"), outputs(finished, "evaluate")
@@ -162,6 +202,9 @@ def test_the_quality_per_compute_benchmark_reproduces_the_runs_fid_and_floor(fin
     run, posthoc, weight_one, weight_two, narrow = json.loads(out.read_text())["rows"]
     assert run["fids"][0] == pytest.approx(evaluated["scores"]["fid"], rel=1e-4)
     assert run["floor"] == pytest.approx(evaluated["scores"]["fid_floor"], rel=1e-9)
+    one_image = 1 / sampled["num_samples"]  # a boundary image may fall to either side in another batch
+    assert run["class_tvds"][0] == pytest.approx(evaluated["coverage"]["tvd"], abs=one_image + 1e-9)
+    assert len(run["class_tvds"]) == 2 and run["class_tvd_mean"] == pytest.approx(sum(run["class_tvds"]) / 2)
     assert run["fid_ci_low"] < run["fid_mean"] < run["fid_ci_high"] and run["fids"][0] != run["fids"][1]
     assert posthoc["ema"] == "post-hoc sigma_rel 0.2" and posthoc["fids"] != run["fids"]
     assert weight_one["fids"] == posthoc["fids"] and weight_one["nfe"] == posthoc["nfe"]

@@ -144,14 +144,16 @@ def ema_sweep(
         return ()
     images, kind = min(job.train.ema_choice_images, prepare.num_holdout), "latents" if holdout_latent else "images"
     context.log(
-        f"train: post-hoc EMA, scoring sigma_rel {list(candidates)} on {images} held-out {kind} "
-        f"({job.train.ema_choice_timesteps} timesteps each)"
+        f"train: post-hoc EMA, scoring sigma_rel {list(candidates)} by {job.train.ema_choice.value} on {images} "
+        f"held-out {kind} ({job.train.ema_choice_timesteps} timesteps each)"
     )
     sweep = EmaSweep(
         job.snapshot_uri,
         job.posthoc_uri,
         images_seen,
         candidates,
+        job.train.ema_choice,
+        job.train.weighting,
         prepare.holdout_uri,
         holdout_latent,
         job.train.ema_choice_images,

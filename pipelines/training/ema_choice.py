@@ -1,10 +1,13 @@
 """The EMA a run samples when ``train.ema_sigma_rel`` names several candidates (Karras et al. 2024, "Analyzing and
 Improving the Training Dynamics of Diffusion Models", Sec. 3.2): after training, the power-function EMA of each
 candidate width is reconstructed from the committed post-hoc snapshots (Appendix C.3,
-:func:`pipelines.training.posthoc.posthoc_snapshot`) and scored on the hold-out split by the NLL bound in bits/dim
-(Ho et al. 2020, Eq. 5; the Monte Carlo estimate the tune stage ranks trials by). A latent model is scored on the
-hold-out split's latents (one posterior sample of each), with the decoder term a density: bits per latent dimension
-of a continuous variable, a score for ranking networks of one latent space, not comparable with pixel bits/dim.
+:func:`pipelines.training.posthoc.posthoc_snapshot`) and scored on the hold-out split (``train.ema_choice``): by the
+NLL bound in bits/dim (Ho et al. 2020, Eq. 5; the Monte Carlo estimate the tune stage ranks trials by), or by the
+training objective (Eq. 14 weighted by ``train.loss_weighting``), a validation loss. The bound is dominated by the
+least noisy steps, where a short average keeps detail; the objective weighs the steps as training did. A latent model
+is scored on the hold-out split's latents (one posterior sample of each), with the bound's decoder term a density:
+bits per latent dimension of a continuous variable, a score for ranking networks of one latent space, not comparable
+with pixel bits/dim.
 Every candidate sees the same examples, timesteps and noise, so their differences are paired; the lowest becomes the
 run's snapshot, and the sweep goes to the train run as a table and a plot. It runs as a Ray task on the training
 device."""
@@ -23,8 +26,10 @@ import torch
 from ddpm_core.checkpoint import Snapshot, load_snapshot, save_snapshot
 from ddpm_core.data import to_model_range
 from ddpm_core.diffusion import GaussianDiffusion
+from ddpm_core.loss_weighting import LossWeighting
 from ddpm_core.phema import reconstruct
 from ddpm_core.samplers import null_conditioned
+from pipelines.config import EmaChoice
 from pipelines.contracts import EmaCandidate, LatentOutputs
 from pipelines.data.latents import held_out_latents
 from pipelines.data.shards import read_first_images
@@ -44,10 +49,12 @@ class EmaSweep:
     posthoc_uri: str
     images_seen: int  # the end of training, where the EMAs are reconstructed
     candidates: tuple[float, ...]  # train.ema_sigma_rel
+    score: EmaChoice  # train.ema_choice: what each candidate is scored on
+    weighting: LossWeighting  # train.loss_weighting: the objective's weights (score: loss)
     holdout_uri: str
     holdout_latent: LatentOutputs | None  # a latent model's: the hold-out split's latents, scored instead
     images: int  # the most hold-out images each candidate is scored on (train.ema_choice_images)
-    timesteps: int  # Monte Carlo timesteps per image (train.ema_choice_timesteps)
+    timesteps: int  # Monte Carlo timesteps per example (train.ema_choice_timesteps)
     chosen_uri: str  # where the chosen EMA's snapshot is committed
     storage_options: dict[str, Any]
 
@@ -97,6 +104,40 @@ def held_out_bits(
         )
 
 
+def held_out_loss(
+    network: torch.nn.Module,
+    diffusion: GaussianDiffusion,
+    held_out: HeldOut,
+    timesteps: int,
+    num_classes: int | None,
+    weighting: LossWeighting,
+) -> dict[str, torch.Tensor]:
+    """The training objective of each held-out example, ``{"total": [n], "stderr": [n]}``
+    (:meth:`GaussianDiffusion.loss_estimate`: Eq. 14 weighted by ``weighting``, over ``timesteps`` uniform timesteps
+    and their noise per example, drawn from the seed :data:`SCORE_SEED`). A conditional model is scored as its
+    unconditional (null-class) model, as :func:`held_out_bits` does."""
+    model = null_conditioned(network, num_classes) if num_classes is not None else network
+    generator = torch.Generator().manual_seed(SCORE_SEED)
+    with torch.no_grad():
+        return diffusion.loss_estimate(model, held_out.data, timesteps, generator=generator, weighting=weighting)
+
+
+def score_unit(sweep: EmaSweep, held_out: HeldOut) -> str:
+    """What a candidate's score is measured in: the bound's unit, or the objective's weighting."""
+    if sweep.score is EmaChoice.LOSS:
+        return f"{sweep.weighting.kind.value}-weighted loss"
+    return held_out.unit
+
+
+def held_out_score(
+    sweep: EmaSweep, network: torch.nn.Module, diffusion: GaussianDiffusion, held_out: HeldOut, num_classes: int | None
+) -> dict[str, torch.Tensor]:
+    """One candidate's ``train.ema_choice`` score of each held-out example, ``{"total": [n], "stderr": [n]}``."""
+    if sweep.score is EmaChoice.LOSS:
+        return held_out_loss(network, diffusion, held_out, sweep.timesteps, num_classes, sweep.weighting)
+    return held_out_bits(network, diffusion, held_out, sweep.timesteps, num_classes)
+
+
 def held_out_bits_per_dim(
     network: torch.nn.Module,
     diffusion: GaussianDiffusion,
@@ -121,13 +162,14 @@ def score_candidates(sweep: EmaSweep) -> tuple[EmaCandidate, ...]:
     for sigma_rel in sweep.candidates:
         weights[sigma_rel] = reconstruct(snapshots, sigma_rel, sweep.images_seen)
         network = Snapshot(snapshot.unet, snapshot.diffusion, weights[sigma_rel], {}).build_network().to(device)
-        estimates[sigma_rel] = held_out_bits(network, diffusion, held_out, sweep.timesteps, snapshot.unet.num_classes)
+        estimates[sigma_rel] = held_out_score(sweep, network, diffusion, held_out, snapshot.unet.num_classes)
     best = min(estimates, key=lambda sigma_rel: estimates[sigma_rel]["total"].mean().item())
+    unit = score_unit(sweep, held_out)
     chosen = Snapshot(snapshot.unet, snapshot.diffusion, weights[best], {}).build_network()
-    metadata = {**snapshot.metadata, "ema_sigma_rel": best, "ema": f"post-hoc, chosen on held-out {held_out.unit}"}
+    metadata = {**snapshot.metadata, "ema_sigma_rel": best, "ema": f"post-hoc, chosen on held-out {unit}"}
     save_snapshot(sweep.chosen_uri, chosen, snapshot.unet, snapshot.diffusion, metadata, sweep.storage_options)
     scores = {sigma_rel: (estimate, estimates[best]) for sigma_rel, estimate in estimates.items()}
-    return tuple(candidate(sigma_rel, paired, held_out.unit) for sigma_rel, paired in scores.items())
+    return tuple(candidate(sigma_rel, paired, unit) for sigma_rel, paired in scores.items())
 
 
 def candidate(
@@ -141,7 +183,7 @@ def candidate(
     difference = totals - best["total"]  # [n]
     return EmaCandidate(
         sigma_rel=sigma_rel,
-        bits_per_dim=totals.mean().item(),
+        score=totals.mean().item(),
         stderr=estimate["stderr"].pow(2).sum().sqrt().item() / len(totals),
         images=len(totals),
         minus_chosen=difference.mean().item(),
@@ -160,11 +202,11 @@ def choose_ema(sweep: EmaSweep, device: Device, runtime_env: dict[str, Any]) -> 
 
 
 def best_of(candidates: Sequence[EmaCandidate]) -> EmaCandidate:
-    return min(candidates, key=lambda candidate: candidate.bits_per_dim)
+    return min(candidates, key=lambda candidate: candidate.score)
 
 
 def sweep_plot(candidates: Sequence[EmaCandidate], profiles: Sequence[float]) -> bytes:
-    """PNG of the held-out bound (bits/dim, or a latent model's latent bits/dim) against the EMA width (bars: two
+    """PNG of the held-out score (``train.ema_choice``'s, in the candidates' unit) against the EMA width (bars: two
     standard errors; green: the profiles tracked in training, from which every other width is reconstructed)."""
     figure, axis = subplots(figsize=(6, 4), dpi=120)
     widths = [c.sigma_rel for c in candidates]
@@ -184,7 +226,7 @@ def sweep_plot(candidates: Sequence[EmaCandidate], profiles: Sequence[float]) ->
     unit = candidates[0].unit
     axis.set_ylabel(f"held-out {unit} minus the chosen's\n({candidates[0].images} examples)")
     axis.set_title(
-        f"Post-hoc EMA sweep (Karras et al. 2024)\nthe chosen scores {best.bits_per_dim:.4f} {unit}; lower is better",
+        f"Post-hoc EMA sweep (Karras et al. 2024)\nthe chosen scores {best.score:.6g} {unit}; lower is better",
         fontsize=9,
     )
     axis.grid(alpha=0.3)
@@ -206,6 +248,6 @@ def log_sweep(
         client.log_artifact(run_id, path)
     best = best_of(candidates)
     client.set_tag(run_id, "ema.chosen_sigma_rel", f"{best.sigma_rel:g}")
-    said = ", ".join(f"{c.sigma_rel:g}: {c.bits_per_dim:.4f}" for c in candidates)
+    said = ", ".join(f"{c.sigma_rel:g}: {c.score:.6g}" for c in candidates)
     unit = candidates[0].unit
     log(f"train: post-hoc EMA sweep, held-out {unit} by sigma_rel: {said}; sampling the EMA of {best.sigma_rel:g}")
