@@ -52,7 +52,7 @@ class Score(NamedTuple):
 
 
 class Scorer:
-    """FID of N images of a network under one protocol (sampler, seed, N, batch), as the evaluate stage scores them."""
+    """Scores N images of a network under one protocol (sampler, seed, N, batch) as the evaluate stage does."""
 
     def __init__(self, run_root: Path, sampler: SamplerConfig, seed: int, num_samples: int, batch_size: int) -> None:
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -62,7 +62,7 @@ class Scorer:
         self.extractor = build_extractor(spec, {})
         self.classifies = spec.kind is Extractor.CLASSIFIER  # its logits are the data set's classes
 
-    def fid(
+    def score(
         self,
         snapshot: Snapshot,
         state_dict: dict[str, torch.Tensor],
@@ -93,13 +93,13 @@ def sweep(run_root: Path, scorer: Scorer, sigma_rels: list[float]) -> tuple[list
     if train.posthoc_uri is None:
         raise SystemExit(f"{run_root}: trained without train.ema_profiles; no post-hoc EMA to sweep")
     snapshot, snapshots = load_snapshot(train.snapshot_uri), read_snapshots(train.posthoc_uri, {})
-    baseline_fid = scorer.fid(snapshot, snapshot.state_dict).fid
+    baseline_fid = scorer.score(snapshot, snapshot.state_dict).fid
     baseline = {"ema": train.ema_described(), "fid": baseline_fid}
     print(f"the run's snapshot ({baseline['ema']}): FID {baseline_fid:8.3f}", flush=True)
     rows = []
     for sigma_rel in sigma_rels:
         weights = reconstruct(snapshots, sigma_rel, train.images_seen)
-        fid, seconds, _ = scorer.fid(snapshot, weights)
+        fid, seconds, _ = scorer.score(snapshot, weights)
         rows.append({"sigma_rel": sigma_rel, "gamma": sigma_rel_to_gamma(sigma_rel), "fid": fid, "sampling_s": seconds})
         print(f"sigma_rel {sigma_rel:5.3f} (gamma {rows[-1]['gamma']:7.2f}): FID {fid:8.3f}  ({seconds:6.1f} s)")
     return rows, baseline

@@ -85,7 +85,7 @@ def distill_round(
 def score(scorer_of: dict[int, Scorer], snapshot: Snapshot, model: torch.nn.Module, label: str) -> dict[str, Any]:
     """FID of ``model`` on every seed's scorer, and its interval."""
     weights = {name: value.detach().clone() for name, value in model.state_dict().items()}
-    fids = [scorer.fid(snapshot, weights).fid for scorer in scorer_of.values()]
+    fids = [scorer.score(snapshot, weights).fid for scorer in scorer_of.values()]
     mean, low, high = interval(fids)
     print(f"{label:44s} FID {mean:.3f} ({low:.3f}-{high:.3f}) seeds {[round(f, 3) for f in fids]}", flush=True)
     return {"label": label, "fids": fids, "fid_mean": mean, "fid_ci_low": low, "fid_ci_high": high}

@@ -117,7 +117,7 @@ def measure(variant: str, seeds: list[int], num_samples: int, batch_size: int | 
     guiding = None if guide is None else (weights_of(run_root, guide.guide_sigma_rel, guide.guide_images), guide.weight)
     scores = []
     for seed in seeds:
-        scores.append(Scorer(run_root, sampler, seed, num_samples, batch_size).fid(snapshot, weights, guiding))
+        scores.append(Scorer(run_root, sampler, seed, num_samples, batch_size).score(snapshot, weights, guiding))
         print(f"{label:40s} seed {seed}: FID {scores[-1].fid:.3f} ({scores[-1].seconds:.1f} s)", flush=True)
     fids = [score.fid for score in scores]
     tvds = class_tvds(run_root, [score.class_counts for score in scores])
