@@ -105,7 +105,7 @@ def class_tvds(run_root: Path, counts: list[np.ndarray | None]) -> list[float] |
     if training is None or any(count is None for count in counts):
         return None
     p = np.asarray(training, dtype=np.float64) / sum(training)  # [K]
-    return [float(total_variation(count / count.sum(), p)) for count in counts if count is not None]
+    return [float(total_variation(count / count.sum(), p)) for count in counts]
 
 
 def measure(variant: str, seeds: list[int], num_samples: int, batch_size: int | None) -> dict[str, Any]:

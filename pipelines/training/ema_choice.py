@@ -98,10 +98,9 @@ def held_out_bits(
     conditional model is scored as its unconditional (null-class) model."""
     model = null_conditioned(network, num_classes) if num_classes is not None else network
     generator = torch.Generator().manual_seed(SCORE_SEED)
-    with torch.no_grad():
-        return diffusion.bits_per_dim_estimate(
-            model, held_out.data, timesteps, generator=generator, continuous=held_out.continuous
-        )
+    return diffusion.bits_per_dim_estimate(  # under no_grad, as its decorator says
+        model, held_out.data, timesteps, generator=generator, continuous=held_out.continuous
+    )
 
 
 def held_out_loss(
@@ -118,8 +117,7 @@ def held_out_loss(
     unconditional (null-class) model, as :func:`held_out_bits` does."""
     model = null_conditioned(network, num_classes) if num_classes is not None else network
     generator = torch.Generator().manual_seed(SCORE_SEED)
-    with torch.no_grad():
-        return diffusion.loss_estimate(model, held_out.data, timesteps, generator=generator, weighting=weighting)
+    return diffusion.loss_estimate(model, held_out.data, timesteps, generator=generator, weighting=weighting)
 
 
 def score_unit(sweep: EmaSweep, held_out: HeldOut) -> str:
