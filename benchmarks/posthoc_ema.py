@@ -31,7 +31,7 @@ from ddpm_core.data import to_uint8
 from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.metrics import FeatureStatistics, frechet_distance_from_stats
 from ddpm_core.phema import reconstruct, sigma_rel_to_gamma
-from ddpm_core.samplers import PerIndexNoise, SamplerConfig, autoguidance, sample
+from ddpm_core.samplers import PerIndexNoise, SamplerConfig, autoguidance, guidance_interval, sample
 from pipelines.config import Extractor
 from pipelines.config_file import load_config
 from pipelines.contracts import EvaluateOutputs, SampleOutputs, TrainOutputs
@@ -67,14 +67,17 @@ class Scorer:
         snapshot: Snapshot,
         state_dict: dict[str, torch.Tensor],
         guide: tuple[dict[str, torch.Tensor], float] | None = None,
+        interval: tuple[float, float] | None = None,
     ) -> Score:
         """The score of the snapshot's network with ``state_dict``'s weights; with ``guide`` (the guiding network's
-        weights and the weight w), autoguided by it (``ddpm_core.samplers.autoguidance``)."""
+        weights and the weight w), autoguided by it (``ddpm_core.samplers.autoguidance``), at the noise levels in
+        ``interval`` (``ddpm_core.samplers.guidance_interval``; None: at every step)."""
         model = Snapshot(snapshot.unet, snapshot.diffusion, state_dict, {}).build_model().to(self.device)
+        diffusion = GaussianDiffusion.from_config(snapshot.diffusion)
         if guide is not None:
             weaker = Snapshot(snapshot.unet, snapshot.diffusion, guide[0], {}).build_model().to(self.device)
-            model = autoguidance(model, weaker, guide[1], snapshot.unet.in_channels)
-        diffusion = GaussianDiffusion.from_config(snapshot.diffusion)
+            guided = autoguidance(model, weaker, guide[1], snapshot.unet.in_channels)
+            model = guided if interval is None else guidance_interval(guided, model, diffusion.alphas_cumprod, interval)
         shape = (snapshot.unet.in_channels, snapshot.unet.image_size, snapshot.unet.image_size)
         started, batches = time.perf_counter(), []
         for start in range(0, self.num_samples, self.batch_size):

@@ -6,8 +6,9 @@ time), a sampler (``method:steps``, the method's default spacing), the EMA to sa
 a number: that sigma_rel reconstructed from the run's post-hoc snapshots, ``ddpm_core.phema``), and optionally
 autoguidance by an earlier EMA of the same run (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of
 Itself"): ``IMAGESxW``, the same width reconstructed at IMAGES images seen, guiding with weight W
-(``ddpm_core.samplers.autoguidance``); ``IMAGESxW@S`` reconstructs the guide at width S instead. No training is
-added: the guide comes from the snapshots the run stored.
+(``ddpm_core.samplers.autoguidance``); ``IMAGESxW@S`` reconstructs the guide at width S instead, and a last field
+``LOW,HIGH`` guides only at the noise levels sigma in (LOW, HIGH] (Kynkaanniemi et al. 2024,
+``ddpm_core.samplers.guidance_interval``). No training is added: the guide comes from the snapshots the run stored.
 Each variant samples the same N images per seed (indices 0..N-1, noise seeded by (seed, index)) and is scored as the
 evaluate stage scores (the run's cached reference statistics and feature network, as benchmarks/posthoc_ema.py). The
 floor is the run's own: its hold-out FID carried to N against the reference's m images
@@ -33,9 +34,10 @@ from common import write_result
 from fid_vs_steps import outputs
 from posthoc_ema import Scorer
 
-from ddpm_core.checkpoint import load_snapshot
+from ddpm_core.checkpoint import Snapshot, load_snapshot
+from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.metrics import FidEstimate
-from ddpm_core.samplers import SamplerConfig
+from ddpm_core.samplers import SamplerConfig, guided_evaluations
 from pipelines.config_file import load_config
 from pipelines.contracts import EvaluateOutputs, PrepareOutputs, TrainOutputs
 from pipelines.evaluation.coverage import total_variation
@@ -45,16 +47,18 @@ T_975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 
 
 
 class GuideSpec(NamedTuple):
-    """Autoguidance of a variant: the guide's EMA at ``guide_images`` images seen, of width ``guide_sigma_rel``."""
+    """Autoguidance of a variant: the guide's EMA at ``guide_images`` images seen, of width ``guide_sigma_rel``,
+    guiding in ``interval`` of noise levels (None: at every step)."""
 
     guide_images: int
     weight: float
     guide_sigma_rel: float
+    interval: tuple[float, float] | None
 
 
 def parse_variant(text: str) -> tuple[str, Path, SamplerConfig, float | None, GuideSpec | None]:
-    """``label=run_root:method:steps[:ema[:IMAGESxW[@S]]]`` -> (label, run root, sampler, sigma_rel or None for the
-    snapshot, the guide (its width S: the model's unless named) or None)."""
+    """``label=run_root:method:steps[:ema[:IMAGESxW[@S][:LOW,HIGH]]]`` -> (label, run root, sampler, sigma_rel or None
+    for the snapshot, the guide (its width S: the model's unless named; its interval of noise levels) or None)."""
     label, spec = text.split("=", 1)
     root, method, steps, *rest = spec.split(":")
     sigma_rel = None if not rest or rest[0] == "fixed" else float(rest[0])
@@ -64,7 +68,8 @@ def parse_variant(text: str) -> tuple[str, Path, SamplerConfig, float | None, Gu
             raise SystemExit(f"{text}: autoguidance needs a post-hoc EMA width (a number, not 'fixed')")
         point, _, guide_width = rest[1].partition("@")
         images, weight = point.split("x")
-        guide = GuideSpec(int(images), float(weight), float(guide_width) if guide_width else sigma_rel)
+        interval = None if len(rest) < 3 else (float(rest[2].split(",")[0]), float(rest[2].split(",")[1]))
+        guide = GuideSpec(int(images), float(weight), float(guide_width) if guide_width else sigma_rel, interval)
     return label, Path(root), SamplerConfig(method=method, num_steps=int(steps)), sigma_rel, guide
 
 
@@ -86,6 +91,13 @@ def weights_of(run_root: Path, sigma_rel: float | None, images: int | None = Non
     if train.posthoc_uri is None:
         raise SystemExit(f"{run_root}: trained without train.ema_profiles; no post-hoc EMA of {sigma_rel}")
     return posthoc_snapshot(train, sigma_rel, {}, images)
+
+
+def evaluations(sampler: SamplerConfig, snapshot: Snapshot, guide: GuideSpec | None) -> int:
+    """The network calls per image: the sampler's, doubled at the steps the guide guides."""
+    if guide is None or guide.weight == 1:
+        return sampler.method.network_evaluations(sampler.num_steps or snapshot.diffusion.num_timesteps)
+    return guided_evaluations(GaussianDiffusion.from_config(snapshot.diffusion), sampler, guide.interval)
 
 
 def interval(values: list[float]) -> tuple[float, float, float]:
@@ -115,9 +127,11 @@ def measure(variant: str, seeds: list[int], num_samples: int, batch_size: int | 
     snapshot = load_snapshot(outputs(run_root, "train", TrainOutputs).snapshot_uri)
     weights = weights_of(run_root, sigma_rel)
     guiding = None if guide is None else (weights_of(run_root, guide.guide_sigma_rel, guide.guide_images), guide.weight)
+    interval = None if guide is None else guide.interval
     scores = []
     for seed in seeds:
-        scores.append(Scorer(run_root, sampler, seed, num_samples, batch_size).score(snapshot, weights, guiding))
+        scorer = Scorer(run_root, sampler, seed, num_samples, batch_size)
+        scores.append(scorer.score(snapshot, weights, guiding, interval))
         print(f"{label:40s} seed {seed}: FID {scores[-1].fid:.3f} ({scores[-1].seconds:.1f} s)", flush=True)
     fids = [score.fid for score in scores]
     tvds = class_tvds(run_root, [score.class_counts for score in scores])
@@ -131,7 +145,7 @@ def measure(variant: str, seeds: list[int], num_samples: int, batch_size: int | 
         "ema": "snapshot" if sigma_rel is None else f"post-hoc sigma_rel {sigma_rel:g}",
         "autoguidance": None if guide is None else guide._asdict(),
         "sampler": sampler.to_dict(),
-        "nfe": sampler.method.network_evaluations(sampler.num_steps, guided=guide is not None and guide.weight != 1),
+        "nfe": evaluations(sampler, snapshot, guide),
         "seeds": seeds,
         "fids": fids,
         "fid_mean": mean,
@@ -152,7 +166,7 @@ def main() -> None:
         "--variant",
         nargs="+",
         required=True,
-        help="label=run_root:method:steps[:fixed|sigma_rel[:IMAGESxW[@GUIDE_SIGMA_REL]]]",
+        help="label=run_root:method:steps[:fixed|sigma_rel[:IMAGESxW[@GUIDE_SIGMA_REL][:LOW,HIGH]]]",
     )
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 2, 3])
     parser.add_argument("--samples", type=int, default=1000)

@@ -21,7 +21,7 @@ from safetensors.torch import save as save_safetensors
 from ddpm_core.autoencoder_weights import LatentSpace
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion, Model, Variance
 from ddpm_core.distillation import ConsistencyFunction
-from ddpm_core.samplers import autoguidance
+from ddpm_core.samplers import autoguidance, guidance_interval
 from ddpm_core.storage import commit, read_committed
 from ddpm_core.unet import UNet, UNetConfig
 
@@ -66,6 +66,8 @@ class Guide:
     state_dict: dict[str, torch.Tensor]
     weight: float  # w of ``pred = guide + w (model - guide)``; 1: the model alone
     provenance: dict[str, Any]  # how the guide was made (JSON; in the snapshot's metadata beside the weight)
+    # the noise levels sigma in (low, high] where it guides (ddpm_core.samplers.guidance_interval); None: every step
+    interval: tuple[float, float] | None = None
 
 
 @dataclass
@@ -113,15 +115,21 @@ class Snapshot:
         self, prepare: Callable[[torch.nn.Module], Model] = lambda network: network, weight: float | None = None
     ) -> Model:
         """What samplers call: :meth:`build_model`, guided by the snapshot's :class:`Guide` where it has one (Karras et
-        al. 2024, Eq. 1, at the stored weight or ``weight``; 1: unguided, one network call per step). ``prepare``
-        readies each network for sampling (device, precision, compilation)."""
+        al. 2024, Eq. 1, at the stored weight or ``weight``; 1: unguided, one network call per step), in the guide's
+        interval of noise levels where it has one (:func:`ddpm_core.samplers.guidance_interval`). ``prepare`` readies
+        each network for sampling (device, precision, compilation)."""
         model = prepare(self.build_model())
         if self.guide is None:
             return model
         weight = self.guide.weight if weight is None else weight
         if weight == 1:
             return model
-        return autoguidance(model, prepare(self.build_network(self.guide.state_dict)), weight, self.unet.in_channels)
+        guide = prepare(self.build_network(self.guide.state_dict))
+        guided = autoguidance(model, guide, weight, self.unet.in_channels)
+        if self.guide.interval is None:
+            return guided
+        alphas_cumprod = GaussianDiffusion.from_config(self.diffusion).alphas_cumprod  # [T]
+        return guidance_interval(guided, model, alphas_cumprod, self.guide.interval)
 
     def build_network(self, state_dict: dict[str, torch.Tensor] | None = None) -> UNet:
         """The U-Net with the snapshot's weights (or ``state_dict``: its guide's), in eval mode. Raises
@@ -144,11 +152,12 @@ def save_snapshot(
     guide: Guide | None = None,
 ) -> None:
     """Commit an inference snapshot: ``model.safetensors`` (weights) and ``config.json`` (configs + metadata); with a
-    ``guide``, also ``guide.safetensors``, its weight and provenance under ``metadata["autoguidance"]``."""
+    ``guide``, also ``guide.safetensors``, its weight, interval and provenance under ``metadata["autoguidance"]``."""
     metadata = {name: value for name, value in (metadata or {}).items() if name != AUTOGUIDANCE}
     files = {WEIGHTS: save_safetensors(tensors_of(model.state_dict()))}
     if guide is not None:
-        metadata[AUTOGUIDANCE] = {"weight": guide.weight, **guide.provenance}
+        interval = {} if guide.interval is None else {"interval": list(guide.interval)}
+        metadata[AUTOGUIDANCE] = {"weight": guide.weight, **interval, **guide.provenance}
         files[GUIDE_WEIGHTS] = save_safetensors(tensors_of(guide.state_dict))
     config = {"unet": unet.to_dict(), "diffusion": diffusion.to_dict(), "metadata": metadata}
     commit(uri, {**files, CONFIG: json.dumps(config, indent=2).encode()}, {"kind": "snapshot"}, storage_options)
@@ -172,6 +181,14 @@ def read_snapshot_config(uri: str, storage_options: dict[str, Any] | None = None
         raise CheckpointError(f"{uri}: snapshot config is invalid: {error}") from error
 
 
+def guide_of(stored: dict[str, Any], state_dict: dict[str, torch.Tensor]) -> Guide:
+    """The :class:`Guide` whose weight, interval (absent: every step) and provenance ``stored`` holds."""
+    provenance = {name: value for name, value in stored.items() if name not in ("weight", "interval")}
+    interval = stored.get("interval")
+    low_high = None if interval is None else (float(interval[0]), float(interval[1]))
+    return Guide(state_dict, float(stored["weight"]), provenance, low_high)
+
+
 def load_snapshot(uri: str, storage_options: dict[str, Any] | None = None) -> Snapshot:
     """Load a committed inference snapshot (safetensors + JSON only), with its guide where it has one."""
     try:
@@ -183,8 +200,7 @@ def load_snapshot(uri: str, storage_options: dict[str, Any] | None = None) -> Sn
         metadata = config.get("metadata", {})
         guide = None
         if AUTOGUIDANCE in metadata:
-            provenance = {name: value for name, value in metadata[AUTOGUIDANCE].items() if name != "weight"}
-            guide = Guide(load_safetensors(files[GUIDE_WEIGHTS]), float(metadata[AUTOGUIDANCE]["weight"]), provenance)
+            guide = guide_of(metadata[AUTOGUIDANCE], load_safetensors(files[GUIDE_WEIGHTS]))
         return Snapshot(
             UNetConfig.from_dict(config["unet"]),
             DiffusionConfig.from_dict(config["diffusion"]),

@@ -34,6 +34,13 @@ class Method(str, enum.Enum):
         calls = 2 * steps - 1 if self is Method.HEUN else steps
         return 2 * calls if guided else calls
 
+    def evaluated_timesteps(self, visited: Sequence[int]) -> list[int]:
+        """The timesteps the network is called at, one entry per call, given the increasing ``visited`` ones: each
+        visited one, and for Heun also each step's correction at the next (lower) one."""
+        if self is Method.HEUN:
+            return list(visited) + list(visited[:-1])
+        return list(visited)
+
     @property
     def default_spacing(self) -> Spacing:
         """The spacing a method gets when none is named: the one measured best for it (docs/benchmarks.md, "Fewer
@@ -251,6 +258,15 @@ ProgressCallback = Callable[[int, int], None]  # (steps done, total steps)
 ODE_SOLVERS = {Method.DPM_SOLVER_PP_2M: dpm_solver_pp_2m, Method.HEUN: heun}
 
 
+def visited_timesteps(diffusion: GaussianDiffusion, config: SamplerConfig) -> list[int]:
+    """The increasing original-schedule timesteps a sampler of ``config`` visits on ``diffusion``: all T, or the
+    ``num_steps`` of its spacing (:func:`spaced_timesteps`)."""
+    steps = config.num_steps or diffusion.num_timesteps
+    if steps == diffusion.num_timesteps:
+        return list(range(diffusion.num_timesteps))
+    return spaced_timesteps(diffusion.num_timesteps, steps, config.timestep_spacing, diffusion.alphas_cumprod)
+
+
 @torch.no_grad()
 def sample(
     model: Model,
@@ -270,11 +286,7 @@ def sample(
     """
     config = SamplerConfig(**config.to_dict())
     steps = config.num_steps or diffusion.num_timesteps
-    visited = (
-        list(range(diffusion.num_timesteps))
-        if steps == diffusion.num_timesteps
-        else spaced_timesteps(diffusion.num_timesteps, steps, config.timestep_spacing, diffusion.alphas_cumprod)
-    )
+    visited = visited_timesteps(diffusion, config)
     x = noise(shape).to(dtype)
     if config.method in ODE_SOLVERS:
         return solve_ode(model, diffusion, x, visited, config, model_kwargs, progress, record_x0_every)
@@ -405,6 +417,50 @@ def autoguidance(model: Model, guide: Model, weight: float, channels: int) -> Mo
         return torch.cat([mean, good[:, channels:]], dim=1)
 
     return guided
+
+
+def noise_levels(alphas_cumprod: torch.Tensor) -> torch.Tensor:
+    """EDM's noise level of each DDPM timestep, ``sigma_t = sqrt((1 - abar_t) / abar_t)`` ``[T]``: x_t / sqrt(abar_t)
+    is x_0 plus Gaussian noise of standard deviation sigma_t (Karras et al. 2022, Eq. 1 with s(t) = sqrt(abar_t)),
+    so it names a point of the chain independently of the schedule and the number of steps."""
+    return ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
+
+
+def guidance_interval(
+    guided: Model, plain: Model, alphas_cumprod: torch.Tensor, interval: tuple[float, float]
+) -> Model:
+    """Guidance in a limited interval of noise levels (Kynkäänniemi et al. 2024, "Applying Guidance in a Limited
+    Interval Improves Sample and Distribution Quality in Diffusion Models", Sec. 3): ``guided`` at the timesteps whose
+    noise level sigma_t (:func:`noise_levels` of ``alphas_cumprod`` ``[T]``) lies in ``(low, high]``, ``plain`` (the
+    model alone, one network call) elsewhere. Guidance at high noise decides which mode a sample goes to and drops
+    modes; at low noise it does little. The timesteps are the original schedule's, as samplers pass them."""
+    low, high = interval
+    inside_at = (noise_levels(alphas_cumprod) > low) & (noise_levels(alphas_cumprod) <= high)  # [T] bool
+
+    def limited(
+        x: torch.Tensor, t: torch.Tensor, **kwargs: Any
+    ) -> torch.Tensor:  # [B, C, H, W], [B] -> [B, C_out, ...]
+        inside = inside_at.to(t.device)[t]  # [B]
+        if bool(inside.all()):
+            return guided(x, t, **kwargs)
+        if not bool(inside.any()):
+            return plain(x, t, **kwargs)
+        return torch.where(inside[:, None, None, None], guided(x, t, **kwargs), plain(x, t, **kwargs))
+
+    return limited
+
+
+def guided_evaluations(
+    diffusion: GaussianDiffusion, config: SamplerConfig, interval: tuple[float, float] | None
+) -> int:
+    """The network calls a sampler of ``config`` makes on ``diffusion`` with a model guided by a second network
+    (autoguidance) in ``interval`` (None: at every step): one per evaluated timestep, two inside the interval."""
+    evaluated = config.method.evaluated_timesteps(visited_timesteps(diffusion, config))
+    if interval is None:
+        return 2 * len(evaluated)
+    low, high = interval
+    sigma = noise_levels(diffusion.alphas_cumprod)[evaluated]  # [calls]
+    return len(evaluated) + int(((sigma > low) & (sigma <= high)).sum())
 
 
 def null_conditioned(model: Model, null_class: int) -> Model:

@@ -836,6 +836,10 @@ class SampleSection:
     # guide), two network calls per step; 1: off (docs/benchmarks.md, "Autoguidance by an earlier EMA of the same run")
     autoguidance_weight: float = 1.0
     autoguidance_guide_at: float = 0.3  # the guide's point: this fraction of the run's training images
+    # [low, high]: autoguide only where the step's noise level sigma_t = sqrt((1 - abar_t) / abar_t) lies in (low,
+    # high], the model alone elsewhere (Kynkaanniemi et al. 2024, "Applying Guidance in a Limited Interval"); null:
+    # every step (docs/benchmarks.md, "Autoguidance in a limited interval")
+    autoguidance_interval: tuple[float, float] | None = None
     bf16_on_gpu: bool = (
         True  # bf16 autocast of the U-Net in GPU sampling actors (the sampler's arithmetic stays float32)
     )
@@ -857,6 +861,7 @@ class SampleSection:
                 "sample.autoguidance_weight must be >= 1 (1: off; above 1 each step moves away from the guide, "
                 f"e.g. 1.25), got {self.autoguidance_weight}"
             )
+        self.check_autoguidance_interval()
         if not 0 < self.autoguidance_guide_at < 1:
             raise ConfigError(
                 "sample.autoguidance_guide_at must lie in (0, 1): the fraction of the run's training images at which "
@@ -873,6 +878,23 @@ class SampleSection:
     @property
     def autoguided(self) -> bool:
         return self.autoguidance_weight != 1
+
+    def check_autoguidance_interval(self) -> None:
+        """``autoguidance_interval`` is null or two noise levels ``0 <= low < high``, and only with autoguidance on."""
+        interval = self.autoguidance_interval
+        if interval is None:
+            return
+        key = f"sample.autoguidance_interval {list(interval)}"
+        if len(interval) != 2 or not 0 <= interval[0] < interval[1]:
+            raise ConfigError(
+                f"{key} must be two noise levels [low, high] with 0 <= low < high (sigma_t = sqrt((1 - abar_t) / "
+                "abar_t); e.g. [0, 1.0]: guide from sigma 1 down to the end), or null (every step)"
+            )
+        if not self.autoguided:
+            raise ConfigError(
+                f"{key} limits autoguidance, which is off (sample.autoguidance_weight 1): set the weight above 1 "
+                "or leave the interval out"
+            )
 
     def precision(self, use_gpu: bool) -> Precision:
         """The sampling actors' precision on the device kind given (part of the FID protocol)."""

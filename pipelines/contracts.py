@@ -135,10 +135,15 @@ class Autoguidance:
     guide_at: float  # the guide's point as a fraction of the run's training images (sample.autoguidance_guide_at)
     guide_images: int  # ... in images seen
     guide_sigma_rel: float  # the guide's EMA width: the sampled one
+    # the noise levels sigma in (low, high] where it guides (sample.autoguidance_interval); None: every step
+    interval: tuple[float, float] | None = None
 
     def described(self) -> str:
+        where = (
+            "" if self.interval is None else f", at noise levels sigma in ({self.interval[0]:g}, {self.interval[1]:g}]"
+        )
         return (
-            f"autoguided (w = {self.weight:g}) by its EMA sigma_rel {self.guide_sigma_rel:g} at "
+            f"autoguided (w = {self.weight:g}{where}) by its EMA sigma_rel {self.guide_sigma_rel:g} at "
             f"{self.guide_images:,} images ({self.guide_at:.0%} of the run)"
         )
 
@@ -346,6 +351,7 @@ class ScoreProtocol:
             "protocol.autoguidance.weight": guide.weight if guide else None,
             "protocol.autoguidance.guide_images": guide.guide_images if guide else None,
             "protocol.autoguidance.guide_sigma_rel": guide.guide_sigma_rel if guide else None,
+            "protocol.autoguidance.interval": list(guide.interval) if guide and guide.interval else None,
         }
         return {key: value for key, value in found.items() if value is not None}
 

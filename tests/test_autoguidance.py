@@ -8,7 +8,15 @@ import torch
 
 from ddpm_core.checkpoint import Guide, load_snapshot, save_snapshot
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
-from ddpm_core.samplers import Method, autoguidance
+from ddpm_core.samplers import (
+    Method,
+    PerIndexNoise,
+    SamplerConfig,
+    autoguidance,
+    guidance_interval,
+    guided_evaluations,
+    sample,
+)
 from tests.test_sampling import TINY, tiny_model
 
 
@@ -70,3 +78,73 @@ def test_a_snapshot_stores_its_guide_and_samples_guided(tmp_path):
     save_snapshot(again, loaded.build_network(), loaded.unet, loaded.diffusion, loaded.metadata)
     plain = load_snapshot(again)
     assert plain.guide is None and "autoguidance" not in plain.metadata and plain.metadata["ema_sigma_rel"] == 0.05
+
+
+def counted(model, calls):
+    """``model`` that appends the timesteps of each call to ``calls``."""
+
+    def call(x, t, **kwargs):
+        calls.append(int(t[0]))
+        return model(x, t, **kwargs)
+
+    return call
+
+
+@pytest.mark.parametrize("interval", [(0.0, 1.0), (0.5, 3.0), (2.0, float("inf"))])
+def test_in_a_limited_interval_only_the_steps_whose_noise_level_lies_in_it_are_guided(interval):
+    """Kynkäänniemi et al. 2024: guidance where sigma_t = sqrt((1 - abar_t) / abar_t) lies in (low, high], the model
+    alone elsewhere, element by element in a batch of mixed timesteps."""
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig(num_timesteps=100, schedule="cosine"))
+    model, guide = tiny_model(seed=0), tiny_model(seed=1)
+    guided = autoguidance(model, guide, 2.0, channels=1)
+    limited = guidance_interval(guided, model, diffusion.alphas_cumprod, interval)
+    t = torch.arange(0, 100, 3)  # [34]
+    abar = diffusion.alphas_cumprod[t].double()
+    sigma = ((1 - abar) / abar).sqrt()  # [34]
+    inside = (sigma > interval[0]) & (sigma <= interval[1])
+    assert 0 < int(inside.sum()) < len(t)  # the batch mixes both kinds of step
+    x = torch.randn(len(t), 1, 8, 8, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        expected = torch.where(inside[:, None, None, None], guided(x, t), model(x, t))  # [34, 1, 8, 8]
+        torch.testing.assert_close(limited(x, t), expected)
+        for index in (int(inside.nonzero()[0]), int((~inside).nonzero()[0])):  # one timestep: one branch only
+            one = t[index : index + 1]
+            reference = guided if inside[index] else model
+            torch.testing.assert_close(limited(x[index : index + 1], one), reference(x[index : index + 1], one))
+
+
+@pytest.mark.parametrize("method", list(Method))
+@pytest.mark.parametrize("interval", [None, (0.0, 1.0), (0.3, 2.0)])
+def test_the_guided_network_calls_are_counted_as_a_sampler_makes_them(method, interval):
+    """:func:`guided_evaluations` (the evaluate stage's NFE) against the calls a sampler makes to the model and to
+    its guide, counted while it samples."""
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig(num_timesteps=100, schedule="cosine"))
+    config = SamplerConfig(method=method, num_steps=12)
+    model_calls, guide_calls = [], []
+    model, guide = counted(tiny_model(seed=0), model_calls), counted(tiny_model(seed=1), guide_calls)
+    guided = autoguidance(model, guide, 1.5, channels=1)
+    if interval is not None:
+        guided = guidance_interval(guided, model, diffusion.alphas_cumprod, interval)
+    drawn = sample(guided, diffusion, (1, 8, 8), PerIndexNoise(0, range(2)), config).samples  # [2, 1, 8, 8]
+    assert drawn.grad_fn is None  # sampled without autograd: no graph of the 12 steps is kept
+    assert len(model_calls) == method.network_evaluations(12)
+    assert 0 < len(guide_calls) <= len(model_calls) and (interval is not None or guide_calls == model_calls)
+    assert guided_evaluations(diffusion, config, interval) == len(model_calls) + len(guide_calls)
+
+
+def test_a_snapshot_stores_its_guides_interval_and_samples_guided_only_there(tmp_path):
+    model, guide = tiny_model(seed=0), tiny_model(seed=1)
+    config = DiffusionConfig(num_timesteps=100, schedule="cosine")
+    uri = str(tmp_path / "limited")
+    save_snapshot(uri, model, TINY, config, {}, None, Guide(guide.state_dict(), 1.5, {"guide_images": 30}, (0.0, 1.0)))
+    loaded = load_snapshot(uri)
+    assert loaded.guide is not None and loaded.guide.interval == (0.0, 1.0)
+    assert loaded.metadata["autoguidance"] == {"weight": 1.5, "interval": [0.0, 1.0], "guide_images": 30}
+    x, t = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(5)), torch.tensor([10, 90])  # [2]
+    abar = GaussianDiffusion.from_config(config).alphas_cumprod[t]  # [2]
+    sigma = ((1 - abar) / abar).sqrt()
+    assert sigma[0] <= 1.0 < sigma[1]  # t = 10 inside, t = 90 outside
+    with torch.no_grad():
+        good, bad = model(x, t), guide(x, t)  # [2, 1, 8, 8] each
+        expected = torch.stack([(bad + 1.5 * (good - bad))[0], good[1]])
+        torch.testing.assert_close(loaded.sampling_model()(x, t), expected, rtol=1e-5, atol=1e-5)

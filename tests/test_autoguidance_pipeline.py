@@ -1,9 +1,10 @@
 """Autoguidance in the pipeline (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself"; the
 combination itself is tested in tests/test_autoguidance.py): with ``sample.autoguidance_weight``, the sample stage
 reconstructs the sampled EMA width at ``sample.autoguidance_guide_at`` of the run from the post-hoc snapshots,
-commits it beside the model's weights, and samples the guided model; evaluate logs how, with twice the network
-evaluations; the registered model samples the same images and takes ``autoguidance_weight`` (1: unguided). Bad
-settings are refused before anything runs, with exit code 2 and the key named."""
+commits it beside the model's weights, and samples the guided model, here only in ``sample.autoguidance_interval``
+(Kynkaanniemi et al. 2024); evaluate logs how, with the guide's network evaluations; the registered model samples
+the same images and takes ``autoguidance_weight`` (1: unguided). Bad settings are refused before anything runs, with
+exit code 2 and the key named."""
 
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ from mlflow.tracking import MlflowClient
 from ddpm_core.checkpoint import load_snapshot
 from ddpm_core.data import to_uint8
 from ddpm_core.diffusion import GaussianDiffusion
-from ddpm_core.samplers import PerIndexNoise, SamplerConfig, autoguidance, sample
+from ddpm_core.samplers import PerIndexNoise, SamplerConfig, autoguidance, guidance_interval, sample
 from pipelines.contracts import Autoguidance, SampleOutputs, TrainOutputs
 from pipelines.registry.champion import champion_snapshot_uri
 from pipelines.runs import RunStore
@@ -33,7 +34,15 @@ from tests.test_bad_inputs import run_cli
 from tests.test_posthoc_ema_pipeline import ENV, REPO, RUN, TOTAL
 
 WEIGHT, GUIDE_AT = 2.0, 0.5  # the guide: the sampled width at 768 of the run's 1536 images (snapshots: 512, 1024, ...)
-GUIDED = (*RUN, f"sample.autoguidance_weight={WEIGHT}", f"sample.autoguidance_guide_at={GUIDE_AT}")
+# sampled in four steps, t = 999, 666, 333, 0 (sigma 157, 9.5, 1.5, 0.01): guided at the middle two only
+STEPS, INTERVAL = 4, (1.0, 10.0)
+GUIDED = (
+    *RUN,
+    f"sample.autoguidance_weight={WEIGHT}",
+    f"sample.autoguidance_guide_at={GUIDE_AT}",
+    f"sample.autoguidance_interval=[{INTERVAL[0]}, {INTERVAL[1]}]",
+    f"sample.num_steps={STEPS}",
+)
 
 
 @pytest.fixture(scope="module")
@@ -47,18 +56,26 @@ def guided(tmp_path_factory) -> Path:
     return root / "runs" / "guided"
 
 
-def images_of(snapshot_uri: str, weight: float | None, sampler: SamplerConfig, seed: int, indices: Sequence[int]):
+def images_of(
+    snapshot_uri: str,
+    weight: float | None,
+    sampler: SamplerConfig,
+    seed: int,
+    indices: Sequence[int],
+    interval: tuple[float, float] | None = INTERVAL,
+):
     """Images ``indices`` of ``seed`` drawn here from the snapshot's model, guided by its stored guide's weights at
-    ``weight`` with :func:`ddpm_core.samplers.autoguidance` (None: the model alone)."""
+    ``weight`` with :func:`ddpm_core.samplers.autoguidance` (None: the model alone) in ``interval`` (None: at every
+    step)."""
     snapshot = load_snapshot(snapshot_uri)
     model = snapshot.build_model()
+    diffusion = GaussianDiffusion.from_config(snapshot.diffusion)
     if weight is not None:
         assert snapshot.guide is not None
-        model = autoguidance(
-            model, snapshot.build_network(snapshot.guide.state_dict), weight, snapshot.unet.in_channels
-        )
+        guide = snapshot.build_network(snapshot.guide.state_dict)
+        guided = autoguidance(model, guide, weight, snapshot.unet.in_channels)
+        model = guided if interval is None else guidance_interval(guided, model, diffusion.alphas_cumprod, interval)
     shape = (snapshot.unet.in_channels, snapshot.unet.image_size, snapshot.unet.image_size)
-    diffusion = GaussianDiffusion.from_config(snapshot.diffusion)
     return to_uint8(sample(model, diffusion, shape, PerIndexNoise(seed, indices), sampler).samples)
 
 
@@ -66,11 +83,11 @@ def test_the_sample_stage_samples_the_model_guided_by_its_own_earlier_ema(guided
     train = from_plain(TrainOutputs, outputs(guided, "train"))
     sampled = from_plain(SampleOutputs, outputs(guided, "sample"))
     assert train.ema_sigma_rel is not None
-    assert sampled.autoguidance == Autoguidance(WEIGHT, GUIDE_AT, TOTAL // 2, train.ema_sigma_rel)
+    assert sampled.autoguidance == Autoguidance(WEIGHT, GUIDE_AT, TOTAL // 2, train.ema_sigma_rel, INTERVAL)
     assert sampled.snapshot_uri == str(result_dir(guided, "sample") / "guided_snapshot")
     stored, trained = load_snapshot(sampled.snapshot_uri), load_snapshot(train.snapshot_uri)
     assert all(torch.equal(stored.state_dict[key], value) for key, value in trained.state_dict.items())
-    assert stored.guide is not None and stored.guide.weight == WEIGHT
+    assert stored.guide is not None and stored.guide.weight == WEIGHT and stored.guide.interval == INTERVAL
     assert stored.metadata["autoguidance"]["guide_images"] == TOTAL // 2
     earlier = posthoc_snapshot(train, train.ema_sigma_rel, {}, TOTAL // 2)  # reconstructed here, independently
     assert stored.guide.state_dict.keys() == earlier.keys()
@@ -82,18 +99,23 @@ def test_the_sample_stage_samples_the_model_guided_by_its_own_earlier_ema(guided
     np.testing.assert_array_equal(first, images_of(sampled.snapshot_uri, WEIGHT, sampled.sampler, 1, indices))
     unguided = images_of(train.snapshot_uri, None, sampled.sampler, 1, indices)
     assert np.abs(first.astype(int) - unguided.astype(int)).max() > 8  # the guide moved the samples
+    everywhere = images_of(sampled.snapshot_uri, WEIGHT, sampled.sampler, 1, indices, interval=None)
+    assert np.abs(first.astype(int) - everywhere.astype(int)).max() > 8  # ... not as the guide at every step
 
 
-def test_evaluate_logs_the_guide_and_counts_both_networks_evaluations(guided):
+def test_evaluate_logs_the_guide_and_counts_both_networks_evaluations_in_its_interval(guided):
     client = MlflowClient(f"sqlite:///{guided.parents[1] / 'mlflow.db'}")
     experiments = [experiment.experiment_id for experiment in client.search_experiments()]
     (run,) = client.search_runs(experiments, "tags.`ddpm.stage` = 'evaluate'")
     params, sampled = run.data.params, outputs(guided, "sample")
     assert params["protocol.autoguidance.weight"] == str(WEIGHT)
     assert params["protocol.autoguidance.guide_images"] == str(TOTAL // 2)
-    assert params["protocol.sampler.network_evaluations"] == str(2 * sampled["sampler"]["num_steps"])
+    assert params["protocol.autoguidance.interval"] == str(list(INTERVAL))
+    assert sampled["sampler"]["num_steps"] == STEPS  # the middle two steps call model and guide: 6 calls
+    assert params["protocol.sampler.network_evaluations"] == "6"
     (registered,) = client.search_model_versions("name = 'ddpm-digits'")
-    assert f"autoguided (w = 2) by its EMA sigma_rel {outputs(guided, 'train')['ema_sigma_rel']:g}" in (
+    ema = outputs(guided, "train")["ema_sigma_rel"]
+    assert f"autoguided (w = 2, at noise levels sigma in (1, 10]) by its EMA sigma_rel {ema:g}" in (
         registered.description
     )
 
@@ -120,6 +142,10 @@ def test_the_registered_model_samples_the_guided_model_and_takes_its_weight(guid
         ([*GUIDED, "distill.enabled=true"], "not a distilled student"),
         (["sample.autoguidance_weight=0.5"], "sample.autoguidance_weight must be >= 1"),
         (["sample.autoguidance_guide_at=1.0"], "sample.autoguidance_guide_at must lie in (0, 1)"),
+        ([*GUIDED, "sample.autoguidance_interval=[1.0, 0.5]"], "sample.autoguidance_interval [1.0, 0.5] must be"),
+        ([*GUIDED, "sample.autoguidance_interval=[0, 1, 2]"], "sample.autoguidance_interval [0.0, 1.0, 2.0] must"),
+        ([*GUIDED, "sample.autoguidance_interval=[0, low]"], "sample.autoguidance_interval[1]: expected a number"),
+        (["sample.autoguidance_interval=[0, 1.0]"], "limits autoguidance, which is off"),
     ],
 )
 def test_bad_autoguidance_settings_are_refused_before_anything_runs(overrides, named, tmp_path, capsys):

@@ -26,7 +26,8 @@ def autoguidance_of(sample: SampleSection, train: TrainOutputs) -> Autoguidance 
     if train.ema_sigma_rel is None or train.posthoc_uri is None:
         raise ValueError("autoguidance needs a model trained with post-hoc EMA snapshots and train.ema_sigma_rel")
     images = round(sample.autoguidance_guide_at * train.images_seen)
-    return Autoguidance(sample.autoguidance_weight, sample.autoguidance_guide_at, images, train.ema_sigma_rel)
+    interval = sample.autoguidance_interval
+    return Autoguidance(sample.autoguidance_weight, sample.autoguidance_guide_at, images, train.ema_sigma_rel, interval)
 
 
 def commit_guided_snapshot(
@@ -44,7 +45,7 @@ def commit_guided_snapshot(
         "guide": "the sampled EMA width, reconstructed from the run's post-hoc snapshots at guide_images",
     }
     network = snapshot.build_network()
-    guided = Guide(guide, autoguidance.weight, provenance)
+    guided = Guide(guide, autoguidance.weight, provenance, autoguidance.interval)
     save_snapshot(uri, network, snapshot.unet, snapshot.diffusion, snapshot.metadata, storage_options, guided)
 
 

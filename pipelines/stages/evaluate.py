@@ -30,9 +30,10 @@ from mlflow.entities import Metric, Param
 from PIL import Image
 
 from ddpm_core.checkpoint import read_snapshot_config
+from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm_core.images import grid, labelled_rows, rows_by_class, save_grid
 from ddpm_core.metrics import FidEstimate, kernel_inception_distance, kid_subset_size, precision_recall
-from ddpm_core.samplers import SamplerConfig
+from ddpm_core.samplers import SamplerConfig, guided_evaluations
 from ddpm_core.storage import filesystem, verify_committed, write_bytes
 from pipelines.config import EvaluateSection, Extractor, NllSplit, PipelineConfig, registered_model_name
 from pipelines.context import StageContext
@@ -417,17 +418,24 @@ def log_closest_pairs(
     return uri
 
 
+def sample_evaluations(sample: SampleOutputs, diffusion: DiffusionConfig) -> int:
+    """The network calls per image of the sample set: the sampler's, doubled at the steps it was autoguided."""
+    if sample.autoguidance is None:
+        steps = sample.sampler.num_steps or diffusion.num_timesteps
+        return sample.sampler.method.network_evaluations(steps)
+    return guided_evaluations(GaussianDiffusion.from_config(diffusion), sample.sampler, sample.autoguidance.interval)
+
+
 def score_protocol(
     section: EvaluateSection, upstream: tuple[PrepareOutputs, TrainOutputs, SampleOutputs], compared: int
 ) -> ScoreProtocol:
     """How the scores were computed; ``compared``: the images of each set precision/recall and KID compared."""
     prepare, train, sample = upstream
-    steps = sample.sampler.num_steps or train.config.diffusion.num_timesteps
     return ScoreProtocol(
         fid_groups=min(section.fid_groups, sample.num_samples),
         holdout_images=prepare.num_holdout,
         compared_images=compared,
-        nfe=sample.sampler.method.network_evaluations(steps, guided=sample.autoguidance is not None),
+        nfe=sample_evaluations(sample, train.config.diffusion),
         inception_score_splits=section.inception_score_splits if section.inception_score else None,
         precision_recall_k=section.precision_recall_k if section.precision_recall else None,
         kid_subset_size=kid_subset_size(section.kid_subset_size, compared) if section.kid else None,
