@@ -127,11 +127,11 @@ def measure(variant: str, seeds: list[int], num_samples: int, batch_size: int | 
     snapshot = load_snapshot(outputs(run_root, "train", TrainOutputs).snapshot_uri)
     weights = weights_of(run_root, sigma_rel)
     guiding = None if guide is None else (weights_of(run_root, guide.guide_sigma_rel, guide.guide_images), guide.weight)
-    interval = None if guide is None else guide.interval
+    guided_at = None if guide is None else guide.interval
     scores = []
     for seed in seeds:
         scorer = Scorer(run_root, sampler, seed, num_samples, batch_size)
-        scores.append(scorer.score(snapshot, weights, guiding, interval))
+        scores.append(scorer.score(snapshot, weights, guiding, guided_at))
         print(f"{label:40s} seed {seed}: FID {scores[-1].fid:.3f} ({scores[-1].seconds:.1f} s)", flush=True)
     fids = [score.fid for score in scores]
     tvds = class_tvds(run_root, [score.class_counts for score in scores])
