@@ -62,7 +62,8 @@ BASES = {
         "diffusion.prediction=v",
         "sample.method=ddim",
         "sample.num_steps=50",
-        "sample.autoguidance_weight=1",  # a student is not autoguided (the quickstart's model is)
+        "sample.autoguidance_weight=1",  # a student is not autoguided (the quickstart's model is) ...
+        "sample.autoguidance_interval=null",  # ... so it has no interval of guided steps either
     ),
     "latent": (
         "autoencoder.weights_uri=/weights/vae",

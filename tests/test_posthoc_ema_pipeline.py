@@ -188,18 +188,19 @@ def test_the_quality_per_compute_benchmark_reproduces_the_runs_fid_and_floor(fin
     and class coverage TVD, its floor is the run's, and a post-hoc width is another row; the interval over seeds
     brackets the mean.
     Autoguidance by the same width at half the run: weight 1 is the model alone, weight 2 another sample set, and a
-    guide of another width (``@0.1``) yet another."""
+    guide of another width (``@0.1``) yet another; guided only at noise levels in (1, 1000] (``:1,1000``), the
+    sampler's first step of two (t = 999, sigma 157; t = 0 is at sigma 0.01) calls the guide, its last does not."""
     sampled, evaluated = outputs(finished, "sample"), outputs(finished, "evaluate")
     sampler = f"{sampled['sampler']['method']}:{sampled['sampler']['num_steps']}"
     out, seeds = tmp_path / "quality.json", [str(sampled["seed"]), "7"]
     half = outputs(finished, "train")["images_seen"] // 2
     variants = [f"run={finished}:{sampler}", f"posthoc={finished}:{sampler}:0.2"]
     variants += [f"w1={finished}:{sampler}:0.2:{half}x1", f"w2={finished}:{sampler}:0.2:{half}x2"]
-    variants += [f"narrow={finished}:{sampler}:0.2:{half}x2@0.1"]
+    variants += [f"narrow={finished}:{sampler}:0.2:{half}x2@0.1", f"limited={finished}:{sampler}:0.2:{half}x2:1,1000"]
     command = [sys.executable, "benchmarks/quality_per_compute.py", "--variant", *variants, "--seeds", *seeds]
     command += ["--samples", str(sampled["num_samples"]), "--out", str(out)]
     subprocess.run(command, cwd=REPO, check=True, timeout=300, env={**ENV, "OMP_NUM_THREADS": "1"})
-    run, posthoc, weight_one, weight_two, narrow = json.loads(out.read_text())["rows"]
+    run, posthoc, weight_one, weight_two, narrow, limited = json.loads(out.read_text())["rows"]
     assert run["fids"][0] == pytest.approx(evaluated["scores"]["fid"], rel=1e-4)
     assert run["floor"] == pytest.approx(evaluated["scores"]["fid_floor"], rel=1e-9)
     one_image = 1 / sampled["num_samples"]  # a boundary image may fall to either side in another batch
@@ -209,8 +210,10 @@ def test_the_quality_per_compute_benchmark_reproduces_the_runs_fid_and_floor(fin
     assert posthoc["ema"] == "post-hoc sigma_rel 0.2" and posthoc["fids"] != run["fids"]
     assert weight_one["fids"] == posthoc["fids"] and weight_one["nfe"] == posthoc["nfe"]
     assert weight_two["fids"] != posthoc["fids"] and weight_two["nfe"] == 2 * posthoc["nfe"]
-    assert weight_two["autoguidance"] == {"guide_images": half, "weight": 2.0, "guide_sigma_rel": 0.2}
+    assert weight_two["autoguidance"] == {"guide_images": half, "weight": 2.0, "guide_sigma_rel": 0.2, "interval": None}
     assert narrow["autoguidance"]["guide_sigma_rel"] == 0.1 and narrow["fids"] != weight_two["fids"]
+    assert sampled["sampler"]["num_steps"] == 2 and limited["autoguidance"]["interval"] == [1.0, 1000.0]
+    assert limited["nfe"] == posthoc["nfe"] + 1 and limited["fids"] != posthoc["fids"]
 
 
 BATCH, STEPS, RESUME_AT = 8, 12, 5  # the checkpoint after step 5; snapshots every 20 images (every 2.5 steps)
