@@ -880,20 +880,14 @@ class SampleSection:
         return self.autoguidance_weight != 1
 
     def check_autoguidance_interval(self) -> None:
-        """``autoguidance_interval`` is null or two noise levels ``0 <= low < high``, and only with autoguidance on."""
+        """``autoguidance_interval`` is null or two noise levels ``0 <= low < high`` (read only with autoguidance on,
+        like ``autoguidance_guide_at``: ``autoguidance_weight=1`` turns a config's autoguidance off whole)."""
         interval = self.autoguidance_interval
-        if interval is None:
-            return
-        key = f"sample.autoguidance_interval {list(interval)}"
-        if len(interval) != 2 or not 0 <= interval[0] < interval[1]:
+        if interval is not None and (len(interval) != 2 or not 0 <= interval[0] < interval[1]):
             raise ConfigError(
-                f"{key} must be two noise levels [low, high] with 0 <= low < high (sigma_t = sqrt((1 - abar_t) / "
-                "abar_t); e.g. [0, 1.0]: guide from sigma 1 down to the end), or null (every step)"
-            )
-        if not self.autoguided:
-            raise ConfigError(
-                f"{key} limits autoguidance, which is off (sample.autoguidance_weight 1): set the weight above 1 "
-                "or leave the interval out"
+                f"sample.autoguidance_interval {list(interval)} must be two noise levels [low, high] with 0 <= low < "
+                "high (sigma_t = sqrt((1 - abar_t) / abar_t); e.g. [0, 1.0]: guide from sigma 1 down to the end), "
+                "or null (every step)"
             )
 
     def precision(self, use_gpu: bool) -> Precision:

@@ -145,7 +145,6 @@ def test_the_registered_model_samples_the_guided_model_and_takes_its_weight(guid
         ([*GUIDED, "sample.autoguidance_interval=[1.0, 0.5]"], "sample.autoguidance_interval [1.0, 0.5] must be"),
         ([*GUIDED, "sample.autoguidance_interval=[0, 1, 2]"], "sample.autoguidance_interval [0.0, 1.0, 2.0] must"),
         ([*GUIDED, "sample.autoguidance_interval=[0, low]"], "sample.autoguidance_interval[1]: expected a number"),
-        (["sample.autoguidance_interval=[0, 1.0]"], "limits autoguidance, which is off"),
     ],
 )
 def test_bad_autoguidance_settings_are_refused_before_anything_runs(overrides, named, tmp_path, capsys):

@@ -62,8 +62,7 @@ BASES = {
         "diffusion.prediction=v",
         "sample.method=ddim",
         "sample.num_steps=50",
-        "sample.autoguidance_weight=1",  # a student is not autoguided (the quickstart's model is) ...
-        "sample.autoguidance_interval=null",  # ... so it has no interval of guided steps either
+        "sample.autoguidance_weight=1",  # a student is not autoguided (the quickstart's model is)
     ),
     "latent": (
         "autoencoder.weights_uri=/weights/vae",
