@@ -426,6 +426,12 @@ def noise_levels(alphas_cumprod: torch.Tensor) -> torch.Tensor:
     return ((1 - alphas_cumprod) / alphas_cumprod).sqrt()
 
 
+def in_interval(alphas_cumprod: torch.Tensor, interval: tuple[float, float]) -> torch.Tensor:
+    """Whether each timestep's noise level (:func:`noise_levels`) lies in ``(low, high]`` ``[T]`` bool."""
+    sigma = noise_levels(alphas_cumprod)  # [T]
+    return (sigma > interval[0]) & (sigma <= interval[1])
+
+
 def guidance_interval(
     guided: Model, plain: Model, alphas_cumprod: torch.Tensor, interval: tuple[float, float]
 ) -> Model:
@@ -434,8 +440,7 @@ def guidance_interval(
     noise level sigma_t (:func:`noise_levels` of ``alphas_cumprod`` ``[T]``) lies in ``(low, high]``, ``plain`` (the
     model alone, one network call) elsewhere. Guidance at high noise decides which mode a sample goes to and drops
     modes; at low noise it does little. The timesteps are the original schedule's, as samplers pass them."""
-    low, high = interval
-    inside_at = (noise_levels(alphas_cumprod) > low) & (noise_levels(alphas_cumprod) <= high)  # [T] bool
+    inside_at = in_interval(alphas_cumprod, interval)  # [T] bool
 
     def limited(
         x: torch.Tensor, t: torch.Tensor, **kwargs: Any
@@ -458,9 +463,7 @@ def guided_evaluations(
     evaluated = config.method.evaluated_timesteps(visited_timesteps(diffusion, config))
     if interval is None:
         return 2 * len(evaluated)
-    low, high = interval
-    sigma = noise_levels(diffusion.alphas_cumprod)[evaluated]  # [calls]
-    return len(evaluated) + int(((sigma > low) & (sigma <= high)).sum())
+    return len(evaluated) + int(in_interval(diffusion.alphas_cumprod, interval)[evaluated].sum())
 
 
 def null_conditioned(model: Model, null_class: int) -> Model:
