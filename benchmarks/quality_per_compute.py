@@ -37,7 +37,7 @@ from posthoc_ema import Scorer
 from ddpm_core.checkpoint import Snapshot, load_snapshot
 from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.metrics import FidEstimate
-from ddpm_core.samplers import SamplerConfig, guided_evaluations
+from ddpm_core.samplers import SamplerConfig, evaluations_per_image
 from pipelines.config_file import load_config
 from pipelines.contracts import EvaluateOutputs, PrepareOutputs, TrainOutputs
 from pipelines.evaluation.coverage import total_variation
@@ -95,9 +95,10 @@ def weights_of(run_root: Path, sigma_rel: float | None, images: int | None = Non
 
 def evaluations(sampler: SamplerConfig, snapshot: Snapshot, guide: GuideSpec | None) -> int:
     """The network calls per image: the sampler's, doubled at the steps the guide guides."""
-    if guide is None or guide.weight == 1:
-        return sampler.method.network_evaluations(sampler.num_steps or snapshot.diffusion.num_timesteps)
-    return guided_evaluations(GaussianDiffusion.from_config(snapshot.diffusion), sampler, guide.interval)
+    guided = guide is not None and guide.weight != 1
+    return evaluations_per_image(
+        GaussianDiffusion.from_config(snapshot.diffusion), sampler, guided, guide.interval if guided else None
+    )
 
 
 def interval(values: list[float]) -> tuple[float, float, float]:

@@ -28,11 +28,10 @@ class Method(str, enum.Enum):
     DPM_SOLVER_PP_2M = "dpm_solver++_2m"  # Lu et al. 2022b, Algorithm 2 (second order, multistep): one per step
     HEUN = "heun"  # Karras et al. 2022, Algorithm 1 (second order): two per step, one at the last
 
-    def network_evaluations(self, steps: int, guided: bool = False) -> int:
-        """NFE of a sample visiting ``steps`` timesteps; ``guided``: each call evaluates a model and its autoguidance
-        guide (``autoguidance``), two networks."""
-        calls = 2 * steps - 1 if self is Method.HEUN else steps
-        return 2 * calls if guided else calls
+    def network_evaluations(self, steps: int) -> int:
+        """NFE of a sample visiting ``steps`` timesteps with one network (:func:`evaluations_per_image` counts a
+        guided one's)."""
+        return 2 * steps - 1 if self is Method.HEUN else steps
 
     def evaluated_timesteps(self, visited: Sequence[int]) -> list[int]:
         """The timesteps the network is called at, one entry per call, given the increasing ``visited`` ones: each
@@ -455,12 +454,18 @@ def guidance_interval(
     return limited
 
 
-def guided_evaluations(
-    diffusion: GaussianDiffusion, config: SamplerConfig, interval: tuple[float, float] | None
+def evaluations_per_image(
+    diffusion: GaussianDiffusion,
+    config: SamplerConfig,
+    guided: bool = False,
+    interval: tuple[float, float] | None = None,
 ) -> int:
-    """The network calls a sampler of ``config`` makes on ``diffusion`` with a model guided by a second network
-    (autoguidance) in ``interval`` (None: at every step): one per evaluated timestep, two inside the interval."""
+    """The network calls (NFE) a sampler of ``config`` makes per image on ``diffusion``: one per evaluated timestep
+    (:meth:`Method.evaluated_timesteps`), and with ``guided`` (autoguidance: a model and its guide, two networks) two
+    at the timesteps whose noise level lies in ``interval`` (:func:`in_interval`; None: at every one)."""
     evaluated = config.method.evaluated_timesteps(visited_timesteps(diffusion, config))
+    if not guided:
+        return len(evaluated)
     if interval is None:
         return 2 * len(evaluated)
     return len(evaluated) + int(in_interval(diffusion.alphas_cumprod, interval)[evaluated].sum())

@@ -13,8 +13,8 @@ from ddpm_core.samplers import (
     PerIndexNoise,
     SamplerConfig,
     autoguidance,
+    evaluations_per_image,
     guidance_interval,
-    guided_evaluations,
     sample,
 )
 from tests.test_sampling import TINY, tiny_model
@@ -48,8 +48,9 @@ def test_weight_one_is_the_model_alone_and_labels_reach_both_networks():
     ("method", "alone"), [(Method.ANCESTRAL, 250), (Method.DPM_SOLVER_PP_2M, 250), (Method.HEUN, 499)]
 )
 def test_a_guided_sample_counts_both_networks_calls(method, alone):
-    assert method.network_evaluations(250) == alone
-    assert method.network_evaluations(250, guided=True) == 2 * alone
+    diffusion, config = GaussianDiffusion.from_config(DiffusionConfig()), SamplerConfig(method=method, num_steps=250)
+    assert method.network_evaluations(250) == evaluations_per_image(diffusion, config) == alone
+    assert evaluations_per_image(diffusion, config, guided=True) == 2 * alone
 
 
 def test_a_snapshot_stores_its_guide_and_samples_guided(tmp_path):
@@ -116,7 +117,7 @@ def test_in_a_limited_interval_only_the_steps_whose_noise_level_lies_in_it_are_g
 @pytest.mark.parametrize("method", list(Method))
 @pytest.mark.parametrize("interval", [None, (0.0, 1.0), (0.3, 2.0)])
 def test_the_guided_network_calls_are_counted_as_a_sampler_makes_them(method, interval):
-    """:func:`guided_evaluations` (the evaluate stage's NFE) against the calls a sampler makes to the model and to
+    """:func:`evaluations_per_image` (the evaluate stage's NFE) against the calls a sampler makes to the model and to
     its guide, counted while it samples."""
     diffusion = GaussianDiffusion.from_config(DiffusionConfig(num_timesteps=100, schedule="cosine"))
     config = SamplerConfig(method=method, num_steps=12)
@@ -129,7 +130,7 @@ def test_the_guided_network_calls_are_counted_as_a_sampler_makes_them(method, in
     assert drawn.grad_fn is None  # sampled without autograd: no graph of the 12 steps is kept
     assert len(model_calls) == method.network_evaluations(12)
     assert 0 < len(guide_calls) <= len(model_calls) and (interval is not None or guide_calls == model_calls)
-    assert guided_evaluations(diffusion, config, interval) == len(model_calls) + len(guide_calls)
+    assert evaluations_per_image(diffusion, config, True, interval) == len(model_calls) + len(guide_calls)
 
 
 def test_a_snapshot_stores_its_guides_interval_and_samples_guided_only_there(tmp_path):

@@ -33,7 +33,7 @@ from ddpm_core.checkpoint import read_snapshot_config
 from ddpm_core.diffusion import DiffusionConfig, GaussianDiffusion
 from ddpm_core.images import grid, labelled_rows, rows_by_class, save_grid
 from ddpm_core.metrics import FidEstimate, kernel_inception_distance, kid_subset_size, precision_recall
-from ddpm_core.samplers import SamplerConfig, guided_evaluations
+from ddpm_core.samplers import SamplerConfig, evaluations_per_image
 from ddpm_core.storage import filesystem, verify_committed, write_bytes
 from pipelines.config import EvaluateSection, Extractor, NllSplit, PipelineConfig, registered_model_name
 from pipelines.context import StageContext
@@ -420,10 +420,9 @@ def log_closest_pairs(
 
 def sample_evaluations(sample: SampleOutputs, diffusion: DiffusionConfig) -> int:
     """The network calls per image of the sample set: the sampler's, doubled at the steps it was autoguided."""
-    if sample.autoguidance is None:
-        steps = sample.sampler.num_steps or diffusion.num_timesteps
-        return sample.sampler.method.network_evaluations(steps)
-    return guided_evaluations(GaussianDiffusion.from_config(diffusion), sample.sampler, sample.autoguidance.interval)
+    guide = sample.autoguidance
+    interval = None if guide is None else guide.interval
+    return evaluations_per_image(GaussianDiffusion.from_config(diffusion), sample.sampler, guide is not None, interval)
 
 
 def score_protocol(
