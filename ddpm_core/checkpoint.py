@@ -126,8 +126,6 @@ class Snapshot:
             return model
         guide = prepare(self.build_network(self.guide.state_dict))
         guided = autoguidance(model, guide, weight, self.unet.in_channels)
-        if self.guide.interval is None:
-            return guided
         alphas_cumprod = GaussianDiffusion.from_config(self.diffusion).alphas_cumprod  # [T]
         return guidance_interval(guided, model, alphas_cumprod, self.guide.interval)
 

@@ -401,6 +401,22 @@ def classifier_free_guidance(model: Model, guidance_scale: float, null_class: in
     return guided
 
 
+def limited_classifier_free_guidance(
+    model: Model,
+    guidance_scale: float,
+    null_class: int,
+    channels: int,
+    alphas_cumprod: torch.Tensor,
+    interval: tuple[float, float] | None,
+) -> Model:
+    """:func:`classifier_free_guidance` at ``w = guidance_scale`` where the step's noise level lies in ``interval``
+    (:func:`guidance_interval`; None: every step), the conditional model unguided (w = 0, one pass of ``B`` images)
+    elsewhere. ``alphas_cumprod``: the schedule's ``[T]``."""
+    guided = classifier_free_guidance(model, guidance_scale, null_class, channels)
+    plain = classifier_free_guidance(model, 0.0, null_class, channels)
+    return guidance_interval(guided, plain, alphas_cumprod, interval)
+
+
 def autoguidance(model: Model, guide: Model, weight: float, channels: int) -> Model:
     """Guide a model by a weaker version of itself (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version
     of Itself", Eq. 1): ``pred = guide + weight * (model - guide)`` on the first ``channels`` output channels, the
@@ -432,13 +448,17 @@ def in_interval(alphas_cumprod: torch.Tensor, interval: tuple[float, float]) -> 
 
 
 def guidance_interval(
-    guided: Model, plain: Model, alphas_cumprod: torch.Tensor, interval: tuple[float, float]
+    guided: Model, plain: Model, alphas_cumprod: torch.Tensor, interval: tuple[float, float] | None
 ) -> Model:
     """Guidance in a limited interval of noise levels (Kynkäänniemi et al. 2024, "Applying Guidance in a Limited
     Interval Improves Sample and Distribution Quality in Diffusion Models", Sec. 3): ``guided`` at the timesteps whose
     noise level sigma_t (:func:`noise_levels` of ``alphas_cumprod`` ``[T]``) lies in ``(low, high]``, ``plain`` (the
-    model alone, one network call) elsewhere. Guidance at high noise decides which mode a sample goes to and drops
-    modes; at low noise it does little. The timesteps are the original schedule's, as samplers pass them."""
+    model unguided) elsewhere; ``interval`` None: ``guided`` at every step. Guidance at high noise decides which mode
+    a sample goes to and drops modes; at low noise it does little. The timesteps are the original schedule's, as
+    samplers pass them. The same for either guidance: autoguidance (:func:`autoguidance`) or classifier-free
+    (:func:`classifier_free_guidance`, the paper's own case)."""
+    if interval is None:
+        return guided
     inside_at = in_interval(alphas_cumprod, interval)  # [T] bool
 
     def limited(

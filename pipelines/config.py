@@ -818,6 +818,16 @@ class DistillSection:
 MAX_SAMPLE_SHARDS = 10_000  # a plan with more is a mistake (50,000 CIFAR-10 images at batch 250 are 200 shards)
 
 
+def check_interval(key: str, interval: tuple[float, float] | None) -> None:
+    """A guidance interval is null or two noise levels ``0 <= low < high``. Another key says whether it is read:
+    ``sample.autoguidance_weight=1`` turns a config's autoguidance off whole, interval included."""
+    if interval is not None and (len(interval) != 2 or not 0 <= interval[0] < interval[1]):
+        raise ConfigError(
+            f"{key} {list(interval)} must be two noise levels [low, high] with 0 <= low < high (sigma_t = "
+            "sqrt((1 - abar_t) / abar_t); e.g. [0, 1.0]: guide from sigma 1 down to the end), or null (every step)"
+        )
+
+
 @dataclass(frozen=True)
 class SampleSection:
     num_samples: int = 1_000
@@ -831,14 +841,17 @@ class SampleSection:
     # conditional models (docs/conditional.md): w of Ho & Salimans (2022), Eq. 6; 0 is the conditional model unguided
     guidance_scale: float = 1.0
     classes: tuple[int | str, ...] | None = None  # names or labels to draw, image i of class i mod K (None: all)
+    # [low, high]: guide only where the step's noise level sigma_t = sqrt((1 - abar_t) / abar_t) lies in (low, high],
+    # the conditional model unguided elsewhere (Kynkaanniemi et al. 2024, "Applying Guidance in a Limited Interval");
+    # null: every step (docs/conditional.md, "Guidance in a limited interval")
+    guidance_interval: tuple[float, float] | None = None
     # autoguidance (Karras et al. 2024, "Guiding a Diffusion Model with a Bad Version of Itself", Eq. 1): the model
     # guided by its own sampled EMA width reconstructed at an earlier point of the run, pred = guide + w (model -
     # guide), two network calls per step; 1: off (docs/benchmarks.md, "Autoguidance by an earlier EMA of the same run")
     autoguidance_weight: float = 1.0
     autoguidance_guide_at: float = 0.3  # the guide's point: this fraction of the run's training images
-    # [low, high]: autoguide only where the step's noise level sigma_t = sqrt((1 - abar_t) / abar_t) lies in (low,
-    # high], the model alone elsewhere (Kynkaanniemi et al. 2024, "Applying Guidance in a Limited Interval"); null:
-    # every step (docs/benchmarks.md, "Autoguidance in a limited interval")
+    # [low, high]: autoguide only at noise levels sigma_t in (low, high], as guidance_interval; null: every step
+    # (docs/benchmarks.md, "Autoguidance in a limited interval")
     autoguidance_interval: tuple[float, float] | None = None
     bf16_on_gpu: bool = (
         True  # bf16 autocast of the U-Net in GPU sampling actors (the sampler's arithmetic stays float32)
@@ -861,7 +874,8 @@ class SampleSection:
                 "sample.autoguidance_weight must be >= 1 (1: off; above 1 each step moves away from the guide, "
                 f"e.g. 1.25), got {self.autoguidance_weight}"
             )
-        self.check_autoguidance_interval()
+        check_interval("sample.guidance_interval", self.guidance_interval)
+        check_interval("sample.autoguidance_interval", self.autoguidance_interval)
         if not 0 < self.autoguidance_guide_at < 1:
             raise ConfigError(
                 "sample.autoguidance_guide_at must lie in (0, 1): the fraction of the run's training images at which "
@@ -878,17 +892,6 @@ class SampleSection:
     @property
     def autoguided(self) -> bool:
         return self.autoguidance_weight != 1
-
-    def check_autoguidance_interval(self) -> None:
-        """``autoguidance_interval`` is null or two noise levels ``0 <= low < high`` (read only with autoguidance on,
-        like ``autoguidance_guide_at``: ``autoguidance_weight=1`` turns a config's autoguidance off whole)."""
-        interval = self.autoguidance_interval
-        if interval is not None and (len(interval) != 2 or not 0 <= interval[0] < interval[1]):
-            raise ConfigError(
-                f"sample.autoguidance_interval {list(interval)} must be two noise levels [low, high] with 0 <= low < "
-                "high (sigma_t = sqrt((1 - abar_t) / abar_t); e.g. [0, 1.0]: guide from sigma 1 down to the end), "
-                "or null (every step)"
-            )
 
     def precision(self, use_gpu: bool) -> Precision:
         """The sampling actors' precision on the device kind given (part of the FID protocol)."""
@@ -1231,9 +1234,15 @@ class PipelineConfig:
                 f"evaluate.inception_score_splits {evaluate.inception_score_splits} exceeds sample.num_samples "
                 f"{num_samples}"
             )
-        if not self.model.conditional and (self.sample.classes is not None or evaluate.guidance_scales):
-            key = "sample.classes" if self.sample.classes is not None else "evaluate.guidance_scales"
-            raise ConfigError(f"{key} needs a class-conditional model: set model.conditional=true")
+        class_keys = {
+            "sample.classes": self.sample.classes is not None,
+            "evaluate.guidance_scales": bool(evaluate.guidance_scales),
+            "sample.guidance_interval": self.sample.guidance_interval is not None,
+        }
+        given = [key for key, present in class_keys.items() if present]
+        if not self.model.conditional and given:
+            other = " (autoguidance's interval is sample.autoguidance_interval)" if "interval" in given[0] else ""
+            raise ConfigError(f"{given[0]} needs a class-conditional model: set model.conditional=true{other}")
         if (
             evaluate.precision_recall
             and min(evaluate.precision_recall_samples, num_samples) <= evaluate.precision_recall_k

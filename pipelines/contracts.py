@@ -7,6 +7,7 @@ Field names are the keys of ``stage.json``: tools and tests read them there too.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -110,6 +111,11 @@ class TrainedWith:
     preset: str  # the model.preset it was built from
 
 
+def where_guided(interval: tuple[float, float] | None) -> str:
+    """A guidance interval in words, after its weight: ``", at noise levels sigma in (0, 1]"``; "" for every step."""
+    return "" if interval is None else f", at noise levels sigma in ({interval[0]:g}, {interval[1]:g}]"
+
+
 @dataclass(frozen=True)
 class Conditioning:
     """How a class-conditional model is sampled: image i gets class ``classes[i mod len(classes)]``, guided with
@@ -118,9 +124,20 @@ class Conditioning:
     classes: tuple[int, ...]  # labels, in the order images cycle through them
     guidance_scale: float
     null_class: int  # the label the model was trained to read as "no class" (its number of classes)
+    # the noise levels sigma in (low, high] where it guides (sample.guidance_interval); None: every step
+    interval: tuple[float, float] | None = None
 
     def with_scale(self, guidance_scale: float) -> Conditioning:
-        return Conditioning(self.classes, guidance_scale, self.null_class)
+        return dataclasses.replace(self, guidance_scale=guidance_scale)
+
+    def described(self) -> str:
+        return f"guidance scale w = {self.guidance_scale:g}{where_guided(self.interval)} (0: unguided)"
+
+    def protocol(self) -> dict[str, Any]:
+        """Its ``protocol.<key>`` params: FIDs under different guidance never compare (the interval only where set,
+        so that a protocol without one hashes as before it existed)."""
+        limited = {} if self.interval is None else {"guidance_interval": list(self.interval)}
+        return {"guidance_scale": self.guidance_scale, "classes": list(self.classes), **limited}
 
 
 @dataclass(frozen=True)
@@ -139,12 +156,9 @@ class Autoguidance:
     interval: tuple[float, float] | None = None
 
     def described(self) -> str:
-        where = (
-            "" if self.interval is None else f", at noise levels sigma in ({self.interval[0]:g}, {self.interval[1]:g}]"
-        )
         return (
-            f"autoguided (w = {self.weight:g}{where}) by its EMA sigma_rel {self.guide_sigma_rel:g} at "
-            f"{self.guide_images:,} images ({self.guide_at:.0%} of the run)"
+            f"autoguided (w = {self.weight:g}{where_guided(self.interval)}) by its EMA sigma_rel "
+            f"{self.guide_sigma_rel:g} at {self.guide_images:,} images ({self.guide_at:.0%} of the run)"
         )
 
 
@@ -285,11 +299,7 @@ class FidProtocol:
     def flat(self) -> dict[str, Any]:
         """The protocol as logged (``protocol.<key>`` params) and hashed into ``fid.protocol_hash``."""
         reference = {name: value for name, value in vars(self.reference).items() if value is not None}
-        conditioning = (
-            {}
-            if self.conditioning is None
-            else {"guidance_scale": self.conditioning.guidance_scale, "classes": list(self.conditioning.classes)}
-        )
+        conditioning = {} if self.conditioning is None else self.conditioning.protocol()
         return {
             "num_samples": self.num_samples,
             "sampler": self.sampler.to_dict(),

@@ -21,6 +21,7 @@ from ddpm_core.samplers import (
     SamplerConfig,
     balanced_classes,
     classifier_free_guidance,
+    limited_classifier_free_guidance,
     null_conditioned,
     sample,
 )
@@ -55,6 +56,42 @@ def test_one_pass_guidance_equals_the_two_pass_formula(w):
     torch.testing.assert_close(guided, (1 + w) * conditional - w * unconditional, rtol=1e-5, atol=1e-5)
     assert calls == ([4] if w == 0 else [8])  # one network call: the null half rides in the same batch
     assert (conditional - unconditional).abs().max() > 0  # the label changes the prediction
+
+
+@pytest.mark.parametrize("interval", [(0.0, 1.0), (0.5, 50.0)])
+def test_guidance_in_an_interval_guides_only_at_its_noise_levels(interval):
+    """Kynkaanniemi et al. (2024): guided (w = 2) where sigma_t = sqrt((1 - abar_t) / abar_t) lies in (low, high],
+    the conditional model unguided (w = 0, one pass of B images) elsewhere, image by image in a batch of mixed
+    timesteps; no interval: guided at every step."""
+    model = tiny_model(num_classes=10)
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig(num_timesteps=1000, schedule="cosine"))
+    x, labels = torch.randn(5, 1, 8, 8), torch.tensor([0, 3, 7, 9, 1])
+    t = torch.tensor([10, 300, 480, 700, 999])  # sigma 0.03, 0.52, 0.95, 1.99, 2e4
+    abar = diffusion.alphas_cumprod.double()[t]
+    inside = ((1 - abar) / abar).sqrt().gt(interval[0]) & ((1 - abar) / abar).sqrt().le(interval[1])  # [5]
+    assert 0 < int(inside.sum()) < 5
+    calls = []
+
+    def counted(x, t, class_labels):  # the network, counting the images of each call
+        calls.append(x.shape[0])
+        return model(x, t, class_labels=class_labels)
+
+    with torch.no_grad():
+        guided = classifier_free_guidance(model, 2.0, null_class=10, channels=1)(x, t, labels)  # [5, 1, 8, 8]
+        plain = model(x, t, class_labels=labels)
+        abar_all = diffusion.alphas_cumprod
+        limited = limited_classifier_free_guidance(counted, 2.0, 10, 1, abar_all, interval)
+        torch.testing.assert_close(
+            limited(x, t, class_labels=labels), torch.where(inside[:, None, None, None], guided, plain)
+        )
+        assert (guided - plain).abs().amax((1, 2, 3)).min() > 0  # the two differ at every timestep
+        outside = int((~inside).nonzero()[0])
+        calls.clear()
+        one = slice(outside, outside + 1)
+        torch.testing.assert_close(limited(x[one], t[one], class_labels=labels[one]), plain[one])
+        assert calls == [1]  # outside the interval: one pass of the batch, no null half
+        everywhere = limited_classifier_free_guidance(model, 2.0, 10, 1, abar_all, None)(x, t, class_labels=labels)
+        torch.testing.assert_close(everywhere, guided)
 
 
 def test_guidance_mixes_the_mean_and_keeps_the_conditional_learned_variance():
@@ -236,6 +273,15 @@ NOTHING, PREPARED = (), ("prepare",)  # the stages that may have finished when t
             "evaluate.guidance_scales needs a class-cond",
             NOTHING,
         ),
+        (
+            ["model.conditional=false", "sample.guidance_interval=[0, 1]"],
+            "sample.guidance_interval needs a class-conditional model: set model.conditional=true (autoguidance's "
+            "interval is sample.autoguidance_interval)",
+            NOTHING,
+        ),
+        (["sample.guidance_interval=[2, 1]"], "sample.guidance_interval [2.0, 1.0] must be two noise levels", NOTHING),
+        (["sample.guidance_interval=[-1, 1]"], "sample.guidance_interval [-1.0, 1.0] must be two noise", NOTHING),
+        (["sample.guidance_interval=[1]"], "sample.guidance_interval [1.0] must be two noise levels", NOTHING),
     ],
 )
 def test_bad_conditional_input_fails_before_ray_starts(tmp_path, local, capsys, overrides, message, may_finish):

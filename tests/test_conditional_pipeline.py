@@ -9,13 +9,22 @@ import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from ddpm_core.checkpoint import load_snapshot
+from ddpm_core.data import to_uint8
+from ddpm_core.diffusion import GaussianDiffusion
+from ddpm_core.samplers import PerIndexNoise, SamplerConfig, classifier_free_guidance, sample
 from pipelines.__main__ import main
+from pipelines.typed import from_plain
 from tests import run_files
 
 REPO = Path(__file__).resolve().parents[1]
+# guidance only at sigma > 0.4 (Kynkaanniemi et al. 2024): the sampler's 10 steps (t = 99, 199, ..., 999; sigma 0.17,
+# 0.34, 0.52, ..., 2e4) are guided at all but the last two
+INTERVAL = (0.4, 100000.0)
 TINY = [
     "train.total_images=6144",
     "train.checkpoint_every_images=3072",
@@ -27,6 +36,7 @@ TINY = [
     "sample.batch_size=25",
     "sample.num_steps=10",
     "sample.guidance_scale=2",
+    f"sample.guidance_interval=[{INTERVAL[0]}, {INTERVAL[1]}]",
     "evaluate.classifier_epochs=5",  # 0.94 on the hold-out (2 epochs: 0.53, too weak to judge the classes)
     "evaluate.untrained_baseline=false",
     "evaluate.nll_images=20",
@@ -53,13 +63,51 @@ def test_labels_flow_from_prepare_through_sampling(finished):
         prepare["class_names"] == [str(i) for i in range(10)] and sum(prepare["class_counts"]) == prepare["num_train"]
     )
     assert outputs(finished, "train")["num_classes"] == 10
-    assert sample["conditioning"] == {"classes": list(range(10)), "guidance_scale": 2.0, "null_class": 10}
+    assert sample["conditioning"] == {
+        "classes": list(range(10)),
+        "guidance_scale": 2.0,
+        "null_class": 10,
+        "interval": list(INTERVAL),
+    }
     for uri in sample["shard_uris"]:
         manifest = json.loads((Path(uri) / "manifest.json").read_text())
         start, stop = manifest["metadata"]["start"], manifest["metadata"]["stop"]
         labels = np.load(Path(uri) / "labels.npy")
         assert labels.dtype == np.int64 and labels.tolist() == [i % 10 for i in range(start, stop)]
         assert len(np.load(Path(uri) / "images.npy")) == len(labels)
+
+
+def images_of(root: Path, indices: range, guidance_scale: float, interval: tuple[float, float] | None) -> np.ndarray:
+    """Images ``indices`` of the sample set drawn here from the trained snapshot: classifier-free guidance at
+    ``guidance_scale`` where sigma_t, computed here from the schedule, lies in ``interval`` (None: every step), the
+    conditional model unguided elsewhere."""
+    sampled, train = outputs(root, "sample"), outputs(root, "train")
+    snapshot = load_snapshot(train["snapshot_uri"])
+    model, diffusion = snapshot.build_model(), GaussianDiffusion.from_config(snapshot.diffusion)
+    guided = classifier_free_guidance(model, guidance_scale, 10, snapshot.unet.in_channels)
+    sigma = ((1 - diffusion.alphas_cumprod) / diffusion.alphas_cumprod).sqrt()  # [T]
+    inside = (
+        torch.ones_like(sigma, dtype=torch.bool) if interval is None else (sigma > interval[0]) & (sigma <= interval[1])
+    )
+
+    def limited(x, t, class_labels):  # one timestep per call, as the samplers call
+        return guided(x, t, class_labels) if bool(inside[t[0]]) else model(x, t, class_labels=class_labels)
+
+    labels = torch.tensor([i % 10 for i in indices])
+    sampler = from_plain(SamplerConfig, sampled["sampler"])
+    shape = (snapshot.unet.in_channels, snapshot.unet.image_size, snapshot.unet.image_size)
+    drawn = sample(
+        limited, diffusion, shape, PerIndexNoise(sampled["seed"], indices), sampler, {"class_labels": labels}
+    )
+    return to_uint8(drawn.samples)
+
+
+def test_the_sample_set_is_guided_only_in_its_interval(finished):
+    first = np.load(Path(outputs(finished, "sample")["shard_uris"][0]) / "images.npy")  # [25, H, W, C]
+    indices = range(len(first))
+    np.testing.assert_array_equal(first, images_of(finished, indices, 2.0, INTERVAL))
+    everywhere = images_of(finished, indices, 2.0, None)
+    assert np.abs(first.astype(int) - everywhere.astype(int)).max() > 8  # not as guided at every step
 
 
 def test_accuracy_sweep_and_protocol_are_logged(finished):
@@ -78,6 +126,8 @@ def test_accuracy_sweep_and_protocol_are_logged(finished):
     run = client.get_run(run_files.manifest(finished / "runs/quickstart-cond", "evaluate")["mlflow_run_id"])
     assert run.data.metrics["conditional_accuracy"] == pytest.approx(accuracy)
     assert run.data.params["protocol.guidance_scale"] == "2.0"
+    assert run.data.params["protocol.guidance_interval"] == str(list(INTERVAL))
+    assert evaluate["protocol"]["conditioning"]["interval"] == list(INTERVAL)  # the sweep's sets are guided in it too
     assert not any(key.startswith("guidance_sweep.") for key in run.data.metrics)  # a table, not a step axis
     artifacts = {item.path for item in client.list_artifacts(run.info.run_id)}
     assert {"samples.png", "guidance_sweep.png", "guidance_sweep.json", "class_accuracy.json"} <= artifacts
@@ -138,6 +188,11 @@ def test_the_registered_model_draws_the_classes_asked_for(finished):
     assert inputs == ["index", "label"]
     model = mlflow.pyfunc.load_model(uri)
     params = {"num_steps": 10, "guidance_scale": 2.0}
+    rows = pd.DataFrame({"index": range(4), "label": [i % 10 for i in range(4)]})
+    drawn = model.predict(rows, params={**params, "seed": 1})  # the sample set's seed: its first four images
+    np.testing.assert_array_equal(drawn, images_of(finished, range(4), 2.0, INTERVAL))
+    version = MlflowClient().get_model_version_by_alias("ddpm-digits-cond", "champion")
+    assert version.tags["guidance_interval"] == str(list(INTERVAL))
     sevens = model.predict(pd.DataFrame({"index": range(10), "label": [7] * 10}), params=params)
     assert sevens.shape == (10, 8, 8, 1) and sevens.dtype == np.uint8
     again = model.predict(pd.DataFrame({"index": [3], "label": [7]}), params=params)

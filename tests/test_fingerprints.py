@@ -86,6 +86,7 @@ SPECIAL = {  # values for keys whose type alone does not give a valid different 
     "evaluate.guidance_scales": [(0.5,), (0.0, 3.0)],
     "train.ema_profiles": [(0.05,), (0.1, 0.2), ()],
     "sample.classes": [(0,), (1, 2), None],
+    "sample.guidance_interval": [(0.0, 1.0), (0.5, 80.0)],  # two noise levels; refused on an unconditional model
     "evaluate.inception_weights_sha256": ["6726825d6726825d"],
     "data.uri": ["/data/images", "s3://bucket/images"],
     "autoencoder.block_out_channels": [(32, 32), (32, 64, 64, 64)],

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from mlflow.tracking import MlflowClient
 
 from ddpm_core.memorization import CopyRate
-from pipelines.contracts import EvaluateOutputs
+from pipelines.contracts import EvaluateOutputs, where_guided
 from pipelines.tracking import run_link, set_note_part
 
 # Every score has one home, the evaluate run; the parent run, the register run and the model version carry this tag
@@ -63,7 +63,12 @@ def score_lines(evaluation: EvaluateOutputs) -> list[Line]:
     """Each computed score with its interval and protocol, the FID first and its references after it."""
     scores, protocol, details = evaluation.scores, evaluation.protocol, evaluation.score_protocol
     count, sampler = protocol.num_samples, protocol.sampler
-    guided = f", guidance w={protocol.conditioning.guidance_scale:g}" if protocol.conditioning is not None else ""
+    conditioning = protocol.conditioning
+    guided = (
+        ""
+        if conditioning is None
+        else f", guidance w={conditioning.guidance_scale:g}{where_guided(conditioning.interval)}"
+    )
     if details.autoguidance is not None:
         guided += f"; {details.autoguidance.described()}"
     lines = [

@@ -62,7 +62,7 @@ class SampleWorker:
         from ddpm_core.checkpoint import load_snapshot
         from ddpm_core.diffusion import GaussianDiffusion
         from ddpm_core.precision import autocast_dtype
-        from ddpm_core.samplers import classifier_free_guidance, fast_sampling_network
+        from ddpm_core.samplers import fast_sampling_network, limited_classifier_free_guidance
 
         snapshot = load_snapshot(request.snapshot_uri, storage_options)
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -73,13 +73,17 @@ class SampleWorker:
         self.model = snapshot.sampling_model(  # guided by a weaker model where the snapshot stores one: 2 calls a step
             lambda network: fast_sampling_network(network.to(self.device), autocast, request.network.compile)
         )
-        conditioning = request.conditioning
-        if conditioning is not None:  # one network call of 2B images per step when guided
-            channels = snapshot.unet.in_channels
-            self.model = classifier_free_guidance(
-                self.model, conditioning.guidance_scale, conditioning.null_class, channels
-            )
         self.diffusion = GaussianDiffusion.from_config(snapshot.diffusion)
+        conditioning = request.conditioning
+        if conditioning is not None:  # one network call of 2B images per step where guided
+            self.model = limited_classifier_free_guidance(
+                self.model,
+                conditioning.guidance_scale,
+                conditioning.null_class,
+                snapshot.unet.in_channels,
+                self.diffusion.alphas_cumprod,
+                conditioning.interval,
+            )
         self.shape = (snapshot.unet.in_channels, snapshot.unet.image_size, snapshot.unet.image_size)
         self.to_images = snapshot.image_decoder(storage_options)  # a latent model's decoder, else the identity
         self.request, self.storage_options = request, storage_options

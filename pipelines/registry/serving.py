@@ -7,7 +7,8 @@ this file is logged as the model's code, so no pickled Python object is stored).
     # uint8 [16, H, W, C]; image i depends only on (seed, i)
 
 A class-conditional model also reads a ``label`` column (the class of each image) and the ``guidance_scale``
-param (w of Ho & Salimans 2022, Eq. 6; 0 is unguided; the default is the one the model was evaluated with):
+param (w of Ho & Salimans 2022, Eq. 6; 0 is unguided; the default is the one the model was evaluated with), applied
+in the interval of noise levels the model was evaluated with (model config ``guidance_interval``; none: every step):
 
     sevens = model.predict(pandas.DataFrame({"index": range(10), "label": [7] * 10}), params={"guidance_scale": 1.0})
 
@@ -70,6 +71,8 @@ class DDPMSampler(PythonModel):
         self.num_classes = snapshot.unet.num_classes
         model_config = context.model_config or {}
         self.guidance_scale = float(model_config.get("guidance_scale", 0.0))
+        interval = model_config.get("guidance_interval")  # the noise levels (low, high] it guides at; None: all
+        self.guidance_interval = None if interval is None else (float(interval[0]), float(interval[1]))
         self.batch_size = positive_batch_size(model_config.get("batch_size", BATCH_SIZE), "model_config")
 
     def predict(
@@ -142,7 +145,7 @@ class DDPMSampler(PythonModel):
         """The classifier-free guided ``network`` and the labels ``[n]`` of a conditional model's request, checked."""
         import torch
 
-        from ddpm_core.samplers import classifier_free_guidance
+        from ddpm_core.samplers import limited_classifier_free_guidance
 
         num_classes = self.num_classes or 0
         labels = torch.as_tensor([int(label) for label in model_input["label"]], dtype=torch.long)  # [n]
@@ -150,7 +153,11 @@ class DDPMSampler(PythonModel):
             raise ValueError(f"label: classes of this model are 0..{num_classes - 1}, got {labels.tolist()}")
         if guidance_scale < 0:
             raise ValueError(f"guidance_scale must be >= 0 (0: no guidance), got {guidance_scale}")
-        return classifier_free_guidance(network, guidance_scale, num_classes, self.shape[0]), labels
+        abar = self.diffusion.alphas_cumprod  # [T]
+        guided = limited_classifier_free_guidance(
+            network, guidance_scale, num_classes, self.shape[0], abar, self.guidance_interval
+        )
+        return guided, labels
 
 
 mlflow.models.set_model(DDPMSampler())

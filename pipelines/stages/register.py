@@ -208,6 +208,8 @@ def tag_version(
     }
     if evaluate.protocol.conditioning is not None:
         tags["guidance_scale"] = evaluate.protocol.conditioning.guidance_scale
+        interval = evaluate.protocol.conditioning.interval  # None (every step): no tag
+        tags["guidance_interval"] = None if interval is None else str(list(interval))
         tags["conditional_accuracy"] = evaluate.scores.conditional_accuracy
     if evaluate.memorization is not None:  # the copy-rate gate's input (pipelines.registry.champion.copy_rate_of)
         copies = evaluate.memorization.copy_rate
@@ -244,7 +246,9 @@ def log_model(
         guidance = conditioning.guidance_scale
         params["guidance_scale"] = guidance
         example["label"] = [0, unet.num_classes - 1]
-        model_config.update(guidance_scale=guidance, class_names=list(prepare.class_names or ()))
+        interval = None if conditioning.interval is None else list(conditioning.interval)
+        model_config.update(guidance_scale=guidance, guidance_interval=interval)
+        model_config.update(class_names=list(prepare.class_names or ()))
     with tempfile.TemporaryDirectory() as directory:
         artifacts = copied_artifacts(directory, snapshot_uri, latent, context.store.options)
         output = np.zeros((2, *image_shape(unet, latent)), np.uint8)

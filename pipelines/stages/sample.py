@@ -70,10 +70,9 @@ def run(
     if train.num_classes is not None:
         names = list(prepare.class_names or ())  # the data's classes (a model may have more: model.num_classes)
         classes = sample_labels(sample.classes, names, len(names))
-        conditioning = Conditioning(classes, sample.guidance_scale, null_class=train.num_classes)
-        context.log(
-            f"sample: {len(classes)} classes in turn, guidance scale w = {sample.guidance_scale:g} (0: unguided)"
-        )
+        # the interval is kept at w = 0 too: evaluate's guidance sweep samples its w > 0 sets in it
+        conditioning = Conditioning(classes, sample.guidance_scale, train.num_classes, sample.guidance_interval)
+        context.log(f"sample: {len(classes)} classes in turn, {conditioning.described()}")
     request = SampleRequest(
         snapshot_uri=snapshot_uri,
         out_uri=f"{context.result_uri}/shards",
