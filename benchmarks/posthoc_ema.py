@@ -77,7 +77,7 @@ class Scorer:
         if guide is not None:
             weaker = Snapshot(snapshot.unet, snapshot.diffusion, guide[0], {}).build_model().to(self.device)
             guided = autoguidance(model, weaker, guide[1], snapshot.unet.in_channels)
-            model = guided if interval is None else guidance_interval(guided, model, diffusion.alphas_cumprod, interval)
+            model = guidance_interval(guided, model, diffusion.alphas_cumprod, interval)
         shape = (snapshot.unet.in_channels, snapshot.unet.image_size, snapshot.unet.image_size)
         started, batches = time.perf_counter(), []
         for start in range(0, self.num_samples, self.batch_size):

@@ -31,7 +31,7 @@ class Method(str, enum.Enum):
     def network_evaluations(self, steps: int) -> int:
         """NFE of a sample visiting ``steps`` timesteps with one network (:func:`evaluations_per_image` counts a
         guided one's)."""
-        return 2 * steps - 1 if self is Method.HEUN else steps
+        return len(self.evaluated_timesteps(range(steps)))
 
     def evaluated_timesteps(self, visited: Sequence[int]) -> list[int]:
         """The timesteps the network is called at, one entry per call, given the increasing ``visited`` ones: each
