@@ -19,6 +19,7 @@ import torch
 
 from ddpm_core.fields import FieldError, coerce_enum_fields
 from ddpm_core.schedules import Schedule, make_betas
+from ddpm_core.stable_targets import Reference, stable_targets
 
 if TYPE_CHECKING:
     from ddpm_core.loss_weighting import LossWeighting
@@ -369,6 +370,7 @@ class GaussianDiffusion:
         noise: torch.Tensor | None = None,
         model_kwargs: dict[str, Any] | None = None,
         weighting: LossWeighting | None = None,
+        reference: Reference | None = None,
     ) -> dict[str, torch.Tensor]:
         """Per-example training losses ``{"loss", "mse", "vb"}``, each ``[B]``.
 
@@ -376,7 +378,9 @@ class GaussianDiffusion:
         unbiased one-sample estimate ``T * L_t`` of sum_t L_t; the hybrid loss is ``mse + lambda * T * L_t`` with the
         mean detached inside the bound (Nichol & Dhariwal 2021, Sec. 3.1), so only the variance learns from it.
         ``weighting`` multiplies the ``mse`` inside ``loss`` (SIMPLE and HYBRID; VLB is unchanged) by
-        :func:`ddpm_core.loss_weighting.loss_weights` at SNR(t); ``terms["mse"]`` stays unweighted.
+        :func:`ddpm_core.loss_weighting.loss_weights` at SNR(t); ``terms["mse"]`` stays unweighted. With a
+        ``reference`` batch, ``mse`` regresses on the stable targets of ``x_t`` (Xu et al. 2023,
+        :func:`ddpm_core.stable_targets.stable_targets`) instead of ``x0``'s own; the bound keeps ``x0``'s posterior.
         """
         noise = torch.randn_like(x0) if noise is None else noise
         x_t = self.q_sample(x0, t, noise)
@@ -384,7 +388,8 @@ class GaussianDiffusion:
         # Losses in at least float32, also when the network ran under bf16 autocast.
         output = output.to(torch.promote_types(x0.dtype, torch.float32))
         prediction, variance_values = self.split_output(output, x_t)
-        mse = mean_flat((self.training_target(x0, t, noise) - prediction) ** 2)  # [B]
+        target = self.training_target(*self._regressed_on(x0, t, noise, x_t, reference, model_kwargs))
+        mse = mean_flat((target - prediction) ** 2)  # [B]
         terms = {"mse": mse}
         weighted_mse = mse if weighting is None else mse * self._loss_weights(weighting, t, mse)  # [B]
         if self.loss is Loss.SIMPLE:
@@ -396,6 +401,26 @@ class GaussianDiffusion:
         scaled_vb = self.num_timesteps * terms["vb"]
         terms["loss"] = scaled_vb if self.loss is Loss.VLB else weighted_mse + self.vlb_weight * scaled_vb
         return terms
+
+    @torch.no_grad()
+    def _regressed_on(
+        self,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        x_t: torch.Tensor,
+        reference: Reference | None,
+        model_kwargs: dict[str, Any] | None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(x0, t, noise)`` of :meth:`training_target`: the drawn ones, or with a ``reference`` batch the stable
+        ``x0_hat`` and ``eps_hat`` of ``x_t`` (each ``[B, C, H, W]``), a labelled model's within each trained class."""
+        if reference is None:
+            return x0, t, noise
+        alpha_bar = self.alphas_cumprod.to(x0.device)[t].to(x0.dtype)  # [B]
+        allowed = reference.allowed((model_kwargs or {}).get("class_labels"))  # [B, R] or None
+        with torch.autocast(x0.device.type, enabled=False):  # the weights' exponents in x0's precision, not bf16's
+            x0_hat, eps_hat = stable_targets(x0, noise, x_t, alpha_bar, reference.images, allowed)
+        return x0_hat, t, eps_hat
 
     def _loss_weights(self, weighting: LossWeighting, t: torch.Tensor, mse: torch.Tensor) -> torch.Tensor:
         """The weights ``[B]`` of the per-example ``mse`` ``[B]`` at the timesteps ``t`` ``[B]``."""

@@ -17,6 +17,7 @@ from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.ema import EMA
 from ddpm_core.fields import check_ranges
 from ddpm_core.loss_weighting import LossWeighting
+from ddpm_core.stable_targets import Reference
 
 
 @dataclass(frozen=True)
@@ -194,12 +195,14 @@ def accumulate_gradients(
     region: Callable[[str], AbstractContextManager[Any]] = record_function,
     *,
     weighting: LossWeighting | None = None,
+    reference: Reference | None = None,
 ) -> StepResult:
     """The loss of Algorithm 1 on one micro-batch ``x0`` ``[b, C, H, W]``, its gradient times ``scale`` added to the
     parameters' ``.grad``: a global batch split into micro-batches of equal size ``b`` is the same gradient when each
     is scaled by its share of the batch (1 / micro-batches). The result's ``grad_norm`` is zero (no update yet).
     ``weighting`` reweights the loss per timestep (:meth:`GaussianDiffusion.training_losses`); the result's loss and
-    quartile sums are of the weighted loss."""
+    quartile sums are of the weighted loss. ``reference``: the batch of the stable targets (Xu et al. 2023), None for
+    Algorithm 1's own."""
     batch = x0.shape[0]
     draw_on = generator.device if generator is not None else x0.device  # a CUDA generator: no host round trip
     t = torch.randint(0, diffusion.num_timesteps, (batch,), generator=generator, device=draw_on).to(x0.device)
@@ -208,7 +211,7 @@ def accumulate_gradients(
         region("forward"),
         torch.autocast(x0.device.type, dtype=autocast_dtype, enabled=autocast_dtype is not None),
     ):
-        terms = diffusion.training_losses(model, x0, t, noise, model_kwargs, weighting)
+        terms = diffusion.training_losses(model, x0, t, noise, model_kwargs, weighting, reference)
         loss = terms["loss"].mean()
     with region("backward"):
         (loss if scale == 1.0 else loss * scale).backward()

@@ -422,6 +422,10 @@ class TrainSection:
     loss_weighting: Weighting = Weighting.NONE
     snr_gamma: float = 5.0
     class_dropout: float = 0.1  # conditional models: probability of training a label as the null class (CFG)
+    # stable targets (Xu et al. 2023, ddpm_core.stable_targets): regress on the posterior mean of each x_t under a
+    # reference batch of this many images, the last ones each share of the global batch drew (its micro-batch among
+    # them), a class-conditional model's within the trained class; 0: off (Algorithm 1's one-image targets)
+    stf_reference: int = 0
     # post-hoc EMA (Karras et al. 2024, Sec. 3): the sigma_rel of the power-function EMAs tracked during training, e.g.
     # [0.05, 0.10], each in (0, 0.2887] (ddpm_core.phema.MAX_SIGMA_REL); empty: off (train.ema_decay's EMA is the
     # snapshot's either way)
@@ -494,6 +498,7 @@ class TrainSection:
             raise ConfigError(f"train.elastic_resize_interval_s must be >= 0, got {self.elastic_resize_interval_s}")
         if not 0.0 <= self.class_dropout < 1.0:
             raise ConfigError(f"train.class_dropout must lie in [0, 1), got {self.class_dropout}")
+        self.check_stf_reference()
         self.check_ema_profiles()
         self.check_ema_sigma_rel()
 
@@ -501,6 +506,15 @@ class TrainSection:
     def weighting(self) -> LossWeighting:
         """The loss weighting the training step applies."""
         return LossWeighting(self.loss_weighting, self.snr_gamma)
+
+    def check_stf_reference(self) -> None:
+        """``train.stf_reference``: 0 (off), or a reference batch that holds a share's whole micro-batch."""
+        micro = self.batch_size // self.max_workers
+        if self.stf_reference != 0 and not micro <= self.stf_reference:
+            raise ConfigError(
+                f"train.stf_reference must be 0 (off) or at least the images of one share's micro-batch "
+                f"(train.batch_size / train.num_workers = {micro}), which it holds; got {self.stf_reference}"
+            )
 
     def check_num_workers(self) -> None:
         """``train.num_workers``: a positive number, or ``[min, max]`` with 1 <= min <= max (stored as a tuple)."""

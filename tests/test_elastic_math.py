@@ -2,8 +2,9 @@
 and random streams (batches, timesteps, noise, dropout), is the same computation on any number of workers. A group
 shrunk from two workers to one takes both shares on the one worker (gradients accumulated, the all-reduce's mean
 replaced by the shares' weights): the weights, the EMA and the logged loss equal the two-worker group's. The same
-holds for a distill round's objectives (progressive distillation against a frozen teacher; consistency distillation
-against the teacher and the student's EMA, its target network)."""
+holds for training on stable targets (each share keeps its own reference bank) and for a distill round's objectives
+(progressive distillation against a frozen teacher; consistency distillation against the teacher and the student's
+EMA, its target network)."""
 
 import dataclasses
 
@@ -42,7 +43,8 @@ def distill_objective(method: str, diffusion: GaussianDiffusion, train: TrainSec
 
 def train_on(rank: int, world: int, port: int, out: str, distill: str | None) -> None:
     """``STEPS`` steps of a group of ``world`` workers over ``SHARES`` shares (with ``distill``, of that distill
-    method's objective); rank 0 saves the result."""
+    method's objective; ``"stable"``: training on stable targets, a reference bank per share); rank 0 saves the
+    result."""
     torch.set_num_threads(1)  # the same kernels' summation order in every process
     if world > 1:
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
@@ -58,9 +60,10 @@ def train_on(rank: int, world: int, port: int, out: str, distill: str | None) ->
     parts = step_parts(UNet(TINY), train, device, wrap)
     reduce = dist.all_reduce if world > 1 else None
     worker = Worker(rank, world, device, reduce, SHARES, tuple(range(rank, SHARES, world)))  # as Worker.current
-    state = StepState(*parts, fresh_shares(0, worker, 0), gradient_scale=world / SHARES)
+    reference = 3 * MICRO if distill == "stable" else 0  # each share's bank: its last three micro-batches
+    state = StepState(*parts, fresh_shares(0, worker, 0, reference), gradient_scale=world / SHARES)
     diffusion = GaussianDiffusion.from_config(DiffusionConfig(num_timesteps=100))
-    objective = distill_objective(distill, diffusion, train) if distill else None
+    objective = distill_objective(distill, diffusion, train) if distill in ("progressive", "consistency") else None
     data = torch.rand(64, 1, 8, 8, generator=torch.Generator().manual_seed(1)) * 2 - 1  # [64, 1, 8, 8]
     totals = RunningTotals(device, reduce)
     for _ in range(STEPS):
@@ -79,7 +82,9 @@ def train_on(rank: int, world: int, port: int, out: str, distill: str | None) ->
         dist.destroy_process_group()
 
 
-@pytest.mark.parametrize("distill", [None, "progressive", "consistency"], ids=["training", "progressive", "cd"])
+@pytest.mark.parametrize(
+    "distill", [None, "stable", "progressive", "consistency"], ids=["training", "stable-targets", "progressive", "cd"]
+)
 def test_one_worker_taking_both_shares_equals_two_workers(tmp_path, distill):
     alone, pair = tmp_path / "alone.pt", tmp_path / "pair.pt"
     torch.multiprocessing.spawn(train_on, args=(1, 0, str(alone), distill), nprocs=1)

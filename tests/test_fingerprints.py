@@ -85,6 +85,7 @@ SPECIAL = {  # values for keys whose type alone does not give a valid different 
     "diffusion.schedule_params": [{"beta_start": 0.0002}, {"logsnr_shift": 0.5}],  # a linear, a cosine parameter
     "evaluate.guidance_scales": [(0.5,), (0.0, 3.0)],
     "train.ema_profiles": [(0.05,), (0.1, 0.2), ()],
+    "train.stf_reference": [1024, 64],  # at least a share's micro-batch (train.batch_size / train.num_workers)
     "sample.classes": [(0,), (1, 2), None],
     "sample.guidance_interval": [(0.0, 1.0), (0.5, 80.0)],  # two noise levels; refused on an unconditional model
     "evaluate.inception_weights_sha256": ["6726825d6726825d"],

@@ -228,7 +228,7 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def tiny_job(work: Path) -> TrainJob:
+def tiny_job(work: Path, stf_reference: int = 0) -> TrainJob:
     optim = OptimConfig(lr=1e-3, warmup_images=0, ema_decay=0.9)
     train = TrainSection(
         num_workers=1,
@@ -236,6 +236,7 @@ def tiny_job(work: Path) -> TrainJob:
         total_images=BATCH * STEPS,
         ema_profiles=PROFILES,
         ema_snapshot_every_images=20,
+        stf_reference=stf_reference,
         optim=optim,
     )
     return TrainJob(TINY_UNET, DiffusionConfig(num_timesteps=100), train, Device.CPU, "", None, str(work), {}, "", "")
@@ -255,22 +256,35 @@ def train_steps(job: TrainJob, worker: Worker, state: TrainState, until: int, ch
             save_training_state(folder, state.to_checkpoint(job, gather_random_states(worker, state.shares)))
 
 
+@pytest.mark.parametrize("stf_reference", [0, 3 * BATCH], ids=["algorithm-1", "stable-targets"])
 def test_a_resumed_run_continues_the_profiles_bit_for_bit_and_keeps_committed_snapshots(
-    tmp_path, monkeypatch, one_thread
+    tmp_path, monkeypatch, one_thread, stf_reference
 ):
     """The worker's own start (``state.start_state``: the newest committed checkpoint, its profiles) with Ray Train's
     session replaced by a single process: an uninterrupted run, checkpointed after step 5, and a run resumed there
-    in the same folder (as after a crash past the later snapshots) reach the same profiles and weights."""
+    in the same folder (as after a crash past the later snapshots) reach the same profiles and weights. On stable
+    targets the checkpoint holds the share's reference bank (three steps' images): a resume without it differs."""
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: None)  # none registered: the committed one is found
     monkeypatch.setattr(state_module, "prepare_for_ray_train", lambda model, options: model)
-    job, worker = tiny_job(tmp_path), Worker(0, 1, torch.device("cpu"), None, 1, (0,))
+    job, worker = tiny_job(tmp_path, stf_reference), Worker(0, 1, torch.device("cpu"), None, 1, (0,))
     straight = start_state(job, worker)
     train_steps(job, worker, straight, STEPS, RESUME_AT)
     manifests = {path: path.stat().st_mtime_ns for path in (tmp_path / "posthoc").glob("*/manifest.json")}
     assert sorted(path.parent.name for path in manifests) == [f"{n:015d}" for n in (24, 40, 64, 80, 96)]
 
+    if stf_reference:
+        forgetful = start_state(job, worker)
+        assert forgetful.shares[0].bank is not None and forgetful.shares[0].bank.images is not None
+        forgetful.shares[0].bank.images = forgetful.shares[0].bank.images[-BATCH:]  # as if it kept one step's images
+        train_steps(job, worker, forgetful, RESUME_AT + 1, None)
     resumed = start_state(job, worker)
     assert resumed.profiles is not None and resumed.profiles.images_seen == RESUME_AT * BATCH == resumed.images_seen
+    train_steps(job, worker, resumed, RESUME_AT + 1, None)
+    if stf_reference:
+        same = [
+            torch.equal(a, b) for a, b in zip(forgetful.model.parameters(), resumed.model.parameters(), strict=True)
+        ]
+        assert not all(same), "the step after the resume regresses on targets of the bank's earlier images"
     train_steps(job, worker, resumed, STEPS, None)
     assert straight.profiles is not None and resumed.profiles.images_seen == straight.profiles.images_seen
     for mine, theirs in zip(resumed.profiles.emas, straight.profiles.emas, strict=True):

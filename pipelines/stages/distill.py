@@ -101,8 +101,8 @@ def round_optim(settings: DistillSettings) -> OptimConfig:
 
 def round_section(settings: DistillSettings, teacher_uri: str) -> TrainSection:
     """The training loop's settings for a round: the train stage's workers, seed and precision; the round's images,
-    batch and optimiser (:func:`round_optim`); no sample grids, no post-hoc profiles; the teacher's weights as the
-    student's start."""
+    batch and optimiser (:func:`round_optim`); no sample grids, no post-hoc profiles, no stable targets (the round's
+    targets are the teacher's); the teacher's weights as the student's start."""
     distill, train = settings.distill, settings.train
     return dataclasses.replace(
         train,
@@ -114,6 +114,7 @@ def round_section(settings: DistillSettings, teacher_uri: str) -> TrainSection:
         ema_profiles=(),
         ema_snapshot_every_images=0,
         ema_sigma_rel=None,
+        stf_reference=0,
         optim=round_optim(settings),
         init_from=teacher_uri,
     )

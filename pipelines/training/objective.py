@@ -24,6 +24,7 @@ from ddpm_core.distillation import (
     consistency_grid,
     progressive_loss,
 )
+from ddpm_core.stable_targets import Reference
 from ddpm_core.training import StepResult, accumulate_gradients, learning_rate
 from pipelines.config import DistillMethod, TrainSection
 
@@ -59,9 +60,11 @@ class Objective(Protocol):
         scale: float,
         region: Region,
         ema: nn.Module,
+        reference: Reference | None,
     ) -> StepResult:
         """The loss of one micro-batch ``images`` ``[b, C, H, W]``, its gradient times ``scale`` added to ``model``'s
-        ``.grad``; the random draws from ``generator``. ``ema``: the EMA network (a consistency round's target)."""
+        ``.grad``; the random draws from ``generator``. ``ema``: the EMA network (a consistency round's target);
+        ``reference``: the batch of training's stable targets (None: off; always, in a distill round)."""
         ...
 
     def learning_rate(self, images_seen: int) -> float:
@@ -71,7 +74,8 @@ class Objective(Protocol):
 
 @dataclass(frozen=True)
 class Denoising:
-    """Algorithm 1 (Ho et al. 2020) with ``train.loss_weighting``, at the warm-up learning rate of ``train``."""
+    """Algorithm 1 (Ho et al. 2020) with ``train.loss_weighting`` (and ``train.stf_reference``'s stable targets), at
+    the warm-up learning rate of ``train``."""
 
     diffusion: GaussianDiffusion
     train: TrainSection
@@ -86,10 +90,19 @@ class Denoising:
         scale: float,
         region: Region,
         ema: nn.Module,
+        reference: Reference | None,
     ) -> StepResult:
-        weighting = self.train.weighting
         return accumulate_gradients(
-            model, self.diffusion, images, conditioning, generator, autocast, scale, region, weighting=weighting
+            model,
+            self.diffusion,
+            images,
+            conditioning,
+            generator,
+            autocast,
+            scale,
+            region,
+            weighting=self.train.weighting,
+            reference=reference,
         )
 
     def learning_rate(self, images_seen: int) -> float:
@@ -128,7 +141,11 @@ class Distilling:
         scale: float,
         region: Region,
         ema: nn.Module,
+        reference: Reference | None,
     ) -> StepResult:
+        if reference is not None:
+            raise ValueError("a distill round's targets are its teacher's: it takes no reference batch")
+
         def losses() -> torch.Tensor:
             return self.per_example(model, ema, images, conditioning, generator)
 

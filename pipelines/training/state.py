@@ -20,6 +20,7 @@ from ddpm_core.checkpoint import CheckpointError, load_snapshot, load_training_s
 from ddpm_core.compile_cache import cache_file_uri, load_compiled, save_compiled
 from ddpm_core.diffusion import Variance
 from ddpm_core.phema import PowerEMA
+from ddpm_core.stable_targets import ReferenceBank
 from ddpm_core.storage import MANIFEST, filesystem
 from ddpm_core.unet import UNet, UNetConfig
 from pipelines.advice import slow_precision_advice
@@ -99,7 +100,7 @@ def start_state(job: TrainJob, worker: Worker) -> TrainState:
     compiled = job.train.compiled(worker.device.type == "cuda")
     state = TrainState(
         *parts,
-        shares=fresh_shares(job.train.seed, worker, 0),
+        shares=job_shares(job, worker, 0),
         gradient_scale=worker.world_size / worker.share_count,
         unsaved_compile_cache=load_compile_cache(job, worker) if compiled else None,
         profiles=start_profiles(job, worker, parts[0], restored if source is WeightSource.RESUMED else None),
@@ -265,8 +266,10 @@ def init_from_mismatch(uri: str, found: UNetConfig, expected: UNetConfig) -> str
 
 
 def share_random_state(share: Share) -> list[torch.Tensor]:
-    """A share's random state: its batch generator's, and its dropout stream's."""
-    return [share.generator.get_state(), share.dropout_state]
+    """A share's random state: its batch generator's, its dropout stream's, and its reference bank's images (and
+    labels) when it keeps one: what the next step's draws and targets depend on."""
+    bank = [] if share.bank is None else share.bank.state()
+    return [share.generator.get_state(), share.dropout_state, *bank]
 
 
 def gather_random_states(worker: Worker, shares: list[Share]) -> list[list[torch.Tensor]]:
@@ -287,11 +290,13 @@ def restore_random_state(
     seen), so the data order after it differs."""
     if saved is not None and len(saved) == worker.share_count:
         for share in state.shares:
-            generator_state, dropout_state = saved[share.index]
+            generator_state, dropout_state, *bank = saved[share.index]
             share.generator.set_state(generator_state)
             share.dropout_state = dropout_state
+            if share.bank is not None:
+                share.bank.restore(bank, worker.device)
         return
-    state.shares = fresh_shares(job.train.seed, worker, state.images_seen)
+    state.shares = job_shares(job, worker, state.images_seen)
     found = "no random state" if saved is None else f"the random state of {len(saved)} shares"
     worker.say(f"the checkpoint holds {found}: the random streams restart from (seed, share, images seen)")
 
@@ -339,16 +344,26 @@ def memory_format(job: TrainJob) -> torch.memory_format:
     return torch.channels_last if job.train.channels_last else torch.contiguous_format
 
 
-def fresh_shares(seed: int, worker: Worker, images_seen: int) -> list[Share]:
-    """This worker's shares with their random streams started from (seed, share, images seen)."""
+def fresh_shares(
+    seed: int, worker: Worker, images_seen: int, reference_size: int = 0, null_class: int | None = None
+) -> list[Share]:
+    """This worker's shares with their random streams started from (seed, share, images seen), and with a
+    ``reference_size`` (``train.stf_reference``) an empty bank of reference images each (``null_class``: a
+    class-conditional model's dropped label)."""
     return [
         Share(
             index,
             seeded_generator((seed, index, images_seen), worker.device),
             seeded_generator((seed, index, images_seen, DROPOUT_STREAM), worker.device).get_state(),
+            ReferenceBank(reference_size, null_class) if reference_size else None,
         )
         for index in worker.shares
     ]
+
+
+def job_shares(job: TrainJob, worker: Worker, images_seen: int) -> list[Share]:
+    """:func:`fresh_shares` as ``job`` trains: its seed, and its stable targets' reference batch."""
+    return fresh_shares(job.train.seed, worker, images_seen, job.train.stf_reference, job.unet.num_classes)
 
 
 DROPOUT_STREAM = 1  # the extra seed word of a share's dropout stream (its batch stream has none)

@@ -17,9 +17,12 @@ from torch.profiler import record_function
 from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.ema import EMA
 from ddpm_core.phema import PowerEMA
+from ddpm_core.stable_targets import Reference, ReferenceBank
 from ddpm_core.training import StepResult, apply_update, make_optimizer
 from pipelines.config import TrainSection
 from pipelines.training.objective import Denoising, Objective
+
+Batch = tuple[torch.Tensor, dict[str, torch.Tensor] | None]  # images [b, C, H, W] in [-1, 1], conditioning
 
 
 def device_generator(device: torch.device) -> torch.Generator:
@@ -38,6 +41,14 @@ class Share:
     index: int  # 0 .. max_workers - 1: which slice of the data and which random streams
     generator: torch.Generator  # its batches, timesteps and noise, on the worker's device
     dropout_state: torch.Tensor  # the device default generator's state (what dropout draws) after its last turn
+    bank: ReferenceBank | None = None  # the images it drew last, with train.stf_reference (stable targets)
+
+    def reference(self, batch: Batch) -> Reference | None:
+        """The reference batch of the stable targets that ``batch`` is trained against (None: they are off)."""
+        if self.bank is None:
+            return None
+        images, conditioning = batch
+        return self.bank.push(images, None if conditioning is None else conditioning.get("class_labels"))
 
     @contextmanager
     def turn(self, device: torch.device) -> Iterator[None]:
@@ -86,9 +97,6 @@ def step_parts(
     return network, step_model, ema, make_optimizer(network, train.optim)
 
 
-Batch = tuple[torch.Tensor, dict[str, torch.Tensor] | None]  # images [b, C, H, W] in [-1, 1], conditioning
-
-
 def step(
     state: StepState,
     diffusion: GaussianDiffusion,
@@ -99,7 +107,8 @@ def step(
     objective: Objective | None = None,
 ) -> StepResult:
     """One training step of ``state``: ``objective``'s loss (None: Algorithm 1 of Ho et al. 2020 on ``diffusion``) on
-    one micro-batch per share (``batches[i]`` is ``state.shares[i]``'s, each with its own random streams), their
+    one micro-batch per share (``batches[i]`` is ``state.shares[i]``'s, each with its own random streams and reference
+    batch), their
     gradients accumulated with the all-reduce only after the last, then one update at the objective's learning rate
     with the EMA (``ddpm_core.training``) and of the post-hoc EMA profiles, if kept (Karras et al. 2024, Eq. 127: the
     images seen after this step); ``region`` labels its parts."""
@@ -108,19 +117,19 @@ def step(
     state.step_model.train()
     state.optimizer.zero_grad(set_to_none=True)
     results = []
-    for index, (share, (images, conditioning)) in enumerate(zip(state.shares, batches, strict=True)):
+    for index, (share, batch) in enumerate(zip(state.shares, batches, strict=True)):
         last = index == len(batches) - 1
         with share.turn(device), nullcontext() if last else no_sync(state.step_model):
             results.append(
                 chosen.accumulate(
                     state.step_model,
-                    images,
-                    conditioning,
+                    *batch,
                     share.generator,
                     autocast,
                     state.gradient_scale,
                     region,
                     state.ema.model,
+                    share.reference(batch),
                 )
             )
     lr = chosen.learning_rate(state.images_seen)
