@@ -11,8 +11,8 @@ weights by the forward kernel:
     x0_hat(x_t) = sum_j w_j x_0^j,   w_j ∝ q(x_t | x_0^j) = N(x_t; sqrt(abar_t) x_0^j, (1 - abar_t) I)
 
 and ``eps`` by the noise that makes ``x_t`` from it. At low noise ``w`` is one on ``x_0`` (the target is the usual
-one); at high noise it spreads over the batch. The estimate is biased by O(1/R) and its bias vanishes as R grows
-(Xu et al. 2023, Theorem 1); the loss's minimiser over the data is unchanged in that limit.
+one); at high noise it spreads over the batch. A self-normalised estimate, it trades a bias that vanishes as R grows
+for a much lower variance (Xu et al. 2023, Sec. 3); the loss's minimiser over the data is unchanged in that limit.
 """
 
 from __future__ import annotations
