@@ -37,8 +37,9 @@ class FeatureStatistics:
         if features.ndim != 2 or features.shape[1] != self.sum.shape[0]:
             raise ValueError(f"features must be [N, {self.sum.shape[0]}], got {tuple(features.shape)}")
         self.count += features.shape[0]
-        self.sum += features.sum(dim=0)
-        self.sum_outer += features.T @ features
+        with one_thread():  # the same bits on any number of threads, as frechet_distance's
+            self.sum += features.sum(dim=0)
+            self.sum_outer += features.T @ features
 
     def merge(self, other: FeatureStatistics) -> FeatureStatistics:
         if other.sum.shape != self.sum.shape:
