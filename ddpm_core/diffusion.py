@@ -388,7 +388,8 @@ class GaussianDiffusion:
         # Losses in at least float32, also when the network ran under bf16 autocast.
         output = output.to(torch.promote_types(x0.dtype, torch.float32))
         prediction, variance_values = self.split_output(output, x_t)
-        target = self.training_target(*self._regressed_on(x0, t, noise, x_t, reference, model_kwargs))
+        regressed_x0, regressed_noise = self._regressed_on(x0, t, noise, x_t, reference, model_kwargs)
+        target = self.training_target(regressed_x0, t, regressed_noise)
         mse = mean_flat((target - prediction) ** 2)  # [B]
         terms = {"mse": mse}
         weighted_mse = mse if weighting is None else mse * self._loss_weights(weighting, t, mse)  # [B]
@@ -411,16 +412,16 @@ class GaussianDiffusion:
         x_t: torch.Tensor,
         reference: Reference | None,
         model_kwargs: dict[str, Any] | None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """``(x0, t, noise)`` of :meth:`training_target`: the drawn ones, or with a ``reference`` batch the stable
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x0, noise)`` of :meth:`training_target`: the drawn ones, or with a ``reference`` batch the stable
         ``x0_hat`` and ``eps_hat`` of ``x_t`` (each ``[B, C, H, W]``), a labelled model's within each trained class."""
         if reference is None:
-            return x0, t, noise
+            return x0, noise
         alpha_bar = self.alphas_cumprod.to(x0.device)[t].to(x0.dtype)  # [B]
         allowed = reference.allowed((model_kwargs or {}).get("class_labels"))  # [B, R] or None
         with torch.autocast(x0.device.type, enabled=False):  # the weights' exponents in x0's precision, not bf16's
             x0_hat, eps_hat = stable_targets(x0, noise, x_t, alpha_bar, reference.images, allowed)
-        return x0_hat, t, eps_hat
+        return x0_hat, eps_hat
 
     def _loss_weights(self, weighting: LossWeighting, t: torch.Tensor, mse: torch.Tensor) -> torch.Tensor:
         """The weights ``[B]`` of the per-example ``mse`` ``[B]`` at the timesteps ``t`` ``[B]``."""

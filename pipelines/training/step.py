@@ -108,10 +108,9 @@ def step(
 ) -> StepResult:
     """One training step of ``state``: ``objective``'s loss (None: Algorithm 1 of Ho et al. 2020 on ``diffusion``) on
     one micro-batch per share (``batches[i]`` is ``state.shares[i]``'s, each with its own random streams and reference
-    batch), their
-    gradients accumulated with the all-reduce only after the last, then one update at the objective's learning rate
-    with the EMA (``ddpm_core.training``) and of the post-hoc EMA profiles, if kept (Karras et al. 2024, Eq. 127: the
-    images seen after this step); ``region`` labels its parts."""
+    batch), their gradients accumulated with the all-reduce only after the last, then one update at the objective's
+    learning rate with the EMA (``ddpm_core.training``) and of the post-hoc EMA profiles, if kept (Karras et al. 2024,
+    Eq. 127: the images seen after this step); ``region`` labels its parts."""
     chosen: Objective = objective if objective is not None else Denoising(diffusion, train)
     device = batches[0][0].device
     state.step_model.train()
