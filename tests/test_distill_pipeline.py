@@ -123,6 +123,10 @@ def test_the_student_is_sampled_at_its_steps_scored_beside_its_teacher_and_regis
     assert images.shape == (4, 8, 8, 1) and images.dtype == np.uint8 and images.std() > 0
 
 
+# a second distillation run, killed and resumed (135 s): make test-all, so that CI fits its hour. In CI: a run killed
+# or stopped in training resumes to the uninterrupted weights (tests/test_resume_and_corruption.py), and a distill
+# round's step is the same on one worker or two (tests/test_elastic_math.py)
+@pytest.mark.slow
 def test_a_killed_distillation_resumes_in_its_round_to_the_uninterrupted_student(straight):
     root, log_path = straight, straight / "killed.log"
     with open(log_path, "w") as log:

@@ -146,6 +146,9 @@ def test_the_distillation_benchmark_distills_round_by_round_and_scores_students_
     assert all(math.isfinite(fid) for row in result["students"] for fid in row["fids"])
 
 
+# a killed and a resumed run (70 s): make test-all, so that CI fits its hour. In CI: SIGTERM in training resumes to
+# the uninterrupted weights (below), and a corrupt or uncommitted checkpoint is refused (tests/test_checkpoint.py)
+@pytest.mark.slow
 def test_a_killed_run_resumes_to_the_uninterrupted_weights_past_a_corrupt_checkpoint_and_record(finished):
     root = finished
     log_path = root / "killed.log"
