@@ -129,29 +129,6 @@ def test_actors_a_stage_releases_leave_their_cpus_free_for_the_next_stages_tasks
     assert time.monotonic() - started < 5
 
 
-@ray.remote(max_concurrency=2)
-class Finishing:
-    def ready(self) -> bool:
-        return True
-
-    def finish(self, seconds: float) -> str:
-        time.sleep(seconds)
-        return "finished"
-
-
-def test_a_released_actor_exits_on_its_own_though_the_cluster_has_cpus_to_spare(ray_with_state_api):
-    """One actor on a cluster with a CPU to spare, still finishing a call when its stage releases it: it is killed only
-    past the deadline, not as soon as the cluster shows a free CPU (the spare one). Killed on its way out, its worker
-    made the raylet print "A worker died or was killed ... unexpected system error" in the quickstart's output."""
-    execution = Execution({}, {}, Device.CPU)
-    actor = Finishing.options(**execution.options()).remote()  # type: ignore[attr-defined]
-    assert ray.get(actor.ready.remote()) and ray.available_resources().get("CPU", 0.0) == 1.0
-    call = actor.finish.remote(1.0)
-    execution.release([actor])
-    assert ray.get(call) == "finished"
-    assert ray.available_resources().get("CPU", 0.0) == 2.0
-
-
 @ray.remote
 class Called:
     def ready(self) -> bool:
