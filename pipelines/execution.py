@@ -106,20 +106,24 @@ class Execution:
         self.release(actors)
 
     def release(self, actors: Sequence[Any], deadline_s: float = RELEASE_DEADLINE_S) -> None:
-        """Stop ``actors`` (each made with :meth:`options`) and wait, at most ``deadline_s``, until the cluster shows
-        their CPUs or GPUs free again: stopping only asks, and a stage that starts Ray work at once would otherwise
-        find them taken and place all of it on the nodes that happen to have room. Each actor is asked to exit
+        """Stop ``actors`` (each made with :meth:`options`) and wait, at most ``deadline_s``, until each has exited and
+        the cluster shows its CPU or GPU free again: stopping only asks, and a stage that starts Ray work at once would
+        otherwise find them taken and place all of it on the nodes that happen to have room. Each actor is asked to exit
         (``__ray_terminate__``: its worker sends its buffered task events on the way out, so Ray's state API and
-        dashboard see its last calls start and end; ``ray.kill`` drops them), and killed if it has not by then. The
-        request is not retried: the actor's exit ends it, which a retried call would report to the driver's log as a
-        failed task."""
-        for actor in actors:
-            actor.__ray_terminate__.options(max_task_retries=0).remote()
-        held, deadline = float(len(actors)), time.monotonic() + deadline_s
-        while ray.available_resources().get(self.resource, 0.0) < held and time.monotonic() < deadline:
+        dashboard see its last calls start and end; ``ray.kill`` drops them), and killed only if it has not exited by
+        the deadline: killing one on its way out makes the raylet report "A worker died or was killed ... unexpected
+        system error" to the driver's log. The request is not retried: the actor's exit ends it, which a retried call
+        would report to the driver's log as a failed task."""
+        deadline = time.monotonic() + deadline_s
+        free_before = ray.available_resources().get(self.resource, 0.0)
+        exits = [actor.__ray_terminate__.options(max_task_retries=0).remote() for actor in actors]
+        _, alive = ray.wait(exits, num_returns=len(exits), timeout=deadline_s)  # an exited actor's call errs at once
+        wanted = min(free_before + len(exits) - len(alive), ray.cluster_resources().get(self.resource, 0.0))
+        while ray.available_resources().get(self.resource, 0.0) < wanted and time.monotonic() < deadline:
             time.sleep(0.05)
-        for actor in actors:
-            ray.kill(actor, no_restart=True)  # one still alive past the deadline; an exited actor is left as it is
+        for actor, exit_call in zip(actors, exits, strict=True):
+            if exit_call in alive:
+                ray.kill(actor, no_restart=True)  # still alive past the deadline
 
 
 @dataclass(frozen=True)

@@ -2,12 +2,14 @@
 single-process statistics to float64 rounding; so do the Inception Score statistics and the precision/recall
 features."""
 
+import dataclasses
 import io
 import os
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ from ddpm_core.metrics import ClassProbabilityStatistics, FeatureStatistics
 from ddpm_core.storage import commit
 from pipelines.config import Extractor
 from pipelines.data.shards import sample_sources
-from pipelines.evaluation.scoring import ExtractorSpec, SummaryRequest, summarize
+from pipelines.evaluation.scoring import ExtractorSpec, SummaryRequest, feature_workers, summarize
 from pipelines.execution import Device, Execution
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,21 +69,35 @@ def feature_actors() -> list:
     return list_actors(address=address, filters=[("class_name", "=", "FeatureWorker")], detail=True)
 
 
-def test_three_shards_on_ray_workers_equal_one_process(ray_with_state_api, tmp_path):
+@dataclass(frozen=True)
+class Shards:
+    """900 digits in three committed sample shards of uneven sizes, and a classifier of them."""
+
+    images: np.ndarray  # [900, H, W, C] uint8
+    model: torch.nn.Module
+    spec: ExtractorSpec  # the classifier, committed
+    uris: list[str]
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory) -> Shards:
+    folder = tmp_path_factory.mktemp("shards")
     dataset = load_dataset("builtin:digits")
     images = dataset.images[:900]
     model = train_classifier(images, dataset.labels[:900], epochs=1)
-    extractor_uri = str(tmp_path / "extractor")
-    save_classifier(extractor_uri, model, {})
-    shard_uris = []
+    save_classifier(str(folder / "extractor"), model, {})
+    uris = []
     for number, (start, stop) in enumerate(((0, 250), (250, 600), (600, 900))):  # uneven shards across IS splits
         buffer = io.BytesIO()
         np.save(buffer, images[start:stop])
-        uri = str(tmp_path / f"shard-{number}")
+        uri = str(folder / f"shard-{number}")
         commit(uri, {"images.npy": buffer.getvalue()}, {"start": start, "stop": stop})
-        shard_uris.append(uri)
+        uris.append(uri)
+    return Shards(images, model, ExtractorSpec(Extractor.CLASSIFIER, str(folder / "extractor")), uris)
 
-    spec = ExtractorSpec(Extractor.CLASSIFIER, extractor_uri)
+
+def test_three_shards_on_ray_workers_equal_one_process(ray_with_state_api, shards):
+    images, model, spec, shard_uris = shards.images, shards.model, shards.spec, shards.uris
     request = SummaryRequest(spec, len(images), inception_splits=10, keep_first=900)
     distributed = summarize(sample_sources(shard_uris, {}), request, Execution({}, {}, Device.CPU))
     # summarize called FeatureWorker.summarize once per shard (this module calls it nowhere else), each to
@@ -110,6 +126,33 @@ def test_three_shards_on_ray_workers_equal_one_process(ray_with_state_api, tmp_p
     assert distributed.inception.inception_score() == pytest.approx(inception.inception_score(), rel=1e-6)
 
 
+def test_summaries_on_held_workers_start_them_once_and_equal_summaries_on_pools_of_their_own(
+    ray_with_state_api, shards
+):
+    """The evaluate stage computes its reference statistics, its training features and the summaries of its sample
+    set and of the held-out images on one held pool: each worker's start (a process importing torch, loading the
+    network) happens once, and every summary is the one a pool of its own gives, to the bit."""
+    execution, sources = Execution({}, {}, Device.CPU), sample_sources(shards.uris, {})
+    whole, first_two = SummaryRequest(shards.spec, 900, keep_first=900), SummaryRequest(shards.spec, 600, groups=3)
+    started = len(feature_actors())
+    alone = [summarize(sources, whole, execution), summarize(sources[:2], first_two, execution)]
+    assert len(feature_actors()) == started + 4  # two pools of two actors, one per free CPU
+    with feature_workers(shards.spec, len(sources), execution) as workers:
+        held = [summarize(sources, whole, execution, workers), summarize(sources[:2], first_two, execution, workers)]
+        other = dataclasses.replace(whole, spec=ExtractorSpec(Extractor.CLASSIFIER, "another-classifier"))
+        with pytest.raises(ValueError, match="feature workers of .* were handed features to compute with"):
+            summarize(sources, other, execution, workers)
+    assert len(feature_actors()) == started + 6  # one pool of two for both summaries
+    assert ray.available_resources().get("CPU", 0.0) == 2.0
+    for mine, theirs in zip(held, alone, strict=True):
+        assert torch.equal(mine.fid.sum, theirs.fid.sum) and torch.equal(mine.fid.sum_outer, theirs.fid.sum_outer)
+        assert torch.equal(mine.first_features, theirs.first_features)
+        assert sorted(mine.groups) == sorted(theirs.groups) and all(
+            torch.equal(mine.groups[g].sum, theirs.groups[g].sum) for g in mine.groups
+        )
+    assert held[1].fid.count == 600 and sorted(held[1].groups) == [0, 1, 2]
+
+
 @ray.remote
 class Holder:
     def ready(self) -> bool:
@@ -127,6 +170,29 @@ def test_actors_a_stage_releases_leave_their_cpus_free_for_the_next_stages_tasks
     execution.release(actors)
     assert ray.available_resources().get("CPU", 0.0) == 2.0
     assert time.monotonic() - started < 5
+
+
+@ray.remote(max_concurrency=2)
+class Finishing:
+    def ready(self) -> bool:
+        return True
+
+    def finish(self, seconds: float) -> str:
+        time.sleep(seconds)
+        return "finished"
+
+
+def test_a_released_actor_exits_on_its_own_though_the_cluster_has_cpus_to_spare(ray_with_state_api):
+    """One actor on a cluster with a CPU to spare, still finishing a call when its stage releases it: it is killed only
+    past the deadline, not as soon as the cluster shows a free CPU (the spare one). Killed on its way out, its worker
+    made the raylet print "A worker died or was killed ... unexpected system error" in the quickstart's output."""
+    execution = Execution({}, {}, Device.CPU)
+    actor = Finishing.options(**execution.options()).remote()  # type: ignore[attr-defined]
+    assert ray.get(actor.ready.remote()) and ray.available_resources().get("CPU", 0.0) == 1.0
+    call = actor.finish.remote(1.0)
+    execution.release([actor])
+    assert ray.get(call) == "finished"
+    assert ray.available_resources().get("CPU", 0.0) == 2.0
 
 
 @ray.remote

@@ -10,10 +10,10 @@ tune stage's proxy FID.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
-from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -115,11 +115,35 @@ class FeatureWorker:
         return buffer.getvalue()
 
 
-def feature_workers(spec: ExtractorSpec, files: int, execution: Execution) -> AbstractContextManager[ActorPool]:
+@dataclass(frozen=True)
+class FeatureWorkers:
+    """A pool of :class:`FeatureWorker` actors of one feature network. A stage that computes features of several
+    image sets in a row (with no other Ray work in between) holds one for all of them: each worker's start, a new
+    process importing torch and loading the network, costs seconds."""
+
+    spec: ExtractorSpec
+    pool: ActorPool
+
+
+@contextlib.contextmanager
+def feature_workers(spec: ExtractorSpec, files: int, execution: Execution) -> Iterator[FeatureWorkers]:
     """A pool of :class:`FeatureWorker` actors spread over the nodes, one per CPU (or GPU) free in the cluster, at
     least one and at most one per file; when the block ends they are stopped and their resources are free again."""
     count = max(1, min(files, execution.free_slots()))
-    return execution.actor_pool(FeatureWorker, count, spec, execution.storage_options)
+    with execution.actor_pool(FeatureWorker, count, spec, execution.storage_options) as pool:
+        yield FeatureWorkers(spec, pool)
+
+
+def held_or_new(
+    workers: FeatureWorkers | None, spec: ExtractorSpec, files: int, execution: Execution
+) -> contextlib.AbstractContextManager[FeatureWorkers]:
+    """``workers`` as they are (whoever holds them stops them), or a new pool of :func:`feature_workers` for
+    ``files`` files, stopped when the block ends."""
+    if workers is None:
+        return feature_workers(spec, files, execution)
+    if workers.spec != spec:
+        raise ValueError(f"feature workers of {workers.spec} were handed features to compute with {spec}")
+    return contextlib.nullcontext(workers)
 
 
 def summary_of(
@@ -160,10 +184,15 @@ def merge_groups(a: dict[int, FeatureStatistics], b: dict[int, FeatureStatistics
     return merged
 
 
-def summarize(sources: list[ImageSource], request: SummaryRequest, execution: Execution) -> Summary:
-    """Summaries of every source in parallel, merged in the order given (so the float64 sums are reproducible)."""
-    with feature_workers(request.spec, len(sources), execution) as pool:
-        parts: list[Summary] = list(pool.map(lambda worker, source: worker.summarize.remote(source, request), sources))
+def summarize(
+    sources: list[ImageSource], request: SummaryRequest, execution: Execution, workers: FeatureWorkers | None = None
+) -> Summary:
+    """Summaries of every source in parallel, merged in the order given (so the float64 sums are reproducible), on
+    ``workers`` when given, else on a pool of their own."""
+    with held_or_new(workers, request.spec, len(sources), execution) as held:
+        parts: list[Summary] = list(
+            held.pool.map(lambda worker, source: worker.summarize.remote(source, request), sources)
+        )
     fid = parts[0].fid
     for part in parts[1:]:
         fid = fid.merge(part.fid)
@@ -207,9 +236,10 @@ def reference_summary(
     metadata: Mapping[str, object],
     execution: Execution,
     log: Callable[[str], None],
+    workers: FeatureWorkers | None = None,
 ) -> Summary:
     """The training split's summary from the cache (when it kept enough first features), or computed over its
-    shards and committed there."""
+    shards (on ``workers`` when given) and committed there."""
     try:
         summary = load_reference(cache_uri, execution.storage_options)
         if summary.first_features.shape[0] >= min(request.keep_first, summary.fid.count):
@@ -219,7 +249,7 @@ def reference_summary(
         pass
     sources = split_sources(train_uri, execution.storage_options)
     log(f"computing reference statistics of the training split ({len(sources)} shards) into {cache_uri}")
-    summary = summarize(sources, request, execution)
+    summary = summarize(sources, request, execution, workers)
     save_reference(cache_uri, summary, {**metadata, "count": summary.fid.count}, execution.storage_options)
     return summary
 
@@ -266,13 +296,18 @@ def published_reference(uri: str, storage_options: dict[str, object]) -> Publish
 
 
 def training_features(
-    cache_uri: str, train_uri: str, spec: ExtractorSpec, execution: Execution, log: Callable[[str], None]
+    cache_uri: str,
+    train_uri: str,
+    spec: ExtractorSpec,
+    execution: Execution,
+    log: Callable[[str], None],
+    workers: FeatureWorkers | None = None,
 ) -> TrainingSet:
     """The training split's files and the committed cache of their features, one ``features-NNNNN.npy`` per file
     (computed by the feature workers the first time, then reused for the data fingerprint and extractor of
     ``cache_uri`` and the split's files): what the copy rate's neighbour search reads, block by block. The same
     images can be split into files of other sizes (a streamed run's prepare writes smaller ones), so the cache is
-    kept per layout."""
+    kept per layout. Computed on ``workers`` when given."""
     layout = split_layout(train_uri, execution.storage_options)
     cache_uri = f"{cache_uri}-{layout_key(layout)}"
     try:
@@ -280,9 +315,9 @@ def training_features(
         log(f"reusing training features {cache_uri}")
     except IncompleteError:
         log(f"computing the features of the training split ({len(layout.sources)} files) into {cache_uri}")
-        with feature_workers(spec, len(layout.sources), execution) as pool:
+        with held_or_new(workers, spec, len(layout.sources), execution) as held:
             parts: list[bytes] = list(
-                pool.map(lambda worker, source: worker.features.remote(source), list(layout.sources))
+                held.pool.map(lambda worker, source: worker.features.remote(source), list(layout.sources))
             )
         files = {FEATURES_FILE.format(number): data for number, data in enumerate(parts)}
         commit(cache_uri, files, {"count": layout.count}, execution.storage_options)

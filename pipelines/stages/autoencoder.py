@@ -26,7 +26,7 @@ from pipelines.contracts import AutoencoderOutputs, LatentOutputs, PrepareOutput
 from pipelines.data.latents import Encoding, LatentSplit, encode_split
 from pipelines.data.shards import ImageSource, read_first, read_images, split_sources
 from pipelines.evaluation.reconstruction import reconstructed_sources
-from pipelines.evaluation.scoring import ExtractorSpec, SummaryRequest, fid_estimate, summarize
+from pipelines.evaluation.scoring import ExtractorSpec, SummaryRequest, feature_workers, fid_estimate, summarize
 from pipelines.execution import Demand, Device, check_fits, cluster_device
 from pipelines.external import External
 from pipelines.interruption import STOP
@@ -264,8 +264,10 @@ def stage_rfid(
         return None
     execution, count = context.execution(device), prepare.num_holdout
     request = SummaryRequest(ExtractorSpec(Extractor.CLASSIFIER, prepare.extractor_uri), count, groups=RFID_GROUPS)
-    held = summarize(split_sources(prepare.holdout_uri, execution.storage_options), request, execution)
-    estimate = fid_estimate(summarize(reconstructions, request, execution), held, None)
+    originals = split_sources(prepare.holdout_uri, execution.storage_options)
+    with feature_workers(request.spec, max(len(originals), len(reconstructions)), execution) as workers:
+        held = summarize(originals, request, execution, workers)
+        estimate = fid_estimate(summarize(reconstructions, request, execution, workers), held, None)
     context.client.log_metric(context.mlflow_run_id, "rfid", estimate.value)
     context.client.log_metric(context.mlflow_run_id, "rfid_stderr", estimate.stderr)
     context.log(f"autoencoder: rFID {estimate.value:.4g} ± {estimate.stderr:.2g} on {count} held-out images")

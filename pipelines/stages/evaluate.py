@@ -87,9 +87,11 @@ from pipelines.evaluation.memorization import TrainingSet, memorization_score, p
 from pipelines.evaluation.report import as_sentence, score_lines
 from pipelines.evaluation.scoring import (
     ExtractorSpec,
+    FeatureWorkers,
     PublishedStatistics,
     Summary,
     SummaryRequest,
+    feature_workers,
     fid_estimate,
     published_reference,
     reference_key,
@@ -132,8 +134,8 @@ class Scorer:
         searched = self.training if neighbours else None
         return SummaryRequest(self.network.spec, num_images, inception_splits, keep_first, groups, searched)
 
-    def summarize(self, sources: list[ImageSource], num_images: int, neighbours: bool = False) -> Summary:
-        return summarize(sources, self.request(num_images, neighbours=neighbours), self.execution)
+    def summarize(self, sources: list[ImageSource], num_images: int) -> Summary:
+        return summarize(sources, self.request(num_images), self.execution)
 
     def estimate(self, summary: Summary) -> FidEstimate:
         return fid_estimate(summary, self.reference, self.published)
@@ -250,16 +252,14 @@ def run(
     distill: DistillOutputs | None,
 ) -> EvaluateOutputs:
     section, upstream = settings.evaluate, (prepare, train, sample)
-    scorer = make_scorer(context, section, prepare, context.execution(train.device))
-    context.log(f"evaluate: features of {sample.num_samples} samples with {scorer.network.extractor_id}")
-    ours = sample_set_scores(section, scorer, sample)
+    scorer, generated, holdout = feature_summaries(context, section, (prepare, sample), context.execution(train.device))
+    ours = sample_set_scores(section, scorer, sample, generated)
     scores = ours.scores
     if sample.conditioning is not None:
         hits = conditional_hits(context, prepare, sample.shard_uris, scorer.execution)
         log_class_accuracy(context, hits, list(prepare.class_names or ()))
         scores = dataclasses.replace(scores, conditional_accuracy=hits.accuracy)
     sweep = guidance_sweep(context, section, upstream, scorer)
-    holdout = holdout_summary(scorer, prepare)
     compared = comparisons(context, settings, upstream, scorer, ours.fid, holdout)
     reconstruction = reconstruction_fid(scorer, autoencoder, holdout, compared.holdout)
     compared = dataclasses.replace(compared, reconstruction=reconstruction)
@@ -459,12 +459,47 @@ def settings_that_ran(section: EvaluateSection, outputs: EvaluateOutputs) -> dic
     return ran
 
 
+def feature_summaries(
+    context: StageContext,
+    section: EvaluateSection,
+    upstream: tuple[PrepareOutputs, SampleOutputs],
+    execution: Execution,
+) -> tuple[Scorer, Summary, Summary | None]:
+    """The scorer, and the summaries of the sample set (:func:`sample_set_summary`) and of the held-out images
+    (:func:`holdout_summary`), all computed on one pool of feature workers, held while nothing else of the stage
+    runs on the cluster."""
+    prepare, sample = upstream
+    network = feature_network(context, section, prepare)
+    files = files_to_score(prepare, sample, execution.storage_options)
+    with feature_workers(network.spec, files, execution) as workers:
+        scorer = make_scorer(context, section, prepare, network, execution, workers)
+        context.log(f"evaluate: features of {sample.num_samples} samples with {network.extractor_id}")
+        generated = sample_set_summary(section, scorer, sample, workers)
+        return scorer, generated, holdout_summary(scorer, prepare, workers)
+
+
+def files_to_score(prepare: PrepareOutputs, sample: SampleOutputs, storage_options: dict[str, Any]) -> int:
+    """The most files of one image set that :func:`feature_summaries` computes features of: the sample set's, the
+    training split's (for its reference statistics and features, unless cached) and the held-out split's."""
+    splits = [prepare.shards_uri, *([prepare.holdout_uri] if prepare.num_holdout >= 2 else [])]
+    return max(len(sample.shard_uris), *(len(split_sources(uri, storage_options)) for uri in splits))
+
+
 def make_scorer(
-    context: StageContext, settings: EvaluateSection, prepare: PrepareOutputs, execution: Execution
+    context: StageContext,
+    settings: EvaluateSection,
+    prepare: PrepareOutputs,
+    network: FeatureNetwork,
+    execution: Execution,
+    workers: FeatureWorkers,
 ) -> Scorer:
-    """The feature network and the training split's reference statistics (from the cache, or computed into it);
-    the published statistics too when ``evaluate.reference_stats_uri`` names some."""
-    network = feature_network(context, settings, prepare)
+    """The network's scorer, with the training split's reference statistics and (for the copy rate) features, each
+    from the cache or computed into it on ``workers``; the published statistics too when
+    ``evaluate.reference_stats_uri`` names some."""
+
+    def log(line: str) -> None:
+        context.log(f"evaluate: {line}")
+
     key = reference_key(prepare.shards_uri, network.extractor_id, context.store.options)
     uri = context.store.cache_uri("reference", key)
     metadata = {"extractor_id": network.extractor_id, "data_fingerprint": prepare.fingerprint}
@@ -474,7 +509,8 @@ def make_scorer(
         SummaryRequest(network.spec, 0, keep_first=settings.first_feature_images),
         metadata,
         execution,
-        lambda line: context.log(f"evaluate: {line}"),
+        log,
+        workers,
     )
     published = (
         published_reference(settings.reference_stats_uri, execution.storage_options)
@@ -484,21 +520,29 @@ def make_scorer(
     training = None
     if memorization_skip_reason(settings, prepare) is None:
         cache = context.store.cache_uri("training_features", key)
-        training = training_features(
-            cache, prepare.shards_uri, network.spec, execution, lambda line: context.log(f"evaluate: {line}")
-        )
+        training = training_features(cache, prepare.shards_uri, network.spec, execution, log, workers)
     return Scorer(network, reference, uri, published, execution, settings.fid_groups, training)
 
 
-def sample_set_scores(settings: EvaluateSection, scorer: Scorer, sample: SampleOutputs) -> SampleSetScores:
-    """FID (with its jackknife stderr and FID_inf), Inception Score, precision/recall and KID of the sample set; its
-    FID estimate (for the paired comparison with the champion); how many images of each set precision/recall and
-    KID compared (equal set sizes, as in Kynkaanniemi et al. 2019); and its summary, with each sample's two nearest
-    training images when the scorer searches them (the copy rate)."""
-    options = scorer.execution.storage_options
+def sample_set_summary(
+    settings: EvaluateSection, scorer: Scorer, sample: SampleOutputs, workers: FeatureWorkers
+) -> Summary:
+    """The sample set's summary: its features' statistics (with the Inception Score's, when on), its first features
+    (precision/recall and KID) and each sample's two nearest training images (when the scorer searches them)."""
     splits = settings.inception_score_splits if settings.inception_score else 0
     request = scorer.request(sample.num_samples, splits, settings.first_feature_images, neighbours=True)
-    generated = summarize(sample_sources(sample.shard_uris, options), request, scorer.execution)
+    return summarize(
+        sample_sources(sample.shard_uris, scorer.execution.storage_options), request, scorer.execution, workers
+    )
+
+
+def sample_set_scores(
+    settings: EvaluateSection, scorer: Scorer, sample: SampleOutputs, generated: Summary
+) -> SampleSetScores:
+    """FID (with its jackknife stderr and FID_inf), Inception Score, precision/recall and KID of the sample set, from
+    its summary ``generated`` (:func:`sample_set_summary`); its FID estimate (for the paired comparison with the
+    champion); how many images of each set precision/recall and KID compared (equal set sizes, as in Kynkaanniemi et
+    al. 2019); and the summary."""
     count = min(len(scorer.reference.first_features), len(generated.first_features))
     real, fake = scorer.reference.first_features[:count], generated.first_features[:count]  # [count, d] each
     inception = generated.inception.inception_score() if generated.inception is not None else (None, None)
@@ -658,13 +702,13 @@ def reconstruction_fid(
     return Reconstruction(rfid, excess)
 
 
-def holdout_summary(scorer: Scorer, prepare: PrepareOutputs) -> Summary | None:
+def holdout_summary(scorer: Scorer, prepare: PrepareOutputs, workers: FeatureWorkers) -> Summary | None:
     """The held-out real images' summary (the floor's FID; with their neighbours, the copy threshold's
     calibration), or None with fewer than 2 of them."""
     if prepare.num_holdout < 2:
         return None
     sources = split_sources(prepare.holdout_uri, scorer.execution.storage_options)
-    return scorer.summarize(sources, prepare.num_holdout, neighbours=True)
+    return summarize(sources, scorer.request(prepare.num_holdout, neighbours=True), scorer.execution, workers)
 
 
 def same_data(context: StageContext, champion: ChampionRef | None, data_source: str) -> bool:
