@@ -204,11 +204,13 @@ def test_sample_classes_by_name_or_label():
 
 
 def test_class_hits_count_per_requested_class():
-    hits = ClassHits(np.array([10, 0, 5]), np.array([9, 0, 1])).merge(
-        ClassHits(np.array([0, 0, 5]), np.array([0, 0, 5]))
-    )
+    requested = np.array([0] * 10 + [2] * 10)  # [20]: class 1 never asked for
+    predicted = np.array([0] * 9 + [1] + [2] * 6 + [0] * 4)  # [20]: 9 of the 0s, 6 of the 2s recognised
+    hits = ClassHits.of(requested, predicted, 3)
+    assert hits.requested.tolist() == [10, 0, 10] and hits.recognised.tolist() == [9, 0, 6]
     assert hits.accuracy == pytest.approx(15 / 20)
     assert hits.per_class(["a", "b", "c"]) == {"a": 0.9, "c": 0.6}  # b was never asked for
+    assert ClassHits.of(requested, requested, 3).accuracy == 1.0
 
 
 @pytest.fixture

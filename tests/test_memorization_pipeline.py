@@ -23,7 +23,7 @@ from ddpm_core.samplers import Method, SamplerConfig
 from ddpm_core.training import OptimConfig
 from ddpm_core.unet import UNet
 from pipelines.__main__ import main
-from pipelines.config import PipelineConfig, RegisterSection
+from pipelines.config import Extractor, PipelineConfig, RegisterSection
 from pipelines.config_file import load_config
 from pipelines.context import StageContext
 from pipelines.contracts import (
@@ -36,6 +36,7 @@ from pipelines.contracts import (
     TrainOutputs,
 )
 from pipelines.data.shards import read_split, sample_shard_uris, write_sample_shard
+from pipelines.evaluation.scoring import ExtractorSpec, feature_workers
 from pipelines.execution import Device
 from pipelines.registry.champion import Champion, CopyRateTags
 from pipelines.runs import RunStore
@@ -202,12 +203,17 @@ def test_the_coverage_of_one_class_is_one_minus_its_training_share(world):
     sample = as_samples(world, "threes", world.images[world.labels == label])
     section = world.config.evaluate
     execution = world.context("evaluate", "c" * 64).execution(Device.CPU)
-    coverage = evaluate.mode_coverage(section, world.prepared, sample, execution)
+    assert world.prepared.extractor_uri is not None
+    spec = ExtractorSpec(Extractor.CLASSIFIER, world.prepared.extractor_uri)
+    with feature_workers(spec, len(sample.shard_uris), execution) as workers:
+        classes = evaluate.classified(world.prepared, sample.shard_uris, workers, execution.storage_options)
+    assert classes.shape == (sample.num_samples,)  # one class per sample, in index order
+    coverage = evaluate.mode_coverage(section, world.prepared, sample, classes)
     share = float(np.mean(world.labels == label))
     assert coverage.tvd == pytest.approx(1 - share, abs=0.02)  # closed form: 1/2 (1 - p_c + sum_{k != c} p_k)
     assert coverage.recall[label] == 1.0 and max(coverage.recall[:label] + coverage.recall[label + 1 :]) < 0.1
     assert coverage.tvd_low <= coverage.tvd <= coverage.tvd_high
-    again = evaluate.mode_coverage(section, world.prepared, sample, execution)
+    again = evaluate.mode_coverage(section, world.prepared, sample, classes)
     assert again == coverage  # seeded bootstrap
 
 

@@ -1,5 +1,6 @@
 """Class-conditional sample sets: how often the data set's own classifier sees the class each image was asked for
-(conditional accuracy), counted by Ray tasks over the sample shards, and the guidance sweep's plot.
+(conditional accuracy), from its top-1 classes (``pipelines.evaluation.scoring.predicted_classes``), and the guidance
+sweep's plot.
 
 The classifier is the one the prepare stage trains on the data set's labels (the classifier feature network), so its
 label order is the data's. Its hold-out accuracy (``extractor_holdout_accuracy``) bounds what the measurement can
@@ -12,13 +13,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
-import ray
 
-from pipelines.config import Extractor
 from pipelines.contracts import GuidancePoint
-from pipelines.data.shards import read_images, read_sample_labels, sample_sources
-from pipelines.evaluation.scoring import ExtractorSpec, build_extractor
-from pipelines.execution import Execution
 from pipelines.figures import png_bytes, subplots
 
 
@@ -29,8 +25,14 @@ class ClassHits:
     requested: np.ndarray  # [K] int64
     recognised: np.ndarray  # [K] int64
 
-    def merge(self, other: ClassHits) -> ClassHits:
-        return ClassHits(self.requested + other.requested, self.recognised + other.recognised)
+    @classmethod
+    def of(cls, requested: np.ndarray, predicted: np.ndarray, num_classes: int) -> ClassHits:
+        """The hits of images asked for the classes ``requested`` ``[N]`` that the classifier saw as ``predicted``
+        ``[N]``."""
+        return cls(
+            np.bincount(requested, minlength=num_classes),
+            np.bincount(requested[predicted == requested], minlength=num_classes),
+        )
 
     @property
     def accuracy(self) -> float:
@@ -44,30 +46,6 @@ class ClassHits:
             for label in range(len(names))
             if self.requested[label] > 0
         }
-
-
-@ray.remote
-def shard_hits(uri: str, classifier_uri: str, num_classes: int, storage_options: dict[str, object]) -> ClassHits:
-    """:class:`ClassHits` of one sample shard (``images.npy`` and ``labels.npy``)."""
-    source = sample_sources([uri], storage_options)[0]
-    images = read_images(source, storage_options)  # [n, H, W, C]
-    labels = read_sample_labels(uri, storage_options)  # [n]
-    _, logits = build_extractor(ExtractorSpec(Extractor.CLASSIFIER, classifier_uri), storage_options)(images)
-    predicted = logits.argmax(dim=1).numpy()  # [n]
-    return ClassHits(
-        np.bincount(labels, minlength=num_classes),
-        np.bincount(labels[predicted == labels], minlength=num_classes),
-    )
-
-
-def class_hits(shard_uris: tuple[str, ...], classifier_uri: str, num_classes: int, execution: Execution) -> ClassHits:
-    """:class:`ClassHits` of a conditional sample set, one Ray task per shard."""
-    task, options = shard_hits.options(**execution.options()), execution.storage_options
-    parts: list[ClassHits] = ray.get([task.remote(uri, classifier_uri, num_classes, options) for uri in shard_uris])
-    total = parts[0]
-    for part in parts[1:]:
-        total = total.merge(part)
-    return total
 
 
 def sweep_plot(points: Sequence[GuidancePoint]) -> bytes:

@@ -16,32 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import ray
 
-from pipelines.config import Extractor
 from pipelines.contracts import ClassCoverage
-from pipelines.data.shards import ImageSource, read_images
-from pipelines.evaluation.scoring import ExtractorSpec, build_extractor
-from pipelines.execution import Execution
-
-
-@ray.remote
-def shard_classes(
-    source: ImageSource, classifier_uri: str, num_classes: int, storage_options: dict[str, object]
-) -> np.ndarray:
-    """Counts ``[K]`` int64 of the classifier's top-1 class over one shard's images."""
-    images = read_images(source, storage_options)  # [n, H, W, C]
-    _, logits = build_extractor(ExtractorSpec(Extractor.CLASSIFIER, classifier_uri), storage_options)(images)
-    return np.bincount(logits.argmax(dim=1).numpy(), minlength=num_classes)  # [K]
-
-
-def class_counts(
-    sources: Sequence[ImageSource], classifier_uri: str, num_classes: int, execution: Execution
-) -> np.ndarray:
-    """Counts ``[K]`` int64 of the classifier's top-1 class over a set of images, one Ray task per file."""
-    task, options = shard_classes.options(**execution.options()), execution.storage_options
-    parts: list[np.ndarray] = ray.get([task.remote(source, classifier_uri, num_classes, options) for source in sources])
-    return np.sum(parts, axis=0)
 
 
 def total_variation(q: np.ndarray, p: np.ndarray) -> np.ndarray:

@@ -99,13 +99,27 @@ class FeatureWorker:
     files with it."""
 
     def __init__(self, spec: ExtractorSpec, storage_options: dict[str, object]) -> None:
+        self.spec = spec
         self.extractor = build_extractor(spec, storage_options)
         self.storage_options = storage_options
+        self.classifiers: dict[str, FeatureExtractor] = {}  # other networks than ``spec``'s, by URI
 
     def summarize(self, source: ImageSource, request: SummaryRequest) -> Summary:
         """The summary of one file's images."""
         images = read_images(source, self.storage_options)  # [n, H, W, C] uint8
         return summary_of(self.extractor, images, source.first_index, request, self.storage_options)
+
+    def predicted_classes(self, source: ImageSource, classifier_uri: str) -> np.ndarray:
+        """The top-1 class ``[n]`` int64 of one file's images by the data set's classifier at ``classifier_uri``: this
+        worker's own network when it is that classifier, else one it loads on its first call."""
+        spec = ExtractorSpec(Extractor.CLASSIFIER, classifier_uri)
+        if spec == self.spec:
+            classifier = self.extractor
+        else:
+            classifier = self.classifiers.get(classifier_uri) or build_extractor(spec, self.storage_options)
+            self.classifiers[classifier_uri] = classifier
+        _, logits = classifier(read_images(source, self.storage_options))  # [n, K]
+        return logits.argmax(dim=1).numpy()
 
     def features(self, source: ImageSource) -> bytes:
         """The features ``[n, d]`` float32 of one file's images, as ``.npy`` bytes."""
@@ -144,6 +158,13 @@ def held_or_new(
     if workers.spec != spec:
         raise ValueError(f"feature workers of {workers.spec} were handed features to compute with {spec}")
     return contextlib.nullcontext(workers)
+
+
+def predicted_classes(sources: list[ImageSource], classifier_uri: str, workers: FeatureWorkers) -> np.ndarray:
+    """The top-1 class ``[N]`` int64 of every image of ``sources``, in the order given, by the data set's classifier
+    at ``classifier_uri``: one call per file on ``workers``."""
+    calls = workers.pool.map(lambda worker, source: worker.predicted_classes.remote(source, classifier_uri), sources)
+    return np.concatenate(list(calls))
 
 
 def summary_of(

@@ -70,8 +70,8 @@ from pipelines.data.shards import (
     split_layout,
     split_sources,
 )
-from pipelines.evaluation.classes import ClassHits, class_hits, sweep_plot
-from pipelines.evaluation.coverage import class_counts, class_coverage, coverage_table
+from pipelines.evaluation.classes import ClassHits, sweep_plot
+from pipelines.evaluation.coverage import class_coverage, coverage_table
 from pipelines.evaluation.distilled import (
     SIDE_BY_SIDE_IMAGES,
     TEACHER_OWN,
@@ -93,6 +93,7 @@ from pipelines.evaluation.scoring import (
     SummaryRequest,
     feature_workers,
     fid_estimate,
+    predicted_classes,
     published_reference,
     reference_key,
     reference_summary,
@@ -139,9 +140,6 @@ class Scorer:
 
     def estimate(self, summary: Summary) -> FidEstimate:
         return fid_estimate(summary, self.reference, self.published)
-
-    def fid(self, sources: list[ImageSource], num_images: int) -> FidEstimate:
-        return self.estimate(self.summarize(sources, num_images))
 
 
 @dataclass(frozen=True)
@@ -252,11 +250,12 @@ def run(
     distill: DistillOutputs | None,
 ) -> EvaluateOutputs:
     section, upstream = settings.evaluate, (prepare, train, sample)
-    scorer, generated, holdout = feature_summaries(context, section, (prepare, sample), context.execution(train.device))
-    ours = sample_set_scores(section, scorer, sample, generated)
+    first = feature_pass(context, section, (prepare, sample), context.execution(train.device))
+    scorer, holdout = first.scorer, first.holdout
+    ours = sample_set_scores(section, scorer, sample, first.samples)
     scores = ours.scores
-    if sample.conditioning is not None:
-        hits = conditional_hits(context, prepare, sample.shard_uris, scorer.execution)
+    if sample.conditioning is not None and first.sample_classes is not None:
+        hits = conditional_hits(prepare, sample.shard_uris, first.sample_classes, scorer.execution.storage_options)
         log_class_accuracy(context, hits, list(prepare.class_names or ()))
         scores = dataclasses.replace(scores, conditional_accuracy=hits.accuracy)
     sweep = guidance_sweep(context, section, upstream, scorer)
@@ -270,7 +269,7 @@ def run(
         nll_bpd=nll.bits_per_dim if nll else None,
         nll_bpd_stderr=nll.stderr if nll else None,
     )
-    diversity = diversity_scores(context, section, (prepare, sample), scorer, (ours.summary, holdout))
+    diversity = diversity_scores(context, section, (prepare, sample), first)
     protocol = fid_protocol(prepare, sample, scorer)
     outputs = EvaluateOutputs(
         scores=scores,
@@ -314,14 +313,14 @@ def diversity_scores(
     context: StageContext,
     section: EvaluateSection,
     upstream: tuple[PrepareOutputs, SampleOutputs],
-    scorer: Scorer,
-    summaries: tuple[Summary, Summary | None],
+    first: FeaturePass,
 ) -> Diversity:
     """The copy rate (from the neighbours the sample set's and the held-out set's summaries found) with its closest
-    pairs logged, and the class coverage with its table logged; each with the reason it was skipped, if it was."""
-    prepare, sample = upstream
+    pairs logged, and the class coverage (from the samples' classes) with its table logged; each with the reason it
+    was skipped, if it was."""
+    (prepare, sample), scorer = upstream, first.scorer
     memorized, memorization_skipped = None, memorization_skip_reason(section, prepare)
-    samples, holdout = summaries
+    samples, holdout = first.samples, first.holdout
     if samples.neighbours is not None and holdout is not None and holdout.neighbours is not None:
         memorized = memorization_score(
             samples.neighbours,
@@ -332,8 +331,8 @@ def diversity_scores(
         )
         memorized = dataclasses.replace(memorized, closest_pairs_uri=log_closest_pairs(context, memorized, upstream))
     coverage, coverage_skipped = None, coverage_skip_reason(section, prepare, sample)
-    if coverage_skipped is None:
-        coverage = mode_coverage(section, prepare, sample, scorer.execution)
+    if coverage_skipped is None and first.sample_classes is not None:
+        coverage = mode_coverage(section, prepare, sample, first.sample_classes)
         log_coverage(context, coverage)
     for what, reason in (("memorization", memorization_skipped), ("coverage", coverage_skipped)):
         if reason is not None:
@@ -371,12 +370,12 @@ def coverage_skip_reason(section: EvaluateSection, prepare: PrepareOutputs, samp
 
 
 def mode_coverage(
-    section: EvaluateSection, prepare: PrepareOutputs, sample: SampleOutputs, execution: Execution
+    section: EvaluateSection, prepare: PrepareOutputs, sample: SampleOutputs, predicted: np.ndarray
 ) -> ClassCoverage:
-    """The samples' class histogram by the data set's classifier against the training split's labels."""
-    assert prepare.extractor_uri is not None and prepare.class_counts is not None and prepare.class_names is not None
-    sources = sample_sources(sample.shard_uris, execution.storage_options)
-    counts = class_counts(sources, prepare.extractor_uri, len(prepare.class_counts), execution)  # [K]
+    """The samples' class histogram (``predicted``: each sample's top-1 class ``[N]`` by the data set's classifier,
+    :func:`classified`) against the training split's labels."""
+    assert prepare.class_counts is not None and prepare.class_names is not None
+    counts = np.bincount(predicted, minlength=len(prepare.class_counts))  # [K]
     return class_coverage(counts, prepare.class_counts, prepare.class_names, section.coverage_resamples, sample.seed)
 
 
@@ -459,15 +458,25 @@ def settings_that_ran(section: EvaluateSection, outputs: EvaluateOutputs) -> dic
     return ran
 
 
-def feature_summaries(
+@dataclass(frozen=True)
+class FeaturePass:
+    """What the evaluate stage computes on its one held pool of feature workers (:func:`feature_pass`)."""
+
+    scorer: Scorer
+    samples: Summary  # the sample set's (:func:`sample_set_summary`)
+    holdout: Summary | None  # the held-out images' (:func:`holdout_summary`)
+    sample_classes: np.ndarray | None  # [N] each sample's class by the data set's classifier (:func:`classified`)
+
+
+def feature_pass(
     context: StageContext,
     section: EvaluateSection,
     upstream: tuple[PrepareOutputs, SampleOutputs],
     execution: Execution,
-) -> tuple[Scorer, Summary, Summary | None]:
-    """The scorer, and the summaries of the sample set (:func:`sample_set_summary`) and of the held-out images
-    (:func:`holdout_summary`), all computed on one pool of feature workers, held while nothing else of the stage
-    runs on the cluster."""
+) -> FeaturePass:
+    """The scorer, the summaries of the sample set and of the held-out images, and (for a conditional model's
+    accuracy or the class coverage) the samples' classes, all computed on one pool of feature workers, held while
+    nothing else of the stage runs on the cluster."""
     prepare, sample = upstream
     network = feature_network(context, section, prepare)
     files = files_to_score(prepare, sample, execution.storage_options)
@@ -475,7 +484,11 @@ def feature_summaries(
         scorer = make_scorer(context, section, prepare, network, execution, workers)
         context.log(f"evaluate: features of {sample.num_samples} samples with {network.extractor_id}")
         generated = sample_set_summary(section, scorer, sample, workers)
-        return scorer, generated, holdout_summary(scorer, prepare, workers)
+        holdout = holdout_summary(scorer, prepare, workers)
+        classes = None
+        if sample.conditioning is not None or coverage_skip_reason(section, prepare, sample) is None:
+            classes = classified(prepare, sample.shard_uris, workers, execution.storage_options)
+        return FeaturePass(scorer, generated, holdout, classes)
 
 
 def files_to_score(prepare: PrepareOutputs, sample: SampleOutputs, storage_options: dict[str, Any]) -> int:
@@ -569,13 +582,24 @@ def sample_set_scores(
     return SampleSetScores(scores, fid, count, generated)
 
 
+def classified(
+    prepare: PrepareOutputs, shard_uris: tuple[str, ...], workers: FeatureWorkers, storage_options: dict[str, Any]
+) -> np.ndarray:
+    """The top-1 class ``[N]`` of each image of a sample set, in index order, by the data set's classifier."""
+    if prepare.extractor_uri is None:
+        raise RuntimeError("the samples' classes are the prepare stage's classifier's, and it made none")
+    return predicted_classes(sample_sources(shard_uris, storage_options), prepare.extractor_uri, workers)
+
+
 def conditional_hits(
-    context: StageContext, prepare: PrepareOutputs, shard_uris: tuple[str, ...], execution: Execution
+    prepare: PrepareOutputs, shard_uris: tuple[str, ...], predicted: np.ndarray, storage_options: dict[str, Any]
 ) -> ClassHits:
-    """How often the data set's classifier sees the requested class in a conditional sample set."""
-    if prepare.extractor_uri is None or prepare.num_classes is None:
+    """How often the data set's classifier saw (``predicted``, :func:`classified`) the class each image of a
+    conditional sample set was asked for."""
+    if prepare.num_classes is None:
         raise RuntimeError("a conditional model is scored by the prepare stage's classifier, and it made none")
-    return class_hits(shard_uris, prepare.extractor_uri, prepare.num_classes, execution)
+    requested = np.concatenate([read_sample_labels(uri, storage_options) for uri in shard_uris])  # [N]
+    return ClassHits.of(requested, predicted, prepare.num_classes)
 
 
 def log_class_accuracy(context: StageContext, hits: ClassHits, names: list[str]) -> None:
@@ -624,8 +648,11 @@ def guidance_sweep(
             conditioning=conditioning.with_scale(scale),
         )
         uris, _ = sample_to_shards(request, scorer.execution, context.log)
-        fid = scorer.fid(sample_sources(uris, scorer.execution.storage_options), count).value
-        accuracy = conditional_hits(context, prepare, tuple(uris), scorer.execution).accuracy
+        options, sources = scorer.execution.storage_options, sample_sources(uris, scorer.execution.storage_options)
+        with feature_workers(scorer.network.spec, len(sources), scorer.execution) as workers:
+            fid = scorer.estimate(summarize(sources, scorer.request(count), scorer.execution, workers)).value
+            predicted = classified(prepare, tuple(uris), workers, options)
+        accuracy = conditional_hits(prepare, tuple(uris), predicted, options).accuracy
         points.append(GuidancePoint(scale, count, fid, accuracy))
     log_guidance_sweep(context, points)
     return tuple(points)
