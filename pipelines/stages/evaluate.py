@@ -492,7 +492,7 @@ def feature_pass(
 
 
 def files_to_score(prepare: PrepareOutputs, sample: SampleOutputs, storage_options: dict[str, Any]) -> int:
-    """The most files of one image set that :func:`feature_summaries` computes features of: the sample set's, the
+    """The most files of one image set that :func:`feature_pass` computes features of: the sample set's, the
     training split's (for its reference statistics and features, unless cached) and the held-out split's."""
     splits = [prepare.shards_uri, *([prepare.holdout_uri] if prepare.num_holdout >= 2 else [])]
     return max(len(sample.shard_uris), *(len(split_sources(uri, storage_options)) for uri in splits))
