@@ -283,10 +283,17 @@ def _tail(log: Path) -> str:
     return log.read_text()[-3000:] if log.exists() else ""
 
 
-def _stop(node: ClusterNode) -> None:
+def _stop(node: ClusterNode, timeout: float = 10) -> None:
+    """SIGKILLs every process of the node and waits (``timeout`` at most) until none is left alive: a killed process
+    lives on until the kernel has delivered the signal, and the CI run of 2026-12-07 found one still alive just after
+    the cluster's block ended. Leftovers are signalled again on each look."""
     _signal_session(node.pgid, signal.SIGKILL)
     with contextlib.suppress(subprocess.TimeoutExpired):
-        node.process.wait(timeout=10)
+        node.process.wait(timeout=timeout)
+    deadline = time.monotonic() + timeout
+    while session_pids(node.pgid) and time.monotonic() < deadline:
+        _signal_session(node.pgid, signal.SIGKILL)
+        time.sleep(0.05)
 
 
 @contextlib.contextmanager
