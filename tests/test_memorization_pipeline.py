@@ -35,7 +35,7 @@ from pipelines.contracts import (
     TrainedWith,
     TrainOutputs,
 )
-from pipelines.data.shards import read_split, sample_shard_uris, write_sample_shard
+from pipelines.data.shards import read_split, sample_shard_uris, sample_sources, write_sample_shard
 from pipelines.evaluation.scoring import ExtractorSpec, feature_workers
 from pipelines.execution import Device
 from pipelines.registry.champion import Champion, CopyRateTags
@@ -206,7 +206,8 @@ def test_the_coverage_of_one_class_is_one_minus_its_training_share(world):
     assert world.prepared.extractor_uri is not None
     spec = ExtractorSpec(Extractor.CLASSIFIER, world.prepared.extractor_uri)
     with feature_workers(spec, len(sample.shard_uris), execution) as workers:
-        classes = evaluate.classified(world.prepared, sample.shard_uris, workers, execution.storage_options)
+        sources = sample_sources(sample.shard_uris, execution.storage_options)
+        classes = evaluate.classified(world.prepared, sources, workers)
     assert classes.shape == (sample.num_samples,)  # one class per sample, in index order
     coverage = evaluate.mode_coverage(section, world.prepared, sample, classes)
     share = float(np.mean(world.labels == label))

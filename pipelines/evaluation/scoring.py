@@ -116,8 +116,9 @@ class FeatureWorker:
         if spec == self.spec:
             classifier = self.extractor
         else:
-            classifier = self.classifiers.get(classifier_uri) or build_extractor(spec, self.storage_options)
-            self.classifiers[classifier_uri] = classifier
+            if classifier_uri not in self.classifiers:
+                self.classifiers[classifier_uri] = build_extractor(spec, self.storage_options)
+            classifier = self.classifiers[classifier_uri]
         _, logits = classifier(read_images(source, self.storage_options))  # [n, K]
         return logits.argmax(dim=1).numpy()
 

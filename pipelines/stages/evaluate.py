@@ -480,14 +480,15 @@ def feature_pass(
     prepare, sample = upstream
     network = feature_network(context, section, prepare)
     files = files_to_score(prepare, sample, execution.storage_options)
+    sources = sample_sources(sample.shard_uris, execution.storage_options)
     with feature_workers(network.spec, files, execution) as workers:
         scorer = make_scorer(context, section, prepare, network, execution, workers)
         context.log(f"evaluate: features of {sample.num_samples} samples with {network.extractor_id}")
-        generated = sample_set_summary(section, scorer, sample, workers)
+        generated = sample_set_summary(section, scorer, (sample, sources), workers)
         holdout = holdout_summary(scorer, prepare, workers)
         classes = None
         if sample.conditioning is not None or coverage_skip_reason(section, prepare, sample) is None:
-            classes = classified(prepare, sample.shard_uris, workers, execution.storage_options)
+            classes = classified(prepare, sources, workers)
         return FeaturePass(scorer, generated, holdout, classes)
 
 
@@ -538,15 +539,17 @@ def make_scorer(
 
 
 def sample_set_summary(
-    settings: EvaluateSection, scorer: Scorer, sample: SampleOutputs, workers: FeatureWorkers
+    settings: EvaluateSection,
+    scorer: Scorer,
+    sample: tuple[SampleOutputs, list[ImageSource]],
+    workers: FeatureWorkers,
 ) -> Summary:
-    """The sample set's summary: its features' statistics (with the Inception Score's, when on), its first features
-    (precision/recall and KID) and each sample's two nearest training images (when the scorer searches them)."""
-    splits = settings.inception_score_splits if settings.inception_score else 0
-    request = scorer.request(sample.num_samples, splits, settings.first_feature_images, neighbours=True)
-    return summarize(
-        sample_sources(sample.shard_uris, scorer.execution.storage_options), request, scorer.execution, workers
-    )
+    """The summary of the sample set (its outputs and its shards' sources): its features' statistics (with the
+    Inception Score's, when on), its first features (precision/recall and KID) and each sample's two nearest training
+    images (when the scorer searches them)."""
+    (outputs, sources), splits = sample, settings.inception_score_splits if settings.inception_score else 0
+    request = scorer.request(outputs.num_samples, splits, settings.first_feature_images, neighbours=True)
+    return summarize(sources, request, scorer.execution, workers)
 
 
 def sample_set_scores(
@@ -582,13 +585,12 @@ def sample_set_scores(
     return SampleSetScores(scores, fid, count, generated)
 
 
-def classified(
-    prepare: PrepareOutputs, shard_uris: tuple[str, ...], workers: FeatureWorkers, storage_options: dict[str, Any]
-) -> np.ndarray:
-    """The top-1 class ``[N]`` of each image of a sample set, in index order, by the data set's classifier."""
+def classified(prepare: PrepareOutputs, sources: list[ImageSource], workers: FeatureWorkers) -> np.ndarray:
+    """The top-1 class ``[N]`` of each image of a sample set (its shards' ``sources``, in index order), by the data
+    set's classifier."""
     if prepare.extractor_uri is None:
         raise RuntimeError("the samples' classes are the prepare stage's classifier's, and it made none")
-    return predicted_classes(sample_sources(shard_uris, storage_options), prepare.extractor_uri, workers)
+    return predicted_classes(sources, prepare.extractor_uri, workers)
 
 
 def conditional_hits(
@@ -651,7 +653,7 @@ def guidance_sweep(
         options, sources = scorer.execution.storage_options, sample_sources(uris, scorer.execution.storage_options)
         with feature_workers(scorer.network.spec, len(sources), scorer.execution) as workers:
             fid = scorer.estimate(summarize(sources, scorer.request(count), scorer.execution, workers)).value
-            predicted = classified(prepare, tuple(uris), workers, options)
+            predicted = classified(prepare, sources, workers)
         accuracy = conditional_hits(prepare, tuple(uris), predicted, options).accuracy
         points.append(GuidancePoint(scale, count, fid, accuracy))
     log_guidance_sweep(context, points)
