@@ -107,9 +107,11 @@ def test_placement_takes_rays_names_in_any_case_and_refuses_others():
 
 # --- a real cluster: a head and two worker nodes on this machine, storage on S3 (moto), MLflow's server ------------
 
+TOTAL = 12288  # room for a node loss past the second checkpoint and a resume from it
 COMMON = [
-    "train.total_images=32768",  # long enough for an elastic group to shrink and grow back while it trains
+    f"train.total_images={TOTAL}",
     "train.checkpoint_every_images=2048",
+    "train.ema_snapshot_every_images=2048",  # the autoguidance guide (at 30%) after the first post-hoc snapshot
     "train.log_every_images=1024",
     "train.grid_every_images=0",
     "train.num_workers=2",
@@ -133,7 +135,7 @@ NODE_ENV = {
     "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1",
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15",
 }
-PROGRESS = re.compile(r"train: (\d+)/32768 images")
+PROGRESS = re.compile(rf"train: (\d+)/{TOTAL} images")
 
 
 @dataclass
@@ -438,23 +440,26 @@ def test_a_preempted_node_costs_the_last_seconds_not_a_checkpoint_interval(world
     cluster.add_node()
 
 
-# another cluster run (181 s undisturbed): make test-all. In CI: one worker taking both shares equals two workers to the
-# bit (test_elastic_math)
+# two more cluster runs (the elastic one 181 s undisturbed): make test-all. In CI: one worker taking both shares
+# equals two workers to the bit (test_elastic_math)
 @pytest.mark.slow
 def test_elastic_training_shrinks_to_one_worker_grows_back_and_ends_with_the_fixed_groups_weights(world):
     """``train.num_workers=[1, 2]`` with a whole CPU per worker: both worker nodes killed after the first checkpoint
     leave capacity for one worker (the head's CPU), and Ray Train's elastic group goes on with it from the last
     checkpoint instead of waiting; a node added then is found by the resize monitor (every 5 s here) and the group
     grows back to two. The global batch is the same two shares throughout (one worker takes both, its gradients
-    accumulated), so the weights, the FID, the sample shards and every logged loss equal the fixed two-worker run's
-    exactly: the tolerance is zero, below any run-to-run noise."""
-    cluster = world.cluster
+    accumulated), so the weights, the FID, the sample shards and every logged loss equal those of a fixed two-worker
+    run of the same length exactly: the tolerance is zero, below any run-to-run noise."""
+    cluster, total = world.cluster, 32768  # long enough for the group to shrink and grow back while it trains
+    longer = [*world.overrides, f"train.total_images={total}"]
+    fixed = submit(cluster.dashboard, cluster.env, [*longer, "run_id=fixed"], world.workdir / "fixed.log")
+    assert fixed.returncode == 0, fixed.stdout[-6000:]
     log = world.workdir / "elastic.log"
-    overrides = [*world.overrides, "run_id=elastic", "train.num_workers=[1, 2]", "train.cpus_per_worker=1"]
+    overrides = [*longer, "run_id=elastic", "train.num_workers=[1, 2]", "train.cpus_per_worker=1"]
     job = start_job(cluster.dashboard, cluster.env, [*overrides, "train.elastic_resize_interval_s=5"], log)
     started = re.compile(r"train: worker group of (\d) started at (\d+) images")
     try:
-        world.training_node_past(job, log, PROGRESS, 3072)  # past the first checkpoint
+        world.training_node_past(job, log, re.compile(rf"train: (\d+)/{total} images"), 3072)  # past the 1st checkpoint
         for node in list(cluster.workers):  # the head's one CPU is left: room for one worker
             cluster.kill(node)
         shrunk_at = len(log.read_text())
@@ -470,13 +475,13 @@ def test_elastic_training_shrinks_to_one_worker_grows_back_and_ends_with_the_fix
     assert sizes[0] == 2 and 1 in sizes and sizes[-1] == 2 and sizes.index(1) < len(sizes) - 1, groups
     assert all(at % 2048 == 0 for _, at in groups[1:]), groups  # each restart from a checkpoint
     assert "2 shares of the batch per worker" in output  # the one worker took both shares
-    assert world.stage_json("elastic", "train")["outputs"]["images_seen"] == 32768
-    fixed, elastic = dict(world.losses("single")), world.losses("elastic")
-    assert {step for step, _ in elastic} == set(fixed), "a loss at every log step of the fixed run, and no other"
-    assert all(value == fixed[step] for step, value in elastic), (fixed, elastic)  # repeats: the restarts' windows
+    assert world.stage_json("elastic", "train")["outputs"]["images_seen"] == total
+    losses, elastic = dict(world.losses("fixed")), world.losses("elastic")
+    assert {step for step, _ in elastic} == set(losses), "a loss at every log step of the fixed run, and no other"
+    assert all(value == losses[step] for step, value in elastic), (losses, elastic)  # repeats: the restarts' windows
     same = ("snapshot_sha256", "fid", "shards")
-    result, single = world.result("elastic"), world.result("single")
-    assert {key: result[key] for key in same} == {key: single[key] for key in same}
+    result, reference = world.result("elastic"), world.result("fixed")
+    assert {key: result[key] for key in same} == {key: reference[key] for key in same}
     cluster.add_node()  # two worker nodes again, for whatever runs next
 
 
