@@ -151,6 +151,16 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> di
         ) from None
 
 
+def committed_folders(parent_uri: str, pattern: str, storage_options: dict[str, Any]) -> list[str]:
+    """The committed folders (those with a manifest) under ``parent_uri`` whose names match the glob ``pattern``,
+    sorted by name, as URIs."""
+    fs, path = filesystem(parent_uri, storage_options)
+    fs.invalidate_cache(path)
+    folders = sorted(manifest.rsplit("/", 1)[0] for manifest in fs.glob(f"{path}/{pattern}/{MANIFEST}"))
+    protocol = parent_uri.split("://", 1)[0] + "://" if "://" in parent_uri else ""
+    return [protocol + folder for folder in folders]
+
+
 def is_committed(uri: str, storage_options: dict[str, Any] | None = None) -> bool:
     fs, root = filesystem(uri, storage_options)
     with storage_failures_named(uri, "checking the manifest"):

@@ -26,7 +26,7 @@ from ddpm_core.metrics import FeatureStatistics, frechet_distance_from_stats
 from ddpm_core.samplers import PerIndexNoise, SamplerConfig, sample
 from pipelines.__main__ import main
 from pipelines.config_file import load_config
-from pipelines.data.latents import read_latents
+from pipelines.data.latent_files import read_latents
 from pipelines.data.shards import read_split
 from pipelines.generation.figures import interpolation_figure
 from tests import run_files

@@ -21,7 +21,8 @@ from ddpm_core.autoencoder import AutoencoderConfig, KLAutoencoder
 from ddpm_core.autoencoder_weights import LatentSpace, load_autoencoder, save_autoencoder
 from ddpm_core.data import ImageDataset, random_posterior_batch, to_model_range
 from ddpm_core.storage import MANIFEST, read_manifest
-from pipelines.data.latents import Encoding, encode_split, file_uri, read_latent_file
+from pipelines.data.latent_files import file_uri, read_latent_file
+from pipelines.data.latents import Encoding, encode_split
 from pipelines.data.shards import read_split, split_identity, write_split
 from tests.cluster import session_pids
 from tests.services import run_in_session
@@ -112,6 +113,9 @@ def committed_files(folder: Path) -> dict[str, float]:
     }
 
 
+# two driver processes with local Ray, one SIGKILLed (41 s): make test-all. In CI: a second call reuses the committed
+# folder (above), and the same commit protocol's resume on sample shards (tests/test_resume_and_corruption.py)
+@pytest.mark.slow
 def test_a_killed_encoding_resumes_without_encoding_a_committed_file_again(tmp_path):
     encoding = split_to_encode(tmp_path, images=16 * 24, per_file=24, blocks=(64, 128, 128))
     argument = json.dumps(encoding.__dict__)

@@ -9,8 +9,8 @@ was trained to invert, not the narrower one of the means, and no single noise dr
 price is twice the bytes of the means alone.
 
 **Where, and resumption.** The latents of one split under one autoencoder live in a folder keyed by both identities
-(:func:`latents_uri`: the split's own identity, :func:`pipelines.data.shards.split_identity`, and
-:func:`ddpm_core.autoencoder_weights.autoencoder_identity`), each
+(:func:`pipelines.data.latent_files.latents_uri`: the split's own identity,
+:func:`pipelines.data.shards.split_identity`, and :func:`ddpm_core.autoencoder_weights.autoencoder_identity`), each
 file a committed directory ``file-NNNNN`` of its own. An encoding that is killed leaves the files it committed, and
 the next one encodes only the others. The folder's own manifest is committed last, once every file is there.
 
@@ -38,19 +38,10 @@ from ddpm_core.autoencoder import KLAutoencoder
 from ddpm_core.autoencoder_weights import load_autoencoder
 from ddpm_core.data import to_model_range
 from ddpm_core.storage import commit, is_committed, read_manifest
-from pipelines.contracts import LatentOutputs
 from pipelines.data.ingest import quiet_ray_data
-from pipelines.data.shards import (
-    ImageSource,
-    first_rows,
-    npz_bytes,
-    read_split_file,
-    split_identity,
-    split_layout,
-)
+from pipelines.data.latent_files import LATENT_FILE, file_uri, latents_uri
+from pipelines.data.shards import npz_bytes, read_split_file, split_identity, split_layout
 from pipelines.execution import runtime_env
-
-LATENT_FILE = "latents.npz"
 
 
 @dataclass(frozen=True)
@@ -98,15 +89,6 @@ class LatentSplit:
     count: int
     scaling_factor: float  # 1 / std of the latents
     encoded_now: int  # files this call encoded (the others were committed by an earlier one)
-
-
-def latents_uri(latents_root: str, split: str, autoencoder_identity: str) -> str:
-    """The folder of the latents of the split whose identity is ``split`` under one autoencoder."""
-    return f"{latents_root}/{split[:16]}-{autoencoder_identity[:16]}"
-
-
-def file_uri(folder: str, number: int) -> str:
-    return f"{folder}/file-{number:05d}"
 
 
 def encode_images(model: KLAutoencoder, images: np.ndarray, batch: int) -> tuple[np.ndarray, np.ndarray]:
@@ -216,25 +198,3 @@ def committed_split(folder: str, options: dict[str, Any], encoded_now: int) -> L
         float(summary["scaling_factor"]),
         encoded_now,
     )
-
-
-def read_latent_file(folder: str, number: int, options: dict[str, Any]) -> dict[str, np.ndarray]:
-    """One latent file: ``mean`` and ``logvar`` float32 ``[n, c, h, w]`` and, when the split has them, ``labels``."""
-    return read_split_file(ImageSource(file_uri(folder, number), LATENT_FILE, 0), options)
-
-
-def held_out_latents(latent: LatentOutputs, count: int, seed: int, options: dict[str, Any]) -> torch.Tensor:
-    """The first ``count`` latents of a committed folder (a hold-out split's) as the diffusion model sees them:
-    one sample of each posterior, ``z = mean + exp(logvar / 2) * noise`` with the noise drawn from ``seed`` (the same
-    for every network scored on them), in ``latent.space`` (its scaling). float32 ``[n, c, h, w]`` on the CPU."""
-    held = read_latents(latent.uri, options, count)
-    mean, logvar = torch.as_tensor(held["mean"]), torch.as_tensor(held["logvar"])  # [n, c, h, w] each
-    noise = torch.randn(mean.shape, generator=torch.Generator().manual_seed(seed))  # [n, c, h, w]
-    return latent.space.latents(mean + torch.exp(0.5 * logvar) * noise)
-
-
-def read_latents(folder: str, options: dict[str, Any], count: int | None = None) -> dict[str, np.ndarray]:
-    """The first ``count`` latents (None: all) of a committed folder, in the split's order, reading only the files
-    they are in (:func:`read_latent_file`, :func:`pipelines.data.shards.first_rows`)."""
-    files = int(read_manifest(folder, options)["metadata"]["files"])
-    return first_rows((read_latent_file(folder, number, options) for number in range(files)), count)

@@ -22,7 +22,7 @@ from ddpm_core.interpolation import interpolate
 from ddpm_core.samplers import Method, PerIndexNoise, SamplerConfig, null_conditioned, sample
 from pipelines.config import ConfigError, PipelineConfig
 from pipelines.contracts import AutoencoderOutputs, PrepareOutputs, TrainOutputs
-from pipelines.data.latents import read_latent_file
+from pipelines.data.latent_files import read_latent_file
 from pipelines.data.shards import read_images_at, split_layout
 from pipelines.runs import RunStore
 

@@ -31,7 +31,7 @@ from ddpm_core.phema import reconstruct
 from ddpm_core.samplers import null_conditioned
 from pipelines.config import EmaChoice
 from pipelines.contracts import EmaCandidate, LatentOutputs
-from pipelines.data.latents import held_out_latents
+from pipelines.data.latent_files import held_out_latents
 from pipelines.data.shards import read_first_images
 from pipelines.execution import Device
 from pipelines.figures import png_bytes, subplots
@@ -79,7 +79,7 @@ def read_held_out(
     holdout_uri: str, latent: LatentOutputs | None, count: int, storage_options: dict[str, Any]
 ) -> HeldOut:
     """The first ``count`` held-out examples: the hold-out split's images, or a latent model's hold-out latents
-    (:func:`pipelines.data.latents.held_out_latents`, the posterior samples drawn from :data:`SCORE_SEED`)."""
+    (:func:`pipelines.data.latent_files.held_out_latents`, the posterior samples drawn from :data:`SCORE_SEED`)."""
     if latent is not None:
         return HeldOut(held_out_latents(latent, count, SCORE_SEED, storage_options), continuous=True)
     return HeldOut(to_model_range(read_first_images(holdout_uri, count, storage_options)), continuous=False)

@@ -15,7 +15,7 @@ from ddpm_core.data import random_batch, random_posterior_batch, to_model_range
 from ddpm_core.precision import autocast_dtype
 from ddpm_core.training import RunningTotals, drop_labels
 from pipelines.advice import out_of_memory_advice
-from pipelines.data.latents import read_latents
+from pipelines.data.latent_files import read_latents
 from pipelines.data.shards import read_split
 from pipelines.data.streaming import ImageStream
 from pipelines.training.hooks import (

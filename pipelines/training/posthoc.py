@@ -17,9 +17,8 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from ddpm_core.phema import PosthocSnapshot, reconstruct
-from ddpm_core.storage import commit, is_committed, read_committed
+from ddpm_core.storage import commit, committed_folders, is_committed, read_committed
 from pipelines.contracts import TrainOutputs
-from pipelines.training.state import committed_folders
 
 
 def snapshot_uri(posthoc_uri: str, images_seen: int) -> str:

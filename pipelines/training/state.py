@@ -21,7 +21,7 @@ from ddpm_core.compile_cache import cache_file_uri, load_compiled, save_compiled
 from ddpm_core.diffusion import Variance
 from ddpm_core.phema import PowerEMA
 from ddpm_core.stable_targets import ReferenceBank
-from ddpm_core.storage import MANIFEST, filesystem
+from ddpm_core.storage import committed_folders
 from ddpm_core.unet import UNet, UNetConfig
 from pipelines.advice import slow_precision_advice
 from pipelines.training.job import TrainJob
@@ -235,16 +235,6 @@ def committed_checkpoints(trainer_uri: str, storage_options: dict[str, Any]) -> 
     """The committed Ray Train checkpoints under a job's ``trainer_uri``, by step (``hooks.checkpoint_name``), as
     URIs."""
     return committed_folders(f"{trainer_uri}/trainer", "checkpoint_*", storage_options)
-
-
-def committed_folders(parent_uri: str, pattern: str, storage_options: dict[str, Any]) -> list[str]:
-    """The committed folders (those with a manifest) under ``parent_uri`` whose names match the glob ``pattern``,
-    sorted by name, as URIs."""
-    fs, path = filesystem(parent_uri, storage_options)
-    fs.invalidate_cache(path)
-    folders = sorted(manifest.rsplit("/", 1)[0] for manifest in fs.glob(f"{path}/{pattern}/{MANIFEST}"))
-    protocol = parent_uri.split("://", 1)[0] + "://" if "://" in parent_uri else ""
-    return [protocol + folder for folder in folders]
 
 
 def load_snapshot_weights(model: nn.Module, uri: str, unet: UNetConfig, storage_options: dict[str, Any]) -> None:
