@@ -62,6 +62,10 @@ def trained(job: AutoencoderJob) -> dict[str, torch.Tensor]:
     return model.state_dict()
 
 
+# three Ray Train fits (58 s): make test-all. In CI: the autoencoder stage trains on Ray Train through the pipeline
+# (tests/test_latent_pipeline.py), and a stopped diffusion training run resumes to the uninterrupted weights
+# (tests/test_resume_and_corruption.py: SIGTERM, exit 143, the same command again)
+@pytest.mark.slow
 def test_a_stopped_run_resumes_to_the_weights_of_one_never_stopped(tmp_path, local_ray):
     write_split(str(tmp_path / "shards"), load_dataset("builtin:digits"), np.arange(256), {})
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -173,6 +173,10 @@ def test_the_distill_benchmark_gathers_each_seeds_curve_and_the_costs(straight):
     assert costs["distill_stage_seconds"] > costs["distill_loop_seconds"] > 0 and costs["teacher_loop_seconds"] > 0
 
 
+# another distill round, sampling, evaluate and register (69 s): make test-all. In CI: the consistency loss, target and
+# grid against closed forms, a consistency snapshot sampled through its skip scalings (tests/test_distillation.py), a
+# round's step on one worker equal to two workers' (tests/test_elastic_math.py), and the distill stage end to end above
+@pytest.mark.slow
 def test_a_consistency_student_of_the_same_teacher_is_drawn_in_one_step_through_its_skip_scalings(straight):
     """``distill.method=consistency`` on the same run (prepare and train reused; last in this module, since it moves
     the run's head): one round against the teacher's 8-step DDIM trajectories, whose student samples, scores and
