@@ -170,3 +170,15 @@ def test_a_snapshots_latent_space_decodes_as_the_autoencoder_does(tmp_path):
     with torch.no_grad():
         expected = model.decode(z).clamp(-1, 1)
     torch.testing.assert_close(decoded, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "module", ["pipelines.data.latent_files", "pipelines.training.ema_choice", "pipelines.generation.guides"]
+)
+def test_a_task_that_only_reads_imports_neither_ray_data_nor_ray_train(module):
+    """The post-hoc EMA choice and the autoguidance guide run as Ray tasks, each in a fresh worker process that
+    imports its module: reading latent files and post-hoc snapshots must not pull in Ray Data or Ray Train (about a
+    second of imports per task on 2 CPUs)."""
+    program = f"import sys, {module}; print(sorted(m for m in ('ray.data', 'ray.train') if m in sys.modules))"
+    found = subprocess.run([sys.executable, "-c", program], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert found.returncode == 0 and found.stdout.strip() == "[]", found.stdout + found.stderr[-2000:]
