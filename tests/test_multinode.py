@@ -135,7 +135,14 @@ NODE_ENV = {
     "RAY_TRAIN_PREEMPTION_POLL_INTERVAL_S": "1",
     "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "15",
 }
-PROGRESS = re.compile(rf"train: (\d+)/{TOTAL} images")
+
+
+def progress_lines(total: int) -> re.Pattern[str]:
+    """Rank 0's progress lines of a run of ``total`` images; the group: the images seen."""
+    return re.compile(rf"train: (\d+)/{total} images")
+
+
+PROGRESS = progress_lines(TOTAL)
 
 
 @dataclass
@@ -374,7 +381,7 @@ def test_streamed_data_is_decoded_on_other_nodes_and_a_lost_node_resumes_at_the_
     of the uninterrupted streamed run."""
     cluster, total = world.cluster, 8192  # streaming is slower: a shorter run
     streamed = [*world.overrides, "data.loader=stream", "data.decode_cpus=0.5", f"train.total_images={total}"]
-    streamed.append("sample.autoguidance_weight=1")  # the guide point would precede the first post-hoc snapshot
+    streamed.append("sample.autoguidance_weight=1")  # unguided: half the sampling, and the stream is the point
     reference = submit(cluster.dashboard, cluster.env, [*streamed, "run_id=streamed"], world.workdir / "streamed.log")
     assert reference.returncode == 0, reference.stdout[-6000:]
     trainers = world.job_actors("RayTrainWorker", reference.stdout)
@@ -383,7 +390,7 @@ def test_streamed_data_is_decoded_on_other_nodes_and_a_lost_node_resumes_at_the_
     log = world.workdir / "streamed-lost.log"
     job = start_job(cluster.dashboard, cluster.env, [*streamed, "run_id=streamed-lost", "train.placement=SPREAD"], log)
     try:
-        progress = re.compile(rf"train: (\d+)/{total} images")
+        progress = progress_lines(total)
         cluster.kill(world.training_node_past(job, log, progress, 4608))  # past the 2nd checkpoint
         job.wait(timeout=900)
     finally:
@@ -413,7 +420,7 @@ def test_a_preempted_node_costs_the_last_seconds_not_a_checkpoint_interval(world
     log = world.workdir / "preempted.log"
     overrides = [*world.overrides, "run_id=preempted", "train.placement=SPREAD", f"train.total_images={total}"]
     job = start_job(cluster.dashboard, cluster.env, [*overrides, f"train.checkpoint_every_images={every}"], log)
-    progress = re.compile(rf"train: (\d+)/{total} images")
+    progress = progress_lines(total)
     try:
         cluster.terminate(world.training_node_past(job, log, progress, 2560))  # ray start only: the node drains
         job.wait(timeout=900)
@@ -459,7 +466,7 @@ def test_elastic_training_shrinks_to_one_worker_grows_back_and_ends_with_the_fix
     job = start_job(cluster.dashboard, cluster.env, [*overrides, "train.elastic_resize_interval_s=5"], log)
     started = re.compile(r"train: worker group of (\d) started at (\d+) images")
     try:
-        world.training_node_past(job, log, re.compile(rf"train: (\d+)/{total} images"), 3072)  # past the 1st checkpoint
+        world.training_node_past(job, log, progress_lines(total), 3072)  # past the first checkpoint
         for node in list(cluster.workers):  # the head's one CPU is left: room for one worker
             cluster.kill(node)
         shrunk_at = len(log.read_text())
