@@ -32,6 +32,11 @@ FORWARDED_ENV = (
 # MLflow prints run links with the tracking URI, user info (a password) and all, unless told not to: the pipeline
 # prints its own, redacted
 QUIET_URLS = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
+# Ray Train's controller checks on its workers every 2 s by default, and a fit returns only at the check after its
+# workers finished: 0.5 s ends each fit (a training run, a Tune trial, an autoencoder) about 2.7 s sooner on a tiny
+# run, for one cheap call per worker each half second. A check that goes unanswered still fails a worker only after
+# RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S (10 min). A value set in the driver's environment is kept.
+TRAIN_CHECKS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
 # Credentials are never put in a runtime environment's env_vars. Workers read them from their node's environment
 # (an instance role or a secret mount on a real cluster); when the driver has them, they reach the job's workers
 # through a worker-process setup hook (connect), which Ray keeps pickled with the job and never writes as text.
@@ -204,13 +209,20 @@ def connect() -> None:
     if ray.is_initialized():
         return
     credentials = {name: os.environ[name] for name in SECRET_ENV if name in os.environ}
+    checks = train_checks(os.environ)
+    os.environ.update(checks)  # a fit's controller has the environment of the process that calls fit: the driver's
     job_env: dict[str, Any] = {  # every worker of the job, Tune's trial actors and Ray Train's own actors included
-        "env_vars": dict(QUIET_URLS),
+        "env_vars": {**QUIET_URLS, **checks},  # a Tune trial calls fit in its own actor
         "worker_process_setup_hook": worker_setup(credentials),
     }
     ours = signal.getsignal(signal.SIGTERM)
     ray.init(address=ray_address(os.environ), log_to_driver=True, runtime_env=job_env)
     signal.signal(signal.SIGTERM, ours)  # ray.init sets sys.exit as the driver's (pipelines.interruption stops cleanly)
+
+
+def train_checks(environ: Mapping[str, str]) -> dict[str, str]:
+    """:data:`TRAIN_CHECKS`, each as ``environ`` sets it if it does."""
+    return {name: environ.get(name, value) for name, value in TRAIN_CHECKS.items()}
 
 
 def ray_address(environ: Mapping[str, str]) -> str:

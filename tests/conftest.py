@@ -13,6 +13,8 @@ import uuid
 import pytest
 import ray
 
+from pipelines.execution import train_checks
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -22,13 +24,20 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def local_ray():
-    """A local Ray instance of 2 CPUs for one test module (never two at once: each module shuts its own down)."""
+    """A local Ray instance of 2 CPUs for one test module (never two at once: each module shuts its own down), with
+    the Ray Train checks a job's own connect() sets (pipelines.execution.TRAIN_CHECKS) while it runs."""
     temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay short
-    ray.init(
-        num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}}
-    )
+    checks, before = train_checks(os.environ), dict(os.environ)
+    os.environ.update(checks)
+    env_vars = {"PYTHONPATH": os.getcwd(), **checks}
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, runtime_env={"env_vars": env_vars})
     yield
     ray.shutdown()
+    for name in checks:
+        if name in before:
+            os.environ[name] = before[name]
+        else:
+            del os.environ[name]
 
 
 @pytest.fixture(scope="session")
