@@ -159,6 +159,9 @@ def test_renaming_the_model_compares_with_the_new_names_champion(workdir, capsys
     assert "re-scored under this run's protocol" in registered["reason"], json.dumps(registered)
 
 
+# another whole run (38 s): make test-all. In CI: the promotion rule never compares models of different data sets
+# (tests/test_retrain.py), and a renamed model's run re-scores that name's champion (above)
+@pytest.mark.slow
 def test_a_model_of_another_data_set_is_registered_but_never_compared(workdir, capsys):
     """The same model name, another data folder: the new version is registered, the champion (trained on the
     built-in digits) is neither re-scored nor compared, and the decision says why."""
