@@ -2,6 +2,7 @@
 local Ray instance for a module's tests."""
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -33,6 +34,7 @@ def local_ray():
     ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, runtime_env={"env_vars": env_vars})
     yield
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)  # the session's logs and sockets
     for name in checks:
         if name in before:
             os.environ[name] = before[name]

@@ -87,8 +87,11 @@ def train_on(rank: int, world: int, port: int, out: str, distill: str | None) ->
 )
 def test_one_worker_taking_both_shares_equals_two_workers(tmp_path, distill):
     alone, pair = tmp_path / "alone.pt", tmp_path / "pair.pt"
-    torch.multiprocessing.spawn(train_on, args=(1, 0, str(alone), distill), nprocs=1)
+    # both groups at once (one thread per process: the same sums as one at a time), the lone worker's joined last
+    lone = torch.multiprocessing.spawn(train_on, args=(1, 0, str(alone), distill), nprocs=1, join=False)
     torch.multiprocessing.spawn(train_on, args=(2, free_port(), str(pair), distill), nprocs=2)
+    while not lone.join():  # raises the worker's error
+        pass
     one, two = torch.load(alone), torch.load(pair)
     for part in ("model", "ema"):
         assert one[part].keys() == two[part].keys()
