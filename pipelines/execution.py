@@ -33,7 +33,7 @@ FORWARDED_ENV = (
 # prints its own, redacted
 QUIET_URLS = {"MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true"}
 # Ray Train's controller checks on its workers every 2 s by default, and a fit returns only at the check after its
-# workers finished: 0.5 s ends each fit (a training run, a Tune trial, an autoencoder) about 2.7 s sooner on a tiny
+# workers finished: 0.5 s ends each fit (a training run, a Tune trial, an autoencoder) about 2.9 s sooner on a tiny
 # run, for one cheap call per worker each half second. A check that goes unanswered still fails a worker only after
 # RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S (10 min). A value set in the driver's environment is kept.
 TRAIN_CHECKS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}

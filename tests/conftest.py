@@ -28,18 +28,15 @@ def local_ray():
     """A local Ray instance of 2 CPUs for one test module (never two at once: each module shuts its own down), with
     the Ray Train checks a job's own connect() sets (pipelines.execution.TRAIN_CHECKS) while it runs."""
     temp_dir = tempfile.mkdtemp(prefix="r", dir="/tmp")  # Ray's socket paths must stay short
-    checks, before = train_checks(os.environ), dict(os.environ)
-    os.environ.update(checks)
-    env_vars = {"PYTHONPATH": os.getcwd(), **checks}
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, runtime_env={"env_vars": env_vars})
-    yield
-    ray.shutdown()
+    checks = train_checks(os.environ)
+    with pytest.MonkeyPatch.context() as patch:  # the environment as it was once the module is done
+        for name, value in checks.items():
+            patch.setenv(name, value)
+        env_vars = {"PYTHONPATH": os.getcwd(), **checks}
+        ray.init(num_cpus=2, include_dashboard=False, _temp_dir=temp_dir, runtime_env={"env_vars": env_vars})
+        yield
+        ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)  # the session's logs and sockets
-    for name in checks:
-        if name in before:
-            os.environ[name] = before[name]
-        else:
-            del os.environ[name]
 
 
 @pytest.fixture(scope="session")
