@@ -484,7 +484,7 @@ def feature_pass(
     with feature_workers(network.spec, files, execution) as workers:
         scorer = make_scorer(context, section, prepare, network, execution, workers)
         context.log(f"evaluate: features of {sample.num_samples} samples with {network.extractor_id}")
-        generated = sample_set_summary(section, scorer, (sample, sources), workers)
+        generated = sample_set_summary(section, scorer, sources, sample.num_samples, workers)
         holdout = holdout_summary(scorer, prepare, workers)
         classes = None
         if sample.conditioning is not None or coverage_skip_reason(section, prepare, sample) is None:
@@ -541,14 +541,15 @@ def make_scorer(
 def sample_set_summary(
     settings: EvaluateSection,
     scorer: Scorer,
-    sample: tuple[SampleOutputs, list[ImageSource]],
+    sources: list[ImageSource],
+    num_samples: int,
     workers: FeatureWorkers,
 ) -> Summary:
-    """The summary of the sample set (its outputs and its shards' sources): its features' statistics (with the
-    Inception Score's, when on), its first features (precision/recall and KID) and each sample's two nearest training
-    images (when the scorer searches them)."""
-    (outputs, sources), splits = sample, settings.inception_score_splits if settings.inception_score else 0
-    request = scorer.request(outputs.num_samples, splits, settings.first_feature_images, neighbours=True)
+    """The summary of the sample set (its shards' ``sources``, ``num_samples`` images in all): its features'
+    statistics (with the Inception Score's, when on), its first features (precision/recall and KID) and each sample's
+    two nearest training images (when the scorer searches them)."""
+    splits = settings.inception_score_splits if settings.inception_score else 0
+    request = scorer.request(num_samples, splits, settings.first_feature_images, neighbours=True)
     return summarize(sources, request, scorer.execution, workers)
 
 
