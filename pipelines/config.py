@@ -442,6 +442,10 @@ class TrainSection:
     # image of the score's Monte Carlo estimate (as evaluate.nll_images / evaluate.nll_timesteps)
     ema_choice_images: int = 512
     ema_choice_timesteps: int = 32
+    # which candidate is sampled: the longest width whose score exceeds the lowest by at most this many standard
+    # errors of their paired difference (1: the one-standard-error rule, Breiman et al. 1984: the most averaged EMA
+    # the hold-out split cannot tell from the best); 0: the lowest
+    ema_choice_tolerance: float = 0.0
     # lr, warmup_images, lr_decay_images, grad_clip, weight_decay, ema_decay, ema_warmup: train.<field>
     optim: OptimConfig = field(
         default_factory=lambda: OptimConfig(lr=1e-3, warmup_images=10_000, ema_decay=0.999, ema_warmup=True),
@@ -487,6 +491,11 @@ class TrainSection:
         coerce_choices(self, "train", {"loss_weighting": Weighting, "ema_choice": EmaChoice})
         if not 0 < self.snr_gamma < float("inf"):
             raise ConfigError(f"train.snr_gamma must be a positive number (min-SNR's clipping), got {self.snr_gamma}")
+        if not 0 <= self.ema_choice_tolerance < float("inf"):
+            raise ConfigError(
+                "train.ema_choice_tolerance must be a number >= 0 (paired standard errors; 0: the lowest score), "
+                f"got {self.ema_choice_tolerance}"
+            )
         placement = str(getattr(self.placement, "value", self.placement)).upper()  # Ray's names, in any case
         object.__setattr__(self, "placement", choose("train.placement", Placement, placement))
         if self.batch_size % self.max_workers:

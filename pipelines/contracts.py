@@ -175,6 +175,7 @@ class EmaCandidate:
     # "bits/dim" (the NLL bound); a latent model's "latent bits/dim" (a density's, not comparable with pixel
     # bits/dim); or the training objective's, e.g. "min_snr-weighted loss"
     unit: str = "bits/dim"
+    chosen: bool = False  # the sampled width (train.ema_choice_tolerance: not always the lowest score)
 
 
 @dataclass(frozen=True)
@@ -202,12 +203,20 @@ class TrainOutputs:
         """The sampled EMA, in words."""
         if self.ema_sigma_rel is None:
             return f"EMA of decay {self.config.train.ema_decay:g}"
-        how = (
-            f"chosen of {len(self.ema_sweep)} on held-out {self.ema_sweep[0].unit}"
-            if self.ema_sweep
-            else "tracked in training"
+        return f"power-function EMA, sigma_rel {self.ema_sigma_rel:g} ({self.ema_choice_described()})"
+
+    def ema_choice_described(self) -> str:
+        """How the sampled power-function EMA was found, in words."""
+        if not self.ema_sweep:
+            return "tracked in training"
+        count, unit = len(self.ema_sweep), self.ema_sweep[0].unit
+        lowest = min(self.ema_sweep, key=lambda candidate: candidate.score).sigma_rel
+        if lowest == self.ema_sigma_rel:
+            return f"chosen of {count} on held-out {unit}"
+        return (
+            f"the longest of {count} within train.ema_choice_tolerance paired standard errors of the lowest held-out "
+            f"{unit}, {lowest:g}'s"
         )
-        return f"power-function EMA, sigma_rel {self.ema_sigma_rel:g} ({how})"
 
 
 @dataclass(frozen=True)

@@ -54,6 +54,7 @@ def run_cli(args, capsys):
         ("train.ema_choice_images=0", "train.ema_choice_images must be > 0, got 0"),
         ("train.ema_choice=fid", "train.ema_choice 'fid' is not one of: bits_per_dim, loss"),
         ("train.ema_choice_timesteps=1", "train.ema_choice_timesteps must be in [2, 1000] (a Monte Carlo estimate"),
+        ("train.ema_choice_tolerance=-1", "train.ema_choice_tolerance must be a number >= 0 (paired standard errors"),
         ("run_id=../escape", "no path separators"),
         ("sample.method=euler", "sample.method: 'euler' is not one of ancestral, ddim"),
         ("model.preset=imagenet", "model.preset 'imagenet' is not one of"),

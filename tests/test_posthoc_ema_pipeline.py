@@ -29,7 +29,7 @@ from pipelines.contracts import PrepareOutputs, TrainedWith, TrainOutputs
 from pipelines.data.shards import read_first_images
 from pipelines.execution import Device
 from pipelines.training import state as state_module
-from pipelines.training.ema_choice import EmaSweep, score_candidates
+from pipelines.training.ema_choice import EmaSweep, best_of, chosen_width, score_candidates
 from pipelines.training.hooks import checkpoint_name, commit_profiles
 from pipelines.training.job import TrainJob
 from pipelines.training.posthoc import posthoc_snapshot, read_snapshots
@@ -155,15 +155,25 @@ def test_scored_by_the_training_objective_the_candidates_rank_by_their_held_out_
     prepare = from_plain(PrepareOutputs, outputs(finished, "prepare"))
     weighting, chosen_uri = LossWeighting(Weighting.MIN_SNR, 5.0), str(tmp_path / "chosen")
     sweep = EmaSweep(
-        train.snapshot_uri, train.posthoc_uri or "", train.images_seen, CANDIDATES, EmaChoice.LOSS, weighting,
+        train.snapshot_uri, train.posthoc_uri or "", train.images_seen, CANDIDATES, EmaChoice.LOSS, weighting, 0.0,
         prepare.holdout_uri, None, CHOICE_IMAGES, CHOICE_TIMESTEPS, chosen_uri, {},
     )  # fmt: skip
     scored = score_candidates(sweep)
     scores = {candidate.sigma_rel: candidate.score for candidate in scored}
     assert {candidate.unit for candidate in scored} == {"min_snr-weighted loss"} and len(set(scores.values())) == 3
-    assert load_snapshot(chosen_uri).metadata["ema_sigma_rel"] == min(scores, key=scores.__getitem__)
+    lowest = min(scores, key=scores.__getitem__)
+    assert load_snapshot(chosen_uri).metadata["ema_sigma_rel"] == lowest
+    assert [candidate.sigma_rel for candidate in scored if candidate.chosen] == [lowest]
     described = dataclasses.replace(train, ema_sweep=scored).ema_described()  # the summary's "Sampled:" line
     assert described.endswith("(chosen of 3 on held-out min_snr-weighted loss)"), described
+
+    # a tolerance wider than every gap takes the longest width, and the summary says how it was chosen
+    loose = score_candidates(dataclasses.replace(sweep, tolerance=1e9))
+    assert load_snapshot(chosen_uri).metadata["ema_sigma_rel"] == CANDIDATES[-1] != lowest
+    assert best_of(loose).sigma_rel == CANDIDATES[-1] and best_of(loose).minus_chosen_stderr == 0
+    said = dataclasses.replace(train, ema_sweep=loose, ema_sigma_rel=CANDIDATES[-1]).ema_described()
+    assert said.endswith(f"within train.ema_choice_tolerance paired standard errors of the lowest held-out "
+                         f"min_snr-weighted loss, {lowest:g}'s)"), said  # fmt: skip
 
     snapshot = load_snapshot(train.snapshot_uri)
     assert snapshot.diffusion.prediction is Prediction.EPS and snapshot.diffusion.variance is not Variance.LEARNED_RANGE
@@ -181,6 +191,23 @@ def test_scored_by_the_training_objective_the_candidates_rank_by_their_held_out_
         snr = (alpha_bar / (1 - alpha_bar)).flatten()  # [n]
         draws.append(snr.clamp(max=5.0) / snr * error)
     assert scores[CANDIDATES[-1]] == pytest.approx(torch.stack(draws).mean().item(), rel=1e-4)
+
+
+def test_the_one_standard_error_rule_takes_the_longest_width_the_paired_scores_cannot_tell_from_the_lowest():
+    """``train.ema_choice_tolerance``: per-example scores on shared draws. 0.10 exceeds the lowest (0.07) by less than
+    one paired standard error (mean 0.025, standard error 0.048), 0.13 by 0.5 on every example (standard error 0),
+    and 0.05, though as close, is shorter than the lowest: tolerance 1 takes 0.10, tolerance 0 the lowest."""
+    lowest = torch.tensor([1.0, 2.0, 3.0, 4.0])  # [n]
+    totals = {
+        0.05: lowest + torch.tensor([0.1, 0.0, 0.1, -0.1]),
+        0.07: lowest,
+        0.10: lowest + torch.tensor([0.1, 0.0, 0.1, -0.1]),
+        0.13: lowest + 0.5,
+    }
+    assert chosen_width(totals, 1.0) == 0.10
+    assert chosen_width(totals, 0.0) == 0.07
+    assert chosen_width(totals, 0.51) == 0.07 and chosen_width(totals, 0.53) == 0.10  # the gap: 0.522 standard errors
+    assert chosen_width({0.07: lowest, 0.13: lowest + 0.5}, 1e9) == 0.07  # a gap with no spread is never within
 
 
 def test_the_quality_per_compute_benchmark_reproduces_the_runs_fid_and_floor(finished, tmp_path):

@@ -154,6 +154,7 @@ def ema_sweep(
         candidates,
         job.train.ema_choice,
         job.train.weighting,
+        job.train.ema_choice_tolerance,
         prepare.holdout_uri,
         holdout_latent,
         job.train.ema_choice_images,

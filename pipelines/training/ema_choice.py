@@ -4,12 +4,16 @@ candidate width is reconstructed from the committed post-hoc snapshots (Appendix
 :func:`pipelines.training.posthoc.posthoc_snapshot`) and scored on the hold-out split (``train.ema_choice``): by the
 NLL bound in bits/dim (Ho et al. 2020, Eq. 5; the Monte Carlo estimate the tune stage ranks trials by), or by the
 training objective (Eq. 14 weighted by ``train.loss_weighting``), a validation loss. The bound is dominated by the
-least noisy steps, where a short average keeps detail; the objective weighs the steps as training did. A latent model
+least noisy steps, where a short average keeps detail; the objective weighs the steps as training did. Widths near
+the best often score within their paired standard error of each other; ``train.ema_choice_tolerance`` then takes the
+longest of them (the one-standard-error rule, Breiman et al. 1984, "Classification and Regression Trees", Sec. 3.4.3:
+the most regularised candidate the data cannot tell from the best), which steadies what the noisy steps set, such as
+an unconditional model's class mix (docs/benchmarks.md, "The EMA width over training runs"). A latent model
 is scored on the hold-out split's latents (one posterior sample of each), with the bound's decoder term a density:
 bits per latent dimension of a continuous variable, a score for ranking networks of one latent space, not comparable
 with pixel bits/dim.
-Every candidate sees the same examples, timesteps and noise, so their differences are paired; the lowest becomes the
-run's snapshot, and the sweep goes to the train run as a table and a plot. It runs as a Ray task on the training
+Every candidate sees the same examples, timesteps and noise, so their differences are paired; the chosen one becomes
+the run's snapshot, and the sweep goes to the train run as a table and a plot. It runs as a Ray task on the training
 device."""
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ class EmaSweep:
     candidates: tuple[float, ...]  # train.ema_sigma_rel
     score: EmaChoice  # train.ema_choice: what each candidate is scored on
     weighting: LossWeighting  # train.loss_weighting: the objective's weights (score: loss)
+    tolerance: float  # train.ema_choice_tolerance: paired standard errors above the lowest that may be chosen
     holdout_uri: str
     holdout_latent: LatentOutputs | None  # a latent model's: the hold-out split's latents, scored instead
     images: int  # the most hold-out images each candidate is scored on (train.ema_choice_images)
@@ -161,32 +166,53 @@ def score_candidates(sweep: EmaSweep) -> tuple[EmaCandidate, ...]:
         weights[sigma_rel] = reconstruct(snapshots, sigma_rel, sweep.images_seen)
         network = Snapshot(snapshot.unet, snapshot.diffusion, weights[sigma_rel], {}).build_network().to(device)
         estimates[sigma_rel] = held_out_score(sweep, network, diffusion, held_out, snapshot.unet.num_classes)
-    best = min(estimates, key=lambda sigma_rel: estimates[sigma_rel]["total"].mean().item())
+    best = chosen_width({sigma_rel: estimate["total"] for sigma_rel, estimate in estimates.items()}, sweep.tolerance)
     unit = score_unit(sweep, held_out)
     chosen = Snapshot(snapshot.unet, snapshot.diffusion, weights[best], {}).build_network()
     metadata = {**snapshot.metadata, "ema_sigma_rel": best, "ema": f"post-hoc, chosen on held-out {unit}"}
     save_snapshot(sweep.chosen_uri, chosen, snapshot.unet, snapshot.diffusion, metadata, sweep.storage_options)
     scores = {sigma_rel: (estimate, estimates[best]) for sigma_rel, estimate in estimates.items()}
-    return tuple(candidate(sigma_rel, paired, unit) for sigma_rel, paired in scores.items())
+    return tuple(candidate(sigma_rel, paired, unit, sigma_rel == best) for sigma_rel, paired in scores.items())
+
+
+def paired_difference(totals: torch.Tensor, reference: torch.Tensor) -> tuple[float, float]:
+    """The mean of ``totals - reference`` (each ``[n]``: per-example scores on the same timesteps and noise) and its
+    standard error over the examples."""
+    difference = totals - reference  # [n]
+    return difference.mean().item(), difference.std().item() / len(difference) ** 0.5
+
+
+def chosen_width(totals: dict[float, torch.Tensor], tolerance: float) -> float:
+    """The width to sample, from each width's per-example scores ``[n]`` (paired: the same examples, timesteps and
+    noise): the longest whose mean exceeds the lowest mean by at most ``tolerance`` standard errors of their paired
+    difference; with ``tolerance`` 0, the lowest."""
+    lowest = min(totals, key=lambda sigma_rel: totals[sigma_rel].mean().item())
+
+    def within(sigma_rel: float) -> bool:
+        gap, stderr = paired_difference(totals[sigma_rel], totals[lowest])
+        return gap <= tolerance * stderr
+
+    return max(sigma_rel for sigma_rel in totals if sigma_rel >= lowest and within(sigma_rel))
 
 
 def candidate(
-    sigma_rel: float, paired: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]], unit: str
+    sigma_rel: float, paired: tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]], unit: str, chosen: bool
 ) -> EmaCandidate:
     """One width's score, and its paired difference from the chosen width's (``paired``: the estimates of both):
     per example, on the same timesteps and noise, so the difference's standard error (over examples) is far below
     either score's own."""
     estimate, best = paired
     totals = estimate["total"]  # [n]
-    difference = totals - best["total"]  # [n]
+    minus_chosen, minus_chosen_stderr = paired_difference(totals, best["total"])
     return EmaCandidate(
         sigma_rel=sigma_rel,
         score=totals.mean().item(),
         stderr=estimate["stderr"].pow(2).sum().sqrt().item() / len(totals),
         images=len(totals),
-        minus_chosen=difference.mean().item(),
-        minus_chosen_stderr=difference.std().item() / len(totals) ** 0.5,
+        minus_chosen=minus_chosen,
+        minus_chosen_stderr=minus_chosen_stderr,
         unit=unit,
+        chosen=chosen,
     )
 
 
@@ -200,7 +226,10 @@ def choose_ema(sweep: EmaSweep, device: Device, runtime_env: dict[str, Any]) -> 
 
 
 def best_of(candidates: Sequence[EmaCandidate]) -> EmaCandidate:
-    return min(candidates, key=lambda candidate: candidate.score)
+    """The sampled candidate: the one the sweep chose, or (a sweep recorded before the choice was marked) the
+    lowest."""
+    chosen = [candidate for candidate in candidates if candidate.chosen]
+    return chosen[0] if chosen else min(candidates, key=lambda candidate: candidate.score)
 
 
 def sweep_plot(candidates: Sequence[EmaCandidate], profiles: Sequence[float]) -> bytes:
@@ -248,4 +277,12 @@ def log_sweep(
     client.set_tag(run_id, "ema.chosen_sigma_rel", f"{best.sigma_rel:g}")
     said = ", ".join(f"{c.sigma_rel:g}: {c.score:.6g}" for c in candidates)
     unit = candidates[0].unit
-    log(f"train: post-hoc EMA sweep, held-out {unit} by sigma_rel: {said}; sampling the EMA of {best.sigma_rel:g}")
+    lowest = min(candidates, key=lambda candidate: candidate.score)
+    rule = (
+        ""
+        if lowest is best
+        else f" (the longest within train.ema_choice_tolerance of the lowest, {lowest.sigma_rel:g})"
+    )
+    log(
+        f"train: post-hoc EMA sweep, held-out {unit} by sigma_rel: {said}; sampling the EMA of {best.sigma_rel:g}{rule}"
+    )
