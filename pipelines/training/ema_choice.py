@@ -8,7 +8,7 @@ least noisy steps, where a short average keeps detail; the objective weighs the 
 the best often score within their paired standard error of each other; ``train.ema_choice_tolerance`` then takes the
 longest of them (the one-standard-error rule, Breiman et al. 1984, "Classification and Regression Trees", Sec. 3.4.3:
 the most regularised candidate the data cannot tell from the best), which steadies what the noisy steps set, such as
-an unconditional model's class mix (docs/benchmarks.md, "The EMA width over training runs"). A latent model
+an unconditional model's class mix (docs/benchmarks.md, "The EMA width on stable targets"). A latent model
 is scored on the hold-out split's latents (one posterior sample of each), with the bound's decoder term a density:
 bits per latent dimension of a continuous variable, a score for ranking networks of one latent space, not comparable
 with pixel bits/dim.
