@@ -245,8 +245,9 @@ def sweep_plot(candidates: Sequence[EmaCandidate], profiles: Sequence[float]) ->
         capsize=3,
         label="reconstructed EMA (bars: 2 paired standard errors)",
     )
-    best = best_of(candidates)
-    axis.plot([best.sigma_rel], [0.0], "r*", markersize=14, label=f"chosen: {best.sigma_rel:g}")
+    best, lowest = best_of(candidates), min(candidates, key=lambda candidate: candidate.score)
+    rule = "" if lowest is best else f" (the lowest: {lowest.sigma_rel:g}; within train.ema_choice_tolerance)"
+    axis.plot([best.sigma_rel], [0.0], "r*", markersize=14, label=f"chosen: {best.sigma_rel:g}{rule}")
     for width in profiles:
         axis.axvline(width, color="tab:green", alpha=0.3, linewidth=3)
     axis.set_xlabel("EMA length sigma_rel (green: the profiles tracked in training)")
@@ -257,7 +258,7 @@ def sweep_plot(candidates: Sequence[EmaCandidate], profiles: Sequence[float]) ->
         fontsize=9,
     )
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="best")
     return png_bytes(figure)
 
 
