@@ -8,6 +8,7 @@ Field names are the keys of ``stage.json``: tools and tests read them there too.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, TypeVar
 
@@ -178,6 +179,12 @@ class EmaCandidate:
     chosen: bool = False  # the sampled width (train.ema_choice_tolerance: not always the lowest score)
 
 
+def lowest_scoring(candidates: Sequence[EmaCandidate]) -> EmaCandidate:
+    """The candidate of the lowest held-out score (the chosen one unless ``train.ema_choice_tolerance`` took a longer
+    width)."""
+    return min(candidates, key=lambda candidate: candidate.score)
+
+
 @dataclass(frozen=True)
 class TrainOutputs:
     snapshot_uri: str  # EMA weights + configs (ddpm_core.checkpoint snapshot)
@@ -210,7 +217,7 @@ class TrainOutputs:
         if not self.ema_sweep:
             return "tracked in training"
         count, unit = len(self.ema_sweep), self.ema_sweep[0].unit
-        lowest = min(self.ema_sweep, key=lambda candidate: candidate.score).sigma_rel
+        lowest = lowest_scoring(self.ema_sweep).sigma_rel
         if lowest == self.ema_sigma_rel:
             return f"chosen of {count} on held-out {unit}"
         return (

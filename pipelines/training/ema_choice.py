@@ -34,7 +34,7 @@ from ddpm_core.loss_weighting import LossWeighting
 from ddpm_core.phema import reconstruct
 from ddpm_core.samplers import null_conditioned
 from pipelines.config import EmaChoice
-from pipelines.contracts import EmaCandidate, LatentOutputs
+from pipelines.contracts import EmaCandidate, LatentOutputs, lowest_scoring
 from pipelines.data.latent_files import held_out_latents
 from pipelines.data.shards import read_first_images
 from pipelines.execution import Device
@@ -229,7 +229,18 @@ def best_of(candidates: Sequence[EmaCandidate]) -> EmaCandidate:
     """The sampled candidate: the one the sweep chose, or (a sweep recorded before the choice was marked) the
     lowest."""
     chosen = [candidate for candidate in candidates if candidate.chosen]
-    return chosen[0] if chosen else min(candidates, key=lambda candidate: candidate.score)
+    return chosen[0] if chosen else lowest_scoring(candidates)
+
+
+def tolerance_note(candidates: Sequence[EmaCandidate]) -> str:
+    """What the plot's legend and the log add when the chosen width is not the lowest-scoring one: "" or
+    ``" (the lowest: 0.07; within train.ema_choice_tolerance)"``."""
+    lowest = lowest_scoring(candidates)
+    return (
+        ""
+        if lowest is best_of(candidates)
+        else f" (the lowest: {lowest.sigma_rel:g}; within train.ema_choice_tolerance)"
+    )
 
 
 def sweep_plot(candidates: Sequence[EmaCandidate], profiles: Sequence[float]) -> bytes:
@@ -245,9 +256,10 @@ def sweep_plot(candidates: Sequence[EmaCandidate], profiles: Sequence[float]) ->
         capsize=3,
         label="reconstructed EMA (bars: 2 paired standard errors)",
     )
-    best, lowest = best_of(candidates), min(candidates, key=lambda candidate: candidate.score)
-    rule = "" if lowest is best else f" (the lowest: {lowest.sigma_rel:g}; within train.ema_choice_tolerance)"
-    axis.plot([best.sigma_rel], [0.0], "r*", markersize=14, label=f"chosen: {best.sigma_rel:g}{rule}")
+    best = best_of(candidates)
+    axis.plot(
+        [best.sigma_rel], [0.0], "r*", markersize=14, label=f"chosen: {best.sigma_rel:g}{tolerance_note(candidates)}"
+    )
     for width in profiles:
         axis.axvline(width, color="tab:green", alpha=0.3, linewidth=3)
     axis.set_xlabel("EMA length sigma_rel (green: the profiles tracked in training)")
@@ -278,12 +290,5 @@ def log_sweep(
     client.set_tag(run_id, "ema.chosen_sigma_rel", f"{best.sigma_rel:g}")
     said = ", ".join(f"{c.sigma_rel:g}: {c.score:.6g}" for c in candidates)
     unit = candidates[0].unit
-    lowest = min(candidates, key=lambda candidate: candidate.score)
-    rule = (
-        ""
-        if lowest is best
-        else f" (the longest within train.ema_choice_tolerance of the lowest, {lowest.sigma_rel:g})"
-    )
-    log(
-        f"train: post-hoc EMA sweep, held-out {unit} by sigma_rel: {said}; sampling the EMA of {best.sigma_rel:g}{rule}"
-    )
+    sampled = f"sampling the EMA of {best.sigma_rel:g}{tolerance_note(candidates)}"
+    log(f"train: post-hoc EMA sweep, held-out {unit} by sigma_rel: {said}; {sampled}")
