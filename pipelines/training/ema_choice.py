@@ -270,7 +270,7 @@ def sweep_plot(candidates: Sequence[EmaCandidate], profiles: Sequence[float]) ->
         fontsize=9,
     )
     axis.grid(alpha=0.3)
-    axis.legend(fontsize=8, loc="best")
+    axis.legend(fontsize=8)
     return png_bytes(figure)
 
 
