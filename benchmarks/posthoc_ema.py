@@ -29,12 +29,12 @@ from fid_vs_steps import extractor_spec, outputs
 from ddpm_core.checkpoint import Snapshot, load_snapshot
 from ddpm_core.data import to_uint8
 from ddpm_core.diffusion import GaussianDiffusion
-from ddpm_core.metrics import FeatureStatistics, frechet_distance_from_stats
+from ddpm_core.metrics import FeatureStatistics, frechet_distance, frechet_distance_from_stats
 from ddpm_core.phema import reconstruct, sigma_rel_to_gamma
 from ddpm_core.samplers import PerIndexNoise, SamplerConfig, autoguidance, guidance_interval, sample
 from pipelines.config import Extractor
 from pipelines.config_file import load_config
-from pipelines.contracts import EvaluateOutputs, SampleOutputs, TrainOutputs
+from pipelines.contracts import EvaluateOutputs, PrepareOutputs, SampleOutputs, TrainOutputs
 from pipelines.evaluation.scoring import build_extractor, load_reference
 from pipelines.figures import png_bytes, subplots
 from pipelines.training.posthoc import read_snapshots
@@ -44,11 +44,13 @@ SIGMA_RELS = (0.02, 0.03, 0.04, 0.05, 0.07, 0.10, 0.13, 0.16, 0.20, 0.25)  # EDM
 
 class Score(NamedTuple):
     """One sample set's FID, its sampling time, and (where the run's extractor is the data set's classifier) the
-    top-1 class of each sample, counted ``[K]``: what the evaluate stage's mode coverage reads."""
+    top-1 class of each sample, counted ``[K]``: what the evaluate stage's mode coverage reads; and the FID of the
+    same images at the training split's class mix (:func:`class_balanced_fid`), where its classes are known."""
 
     fid: float
     seconds: float
     class_counts: np.ndarray | None
+    balanced_fid: float | None
 
 
 class Scorer:
@@ -61,6 +63,8 @@ class Scorer:
         spec = extractor_spec(run_root)
         self.extractor = build_extractor(spec, {})
         self.classifies = spec.kind is Extractor.CLASSIFIER  # its logits are the data set's classes
+        counts = outputs(run_root, "prepare", PrepareOutputs).class_counts
+        self.training_shares = None if counts is None else np.asarray(counts, dtype=np.float64) / sum(counts)  # [K]
 
     def score(
         self,
@@ -86,8 +90,31 @@ class Scorer:
         seconds = time.perf_counter() - started
         features, logits = self.extractor(to_uint8(torch.cat(batches)))  # from [N, C, H, W] in [-1, 1]
         fid = frechet_distance_from_stats(FeatureStatistics.from_features(features), self.reference.fid)
-        counts = np.bincount(logits.argmax(dim=1).numpy(), minlength=logits.shape[1]) if self.classifies else None
-        return Score(fid, seconds, counts)
+        if not self.classifies:
+            return Score(fid, seconds, None, None)
+        classes = logits.argmax(dim=1).numpy()  # [N]
+        balanced = None
+        if self.training_shares is not None:
+            balanced = class_balanced_fid(features, classes, self.training_shares, self.reference.fid)
+        return Score(fid, seconds, np.bincount(classes, minlength=logits.shape[1]), balanced)
+
+
+def class_balanced_fid(
+    features: torch.Tensor, classes: np.ndarray, shares: np.ndarray, reference: FeatureStatistics
+) -> float:
+    """The FID of features ``[N, d]`` with each sample weighted by its class's share in ``shares`` ``[K]`` over
+    its class's share among ``classes`` ``[N]``: what the same images would score drawn at that class mix (a class
+    the samples lack stays missing). A diagnostic: with a classifier's features the class mix weighs most in FID
+    (docs/benchmarks.md, "The class mix"). Weighted mean and covariance, the covariance unbiased for reliability
+    weights (``/ (1 - sum w^2)`` with ``sum w = 1``, which is ``/ (N - 1)`` for equal weights)."""
+    sample_shares = np.bincount(classes, minlength=len(shares)) / len(classes)  # [K]
+    weights = torch.as_tensor(shares[classes] / sample_shares[classes], dtype=torch.float64)  # [N]
+    weights = weights / weights.sum()
+    x = features.to(torch.float64)  # [N, d]
+    mean = weights @ x  # [d]
+    centred = x - mean  # [N, d]
+    covariance = (centred * weights[:, None]).T @ centred / (1 - (weights**2).sum())  # [d, d]
+    return frechet_distance(mean, covariance, reference.mean, reference.covariance)
 
 
 def sweep(run_root: Path, scorer: Scorer, sigma_rels: list[float]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
@@ -102,7 +129,8 @@ def sweep(run_root: Path, scorer: Scorer, sigma_rels: list[float]) -> tuple[list
     rows = []
     for sigma_rel in sigma_rels:
         weights = reconstruct(snapshots, sigma_rel, train.images_seen)
-        fid, seconds, _ = scorer.score(snapshot, weights)
+        score = scorer.score(snapshot, weights)
+        fid, seconds = score.fid, score.seconds
         rows.append({"sigma_rel": sigma_rel, "gamma": sigma_rel_to_gamma(sigma_rel), "fid": fid, "sampling_s": seconds})
         print(f"sigma_rel {sigma_rel:5.3f} (gamma {rows[-1]['gamma']:7.2f}): FID {fid:8.3f}  ({seconds:6.1f} s)")
     return rows, baseline

@@ -14,7 +14,9 @@ evaluate stage scores (the run's cached reference statistics and feature network
 floor is the run's own: its hold-out FID carried to N against the reference's m images
 (``FidEstimate.real_floor_at``). Writes JSON with each seed's FID and each variant's mean, the t-interval over seeds,
 and mean / floor; where the run's extractor is the data set's classifier, also each seed's class coverage TVD (the
-evaluate stage's mode coverage; over training runs the digits' FID follows it, docs/benchmarks.md).
+evaluate stage's mode coverage; over training runs the digits' FID follows it, docs/benchmarks.md), each seed's share
+of each class, and the FID of the same images weighted to the training split's class mix
+(``posthoc_ema.class_balanced_fid``: how much of the FID is the class mix).
 
     python benchmarks/quality_per_compute.py --seeds 1 2 3 --out benchmarks/results/quality_per_compute_digits.json \\
         --variant "L_simple, DDIM-50=runs/base:ddim:50" "+ DPM-Solver++-20=runs/base:dpm_solver++_2m:20" ...
@@ -136,6 +138,8 @@ def measure(variant: str, seeds: list[int], num_samples: int, batch_size: int | 
         print(f"{label:40s} seed {seed}: FID {scores[-1].fid:.3f} ({scores[-1].seconds:.1f} s)", flush=True)
     fids = [score.fid for score in scores]
     tvds = class_tvds(run_root, [score.class_counts for score in scores])
+    shares = None if tvds is None else [(score.class_counts / score.class_counts.sum()).tolist() for score in scores]
+    balanced = None if tvds is None else [score.balanced_fid for score in scores]
     mean, low, high = interval(fids)
     floor = floor_of(run_root, num_samples)
     return {
@@ -157,6 +161,9 @@ def measure(variant: str, seeds: list[int], num_samples: int, batch_size: int | 
         "fid_over_floor_ci": [low / floor, high / floor],
         "class_tvds": tvds,
         "class_tvd_mean": None if tvds is None else statistics.fmean(tvds),
+        "class_shares": shares,
+        "class_balanced_fids": balanced,
+        "class_balanced_fid_mean": None if balanced is None else statistics.fmean(balanced),
         "sampling_s_mean": statistics.fmean(score.seconds for score in scores),
     }
 

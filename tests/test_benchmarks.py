@@ -239,6 +239,33 @@ def test_the_cifar10_preset_costs_what_the_paper_model_costs():
     assert step.flops_per_image() / 1e9 == pytest.approx(36.3, rel=0.05)
 
 
+def test_the_class_balanced_fid_weights_each_class_to_the_given_mix():
+    """benchmarks/posthoc_ema.class_balanced_fid: at the samples' own class shares every weight is equal and it is
+    the FID; two classes drawn 3:1 and weighted to 1:1 have the mean and covariance of the same features with the rarer
+    class's repeated three times, the covariance divided by 1 - sum w^2 (N = 400 images, not 600 copies)."""
+    import numpy as np
+    import torch
+
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    from posthoc_ema import class_balanced_fid
+
+    from ddpm_core.metrics import FeatureStatistics, frechet_distance, frechet_distance_from_stats
+
+    generator = torch.Generator().manual_seed(0)
+    common = torch.randn(300, 4, generator=generator, dtype=torch.float64)  # [300, 4] class 0
+    rare = torch.randn(100, 4, generator=generator, dtype=torch.float64) + 2  # [100, 4] class 1
+    reference = FeatureStatistics.from_features(torch.randn(500, 4, generator=generator, dtype=torch.float64) + 1)
+    features, classes = torch.cat([common, rare]), np.array([0] * 300 + [1] * 100)
+    plain = frechet_distance_from_stats(FeatureStatistics.from_features(features), reference)
+    assert class_balanced_fid(features, classes, np.array([0.75, 0.25]), reference) == pytest.approx(plain, rel=1e-9)
+    repeated = FeatureStatistics.from_features(torch.cat([common, rare.repeat(3, 1)]))  # 600 rows, classes 1:1
+    weights_squared = 300 * (1 / 600) ** 2 + 100 * (3 / 600) ** 2  # sum w^2 of the normalised weights
+    covariance = repeated.covariance * (599 / 600) / (1 - weights_squared)
+    expected = frechet_distance(repeated.mean, covariance, reference.mean, reference.covariance)
+    balanced = class_balanced_fid(features, classes, np.array([0.5, 0.5]), reference)
+    assert balanced == pytest.approx(expected, rel=1e-9) and abs(balanced - plain) > 0.1
+
+
 def test_pipeline_overhead_split_accounts_for_the_whole_wall_time(tmp_path):
     sys.path.insert(0, str(REPO / "benchmarks"))
     from pipeline_overhead import split

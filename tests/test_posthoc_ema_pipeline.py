@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -211,9 +212,9 @@ def test_the_one_standard_error_rule_takes_the_longest_width_the_paired_scores_c
 
 
 def test_the_quality_per_compute_benchmark_reproduces_the_runs_fid_and_floor(finished, tmp_path):
-    """benchmarks/quality_per_compute.py: the run's snapshot under its own sampler, seed and N scores the run's FID
-    and class coverage TVD, its floor is the run's, and a post-hoc width is another row; the interval over seeds
-    brackets the mean.
+    """benchmarks/quality_per_compute.py: the run's snapshot under its own sampler, seed and N scores the run's FID,
+    class coverage TVD and class shares, its floor is the run's, and a post-hoc width is another row; the interval
+    over seeds brackets the mean.
     Autoguidance by the same width at half the run: weight 1 is the model alone, weight 2 another sample set, and a
     guide of another width (``@0.1``) yet another; guided only at noise levels in (1, 1000] (``:1,1000``), the
     sampler's first step of two (t = 999, sigma 157; t = 0 is at sigma 0.01) calls the guide, its last does not."""
@@ -233,6 +234,9 @@ def test_the_quality_per_compute_benchmark_reproduces_the_runs_fid_and_floor(fin
     one_image = 1 / sampled["num_samples"]  # a boundary image may fall to either side in another batch
     assert run["class_tvds"][0] == pytest.approx(evaluated["coverage"]["tvd"], abs=one_image + 1e-9)
     assert len(run["class_tvds"]) == 2 and run["class_tvd_mean"] == pytest.approx(sum(run["class_tvds"]) / 2)
+    assert run["class_shares"][0] == pytest.approx(evaluated["coverage"]["sample_share"], abs=one_image + 1e-9)
+    assert sum(run["class_shares"][1]) == pytest.approx(1) and len(run["class_balanced_fids"]) == 2
+    assert all(math.isfinite(fid) and fid >= 0 for fid in run["class_balanced_fids"])
     assert run["fid_ci_low"] < run["fid_mean"] < run["fid_ci_high"] and run["fids"][0] != run["fids"][1]
     assert posthoc["ema"] == "post-hoc sigma_rel 0.2" and posthoc["fids"] != run["fids"]
     assert weight_one["fids"] == posthoc["fids"] and weight_one["nfe"] == posthoc["nfe"]
