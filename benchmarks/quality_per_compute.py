@@ -41,7 +41,7 @@ from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.metrics import FidEstimate
 from ddpm_core.samplers import SamplerConfig, evaluations_per_image
 from pipelines.config_file import load_config
-from pipelines.contracts import EvaluateOutputs, PrepareOutputs, TrainOutputs
+from pipelines.contracts import EvaluateOutputs, TrainOutputs
 from pipelines.evaluation.coverage import total_variation
 from pipelines.training.posthoc import posthoc_snapshot
 
@@ -112,15 +112,13 @@ def interval(values: list[float]) -> tuple[float, float, float]:
     return mean, mean - half, mean + half
 
 
-def class_tvds(run_root: Path, counts: list[np.ndarray | None]) -> list[float] | None:
-    """Each sample set's class coverage TVD from the run's training split (the evaluate stage's mode coverage,
-    ``pipelines.evaluation.coverage``): None where the run's extractor is not the data set's classifier or its data
-    has no labels."""
-    training = outputs(run_root, "prepare", PrepareOutputs).class_counts
-    if training is None or any(count is None for count in counts):
+def class_tvds(training_shares: np.ndarray | None, counts: list[np.ndarray | None]) -> list[float] | None:
+    """Each sample set's class coverage TVD from the run's training split's shares ``[K]`` (the evaluate stage's mode
+    coverage, ``pipelines.evaluation.coverage``): None where the run's extractor is not the data set's classifier or
+    its data has no labels."""
+    if training_shares is None or any(count is None for count in counts):
         return None
-    p = np.asarray(training, dtype=np.float64) / sum(training)  # [K]
-    return [float(total_variation(count / count.sum(), p)) for count in counts]
+    return [float(total_variation(count / count.sum(), training_shares)) for count in counts]
 
 
 def measure(variant: str, seeds: list[int], num_samples: int, batch_size: int | None) -> dict[str, Any]:
@@ -137,7 +135,7 @@ def measure(variant: str, seeds: list[int], num_samples: int, batch_size: int | 
         scores.append(scorer.score(snapshot, weights, guiding, guided_at))
         print(f"{label:40s} seed {seed}: FID {scores[-1].fid:.3f} ({scores[-1].seconds:.1f} s)", flush=True)
     fids = [score.fid for score in scores]
-    tvds = class_tvds(run_root, [score.class_counts for score in scores])
+    tvds = class_tvds(scorer.training_shares, [score.class_counts for score in scores])
     shares = None if tvds is None else [(score.class_counts / score.class_counts.sum()).tolist() for score in scores]
     balanced = None if tvds is None else [score.balanced_fid for score in scores]
     mean, low, high = interval(fids)
