@@ -1,5 +1,5 @@
-"""Shared fixtures: a real S3 endpoint (moto server in its own process on 127.0.0.1), as s3fs's own tests do, and a
-local Ray instance for a module's tests."""
+"""Shared fixtures: a real S3 endpoint (moto server in its own process on 127.0.0.1), as s3fs's own tests do, a
+local Ray instance for a module's tests, and one small pipeline run that three modules inspect."""
 
 import os
 import shutil
@@ -63,6 +63,42 @@ def s3_endpoint():
     finally:
         process.terminate()
         process.wait(timeout=10)
+
+
+@pytest.fixture(scope="session")
+def guided_run(tmp_path_factory):
+    """One small run of every stage but tune, register included (tests/test_autoguidance_pipeline.py's ``GUIDED``:
+    post-hoc EMA profiles, a choice among EMA widths, autoguided sampling; with sample grids at the start and the end
+    of training, KID and precision/recall), started as ``run --from evaluate`` of a run id that has nothing yet while
+    a second local Ray instance runs on the host, as a second pipeline's does.
+
+    tests/test_autoguidance_pipeline.py (the guide, its samples and its registered model), tests/test_bad_inputs.py
+    (the ``--from`` message, another Ray on the host, the figure commands) and tests/test_mlflow_ui.py (the MLflow UI
+    of the run's store) assert on this same kind of finished run: one pipeline run for the three instead of one
+    each. Returns ``tests.test_bad_inputs.TinyRun``; the run's root is ``.root / "quickstart"``."""
+    from tests.test_autoguidance_pipeline import GUIDED
+    from tests.test_bad_inputs import TinyRun, another_local_ray, clean_env
+    from tests.test_posthoc_ema_pipeline import TOTAL
+
+    workdir = tmp_path_factory.mktemp("guided")
+    overrides = [f"storage.root={workdir / 'runs'}", f"mlflow.tracking_uri=sqlite:///{workdir / 'mlflow.db'}"]
+    # for tests/test_mlflow_ui.py: a sample grids run (grids at 0 and at the end), the KID and precision columns
+    ui = [f"train.grid_every_images={TOTAL}", "evaluate.kid=true", "evaluate.precision_recall=true"]
+    env = clean_env()
+    with another_local_ray(env) as (_, process):
+        started = time.time()
+        command = [sys.executable, "-m", "pipelines", "run", "--from", "evaluate", *GUIDED, "register.enabled=true"]
+        result = subprocess.run(
+            [*command, *ui, *overrides],
+            cwd=workdir,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
+        seconds, alive = time.time() - started, process.poll() is None
+    (workdir / "run.log").write_text(result.stdout + result.stderr)  # the whole output, for a failure's reader
+    return TinyRun(workdir / "runs", overrides, result, seconds, alive)
 
 
 @pytest.fixture

@@ -189,6 +189,9 @@ def ray_head(workdir: Path, env: dict[str, str], num_cpus: int = 2):
         f"--num-cpus={num_cpus}",
         "--dashboard-host=127.0.0.1",
         f"--dashboard-port={dashboard_port}",
+        # the dashboard agent's HTTP port is 52365 unless named: beside another Ray on the host (a second test's, a
+        # user's), the job agent would never register and no job would be taken (tests/cluster.py does the same)
+        f"--dashboard-agent-listen-port={free_port()}",
         "--disable-usage-stats",
         "--object-store-memory=300000000",
         f"--temp-dir={temp_dir}",

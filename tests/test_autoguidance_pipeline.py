@@ -8,8 +8,6 @@ exit code 2 and the key named."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -31,7 +29,7 @@ from pipelines.training.posthoc import posthoc_snapshot
 from pipelines.typed import from_plain
 from tests.run_files import outputs, result_dir
 from tests.test_bad_inputs import run_cli
-from tests.test_posthoc_ema_pipeline import ENV, REPO, RUN, TOTAL
+from tests.test_posthoc_ema_pipeline import RUN, TOTAL
 
 WEIGHT, GUIDE_AT = 2.0, 0.5  # the guide: the sampled width at 768 of the run's 1536 images (snapshots: 512, 1024, ...)
 # sampled in four steps, t = 999, 666, 333, 0 (sigma 157, 9.5, 1.5, 0.01): guided at the middle two only
@@ -46,14 +44,13 @@ GUIDED = (
 
 
 @pytest.fixture(scope="module")
-def guided(tmp_path_factory) -> Path:
-    """The root of a finished, registered run that samples its model autoguided."""
-    root = tmp_path_factory.mktemp("autoguidance")
-    location = [f"storage.root={root / 'runs'}", f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}"]
-    command = [sys.executable, "-m", "pipelines", "run", "run_id=guided", *GUIDED, "register.enabled=true", *location]
-    result = subprocess.run(command, cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
+def guided(guided_run) -> Path:
+    """The root of a finished, registered run that samples its model autoguided: the session's ``guided_run``
+    (tests/conftest.py, ``GUIDED`` with register on), which tests/test_bad_inputs.py and tests/test_mlflow_ui.py
+    inspect too."""
+    result = guided_run.result
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-4000:]
-    return root / "runs" / "guided"
+    return guided_run.root / "quickstart"
 
 
 def images_of(

@@ -264,24 +264,11 @@ class TinyRun:
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory) -> TinyRun:
-    """``run --from evaluate`` of a run id that has nothing yet (a tiny run of every stage but register), while a
-    second local Ray instance runs on the host, as a second pipeline's does."""
-    workdir = tmp_path_factory.mktemp("tiny")
-    overrides = [f"storage.root={workdir / 'runs'}", f"mlflow.tracking_uri=sqlite:///{workdir / 'mlflow.db'}"]
-    env = clean_env()
-    with another_local_ray(env) as (_, process):
-        started = time.time()
-        result = subprocess.run(
-            [sys.executable, "-m", "pipelines", "run", "--from", "evaluate", *overrides, *TINY],
-            cwd=workdir,
-            env=env,
-            capture_output=True,
-            text=True,
-            timeout=400,
-        )
-        seconds, alive = time.time() - started, process.poll() is None
-    return TinyRun(workdir / "runs", overrides, result, seconds, alive)
+def tiny_run(guided_run) -> TinyRun:
+    """``run --from evaluate`` of a run id that has nothing yet (a small run of every stage but tune), while a second
+    local Ray instance runs on the host, as a second pipeline's does: the session's ``guided_run``
+    (tests/conftest.py), which the autoguidance and MLflow UI tests inspect too."""
+    return guided_run
 
 
 def test_from_a_stage_whose_upstream_stages_have_no_result_says_they_run_first(tiny_run):

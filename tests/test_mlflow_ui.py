@@ -26,23 +26,7 @@ from playwright.sync_api import Browser, Locator, Page, expect, sync_playwright
 
 REPO = Path(__file__).resolve().parents[1]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or "/usr/bin/chromium"
-RUN_ID, MODEL = "ui", "ddpm-ui"
-TINY = [
-    f"run_id={RUN_ID}",
-    f"register.model_name={MODEL}",
-    "train.total_images=2048",
-    "train.checkpoint_every_images=1024",
-    "train.log_every_images=256",
-    "train.grid_every_images=1024",
-    "sample.num_samples=40",
-    "sample.batch_size=20",
-    "sample.num_steps=5",
-    "evaluate.classifier_epochs=1",
-    "train.ema_choice_images=64",  # the post-hoc EMA choice on a small budget
-    "train.ema_choice_timesteps=4",
-    "evaluate.untrained_baseline=false",
-    "evaluate.nll=false",
-]
+RUN_ID, MODEL = "quickstart", "ddpm-digits"  # the session's guided_run (tests/conftest.py): the defaults
 # The 3.17 UI's first-visit overlays (its assistant panel, a tracing tip) cover the page: a returning user's state.
 QUIET_UI = (
     "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true');"
@@ -60,19 +44,14 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def pipeline_run(tmp_path_factory) -> tuple[Path, str]:
-    """A small run of every stage but tune (register on): its store, and the "MLflow UI:" line it printed."""
-    root = tmp_path_factory.mktemp("mlflow-ui")
-    env = {key: value for key, value in os.environ.items() if key not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
-    command = [
-        *(sys.executable, "-m", "pipelines", "run", *TINY),
-        f"storage.root={root / 'runs'}",
-        f"mlflow.tracking_uri=sqlite:///{root / 'mlflow.db'}",
-    ]
-    result = subprocess.run(command, cwd=root, env=env, capture_output=True, text=True, timeout=900)
+def pipeline_run(guided_run) -> tuple[Path, str]:
+    """A small run of every stage but tune (register on, sample grids during training): its store, and the
+    "MLflow UI:" line it printed. The session's ``guided_run`` (tests/conftest.py), which the autoguidance and
+    bad-input tests inspect too."""
+    result = guided_run.result
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     line = next(line for line in result.stdout.splitlines() if line.startswith("MLflow UI:"))
-    return root, line
+    return guided_run.root.parent, line
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from pipelines.training.grids import COMPOSITE
 from tests.services import FaultyS3Proxy, mlflow_server, ray_head, submit
 
 REPO = Path(__file__).resolve().parents[1]
+NLL_IMAGES = 4
 TINY = [
     "run_id=e2e",
     "train.total_images=2048",
@@ -37,8 +38,10 @@ TINY = [
     "train.ema_choice_timesteps=4",
     "train.ema_snapshot_every_images=512",  # the quickstart's autoguidance: its guide from the snapshot at 512
     "evaluate.untrained_baseline=false",
-    "evaluate.nll_images=40",
-    "evaluate.nll_batch_size=20",
+    # the bound's every T term (1000 network calls per chunk whatever its size): 4 images in two chunks, one Ray task
+    # each, not 40 in two of 20 (each call on 20 images costs about 3x a call on 2 on this CPU)
+    f"evaluate.nll_images={NLL_IMAGES}",
+    f"evaluate.nll_batch_size={NLL_IMAGES // 2}",
     "register.model_name=ddpm-e2e",
     "mlflow.experiment=e2e",
 ]
@@ -214,7 +217,8 @@ def run_pipeline_twice(tmp_path, bucket, options, cluster, tracking_uri, s3_url,
     assert 0.0 <= evaluation.metrics["precision"] <= 1.0 and 0.0 <= evaluation.metrics["recall"] <= 1.0
     # A bound on -log2 p: positive.
     assert evaluation.metrics["nll_bpd"] > 0 and evaluation.metrics["nll_bpd_stderr"] > 0
-    assert evaluation.params["protocol.nll.num_images"] == "40" and evaluation.params["protocol.nll.timesteps"] == "all"
+    nll = (evaluation.params["protocol.nll.num_images"], evaluation.params["protocol.nll.timesteps"])
+    assert nll == (str(NLL_IMAGES), "all")
     assert evaluation.params["protocol.precision_recall.samples"] == "200"
     assert evaluation.params["protocol.reference_count"] == "1602"  # builtin:digits minus its hold-out (by hash)
     assert len(evaluation.tags["fid.protocol_hash"]) == 16 and evaluation.params["protocol.precision"] == "fp32"
