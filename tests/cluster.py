@@ -336,6 +336,7 @@ def ray_cluster(
             f"--port={port}",
             "--dashboard-host=127.0.0.1",
             f"--dashboard-port={dashboard_port}",
+            f"--dashboard-agent-listen-port={free_port()}",  # beside another Ray on the host: see _start_worker
             f"--temp-dir={temp_dir}",
             *_node_flags("head", head_cpus, {}, {}),
         ]
