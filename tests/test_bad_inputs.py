@@ -251,7 +251,8 @@ def test_a_job_never_joins_the_instance_ray_start_left_on_the_host(tmp_path):
     assert joined != other
 
 
-# 9 and 10: --from a stage whose upstream stages have no result, with another pipeline's Ray on the host
+# 9 and 10: --from a stage whose upstream stages have no result, with another pipeline's Ray on the host (the
+# session's guided_run, tests/conftest.py: a TinyRun)
 
 
 @dataclass(frozen=True)
@@ -263,55 +264,47 @@ class TinyRun:
     other_alive: bool  # the other local Ray instance ran throughout
 
 
-@pytest.fixture(scope="module")
-def tiny_run(guided_run) -> TinyRun:
-    """``run --from evaluate`` of a run id that has nothing yet (a small run of every stage but tune), while a second
-    local Ray instance runs on the host, as a second pipeline's does: the session's ``guided_run``
-    (tests/conftest.py), which the autoguidance and MLflow UI tests inspect too."""
-    return guided_run
-
-
-def test_from_a_stage_whose_upstream_stages_have_no_result_says_they_run_first(tiny_run):
-    result = tiny_run.result
+def test_from_a_stage_whose_upstream_stages_have_no_result_says_they_run_first(guided_run):
+    result = guided_run.result
     assert result.returncode == 0, result.stderr[-3000:]
     line = "--from evaluate: prepare, train, sample have no result for this config yet and run first"
     assert line in result.stdout, result.stdout[-3000:]
     assert result.stdout.index(line) < result.stdout.index("[prepare] running")
-    run_root = tiny_run.root / "quickstart"
+    run_root = guided_run.root / "quickstart"
     optional = ("autoencoder", "tune", "distill", "register")
     assert all(completed(run_root, stage.name) for stage in STAGES if stage.name not in optional)
 
 
-def test_a_second_pipelines_local_ray_on_the_host_is_no_error(tiny_run):
+def test_a_second_pipelines_local_ray_on_the_host_is_no_error(guided_run):
     """Ray's state API, which Ray Train's placement-group cleaner calls in its own actor, looked for the cluster among
     the host's processes and raised "Found multiple active Ray instances" in the middle of the job's output."""
-    output = tiny_run.result.stdout + tiny_run.result.stderr
-    assert tiny_run.other_alive and tiny_run.result.returncode == 0, output[-3000:]
+    output = guided_run.result.stdout + guided_run.result.stderr
+    assert guided_run.other_alive and guided_run.result.returncode == 0, output[-3000:]
     assert "Found multiple active Ray instances" not in output and "Traceback" not in output, output[-5000:]
 
 
 # 6 and 7: the figure commands check their options before the work
 
 
-def test_interpolate_refuses_a_negative_pair_index_naming_pair(tiny_run, capsys):
-    code, err, _ = run_cli(["interpolate", "quickstart", "--pair", "-1", "3", *tiny_run.overrides], capsys)
+def test_interpolate_refuses_a_negative_pair_index_naming_pair(guided_run, capsys):
+    code, err, _ = run_cli(["interpolate", "quickstart", "--pair", "-1", "3", *guided_run.overrides], capsys)
     assert code == 2 and "--pair takes two hold-out image indices counted from 0, got -1 3 (-1 is negative)" in err
-    code, err, _ = run_cli(["interpolate", "quickstart", "--pair", "0", "100000", *tiny_run.overrides], capsys)
+    code, err, _ = run_cli(["interpolate", "quickstart", "--pair", "0", "100000", *guided_run.overrides], capsys)
     assert code == 2 and "--pair: image index 100000 is outside the" in err, err
 
 
 @pytest.mark.parametrize("command", ["interpolate", "progressive"])
-def test_a_figure_out_that_cannot_be_written_is_refused_before_the_work(command, tiny_run, tmp_path, capsys):
+def test_a_figure_out_that_cannot_be_written_is_refused_before_the_work(command, guided_run, tmp_path, capsys):
     (tmp_path / "a-file").write_text("in the way")
     out = tmp_path / "a-file" / "figure.png"
-    code, err, elapsed = run_cli([command, "quickstart", "--out", str(out), *tiny_run.overrides], capsys)
+    code, err, elapsed = run_cli([command, "quickstart", "--out", str(out), *guided_run.overrides], capsys)
     assert code == 2 and f"--out '{out}': its folder '{tmp_path / 'a-file'}' cannot be made" in err, err
     assert f"({tmp_path / 'a-file'} is a file)" in err and elapsed < 10
-    code, err, _ = run_cli([command, "quickstart", "--out", str(tmp_path), *tiny_run.overrides], capsys)
+    code, err, _ = run_cli([command, "quickstart", "--out", str(tmp_path), *guided_run.overrides], capsys)
     assert code == 2 and f"--out '{tmp_path}' is a folder: give a file name" in err, err
 
 
-def test_a_figure_out_in_a_read_only_folder_is_refused(tiny_run, tmp_path, capsys):
+def test_a_figure_out_in_a_read_only_folder_is_refused(guided_run, tmp_path, capsys):
     # root writes through a folder's mode bits, so as root the folder is one no process may write to: sysfs
     folder = tmp_path / "read-only" if os.geteuid() != 0 else Path("/sys/kernel")
     folder.mkdir(exist_ok=True)
@@ -320,7 +313,7 @@ def test_a_figure_out_in_a_read_only_folder_is_refused(tiny_run, tmp_path, capsy
         folder.chmod(0o555)
     try:
         code, err, _ = run_cli(
-            ["progressive", "quickstart", "--out", str(folder / "p.png"), *tiny_run.overrides], capsys
+            ["progressive", "quickstart", "--out", str(folder / "p.png"), *guided_run.overrides], capsys
         )
     finally:
         if os.geteuid() != 0:
@@ -328,8 +321,8 @@ def test_a_figure_out_in_a_read_only_folder_is_refused(tiny_run, tmp_path, capsy
     assert code == 2 and f"--out '{folder / 'p.png'}' cannot be written (Permission denied)" in err, err
 
 
-def test_a_figure_out_in_a_missing_folder_is_written_there(tiny_run, tmp_path, capsys):
+def test_a_figure_out_in_a_missing_folder_is_written_there(guided_run, tmp_path, capsys):
     out = tmp_path / "new" / "deeper" / "interpolation.png"
     args = ["interpolate", "quickstart", "--out", str(out), "--timesteps", "0", "10", "--columns", "2"]
-    assert main([*args, *tiny_run.overrides]) == 0, capsys.readouterr().err
+    assert main([*args, *guided_run.overrides]) == 0, capsys.readouterr().err
     assert out.stat().st_size > 0 and f"wrote {out}" in capsys.readouterr().out

@@ -73,7 +73,6 @@ def test_the_actors_store_each_images_posterior_and_the_scaling_factor_is_exact(
     # the pool's actors encoded them, not the driver; Ray Data hands each file to whichever actor is free, so one
     # actor that starts first may take all six (a CI run saw that), and the count is 1 or 2, never more
     assert os.getpid() not in pids and 1 <= len(pids) <= 2, pids
-    assert os.getpid() not in pids
 
     generator = torch.Generator().manual_seed(1)  # 1/std of posterior samples, as LDM estimates it
     draws = torch.stack([posterior.sample(generator) for _ in range(200)])  # [200, 60, 4, 16, 16]
