@@ -150,6 +150,17 @@ def mean_flat(x: torch.Tensor) -> torch.Tensor:
     return x.mean(dim=tuple(range(1, x.ndim)))
 
 
+def _tiled(value: Any, count: int) -> Any:
+    """A batch ``[B, ...]`` repeated ``count`` times along the batch, ``[count * B, ...]``; anything else as it is."""
+    if not isinstance(value, torch.Tensor) or value.ndim == 0:
+        return value
+    return value.repeat(count, *([1] * (value.ndim - 1)))
+
+
+# The most images one network call of the full bound evaluates (several timesteps of a small batch per call).
+BOUND_MAX_BATCH = 256
+
+
 class GaussianDiffusion:
     """The forward process q and the reverse process p_theta for a fixed beta schedule (no trainable state)."""
 
@@ -437,16 +448,43 @@ class GaussianDiffusion:
         model_kwargs: dict[str, Any] | None = None,
         generator: torch.Generator | None = None,
         continuous: bool = False,
+        max_batch: int = BOUND_MAX_BATCH,
     ) -> dict[str, torch.Tensor]:
         """The full variational bound in bits/dim (Ho et al. 2020, Eq. 5), every one of the T terms plus the prior:
         ``{"total": [B], "terms": [B, T], "prior": [B]}``. Each term draws its own x_t ~ q(x_t | x_0). ``continuous``:
-        the data are continuous (latents), and the decoder term is a density (:meth:`vlb_terms_bits`)."""
-        terms = torch.zeros(x0.shape[0], self.num_timesteps, dtype=x0.dtype, device=x0.device)
-        for step in range(self.num_timesteps):
-            t = torch.full((x0.shape[0],), step, dtype=torch.long, device=x0.device)
-            terms[:, step] = self._vlb_term_at(model, x0, t, model_kwargs, generator, continuous)
+        the data are continuous (latents), and the decoder term is a density (:meth:`vlb_terms_bits`).
+
+        Several timesteps share one network call of at most ``max_batch`` images (at least one timestep per call):
+        a small batch costs T calls of fixed overhead otherwise. The noise is drawn in the same order as with one
+        timestep per call, so the bound does not depend on ``max_batch`` beyond float rounding."""
+        batch = x0.shape[0]
+        per_call = max(1, max_batch // batch)
+        terms = torch.zeros(batch, self.num_timesteps, dtype=x0.dtype, device=x0.device)  # [B, T]
+        for first in range(0, self.num_timesteps, per_call):
+            steps = torch.arange(first, min(first + per_call, self.num_timesteps), device=x0.device)  # [S]
+            terms[:, steps] = self._vlb_terms_at_steps(model, x0, steps, model_kwargs, generator, continuous)
         prior = self.prior_bits(x0)
         return {"total": terms.sum(dim=1) + prior, "terms": terms, "prior": prior}
+
+    def _vlb_terms_at_steps(
+        self,
+        model: Model,
+        x0: torch.Tensor,
+        steps: torch.Tensor,
+        model_kwargs: dict[str, Any] | None,
+        generator: torch.Generator | None,
+        continuous: bool,
+    ) -> torch.Tensor:
+        """``L_t`` ``[B, S]`` at each of the timesteps ``steps`` ``[S]`` in one network call of S x B images, each
+        timestep with its own draw x_t ~ q(x_t | x_0), drawn timestep by timestep."""
+        batch, count = x0.shape[0], len(steps)
+        noise = torch.cat(  # [S * B, ...], timestep-major
+            [torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device="cpu") for _ in range(count)]
+        ).to(x0.device)
+        t = steps.repeat_interleave(batch)  # [S * B]
+        tiled = {key: _tiled(value, count) for key, value in (model_kwargs or {}).items()}
+        terms = self._vlb_term_of(model, _tiled(x0, count), t, noise, tiled, continuous)  # [S * B]
+        return terms.view(count, batch).T
 
     @torch.no_grad()
     def bits_per_dim_estimate(
@@ -522,6 +560,18 @@ class GaussianDiffusion:
     ) -> torch.Tensor:
         """``L_t`` ``[B]`` of one draw ``x_t ~ q(x_t | x_0)``."""
         noise = torch.randn(x0.shape, generator=generator, dtype=x0.dtype, device="cpu").to(x0.device)
+        return self._vlb_term_of(model, x0, t, noise, model_kwargs or {}, continuous)
+
+    def _vlb_term_of(
+        self,
+        model: Model,
+        x0: torch.Tensor,
+        t: torch.Tensor,
+        noise: torch.Tensor,
+        model_kwargs: dict[str, Any],
+        continuous: bool,
+    ) -> torch.Tensor:
+        """``L_t`` ``[B]`` at ``x_t = q_sample(x0, t, noise)`` (Eq. 4)."""
         x_t = self.q_sample(x0, t, noise)
-        output = model(x_t, self.model_timesteps(t), **(model_kwargs or {}))
+        output = model(x_t, self.model_timesteps(t), **model_kwargs)
         return self.vlb_terms_bits(output.to(x0.dtype), x0, x_t, t, continuous)

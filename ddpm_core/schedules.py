@@ -8,6 +8,7 @@ Every function returns ``betas`` of shape ``[T]`` (float64), with ``betas[i]`` t
 from __future__ import annotations
 
 import enum
+import functools
 import math
 from collections.abc import Callable
 
@@ -78,20 +79,30 @@ def cosine_betas(
 
 
 def make_betas(schedule: Schedule | str, num_timesteps: int, **params: float) -> torch.Tensor:
-    """Betas ``[T]`` (float64) of a named schedule; ``params`` are that schedule's keyword arguments."""
+    """Betas ``[T]`` (float64) of a named schedule; ``params`` are that schedule's keyword arguments. A copy of the
+    schedule computed once per (schedule, T, params): the cosine family is T Python-float evaluations, and every
+    diffusion a config builds (planning, checks, each stage) asks for its schedule again."""
     if num_timesteps < 2:
         raise ValueError(f"num_timesteps must be >= 2, got {num_timesteps}")
+    if not all(isinstance(value, (int, float)) for value in params.values()):
+        raise ValueError(f"schedule parameters must be numbers, got {params}")
+    return _betas(Schedule(schedule), num_timesteps, tuple(sorted(params.items()))).clone()
+
+
+@functools.cache
+def _betas(schedule: Schedule, num_timesteps: int, params: tuple[tuple[str, float], ...]) -> torch.Tensor:
     builders: dict[Schedule, Callable[..., torch.Tensor]] = {
         Schedule.LINEAR: linear_betas,
         Schedule.COSINE: cosine_betas,
         Schedule.QUADRATIC: quadratic_betas,
         Schedule.SIGMOID: sigmoid_betas,
     }
-    schedule = Schedule(schedule)
     try:
-        betas = builders[schedule](num_timesteps, **params)
+        betas = builders[schedule](num_timesteps, **dict(params))
     except TypeError as error:
-        raise ValueError(f"schedule {schedule.value!r} got unexpected parameters {sorted(params)}: {error}") from None
+        raise ValueError(
+            f"schedule {schedule.value!r} got unexpected parameters {[k for k, _ in params]}: {error}"
+        ) from None
     if not bool(((betas > 0) & (betas < 1)).all()):
-        raise ValueError(f"schedule {schedule.value!r} with {params} gives betas outside (0, 1)")
+        raise ValueError(f"schedule {schedule.value!r} with {dict(params)} gives betas outside (0, 1)")
     return betas

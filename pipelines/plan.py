@@ -17,7 +17,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import typing
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -26,7 +25,7 @@ from pipelines.config import PipelineConfig
 from pipelines.contracts import PrepareOutputs, StageOutputs
 from pipelines.external import External
 from pipelines.redaction import redacted
-from pipelines.typed import INLINE, is_execution, to_plain
+from pipelines.typed import INLINE, is_execution, to_plain, type_hints
 
 SettingsBuilder = Callable[[PipelineConfig, External], Any]
 
@@ -94,7 +93,7 @@ def plan(stages: Sequence[Stage], config: PipelineConfig, external: External) ->
 
 def leaf_fields(cls: type, prefix: str = "") -> Iterator[tuple[str, dataclasses.Field[Any], Any]]:
     """(dotted key, field, type hint) of every leaf of a config dataclass, inline fields under their parent's key."""
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     for spec in dataclasses.fields(cls):
         hint = hints[spec.name]
         if isinstance(hint, type) and dataclasses.is_dataclass(hint):

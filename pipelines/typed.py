@@ -23,9 +23,10 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import enum
+import functools
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Hashable, Mapping
 from typing import Any, TypeVar
 
 from ddpm_core.fields import FieldError
@@ -36,6 +37,17 @@ EXECUTION: Mapping[str, bool] = types.MappingProxyType({"execution": True})
 RESOLVED: Mapping[str, bool] = types.MappingProxyType({"resolved": True})
 # a path or URI that Ray workers (on any node) open: pipelines.nodes checks that every node reaches it
 WORKER_PATH: Mapping[str, bool] = types.MappingProxyType({"worker_path": True})
+
+
+def type_hints(cls: type) -> Mapping[str, Any]:
+    """``typing.get_type_hints`` of the class ``cls``, resolved once: resolving the string annotations is most of the
+    time of reading a config and of planning its stages."""
+    return _resolved_hints(cls)
+
+
+@functools.cache
+def _resolved_hints(cls: Hashable) -> Mapping[str, Any]:
+    return types.MappingProxyType(typing.get_type_hints(cls))
 
 
 class SchemaError(ValueError):
@@ -83,7 +95,7 @@ def marked_keys(cls: Any, mark: str, prefix: str = "") -> set[str]:
     ``"resolved"``, ``"worker_path"``) in the dataclass ``cls`` (a class or an instance) and those it holds."""
     cls = cls if isinstance(cls, type) else type(cls)
     found: set[str] = set()
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     for spec in dataclasses.fields(cls):
         if spec.metadata.get(mark):
             found.add(f"{prefix}{spec.name}")
@@ -103,7 +115,7 @@ def from_plain(
     if not isinstance(data, Mapping):
         raise error(f"{key or 'the top level'}: expected a mapping, got {data!r}")
     specs = {spec.name: spec for spec in dataclasses.fields(cls) if spec.init}  # type: ignore[arg-type]
-    hints = typing.get_type_hints(cls)
+    hints = type_hints(cls)
     inline = {name: spec for name, spec in specs.items() if _is_inline(spec)}
     inline_names = {name: owner for owner in inline for name in _field_names(hints[owner])}
     allowed = sorted((set(specs) - set(inline)) | set(inline_names))

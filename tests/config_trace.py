@@ -6,18 +6,17 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import typing
 from collections.abc import Iterator
 from typing import Any
 
 from pipelines.config import PipelineConfig
-from pipelines.typed import INLINE, is_execution
+from pipelines.typed import INLINE, is_execution, type_hints
 
 
 def section_classes(cls: type = PipelineConfig) -> set[type]:
     """The config class and every dataclass it embeds."""
     found = {cls}
-    for hint in typing.get_type_hints(cls).values():
+    for hint in type_hints(cls).values():
         if isinstance(hint, type) and dataclasses.is_dataclass(hint):
             found |= section_classes(hint)
     return found

@@ -25,6 +25,12 @@ from tests.services import mlflow_server, ray_head
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "fake-secret-uri-3d9f1c"
+# ``python -m pipelines`` with the tracking server's deadline at 3 s instead of 20: what a failed contact prints is
+# under test here, not how long it waits (tests/test_reliability_inputs.py times that)
+SHORT_TRACKING_DEADLINE = (
+    "import pipelines.preflight as preflight; preflight.MLFLOW_DEADLINE_S = 3.0; "
+    "from pipelines.__main__ import exit_with, main; exit_with(main())"
+)
 
 
 @pytest.mark.parametrize(
@@ -106,9 +112,9 @@ def test_a_server_that_refuses_the_credentials_is_said_to(tmp_path):
 
 def test_a_uri_with_a_password_is_never_printed(tmp_path):
     """A tracking server that does not answer: the failure names it with its password redacted."""
-    uri = f"http://alice:{SECRET}@127.0.0.1:9"
+    uri, runs = f"http://alice:{SECRET}@127.0.0.1:9", tmp_path / "runs"
     result = subprocess.run(
-        [sys.executable, "-m", "pipelines", "run", f"mlflow.tracking_uri={uri}", f"storage.root={tmp_path / 'runs'}"],
+        [sys.executable, "-c", SHORT_TRACKING_DEADLINE, "run", f"mlflow.tracking_uri={uri}", f"storage.root={runs}"],
         cwd=REPO,
         env={key: value for key, value in os.environ.items() if key != "RAY_ADDRESS"},
         capture_output=True,
@@ -118,5 +124,5 @@ def test_a_uri_with_a_password_is_never_printed(tmp_path):
     assert result.returncode == 2, result.stderr[-3000:]
     assert "http://alice:***@127.0.0.1:9" in result.stderr
     assert SECRET not in result.stdout + result.stderr
-    written = [p for p in (tmp_path / "runs").rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
+    written = [p for p in runs.rglob("*") if p.is_file() and SECRET.encode() in p.read_bytes()]
     assert not written, written

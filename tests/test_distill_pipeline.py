@@ -25,9 +25,10 @@ from tests.test_resume_and_corruption import kill_ray_processes, sha256, wait_fo
 
 REPO = Path(__file__).resolve().parents[1]
 ROUND, ROUND_EVERY = 1536, 512
+TEACHER = 1024  # the teacher's training images: no test here reads its quality
 TINY = [
-    "train.total_images=3072",
-    "train.checkpoint_every_images=3072",
+    f"train.total_images={TEACHER}",
+    f"train.checkpoint_every_images={TEACHER}",
     "train.log_every_images=1024",
     "train.grid_every_images=null",
     "train.warmup_images=512",
@@ -40,7 +41,7 @@ TINY = [
     f"distill.checkpoint_every_images={ROUND_EVERY}",
     "distill.log_every_images=128",
     "sample.num_samples=40",
-    "sample.batch_size=20",
+    "sample.batch_size=40",  # one shard a set: the sample stage's and evaluate's six each start one actor, not two
     "sample.num_steps=5",  # the teacher's own sampler: DDIM-5
     "evaluate.classifier_epochs=1",
     "evaluate.untrained_baseline=false",
@@ -169,7 +170,7 @@ def test_the_distill_benchmark_gathers_each_seeds_curve_and_the_costs(straight):
     assert (ratio["student"], ratio["teacher"]) == (student, teacher)
     assert ratio["per_seed"] == [result["rows"][student]["fids"][0] / result["rows"][teacher]["fids"][0]]
     costs = result["costs"]
-    assert (costs["distill_images"], costs["teacher_images"]) == (2 * ROUND, 3072)
+    assert (costs["distill_images"], costs["teacher_images"]) == (2 * ROUND, TEACHER)
     assert costs["distill_stage_seconds"] > costs["distill_loop_seconds"] > 0 and costs["teacher_loop_seconds"] > 0
 
 

@@ -37,7 +37,7 @@ TINY = [
     "train.total_images=2048",
     "train.warmup_images=256",
     "train.checkpoint_every_images=1024",
-    "train.grid_every_images=1024",
+    "train.grid_every_images=null",  # no sample grids over training: no test here reads them
     "train.log_every_images=512",
     "train.ema_snapshot_every_images=512",
     "train.ema_sigma_rel=[0.05, 0.10]",  # two candidates, ranked on the hold-out latents' bound
@@ -45,7 +45,7 @@ TINY = [
     "train.ema_choice_images=64",
     "train.ema_choice_timesteps=8",
     "sample.num_samples=40",
-    "sample.batch_size=20",
+    "sample.batch_size=40",  # one shard: one sampling actor to start, and one feature actor
     "sample.num_steps=20",
     "evaluate.classifier_epochs=1",
     "evaluate.nll=false",  # the bound of a latent model is not pixel bits/dim
@@ -80,6 +80,7 @@ TUNE = [
     "tune.proxy_fid_samples=50",
     "tune.proxy_fid_steps=5",
     "tune.warm_start=true",
+    "tune.workers_per_trial=1",  # two trials of one worker each: fewer processes to start on two cores
     "tune.cpus_per_worker=0.25",
     "tune.max_concurrent_trials=2",
 ]
@@ -154,7 +155,7 @@ def test_the_sample_stage_decodes_the_snapshots_latents(finished):
     snapshot = load_snapshot(sampled["snapshot_uri"])
     assert snapshot.metadata["latent"] == latent["space"]  # the snapshot knows its decoder
     first = np.load(Path(sampled["shard_uris"][0]) / "images.npy")
-    assert first.shape == (20, 8, 8, 1) and first.dtype == np.uint8
+    assert first.shape == (40, 8, 8, 1) and first.dtype == np.uint8
     sampler = SamplerConfig(**sampled["sampler"])
     np.testing.assert_array_equal(
         first[:3], snapshot_images(sampled["snapshot_uri"], sampler, sampled["seed"], range(3))
@@ -268,7 +269,8 @@ def test_the_interpolation_figure_mixes_the_held_out_latents_and_decodes_them(fi
     sha256 = hashlib.sha256((finished / "vae" / "diffusion_pytorch_model.safetensors").read_bytes()).hexdigest()
     weights = [f"autoencoder.weights_uri={finished / 'vae'}", f"autoencoder.weights_sha256={sha256[:12]}"]
     config = load_config(REPO / "configs" / "digits.yaml", [*TINY, *weights, f"storage.root={finished / 'runs'}"])
-    figure = interpolation_figure(config, (0, 1), [0, 500], 3, seed=0)  # [2 rows * (3 + 2), 8, 8, 1]
+    # the second row's t is low (a 41-step reverse process): only its sources are compared below
+    figure = interpolation_figure(config, (0, 1), [0, 40], 3, seed=0)  # [2 rows * (3 + 2), 8, 8, 1]
     holdout, _ = read_split(outputs(finished, "prepare")["holdout_uri"], {})
     assert figure.shape == (10, 8, 8, 1)
     np.testing.assert_array_equal(figure[[0, 4, 5, 9]], holdout[[0, 1, 0, 1]])  # the sources at each row's ends
@@ -282,7 +284,7 @@ def test_the_interpolation_figure_mixes_the_held_out_latents_and_decodes_them(fi
     out = finished / "interpolation.png"
     args = ["interpolate", "latent", "--config", str(REPO / "configs" / "digits.yaml"), "--out", str(out)]
     assert (
-        main([*args, "--timesteps", "0", "500", "--columns", "3", *TINY, *weights, f"storage.root={finished / 'runs'}"])
+        main([*args, "--timesteps", "0", "40", "--columns", "3", *TINY, *weights, f"storage.root={finished / 'runs'}"])
         == 0
     )
     assert out.is_file()

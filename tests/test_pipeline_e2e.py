@@ -38,8 +38,8 @@ TINY = [
     "train.ema_choice_timesteps=4",
     "train.ema_snapshot_every_images=512",  # the quickstart's autoguidance: its guide from the snapshot at 512
     "evaluate.untrained_baseline=false",
-    # the bound's every T term (1000 network calls per chunk whatever its size): 4 images in two chunks, one Ray task
-    # each, not 40 in two of 20 (each call on 20 images costs about 3x a call on 2 on this CPU)
+    # the bound's every T term (T x the chunk's images through the network, several timesteps per call): 4 images in
+    # two chunks, one Ray task each
     f"evaluate.nll_images={NLL_IMAGES}",
     f"evaluate.nll_batch_size={NLL_IMAGES // 2}",
     "register.model_name=ddpm-e2e",

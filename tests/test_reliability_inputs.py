@@ -15,17 +15,20 @@ import numpy as np
 import pytest
 import ray
 
+from ddpm_core import storage
 from ddpm_core.checkpoint import save_snapshot
 from ddpm_core.diffusion import DiffusionConfig
 from ddpm_core.unet import UNet, unet_preset
+from pipelines import preflight
 from pipelines.__main__ import main
 from pipelines.config_file import load_config
 from pipelines.dag import STAGES, external_for
 from pipelines.plan import plan
-from pipelines.preflight import MLFLOW_DEADLINE_S, STORAGE_DEADLINE_S
+from pipelines.preflight import STORAGE_DEADLINE_S
 from pipelines.runs import RunStore
 from tests.run_files import completed
 from tests.services import silent_server
+from tests.test_deadlines import SHORT
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -107,7 +110,8 @@ def test_init_from_must_name_a_snapshot_of_this_model(tmp_path, local, capsys):
     assert not ray.is_initialized()
 
 
-def test_a_storage_endpoint_that_never_answers_fails_within_the_deadline(tmp_path, capsys):
+def test_a_storage_endpoint_that_never_answers_fails_within_the_deadline(tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(storage, "FIRST_CONTACT", SHORT)  # the root's first contact: 8.5 s, not the default 26
     with silent_server() as host:  # which asserts that something connected to it
         args = [
             "storage.root=s3://bucket/runs",
@@ -120,11 +124,12 @@ def test_a_storage_endpoint_that_never_answers_fails_within_the_deadline(tmp_pat
     assert not ray.is_initialized()
 
 
-def test_an_unreachable_tracking_server_is_named_within_the_deadline(local, capsys):
+def test_an_unreachable_tracking_server_is_named_within_the_deadline(local, capsys, monkeypatch):
+    monkeypatch.setattr(preflight, "MLFLOW_DEADLINE_S", 3.0)  # the bound and its announcement, not the default 20 s
     code, err, out, seconds = run_cli([local[0], "mlflow.tracking_uri=http://127.0.0.1:1"], capsys)
     assert code == 2 and "MLflow at 'http://127.0.0.1:1' does not answer" in err and "mlflow.tracking_uri" in err
     assert "trying again for up to" in out  # the wait is announced, not silent
-    assert seconds < MLFLOW_DEADLINE_S + 15, seconds
+    assert seconds < preflight.MLFLOW_DEADLINE_S + 15, seconds
     assert not ray.is_initialized()
 
 

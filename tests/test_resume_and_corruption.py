@@ -262,9 +262,37 @@ def mlflow_statuses(root: Path, run_id: str) -> dict[str, list[str]]:
     return statuses
 
 
-def test_sigterm_in_training_checkpoints_the_next_step_exits_143_and_resumes_to_the_uninterrupted_weights(finished):
-    root, log_path = finished, finished / "sigterm.log"
-    process = start(root, "sigterm", log_path)
+def test_a_run_stopped_by_signals_resumes_to_the_uninterrupted_weights(finished):
+    """One run id stopped three times, then finished: a second Ctrl-C in training does not wait for the checkpoint;
+    SIGTERM in training checkpoints the next step and exits 143; the run resumed from there trains to the uninterrupted
+    run's weights, and Ctrl-C while it samples stops at once; the same command then finishes the same parent run."""
+    second_ctrl_c_in_training(finished)
+    stopped = sigterm_in_training(finished)
+    ctrl_c_in_sampling(finished, stopped)
+    done = run(finished, "signals")
+    assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
+    assert mlflow_statuses(finished, "signals")["signals"] == ["FINISHED"]  # the same parent run, finished now
+
+
+def second_ctrl_c_in_training(root: Path) -> None:
+    log_path = root / "sigint.log"
+    process = start(root, "signals", log_path)
+    wait_for(process, log_path, lambda text: re.search(rf"train: \d+/{TOTAL} images", text))
+    process.send_signal(signal.SIGINT)
+    wait_for(process, log_path, lambda text: "stopping (SIGINT)" in text)
+    process.send_signal(signal.SIGINT)  # (signals that arrive together are one signal to Python)
+    assert process.wait(timeout=20) == 130, log_path.read_text()[-4000:]
+    said = log_path.read_text()
+    assert "stopped by SIGINT: exit 130" in said and "Traceback" not in said, said[-4000:]
+    statuses = mlflow_statuses(root, "signals")
+    assert statuses["signals"] == ["KILLED"] and statuses["signals/train"] == ["KILLED"], statuses
+
+
+def sigterm_in_training(root: Path) -> int:
+    """SIGTERM between two scheduled checkpoints, to the run started again after the second Ctrl-C; returns the
+    images at which it stopped."""
+    log_path = root / "sigterm.log"
+    process = start(root, "signals", log_path)
     progress = lambda text: max([0, *(int(n) for n in re.findall(rf"train: (\d+)/{TOTAL} images", text))])
     wait_for(process, log_path, lambda text: progress(text) > EVERY)  # between two scheduled checkpoints
     started = descendants(process.pid)
@@ -281,42 +309,31 @@ def test_sigterm_in_training_checkpoints_the_next_step_exits_143_and_resumes_to_
     while alive(started) and time.time() < deadline:
         time.sleep(0.5)
     assert not alive(started), f"processes the run started are left: {alive(started)}"
-    statuses = mlflow_statuses(root, "sigterm")
-    assert statuses["sigterm"] == ["KILLED"] and statuses["sigterm/train"] == ["KILLED"], statuses
-    assert statuses["sigterm/prepare"] == ["FINISHED"], statuses
-
-    resumed = run(root, "sigterm")
-    assert resumed.returncode == 0, resumed.stdout[-4000:] + resumed.stderr[-4000:]
-    assert f"resumed from checkpoint at {stopped} images" in resumed.stdout + resumed.stderr
-    straight = Path(outputs(root / "runs/straight", "train")["snapshot_uri"]) / "model.safetensors"
-    again = Path(outputs(root / "runs/sigterm", "train")["snapshot_uri"]) / "model.safetensors"
-    assert sha256(again) == sha256(straight), "the resumed run reaches the uninterrupted run's EMA weights"
-    assert mlflow_statuses(root, "sigterm")["sigterm"] == ["FINISHED"]  # the same parent run, finished now
+    statuses = mlflow_statuses(root, "signals")
+    assert statuses["signals"] == ["KILLED"] and statuses["signals/train"] == ["KILLED", "KILLED"], statuses
+    assert statuses["signals/prepare"] == ["FINISHED"], statuses
+    return stopped
 
 
-def test_ctrl_c_stops_sampling_at_once_and_a_second_ctrl_c_does_not_wait_for_the_checkpoint(finished):
-    root, log_path = finished, finished / "sigint.log"
-    process = start(root, "sigint", log_path)
-    wait_for(process, log_path, lambda text: re.search(rf"train: \d+/{TOTAL} images", text))
-    process.send_signal(signal.SIGINT)
-    wait_for(process, log_path, lambda text: "stopping (SIGINT)" in text)
-    process.send_signal(signal.SIGINT)  # (signals that arrive together are one signal to Python)
-    assert process.wait(timeout=20) == 130, log_path.read_text()[-4000:]
-    said = log_path.read_text()
-    assert "stopped by SIGINT: exit 130" in said and "Traceback" not in said, said[-4000:]
-    statuses = mlflow_statuses(root, "sigint")
-    assert statuses["sigint"] == ["KILLED"] and statuses["sigint/train"] == ["KILLED"], statuses
-
-    process = start(root, "sigint", log_path)  # trains to the end, then is stopped while it samples
+def ctrl_c_in_sampling(root: Path, stopped: int) -> None:
+    """The run resumed from the SIGTERM's checkpoint trains to the end, reaching the uninterrupted run's EMA weights,
+    and is stopped while it samples."""
+    log_path = root / "resumed.log"
+    process = start(root, "signals", log_path)
     wait_for(process, log_path, lambda text: "[sample] running" in text)
     process.send_signal(signal.SIGINT)
     assert process.wait(timeout=30) == 130, log_path.read_text()[-4000:]
     said = log_path.read_text()
+    assert f"resumed from checkpoint at {stopped} images" in said
     assert "stopping (SIGINT): committed work is kept; run the same command to resume" in said
     assert "Traceback" not in said, said[-4000:]
-    statuses = mlflow_statuses(root, "sigint")
-    assert statuses["sigint/train"] == ["KILLED", "FINISHED"] and statuses["sigint/sample"] == ["KILLED"], statuses
-    assert statuses["sigint"] == ["KILLED"] and completed(root / "runs/sigint", "train")
+    statuses = mlflow_statuses(root, "signals")
+    assert statuses["signals/train"] == ["KILLED", "KILLED", "FINISHED"], statuses
+    assert statuses["signals/sample"] == ["KILLED"] and statuses["signals"] == ["KILLED"], statuses
+    assert completed(root / "runs/signals", "train")
+    straight = Path(outputs(root / "runs/straight", "train")["snapshot_uri"]) / "model.safetensors"
+    again = Path(outputs(root / "runs/signals", "train")["snapshot_uri"]) / "model.safetensors"
+    assert sha256(again) == sha256(straight), "the resumed run reaches the uninterrupted run's EMA weights"
 
 
 def test_a_corrupt_sample_shard_is_forgotten_and_recomputed(finished):
@@ -324,8 +341,12 @@ def test_a_corrupt_sample_shard_is_forgotten_and_recomputed(finished):
     shard = Path(outputs(run_root, "sample")["shard_uris"][1]) / "images.npy"
     original = sha256(shard)
     flip_a_byte(shard)
-    failed = run(finished, "straight", "--from", "evaluate")
+    # ... and the evaluate stage's manifest truncated: that stage runs again (reading the shard), nothing before it
+    manifest = result_dir(run_root, "evaluate") / "stage.json"
+    manifest.write_text(manifest.read_text()[:100])
+    failed = run(finished, "straight")
     assert failed.returncode == 5, failed.stdout[-4000:] + failed.stderr[-4000:]
+    assert "[evaluate] its stage.json cannot be used" in failed.stdout and "[sample] up to date" in failed.stdout
     assert f"{shard}: size or SHA-256 does not match the manifest" in failed.stderr
     assert "the sample stage and those after it are marked not done" in failed.stderr
     assert "run the same command again" in failed.stderr and "Traceback" not in failed.stderr
@@ -336,13 +357,6 @@ def test_a_corrupt_sample_shard_is_forgotten_and_recomputed(finished):
     assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
     assert "[train] up to date" in again.stdout and "sample: 1 of 2 shards already committed" in again.stdout
     assert sha256(shard) == original, "the recomputed shard equals the one that was corrupted"
-
-    # A truncated stage manifest: that stage runs again, nothing before it.
-    manifest = result_dir(run_root, "evaluate") / "stage.json"
-    manifest.write_text(manifest.read_text()[:100])
-    again = run(finished, "straight")
-    assert again.returncode == 0, again.stdout[-4000:] + again.stderr[-4000:]
-    assert "[evaluate] its stage.json cannot be used" in again.stdout and "[sample] up to date" in again.stdout
     assert json.loads(manifest.read_text())["status"] == "complete"
 
     # A stage re-executed with changed inputs fails: no result of the new inputs reads as complete, for it or for the
@@ -359,8 +373,8 @@ def test_a_corrupt_sample_shard_is_forgotten_and_recomputed(finished):
     assert "] running (result" not in back.stdout, back.stdout[-4000:]
 
 
-# two more runs (55 s undisturbed): make test-all. In CI: a corrupt sample shard and a corrupt checkpoint, above, go
-# through the same size and SHA-256 check of committed files
+# two more runs (55 s undisturbed): make test-all. In CI: a corrupt sample shard (above) and a corrupt checkpoint
+# (tests/test_checkpoint.py) go through the same size and SHA-256 check of committed files
 @pytest.mark.slow
 def test_a_corrupt_snapshot_is_forgotten_and_rewritten_from_the_last_checkpoint(finished):
     run_root = finished / "runs/straight"

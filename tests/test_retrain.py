@@ -1,9 +1,10 @@
 """Scheduled retraining against a real ``mlflow server``, each run a separate ``python -m pipelines retrain`` process
-with its own local Ray, on a folder prepared by Ray Data tasks: two runs of one schedule tick at once (exactly one
-proceeds), no champion -> promoted, unchanged data -> skipped from a listing of the files without reading any image
-(their bytes are replaced, sizes and times kept, and nothing notices), files rewritten with the same images -> prepare
-runs and finds the same fingerprint -> skipped without training, changed data -> warm start, the champion re-scored
-under the same protocol and the promotion margin applied (the champion kept; the promotion rule is tested below)."""
+with its own local Ray, on a folder of PNG files: two runs of one schedule tick at once (exactly one proceeds), no
+champion -> promoted, unchanged data -> skipped from a listing of the files without reading any image (their bytes are
+replaced, sizes and times kept, and nothing notices), files rewritten with the same images -> prepare runs on Ray Data
+tasks and finds the fingerprint the champion's prepare found on the driver -> skipped without training, changed data
+-> warm start, the champion re-scored under the same protocol and the promotion margin applied (the champion kept; the
+promotion rule is tested below)."""
 
 import contextlib
 import json
@@ -18,6 +19,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 
 from ddpm_core.data import load_dataset
+from pipelines.__main__ import main
 from pipelines.contracts import ChampionRef
 from tests.services import _stop, mlflow_server
 
@@ -27,7 +29,7 @@ TINY = [
     "train.total_images=2048",
     "train.checkpoint_every_images=1024",
     "train.log_every_images=1024",
-    "train.grid_every_images=0",
+    "train.grid_every_images=null",  # no sample grids: nothing here looks at them
     "sample.num_samples=200",
     "sample.batch_size=100",
     "sample.num_steps=10",
@@ -40,7 +42,6 @@ TINY = [
     "register.model_name=ddpm-nightly",
     "mlflow.experiment=nightly",
     "retrain.lease_ttl_s=60",
-    "data.prepare_on=ray_data",
 ]
 
 
@@ -112,7 +113,7 @@ def decision(tmp_path: Path, run_id: str) -> dict:
     return json.loads((tmp_path / "runs" / run_id / "retrain" / "decision.json").read_text())
 
 
-def test_retrain_schedule(tmp_path):
+def test_retrain_schedule(tmp_path, capsys):
     digits = load_dataset("builtin:digits")
     write_png_folder(tmp_path / "data", digits.images[:600], digits.labels[:600])
     with mlflow_server(tmp_path, str(tmp_path / "artifacts"), dict(os.environ)) as tracking_uri:
@@ -145,27 +146,15 @@ def test_retrain_schedule(tmp_path):
             [client.get_experiment_by_name("nightly").experiment_id], "tags.`ddpm.run_id` = 'nightly-20261121T0200Z'"
         )
         assert len(skipped) == 1 and skipped[0].data.tags["ddpm.retrain.decision"].startswith("skipped: data unchanged")
-        status = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pipelines",
-                "status",
-                "nightly-20261121T0200Z",
-                f"storage.root={tmp_path / 'runs'}",
-            ],
-            cwd=REPO,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-        assert "retrain   skipped: data unchanged" in status.stdout
+        main(["status", "nightly-20261121T0200Z", f"storage.root={tmp_path / 'runs'}"])  # reads files: run in-process
+        assert "retrain   skipped: data unchanged" in capsys.readouterr().out
 
-        # (2b) the files are rewritten with the same images: the listing differs, prepare (on Ray Data) finds the
-        # champion's fingerprint, and nothing is trained
+        # (2b) the files are rewritten with the same images: the listing differs, prepare (on Ray Data, where the
+        # other runs prepare this small folder on the driver, as data.prepare_on=auto does) finds the champion's
+        # fingerprint, and nothing is trained
         for path in sorted((tmp_path / "data").rglob("*.png"))[:5]:
             path.write_bytes(path.read_bytes())
-        code, output = retrain(tmp_path, tracking_uri, "2026-11-21T03:00Z")
+        code, output = retrain(tmp_path, tracking_uri, "2026-11-21T03:00Z", "data.prepare_on=ray_data")
         assert code == 0 and "its files changed but hold the same images" in output, output[-3000:]
         assert "[prepare] running" in output and "[train]" not in output
         assert len(client.search_model_versions("name='ddpm-nightly'")) == 1

@@ -41,6 +41,7 @@ TINY = [
     "mlflow.experiment=reuse",
 ]
 STAGE_NAMES = ("prepare", "train", "sample", "evaluate", "register")
+RENAMED = "register.model_name=reuse-b"
 
 
 @pytest.fixture(scope="module")
@@ -129,26 +130,15 @@ def test_allowed_changes_recompute_exactly_the_stages_that_read_the_key(workdir,
     assert code == 0 and not executed(out), out
 
 
-def test_gc_removes_what_no_manifest_of_the_config_references(workdir, capsys):
-    run_root = workdir / "runs" / "reuse"
-    code, out, _ = cli(capsys, "gc", "reuse", *args(workdir)[2:])
-    assert code == 0 and "a dry run" in out
-    listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ")]
-    assert sorted(name.split("/")[0] for name in listed) == ["evaluate", "register", "sample", "train"]
-    assert len(completed(run_root, "train")) == 2  # a dry run removes nothing
-    code, out, _ = cli(capsys, "gc", "reuse", "--delete", *args(workdir)[2:])
-    assert code == 0 and "removed" in out
-    assert all(len(completed(run_root, name)) == 1 for name in STAGE_NAMES)
-    code, out, _ = cli(capsys, "run", *args(workdir))
-    assert code == 0 and not executed(out)
-
-
 def test_renaming_the_model_compares_with_the_new_names_champion(workdir, capsys):
-    other = args(workdir, "run_id=reuse-other", "register.model_name=reuse-b")
-    code, out, _ = cli(capsys, "run", *other)
+    # reuse-b's champion: the other learning rate's model, its training and samples (the test above) reused: gc, below,
+    # has not removed them yet
+    other = args(workdir, "train.lr=2e-3", RENAMED)
+    code, out, _ = cli(capsys, "run", "--allow-changes", *other)
     assert code == 0 and "reuse-b v1 -> challenger, champion (no champion yet)" in out
+    assert executed(out) == {"evaluate", "register"}, out
 
-    code, out, _ = cli(capsys, "run", "--allow-changes", *args(workdir, "register.model_name=reuse-b"))
+    code, out, _ = cli(capsys, "run", "--allow-changes", *args(workdir, RENAMED))
     assert code == 0, out
     assert executed(out) == {"evaluate", "register"}
     assert "re-scoring champion v1 of reuse-b" in out
@@ -157,6 +147,23 @@ def test_renaming_the_model_compares_with_the_new_names_champion(workdir, capsys
     registered = outputs(workdir / "runs" / "reuse", "register")
     assert registered["model_name"] == "reuse-b" and registered["previous_champion"] == "1"
     assert "re-scored under this run's protocol" in registered["reason"], json.dumps(registered)
+
+
+def test_gc_removes_what_no_manifest_of_the_config_references(workdir, capsys):
+    run_root = workdir / "runs" / "reuse"
+    code, out, _ = cli(capsys, "gc", "reuse", *args(workdir)[2:])
+    assert code == 0 and "a dry run" in out
+    listed = [line.split()[0] for line in out.splitlines() if line.startswith("  ")]
+    # The run's config is the renamed model's now (the test above): the other learning rate's results (evaluated and
+    # registered under each name) and the first name's evaluation and registration are referenced by none.
+    unreferenced = ["evaluate"] * 3 + ["register"] * 3 + ["sample", "train"]
+    assert sorted(name.split("/")[0] for name in listed) == unreferenced, out
+    assert len(completed(run_root, "train")) == 2  # a dry run removes nothing
+    code, out, _ = cli(capsys, "gc", "reuse", "--delete", *args(workdir)[2:])
+    assert code == 0 and "removed" in out
+    assert all(len(completed(run_root, name)) == 1 for name in STAGE_NAMES)
+    code, out, _ = cli(capsys, "run", *args(workdir, RENAMED))
+    assert code == 0 and not executed(out)
 
 
 # another whole run (38 s): make test-all. In CI: the promotion rule never compares models of different data sets
