@@ -21,6 +21,7 @@ from ddpm_core.diffusion import (
 from ddpm_core.schedules import make_betas
 from ddpm_core.unet import UNet, UNetConfig
 from tests.oracles import gaussian_oracle
+from tests.test_sampling import TINY
 
 LOG2 = math.log(2.0)
 
@@ -245,17 +246,7 @@ def test_the_bound_of_several_timesteps_per_call_is_the_bound_of_one_per_call():
     """The full bound evaluates several timesteps of a small batch in one network call; the noise is drawn in the
     same order, so a class-conditional U-Net's per-image bound (labels tiled with the images) equals the one of one
     timestep per call up to float rounding, in fewer calls."""
-    config = UNetConfig(
-        image_size=8,
-        in_channels=1,
-        base_channels=8,
-        channel_mult=(1, 2),
-        num_res_blocks=1,
-        attention_resolutions=(4,),
-        dropout=0.0,
-        num_classes=3,
-        norm_groups=4,
-    )
+    config = UNetConfig(**{**TINY.to_dict(), "num_classes": 3})  # tests/test_sampling.py's, class-conditional
     network = UNet(config).eval()
     generator = torch.Generator().manual_seed(9)
     with torch.no_grad():  # every weight random, the output layer's too (zero at initialisation)
